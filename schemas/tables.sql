@@ -1,0 +1,138 @@
+-- driftline ClickHouse schema. `{db}` is replaced by the configured database.
+-- Every statement is idempotent (IF NOT EXISTS) and is run on worker start.
+-- Statements are separated by a line holding only ';'.
+
+CREATE DATABASE IF NOT EXISTS {db}
+;
+-- One row per LLM call. ReplacingMergeTree on event_id: a re-delivered event
+-- replaces its twin at merge time; query with FINAL for exact counts at any time.
+-- source_topic/source_partition/source_offset let a restarted worker skip what is already stored.
+CREATE TABLE IF NOT EXISTS {db}.llm_events
+(
+    event_id String,
+    timestamp DateTime64(3, 'UTC'),
+    app LowCardinality(String),
+    environment LowCardinality(String),
+    provider LowCardinality(String),
+    operation LowCardinality(String),
+    request_model LowCardinality(String),
+    response_model LowCardinality(String),
+    model LowCardinality(String),
+    prompt_version LowCardinality(String),
+    conversation_id String,
+    user_id String,
+    trace_id String,
+    span_id String,
+    input_tokens Nullable(UInt64),
+    output_tokens Nullable(UInt64),
+    cache_read_input_tokens Nullable(UInt64),
+    cache_creation_input_tokens Nullable(UInt64),
+    reasoning_output_tokens Nullable(UInt64),
+    latency_ms Float64,
+    ttft_ms Nullable(Float64),
+    tpot_ms Nullable(Float64),
+    status LowCardinality(String),
+    error_type LowCardinality(String),
+    finish_reasons Array(LowCardinality(String)),
+    guardrail_names Array(String),
+    guardrail_verdicts Array(LowCardinality(String)),
+    guardrail_scores Array(Nullable(Float64)),
+    guardrail_hit UInt8,
+    feedback Nullable(Int8),
+    prompt Nullable(String),
+    response Nullable(String),
+    cost_usd Nullable(Float64),
+    price_version LowCardinality(String),
+    extra String,
+    source_topic LowCardinality(String),
+    source_partition UInt32,
+    source_offset UInt64,
+    ingested_at DateTime64(3, 'UTC')
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(timestamp)
+ORDER BY (app, model, timestamp, event_id)
+;
+-- One row per tumbling window and key. Windows are re-emitted while open
+-- (final = 0) and once when closed (final = 1); updated_at is the version,
+-- so FINAL shows the latest row of each window.
+CREATE TABLE IF NOT EXISTS {db}.llm_window_metrics
+(
+    window_start DateTime64(3, 'UTC'),
+    window_end DateTime64(3, 'UTC'),
+    app LowCardinality(String),
+    model LowCardinality(String),
+    prompt_version LowCardinality(String),
+    events UInt64,
+    errors UInt64,
+    late_events UInt64,
+    latency_p50_ms Float64,
+    latency_p90_ms Float64,
+    latency_p95_ms Float64,
+    latency_p99_ms Float64,
+    ttft_p50_ms Nullable(Float64),
+    ttft_p95_ms Nullable(Float64),
+    ttft_p99_ms Nullable(Float64),
+    tpot_p50_ms Nullable(Float64),
+    tpot_p95_ms Nullable(Float64),
+    input_tokens UInt64,
+    output_tokens UInt64,
+    cache_read_input_tokens UInt64,
+    cache_creation_input_tokens UInt64,
+    reasoning_output_tokens UInt64,
+    cost_usd Float64,
+    unpriced_events UInt64,
+    guardrail_checked_events UInt64,
+    guardrail_hits UInt64,
+    guardrail_blocked UInt64,
+    guardrail_hit_rate Float64,
+    guardrail_blocked_rate Float64,
+    feedback_events UInt64,
+    negative_feedback UInt64,
+    negative_feedback_rate Float64,
+    sketch_relative_accuracy Float64,
+    final UInt8,
+    updated_at DateTime64(6, 'UTC')
+)
+ENGINE = ReplacingMergeTree(updated_at)
+PARTITION BY toYYYYMM(window_start)
+ORDER BY (app, model, prompt_version, window_start)
+;
+-- One row per drift detector test.
+CREATE TABLE IF NOT EXISTS {db}.drift_scores
+(
+    ts DateTime64(3, 'UTC'),
+    app LowCardinality(String),
+    model LowCardinality(String),
+    prompt_version LowCardinality(String),
+    field LowCardinality(String),
+    method LowCardinality(String),
+    statistic Float64,
+    p_value Nullable(Float64),
+    threshold Float64,
+    drifted UInt8,
+    n_ref UInt32,
+    n_cur UInt32,
+    explanation String
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMM(ts)
+ORDER BY (app, model, prompt_version, field, method, ts)
+;
+-- One row per alert state change.
+CREATE TABLE IF NOT EXISTS {db}.alerts
+(
+    ts DateTime64(3, 'UTC'),
+    rule LowCardinality(String),
+    state LowCardinality(String),
+    severity LowCardinality(String),
+    app LowCardinality(String),
+    model LowCardinality(String),
+    value Float64,
+    labels Map(String, String),
+    annotations Map(String, String),
+    fingerprint String
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMM(ts)
+ORDER BY (rule, fingerprint, ts)
