@@ -1,0 +1,467 @@
+"""Alert notifiers (webhook, Alertmanager, log, in-memory) and the dispatcher that runs them.
+
+A notifier has the OpenTelemetry exporter shape, async because delivery is HTTP::
+
+    await notifier.export(transitions) -> ExportResult
+    await notifier.force_flush(timeout_s) -> bool
+    await notifier.shutdown()
+
+:class:`AlertDispatcher` sits between the evaluator and the notifiers: the stream calls
+``dispatcher.submit(transitions)`` (never blocks, never raises); one asyncio task per
+notifier drains a bounded queue (full: the oldest batch is dropped and counted), retries
+failures with exponential backoff and jitter, and counts every alert in
+``driftline_alert_notifications_total{notifier, outcome}`` with outcome one of
+``delivered``, ``retried`` (one failed attempt that will be retried), ``failed`` (gave up)
+and ``dropped`` (queue full), on the registry passed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import quote
+
+import aiohttp
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from driftline.schemas.rules import AlertTransition
+
+__all__ = [
+    "AlertDispatcher",
+    "AlertNotifier",
+    "AlertmanagerNotifier",
+    "ExportResult",
+    "InMemoryNotifier",
+    "LogNotifier",
+    "WebhookNotifier",
+    "rfc3339",
+]
+
+log = logging.getLogger("driftline.alerts")
+
+
+class ExportResult(enum.Enum):
+    SUCCESS = "success"
+    FAILURE = "failure"
+
+
+@runtime_checkable
+class AlertNotifier(Protocol):
+    """What :class:`AlertDispatcher` drives."""
+
+    name: str
+
+    async def export(self, transitions: Sequence[AlertTransition]) -> ExportResult: ...
+
+    async def force_flush(self, timeout_s: float = 30.0) -> bool: ...
+
+    async def shutdown(self) -> None: ...
+
+
+def rfc3339(ts_ms: int) -> str:
+    """Epoch milliseconds as RFC 3339 UTC with milliseconds: ``2024-05-01T12:00:00.000Z``."""
+    dt = datetime.fromtimestamp(ts_ms / 1000, tz=UTC)
+    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------------------------------------
+# Notifiers
+# ---------------------------------------------------------------------------------------------
+
+
+class _HttpNotifier:
+    """Shared aiohttp session handling: created lazily on the running loop, closed on shutdown."""
+
+    name: str
+
+    def __init__(self, url: str, *, timeout_s: float, headers: Mapping[str, str] | None) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self.headers = dict(headers or {})
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s), headers=self.headers)
+        return self._session
+
+    async def _post_json(self, url: str, body: Any) -> ExportResult:
+        try:
+            async with self._client().post(url, json=body) as resp:
+                if 200 <= resp.status < 300:
+                    return ExportResult.SUCCESS
+                text = (await resp.text())[:300]
+                log.warning("%s: POST %s -> HTTP %d: %s", self.name, url, resp.status, text)
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            log.warning("%s: POST %s failed: %r", self.name, url, e)
+        return ExportResult.FAILURE
+
+    async def force_flush(self, timeout_s: float = 30.0) -> bool:
+        return True
+
+    async def shutdown(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
+
+
+def _alert_json(t: AlertTransition) -> dict[str, Any]:
+    return {
+        "status": t.state,
+        "labels": {"alertname": t.rule, "severity": t.severity, **t.labels},
+        "annotations": dict(t.annotations),
+        "startsAt": rfc3339(t.starts_at_ms),
+        "endsAt": rfc3339(t.ends_at_ms) if t.ends_at_ms is not None else None,
+        "fingerprint": t.fingerprint,
+        "value": t.value,
+    }
+
+
+def _slack_line(t: AlertTransition) -> str:
+    icon = ":rotating_light:" if t.state == "firing" else ":white_check_mark:"
+    where = " ".join(f"{k}={v}" for k, v in t.labels.items())
+    summary = t.annotations.get("summary", "")
+    return f"{icon} [{t.state.upper()}] {t.rule} ({t.severity}) {where}" + (
+        f" - {summary}" if summary else "")
+
+
+class WebhookNotifier(_HttpNotifier):
+    """POSTs one JSON document per group of alerts (``AlertTransition.group_key``).
+
+    Body (``slack_compatible=False``), modelled on Alertmanager's webhook payload::
+
+        {"version": "1", "receiver": "driftline", "status": "firing"|"resolved",
+         "groupKey": "{alertname=...,app=...}",
+         "alerts": [{"status", "labels" (alertname, severity, ...), "annotations",
+                     "startsAt", "endsAt", "fingerprint", "value"}]}
+
+    With ``slack_compatible=True`` the body is ``{"text": "..."}``, one line per alert,
+    which Slack / Mattermost / Rocket.Chat incoming webhooks accept.
+    """
+
+    def __init__(self, url: str, slack_compatible: bool = False, *, name: str = "webhook",
+                 timeout_s: float = 10.0, headers: Mapping[str, str] | None = None,
+                 group_by: tuple[str, ...] = ("alertname", "app")) -> None:
+        super().__init__(url, timeout_s=timeout_s, headers=headers)
+        self.name = name
+        self.slack_compatible = slack_compatible
+        self.group_by = group_by
+
+    def payloads(self, transitions: Sequence[AlertTransition]) -> list[dict[str, Any]]:
+        """The request bodies ``export`` would send, in first-seen group order."""
+        groups: dict[str, list[AlertTransition]] = {}
+        for t in transitions:
+            groups.setdefault(t.group_key(self.group_by), []).append(t)
+        out: list[dict[str, Any]] = []
+        for key, ts in groups.items():
+            if self.slack_compatible:
+                out.append({"text": "\n".join(_slack_line(t) for t in ts)})
+            else:
+                status = "firing" if any(t.state == "firing" for t in ts) else "resolved"
+                out.append({"version": "1", "receiver": "driftline", "status": status,
+                            "groupKey": key, "alerts": [_alert_json(t) for t in ts]})
+        return out
+
+    async def export(self, transitions: Sequence[AlertTransition]) -> ExportResult:
+        result = ExportResult.SUCCESS
+        for body in self.payloads(transitions):
+            if await self._post_json(self.url, body) is ExportResult.FAILURE:
+                result = ExportResult.FAILURE
+        return result
+
+
+class AlertmanagerNotifier(_HttpNotifier):
+    """Posts to Alertmanager's ``POST {url}/api/v2/alerts`` as Prometheus does.
+
+    Labels are the alert labels plus ``alertname`` (the rule) and ``severity``; firing
+    alerts carry ``endsAt = now + 4 * resend_interval`` so Alertmanager resolves them by
+    itself if driftline stops, and every firing alert is re-sent each ``resend_interval_s``
+    (:meth:`due_resend`, driven by :class:`AlertDispatcher`). Resolved alerts carry their
+    resolution time as ``endsAt``.
+    """
+
+    def __init__(self, url: str, *, name: str = "alertmanager", resend_interval_s: float = 60.0,
+                 generator_url_base: str = "http://localhost/driftline/rules/",
+                 timeout_s: float = 10.0, headers: Mapping[str, str] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        super().__init__(url.rstrip("/"), timeout_s=timeout_s, headers=headers)
+        if resend_interval_s <= 0:
+            raise ValueError("resend_interval_s must be > 0")
+        self.name = name
+        self.resend_interval_s = resend_interval_s
+        self.generator_url_base = generator_url_base
+        self.clock = clock
+        self._active: dict[str, AlertTransition] = {}
+        self._last_resend_s = clock()
+
+    def payload(self, transitions: Sequence[AlertTransition]) -> list[dict[str, Any]]:
+        """The ``postableAlerts`` body for ``transitions``."""
+        now_ms = int(self.clock() * 1000)
+        out = []
+        for t in transitions:
+            ends = t.ends_at_ms if t.state == "resolved" and t.ends_at_ms is not None else (
+                now_ms + int(4 * self.resend_interval_s * 1000))
+            out.append({
+                "labels": {"alertname": t.rule, "severity": t.severity, **t.labels},
+                "annotations": dict(t.annotations),
+                "startsAt": rfc3339(t.starts_at_ms),
+                "endsAt": rfc3339(ends),
+                "generatorURL": self.generator_url_base + quote(t.rule),
+            })
+        return out
+
+    def active(self) -> list[AlertTransition]:
+        return list(self._active.values())
+
+    def due_resend(self) -> list[AlertTransition]:
+        """The firing alerts to re-send, when ``resend_interval_s`` has passed since the last."""
+        now = self.clock()
+        if now - self._last_resend_s < self.resend_interval_s:
+            return []
+        self._last_resend_s = now
+        return self.active()
+
+    async def export(self, transitions: Sequence[AlertTransition]) -> ExportResult:
+        for t in transitions:
+            if t.state == "firing":
+                self._active[t.fingerprint] = t
+            else:
+                self._active.pop(t.fingerprint, None)
+        if not transitions:
+            return ExportResult.SUCCESS
+        return await self._post_json(f"{self.url}/api/v2/alerts", self.payload(transitions))
+
+
+class LogNotifier:
+    """Logs one line per transition on ``logger`` (default ``driftline.alerts``)."""
+
+    def __init__(self, logger: logging.Logger | None = None, *, level: int = logging.WARNING,
+                 name: str = "log") -> None:
+        self.logger = logger or log
+        self.level = level
+        self.name = name
+
+    async def export(self, transitions: Sequence[AlertTransition]) -> ExportResult:
+        for t in transitions:
+            self.logger.log(self.level, "%s", _slack_line(t).split(" ", 1)[1])
+        return ExportResult.SUCCESS
+
+    async def force_flush(self, timeout_s: float = 30.0) -> bool:
+        return True
+
+    async def shutdown(self) -> None:
+        return None
+
+
+class InMemoryNotifier:
+    """Keeps what it is given (for tests); ``fail_next`` failures are returned first."""
+
+    def __init__(self, *, name: str = "memory", fail_next: int = 0) -> None:
+        self.name = name
+        self.fail_next = fail_next
+        self.exported: list[AlertTransition] = []
+        self.calls = 0
+
+    async def export(self, transitions: Sequence[AlertTransition]) -> ExportResult:
+        self.calls += 1
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return ExportResult.FAILURE
+        self.exported.extend(transitions)
+        return ExportResult.SUCCESS
+
+    async def force_flush(self, timeout_s: float = 30.0) -> bool:
+        return True
+
+    async def shutdown(self) -> None:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatcher
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Lane:
+    notifier: AlertNotifier
+    queue: deque[list[AlertTransition]] = field(default_factory=deque)
+    wake: asyncio.Event | None = None
+    busy: bool = False
+    task: asyncio.Task[None] | None = None
+
+
+class AlertDispatcher:
+    """Runs notifiers off the stream: bounded queues, retries with backoff, counters.
+
+    ``submit`` may be called from the event loop or from another thread; before
+    :meth:`start` it only queues. ``max_queue`` bounds each notifier's queue in batches;
+    the retry delay after attempt ``k`` is ``min(backoff_max_s, backoff_initial_s * 2**(k-1))``
+    scaled by a uniform factor in ``[1 - jitter, 1]``.
+    """
+
+    def __init__(self, notifiers: Sequence[AlertNotifier], *, registry: CollectorRegistry,
+                 max_queue: int = 1000, max_attempts: int = 5, backoff_initial_s: float = 0.5,
+                 backoff_max_s: float = 30.0, jitter: float = 0.5, export_timeout_s: float = 30.0,
+                 rng: random.Random | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        if max_queue < 1 or max_attempts < 1 or not 0 <= jitter <= 1:
+            raise ValueError("need max_queue >= 1, max_attempts >= 1 and 0 <= jitter <= 1")
+        names = [n.name for n in notifiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"notifier names must be unique, got {names}")
+        self.max_queue = max_queue
+        self.max_attempts = max_attempts
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.jitter = jitter
+        self.export_timeout_s = export_timeout_s
+        self._rng = rng or random.Random()
+        self._sleep = sleep
+        self._lanes = [_Lane(n) for n in notifiers]
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self.notifications = Counter(
+            "driftline_alert_notifications", "Alert notifications by notifier and outcome "
+            "(delivered, retried, failed, dropped), counted per alert.",
+            ["notifier", "outcome"], registry=registry)
+        self.queue_batches = Gauge(
+            "driftline_alert_queue_batches", "Alert batches waiting per notifier.",
+            ["notifier"], registry=registry)
+        for lane in self._lanes:
+            for outcome in ("delivered", "retried", "failed", "dropped"):
+                self.notifications.labels(lane.notifier.name, outcome)
+            self.queue_batches.labels(lane.notifier.name).set(0)
+
+    def backoff_s(self, attempt: int) -> float:
+        """Delay before retry number ``attempt`` (1-based), jitter included."""
+        base = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempt - 1))
+        return float(base * (1 - self.jitter * self._rng.random()))
+
+    async def start(self) -> None:
+        """Start one task per notifier on the running loop."""
+        self._loop = asyncio.get_running_loop()
+        for lane in self._lanes:
+            lane.wake = asyncio.Event()
+            if lane.queue:
+                lane.wake.set()
+            lane.task = asyncio.create_task(self._run(lane), name=f"alerts-{lane.notifier.name}")
+
+    def submit(self, transitions: Sequence[AlertTransition]) -> None:
+        """Queue transitions for every notifier. Never blocks, never raises."""
+        if not transitions or self._closed:
+            return
+        try:
+            batch = list(transitions)
+            loop = self._loop
+            if loop is None or not loop.is_running():
+                self._enqueue(batch)
+                return
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                self._enqueue(batch)
+            else:
+                loop.call_soon_threadsafe(self._enqueue, batch)
+        except Exception:  # never into the stream
+            log.exception("alert dispatcher: submit failed")
+
+    def _enqueue(self, batch: list[AlertTransition]) -> None:
+        with self._lock:
+            for lane in self._lanes:
+                name = lane.notifier.name
+                while len(lane.queue) >= self.max_queue:
+                    dropped = lane.queue.popleft()
+                    self.notifications.labels(name, "dropped").inc(len(dropped))
+                    log.warning("%s: alert queue full, dropped %d oldest alert(s)", name, len(dropped))
+                lane.queue.append(batch)
+                self.queue_batches.labels(name).set(len(lane.queue))
+                if lane.wake is not None:
+                    lane.wake.set()
+
+    async def _run(self, lane: _Lane) -> None:
+        assert lane.wake is not None
+        resend = getattr(lane.notifier, "due_resend", None)
+        interval = getattr(lane.notifier, "resend_interval_s", None)
+        name = lane.notifier.name
+        while True:
+            if not lane.queue:
+                lane.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lane.wake.wait(), timeout=interval)
+            if lane.queue:
+                with self._lock:
+                    batch = lane.queue.popleft()
+                    self.queue_batches.labels(name).set(len(lane.queue))
+                lane.busy = True
+                try:
+                    await self._deliver(lane, batch)
+                finally:
+                    lane.busy = False
+            if callable(resend):
+                again = resend()
+                if again:
+                    lane.busy = True
+                    try:
+                        await self._deliver(lane, list(again))
+                    finally:
+                        lane.busy = False
+
+    async def _deliver(self, lane: _Lane, batch: list[AlertTransition]) -> None:
+        name, n = lane.notifier.name, len(batch)
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                result = await asyncio.wait_for(lane.notifier.export(batch), self.export_timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s: export raised", name)
+                result = ExportResult.FAILURE
+            if result is ExportResult.SUCCESS:
+                self.notifications.labels(name, "delivered").inc(n)
+                return
+            if attempt == self.max_attempts:
+                self.notifications.labels(name, "failed").inc(n)
+                log.error("%s: giving up on %d alert(s) after %d attempts", name, n, attempt)
+                return
+            self.notifications.labels(name, "retried").inc(n)
+            await self._sleep(self.backoff_s(attempt))
+
+    async def force_flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every queue is empty and nothing is in flight; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while any(lane.queue or lane.busy for lane in self._lanes):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        left = max(0.0, deadline - time.monotonic())
+        oks = [await lane.notifier.force_flush(left) for lane in self._lanes]
+        return all(oks)
+
+    async def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Flush (bounded by ``timeout_s``), stop the tasks and shut the notifiers down."""
+        try:
+            await self.force_flush(timeout_s)
+        finally:
+            self._closed = True
+            for lane in self._lanes:
+                if lane.task is not None:
+                    lane.task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await lane.task
+                with contextlib.suppress(Exception):
+                    await lane.notifier.shutdown()
