@@ -19,7 +19,9 @@ from pathlib import Path
 __all__ = ["LocalBroker", "free_port", "wait_for_port", "ensure_topics", "DEFAULT_TOPICS"]
 
 #: topic -> partitions created by the demo and the worker when missing
-DEFAULT_TOPICS: dict[str, int] = {"llm.events": 4, "llm.events.dlq": 1, "otlp_spans": 4}
+DEFAULT_TOPICS: dict[str, int] = {
+    "llm.events": 4, "llm.events.dlq": 1, "otlp_spans": 4, "driftline.control": 1,
+}
 
 
 def free_port() -> int:

