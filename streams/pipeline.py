@@ -159,7 +159,7 @@ class Pricer(Protocol):
 
 
 class Scanner(Protocol):
-    def scan_event(self, prompt: str | None, response: str | None) -> list[tuple[str, str, float | None]]: ...
+    def scan_event(self, ev: LLMEvent) -> list[Any]: ...
 
 
 @dataclass(slots=True)
@@ -177,7 +177,12 @@ def enrich(events: list[SourcedEvent], pricer: Pricer, scanner: Scanner | None =
     costs = pricer.cost_many(evs)
     hits = None
     if scanner is not None:
-        hits = [scanner.scan_event(e.prompt, e.response) for e in evs]
+        from driftline.detectors.guardrails import hits_to_guardrails
+
+        hits = []
+        for e in evs:
+            found = scanner.scan_event(e)
+            hits.append([(g.name, g.verdict, g.score) for g in hits_to_guardrails(found)] if found else [])
     return EnrichedBatch(events, costs, pricer.version, hits)
 
 
