@@ -1,0 +1,244 @@
+"""Throughput benchmark: one driftline Worker vs. raw aiokafka consumption of the same topic.
+
+    python benchmarks/bench_throughput.py [--events N]
+
+Starts a local (Tansu, in-memory) broker, produces N realistic events (real
+AlpacaEval prompts/responses via ``ReplayData.load()``; falls back to the
+handwritten synthetic pool, and says so) into a fresh 4-partition topic, then:
+
+1. baseline: raw ``AIOKafkaConsumer`` (group_id=None, earliest, getmany(20000))
+   reading the whole topic, no processing;
+2. driftline: one in-process ``Worker`` (no embeddings, no guardrail scan)
+   consuming the same topic with a fresh group into a fresh chDB path, timed from
+   the first processed record until ``stored_events == N``.
+
+It prints events/s for both, the ratio, and a breakdown of the worker's time
+(decode / enrich / to_columns / windows+metrics in ``Worker.process`` vs. the
+ClickHouse insert of ``llm_events``), measured by wrapping the functions in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"nproc": str(os.cpu_count()), "cpu": cpu, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def load_records(n: int, seed: int) -> tuple[list[tuple[bytes, bytes]], str, float]:
+    from driftline.streams.replay import ReplayConfig, ReplayData, generate
+
+    t = time.perf_counter()
+    try:
+        data = ReplayData.load()
+        kind = "real (AlpacaEval + safety sets via ReplayData.load())"
+    except Exception as exc:  # noqa: BLE001 - no cache and no network: say so and go on
+        print(f"!! real replay data unavailable ({type(exc).__name__}: {exc}); "
+              "FALLING BACK TO SYNTHETIC data (ReplayData.synthetic)", flush=True)
+        data = ReplayData.synthetic(seed)
+        kind = "SYNTHETIC (ReplayData.synthetic fallback)"
+    recs = [(r.key, r.value) for r in generate(ReplayConfig(n_events=n, seed=seed, malformed_rate=0.0),
+                                               data)]
+    return recs, kind, time.perf_counter() - t
+
+
+async def raw_consume(bootstrap: str, topic: str, n: int, timeout_s: float) -> tuple[float, int, int]:
+    """Seconds to read ``n`` records with a bare consumer (first fetch to last record)."""
+    from aiokafka import AIOKafkaConsumer
+
+    c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
+                         enable_auto_commit=False, max_partition_fetch_bytes=8 << 20,
+                         fetch_max_bytes=64 << 20, max_poll_records=20_000)
+    await c.start()
+    got = nbytes = 0
+    t0: float | None = None
+    deadline = time.monotonic() + timeout_s
+    try:
+        while got < n and time.monotonic() < deadline:
+            data = await c.getmany(timeout_ms=500, max_records=20_000)
+            for recs in data.values():
+                if recs and t0 is None:
+                    t0 = time.perf_counter()
+                got += len(recs)
+                nbytes += sum(len(r.value) for r in recs)
+        t1 = time.perf_counter()
+    finally:
+        await c.stop()
+    return (t1 - (t0 or t1)), got, nbytes
+
+
+class Timers:
+    def __init__(self) -> None:
+        self.s: dict[str, float] = defaultdict(float)
+        self.n: dict[str, int] = defaultdict(int)
+
+    def wrap_sync(self, name: str, fn: Any) -> Any:
+        def w(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.s[name] += time.perf_counter() - t
+                self.n[name] += 1
+        return w
+
+    def wrap_async(self, name: str, fn: Any) -> Any:
+        async def w(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return await fn(*a, **k)
+            finally:
+                self.s[name] += time.perf_counter() - t
+                self.n[name] += 1
+        return w
+
+
+async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timers: Timers,
+                     ch_path: str) -> dict[str, Any]:
+    import driftline.streams.worker as wmod
+    from driftline.streams.worker import Worker, WorkerConfig
+
+    # stage timers: the worker module looks these names up at call time
+    for name in ("decode_batch", "enrich", "to_columns"):
+        setattr(wmod, name, timers.wrap_sync(name, getattr(wmod, name)))
+
+    cfg = WorkerConfig(kafka=bootstrap, clickhouse=f"chdb://{ch_path}", topics=(topic,),
+                       dlq_topic=f"{topic}.dlq", group_id=f"bench-{uuid.uuid4().hex[:8]}")
+    worker = Worker(cfg)
+    worker.process = timers.wrap_sync("process", worker.process)  # type: ignore[method-assign]
+    sink = worker.sink
+    orig_ins = sink.insert_columns
+
+    async def ins(table: str, *a: Any, **k: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return await orig_ins(table, *a, **k)
+        finally:
+            timers.s[f"insert {table}"] += time.perf_counter() - t
+            timers.n[f"insert {table}"] += 1
+    sink.insert_columns = ins  # type: ignore[method-assign]
+
+    stop = asyncio.Event()
+    t_launch = time.perf_counter()
+    task = asyncio.create_task(worker.run(stop))
+    res: dict[str, Any] = {}
+    try:
+        deadline = time.monotonic() + timeout_s
+        while worker.processed_records == 0:
+            if task.done():
+                task.result()
+                raise RuntimeError("worker exited before processing anything")
+            if time.monotonic() > deadline:
+                raise TimeoutError("worker processed nothing")
+            await asyncio.sleep(0.001)
+        t0 = time.perf_counter()
+        # the first batch's process() already ran; reset the stage timers at t0 would lose it,
+        # so they cover the whole run (start-up batches are empty and cheap)
+        while worker.stored_events < n:
+            if task.done():
+                task.result()
+                raise RuntimeError("worker exited early")
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.002)
+        t1 = time.perf_counter()
+        res = {"seconds": t1 - t0, "startup_s": t0 - t_launch, "stored": worker.stored_events,
+               "processed": worker.processed_records, "dlq": worker.dead_lettered,
+               "batches": worker.metrics.batches}
+    finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(task, 60)
+        except Exception as exc:  # noqa: BLE001
+            print(f"worker stop: {type(exc).__name__}: {exc}", file=sys.stderr)
+        await asyncio.to_thread(sink.close)
+    return res
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    from driftline.streams.broker import LocalBroker
+    from driftline.streams.producer import produce_records
+
+    m = machine()
+    print(f"machine: nproc={m['nproc']}  cpu={m['cpu']}  python={m['python']}  ({m['platform']})")
+    print(f"generating {args.events:,} events ...", flush=True)
+    recs, kind, gen_s = load_records(args.events, args.seed)
+    total_bytes = sum(len(v) for _, v in recs)
+    print(f"data: {kind}; {len(recs):,} events, {total_bytes / 1e6:.1f} MB, "
+          f"mean {total_bytes / max(1, len(recs)):.0f} B/event, generated in {gen_s:.1f}s")
+
+    topic = f"bench.events.{uuid.uuid4().hex[:8]}"
+    tmp = Path(tempfile.mkdtemp(prefix="driftline-bench-"))
+    try:
+        with LocalBroker.started(topics={topic: 4, f"{topic}.dlq": 1}) as broker:
+            t = time.perf_counter()
+            sent = await produce_records(broker.bootstrap, topic, recs)
+            prod_s = time.perf_counter() - t
+            del recs
+            print(f"produced {sent:,} events to {topic} (4 partitions) in {prod_s:.1f}s "
+                  f"({sent / prod_s:,.0f}/s)", flush=True)
+
+            raw_s, raw_n, raw_b = await raw_consume(broker.bootstrap, topic, sent, args.timeout)
+            raw_rate = raw_n / raw_s if raw_s > 0 else float("nan")
+            print(f"baseline raw aiokafka consume: {raw_n:,} records in {raw_s:.2f}s = "
+                  f"{raw_rate:,.0f} events/s ({raw_b / raw_s / 1e6:.0f} MB/s)", flush=True)
+
+            timers = Timers()
+            res = await run_worker(broker.bootstrap, topic, sent, args.timeout, timers,
+                                   str(tmp / "chdb"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    rate = res["stored"] / res["seconds"] if res.get("seconds") else float("nan")
+    print(f"driftline worker: {res['stored']:,}/{sent:,} stored in {res['seconds']:.2f}s = "
+          f"{rate:,.0f} events/s  (start-up before first record {res['startup_s']:.2f}s; "
+          f"{res['batches']} batches)")
+    print(f"ratio driftline / raw consume: {rate / raw_rate:.3f}")
+    wall = res["seconds"]
+    print("breakdown (cumulative seconds over the run; insert runs on the ClickHouse thread and "
+          "overlaps processing):")
+    for name in ("process", "decode_batch", "enrich", "to_columns", "insert llm_events",
+                 "insert llm_window_metrics"):
+        if name in timers.s:
+            print(f"  {name:<26} {timers.s[name]:7.2f}s  {100 * timers.s[name] / wall:5.1f}% of wall  "
+                  f"({timers.n[name]} calls, {1e6 * timers.s[name] / max(1, sent):.1f} us/event)")
+    other = timers.s["process"] - timers.s["decode_batch"] - timers.s["enrich"] - timers.s["to_columns"]
+    print(f"  {'windows+metrics (rest)':<26} {other:7.2f}s  {100 * other / wall:5.1f}% of wall")
+    if res["stored"] < sent:
+        print(f"!! timed out: only {res['stored']:,} of {sent:,} stored", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=200_000, help="events to produce (default 200,000)")
+    ap.add_argument("--seed", type=int, default=7, help="replay seed (default 7)")
+    ap.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds per phase")
+    args = ap.parse_args()
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
