@@ -27,11 +27,11 @@ from driftline.streams.sinks import ClickHouseSink
 
 log = logging.getLogger("driftline.chserver")
 
-__all__ = ["ClickHouseEndpoint", "endpoint_file", "read_endpoint"]
+__all__ = ["ClickHouseEndpoint", "READ_QUERY", "endpoint_file", "read_endpoint"]
 
 ENDPOINT_FILE = ".driftline-endpoint"
 _FORMAT_RE = re.compile(r"\bFORMAT\s+([A-Za-z0-9_]+)\s*;?\s*$", re.IGNORECASE)
-_READ_RE = re.compile(r"^\s*(\(|SELECT|WITH|SHOW|DESCRIBE|DESC|EXISTS|EXPLAIN)\b", re.IGNORECASE)
+READ_QUERY = re.compile(r"^\s*(\(|SELECT|WITH|SHOW|DESCRIBE|DESC|EXISTS|EXPLAIN)\b", re.IGNORECASE)
 _INSERT_RE = re.compile(r"^\s*INSERT\b", re.IGNORECASE)
 _INTERNAL_PARAMS = frozenset({
     "query", "default_format", "database", "query_id", "session_id", "session_timeout",
@@ -121,7 +121,7 @@ class ClickHouseEndpoint:
         if m:
             fmt = m.group(1)
             q = q[: m.start()].rstrip()
-        elif _READ_RE.match(q):
+        elif READ_QUERY.match(q):
             fmt = params.get("default_format") or "TabSeparated"
         qparams: dict[str, Any] = {k[6:]: v for k, v in params.items() if k.startswith("param_")}
         settings = {k: v for k, v in params.items()

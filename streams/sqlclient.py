@@ -8,15 +8,12 @@ Otherwise the store is opened directly.
 
 from __future__ import annotations
 
-import re
 from urllib.parse import urlparse
 
-from driftline.streams.chserver import read_endpoint
+from driftline.streams.chserver import READ_QUERY, read_endpoint
 from driftline.streams.sinks import chdb_path
 
 __all__ = ["run_sql", "client_for"]
-
-_READ = re.compile(r"^\s*(\(|SELECT|WITH|SHOW|DESCRIBE|DESC|EXISTS|EXPLAIN)\b", re.IGNORECASE)
 
 
 def client_for(dsn: str):  # type: ignore[no-untyped-def]
@@ -44,7 +41,7 @@ def client_for(dsn: str):  # type: ignore[no-untyped-def]
 def run_sql(dsn: str, query: str, fmt: str = "PrettyCompactMonoBlock") -> bytes:
     c = client_for(dsn)
     try:
-        if _READ.match(query):
+        if READ_QUERY.match(query):
             return bytes(c.raw_query(query, fmt=fmt))
         out = c.command(query)
         return b"" if out is None else f"{out}\n".encode()

@@ -14,9 +14,7 @@ Wall time never enters here: early (partial) rows are taken by the caller with
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -152,7 +150,7 @@ class WindowAggregator:
         size = self.config.size_ms
         starts = cols.ts_ms - cols.ts_ms % size
         # The watermark of *previous* batches decides lateness: a batch is applied as one step.
-        closed_before = self._closed_bound()
+        closed_before = self.watermark_ms
         groups: dict[tuple[WindowKey, int], list[int]] = {}
         late_by_key: dict[WindowKey, int] = {}
         for i, (k, s) in enumerate(zip(cols.keys, starts.tolist(), strict=True)):
@@ -191,7 +189,7 @@ class WindowAggregator:
         """
         if watermark_ms is not None and (self.watermark_ms is None or watermark_ms > self.watermark_ms):
             self.watermark_ms = watermark_ms
-        bound = self._closed_bound()
+        bound = self.watermark_ms
         if bound is None:
             return []
         out: list[WindowStats] = []
@@ -221,9 +219,6 @@ class WindowAggregator:
         return len(self._open)
 
     # -- internals ---------------------------------------------------------
-    def _closed_bound(self) -> int | None:
-        return self.watermark_ms
-
     def _new_window(self, k: WindowKey, start: int) -> _Window:
         a = self.config.relative_accuracy
         return _Window(k, start, start + self.config.size_ms,
@@ -252,7 +247,3 @@ class WindowAggregator:
         w.feedback_events += int((~np.isnan(fb)).sum())
         w.negative_feedback += int((fb == -1).sum())
         w.dirty = True
-
-    def windows_of(self, keys: Iterable[WindowKey]) -> Sequence[Any]:  # for tests / debugging
-        ks = set(keys)
-        return [w for (k, _), w in self._open.items() if k in ks]

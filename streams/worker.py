@@ -336,7 +336,7 @@ class Worker:
         for tp in assigned:
             by_topic.setdefault(tp.topic, []).append(tp.partition)
         for topic, parts in by_topic.items():
-            stored = await self.sink.acall(lambda c, t=topic, p=parts: _stored_offsets(c, self.sink.database, t, p))
+            stored = await asyncio.to_thread(self.sink.stored_offsets, topic, parts)
             for p in parts:
                 tp = TopicPartition(topic, p)
                 if p in stored:
@@ -356,14 +356,6 @@ class Worker:
             self.windows.advance()
             self._wall_at_watermark = time.monotonic()
             log.info("rebuilt %d open windows from %d stored events", self.windows.open_windows, len(cols))
-
-
-def _stored_offsets(client: Any, db: str, topic: str, parts: list[int]) -> dict[int, int]:
-    rows = client.query(
-        f"SELECT source_partition, max(source_offset) FROM {db}.llm_events "
-        "WHERE source_topic = %(t)s AND source_partition IN %(p)s GROUP BY source_partition",
-        parameters={"t": topic, "p": parts}).result_rows
-    return {int(p): int(o) for p, o in rows}
 
 
 def _recent_rows(client: Any, db: str, tps: list[TopicPartition], wc: WindowConfig) -> EventBatchColumns | None:
