@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from driftline.streams.metrics import WorkerMetrics
 from driftline.streams.sinks import chdb_path
-from driftline.streams.worker import Worker, WorkerConfig
+from driftline.streams.worker import Stage, Worker, WorkerConfig
 
 log = logging.getLogger("driftline.app")
 
@@ -29,10 +29,17 @@ __all__ = ["serve_worker", "run_worker"]
 
 async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str = "127.0.0.1",
                        web_port: int = 9464, sql_port: int | None = 8123,
-                       on_ready: Any = None) -> Worker:
-    """Run a worker with its HTTP ports until ``stop`` is set."""
-    registry = CollectorRegistry()
-    worker = Worker(cfg, WorkerMetrics(registry))
+                       on_ready: Any = None, stages: Any = (),
+                       registry: CollectorRegistry | None = None) -> Worker:
+    """Run a worker with its HTTP ports until ``stop`` is set.
+
+    ``stages`` are :class:`~driftline.streams.worker.Stage` objects, or callables
+    ``(registry) -> Stage`` so a stage can register its own metrics on the worker's
+    ``/metrics``.
+    """
+    registry = registry or CollectorRegistry()
+    built: list[Stage] = [s if isinstance(s, Stage) else s(registry) for s in stages]
+    worker = Worker(cfg, WorkerMetrics(registry), stages=built)
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry),
@@ -70,7 +77,7 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
 
 
 def run_worker(cfg: WorkerConfig, *, web_host: str = "127.0.0.1", web_port: int = 9464,
-               sql_port: int | None = 8123, loglevel: str = "info") -> None:
+               sql_port: int | None = 8123, loglevel: str = "info", stages: Any = ()) -> None:
     """Run the worker in the foreground until SIGINT/SIGTERM; in-flight data is written first."""
 
     async def main() -> None:
@@ -78,6 +85,7 @@ def run_worker(cfg: WorkerConfig, *, web_host: str = "127.0.0.1", web_port: int 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve_worker(cfg, stop, web_host=web_host, web_port=web_port, sql_port=sql_port)
+        await serve_worker(cfg, stop, web_host=web_host, web_port=web_port, sql_port=sql_port,
+                           stages=stages)
 
     asyncio.run(main())

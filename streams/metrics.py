@@ -22,6 +22,7 @@ Metric contract (the exported Prometheus rules in deploy/prometheus use these):
 | driftline_dlq_total | counter | reason |
 | driftline_late_events_total | counter | — |
 | driftline_sink_errors_total | counter | operation |
+| driftline_stage_errors_total | counter | stage |
 | driftline_batches_total, driftline_records_total | counter | — |
 | driftline_drift_p_value, driftline_drift_statistic, driftline_drift_detected | gauge | app, model, prompt_version, field, method |
 """
@@ -67,6 +68,7 @@ class WorkerMetrics(Collector):
         self.last_event_s: dict[tuple[str, str], float] = {}
         self.dlq: dict[str, float] = defaultdict(float)
         self.sink_errors: dict[str, float] = defaultdict(float)
+        self.stage_errors: dict[str, float] = defaultdict(float)
         self.late_events = 0.0
         self.batches = 0.0
         self.records = 0.0
@@ -154,6 +156,11 @@ class WorkerMetrics(Collector):
         c = CounterMetricFamily("driftline_sink_errors", "failed ClickHouse operations (retried)",
                                 labels=["operation"])
         for r, v in self.sink_errors.items():
+            c.add_metric([r], v)
+        yield c
+        c = CounterMetricFamily("driftline_stage_errors", "exceptions raised by a stream stage (logged, "
+                                "never propagated)", labels=["stage"])
+        for r, v in self.stage_errors.items():
             c.add_metric([r], v)
         yield c
         yield CounterMetricFamily("driftline_late_events", "events that arrived after their window closed",

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -57,7 +57,7 @@ from driftline.streams.windows import EventBatchColumns, WindowAggregator, Windo
 
 log = logging.getLogger("driftline.worker")
 
-__all__ = ["WorkerConfig", "Worker"]
+__all__ = ["WorkerConfig", "Worker", "Stage", "StoredBatch"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,40 @@ class WorkerConfig:
             raise ValueError("auto_offset_reset must be earliest or latest")
 
 
+@dataclass(frozen=True, slots=True)
+class StoredBatch:
+    """What one write stored: handed to every :class:`Stage` after ClickHouse accepted it.
+
+    ``events`` are the ``llm_events`` columns exactly as inserted (see
+    ``pipeline.EVENT_COLUMNS``; ``timestamp`` in epoch ms), or None when the batch
+    held no event; ``windows`` the window rows written (partial and final).
+    """
+
+    events: dict[str, list[Any]] | None
+    windows: list[WindowStats]
+    rejected: list[Rejected]
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """A part of the stream that runs beside the spine (alerting, drift).
+
+    ``start`` is awaited once the worker is consuming; ``on_stored`` is called in the
+    writer after each batch is safe in ClickHouse and must be cheap and never block
+    (queue heavy work onto a task of your own); an exception it raises is logged and
+    counted, never propagated. ``stop`` is awaited when the worker stops, after the
+    last batch.
+    """
+
+    name: str
+
+    async def start(self, worker: Worker) -> None: ...
+
+    def on_stored(self, batch: StoredBatch) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 @dataclass(slots=True)
 class _Work:
     """One processed batch on its way to the writer."""
@@ -114,7 +148,7 @@ class Worker:
     """Runs the pipeline against Kafka and ClickHouse. ``await run(stop)``; no faust needed."""
 
     def __init__(self, config: WorkerConfig, metrics: WorkerMetrics | None = None,
-                 sink: ClickHouseSink | None = None) -> None:
+                 sink: ClickHouseSink | None = None, stages: Sequence[Stage] = ()) -> None:
         from driftline.schemas.prices import PriceTable
 
         self.cfg = config
@@ -127,7 +161,7 @@ class Worker:
 
             self.scanner = GuardrailScanner()
         self.windows = WindowAggregator(config.window)
-        self.window_listeners: list[Callable[[list[WindowStats]], None]] = []
+        self.stages: list[Stage] = list(stages)
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self._queue: asyncio.Queue[_Work | None] = asyncio.Queue(maxsize=2)
@@ -180,8 +214,12 @@ class Worker:
         """Consume until ``stop`` is set; then write what is in flight and commit it."""
         await self.start()
         writer = asyncio.create_task(self._writer(), name="driftline-writer")
-        self.started.set()
+        started: list[Stage] = []
         try:
+            for st in self.stages:
+                await st.start(self)
+                started.append(st)
+            self.started.set()
             while not stop.is_set():
                 await self._fetch_and_process()
                 if writer.done():
@@ -193,6 +231,11 @@ class Worker:
             await self._queue.put(None)
             with contextlib.suppress(Exception):
                 await writer
+            for st in reversed(started):
+                try:
+                    await st.stop()
+                except Exception:  # noqa: BLE001 - stopping one stage never blocks the rest
+                    log.exception("stage %s failed to stop", st.name)
             await self.stop()
 
     def request_flush(self) -> None:
@@ -279,11 +322,14 @@ class Worker:
                 r["updated_at"] = stamp + i  # strictly increasing versions within a batch
                 rows.append(r)
             await sink.insert_rows("llm_window_metrics", rows, WINDOW_COLUMNS, self._keepalive)
-            for fn in self.window_listeners:
+        if self.stages and (work.event_cols or work.windows or work.rejected):
+            stored = StoredBatch(work.event_cols, work.windows, work.rejected)
+            for st in self.stages:
                 try:
-                    fn(work.windows)
-                except Exception:  # noqa: BLE001 - a listener never breaks the stream
-                    log.exception("window listener failed")
+                    st.on_stored(stored)
+                except Exception:  # noqa: BLE001 - a stage never breaks the stream
+                    self.metrics.stage_errors[st.name] += 1
+                    log.exception("stage %s failed on a batch", st.name)
         if work.rejected:
             await self._dead_letter(work.rejected)
         c = self.consumer
