@@ -128,16 +128,18 @@ async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timer
     worker = Worker(cfg)
     worker.process = timers.wrap_sync("process", worker.process)  # type: ignore[method-assign]
     sink = worker.sink
-    orig_ins = sink.insert_columns
 
-    async def ins(table: str, *a: Any, **k: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return await orig_ins(table, *a, **k)
-        finally:
-            timers.s[f"insert {table}"] += time.perf_counter() - t
-            timers.n[f"insert {table}"] += 1
-    sink.insert_columns = ins  # type: ignore[method-assign]
+    def timed(orig: Any) -> Any:
+        async def ins(table: str, *a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return await orig(table, *a, **k)
+            finally:
+                timers.s[f"insert {table}"] += time.perf_counter() - t
+                timers.n[f"insert {table}"] += 1
+        return ins
+    sink.insert_columns = timed(sink.insert_columns)  # type: ignore[method-assign]
+    sink.insert_arrow = timed(sink.insert_arrow)  # type: ignore[method-assign]
 
     stop = asyncio.Event()
     t_launch = time.perf_counter()

@@ -41,7 +41,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from driftline.streams.windows import EventBatchColumns
+from driftline.streams.windows import EventBatchColumns, group_indices
 
 __all__ = ["WorkerMetrics", "LATENCY_BUCKETS_MS"]
 
@@ -90,11 +90,14 @@ class WorkerMetrics(Collector):
     def observe_batch(self, cols: EventBatchColumns) -> None:
         if len(cols) == 0:
             return
-        groups: dict[tuple[str, str], list[int]] = defaultdict(list)
-        for i, k in enumerate(cols.keys):
-            groups[self._label(k.app, k.model)].append(i)
-        for lab, idx_list in groups.items():
-            idx = np.asarray(idx_list)
+        codes, key_list = cols.key_index()
+        labels: dict[tuple[str, str], int] = {}
+        lab_of_key = np.fromiter((labels.setdefault(self._label(k.app, k.model), len(labels))
+                                  for k in key_list), np.int64, len(key_list))
+        lab_codes = lab_of_key[codes]
+        names = list(labels)
+        for code, idx in group_indices(lab_codes):
+            lab = names[code]
             pk = self.per_key
             pk["events"][lab] += idx.size
             pk["errors"][lab] += float(cols.is_error[idx].sum())

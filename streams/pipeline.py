@@ -19,19 +19,30 @@ from typing import Any, Protocol
 
 import msgspec
 import numpy as np
+import pyarrow as pa
 
-from driftline.schemas.event import EventError, LLMEvent, decode_event
+from driftline.schemas.event import (
+    EventError,
+    Guardrail,
+    LLMEvent,
+    decode_event,
+    parse_timestamp_ms,
+)
 from driftline.schemas.metrics import WindowKey
 from driftline.streams.windows import EventBatchColumns
 
 __all__ = [
-    "Record", "Rejected", "SourcedEvent", "DecodedBatch", "decode_batch", "EnrichedBatch",
-    "enrich", "EVENT_COLUMNS", "to_columns", "OTLP_TOPIC", "EVENTS_TOPIC", "DLQ_TOPIC",
+    "Record", "Rejected", "DecodedBatch", "decode_batch", "EnrichedBatch",
+    "enrich", "EVENT_COLUMNS", "EVENT_ARROW_SCHEMA", "to_columns", "to_arrow", "OTLP_TOPIC", "OTLP_TOPIC_PREFIX", "EVENTS_TOPIC",
+    "DLQ_TOPIC",
 ]
 
 EVENTS_TOPIC = "llm.events"
 DLQ_TOPIC = "llm.events.dlq"
 OTLP_TOPIC = "otlp_spans"
+#: records of ``otlp_spans`` and of any ``otlp_spans.<suffix>`` topic (one per team or
+#: tenant, say) are OTLP ExportTraceServiceRequests; every other topic carries JSON LLMEvents
+OTLP_TOPIC_PREFIX = OTLP_TOPIC + "."
 
 
 class Record(Protocol):
@@ -83,19 +94,22 @@ class Rejected:
         return "invalid"
 
 
-@dataclass(frozen=True, slots=True)
-class SourcedEvent:
-    event: LLMEvent
-    topic: str
-    partition: int
-    offset: int
-
-
 @dataclass(slots=True)
 class DecodedBatch:
-    events: list[SourcedEvent] = field(default_factory=list)
+    """Valid events with where each came from (parallel lists), and the rejected records."""
+
+    events: list[LLMEvent] = field(default_factory=list)
+    topics: list[str] = field(default_factory=list)
+    partitions: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     skipped_spans: int = 0
+
+    def add(self, ev: LLMEvent, topic: str, partition: int, offset: int) -> None:
+        self.events.append(ev)
+        self.topics.append(topic)
+        self.partitions.append(partition)
+        self.offsets.append(offset)
 
 
 def _header(rec: Record, name: str) -> bytes | None:
@@ -108,27 +122,38 @@ def _header(rec: Record, name: str) -> bytes | None:
 def decode_batch(records: Sequence[Record]) -> DecodedBatch:
     """Decode every record. Never raises on input: bad records become :class:`Rejected`."""
     out = DecodedBatch()
-    add_event = out.events.append
+    events, topics, parts, offs = out.events, out.topics, out.partitions, out.offsets
     add_rej = out.rejected.append
     for rec in records:
         value = rec.value
-        if rec.topic == OTLP_TOPIC:
+        topic = rec.topic
+        if topic == OTLP_TOPIC or topic.startswith(OTLP_TOPIC_PREFIX):
             _decode_otlp(rec, out)
             continue
         if value is None:
-            add_rej(Rejected(rec.topic, rec.partition, rec.offset, rec.key, b"", "empty record (tombstone)"))
+            add_rej(Rejected(topic, rec.partition, rec.offset, rec.key, b"", "empty record (tombstone)"))
             continue
         try:
             ev = decode_event(value)
         except EventError as exc:
-            add_rej(Rejected(rec.topic, rec.partition, rec.offset, rec.key, value, str(exc), exc.key))
+            add_rej(Rejected(topic, rec.partition, rec.offset, rec.key, value, str(exc), exc.key))
             continue
-        add_event(SourcedEvent(ev, rec.topic, rec.partition, rec.offset))
+        events.append(ev)
+        topics.append(topic)
+        parts.append(rec.partition)
+        offs.append(rec.offset)
     return out
 
 
 def _decode_otlp(rec: Record, out: DecodedBatch) -> None:
-    """One OTLP ExportTraceServiceRequest -> one event per GenAI span."""
+    """One OTLP ExportTraceServiceRequest -> one event per GenAI span.
+
+    The encoding comes from the ``content-type`` header (``otlp_proto``/``otlp_json``,
+    written by ``driftline otlp``) and is sniffed when there is none (the Collector's
+    Kafka exporter sets no header). An undecodable record is dead-lettered whole; when
+    some GenAI spans of a good request are invalid, the valid ones become events and
+    the record is dead-lettered once, its original bytes with every span's reason.
+    """
     value = rec.value or b""
     try:
         from driftline.schemas import otlp
@@ -136,8 +161,7 @@ def _decode_otlp(rec: Record, out: DecodedBatch) -> None:
         out.rejected.append(Rejected(rec.topic, rec.partition, rec.offset, rec.key, value,
                                      "otlp: decoder unavailable"))
         return
-    ctype = _header(rec, "content-type")
-    encoding = ctype.decode(errors="replace") if ctype else None
+    encoding = otlp.encoding_from_header(_header(rec, "content-type"))
     try:
         batch = otlp.decode_request(value, encoding)
     except otlp.OtlpDecodeError as exc:
@@ -145,17 +169,22 @@ def _decode_otlp(rec: Record, out: DecodedBatch) -> None:
                                      f"otlp: {exc}"))
         return
     for ev in batch.events:
-        out.events.append(SourcedEvent(ev, rec.topic, rec.partition, rec.offset))
-    for r in batch.rejected:
-        out.rejected.append(Rejected(rec.topic, rec.partition, rec.offset, rec.key, value,
-                                     f"otlp span {getattr(r, 'span_id', '')}: {r.reason}"))
-    out.skipped_spans += batch.skipped_non_genai
+        out.add(ev, rec.topic, rec.partition, rec.offset)
+    if batch.rejected:
+        n = len(batch.rejected)
+        why = "; ".join(f"span {r.span_id} ({r.span_name}): {r.reason}" for r in batch.rejected)
+        out.rejected.append(Rejected(
+            rec.topic, rec.partition, rec.offset, rec.key, value,
+            f"otlp: {n} of {n + len(batch.events)} GenAI spans rejected "
+            f"({len(batch.events)} stored): {why}"))
+    out.skipped_spans += batch.skipped_non_genai + batch.skipped_non_model
 
 
 class Pricer(Protocol):
     version: str
 
-    def cost_many(self, events: Sequence[LLMEvent]) -> list[float | None]: ...
+    def cost_columns(self, models: Sequence[str], ts_ms: np.ndarray, tokens: np.ndarray,
+                     has_tokens: np.ndarray) -> np.ndarray: ...
 
 
 class Scanner(Protocol):
@@ -164,155 +193,173 @@ class Scanner(Protocol):
 
 @dataclass(slots=True)
 class EnrichedBatch:
-    events: list[SourcedEvent]
-    costs: list[float | None]
-    price_version: str
+    batch: DecodedBatch
+    pricer: Pricer
     #: per event: extra guardrail results from the built-in scan, (name, verdict, score)
     scan_hits: list[list[tuple[str, str, float | None]]] | None = None
 
+    @property
+    def events(self) -> list[LLMEvent]:
+        return self.batch.events
 
-def enrich(events: list[SourcedEvent], pricer: Pricer, scanner: Scanner | None = None) -> EnrichedBatch:
-    """Cost per event from the price table; the built-in guardrail scan when enabled."""
-    evs = [s.event for s in events]
-    costs = pricer.cost_many(evs)
+
+def enrich(batch: DecodedBatch, pricer: Pricer, scanner: Scanner | None = None) -> EnrichedBatch:
+    """The built-in guardrail scan when enabled; the cost is computed column-wise in
+    :func:`to_columns` with ``pricer.cost_columns``."""
     hits = None
     if scanner is not None:
         from driftline.detectors.guardrails import hits_to_guardrails
 
         hits = []
-        for e in evs:
+        for e in batch.events:
             found = scanner.scan_event(e)
             hits.append([(g.name, g.verdict, g.score) for g in hits_to_guardrails(found)] if found else [])
-    return EnrichedBatch(events, costs, pricer.version, hits)
+    return EnrichedBatch(batch, pricer, hits)
 
 
-#: llm_events columns written by the worker, in insert order
-EVENT_COLUMNS: tuple[str, ...] = (
-    "event_id", "timestamp", "app", "environment", "provider", "operation", "request_model",
-    "response_model", "model", "prompt_version", "conversation_id", "user_id", "trace_id",
-    "span_id", "input_tokens", "output_tokens", "cache_read_input_tokens",
-    "cache_creation_input_tokens", "reasoning_output_tokens", "latency_ms", "ttft_ms", "tpot_ms",
-    "status", "error_type", "finish_reasons", "guardrail_names", "guardrail_verdicts",
-    "guardrail_scores", "guardrail_hit", "feedback", "prompt", "response", "cost_usd",
-    "price_version", "extra", "source_topic", "source_partition", "source_offset", "ingested_at",
-)
+#: llm_events columns written by the worker, in insert order, with their Arrow types.
+#: Nulls in a non-Nullable ClickHouse column are stored as the column's default
+#: ('' / []), which ClickHouse does on input (``input_format_null_as_default``).
+EVENT_ARROW_SCHEMA = pa.schema([
+    ("event_id", pa.string()), ("timestamp", pa.timestamp("ms", tz="UTC")), ("app", pa.string()),
+    ("environment", pa.string()), ("provider", pa.string()), ("operation", pa.string()),
+    ("request_model", pa.string()), ("response_model", pa.string()), ("model", pa.string()),
+    ("prompt_version", pa.string()), ("conversation_id", pa.string()), ("user_id", pa.string()),
+    ("trace_id", pa.string()), ("span_id", pa.string()), ("input_tokens", pa.uint64()),
+    ("output_tokens", pa.uint64()), ("cache_read_input_tokens", pa.uint64()),
+    ("cache_creation_input_tokens", pa.uint64()), ("reasoning_output_tokens", pa.uint64()),
+    ("latency_ms", pa.float64()), ("ttft_ms", pa.float64()), ("tpot_ms", pa.float64()),
+    ("status", pa.string()), ("error_type", pa.string()), ("finish_reasons", pa.list_(pa.string())),
+    ("guardrail_names", pa.list_(pa.string())), ("guardrail_verdicts", pa.list_(pa.string())),
+    ("guardrail_scores", pa.list_(pa.float64())), ("guardrail_hit", pa.uint8()),
+    ("feedback", pa.int8()), ("prompt", pa.string()), ("response", pa.string()),
+    ("cost_usd", pa.float64()), ("price_version", pa.string()), ("extra", pa.string()),
+    ("source_topic", pa.string()), ("source_partition", pa.uint32()), ("source_offset", pa.uint64()),
+    ("ingested_at", pa.timestamp("ms", tz="UTC")),
+])
+EVENT_COLUMNS: tuple[str, ...] = tuple(EVENT_ARROW_SCHEMA.names)
 
 _json = msgspec.json.Encoder()
 _HIT = frozenset(("flagged", "blocked"))
+_FIELDS: tuple[str, ...] = LLMEvent.__struct_fields__
+_VERDICT_CODE = {"pass": 0, "flagged": 1, "blocked": 2}
+_TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens",
+                 "cache_creation_input_tokens", "reasoning_output_tokens")
+_astuple = msgspec.structs.astuple
 
 
-def to_columns(batch: EnrichedBatch, now_ms: int | None = None) -> tuple[dict[str, list[Any]], EventBatchColumns]:
+def _ints(col: Sequence[int | None]) -> np.ndarray:
+    return np.fromiter((0 if v is None else v for v in col), np.int64, len(col))
+
+
+def to_columns(batch: EnrichedBatch, now_ms: int | None = None) -> tuple[dict[str, Sequence[Any]], EventBatchColumns]:
     """Column-oriented ``llm_events`` rows and the window stage's numbers for one batch.
 
-    Timestamps are written as ``datetime``-free epoch values: DateTime64(3) takes
-    milliseconds as integers, which spares a datetime object per event.
+    The events are transposed in C (``zip(*astuple(e) …)``) rather than appended
+    value by value; optional strings stay ``None`` (stored as ``''``), timestamps
+    are epoch milliseconds.
     """
-    n = len(batch.events)
+    evs = batch.events
+    n = len(evs)
     now = int(time.time() * 1000) if now_ms is None else now_ms
-    cols: dict[str, list[Any]] = {c: [] for c in EVENT_COLUMNS}
-    c = cols
-    ts = np.empty(n, np.int64)
-    lat = np.empty(n, np.float64)
-    ttft = np.full(n, np.nan)
-    tpot = np.full(n, np.nan)
-    err = np.zeros(n, bool)
-    tok = np.zeros((5, n), np.int64)
-    cost = np.full(n, np.nan)
-    g_checked = np.zeros(n, bool)
-    g_hit = np.zeros(n, bool)
-    g_blocked = np.zeros(n, bool)
-    fb = np.full(n, np.nan)
-    keys: list[WindowKey] = []
-    key_cache: dict[tuple[str, str, str], WindowKey] = {}
+    if n == 0:
+        empty: dict[str, Sequence[Any]] = {c: [] for c in EVENT_COLUMNS}
+        return empty, EventBatchColumns([], *(np.empty(0) for _ in range(15)))
+    col = dict(zip(_FIELDS, zip(*map(_astuple, evs), strict=False), strict=True))
+    raw_ts = col["timestamp"]
+    ts_list = [t if type(t) is int else parse_timestamp_ms(t) for t in raw_ts]
+    req, resp = col["request_model"], col["response_model"]
+    model = [r or q or "" for r, q in zip(resp, req, strict=True)]
+    pver = [p or "" for p in col["prompt_version"]]
+    apps = col["app"]
+    key_code: dict[tuple[str, str, str], int] = {}
+    setdefault = key_code.setdefault
+    codes = np.fromiter((setdefault(kk, len(key_code)) for kk in zip(apps, model, pver, strict=True)),
+                        np.int64, n)
+    key_list = [WindowKey(*kk) for kk in key_code]
+    keys = [key_list[c] for c in codes.tolist()]
+    # guardrails: reported ones, then the built-in scan's; flattened so that Arrow
+    # builds the list columns from one flat array and offsets
     scan = batch.scan_hits
-    pv = batch.price_version
-    for i, se in enumerate(batch.events):
-        e = se.event
-        t = e.timestamp_ms
-        model = e.response_model or e.request_model or ""
-        pver = e.prompt_version or ""
-        kk = (e.app, model, pver)
-        wk = key_cache.get(kk)
-        if wk is None:
-            wk = key_cache[kk] = WindowKey(*kk)
-        keys.append(wk)
-        names: list[str] = []
-        verdicts: list[str] = []
-        scores: list[float | None] = []
-        if e.guardrails:
-            for g in e.guardrails:
-                names.append(g.name)
-                verdicts.append(g.verdict)
-                scores.append(g.score)
+    flat: list[Any] = []
+    lens = np.zeros(n, np.int64)
+    for i, gs in enumerate(col["guardrails"]):
+        if gs:
+            flat.extend(gs)
+            lens[i] = len(gs)
         if scan is not None and scan[i]:
-            for name, verdict, score in scan[i]:
-                names.append(name)
-                verdicts.append(verdict)
-                scores.append(score)
-        hit = any(v in _HIT for v in verdicts)
-        cst = batch.costs[i]
-        c["event_id"].append(e.event_id)
-        c["timestamp"].append(t)
-        c["app"].append(e.app)
-        c["environment"].append(e.environment or "")
-        c["provider"].append(e.provider or "")
-        c["operation"].append(e.operation)
-        c["request_model"].append(e.request_model or "")
-        c["response_model"].append(e.response_model or "")
-        c["model"].append(model)
-        c["prompt_version"].append(pver)
-        c["conversation_id"].append(e.conversation_id or "")
-        c["user_id"].append(e.user_id or "")
-        c["trace_id"].append(e.trace_id or "")
-        c["span_id"].append(e.span_id or "")
-        c["input_tokens"].append(e.input_tokens)
-        c["output_tokens"].append(e.output_tokens)
-        c["cache_read_input_tokens"].append(e.cache_read_input_tokens)
-        c["cache_creation_input_tokens"].append(e.cache_creation_input_tokens)
-        c["reasoning_output_tokens"].append(e.reasoning_output_tokens)
-        c["latency_ms"].append(e.latency_ms)
-        c["ttft_ms"].append(e.ttft_ms)
-        c["tpot_ms"].append(e.tpot_ms)
-        c["status"].append(e.status)
-        c["error_type"].append(e.error_type or "")
-        c["finish_reasons"].append(e.finish_reasons or [])
-        c["guardrail_names"].append(names)
-        c["guardrail_verdicts"].append(verdicts)
-        c["guardrail_scores"].append(scores)
-        c["guardrail_hit"].append(1 if hit else 0)
-        c["feedback"].append(e.feedback)
-        c["prompt"].append(e.prompt)
-        c["response"].append(e.response)
-        c["cost_usd"].append(cst)
-        c["price_version"].append(pv)
-        c["extra"].append(_json.encode(e.extra).decode() if e.extra else "{}")
-        c["source_topic"].append(se.topic)
-        c["source_partition"].append(se.partition)
-        c["source_offset"].append(se.offset)
-        c["ingested_at"].append(now)
-        ts[i] = t
-        lat[i] = e.latency_ms
-        if e.ttft_ms is not None:
-            ttft[i] = e.ttft_ms
-        if e.tpot_ms is not None:
-            tpot[i] = e.tpot_ms
-        err[i] = e.status == "error"
-        tok[0, i] = e.input_tokens or 0
-        tok[1, i] = e.output_tokens or 0
-        tok[2, i] = e.cache_read_input_tokens or 0
-        tok[3, i] = e.cache_creation_input_tokens or 0
-        tok[4, i] = e.reasoning_output_tokens or 0
-        if cst is not None:
-            cost[i] = cst
-        g_checked[i] = bool(verdicts)
-        g_hit[i] = hit
-        g_blocked[i] = "blocked" in verdicts
-        if e.feedback is not None:
-            fb[i] = e.feedback
+            flat.extend(Guardrail(nm, vd, sc) for nm, vd, sc in scan[i])
+            lens[i] += len(scan[i])
+    offsets = np.zeros(n + 1, np.int32)
+    np.cumsum(lens, out=offsets[1:])
+    verdict = [g.verdict for g in flat]
+    vcode = np.fromiter((_VERDICT_CODE[v] for v in verdict), np.int8, len(verdict))
+    g_checked = lens > 0
+    if len(flat):
+        starts = offsets[:-1][g_checked]
+        g_hit = np.zeros(n, bool)
+        g_blocked = np.zeros(n, bool)
+        g_hit[g_checked] = np.maximum.reduceat(vcode, starts) >= 1
+        g_blocked[g_checked] = np.maximum.reduceat(vcode, starts) == 2
+    else:
+        g_hit = np.zeros(n, bool)
+        g_blocked = np.zeros(n, bool)
+    pa_off = pa.array(offsets, pa.int32())
+    g_names = pa.ListArray.from_arrays(pa_off, pa.array([g.name for g in flat], pa.string()))
+    g_verdicts = pa.ListArray.from_arrays(pa_off, pa.array(verdict, pa.string()))
+    g_scores = pa.ListArray.from_arrays(pa_off, pa.array([g.score for g in flat], pa.float64()))
+    ts_arr = np.asarray(ts_list, np.int64)
+    tok = np.array([_ints(col[f]) for f in _TOKEN_FIELDS])
+    has_tok = np.zeros(n, bool)
+    for f in _TOKEN_FIELDS:
+        has_tok |= np.fromiter((v is not None for v in col[f]), bool, n)
+    costs = batch.pricer.cost_columns(model, ts_arr, tok, has_tok)
+    extra = ["{}" if not x else _json.encode(x).decode() for x in col["extra"]]
+    b = batch.batch
+    cols: dict[str, Sequence[Any]] = {
+        "event_id": col["event_id"], "timestamp": ts_list, "app": apps,
+        "environment": col["environment"], "provider": col["provider"], "operation": col["operation"],
+        "request_model": req, "response_model": resp, "model": model, "prompt_version": pver,
+        "conversation_id": col["conversation_id"], "user_id": col["user_id"],
+        "trace_id": col["trace_id"], "span_id": col["span_id"],
+        "input_tokens": col["input_tokens"], "output_tokens": col["output_tokens"],
+        "cache_read_input_tokens": col["cache_read_input_tokens"],
+        "cache_creation_input_tokens": col["cache_creation_input_tokens"],
+        "reasoning_output_tokens": col["reasoning_output_tokens"],
+        "latency_ms": col["latency_ms"], "ttft_ms": col["ttft_ms"], "tpot_ms": col["tpot_ms"],
+        "status": col["status"], "error_type": col["error_type"],
+        "finish_reasons": col["finish_reasons"], "guardrail_names": g_names,
+        "guardrail_verdicts": g_verdicts, "guardrail_scores": g_scores,
+        "guardrail_hit": g_hit.view(np.uint8), "feedback": col["feedback"],
+        "prompt": col["prompt"], "response": col["response"], "cost_usd": costs,
+        "price_version": [batch.pricer.version] * n, "extra": extra,
+        "source_topic": b.topics, "source_partition": b.partitions, "source_offset": b.offsets,
+        "ingested_at": [now] * n,
+    }
+    status = col["status"]
     wcols = EventBatchColumns(
-        keys=keys, ts_ms=ts, latency_ms=lat, ttft_ms=ttft, tpot_ms=tpot, is_error=err,
+        keys=keys, ts_ms=ts_arr,
+        latency_ms=np.asarray(col["latency_ms"], np.float64),
+        ttft_ms=np.asarray(col["ttft_ms"], np.float64),  # None -> NaN
+        tpot_ms=np.asarray(col["tpot_ms"], np.float64),
+        is_error=np.fromiter((s == "error" for s in status), bool, n),
         input_tokens=tok[0], output_tokens=tok[1], cache_read_input_tokens=tok[2],
-        cache_creation_input_tokens=tok[3], reasoning_output_tokens=tok[4], cost_usd=cost,
-        guardrail_checked=g_checked, guardrail_hit=g_hit, guardrail_blocked=g_blocked, feedback=fb,
+        cache_creation_input_tokens=tok[3], reasoning_output_tokens=tok[4], cost_usd=costs,
+        guardrail_checked=g_checked, guardrail_hit=g_hit, guardrail_blocked=g_blocked,
+        feedback=np.asarray(col["feedback"], np.float64), key_codes=codes, key_list=key_list,
     )
     return cols, wcols
+
+
+def to_arrow(cols: dict[str, Sequence[Any]]) -> pa.Table:
+    """The ``llm_events`` columns as an Arrow table with :data:`EVENT_ARROW_SCHEMA`."""
+    arrays = []
+    for f in EVENT_ARROW_SCHEMA:
+        v = cols[f.name]
+        if isinstance(v, pa.Array):
+            arrays.append(v)
+        elif isinstance(v, np.ndarray):  # NaN = NULL (cost_usd of unpriced events)
+            arrays.append(pa.array(v, f.type, from_pandas=True))
+        else:
+            arrays.append(pa.array(v, f.type))
+    return pa.Table.from_arrays(arrays, schema=EVENT_ARROW_SCHEMA)

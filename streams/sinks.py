@@ -149,6 +149,38 @@ class ClickHouseSink:
         await self._retrying(f"insert into {table}", lambda c: c.insert(
             full, data, column_names=names, column_oriented=True), keepalive)
 
+    async def insert_arrow(self, table: str, build: Callable[[], Any],
+                           keepalive: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Insert the Arrow table that ``build()`` returns, as one ``ArrowStream`` block.
+
+        ``build`` runs on the ClickHouse thread, so turning Python columns into
+        Arrow overlaps with the stream's next batch; the bytes go through
+        clickhouse-connect's ``raw_insert`` (chDB and HTTP servers alike), which
+        spares its per-value Native encoding in Python (measured 75 µs/event
+        against 10 µs to build Arrow and 12–20 µs for ClickHouse to store it).
+        ``optimize_on_insert=0``: the ReplacingMergeTree still collapses
+        re-delivered events at merge time and under ``FINAL``; collapsing them in
+        every insert block as well doubled the insert time.
+        """
+        import pyarrow as pa
+
+        full = f"{self.database}.{table}"
+        cache: list[bytes] = []
+
+        def run(c: Any) -> None:
+            if not cache:  # build once, even when the insert is retried
+                tbl = build()
+                if tbl.num_rows == 0:
+                    return
+                sinkbuf = pa.BufferOutputStream()
+                with pa.ipc.new_stream(sinkbuf, tbl.schema) as w:
+                    w.write_table(tbl)
+                cache.append(sinkbuf.getvalue().to_pybytes())
+            c.raw_insert(full, None, insert_block=cache[0], fmt="ArrowStream",
+                         settings={"optimize_on_insert": 0})
+
+        await self._retrying(f"insert into {table}", run, keepalive)
+
     async def insert_rows(self, table: str, rows: Sequence[dict[str, Any]], columns: Sequence[str],
                           keepalive: Callable[[], Awaitable[None]] | None = None) -> None:
         if not rows:

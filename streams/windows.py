@@ -63,9 +63,30 @@ class EventBatchColumns:
     guardrail_hit: np.ndarray  # bool
     guardrail_blocked: np.ndarray  # bool
     feedback: np.ndarray  # float: -1/0/1, NaN = none
+    #: optional: ``keys`` as codes into ``key_list`` (to_columns fills them; else derived)
+    key_codes: np.ndarray | None = None
+    key_list: list[WindowKey] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def key_index(self) -> tuple[np.ndarray, list[WindowKey]]:
+        """(code per event, distinct keys): ``keys[i] == key_list[codes[i]]``."""
+        if self.key_codes is None or self.key_list is None:
+            seen: dict[WindowKey, int] = {}
+            setdefault = seen.setdefault
+            self.key_codes = np.fromiter((setdefault(k, len(seen)) for k in self.keys), np.int64,
+                                         len(self.keys))
+            self.key_list = list(seen)
+        return self.key_codes, self.key_list
+
+
+def group_indices(codes: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """[(code, indices of the events with that code)], codes ascending, indices ascending."""
+    order = np.argsort(codes, kind="stable")
+    sc = codes[order]
+    cut = np.flatnonzero(np.diff(sc)) + 1
+    return [(int(sc[g[0]]), order[g]) for g in np.split(np.arange(sc.size), cut)] if sc.size else []
 
 
 _SUM_FIELDS = (
@@ -149,25 +170,30 @@ class WindowAggregator:
             return 0
         size = self.config.size_ms
         starts = cols.ts_ms - cols.ts_ms % size
+        codes, key_list = cols.key_index()
         # The watermark of *previous* batches decides lateness: a batch is applied as one step.
         closed_before = self.watermark_ms
-        groups: dict[tuple[WindowKey, int], list[int]] = {}
         late_by_key: dict[WindowKey, int] = {}
-        for i, (k, s) in enumerate(zip(cols.keys, starts.tolist(), strict=True)):
-            if closed_before is not None and s + size + self.config.allowed_lateness_ms <= closed_before:
-                late_by_key[k] = late_by_key.get(k, 0) + 1
-                continue
-            g = groups.get((k, s))
-            if g is None:
-                groups[(k, s)] = [i]
-            else:
-                g.append(i)
-        for (k, s), idx in groups.items():
-            w = self._open.get((k, s))
+        if closed_before is not None:
+            is_late = starts + size + self.config.allowed_lateness_ms <= closed_before
+            if is_late.any():
+                for code, idx in group_indices(codes[is_late]):
+                    late_by_key[key_list[code]] = int(idx.size)
+        else:
+            is_late = np.zeros(n, bool)
+        on_time = np.flatnonzero(~is_late)
+        # one group per (key, window): code * span + window number within the batch
+        wnum = starts[on_time] // size
+        base = int(wnum.min()) if wnum.size else 0
+        span = int(wnum.max()) - base + 1 if wnum.size else 1
+        for gcode, sub in group_indices(codes[on_time] * span + (wnum - base)):
+            k = key_list[gcode // span]
+            st = (base + gcode % span) * size
+            w = self._open.get((k, st))
             if w is None:
-                w = self._new_window(k, s)
-                self._open[(k, s)] = w
-            self._apply(w, cols, np.asarray(idx, dtype=np.int64))
+                w = self._new_window(k, st)
+                self._open[(k, st)] = w
+            self._apply(w, cols, on_time[sub])
         late = 0
         for k, c in late_by_key.items():
             late += c

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -50,6 +51,7 @@ from driftline.streams.pipeline import (
     Rejected,
     decode_batch,
     enrich,
+    to_arrow,
     to_columns,
 )
 from driftline.streams.sinks import WINDOW_COLUMNS, ClickHouseSink
@@ -70,6 +72,8 @@ class WorkerConfig:
     dlq_topic: str = DLQ_TOPIC
     window: WindowConfig = field(default_factory=WindowConfig)
     max_batch: int = 20_000
+    #: the writer merges queued batches into one insert up to this many events
+    max_insert_rows: int = 100_000
     fetch_timeout_ms: int = 200
     emit_interval_s: float = 5.0
     idle_close_s: float = 10.0
@@ -97,7 +101,7 @@ class StoredBatch:
     held no event; ``windows`` the window rows written (partial and final).
     """
 
-    events: dict[str, list[Any]] | None
+    events: dict[str, Sequence[Any]] | None
     windows: list[WindowStats]
     rejected: list[Rejected]
 
@@ -126,7 +130,7 @@ class Stage(Protocol):
 class _Work:
     """One processed batch on its way to the writer."""
 
-    event_cols: dict[str, list[Any]] | None
+    event_cols: dict[str, Sequence[Any]] | None
     windows: list[WindowStats]
     rejected: list[Rejected]
     offsets: dict[TopicPartition, int]
@@ -164,7 +168,7 @@ class Worker:
         self.stages: list[Stage] = list(stages)
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
-        self._queue: asyncio.Queue[_Work | None] = asyncio.Queue(maxsize=2)
+        self._queue: asyncio.Queue[_Work | None] = asyncio.Queue(maxsize=4)
         self._last_emit = 0.0
         self._wall_at_watermark = time.monotonic()
         self._assigned: set[TopicPartition] = set()
@@ -261,13 +265,30 @@ class Worker:
         await self._queue.put(work)
 
     def process(self, records: Sequence[Any], offsets: dict[TopicPartition, int]) -> _Work:
-        """Decode, enrich and window one batch (CPU only; no I/O)."""
+        """Decode, enrich and window one batch (CPU only; no I/O).
+
+        The cyclic garbage collector is held off while a batch is built: the batch
+        allocates hundreds of thousands of acyclic objects (freed by reference
+        counting), and each automatic collection would walk every live object of
+        the batches in flight — measured, that tripled the decode time. One young
+        collection runs after each batch instead.
+        """
+        gc_was = gc.isenabled()
+        gc.disable()
+        try:
+            return self._process(records, offsets)
+        finally:
+            if gc_was:
+                gc.enable()
+                gc.collect(0)
+
+    def _process(self, records: Sequence[Any], offsets: dict[TopicPartition, int]) -> _Work:
         now = time.monotonic()
         m = self.metrics
         decoded = decode_batch(records)
         event_cols = None
         if decoded.events:
-            enriched = enrich(decoded.events, self.prices, self.scanner)
+            enriched = enrich(decoded, self.prices, self.scanner)
             event_cols, wcols = to_columns(enriched)
             late = self.windows.add(wcols)
             m.late_events += late
@@ -307,37 +328,59 @@ class Worker:
             work = await self._queue.get()
             if work is None:
                 return
-            await self._write(work)
+            # coalesce what queued up meanwhile: fewer, larger inserts (fewer parts to merge)
+            batch = [work]
+            n = len(work.event_cols["event_id"]) if work.event_cols else 0
+            done = False
+            while n < self.cfg.max_insert_rows and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if nxt is None:
+                    done = True
+                    break
+                batch.append(nxt)
+                n += len(nxt.event_cols["event_id"]) if nxt.event_cols else 0
+            await self._write(batch)
+            if done:
+                return
 
-    async def _write(self, work: _Work) -> None:
+    async def _write(self, batch: list[_Work]) -> None:
         sink = self.sink
-        if work.event_cols:
-            await sink.insert_columns("llm_events", work.event_cols, self._keepalive)
-            self.stored_events += len(work.event_cols["event_id"])
-        if work.windows:
+        event_cols = [w.event_cols for w in batch if w.event_cols]
+        if event_cols:
+            await sink.insert_arrow("llm_events", lambda: _concat_arrow(event_cols), self._keepalive)
+            self.stored_events += sum(len(c["event_id"]) for c in event_cols)
+        windows = [w for work in batch for w in work.windows]
+        if windows:
             stamp = time.time_ns() // 1000  # DateTime64(6) ticks
             rows = []
-            for i, w in enumerate(work.windows):
+            for i, w in enumerate(windows):
                 r = w.row()
-                r["updated_at"] = stamp + i  # strictly increasing versions within a batch
+                r["updated_at"] = stamp + i  # strictly increasing versions, in stream order
                 rows.append(r)
             await sink.insert_rows("llm_window_metrics", rows, WINDOW_COLUMNS, self._keepalive)
-        if self.stages and (work.event_cols or work.windows or work.rejected):
-            stored = StoredBatch(work.event_cols, work.windows, work.rejected)
-            for st in self.stages:
-                try:
-                    st.on_stored(stored)
-                except Exception:  # noqa: BLE001 - a stage never breaks the stream
-                    self.metrics.stage_errors[st.name] += 1
-                    log.exception("stage %s failed on a batch", st.name)
-        if work.rejected:
-            await self._dead_letter(work.rejected)
+        if self.stages:
+            for work in batch:
+                if not (work.event_cols or work.windows or work.rejected):
+                    continue
+                stored = StoredBatch(work.event_cols, work.windows, work.rejected)
+                for st in self.stages:
+                    try:
+                        st.on_stored(stored)
+                    except Exception:  # noqa: BLE001 - a stage never breaks the stream
+                        self.metrics.stage_errors[st.name] += 1
+                        log.exception("stage %s failed on a batch", st.name)
+        rejected = [r for work in batch for r in work.rejected]
+        if rejected:
+            await self._dead_letter(rejected)
         c = self.consumer
         if c is not None:
             parts = c.assignment()
             if c.paused():
                 c.resume(*parts)
-            commit = {tp: off for tp, off in work.offsets.items() if tp in parts}
+            offsets: dict[TopicPartition, int] = {}
+            for work in batch:
+                offsets.update(work.offsets)  # later batches carry later offsets
+            commit = {tp: off for tp, off in offsets.items() if tp in parts}
             if commit:
                 try:
                     await c.commit(commit)
@@ -402,6 +445,13 @@ class Worker:
             self.windows.advance()
             self._wall_at_watermark = time.monotonic()
             log.info("rebuilt %d open windows from %d stored events", self.windows.open_windows, len(cols))
+
+
+def _concat_arrow(cols: list[dict[str, Sequence[Any]]]) -> Any:
+    import pyarrow as pa
+
+    tables = [to_arrow(c) for c in cols]
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
 def _recent_rows(client: Any, db: str, tps: list[TopicPartition], wc: WindowConfig) -> EventBatchColumns | None:

@@ -8,6 +8,7 @@ against the raw rows they summarise, and the cost against the price table.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 import uuid
@@ -93,30 +94,44 @@ async def test_events_windows_dlq_exact(kafka_bootstrap: str, make_topics: Any, 
     valid = [r for r in records if r.valid]
     malformed = [r for r in records if not r.valid]
     assert len(malformed) == 60 and len(valid) == 2_940
-    events = [decode_event(r.value) for r in valid]
+    # hand-made events for the paths the replay does not take: an unpriced model, unknown
+    # keys kept in extra, no event_id (derived from content), RFC 3339 time, explicit nulls
+    odd = [
+        {"event_id": "odd-1", "app": "chat", "request_model": "no-such-model-x", "timestamp": 1735689601000,
+         "latency_ms": 10, "input_tokens": 5, "output_tokens": 7, "team": "blue", "tags": [1, 2]},
+        {"app": "chat", "request_model": "gpt-4o", "timestamp": "2025-01-01T00:00:02.5Z", "latency_ms": 20.5,
+         "input_tokens": 100, "output_tokens": 10, "cache_read_input_tokens": 60, "feedback": 1},
+        {"event_id": "odd-3", "app": "chat", "request_model": "gpt-4o", "response_model": None,
+         "timestamp": 1735689603000, "latency_ms": 30, "operation": None, "guardrails": None,
+         "reasoning_output_tokens": None, "prompt": "hello", "extra": {"k": "v"}},
+    ]
+    odd_values = [json.dumps(d).encode() for d in odd]
+    events = [decode_event(r.value) for r in valid] + [decode_event(v) for v in odd_values]
     valid_ids = {e.event_id for e in events}
-    assert len(valid_ids) == len(valid), "the replay's event ids are unique"
+    assert len(valid_ids) == len(events), "the event ids are unique"
     prices = PriceTable.default()
     costs = [prices.cost(e) for e in events]
     expected_cost = math.fsum(c for c in costs if c is not None)
     assert expected_cost > 0
 
-    await produce_records(kafka_bootstrap, topic, [(r.key, r.value) for r in records])
+    await produce_records(kafka_bootstrap, topic, [(r.key, r.value) for r in records]
+                          + [(None, v) for v in odd_values])
+    n_valid = len(events)
     cfg = _config(kafka_bootstrap, chdb_dsn, topic)
     stop, task, worker = await _start(cfg, sql_port=None)
     try:
-        await _wait_for(lambda: (worker.stored_events >= len(valid) and worker.dead_lettered >= len(malformed))
+        await _wait_for(lambda: (worker.stored_events >= n_valid and worker.dead_lettered >= len(malformed))
                         or task.done(), 60,
-                        lambda: f"stored {worker.stored_events}/{len(valid)}, "
+                        lambda: f"stored {worker.stored_events}/{n_valid}, "
                                 f"dlq {worker.dead_lettered}/{len(malformed)}")
         assert not task.done()
-        assert worker.stored_events == len(valid)
+        assert worker.stored_events == n_valid
         assert worker.dead_lettered == len(malformed)
-        assert worker.processed_records == len(records)
+        assert worker.processed_records == len(records) + len(odd)
 
         db = worker.sink.database
         rows = await asyncio.to_thread(worker.sink.query_rows, f"SELECT count() FROM {db}.llm_events FINAL", None)
-        assert rows[0][0] == len(valid)
+        assert rows[0][0] == n_valid
         ids = await asyncio.to_thread(worker.sink.query_rows, f"SELECT event_id FROM {db}.llm_events FINAL", None)
         assert {r[0] for r in ids} == valid_ids
 
@@ -133,9 +148,40 @@ async def test_events_windows_dlq_exact(kafka_bootstrap: str, make_topics: Any, 
     client = clickhouse_connect.get_client(dsn=chdb_dsn)
     try:
         db = "driftline"
-        assert client.query(f"SELECT count() FROM {db}.llm_events").result_rows[0][0] == len(valid)
+        assert client.query(f"SELECT count() FROM {db}.llm_events").result_rows[0][0] == n_valid
         total = client.query(f"SELECT sum(cost_usd) FROM {db}.llm_events FINAL").result_rows[0][0]
         assert total == pytest.approx(expected_cost, rel=0, abs=1e-9)
+        stored = {r[0]: r[1:] for r in client.query(
+            f"SELECT event_id, toUnixTimestamp64Milli(timestamp), app, model, prompt_version, user_id, "
+            f"input_tokens, output_tokens, cache_read_input_tokens, reasoning_output_tokens, latency_ms, "
+            f"ttft_ms, status, finish_reasons, guardrail_names, guardrail_verdicts, guardrail_scores, "
+            f"guardrail_hit, feedback, prompt, response, cost_usd, extra "
+            f"FROM {db}.llm_events FINAL").result_rows}
+    finally:
+        client.close()
+    # every stored row is its event, column by column (the columnar/Arrow path loses nothing)
+    assert len(stored) == len(events)
+    for e, cost in zip(events, costs, strict=True):
+        g = e.guardrails or []
+        want = (e.timestamp_ms, e.app, e.model, e.prompt_version or "", e.user_id or "",
+                e.input_tokens, e.output_tokens, e.cache_read_input_tokens, e.reasoning_output_tokens,
+                e.latency_ms, e.ttft_ms, e.status, e.finish_reasons or [], [x.name for x in g],
+                [x.verdict for x in g], [x.score for x in g],
+                int(any(x.verdict in ("flagged", "blocked") for x in g)), e.feedback, e.prompt,
+                e.response)
+        got = stored[e.event_id]
+        assert got[:20] == want, e.event_id
+        assert (got[20] is None) == (cost is None), e.event_id
+        if cost is not None:
+            assert got[20] == pytest.approx(cost, rel=1e-12)
+        assert json.loads(got[21]) == e.extra, e.event_id
+    # the data exercises what the path must keep: unpriced models, extras, guardrails, feedback
+    assert sum(c is None for c in costs) > 0
+    assert sum(bool(e.extra) for e in events) > 0
+    assert sum(bool(e.guardrails) for e in events) > 0
+    assert sum(e.feedback is not None for e in events) > 0
+    client = clickhouse_connect.get_client(dsn=chdb_dsn)
+    try:
 
         wins = client.query(
             f"SELECT app, model, prompt_version, toUnixTimestamp64Milli(window_start), events, "
@@ -152,7 +198,7 @@ async def test_events_windows_dlq_exact(kafka_bootstrap: str, make_topics: Any, 
     by_key = {(a, m, p, int(ws)): rest for a, m, p, ws, *rest in raw}
     assert wins, "no window rows"
     assert {(a, m, p, int(ws)) for a, m, p, ws, *_ in wins} == set(by_key)
-    assert sum(w[4] for w in wins) == len(valid)
+    assert sum(w[4] for w in wins) == n_valid
     assert sum(w[10] for w in wins) == 0
     for a, m, p, ws, n, p50, p95, p99, cost, acc, _late in wins:
         rn, e50, e95, e99, rcost = by_key[(a, m, p, int(ws))]
