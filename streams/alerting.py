@@ -173,8 +173,9 @@ class AlertEvaluator:
       ``resolve_above``, else "condition false", or no data) has held for ``resolve_after``.
 
     Values read per kind: threshold/ratio/change from the newest window of each
-    (app, model, prompt_version) key (partial windows count; a newer update of the same window
-    replaces the older); budget from the rolling sum of contributions whose time is in
+    (app, model, prompt_version) key that holds at least ``min_events`` events (partial windows
+    count; a newer update of the same window replaces the older; while a just-opened window
+    has fewer events, the previous window is read); budget from the rolling sum of contributions whose time is in
     ``(now - window, now]`` (window start for window costs; 1-minute buckets of
     :class:`CostObservation` for per-user budgets); change against the median of the
     ``baseline_windows`` newest *final* windows before the current one; absence from the
@@ -208,8 +209,16 @@ class AlertEvaluator:
     # -- inputs ---------------------------------------------------------------------------
 
     def observe_window(self, stats: WindowStats) -> None:
-        """A window result (partial or final); the newest update of a window replaces older ones."""
+        """A window result (partial or final); the newest update of a window replaces older ones.
+
+        Updates can arrive out of order (live reads of the open windows and the rows the
+        worker stored a moment before): a partial update with fewer events than the one
+        held, or a partial update of a window already final, is ignored.
+        """
         per = self._windows.setdefault(stats.key, {})
+        old = per.get(stats.window_start_ms)
+        if old is not None and not stats.final and (old.final or stats.events < old.events):
+            return
         per[stats.window_start_ms] = stats
         if len(per) > self._keep_windows:
             for start in sorted(per)[: len(per) - self._keep_windows]:
@@ -338,11 +347,8 @@ class AlertEvaluator:
                                          "prompt_version": key.prompt_version})
             if labels is None or not per:
                 continue
-            cur = per[max(per)]
-            length = max(1, cur.window_end_ms - cur.window_start_ms)
-            if now >= cur.window_end_ms + self.stale_windows * length:
-                continue
-            if cur.events < rule.min_events:
+            cur = self._current(per, rule.min_events, now)
+            if cur is None:
                 continue
             value = cur.metrics().get(rule.metric_name)
             if value is None:
@@ -366,6 +372,22 @@ class AlertEvaluator:
                 out.append(_Sample(labels, value, rule.condition.threshold,
                                    rule.condition.holds(value)))
         return out
+
+    def _current(self, per: Mapping[int, WindowStats], min_events: int, now: int) -> WindowStats | None:
+        """The window a rule reads: the newest fresh one with at least ``min_events`` events.
+
+        A window that just opened holds a few events only; falling back to the previous
+        window keeps an ongoing breach firing across the window boundary instead of
+        resolving it (and firing it again) every time a new window starts.
+        """
+        for start in sorted(per, reverse=True):
+            w = per[start]
+            length = max(1, w.window_end_ms - w.window_start_ms)
+            if now >= w.window_end_ms + self.stale_windows * length:
+                return None
+            if w.events >= min_events:
+                return w
+        return None
 
     def _budget_samples(self, rule: Rule, now: int) -> list[_Sample]:
         assert rule.condition is not None

@@ -1,10 +1,18 @@
-"""Hosting a worker: lifecycle, signals, ``/metrics`` + ``/healthz``, and the SQL endpoint.
+"""Hosting a worker in a faust-streaming ``App``: lifecycle, control topic, ``/metrics``.
 
-Records reach the worker through its own batched aiokafka consumer group (see
-streams/worker.py for the measurement behind that choice). The worker is
-hosted by plain asyncio: a faust ``App`` shell was tried, but faust starts app
-tasks only after its own consumer group has joined, which stalled the start
-(see the README's "Known gaps").
+The faust ``App`` owns the process: it starts and stops the services, and its
+agent consumes ``driftline.control`` (JSON commands such as ``{"cmd": "flush"}``,
+broadcast to every worker: each worker's control consumer has a group of its
+own). The spine (streams/worker.py) runs as a ``mode.Service`` of the app:
+records reach it through its own batched aiokafka consumer group, because
+faust's per-record dispatch (``stream.take``) peaks near 5,000 records/s here
+while the spine must move 25,000. Stages (alerting, drift) run inside the spine.
+Besides faust: an aiohttp server for ``/metrics`` and ``/healthz``, and, on an
+embedded chDB store, the ClickHouse-HTTP endpoint for other processes.
+
+Tansu, like Kafka, holds a new consumer group open for about half the session
+timeout before it assigns partitions, so both groups use short session timeouts
+(6 s for control, ``WorkerConfig.session_timeout_ms`` for the spine).
 """
 
 from __future__ import annotations
@@ -13,8 +21,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+import uuid
 from typing import Any
 
+import faust
+import mode
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -27,11 +38,73 @@ log = logging.getLogger("driftline.app")
 __all__ = ["serve_worker", "run_worker"]
 
 
+CONTROL_TOPIC = "driftline.control"
+
+
+class SpineService(mode.Service):
+    """The spine worker as a service of the faust app: started with it, drained on stop."""
+
+    def __init__(self, worker: Worker, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.worker = worker
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def on_start(self) -> None:
+        self._task = asyncio.create_task(self.worker.run(self._stop), name="driftline-spine")
+
+    async def on_stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task  # in-flight data is written and committed first
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        return self._task
+
+
+def make_app(worker: Worker, *, control_topic: str = CONTROL_TOPIC) -> tuple[faust.App, SpineService]:
+    """The faust app hosting ``worker``: the spine service and the control agent."""
+    cfg = worker.cfg
+    app = faust.App(
+        f"{cfg.group_id}-control-{uuid.uuid4().hex[:8]}", broker=f"kafka://{cfg.kafka}",
+        web_enabled=False, topic_disable_leader=True, store="memory://",
+        broker_session_timeout=6.0, broker_heartbeat_interval=1.0,
+        consumer_auto_offset_reset="latest", topic_allow_declare=False,
+    )
+    spine = SpineService(worker)
+    control = app.topic(control_topic, value_serializer="json")
+
+    @app.agent(control, name="driftline-control")
+    async def on_control(stream: Any) -> None:
+        async for cmd in stream:
+            handle_control(worker, cmd)
+
+    return app, spine
+
+
+def handle_control(worker: Worker, cmd: Any) -> None:
+    """Apply one control command: ``{"cmd": "flush"}``; other commands go to the stages
+    that have an ``on_control(cmd)`` method. Bad commands are logged and ignored."""
+    if not isinstance(cmd, dict) or not isinstance(cmd.get("cmd"), str):
+        log.warning("control: ignoring %r (expected {\"cmd\": ...})", cmd)
+        return
+    if cmd["cmd"] == "flush":
+        worker.request_flush()
+    for st in worker.stages:
+        fn = getattr(st, "on_control", None)
+        if fn is not None:
+            try:
+                fn(cmd)
+            except Exception:  # noqa: BLE001 - a command never breaks the worker
+                log.exception("control: stage %s failed on %r", st.name, cmd)
+
+
 async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str = "127.0.0.1",
                        web_port: int = 9464, sql_port: int | None = 8123,
                        on_ready: Any = None, stages: Any = (),
                        registry: CollectorRegistry | None = None) -> Worker:
-    """Run a worker with its HTTP ports until ``stop`` is set.
+    """Run a worker in its faust app, with its HTTP ports, until ``stop`` is set.
 
     ``stages`` are :class:`~driftline.streams.worker.Stage` objects, or callables
     ``(registry) -> Stage`` so a stage can register its own metrics on the worker's
@@ -57,17 +130,34 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
     await web.TCPSite(runner, web_host, web_port).start()
     endpoint = None
     path = chdb_path(cfg.clickhouse)
+    app: faust.App | None = None
     try:
         if path is not None and sql_port is not None:
             from driftline.streams.chserver import ClickHouseEndpoint
 
             endpoint = ClickHouseEndpoint(worker.sink, port=sql_port)
             await endpoint.start(path)
+        if cfg.create_topics:
+            from driftline.streams.broker import ensure_topics
+
+            await asyncio.to_thread(ensure_topics, cfg.kafka, {CONTROL_TOPIC: 1})
+        app, spine = make_app(worker)
+        await spine.start()  # the spine's group join overlaps the app's
+        await app.start()
         if on_ready is not None:
             on_ready(worker)
         log.info("metrics on http://%s:%d/metrics", web_host, web_port)
-        await worker.run(stop)
+        stopped = asyncio.create_task(stop.wait())
+        assert spine.task is not None
+        await asyncio.wait({stopped, spine.task}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if spine.task.done():
+            spine.task.result()  # a crash of the spine surfaces here
+        await spine.stop()
     finally:
+        if app is not None:
+            with contextlib.suppress(Exception):
+                await app.stop()
         if endpoint is not None:
             await endpoint.stop()
         await runner.cleanup()

@@ -110,7 +110,12 @@ def worker(
     kafka: KafkaOpt = None,
     clickhouse: ClickHouseOpt = None,
     rules: Annotated[Path | None, typer.Option("--rules", envvar="DRIFTLINE_RULES",
-                                               help="Alert rules file (YAML).")] = None,
+                                               help="Alert rules file (YAML). Default: the shipped default rules.")] = None,
+    webhook: Annotated[list[str] | None, typer.Option("--webhook", help="POST alerts as JSON to this URL. Repeatable.")] = None,
+    slack_webhook: Annotated[list[str] | None, typer.Option("--slack-webhook", help="POST alerts as a Slack-compatible {\"text\": ...} body (Slack, Mattermost). Repeatable.")] = None,
+    alertmanager: Annotated[list[str] | None, typer.Option("--alertmanager", help="Alertmanager base URL (alerts go to /api/v2/alerts, re-sent while firing). Repeatable.")] = None,
+    alerts: Annotated[bool, typer.Option(help="Evaluate alert rules in the stream (alerts also go to the ClickHouse alerts table and the log).")] = True,
+    alert_interval: Annotated[float, typer.Option(help="Seconds between rule evaluations (on the live windows).")] = 1.0,
     group: Annotated[str, typer.Option(help="Kafka consumer group; start N workers with the same group to scale out.")] = "driftline-worker",
     window: Annotated[float, typer.Option(help="Tumbling window size in seconds (event time).")] = 60.0,
     lateness: Annotated[float, typer.Option(help="Allowed lateness in seconds: later events no longer change their window.")] = 30.0,
@@ -141,10 +146,19 @@ def worker(
             rules_file=rules, scan_guardrails=scan_guardrails,
             auto_offset_reset="latest" if from_latest else "earliest",
         )
-        if rules is not None:
-            _check_rules_or_exit(rules)
+        stages: list[Any] = []
+        if alerts:
+            from driftline.streams.alert_stage import alerting_stage
+            from driftline.streams.alerting import default_rules_path
+
+            if rules is not None:
+                _check_rules_or_exit(rules)
+            else:
+                _say(f"no --rules given: using the default alert rules ({default_rules_path()})")
+            stages.append(alerting_stage(rules, webhooks=webhook or (), slack_webhooks=slack_webhook or (),
+                                         alertmanagers=alertmanager or (), eval_interval_s=alert_interval))
         run_worker(cfg, web_host=bind, web_port=metrics_port, sql_port=sql_port or None,
-                   loglevel=log_level)
+                   loglevel=log_level, stages=stages)
     except ValueError as exc:
         raise _err(str(exc)) from None
     finally:

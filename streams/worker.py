@@ -17,6 +17,7 @@ measured here that caps a faust agent (``stream.take``) at ~5,000 records/s
 on one core, five times below our target. The worker therefore runs inside a
 faust ``App`` (lifecycle, signals, web server for ``/metrics``, timers) while
 records reach it through an aiokafka consumer group in batches of thousands.
+(The faust app that hosts this worker is in streams/app.py.)
 
 Exactly-once rows: every ``llm_events`` row carries its source topic, partition
 and offset. When partitions are assigned, the worker seeks past the highest
@@ -82,6 +83,9 @@ class WorkerConfig:
     scan_guardrails: bool = False
     create_topics: bool = True
     auto_offset_reset: str = "earliest"
+    #: Kafka (and Tansu) hold a new group's first assignment for up to about half of
+    #: this; a member that stops heartbeating is replaced after it
+    session_timeout_ms: int = 10_000
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -97,8 +101,12 @@ class StoredBatch:
     """What one write stored: handed to every :class:`Stage` after ClickHouse accepted it.
 
     ``events`` are the ``llm_events`` columns exactly as inserted (see
-    ``pipeline.EVENT_COLUMNS``; ``timestamp`` in epoch ms), or None when the batch
-    held no event; ``windows`` the window rows written (partial and final).
+    ``pipeline.EVENT_COLUMNS``), or None when the batch held no event: sequences of
+    equal length; ``timestamp`` in epoch ms; optional strings (``user_id``,
+    ``environment``, ``prompt``, ``response`` …) may be ``None`` (stored as ``''``
+    or NULL); ``cost_usd`` is a float64 numpy array with NaN for unpriced events;
+    the ``guardrail_*`` list columns are pyarrow ``ListArray``s. ``windows`` are the
+    window rows written (partial and final).
     """
 
     events: dict[str, Sequence[Any]] | None
@@ -197,7 +205,9 @@ class Worker:
             bootstrap_servers=cfg.kafka, group_id=cfg.group_id, enable_auto_commit=False,
             auto_offset_reset=cfg.auto_offset_reset, max_partition_fetch_bytes=8 << 20,
             fetch_max_bytes=64 << 20, max_poll_records=cfg.max_batch,
-            session_timeout_ms=30_000, heartbeat_interval_ms=3_000, max_poll_interval_ms=600_000,
+            session_timeout_ms=cfg.session_timeout_ms,
+            heartbeat_interval_ms=max(500, min(3_000, cfg.session_timeout_ms // 4)),
+            max_poll_interval_ms=600_000,
         )
         self.consumer.subscribe(list(cfg.topics), listener=_Rebalance(self))
         await self.consumer.start()

@@ -117,6 +117,45 @@ def test_resolve_after_and_stale_data() -> None:
     assert states(ev.evaluate(240_000)) == [(240_000, "resolved", 0.5)]
 
 
+def test_a_new_window_below_min_events_keeps_reading_the_previous_one() -> None:
+    """No flapping at window boundaries: a breach that goes on stays firing, once."""
+    ev = AlertEvaluator(rules("""\
+        rules:
+          - name: Lat
+            kind: threshold
+            expr: "latency_ms.p99 > 2000"
+            min_events: 20
+            resolve_below: 1500
+        """))
+    ev.observe_window(window(0, p99=3000, events=50, final=False))
+    assert states(ev.evaluate(10_000)) == [(10_000, "firing", 3000.0)]
+    ev.observe_window(window(MIN, p99=3100, events=3, final=False))    # just opened
+    assert ev.evaluate(MIN + 1_000) == []
+    assert states(ev.active_alerts()) == [(MIN + 1_000, "firing", 3000.0)]
+    ev.observe_window(window(MIN, p99=3100, events=30, final=False))
+    assert ev.evaluate(MIN + 5_000) == []
+    assert states(ev.active_alerts()) == [(MIN + 5_000, "firing", 3100.0)]
+    ev.observe_window(window(2 * MIN, p99=400, events=5, final=False))  # recovering, few events
+    assert ev.evaluate(2 * MIN + 1_000) == []
+    ev.observe_window(window(2 * MIN, p99=400, events=25, final=False))
+    assert states(ev.evaluate(2 * MIN + 2_000)) == [(2 * MIN + 2_000, "resolved", 400.0)]
+    # the previous window is read only while fresh: end + 2 lengths
+    ev2 = AlertEvaluator(ev.rules)
+    ev2.observe_window(window(0, p99=3000, events=50))
+    ev2.observe_window(window(5 * MIN, p99=3000, events=2, final=False))
+    assert ev2.evaluate(5 * MIN) == []
+
+
+def test_out_of_order_window_updates_keep_the_newest() -> None:
+    ev = AlertEvaluator(rules(LATENCY.replace("for: 2m", "for: 0s")))
+    ev.observe_window(window(0, p99=2500, events=40, final=False))     # live read
+    ev.observe_window(window(0, p99=900, events=30, final=False))      # older stored partial
+    assert states(ev.evaluate(1_000)) == [(1_000, "firing", 2500.0)]
+    ev.observe_window(window(0, p99=1000, events=45, final=True))      # the final row wins
+    ev.observe_window(window(0, p99=2500, events=50, final=False))     # a partial after final: ignored
+    assert states(ev.evaluate(2_000)) == [(2_000, "resolved", 1000.0)]
+
+
 def test_absence_of_a_glob_app_and_of_a_literal_app_never_seen() -> None:
     ev = AlertEvaluator(rules("""\
         rules:

@@ -1,0 +1,412 @@
+"""The alerting stage of the worker: rules evaluated in the stream, alerts delivered.
+
+:class:`AlertingStage` is a worker :class:`~driftline.streams.worker.Stage`. It feeds an
+:class:`~driftline.streams.alerting.AlertEvaluator` and, on a task of its own, every
+``eval_interval_s`` (1 s by default):
+
+1. takes what the worker stored since the last tick (window rows, partial and final;
+   per-call costs for per-user budgets; the newest event time per app/model for absence
+   rules) and the drift results handed to :meth:`AlertingStage.observe_drift`;
+2. reads the worker's *open* windows live (early evaluation): the worker writes partial
+   window rows only every ``emit_interval_s`` (5 s), which alone would put the alert
+   latency above 5 s; reading the open windows makes it about one tick;
+3. evaluates the rules at the stage clock and hands the transitions (firing / resolved)
+   to an :class:`~driftline.streams.notifiers.AlertDispatcher` (webhooks, Alertmanager,
+   the log; retries, never blocks) and to a writer task that inserts them into the
+   ClickHouse ``alerts`` table (retried; a slow ClickHouse delays the rows, never the
+   stream or the notifications).
+
+The stage clock is *event time that follows wall time while idle*: the worker's
+watermark (the newest event time seen) plus the wall time elapsed since it last moved,
+never going back. Live traffic keeps it within a second of wall time; a replay of old
+data evaluates ``for`` durations and windows in the data's own time. Nothing is
+evaluated before the first event (or the first rebuilt window after a restart), so an
+absence rule counts from the first event the worker sees.
+
+After a restart the alerts whose newest row in the ``alerts`` table is ``firing`` are
+restored as firing (no second "firing" notification); evaluation waits for the worker's
+first stored batch (its windows are rebuilt from ClickHouse by then; at most
+``restore_grace_s``), and an alert whose condition no longer holds then resolves, which
+writes and sends the "resolved".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from driftline.schemas.metrics import WindowStats
+from driftline.schemas.rules import (
+    AlertTransition,
+    CostObservation,
+    DriftObservation,
+    RuleSet,
+    load_rules,
+)
+from driftline.streams.alerting import AlertEvaluator, default_rules_path
+from driftline.streams.notifiers import (
+    AlertDispatcher,
+    AlertmanagerNotifier,
+    AlertNotifier,
+    LogNotifier,
+    WebhookNotifier,
+)
+
+if TYPE_CHECKING:
+    from driftline.streams.worker import StoredBatch, Worker
+
+__all__ = ["ALERT_COLUMNS", "AlertingStage", "alerting_stage", "build_notifiers"]
+
+log = logging.getLogger("driftline.alerts")
+
+ALERT_COLUMNS: tuple[str, ...] = (
+    "ts", "rule", "state", "severity", "app", "model", "value", "labels", "annotations",
+    "fingerprint",
+)
+
+
+def build_notifiers(*, webhooks: Sequence[str] = (), slack_webhooks: Sequence[str] = (),
+                    alertmanagers: Sequence[str] = (),
+                    alertmanager_resend_s: float = 60.0) -> list[AlertNotifier]:
+    """Notifiers for the CLI flags, with unique names (``webhook``, ``webhook-2``, ...)."""
+    out: list[AlertNotifier] = []
+
+    def name(base: str, i: int) -> str:
+        return base if i == 0 else f"{base}-{i + 1}"
+
+    for i, url in enumerate(webhooks):
+        out.append(WebhookNotifier(url, name=name("webhook", i)))
+    for i, url in enumerate(slack_webhooks):
+        out.append(WebhookNotifier(url, slack_compatible=True, name=name("slack", i)))
+    for i, url in enumerate(alertmanagers):
+        out.append(AlertmanagerNotifier(url, name=name("alertmanager", i),
+                                        resend_interval_s=alertmanager_resend_s))
+    return out
+
+
+class AlertingStage:
+    """Evaluates alert rules in the worker; see the module docstring.
+
+    ``notifiers`` get every transition; a :class:`LogNotifier` is always added (unless one
+    named ``log`` is given). ``write_alerts`` writes transitions to the ``alerts`` table.
+    ``clock`` (epoch ms) replaces the stage clock, for tests. ``live_windows`` turns the
+    early read of the worker's open windows on or off.
+    """
+
+    name = "alerting"
+
+    def __init__(self, rules: RuleSet, *, registry: CollectorRegistry | None = None,
+                 notifiers: Sequence[AlertNotifier] = (), eval_interval_s: float = 1.0,
+                 static_labels: Mapping[str, str] | None = None, live_windows: bool = True,
+                 write_alerts: bool = True, restore: bool = True, max_pending_rows: int = 100_000,
+                 clock: Callable[[], int] | None = None, history: int = 10_000,
+                 restore_grace_s: float = 30.0,
+                 dispatcher_options: Mapping[str, Any] | None = None) -> None:
+        if eval_interval_s <= 0:
+            raise ValueError("eval_interval_s must be > 0")
+        self.rules = rules
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.evaluator = AlertEvaluator(rules, static_labels=static_labels)
+        nots = list(notifiers)
+        if not any(n.name == "log" for n in nots):
+            nots.append(LogNotifier())
+        self.notifiers = nots
+        self.dispatcher = AlertDispatcher(nots, registry=self.registry, **dict(dispatcher_options or {}))
+        self.eval_interval_s = eval_interval_s
+        self.live_windows = live_windows
+        self.write_alerts = write_alerts
+        self.restore = restore
+        self.max_pending_rows = max_pending_rows
+        self._clock = clock
+        self.transitions: deque[AlertTransition] = deque(maxlen=history)
+        # what needs per-event work (only done when a rule reads it)
+        self._need_user_cost = any("user_id" in r.group_by for r in rules.of_kind("budget"))
+        self._need_seen = bool(rules.of_kind("absence"))
+        # inputs, appended from the writer (and maybe other threads), drained by the tick
+        self._inbox: deque[Any] = deque()
+        self._rows: deque[dict[str, Any]] = deque()
+        self._rows_wake: asyncio.Event | None = None
+        self._tick_wake: asyncio.Event | None = None
+        self._worker: Worker | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._peeked: dict[Any, tuple[int, int]] = {}
+        self._wm: int | None = None
+        self._wm_mono = 0.0
+        self._now = -(1 << 62)
+        self._stopping = False
+        # restored firing alerts must not resolve for "no data" before the worker has
+        # rebuilt its windows and stored a first batch (or restore_grace_s has passed)
+        self.restore_grace_s = restore_grace_s
+        self._hold_until: float | None = None
+        self._had_batch = False
+        self.evaluations = 0
+        self.rows_written = 0
+        r = self.registry
+        self.m_transitions = Counter("driftline_alert_transitions", "Alert state changes by rule and state.",
+                                     ["rule", "state"], registry=r)
+        self.m_firing = Gauge("driftline_alerts_firing", "Alerts firing now, by rule and severity.",
+                              ["rule", "severity"], registry=r)
+        self.m_evals = Counter("driftline_alert_evaluations", "Rule evaluations (ticks).", registry=r)
+        self.m_eval_s = Counter("driftline_alert_evaluation_seconds",
+                                "Time spent evaluating rules (ingest + evaluate).", registry=r)
+        self.m_rows = Counter("driftline_alert_rows", "Rows for the ClickHouse alerts table by outcome "
+                              "(written, dropped).", ["outcome"], registry=r)
+        for rule in rules:
+            self.m_firing.labels(rule.name, rule.severity).set(0)
+        for outcome in ("written", "dropped"):
+            self.m_rows.labels(outcome)
+
+    @classmethod
+    def factory(cls, rules: RuleSet, **options: Any) -> Callable[[CollectorRegistry], AlertingStage]:
+        """A ``(registry) -> AlertingStage`` for ``serve_worker(stages=[...])``."""
+        return lambda registry: cls(rules, registry=registry, **options)
+
+    # ------------------------------------------------------------------ Stage protocol
+    async def start(self, worker: Worker) -> None:
+        self._worker = worker
+        self._rows_wake = asyncio.Event()
+        self._tick_wake = asyncio.Event()
+        if self.restore and self.write_alerts:
+            try:
+                await self._restore(worker)
+            except Exception:  # noqa: BLE001 - alerting starts without its history
+                log.exception("alerting: could not restore firing alerts from ClickHouse")
+        await self.dispatcher.start()
+        self._tasks = [asyncio.create_task(self._ticker(), name="driftline-alert-eval")]
+        if self.write_alerts:
+            self._tasks.append(asyncio.create_task(self._row_writer(), name="driftline-alert-rows"))
+        log.info("alerting: %d rules, evaluated every %.1fs, notifiers: %s", len(self.rules),
+                 self.eval_interval_s, ", ".join(n.name for n in self.notifiers))
+
+    def on_stored(self, batch: StoredBatch) -> None:
+        """Cheap: queue the batch for the next tick."""
+        self._inbox.append(batch)
+
+    def observe_drift(self, obs: DriftObservation) -> None:
+        """A drift test result (a ``drift_scores`` row); safe from any thread."""
+        self._inbox.append(obs)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        tick = self._tasks[0] if self._tasks else None
+        if tick is not None:
+            tick.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await tick
+        with contextlib.suppress(Exception):
+            self.tick()  # what the last batch brought
+        await self.dispatcher.shutdown(timeout_s=5.0)
+        if len(self._tasks) > 1:
+            writer = self._tasks[1]
+            assert self._rows_wake is not None
+            self._rows_wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(writer), 10.0)
+            except (TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
+                if self._rows:
+                    log.warning("alerting: %d alert rows not written at stop", len(self._rows))
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await writer
+        self._tasks = []
+
+    # ------------------------------------------------------------------ evaluation
+    def now_ms(self) -> int | None:
+        """The stage clock (see the module docstring); None before any event."""
+        if self._clock is not None:
+            return self._clock()
+        w = self._worker
+        agg = getattr(w, "windows", None) if w is not None else None
+        wm = getattr(agg, "watermark_ms", None)
+        mono = time.monotonic()
+        if wm is not None and (self._wm is None or wm > self._wm):
+            self._wm, self._wm_mono = int(wm), mono
+        if self._wm is None:
+            return None
+        now = self._wm + int((mono - self._wm_mono) * 1000)
+        if now < self._now:
+            now = self._now
+        self._now = now
+        return now
+
+    def tick(self) -> list[AlertTransition]:
+        """Ingest, evaluate, dispatch once. Returns the transitions."""
+        t0 = time.perf_counter()
+        self._ingest()
+        if self.live_windows:
+            for w in self._peek_windows():
+                self.evaluator.observe_window(w)
+        now = self.now_ms()
+        out: list[AlertTransition] = []
+        if self._hold_until is not None and (self._had_batch or time.monotonic() >= self._hold_until):
+            self._hold_until = None
+        if now is not None and self._hold_until is None:
+            out = self.evaluator.evaluate(now)
+            self.evaluations += 1
+            self.m_evals.inc()
+        if out:
+            self.dispatcher.submit(out)
+            for t in out:
+                self.transitions.append(t)
+                self.m_transitions.labels(t.rule, t.state).inc()
+                self.m_firing.labels(t.rule, t.severity).inc(1 if t.state == "firing" else -1)
+                if self.write_alerts:
+                    self._queue_row(t.to_row())
+        self.m_eval_s.inc(time.perf_counter() - t0)
+        return out
+
+    async def _ticker(self) -> None:
+        while True:
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - alerting never takes the worker down
+                log.exception("alerting: evaluation failed")
+                if self._worker is not None:
+                    self._worker.metrics.stage_errors[self.name] += 1
+            await asyncio.sleep(self.eval_interval_s)
+
+    def _ingest(self) -> None:
+        ev = self.evaluator
+        inbox = self._inbox
+        while inbox:
+            item = inbox.popleft()
+            if isinstance(item, DriftObservation):
+                ev.observe_drift(item)
+                continue
+            self._had_batch = True
+            for w in item.windows:
+                ev.observe_window(w)
+            cols = item.events
+            if not cols:
+                continue
+            if self._need_seen:
+                seen: dict[tuple[str, str], int] = {}
+                for a, m, ts in zip(cols["app"], cols["model"], cols["timestamp"], strict=True):
+                    k = (a, m)
+                    if ts > seen.get(k, -(1 << 62)):
+                        seen[k] = ts
+                for (a, m), ts in seen.items():
+                    ev.observe_event_seen(a, m, int(ts))
+            if self._need_user_cost:
+                self._ingest_user_cost(cols)
+
+    def _ingest_user_cost(self, cols: Mapping[str, list[Any]]) -> None:
+        bucket_ms = 60_000
+        sums: dict[tuple[int, str, str, str], float] = {}
+        for a, m, u, ts, c in zip(cols["app"], cols["model"], cols["user_id"], cols["timestamp"],
+                                  cols["cost_usd"], strict=True):
+            if c is None or c != c:
+                continue
+            k = (int(ts) - int(ts) % bucket_ms, a, m, u or "")
+            sums[k] = sums.get(k, 0.0) + float(c)
+        for (b, a, m, u), c in sums.items():
+            self.evaluator.observe_cost(CostObservation(b, a, m, u, c))
+
+    def _peek_windows(self) -> list[WindowStats]:
+        """The worker's open windows that changed since the last tick, without side effects.
+
+        ``WindowAggregator.partial()`` clears the "changed" marks the worker's own partial
+        rows depend on, so it is not called here; a ``peek()`` method is used when the
+        aggregator has one, else the open windows are read directly.
+        """
+        w = self._worker
+        agg = getattr(w, "windows", None) if w is not None else None
+        if agg is None:
+            return []
+        peek = getattr(agg, "peek", None)
+        if callable(peek):
+            return list(peek())
+        opened = getattr(agg, "_open", None)
+        if not isinstance(opened, dict):
+            return []
+        acc = agg.config.relative_accuracy
+        out: list[WindowStats] = []
+        seen: dict[Any, tuple[int, int]] = {}
+        old = self._peeked
+        for k, win in opened.items():
+            sig = (win.events, win.late)
+            seen[k] = sig
+            if old.get(k) != sig:
+                out.append(win.stats(False, acc))
+        self._peeked = seen
+        return out
+
+    # ------------------------------------------------------------------ alerts table
+    def _queue_row(self, row: dict[str, Any]) -> None:
+        if len(self._rows) >= self.max_pending_rows:
+            self._rows.popleft()
+            self.m_rows.labels("dropped").inc()
+            log.warning("alerting: alert row queue full, dropped the oldest row")
+        self._rows.append(row)
+        if self._rows_wake is not None:
+            self._rows_wake.set()
+
+    async def _row_writer(self) -> None:
+        assert self._rows_wake is not None and self._worker is not None
+        sink = self._worker.sink
+        while True:
+            if not self._rows:
+                if self._stopping:
+                    return
+                self._rows_wake.clear()
+                await self._rows_wake.wait()
+                continue
+            rows = list(self._rows)
+            # retried inside the sink until ClickHouse takes them; never blocks the stream
+            await sink.insert_rows("alerts", rows, ALERT_COLUMNS)
+            for _ in rows:
+                self._rows.popleft()
+            self.rows_written += len(rows)
+            self.m_rows.labels("written").inc(len(rows))
+
+    async def _restore(self, worker: Worker) -> None:
+        db = worker.sink.database
+        sql = (
+            "SELECT rule, fingerprint, argMax(state, ts) AS st, argMax(labels, ts), "
+            "argMax(annotations, ts), argMax(value, ts), toUnixTimestamp64Milli(max(ts)) "
+            f"FROM {db}.alerts GROUP BY rule, fingerprint HAVING st = 'firing'")
+        rows = await worker.sink.acall(lambda c: c.query(sql).result_rows)
+        names = {r.name for r in self.rules}
+        alerts = []
+        restored: list[AlertTransition] = []
+        for rule, fp, _st, labels, annots, value, ts in rows:
+            if rule not in names:
+                continue
+            alerts.append({"rule": rule, "labels": dict(labels), "fingerprint": fp, "state": "firing",
+                           "active_since_ms": int(ts), "value": float(value),
+                           "annotations": dict(annots), "fired_at_ms": int(ts),
+                           "resolve_since_ms": None})
+            rr = self.rules.by_name(rule)
+            restored.append(AlertTransition(int(ts), rule, "firing", rr.severity, dict(labels),
+                                            dict(annots), float(value), fp, int(ts), None))
+        if not alerts:
+            return
+        state = self.evaluator.get_state()
+        state["alerts"] = alerts
+        self.evaluator.set_state(state)
+        self._hold_until = time.monotonic() + self.restore_grace_s
+        for t in restored:
+            self.m_firing.labels(t.rule, t.severity).inc()
+        for n in self.notifiers:
+            restore = getattr(n, "restore", None)
+            if callable(restore):
+                restore(restored)
+        log.info("alerting: restored %d firing alert(s) from the alerts table", len(alerts))
+
+
+def alerting_stage(rules_file: str | Path | None = None, *, webhooks: Sequence[str] = (),
+                   slack_webhooks: Sequence[str] = (), alertmanagers: Sequence[str] = (),
+                   **options: Any) -> Callable[[CollectorRegistry], AlertingStage]:
+    """A stage factory from a rules file (the shipped default rules when None) and URLs."""
+    rules = load_rules(rules_file if rules_file is not None else default_rules_path())
+    notifiers = build_notifiers(webhooks=webhooks, slack_webhooks=slack_webhooks,
+                                alertmanagers=alertmanagers)
+    return AlertingStage.factory(rules, notifiers=notifiers, **options)

@@ -1,0 +1,117 @@
+"""AlertingStage without I/O: what it feeds the evaluator, its clock, its counters."""
+
+from __future__ import annotations
+
+import textwrap
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from driftline.schemas.metrics import WindowKey
+from driftline.schemas.rules import DriftObservation, parse_rules
+from driftline.streams.alert_stage import (
+    ALERT_COLUMNS,
+    AlertingStage,
+    alerting_stage,
+    build_notifiers,
+)
+from driftline.streams.notifiers import InMemoryNotifier
+from driftline.streams.windows import EventBatchColumns, WindowAggregator, WindowConfig
+from driftline.streams.worker import StoredBatch
+
+RULES = parse_rules(textwrap.dedent("""\
+    rules:
+      - name: UserBudget
+        kind: budget
+        expr: "cost_usd.sum > 1.0"
+        window: 1h
+        group_by: [app, user_id]
+      - name: Silent
+        kind: absence
+        absent_for: 30s
+      - name: PromptDrift
+        kind: drift
+        expr: "drift.p_value < 0.01"
+        match: {field: prompt}
+      - name: Lat
+        kind: threshold
+        expr: "latency_ms.p99 > 2000"
+    """))
+
+
+def events(ts: list[int], users: list[str], costs: list[float | None], app: str = "chat") -> dict[str, list[Any]]:
+    n = len(ts)
+    return {"timestamp": ts, "app": [app] * n, "model": ["m"] * n, "user_id": users, "cost_usd": costs}
+
+
+def test_stage_feeds_costs_event_times_and_drift_and_counts() -> None:
+    now = {"ms": 100_000}
+    reg = CollectorRegistry()
+    mem = InMemoryNotifier()
+    st = AlertingStage(RULES, registry=reg, notifiers=[mem], write_alerts=False,
+                       clock=lambda: now["ms"])
+    cols = events([90_000, 95_000, 99_000], ["u1", "u1", None], [0.6, 0.5, None])  # type: ignore[list-item]
+    # as the worker hands them over: numpy timestamps, float64 costs with NaN = unpriced
+    cols["timestamp"] = np.asarray(cols["timestamp"], np.int64)
+    cols["cost_usd"] = np.asarray([0.6, 0.5, np.nan])
+    st.on_stored(StoredBatch(cols, [], []))
+    st.observe_drift(DriftObservation(99_000, "chat", "m", "v1", "prompt", "mmd", 0.4, 0.001, True))
+    out = st.tick()
+    assert [(t.rule, t.state, t.labels, t.value) for t in out] == [
+        ("UserBudget", "firing", {"app": "chat", "user_id": "u1"}, 1.1),
+        ("PromptDrift", "firing", {"app": "chat", "field": "prompt", "method": "mmd", "model": "m",
+                                   "prompt_version": "v1"}, 0.001),
+    ]
+    now["ms"] = 99_000 + 30_000                        # chat silent for 30 s
+    assert [(t.rule, t.labels, t.value) for t in st.tick()] == [("Silent", {"app": "chat"}, 30.0)]
+    assert reg.get_sample_value("driftline_alert_transitions_total",
+                                {"rule": "Silent", "state": "firing"}) == 1.0
+    assert reg.get_sample_value("driftline_alerts_firing", {"rule": "UserBudget", "severity": "warning"}) == 1.0
+    assert reg.get_sample_value("driftline_alerts_firing", {"rule": "Lat", "severity": "warning"}) == 0.0
+    assert reg.get_sample_value("driftline_alert_evaluations_total") == 2.0
+    assert [t.rule for t in st.transitions] == ["UserBudget", "PromptDrift", "Silent"]
+    # the log notifier is always there, next to the given ones
+    assert [n.name for n in st.notifiers] == ["memory", "log"]
+    assert set(out[0].to_row()) == set(ALERT_COLUMNS)
+
+
+def _cols(ts: list[int], latency: list[float]) -> EventBatchColumns:
+    n = len(ts)
+    k = WindowKey("chat", "m")
+    z = np.zeros(n, np.int64)
+    nan = np.full(n, np.nan)
+    f = np.zeros(n, bool)
+    return EventBatchColumns([k] * n, np.asarray(ts, np.int64), np.asarray(latency, float), nan, nan,
+                             f, z, z, z, z, z, np.full(n, 0.01), f, f, f, nan)
+
+
+def test_live_windows_are_read_without_touching_the_workers_partial_rows() -> None:
+    agg = WindowAggregator(WindowConfig(size_ms=60_000))
+    worker = SimpleNamespace(windows=agg)
+    st = AlertingStage(RULES, write_alerts=False)
+    st._worker = worker  # type: ignore[assignment]  # what start() sets, without the tasks
+    assert st.now_ms() is None and st.tick() == []      # nothing seen: no clock, no evaluation
+    agg.add(_cols([1_000, 2_000], [100.0, 5_000.0]))
+    out = st.tick()
+    assert [t.rule for t in out] == ["Lat"]
+    assert out[0].value == pytest.approx(5_000.0, rel=0.02)   # sketch accuracy 1%
+    # the worker's own partial rows still see the window as changed
+    assert [w.events for w in agg.partial()] == [2]
+    # the clock is the watermark, then follows wall time, never back
+    t1 = st.now_ms()
+    assert t1 is not None and t1 >= 2_000
+    agg.watermark_ms = 1_500
+    assert st.now_ms() >= t1  # type: ignore[operator]
+
+
+def test_factories_build_named_notifiers() -> None:
+    ns = build_notifiers(webhooks=["http://a/h", "http://b/h"], slack_webhooks=["http://s/h"],
+                         alertmanagers=["http://am:9093/"])
+    assert [n.name for n in ns] == ["webhook", "webhook-2", "slack", "alertmanager"]
+    reg = CollectorRegistry()
+    st = alerting_stage(None, webhooks=["http://a/h"], eval_interval_s=0.5)(reg)
+    assert len(st.rules) == 10 and st.eval_interval_s == 0.5        # the shipped default rules
+    assert [n.name for n in st.notifiers] == ["webhook", "log"]
