@@ -507,34 +507,39 @@ class PriceTable:
         return [self.cost(ev) for ev in events]
 
     def cost_columns(self, models: Sequence[str], ts_ms: np.ndarray, tokens: np.ndarray,
-                     has_tokens: np.ndarray) -> np.ndarray:
+                     has_tokens: np.ndarray, codes: np.ndarray | None = None) -> np.ndarray:
         """:meth:`cost` for a batch given column-wise: the vectorised hot path of the worker.
 
         ``models`` is the grouping model per event, ``ts_ms`` event times (int64),
         ``tokens`` a ``(5, n)`` int64 array of input, output, cache-read,
         cache-write and reasoning tokens (missing = 0), ``has_tokens`` whether the
-        event reported any token count. Returns float64 costs, NaN where
+        event reported any token count. With ``codes``, ``models`` holds the distinct
+        names and ``codes[i]`` indexes the model of event ``i``. Returns float64 costs, NaN where
         :meth:`cost` gives None. The arithmetic is the scalar one, term by term,
         so both give the same floats.
         """
-        n = len(models)
+        n = len(ts_ms)
         out = np.full(n, np.nan)
         if n == 0:
             return out
-        codes: dict[str, int] = {}
-        setdefault = codes.setdefault
-        code = np.fromiter((setdefault(m, len(codes)) for m in models), np.int64, n)
+        if codes is None:
+            names: dict[str, int] = {}
+            setdefault = names.setdefault
+            code = np.fromiter((setdefault(m, len(names)) for m in models), np.int64, n)
+        else:
+            names = {m: i for i, m in enumerate(models)}
+            code = np.asarray(codes, np.int64)
         inp, outp, cr, cw, rs = (np.asarray(t, np.int64) for t in tokens)
         # _split: cache tokens are part of input, reasoning part of output (clamped)
         inp = np.maximum(inp, cr + cw)
         outp = np.maximum(outp, rs)
         unc = inp - cr - cw
         plain = outp - rs
-        for name, k in codes.items():
+        for name, k in names.items():
             m = self._resolve(name)
             if m is None:
                 continue
-            idx = np.flatnonzero((code == k) & has_tokens) if len(codes) > 1 else np.flatnonzero(has_tokens)
+            idx = np.flatnonzero((code == k) & has_tokens) if len(names) > 1 else np.flatnonzero(has_tokens)
             if idx.size == 0:
                 continue
             if len(m.prices) == 1:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import msgspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from driftline.schemas.event import (
     EventError,
@@ -184,7 +185,7 @@ class Pricer(Protocol):
     version: str
 
     def cost_columns(self, models: Sequence[str], ts_ms: np.ndarray, tokens: np.ndarray,
-                     has_tokens: np.ndarray) -> np.ndarray: ...
+                     has_tokens: np.ndarray, codes: np.ndarray | None = None) -> np.ndarray: ...
 
 
 class Scanner(Protocol):
@@ -242,7 +243,7 @@ EVENT_COLUMNS: tuple[str, ...] = tuple(EVENT_ARROW_SCHEMA.names)
 _json = msgspec.json.Encoder()
 _HIT = frozenset(("flagged", "blocked"))
 _FIELDS: tuple[str, ...] = LLMEvent.__struct_fields__
-_VERDICT_CODE = {"pass": 0, "flagged": 1, "blocked": 2}
+_VERDICTS = pa.array(["pass", "flagged", "blocked"])
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens",
                  "cache_creation_input_tokens", "reasoning_output_tokens")
 _astuple = msgspec.structs.astuple
@@ -281,39 +282,34 @@ def to_columns(batch: EnrichedBatch, now_ms: int | None = None) -> tuple[dict[st
     # guardrails: reported ones, then the built-in scan's; flattened so that Arrow
     # builds the list columns from one flat array and offsets
     scan = batch.scan_hits
-    flat: list[Any] = []
-    lens = np.zeros(n, np.int64)
-    for i, gs in enumerate(col["guardrails"]):
-        if gs:
-            flat.extend(gs)
-            lens[i] = len(gs)
-        if scan is not None and scan[i]:
-            flat.extend(Guardrail(nm, vd, sc) for nm, vd, sc in scan[i])
-            lens[i] += len(scan[i])
+    per_event = col["guardrails"]
+    if scan is not None:
+        per_event = tuple([*(gs or ()), *(Guardrail(nm, vd, sc) for nm, vd, sc in hits)]
+                          for gs, hits in zip(per_event, scan, strict=True))
+    flat: list[Any] = [g for gs in per_event if gs for g in gs]
+    lens = np.array([len(gs) if gs else 0 for gs in per_event], np.int64)
     offsets = np.zeros(n + 1, np.int32)
     np.cumsum(lens, out=offsets[1:])
-    verdict = [g.verdict for g in flat]
-    vcode = np.fromiter((_VERDICT_CODE[v] for v in verdict), np.int8, len(verdict))
-    g_checked = lens > 0
-    if len(flat):
-        starts = offsets[:-1][g_checked]
-        g_hit = np.zeros(n, bool)
-        g_blocked = np.zeros(n, bool)
-        g_hit[g_checked] = np.maximum.reduceat(vcode, starts) >= 1
-        g_blocked[g_checked] = np.maximum.reduceat(vcode, starts) == 2
-    else:
-        g_hit = np.zeros(n, bool)
-        g_blocked = np.zeros(n, bool)
     pa_off = pa.array(offsets, pa.int32())
+    verdicts = pa.array([g.verdict for g in flat], pa.string())
     g_names = pa.ListArray.from_arrays(pa_off, pa.array([g.name for g in flat], pa.string()))
-    g_verdicts = pa.ListArray.from_arrays(pa_off, pa.array(verdict, pa.string()))
+    g_verdicts = pa.ListArray.from_arrays(pa_off, verdicts)
     g_scores = pa.ListArray.from_arrays(pa_off, pa.array([g.score for g in flat], pa.float64()))
+    g_checked = lens > 0
+    g_hit = np.zeros(n, bool)
+    g_blocked = np.zeros(n, bool)
+    if len(flat):
+        vcode = pc.index_in(verdicts, _VERDICTS).to_numpy(zero_copy_only=False)  # pass 0, flagged 1, blocked 2
+        worst = np.maximum.reduceat(vcode, offsets[:-1][g_checked])
+        g_hit[g_checked] = worst >= 1
+        g_blocked[g_checked] = worst == 2
     ts_arr = np.asarray(ts_list, np.int64)
-    tok = np.array([_ints(col[f]) for f in _TOKEN_FIELDS])
-    has_tok = np.zeros(n, bool)
-    for f in _TOKEN_FIELDS:
-        has_tok |= np.fromiter((v is not None for v in col[f]), bool, n)
-    costs = batch.pricer.cost_columns(model, ts_arr, tok, has_tok)
+    tok_f = np.array([col[f] for f in _TOKEN_FIELDS], np.float64)  # None -> NaN
+    has_tok = ~np.isnan(tok_f).all(axis=0)
+    tok = np.nan_to_num(tok_f, nan=0.0).astype(np.int64)
+    model_names: dict[str, int] = {}
+    key_model = np.array([model_names.setdefault(k.model, len(model_names)) for k in key_list], np.int64)
+    costs = batch.pricer.cost_columns(list(model_names), ts_arr, tok, has_tok, codes=key_model[codes])
     extra = ["{}" if not x else _json.encode(x).decode() for x in col["extra"]]
     b = batch.batch
     cols: dict[str, Sequence[Any]] = {
@@ -342,7 +338,7 @@ def to_columns(batch: EnrichedBatch, now_ms: int | None = None) -> tuple[dict[st
         latency_ms=np.asarray(col["latency_ms"], np.float64),
         ttft_ms=np.asarray(col["ttft_ms"], np.float64),  # None -> NaN
         tpot_ms=np.asarray(col["tpot_ms"], np.float64),
-        is_error=np.fromiter((s == "error" for s in status), bool, n),
+        is_error=np.array([s == "error" for s in status], bool),
         input_tokens=tok[0], output_tokens=tok[1], cache_read_input_tokens=tok[2],
         cache_creation_input_tokens=tok[3], reasoning_output_tokens=tok[4], cost_usd=costs,
         guardrail_checked=g_checked, guardrail_hit=g_hit, guardrail_blocked=g_blocked,
