@@ -170,7 +170,7 @@ class WorkerMetrics(Collector):
                                   value=self.late_events)
         yield CounterMetricFamily("driftline_batches", "record batches processed", value=self.batches)
         yield CounterMetricFamily("driftline_records", "Kafka records processed", value=self.records)
-        yield CounterMetricFamily("driftline_skipped_spans", "non-GenAI OTLP spans skipped",
+        yield CounterMetricFamily("driftline_skipped_spans", "OTLP spans skipped (not a model call: non-GenAI, tool or agent spans)",
                                   value=self.skipped_spans)
         labels = ["app", "model", "prompt_version", "field", "method"]
         pv = GaugeMetricFamily("driftline_drift_p_value", "p-value of the latest drift test", labels=labels)

@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord
 from google.rpc.status_pb2 import Status
+from helpers_otlp import (  # noqa: F401 (fixture)
+    CHAT_MODEL,
+    FIRST_CHUNK_DELAY,
+    RESP_MODEL,
+    fake_openai,
+    instrumented_calls,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
@@ -34,59 +39,6 @@ from driftline.streams.broker import free_port
 from driftline.streams.otlp import OtlpReceiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
-
-CHAT_MODEL, RESP_MODEL = "gpt-4o-mini", "gpt-4o-mini-2024-07-18"
-FIRST_CHUNK_DELAY = 0.08
-
-
-# --------------------------------------------------------------------------- a local "OpenAI"
-
-
-async def _chat(request: web.Request) -> web.StreamResponse:
-    body = await request.json()
-    created = int(time.time())
-    if not body.get("stream"):
-        await asyncio.sleep(0.02)
-        return web.json_response({
-            "id": "chatcmpl-plain", "object": "chat.completion", "created": created,
-            "model": RESP_MODEL,
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": "OTLP is a protocol."}}],
-            "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17},
-        })
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-    await resp.prepare(request)
-    await asyncio.sleep(FIRST_CHUNK_DELAY)
-
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {"id": "chatcmpl-stream", "object": "chat.completion.chunk", "created": created,
-                "model": RESP_MODEL,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-
-    chunks = [chunk({"role": "assistant", "content": "Open"}), chunk({"content": " Settings"}),
-              chunk({"content": "."}), chunk({}, "stop")]
-    if (body.get("stream_options") or {}).get("include_usage"):
-        chunks.append({"id": "chatcmpl-stream", "object": "chat.completion.chunk",
-                       "created": created, "model": RESP_MODEL, "choices": [],
-                       "usage": {"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23}})
-    for c in chunks:
-        await resp.write(f"data: {json.dumps(c)}\n\n".encode())
-        await asyncio.sleep(0.02)
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
-    return resp
-
-
-@pytest.fixture
-async def fake_openai() -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", _chat)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}/v1"
-    await runner.cleanup()
 
 
 @pytest.fixture
@@ -123,73 +75,10 @@ async def consume(bootstrap: str, topic: str, want_events: int, timeout: float =
 # --------------------------------------------------------------------------- (a) real SDK
 
 
-async def _hand_instrumented_stream(tracer: Any, base_url: str) -> None:
-    """A streaming call traced by the app itself, as the GenAI conventions describe it
-    (openai-v2 2.4b0 does not record ``gen_ai.response.time_to_first_chunk``)."""
-    from opentelemetry.trace import SpanKind
-
-    with tracer.start_as_current_span("chat llama-3-8b", kind=SpanKind.CLIENT) as sp:
-        sp.set_attributes({"gen_ai.operation.name": "chat", "gen_ai.provider.name": "vllm",
-                           "gen_ai.request.model": "llama-3-8b"})
-        t0, first = time.monotonic(), None
-        async with aiohttp.ClientSession() as http, http.post(
-                f"{base_url}/chat/completions",
-                json={"model": "llama-3-8b", "stream": True,
-                      "stream_options": {"include_usage": True},
-                      "messages": [{"role": "user", "content": "hi"}]}) as r:
-            async for line in r.content:
-                if line.startswith(b"data: {") and first is None:
-                    first = time.monotonic() - t0
-        assert first is not None
-        sp.set_attributes({"gen_ai.response.time_to_first_chunk": first,
-                           "gen_ai.usage.input_tokens": 20, "gen_ai.usage.output_tokens": 3,
-                           "gen_ai.response.model": RESP_MODEL})
-
-
-async def _instrumented_calls(base_url: str, receiver: OtlpReceiver, capture: str,
-                              monkeypatch: pytest.MonkeyPatch, hand_span: bool = False) -> None:
-    openai_v2 = pytest.importorskip(
-        "opentelemetry.instrumentation.openai_v2",
-        reason="opentelemetry-instrumentation-openai-v2 2.4b0 needs opentelemetry-util-genai<1.2")
-    from openai import AsyncOpenAI
-    from opentelemetry.exporter.otlp.proto.http import Compression
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", capture)
-    tp = TracerProvider(resource=Resource.create(
-        {"service.name": "support-bot", "deployment.environment.name": "test"}))
-    tp.add_span_processor(BatchSpanProcessor(
-        OTLPSpanExporter(endpoint=receiver.url, compression=Compression.Gzip, timeout=10)))
-    instrumentor = openai_v2.OpenAIInstrumentor()
-    instrumentor.instrument(tracer_provider=tp)
-    try:
-        client = AsyncOpenAI(base_url=base_url, api_key="sk-test", max_retries=0)
-        plain = await client.chat.completions.create(
-            model=CHAT_MODEL, messages=[{"role": "system", "content": "Be brief."},
-                                        {"role": "user", "content": "What is OTLP?"}])
-        assert plain.choices[0].message.content == "OTLP is a protocol."
-        stream = await client.chat.completions.create(
-            model=CHAT_MODEL, messages=[{"role": "user", "content": "How do I reset it?"}],
-            stream=True, stream_options={"include_usage": True})
-        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
-        assert text == "Open Settings."
-        await client.close()
-        if hand_span:
-            await _hand_instrumented_stream(tp.get_tracer("support-bot"), base_url)
-    finally:
-        instrumentor.uninstrument()
-        # the exporter runs in the SDK's thread and posts to the receiver on this loop
-        assert await asyncio.to_thread(tp.force_flush, 15_000)
-        await asyncio.to_thread(tp.shutdown)
-
-
 async def test_openai_instrumentation_spans_reach_kafka(
-        fake_openai: str, receiver: OtlpReceiver, kafka_bootstrap: str, topic_name: str,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    await _instrumented_calls(fake_openai, receiver, "SPAN_ONLY", monkeypatch, hand_span=True)
+        fake_openai: str, receiver: OtlpReceiver, kafka_bootstrap: str,  # noqa: F811
+        topic_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    await instrumented_calls(fake_openai, receiver.url, "SPAN_ONLY", monkeypatch, hand_span=True)
     records, events = await consume(kafka_bootstrap, topic_name, 3)
     assert {dict(r.headers)["content-type"] for r in records} == {b"otlp_proto"}
     assert len(events) == 3
@@ -222,10 +111,10 @@ async def test_openai_instrumentation_spans_reach_kafka(
 
 
 async def test_capture_true_is_not_a_mode_of_openai_v2_2_4(
-        fake_openai: str, receiver: OtlpReceiver, kafka_bootstrap: str, topic_name: str,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        fake_openai: str, receiver: OtlpReceiver, kafka_bootstrap: str,  # noqa: F811
+        topic_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """With openai-v2 2.4b0 the value ``true`` captures nothing: span_only etc. are needed."""
-    await _instrumented_calls(fake_openai, receiver, "true", monkeypatch)
+    await instrumented_calls(fake_openai, receiver.url, "true", monkeypatch)
     _, events = await consume(kafka_bootstrap, topic_name, 2)
     assert len(events) == 2
     assert [(e.prompt, e.response) for e in events] == [(None, None), (None, None)]

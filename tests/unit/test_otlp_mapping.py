@@ -10,13 +10,14 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
-from driftline.schemas.event import Guardrail, LLMEvent, event_to_dict
+from driftline.schemas.event import Guardrail, LLMEvent, event_from_dict, event_to_dict
 from driftline.schemas.otlp import (
     OtlpBatch,
     OtlpDecodeError,
     _to_otlp_json,
     decode_request,
     detect_encoding,
+    encoding_from_header,
 )
 
 T0 = 1_700_000_000_123_456_789  # ns
@@ -75,6 +76,9 @@ def both(req: ExportTraceServiceRequest) -> OtlpBatch:
     assert js.events == pb.events
     assert js.rejected == pb.rejected
     assert js.skipped_non_genai == pb.skipped_non_genai
+    # events are built without a second validation pass: validating them gives the same
+    for e in pb.events:
+        assert event_from_dict(event_to_dict(e)) == e
     return pb
 
 
@@ -385,3 +389,47 @@ def test_empty_and_unknown_encoding() -> None:
         decode_request(b"", "avro")
     with pytest.raises(OtlpDecodeError, match="only unknown fields"):
         decode_request(b"\x78\x01", "otlp_proto")  # field 15 varint: valid wire data, not OTLP
+
+
+def test_system_role_input_messages_become_system_instructions() -> None:
+    msgs = json.dumps([{"role": "system", "parts": [{"type": "text", "content": "Be kind."}]},
+                       {"role": "user", "parts": [{"type": "text", "content": "Hi"}]}])
+    [ev] = both(request(span(1, {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m",
+                                 "gen_ai.input.messages": msgs}))).events
+    assert ev.prompt == "Hi" and ev.extra["gen_ai.system_instructions"] == "Be kind."
+    # the dedicated attribute wins
+    [ev] = both(request(span(1, {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m",
+                                 "gen_ai.input.messages": msgs,
+                                 "gen_ai.system_instructions": "Be brief."}))).events
+    assert ev.extra["gen_ai.system_instructions"] == "Be brief."
+
+
+def test_encoding_from_header() -> None:
+    assert encoding_from_header(None) is None
+    assert encoding_from_header(b"") is None
+    assert encoding_from_header(b"otlp_proto") == "otlp_proto"
+    assert encoding_from_header("otlp_json") == "otlp_json"
+    assert encoding_from_header(b"application/x-protobuf") == "otlp_proto"
+    assert encoding_from_header(b"Application/JSON; charset=utf-8") == "otlp_json"
+    assert encoding_from_header(b"text/plain") is None  # unknown: sniff the payload
+
+
+def test_protobuf_starting_like_json_is_still_sniffed_as_protobuf() -> None:
+    """0x0a (field 1) is a newline: a first ResourceSpans of 123 bytes starts b"\\n{"."""
+    for n in range(1, 120):
+        sp = Span(trace_id=TRACE, span_id=b"\1" * 8, start_time_unix_nano=T0,
+                  end_time_unix_nano=T0 + 10**9, attributes=kvs({"gen_ai.request.model": "m" * n}))
+        req = ExportTraceServiceRequest(resource_spans=[ResourceSpans(
+            scope_spans=[ScopeSpans(spans=[sp])])])
+        data = req.SerializeToString()
+        if data[1:2] == b"{":
+            break
+    else:  # pragma: no cover
+        raise AssertionError("no payload starting b'\\n{' found")
+    assert detect_encoding(data) == "otlp_json"  # the guess...
+    [ev] = decode_request(data).events  # ...falls back to protobuf
+    assert ev.request_model == "m" * n
+    # real JSON with a leading newline stays JSON; a broken one says so
+    assert len(decode_request(b"\n" + _to_otlp_json(req)).events) == 1
+    with pytest.raises(OtlpDecodeError, match="otlp_proto"):
+        decode_request(b"\n{not json")
