@@ -117,6 +117,7 @@ def worker(
     alerts: Annotated[bool, typer.Option(help="Evaluate alert rules in the stream (alerts also go to the ClickHouse alerts table and the log).")] = True,
     alert_interval: Annotated[float, typer.Option(help="Seconds between rule evaluations (on the live windows).")] = 1.0,
     group: Annotated[str, typer.Option(help="Kafka consumer group; start N workers with the same group to scale out.")] = "driftline-worker",
+    topic: Annotated[list[str] | None, typer.Option("--topic", help="Topic to consume (repeatable; default llm.events and otlp_spans). Topics named otlp_spans or otlp_spans.<suffix> are read as OTLP requests.")] = None,
     window: Annotated[float, typer.Option(help="Tumbling window size in seconds (event time).")] = 60.0,
     lateness: Annotated[float, typer.Option(help="Allowed lateness in seconds: later events no longer change their window.")] = 30.0,
     emit_interval: Annotated[float, typer.Option(help="Seconds between early (partial) window rows.")] = 5.0,
@@ -141,6 +142,7 @@ def worker(
     try:
         cfg = WorkerConfig(
             kafka=kafka, clickhouse=clickhouse, group_id=group,
+            **({"topics": tuple(topic)} if topic else {}),
             window=WindowConfig(size_ms=int(window * 1000), allowed_lateness_ms=int(lateness * 1000)),
             emit_interval_s=emit_interval, max_batch=max_batch, price_files=tuple(prices or ()),
             rules_file=rules, scan_guardrails=scan_guardrails,
