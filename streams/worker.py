@@ -180,6 +180,10 @@ class Worker:
         self._last_emit = 0.0
         self._wall_at_watermark = time.monotonic()
         self._assigned: set[TopicPartition] = set()
+        #: partitions whose assignment has been handled (stored offsets known)
+        self._ready: set[TopicPartition] = set()
+        #: first offset fetched (and dropped) from a partition before it was ready
+        self._rewind: dict[TopicPartition, int] = {}
         self._skip_below: dict[TopicPartition, int] = {}
         self.processed_records = 0
         self.stored_events = 0
@@ -265,6 +269,12 @@ class Worker:
         offsets: dict[TopicPartition, int] = {}
         for tp, recs in data.items():
             if not recs:
+                continue
+            if tp not in self._ready:
+                # fetched while the assignment is still being handled (aiokafka fetches as
+                # soon as it is assigned): drop them, _on_assigned seeks back to them
+                first = recs[0].offset
+                self._rewind[tp] = min(first, self._rewind.get(tp, first))
                 continue
             floor = self._skip_below.get(tp)
             if floor is not None:
@@ -425,6 +435,7 @@ class Worker:
             await self._queue.put(_Work(None, partial, [], {}, 0))
         self.windows = WindowAggregator(self.cfg.window)
         self._assigned -= set(revoked)
+        self._ready -= set(revoked)
 
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         if not assigned:
@@ -434,6 +445,7 @@ class Worker:
         by_topic: dict[str, list[int]] = {}
         for tp in assigned:
             by_topic.setdefault(tp.topic, []).append(tp.partition)
+        seek_to: dict[TopicPartition, int] = {}
         for topic, parts in by_topic.items():
             stored = await asyncio.to_thread(self.sink.stored_offsets, topic, parts)
             for p in parts:
@@ -443,9 +455,19 @@ class Worker:
                     self._skip_below[tp] = nxt
                     committed = await self.consumer.committed(tp)
                     if committed is None or committed < nxt:
-                        self.consumer.seek(tp, nxt)
+                        seek_to[tp] = nxt
                         log.info("%s[%d]: resuming after stored offset %d (committed %s)",
                                  topic, p, stored[p], committed)
+        # no await from here on: records fetched before this point were dropped (see
+        # _fetch_and_process); fetching resumes at them, or past what is stored
+        for tp in assigned:
+            rewind = self._rewind.pop(tp, None)
+            target = seek_to.get(tp)
+            if rewind is not None:
+                target = max(rewind, self._skip_below.get(tp, rewind)) if target is None else max(rewind, target)
+            if target is not None:
+                self.consumer.seek(tp, target)
+        self._ready |= set(assigned)
         # rebuild open windows of every assigned partition from the stored rows
         self.windows = WindowAggregator(self.cfg.window)
         cols = await self.sink.acall(lambda c: _recent_rows(c, self.sink.database, sorted(self._assigned),

@@ -97,3 +97,26 @@ async def test_kill_between_insert_and_commit_stores_each_event_once(
     total, distinct = _count(chdb_dsn, "SELECT count(), uniqExact(event_id) FROM driftline.llm_events")
     assert total == n_valid  # no FINAL: not a single duplicate row was written
     assert distinct == n_valid
+
+    # A worker of a *new* group (no committed offsets) on the same store: it fetches from
+    # offset 0 and may get records before it has read the stored offsets; those
+    # records must be dropped and skipped, not stored (or handed to the stages) again.
+    cfg2 = WorkerConfig(kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"{group}-new", topics=(topic,),
+                        dlq_topic=f"{topic}.dlq", emit_interval_s=0.5, idle_close_s=1.0)
+    stop = asyncio.Event()
+    box.clear()
+    task = asyncio.create_task(serve_worker(cfg2, stop, web_port=free_port(), sql_port=None,
+                                            on_ready=box.append))
+    try:
+        deadline = loop.time() + 90
+        while not box or len(box[0]._ready) < 2:
+            assert not task.done(), task.exception()
+            assert loop.time() < deadline, "the new group never got both partitions"
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(3.0)
+        assert box[0].stored_events == 0
+        assert box[0].dead_lettered == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+    assert _count(chdb_dsn, "SELECT count() FROM driftline.llm_events") == (n_valid,)
