@@ -119,6 +119,68 @@ ENGINE = MergeTree
 PARTITION BY toYYYYMM(ts)
 ORDER BY (app, model, prompt_version, field, method, ts)
 ;
+-- One row per sampled text embedding (the drift stage samples per key; see README
+-- "Semantic drift"). seq numbers the samples of one key and field in arrival order.
+-- Embeddings are L2-normalised float32: cosineDistance(embedding, …) works directly.
+CREATE TABLE IF NOT EXISTS {db}.llm_embeddings
+(
+    event_id String,
+    timestamp DateTime64(3, 'UTC'),
+    app LowCardinality(String),
+    model LowCardinality(String),
+    prompt_version LowCardinality(String),
+    field LowCardinality(String),
+    seq UInt64,
+    embed_model LowCardinality(String),
+    text_hash UInt64,
+    embedding Array(Float32)
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(timestamp)
+ORDER BY (app, model, prompt_version, field, seq)
+;
+-- Drift references, one row per version per key and field (history kept; the
+-- highest version is in force). mode: first_n (automatic), rebase, pinned, reset
+-- (no reference: the next samples from seq_from make a new one). control_id is the
+-- baseline command that asked for it ('' for automatic references).
+CREATE TABLE IF NOT EXISTS {db}.drift_references
+(
+    app LowCardinality(String),
+    model LowCardinality(String),
+    prompt_version LowCardinality(String),
+    field LowCardinality(String),
+    version UInt32,
+    mode LowCardinality(String),
+    seq_from UInt64,
+    seq_to UInt64,
+    from_ts DateTime64(3, 'UTC'),
+    to_ts DateTime64(3, 'UTC'),
+    n UInt32,
+    event_ids Array(String),
+    embed_model LowCardinality(String),
+    control_id String,
+    created_at DateTime64(3, 'UTC'),
+    note String
+)
+ENGINE = MergeTree
+ORDER BY (app, model, prompt_version, field, version)
+;
+-- One row per baseline command a worker applied (driftline.control), also when it
+-- matched no key: a restarted worker skips the commands logged here.
+CREATE TABLE IF NOT EXISTS {db}.drift_control_log
+(
+    control_id String,
+    applied_at DateTime64(3, 'UTC'),
+    action LowCardinality(String),
+    command String,
+    n_references UInt32,
+    topic String,
+    partition Int32,
+    offset Int64
+)
+ENGINE = MergeTree
+ORDER BY (control_id, applied_at)
+;
 -- One row per alert state change.
 CREATE TABLE IF NOT EXISTS {db}.alerts
 (

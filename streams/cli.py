@@ -128,9 +128,21 @@ def worker(
     sql_port: Annotated[int, typer.Option(help="Port of the ClickHouse HTTP endpoint over embedded chDB (0: off).")] = 8123,
     bind: Annotated[str, typer.Option(help="Address the HTTP ports bind to.")] = "127.0.0.1",
     from_latest: Annotated[bool, typer.Option(help="A new consumer group starts at the end of the topics instead of the beginning.")] = False,
+    drift: Annotated[bool, typer.Option(help="Semantic drift: embed sampled prompts/responses and test them against a reference (see README).")] = True,
+    embed_model: Annotated[str, typer.Option(help="sentence-transformers model name or path (default: the bundled all-MiniLM-L6-v2, offline).")] = "all-MiniLM-L6-v2",
+    embed_device: Annotated[str, typer.Option(help="auto (CUDA + fp16 when present, else CPU), cpu, cuda, cuda:N.")] = "auto",
+    embed_batch: Annotated[int, typer.Option(help="Texts per embedding batch.")] = 64,
+    embed_threads: Annotated[int | None, typer.Option(help="Torch CPU threads for embedding (default: half the cores).")] = None,
+    sample_rate: Annotated[float | None, typer.Option(help="Share of events whose texts are embedded (hash of event_id; default 1.0 on CUDA, 0.2 on CPU).")] = None,
+    drift_fields: Annotated[str, typer.Option(help="Fields with their own drift: prompt,response.")] = "prompt,response",
+    ref_size: Annotated[int, typer.Option(help="Samples in an automatic drift reference (the first after a key is first seen).")] = 300,
+    drift_window: Annotated[int, typer.Option(help="Samples in the sliding current window.")] = 300,
+    test_every: Annotated[int, typer.Option(help="Samples between drift tests per key and field.")] = 100,
+    test_interval: Annotated[float, typer.Option(help="Also test when this many seconds passed and new samples arrived (0: off).")] = 60.0,
+    drift_alpha: Annotated[float, typer.Option(help="Family-wise false-alarm level per test round (Bonferroni over keys x fields x methods).")] = 0.05,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
 ) -> None:
-    """Run the stream processor: Kafka -> windows, cost, guardrails -> ClickHouse, /metrics, alerts."""
+    """Run the stream processor: Kafka -> windows, cost, guardrails, drift -> ClickHouse, /metrics, alerts."""
     from driftline.streams.app import run_worker
     from driftline.streams.windows import WindowConfig
     from driftline.streams.worker import WorkerConfig
@@ -159,6 +171,24 @@ def worker(
                 _say(f"no --rules given: using the default alert rules ({default_rules_path()})")
             stages.append(alerting_stage(rules, webhooks=webhook or (), slack_webhooks=slack_webhook or (),
                                          alertmanagers=alertmanager or (), eval_interval_s=alert_interval))
+        if drift:
+            from driftline.streams.drift import DriftConfig, DriftStage
+            from driftline.streams.embedding import EmbeddingConfig
+
+            if sample_rate is None:
+                import torch
+
+                cuda = embed_device.startswith("cuda") or (embed_device == "auto" and torch.cuda.is_available())
+                sample_rate = 1.0 if cuda else 0.2
+            dcfg = DriftConfig(
+                fields=tuple(f.strip() for f in drift_fields.split(",") if f.strip()), sample_rate=sample_rate,
+                ref_size=ref_size, window_size=drift_window, test_every=test_every,
+                test_interval_s=test_interval or None, alpha=drift_alpha,
+                embedding=EmbeddingConfig(model=embed_model, device=embed_device, batch_size=embed_batch,
+                                          threads=embed_threads))
+            _say(f"semantic drift on {','.join(dcfg.fields)}: {embed_model} ({embed_device}), sample rate "
+                 f"{sample_rate:g}, reference {ref_size}, window {drift_window}, test every {test_every}")
+            stages.append(DriftStage.factory(dcfg))
         run_worker(cfg, web_host=bind, web_port=metrics_port, sql_port=sql_port or None,
                    loglevel=log_level, stages=stages)
     except ValueError as exc:
@@ -293,6 +323,118 @@ def demo(
     from driftline.streams.demo import run_demo
 
     raise typer.Exit(run_demo(n_events=events, drift_at=drift_at, seed=seed, keep=keep))
+
+
+baseline_app = typer.Typer(no_args_is_help=True, help=(
+    "Drift references: show them; rebase, pin or reset them on the running workers.\n\n"
+    "rebase/pin/reset send a command on the Kafka topic driftline.control; every worker's drift stage "
+    "applies it to the matching keys and records it in drift_references (a worker that is down applies "
+    "it when it starts). show is a query (through the worker's endpoint when it holds embedded chDB)."))
+app.add_typer(baseline_app, name="baseline")
+
+_AppOpt = Annotated[str | None, typer.Option("--app", help="Only this app (default: all).")]
+_ModelOpt = Annotated[str | None, typer.Option("--model", help="Only this model.")]
+_PvOpt = Annotated[str | None, typer.Option("--prompt-version", help="Only this prompt version.")]
+_FieldOpt = Annotated[str | None, typer.Option("--field", help="Only this field: prompt or response.")]
+
+
+def _time_ms(v: str | None, name: str) -> int | None:
+    if v is None:
+        return None
+    if v.isdigit():
+        return int(v)
+    import datetime as dt
+
+    try:
+        t = dt.datetime.fromisoformat(v)
+    except ValueError:
+        raise _err(f"{name}: expected RFC 3339 (2025-01-01T00:00:00Z) or epoch milliseconds, got {v!r}") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return int(t.timestamp() * 1000)
+
+
+def _send_baseline(kafka: str | None, clickhouse: str | None, cmd: dict[str, Any], wait: float) -> None:
+    from driftline.streams.baseline import send_command, wait_applied
+
+    kafka, _, _ = _resolve_targets(kafka, "-", start_broker=False)
+    cmd = {k: v for k, v in cmd.items() if v is not None}
+    try:
+        cid = send_command(kafka, cmd)
+    except Exception as exc:  # noqa: BLE001
+        raise _err(f"could not send the command to {kafka}: {exc}", 1) from None
+    _say(f"sent {cmd['action']} to driftline.control (id {cid})")
+    if wait <= 0:
+        return
+    dsn = clickhouse or default_chdb_dsn()
+    n = wait_applied(dsn, cid, wait)
+    if n is None:
+        raise _err(f"no worker applied it within {wait:.0f}s (is a worker with --drift running? a worker "
+                   "applies it when it starts); see `driftline baseline show`", 1)
+    if n == 0:
+        raise _err("applied, but it matched no key with samples (check --app/--model/--prompt-version/"
+                   "--field and the time range)", 1)
+    typer.echo(f"applied: {n} reference(s) updated")
+
+
+@baseline_app.command("show")
+def baseline_show(app_: _AppOpt = None, model: _ModelOpt = None, prompt_version: _PvOpt = None,
+                  field: _FieldOpt = None, clickhouse: ClickHouseOpt = None,
+                  format: Annotated[str, typer.Option("--format", "-f", help="ClickHouse output format.")] = "PrettyCompactMonoBlock",
+                  ) -> None:
+    """The reference in force per app, model, prompt version and field."""
+    from driftline.streams.baseline import show_references
+
+    dsn = clickhouse or default_chdb_dsn()
+    try:
+        out = show_references(dsn, app=app_, model=model, prompt_version=prompt_version, field=field, fmt=format)
+    except Exception as exc:  # noqa: BLE001
+        raise _err(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc), 1) from None
+    sys.stdout.write(out.decode("utf-8", "replace") or "no references yet\n")
+
+
+@baseline_app.command("rebase")
+def baseline_rebase(app_: _AppOpt = None, model: _ModelOpt = None, prompt_version: _PvOpt = None,
+                    field: _FieldOpt = None,
+                    from_: Annotated[str | None, typer.Option("--from", help="Start of the event-time range (RFC 3339 or epoch ms).")] = None,
+                    to: Annotated[str | None, typer.Option("--to", help="End of the range (exclusive).")] = None,
+                    note: Annotated[str, typer.Option(help="Why (kept in drift_references).")] = "",
+                    kafka: KafkaOpt = None, clickhouse: ClickHouseOpt = None,
+                    wait: Annotated[float, typer.Option(help="Seconds to wait for a worker to apply it (0: do not wait).")] = 30.0,
+                    ) -> None:
+    """New reference from the latest samples ("this is normal now"), or from --from/--to."""
+    _send_baseline(kafka, clickhouse, {"action": "rebase", "app": app_, "model": model,
+                                       "prompt_version": prompt_version, "field": field,
+                                       "from_ms": _time_ms(from_, "--from"), "to_ms": _time_ms(to, "--to"),
+                                       "note": note}, wait)
+
+
+@baseline_app.command("pin")
+def baseline_pin(from_: Annotated[str, typer.Option("--from", help="Start of the event-time range (RFC 3339 or epoch ms).")],
+                 to: Annotated[str, typer.Option("--to", help="End of the range (exclusive).")],
+                 app_: _AppOpt = None, model: _ModelOpt = None, prompt_version: _PvOpt = None,
+                 field: _FieldOpt = None,
+                 note: Annotated[str, typer.Option(help="Why (kept in drift_references).")] = "",
+                 kafka: KafkaOpt = None, clickhouse: ClickHouseOpt = None,
+                 wait: Annotated[float, typer.Option(help="Seconds to wait for a worker to apply it (0: do not wait).")] = 30.0,
+                 ) -> None:
+    """Pin the reference to the samples of a time range (e.g. a known-good week)."""
+    _send_baseline(kafka, clickhouse, {"action": "pin", "app": app_, "model": model,
+                                       "prompt_version": prompt_version, "field": field,
+                                       "from_ms": _time_ms(from_, "--from"), "to_ms": _time_ms(to, "--to"),
+                                       "note": note}, wait)
+
+
+@baseline_app.command("reset")
+def baseline_reset(app_: _AppOpt = None, model: _ModelOpt = None, prompt_version: _PvOpt = None,
+                   field: _FieldOpt = None,
+                   note: Annotated[str, typer.Option(help="Why (kept in drift_references).")] = "",
+                   kafka: KafkaOpt = None, clickhouse: ClickHouseOpt = None,
+                   wait: Annotated[float, typer.Option(help="Seconds to wait for a worker to apply it (0: do not wait).")] = 30.0,
+                   ) -> None:
+    """Drop the reference: the next samples of each matching key make a new one."""
+    _send_baseline(kafka, clickhouse, {"action": "reset", "app": app_, "model": model,
+                                       "prompt_version": prompt_version, "field": field, "note": note}, wait)
 
 
 def main() -> None:

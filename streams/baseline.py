@@ -1,0 +1,101 @@
+"""``driftline baseline``: show drift references, and ask the workers to rebase, pin or reset them.
+
+Why commands go through Kafka: a reference lives in the worker's memory (fitted
+detectors, the current window) *and* in ClickHouse (``drift_references``). Only
+the worker that owns a key can change both consistently, and the embedded chDB
+store is held by the worker anyway. So ``rebase`` / ``pin`` / ``reset`` produce a
+JSON command with a fresh ``id`` to the ``driftline.control`` topic; every
+worker's drift stage consumes that topic (no consumer group: each sees every
+command), applies it to the matching keys, and logs it in ``drift_control_log``
+(``n_references`` = how many it made; the new ``drift_references`` rows carry the
+``control_id``). A worker that is down when the command is sent applies it when
+it starts. ``show`` is a plain query, through the worker's ClickHouse HTTP
+endpoint when it holds chDB (like ``driftline sql``).
+
+Command: ``{"cmd": "baseline", "id": …, "action": "rebase" | "pin" | "reset", "app": …,
+"model": …, "prompt_version": …, "field": …, "from_ms": …, "to_ms": …, "note": …}``;
+``None`` filters match everything. ``rebase`` without a range takes the latest
+``ref_size`` samples ("what we see now is normal"); with ``from_ms``/``to_ms`` the
+samples of that event-time range (evenly thinned to ``ref_size``). ``pin`` is a
+rebase to a range that must be given. ``reset`` drops the reference: the next
+``ref_size`` samples make a new one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from driftline.streams.drift import CONTROL_TOPIC
+
+__all__ = ["send_command", "show_references", "wait_applied", "SHOW_SQL"]
+
+SHOW_SQL = (
+    "SELECT app, model, prompt_version, field, version, mode, n, "
+    "formatDateTime(from_ts, '%Y-%m-%d %H:%i:%S') AS ref_from, formatDateTime(to_ts, '%Y-%m-%d %H:%i:%S') AS ref_to, "
+    "control_id, formatDateTime(created_at, '%Y-%m-%d %H:%i:%S') AS created, note "
+    "FROM {db}.drift_references "
+    "WHERE (app, model, prompt_version, field, version) IN "
+    "(SELECT app, model, prompt_version, field, max(version) FROM {db}.drift_references "
+    "GROUP BY app, model, prompt_version, field) {where}"
+    "ORDER BY app, model, prompt_version, field"
+)
+
+
+def send_command(kafka: str, cmd: dict[str, Any], topic: str = CONTROL_TOPIC, timeout: float = 30.0) -> str:
+    """Produce one baseline command; returns its id (the worker logs it when applied)."""
+    import uuid
+
+    from kafka import KafkaProducer
+
+    body = {"cmd": "baseline", "id": uuid.uuid4().hex, "sent_at_ms": int(time.time() * 1000), **cmd}
+    p = KafkaProducer(bootstrap_servers=kafka, acks="all")
+    try:
+        p.send(topic, json.dumps(body).encode()).get(timeout=timeout)
+        p.flush(timeout)
+        return str(body["id"])
+    finally:
+        p.close(timeout=5)
+
+
+def _where(app: str | None, model: str | None, prompt_version: str | None, field: str | None) -> str:
+    conds = []
+    for col, v in (("app", app), ("model", model), ("prompt_version", prompt_version), ("field", field)):
+        if v is not None:
+            conds.append(f"{col} = '" + v.replace("\\", "\\\\").replace("'", "\\'") + "'")
+    return ("AND " + " AND ".join(conds) + " ") if conds else ""
+
+
+def show_references(dsn: str, *, app: str | None = None, model: str | None = None,
+                    prompt_version: str | None = None, field: str | None = None,
+                    fmt: str = "PrettyCompactMonoBlock") -> bytes:
+    """The reference in force per key and field, formatted by ClickHouse."""
+    from driftline.streams.sinks import resolve_dsn
+    from driftline.streams.sqlclient import run_sql
+
+    _, db = resolve_dsn(dsn)
+    return run_sql(dsn, SHOW_SQL.format(db=db, where=_where(app, model, prompt_version, field)), fmt=fmt)
+
+
+def wait_applied(dsn: str, control_id: str, timeout: float) -> int | None:
+    """Wait until a worker logged the command ``control_id``; returns the references it made
+    (0: it matched no key with samples; None: not applied before the timeout)."""
+    from driftline.streams.sinks import resolve_dsn
+    from driftline.streams.sqlclient import run_sql
+
+    _, db = resolve_dsn(dsn)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            cid = "".join(ch for ch in control_id if ch.isalnum() or ch in ":-_.")
+            out = run_sql(dsn, f"SELECT max(n_references), count() FROM {db}.drift_control_log "
+                               f"WHERE control_id = '{cid}'", fmt="TabSeparated")
+            n, seen = (int(x) for x in out.split())
+            if seen:
+                return n
+        except Exception:  # noqa: BLE001 - store busy or not there yet: retry until the deadline
+            pass
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.5)
