@@ -143,6 +143,8 @@ class _Work:
     rejected: list[Rejected]
     offsets: dict[TopicPartition, int]
     n_records: int
+    #: the events as an Arrow table, built on the event loop's thread (see ``_process``)
+    arrow: Any = None
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -330,7 +332,11 @@ class Worker:
             self._last_emit = now
             closed = {(w.key, w.window_start_ms) for w in windows}
             windows += [w for w in self.windows.partial() if (w.key, w.window_start_ms) not in closed]
-        return _Work(event_cols, windows, decoded.rejected, offsets, len(records))
+        # Arrow is built here rather than on the ClickHouse thread: the writer is the
+        # pipeline's slowest stage, and this way its thread holds the GIL only briefly
+        # (ClickHouse parses and stores without it) instead of competing for it.
+        table = to_arrow(event_cols) if event_cols else None
+        return _Work(event_cols, windows, decoded.rejected, offsets, len(records), table)
 
     # ------------------------------------------------------------------ write + commit
     async def _keepalive(self) -> None:
@@ -367,7 +373,9 @@ class Worker:
         sink = self.sink
         event_cols = [w.event_cols for w in batch if w.event_cols]
         if event_cols:
-            await sink.insert_arrow("llm_events", lambda: _concat_arrow(event_cols), self._keepalive)
+            tables = [w.arrow if w.arrow is not None else to_arrow(w.event_cols)
+                      for w in batch if w.event_cols]
+            await sink.insert_arrow("llm_events", lambda: _concat_arrow(tables), self._keepalive)
             self.stored_events += sum(len(c["event_id"]) for c in event_cols)
         windows = [w for work in batch for w in work.windows]
         if windows:
@@ -479,10 +487,9 @@ class Worker:
             log.info("rebuilt %d open windows from %d stored events", self.windows.open_windows, len(cols))
 
 
-def _concat_arrow(cols: list[dict[str, Sequence[Any]]]) -> Any:
+def _concat_arrow(tables: list[Any]) -> Any:
     import pyarrow as pa
 
-    tables = [to_arrow(c) for c in cols]
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
