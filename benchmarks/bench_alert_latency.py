@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
 import shutil
 import statistics
@@ -33,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _machine import machine
 
 RULES = """\
 rules:
@@ -47,17 +47,6 @@ rules:
 TARGET_P99_S = 5.0
 
 
-def machine() -> dict[str, str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"nproc": str(os.cpu_count()), "cpu": cpu, "python": platform.python_version(),
-            "platform": platform.platform()}
 
 
 def event(app: str, latency_ms: float) -> bytes:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from helpers_worker import wait_for as _wait_for
 
 from driftline.streams.app import serve_worker
 from driftline.streams.broker import free_port
@@ -40,12 +41,6 @@ EVERY = 50
 KEY = ("support-bot", "gpt-4o-mini-2024-07-18", "v1")
 
 
-async def _wait_for(cond: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s: {what()}")
-        await asyncio.sleep(0.1)
 
 
 def _records() -> list[Any]:

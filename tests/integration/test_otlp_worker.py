@@ -23,7 +23,7 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -47,6 +47,7 @@ from helpers_otlp import (  # noqa: F401 (fixture)
     fake_openai,
     instrumented_calls,
 )
+from helpers_worker import wait_for as _wait_for
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
@@ -87,12 +88,6 @@ def otlp_topics(make_topics: Any) -> tuple[str, str]:
     return topic, dlq
 
 
-async def _wait_for(cond: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s: {what()}")
-        await asyncio.sleep(0.1)
 
 
 @asynccontextmanager

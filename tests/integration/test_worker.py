@@ -13,12 +13,12 @@ import math
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import clickhouse_connect
 import pytest
 from aiokafka import AIOKafkaConsumer
+from helpers_worker import wait_for as _wait_for
 
 from driftline.schemas.event import decode_event
 from driftline.schemas.prices import PriceTable
@@ -43,12 +43,6 @@ def _config(bootstrap: str, dsn: str, topic: str) -> WorkerConfig:
     )
 
 
-async def _wait_for(cond: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s: {what()}")
-        await asyncio.sleep(0.1)
 
 
 async def _start(cfg: WorkerConfig, sql_port: int | None) -> tuple[asyncio.Event, asyncio.Task[Worker], Worker]:
