@@ -451,50 +451,30 @@ class PriceTable:
 
     def breakdown(self, ev: LLMEvent) -> CostBreakdown | None:
         """The cost of ``ev`` split by token kind; None for an unknown model or no token counts."""
-        if (
-            ev.input_tokens is None
-            and ev.output_tokens is None
-            and ev.cache_read_input_tokens is None
-            and ev.cache_creation_input_tokens is None
-            and ev.reasoning_output_tokens is None
-        ):
-            return None
-        price = self._price_for(ev)
-        if price is None:
-            return None
-        return _breakdown(
-            price,
-            ev.input_tokens or 0,
-            ev.output_tokens or 0,
-            ev.cache_read_input_tokens or 0,
-            ev.cache_creation_input_tokens or 0,
-            ev.reasoning_output_tokens or 0,
-        )
+        priced = self._priced(ev)
+        return None if priced is None else _breakdown(*priced)
 
     def cost(self, ev: LLMEvent) -> float | None:
         """The USD cost of one call; None for an unknown model or an event without token counts."""
-        if (
-            ev.input_tokens is None
-            and ev.output_tokens is None
-            and ev.cache_read_input_tokens is None
-            and ev.cache_creation_input_tokens is None
-            and ev.reasoning_output_tokens is None
-        ):
+        priced = self._priced(ev)
+        return None if priced is None else _cost(*priced)
+
+    def _priced(self, ev: LLMEvent) -> tuple[Price, int, int, int, int, int] | None:
+        """(price, input, output, cache-read, cache-write, reasoning tokens), or None when
+        the event reports no token count or its model is unknown."""
+        toks = (ev.input_tokens, ev.output_tokens, ev.cache_read_input_tokens,
+                ev.cache_creation_input_tokens, ev.reasoning_output_tokens)
+        if all(t is None for t in toks):
             return None
         price = self._price_for(ev)
         if price is None:
             return None
-        return _cost(
-            price,
-            ev.input_tokens or 0,
-            ev.output_tokens or 0,
-            ev.cache_read_input_tokens or 0,
-            ev.cache_creation_input_tokens or 0,
-            ev.reasoning_output_tokens or 0,
-        )
+        inp, out, cr, cw, rs = (t or 0 for t in toks)
+        return price, inp, out, cr, cw, rs
 
     def cost_many(self, events: Iterable[LLMEvent]) -> list[float | None]:
-        """:meth:`cost` of each event, in order (the hot-path form).
+        """:meth:`cost` of each event, in order. (The worker uses the vectorised
+        :meth:`cost_columns`.)
 
         Model names are resolved once per distinct name, and the last price
         period hit per model is reused while event times stay inside it, so

@@ -249,10 +249,6 @@ _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens",
 _astuple = msgspec.structs.astuple
 
 
-def _ints(col: Sequence[int | None]) -> np.ndarray:
-    return np.fromiter((0 if v is None else v for v in col), np.int64, len(col))
-
-
 def to_columns(batch: EnrichedBatch, now_ms: int | None = None) -> tuple[dict[str, Sequence[Any]], EventBatchColumns]:
     """Column-oriented ``llm_events`` rows and the window stage's numbers for one batch.
 

@@ -142,7 +142,6 @@ class _Work:
     windows: list[WindowStats]
     rejected: list[Rejected]
     offsets: dict[TopicPartition, int]
-    n_records: int
     #: the events as an Arrow table, built on the event loop's thread (see ``_process``)
     arrow: Any = None
 
@@ -247,7 +246,7 @@ class Worker:
         finally:
             with contextlib.suppress(Exception):
                 # windows still open are stored as partial rows: visible, and rebuilt on restart
-                await self._queue.put(_Work(None, self.windows.partial(), [], {}, 0))
+                await self._queue.put(_Work(None, self.windows.partial(), [], {}))
             await self._queue.put(None)
             with contextlib.suppress(Exception):
                 await writer
@@ -336,7 +335,7 @@ class Worker:
         # pipeline's slowest stage, and this way its thread holds the GIL only briefly
         # (ClickHouse parses and stores without it) instead of competing for it.
         table = to_arrow(event_cols) if event_cols else None
-        return _Work(event_cols, windows, decoded.rejected, offsets, len(records), table)
+        return _Work(event_cols, windows, decoded.rejected, offsets, table)
 
     # ------------------------------------------------------------------ write + commit
     async def _keepalive(self) -> None:
@@ -440,7 +439,7 @@ class Worker:
         # Keep what is open visible; the next owner rebuilds it from the stored rows.
         partial = self.windows.partial()
         if partial:
-            await self._queue.put(_Work(None, partial, [], {}, 0))
+            await self._queue.put(_Work(None, partial, [], {}))
         self.windows = WindowAggregator(self.cfg.window)
         self._assigned -= set(revoked)
         self._ready -= set(revoked)
