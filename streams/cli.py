@@ -336,6 +336,8 @@ _AppOpt = Annotated[str | None, typer.Option("--app", help="Only this app (defau
 _ModelOpt = Annotated[str | None, typer.Option("--model", help="Only this model.")]
 _PvOpt = Annotated[str | None, typer.Option("--prompt-version", help="Only this prompt version.")]
 _FieldOpt = Annotated[str | None, typer.Option("--field", help="Only this field: prompt or response.")]
+_NoteOpt = Annotated[str, typer.Option(help="Why (kept in drift_references).")]
+_WaitOpt = Annotated[float, typer.Option(help="Seconds to wait for a worker to apply it (0: do not wait).")]
 
 
 def _time_ms(v: str | None, name: str) -> int | None:
@@ -398,9 +400,9 @@ def baseline_rebase(app_: _AppOpt = None, model: _ModelOpt = None, prompt_versio
                     field: _FieldOpt = None,
                     from_: Annotated[str | None, typer.Option("--from", help="Start of the event-time range (RFC 3339 or epoch ms).")] = None,
                     to: Annotated[str | None, typer.Option("--to", help="End of the range (exclusive).")] = None,
-                    note: Annotated[str, typer.Option(help="Why (kept in drift_references).")] = "",
+                    note: _NoteOpt = "",
                     kafka: KafkaOpt = None, clickhouse: ClickHouseOpt = None,
-                    wait: Annotated[float, typer.Option(help="Seconds to wait for a worker to apply it (0: do not wait).")] = 30.0,
+                    wait: _WaitOpt = 30.0,
                     ) -> None:
     """New reference from the latest samples ("this is normal now"), or from --from/--to."""
     _send_baseline(kafka, clickhouse, {"action": "rebase", "app": app_, "model": model,
@@ -414,9 +416,9 @@ def baseline_pin(from_: Annotated[str, typer.Option("--from", help="Start of the
                  to: Annotated[str, typer.Option("--to", help="End of the range (exclusive).")],
                  app_: _AppOpt = None, model: _ModelOpt = None, prompt_version: _PvOpt = None,
                  field: _FieldOpt = None,
-                 note: Annotated[str, typer.Option(help="Why (kept in drift_references).")] = "",
+                 note: _NoteOpt = "",
                  kafka: KafkaOpt = None, clickhouse: ClickHouseOpt = None,
-                 wait: Annotated[float, typer.Option(help="Seconds to wait for a worker to apply it (0: do not wait).")] = 30.0,
+                 wait: _WaitOpt = 30.0,
                  ) -> None:
     """Pin the reference to the samples of a time range (e.g. a known-good week)."""
     _send_baseline(kafka, clickhouse, {"action": "pin", "app": app_, "model": model,
@@ -428,9 +430,9 @@ def baseline_pin(from_: Annotated[str, typer.Option("--from", help="Start of the
 @baseline_app.command("reset")
 def baseline_reset(app_: _AppOpt = None, model: _ModelOpt = None, prompt_version: _PvOpt = None,
                    field: _FieldOpt = None,
-                   note: Annotated[str, typer.Option(help="Why (kept in drift_references).")] = "",
+                   note: _NoteOpt = "",
                    kafka: KafkaOpt = None, clickhouse: ClickHouseOpt = None,
-                   wait: Annotated[float, typer.Option(help="Seconds to wait for a worker to apply it (0: do not wait).")] = 30.0,
+                   wait: _WaitOpt = 30.0,
                    ) -> None:
     """Drop the reference: the next samples of each matching key make a new one."""
     _send_baseline(kafka, clickhouse, {"action": "reset", "app": app_, "model": model,
