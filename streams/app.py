@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import signal
+import tempfile
 import uuid
 from typing import Any
 
@@ -66,9 +68,13 @@ class SpineService(mode.Service):
 def make_app(worker: Worker, *, control_topic: str = CONTROL_TOPIC) -> tuple[faust.App, SpineService]:
     """The faust app hosting ``worker``: the spine service and the control agent."""
     cfg = worker.cfg
+    # faust keeps table state under ``datadir`` (``<app id>-data`` in the working
+    # directory by default); the control app has no tables and a fresh id per run,
+    # so it gets a private temporary directory, removed when the worker stops.
     app = faust.App(
         f"{cfg.group_id}-control-{uuid.uuid4().hex[:8]}", broker=f"kafka://{cfg.kafka}",
-        web_enabled=False, topic_disable_leader=True, store="memory://",
+        datadir=tempfile.mkdtemp(prefix="driftline-faust-"), web_enabled=False,
+        topic_disable_leader=True, store="memory://",
         broker_session_timeout=6.0, broker_heartbeat_interval=1.0,
         consumer_auto_offset_reset="latest", topic_allow_declare=False,
     )
@@ -158,6 +164,7 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
         if app is not None:
             with contextlib.suppress(Exception):
                 await app.stop()
+            shutil.rmtree(str(app.conf.datadir), ignore_errors=True)
         if endpoint is not None:
             await endpoint.stop()
         await runner.cleanup()
