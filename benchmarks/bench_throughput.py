@@ -75,6 +75,17 @@ async def raw_consume(bootstrap: str, topic: str, n: int, timeout_s: float) -> t
     return (t1 - (t0 or t1)), got, nbytes
 
 
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads), from /proc."""
+    import os
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 class Timers:
     def __init__(self) -> None:
         self.s: dict[str, float] = defaultdict(float)
@@ -102,13 +113,18 @@ class Timers:
 
 
 async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timers: Timers,
-                     ch_path: str) -> dict[str, Any]:
+                     ch_path: str, broker_pid: int, record_by_record: bool = False) -> dict[str, Any]:
+    import functools
+
     import driftline.streams.worker as wmod
     from driftline.streams.worker import Worker, WorkerConfig
 
     # stage timers: the worker module looks these names up at call time
     for name in ("decode_batch", "enrich", "to_columns"):
-        setattr(wmod, name, timers.wrap_sync(name, getattr(wmod, name)))
+        fn = getattr(wmod, name)
+        if name == "decode_batch" and record_by_record:
+            fn = functools.partial(fn, fast=False)
+        setattr(wmod, name, timers.wrap_sync(name, fn))
 
     cfg = WorkerConfig(kafka=bootstrap, clickhouse=f"chdb://{ch_path}", topics=(topic,),
                        dlq_topic=f"{topic}.dlq", group_id=f"bench-{uuid.uuid4().hex[:8]}")
@@ -142,6 +158,7 @@ async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timer
                 raise TimeoutError("worker processed nothing")
             await asyncio.sleep(0.001)
         t0 = time.perf_counter()
+        cpu0 = (time.thread_time(), time.process_time(), proc_cpu_s(broker_pid))
         # the first batch's process() already ran; reset the stage timers at t0 would lose it,
         # so they cover the whole run (start-up batches are empty and cheap)
         while worker.stored_events < n:
@@ -152,7 +169,8 @@ async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timer
                 break
             await asyncio.sleep(0.002)
         t1 = time.perf_counter()
-        res = {"seconds": t1 - t0, "startup_s": t0 - t_launch, "stored": worker.stored_events,
+        cpu1 = (time.thread_time(), time.process_time(), proc_cpu_s(broker_pid))
+        res = {"cpu": [b - a for a, b in zip(cpu0, cpu1, strict=True)], "seconds": t1 - t0, "startup_s": t0 - t_launch, "stored": worker.stored_events,
                "processed": worker.processed_records, "dlq": worker.dead_lettered,
                "batches": worker.metrics.batches}
     finally:
@@ -194,8 +212,9 @@ async def main_async(args: argparse.Namespace) -> int:
                   f"{raw_rate:,.0f} events/s ({raw_b / raw_s / 1e6:.0f} MB/s)", flush=True)
 
             timers = Timers()
+            assert broker.process is not None
             res = await run_worker(broker.bootstrap, topic, sent, args.timeout, timers,
-                                   str(tmp / "chdb"))
+                                   str(tmp / "chdb"), broker.process.pid, args.record_by_record)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -205,6 +224,12 @@ async def main_async(args: argparse.Namespace) -> int:
           f"{res['batches']} batches)")
     print(f"ratio driftline / raw consume: {rate / raw_rate:.3f}")
     wall = res["seconds"]
+    main_cpu, proc_cpu, broker_cpu = res["cpu"]
+    print(f"CPU over the timed run ({wall:.2f}s wall, {m['nproc']} cores): event-loop thread "
+          f"{main_cpu:.2f}s ({100 * main_cpu / wall:.0f}% busy), other threads of the worker "
+          f"process (ClickHouse/chDB, Kafka I/O) {proc_cpu - main_cpu:.2f}s, broker process "
+          f"{broker_cpu:.2f}s; total {(proc_cpu + broker_cpu) / wall:.2f} cores, "
+          f"{1e6 * (proc_cpu + broker_cpu) / max(1, sent):.0f} CPU-us/event")
     print("breakdown (cumulative seconds over the run; insert runs on the ClickHouse thread and "
           "overlaps processing):")
     for name in ("process", "decode_batch", "enrich", "to_columns", "insert llm_events",
@@ -224,6 +249,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=200_000, help="events to produce (default 200,000)")
     ap.add_argument("--seed", type=int, default=7, help="replay seed (default 7)")
+    ap.add_argument("--record-by-record", action="store_true",
+                    help="decode every JSON event with msgspec, one by one (the path before the "
+                         "columnar Arrow decode), for comparison")
     ap.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds per phase")
     args = ap.parse_args()
     return asyncio.run(main_async(args))

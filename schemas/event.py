@@ -214,8 +214,8 @@ def decode_event(data: bytes | str) -> LLMEvent:
     """Decode and validate one JSON record. Raises :class:`EventError`."""
     try:
         ev = _typed_decoder.decode(data)
-    except msgspec.DecodeError:  # unknown key, null, bad value, not JSON: the exact path says which
-        ev = None
+    except (msgspec.DecodeError, UnicodeDecodeError):  # unknown key, null, bad value, not JSON,
+        ev = None                                       # bad UTF-8: the exact path says which
     if (ev is not None and ev.event_id is not None and ev.app
             and (ev.request_model is not None or ev.response_model is not None)):
         ts = ev.timestamp
@@ -229,6 +229,8 @@ def decode_event(data: bytes | str) -> LLMEvent:
         obj = _decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise EventError(f"not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:  # msgspec raises it for a string that is not UTF-8
+        raise EventError(f"not valid UTF-8: {exc}") from None
     return event_from_dict(obj)
 
 

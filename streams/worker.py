@@ -35,7 +35,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -75,6 +75,10 @@ class WorkerConfig:
     max_batch: int = 20_000
     #: the writer merges queued batches into one insert up to this many events
     max_insert_rows: int = 100_000
+    #: an insert smaller than ``min_insert_rows`` waits up to ``insert_linger_s`` for
+    #: more batches: fewer, larger parts, so ClickHouse spends less on merging them
+    min_insert_rows: int = 20_000
+    insert_linger_s: float = 0.2
     fetch_timeout_ms: int = 200
     emit_interval_s: float = 5.0
     idle_close_s: float = 10.0
@@ -109,7 +113,7 @@ class StoredBatch:
     window rows written (partial and final).
     """
 
-    events: dict[str, Sequence[Any]] | None
+    events: Mapping[str, Any] | None
     windows: list[WindowStats]
     rejected: list[Rejected]
 
@@ -138,7 +142,7 @@ class Stage(Protocol):
 class _Work:
     """One processed batch on its way to the writer."""
 
-    event_cols: dict[str, Sequence[Any]] | None
+    event_cols: Mapping[str, Any] | None
     windows: list[WindowStats]
     rejected: list[Rejected]
     offsets: dict[TopicPartition, int]
@@ -306,9 +310,9 @@ class Worker:
     def _process(self, records: Sequence[Any], offsets: dict[TopicPartition, int]) -> _Work:
         now = time.monotonic()
         m = self.metrics
-        decoded = decode_batch(records)
+        decoded = decode_batch(records, fast=self.scanner is None)  # the scan needs event objects
         event_cols = None
-        if decoded.events:
+        if decoded.n_events:
             enriched = enrich(decoded, self.prices, self.scanner)
             event_cols, wcols = to_columns(enriched)
             late = self.windows.add(wcols)
@@ -349,21 +353,34 @@ class Worker:
                     await c.getmany(timeout_ms=0)
 
     async def _writer(self) -> None:
+        queue = self._queue
+        cfg = self.cfg
         while True:
-            work = await self._queue.get()
+            work = await queue.get()
             if work is None:
                 return
-            # coalesce what queued up meanwhile: fewer, larger inserts (fewer parts to merge)
+            # coalesce what queues up meanwhile, lingering briefly for a small insert:
+            # fewer, larger inserts (fewer parts to merge)
             batch = [work]
-            n = len(work.event_cols["event_id"]) if work.event_cols else 0
+            n = work.arrow.num_rows if work.arrow is not None else 0
             done = False
-            while n < self.cfg.max_insert_rows and not self._queue.empty():
-                nxt = self._queue.get_nowait()
+            deadline = time.monotonic() + cfg.insert_linger_s
+            while n < cfg.max_insert_rows:
+                if queue.empty():
+                    left = deadline - time.monotonic()
+                    if n >= cfg.min_insert_rows or left <= 0:
+                        break
+                    try:
+                        nxt = await asyncio.wait_for(queue.get(), left)
+                    except TimeoutError:
+                        break
+                else:
+                    nxt = queue.get_nowait()
                 if nxt is None:
                     done = True
                     break
                 batch.append(nxt)
-                n += len(nxt.event_cols["event_id"]) if nxt.event_cols else 0
+                n += nxt.arrow.num_rows if nxt.arrow is not None else 0
             await self._write(batch)
             if done:
                 return
@@ -375,7 +392,7 @@ class Worker:
             tables = [w.arrow if w.arrow is not None else to_arrow(w.event_cols)
                       for w in batch if w.event_cols]
             await sink.insert_arrow("llm_events", lambda: _concat_arrow(tables), self._keepalive)
-            self.stored_events += sum(len(c["event_id"]) for c in event_cols)
+            self.stored_events += sum(t.num_rows for t in tables)
         windows = [w for work in batch for w in work.windows]
         if windows:
             stamp = time.time_ns() // 1000  # DateTime64(6) ticks

@@ -216,3 +216,95 @@ def test_to_arrow_schema_roundtrip() -> None:
     assert t.column("extra").to_pylist() == [msgspec.json.encode({"k": 1}).decode(), "{}"]
     assert t.column("cost_usd").to_pylist() == [None, None]  # no tokens / unknown model
     assert t.column("source_offset").to_pylist() == [0, 1]
+
+
+# -- the columnar fast path (Arrow's JSON reader) against the record-by-record path ----------
+from driftline.streams import pipeline as _pl  # noqa: E402
+
+ODD_RECORDS = [
+    b'{"event_id":"m1","app":"a","request_model":"gpt-4o","timestamp":1,"latency_ms":1} '
+    b'{"event_id":"m2","app":"a","request_model":"gpt-4o","timestamp":2,"latency_ms":2}',  # two objects
+    b'{"event_id":"n1","app":"a",\n"request_model":"gpt-4o","timestamp":1,"latency_ms":1}',  # line break
+    b' {"event_id":"w1","app":"a","request_model":"gpt-4o","timestamp":1,"latency_ms":1}',  # leading space
+    b'{"event_id":"d1","app":"a","app":"b","request_model":"gpt-4o","timestamp":1,"latency_ms":1}',
+    b'{"event_id":"u1","app":"a","request_model":"gpt-4o","timestamp":1,"latency_ms":1,"prompt":"\\ud800"}',
+    b'{"event_id":"x1","app":"a","request_model":"gpt-4o","timestamp":1,"latency_ms":1,"prompt":"\xff"}',
+    b'{"event_id":"f1","app":"a","request_model":"gpt-4o","timestamp":1,"latency_ms":1e400}',
+    b'{"event_id":"i1","app":"a","request_model":"gpt-4o","timestamp":1,"latency_ms":1,"input_tokens":1e3}',
+    b'{"event_id":"b1","app":"a","request_model":"gpt-4o","timestamp":1,"latency_ms":1,"feedback":1.0}',
+    b'{"event_id":"g1","app":"a","request_model":"gpt-4o","timestamp":1,"latency_ms":1,"guardrails":[null]}',
+    b'{"event_id":"r1","app":"a","request_model":"gpt-4o","timestamp":1,"latency_ms":1,"finish_reasons":["stop",null]}',
+    b'{"event_id":"t1","app":"a","request_model":"gpt-4o","timestamp":18446744073709551615,"latency_ms":1}',
+    b'[1, 2]', b'', b'{}', b'null', b'{"event_id":"z1"', b'{"app":"a"}\n',
+]
+
+
+def _both_paths(recs: list[Rec], monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
+    prices = PriceTable.default()
+    out = []
+    for fast in (True, False):
+        decoded = decode_batch(recs, fast=fast)
+        cols, w = to_columns(enrich(decoded, prices), now_ms=1)
+        t = to_arrow(cols)
+        order = np.argsort(np.asarray(t.column("source_offset").to_pylist(), np.int64), kind="stable")
+        rows = t.take(order).to_pylist() if t.num_rows else []
+        win = {k: np.asarray(getattr(w, k))[order].tolist() for k in (
+            "ts_ms", "latency_ms", "ttft_ms", "tpot_ms", "is_error", "input_tokens", "output_tokens",
+            "cache_read_input_tokens", "cache_creation_input_tokens", "reasoning_output_tokens",
+            "cost_usd", "guardrail_checked", "guardrail_hit", "guardrail_blocked", "feedback")}
+        win["keys"] = [w.keys[i] for i in order.tolist()]
+        rej = sorted((r.offset, r.reason, r.field, r.value)
+                     for r in decoded.rejected)
+        out.append((rows, json.dumps(win, default=str, sort_keys=True), rej, decoded.table is not None))
+    return out[0], out[1]
+
+
+def _records(raws: list[bytes]) -> list[Rec]:
+    return [Rec("llm.events", i % 3, i, None, r) for i, r in enumerate(raws)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(event_dict, min_size=1, max_size=120), st.lists(st.sampled_from(ODD_RECORDS), max_size=6),
+       st.randoms(use_true_random=False))
+def test_columnar_decode_equals_record_by_record(dicts: list[dict[str, Any]], odd: list[bytes],
+                                                 rnd: Any) -> None:
+    """Every record, valid or not, ends up as the same row or the same dead-letter
+    reason whichever path decodes it; bisection is forced down to chunks of 4."""
+    raws = [json.dumps(d, separators=(",", ":")).encode() for d in dicts] + odd
+    rnd.shuffle(raws)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_pl, "_FAST_MIN", 1)
+        mp.setattr(_pl, "_CHUNK_MIN", 4)
+        fast, slow = _both_paths(_records(raws), mp)
+    assert fast[0] == slow[0]  # the llm_events rows
+    assert fast[1] == slow[1]  # the window stage's numbers
+    assert fast[2] == slow[2]  # the dead-lettered records and reasons
+
+
+def test_columnar_decode_takes_clean_batches_and_both_timestamp_forms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clean records are all decoded by Arrow (none left to the slow path), with epoch-ms
+    or RFC 3339 timestamps, and a bad record in a big batch costs only its chunk."""
+    base = dict(BASE, guardrails=[{"name": "pii", "verdict": "flagged", "score": 0.5}],
+                finish_reasons=["stop"], feedback=-1, input_tokens=10, output_tokens=3)
+    for ts in (1735689600000, "2025-01-01T00:00:00.250+01:00"):
+        raws = [json.dumps(dict(base, event_id=f"e{i}", timestamp=ts)).encode() for i in range(300)]
+        decoded = decode_batch(_records(raws))
+        assert decoded.table is not None and decoded.table.num_rows == 300 and decoded.events == []
+        assert decoded.table.column("timestamp").to_pylist()[0] == (
+            ts if isinstance(ts, int) else 1735689600250 - 3_600_000)
+    raws = [json.dumps(dict(base, event_id=f"e{i}")).encode() for i in range(4096)]
+    raws[1000] = b'{"event_id":"bad","app":"a","request_model":"m","timestamp":1,"latency_ms":"x"}'
+    monkeypatch.setattr(_pl, "_CHUNK_MIN", 256)
+    decoded = decode_batch(_records(raws))
+    assert decoded.table is not None
+    assert decoded.table.num_rows == 4096 - 256  # the bad record's 256-record chunk went slow
+    assert len(decoded.events) == 255 and [r.offset for r in decoded.rejected] == [1000]
+    a, b = _both_paths(_records(raws), monkeypatch)
+    assert a == (b[0], b[1], b[2], True)
+
+
+def test_invalid_utf8_is_an_event_error_not_a_crash() -> None:
+    with pytest.raises(EventError, match="UTF-8"):
+        decode_event(b'{"event_id":"a","app":"x","request_model":"m","timestamp":1,"latency_ms":1,"prompt":"\xff"}')
+    decoded = decode_batch(_records([b'{"app":"\xff"}'] * 100))
+    assert decoded.n_events == 0 and len(decoded.rejected) == 100
