@@ -13,7 +13,8 @@ Each breach uses a fresh app ``bench-K``: 19 healthy calls first (below ``min_ev
 pause, then one call of 5 s latency, the event that makes p99 > 2000 ms. The latency of a
 breach is the receiver's arrival time of the ``firing`` alert for ``bench-K`` minus the time
 just before that event was handed to the producer (same machine, same clock). Breaches are
-spaced by a random 1.0-2.0 s so they fall at every phase of the evaluation tick.
+spaced by a random 1.0-2.0 s so they fall at every phase of the evaluation tick; a breach
+never starts in the last 5 s of a minute, so its 20 calls share one window.
 Prints p50 / p90 / p99 / max and every sample; exits 1 when the p99 target (5 s) is missed.
 """
 
@@ -130,6 +131,10 @@ async def main(args: argparse.Namespace) -> int:
         for k in range(args.breaches):
             name = f"bench-{k}"
             key = f"{name}/gpt-4o-mini".encode()
+            # the 19 calls and the breach must share a 60 s window (min_events counts per
+            # window): do not start within 5 s of a minute boundary
+            if time.time() % 60 > 55:
+                await asyncio.sleep(60.5 - time.time() % 60)
             for _ in range(19):
                 await producer.send("llm.events", event(name, 300.0), key=key)
             await producer.flush()

@@ -141,6 +141,8 @@ async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timer
                 timers.s[f"insert {table}"] += time.perf_counter() - t
                 timers.n[f"insert {table}"] += 1
         return ins
+    # the fetch loop blocked on a full writer queue: backpressure from ClickHouse
+    worker._queue.put = timers.wrap_async("wait for writer", worker._queue.put)  # type: ignore[method-assign]
     sink.insert_columns = timed(sink.insert_columns)  # type: ignore[method-assign]
     sink.insert_arrow = timed(sink.insert_arrow)  # type: ignore[method-assign]
 
@@ -232,7 +234,7 @@ async def main_async(args: argparse.Namespace) -> int:
           f"{1e6 * (proc_cpu + broker_cpu) / max(1, sent):.0f} CPU-us/event")
     print("breakdown (cumulative seconds over the run; insert runs on the ClickHouse thread and "
           "overlaps processing):")
-    for name in ("process", "decode_batch", "enrich", "to_columns", "insert llm_events",
+    for name in ("process", "decode_batch", "enrich", "to_columns", "wait for writer", "insert llm_events",
                  "insert llm_window_metrics"):
         if name in timers.s:
             print(f"  {name:<26} {timers.s[name]:7.2f}s  {100 * timers.s[name] / wall:5.1f}% of wall  "

@@ -648,12 +648,17 @@ class DriftStage:
             return
         ids, apps, models, pvs, tss = (ev["event_id"], ev["app"], ev["model"], ev["prompt_version"],
                                        ev["timestamp"])
-        cols = [(f, ev.get(f)) for f in self.cfg.fields]
         items: list[tuple[str, Sample]] = []
         m = self.metrics
         for (a, mo), c in Counter(zip(apps, models, strict=True)).items():
             m.seen[m.label(a, mo)] += c
-        for i in np.flatnonzero(sample_mask(ids, self.cfg.sample_rate, self.cfg.sample_salt)).tolist():
+        picked = np.flatnonzero(sample_mask(ids, self.cfg.sample_rate, self.cfg.sample_salt)).tolist()
+        table = getattr(ev, "table", None)  # ArrowColumns: read only the sampled texts
+        cols: list[tuple[str, Any]] = [
+            (f, dict(zip(picked, table.column(f).take(picked).to_pylist(), strict=True))
+             if f in table.column_names else None) if table is not None else (f, ev.get(f))
+            for f in self.cfg.fields]
+        for i in picked:
             key = (apps[i], models[i], pvs[i] or "")
             lab = m.label(apps[i], models[i])
             for f, col in cols:

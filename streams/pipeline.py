@@ -297,8 +297,16 @@ def _text_timestamps(t: pa.Table) -> pa.Table:
     return t.set_column(t.schema.get_field_index("timestamp"), "timestamp", pa.array(out, pa.int64()))
 
 
+def _np(col: Any, dtype: Any, fill: Any = None) -> np.ndarray:
+    if fill is not None:
+        col = pc.fill_null(col, fill)
+    return np.asarray(col.to_numpy(zero_copy_only=False) if isinstance(col, pa.Array)
+                      else col.to_numpy(), dtype)
+
+
 def _np_bool(a: Any) -> np.ndarray:
-    return np.asarray(pc.fill_null(a, False).to_numpy(zero_copy_only=False), bool)
+    """A boolean Arrow array as numpy, null = False."""
+    return _np(a, bool, False)
 
 
 def _valid_rows(t: pa.Table) -> np.ndarray:
@@ -528,13 +536,6 @@ def _events_table(batch: EnrichedBatch) -> pa.Table:
         else:
             arrays.append(pa.array(col[name], f.type))
     return pa.Table.from_arrays(arrays, schema=DECODED_SCHEMA)
-
-
-def _np(col: Any, dtype: Any, fill: Any = None) -> np.ndarray:
-    if fill is not None:
-        col = pc.fill_null(col, fill)
-    return np.asarray(col.to_numpy(zero_copy_only=False) if isinstance(col, pa.Array)
-                      else col.to_numpy(), dtype)
 
 
 def to_columns(batch: EnrichedBatch, now_ms: int | None = None) -> tuple[ArrowColumns, EventBatchColumns]:

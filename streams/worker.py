@@ -31,7 +31,9 @@ with ``FINAL`` for exact counts at any moment.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import gc
 import logging
 import time
@@ -49,6 +51,7 @@ from driftline.streams.pipeline import (
     DLQ_TOPIC,
     EVENTS_TOPIC,
     OTLP_TOPIC,
+    DecodedBatch,
     Rejected,
     decode_batch,
     enrich,
@@ -79,6 +82,8 @@ class WorkerConfig:
     #: more batches: fewer, larger parts, so ClickHouse spends less on merging them
     min_insert_rows: int = 20_000
     insert_linger_s: float = 0.2
+    #: on revocation, wait this long at most for queued batches to be written
+    revoke_drain_s: float = 60.0
     fetch_timeout_ms: int = 200
     emit_interval_s: float = 5.0
     idle_close_s: float = 10.0
@@ -150,6 +155,18 @@ class _Work:
     arrow: Any = None
 
 
+@dataclass
+class _Pending:
+    """A fetched batch whose decode runs on the decode thread."""
+
+    records: list[Any]
+    offsets: dict[TopicPartition, int]
+    firsts: dict[TopicPartition, int]
+    #: ``Worker._rebalances`` when it was fetched
+    generation: int
+    decoded: Any  # asyncio future of the DecodedBatch, None for an empty batch
+
+
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -190,6 +207,10 @@ class Worker:
         #: first offset fetched (and dropped) from a partition before it was ready
         self._rewind: dict[TopicPartition, int] = {}
         self._skip_below: dict[TopicPartition, int] = {}
+        #: counts revocations and assignments: a batch in flight across one is fetched again
+        self._rebalances = 0
+        self._pending: _Pending | None = None
+        self._decode_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="driftline-decode")
         self.processed_records = 0
         self.stored_events = 0
         self.dead_lettered = 0
@@ -224,6 +245,7 @@ class Worker:
                  cfg.kafka, cfg.clickhouse, self.sink.database)
 
     async def stop(self) -> None:
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
         if self.consumer is not None:
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
@@ -247,6 +269,9 @@ class Worker:
                 await self._fetch_and_process()
                 if writer.done():
                     writer.result()  # surfaces a writer bug; sink failures never get here
+            if self._pending is not None:  # the batch still being decoded is written too
+                pending, self._pending = self._pending, None
+                await self._complete(pending)
         finally:
             with contextlib.suppress(Exception):
                 # windows still open are stored as partial rows: visible, and rebuilt on restart
@@ -267,11 +292,24 @@ class Worker:
 
     # ------------------------------------------------------------------ fetch + process
     async def _fetch_and_process(self) -> None:
+        """Fetch a batch and start decoding it on the decode thread, then finish the
+        batch fetched before (windows, queue for the writer).
+
+        Decoding is mostly Arrow's JSON reader, which runs without the GIL, so it
+        overlaps with the next ``getmany`` (aiokafka's per-record work, on this
+        thread). A batch that was in flight while partitions were revoked or
+        assigned is dropped, with every batch after it, and fetched again from
+        its first offsets: it is never added to the windows of a new assignment.
+        """
         assert self.consumer is not None
-        data = await self.consumer.getmany(timeout_ms=self.cfg.fetch_timeout_ms,
+        # with a batch in flight, take only what is already fetched: when traffic stops,
+        # that batch is finished at once rather than after a fetch timeout
+        busy = self._pending is not None and bool(self._pending.records)
+        data = await self.consumer.getmany(timeout_ms=0 if busy else self.cfg.fetch_timeout_ms,
                                            max_records=self.cfg.max_batch)
         records: list[Any] = []
         offsets: dict[TopicPartition, int] = {}
+        firsts: dict[TopicPartition, int] = {}
         for tp, recs in data.items():
             if not recs:
                 continue
@@ -284,12 +322,43 @@ class Worker:
             floor = self._skip_below.get(tp)
             if floor is not None:
                 recs = [r for r in recs if r.offset >= floor]
+            if recs:
+                firsts[tp] = recs[0].offset
             records.extend(recs)
             offsets[tp] = data[tp][-1].offset + 1
-        work = self.process(records, offsets)
+        fut: Any = None
+        if records:
+            fut = asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, functools.partial(decode_batch, records, fast=self.scanner is None))
+        prev, self._pending = self._pending, _Pending(records, offsets, firsts, self._rebalances, fut)
+        if prev is not None:
+            await self._complete(prev)
+
+    async def _complete(self, p: _Pending) -> None:
+        decoded = await p.decoded if p.decoded is not None else None
+        if p.generation != self._rebalances:
+            self._refetch(p)
+            return
+        work = self.process(p.records, p.offsets, decoded)
         await self._queue.put(work)
 
-    def process(self, records: Sequence[Any], offsets: dict[TopicPartition, int]) -> _Work:
+    def _refetch(self, stale: _Pending) -> None:
+        """Drop ``stale`` and the batch fetched after it; seek their partitions back."""
+        back = dict(stale.firsts)
+        nxt, self._pending = self._pending, None
+        if nxt is not None:
+            if nxt.decoded is not None:
+                nxt.decoded.cancel()
+            for tp, off in nxt.firsts.items():
+                back[tp] = min(off, back.get(tp, off))
+        assert self.consumer is not None
+        for tp, off in back.items():
+            if tp in self._ready:
+                self.consumer.seek(tp, off)
+        log.info("rebalance while %d records were in flight: fetching them again", len(stale.records))
+
+    def process(self, records: Sequence[Any], offsets: dict[TopicPartition, int],
+                decoded: DecodedBatch | None = None) -> _Work:
         """Decode, enrich and window one batch (CPU only; no I/O).
 
         The cyclic garbage collector is held off while a batch is built: the batch
@@ -301,16 +370,18 @@ class Worker:
         gc_was = gc.isenabled()
         gc.disable()
         try:
-            return self._process(records, offsets)
+            return self._process(records, offsets, decoded)
         finally:
             if gc_was:
                 gc.enable()
                 gc.collect(0)
 
-    def _process(self, records: Sequence[Any], offsets: dict[TopicPartition, int]) -> _Work:
+    def _process(self, records: Sequence[Any], offsets: dict[TopicPartition, int],
+                 decoded: DecodedBatch | None) -> _Work:
         now = time.monotonic()
         m = self.metrics
-        decoded = decode_batch(records, fast=self.scanner is None)  # the scan needs event objects
+        if decoded is None:
+            decoded = decode_batch(records, fast=self.scanner is None)  # the scan needs event objects
         event_cols = None
         if decoded.n_events:
             enriched = enrich(decoded, self.prices, self.scanner)
@@ -358,6 +429,7 @@ class Worker:
         while True:
             work = await queue.get()
             if work is None:
+                queue.task_done()
                 return
             # coalesce what queues up meanwhile, lingering briefly for a small insert:
             # fewer, larger inserts (fewer parts to merge)
@@ -382,6 +454,8 @@ class Worker:
                 batch.append(nxt)
                 n += nxt.arrow.num_rows if nxt.arrow is not None else 0
             await self._write(batch)
+            for _ in range(len(batch) + done):
+                queue.task_done()
             if done:
                 return
 
@@ -453,17 +527,28 @@ class Worker:
     async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
         if not revoked:
             return
+        self._rebalances += 1
         # Keep what is open visible; the next owner rebuilds it from the stored rows.
         partial = self.windows.partial()
         if partial:
             await self._queue.put(_Work(None, partial, [], {}))
         self.windows = WindowAggregator(self.cfg.window)
+        # Everything processed so far is written (and committed) before the group moves
+        # on: the next owner of a partition reads its stored offsets after this returns,
+        # so it skips what this worker stored instead of storing it again.
+        try:
+            await asyncio.wait_for(self._queue.join(), self.cfg.revoke_drain_s)
+        except TimeoutError:
+            log.warning("revoked with writes still pending after %.0f s (ClickHouse slow or down); "
+                        "the next owner may store some events again (FINAL collapses them)",
+                        self.cfg.revoke_drain_s)
         self._assigned -= set(revoked)
         self._ready -= set(revoked)
 
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         if not assigned:
             return
+        self._rebalances += 1
         self._assigned |= set(assigned)
         assert self.consumer is not None
         by_topic: dict[str, list[int]] = {}
