@@ -406,7 +406,7 @@ class DriftEngine:
         return len({k for (k, _f), kf in self.state.items() if kf.ref is not None})
 
     def _detector(self, kf: _KeyField, method: str, b: int) -> Any:
-        ck = (method, b if method != "topic_mix" else 0)
+        ck = (method, b)
         det = kf.detectors.get(ck)
         if det is None:
             assert kf.ref is not None
@@ -414,7 +414,10 @@ class DriftEngine:
             if method == "mmd":
                 det = MMDDrift(n_permutations=b, seed=seed)
             elif method == "topic_mix":
-                det = TopicMixDrift(seed=seed, min_effect=self.cfg.min_effect)
+                # its Monte-Carlo G-test (small expected counts) needs p-values below
+                # the Bonferroni level too
+                det = TopicMixDrift(seed=seed, min_effect=self.cfg.min_effect,
+                                    n_permutations=max(1999, b))
             else:
                 det = CentroidDrift(n_bootstrap=b, seed=seed)
             det.fit(kf.ref.emb.astype(np.float64), texts=kf.ref.texts)

@@ -100,15 +100,57 @@ def test_mmd_false_alarm_rate_is_calibrated() -> None:
 
 def test_classifier_auc_and_examples() -> None:
     rng = np.random.default_rng(3)
-    ref = rng.normal(size=(200, 6))
-    cur = rng.normal(size=(150, 6))
-    cur[:30, 0] += 4.0  # 30 points from a new region
-    texts = [f"old-{i}" for i in range(120)] + [f"other-{i}" for i in range(30)]
-    texts = [f"new-{i}" for i in range(30)] + texts[:120]
+    ref = rng.normal(size=(600, 6))
+    cur = rng.normal(size=(400, 6))
+    cur[:120, 0] += 4.0  # 120 points (30%) from a new region
+    texts = [f"new-{i}" for i in range(120)] + [f"old-{i}" for i in range(280)]
     r = ClassifierDrift(seed=1).fit(ref).score(cur, texts=texts)
-    assert r.drifted and 0.5 < r.statistic <= 1.0
+    # held out: half of each sample (train_fraction 0.5), ~60 new points among 200 current
+    assert r.explanation["n_test"] == [300, 200] and r.explanation["n_train"] == [300, 200]
+    assert r.drifted and r.p_value is not None and r.p_value < 1e-3
+    # the new points outscore the reference (AUC ~ 0.5 + 0.3 / 2 = 0.65; its SE here ~0.025)
+    assert r.statistic == pytest.approx(0.65, abs=0.06)
     assert r.explanation["auc"] == r.statistic
     assert all(t.startswith("new-") for t in r.explanation["most_current_like"])
+
+
+def test_classifier_p_value_is_the_held_out_mann_whitney() -> None:
+    """The p-value and AUC are the one-sided Mann-Whitney U of one model's held-out scores."""
+    rng = np.random.default_rng(31)
+    ref, cur = rng.normal(size=(60, 4)), rng.normal(size=(40, 4)) + 0.3
+    det = ClassifierDrift(seed=2, train_fraction=0.5).fit(ref)
+    r = det.score(cur)
+    # Recompute the split the detector draws from its test stream, then the model.
+    split = np.random.default_rng([2, 0])
+    pr, pc = split.permutation(60), split.permutation(40)
+    w, _ = det._direction(ref[np.sort(pr[:30])], cur[np.sort(pc[:20])])
+    s_ref, s_cur = ref[np.sort(pr[30:])] @ w, cur[np.sort(pc[20:])] @ w
+    mw = stats.mannwhitneyu(s_cur, s_ref, alternative="greater")
+    assert r.p_value == pytest.approx(mw.pvalue, rel=1e-12)
+    assert r.statistic == pytest.approx(mw.statistic / (30 * 20), rel=1e-12)
+    # shrinkage 1 is the (standardised) mean-difference direction
+    one = ClassifierDrift(shrinkage=1.0)
+    x0, x1 = rng.normal(size=(50, 3)), rng.normal(size=(30, 3)) + 1.0
+    w1, lam = one._direction(x0, x1)
+    z = np.vstack([x0 - x0.mean(0), x1 - x1.mean(0)])
+    var = (z * z).mean(0)
+    expected = (x1.mean(0) - x0.mean(0)) / var
+    assert lam == 1.0
+    assert np.allclose(w1 / np.linalg.norm(w1), expected / np.linalg.norm(expected))
+
+
+def test_classifier_false_alarm_rate_is_calibrated() -> None:
+    """300 independent no-drift tests (fresh data each): alarms within the 99.9% binomial bound."""
+    alpha, n_tests = 0.05, 300
+    rng = np.random.default_rng(2025)
+    alarms = 0
+    for t in range(n_tests):
+        det = ClassifierDrift(alpha=alpha, seed=t).fit(rng.normal(size=(60, 5)))
+        alarms += det.score(rng.normal(size=(40, 5))).drifted
+    # Held-out scores of one model are i.i.d. under no drift, so each test alarms
+    # with probability alpha and the count is Binomial(300, 0.05): mean 15.
+    assert alarms <= stats.binom.ppf(0.999, n_tests, alpha)  # 28
+    assert alarms >= stats.binom.ppf(0.001, n_tests, alpha)  # 5: not vacuously conservative
 
 
 def test_topic_mix_explanation_names_the_grown_cluster() -> None:
@@ -141,23 +183,108 @@ def test_topic_mix_explanation_names_the_grown_cluster() -> None:
     assert sum(c["delta"] for c in ex["clusters"]) == pytest.approx(0.0, abs=1e-12)
     assert ex["total_variation"] == pytest.approx(0.5 * sum(abs(c["delta"]) for c in ex["clusters"]))
     json.loads(r.to_row()["explanation"])
-    # an unchanged mix is not drift: 40 draws, alarms within the 99.9% binomial bound of 5%
-    alarms = sum(det.score(sample([0.6, 0.3, 0.1], 400)[0]).drifted for _ in range(40))
-    assert alarms <= stats.binom.ppf(0.999, 40, 0.05)  # 7
+    # reference shares are counted on the half of the reference KMeans was not fitted to
+    assert ex["n_ref_counted"] == 300
+    assert sum(c["ref_count"] for c in ex["clusters"]) == 300
 
 
-def test_topic_mix_small_counts_are_pooled() -> None:
+def test_topic_mix_false_alarm_rate_is_calibrated() -> None:
+    """40 independent no-drift tests, each with its own reference: alarms <= the binomial bound.
+
+    Each draw fits a fresh detector on a fresh reference. Repeated draws against
+    one reference are not independent trials (how typical that one reference is
+    moves every test's chance of an alarm together), so a binomial bound on
+    them would not be principled; with a fresh reference per draw the alarms
+    are Binomial(40, p) with p <= alpha when the test is calibrated.
+    """
+    rng = np.random.default_rng(41)
+    centers = np.array([[10.0, 0, 0], [0, 10.0, 0], [0, 0, 10.0]])
+
+    def sample(n: int) -> np.ndarray:
+        return centers[rng.choice(3, size=n, p=[0.6, 0.3, 0.1])] + rng.normal(size=(n, 3))
+
+    alpha, n_tests = 0.05, 40
+    alarms = 0
+    for t in range(n_tests):
+        det = TopicMixDrift(alpha=alpha, n_clusters=3, seed=t).fit(sample(600))
+        alarms += det.score(sample(400)).drifted
+    assert alarms <= stats.binom.ppf(0.999, n_tests, alpha)  # 7
+
+
+def test_topic_mix_small_counts_use_a_monte_carlo_p_value() -> None:
     rng = np.random.default_rng(5)
     centers = np.eye(4) * 10
-    lab = np.r_[np.zeros(100, int), np.ones(100, int), np.full(4, 2), np.full(3, 3)]
+    # Two small clusters (12 and 10 points): after the fit/count split about half
+    # of each is counted, and against a current window without them their
+    # expected counts are < 5, so the chi-square approximation is not used.
+    lab = np.r_[np.zeros(200, int), np.ones(200, int), np.full(12, 2), np.full(10, 3)]
     ref = centers[lab] + rng.normal(size=(lab.size, 4))
-    det = TopicMixDrift(n_clusters=4, seed=0).fit(ref)
+    det = TopicMixDrift(n_clusters=4, seed=0, n_permutations=499).fit(ref)
+    # KMeans found the four true clusters (one centroid near each center)
+    owner = np.argmin(((det.centroids[:, None, :] - centers[None]) ** 2).sum(-1), axis=0)
+    assert sorted(owner) == [0, 1, 2, 3]
     cur = centers[np.r_[np.zeros(20, int), np.ones(20, int)]] + rng.normal(size=(40, 4))
     r = det.score(cur)
-    assert sorted(r.explanation["pooled_clusters"]) == sorted(
-        [c["cluster"] for c in r.explanation["clusters"] if c["ref_count"] < 10]
-    )
+    ex = r.explanation
+    assert ex["n_ref_counted"] == lab.size - lab.size // 2
+    assert ex["p_value_method"].startswith("Monte-Carlo")
+    assert sorted(ex["small_expected_clusters"]) == sorted(owner[[2, 3]].tolist())
+    # Recompute independently: the same 499 tables (margins fixed) from the test's
+    # stream, each G from scipy, and the rank p-value.
+    by_id = {c["cluster"]: (c["ref_count"], c["cur_count"]) for c in ex["clusters"]}
+    table = np.array([by_id[c] for c in range(4)]).T
+    g = stats.chi2_contingency(table, correction=False, lambda_="log-likelihood").statistic
+    assert r.statistic == pytest.approx(g, rel=1e-12)
+    sims = np.random.default_rng([0, 0]).multivariate_hypergeometric(table.sum(0), 40, size=499)
+    null = [stats.chi2_contingency(np.stack([table.sum(0) - c, c]), correction=False,
+                                   lambda_="log-likelihood").statistic for c in sims]
+    assert r.p_value == pytest.approx((1 + sum(x >= g - 1e-9 for x in null)) / 500, abs=1e-12)
     assert not r.drifted
+
+
+def test_topic_mix_keeps_power_at_a_tiny_reference() -> None:
+    """40 reference rows (20 counted), 2 topics: a 50/50 -> 5/95 shift is still seen."""
+    rng = np.random.default_rng(53)
+    centers = np.eye(8)[:2] * 4
+
+    def mix(p: list[float], n: int) -> np.ndarray:
+        return centers[rng.choice(2, size=n, p=p)] + rng.normal(size=(n, 8))
+
+    det = TopicMixDrift(seed=0).fit(mix([0.5, 0.5], 40))  # default k: 2
+    same, shifted = det.score(mix([0.5, 0.5], 30)), det.score(mix([0.05, 0.95], 30))
+    assert shifted.explanation["p_value_method"].startswith("Monte-Carlo")
+    assert shifted.p_value is not None and shifted.p_value < 0.01 and shifted.drifted
+    assert same.p_value is not None and same.p_value > 0.05 and not same.drifted
+
+
+def test_topic_mix_small_cluster_ids_are_cluster_ids_when_a_cluster_is_empty() -> None:
+    rng = np.random.default_rng(51)
+    centers = np.eye(4) * 10
+    det = TopicMixDrift(n_clusters=4, seed=0).fit(centers[np.repeat(np.arange(4), 50)]
+                                                  + rng.normal(size=(200, 4)))
+    owner = np.argmin(((det.centroids[:, None, :] - centers[None]) ** 2).sum(-1), axis=0)
+    state = det.get_state()
+    counts = np.zeros(4, int)
+    counts[owner] = [60, 0, 3, 60]  # true cluster 1: empty in the reference, 2: tiny
+    state["data"]["ref_counts"] = counts.tolist()
+    det.set_state(state)
+    cur = centers[np.r_[np.zeros(30, int), np.full(30, 3)]] + rng.normal(size=(60, 4))
+    r = det.score(cur)
+    # the cluster empty in both is dropped; the tiny one is reported by its own id
+    assert r.explanation["small_expected_clusters"] == [int(owner[2])]
+    assert r.explanation["p_value_method"].startswith("Monte-Carlo")
+
+
+def test_topic_mix_tiny_reference_is_not_split() -> None:
+    """Below 2 x n_clusters rows the reference is fitted and counted whole; above, split in half."""
+    rng = np.random.default_rng(52)
+    tiny = np.eye(3)[[0, 0, 1, 1, 2]] * 10 + rng.normal(size=(5, 3))
+    det = TopicMixDrift(n_clusters=3).fit(tiny)  # 5 // 2 = 2 < 3 clusters: no split
+    assert sum(det.get_state()["data"]["ref_counts"]) == 5
+    assert det.score(tiny).explanation["n_ref_counted"] == 5
+    six = np.eye(3)[[0, 0, 1, 1, 2, 2]] * 10 + rng.normal(size=(6, 3))
+    det = TopicMixDrift(n_clusters=3).fit(six)  # 6 // 2 = 3: fitted on 3 rows, counted on 3
+    assert sum(det.get_state()["data"]["ref_counts"]) == 3
 
 
 def test_topic_mix_default_k_rule() -> None:
