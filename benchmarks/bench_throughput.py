@@ -89,6 +89,24 @@ def proc_cpu_s(pid: int) -> float:
         return float("nan")
 
 
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds per thread name (``comm``) of this process, from /proc."""
+    import os
+    import re
+
+    out: dict[str, float] = defaultdict(float)
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            raw = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = raw[raw.index("(") + 1: raw.rindex(")")]
+        fields = raw.rsplit(")", 1)[1].split()
+        out[re.sub(r"[\d_-]+$", "", name) or name] += (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 class Timers:
     def __init__(self) -> None:
         self.s: dict[str, float] = defaultdict(float)
@@ -116,7 +134,8 @@ class Timers:
 
 
 async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timers: Timers,
-                     ch_path: str, broker_pid: int, record_by_record: bool = False) -> dict[str, Any]:
+                     ch_path: str, broker_pid: int, record_by_record: bool = False,
+                     tuning: dict[str, Any] | None = None) -> dict[str, Any]:
     import functools
 
     import driftline.streams.worker as wmod
@@ -130,7 +149,7 @@ async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timer
         setattr(wmod, name, timers.wrap_sync(name, fn))
 
     cfg = WorkerConfig(kafka=bootstrap, clickhouse=f"chdb://{ch_path}", topics=(topic,),
-                       dlq_topic=f"{topic}.dlq", group_id=f"bench-{uuid.uuid4().hex[:8]}")
+                       dlq_topic=f"{topic}.dlq", group_id=f"bench-{uuid.uuid4().hex[:8]}", **(tuning or {}))
     worker = Worker(cfg)
     worker.process = timers.wrap_sync("process", worker.process)  # type: ignore[method-assign]
     sink = worker.sink
@@ -164,6 +183,7 @@ async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timer
             await asyncio.sleep(0.001)
         t0 = time.perf_counter()
         cpu0 = (time.thread_time(), time.process_time(), proc_cpu_s(broker_pid))
+        threads0 = thread_cpu_s()
         # the first batch's process() already ran; reset the stage timers at t0 would lose it,
         # so they cover the whole run (start-up batches are empty and cheap)
         while worker.stored_events < n:
@@ -175,7 +195,9 @@ async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timer
             await asyncio.sleep(0.002)
         t1 = time.perf_counter()
         cpu1 = (time.thread_time(), time.process_time(), proc_cpu_s(broker_pid))
-        res = {"cpu": [b - a for a, b in zip(cpu0, cpu1, strict=True)], "seconds": t1 - t0, "startup_s": t0 - t_launch, "stored": worker.stored_events,
+        threads1 = thread_cpu_s()
+        res = {"cpu": [b - a for a, b in zip(cpu0, cpu1, strict=True)], "seconds": t1 - t0,
+               "threads": {k: v - threads0.get(k, 0.0) for k, v in threads1.items()}, "startup_s": t0 - t_launch, "stored": worker.stored_events,
                "processed": worker.processed_records, "dlq": worker.dead_lettered,
                "batches": worker.metrics.batches}
     finally:
@@ -219,7 +241,10 @@ async def main_async(args: argparse.Namespace) -> int:
             timers = Timers()
             assert broker.process is not None
             res = await run_worker(broker.bootstrap, topic, sent, args.timeout, timers,
-                                   str(tmp / "chdb"), broker.process.pid, args.record_by_record)
+                                   str(tmp / "chdb"), broker.process.pid, args.record_by_record,
+                                   {k: v for k, v in (("min_insert_rows", args.min_insert_rows),
+                                                      ("insert_linger_s", args.insert_linger_s))
+                                    if v is not None})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -235,6 +260,9 @@ async def main_async(args: argparse.Namespace) -> int:
           f"process (ClickHouse/chDB, Kafka I/O) {proc_cpu - main_cpu:.2f}s, broker process "
           f"{broker_cpu:.2f}s; total {(proc_cpu + broker_cpu) / wall:.2f} cores, "
           f"{1e6 * (proc_cpu + broker_cpu) / max(1, sent):.0f} CPU-us/event")
+    busiest = sorted(res["threads"].items(), key=lambda kv: -kv[1])[:8]
+    print("  CPU by thread name: " + ", ".join(
+        f"{k} {1e6 * v / max(1, sent):.1f} us/event" for k, v in busiest if v > 0))
     print("breakdown (cumulative seconds over the run; decode_batch runs on the decode thread, "
           "insert on the ClickHouse thread, both overlapping the event loop's work):")
     for name in ("process", "decode_batch", "enrich", "to_columns", "wait for writer", "insert llm_events",
@@ -258,6 +286,10 @@ def main() -> int:
     ap.add_argument("--record-by-record", action="store_true",
                     help="decode every JSON event with msgspec, one by one (the path before the "
                          "columnar Arrow decode), for comparison")
+    ap.add_argument("--min-insert-rows", type=int, default=None,
+                    help="WorkerConfig.min_insert_rows (default: the worker's)")
+    ap.add_argument("--insert-linger-s", type=float, default=None,
+                    help="WorkerConfig.insert_linger_s (default: the worker's)")
     ap.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds per phase")
     args = ap.parse_args()
     return asyncio.run(main_async(args))
