@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from ._checks import _check_alpha
+
 __all__ = [
     "bonferroni",
     "holm",
@@ -32,11 +34,6 @@ __all__ = [
 ]
 
 SECONDS_PER_DAY = 86_400.0
-
-
-def _check_alpha(alpha: float) -> None:
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
 
 
 def bonferroni(alpha: float, m: int) -> float:

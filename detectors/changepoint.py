@@ -20,6 +20,8 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 
+from ._checks import _check_int
+
 __all__ = ["PageHinkley", "ADWIN"]
 
 
@@ -30,13 +32,25 @@ def _finite(x: float) -> float:
     return v
 
 
-def _check_int(name: str, value: int, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-
-
 class _StreamDetector:
     _state_keys: ClassVar[tuple[str, ...]] = ()
+    _drift_detected: bool
+    _n_seen: int
+    _n_detections: int
+
+    @property
+    def drift_detected(self) -> bool:
+        """``True`` on the update at which a change was detected (ADWIN: the window was cut)."""
+        return self._drift_detected
+
+    @property
+    def n_seen(self) -> int:
+        """Values seen in total (the index of the next value)."""
+        return self._n_seen
+
+    @property
+    def n_detections(self) -> int:
+        return self._n_detections
 
     @property
     def settings(self) -> dict[str, Any]:  # pragma: no cover - overridden
@@ -181,25 +195,11 @@ class PageHinkley(_StreamDetector):
             "mode": self._mode,
         }
 
-    # -- verdict (read-only)
-    @property
-    def drift_detected(self) -> bool:
-        """``True`` on the update at which a change was detected."""
-        return self._drift_detected
-
+    # -- verdict (read-only; drift_detected, n_seen, n_detections on the base class)
     @property
     def drift_direction(self) -> str | None:
         """``"up"`` or ``"down"`` for the last detection (``None`` before any)."""
         return self._direction
-
-    @property
-    def n_seen(self) -> int:
-        """Values seen in total (the index of the next value)."""
-        return self._n_seen
-
-    @property
-    def n_detections(self) -> int:
-        return self._n_detections
 
     def update(self, x: float) -> None:
         """Feed one value; sets :attr:`drift_detected` for this step."""
@@ -350,12 +350,7 @@ class ADWIN(_StreamDetector):
             "max_window": self._max_window,
         }
 
-    # -- verdict (read-only)
-    @property
-    def drift_detected(self) -> bool:
-        """``True`` on the update at which the window was cut."""
-        return self._drift_detected
-
+    # -- verdict (read-only; drift_detected, n_seen, n_detections on the base class)
     @property
     def width(self) -> int:
         """Current window length."""
@@ -365,14 +360,6 @@ class ADWIN(_StreamDetector):
     def estimation(self) -> float:
         """Mean of the current window (0.0 when empty)."""
         return float(np.mean(self._window)) if self._window else 0.0
-
-    @property
-    def n_seen(self) -> int:
-        return self._n_seen
-
-    @property
-    def n_detections(self) -> int:
-        return self._n_detections
 
     def update(self, x: float) -> None:
         """Feed one value; sets :attr:`drift_detected` for this step."""

@@ -34,6 +34,8 @@ from scipy import stats
 
 from driftline.schemas.drift import DriftResult
 
+from ._checks import _check_alpha, _check_int
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -114,19 +116,9 @@ def _texts(texts: Sequence[str] | None, n: int, name: str) -> list[str] | None:
     return out
 
 
-def _check_alpha(alpha: float) -> None:
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-
-
 def _check_seed(seed: int) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-
-
-def _check_int(name: str, value: int, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 def _perm_p_value(observed: float, null: FloatArray) -> float:
