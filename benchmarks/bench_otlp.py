@@ -145,16 +145,11 @@ def _span(ev: dict[str, Any], i: int) -> Span:
 
 
 def build_requests(n_requests: int, spans_per: int, seed: int) -> tuple[list[bytes], str]:
-    from driftline.streams.replay import ReplayConfig, ReplayData, generate
+    from _replay import replay_data
 
-    try:
-        data = ReplayData.load()
-        kind = "real AlpacaEval prompts/responses (ReplayData.load())"
-    except Exception as exc:  # noqa: BLE001 - no cache and no network: say so and go on
-        print(f"!! real replay data unavailable ({type(exc).__name__}: {exc}); "
-              "FALLING BACK TO SYNTHETIC data (ReplayData.synthetic)", flush=True)
-        data = ReplayData.synthetic(seed)
-        kind = "SYNTHETIC (ReplayData.synthetic fallback)"
+    from driftline.streams.replay import ReplayConfig, generate
+
+    data, kind = replay_data(seed)
     n = n_requests * spans_per
     evs = [r.event for r in generate(ReplayConfig(n_events=n, seed=seed, malformed_rate=0.0,
                                                   late_rate=0.0), data)]

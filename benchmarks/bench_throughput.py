@@ -34,20 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from _machine import machine
+from _replay import replay_data
 
 
 def load_records(n: int, seed: int) -> tuple[list[tuple[bytes, bytes]], str, float]:
-    from driftline.streams.replay import ReplayConfig, ReplayData, generate
+    from driftline.streams.replay import ReplayConfig, generate
 
     t = time.perf_counter()
-    try:
-        data = ReplayData.load()
-        kind = "real (AlpacaEval + safety sets via ReplayData.load())"
-    except Exception as exc:  # noqa: BLE001 - no cache and no network: say so and go on
-        print(f"!! real replay data unavailable ({type(exc).__name__}: {exc}); "
-              "FALLING BACK TO SYNTHETIC data (ReplayData.synthetic)", flush=True)
-        data = ReplayData.synthetic(seed)
-        kind = "SYNTHETIC (ReplayData.synthetic fallback)"
+    data, kind = replay_data(seed)
     recs = [(r.key, r.value) for r in generate(ReplayConfig(n_events=n, seed=seed, malformed_rate=0.0),
                                                data)]
     return recs, kind, time.perf_counter() - t
