@@ -29,12 +29,12 @@ from scipy import stats
 
 from driftline.schemas.drift import DriftResult
 
+from ._checks import _check_int
 from .drift import (
     RULE_P,
     RULE_STAT,
     Detector,
     FloatArray,
-    _check_int,
     _perm_p_value,
     decode_array,
     encode_array,
