@@ -447,7 +447,6 @@ EVENT_ARROW_SCHEMA = pa.schema([
 EVENT_COLUMNS: tuple[str, ...] = tuple(EVENT_ARROW_SCHEMA.names)
 
 _json = msgspec.json.Encoder()
-_HIT = frozenset(("flagged", "blocked"))
 _FIELDS: tuple[str, ...] = LLMEvent.__struct_fields__
 _VERDICTS = pa.array(["pass", "flagged", "blocked"])
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens",

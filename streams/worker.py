@@ -55,7 +55,6 @@ from driftline.streams.pipeline import (
     Rejected,
     decode_batch,
     enrich,
-    to_arrow,
     to_columns,
 )
 from driftline.streams.sinks import WINDOW_COLUMNS, ClickHouseSink
@@ -151,7 +150,7 @@ class _Work:
     windows: list[WindowStats]
     rejected: list[Rejected]
     offsets: dict[TopicPartition, int]
-    #: the events as an Arrow table, built on the event loop's thread (see ``_process``)
+    #: the events as an Arrow table (``event_cols.table``), what the writer inserts
     arrow: Any = None
 
 
@@ -406,10 +405,7 @@ class Worker:
             self._last_emit = now
             closed = {(w.key, w.window_start_ms) for w in windows}
             windows += [w for w in self.windows.partial() if (w.key, w.window_start_ms) not in closed]
-        # Arrow is built here rather than on the ClickHouse thread: the writer is the
-        # pipeline's slowest stage, and this way its thread holds the GIL only briefly
-        # (ClickHouse parses and stores without it) instead of competing for it.
-        table = to_arrow(event_cols) if event_cols else None
+        table = event_cols.table if event_cols is not None else None
         return _Work(event_cols, windows, decoded.rejected, offsets, table)
 
     # ------------------------------------------------------------------ write + commit
@@ -461,10 +457,8 @@ class Worker:
 
     async def _write(self, batch: list[_Work]) -> None:
         sink = self.sink
-        event_cols = [w.event_cols for w in batch if w.event_cols]
-        if event_cols:
-            tables = [w.arrow if w.arrow is not None else to_arrow(w.event_cols)
-                      for w in batch if w.event_cols]
+        tables = [w.arrow for w in batch if w.arrow is not None]
+        if tables:
             await sink.insert_arrow("llm_events", lambda: _concat_arrow(tables), self._keepalive)
             self.stored_events += sum(t.num_rows for t in tables)
         windows = [w for work in batch for w in work.windows]
