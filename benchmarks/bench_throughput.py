@@ -180,7 +180,10 @@ async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timer
         threads0 = thread_cpu_s()
         # the first batch's process() already ran; reset the stage timers at t0 would lose it,
         # so they cover the whole run (start-up batches are empty and cheap)
+        progress: list[tuple[float, int]] = []  # (seconds since t0, stored) at each change
         while worker.stored_events < n:
+            if not progress or progress[-1][1] != worker.stored_events:
+                progress.append((time.perf_counter() - t0, worker.stored_events))
             if task.done():
                 task.result()
                 raise RuntimeError("worker exited early")
@@ -193,6 +196,7 @@ async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timer
         res = {"cpu": [b - a for a, b in zip(cpu0, cpu1, strict=True)], "seconds": t1 - t0,
                "threads": {k: v - threads0.get(k, 0.0) for k, v in threads1.items()}, "startup_s": t0 - t_launch, "stored": worker.stored_events,
                "processed": worker.processed_records, "dlq": worker.dead_lettered,
+               "progress": progress + [(t1 - t0, worker.stored_events)],
                "batches": worker.metrics.batches}
     finally:
         stop.set()
@@ -247,6 +251,12 @@ async def main_async(args: argparse.Namespace) -> int:
           f"{rate:,.0f} events/s  (start-up before first record {res['startup_s']:.2f}s; "
           f"{res['batches']} batches)")
     print(f"ratio driftline / raw consume: {rate / raw_rate:.3f}")
+    prog = [(t, k) for t, k in res["progress"] if k > 0]
+    if len(prog) >= 2:
+        (ta, ka), (tb, kb) = prog[0], prog[-1]
+        print("  inserts landed at (s, events stored): " + ", ".join(f"{t:.2f}/{k:,}" for t, k in prog))
+        print(f"  first insert after {ta:.2f}s; from the first to the last insert {(kb - ka) / (tb - ta):,.0f} events/s "
+              "(the pipeline full: no start-up fill, no final flush)")
     wall = res["seconds"]
     main_cpu, proc_cpu, broker_cpu = res["cpu"]
     print(f"CPU over the timed run ({wall:.2f}s wall, {m['nproc']} cores): event-loop thread "

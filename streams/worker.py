@@ -263,6 +263,12 @@ class Worker:
             for st in self.stages:
                 await st.start(self)
                 started.append(st)
+            # What start-up allocated (modules, model, price table, rules) lives as long as
+            # the worker: move it out of the collector's generations, so the full
+            # collections that each batch's garbage triggers do not walk it again
+            # (Instagram's gc.freeze pattern; the collector stays on for new objects).
+            gc.collect()
+            gc.freeze()
             self.started.set()
             while not stop.is_set():
                 await self._fetch_and_process()
