@@ -84,18 +84,25 @@ def proc_cpu_s(pid: int) -> float:
 
 
 def thread_cpu_s() -> dict[str, float]:
-    """CPU seconds per thread name (``comm``) of this process, from /proc."""
+    """CPU seconds per thread of this process, from /proc: Python threads by their
+    Python name (``py:MainThread``, ``py:driftline-decode``), the others by ``comm``
+    (chDB names its threads; Arrow's pool threads show as ``python``)."""
     import os
     import re
+    import threading
 
     out: dict[str, float] = defaultdict(float)
     tick = os.sysconf("SC_CLK_TCK")
+    py = {t.native_id: t.name for t in threading.enumerate()}
     for task in Path("/proc/self/task").iterdir():
         try:
             raw = (task / "stat").read_text()
         except OSError:
             continue
         name = raw[raw.index("(") + 1: raw.rindex(")")]
+        pyname = py.get(int(task.name))
+        if pyname is not None:
+            name = "py:" + pyname
         fields = raw.rsplit(")", 1)[1].split()
         out[re.sub(r"[\d_-]+$", "", name) or name] += (int(fields[11]) + int(fields[12])) / tick
     return out
