@@ -229,7 +229,7 @@ def targets(table: dict[str, Any], alpha: float) -> list[str]:
                         -(x["delay_median"] if x["delay_median"] is not None else math.inf))
             # only peers whose control FAR is <= 2*alpha count as 'valid' competitors
             valid = {m: r for m, r in peers.items() if r.get("control", {}).get("far", 0) <= 2 * alpha}
-            if not valid:
+            if not valid or not ours:  # e.g. --only with peers alone
                 continue
             best_peer = max(valid, key=lambda m: key(valid[m]))
             best_ours = max(ours, key=lambda m: key(ours[m]))
