@@ -308,3 +308,20 @@ def test_invalid_utf8_is_an_event_error_not_a_crash() -> None:
         decode_event(b'{"event_id":"a","app":"x","request_model":"m","timestamp":1,"latency_ms":1,"prompt":"\xff"}')
     decoded = decode_batch(_records([b'{"app":"\xff"}'] * 100))
     assert decoded.n_events == 0 and len(decoded.rejected) == 100
+
+
+def test_record_larger_than_the_reader_block_is_decoded_whole() -> None:
+    """A record bigger than the JSON reader's 4 MiB block is decoded whole, with its
+    neighbours, and the rows equal the exact path's."""
+    big = "x" * ((4 << 20) + 1000)
+    raws = [json.dumps(dict(BASE, event_id=f"e{i}")).encode() for i in range(300)]
+    raws[150] = json.dumps(dict(BASE, event_id="big", prompt=big)).encode()
+    decoded = decode_batch(_records(raws))
+    assert decoded.n_events == 300 and decoded.rejected == []
+    prompts = {e.event_id: e.prompt for e in decoded.events}
+    if decoded.table is not None:
+        t = decoded.table
+        prompts.update(zip(t.column("event_id").to_pylist(), t.column("prompt").to_pylist(), strict=True))
+    assert len(prompts) == 300 and prompts["big"] == big and prompts["e0"] is None
+    exact = decode_batch(_records(raws), fast=False)
+    assert {e.event_id: e.prompt for e in exact.events} == prompts
