@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import sys
 import tempfile
@@ -79,6 +80,18 @@ def proc_cpu_s(pid: int) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def steal_s() -> float:
+    """CPU seconds the hypervisor gave to others while this VM wanted them (all CPUs,
+    ``steal`` of ``/proc/stat``); nan where the kernel does not report it."""
+    import os
+
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return float("nan")
 
@@ -183,7 +196,7 @@ async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timer
                 raise TimeoutError("worker processed nothing")
             await asyncio.sleep(0.001)
         t0 = time.perf_counter()
-        cpu0 = (time.thread_time(), time.process_time(), proc_cpu_s(broker_pid))
+        cpu0 = (time.thread_time(), time.process_time(), proc_cpu_s(broker_pid), steal_s())
         threads0 = thread_cpu_s()
         # the first batch's process() already ran; reset the stage timers at t0 would lose it,
         # so they cover the whole run (start-up batches are empty and cheap)
@@ -198,7 +211,7 @@ async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timer
                 break
             await asyncio.sleep(0.002)
         t1 = time.perf_counter()
-        cpu1 = (time.thread_time(), time.process_time(), proc_cpu_s(broker_pid))
+        cpu1 = (time.thread_time(), time.process_time(), proc_cpu_s(broker_pid), steal_s())
         threads1 = thread_cpu_s()
         res = {"cpu": [b - a for a, b in zip(cpu0, cpu1, strict=True)], "seconds": t1 - t0,
                "threads": {k: v - threads0.get(k, 0.0) for k, v in threads1.items()}, "startup_s": t0 - t_launch, "stored": worker.stored_events,
@@ -265,12 +278,14 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"  first insert after {ta:.2f}s; from the first to the last insert {(kb - ka) / (tb - ta):,.0f} events/s "
               "(the pipeline full: no start-up fill, no final flush)")
     wall = res["seconds"]
-    main_cpu, proc_cpu, broker_cpu = res["cpu"]
+    main_cpu, proc_cpu, broker_cpu, steal = res["cpu"]
     print(f"CPU over the timed run ({wall:.2f}s wall, {m['nproc']} cores): event-loop thread "
           f"{main_cpu:.2f}s ({100 * main_cpu / wall:.0f}% busy), other threads of the worker "
           f"process (ClickHouse/chDB, Kafka I/O) {proc_cpu - main_cpu:.2f}s, broker process "
           f"{broker_cpu:.2f}s; total {(proc_cpu + broker_cpu) / wall:.2f} cores, "
           f"{1e6 * (proc_cpu + broker_cpu) / max(1, sent):.0f} CPU-us/event")
+    print(f"  CPU stolen by the hypervisor over the run: {steal:.2f}s ({100 * steal / (wall * (os.cpu_count() or 1)):.0f}% "
+          "of the cores; a shared host slows every figure above)")
     busiest = sorted(res["threads"].items(), key=lambda kv: -kv[1])[:8]
     print("  CPU by thread name: " + ", ".join(
         f"{k} {1e6 * v / max(1, sent):.1f} us/event" for k, v in busiest if v > 0))
