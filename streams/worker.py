@@ -51,6 +51,7 @@ from driftline.streams.pipeline import (
     DLQ_TOPIC,
     EVENTS_TOPIC,
     OTLP_TOPIC,
+    ArrowColumns,
     DecodedBatch,
     Rejected,
     decode_batch,
@@ -146,12 +147,15 @@ class Stage(Protocol):
 class _Work:
     """One processed batch on its way to the writer."""
 
-    event_cols: Mapping[str, Any] | None
+    event_cols: ArrowColumns | None
     windows: list[WindowStats]
     rejected: list[Rejected]
     offsets: dict[TopicPartition, int]
-    #: the events as an Arrow table (``event_cols.table``), what the writer inserts
-    arrow: Any = None
+
+    @property
+    def arrow(self) -> Any:
+        """The events as an Arrow table, what the writer inserts (None without events)."""
+        return self.event_cols.table if self.event_cols is not None else None
 
 
 @dataclass
@@ -411,8 +415,7 @@ class Worker:
             self._last_emit = now
             closed = {(w.key, w.window_start_ms) for w in windows}
             windows += [w for w in self.windows.partial() if (w.key, w.window_start_ms) not in closed]
-        table = event_cols.table if event_cols is not None else None
-        return _Work(event_cols, windows, decoded.rejected, offsets, table)
+        return _Work(event_cols, windows, decoded.rejected, offsets)
 
     # ------------------------------------------------------------------ write + commit
     async def _keepalive(self) -> None:
