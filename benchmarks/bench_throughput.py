@@ -73,13 +73,16 @@ async def raw_consume(bootstrap: str, topic: str, n: int, timeout_s: float) -> t
     return (t1 - (t0 or t1)), got, nbytes
 
 
+def _stat_cpu_s(stat: str) -> float:
+    """User + system CPU seconds from the text of a ``/proc/<pid>[/task/<tid>]/stat``."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` (all its threads), from /proc."""
-    import os
-
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return _stat_cpu_s(Path(f"/proc/{pid}/stat").read_text())
     except (OSError, IndexError, ValueError):
         return float("nan")
 
@@ -87,8 +90,6 @@ def proc_cpu_s(pid: int) -> float:
 def steal_s() -> float:
     """CPU seconds the hypervisor gave to others while this VM wanted them (all CPUs,
     ``steal`` of ``/proc/stat``); nan where the kernel does not report it."""
-    import os
-
     try:
         fields = Path("/proc/stat").read_text().splitlines()[0].split()
         return int(fields[8]) / os.sysconf("SC_CLK_TCK")
@@ -100,12 +101,10 @@ def thread_cpu_s() -> dict[str, float]:
     """CPU seconds per thread of this process, from /proc: Python threads by their
     Python name (``py:MainThread``, ``py:driftline-decode``), the others by ``comm``
     (chDB names its threads; Arrow's pool threads show as ``python``)."""
-    import os
     import re
     import threading
 
     out: dict[str, float] = defaultdict(float)
-    tick = os.sysconf("SC_CLK_TCK")
     py = {t.native_id: t.name for t in threading.enumerate()}
     for task in Path("/proc/self/task").iterdir():
         try:
@@ -116,8 +115,7 @@ def thread_cpu_s() -> dict[str, float]:
         pyname = py.get(int(task.name))
         if pyname is not None:
             name = "py:" + pyname
-        fields = raw.rsplit(")", 1)[1].split()
-        out[re.sub(r"[\d_-]+$", "", name) or name] += (int(fields[11]) + int(fields[12])) / tick
+        out[re.sub(r"[\d_-]+$", "", name) or name] += _stat_cpu_s(raw)
     return out
 
 
