@@ -161,6 +161,18 @@ def n_resamples(alpha_test: float, low: int = 256, high: int = 8192) -> int:
     return int(min(high, max(low, 1 << max(0, need - 1).bit_length())))
 
 
+def _texts_at(events: Any, field: str, rows: list[int]) -> Any:
+    """``field`` of the stored events, indexable by the sampled ``rows`` (None when the
+    events have no such column). Over an Arrow table (``ArrowColumns``) only those rows
+    are turned into Python strings."""
+    table = getattr(events, "table", None)
+    if table is None:
+        return events.get(field)
+    if field not in table.column_names:
+        return None
+    return dict(zip(rows, table.column(field).take(rows).to_pylist(), strict=True))
+
+
 @dataclass(frozen=True)
 class DriftConfig:
     """Settings of the drift stage (see the module docstring for what each does).
@@ -656,11 +668,7 @@ class DriftStage:
         for (a, mo), c in Counter(zip(apps, models, strict=True)).items():
             m.seen[m.label(a, mo)] += c
         picked = np.flatnonzero(sample_mask(ids, self.cfg.sample_rate, self.cfg.sample_salt)).tolist()
-        table = getattr(ev, "table", None)  # ArrowColumns: read only the sampled texts
-        cols: list[tuple[str, Any]] = [
-            (f, dict(zip(picked, table.column(f).take(picked).to_pylist(), strict=True))
-             if f in table.column_names else None) if table is not None else (f, ev.get(f))
-            for f in self.cfg.fields]
+        cols = [(f, _texts_at(ev, f, picked)) for f in self.cfg.fields]
         for i in picked:
             key = (apps[i], models[i], pvs[i] or "")
             lab = m.label(apps[i], models[i])
