@@ -19,7 +19,7 @@ every batch is safe in ClickHouse (``on_stored``) it
    ``test_every`` samples (or ``test_interval_s`` seconds) tests it against the
    reference with MMD² (permutation p-value), topic mix (G-test, with the
    explanation: which clusters grew or shrank, with example texts) and centroid
-   cosine distance (bootstrap p-value);
+   cosine distance (permutation p-value);
 4. writes the embeddings to ``llm_embeddings``, references to
    ``drift_references`` and results to ``drift_scores``, sets the
    ``driftline_drift_*`` gauges and hands each result to every stage with an
@@ -28,8 +28,8 @@ every batch is safe in ClickHouse (``on_stored``) it
 **Calibration.** ``alpha`` is a family-wise level per test round over all keys
 and fields: each test runs at ``alpha / (K x F x M)`` (Bonferroni; ``K`` keys with
 a reference, ``F`` fields, ``M`` methods, counted when the test runs). The number
-of permutations / bootstrap resamples grows so that the smallest attainable
-p-value stays below that level (``ceil(3 / alpha_test)`` rounded up to a power of
+of permutations grows so that the smallest attainable p-value stays below
+that level (``ceil(3 / alpha_test)`` rounded up to a power of
 two, 256 to 8192).
 
 **Durability.** References are rows of ``drift_references`` (the event ids of the
@@ -87,6 +87,8 @@ __all__ = [
     "sample_mask",
     "per_test_alpha",
     "n_resamples",
+    "make_detector",
+    "drifted_at",
     "CONTROL_TOPIC",
     "EMBEDDING_COLUMNS",
     "REFERENCE_COLUMNS",
@@ -156,9 +158,34 @@ def per_test_alpha(alpha: float, n_keys: int, n_fields: int, n_methods: int) -> 
 
 
 def n_resamples(alpha_test: float, low: int = 256, high: int = 8192) -> int:
-    """Permutations / bootstrap draws so the smallest p-value ``1/(B+1)`` is below ``alpha_test / 3``."""
+    """Permutations so the smallest p-value ``1/(B+1)`` is below ``alpha_test / 3``."""
     need = math.ceil(3.0 / alpha_test)
     return int(min(high, max(low, 1 << max(0, need - 1).bit_length())))
+
+
+def make_detector(method: str, resamples: int, *, seed: int = 0, min_effect: float = 0.0) -> Any:
+    """The detector the stage runs for ``method`` (one of :data:`METHODS`), with
+    ``resamples`` permutations (from :func:`n_resamples`). Its own ``alpha`` is not
+    used: the stage decides with :func:`drifted_at` at the Bonferroni level."""
+    if method == "mmd":
+        return MMDDrift(n_permutations=resamples, seed=seed)
+    if method == "topic_mix":
+        # its Monte-Carlo G-test (small expected counts) needs p-values below the
+        # Bonferroni level too
+        return TopicMixDrift(seed=seed, min_effect=min_effect, n_permutations=max(1999, resamples))
+    if method == "centroid_cosine":
+        return CentroidDrift(n_permutations=resamples, seed=seed)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def drifted_at(result: DriftResult, alpha_test: float, min_effect: float = 0.0) -> bool:
+    """The stage's verdict on one test: ``p < alpha_test`` (a missing p-value never
+    alarms), and for topic mix also a total variation of at least ``min_effect``."""
+    p = result.p_value if result.p_value is not None else 1.0
+    drifted = p < alpha_test
+    if result.method == "topic_mix":
+        drifted = drifted and result.explanation.get("total_variation", 0.0) >= min_effect
+    return bool(drifted)
 
 
 def _texts_at(events: Any, field: str, rows: list[int]) -> Any:
@@ -422,16 +449,7 @@ class DriftEngine:
         det = kf.detectors.get(ck)
         if det is None:
             assert kf.ref is not None
-            seed = self.cfg.seed
-            if method == "mmd":
-                det = MMDDrift(n_permutations=b, seed=seed)
-            elif method == "topic_mix":
-                # its Monte-Carlo G-test (small expected counts) needs p-values below
-                # the Bonferroni level too
-                det = TopicMixDrift(seed=seed, min_effect=self.cfg.min_effect,
-                                    n_permutations=max(1999, b))
-            else:
-                det = CentroidDrift(n_bootstrap=b, seed=seed)
+            det = make_detector(method, b, seed=self.cfg.seed, min_effect=self.cfg.min_effect)
             det.fit(kf.ref.emb.astype(np.float64), texts=kf.ref.texts)
             kf.detectors[ck] = det
         return det
@@ -449,10 +467,7 @@ class DriftEngine:
         for method in cfg.methods:
             det = self._detector(kf, method, b)
             r = det.score(x, texts=texts)
-            p = r.p_value if r.p_value is not None else 1.0
-            drifted = p < a_test
-            if method == "topic_mix":
-                drifted = drifted and r.explanation.get("total_variation", 0.0) >= cfg.min_effect
+            drifted = drifted_at(r, a_test, cfg.min_effect)
             expl = dict(r.explanation)
             expl.update({
                 "detector_rule": expl.get("rule"),
@@ -465,8 +480,6 @@ class DriftEngine:
                 "window": {"seq_from": cur[0][0], "seq_to": cur[-1][0] + 1,
                            "from_ms": min(rr[2] for rr in cur), "to_ms": max(rr[2] for rr in cur)},
             })
-            if method == "centroid_cosine":
-                expl["statistic_threshold"] = r.threshold
             out.append(replace(r, threshold=a_test, drifted=bool(drifted), explanation=expl))
         kf.since_test = 0
         kf.last_test_wall = now

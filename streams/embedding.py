@@ -148,8 +148,10 @@ class SentenceEncoder:
         self.dim = int(dim) if dim else int(self.encode(["x"]).shape[1])
 
     def encode(self, texts: Sequence[str]) -> Vec:
-        # sentence-transformers sorts by length, then pads per chunk: chunks of 32 pad little
-        out = self.model.encode(list(texts), batch_size=min(32, max(1, len(texts))), convert_to_numpy=True,
+        # sentence-transformers sorts by length, then pads per chunk: on CPU chunks of 32
+        # pad little; on CUDA the batch goes whole (the batcher's --embed-batch sizes it)
+        chunk = len(texts) if self.device.startswith("cuda") else min(32, len(texts))
+        out = self.model.encode(list(texts), batch_size=max(1, chunk), convert_to_numpy=True,
                                 normalize_embeddings=self.normalize, show_progress_bar=False)
         return np.asarray(out, dtype=np.float32)
 

@@ -82,8 +82,40 @@ def driftline_methods(alpha: float, seed: int) -> dict[str, Any]:
                                 "TopicMixDrift(n_clusters=None -> 7 at n_ref 1000, min_effect=0): KMeans on a seeded "
                                 "half of the reference, reference counts on the other half, G-test"),
         "driftline centroid": (wrap(lambda: CentroidDrift(alpha=alpha, seed=seed)), "fast",
-                               "CentroidDrift(n_bootstrap=200): cosine between means, bootstrap threshold"),
+                               "CentroidDrift(n_permutations=300): cosine between means, permutation p-value"),
+        "driftline stream": (stream_verdict(alpha, seed), "fast",
+                             "the worker's verdict at its defaults on one field: mmd, topic_mix and "
+                             "centroid_cosine (streams.drift.METHODS) each at the Bonferroni level alpha/3, "
+                             "with the worker's permutation counts; drifted = any of the three"),
     }
+
+
+def stream_verdict(alpha: float, seed: int):
+    """The drift stage's own decision (``streams.drift``): its detectors, permutation
+    counts and Bonferroni level for one key and one field; ``alpha`` is the family level."""
+    from driftline.streams.drift import (
+        METHODS,
+        drifted_at,
+        make_detector,
+        n_resamples,
+        per_test_alpha,
+    )
+
+    a_test = per_test_alpha(alpha, 1, 1, len(METHODS))
+    b = n_resamples(a_test)
+
+    def fit(ref: np.ndarray):
+        dets = [make_detector(m, b, seed=seed).fit(ref) for m in METHODS]
+
+        def score(cur: np.ndarray):
+            rs = [d.score(cur) for d in dets]
+            p = min(r.p_value if r.p_value is not None else 1.0 for r in rs)
+            # the smallest p-value times the family size: the Bonferroni-adjusted p of the round
+            return min(1.0, p * len(rs)), min(1.0, p * len(rs)), any(drifted_at(r, a_test) for r in rs)
+
+        return score
+
+    return fit
 
 
 def run_ours(emb: np.ndarray, runs: list[dict[str, Any]], settings: dict[str, Any],
@@ -128,6 +160,18 @@ def read_peers(job: Path, timing: bool, log) -> tuple[dict[str, Any], dict[str, 
         return {}, {}
     out = json.loads(f.read_text())
     return out["results"], out["info"]
+
+
+def same_job(job: Path, emb: np.ndarray, runs: list[dict[str, Any]], settings: dict[str, Any]) -> bool:
+    """Whether ``job`` already holds peers' results for exactly these windows and settings."""
+    try:
+        old = json.loads((job / "runs.json").read_text())
+        if not (job / "peers.json").exists():
+            return False
+        same_emb = np.array_equal(np.load(job / "emb.npy"), np.asarray(emb, dtype=np.float32))
+    except (OSError, ValueError):
+        return False
+    return same_emb and old == json.loads(json.dumps({"settings": settings, "runs": runs}))
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -290,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--only", default="", help="comma-separated substrings of method names")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--reuse-peer-results", action="store_true",
+                    help="take the peers' scenario and control results (phase 2) from the job folder's "
+                         "peers.json when it was made on exactly these windows and settings; the peers' "
+                         "time per test (phase 1) is still measured in this run")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default: <cache>/results-*.json)")
     a = ap.parse_args(argv)
@@ -316,7 +364,11 @@ def main(argv: list[str] | None = None) -> int:
                 "horizon": a.horizon, "mid_control_runs": a.mid_control_runs,
                 "slow_control_runs": a.slow_control_runs, "timing_run": timing_run}
     job = a.cache / f"job-{a.seed}-{'quick' if a.quick else 'full'}"
-    for stale in ("peers.json", "peers-timing.json"):
+    reuse = a.reuse_peer_results and same_job(job, pool.emb, runs, settings)
+    if a.reuse_peer_results and not reuse:
+        log(f"--reuse-peer-results: {job} holds no peers.json for these exact windows and settings; "
+            "the peers run again")
+    for stale in ("peers-timing.json",) if reuse else ("peers.json", "peers-timing.json"):
         (job / stale).unlink(missing_ok=True)
     write_job(job, pool.emb, runs, settings)
     n_tests = sum(len(r["tests"]) for r in runs)
@@ -338,8 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(peer_cmd(job, only, True), env=peer_env(), check=False)
         t_peers, peer_info = read_peers(job, True, log)
     # Phase 2: power and false alarms; the peer subprocess runs beside ours (2 cores).
-    log("phase 2 - scenarios (peers in a subprocess at the same time):")
-    proc = subprocess.Popen(peer_cmd(job, only, False), env=peer_env()) if peers_ok else None
+    if reuse:
+        log(f"phase 2 - scenarios (peers: reusing {job / 'peers.json'}, same windows and settings):")
+    else:
+        log("phase 2 - scenarios (peers in a subprocess at the same time):")
+    proc = subprocess.Popen(peer_cmd(job, only, False), env=peer_env()) if peers_ok and not reuse else None
     ours, _ = run_ours(pool.emb, runs, settings, only, log)
     peer_results: dict[str, Any] = {}
     if proc is not None:
@@ -347,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         proc.wait()
         log(f"  (waited {time.perf_counter() - t:.0f} s more for the peers)")
         peer_results, peer_info2 = read_peers(job, False, log)
+        peer_info = peer_info or peer_info2
+    elif reuse and peers_ok:
+        peer_results, peer_info2 = read_peers(job, False, log)
+        peer_results = {m: r for m, r in peer_results.items() if not only or any(o in m for o in only)}
         peer_info = peer_info or peer_info2
     results = {**ours, **peer_results}
     our_settings = info

@@ -75,7 +75,7 @@ CASES = [
     Case("topic_mix", lambda **kw: TopicMixDrift(**{"n_clusters": 3, **kw}), emb_same, emb_shift,
          ({"n_clusters": 1}, {"min_effect": 1.5}, {"seed": 1.5}, {"n_permutations": 5})),
     Case("centroid", lambda **kw: CentroidDrift(**kw), emb_same, emb_shift,
-         ({"n_bootstrap": 5}, {"alpha": 1.0})),
+         ({"n_permutations": 5}, {"alpha": 1.0})),
     Case("ks", lambda **kw: KSDrift(**kw), num_same, num_shift, ({"alpha": 2.0},)),
     Case("psi", lambda **kw: PSIDrift(**kw), num_same, num_shift,
          ({"threshold": 0.0}, {"n_bins": 1}, {"eps": 0.0}, {"eps": 0.5})),

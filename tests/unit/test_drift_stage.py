@@ -10,16 +10,20 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
 
+from driftline.schemas.drift import DriftResult
 from driftline.streams.drift import (
     DriftConfig,
     DriftEngine,
     Sample,
+    drifted_at,
     keep_event,
+    make_detector,
     n_resamples,
     per_test_alpha,
     sample_mask,
@@ -75,6 +79,20 @@ def test_alpha_and_resamples() -> None:
     b = n_resamples(a)
     assert b == 1024 and 1 / (b + 1) < a / 3
     assert n_resamples(1e-6) == 8192
+
+
+def test_stage_detectors_and_verdict_rule() -> None:
+    dets = [make_detector(m, 512, seed=4, min_effect=0.2) for m in ("mmd", "topic_mix", "centroid_cosine")]
+    assert [d.method for d in dets] == ["mmd", "topic_mix", "centroid_cosine"]
+    assert dets[0].n_permutations == 512 and dets[2].n_permutations == 512
+    assert dets[1].n_permutations == 1999 and dets[1].min_effect == 0.2  # Monte-Carlo G-test floor
+    with pytest.raises(ValueError, match="method must be one of"):
+        make_detector("classifier", 512)
+    r = DriftResult("mmd", 0.1, 0.009, 0.05, False, 10, 10, {})
+    assert drifted_at(r, 0.01) and not drifted_at(r, 0.009)  # strictly below the level
+    assert not drifted_at(replace(r, p_value=None), 0.5)  # no p-value never alarms
+    tm = replace(r, method="topic_mix", explanation={"total_variation": 0.15})
+    assert drifted_at(tm, 0.01, min_effect=0.1) and not drifted_at(tm, 0.01, min_effect=0.2)
 
 
 # --------------------------------------------------------------------------- cache
