@@ -71,12 +71,16 @@ class EmbeddingConfig:
     to be embedded before new ones are dropped. ``cache_size``: texts whose
     embedding is kept (LRU; 384 float32 = 1.5 KiB each). ``max_seq_length``: cut texts
     to this many tokens (``None``: the model's own limit, 256 for MiniLM; it was
-    trained on 128, and 128 halves the cost of long texts).
+    trained on 128, and 128 halves the cost of long texts). ``batch_size``: texts per
+    model call (flushed when full or after ``max_delay_s``); a batch is sorted by
+    length before it is cut into chunks, so larger batches pad less: on 2 CPU cores,
+    batches of 256 embedded 59 AlpacaEval prompts/s against 34 with 64, 0.96 of raw
+    ``model.encode`` over the whole list (``benchmarks/bench_embed.py``).
     """
 
     model: str = DEFAULT_MODEL
     device: str = "auto"
-    batch_size: int = 64
+    batch_size: int = 256
     max_delay_s: float = 0.5
     max_queue: int = 4096
     cache_size: int = 20_000
@@ -212,7 +216,7 @@ class EmbeddingBatcher(Generic[T]):
     """
 
     def __init__(self, encoder: Encoder | Callable[[], Encoder], on_batch: Callable[[list[T], list[int], Vec], Any],
-                 *, batch_size: int = 64, max_delay_s: float = 0.5, max_queue: int = 4096,
+                 *, batch_size: int = 256, max_delay_s: float = 0.5, max_queue: int = 4096,
                  cache_size: int = 20_000) -> None:
         self._encoder_src = encoder
         self.encoder: Encoder | None = None if callable(encoder) and not hasattr(encoder, "encode") else encoder  # type: ignore[assignment]
