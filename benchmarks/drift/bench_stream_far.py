@@ -23,6 +23,7 @@ many again (the Bonferroni level already counts it).
 
     python benchmarks/drift/bench_stream_far.py                       # 30 streams x 4 h at 1 sample/s (~25 min)
     python benchmarks/drift/bench_stream_far.py --rate 5 --hours 2
+    python benchmarks/drift/bench_stream_far.py --scenario moderate --streams 10 --hours 1 --rule-variants
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def run_stream(idx: np.ndarray, emb: np.ndarray, rate: float, seed: int, ref_siz
     key = ("bench-app", "bench-model", "v1")
     rounds: dict[int, list] = {}
     firings: Counter = Counter()
+    first_fire: dict[str, int] = {}
+    first_drift: dict[str, int] = {}
     step = max(1, round(rate))  # one engine call per second of event time, as batches arrive
     for start in range(0, idx.size, step):
         stop = min(idx.size, start + step)
@@ -81,8 +84,15 @@ def run_stream(idx: np.ndarray, emb: np.ndarray, rate: float, seed: int, ref_siz
             ev.observe_drift(DriftObservation(ts_ms=s.ts_ms, app=key[0], model=key[1], prompt_version=key[2],
                                               field="prompt", method=r.method, statistic=float(r.statistic),
                                               p_value=r.p_value, drifted=r.drifted))
-        if results:
-            firings.update(t.rule for t in ev.evaluate(samples[-1].ts_ms) if t.state == "firing")
+        # every second of event time, as the worker's alerting stage does (a "for" can
+        # complete between two tests: the newest result per key stands until the next)
+        for t in ev.evaluate(samples[-1].ts_ms):
+            if t.state == "firing":
+                firings[t.rule] += 1
+                first_fire.setdefault(t.rule, t.ts_ms)
+        for s, r in results:
+            if r.drifted:
+                first_drift.setdefault("any", s.ts_ms)
     per = list(rounds.values())
     return {
         "rounds": len(per),
@@ -92,7 +102,40 @@ def run_stream(idx: np.ndarray, emb: np.ndarray, rate: float, seed: int, ref_siz
         "p01": Counter(r.method for rs in per for r in rs if r.p_value is not None and r.p_value < 0.01),
         "tests": Counter(r.method for rs in per for r in rs),
         "alpha_test": per[0][0].explanation["alpha_test"] if per else None,
+        "first_fire_ms": first_fire,
+        "first_drift_ms": first_drift.get("any"),
     }
+
+
+def delays(a: argparse.Namespace, pool, by_source: list[np.ndarray]) -> int:
+    """Delay from the shift to the first drifted verdict and to each rule's first firing."""
+    scn = make_scenarios(300)[a.scenario]
+    n = int(a.hours * 3600 * a.rate)
+    print(f"{a.streams} '{a.scenario}' streams ({scn.description}) x {n:,} samples at {a.rate:g} samples/s; "
+          f"shift after reference {a.ref_size} + window 300", flush=True)
+    t_start = time.perf_counter()
+    first: dict[str, list[float | None]] = {}
+    for i in range(a.streams):
+        idx, t0 = make_stream(scn, a.seed * 1000 + 500 + i, i % 5, by_source, a.ref_size, 300,
+                              max(0, n - a.ref_size - 300))
+        r = run_stream(idx[:n], pool.emb, a.rate, seed=i, ref_size=a.ref_size, variants=a.rule_variants)
+        t0_ms = t0 * 1000 / a.rate
+        marks = {"drifted verdict": r["first_drift_ms"], **r["first_fire_ms"]}
+        for name in ("drifted verdict", "PromptDrift", *(("P01_no_for", "Drifted_for3m") if a.rule_variants else ())):
+            ts = marks.get(name)
+            first.setdefault(name, []).append(None if ts is None else (ts - t0_ms) / 1000)
+        print(f"  stream {i + 1}/{a.streams}: " + ", ".join(
+            f"{k} {'-' if v[-1] is None else f'{v[-1]:+.0f} s'}" for k, v in first.items())
+            + f"  ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    print()
+    for name, vals in first.items():
+        got = sorted(v for v in vals if v is not None)
+        med = f"{np.median(got):.0f} s" if got else "-"
+        early = sum(v < 0 for v in got)
+        print(f"{name}: {len(got)}/{len(vals)} streams, median {med} after the shift "
+              f"(range {got[0]:.0f} to {got[-1]:.0f} s); before the shift: {early}" if got
+              else f"{name}: 0/{len(vals)} streams")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,11 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ref-size", type=int, default=300, help="the worker's --ref-size (default 300)")
     ap.add_argument("--rule-variants", action="store_true",
                     help="also count firings of alternative drift rules (a higher bar, a 'for', the verdict)")
+    ap.add_argument("--scenario", default="control", choices=("control", "abrupt", "gradual", "moderate", "adversarial"),
+                    help="a shifted scenario of bench_drift instead of the no-drift control: reports the delay "
+                         "from the shift to the first drifted verdict and to each rule's first notification")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     a = ap.parse_args(argv)
 
     pool = load_pool(a.cache, log=lambda m: print(m, flush=True))
     by_source = [np.flatnonzero(pool.sources == s) for s in SOURCES]
+    if a.scenario != "control":
+        return delays(a, pool, by_source)
     control = make_scenarios(300)["control"]
     n = int(a.hours * 3600 * a.rate)
     print(f"{a.streams} no-drift streams x {n:,} samples ({a.hours:g} h at {a.rate:g} samples/s), "
