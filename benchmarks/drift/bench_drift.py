@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import execute_run, execute_runs, limit_threads, write_job  # noqa: E402
+from common import cluster_bootstrap_ci, execute_run, execute_runs, limit_threads, write_job  # noqa: E402
 
 limit_threads(1)
 
@@ -187,19 +187,6 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, c - h), min(1.0, c + h))
 
 
-def reference_bootstrap_ci(alarms: list[int], tests: list[int], n_boot: int = 4000,
-                           seed: int = 0) -> tuple[float, float]:
-    """95% interval of the false-alarm rate that resamples whole references (a cluster
-    bootstrap): the tests of one control run share its reference and overlap."""
-    a, n = np.asarray(alarms, float), np.asarray(tests, float)
-    if a.size == 0 or n.sum() == 0:
-        return (math.nan, math.nan)
-    idx = np.random.default_rng(seed).integers(0, a.size, (n_boot, a.size))
-    rates = a[idx].sum(axis=1) / n[idx].sum(axis=1)
-    lo, hi = np.percentile(rates, [2.5, 97.5])
-    return (float(lo), float(hi))
-
-
 def summarize(runs: list[dict[str, Any]], results: dict[str, list[dict[str, Any] | None]],
               timing: dict[str, dict[str, Any]]) -> dict[str, Any]:
     table: dict[str, dict[str, Any]] = {}
@@ -222,7 +209,7 @@ def summarize(runs: list[dict[str, Any]], results: dict[str, list[dict[str, Any]
                            # one reference share it and overlap, so they are not independent)
                            alarms_per_run=[sum(bool(t["drifted"]) for t in per_run[i]["tests"]) for i in idx],
                            tests_per_run=[len(per_run[i]["tests"]) for i in idx])
-                row["far_ci_by_reference"] = reference_bootstrap_ci(row["alarms_per_run"], row["tests_per_run"])
+                row["far_ci_by_reference"] = cluster_bootstrap_ci(row["alarms_per_run"], row["tests_per_run"])
             else:
                 delays, full_hits = [], 0
                 for i in idx:

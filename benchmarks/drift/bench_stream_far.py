@@ -34,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import limit_threads  # noqa: E402
+from common import cluster_bootstrap_ci, limit_threads  # noqa: E402
 
 limit_threads(1)
 
@@ -67,13 +67,12 @@ def run_stream(idx: np.ndarray, emb: np.ndarray, rate: float, seed: int, ref_siz
 
     cfg = DriftConfig(sample_rate=1.0, control_topic=None, seed=seed, ref_size=ref_size)  # defaults otherwise
     eng = DriftEngine(cfg, lambda sql: [], "driftline", "bench")  # an empty store: a new key
-    default = load_rules(default_rules_path())
-    ev = AlertEvaluator(parse_rules(VARIANTS) if variants else default)
+    ev = AlertEvaluator(parse_rules(VARIANTS) if variants else load_rules(default_rules_path()))
     key = ("bench-app", "bench-model", "v1")
     rounds: dict[int, list] = {}
     firings: Counter = Counter()
     first_fire: dict[str, int] = {}
-    first_drift: dict[str, int] = {}
+    first_drift: int | None = None
     step = max(1, round(rate))  # one engine call per second of event time, as batches arrive
     for start in range(0, idx.size, step):
         stop = min(idx.size, start + step)
@@ -81,6 +80,8 @@ def run_stream(idx: np.ndarray, emb: np.ndarray, rate: float, seed: int, ref_siz
         _, _, results = eng.process(samples, [0] * len(samples), emb[idx[start:stop]], now=stop / rate)
         for s, r in results:
             rounds.setdefault(int(r.explanation["window"]["seq_to"]), []).append(r)  # one round per position
+            if r.drifted and first_drift is None:
+                first_drift = s.ts_ms
             ev.observe_drift(DriftObservation(ts_ms=s.ts_ms, app=key[0], model=key[1], prompt_version=key[2],
                                               field="prompt", method=r.method, statistic=float(r.statistic),
                                               p_value=r.p_value, drifted=r.drifted))
@@ -90,9 +91,6 @@ def run_stream(idx: np.ndarray, emb: np.ndarray, rate: float, seed: int, ref_siz
             if t.state == "firing":
                 firings[t.rule] += 1
                 first_fire.setdefault(t.rule, t.ts_ms)
-        for s, r in results:
-            if r.drifted:
-                first_drift.setdefault("any", s.ts_ms)
     per = list(rounds.values())
     return {
         "rounds": len(per),
@@ -103,7 +101,7 @@ def run_stream(idx: np.ndarray, emb: np.ndarray, rate: float, seed: int, ref_siz
         "tests": Counter(r.method for rs in per for r in rs),
         "alpha_test": per[0][0].explanation["alpha_test"] if per else None,
         "first_fire_ms": first_fire,
-        "first_drift_ms": first_drift.get("any"),
+        "first_drift_ms": first_drift,
     }
 
 
@@ -130,10 +128,8 @@ def delays(a: argparse.Namespace, pool, by_source: list[np.ndarray]) -> int:
     print()
     for name, vals in first.items():
         got = sorted(v for v in vals if v is not None)
-        med = f"{np.median(got):.0f} s" if got else "-"
-        early = sum(v < 0 for v in got)
-        print(f"{name}: {len(got)}/{len(vals)} streams, median {med} after the shift "
-              f"(range {got[0]:.0f} to {got[-1]:.0f} s); before the shift: {early}" if got
+        print(f"{name}: {len(got)}/{len(vals)} streams, median {np.median(got):.0f} s after the shift "
+              f"(range {got[0]:.0f} to {got[-1]:.0f} s); before the shift: {sum(v < 0 for v in got)}" if got
               else f"{name}: 0/{len(vals)} streams")
     return 0
 
@@ -165,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     tot = Counter()
     p01, tests = Counter(), Counter()
-    per_stream_fire = []
     per_stream: list[tuple[int, int, int]] = []
     by_rule: Counter = Counter()
     alpha_test = None
@@ -176,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
         tot.update({k: r[k] for k in ("rounds", "drifted_rounds", "firings")})
         p01.update(r["p01"])
         tests.update(r["tests"])
-        per_stream_fire.append(r["firings"])
         per_stream.append((r["rounds"], r["drifted_rounds"], r["firings"]))
         alpha_test = r["alpha_test"]
         print(f"  stream {i + 1}/{a.streams}: {r['rounds']} rounds, {r['drifted_rounds']} drifted, "
@@ -184,11 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     rounds = tot["rounds"]
     hours = a.streams * a.hours
     per_day = 24 / a.hours
-    # streams, not rounds, are independent: a 95% interval that resamples whole streams
-    ps = np.asarray(per_stream, float)
-    boot = np.random.default_rng(0).integers(0, len(ps), (4000, len(ps)))
-    lo, hi = np.percentile(ps[boot, 1].sum(1) / ps[boot, 0].sum(1), [2.5, 97.5])
-    flo, fhi = np.percentile(ps[boot, 2].sum(1) / ps[boot, 0].sum(1), [2.5, 97.5])
+    # streams, not rounds, are independent: 95% intervals that resample whole streams
+    n_rounds, n_drifted, n_fired = zip(*per_stream, strict=True)
+    lo, hi = cluster_bootstrap_ci(n_drifted, n_rounds)
+    flo, fhi = cluster_bootstrap_ci(n_fired, n_rounds)
     print()
     print(f"test rounds: {rounds:,} over {hours:g} stream-hours ({rounds / hours:.1f} per hour per key-field); "
           f"per-test alpha {alpha_test:.5f}")
@@ -199,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"PromptDrift alert firings (default rule: p < 0.01 for 3m, resolved above 0.05): {tot['firings']} = "
           f"{1000 * tot['firings'] / rounds:.1f} per 1,000 rounds ({1000 * flo:.1f}-{1000 * fhi:.1f}) = "
           f"{tot['firings'] / a.streams * per_day:.2f} "
-          f"per key-field-day; streams with any: {sum(f > 0 for f in per_stream_fire)}/{a.streams}")
+          f"per key-field-day; streams with any: {sum(f > 0 for f in n_fired)}/{a.streams}")
     if a.rule_variants:
         for name in ("PromptDrift", "P01_no_for", "P001", "Drifted", "Drifted_for3m"):
             print(f"  rule {name}: {by_rule[name]} firings = {by_rule[name] / a.streams * per_day:.2f} per key-field-day")

@@ -28,6 +28,18 @@ def limit_threads(n: int = 1) -> None:
         os.environ[var] = str(n)
 
 
+def cluster_bootstrap_ci(events: Any, trials: Any, n_boot: int = 4000,
+                         seed: int = 0) -> tuple[float, float]:
+    """95% interval of ``sum(events) / sum(trials)`` that resamples whole clusters (a control
+    run's reference, a stream): the trials of one cluster share it and are not independent."""
+    a, n = np.asarray(events, float), np.asarray(trials, float)
+    if a.size == 0 or n.sum() == 0:
+        return (float("nan"), float("nan"))
+    idx = np.random.default_rng(seed).integers(0, a.size, (n_boot, a.size))
+    lo, hi = np.percentile(a[idx].sum(axis=1) / n[idx].sum(axis=1), [2.5, 97.5])
+    return (float(lo), float(hi))
+
+
 def write_job(folder: Path, emb: np.ndarray, runs: list[dict[str, Any]], settings: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "emb.npy", np.ascontiguousarray(emb, dtype=np.float32))
