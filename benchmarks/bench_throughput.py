@@ -160,7 +160,7 @@ async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timer
             fn = functools.partial(fn, fast=False)
         setattr(wmod, name, timers.wrap_sync(name, fn))
 
-    cfg = WorkerConfig(kafka=bootstrap, clickhouse=f"chdb://{ch_path}", topics=(topic,),
+    cfg = WorkerConfig(max_event_age_s=1e10, kafka=bootstrap, clickhouse=f"chdb://{ch_path}", topics=(topic,),
                        dlq_topic=f"{topic}.dlq", group_id=f"bench-{uuid.uuid4().hex[:8]}", **(tuning or {}))
     worker = Worker(cfg)
     worker.process = timers.wrap_sync("process", worker.process)  # type: ignore[method-assign]

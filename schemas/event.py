@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from datetime import datetime
+import sys
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -36,18 +37,48 @@ __all__ = [
     "Guardrail",
     "LLMEvent",
     "KNOWN_KEYS",
+    "MAX_ID_CHARS",
+    "MAX_LABEL_CHARS",
+    "MAX_NESTING",
+    "MAX_TOKENS",
+    "NESTED_TOO_DEEP",
+    "check_limits",
     "decode_event",
     "event_from_dict",
     "event_to_dict",
     "encode_event",
     "json_schema",
+    "nesting_exceeds",
     "parse_timestamp_ms",
+    "timestamp_text",
 ]
 
 SCHEMA_VERSION = 1
 
-NonNegInt = Annotated[int, Meta(ge=0)]
-NonNegFloat = Annotated[float, Meta(ge=0)]
+#: Input limits (README "Input limits"). A record over any of them is rejected with a
+#: reason naming the key, never stored: they keep one record from becoming an
+#: unbounded metric label, a column overflow or a crash.
+#: Token counts: no LLM call comes near 10^12 tokens, and 9.2 million such calls still
+#: sum to less than 2^63, so window sums cannot wrap in int64/UInt64 (a count near 2^63
+#: used to wrap to INT64_MIN, and one >= 2^64 raised OverflowError in to_columns).
+MAX_TOKENS = 10**12
+#: Label fields (app, environment, provider, operation, request/response model,
+#: prompt_version, error_type, finish_reasons items, guardrail names): these become
+#: window keys, metric labels and ClickHouse LowCardinality values.
+MAX_LABEL_CHARS = 256
+#: Identifier fields (event_id, conversation_id, user_id, trace_id, span_id).
+MAX_ID_CHARS = 128
+#: JSON nesting (arrays and objects, at any key, ``extra`` included). Deeper input used to
+#: raise RecursionError in the decoder (and crashes Arrow's JSON reader at ~10^4 levels).
+MAX_NESTING = 64
+#: the reason given for a record nested deeper than :data:`MAX_NESTING`
+NESTED_TOO_DEEP = f"nested too deep: more than {MAX_NESTING} levels of arrays/objects"
+
+NonNegInt = Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
+NonNegFloat = Annotated[float, Meta(ge=0, le=sys.float_info.max)]  # finite
+Finite = Annotated[float, Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
+Label = Annotated[str, Meta(max_length=MAX_LABEL_CHARS)]
+Ident = Annotated[str, Meta(max_length=MAX_ID_CHARS)]
 
 
 class EventError(ValueError):
@@ -61,9 +92,9 @@ class EventError(ValueError):
 class Guardrail(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
     """One guardrail result on a call (``gen_ai.guardrail.*``)."""
 
-    name: str
+    name: Label
     verdict: Literal["pass", "flagged", "blocked"]
-    score: float | None = None
+    score: Finite | None = None
 
 
 class LLMEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -73,20 +104,20 @@ class LLMEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, fo
     after decoding, :attr:`timestamp_ms` holds epoch milliseconds (UTC).
     """
 
-    app: str
+    app: Label
     timestamp: str | int | float
     latency_ms: NonNegFloat
-    request_model: str | None = None
-    response_model: str | None = None
-    event_id: str | None = None
-    environment: str | None = None
-    provider: str | None = None
-    operation: str = "chat"
-    prompt_version: str | None = None
-    conversation_id: str | None = None
-    user_id: str | None = None
-    trace_id: str | None = None
-    span_id: str | None = None
+    request_model: Label | None = None
+    response_model: Label | None = None
+    event_id: Ident | None = None
+    environment: Label | None = None
+    provider: Label | None = None
+    operation: Label = "chat"
+    prompt_version: Label | None = None
+    conversation_id: Ident | None = None
+    user_id: Ident | None = None
+    trace_id: Ident | None = None
+    span_id: Ident | None = None
     input_tokens: NonNegInt | None = None
     output_tokens: NonNegInt | None = None
     cache_read_input_tokens: NonNegInt | None = None
@@ -95,8 +126,8 @@ class LLMEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, fo
     ttft_ms: NonNegFloat | None = None
     tpot_ms: NonNegFloat | None = None
     status: Literal["ok", "error"] = "ok"
-    error_type: str | None = None
-    finish_reasons: list[str] | None = None
+    error_type: Label | None = None
+    finish_reasons: list[Label] | None = None
     guardrails: list[Guardrail] | None = None
     feedback: Literal[-1, 0, 1] | None = None
     prompt: str | None = None
@@ -120,6 +151,12 @@ _MIN_TS_MS = 0
 _MAX_TS_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
 
 
+def _short(value: object, n: int = 64) -> str:
+    """``repr(value)``, cut to about ``n`` characters (a reason must stay readable)."""
+    r = repr(value)
+    return r if len(r) <= n else f"{r[:n]}...({len(r)} chars)"
+
+
 def parse_timestamp_ms(value: str | int | float) -> int:
     """Epoch milliseconds from an RFC 3339 string or an epoch-milliseconds number."""
     if isinstance(value, bool):
@@ -135,13 +172,84 @@ def parse_timestamp_ms(value: str | int | float) -> int:
         try:
             dt = datetime.fromisoformat(text)
         except ValueError:
-            raise EventError(f"timestamp: {value!r} is not an RFC 3339 date-time", "timestamp") from None
+            raise EventError(f"timestamp: {_short(value)} is not an RFC 3339 date-time",
+                             "timestamp") from None
         if dt.tzinfo is None:
-            raise EventError(f"timestamp: {value!r} has no UTC offset (RFC 3339 requires one)", "timestamp")
-        ms = round(dt.timestamp() * 1000)
+            raise EventError(f"timestamp: {_short(value)} has no UTC offset (RFC 3339 requires one)",
+                             "timestamp")
+        try:
+            ms = round(dt.timestamp() * 1000)
+        except (OverflowError, ValueError):
+            raise EventError(f"timestamp: {_short(value)} is out of range", "timestamp") from None
     if not _MIN_TS_MS <= ms <= _MAX_TS_MS:
-        raise EventError(f"timestamp: {value!r} is out of range", "timestamp")
+        raise EventError(f"timestamp: {_short(value)} is out of range", "timestamp")
     return ms
+
+
+def timestamp_text(ms: int) -> str:
+    """Epoch milliseconds as RFC 3339 UTC with milliseconds (``1970-01-01T00:00:00.000Z``)."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def nesting_exceeds(obj: Any, limit: int = MAX_NESTING) -> bool:
+    """True when ``obj`` nests lists/dicts more than ``limit`` levels deep (the outer
+    container is level 1). Iterative: never recurses, whatever the depth."""
+    if not isinstance(obj, (dict, list)):
+        return False
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if d > limit:
+            return True
+        for v in o.values() if isinstance(o, dict) else o:
+            if isinstance(v, (dict, list)):
+                stack.append((v, d + 1))
+    return False
+
+
+_LABEL_FIELDS = ("app", "environment", "provider", "operation", "request_model", "response_model",
+                 "prompt_version", "error_type")
+_ID_FIELDS = ("event_id", "conversation_id", "user_id", "trace_id", "span_id")
+_TOKEN_KEYS = ("input_tokens", "output_tokens", "cache_read_input_tokens",
+               "cache_creation_input_tokens", "reasoning_output_tokens")
+_FLOAT_KEYS = ("latency_ms", "ttft_ms", "tpot_ms")
+
+
+def check_limits(ev: LLMEvent) -> None:
+    """Check the input limits on an event built without msgspec's validation (the OTLP
+    mapping builds them directly): label and id lengths, token counts, finite durations
+    and scores, nesting of ``extra``. Raises :class:`EventError` naming the key.
+
+    The JSON paths get the same checks from the struct's annotations while decoding.
+    """
+    for f in _LABEL_FIELDS:
+        v = getattr(ev, f)
+        if v is not None and len(v) > MAX_LABEL_CHARS:
+            raise EventError(f"{f}: longer than {MAX_LABEL_CHARS} characters ({len(v)})", f)
+    for f in _ID_FIELDS:
+        v = getattr(ev, f)
+        if v is not None and len(v) > MAX_ID_CHARS:
+            raise EventError(f"{f}: longer than {MAX_ID_CHARS} characters ({len(v)})", f)
+    for f in _TOKEN_KEYS:
+        v = getattr(ev, f)
+        if v is not None and not 0 <= v <= MAX_TOKENS:
+            raise EventError(f"{f}: out of range: {_short(v)} (0 to {MAX_TOKENS})", f)
+    for f in _FLOAT_KEYS:
+        v = getattr(ev, f)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise EventError(f"{f}: must be a finite number >= 0, got {v!r}", f)
+    for r in ev.finish_reasons or ():
+        if len(r) > MAX_LABEL_CHARS:
+            raise EventError(f"finish_reasons: an item is longer than {MAX_LABEL_CHARS} "
+                             f"characters ({len(r)})", "finish_reasons")
+    for g in ev.guardrails or ():
+        if len(g.name) > MAX_LABEL_CHARS:
+            raise EventError(f"guardrails: a name is longer than {MAX_LABEL_CHARS} "
+                             f"characters ({len(g.name)})", "guardrails")
+        if g.score is not None and not math.isfinite(g.score):
+            raise EventError(f"guardrails: score {g.score!r} is not finite", "guardrails")
+    if ev.extra and nesting_exceeds(ev.extra):
+        raise EventError(NESTED_TOO_DEEP)
 
 
 _canonical = msgspec.json.Encoder(order="sorted")
@@ -175,6 +283,8 @@ def event_from_dict(d: Any) -> LLMEvent:
     """
     if not isinstance(d, dict):
         raise EventError(f"event must be a JSON object, got {type(d).__name__}")
+    if nesting_exceeds(d):
+        raise EventError(NESTED_TOO_DEEP)
     known: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for k, v in d.items():
@@ -211,12 +321,16 @@ _typed_decoder = msgspec.json.Decoder(LLMEvent)
 
 
 def decode_event(data: bytes | str) -> LLMEvent:
-    """Decode and validate one JSON record. Raises :class:`EventError`."""
+    """Decode and validate one JSON record. Raises :class:`EventError` (and nothing else
+    for any input: JSON nested deeper than :data:`MAX_NESTING` is :data:`NESTED_TOO_DEEP`,
+    whether or not the decoder's own recursion limit tripped first)."""
     try:
         ev = _typed_decoder.decode(data)
     except (msgspec.DecodeError, UnicodeDecodeError):  # unknown key, null, bad value, not JSON,
         ev = None                                       # bad UTF-8: the exact path says which
-    if (ev is not None and ev.event_id is not None and ev.app
+    except RecursionError:
+        raise EventError(NESTED_TOO_DEEP) from None
+    if (ev is not None and ev.event_id is not None and ev.app and not ev.extra
             and (ev.request_model is not None or ev.response_model is not None)):
         ts = ev.timestamp
         if type(ts) is int:
@@ -231,6 +345,8 @@ def decode_event(data: bytes | str) -> LLMEvent:
         raise EventError(f"not valid JSON: {exc}") from None
     except UnicodeDecodeError as exc:  # msgspec raises it for a string that is not UTF-8
         raise EventError(f"not valid UTF-8: {exc}") from None
+    except RecursionError:
+        raise EventError(NESTED_TOO_DEEP) from None
     return event_from_dict(obj)
 
 

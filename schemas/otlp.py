@@ -53,7 +53,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from driftline.schemas.event import EventError, Guardrail, LLMEvent
+from driftline.schemas.event import MAX_TOKENS, EventError, Guardrail, LLMEvent, check_limits
 
 __all__ = [
     "ENCODINGS",
@@ -286,7 +286,7 @@ def _tokens(a: dict[str, Any], key: str, old: str | None = None) -> int | None:
             v, key = ov, old
     if v is None:
         return None
-    if v.__class__ is int and v >= 0:  # the common case, first
+    if v.__class__ is int and 0 <= v <= MAX_TOKENS:  # the common case, first
         return v  # type: ignore[no-any-return]
     if isinstance(v, bool):
         raise _Reject(f"{key}: expected a non-negative integer, got bool {v}")
@@ -294,12 +294,14 @@ def _tokens(a: dict[str, Any], key: str, old: str | None = None) -> int | None:
         n = v
     elif isinstance(v, float) and v.is_integer():
         n = int(v)
-    elif isinstance(v, str) and v.strip().isdigit():
+    elif isinstance(v, str) and len(v) <= 40 and v.strip().isdigit():  # int64 as a string
         n = int(v)
     else:
-        raise _Reject(f"{key}: expected a non-negative integer, got {v!r}")
+        raise _Reject(f"{key}: expected a non-negative integer, got {v[:40] if isinstance(v, str) else v!r}")
     if n < 0:
         raise _Reject(f"{key}: must be >= 0, got {n}")
+    if n > MAX_TOKENS:
+        raise _Reject(f"{key}: out of range: {n} (0 to {MAX_TOKENS})")
     return n
 
 
@@ -839,6 +841,12 @@ def map_request(req: ExportTraceServiceRequest) -> OtlpBatch:
                 except _Reject as exc:
                     _reject(batch, span, str(exc))
                     continue
+                except RecursionError:
+                    _reject(batch, span, "nested too deep")
+                    continue
+                except Exception as exc:  # noqa: BLE001 - one span never stops the request
+                    _reject(batch, span, f"{type(exc).__name__}: {exc}")
+                    continue
                 pending.append((span, d))
     for span, d in pending:
         g = guards.pop(span.span_id, None) if guards else None
@@ -846,7 +854,9 @@ def map_request(req: ExportTraceServiceRequest) -> OtlpBatch:
             d["guardrails"] = (d.get("guardrails") or []) + g
             batch.attached_guardrails += len(g)
         try:
-            batch.events.append(_build_event(d))
+            ev = _build_event(d)
+            check_limits(ev)
+            batch.events.append(ev)
         except (EventError, TypeError, ValueError) as exc:
             _reject(batch, span, str(exc))
     for g in guards.values():

@@ -140,6 +140,8 @@ def worker(
     test_every: Annotated[int, typer.Option(help="Samples between drift tests per key and field.")] = 100,
     test_interval: Annotated[float, typer.Option(help="Also test when this many seconds passed and new samples arrived (0: off).")] = 60.0,
     drift_alpha: Annotated[float, typer.Option(help="Family-wise false-alarm level per test round (Bonferroni over keys x fields x methods).")] = 0.05,
+    max_event_age: Annotated[float, typer.Option(help="Seconds: events dated more than this before the wall clock go to the DLQ (default 30 days: backfills of the last month are accepted).")] = 30 * 86400.0,
+    max_clock_skew: Annotated[float, typer.Option(help="Seconds: events dated more than this after the wall clock go to the DLQ.")] = 300.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
 ) -> None:
     """Run the stream processor: Kafka -> windows, cost, guardrails, drift -> ClickHouse, /metrics, alerts."""
@@ -159,6 +161,7 @@ def worker(
             emit_interval_s=emit_interval, max_batch=max_batch, price_files=tuple(prices or ()),
             rules_file=rules, scan_guardrails=scan_guardrails,
             auto_offset_reset="latest" if from_latest else "earliest",
+            max_event_age_s=max_event_age, max_clock_skew_s=max_clock_skew,
         )
         stages: list[Any] = []
         if alerts:

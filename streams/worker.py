@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
 import gc
 import logging
 import time
@@ -48,6 +47,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from driftline.schemas.metrics import WindowKey, WindowStats
 from driftline.streams.metrics import WorkerMetrics
 from driftline.streams.pipeline import (
+    DEFAULT_MAX_CLOCK_SKEW_S,
+    DEFAULT_MAX_EVENT_AGE_S,
     DLQ_TOPIC,
     EVENTS_TOPIC,
     OTLP_TOPIC,
@@ -95,10 +96,17 @@ class WorkerConfig:
     #: Kafka (and Tansu) hold a new group's first assignment for up to about half of
     #: this; a member that stops heartbeating is replaced after it
     session_timeout_ms: int = 10_000
+    #: events dated more than this before the wall clock go to the DLQ (a backfill of the
+    #: last 30 days is accepted; one insert stays within a few monthly partitions)
+    max_event_age_s: float = DEFAULT_MAX_EVENT_AGE_S
+    #: events dated more than this after the wall clock go to the DLQ (clock skew)
+    max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if not self.max_event_age_s > 0 or not self.max_clock_skew_s >= 0:
+            raise ValueError("max_event_age_s must be > 0 and max_clock_skew_s >= 0")
         if self.emit_interval_s <= 0:
             raise ValueError("emit_interval_s must be > 0")
         if self.auto_offset_reset not in ("earliest", "latest"):
@@ -337,8 +345,7 @@ class Worker:
             offsets[tp] = data[tp][-1].offset + 1
         fut: Any = None
         if records:
-            fut = asyncio.get_running_loop().run_in_executor(
-                self._decode_pool, functools.partial(decode_batch, records, fast=self.scanner is None))
+            fut = asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode, records)
         prev, self._pending = self._pending, _Pending(records, offsets, firsts, self._rebalances, fut)
         if prev is not None:
             await self._complete(prev)
@@ -366,6 +373,13 @@ class Worker:
                 self.consumer.seek(tp, off)
         log.info("rebalance while %d records were in flight: fetching them again", len(stale.records))
 
+    def _decode(self, records: Sequence[Any]) -> DecodedBatch:
+        """decode_batch with the wall clock for the event-time bounds (the scan needs
+        event objects, so it turns the columnar path off)."""
+        cfg = self.cfg
+        return decode_batch(records, fast=self.scanner is None, now_ms=int(time.time() * 1000),
+                            max_event_age_s=cfg.max_event_age_s, max_clock_skew_s=cfg.max_clock_skew_s)
+
     def process(self, records: Sequence[Any], offsets: dict[TopicPartition, int],
                 decoded: DecodedBatch | None = None) -> _Work:
         """Decode, enrich and window one batch (CPU only; no I/O).
@@ -390,7 +404,7 @@ class Worker:
         now = time.monotonic()
         m = self.metrics
         if decoded is None:
-            decoded = decode_batch(records, fast=self.scanner is None)  # the scan needs event objects
+            decoded = self._decode(records)
         event_cols = None
         if decoded.n_events:
             enriched = enrich(decoded, self.prices, self.scanner)

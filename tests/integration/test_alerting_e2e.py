@@ -127,7 +127,7 @@ async def test_latency_spike_and_guardrail_burst_fire_once_and_resolve(
         receiver: Receiver) -> None:
     topic = f"a-{uuid.uuid4().hex[:10]}"
     make_topics({topic: 1, f"{topic}.dlq": 1})
-    cfg = WorkerConfig(kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"g-{uuid.uuid4().hex[:8]}",
+    cfg = WorkerConfig(max_event_age_s=1e10, kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"g-{uuid.uuid4().hex[:8]}",
                        topics=(topic,), dlq_topic=f"{topic}.dlq",
                        window=WindowConfig(size_ms=2_000, allowed_lateness_ms=500))
     notifiers = build_notifiers(webhooks=[receiver.url], alertmanagers=[alertmanager.url],
@@ -239,7 +239,7 @@ async def test_a_firing_alert_survives_a_restart_without_firing_twice(
         kafka_bootstrap: str, make_topics: Any, chdb_dsn: str, receiver: Receiver) -> None:
     topic = f"r-{uuid.uuid4().hex[:10]}"
     make_topics({topic: 1, f"{topic}.dlq": 1})
-    cfg = WorkerConfig(kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"g-{uuid.uuid4().hex[:8]}",
+    cfg = WorkerConfig(max_event_age_s=1e10, kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"g-{uuid.uuid4().hex[:8]}",
                        topics=(topic,), dlq_topic=f"{topic}.dlq",
                        window=WindowConfig(size_ms=2_000, allowed_lateness_ms=500))
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5)

@@ -116,7 +116,7 @@ async def test_drift_stream_detects_shift_and_survives_restart(kafka_bootstrap: 
         after = n_samples - REF
         return 0 if after < WINDOW else (after - WINDOW) // EVERY + 1
 
-    wcfg = WorkerConfig(kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"g-{uuid.uuid4().hex[:8]}",
+    wcfg = WorkerConfig(max_event_age_s=1e10, kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"g-{uuid.uuid4().hex[:8]}",
                         topics=(topic,), dlq_topic=f"{topic}.dlq", window=WindowConfig(size_ms=60_000),
                         emit_interval_s=0.5, idle_close_s=1.0)
     dcfg = DriftConfig(fields=("prompt",), sample_rate=RATE, ref_size=REF, window_size=WINDOW,

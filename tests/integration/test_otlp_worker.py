@@ -94,7 +94,7 @@ def otlp_topics(make_topics: Any) -> tuple[str, str]:
 async def running_worker(bootstrap: str, dsn: str, topic: str, dlq: str
                          ) -> AsyncIterator[Worker]:
     """The real worker (``serve_worker``) on ``topic``; stopped (and chDB released) on exit."""
-    cfg = WorkerConfig(kafka=bootstrap, clickhouse=dsn, group_id=f"g-{uuid.uuid4().hex[:10]}",
+    cfg = WorkerConfig(max_event_age_s=1e10, kafka=bootstrap, clickhouse=dsn, group_id=f"g-{uuid.uuid4().hex[:10]}",
                        topics=(topic,), dlq_topic=dlq, window=WindowConfig(size_ms=60_000),
                        emit_interval_s=0.5, idle_close_s=1.0)
     stop = asyncio.Event()

@@ -57,7 +57,7 @@ async def test_prometheus_scrapes_the_worker_and_agrees_with_the_stream(
         prometheus_factory: Callable[[str, dict[str, str]], Server]) -> None:  # noqa: F811
     topic = f"p-{uuid.uuid4().hex[:10]}"
     make_topics({topic: 1, f"{topic}.dlq": 1})
-    cfg = WorkerConfig(kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"g-{uuid.uuid4().hex[:8]}",
+    cfg = WorkerConfig(max_event_age_s=1e10, kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"g-{uuid.uuid4().hex[:8]}",
                        topics=(topic,), dlq_topic=f"{topic}.dlq", window=WindowConfig(size_ms=10_000))
     stages: list[AlertingStage] = []
 

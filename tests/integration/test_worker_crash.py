@@ -39,7 +39,7 @@ CRASHING_WORKER = textwrap.dedent("""
 
     aiokafka.AIOKafkaConsumer.commit = die
     kafka, dsn, topic, group = sys.argv[1:5]
-    run_worker(WorkerConfig(kafka=kafka, clickhouse=dsn, group_id=group, topics=(topic,),
+    run_worker(WorkerConfig(max_event_age_s=1e10, kafka=kafka, clickhouse=dsn, group_id=group, topics=(topic,),
                             dlq_topic=topic + ".dlq", max_batch=700, max_insert_rows=700),
                web_port=0, sql_port=None)
 """)
@@ -74,7 +74,7 @@ async def test_kill_between_insert_and_commit_stores_each_event_once(
     from driftline.streams.app import serve_worker
     from driftline.streams.broker import free_port
 
-    cfg = WorkerConfig(kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=group, topics=(topic,),
+    cfg = WorkerConfig(max_event_age_s=1e10, kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=group, topics=(topic,),
                        dlq_topic=f"{topic}.dlq", window=WindowConfig(size_ms=60_000),
                        emit_interval_s=0.5, idle_close_s=1.0)
     stop = asyncio.Event()
@@ -101,7 +101,7 @@ async def test_kill_between_insert_and_commit_stores_each_event_once(
     # A worker of a *new* group (no committed offsets) on the same store: it fetches from
     # offset 0 and may get records before it has read the stored offsets; those
     # records must be dropped and skipped, not stored (or handed to the stages) again.
-    cfg2 = WorkerConfig(kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"{group}-new", topics=(topic,),
+    cfg2 = WorkerConfig(max_event_age_s=1e10, kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"{group}-new", topics=(topic,),
                         dlq_topic=f"{topic}.dlq", emit_interval_s=0.5, idle_close_s=1.0)
     stop = asyncio.Event()
     box.clear()

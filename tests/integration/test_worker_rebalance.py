@@ -32,7 +32,7 @@ async def test_second_worker_joins_mid_stream_each_event_stored_once(
     make_topics({topic: 4, f"{topic}.dlq": 1})
     recs = [(r.key, r.value) for r in generate(
         ReplayConfig(n_events=N, seed=5, malformed_rate=0.0), ReplayData.synthetic(5))]
-    cfg = WorkerConfig(kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"g-{uuid.uuid4().hex[:8]}",
+    cfg = WorkerConfig(max_event_age_s=1e10, kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"g-{uuid.uuid4().hex[:8]}",
                        topics=(topic,), dlq_topic=f"{topic}.dlq", window=WindowConfig(size_ms=60_000),
                        max_batch=2_000, emit_interval_s=0.5, idle_close_s=1.0, session_timeout_ms=6_000)
     sink = ClickHouseSink(cfg.clickhouse, cfg.database)

@@ -72,7 +72,8 @@ def test_sigkill_restart_no_loss_no_duplicates(tmp_path: Path, chdb_dsn: str) ->
                "--metrics-port", str(metrics_port), "--sql-port", str(sql_port),
                "--emit-interval", "0.5",
                # small batches, so that the kill lands in the middle of the stream
-               "--max-batch", "1000"]
+               "--max-batch", "1000",
+               "--max-event-age", "1e10"]  # the replay's fixed 2025 timestamps
         logs = [open(tmp_path / f"worker{i}.log", "wb") for i in (1, 2)]  # noqa: SIM115
         procs: list[subprocess.Popen[bytes]] = []
         try:
