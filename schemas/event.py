@@ -69,7 +69,7 @@ MAX_LABEL_CHARS = 256
 #: Identifier fields (event_id, conversation_id, user_id, trace_id, span_id).
 MAX_ID_CHARS = 128
 #: JSON nesting (arrays and objects, at any key, ``extra`` included). Deeper input used to
-#: raise RecursionError in the decoder (and crashes Arrow's JSON reader at ~10^4 levels).
+#: raise RecursionError in the decoder, which nothing caught.
 MAX_NESTING = 64
 #: the reason given for a record nested deeper than :data:`MAX_NESTING`
 NESTED_TOO_DEEP = f"nested too deep: more than {MAX_NESTING} levels of arrays/objects"
