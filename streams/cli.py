@@ -206,11 +206,14 @@ def emit(
     file: Annotated[str, typer.Argument(help="JSONL file of LLMEvents, one per line; - for stdin.")],
     kafka: KafkaOpt = None,
     topic: Annotated[str, typer.Option(help="Topic to produce to.")] = "llm.events",
+    skip_invalid: Annotated[bool, typer.Option(help="Do not send lines that are not valid events (they are reported and counted as skipped).")] = False,
 ) -> None:
     """Produce events from a JSONL file (or stdin) to Kafka, keyed app/model.
 
     Every line is sent as it is; lines that are not valid events are still sent
-    (the worker dead-letters them with the reason) and counted here.
+    (the worker dead-letters them with the reason), reported on stderr with their
+    line number and reason (the first 20), and counted (``invalid``); with
+    --skip-invalid they are not sent (``skipped``). A bad line never stops the rest.
     """
     from driftline.streams.producer import emit_lines
 
@@ -219,8 +222,10 @@ def emit(
     if stream is None and not Path(file).exists():
         raise _err(f"{file}: no such file")
     try:
-        stats = asyncio.run(emit_lines(kafka, topic, Path(file) if stream is None else None, stream,
-                                       progress=sys.stderr.isatty()))
+        stats = asyncio.run(emit_lines(
+            kafka, topic, Path(file) if stream is None else None, stream, progress=sys.stderr.isatty(),
+            skip_invalid=skip_invalid,
+            report=lambda n, why: sys.stderr.write(f"line {n}: {why[:300]}\n")))
     except OSError as exc:
         raise _err(str(exc)) from None
     typer.echo(json.dumps(stats))

@@ -16,21 +16,42 @@ from typing import Any, BinaryIO
 import msgspec
 from aiokafka import AIOKafkaProducer
 
-__all__ = ["produce_records", "emit_lines", "key_of"]
+from driftline.schemas.event import NESTED_TOO_DEEP, EventError, event_from_dict
+
+__all__ = ["produce_records", "emit_lines", "key_of", "check_line"]
 
 _dec = msgspec.json.Decoder()
 
 
 def key_of(value: bytes) -> bytes:
-    """``app/model`` of a JSON event, for partitioning; b"" when it cannot be read."""
+    """``app/model`` of a JSON event, for partitioning; b"" when it cannot be read
+    (never raises: not JSON, bad UTF-8, nested too deep for the decoder, ...)."""
+    return check_line(value)[0]
+
+
+def check_line(value: bytes) -> tuple[bytes, str | None]:
+    """``(key, reason)`` for one JSONL line: its ``app/model`` key (b"" when it cannot be
+    read) and why the worker would reject it (None when it is a valid event; the event
+    time bounds of the worker are not checked here). Never raises."""
     try:
         d = _dec.decode(value)
-    except msgspec.DecodeError:
-        return b""
+    except msgspec.DecodeError as exc:
+        return b"", f"not valid JSON: {exc}"
+    except UnicodeDecodeError as exc:
+        return b"", f"not valid UTF-8: {exc}"
+    except RecursionError:
+        return b"", NESTED_TOO_DEEP
     if not isinstance(d, dict):
-        return b""
+        return b"", f"event must be a JSON object, got {type(d).__name__}"
     model = d.get("response_model") or d.get("request_model") or ""
-    return f"{d.get('app', '')}/{model}".encode()
+    key = f"{d.get('app', '')}/{model}".encode("utf-8", "replace")
+    try:
+        event_from_dict(d)
+    except EventError as exc:
+        return key, str(exc)
+    except Exception as exc:  # noqa: BLE001 - a line never stops the emitter
+        return key, f"{type(exc).__name__}: {exc}"
+    return key, None
 
 
 async def produce_records(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes]],
@@ -75,20 +96,35 @@ async def produce_records(bootstrap: str, topic: str, records: Iterable[tuple[by
 
 
 async def emit_lines(bootstrap: str, topic: str, path: Path | None, stream: BinaryIO | None,
-                     progress: bool = False) -> dict[str, Any]:
-    """Send every non-blank line of a JSONL file/stream; count those that are not JSON objects."""
+                     progress: bool = False, *, skip_invalid: bool = False,
+                     report: Any = None, max_reported: int = 20) -> dict[str, Any]:
+    """Send every non-blank line of a JSONL file/stream; never stops on a bad line.
+
+    Each line is checked as the worker would (:func:`check_line`); an invalid line is
+    counted in ``invalid``, the first ``max_reported`` are passed to ``report`` as
+    ``(line_number, reason)`` and listed in ``bad_lines``, and the line is still sent
+    (the worker dead-letters it with the reason: one place of record) unless
+    ``skip_invalid``, where it is counted in ``skipped`` and not sent.
+    """
     src: BinaryIO = stream if stream is not None else open(path, "rb")  # type: ignore[arg-type]  # noqa: SIM115
-    stats = {"sent": 0, "not_json": 0, "topic": topic}
+    stats: dict[str, Any] = {"sent": 0, "invalid": 0, "skipped": 0, "topic": topic, "bad_lines": []}
     t0 = time.monotonic()
 
     def lines() -> Iterable[tuple[bytes | None, bytes]]:
-        for raw in src:
+        for lineno, raw in enumerate(src, 1):
             line = raw.strip()
             if not line:
                 continue
-            k = key_of(line)
-            if not k:
-                stats["not_json"] += 1
+            k, why = check_line(line)
+            if why is not None:
+                stats["invalid"] += 1
+                if len(stats["bad_lines"]) < max_reported:
+                    stats["bad_lines"].append({"line": lineno, "reason": why[:300]})
+                    if report is not None:
+                        report(lineno, why)
+                if skip_invalid:
+                    stats["skipped"] += 1
+                    continue
             yield (k or None), line
 
     def show(n: int) -> None:
