@@ -157,7 +157,8 @@ async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timer
     for name in ("decode_batch", "enrich", "to_columns"):
         fn = getattr(wmod, name)
         if name == "decode_batch" and record_by_record:
-            fn = functools.partial(fn, fast=False)
+            # the worker passes fast= itself: force it off over whatever it passes
+            fn = functools.partial(lambda f, *a, **k: f(*a, **{**k, "fast": False}), fn)
         setattr(wmod, name, timers.wrap_sync(name, fn))
 
     cfg = WorkerConfig(max_event_age_s=1e10, kafka=bootstrap, clickhouse=f"chdb://{ch_path}", topics=(topic,),

@@ -158,3 +158,67 @@ async def test_emit_reports_bad_lines_and_sends_the_rest(kafka_bootstrap: str, m
     stats = await emit_lines(kafka_bootstrap, topic, f, None, skip_invalid=True)
     assert stats["sent"] == 10 and stats["skipped"] == 2
     assert len(await _read_all(kafka_bootstrap, topic, 22)) == 22
+
+
+def _fuzz_module() -> Any:
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(
+        "fuzz_decode", Path(__file__).resolve().parents[2] / "benchmarks" / "fuzz_decode.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["fuzz_decode"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+async def test_fuzzed_records_through_the_worker(kafka_bootstrap: str, make_topics: Any, chdb_dsn: str) -> None:
+    """2,000 generated and mutated records (JSON events and OTLP requests, from
+    benchmarks/fuzz_decode.py) through a running worker: it keeps running, stores exactly
+    the events decode_batch finds valid, and dead-letters every other record once with
+    a reason. Catches any per-record exception that escapes into the worker (the task
+    dies; checked: without the token bound the worker dies on a count >= 2^63) and any
+    record that ends in no place or two (the counts differ)."""
+    import random
+
+    from aiokafka import AIOKafkaProducer
+
+    from driftline.streams.pipeline import decode_batch
+
+    fz = _fuzz_module()
+    topic = f"f-{uuid.uuid4().hex[:10]}"
+    otlp_topic = f"otlp_spans.{topic}"
+    make_topics({topic: 1, otlp_topic: 1, f"{topic}.dlq": 1})
+    recs = fz.make_batch(random.Random(11), 2000)
+    wide = {"max_event_age_s": 1e10, "max_clock_skew_s": 1e10}  # the generator's fixed clock
+    expected = decode_batch(recs, fast=False, now_ms=int(time.time() * 1000), **wide)
+    assert 200 < expected.n_events < 1800 and len(expected.rejected) > 200
+    p = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, max_request_size=16 << 20, linger_ms=20)
+    await p.start()
+    try:
+        futs = [await p.send(otlp_topic if r.topic == fz.OTLP else topic, r.value, partition=0,
+                             key=b"tombstone" if r.value is None else None,  # aiokafka needs one
+                             headers=list(r.headers)) for r in recs]
+        await asyncio.gather(*futs)
+    finally:
+        await p.stop()
+    cfg = WorkerConfig(kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"g-{uuid.uuid4().hex[:8]}",
+                       topics=(topic, otlp_topic), dlq_topic=f"{topic}.dlq", emit_interval_s=0.5,
+                       idle_close_s=1.0, **wide)
+    stop, task, worker = await _start(cfg)
+    try:
+        n_ev, n_rej = expected.n_events, len(expected.rejected)
+        await wait_for(lambda: (worker.stored_events >= n_ev and worker.dead_lettered >= n_rej)
+                       or task.done(), 60,
+                       lambda: f"stored {worker.stored_events}/{n_ev}, dlq {worker.dead_lettered}/{n_rej}")
+        assert not task.done(), "the worker died"
+        assert (worker.stored_events, worker.dead_lettered) == (n_ev, n_rej)
+        rows = await asyncio.to_thread(worker.sink.query_rows,
+                                       f"SELECT count() FROM {worker.sink.database}.llm_events", None)
+        assert rows[0][0] == n_ev
+        dlq = await _read_all(kafka_bootstrap, cfg.dlq_topic, n_rej)
+        assert len(dlq) == n_rej and all(dict(m.headers).get("driftline-reason") for m in dlq)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
