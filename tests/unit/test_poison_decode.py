@@ -162,3 +162,15 @@ def test_otlp_poison_spans_rejected_with_reasons_others_kept() -> None:
                           "app: longer than 256 characters (100000)")
     assert reasons[2] == f"otlp: {NESTED_TOO_DEEP}"
     assert reasons[3] == "empty record (tombstone)" and len(out.rejected) == 4
+
+
+def test_worker_config_event_time_bounds_validated() -> None:
+    """The bounds are WorkerConfig fields with the documented defaults, validated on
+    creation."""
+    from driftline.streams.worker import WorkerConfig
+
+    cfg = WorkerConfig(kafka="127.0.0.1:9092", clickhouse="chdb:///tmp/x")
+    assert (cfg.max_event_age_s, cfg.max_clock_skew_s) == (30 * 86400, 300)
+    for bad in ({"max_event_age_s": 0}, {"max_clock_skew_s": -1}):
+        with pytest.raises(ValueError, match="max_event_age_s must be > 0"):
+            WorkerConfig(kafka="127.0.0.1:9092", clickhouse="chdb:///tmp/x", **bad)  # type: ignore[arg-type]
