@@ -111,6 +111,8 @@ class _Sample:
     threshold: float
     condition: bool
     extra: dict[str, float] = field(default_factory=dict)
+    #: event time of the data read (window start, absence deadline, event seen); None: now
+    at_ms: int | None = None
 
 
 @dataclass(slots=True)
@@ -184,12 +186,38 @@ class AlertEvaluator:
 
     ``static_labels`` (e.g. ``{"environment": "prod"}``) are added to every alert and can be
     matched by rules.
+
+    Data from after ``now_ms`` is not read (windows starting after it, drift results,
+    costs and events seen stamped after it); a caller evaluating past times in order (a
+    catch-up over a lag) feeds each window before the first evaluation after its start.
+
+    ``event_time_stamps``: transitions are stamped with the event time of the data rather
+    than the evaluation time: an alert is pending from the start of the window (or the
+    absence deadline) where its condition first held, fires at that time plus ``for``,
+    and resolves at the start of the first window that resolves it plus
+    ``resolve_after`` (no data: the evaluation time). Evaluations at different moments of
+    the same windows (each tick live, each window boundary in a catch-up) then give the
+    same timestamps.
+
+    Bounded state: at most ``max_keys`` keys per dimension (window keys, cost keys,
+    per-user cost keys, drift tests, app/model pairs seen); past it the least recently
+    updated key is dropped and counted in :attr:`evicted` (per dimension). An alert
+    whose key was dropped gets no more data: it resolves ("no data") or, if pending, is
+    dropped, so a stream of random app names can neither grow the state nor leave
+    absence alerts firing for ever.
     """
 
     def __init__(self, rules: RuleSet, *, static_labels: Mapping[str, str] | None = None,
-                 stale_windows: int = 2) -> None:
+                 stale_windows: int = 2, event_time_stamps: bool = False,
+                 max_keys: int = 10_000) -> None:
         if stale_windows < 1:
             raise ValueError("stale_windows must be >= 1")
+        if max_keys < 1:
+            raise ValueError("max_keys must be >= 1")
+        self.event_time_stamps = event_time_stamps
+        self.max_keys = max_keys
+        #: keys dropped per dimension to stay under ``max_keys``
+        self.evicted: dict[str, int] = {}
         self.rules = rules
         self.static_labels = dict(static_labels or {})
         self.stale_windows = stale_windows
@@ -215,7 +243,7 @@ class AlertEvaluator:
         worker stored a moment before): a partial update with fewer events than the one
         held, or a partial update of a window already final, is ignored.
         """
-        per = self._windows.setdefault(stats.key, {})
+        per = self._touch(self._windows, stats.key, "windows")
         old = per.get(stats.window_start_ms)
         if old is not None and not stats.final and (old.final or stats.events < old.events):
             return
@@ -224,30 +252,51 @@ class AlertEvaluator:
             for start in sorted(per)[: len(per) - self._keep_windows]:
                 del per[start]
         if self._keep_cost_ms:
-            self._window_cost.setdefault(stats.key, {})[stats.window_start_ms] = float(stats.cost_usd)
+            self._touch(self._window_cost, stats.key, "window_cost")[stats.window_start_ms] = \
+                float(stats.cost_usd)
         if stats.events > 0:
-            k = (stats.app, stats.model)
-            self._last_seen[k] = max(self._last_seen.get(k, stats.window_start_ms), stats.window_start_ms)
+            self._seen(stats.app, stats.model, stats.window_start_ms)
 
     def observe_cost(self, obs: CostObservation) -> None:
         """One call's cost, for per-user budgets (kept in 1-minute buckets)."""
         if not self._keep_cost_ms or not math.isfinite(obs.cost_usd):
             return
         bucket = obs.ts_ms - obs.ts_ms % USER_COST_BUCKET_MS
-        per = self._user_cost.setdefault((obs.app, obs.model, obs.user_id), {})
+        per = self._touch(self._user_cost, (obs.app, obs.model, obs.user_id), "user_cost")
         per[bucket] = per.get(bucket, 0.0) + float(obs.cost_usd)
 
     def observe_drift(self, obs: DriftObservation) -> None:
         """A drift test result; the newest (by ts) per app/model/prompt_version/field/method counts."""
         k = (obs.app, obs.model, obs.prompt_version, obs.field, obs.method)
-        old = self._drift.get(k)
-        if old is None or obs.ts_ms >= old.ts_ms:
-            self._drift[k] = obs
+        old = self._drift.pop(k, None)
+        self._drift[k] = obs if old is None or obs.ts_ms >= old.ts_ms else old
+        self._cap(self._drift, "drift")
 
     def observe_event_seen(self, app: str, model: str, ts_ms: int) -> None:
         """An event of app/model with event time ``ts_ms`` (for absence rules)."""
+        self._seen(app, model, ts_ms)
+
+    # -- bounded state --------------------------------------------------------------------
+
+    def _touch(self, store: dict[Any, Any], key: Any, dimension: str) -> Any:
+        """``store[key]`` (a new dict when absent), moved to the back of the eviction order."""
+        per = store.pop(key, None)
+        store[key] = per if per is not None else {}
+        self._cap(store, dimension)
+        return store[key]
+
+    def _cap(self, store: dict[Any, Any], dimension: str) -> None:
+        extra = len(store) - self.max_keys
+        if extra > 0:
+            for k in list(store)[:extra]:
+                del store[k]
+            self.evicted[dimension] = self.evicted.get(dimension, 0) + extra
+
+    def _seen(self, app: str, model: str, ts_ms: int) -> None:
         k = (app, model)
-        self._last_seen[k] = max(self._last_seen.get(k, ts_ms), ts_ms)
+        old = self._last_seen.pop(k, ts_ms)
+        self._last_seen[k] = max(old, ts_ms)
+        self._cap(self._last_seen, "last_seen")
 
     # -- evaluation -----------------------------------------------------------------------
 
@@ -270,11 +319,13 @@ class AlertEvaluator:
 
     def _step(self, rule: Rule, fp: str, s: _Sample | None, now: int) -> AlertTransition | None:
         key = (rule.name, fp)
+        et = self.event_time_stamps
+        at = s.at_ms if et and s is not None and s.at_ms is not None else now
         a = self._alerts.get(key)
         if a is None:
             if s is None or not s.condition:
                 return None
-            a = _Alert(rule.name, s.labels, fp, "pending", now, s.value, _render(rule, s))
+            a = _Alert(rule.name, s.labels, fp, "pending", min(at, now), s.value, _render(rule, s))
             self._alerts[key] = a
         elif s is not None:
             a.value = s.value
@@ -284,9 +335,10 @@ class AlertEvaluator:
                 del self._alerts[key]
                 return None
             if now - a.active_since_ms >= rule.for_ms:
+                ts = a.active_since_ms + rule.for_ms if et else now
                 a.state = "firing"
-                a.fired_at_ms = now
-                return self._transition(rule, a, "firing", now)
+                a.fired_at_ms = ts
+                return self._transition(rule, a, "firing", ts)
             return None
         # firing
         resolving = s is None or rule.resolved_by(s.value, s.condition)
@@ -294,10 +346,13 @@ class AlertEvaluator:
             a.resolve_since_ms = None
             return None
         if a.resolve_since_ms is None:
-            a.resolve_since_ms = now
+            a.resolve_since_ms = min(at, now)
         if now - a.resolve_since_ms >= rule.resolve_after_ms:
+            ts = now
+            if et:
+                ts = max(a.resolve_since_ms + rule.resolve_after_ms, a.fired_at_ms or a.active_since_ms)
             del self._alerts[key]
-            return self._transition(rule, a, "resolved", now)
+            return self._transition(rule, a, "resolved", ts)
         return None
 
     def _transition(self, rule: Rule, a: _Alert, state: str, now: int) -> AlertTransition:
@@ -338,7 +393,7 @@ class AlertEvaluator:
             return self._budget_samples(rule, now)
         if rule.kind == "absence":
             return self._absence_samples(rule, now)
-        return self._drift_samples(rule)
+        return self._drift_samples(rule, now)
 
     def _window_samples(self, rule: Rule, now: int) -> list[_Sample]:
         out = []
@@ -366,11 +421,12 @@ class AlertEvaluator:
                 else:
                     thr = median * (1 - (rule.decrease_pct or 0.0) / 100)
                     cond = value < thr
-                out.append(_Sample(labels, value, thr, cond, {"baseline": median}))
+                out.append(_Sample(labels, value, thr, cond, {"baseline": median},
+                                   at_ms=cur.window_start_ms))
             else:
                 assert rule.condition is not None
                 out.append(_Sample(labels, value, rule.condition.threshold,
-                                   rule.condition.holds(value)))
+                                   rule.condition.holds(value), at_ms=cur.window_start_ms))
         return out
 
     def _current(self, per: Mapping[int, WindowStats], min_events: int, now: int) -> WindowStats | None:
@@ -381,6 +437,8 @@ class AlertEvaluator:
         resolving it (and firing it again) every time a new window starts.
         """
         for start in sorted(per, reverse=True):
+            if start > now:  # not begun at ``now``: a catch-up evaluating the past
+                continue
             w = per[start]
             length = max(1, w.window_end_ms - w.window_start_ms)
             if now >= w.window_end_ms + self.stale_windows * length:
@@ -418,6 +476,8 @@ class AlertEvaluator:
     def _absence_samples(self, rule: Rule, now: int) -> list[_Sample]:
         last: dict[tuple[str, ...], int] = {}
         for (app, model), ts in self._last_seen.items():
+            if ts > now:
+                continue
             base = {"app": app, "model": model}
             if self._labels(rule, base) is None:
                 continue
@@ -435,13 +495,17 @@ class AlertEvaluator:
             labels = _clean({**self.static_labels, **dict(zip(rule.group_by, g, strict=True)),
                              **rule.labels})
             silent_ms = now - ts
-            out.append(_Sample(labels, silent_ms / 1000, thr_s, silent_ms >= rule.absent_for_ms))
+            silent = silent_ms >= rule.absent_for_ms
+            out.append(_Sample(labels, silent_ms / 1000, thr_s, silent,
+                               at_ms=ts + rule.absent_for_ms if silent else ts))
         return out
 
-    def _drift_samples(self, rule: Rule) -> list[_Sample]:
+    def _drift_samples(self, rule: Rule, now: int) -> list[_Sample]:
         assert rule.condition is not None
         out = []
         for (app, model, pv, fld, method), obs in self._drift.items():
+            if obs.ts_ms > now:
+                continue
             labels = self._labels(rule, {"app": app, "model": model, "prompt_version": pv,
                                          "field": fld, "method": method})
             if labels is None:
