@@ -383,12 +383,14 @@ class AlertingStage:
             if not cols:
                 continue
             if self._need_seen:
-                seen: dict[tuple[str, str], int] = {}
+                # the newest event per app/model and minute: a batch spanning a lag keeps
+                # when each app was last seen at every past boundary (see _evaluate_to)
+                seen: dict[tuple[str, str, int], int] = {}
                 for a, m, ts in zip(cols["app"], cols["model"], cols["timestamp"], strict=True):
-                    k = (a, m)
+                    k = (a, m, int(ts) // 60_000)
                     if ts > seen.get(k, -(1 << 62)):
                         seen[k] = ts
-                for (a, m), ts in seen.items():
+                for (a, m, _b), ts in sorted(seen.items(), key=lambda kv: kv[1]):
                     ev.observe_event_seen(a, m, int(ts))
             if self._need_user_cost:
                 self._ingest_user_cost(cols)

@@ -163,6 +163,13 @@ def _prune_older(store: dict[Any, dict[int, float]], lo: int) -> None:
             del store[k]
 
 
+def _trim_history(hist: dict[int, list[int]], lo: int) -> None:
+    """Drop the minutes whose newest event is before ``lo``, except the newest of them."""
+    old = sorted(b for b, mm in hist.items() if mm[1] < lo)
+    for b in old[:-1]:
+        del hist[b]
+
+
 class AlertEvaluator:
     """Evaluates a :class:`RuleSet` over the metrics the worker feeds in.
 
@@ -209,7 +216,7 @@ class AlertEvaluator:
 
     def __init__(self, rules: RuleSet, *, static_labels: Mapping[str, str] | None = None,
                  stale_windows: int = 2, event_time_stamps: bool = False,
-                 max_keys: int = 10_000) -> None:
+                 max_keys: int = 10_000, catch_up_ms: int = 86_400_000) -> None:
         if stale_windows < 1:
             raise ValueError("stale_windows must be >= 1")
         if max_keys < 1:
@@ -230,6 +237,16 @@ class AlertEvaluator:
         self._user_cost: dict[tuple[str, str, str], dict[int, float]] = {}
         self._drift: dict[tuple[str, str, str, str, str], DriftObservation] = {}
         self._last_seen: dict[tuple[str, str], int] = {}
+        # per app/model: the newest event time per minute over the longest absence span (and
+        # the newest older one), so an evaluation at a past time (a catch-up) reads the last
+        # event seen by then, not a later one
+        absent = [r.absent_for_ms for r in rules.of_kind("absence")]
+        self._keep_seen_ms = max([0, *absent]) + 2 * USER_COST_BUCKET_MS
+        self._need_seen_hist = bool(absent)
+        #: how far back an evaluation may still go (a catch-up): seen history kept beyond
+        #: the longest absence span until evaluations pass it
+        self.catch_up_ms = catch_up_ms
+        self._seen_hist: dict[tuple[str, str], dict[int, list[int]]] = {}
         self._alerts: dict[tuple[str, str], _Alert] = {}
         self._first_eval_ms: int | None = None
         self._last_eval_ms: int | None = None
@@ -285,18 +302,56 @@ class AlertEvaluator:
         self._cap(store, dimension)
         return store[key]
 
-    def _cap(self, store: dict[Any, Any], dimension: str) -> None:
+    def _cap(self, store: dict[Any, Any], dimension: str) -> bool:
         extra = len(store) - self.max_keys
         if extra > 0:
             for k in list(store)[:extra]:
                 del store[k]
             self.evicted[dimension] = self.evicted.get(dimension, 0) + extra
+        return extra > 0
 
     def _seen(self, app: str, model: str, ts_ms: int) -> None:
         k = (app, model)
         old = self._last_seen.pop(k, ts_ms)
-        self._last_seen[k] = max(old, ts_ms)
-        self._cap(self._last_seen, "last_seen")
+        newest = self._last_seen[k] = max(old, ts_ms)
+        if self._cap(self._last_seen, "last_seen"):
+            for gone in [g for g in self._seen_hist if g not in self._last_seen]:
+                del self._seen_hist[gone]
+        hist = self._seen_hist.setdefault(k, {})
+        b = ts_ms - ts_ms % USER_COST_BUCKET_MS
+        mm = hist.get(b)
+        if mm is None:
+            hist[b] = [ts_ms, ts_ms]
+        else:
+            mm[0], mm[1] = min(mm[0], ts_ms), max(mm[1], ts_ms)
+        if self._need_seen_hist:
+            _trim_history(hist, newest - self._keep_seen_ms - self.catch_up_ms)
+        else:
+            _trim_history(hist, newest)
+
+    def _seen_at(self, k: tuple[str, str], now: int) -> int | None:
+        """The newest event time of ``k`` at or before ``now`` (None: none known)."""
+        newest = self._last_seen[k]
+        if newest <= now:
+            return newest
+        hist = self._seen_hist.get(k)
+        return max((mm[1] for mm in hist.values() if mm[1] <= now), default=None) if hist else None
+
+    def _active_since(self, k: tuple[str, str], now: int, gap_ms: int) -> int | None:
+        """The first event of ``k``'s current run of activity at ``now``: after the last
+        silence of at least ``gap_ms`` (minute resolution of the history; None: unknown)."""
+        hist = self._seen_hist.get(k)
+        if not hist:
+            return None
+        runs = sorted(mm for mm in hist.values() if mm[1] <= now)
+        if not runs:
+            return None
+        start = runs[-1][0]
+        for prev, cur in zip(reversed(runs[:-1]), reversed(runs[1:]), strict=True):
+            if cur[0] - prev[1] >= gap_ms:
+                break
+            start = prev[0]
+        return start
 
     # -- evaluation -----------------------------------------------------------------------
 
@@ -475,14 +530,21 @@ class AlertEvaluator:
 
     def _absence_samples(self, rule: Rule, now: int) -> list[_Sample]:
         last: dict[tuple[str, ...], int] = {}
-        for (app, model), ts in self._last_seen.items():
-            if ts > now:
+        back: dict[tuple[str, ...], int] = {}
+        for (app, model) in self._last_seen:
+            seen = self._seen_at((app, model), now)
+            if seen is None:
                 continue
+            ts = seen
             base = {"app": app, "model": model}
             if self._labels(rule, base) is None:
                 continue
             g = tuple(base[k] for k in rule.group_by)
             last[g] = max(last.get(g, ts), ts)
+            if now - ts < rule.absent_for_ms:  # active: since when (the event that ended a silence)
+                run = self._active_since((app, model), now, rule.absent_for_ms)
+                if run is not None:
+                    back[g] = min(back.get(g, run), run)
         # A group named literally in match is expected from the first evaluation on.
         literal = [rule.match.get(k) for k in rule.group_by]
         if all(v is not None and not any(ch in v for ch in "*?[") for v in literal):
@@ -497,7 +559,7 @@ class AlertEvaluator:
             silent_ms = now - ts
             silent = silent_ms >= rule.absent_for_ms
             out.append(_Sample(labels, silent_ms / 1000, thr_s, silent,
-                               at_ms=ts + rule.absent_for_ms if silent else ts))
+                               at_ms=ts + rule.absent_for_ms if silent else back.get(g, ts)))
         return out
 
     def _drift_samples(self, rule: Rule, now: int) -> list[_Sample]:
@@ -517,6 +579,10 @@ class AlertEvaluator:
         return out
 
     def _prune(self, now: int) -> None:
+        if self._need_seen_hist:
+            lo = now - self._keep_seen_ms
+            for hist in self._seen_hist.values():
+                _trim_history(hist, lo)
         if not self._keep_cost_ms:
             return
         lo = now - self._keep_cost_ms
@@ -559,6 +625,7 @@ class AlertEvaluator:
         for d in state["drift"]:
             self.observe_drift(DriftObservation(**d))
         self._last_seen = {(a, m): int(ts) for a, m, ts in state["last_seen"]}
+        self._seen_hist = {}
         names = {r.name for r in self.rules}
         self._alerts = {}
         for d in state["alerts"]:

@@ -34,17 +34,24 @@ RULES = parse_rules(textwrap.dedent("""\
         min_events: 20
         for: 1m
         resolve_below: 0.05
+      - name: AppSilent
+        kind: absence
+        absent_for: 5m
+        group_by: [app]
     """))
 
 
 def traffic(seed: int = 13) -> EventBatchColumns:
-    """25 minutes, 1 call/s from each of chat and search; chat's calls take 25 s in minutes
-    [8, 12); every search call is blocked by a guardrail in minutes [15, 19)."""
+    """25 minutes, 1 call/s from each of chat, search and batch; chat's calls take 25 s in
+    minutes [8, 12); every search call is blocked by a guardrail in minutes [15, 19); batch
+    sends nothing in minutes [3, 15)."""
     rng = np.random.default_rng(seed)
     secs = np.arange(25 * 60)
-    ts = np.repeat(T0 + secs * 1_000, 2)
-    apps = np.tile(np.array(["chat", "search"]), secs.size)
+    ts = np.repeat(T0 + secs * 1_000, 3)
+    apps = np.tile(np.array(["chat", "search", "batch"]), secs.size)
     minute = (ts - T0) // MIN
+    keep = ~((apps == "batch") & (minute >= 3) & (minute < 15))
+    ts, apps, minute = ts[keep], apps[keep], minute[keep]
     lat = rng.uniform(80.0, 400.0, ts.size)
     lat[(apps == "chat") & (minute >= 8) & (minute < 12)] = 25_000.0 + rng.uniform(0, 500, 240)
     blocked = (apps == "search") & (minute >= 15) & (minute < 19)
@@ -71,14 +78,17 @@ def run(batches: list[EventBatchColumns]) -> list[AlertTransition]:
     out: list[AlertTransition] = []
     for b in batches:
         agg.add(b)
-        st.on_stored(StoredBatch(None, agg.advance(), []))
+        seen = {"app": [k.app for k in b.keys], "model": [k.model for k in b.keys], "timestamp": b.ts_ms}
+        st.on_stored(StoredBatch(seen, agg.advance(), []))
         out += st.tick()
     return out
 
 
 def test_a_lag_fires_and_resolves_the_same_alerts_at_the_same_event_times_as_live() -> None:
     # Mutations caught: evaluating only at the clock (no boundary steps) makes the lag fire
-    # nothing (both incidents are over by the one evaluation at 25 min); stamping with the
+    # nothing (all three incidents are over by the one evaluation at 25 min); reading the
+    # newest event seen instead of the one seen by each boundary (_seen_at returning
+    # _last_seen) hides batch's silence from the lag; stamping with the
     # evaluation time (event_time_stamps=False) moves every live timestamp off the
     # catch-up's by seconds; feeding all windows before the boundary evaluations makes the
     # catch-up read the future (the latency alert would resolve at once at 9 min).
@@ -88,20 +98,28 @@ def test_a_lag_fires_and_resolves_the_same_alerts_at_the_same_event_times_as_liv
     lag = run([c])                                                                     # all at once
 
     def key(ts: list[AlertTransition]) -> list[tuple[str, str, str, int, int, float]]:
-        return [(t.rule, t.state, t.labels["app"], t.ts_ms - T0, t.starts_at_ms - T0, round(t.value, 6))
-                for t in ts]
+        # in event-time order (a catch-up evaluating at 16 min sends the 15 min resolve
+        # after the 16 min firing: rule order within one evaluation)
+        return sorted(((t.rule, t.state, t.labels["app"], t.ts_ms - T0, t.starts_at_ms - T0,
+                        round(t.value, 6)) for t in ts), key=lambda k: (k[3], k[0]))
 
     expected = [
+        ("AppSilent", "firing", "batch", 7 * MIN + 59_000, 7 * MIN + 59_000),  # last call 2:59 + 5m
         ("HighLatencyP99", "firing", "chat", 10 * MIN, 8 * MIN),     # pending from 8 min, for 2m
         ("HighLatencyP99", "resolved", "chat", 12 * MIN, 8 * MIN),
+        ("AppSilent", "resolved", "batch", 15 * MIN, 7 * MIN + 59_000),        # its first call back
         ("GuardrailBlocked", "firing", "search", 16 * MIN, 15 * MIN),
         ("GuardrailBlocked", "resolved", "search", 19 * MIN, 15 * MIN),
     ]
     assert [k[:5] for k in key(live)] == expected
     assert [k[:5] for k in key(lag)] == expected
-    # firing values too (both read the same window at the same boundary); a live resolve
-    # reads the first 20 calls of the recovered window, the catch-up the whole window
-    assert [k[5] for k in key(lag) if k[1] == "firing"] == [k[5] for k in key(live) if k[1] == "firing"]
+    # firing values of window rules too (both read the same window at the same boundary); a
+    # live resolve reads the first 20 calls of the recovered window, the catch-up the whole
+    # window; an absence value is the silence at the evaluation (300 s live, 301 s at 8 min)
+    def fired(ks: list[tuple[str, str, str, int, int, float]]) -> list[float]:
+        return [k[5] for k in ks if k[1] == "firing" and k[0] != "AppSilent"]
+
+    assert fired(key(lag)) == fired(key(live))
     assert all(t.annotations.get("catch_up") == "true" for t in lag)
     assert not any("catch_up" in t.annotations for t in live)
 
