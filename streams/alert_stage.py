@@ -33,8 +33,11 @@ still evaluated at each of them, and transitions carry the event time of their d
 alerts at the same timestamps as the live stream did. Transitions of a tick whose
 clock moved by more than one window carry the annotation ``catch_up="true"``
 (an annotation, not a label: the alert's identity is unchanged). At most
-``max_catch_up_windows`` boundaries are evaluated per tick (the oldest beyond are
-skipped and counted).
+``max_catch_up_windows`` boundaries are evaluated per jump (the oldest beyond are
+skipped and counted); a tick spends at most ``catch_up_budget_s`` on them and the
+next tick goes on where it stopped (at once, not after ``eval_interval_s``), so a
+long catch-up never holds the event loop, and the results do not depend on the
+budget.
 
 After a restart the alerts whose newest row in the ``alerts`` table is ``firing`` are
 restored as firing (no second "firing" notification); evaluation waits for the worker's
@@ -125,7 +128,7 @@ class AlertingStage:
                  restore_grace_s: float = 30.0,
                  dispatcher_options: Mapping[str, Any] | None = None,
                  window_ms: int | None = None, max_catch_up_windows: int = 10_080,
-                 max_keys: int = 10_000) -> None:
+                 max_keys: int = 10_000, catch_up_budget_s: float | None = 0.2) -> None:
         if eval_interval_s <= 0:
             raise ValueError("eval_interval_s must be > 0")
         if window_ms is not None and window_ms <= 0:
@@ -140,6 +143,10 @@ class AlertingStage:
         self.window_ms = window_ms
         self.max_catch_up_windows = max_catch_up_windows
         self._eval_at: int | None = None
+        #: windows not fed yet because a catch-up stopped at its time budget
+        self._backlog: list[WindowStats] = []
+        self._behind = False
+        self.catch_up_budget_s = catch_up_budget_s
         self._evicted_seen: dict[str, int] = {}
         nots = list(notifiers)
         if not any(n.name == "log" for n in nots):
@@ -317,12 +324,15 @@ class AlertingStage:
         """
         ev = self.evaluator
         step = self._step_ms(wins)
+        if self._backlog:
+            wins = self._backlog + wins
+            self._backlog = []
         wins.sort(key=lambda w: (w.window_start_ms, w.final, w.events))
         last = self._eval_at
         if last is None and wins:  # the first data may already span many windows
             last = min(w.window_start_ms for w in wins)
         points: list[int] = []
-        catch_up = last is not None and now - last > step
+        catch_up = (last is not None and now - last > step) or self._behind
         if last is not None and now > last:
             b = last - last % step + step
             n = (now - 1 - b) // step + 1 if b < now else 0
@@ -333,19 +343,30 @@ class AlertingStage:
             while b < now:
                 points.append(b)
                 b += step
-        if catch_up:
-            self.m_catch_up.labels("evaluated").inc(len(points))
         points.append(now)
         out: list[AlertTransition] = []
         i = 0
-        for t in points:
+        budget = self.catch_up_budget_s
+        t0 = time.perf_counter()
+        for j, t in enumerate(points):
             last_point = t == now
             while i < len(wins) and (last_point or wins[i].window_start_ms < t):
                 ev.observe_window(wins[i])
                 i += 1
             out.extend(ev.evaluate(t))
-        if last is None or now > last:
-            self._eval_at = now
+            if catch_up and not last_point:
+                self.m_catch_up.labels("evaluated").inc()
+            if (not last_point and budget is not None and j + 1 < len(points)
+                    and time.perf_counter() - t0 >= budget):
+                # the rest on the next ticks: the loop (and the worker) is not held longer
+                self._eval_at = t
+                self._backlog = wins[i:]
+                self._behind = True
+                break
+        else:
+            self._behind = False
+            if last is None or now > last:
+                self._eval_at = now
         if catch_up:
             out = [replace(t, annotations={**t.annotations, "catch_up": "true"}) for t in out]
         return out
@@ -357,6 +378,11 @@ class AlertingStage:
                 self.m_evicted.labels(dim).inc(n - seen)
                 self._evicted_seen[dim] = n
 
+    @property
+    def catching_up(self) -> bool:
+        """True while a catch-up stopped at its time budget has boundaries left."""
+        return self._behind
+
     async def _ticker(self) -> None:
         while True:
             try:
@@ -365,7 +391,8 @@ class AlertingStage:
                 log.exception("alerting: evaluation failed")
                 if self._worker is not None:
                     self._worker.metrics.stage_errors[self.name] += 1
-            await asyncio.sleep(self.eval_interval_s)
+            # behind after a catch-up slice: go on at once (after the loop's other work)
+            await asyncio.sleep(0 if self._behind else self.eval_interval_s)
 
     def _ingest(self) -> list[WindowStats]:
         """Feed what the batches and drift results brought; returns their windows (not yet fed)."""

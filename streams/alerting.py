@@ -247,6 +247,7 @@ class AlertEvaluator:
         #: the longest absence span until evaluations pass it
         self.catch_up_ms = catch_up_ms
         self._seen_hist: dict[tuple[str, str], dict[int, list[int]]] = {}
+        self._mcache: dict[int, tuple[WindowStats, Mapping[str, float | None]]] = {}
         self._alerts: dict[tuple[str, str], _Alert] = {}
         self._first_eval_ms: int | None = None
         self._last_eval_ms: int | None = None
@@ -460,11 +461,11 @@ class AlertEvaluator:
             cur = self._current(per, rule.min_events, now)
             if cur is None:
                 continue
-            value = cur.metrics().get(rule.metric_name)
+            value = self._metrics(cur).get(rule.metric_name)
             if value is None:
                 continue
             if rule.kind == "change":
-                base = [w.metrics().get(rule.metric) for s, w in sorted(per.items())
+                base = [self._metrics(w).get(rule.metric) for s, w in sorted(per.items())
                         if s < cur.window_start_ms and w.final]
                 vals = [v for v in base if v is not None][-rule.baseline_windows:]
                 if len(vals) < rule.min_baseline_windows:
@@ -483,6 +484,18 @@ class AlertEvaluator:
                 out.append(_Sample(labels, value, rule.condition.threshold,
                                    rule.condition.holds(value), at_ms=cur.window_start_ms))
         return out
+
+    def _metrics(self, w: WindowStats) -> Mapping[str, float | None]:
+        """``w.metrics()``, memoised: every evaluation reads the same windows again (a catch-up
+        evaluates once per window boundary). Bounded: cleared past 20,000 windows."""
+        hit = self._mcache.get(id(w))
+        if hit is not None and hit[0] is w:
+            return hit[1]
+        m = w.metrics()
+        if len(self._mcache) >= 20_000:
+            self._mcache.clear()
+        self._mcache[id(w)] = (w, m)
+        return m
 
     def _current(self, per: Mapping[int, WindowStats], min_events: int, now: int) -> WindowStats | None:
         """The window a rule reads: the newest fresh one with at least ``min_events`` events.

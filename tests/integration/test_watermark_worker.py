@@ -100,8 +100,8 @@ async def test_skew_future_events_and_restart_leave_no_event_late(kafka_bootstra
             await _send(kafka_bootstrap, topic, batch)
             sent += len(batch)
             # the year-9999 event is stored, or dead-lettered where decode bounds event time
-            await wait_for(lambda: worker.stored_events + worker.dead_lettered >= sent or task.done(), 60,
-                           lambda: f"stored {worker.stored_events} + dlq {worker.dead_lettered} of {sent}")
+            await wait_for(lambda n=sent: worker.stored_events + worker.dead_lettered >= n or task.done(), 60,
+                           lambda n=sent: f"stored {worker.stored_events} + dlq {worker.dead_lettered} of {n}")
         assert worker.stored_events + worker.dead_lettered == sent == 192
         assert worker.metrics.late_events == 0
         assert worker.windows.watermark_ms is not None and worker.windows.watermark_ms < now + 4 * MIN
