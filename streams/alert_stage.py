@@ -17,11 +17,27 @@
    stream or the notifications).
 
 The stage clock is *event time that follows wall time while idle*: the worker's
-watermark (the newest event time seen) plus the wall time elapsed since it last moved,
-never going back. Live traffic keeps it within a second of wall time; a replay of old
-data evaluates ``for`` durations and windows in the data's own time. Nothing is
-evaluated before the first event (or the first rebuilt window after a restart), so an
-absence rule counts from the first event the worker sees.
+watermark (per partition, the minimum over the partitions: see streams/windows.py)
+plus the wall time elapsed since it last moved, never going back. Live traffic keeps
+it within a second of wall time; a replay of old data evaluates ``for`` durations and
+windows in the data's own time. Nothing is evaluated before the first event (or the
+first rebuilt window after a restart), so an absence rule counts from the first event
+the worker sees.
+
+Catch-up: each tick evaluates the rules at every window boundary the clock crossed
+since the previous tick, in order, feeding each window before the first evaluation
+after its start, and then at the clock. When the worker works off a lag (downtime, a
+restart, a replay) event time jumps over many windows in one batch; the rules are
+still evaluated at each of them, and transitions carry the event time of their data
+(``AlertEvaluator(event_time_stamps=True)``), so the lag fires and resolves the same
+alerts at the same timestamps as the live stream did. Transitions of a tick whose
+clock moved by more than one window carry the annotation ``catch_up="true"``
+(an annotation, not a label: the alert's identity is unchanged). At most
+``max_catch_up_windows`` boundaries are evaluated per jump (the oldest beyond are
+skipped and counted); a tick spends at most ``catch_up_budget_s`` on them and the
+next tick goes on where it stopped (at once, not after ``eval_interval_s``), so a
+long catch-up never holds the event loop, and the results do not depend on the
+budget.
 
 After a restart the alerts whose newest row in the ``alerts`` table is ``firing`` are
 restored as firing (no second "firing" notification); evaluation waits for the worker's
@@ -38,6 +54,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,12 +126,28 @@ class AlertingStage:
                  write_alerts: bool = True, restore: bool = True, max_pending_rows: int = 100_000,
                  clock: Callable[[], int] | None = None, history: int = 10_000,
                  restore_grace_s: float = 30.0,
-                 dispatcher_options: Mapping[str, Any] | None = None) -> None:
+                 dispatcher_options: Mapping[str, Any] | None = None,
+                 window_ms: int | None = None, max_catch_up_windows: int = 10_080,
+                 max_keys: int = 10_000, catch_up_budget_s: float | None = 0.2) -> None:
         if eval_interval_s <= 0:
             raise ValueError("eval_interval_s must be > 0")
+        if window_ms is not None and window_ms <= 0:
+            raise ValueError("window_ms must be > 0")
+        if max_catch_up_windows < 0:
+            raise ValueError("max_catch_up_windows must be >= 0")
         self.rules = rules
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.evaluator = AlertEvaluator(rules, static_labels=static_labels)
+        self.evaluator = AlertEvaluator(rules, static_labels=static_labels, event_time_stamps=True,
+                                        max_keys=max_keys)
+        #: the window length (the catch-up step): the worker's when None
+        self.window_ms = window_ms
+        self.max_catch_up_windows = max_catch_up_windows
+        self._eval_at: int | None = None
+        #: windows not fed yet because a catch-up stopped at its time budget
+        self._backlog: list[WindowStats] = []
+        self._behind = False
+        self.catch_up_budget_s = catch_up_budget_s
+        self._evicted_seen: dict[str, int] = {}
         nots = list(notifiers)
         if not any(n.name == "log" for n in nots):
             nots.append(LogNotifier())
@@ -155,6 +188,11 @@ class AlertingStage:
         self.m_firing = Gauge("driftline_alerts_firing", "Alerts firing now, by rule and severity.",
                               ["rule", "severity"], registry=r)
         self.m_evals = Counter("driftline_alert_evaluations", "Rule evaluations (ticks).", registry=r)
+        self.m_catch_up = Counter("driftline_alert_catch_up_evaluations",
+                                  "Rule evaluations at window boundaries crossed in one tick "
+                                  "(catch-up), by outcome (evaluated, skipped).", ["outcome"], registry=r)
+        self.m_evicted = Counter("driftline_alert_evicted_keys", "Keys the alert evaluator dropped "
+                                 "to stay under max_keys, by dimension.", ["dimension"], registry=r)
         self.m_eval_s = Counter("driftline_alert_evaluation_seconds",
                                 "Time spent evaluating rules (ingest + evaluate).", registry=r)
         self.m_rows = Counter("driftline_alert_rows", "Rows for the ClickHouse alerts table by outcome "
@@ -163,6 +201,8 @@ class AlertingStage:
             self.m_firing.labels(rule.name, rule.severity).set(0)
         for outcome in ("written", "dropped"):
             self.m_rows.labels(outcome)
+        for outcome in ("evaluated", "skipped"):
+            self.m_catch_up.labels(outcome)
 
     @classmethod
     def factory(cls, rules: RuleSet, **options: Any) -> Callable[[CollectorRegistry], AlertingStage]:
@@ -240,18 +280,21 @@ class AlertingStage:
     def tick(self) -> list[AlertTransition]:
         """Ingest, evaluate, dispatch once. Returns the transitions."""
         t0 = time.perf_counter()
-        self._ingest()
+        wins = self._ingest()
         if self.live_windows:
-            for w in self._peek_windows():
-                self.evaluator.observe_window(w)
+            wins.extend(self._peek_windows())
         now = self.now_ms()
         out: list[AlertTransition] = []
         if self._hold_until is not None and (self._had_batch or time.monotonic() >= self._hold_until):
             self._hold_until = None
         if now is not None and self._hold_until is None:
-            out = self.evaluator.evaluate(now)
+            out = self._evaluate_to(now, wins)
             self.evaluations += 1
             self.m_evals.inc()
+        else:
+            for w in wins:
+                self.evaluator.observe_window(w)
+        self._export_evictions()
         if out:
             self.dispatcher.submit(out)
             for t in out:
@@ -263,6 +306,83 @@ class AlertingStage:
         self.m_eval_s.inc(time.perf_counter() - t0)
         return out
 
+    def _step_ms(self, wins: Sequence[WindowStats]) -> int:
+        if self.window_ms is None:
+            agg = getattr(self._worker, "windows", None) if self._worker is not None else None
+            size = getattr(getattr(agg, "config", None), "size_ms", None)
+            if isinstance(size, int) and size > 0:
+                self.window_ms = size
+            elif wins:
+                self.window_ms = max(1, wins[0].window_end_ms - wins[0].window_start_ms)
+        return self.window_ms or 60_000
+
+    def _evaluate_to(self, now: int, wins: list[WindowStats]) -> list[AlertTransition]:
+        """Evaluate at every window boundary in ``(last evaluation, now)``, then at ``now``.
+
+        Windows are fed in order of their start, each before the first evaluation after
+        it, so an evaluation at a past boundary reads what was known at that time.
+        """
+        ev = self.evaluator
+        step = self._step_ms(wins)
+        if self._backlog:
+            wins = self._backlog + wins
+            self._backlog = []
+        wins.sort(key=lambda w: (w.window_start_ms, w.final, w.events))
+        last = self._eval_at
+        if last is None and wins:  # the first data may already span many windows
+            last = min(w.window_start_ms for w in wins)
+        points: list[int] = []
+        catch_up = (last is not None and now - last > step) or self._behind
+        if last is not None and now > last:
+            b = last - last % step + step
+            n = (now - 1 - b) // step + 1 if b < now else 0
+            if n > self.max_catch_up_windows:
+                skip = n - self.max_catch_up_windows
+                self.m_catch_up.labels("skipped").inc(skip)
+                b += skip * step
+            while b < now:
+                points.append(b)
+                b += step
+        points.append(now)
+        out: list[AlertTransition] = []
+        i = 0
+        budget = self.catch_up_budget_s
+        t0 = time.perf_counter()
+        for j, t in enumerate(points):
+            last_point = t == now
+            while i < len(wins) and (last_point or wins[i].window_start_ms < t):
+                ev.observe_window(wins[i])
+                i += 1
+            out.extend(ev.evaluate(t))
+            if catch_up and not last_point:
+                self.m_catch_up.labels("evaluated").inc()
+            if (not last_point and budget is not None and j + 1 < len(points)
+                    and time.perf_counter() - t0 >= budget):
+                # the rest on the next ticks: the loop (and the worker) is not held longer
+                self._eval_at = t
+                self._backlog = wins[i:]
+                self._behind = True
+                break
+        else:
+            self._behind = False
+            if last is None or now > last:
+                self._eval_at = now
+        if catch_up:
+            out = [replace(t, annotations={**t.annotations, "catch_up": "true"}) for t in out]
+        return out
+
+    def _export_evictions(self) -> None:
+        for dim, n in self.evaluator.evicted.items():
+            seen = self._evicted_seen.get(dim, 0)
+            if n > seen:
+                self.m_evicted.labels(dim).inc(n - seen)
+                self._evicted_seen[dim] = n
+
+    @property
+    def catching_up(self) -> bool:
+        """True while a catch-up stopped at its time budget has boundaries left."""
+        return self._behind
+
     async def _ticker(self) -> None:
         while True:
             try:
@@ -271,32 +391,37 @@ class AlertingStage:
                 log.exception("alerting: evaluation failed")
                 if self._worker is not None:
                     self._worker.metrics.stage_errors[self.name] += 1
-            await asyncio.sleep(self.eval_interval_s)
+            # behind after a catch-up slice: go on at once (after the loop's other work)
+            await asyncio.sleep(0 if self._behind else self.eval_interval_s)
 
-    def _ingest(self) -> None:
+    def _ingest(self) -> list[WindowStats]:
+        """Feed what the batches and drift results brought; returns their windows (not yet fed)."""
         ev = self.evaluator
         inbox = self._inbox
+        wins: list[WindowStats] = []
         while inbox:
             item = inbox.popleft()
             if isinstance(item, DriftObservation):
                 ev.observe_drift(item)
                 continue
             self._had_batch = True
-            for w in item.windows:
-                ev.observe_window(w)
+            wins.extend(item.windows)
             cols = item.events
             if not cols:
                 continue
             if self._need_seen:
-                seen: dict[tuple[str, str], int] = {}
+                # the newest event per app/model and minute: a batch spanning a lag keeps
+                # when each app was last seen at every past boundary (see _evaluate_to)
+                seen: dict[tuple[str, str, int], int] = {}
                 for a, m, ts in zip(cols["app"], cols["model"], cols["timestamp"], strict=True):
-                    k = (a, m)
+                    k = (a, m, int(ts) // 60_000)
                     if ts > seen.get(k, -(1 << 62)):
                         seen[k] = ts
-                for (a, m), ts in seen.items():
+                for (a, m, _b), ts in sorted(seen.items(), key=lambda kv: kv[1]):
                     ev.observe_event_seen(a, m, int(ts))
             if self._need_user_cost:
                 self._ingest_user_cost(cols)
+        return wins
 
     def _ingest_user_cost(self, cols: Mapping[str, list[Any]]) -> None:
         bucket_ms = 60_000
@@ -322,22 +447,7 @@ class AlertingStage:
         if agg is None:
             return []
         peek = getattr(agg, "peek", None)
-        if callable(peek):
-            return list(peek())
-        opened = getattr(agg, "_open", None)
-        if not isinstance(opened, dict):
-            return []
-        acc = agg.config.relative_accuracy
-        out: list[WindowStats] = []
-        seen: dict[Any, tuple[int, int]] = {}
-        old = self._peeked
-        for k, win in opened.items():
-            sig = (win.events, win.late)
-            seen[k] = sig
-            if old.get(k) != sig:
-                out.append(win.stats(False, acc))
-        self._peeked = seen
-        return out
+        return list(peek()) if callable(peek) else []
 
     # ------------------------------------------------------------------ alerts table
     def _queue_row(self, row: dict[str, Any]) -> None:

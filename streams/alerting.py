@@ -111,6 +111,8 @@ class _Sample:
     threshold: float
     condition: bool
     extra: dict[str, float] = field(default_factory=dict)
+    #: event time of the data read (window start, absence deadline, event seen); None: now
+    at_ms: int | None = None
 
 
 @dataclass(slots=True)
@@ -161,6 +163,13 @@ def _prune_older(store: dict[Any, dict[int, float]], lo: int) -> None:
             del store[k]
 
 
+def _trim_history(hist: dict[int, list[int]], lo: int) -> None:
+    """Drop the minutes whose newest event is before ``lo``, except the newest of them."""
+    old = sorted(b for b, mm in hist.items() if mm[1] < lo)
+    for b in old[:-1]:
+        del hist[b]
+
+
 class AlertEvaluator:
     """Evaluates a :class:`RuleSet` over the metrics the worker feeds in.
 
@@ -184,12 +193,38 @@ class AlertEvaluator:
 
     ``static_labels`` (e.g. ``{"environment": "prod"}``) are added to every alert and can be
     matched by rules.
+
+    Data from after ``now_ms`` is not read (windows starting after it, drift results,
+    costs and events seen stamped after it); a caller evaluating past times in order (a
+    catch-up over a lag) feeds each window before the first evaluation after its start.
+
+    ``event_time_stamps``: transitions are stamped with the event time of the data rather
+    than the evaluation time: an alert is pending from the start of the window (or the
+    absence deadline) where its condition first held, fires at that time plus ``for``,
+    and resolves at the start of the first window that resolves it plus
+    ``resolve_after`` (no data: the evaluation time). Evaluations at different moments of
+    the same windows (each tick live, each window boundary in a catch-up) then give the
+    same timestamps.
+
+    Bounded state: at most ``max_keys`` keys per dimension (window keys, cost keys,
+    per-user cost keys, drift tests, app/model pairs seen); past it the least recently
+    updated key is dropped and counted in :attr:`evicted` (per dimension). An alert
+    whose key was dropped gets no more data: it resolves ("no data") or, if pending, is
+    dropped, so a stream of random app names can neither grow the state nor leave
+    absence alerts firing for ever.
     """
 
     def __init__(self, rules: RuleSet, *, static_labels: Mapping[str, str] | None = None,
-                 stale_windows: int = 2) -> None:
+                 stale_windows: int = 2, event_time_stamps: bool = False,
+                 max_keys: int = 10_000, catch_up_ms: int = 86_400_000) -> None:
         if stale_windows < 1:
             raise ValueError("stale_windows must be >= 1")
+        if max_keys < 1:
+            raise ValueError("max_keys must be >= 1")
+        self.event_time_stamps = event_time_stamps
+        self.max_keys = max_keys
+        #: keys dropped per dimension to stay under ``max_keys``
+        self.evicted: dict[str, int] = {}
         self.rules = rules
         self.static_labels = dict(static_labels or {})
         self.stale_windows = stale_windows
@@ -202,6 +237,17 @@ class AlertEvaluator:
         self._user_cost: dict[tuple[str, str, str], dict[int, float]] = {}
         self._drift: dict[tuple[str, str, str, str, str], DriftObservation] = {}
         self._last_seen: dict[tuple[str, str], int] = {}
+        # per app/model: the newest event time per minute over the longest absence span (and
+        # the newest older one), so an evaluation at a past time (a catch-up) reads the last
+        # event seen by then, not a later one
+        absent = [r.absent_for_ms for r in rules.of_kind("absence")]
+        self._keep_seen_ms = max([0, *absent]) + 2 * USER_COST_BUCKET_MS
+        self._need_seen_hist = bool(absent)
+        #: how far back an evaluation may still go (a catch-up): seen history kept beyond
+        #: the longest absence span until evaluations pass it
+        self.catch_up_ms = catch_up_ms
+        self._seen_hist: dict[tuple[str, str], dict[int, list[int]]] = {}
+        self._mcache: dict[int, tuple[WindowStats, Mapping[str, float | None]]] = {}
         self._alerts: dict[tuple[str, str], _Alert] = {}
         self._first_eval_ms: int | None = None
         self._last_eval_ms: int | None = None
@@ -215,7 +261,7 @@ class AlertEvaluator:
         worker stored a moment before): a partial update with fewer events than the one
         held, or a partial update of a window already final, is ignored.
         """
-        per = self._windows.setdefault(stats.key, {})
+        per = self._touch(self._windows, stats.key, "windows")
         old = per.get(stats.window_start_ms)
         if old is not None and not stats.final and (old.final or stats.events < old.events):
             return
@@ -224,30 +270,89 @@ class AlertEvaluator:
             for start in sorted(per)[: len(per) - self._keep_windows]:
                 del per[start]
         if self._keep_cost_ms:
-            self._window_cost.setdefault(stats.key, {})[stats.window_start_ms] = float(stats.cost_usd)
+            self._touch(self._window_cost, stats.key, "window_cost")[stats.window_start_ms] = \
+                float(stats.cost_usd)
         if stats.events > 0:
-            k = (stats.app, stats.model)
-            self._last_seen[k] = max(self._last_seen.get(k, stats.window_start_ms), stats.window_start_ms)
+            self._seen(stats.app, stats.model, stats.window_start_ms)
 
     def observe_cost(self, obs: CostObservation) -> None:
         """One call's cost, for per-user budgets (kept in 1-minute buckets)."""
         if not self._keep_cost_ms or not math.isfinite(obs.cost_usd):
             return
         bucket = obs.ts_ms - obs.ts_ms % USER_COST_BUCKET_MS
-        per = self._user_cost.setdefault((obs.app, obs.model, obs.user_id), {})
+        per = self._touch(self._user_cost, (obs.app, obs.model, obs.user_id), "user_cost")
         per[bucket] = per.get(bucket, 0.0) + float(obs.cost_usd)
 
     def observe_drift(self, obs: DriftObservation) -> None:
         """A drift test result; the newest (by ts) per app/model/prompt_version/field/method counts."""
         k = (obs.app, obs.model, obs.prompt_version, obs.field, obs.method)
-        old = self._drift.get(k)
-        if old is None or obs.ts_ms >= old.ts_ms:
-            self._drift[k] = obs
+        old = self._drift.pop(k, None)
+        self._drift[k] = obs if old is None or obs.ts_ms >= old.ts_ms else old
+        self._cap(self._drift, "drift")
 
     def observe_event_seen(self, app: str, model: str, ts_ms: int) -> None:
         """An event of app/model with event time ``ts_ms`` (for absence rules)."""
+        self._seen(app, model, ts_ms)
+
+    # -- bounded state --------------------------------------------------------------------
+
+    def _touch(self, store: dict[Any, Any], key: Any, dimension: str) -> Any:
+        """``store[key]`` (a new dict when absent), moved to the back of the eviction order."""
+        per = store.pop(key, None)
+        store[key] = per if per is not None else {}
+        self._cap(store, dimension)
+        return store[key]
+
+    def _cap(self, store: dict[Any, Any], dimension: str) -> bool:
+        extra = len(store) - self.max_keys
+        if extra > 0:
+            for k in list(store)[:extra]:
+                del store[k]
+            self.evicted[dimension] = self.evicted.get(dimension, 0) + extra
+        return extra > 0
+
+    def _seen(self, app: str, model: str, ts_ms: int) -> None:
         k = (app, model)
-        self._last_seen[k] = max(self._last_seen.get(k, ts_ms), ts_ms)
+        old = self._last_seen.pop(k, ts_ms)
+        newest = self._last_seen[k] = max(old, ts_ms)
+        if self._cap(self._last_seen, "last_seen"):
+            for gone in [g for g in self._seen_hist if g not in self._last_seen]:
+                del self._seen_hist[gone]
+        hist = self._seen_hist.setdefault(k, {})
+        b = ts_ms - ts_ms % USER_COST_BUCKET_MS
+        mm = hist.get(b)
+        if mm is None:
+            hist[b] = [ts_ms, ts_ms]
+        else:
+            mm[0], mm[1] = min(mm[0], ts_ms), max(mm[1], ts_ms)
+        if self._need_seen_hist:
+            _trim_history(hist, newest - self._keep_seen_ms - self.catch_up_ms)
+        else:
+            _trim_history(hist, newest)
+
+    def _seen_at(self, k: tuple[str, str], now: int) -> int | None:
+        """The newest event time of ``k`` at or before ``now`` (None: none known)."""
+        newest = self._last_seen[k]
+        if newest <= now:
+            return newest
+        hist = self._seen_hist.get(k)
+        return max((mm[1] for mm in hist.values() if mm[1] <= now), default=None) if hist else None
+
+    def _active_since(self, k: tuple[str, str], now: int, gap_ms: int) -> int | None:
+        """The first event of ``k``'s current run of activity at ``now``: after the last
+        silence of at least ``gap_ms`` (minute resolution of the history; None: unknown)."""
+        hist = self._seen_hist.get(k)
+        if not hist:
+            return None
+        runs = sorted(mm for mm in hist.values() if mm[1] <= now)
+        if not runs:
+            return None
+        start = runs[-1][0]
+        for prev, cur in zip(reversed(runs[:-1]), reversed(runs[1:]), strict=True):
+            if cur[0] - prev[1] >= gap_ms:
+                break
+            start = prev[0]
+        return start
 
     # -- evaluation -----------------------------------------------------------------------
 
@@ -270,11 +375,13 @@ class AlertEvaluator:
 
     def _step(self, rule: Rule, fp: str, s: _Sample | None, now: int) -> AlertTransition | None:
         key = (rule.name, fp)
+        et = self.event_time_stamps
+        at = s.at_ms if et and s is not None and s.at_ms is not None else now
         a = self._alerts.get(key)
         if a is None:
             if s is None or not s.condition:
                 return None
-            a = _Alert(rule.name, s.labels, fp, "pending", now, s.value, _render(rule, s))
+            a = _Alert(rule.name, s.labels, fp, "pending", min(at, now), s.value, _render(rule, s))
             self._alerts[key] = a
         elif s is not None:
             a.value = s.value
@@ -284,9 +391,10 @@ class AlertEvaluator:
                 del self._alerts[key]
                 return None
             if now - a.active_since_ms >= rule.for_ms:
+                ts = a.active_since_ms + rule.for_ms if et else now
                 a.state = "firing"
-                a.fired_at_ms = now
-                return self._transition(rule, a, "firing", now)
+                a.fired_at_ms = ts
+                return self._transition(rule, a, "firing", ts)
             return None
         # firing
         resolving = s is None or rule.resolved_by(s.value, s.condition)
@@ -294,10 +402,13 @@ class AlertEvaluator:
             a.resolve_since_ms = None
             return None
         if a.resolve_since_ms is None:
-            a.resolve_since_ms = now
+            a.resolve_since_ms = min(at, now)
         if now - a.resolve_since_ms >= rule.resolve_after_ms:
+            ts = now
+            if et:
+                ts = max(a.resolve_since_ms + rule.resolve_after_ms, a.fired_at_ms or a.active_since_ms)
             del self._alerts[key]
-            return self._transition(rule, a, "resolved", now)
+            return self._transition(rule, a, "resolved", ts)
         return None
 
     def _transition(self, rule: Rule, a: _Alert, state: str, now: int) -> AlertTransition:
@@ -338,7 +449,7 @@ class AlertEvaluator:
             return self._budget_samples(rule, now)
         if rule.kind == "absence":
             return self._absence_samples(rule, now)
-        return self._drift_samples(rule)
+        return self._drift_samples(rule, now)
 
     def _window_samples(self, rule: Rule, now: int) -> list[_Sample]:
         out = []
@@ -350,11 +461,11 @@ class AlertEvaluator:
             cur = self._current(per, rule.min_events, now)
             if cur is None:
                 continue
-            value = cur.metrics().get(rule.metric_name)
+            value = self._metrics(cur).get(rule.metric_name)
             if value is None:
                 continue
             if rule.kind == "change":
-                base = [w.metrics().get(rule.metric) for s, w in sorted(per.items())
+                base = [self._metrics(w).get(rule.metric) for s, w in sorted(per.items())
                         if s < cur.window_start_ms and w.final]
                 vals = [v for v in base if v is not None][-rule.baseline_windows:]
                 if len(vals) < rule.min_baseline_windows:
@@ -366,12 +477,25 @@ class AlertEvaluator:
                 else:
                     thr = median * (1 - (rule.decrease_pct or 0.0) / 100)
                     cond = value < thr
-                out.append(_Sample(labels, value, thr, cond, {"baseline": median}))
+                out.append(_Sample(labels, value, thr, cond, {"baseline": median},
+                                   at_ms=cur.window_start_ms))
             else:
                 assert rule.condition is not None
                 out.append(_Sample(labels, value, rule.condition.threshold,
-                                   rule.condition.holds(value)))
+                                   rule.condition.holds(value), at_ms=cur.window_start_ms))
         return out
+
+    def _metrics(self, w: WindowStats) -> Mapping[str, float | None]:
+        """``w.metrics()``, memoised: every evaluation reads the same windows again (a catch-up
+        evaluates once per window boundary). Bounded: cleared past 20,000 windows."""
+        hit = self._mcache.get(id(w))
+        if hit is not None and hit[0] is w:
+            return hit[1]
+        m = w.metrics()
+        if len(self._mcache) >= 20_000:
+            self._mcache.clear()
+        self._mcache[id(w)] = (w, m)
+        return m
 
     def _current(self, per: Mapping[int, WindowStats], min_events: int, now: int) -> WindowStats | None:
         """The window a rule reads: the newest fresh one with at least ``min_events`` events.
@@ -381,6 +505,8 @@ class AlertEvaluator:
         resolving it (and firing it again) every time a new window starts.
         """
         for start in sorted(per, reverse=True):
+            if start > now:  # not begun at ``now``: a catch-up evaluating the past
+                continue
             w = per[start]
             length = max(1, w.window_end_ms - w.window_start_ms)
             if now >= w.window_end_ms + self.stale_windows * length:
@@ -417,12 +543,21 @@ class AlertEvaluator:
 
     def _absence_samples(self, rule: Rule, now: int) -> list[_Sample]:
         last: dict[tuple[str, ...], int] = {}
-        for (app, model), ts in self._last_seen.items():
+        back: dict[tuple[str, ...], int] = {}
+        for (app, model) in self._last_seen:
+            seen = self._seen_at((app, model), now)
+            if seen is None:
+                continue
+            ts = seen
             base = {"app": app, "model": model}
             if self._labels(rule, base) is None:
                 continue
             g = tuple(base[k] for k in rule.group_by)
             last[g] = max(last.get(g, ts), ts)
+            if now - ts < rule.absent_for_ms:  # active: since when (the event that ended a silence)
+                run = self._active_since((app, model), now, rule.absent_for_ms)
+                if run is not None:
+                    back[g] = min(back.get(g, run), run)
         # A group named literally in match is expected from the first evaluation on.
         literal = [rule.match.get(k) for k in rule.group_by]
         if all(v is not None and not any(ch in v for ch in "*?[") for v in literal):
@@ -435,13 +570,17 @@ class AlertEvaluator:
             labels = _clean({**self.static_labels, **dict(zip(rule.group_by, g, strict=True)),
                              **rule.labels})
             silent_ms = now - ts
-            out.append(_Sample(labels, silent_ms / 1000, thr_s, silent_ms >= rule.absent_for_ms))
+            silent = silent_ms >= rule.absent_for_ms
+            out.append(_Sample(labels, silent_ms / 1000, thr_s, silent,
+                               at_ms=ts + rule.absent_for_ms if silent else back.get(g, ts)))
         return out
 
-    def _drift_samples(self, rule: Rule) -> list[_Sample]:
+    def _drift_samples(self, rule: Rule, now: int) -> list[_Sample]:
         assert rule.condition is not None
         out = []
         for (app, model, pv, fld, method), obs in self._drift.items():
+            if obs.ts_ms > now:
+                continue
             labels = self._labels(rule, {"app": app, "model": model, "prompt_version": pv,
                                          "field": fld, "method": method})
             if labels is None:
@@ -453,6 +592,10 @@ class AlertEvaluator:
         return out
 
     def _prune(self, now: int) -> None:
+        if self._need_seen_hist:
+            lo = now - self._keep_seen_ms
+            for hist in self._seen_hist.values():
+                _trim_history(hist, lo)
         if not self._keep_cost_ms:
             return
         lo = now - self._keep_cost_ms
@@ -495,6 +638,7 @@ class AlertEvaluator:
         for d in state["drift"]:
             self.observe_drift(DriftObservation(**d))
         self._last_seen = {(a, m): int(ts) for a, m, ts in state["last_seen"]}
+        self._seen_hist = {}
         names = {r.name for r in self.rules}
         self._alerts = {}
         for d in state["alerts"]:

@@ -227,6 +227,9 @@ class DriftConfig:
     embedding: EmbeddingConfig = dc_field(default_factory=EmbeddingConfig)
     control_topic: str | None = CONTROL_TOPIC
     drain_timeout_s: float = 60.0
+    #: key-fields held in memory (2-3 MB each); past it the least recently sampled one is
+    #: dropped (counted) and reloaded from ClickHouse when it is sampled again
+    max_keys: int = 500
 
     def __post_init__(self) -> None:
         if not self.fields or set(self.fields) - set(FIELDS):
@@ -243,6 +246,8 @@ class DriftConfig:
             raise ValueError("alpha must be in (0, 1)")
         if not self.methods or set(self.methods) - set(METHODS):
             raise ValueError(f"methods must be a non-empty subset of {METHODS}")
+        if self.max_keys < 1:
+            raise ValueError("max_keys must be >= 1")
 
     @property
     def min_cur(self) -> int:
@@ -310,7 +315,9 @@ class DriftEngine:
         self.query = query
         self.db = database
         self.embed_model = embed_model
+        #: per key-field; dict order is the eviction order (least recently sampled first)
         self.state: dict[tuple[Key, str], _KeyField] = {}
+        self.evicted = 0
         self.tests_run = 0
         self.references_made = 0
         self.references_loaded = 0
@@ -368,10 +375,16 @@ class DriftEngine:
         return kf
 
     def get(self, key: Key, fld: str) -> _KeyField:
-        kf = self.state.get((key, fld))
+        """The key-field's state (loaded from ClickHouse when not held), now the most recent."""
+        kf = self.state.pop((key, fld), None)
         if kf is None:
             kf = self._load(key, fld)
-            self.state[(key, fld)] = kf
+        self.state[(key, fld)] = kf
+        extra = len(self.state) - self.cfg.max_keys
+        if extra > 0:
+            for k in list(self.state)[:extra]:
+                del self.state[k]  # its embeddings and reference are stored: reloaded when seen again
+            self.evicted += extra
         return kf
 
     # -- references ----------------------------------------------------------------
@@ -436,7 +449,10 @@ class DriftEngine:
                 touched[(s.key, s.field)] = s
         if self.cfg.test_interval_s is not None:
             for (key, fld), s in touched.items():
-                kf = self.state[(key, fld)]
+                kf_ = self.state.get((key, fld))
+                if kf_ is None:  # evicted meanwhile (more key-fields in the batch than max_keys)
+                    continue
+                kf = kf_
                 if kf.since_test and now - kf.last_test_wall >= self.cfg.test_interval_s:
                     results.extend((s, r) for r in self._test(kf, now))
         return emb_cols, ref_rows, results
@@ -582,6 +598,9 @@ class _StageMetrics(Collector):
                                 value=b.queue_depth if b else 0)
         e = st.engine
         yield CounterMetricFamily("driftline_drift_tests", "drift tests run", value=e.tests_run if e else 0)
+        yield CounterMetricFamily("driftline_drift_evicted_keys", "key-fields dropped from memory to stay "
+                                  "under max_keys (reloaded from ClickHouse when sampled again)",
+                                  value=e.evicted if e else 0)
         yield GaugeMetricFamily("driftline_drift_references", "key-fields with a reference",
                                 value=e.active_keys() if e else 0)
 

@@ -4,7 +4,12 @@ A :class:`WorkerMetrics` keeps plain numbers updated once per *batch* (numpy
 bucket counts, dict sums) and a ``Collector`` turns them into metric families at
 scrape time, so the hot path never takes a per-event lock. Label cardinality is
 bounded: past ``max_series`` distinct (app, model) pairs new pairs are folded
-into ``app="other", model="other"``.
+into ``app="other", model="other"`` (the pairs folded are not remembered: memory
+stays bounded under a stream of random app names; each batch's folded pairs are
+counted in ``driftline_evicted_keys_total{dimension="metric_series"}``). Drift
+gauges keep at most ``8 * max_series`` tests (new ones past it are counted under
+``dimension="drift_series"``). Other stages report their evictions (open window
+keys, alert evaluator keys, drift engine keys) through :meth:`WorkerMetrics.observe_evicted`.
 
 Metric contract (the exported Prometheus rules in deploy/prometheus use these):
 
@@ -20,7 +25,8 @@ Metric contract (the exported Prometheus rules in deploy/prometheus use these):
 | driftline_latency_ms, driftline_ttft_ms | histogram | app, model |
 | driftline_last_event_timestamp_seconds | gauge | app, model |
 | driftline_dlq_total | counter | reason |
-| driftline_late_events_total | counter | — |
+| driftline_late_events_total | counter | app, model |
+| driftline_evicted_keys_total | counter | dimension |
 | driftline_sink_errors_total | counter | operation |
 | driftline_stage_errors_total | counter | stage |
 | driftline_batches_total, driftline_records_total | counter | — |
@@ -30,7 +36,7 @@ Metric contract (the exported Prometheus rules in deploy/prometheus use these):
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 from prometheus_client.core import (
@@ -41,6 +47,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from driftline.schemas.metrics import WindowKey
 from driftline.streams.windows import EventBatchColumns, group_indices
 
 __all__ = ["WorkerMetrics", "LATENCY_BUCKETS_MS"]
@@ -70,6 +77,8 @@ class WorkerMetrics(Collector):
         self.sink_errors: dict[str, float] = defaultdict(float)
         self.stage_errors: dict[str, float] = defaultdict(float)
         self.late_events = 0.0
+        self.late_by_key: dict[tuple[str, str], float] = defaultdict(float)
+        self.evicted: dict[str, float] = defaultdict(float)
         self.batches = 0.0
         self.records = 0.0
         self.skipped_spans = 0.0
@@ -82,9 +91,22 @@ class WorkerMetrics(Collector):
         k = (app, model)
         lab = self._keys.get(k)
         if lab is None:
-            lab = k if len(self._keys) < self.max_series else ("other", "other")
-            self._keys[k] = lab
+            if len(self._keys) >= self.max_series:
+                self.evicted["metric_series"] += 1
+                return ("other", "other")  # not remembered: the map stays at max_series
+            lab = self._keys[k] = k
         return lab
+
+    def observe_late(self, late_by_key: Mapping[WindowKey, int]) -> None:
+        """Late events of one batch per window key (labels folded like every per-key metric)."""
+        for k, n in late_by_key.items():
+            self.late_by_key[self._label(k.app, k.model)] += n
+            self.late_events += n
+
+    def observe_evicted(self, dimension: str, n: int) -> None:
+        """``n`` keys of ``dimension`` evicted (or folded) to keep state bounded."""
+        if n:
+            self.evicted[dimension] += n
 
     # -- updates, once per batch ---------------------------------------------------------
     def observe_batch(self, cols: EventBatchColumns) -> None:
@@ -127,8 +149,11 @@ class WorkerMetrics(Collector):
 
     def observe_drift(self, app: str, model: str, prompt_version: str, field: str, method: str,
                       statistic: float, p_value: float | None, drifted: bool) -> None:
-        if len(self.drift) < self.max_series * 8:
-            self.drift[(app, model, prompt_version, field, method)] = (statistic, p_value, drifted)
+        k = (app, model, prompt_version, field, method)
+        if k in self.drift or len(self.drift) < self.max_series * 8:
+            self.drift[k] = (statistic, p_value, drifted)
+        else:
+            self.evicted["drift_series"] += 1
 
     # -- scrape -------------------------------------------------------------------------
     def collect(self) -> Iterator[Metric]:
@@ -166,8 +191,16 @@ class WorkerMetrics(Collector):
         for r, v in self.stage_errors.items():
             c.add_metric([r], v)
         yield c
-        yield CounterMetricFamily("driftline_late_events", "events that arrived after their window closed",
-                                  value=self.late_events)
+        c = CounterMetricFamily("driftline_late_events", "events that arrived after their window closed",
+                                labels=["app", "model"])
+        for (a, m_), v in self.late_by_key.items():
+            c.add_metric([a, m_], v)
+        yield c
+        c = CounterMetricFamily("driftline_evicted_keys", "keys evicted (or folded into 'other') to keep "
+                                "per-key state bounded, by dimension", labels=["dimension"])
+        for r, v in self.evicted.items():
+            c.add_metric([r], v)
+        yield c
         yield CounterMetricFamily("driftline_batches", "record batches processed", value=self.batches)
         yield CounterMetricFamily("driftline_records", "Kafka records processed", value=self.records)
         yield CounterMetricFamily("driftline_skipped_spans", "OTLP spans skipped (not a model call: non-GenAI, tool or agent spans)",

@@ -47,7 +47,7 @@ from driftline.schemas.event import (
     timestamp_text,
 )
 from driftline.schemas.metrics import WindowKey
-from driftline.streams.windows import EventBatchColumns
+from driftline.streams.windows import EventBatchColumns, source_index
 
 __all__ = [
     "Record", "Rejected", "DecodedBatch", "decode_batch", "EnrichedBatch",
@@ -736,6 +736,9 @@ def to_columns(batch: EnrichedBatch, now_ms: int | None = None) -> tuple[ArrowCo
                 v = v.cast(f.type)
         arrays.append(v)
     table = pa.Table.from_arrays(arrays, schema=EVENT_ARROW_SCHEMA)
+    src = pc.dictionary_encode(pc.fill_null(c("source_topic"), ""))  # per-partition watermarks
+    src_codes, src_list = source_index(_np(src.indices, np.int64), src.dictionary.to_pylist(),
+                                       _np(c("source_partition"), np.int64, 0))
     wcols = EventBatchColumns(
         keys=keys, ts_ms=ts_arr,
         latency_ms=_np(c("latency_ms"), np.float64),
@@ -746,6 +749,7 @@ def to_columns(batch: EnrichedBatch, now_ms: int | None = None) -> tuple[ArrowCo
         cache_creation_input_tokens=tok[3], reasoning_output_tokens=tok[4], cost_usd=costs,
         guardrail_checked=g_checked, guardrail_hit=g_hit, guardrail_blocked=g_blocked,
         feedback=_np(c("feedback"), np.float64), key_codes=codes, key_list=key_list,
+        source_codes=src_codes, source_list=src_list,
     )
     return ArrowColumns(table), wcols
 

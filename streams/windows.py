@@ -1,19 +1,38 @@
 """Tumbling event-time windows per (app, model, prompt_version).
 
 Windows are half-open ``[start, start + size)`` and are a pure function of the
-event timestamp (``start = ts - ts % size``). The watermark is the largest event
-time seen; a window closes when ``watermark >= end + allowed_lateness``. An event
-whose window is still open updates it even when it arrives late; an event whose
-window has already closed is *late*: it is still stored as a raw row, but it no
-longer changes the closed window, and it is counted (``late_events`` of the
-earliest open window of its key, and the worker's Prometheus counter).
+event timestamp (``start = ts - ts % size``). A window closes when
+``watermark >= end + allowed_lateness``. An event whose window is still open
+updates it even when it arrives late; an event whose window has already closed
+is *late*: it is still stored as a raw row, but it no longer changes the closed
+window, and it is counted (``late_events`` of the earliest open window of its
+key, :attr:`WindowAggregator.last_late` per key, the worker's Prometheus counter).
 
-Wall time never enters here: early (partial) rows are taken by the caller with
-:meth:`WindowAggregator.partial`, closed ones with :meth:`WindowAggregator.advance`.
+Watermark: one per *source* (Kafka topic and partition, ``EventBatchColumns.source_codes``),
+the largest event time seen from it; the stream's watermark is the minimum over
+the sources, so a partition that runs ahead (skew, a faster producer) does not make
+a slower one's events late. A source that delivered nothing for
+``idle_partition_ms`` of wall time stops holding the watermark back (when every
+source is idle, the largest one counts). An event time beyond the wall clock plus
+``watermark_max_ahead_ms`` moves its source only to that bound: one record dated
+9999 cannot make every later event late. The watermark never goes back. A source
+that has not delivered an event yet does not hold the watermark (after a restart
+the rebuild seeds every partition that has stored rows).
+
+Bounded state: at most ``max_keys`` keys hold open windows; past it, the key
+touched least recently is evicted: its open windows are closed early (returned
+as final rows by the next :meth:`WindowAggregator.advance`, so nothing is lost)
+and counted in ``evicted_keys`` / ``evicted_windows``.
+
+Wall time is never read here: the caller passes it in (``wall_ms``) for idleness
+and the upper bound; without it neither applies. Early (partial) rows are taken
+by the caller with :meth:`WindowAggregator.partial`, closed ones with
+:meth:`WindowAggregator.advance`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +40,7 @@ import numpy as np
 from driftline.detectors.sketch import QuantileSketch
 from driftline.schemas.metrics import WindowKey, WindowStats
 
-__all__ = ["WindowConfig", "WindowAggregator", "EventBatchColumns"]
+__all__ = ["WindowConfig", "WindowAggregator", "EventBatchColumns", "source_index"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,8 +48,22 @@ class WindowConfig:
     size_ms: int = 60_000
     allowed_lateness_ms: int = 30_000
     relative_accuracy: float = 0.01
+    #: a source (partition) silent for this long (wall time) stops holding the watermark
+    idle_partition_ms: int = 30_000
+    #: the watermark never runs more than this ahead of the wall clock passed in
+    #: (None: no bound); a later event time moves its source only this far
+    watermark_max_ahead_ms: int | None = 10_000
+    #: at most this many keys hold open windows; past it the least recently touched is
+    #: evicted (its windows closed early, counted)
+    max_keys: int = 10_000
 
     def __post_init__(self) -> None:
+        if self.idle_partition_ms <= 0:
+            raise ValueError(f"idle_partition_ms must be > 0, got {self.idle_partition_ms}")
+        if self.watermark_max_ahead_ms is not None and self.watermark_max_ahead_ms < 0:
+            raise ValueError(f"watermark_max_ahead_ms must be >= 0 or None, got {self.watermark_max_ahead_ms}")
+        if self.max_keys < 1:
+            raise ValueError(f"max_keys must be >= 1, got {self.max_keys}")
         if self.size_ms <= 0:
             raise ValueError(f"size_ms must be > 0, got {self.size_ms}")
         if self.allowed_lateness_ms < 0:
@@ -66,6 +99,10 @@ class EventBatchColumns:
     #: optional: ``keys`` as codes into ``key_list`` (to_columns fills them; else derived)
     key_codes: np.ndarray | None = None
     key_list: list[WindowKey] | None = None
+    #: optional: the source (e.g. ``(topic, partition)``) of each event as codes into
+    #: ``source_list``; None: one source for the whole stream
+    source_codes: np.ndarray | None = None
+    source_list: list[Hashable] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -79,6 +116,21 @@ class EventBatchColumns:
                                          len(self.keys))
             self.key_list = list(seen)
         return self.key_codes, self.key_list
+
+
+def source_index(topic_codes: np.ndarray, topics: list[str],
+                 partitions: np.ndarray) -> tuple[np.ndarray, list[Hashable]]:
+    """(code per event, distinct ``(topic, partition)``) from topic codes into ``topics``.
+
+    >>> source_index(np.array([0, 1, 0]), ["a", "b"], np.array([2, 0, 2]))
+    (array([0, 1, 0]), [('a', 2), ('b', 0)])
+    """
+    parts = np.maximum(np.asarray(partitions, np.int64), 0)
+    width = int(parts.max()) + 1 if parts.size else 1
+    comb = np.asarray(topic_codes, np.int64) * width + parts
+    uniq, inv = np.unique(comb, return_inverse=True)
+    return (np.asarray(inv, np.int64).ravel(),
+            [(topics[int(u) // width], int(u) % width) for u in uniq.tolist()])
 
 
 def group_indices(codes: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -159,14 +211,30 @@ class WindowAggregator:
 
     def __init__(self, config: WindowConfig | None = None) -> None:
         self.config = config or WindowConfig()
-        self._open: dict[tuple[WindowKey, int], _Window] = {}
+        #: open windows per key; dict order is the eviction order (least recently touched first)
+        self._open: dict[WindowKey, dict[int, _Window]] = {}
+        #: per source: [largest event time (bounded), wall time of its last event or None]
+        self._sources: dict[Hashable, list[int | None]] = {}
         self.watermark_ms: int | None = None
         self.late_total = 0
+        #: late events of the last :meth:`add`, per key
+        self.last_late: dict[WindowKey, int] = {}
+        #: events whose time was beyond wall clock + ``watermark_max_ahead_ms``
+        self.ahead_events = 0
+        self.evicted_keys = 0
+        self.evicted_windows = 0
+        self._evicted_out: list[WindowStats] = []
+        self._evicted_reported = 0
 
     # -- state changes ---------------------------------------------------
-    def add(self, cols: EventBatchColumns) -> int:
-        """Add a batch. Returns how many events were late (their window had already closed)."""
+    def add(self, cols: EventBatchColumns, wall_ms: int | None = None) -> int:
+        """Add a batch. Returns how many events were late (their window had already closed).
+
+        ``wall_ms`` (epoch ms) is the caller's wall clock: it marks the batch's sources
+        as active and bounds how far their watermark moves.
+        """
         n = len(cols)
+        self.last_late = {}
         if n == 0:
             return 0
         size = self.config.size_ms
@@ -187,50 +255,64 @@ class WindowAggregator:
         wnum = starts[on_time] // size
         base = int(wnum.min()) if wnum.size else 0
         span = int(wnum.max()) - base + 1 if wnum.size else 1
+        opened = self._open
         for gcode, sub in group_indices(codes[on_time] * span + (wnum - base)):
             k = key_list[gcode // span]
             st = (base + gcode % span) * size
-            w = self._open.get((k, st))
+            per = opened.pop(k, None)  # re-inserted last: most recently touched
+            if per is None:
+                per = {}
+            opened[k] = per
+            w = per.get(st)
             if w is None:
-                w = self._new_window(k, st)
-                self._open[(k, st)] = w
+                w = per[st] = self._new_window(k, st)
             self._apply(w, cols, on_time[sub])
         late = 0
         for k, c in late_by_key.items():
             late += c
-            target = min((w for (kk, _), w in self._open.items() if kk == k),
-                         key=lambda w: w.start_ms, default=None)
-            if target is not None:
+            per = opened.get(k)
+            if per:
+                target = per[min(per)]
                 target.late += c
                 target.dirty = True
                 target.peeked = False
         self.late_total += late
-        mx = int(cols.ts_ms.max())
-        if self.watermark_ms is None or mx > self.watermark_ms:
-            self.watermark_ms = mx
+        self.last_late = late_by_key
+        self._evict()
+        self._observe_sources(cols, wall_ms)
+        self._recompute(wall_ms)
         return late
 
-    def advance(self, watermark_ms: int | None = None) -> list[WindowStats]:
+    def advance(self, watermark_ms: int | None = None, wall_ms: int | None = None) -> list[WindowStats]:
         """Close every window whose end + allowed lateness is at or before the watermark.
 
-        Returns the final stats of the closed windows (each exactly once).
+        ``watermark_ms`` raises the watermark to at least that (the caller's idle close);
+        ``wall_ms`` lets idle sources stop holding it back. Returns the final stats of the
+        closed windows (each exactly once), with the windows evicted since the last call.
         """
+        if wall_ms is not None:
+            self._recompute(wall_ms)
         if watermark_ms is not None and (self.watermark_ms is None or watermark_ms > self.watermark_ms):
             self.watermark_ms = watermark_ms
+        out, self._evicted_out = self._evicted_out, []
         bound = self.watermark_ms
         if bound is None:
-            return []
-        out: list[WindowStats] = []
-        for wk in [wk for wk, w in self._open.items() if w.end_ms + self.config.allowed_lateness_ms <= bound]:
-            w = self._open.pop(wk)
-            out.append(w.stats(True, self.config.relative_accuracy))
+            return out
+        edge = bound - self.config.allowed_lateness_ms
+        acc = self.config.relative_accuracy
+        for k in list(self._open):
+            per = self._open[k]
+            for st in [st for st, w in per.items() if w.end_ms <= edge]:
+                out.append(per.pop(st).stats(True, acc))
+            if not per:
+                del self._open[k]
         out.sort(key=lambda s: (s.window_start_ms, s.app, s.model, s.prompt_version))
         return out
 
     def partial(self) -> list[WindowStats]:
         """Stats of the open windows changed since the last call (final=False)."""
         out = []
-        for w in self._open.values():
+        for w in self._windows():
             if w.dirty:
                 w.dirty = False
                 out.append(w.stats(False, self.config.relative_accuracy))
@@ -242,7 +324,7 @@ class WindowAggregator:
         Independent of :meth:`partial`: a reader such as the alerting stage can look
         at the live windows without taking the partial rows the worker writes."""
         out = []
-        for w in self._open.values():
+        for w in self._windows():
             if not w.peeked:
                 w.peeked = True
                 out.append(w.stats(False, self.config.relative_accuracy))
@@ -250,13 +332,84 @@ class WindowAggregator:
 
     def flush_all(self) -> list[WindowStats]:
         """Close every open window (on shutdown of a finite replay)."""
-        out = [w.stats(True, self.config.relative_accuracy) for w in self._open.values()]
+        out, self._evicted_out = self._evicted_out, []
+        out += [w.stats(True, self.config.relative_accuracy) for w in self._windows()]
         self._open.clear()
         return out
 
     @property
     def open_windows(self) -> int:
+        return sum(len(per) for per in self._open.values())
+
+    @property
+    def open_keys(self) -> int:
+        """Keys holding at least one open window (at most ``config.max_keys``)."""
         return len(self._open)
+
+    def source_watermarks(self) -> dict[Hashable, int]:
+        """The (bounded) largest event time per source."""
+        return {s: int(v[0]) for s, v in self._sources.items() if v[0] is not None}
+
+    # -- watermark ---------------------------------------------------------
+    def _observe_sources(self, cols: EventBatchColumns, wall_ms: int | None) -> None:
+        ts = cols.ts_ms
+        if cols.source_codes is None or cols.source_list is None:
+            groups: list[tuple[Hashable, np.ndarray]] = [(None, ts)]
+        else:
+            src = cols.source_list
+            groups = [(src[c], ts[idx]) for c, idx in group_indices(np.asarray(cols.source_codes, np.int64))]
+        ahead = self.config.watermark_max_ahead_ms
+        cap = wall_ms + ahead if wall_ms is not None and ahead is not None else None
+        for src_key, t in groups:
+            mx = int(t.max())
+            if cap is not None and mx > cap:
+                self.ahead_events += int((t > cap).sum())
+                mx = cap
+            cur = self._sources.get(src_key)
+            if cur is None:
+                self._sources[src_key] = [mx, wall_ms]
+            else:
+                if cur[0] is None or mx > cur[0]:
+                    cur[0] = mx
+                if wall_ms is not None:
+                    cur[1] = wall_ms
+
+    def _recompute(self, wall_ms: int | None) -> None:
+        idle_ms = self.config.idle_partition_ms
+        holding: list[int] = []
+        top: int | None = None
+        for mx, seen in self._sources.values():
+            if mx is None:
+                continue
+            top = mx if top is None else max(top, mx)
+            if wall_ms is None or seen is None or wall_ms - seen <= idle_ms:
+                holding.append(mx)
+        wm = min(holding) if holding else top
+        ahead = self.config.watermark_max_ahead_ms
+        if wm is not None and wall_ms is not None and ahead is not None:
+            wm = min(wm, wall_ms + ahead)
+        if wm is not None and (self.watermark_ms is None or wm > self.watermark_ms):
+            self.watermark_ms = wm
+
+    # -- bounded state -----------------------------------------------------
+    def _evict(self) -> None:
+        extra = len(self._open) - self.config.max_keys
+        if extra <= 0:
+            return
+        acc = self.config.relative_accuracy
+        for k in list(self._open)[:extra]:
+            per = self._open.pop(k)
+            self.evicted_keys += 1
+            self.evicted_windows += len(per)
+            self._evicted_out.extend(w.stats(True, acc) for w in per.values())
+
+    def pop_evicted(self) -> int:
+        """Keys evicted since the last call (for a counter)."""
+        n, self._evicted_reported = self.evicted_keys - self._evicted_reported, self.evicted_keys
+        return n
+
+    def _windows(self) -> list[_Window]:
+        return [w for per in self._open.values() for w in per.values()]
 
     # -- internals ---------------------------------------------------------
     def _new_window(self, k: WindowKey, start: int) -> _Window:

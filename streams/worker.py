@@ -60,7 +60,12 @@ from driftline.streams.pipeline import (
     to_columns,
 )
 from driftline.streams.sinks import WINDOW_COLUMNS, ClickHouseSink
-from driftline.streams.windows import EventBatchColumns, WindowAggregator, WindowConfig
+from driftline.streams.windows import (
+    EventBatchColumns,
+    WindowAggregator,
+    WindowConfig,
+    source_index,
+)
 
 log = logging.getLogger("driftline.worker")
 
@@ -402,6 +407,7 @@ class Worker:
     def _process(self, records: Sequence[Any], offsets: dict[TopicPartition, int],
                  decoded: DecodedBatch | None) -> _Work:
         now = time.monotonic()
+        wall_ms = int(time.time() * 1000)  # per-partition watermarks: idleness, upper bound
         m = self.metrics
         if decoded is None:
             decoded = self._decode(records)
@@ -409,8 +415,8 @@ class Worker:
         if decoded.n_events:
             enriched = enrich(decoded, self.prices, self.scanner)
             event_cols, wcols = to_columns(enriched)
-            late = self.windows.add(wcols)
-            m.late_events += late
+            self.windows.add(wcols, wall_ms=wall_ms)
+            m.observe_late(self.windows.last_late)
             m.observe_batch(wcols)
             self._wall_at_watermark = now
         for r in decoded.rejected:
@@ -419,7 +425,8 @@ class Worker:
         m.batches += 1
         m.records += len(records)
         self.processed_records += len(records)
-        windows = self.windows.advance()
+        windows = self.windows.advance(wall_ms=wall_ms)
+        m.observe_evicted("window_keys", self.windows.pop_evicted())
         wm = self.windows.watermark_ms
         if not records and wm is not None and now - self._wall_at_watermark > self.cfg.idle_close_s:
             # no traffic: let event time follow wall time so the last windows close
@@ -596,11 +603,12 @@ class Worker:
         self._ready |= set(assigned)
         # rebuild open windows of every assigned partition from the stored rows
         self.windows = WindowAggregator(self.cfg.window)
+        wall_ms = int(time.time() * 1000)
         cols = await self.sink.acall(lambda c: _recent_rows(c, self.sink.database, sorted(self._assigned),
-                                                            self.cfg.window))
+                                                            self.cfg.window, wall_ms))
         if cols is not None and len(cols):
-            self.windows.add(cols)
-            self.windows.advance()
+            self.windows.add(cols, wall_ms=wall_ms)
+            self.windows.advance(wall_ms=wall_ms)
             self._wall_at_watermark = time.monotonic()
             log.info("rebuilt %d open windows from %d stored events", self.windows.open_windows, len(cols))
 
@@ -611,25 +619,38 @@ def _concat_arrow(tables: list[Any]) -> Any:
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
-def _recent_rows(client: Any, db: str, tps: list[TopicPartition], wc: WindowConfig) -> EventBatchColumns | None:
-    """The stored events of the windows that may still be open, as window-stage columns."""
+def _recent_rows(client: Any, db: str, tps: list[TopicPartition], wc: WindowConfig,
+                 wall_ms: int | None = None) -> EventBatchColumns | None:
+    """The stored events of the windows that may still be open, as window-stage columns.
+
+    Per partition: its newest stored event time (ignoring rows beyond the wall clock plus
+    ``watermark_max_ahead_ms``, so one far-future row poisons nothing) minus two window
+    spans; the rows carry their partition, so each partition's watermark is rebuilt.
+    """
+    tps = [tp for tp in tps if "'" not in tp.topic]
     if not tps:
         return None
     cond = " OR ".join(f"(source_topic = '{tp.topic}' AND source_partition = {int(tp.partition)})"
-                       for tp in tps if "'" not in tp.topic)
-    mx = client.query(f"SELECT toUnixTimestamp64Milli(max(timestamp)), count() FROM {db}.llm_events "
-                      f"WHERE {cond}").result_rows
-    if not mx or not mx[0][1]:
+                       for tp in tps)
+    ahead = wc.watermark_max_ahead_ms
+    cap = f" AND timestamp <= fromUnixTimestamp64Milli({int(wall_ms + ahead)})" \
+        if wall_ms is not None and ahead is not None else ""
+    mx = client.query(f"SELECT source_topic, source_partition, toUnixTimestamp64Milli(max(timestamp)) "
+                      f"FROM {db}.llm_events WHERE ({cond}){cap} "
+                      "GROUP BY source_topic, source_partition").result_rows
+    if not mx:
         return None
-    horizon = int(mx[0][0]) - 2 * (wc.size_ms + wc.allowed_lateness_ms)
+    span = 2 * (wc.size_ms + wc.allowed_lateness_ms)
+    cond = " OR ".join(f"(source_topic = '{t}' AND source_partition = {int(p)} AND "
+                       f"timestamp >= fromUnixTimestamp64Milli({int(m) - span}))" for t, p, m in mx)
     res = client.query(
         "SELECT app, model, prompt_version, toUnixTimestamp64Milli(timestamp), latency_ms, "
         "ifNull(ttft_ms, nan), ifNull(tpot_ms, nan), status = 'error', ifNull(input_tokens, 0), "
         "ifNull(output_tokens, 0), ifNull(cache_read_input_tokens, 0), "
         "ifNull(cache_creation_input_tokens, 0), ifNull(reasoning_output_tokens, 0), "
         "ifNull(cost_usd, nan), length(guardrail_verdicts) > 0, guardrail_hit, "
-        "has(guardrail_verdicts, 'blocked'), ifNull(toFloat64(feedback), nan) "
-        f"FROM {db}.llm_events FINAL WHERE ({cond}) AND timestamp >= fromUnixTimestamp64Milli({horizon}) "
+        "has(guardrail_verdicts, 'blocked'), ifNull(toFloat64(feedback), nan), source_topic, "
+        f"source_partition FROM {db}.llm_events FINAL WHERE ({cond}){cap} "
         "ORDER BY timestamp", column_oriented=True)
     c = res.result_columns
     if not c or not len(c[0]):
@@ -645,5 +666,10 @@ def _recent_rows(client: Any, db: str, tps: list[TopicPartition], wc: WindowConf
     def b(i: int) -> np.ndarray:
         return np.asarray(c[i], dtype=bool)
 
+    topics = sorted(set(c[18]))
+    tcode = {t: i for i, t in enumerate(topics)}
+    src_codes, src_list = source_index(np.fromiter((tcode[t] for t in c[18]), np.int64, len(c[18])),
+                                       topics, n(19))
     return EventBatchColumns(keys, n(3), f(4), f(5), f(6), b(7), n(8), n(9), n(10), n(11), n(12),
-                             f(13), b(14), b(15), b(16), f(17))
+                             f(13), b(14), b(15), b(16), f(17), source_codes=src_codes,
+                             source_list=src_list)
