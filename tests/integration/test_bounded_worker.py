@@ -33,7 +33,7 @@ async def test_random_app_names_stay_within_the_caps_and_lose_no_event(
     # 100 keys open and 1,900 evicted; evaluator cap 100 -> 1,900 app/model pairs dropped;
     # metric label sets 500 -> 1,500 folded into other. Mutations caught: without
     # WindowAggregator._evict 2,000 keys stay open; dropping the evicted windows' rows
-    # (_evicted_out) leaves 1,900 apps without a window row.
+    # (_evicted_out) hides 1,900 windows from the evaluator and from llm_window_metrics.
     topic = f"rn-{uuid.uuid4().hex[:10]}"
     make_topics({topic: 1, f"{topic}.dlq": 1})
     rng = np.random.default_rng(5)
