@@ -170,7 +170,6 @@ class AlertingStage:
         self._tick_wake: asyncio.Event | None = None
         self._worker: Worker | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._peeked: dict[Any, tuple[int, int]] = {}
         self._wm: int | None = None
         self._wm_mono = 0.0
         self._now = -(1 << 62)

@@ -13,7 +13,7 @@ the largest event time seen from it; the stream's watermark is the minimum over
 the sources, so a partition that runs ahead (skew, a faster producer) does not make
 a slower one's events late. A source that delivered nothing for
 ``idle_partition_ms`` of wall time stops holding the watermark back (when every
-source is idle, the largest one counts). An event time beyond the wall clock plus
+source is idle the watermark stays: the caller closes windows of a quiet stream). An event time beyond the wall clock plus
 ``watermark_max_ahead_ms`` moves its source only to that bound: one record dated
 9999 cannot make every later event late. The watermark never goes back. A source
 that has not delivered an event yet does not hold the watermark (after a restart
@@ -377,14 +377,14 @@ class WindowAggregator:
     def _recompute(self, wall_ms: int | None) -> None:
         idle_ms = self.config.idle_partition_ms
         holding: list[int] = []
-        top: int | None = None
         for mx, seen in self._sources.values():
             if mx is None:
                 continue
-            top = mx if top is None else max(top, mx)
             if wall_ms is None or seen is None or wall_ms - seen <= idle_ms:
                 holding.append(mx)
-        wm = min(holding) if holding else top
+        # every source idle: nothing moves the watermark (a quiet stream is the caller's
+        # idle close; an outage must not let it jump past a partition's backlog)
+        wm = min(holding) if holding else None
         ahead = self.config.watermark_max_ahead_ms
         if wm is not None and wall_ms is not None and ahead is not None:
             wm = min(wm, wall_ms + ahead)

@@ -60,12 +60,7 @@ from driftline.streams.pipeline import (
     to_columns,
 )
 from driftline.streams.sinks import WINDOW_COLUMNS, ClickHouseSink
-from driftline.streams.windows import (
-    EventBatchColumns,
-    WindowAggregator,
-    WindowConfig,
-    source_index,
-)
+from driftline.streams.windows import EventBatchColumns, WindowAggregator, WindowConfig
 
 log = logging.getLogger("driftline.worker")
 
@@ -425,7 +420,9 @@ class Worker:
         m.batches += 1
         m.records += len(records)
         self.processed_records += len(records)
-        windows = self.windows.advance(wall_ms=wall_ms)
+        # idleness only while records flow: an empty fetch (quiet, or Kafka cut off) says
+        # nothing about one partition's backlog
+        windows = self.windows.advance(wall_ms=wall_ms if records else None)
         m.observe_evicted("window_keys", self.windows.pop_evicted())
         wm = self.windows.watermark_ms
         if not records and wm is not None and now - self._wall_at_watermark > self.cfg.idle_close_s:
@@ -627,6 +624,8 @@ def _recent_rows(client: Any, db: str, tps: list[TopicPartition], wc: WindowConf
     ``watermark_max_ahead_ms``, so one far-future row poisons nothing) minus two window
     spans; the rows carry their partition, so each partition's watermark is rebuilt.
     """
+    from driftline.streams.windows import source_index
+
     tps = [tp for tp in tps if "'" not in tp.topic]
     if not tps:
         return None

@@ -101,6 +101,18 @@ def test_an_idle_partition_stops_holding_the_watermark_after_the_timeout() -> No
     assert agg.watermark_ms == 2 * MIN + 5_000
 
 
+def test_when_every_partition_is_idle_the_watermark_stays() -> None:
+    # An outage (or a quiet stream) idles every partition: the watermark must not jump to
+    # the one furthest ahead, past the other's backlog. Mutation caught: taking the largest
+    # when all are idle moves it to 10 min and makes partition 1's 5 events late.
+    agg = WindowAggregator(config(idle_partition_ms=30_000, watermark_max_ahead_ms=None))
+    wall = 1_000_000
+    agg.add(cols([10 * MIN, 2 * MIN], [P0, P1]), wall_ms=wall)
+    assert agg.advance(wall_ms=wall + 60_000) == []
+    assert agg.watermark_ms == 2 * MIN
+    assert agg.add(cols([2 * MIN + i * 1_000 for i in range(5)], [P1] * 5), wall_ms=wall + 61_000) == 0
+
+
 def test_late_events_are_counted_per_key_and_exported_with_bounded_labels() -> None:
     a, b = WindowKey("a", "m"), WindowKey("b", "m")
     agg = WindowAggregator(config())
