@@ -422,19 +422,23 @@ class Worker:
         off, ts, fp = self._verify.pop(tp)
         if rec.offset > off or (rec.offset == off and int(rec.timestamp) == ts and _fingerprint(rec) == fp):
             return True
-        why = (f"its offsets start at {rec.offset}, below the stored {off}" if rec.offset < off
-               else f"the record at stored offset {off} is another record")
+        self._recreated(tp, f"its offsets start at {rec.offset}, below the stored {off}" if rec.offset < off
+                        else f"the record at stored offset {off} is another record")
+        assert self.consumer is not None
+        self.consumer.seek(tp, 0)  # out of range (retention) resets to the earliest offset
+        return False
+
+    def _recreated(self, tp: TopicPartition, why: str) -> None:
+        """``tp`` is not the topic whose offsets are stored: forget them, new epoch."""
         log.warning("%s[%d] is not the topic whose offsets are stored (%s): it was recreated or the "
                     "broker lost its data; reading it from its beginning (epoch %d)", tp.topic, tp.partition,
                     why, self._epoch.get(tp, 0) + 1)
         self.metrics.sink_errors["topic_recreated"] += 1
         self._epoch[tp] = self._epoch.get(tp, 0) + 1
+        self._verify.pop(tp, None)
         self._skip_below.pop(tp, None)
         self._torn.pop(tp, None)
         self._logged.pop(tp, None)
-        assert self.consumer is not None
-        self.consumer.seek(tp, 0)  # out of range (retention) resets to the earliest offset
-        return False
 
     def _refetch(self, stale: _Pending) -> None:
         """Drop ``stale`` and the batch fetched after it; seek their partitions back."""
@@ -792,6 +796,21 @@ class Worker:
                     log.info("%s[%d]: no write log; resuming after stored offset %d", topic, p, legacy[p])
                 else:
                     self._skip_below.pop(tp, None)
+        # a topic that ends at or before the logged offset is not the logged topic (some
+        # brokers answer a fetch past the end with nothing rather than "out of range")
+        check = [tp for tp in assigned if tp in self._verify]
+        fresh: set[TopicPartition] = set()
+        if check:
+            try:
+                ends = await self.consumer.end_offsets(check)
+            except Exception as exc:  # noqa: BLE001 - the fetch still checks the logged record
+                log.warning("end offsets unavailable (%s): checking the logged records on fetch", exc)
+                ends = {}
+            for tp, end in ends.items():
+                if end <= self._verify[tp][0]:
+                    self._recreated(tp, f"it ends at offset {end}, before the stored {self._verify[tp][0]}")
+                    seek_to[tp] = 0
+                    fresh.add(tp)
         # no await from here on: records fetched before this point were dropped (see
         # _fetch_and_process); fetching resumes at them, or at the logged record
         for tp in assigned:
@@ -799,7 +818,7 @@ class Worker:
             target = seek_to.get(tp)
             if target is None:
                 target = rewind
-            elif rewind is not None and tp not in self._verify:
+            elif rewind is not None and tp not in self._verify and tp not in fresh:
                 target = max(rewind, target)
             if target is not None:
                 self.consumer.seek(tp, target)
