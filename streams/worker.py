@@ -428,6 +428,45 @@ class Worker:
         self.consumer.seek(tp, 0)  # out of range (retention) resets to the earliest offset
         return False
 
+    async def _probe(self, marks: dict[TopicPartition, tuple[int, int, int]]) -> dict[TopicPartition, str]:
+        """Read the record at each logged offset with a consumer of no group; returns the
+        partitions that are not the logged topic, with why. Undecided after 5 s (Kafka
+        slow or down): left to the check of the first fetched record."""
+        if not marks:
+            return {}
+        out: dict[TopicPartition, str] = {}
+        c = AIOKafkaConsumer(bootstrap_servers=self.cfg.kafka, group_id=None, enable_auto_commit=False,
+                             auto_offset_reset="earliest")
+        try:
+            await c.start()
+            c.assign(list(marks))
+            for tp, (off, _, _) in marks.items():
+                c.seek(tp, off)
+            pending = set(marks)
+            deadline = time.monotonic() + 5.0
+            while pending and time.monotonic() < deadline:
+                data = await c.getmany(*pending, timeout_ms=500, max_records=len(pending))
+                for tp in list(pending):
+                    off, ts, fp = marks[tp]
+                    recs = data.get(tp)
+                    hw = c.highwater(tp)
+                    if recs:
+                        r = recs[0]
+                        pending.discard(tp)
+                        if r.offset < off:
+                            out[tp] = f"its offsets restart at {r.offset}, below the stored {off}"
+                        elif r.offset == off and (int(r.timestamp) != ts or _fingerprint(r) != fp):
+                            out[tp] = f"the record at stored offset {off} is another record"
+                    elif hw is not None and hw <= off:
+                        pending.discard(tp)
+                        out[tp] = f"it ends at offset {hw}, at or before the stored {off}"
+        except Exception as exc:  # noqa: BLE001 - the first fetched record is checked anyway
+            log.warning("checking the stored offsets against the topic failed (%s): checking on fetch", exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await c.stop()
+        return out
+
     def _recreated(self, tp: TopicPartition, why: str) -> None:
         """``tp`` is not the topic whose offsets are stored: forget them, new epoch."""
         log.warning("%s[%d] is not the topic whose offsets are stored (%s): it was recreated or the "
@@ -796,21 +835,14 @@ class Worker:
                     log.info("%s[%d]: no write log; resuming after stored offset %d", topic, p, legacy[p])
                 else:
                     self._skip_below.pop(tp, None)
-        # a topic that ends at or before the logged offset is not the logged topic (some
-        # brokers answer a fetch past the end with nothing rather than "out of range")
-        check = [tp for tp in assigned if tp in self._verify]
+        # the record at each logged offset, read before fetching starts: a topic that ends
+        # at or before it is not the logged topic (Tansu answers a fetch past the end
+        # with nothing, not "out of range"; its ListOffsets is wrong, its high watermark right)
         fresh: set[TopicPartition] = set()
-        if check:
-            try:
-                ends = await self.consumer.end_offsets(check)
-            except Exception as exc:  # noqa: BLE001 - the fetch still checks the logged record
-                log.warning("end offsets unavailable (%s): checking the logged records on fetch", exc)
-                ends = {}
-            for tp, end in ends.items():
-                if end <= self._verify[tp][0]:
-                    self._recreated(tp, f"it ends at offset {end}, before the stored {self._verify[tp][0]}")
-                    seek_to[tp] = 0
-                    fresh.add(tp)
+        for tp, why in (await self._probe({tp: self._verify[tp] for tp in assigned if tp in self._verify})).items():
+            self._recreated(tp, why)
+            seek_to[tp] = 0
+            fresh.add(tp)
         # no await from here on: records fetched before this point were dropped (see
         # _fetch_and_process); fetching resumes at them, or at the logged record
         for tp in assigned:
