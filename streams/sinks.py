@@ -104,42 +104,65 @@ def chdb_path(dsn: str) -> str | None:
 
 
 class ClickHouseSink:
-    """Writes events, window rows, drift scores and alerts; serves queries. Thread-confined."""
+    """Writes events, window rows, drift scores and alerts; serves queries.
+
+    Two lanes, each one thread with its own client (chDB serves two clients of one
+    path in one process, concurrently): the *ingest* lane runs only the worker's
+    write steps (``ingest=True``); everything else (stages' inserts, reads, the
+    rebuild, ad-hoc SQL through ``call``/``acall``) runs on the *query* lane, whose
+    client sets ``max_execution_time`` (``query_timeout_s``), so a slow query never
+    stalls ingestion.
+    """
 
     def __init__(self, dsn: str, database: str | None = None, *,
                  on_error: Callable[[str, BaseException], None] | None = None,
-                 max_backoff_s: float = 15.0) -> None:
+                 max_backoff_s: float = 15.0, query_timeout_s: float = 60.0) -> None:
+        if query_timeout_s <= 0:
+            raise ValueError("query_timeout_s must be > 0")
         self.dsn, db = resolve_dsn(dsn)
         self.database = database or db
         self.embedded = urlparse(dsn).scheme == "chdb"
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
+        self._ingest_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-ingest")
         self._client: Any = None
+        self._ingest_client: Any = None
         self._on_error = on_error
         self._max_backoff = max_backoff_s
+        self.query_timeout_s = query_timeout_s
 
     # -- thread-confined primitives ---------------------------------------------------
+    def _connect(self, settings: dict[str, Any]) -> Any:
+        import clickhouse_connect
+
+        if self.embedded:
+            return clickhouse_connect.get_client(dsn=self.dsn, settings=settings)
+        # connect without a database first: it may not exist yet
+        u = urlparse(self.dsn)
+        return clickhouse_connect.get_client(
+            host=u.hostname or "localhost", port=u.port or (8443 if u.scheme.endswith("s") else 8123),
+            username=u.username or "default", password=u.password or "",
+            secure=u.scheme in ("https", "clickhouses"), database="default", settings=settings,
+        )
+
     def _get(self) -> Any:
         if self._client is None:
-            import clickhouse_connect
-
-            if self.embedded:
-                self._client = clickhouse_connect.get_client(dsn=self.dsn)
-            else:
-                # connect without a database first: it may not exist yet
-                u = urlparse(self.dsn)
-                self._client = clickhouse_connect.get_client(
-                    host=u.hostname or "localhost", port=u.port or (8443 if u.scheme.endswith("s") else 8123),
-                    username=u.username or "default", password=u.password or "",
-                    secure=u.scheme in ("https", "clickhouses"), database="default",
-                )
+            self._client = self._connect({"max_execution_time": int(max(1, round(self.query_timeout_s)))})
         return self._client
 
+    def _get_ingest(self) -> Any:
+        if self._ingest_client is None:
+            self._ingest_client = self._connect({})
+        return self._ingest_client
+
     def call(self, fn: Callable[[Any], Any]) -> Any:
-        """Run ``fn(client)`` on the ClickHouse thread and wait (synchronous callers)."""
+        """Run ``fn(client)`` on the query lane and wait (synchronous callers)."""
         return self._pool.submit(lambda: fn(self._get())).result()
 
-    async def acall(self, fn: Callable[[Any], Any]) -> Any:
+    async def acall(self, fn: Callable[[Any], Any], *, ingest: bool = False) -> Any:
+        """Run ``fn(client)`` on the query lane (or the ingest lane) and await it."""
         loop = asyncio.get_running_loop()
+        if ingest:
+            return await loop.run_in_executor(self._ingest_pool, lambda: fn(self._get_ingest()))
         return await loop.run_in_executor(self._pool, lambda: fn(self._get()))
 
     # -- schema -------------------------------------------------------------------
@@ -162,13 +185,13 @@ class ClickHouseSink:
 
     # -- writes with retry (backpressure) ----------------------------------------
     async def _retrying(self, what: str, fn: Callable[[Any], Any],
-                        keepalive: Callable[[], Awaitable[None]] | None = None) -> Any:
+                        keepalive: Callable[[], Awaitable[None]] | None = None, ingest: bool = False) -> Any:
         delay = 0.2
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await self.acall(fn)
+                return await self.acall(fn, ingest=ingest)
             except Exception as exc:  # noqa: BLE001 - any sink failure that can pass is retried
                 if self._on_error:
                     self._on_error(what, exc)
@@ -185,7 +208,7 @@ class ClickHouseSink:
 
     async def insert_columns(self, table: str, columns: dict[str, list[Any]],
                              keepalive: Callable[[], Awaitable[None]] | None = None, *,
-                             token: str | None = None,
+                             token: str | None = None, ingest: bool = False,
                              on_rejected: Callable[[list[int], str], None] | None = None) -> None:
         """Insert ``columns`` (equal-length lists) as one idempotent write.
 
@@ -203,11 +226,11 @@ class ClickHouseSink:
             c.insert(full, [d[lo:hi] for d in data], column_names=names, column_oriented=True,
                      settings={"insert_deduplication_token": tok})
 
-        await self._bisecting(table, len(data[0]), insert, keepalive, token, on_rejected)
+        await self._bisecting(table, len(data[0]), insert, keepalive, token, on_rejected, ingest)
 
     async def insert_arrow(self, table: str, build: Callable[[], Any],
                            keepalive: Callable[[], Awaitable[None]] | None = None, *,
-                           token: str | None = None,
+                           token: str | None = None, ingest: bool = False,
                            on_rejected: Callable[[list[int], str], None] | None = None) -> None:
         """Insert the Arrow table that ``build()`` returns, as one ``ArrowStream`` block.
 
@@ -243,13 +266,13 @@ class ClickHouseSink:
                 built.append(build())
             return int(built[0].num_rows)
 
-        n = await self.acall(n_rows)
+        n = await self.acall(n_rows, ingest=ingest)
         if n:
-            await self._bisecting(table, n, insert, keepalive, token, on_rejected)
+            await self._bisecting(table, n, insert, keepalive, token, on_rejected, ingest)
 
     async def _bisecting(self, table: str, n: int, insert: Callable[[Any, int, int, str], None],
                          keepalive: Callable[[], Awaitable[None]] | None, token: str | None,
-                         on_rejected: Callable[[list[int], str], None] | None) -> None:
+                         on_rejected: Callable[[list[int], str], None] | None, ingest: bool = False) -> None:
         """Insert rows ``[0, n)`` with ``insert(client, lo, hi, token)``, retried while the
         errors can pass; a range refused for its data is split in halves down to the rows
         at fault. A retry starts over: the ranges that landed are dropped by their tokens."""
@@ -272,7 +295,7 @@ class ClickHouseSink:
                         mid = (lo + hi) // 2
                         stack += [(mid, hi), (lo, mid)]
 
-        await self._retrying(f"insert into {table}", run, keepalive)
+        await self._retrying(f"insert into {table}", run, keepalive, ingest)
         for rows, msg in refused:
             if self._on_error:
                 self._on_error(f"refused {table}", RuntimeError(msg))
@@ -282,12 +305,12 @@ class ClickHouseSink:
 
     async def insert_rows(self, table: str, rows: Sequence[dict[str, Any]], columns: Sequence[str],
                           keepalive: Callable[[], Awaitable[None]] | None = None, *,
-                          token: str | None = None,
+                          token: str | None = None, ingest: bool = False,
                           on_rejected: Callable[[list[int], str], None] | None = None) -> None:
         if not rows:
             return
         cols = {c: [r[c] for r in rows] for c in columns}
-        await self.insert_columns(table, cols, keepalive, token=token, on_rejected=on_rejected)
+        await self.insert_columns(table, cols, keepalive, token=token, ingest=ingest, on_rejected=on_rejected)
 
     # -- reads --------------------------------------------------------------------
     def stored_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
@@ -344,4 +367,8 @@ class ClickHouseSink:
         if self._client is not None:
             self.call(_close)
             self._client = None
+        if self._ingest_client is not None:
+            self._ingest_pool.submit(_close, self._ingest_client).result()
+            self._ingest_client = None
         self._pool.shutdown(wait=True)
+        self._ingest_pool.shutdown(wait=True)

@@ -19,13 +19,42 @@ faust ``App`` (lifecycle, signals, web server for ``/metrics``, timers) while
 records reach it through an aiokafka consumer group in batches of thousands.
 (The faust app that hosts this worker is in streams/app.py.)
 
-Exactly-once rows: every ``llm_events`` row carries its source topic, partition
-and offset. When partitions are assigned, the worker seeks past the highest
-offset already stored for each (one INSERT is atomic), so a worker killed
-between the insert and the offset commit does not insert twice; the open
-windows of the assigned partitions are rebuilt from the stored rows.
-Re-sent events (same ``event_id``) collapse in the ReplacingMergeTree; query
-with ``FINAL`` for exact counts at any moment.
+Exactly once (README "What the worker does, and guarantees"). A *write step*
+(one or more fetched batches, merged by the writer) goes, in this order:
+
+  1. ``llm_events``      the events (refused rows: bisected out, to the DLQ)
+  2. ``dlq_outbox``      the step's rejected records, keyed by source offset + index
+  3. ``llm_window_metrics``
+  4. ``ingest_log``      one row per source partition: the last offset, and the Kafka
+                         timestamp + CRC of the record there. Written LAST: a row
+                         here means steps 1-3 are complete up to that offset.
+  5. DLQ sends of the outbox rows, then the Kafka offset commit (a hint only).
+
+Every insert carries ``insert_deduplication_token`` = hash(step's source offset
+ranges, epochs) + table, and every table keeps ``non_replicated_deduplication_window``:
+a retried insert that had in fact landed (wholly, or some of its month partitions)
+stores nothing twice. Why the write log is last, and how a kill anywhere recovers:
+
+- killed before (4): the step's records are fetched again (the new owner resumes
+  after the write log). Events that (1) had stored are recognised by (offset,
+  event_id) and not inserted again (``_torn``); the open windows are rebuilt only
+  from rows up to the write log, and the re-processed records complete them, so
+  the windows that this step closed are recomputed from all their events; outbox
+  rows written twice collapse (ReplacingMergeTree) and were never sent.
+- killed after (4), before or during (5): on assignment, the last logged step's
+  outbox rows that the DLQ topic does not hold (read from the DLQ end offsets the
+  log recorded, by their ``driftline-source-*`` headers) are sent.
+- the topic behind the log changed (recreated, in-memory broker restarted): the
+  record at the logged offset is read back before fetching (``_probe``) and again
+  on the first fetch (``_same_topic``); a topic that ends before it, restarts below
+  it or holds another record there is read from its beginning under a new epoch.
+- ClickHouse down in the rebalance callback: its reads are retried there until
+  they succeed (heartbeats run on their own task); the rebalance timeout (75 s)
+  exceeds the revoke drain (60 s), so a next owner does not read the log before
+  this worker's writes land, unless ClickHouse is slower than that.
+
+The write step runs on the sink's ingest lane (its own client); the rebuild,
+stages and ad-hoc SQL use the query lane, with ``max_execution_time``.
 """
 
 from __future__ import annotations
@@ -614,7 +643,7 @@ class Worker:
                 return t
 
             refused: list[tuple[list[int], str]] = []
-            await sink.insert_arrow("llm_events", build, self._keepalive, token=f"{token}-events",
+            await sink.insert_arrow("llm_events", build, self._keepalive, token=f"{token}-events", ingest=True,
                                     on_rejected=lambda rows, msg: refused.append((rows, msg)))
             n = built[0].num_rows if built else 0
             if refused:
@@ -623,7 +652,8 @@ class Worker:
             self.stored_events += n
         outbox = _outbox_rows(rejected, self._epoch) if rejected else []
         if outbox:
-            await sink.insert_rows("dlq_outbox", outbox, OUTBOX_COLUMNS, self._keepalive, token=f"{token}-dlq")
+            await sink.insert_rows("dlq_outbox", outbox, OUTBOX_COLUMNS, self._keepalive, token=f"{token}-dlq",
+                                   ingest=True)
         windows = [w for work in batch for w in work.windows]
         if windows:
             stamp = time.time_ns() // 1000  # DateTime64(6) ticks
@@ -633,7 +663,7 @@ class Worker:
                 r["updated_at"] = stamp + i  # strictly increasing versions, in stream order
                 rows.append(r)
             await sink.insert_rows("llm_window_metrics", rows, WINDOW_COLUMNS, self._keepalive,
-                                   token=f"{token}-windows")
+                                   token=f"{token}-windows", ingest=True)
         if marks:
             dlq_start = await self._dlq_ends() if outbox else ""
             log_rows = [{"source_topic": tp.topic, "source_partition": tp.partition,
@@ -641,7 +671,8 @@ class Worker:
                          "last_timestamp": ts, "last_fingerprint": fp, "dlq_start": dlq_start,
                          "written_at": _now()}
                         for tp, (first, last, ts, fp) in marks.items()]
-            await sink.insert_rows("ingest_log", log_rows, LOG_COLUMNS, self._keepalive, token=f"{token}-log")
+            await sink.insert_rows("ingest_log", log_rows, LOG_COLUMNS, self._keepalive, token=f"{token}-log",
+                                   ingest=True)
             for tp, (_, last, _, _) in marks.items():
                 self._logged[tp] = last
                 t = self._torn.get(tp)
