@@ -264,6 +264,8 @@ class Worker:
         self._torn: dict[TopicPartition, set[tuple[int, str]]] = {}
         self._dlq_reader: AIOKafkaConsumer | None = None
         self._dlq_parts: list[TopicPartition] = []
+        #: per DLQ partition: an offset at or below which every later send of this worker lands
+        self._dlq_hw: dict[int, int] = {}
         self._stopping = False
         #: counts revocations and assignments: a batch in flight across one is fetched again
         self._rebalances = 0
@@ -294,6 +296,7 @@ class Worker:
         self._dlq_parts = [TopicPartition(cfg.dlq_topic, p)
                            for p in sorted(self._dlq_reader.partitions_for_topic(cfg.dlq_topic) or {0})]
         self._dlq_reader.assign(self._dlq_parts)
+        self._dlq_hw = await self._dlq_highwaters()
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=cfg.kafka, group_id=cfg.group_id, enable_auto_commit=False,
             auto_offset_reset=cfg.auto_offset_reset, max_partition_fetch_bytes=8 << 20,
@@ -665,7 +668,7 @@ class Worker:
             await sink.insert_rows("llm_window_metrics", rows, WINDOW_COLUMNS, self._keepalive,
                                    token=f"{token}-windows", ingest=True)
         if marks:
-            dlq_start = await self._dlq_ends() if outbox else ""
+            dlq_start = self._dlq_ends() if outbox else ""
             log_rows = [{"source_topic": tp.topic, "source_partition": tp.partition,
                          "epoch": self._epoch.get(tp, 0), "first_offset": first, "last_offset": last,
                          "last_timestamp": ts, "last_fingerprint": fp, "dlq_start": dlq_start,
@@ -706,16 +709,31 @@ class Worker:
                 except Exception as exc:  # noqa: BLE001 - rebalance in flight: the write log makes it safe
                     log.warning("offset commit failed (the write log holds the offsets): %s", exc)
 
-    async def _dlq_ends(self) -> str:
-        """The DLQ partitions' end offsets (JSON), where recovery starts reading; ''
-        (read from the beginning) when Kafka does not answer in 5 s."""
-        try:
-            assert self._dlq_reader is not None
-            ends = await asyncio.wait_for(self._dlq_reader.end_offsets(self._dlq_parts), 5.0)
-            return json.dumps({str(tp.partition): int(o) for tp, o in ends.items()})
-        except Exception as exc:  # noqa: BLE001 - only makes a later recovery read more
-            log.warning("DLQ end offsets unavailable (%s): a recovery would read the DLQ from its start", exc)
+    async def _dlq_highwaters(self) -> dict[int, int]:
+        """The DLQ partitions' high watermarks, from a fetch response (Tansu's ListOffsets
+        is wrong, its fetch high watermark right); {} when Kafka does not answer in 5 s."""
+        reader = self._dlq_reader
+        assert reader is not None
+        for tp in self._dlq_parts:
+            reader.seek(tp, 0)
+        out: dict[int, int] = {}
+        deadline = time.monotonic() + 5.0
+        with contextlib.suppress(Exception):
+            while len(out) < len(self._dlq_parts) and time.monotonic() < deadline:
+                await reader.getmany(*self._dlq_parts, timeout_ms=500, max_records=1)
+                for tp in self._dlq_parts:
+                    hw = reader.highwater(tp)
+                    if hw is not None:
+                        out[tp.partition] = int(hw)
+        return out
+
+    def _dlq_ends(self) -> str:
+        """Where this step's DLQ sends will land at the earliest (JSON, per DLQ partition):
+        the end of the DLQ at start, then past this worker's last send; recovery reads
+        the DLQ from here. '' (read from the beginning) when unknown."""
+        if len(self._dlq_hw) < len(self._dlq_parts):
             return ""
+        return json.dumps({str(p): o for p, o in self._dlq_hw.items()})
 
     async def _dead_letter(self, outbox: list[dict[str, Any]]) -> None:
         """Send outbox rows to the DLQ; retried (with the consumer kept alive) until
@@ -733,6 +751,9 @@ class Worker:
                 log.warning("dead-letter send failed: %s", exc)
             results += [RuntimeError("not sent")] * (len(pending) - len(results))
             failed = [r for r, res in zip(pending, results, strict=True) if isinstance(res, BaseException)]
+            for res in results:
+                if not isinstance(res, BaseException) and res is not None:
+                    self._dlq_hw[res.partition] = max(self._dlq_hw.get(res.partition, 0), int(res.offset) + 1)
             self.dead_lettered += len(pending) - len(failed)
             if failed:
                 log.warning("dead-letter send failed for %d records, retrying in %.1fs", len(failed), delay)
@@ -749,19 +770,16 @@ class Worker:
         reader = self._dlq_reader
         assert reader is not None
         start = json.loads(dlq_start) if dlq_start else {}
-        ends = await reader.end_offsets(self._dlq_parts)
         held: set[tuple[str, int, int, int]] = set()
-        todo = {}
-        for tp in self._dlq_parts:
-            lo = int(start.get(str(tp.partition), 0))
-            if ends[tp] > lo:
-                reader.seek(tp, lo)
-                todo[tp] = ends[tp]
-        empty = 0
-        while todo and empty < 5:
-            data = await reader.getmany(*todo, timeout_ms=1000)
-            empty = 0 if any(data.values()) else empty + 1
-            for tp, recs in data.items():
+        todo = set(self._dlq_parts)
+        for tp in todo:
+            reader.seek(tp, int(start.get(str(tp.partition), 0)))
+        deadline = time.monotonic() + 120.0
+        while todo:
+            if time.monotonic() > deadline:
+                raise TimeoutError("reading the DLQ took over 120 s")
+            data = await reader.getmany(*todo, timeout_ms=500)
+            for recs in data.values():
                 for r in recs:
                     h = dict(r.headers or ())
                     try:
@@ -769,8 +787,10 @@ class Worker:
                                   int(h["driftline-source-offset"]), int(h.get("driftline-source-index", b"0"))))
                     except (KeyError, ValueError):
                         pass
-                if recs and recs[-1].offset + 1 >= todo.get(tp, 0):
-                    todo.pop(tp, None)
+            for tp in list(todo):  # read up to the high watermark of the latest fetch response
+                hw = reader.highwater(tp)
+                if hw is not None and await reader.position(tp) >= hw:
+                    todo.discard(tp)
         return held
 
     async def _recover_dlq(self, tp: TopicPartition, epoch: int, first: int, last: int, dlq_start: str) -> None:
