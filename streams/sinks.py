@@ -337,9 +337,14 @@ class ClickHouseSink:
 
     def stored_after(self, topic: str, partition: int, offset: int) -> set[tuple[int, str]]:
         """``(source_offset, event_id)`` of the events stored past ``offset`` (a write step
-        that did not finish: its ``ingest_log`` row never landed)."""
-        sql = (f"SELECT source_offset, event_id FROM {self.database}.llm_events WHERE source_topic = %(t)s "
-               f"AND source_partition = %(p)s AND source_offset > %(o)s")
+        that did not finish: its ``ingest_log`` row never landed). Only rows ingested
+        since the logged rows (less 10 minutes of clock skew between hosts): the rows of
+        a recreated topic's old incarnation above ``offset`` are not read."""
+        db = self.database
+        sql = (f"SELECT source_offset, event_id FROM {db}.llm_events WHERE source_topic = %(t)s "
+               f"AND source_partition = %(p)s AND source_offset > %(o)s AND ingested_at >= "
+               f"(SELECT max(ingested_at) - INTERVAL 10 MINUTE FROM {db}.llm_events WHERE source_topic = %(t)s "
+               f"AND source_partition = %(p)s AND source_offset <= %(o)s)")
         rows = self.call(lambda c: c.query(sql, parameters={"t": topic, "p": partition, "o": offset}
                                            ).result_rows)
         return {(int(o), str(e)) for o, e in rows}
