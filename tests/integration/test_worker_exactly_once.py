@@ -147,6 +147,36 @@ async def test_restarted_memory_broker_is_read_from_its_beginning(tmp_path: Path
     assert _query(chdb_dsn, "SELECT max(epoch) FROM driftline.ingest_log") == [(1,)]
 
 
+async def test_recreated_topic_is_read_from_its_beginning(kafka_bootstrap: str, make_topics: Any,
+                                                           chdb_dsn: str) -> None:
+    """The topic is deleted and created again on the same broker (the group's committed
+    offset may survive it); 500 new records follow 300 stored ones.
+
+    Catches: trusting the stored (or committed) offsets without checking the record
+    at them (``_probe`` and ``_same_topic`` both passing everything): the new
+    topic's first 300 records would be skipped (500 stored in all, not 800).
+    """
+    from kafka.admin import KafkaAdminClient
+
+    topic, group = f"r-{uuid.uuid4().hex[:10]}", f"g-{uuid.uuid4().hex[:8]}"
+    make_topics({topic: 1, f"{topic}.dlq": 1})
+    cfg = _cfg(kafka_bootstrap, chdb_dsn, topic, group)
+    old, new = _records(300, seed=47), _records(500, seed=48, start_ms=1_735_689_600_000 + 86_400_000)
+    await produce_records(kafka_bootstrap, topic, [(r.key, r.value) for r in old])
+    await _run_until(cfg, lambda w: w.stored_events >= 300, "the old topic")
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        admin.delete_topics([topic])
+    finally:
+        admin.close()
+    make_topics({topic: 1})
+    await produce_records(kafka_bootstrap, topic, [(r.key, r.value) for r in new])
+    w = await _run_until(cfg, lambda w: w.stored_events >= 500, "the recreated topic")
+    assert w.stored_events == 500
+    assert _query(chdb_dsn, "SELECT count(), uniqExact(event_id) FROM driftline.llm_events") == [(800, 800)]
+    assert _query(chdb_dsn, "SELECT max(epoch) FROM driftline.ingest_log") == [(1,)]
+
+
 # ------------------------------------------------------------------ torn write step
 async def test_kill_between_events_and_window_insert_recomputes_the_windows(
         kafka_bootstrap: str, make_topics: Any, chdb_dsn: str, tmp_path: Path) -> None:
