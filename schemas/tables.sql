@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS {db}.llm_events
 ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(timestamp)
 ORDER BY (app, model, timestamp, event_id)
+SETTINGS non_replicated_deduplication_window = 1000
 ;
 -- One row per tumbling window and key. Windows are re-emitted while open
 -- (final = 0) and once when closed (final = 1); updated_at is the version,
@@ -97,6 +98,7 @@ CREATE TABLE IF NOT EXISTS {db}.llm_window_metrics
 ENGINE = ReplacingMergeTree(updated_at)
 PARTITION BY toYYYYMM(window_start)
 ORDER BY (app, model, prompt_version, window_start)
+SETTINGS non_replicated_deduplication_window = 1000
 ;
 -- One row per drift detector test.
 CREATE TABLE IF NOT EXISTS {db}.drift_scores
@@ -118,9 +120,12 @@ CREATE TABLE IF NOT EXISTS {db}.drift_scores
 ENGINE = MergeTree
 PARTITION BY toYYYYMM(ts)
 ORDER BY (app, model, prompt_version, field, method, ts)
+SETTINGS non_replicated_deduplication_window = 1000
 ;
 -- One row per sampled text embedding (the drift stage samples per key; see README
--- "Semantic drift"). seq numbers the samples of one key and field in arrival order.
+-- "Semantic drift"). seq numbers the samples of one key and field in arrival order;
+-- event_id is part of the key, so two workers that hand out the same seq for
+-- different texts keep both rows (a re-sent sample of the same event still collapses).
 -- Embeddings are L2-normalised float32: cosineDistance(embedding, …) works directly.
 CREATE TABLE IF NOT EXISTS {db}.llm_embeddings
 (
@@ -137,7 +142,8 @@ CREATE TABLE IF NOT EXISTS {db}.llm_embeddings
 )
 ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(timestamp)
-ORDER BY (app, model, prompt_version, field, seq)
+ORDER BY (app, model, prompt_version, field, seq, event_id)
+SETTINGS non_replicated_deduplication_window = 1000
 ;
 -- Drift references, one row per version per key and field (history kept; the
 -- highest version is in force). mode: first_n (automatic), rebase, pinned, reset
@@ -164,6 +170,7 @@ CREATE TABLE IF NOT EXISTS {db}.drift_references
 )
 ENGINE = MergeTree
 ORDER BY (app, model, prompt_version, field, version)
+SETTINGS non_replicated_deduplication_window = 1000
 ;
 -- One row per baseline command a worker applied (driftline.control), also when it
 -- matched no key: a restarted worker skips the commands logged here.
@@ -180,6 +187,7 @@ CREATE TABLE IF NOT EXISTS {db}.drift_control_log
 )
 ENGINE = MergeTree
 ORDER BY (control_id, applied_at)
+SETTINGS non_replicated_deduplication_window = 1000
 ;
 -- One row per alert state change.
 CREATE TABLE IF NOT EXISTS {db}.alerts
@@ -198,3 +206,48 @@ CREATE TABLE IF NOT EXISTS {db}.alerts
 ENGINE = MergeTree
 PARTITION BY toYYYYMM(ts)
 ORDER BY (rule, fingerprint, ts)
+SETTINGS non_replicated_deduplication_window = 1000
+;
+-- The worker's write log: one row per source partition per write step, inserted
+-- LAST in that step (after llm_events, dlq_outbox and llm_window_metrics), so a
+-- row here means everything up to last_offset is safe. A restarted worker resumes
+-- after last_offset of the highest epoch; last_timestamp/last_fingerprint identify
+-- the Kafka record at last_offset, so a recreated topic (or a restarted in-memory
+-- broker) is detected instead of skipped into; the epoch counts those re-creations.
+-- dlq_start: the DLQ topic's end offsets before this step's DLQ sends (JSON), where
+-- recovery starts reading the DLQ to find which outbox rows it already holds.
+CREATE TABLE IF NOT EXISTS {db}.ingest_log
+(
+    source_topic String,
+    source_partition UInt32,
+    epoch UInt32,
+    first_offset UInt64,
+    last_offset UInt64,
+    last_timestamp Int64,
+    last_fingerprint UInt64,
+    dlq_start String,
+    written_at DateTime64(3, 'UTC')
+)
+ENGINE = ReplacingMergeTree
+ORDER BY (source_topic, source_partition, epoch, last_offset)
+SETTINGS non_replicated_deduplication_window = 1000
+;
+-- Rejected records (the DLQ outbox), written in the same step as the events and
+-- before ingest_log; sent to llm.events.dlq after it. idx numbers the rejections
+-- of one source record (an OTLP request can be rejected in part).
+CREATE TABLE IF NOT EXISTS {db}.dlq_outbox
+(
+    source_topic String,
+    source_partition UInt32,
+    epoch UInt32,
+    source_offset UInt64,
+    idx UInt32,
+    key Nullable(String),
+    value String,
+    reason String,
+    field String,
+    written_at DateTime64(3, 'UTC')
+)
+ENGINE = ReplacingMergeTree
+ORDER BY (source_topic, source_partition, epoch, source_offset, idx)
+SETTINGS non_replicated_deduplication_window = 1000

@@ -4,9 +4,20 @@ ClickHouse servers (``http://user:pass@host:8123/db``) alike.
 Every call runs on one dedicated thread: chDB is in-process and a path can be
 opened by one process at a time, so the worker's writes and the queries it
 serves for other processes (streams/chserver.py) go through the same client in
-order. Writes retry with exponential backoff until they succeed; the caller
-awaits them, so a failing ClickHouse stops consumption (backpressure) instead
-of losing data or crashing the worker.
+order. Writes retry with exponential backoff while the error can pass
+(network, timeouts, too many parts, memory: :func:`retryable`); the caller awaits
+them, so a failing ClickHouse stops consumption (backpressure) instead of losing
+data or crashing the worker. A batch that ClickHouse refuses for its data (type
+mismatch, value out of range, parse error, constraint) is split in halves until the
+offending rows are found; those are handed to ``on_rejected`` with ClickHouse's
+message, the rest is stored.
+
+Every insert carries an ``insert_deduplication_token`` (the caller's, derived from
+the batch's source offsets, or one drawn per call), and every table keeps
+``non_replicated_deduplication_window`` blocks: a retried insert that had in fact
+succeeded, in whole or in part (each month partition of an insert is its own part),
+stores nothing twice, on chDB and on a ClickHouse server alike. The halves of a
+split insert get tokens of their own (``token/lo-hi``).
 """
 
 from __future__ import annotations
@@ -15,7 +26,9 @@ import asyncio
 import importlib.resources
 import logging
 import random
+import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,7 +36,29 @@ from urllib.parse import urlparse
 
 log = logging.getLogger("driftline.sink")
 
-__all__ = ["ClickHouseSink", "ddl_statements", "resolve_dsn", "WINDOW_COLUMNS"]
+__all__ = ["ClickHouseSink", "ddl_statements", "resolve_dsn", "retryable", "WINDOW_COLUMNS"]
+
+#: ClickHouse error codes that a retry cannot pass: the data itself is refused
+#: (parse errors, type mismatch, out of range values, NULL in a plain column, constraint)
+DATA_ERROR_CODES = frozenset({
+    6, 26, 27, 32, 33, 38, 41, 53, 69, 70, 72, 117, 131, 190, 321, 349, 407, 469, 691,
+})
+_CODE = re.compile(r"Code: (\d+)\.")
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether a failed insert can pass when retried (network, timeout, too many parts,
+    memory, ClickHouse restarting …), as opposed to data ClickHouse refuses."""
+    from clickhouse_connect.driver.exceptions import DataError, ProgrammingError
+
+    if isinstance(exc, DataError | ProgrammingError | OverflowError | ValueError | TypeError):
+        return False  # clickhouse-connect could not serialise a value for its column
+    msg = str(exc)
+    if "Too many partitions for single INSERT block" in msg:
+        return False  # one block spans too many months: only splitting it helps
+    m = _CODE.search(msg)
+    return not (m and int(m.group(1)) in DATA_ERROR_CODES)
+
 
 DEFAULT_DATABASE = "driftline"
 
@@ -69,42 +104,65 @@ def chdb_path(dsn: str) -> str | None:
 
 
 class ClickHouseSink:
-    """Writes events, window rows, drift scores and alerts; serves queries. Thread-confined."""
+    """Writes events, window rows, drift scores and alerts; serves queries.
+
+    Two lanes, each one thread with its own client (chDB serves two clients of one
+    path in one process, concurrently): the *ingest* lane runs only the worker's
+    write steps (``ingest=True``); everything else (stages' inserts, reads, the
+    rebuild, ad-hoc SQL through ``call``/``acall``) runs on the *query* lane, whose
+    client sets ``max_execution_time`` (``query_timeout_s``), so a slow query never
+    stalls ingestion.
+    """
 
     def __init__(self, dsn: str, database: str | None = None, *,
                  on_error: Callable[[str, BaseException], None] | None = None,
-                 max_backoff_s: float = 15.0) -> None:
+                 max_backoff_s: float = 15.0, query_timeout_s: float = 60.0) -> None:
+        if query_timeout_s <= 0:
+            raise ValueError("query_timeout_s must be > 0")
         self.dsn, db = resolve_dsn(dsn)
         self.database = database or db
         self.embedded = urlparse(dsn).scheme == "chdb"
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
+        self._ingest_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-ingest")
         self._client: Any = None
+        self._ingest_client: Any = None
         self._on_error = on_error
         self._max_backoff = max_backoff_s
+        self.query_timeout_s = query_timeout_s
 
     # -- thread-confined primitives ---------------------------------------------------
+    def _connect(self, settings: dict[str, Any]) -> Any:
+        import clickhouse_connect
+
+        if self.embedded:
+            return clickhouse_connect.get_client(dsn=self.dsn, settings=settings)
+        # connect without a database first: it may not exist yet
+        u = urlparse(self.dsn)
+        return clickhouse_connect.get_client(
+            host=u.hostname or "localhost", port=u.port or (8443 if u.scheme.endswith("s") else 8123),
+            username=u.username or "default", password=u.password or "",
+            secure=u.scheme in ("https", "clickhouses"), database="default", settings=settings,
+        )
+
     def _get(self) -> Any:
         if self._client is None:
-            import clickhouse_connect
-
-            if self.embedded:
-                self._client = clickhouse_connect.get_client(dsn=self.dsn)
-            else:
-                # connect without a database first: it may not exist yet
-                u = urlparse(self.dsn)
-                self._client = clickhouse_connect.get_client(
-                    host=u.hostname or "localhost", port=u.port or (8443 if u.scheme.endswith("s") else 8123),
-                    username=u.username or "default", password=u.password or "",
-                    secure=u.scheme in ("https", "clickhouses"), database="default",
-                )
+            self._client = self._connect({"max_execution_time": int(max(1, round(self.query_timeout_s)))})
         return self._client
 
+    def _get_ingest(self) -> Any:
+        if self._ingest_client is None:
+            self._ingest_client = self._connect({})
+        return self._ingest_client
+
     def call(self, fn: Callable[[Any], Any]) -> Any:
-        """Run ``fn(client)`` on the ClickHouse thread and wait (synchronous callers)."""
+        """Run ``fn(client)`` on the query lane and wait (synchronous callers)."""
         return self._pool.submit(lambda: fn(self._get())).result()
 
-    async def acall(self, fn: Callable[[Any], Any]) -> Any:
+    async def acall(self, fn: Callable[[Any], Any], *, ingest: bool = False) -> Any:
+        """Run ``fn(client)`` on the query lane (or the ingest lane) and await it."""
         loop = asyncio.get_running_loop()
+        if ingest:
+            return await loop.run_in_executor(self._ingest_pool, lambda: fn(self._get_ingest()))
         return await loop.run_in_executor(self._pool, lambda: fn(self._get()))
 
     # -- schema -------------------------------------------------------------------
@@ -112,24 +170,33 @@ class ClickHouseSink:
         """Create the database and tables if missing (idempotent)."""
         stmts = ddl_statements(self.database)
 
+        db = self.database
+
         def run(c: Any) -> None:
             for s in stmts:
                 c.command(s)
+            # tables created by an older version: turn on insert deduplication there too
+            for t in c.query(f"SELECT name FROM system.tables WHERE database = '{db}' AND engine LIKE "
+                             "'%MergeTree' AND create_table_query NOT LIKE '%non_replicated_deduplication%'"
+                             ).result_rows:
+                c.command(f"ALTER TABLE {db}.`{t[0]}` MODIFY SETTING non_replicated_deduplication_window = 1000")
 
         self.call(run)
 
     # -- writes with retry (backpressure) ----------------------------------------
     async def _retrying(self, what: str, fn: Callable[[Any], Any],
-                        keepalive: Callable[[], Awaitable[None]] | None = None) -> Any:
+                        keepalive: Callable[[], Awaitable[None]] | None = None, ingest: bool = False) -> Any:
         delay = 0.2
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await self.acall(fn)
-            except Exception as exc:  # noqa: BLE001 - any sink failure is retried, never raised
+                return await self.acall(fn, ingest=ingest)
+            except Exception as exc:  # noqa: BLE001 - any sink failure that can pass is retried
                 if self._on_error:
                     self._on_error(what, exc)
+                if not retryable(exc):
+                    raise
                 log.warning("ClickHouse %s failed (attempt %d), retrying in %.1fs: %s",
                             what, attempt, delay, exc)
                 end = time.monotonic() + delay
@@ -140,17 +207,31 @@ class ClickHouseSink:
                 delay = min(self._max_backoff, delay * 2) * (0.8 + 0.4 * random.random())
 
     async def insert_columns(self, table: str, columns: dict[str, list[Any]],
-                             keepalive: Callable[[], Awaitable[None]] | None = None) -> None:
+                             keepalive: Callable[[], Awaitable[None]] | None = None, *,
+                             token: str | None = None, ingest: bool = False,
+                             on_rejected: Callable[[list[int], str], None] | None = None) -> None:
+        """Insert ``columns`` (equal-length lists) as one idempotent write.
+
+        Rows ClickHouse refuses for their data are passed to ``on_rejected`` (their
+        indices and ClickHouse's message) and left out; without ``on_rejected`` they are
+        logged and dropped. Errors that can pass are retried until they do.
+        """
         names = list(columns)
         data = [columns[n] for n in names]
         if not data or not data[0]:
             return
         full = f"{self.database}.{table}"
-        await self._retrying(f"insert into {table}", lambda c: c.insert(
-            full, data, column_names=names, column_oriented=True), keepalive)
+
+        def insert(c: Any, lo: int, hi: int, tok: str) -> None:
+            c.insert(full, [d[lo:hi] for d in data], column_names=names, column_oriented=True,
+                     settings={"insert_deduplication_token": tok})
+
+        await self._bisecting(table, len(data[0]), insert, keepalive, token, on_rejected, ingest)
 
     async def insert_arrow(self, table: str, build: Callable[[], Any],
-                           keepalive: Callable[[], Awaitable[None]] | None = None) -> None:
+                           keepalive: Callable[[], Awaitable[None]] | None = None, *,
+                           token: str | None = None, ingest: bool = False,
+                           on_rejected: Callable[[list[int], str], None] | None = None) -> None:
         """Insert the Arrow table that ``build()`` returns, as one ``ArrowStream`` block.
 
         ``build`` runs on the ClickHouse thread, so turning Python columns into
@@ -160,33 +241,76 @@ class ClickHouseSink:
         against 10 µs to build Arrow and 12–20 µs for ClickHouse to store it).
         ``optimize_on_insert=0``: the ReplacingMergeTree still collapses
         re-delivered events at merge time and under ``FINAL``; collapsing them in
-        every insert block as well doubled the insert time.
+        every insert block as well doubled the insert time. Refused rows: as
+        :meth:`insert_columns`.
         """
         import pyarrow as pa
 
         full = f"{self.database}.{table}"
-        cache: list[bytes] = []
+        built: list[Any] = []
+        cache: dict[tuple[int, int], bytes] = {}
 
-        def run(c: Any) -> None:
-            if not cache:  # build once, even when the insert is retried
-                tbl = build()
-                if tbl.num_rows == 0:
-                    return
+        def insert(c: Any, lo: int, hi: int, tok: str) -> None:
+            blob = cache.get((lo, hi))
+            if blob is None:  # serialised once, even when the insert is retried
+                tbl = built[0].slice(lo, hi - lo)
                 sinkbuf = pa.BufferOutputStream()
                 with pa.ipc.new_stream(sinkbuf, tbl.schema) as w:
                     w.write_table(tbl)
-                cache.append(sinkbuf.getvalue().to_pybytes())
-            c.raw_insert(full, None, insert_block=cache[0], fmt="ArrowStream",
-                         settings={"optimize_on_insert": 0})
+                blob = cache[(lo, hi)] = sinkbuf.getvalue().to_pybytes()
+            c.raw_insert(full, None, insert_block=blob, fmt="ArrowStream",
+                         settings={"optimize_on_insert": 0, "insert_deduplication_token": tok})
 
-        await self._retrying(f"insert into {table}", run, keepalive)
+        def n_rows(c: Any) -> int:
+            if not built:
+                built.append(build())
+            return int(built[0].num_rows)
+
+        n = await self.acall(n_rows, ingest=ingest)
+        if n:
+            await self._bisecting(table, n, insert, keepalive, token, on_rejected, ingest)
+
+    async def _bisecting(self, table: str, n: int, insert: Callable[[Any, int, int, str], None],
+                         keepalive: Callable[[], Awaitable[None]] | None, token: str | None,
+                         on_rejected: Callable[[list[int], str], None] | None, ingest: bool = False) -> None:
+        """Insert rows ``[0, n)`` with ``insert(client, lo, hi, token)``, retried while the
+        errors can pass; a range refused for its data is split in halves down to the rows
+        at fault. A retry starts over: the ranges that landed are dropped by their tokens."""
+        tok = token or uuid.uuid4().hex
+        refused: list[tuple[list[int], str]] = []
+
+        def run(c: Any) -> None:
+            refused.clear()
+            stack = [(0, n)]
+            while stack:
+                lo, hi = stack.pop()
+                try:
+                    insert(c, lo, hi, tok if (lo, hi) == (0, n) else f"{tok}/{lo}-{hi}")
+                except Exception as exc:  # noqa: BLE001 - sorted below
+                    if retryable(exc):
+                        raise
+                    if hi - lo == 1:
+                        refused.append(([lo], str(exc)[:2000]))
+                    else:
+                        mid = (lo + hi) // 2
+                        stack += [(mid, hi), (lo, mid)]
+
+        await self._retrying(f"insert into {table}", run, keepalive, ingest)
+        for rows, msg in refused:
+            if self._on_error:
+                self._on_error(f"refused {table}", RuntimeError(msg))
+            log.warning("ClickHouse refused %d row(s) of %s: %s", len(rows), table, msg)
+            if on_rejected is not None:
+                on_rejected(rows, msg)
 
     async def insert_rows(self, table: str, rows: Sequence[dict[str, Any]], columns: Sequence[str],
-                          keepalive: Callable[[], Awaitable[None]] | None = None) -> None:
+                          keepalive: Callable[[], Awaitable[None]] | None = None, *,
+                          token: str | None = None, ingest: bool = False,
+                          on_rejected: Callable[[list[int], str], None] | None = None) -> None:
         if not rows:
             return
         cols = {c: [r[c] for r in rows] for c in columns}
-        await self.insert_columns(table, cols, keepalive)
+        await self.insert_columns(table, cols, keepalive, token=token, ingest=ingest, on_rejected=on_rejected)
 
     # -- reads --------------------------------------------------------------------
     def stored_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
@@ -198,6 +322,42 @@ class ClickHouseSink:
                f"WHERE source_topic = %(t)s AND source_partition IN %(p)s GROUP BY source_partition")
         rows = self.call(lambda c: c.query(sql, parameters={"t": topic, "p": parts}).result_rows)
         return {int(p): int(o) for p, o in rows}
+
+    def ingest_marks(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[Any, ...]]:
+        """The last ``ingest_log`` row per partition of ``topic`` (highest epoch, then offset):
+        ``(epoch, first_offset, last_offset, last_timestamp, last_fingerprint, dlq_start)``."""
+        parts = sorted(set(partitions))
+        if not parts:
+            return {}
+        sql = (f"SELECT source_partition, argMax(tuple(epoch, first_offset, last_offset, last_timestamp, "
+               f"last_fingerprint, dlq_start), (epoch, last_offset)) FROM {self.database}.ingest_log "
+               f"WHERE source_topic = %(t)s AND source_partition IN %(p)s GROUP BY source_partition")
+        rows = self.call(lambda c: c.query(sql, parameters={"t": topic, "p": parts}).result_rows)
+        return {int(p): tuple(m) for p, m in rows}
+
+    def stored_after(self, topic: str, partition: int, offset: int) -> set[tuple[int, str]]:
+        """``(source_offset, event_id)`` of the events stored past ``offset`` (a write step
+        that did not finish: its ``ingest_log`` row never landed). Only rows ingested
+        since the logged rows (less 10 minutes of clock skew between hosts): the rows of
+        a recreated topic's old incarnation above ``offset`` are not read."""
+        db = self.database
+        sql = (f"SELECT source_offset, event_id FROM {db}.llm_events WHERE source_topic = %(t)s "
+               f"AND source_partition = %(p)s AND source_offset > %(o)s AND ingested_at >= "
+               f"(SELECT max(ingested_at) - INTERVAL 10 MINUTE FROM {db}.llm_events WHERE source_topic = %(t)s "
+               f"AND source_partition = %(p)s AND source_offset <= %(o)s)")
+        rows = self.call(lambda c: c.query(sql, parameters={"t": topic, "p": partition, "o": offset}
+                                           ).result_rows)
+        return {(int(o), str(e)) for o, e in rows}
+
+    def outbox(self, topic: str, partition: int, epoch: int, lo: int, hi: int) -> list[tuple[Any, ...]]:
+        """Outbox rows of one source partition with ``lo <= source_offset <= hi``:
+        ``(source_offset, idx, key, value, reason, field)``, in order."""
+        sql = (f"SELECT source_offset, idx, key, value, reason, field FROM {self.database}.dlq_outbox FINAL "
+               f"WHERE source_topic = %(t)s AND source_partition = %(p)s AND epoch = %(e)s "
+               f"AND source_offset BETWEEN %(lo)s AND %(hi)s ORDER BY source_offset, idx")
+        return list(self.call(lambda c: c.query(
+            sql, parameters={"t": topic, "p": partition, "e": epoch, "lo": lo, "hi": hi},
+            query_formats={"String": "bytes"}).result_rows))
 
     def query_rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         return list(self.call(lambda c: c.query(sql, parameters=parameters).result_rows))
@@ -212,4 +372,8 @@ class ClickHouseSink:
         if self._client is not None:
             self.call(_close)
             self._client = None
+        if self._ingest_client is not None:
+            self._ingest_pool.submit(_close, self._ingest_client).result()
+            self._ingest_client = None
         self._pool.shutdown(wait=True)
+        self._ingest_pool.shutdown(wait=True)

@@ -19,13 +19,42 @@ faust ``App`` (lifecycle, signals, web server for ``/metrics``, timers) while
 records reach it through an aiokafka consumer group in batches of thousands.
 (The faust app that hosts this worker is in streams/app.py.)
 
-Exactly-once rows: every ``llm_events`` row carries its source topic, partition
-and offset. When partitions are assigned, the worker seeks past the highest
-offset already stored for each (one INSERT is atomic), so a worker killed
-between the insert and the offset commit does not insert twice; the open
-windows of the assigned partitions are rebuilt from the stored rows.
-Re-sent events (same ``event_id``) collapse in the ReplacingMergeTree; query
-with ``FINAL`` for exact counts at any moment.
+Exactly once (README "What the worker does, and guarantees"). A *write step*
+(one or more fetched batches, merged by the writer) goes, in this order:
+
+  1. ``llm_events``      the events (refused rows: bisected out, to the DLQ)
+  2. ``dlq_outbox``      the step's rejected records, keyed by source offset + index
+  3. ``llm_window_metrics``
+  4. ``ingest_log``      one row per source partition: the last offset, and the Kafka
+                         timestamp + CRC of the record there. Written LAST: a row
+                         here means steps 1-3 are complete up to that offset.
+  5. DLQ sends of the outbox rows, then the Kafka offset commit (a hint only).
+
+Every insert carries ``insert_deduplication_token`` = hash(step's source offset
+ranges, epochs) + table, and every table keeps ``non_replicated_deduplication_window``:
+a retried insert that had in fact landed (wholly, or some of its month partitions)
+stores nothing twice. Why the write log is last, and how a kill anywhere recovers:
+
+- killed before (4): the step's records are fetched again (the new owner resumes
+  after the write log). Events that (1) had stored are recognised by (offset,
+  event_id) and not inserted again (``_torn``); the open windows are rebuilt only
+  from rows up to the write log, and the re-processed records complete them, so
+  the windows that this step closed are recomputed from all their events; outbox
+  rows written twice collapse (ReplacingMergeTree) and were never sent.
+- killed after (4), before or during (5): on assignment, the last logged step's
+  outbox rows that the DLQ topic does not hold (read from the DLQ end offsets the
+  log recorded, by their ``driftline-source-*`` headers) are sent.
+- the topic behind the log changed (recreated, in-memory broker restarted): the
+  record at the logged offset is read back before fetching (``_probe``) and again
+  on the first fetch (``_same_topic``); a topic that ends before it, restarts below
+  it or holds another record there is read from its beginning under a new epoch.
+- ClickHouse down in the rebalance callback: its reads are retried there until
+  they succeed (heartbeats run on their own task); the rebalance timeout (75 s)
+  exceeds the revoke drain (60 s), so a next owner does not read the log before
+  this worker's writes land, unless ClickHouse is slower than that.
+
+The write step runs on the sink's ingest lane (its own client); the rebuild,
+stages and ad-hoc SQL use the query lane, with ``max_execution_time``.
 """
 
 from __future__ import annotations
@@ -34,8 +63,11 @@ import asyncio
 import concurrent.futures
 import contextlib
 import gc
+import hashlib
+import json
 import logging
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +117,9 @@ class WorkerConfig:
     insert_linger_s: float = 0.2
     #: on revocation, wait this long at most for queued batches to be written
     revoke_drain_s: float = 60.0
+    #: how long the group waits for members to rejoin in a rebalance: longer than the
+    #: drain, so the next owner never reads the write log before this worker's writes land
+    rebalance_timeout_ms: int = 75_000
     fetch_timeout_ms: int = 200
     emit_interval_s: float = 5.0
     idle_close_s: float = 10.0
@@ -111,6 +146,8 @@ class WorkerConfig:
             raise ValueError("emit_interval_s must be > 0")
         if self.auto_offset_reset not in ("earliest", "latest"):
             raise ValueError("auto_offset_reset must be earliest or latest")
+        if self.rebalance_timeout_ms < self.revoke_drain_s * 1000 + 5_000:
+            raise ValueError("rebalance_timeout_ms must exceed revoke_drain_s by 5 s at least")
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +196,11 @@ class _Work:
     windows: list[WindowStats]
     rejected: list[Rejected]
     offsets: dict[TopicPartition, int]
+    #: first offset and the last record's (timestamp, fingerprint) per partition
+    firsts: dict[TopicPartition, int] = field(default_factory=dict)
+    lasts: dict[TopicPartition, tuple[int, int]] = field(default_factory=dict)
+    #: the source records, to dead-letter an event that ClickHouse refuses
+    records: Sequence[Any] = ()
 
     @property
     def arrow(self) -> Any:
@@ -173,6 +215,7 @@ class _Pending:
     records: list[Any]
     offsets: dict[TopicPartition, int]
     firsts: dict[TopicPartition, int]
+    lasts: dict[TopicPartition, tuple[int, int]]
     #: ``Worker._rebalances`` when it was fetched
     generation: int
     decoded: Any  # asyncio future of the DecodedBatch, None for an empty batch
@@ -218,6 +261,20 @@ class Worker:
         #: first offset fetched (and dropped) from a partition before it was ready
         self._rewind: dict[TopicPartition, int] = {}
         self._skip_below: dict[TopicPartition, int] = {}
+        #: per partition: the offset, timestamp and fingerprint of the last record the
+        #: write log holds; the first fetch must find that same record there
+        self._verify: dict[TopicPartition, tuple[int, int, int]] = {}
+        #: per partition: the write-log epoch (bumped when the topic was recreated)
+        self._epoch: dict[TopicPartition, int] = {}
+        #: per partition: last offset of the write log (the rebuild reads rows up to it)
+        self._logged: dict[TopicPartition, int] = {}
+        #: per partition: (offset, event_id) stored by a write step that did not finish
+        self._torn: dict[TopicPartition, set[tuple[int, str]]] = {}
+        self._dlq_reader: AIOKafkaConsumer | None = None
+        self._dlq_parts: list[TopicPartition] = []
+        #: per DLQ partition: an offset at or below which every later send of this worker lands
+        self._dlq_hw: dict[int, int] = {}
+        self._stopping = False
         #: counts revocations and assignments: a batch in flight across one is fetched again
         self._rebalances = 0
         self._pending: _Pending | None = None
@@ -238,15 +295,21 @@ class Worker:
 
             want = {t: DEFAULT_TOPICS.get(t, 1) for t in (*cfg.topics, cfg.dlq_topic, "driftline.control")}
             await asyncio.to_thread(ensure_topics, cfg.kafka, want)
-        await asyncio.to_thread(self.sink.ensure_schema)
-        self.producer = AIOKafkaProducer(bootstrap_servers=cfg.kafka, linger_ms=20, acks="all",
-                                         max_request_size=16 << 20, enable_idempotence=False)
-        await self.producer.start()
+        await self._ch_retry("creating the schema", self.sink.ensure_schema)
+        self.producer = await _start_producer(cfg.kafka)
+        self._dlq_reader = AIOKafkaConsumer(bootstrap_servers=cfg.kafka, group_id=None,
+                                            enable_auto_commit=False, auto_offset_reset="earliest")
+        await self._dlq_reader.start()
+        await self._dlq_reader.topics()
+        self._dlq_parts = [TopicPartition(cfg.dlq_topic, p)
+                           for p in sorted(self._dlq_reader.partitions_for_topic(cfg.dlq_topic) or {0})]
+        self._dlq_reader.assign(self._dlq_parts)
+        self._dlq_hw = await self._dlq_highwaters()
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=cfg.kafka, group_id=cfg.group_id, enable_auto_commit=False,
             auto_offset_reset=cfg.auto_offset_reset, max_partition_fetch_bytes=8 << 20,
             fetch_max_bytes=64 << 20, max_poll_records=cfg.max_batch,
-            session_timeout_ms=cfg.session_timeout_ms,
+            session_timeout_ms=cfg.session_timeout_ms, rebalance_timeout_ms=cfg.rebalance_timeout_ms,
             heartbeat_interval_ms=max(500, min(3_000, cfg.session_timeout_ms // 4)),
             max_poll_interval_ms=600_000,
         )
@@ -255,8 +318,29 @@ class Worker:
         log.info("worker consuming %s from %s into %s (database %s)", ",".join(cfg.topics),
                  cfg.kafka, cfg.clickhouse, self.sink.database)
 
+    async def _ch_retry(self, what: str, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on a thread, retried with backoff (logged) until it succeeds:
+        for the reads and DDL that start-up and rebalances need from ClickHouse."""
+        delay, attempt = 0.2, 0
+        while True:
+            attempt += 1
+            try:
+                return await asyncio.to_thread(fn, *args)
+            except Exception as exc:  # noqa: BLE001 - ClickHouse down: wait for it
+                self._sink_error(f"{what.split(' ')[0]} (read)", exc)
+                log.warning("ClickHouse %s failed (attempt %d), retrying in %.1fs: %s", what, attempt, delay, exc)
+                if self._stopping:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(10.0, delay * 2)
+
     async def stop(self) -> None:
+        self._stopping = True
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self._dlq_reader is not None:
+            with contextlib.suppress(Exception):
+                await self._dlq_reader.stop()
+            self._dlq_reader = None
         if self.consumer is not None:
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
@@ -327,6 +411,7 @@ class Worker:
         records: list[Any] = []
         offsets: dict[TopicPartition, int] = {}
         firsts: dict[TopicPartition, int] = {}
+        lasts: dict[TopicPartition, tuple[int, int]] = {}
         for tp, recs in data.items():
             if not recs:
                 continue
@@ -336,17 +421,21 @@ class Worker:
                 first = recs[0].offset
                 self._rewind[tp] = min(first, self._rewind.get(tp, first))
                 continue
+            if tp in self._verify and not self._same_topic(tp, recs[0]):
+                continue  # recreated: fetched again from its beginning
+            last = recs[-1]
             floor = self._skip_below.get(tp)
             if floor is not None:
                 recs = [r for r in recs if r.offset >= floor]
             if recs:
                 firsts[tp] = recs[0].offset
+                lasts[tp] = (int(last.timestamp), _fingerprint(last))
             records.extend(recs)
             offsets[tp] = data[tp][-1].offset + 1
         fut: Any = None
         if records:
             fut = asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode, records)
-        prev, self._pending = self._pending, _Pending(records, offsets, firsts, self._rebalances, fut)
+        prev, self._pending = self._pending, _Pending(records, offsets, firsts, lasts, self._rebalances, fut)
         if prev is not None:
             await self._complete(prev)
 
@@ -356,7 +445,78 @@ class Worker:
             self._refetch(p)
             return
         work = self.process(p.records, p.offsets, decoded)
+        work.firsts, work.lasts, work.records = p.firsts, p.lasts, p.records
         await self._queue.put(work)
+
+    def _same_topic(self, tp: TopicPartition, rec: Any) -> bool:
+        """The first record fetched after an assignment, checked against the write log.
+
+        The worker seeks to the last logged offset; the record there must be the one it
+        logged (same Kafka timestamp and fingerprint). An earlier offset, or a different
+        record, means the topic was recreated (or the in-memory broker restarted): the
+        stored offsets belong to the old topic, so the new one is read from its
+        beginning under a new epoch, not skipped into. A later offset means retention
+        deleted the logged record: the topic is the same.
+        """
+        off, ts, fp = self._verify.pop(tp)
+        if rec.offset > off or (rec.offset == off and int(rec.timestamp) == ts and _fingerprint(rec) == fp):
+            return True
+        self._recreated(tp, f"its offsets start at {rec.offset}, below the stored {off}" if rec.offset < off
+                        else f"the record at stored offset {off} is another record")
+        assert self.consumer is not None
+        self.consumer.seek(tp, 0)  # out of range (retention) resets to the earliest offset
+        return False
+
+    async def _probe(self, marks: dict[TopicPartition, tuple[int, int, int]]) -> dict[TopicPartition, str]:
+        """Read the record at each logged offset with a consumer of no group; returns the
+        partitions that are not the logged topic, with why. Undecided after 5 s (Kafka
+        slow or down): left to the check of the first fetched record."""
+        if not marks:
+            return {}
+        out: dict[TopicPartition, str] = {}
+        c = AIOKafkaConsumer(bootstrap_servers=self.cfg.kafka, group_id=None, enable_auto_commit=False,
+                             auto_offset_reset="earliest")
+        try:
+            await c.start()
+            c.assign(list(marks))
+            for tp, (off, _, _) in marks.items():
+                c.seek(tp, off)
+            pending = set(marks)
+            deadline = time.monotonic() + 5.0
+            while pending and time.monotonic() < deadline:
+                data = await c.getmany(*pending, timeout_ms=500, max_records=len(pending))
+                for tp in list(pending):
+                    off, ts, fp = marks[tp]
+                    recs = data.get(tp)
+                    hw = c.highwater(tp)
+                    if recs:
+                        r = recs[0]
+                        pending.discard(tp)
+                        if r.offset < off:
+                            out[tp] = f"its offsets restart at {r.offset}, below the stored {off}"
+                        elif r.offset == off and (int(r.timestamp) != ts or _fingerprint(r) != fp):
+                            out[tp] = f"the record at stored offset {off} is another record"
+                    elif hw is not None and hw <= off:
+                        pending.discard(tp)
+                        out[tp] = f"it ends at offset {hw}, at or before the stored {off}"
+        except Exception as exc:  # noqa: BLE001 - the first fetched record is checked anyway
+            log.warning("checking the stored offsets against the topic failed (%s): checking on fetch", exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await c.stop()
+        return out
+
+    def _recreated(self, tp: TopicPartition, why: str) -> None:
+        """``tp`` is not the topic whose offsets are stored: forget them, new epoch."""
+        log.warning("%s[%d] is not the topic whose offsets are stored (%s): it was recreated or the "
+                    "broker lost its data; reading it from its beginning (epoch %d)", tp.topic, tp.partition,
+                    why, self._epoch.get(tp, 0) + 1)
+        self.metrics.sink_errors["topic_recreated"] += 1
+        self._epoch[tp] = self._epoch.get(tp, 0) + 1
+        self._verify.pop(tp, None)
+        self._skip_below.pop(tp, None)
+        self._torn.pop(tp, None)
+        self._logged.pop(tp, None)
 
     def _refetch(self, stale: _Pending) -> None:
         """Drop ``stale`` and the batch fetched after it; seek their partitions back."""
@@ -483,11 +643,38 @@ class Worker:
                 return
 
     async def _write(self, batch: list[_Work]) -> None:
+        """One write step: llm_events, dlq_outbox, llm_window_metrics, then ingest_log
+        (last: its rows say the step is complete), then the stages, the DLQ sends and
+        the offset commit. Every insert carries a deduplication token derived from the
+        step's source offsets, so a retry stores nothing twice."""
         sink = self.sink
+        marks = _merge_marks(batch)
+        token = _batch_token(marks, self._epoch)
+        rejected = [r for work in batch for r in work.rejected]
         tables = [w.arrow for w in batch if w.arrow is not None]
         if tables:
-            await sink.insert_arrow("llm_events", lambda: _concat_arrow(tables), self._keepalive)
-            self.stored_events += sum(t.num_rows for t in tables)
+            built: list[Any] = []
+            torn = {tp: s for tp, s in self._torn.items() if tp in marks}
+
+            def build() -> Any:
+                t = _concat_arrow(tables)
+                if torn:  # a write step that did not finish stored these already
+                    t = _drop_stored(t, torn)
+                built.append(t)
+                return t
+
+            refused: list[tuple[list[int], str]] = []
+            await sink.insert_arrow("llm_events", build, self._keepalive, token=f"{token}-events", ingest=True,
+                                    on_rejected=lambda rows, msg: refused.append((rows, msg)))
+            n = built[0].num_rows if built else 0
+            if refused:
+                rejected += _refused_records(built[0], refused, batch)
+                n -= sum(len(rows) for rows, _ in refused)
+            self.stored_events += n
+        outbox = _outbox_rows(rejected, self._epoch) if rejected else []
+        if outbox:
+            await sink.insert_rows("dlq_outbox", outbox, OUTBOX_COLUMNS, self._keepalive, token=f"{token}-dlq",
+                                   ingest=True)
         windows = [w for work in batch for w in work.windows]
         if windows:
             stamp = time.time_ns() // 1000  # DateTime64(6) ticks
@@ -496,7 +683,22 @@ class Worker:
                 r = w.row()
                 r["updated_at"] = stamp + i  # strictly increasing versions, in stream order
                 rows.append(r)
-            await sink.insert_rows("llm_window_metrics", rows, WINDOW_COLUMNS, self._keepalive)
+            await sink.insert_rows("llm_window_metrics", rows, WINDOW_COLUMNS, self._keepalive,
+                                   token=f"{token}-windows", ingest=True)
+        if marks:
+            dlq_start = self._dlq_ends() if outbox else ""
+            log_rows = [{"source_topic": tp.topic, "source_partition": tp.partition,
+                         "epoch": self._epoch.get(tp, 0), "first_offset": first, "last_offset": last,
+                         "last_timestamp": ts, "last_fingerprint": fp, "dlq_start": dlq_start,
+                         "written_at": _now()}
+                        for tp, (first, last, ts, fp) in marks.items()]
+            await sink.insert_rows("ingest_log", log_rows, LOG_COLUMNS, self._keepalive, token=f"{token}-log",
+                                   ingest=True)
+            for tp, (_, last, _, _) in marks.items():
+                self._logged[tp] = last
+                t = self._torn.get(tp)
+                if t is not None and max(o for o, _ in t) <= last:
+                    del self._torn[tp]
         if self.stages:
             for work in batch:
                 if not (work.event_cols or work.windows or work.rejected):
@@ -508,9 +710,8 @@ class Worker:
                     except Exception:  # noqa: BLE001 - a stage never breaks the stream
                         self.metrics.stage_errors[st.name] += 1
                         log.exception("stage %s failed on a batch", st.name)
-        rejected = [r for work in batch for r in work.rejected]
-        if rejected:
-            await self._dead_letter(rejected)
+        if outbox:
+            await self._dead_letter(outbox)
         c = self.consumer
         if c is not None:
             parts = c.assignment()
@@ -523,26 +724,116 @@ class Worker:
             if commit:
                 try:
                     await c.commit(commit)
-                except Exception as exc:  # noqa: BLE001 - rebalance in flight: stored rows make it safe
-                    log.warning("offset commit failed (will be skipped via stored offsets): %s", exc)
+                except Exception as exc:  # noqa: BLE001 - rebalance in flight: the write log makes it safe
+                    log.warning("offset commit failed (the write log holds the offsets): %s", exc)
 
-    async def _dead_letter(self, rejected: list[Rejected]) -> None:
-        assert self.producer is not None
+    async def _dlq_highwaters(self) -> dict[int, int]:
+        """The DLQ partitions' high watermarks, from a fetch response (Tansu's ListOffsets
+        is wrong, its fetch high watermark right); {} when Kafka does not answer in 5 s."""
+        reader = self._dlq_reader
+        assert reader is not None
+        for tp in self._dlq_parts:
+            reader.seek(tp, 0)
+        out: dict[int, int] = {}
+        deadline = time.monotonic() + 5.0
+        with contextlib.suppress(Exception):
+            while len(out) < len(self._dlq_parts) and time.monotonic() < deadline:
+                await reader.getmany(*self._dlq_parts, timeout_ms=500, max_records=1)
+                for tp in self._dlq_parts:
+                    hw = reader.highwater(tp)
+                    if hw is not None:
+                        out[tp.partition] = int(hw)
+        return out
+
+    def _dlq_ends(self) -> str:
+        """Where this step's DLQ sends will land at the earliest (JSON, per DLQ partition):
+        the end of the DLQ at start, then past this worker's last send; recovery reads
+        the DLQ from here. '' (read from the beginning) when unknown."""
+        if len(self._dlq_hw) < len(self._dlq_parts):
+            return ""
+        return json.dumps({str(p): o for p, o in self._dlq_hw.items()})
+
+    async def _dead_letter(self, outbox: list[dict[str, Any]]) -> None:
+        """Send outbox rows to the DLQ; retried (with the consumer kept alive) until
+        Kafka takes each one: never raises, so a Kafka outage only pauses the writer."""
         delay = 0.2
-        pending = list(rejected)
+        pending = list(outbox)
         while pending:
-            futs = []
-            for r in pending:
-                futs.append(await self.producer.send(self.cfg.dlq_topic, r.value, key=r.key,
-                                                     headers=r.dlq_headers()))
-            results = await asyncio.gather(*futs, return_exceptions=True)
+            results: list[Any] = []
+            try:
+                assert self.producer is not None
+                futs = [await self.producer.send(self.cfg.dlq_topic, r["value"], key=r["key"],
+                                                 headers=_dlq_headers(r)) for r in pending]
+                results = list(await asyncio.gather(*futs, return_exceptions=True))
+            except Exception as exc:  # noqa: BLE001 - Kafka unreachable: retried below
+                log.warning("dead-letter send failed: %s", exc)
+            results += [RuntimeError("not sent")] * (len(pending) - len(results))
             failed = [r for r, res in zip(pending, results, strict=True) if isinstance(res, BaseException)]
+            for res in results:
+                if not isinstance(res, BaseException) and res is not None:
+                    self._dlq_hw[res.partition] = max(self._dlq_hw.get(res.partition, 0), int(res.offset) + 1)
             self.dead_lettered += len(pending) - len(failed)
             if failed:
-                log.warning("dead-letter send failed for %d records, retrying", len(failed))
-                await asyncio.sleep(delay)
+                log.warning("dead-letter send failed for %d records, retrying in %.1fs", len(failed), delay)
+                end = time.monotonic() + delay
+                while time.monotonic() < end:
+                    await self._keepalive()
+                    await asyncio.sleep(min(0.5, max(0.0, end - time.monotonic())))
                 delay = min(10.0, delay * 2)
             pending = failed
+
+    async def _dlq_held(self, dlq_start: str) -> set[tuple[str, int, int, int]]:
+        """(source topic, partition, offset, index) of every DLQ record from ``dlq_start``
+        (JSON end offsets; '' = the beginning) to the current end."""
+        reader = self._dlq_reader
+        assert reader is not None
+        start = json.loads(dlq_start) if dlq_start else {}
+        held: set[tuple[str, int, int, int]] = set()
+        todo = set(self._dlq_parts)
+        for tp in todo:
+            reader.seek(tp, int(start.get(str(tp.partition), 0)))
+        deadline = time.monotonic() + 120.0
+        while todo:
+            if time.monotonic() > deadline:
+                raise TimeoutError("reading the DLQ took over 120 s")
+            data = await reader.getmany(*todo, timeout_ms=500)
+            for recs in data.values():
+                for r in recs:
+                    h = dict(r.headers or ())
+                    try:
+                        held.add((h["driftline-source-topic"].decode(), int(h["driftline-source-partition"]),
+                                  int(h["driftline-source-offset"]), int(h.get("driftline-source-index", b"0"))))
+                    except (KeyError, ValueError):
+                        pass
+            for tp in list(todo):  # read up to the high watermark of the latest fetch response
+                hw = reader.highwater(tp)
+                if hw is not None and await reader.position(tp) >= hw:
+                    todo.discard(tp)
+        return held
+
+    async def _recover_dlq(self, tp: TopicPartition, epoch: int, first: int, last: int, dlq_start: str) -> None:
+        """Send the rejected records of the last logged write step that the DLQ does not
+        hold yet (the worker died between the write log and the sends)."""
+        rows = await self._ch_retry("reading the DLQ outbox", self.sink.outbox, tp.topic, tp.partition,
+                                    epoch, first, last)
+        if not rows:
+            return
+        while True:
+            try:
+                held = await self._dlq_held(dlq_start)
+                break
+            except Exception as exc:  # noqa: BLE001 - Kafka down: wait for it
+                log.warning("reading the DLQ to recover %s[%d] failed, retrying: %s", tp.topic, tp.partition, exc)
+                await asyncio.sleep(1.0)
+        missing = [{"source_topic": tp.topic, "source_partition": tp.partition, "epoch": epoch,
+                    "source_offset": int(o), "idx": int(i), "key": k, "value": v,
+                    "reason": reason.decode(errors="replace"), "field": field_.decode(errors="replace"),
+                    "written_at": _now()}
+                   for o, i, k, v, reason, field_ in rows if (tp.topic, tp.partition, int(o), int(i)) not in held]
+        if missing:
+            log.warning("%s[%d]: %d rejected records of the last write step are not in the DLQ yet: sending them",
+                        tp.topic, tp.partition, len(missing))
+            await self._dead_letter(missing)
 
     # ------------------------------------------------------------------ rebalance
     async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -567,6 +858,12 @@ class Worker:
         self._ready -= set(revoked)
 
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
+        """Resume each partition after its write log, checking that it is the same topic.
+
+        ClickHouse reads here are retried until they succeed (a partition is only made
+        ready, and fetched, once its stored offsets are known); the consumer keeps
+        its membership meanwhile (heartbeats run on their own task).
+        """
         if not assigned:
             return
         self._rebalances += 1
@@ -577,37 +874,187 @@ class Worker:
             by_topic.setdefault(tp.topic, []).append(tp.partition)
         seek_to: dict[TopicPartition, int] = {}
         for topic, parts in by_topic.items():
-            stored = await asyncio.to_thread(self.sink.stored_offsets, topic, parts)
+            marks = await self._ch_retry("reading the write log", self.sink.ingest_marks, topic, parts)
+            missing = [p for p in parts if p not in marks]
+            # a store written before the write log existed: resume after its highest stored offset
+            legacy = (await self._ch_retry("reading stored offsets", self.sink.stored_offsets, topic, missing)
+                      if missing else {})
             for p in parts:
                 tp = TopicPartition(topic, p)
-                if p in stored:
-                    nxt = stored[p] + 1
+                self._torn.pop(tp, None)
+                self._verify.pop(tp, None)
+                self._logged.pop(tp, None)
+                if p in marks:
+                    epoch, first, last, ts, fp, dlq_start = marks[p]
+                    self._epoch[tp] = int(epoch)
+                    self._logged[tp] = int(last)
+                    self._skip_below[tp] = int(last) + 1
+                    self._verify[tp] = (int(last), int(ts), int(fp))
+                    seek_to[tp] = int(last)  # read the logged record again: is it the same topic?
+                    torn = await self._ch_retry("reading stored events", self.sink.stored_after, topic, p, int(last))
+                    if torn:
+                        self._torn[tp] = torn
+                        log.info("%s[%d]: %d events past the write log (a write step cut short) will not be "
+                                 "stored again", topic, p, len(torn))
+                    await self._recover_dlq(tp, int(epoch), int(first), int(last), str(dlq_start))
+                elif p in legacy:
+                    nxt = legacy[p] + 1
                     self._skip_below[tp] = nxt
-                    committed = await self.consumer.committed(tp)
-                    if committed is None or committed < nxt:
-                        seek_to[tp] = nxt
-                        log.info("%s[%d]: resuming after stored offset %d (committed %s)",
-                                 topic, p, stored[p], committed)
+                    seek_to[tp] = nxt
+                    log.info("%s[%d]: no write log; resuming after stored offset %d", topic, p, legacy[p])
+                else:
+                    self._skip_below.pop(tp, None)
+        # the record at each logged offset, read before fetching starts: a topic that ends
+        # at or before it is not the logged topic (Tansu answers a fetch past the end
+        # with nothing, not "out of range"; its ListOffsets is wrong, its high watermark right)
+        fresh: set[TopicPartition] = set()
+        for tp, why in (await self._probe({tp: self._verify[tp] for tp in assigned if tp in self._verify})).items():
+            self._recreated(tp, why)
+            seek_to[tp] = 0
+            fresh.add(tp)
         # no await from here on: records fetched before this point were dropped (see
-        # _fetch_and_process); fetching resumes at them, or past what is stored
+        # _fetch_and_process); fetching resumes at them, or at the logged record
         for tp in assigned:
             rewind = self._rewind.pop(tp, None)
             target = seek_to.get(tp)
-            if rewind is not None:
-                target = max(rewind, self._skip_below.get(tp, rewind)) if target is None else max(rewind, target)
+            if target is None:
+                target = rewind
+            elif rewind is not None and tp not in self._verify and tp not in fresh:
+                target = max(rewind, target)
             if target is not None:
                 self.consumer.seek(tp, target)
         self._ready |= set(assigned)
-        # rebuild open windows of every assigned partition from the stored rows
+        # rebuild open windows of every assigned partition from the rows of finished write steps
         self.windows = WindowAggregator(self.cfg.window)
         wall_ms = int(time.time() * 1000)
-        cols = await self.sink.acall(lambda c: _recent_rows(c, self.sink.database, sorted(self._assigned),
-                                                            self.cfg.window, wall_ms))
+        bounds = dict(self._logged)
+        cols = await self._ch_retry("rebuilding windows", self.sink.call, lambda c: _recent_rows(
+            c, self.sink.database, sorted(self._assigned), self.cfg.window, wall_ms, bounds))
         if cols is not None and len(cols):
             self.windows.add(cols, wall_ms=wall_ms)
             self.windows.advance(wall_ms=wall_ms)
             self._wall_at_watermark = time.monotonic()
             log.info("rebuilt %d open windows from %d stored events", self.windows.open_windows, len(cols))
+
+
+OUTBOX_COLUMNS = ("source_topic", "source_partition", "epoch", "source_offset", "idx", "key", "value",
+                  "reason", "field", "written_at")
+LOG_COLUMNS = ("source_topic", "source_partition", "epoch", "first_offset", "last_offset", "last_timestamp",
+               "last_fingerprint", "dlq_start", "written_at")
+
+
+async def _start_producer(kafka: str) -> AIOKafkaProducer:
+    """The DLQ producer, idempotent where the broker supports it (a send the client
+    retries after a lost acknowledgement is stored once); the local Tansu broker
+    answers InitProducerId with an error, so there it falls back to a plain producer
+    (a client-side retry after a lost acknowledgement can then duplicate a record)."""
+    for idempotent in (True, False):
+        producer = AIOKafkaProducer(bootstrap_servers=kafka, linger_ms=20, acks="all",
+                                    max_request_size=16 << 20, enable_idempotence=idempotent)
+        try:
+            await producer.start()
+            return producer
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            if not idempotent:
+                raise
+            log.warning("the broker refused an idempotent producer (%s): the DLQ producer is not idempotent",
+                        exc)
+    raise AssertionError("unreachable")
+
+
+def _fingerprint(rec: Any) -> int:
+    """A record's identity beside its offset: CRC-32 of the value and of the key (UInt64)."""
+    return (zlib.crc32(rec.value or b"") << 32) | zlib.crc32(rec.key or b"")
+
+
+def _merge_marks(batch: list[_Work]) -> dict[TopicPartition, tuple[int, int, int, int]]:
+    """Per partition of a write step: (first offset, last offset, last timestamp, last fingerprint)."""
+    out: dict[TopicPartition, tuple[int, int, int, int]] = {}
+    for w in batch:
+        for tp, nxt in w.offsets.items():
+            if tp not in w.lasts:
+                continue
+            ts, fp = w.lasts[tp]
+            first = w.firsts.get(tp, nxt - 1)
+            prev = out.get(tp)
+            if prev is not None:
+                first = min(first, prev[0])
+            out[tp] = (first, nxt - 1, ts, fp)
+    return out
+
+
+def _batch_token(marks: dict[TopicPartition, tuple[int, int, int, int]], epochs: dict[TopicPartition, int]) -> str:
+    """The deduplication token of a write step: a hash of its source offset ranges (and
+    epochs), so a retried insert of the same step is dropped by ClickHouse."""
+    if not marks:
+        import uuid
+
+        return uuid.uuid4().hex  # windows only (flush, revocation): no source records
+    key = ";".join(f"{tp.topic}:{tp.partition}:{epochs.get(tp, 0)}:{m[0]}-{m[1]}" for tp, m in sorted(marks.items()))
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _drop_stored(table: Any, torn: dict[TopicPartition, set[tuple[int, str]]]) -> Any:
+    """``table`` without the events a cut-short write step stored already."""
+    import pyarrow as pa
+
+    tps = table.column("source_topic").to_pylist()
+    parts = table.column("source_partition").to_pylist()
+    offs = table.column("source_offset").to_pylist()
+    ids = table.column("event_id").to_pylist()
+    keep = [not ((s := torn.get(TopicPartition(t, p))) is not None and (o, e) in s)
+            for t, p, o, e in zip(tps, parts, offs, ids, strict=True)]
+    return table if all(keep) else table.filter(pa.array(keep))
+
+
+def _refused_records(table: Any, refused: list[tuple[list[int], str]], batch: list[_Work]) -> list[Rejected]:
+    """The source records of the event rows ClickHouse refused, as rejected records
+    (one per source record, with ClickHouse's message)."""
+    src = {(r.topic, r.partition, r.offset): r for w in batch for r in w.records}
+    tps = table.column("source_topic").to_pylist()
+    parts = table.column("source_partition").to_pylist()
+    offs = table.column("source_offset").to_pylist()
+    out: dict[tuple[str, int, int], Rejected] = {}
+    for rows, msg in refused:
+        for i in rows:
+            k = (tps[i], int(parts[i]), int(offs[i]))
+            rec = src.get(k)
+            if k not in out and rec is not None:
+                out[k] = Rejected(k[0], k[1], k[2], rec.key, rec.value, f"ClickHouse refused the event: {msg}")
+    return list(out.values())
+
+
+def _now() -> Any:
+    import datetime as dt
+
+    return dt.datetime.now(dt.UTC)
+
+
+def _outbox_rows(rejected: list[Rejected], epochs: dict[TopicPartition, int]) -> list[dict[str, Any]]:
+    now = _now()
+    seen: dict[tuple[str, int, int], int] = {}
+    rows = []
+    for r in rejected:
+        k = (r.topic, r.partition, r.offset)
+        idx = seen[k] = seen.get(k, -1) + 1
+        rows.append({"source_topic": r.topic, "source_partition": r.partition,
+                     "epoch": epochs.get(TopicPartition(r.topic, r.partition), 0), "source_offset": r.offset,
+                     "idx": idx, "key": r.key, "value": r.value, "reason": r.reason, "field": r.field or "",
+                     "written_at": now})
+    return rows
+
+
+def _dlq_headers(row: dict[str, Any]) -> list[tuple[str, bytes]]:
+    h = [("driftline-reason", str(row["reason"]).encode()[:4000]),
+         ("driftline-source-topic", str(row["source_topic"]).encode()),
+         ("driftline-source-partition", str(row["source_partition"]).encode()),
+         ("driftline-source-offset", str(row["source_offset"]).encode()),
+         ("driftline-source-index", str(row["idx"]).encode())]
+    if row["field"]:
+        h.append(("driftline-field", str(row["field"]).encode()))
+    return h
 
 
 def _concat_arrow(tables: list[Any]) -> Any:
@@ -617,20 +1064,30 @@ def _concat_arrow(tables: list[Any]) -> Any:
 
 
 def _recent_rows(client: Any, db: str, tps: list[TopicPartition], wc: WindowConfig,
-                 wall_ms: int | None = None) -> EventBatchColumns | None:
+                 wall_ms: int | None = None,
+                 logged: Mapping[TopicPartition, int] | None = None) -> EventBatchColumns | None:
     """The stored events of the windows that may still be open, as window-stage columns.
 
     Per partition: its newest stored event time (ignoring rows beyond the wall clock plus
     ``watermark_max_ahead_ms``, so one far-future row poisons nothing) minus two window
     spans; the rows carry their partition, so each partition's watermark is rebuilt.
+    Only rows of finished write steps (``source_offset`` up to the write log, where
+    ``logged`` has one): the records of a step cut short are processed again, so
+    their windows are recomputed, and closed, from every one of their events.
     """
     from driftline.streams.windows import source_index
 
     tps = [tp for tp in tps if "'" not in tp.topic]
     if not tps:
         return None
-    cond = " OR ".join(f"(source_topic = '{tp.topic}' AND source_partition = {int(tp.partition)})"
-                       for tp in tps)
+    logged = logged or {}
+
+    def bound(topic: str, partition: int) -> str:
+        tp = TopicPartition(topic, int(partition))
+        return f" AND source_offset <= {int(logged[tp])}" if tp in logged else ""
+
+    cond = " OR ".join(f"(source_topic = '{tp.topic}' AND source_partition = {int(tp.partition)}"
+                       f"{bound(tp.topic, tp.partition)})" for tp in tps)
     ahead = wc.watermark_max_ahead_ms
     cap = f" AND timestamp <= fromUnixTimestamp64Milli({int(wall_ms + ahead)})" \
         if wall_ms is not None and ahead is not None else ""
@@ -640,7 +1097,7 @@ def _recent_rows(client: Any, db: str, tps: list[TopicPartition], wc: WindowConf
     if not mx:
         return None
     span = 2 * (wc.size_ms + wc.allowed_lateness_ms)
-    cond = " OR ".join(f"(source_topic = '{t}' AND source_partition = {int(p)} AND "
+    cond = " OR ".join(f"(source_topic = '{t}' AND source_partition = {int(p)}{bound(t, p)} AND "
                        f"timestamp >= fromUnixTimestamp64Milli({int(m) - span}))" for t, p, m in mx)
     res = client.query(
         "SELECT app, model, prompt_version, toUnixTimestamp64Milli(timestamp), latency_ms, "

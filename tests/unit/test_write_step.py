@@ -1,0 +1,77 @@
+"""Pure logic of the worker's write step: which ClickHouse errors are retried, the
+deduplication token of a step, the filter of events a cut-short step stored, the
+outbox indices. (The faults themselves run in tests/integration/test_worker_exactly_once.py.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from aiokafka import TopicPartition
+from clickhouse_connect.driver.exceptions import DatabaseError, DataError, OperationalError
+
+from driftline.streams.pipeline import Rejected
+from driftline.streams.sinks import retryable
+from driftline.streams.worker import (
+    WorkerConfig,
+    _batch_token,
+    _drop_stored,
+    _merge_marks,
+    _outbox_rows,
+    _Work,
+)
+
+
+@pytest.mark.parametrize(("exc", "expected"), [
+    (OperationalError("Error HTTPConnectionPool: connection refused"), True),
+    (DatabaseError("Code: 252. DB::Exception: Too many parts (300). Merges are processing slower"), True),
+    (DatabaseError("Code: 241. DB::Exception: Memory limit (total) exceeded"), True),
+    (DatabaseError("Code: 159. DB::Exception: Timeout exceeded"), True),
+    (ConnectionResetError(104, "reset"), True),
+    (DatabaseError("Code: 53. DB::Exception: Type mismatch"), False),
+    (DatabaseError("Code: 321. DB::Exception: Value is out of range of data type"), False),
+    (DatabaseError("Code: 27. DB::Exception: Cannot parse input"), False),
+    (DatabaseError("Code: 469. DB::Exception: Constraint `c` for table x is violated"), False),
+    (DatabaseError("Code: 252. DB::Exception: Too many partitions for single INSERT block (more than 100)"), False),
+    (DataError("Unable to create native array for column `x`"), False),
+    (OverflowError("int too big to convert"), False),
+])
+def test_only_errors_that_can_pass_are_retried(exc: BaseException, expected: bool) -> None:
+    assert retryable(exc) is expected
+
+
+def _work(tp: TopicPartition, first: int, nxt: int, last: tuple[int, int]) -> _Work:
+    return _Work(None, [], [], {tp: nxt}, firsts={tp: first}, lasts={tp: last})
+
+
+def test_marks_and_token_follow_the_source_offsets() -> None:
+    a, b = TopicPartition("t", 0), TopicPartition("t", 1)
+    batch = [_work(a, 10, 20, (1, 11)), _work(a, 20, 35, (2, 22)), _work(b, 5, 6, (3, 33))]
+    marks = _merge_marks(batch)
+    assert marks == {a: (10, 34, 2, 22), b: (5, 5, 3, 33)}
+    tok = _batch_token(marks, {})
+    assert tok == _batch_token(dict(reversed(list(marks.items()))), {})  # order-free
+    assert tok != _batch_token(marks, {a: 1})  # a recreated topic's offsets are another step
+    assert tok != _batch_token({a: (10, 35, 2, 22), b: marks[b]}, {})
+
+
+def test_events_a_cut_short_step_stored_are_dropped_once() -> None:
+    t = pa.table({"event_id": ["x", "y", "z", "w"], "source_topic": ["t"] * 4,
+                  "source_partition": pa.array([0, 0, 0, 1], pa.uint32()),
+                  "source_offset": pa.array([7, 7, 8, 7], pa.uint64())})
+    out = _drop_stored(t, {TopicPartition("t", 0): {(7, "x"), (8, "q")}})
+    assert out.column("event_id").to_pylist() == ["y", "z", "w"]  # same offset, other event kept
+
+
+def test_outbox_indices_number_the_rejections_of_one_record() -> None:
+    rej = [Rejected("t", 0, 5, None, b"a", "r1"), Rejected("t", 0, 5, None, b"a", "r2"),
+           Rejected("t", 0, 6, b"k", b"b", "r3", "app")]
+    rows: list[dict[str, Any]] = _outbox_rows(rej, {TopicPartition("t", 0): 2})
+    assert [(r["source_offset"], r["idx"], r["epoch"], r["field"]) for r in rows] == [
+        (5, 0, 2, ""), (5, 1, 2, ""), (6, 0, 2, "app")]
+
+
+def test_rebalance_timeout_must_exceed_the_drain() -> None:
+    with pytest.raises(ValueError, match="rebalance_timeout_ms"):
+        WorkerConfig(kafka="k", clickhouse="chdb:///x", revoke_drain_s=60.0, rebalance_timeout_ms=60_000)
