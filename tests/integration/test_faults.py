@@ -246,6 +246,11 @@ class WorkerProc:
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
+    def kill_quietly(self) -> None:
+        if self.proc is not None and self.alive:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
     def terminate(self, timeout: float = 60) -> None:
         if self.proc is None or not self.alive:
             return
@@ -328,19 +333,21 @@ def stored_count(dsn_http: str) -> int:
 
 
 def wait_drained(w: WorkerProc, dsn_http: str, load: Load, dlq_bootstrap: str, timeout: float) -> float:
-    """Wait until the store holds as many events as the load produced valid ones and the
-    DLQ as many records as malformed ones; then two emit intervals more. Returns seconds."""
+    """Wait until the store holds as many events as the load produced valid ones, then
+    (20 s at most: a lost one is reported by the checks) until the DLQ holds as many
+    records as were malformed; then two emit intervals more. Returns seconds."""
     t0 = time.monotonic()
     n_valid, n_bad = len(load.valid_ids), len(load.malformed)
     got = -1
-    while True:
+    while got < n_valid:
         assert w.alive, f"the worker died:\n{w.tail()}"
         w.rss_mb()
         with contextlib.suppress(Exception):
             got = stored_count(dsn_http)
-        if got >= n_valid and sum(read_dlq(dlq_bootstrap).values()) >= n_bad:
-            break
         assert time.monotonic() - t0 < timeout, f"stored {got} of {n_valid} after {timeout:.0f}s:\n{w.tail()}"
+        time.sleep(0.5)
+    t1 = time.monotonic()
+    while sum(read_dlq(dlq_bootstrap).values()) < n_bad and time.monotonic() - t1 < 20:
         time.sleep(0.5)
     time.sleep(2.5)  # the last partial window rows (emit interval 1 s)
     return time.monotonic() - t0
@@ -423,23 +430,33 @@ def run_crash(tmp: Path, *, cycles: int, n_events: int, rate: float, seed: int,
     with broker_behind(tmp, proxied=False, partitions=partitions) as (broker, _):
         load = Load(broker.bootstrap, n_events, rate, seed).start()
         w = WorkerProc(broker.bootstrap, f"chdb://{db}", tmp / "worker.log")
-        for cycle in range(cycles):
-            w.spawn()
-            if cycle == 0:
-                time.sleep(rng.uniform(0.5, 3.0))
-            else:
-                w.wait_consuming()
-                time.sleep(rng.uniform(0.0, max_after_start_s))
-            w.kill()
-        sql_port = free_port()
-        w.sql_port = sql_port
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(w.kill_quietly)
+            cleanup.callback(load.stop.set)
+            figures = _crash_cycles(w, load, broker, db, cycles, rng, max_after_start_s, partitions == 1)
+    return CrashResult(cycles, figures, time.monotonic() - t0, figures.pop("drain_s"))
+
+
+def _crash_cycles(w: WorkerProc, load: Load, broker: Broker, db: Path, cycles: int, rng: random.Random,
+                  max_after_start_s: float, windows_exact: bool) -> dict[str, int]:
+    for cycle in range(cycles):
         w.spawn()
-        load.join(600)
-        drain = wait_drained(w, f"http://127.0.0.1:{sql_port}/driftline", load, broker.bootstrap, 180)
-        w.terminate()
-        figures = check_exactly_once(read_store(f"chdb://{db}"), read_dlq(broker.bootstrap), load,
-                                     windows_exact=partitions == 1)
-    return CrashResult(cycles, figures, time.monotonic() - t0, drain)
+        if cycle == 0:
+            time.sleep(rng.uniform(0.5, 3.0))
+        else:
+            w.wait_consuming()
+            time.sleep(rng.uniform(0.0, max_after_start_s))
+        w.kill()
+    sql_port = free_port()
+    w.sql_port = sql_port
+    w.spawn()
+    load.join(600)
+    drain = wait_drained(w, f"http://127.0.0.1:{sql_port}/driftline", load, broker.bootstrap, 180)
+    w.terminate()
+    figures = check_exactly_once(read_store(f"chdb://{db}"), read_dlq(broker.bootstrap), load,
+                                 windows_exact=windows_exact)
+    figures["drain_s"] = int(drain)
+    return figures
 
 
 @dataclass
@@ -463,6 +480,7 @@ def run_outage(tmp: Path, *, link: str, outage_s: float, n_events: int, rate: fl
                            "chdb-http", str(db), str(ch_port)], stdout=(tmp / "ch.log").open("ab"),
                           stderr=subprocess.STDOUT, start_new_session=True)
     ch_proxy = FaultProxy("127.0.0.1", ch_port)
+    stack = contextlib.ExitStack()
     try:
         wait_for_port("127.0.0.1", ch_port, 60)
         ch_proxy.start()
@@ -472,8 +490,10 @@ def run_outage(tmp: Path, *, link: str, outage_s: float, n_events: int, rate: fl
             direct = f"http://127.0.0.1:{ch_port}/driftline"
             w = WorkerProc(broker.bootstrap, f"http://127.0.0.1:{ch_proxy.port}/driftline", tmp / "worker.log")
             w.spawn()
+            stack.callback(w.kill_quietly)
             w.wait_consuming()
             load = Load(broker.bootstrap, n_events, rate, seed).start()
+            stack.callback(load.stop.set)
             while load.sent < n_events // 4:  # mid-stream
                 assert w.alive, w.tail()
                 time.sleep(0.1)
@@ -500,6 +520,7 @@ def run_outage(tmp: Path, *, link: str, outage_s: float, n_events: int, rate: fl
             assert w.peak_rss_mb < rss_bound_mb, f"worker RSS peaked at {w.peak_rss_mb:.0f} MB"
         return OutageResult(link, outage_s, figures, w.peak_rss_mb, caught_up)
     finally:
+        stack.close()
         ch_proxy.stop()
         if ch.poll() is None:
             ch.terminate()
