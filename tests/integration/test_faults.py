@@ -52,6 +52,21 @@ LATENESS_S = 2
 #: the worker's resident memory must stay under this during an outage (measured
 #: ~300-400 MB with --no-drift on this machine; the queue holds at most 4 batches)
 RSS_BOUND_MB = 1_000
+#: a rule that fires and resolves many times in this stream (per key, window by window),
+#: so that "no alert recorded twice" is checked on real alert traffic
+RULES = """\
+version: 1
+rules:
+  - name: FaultSuiteLatencyP50
+    kind: threshold
+    expr: "latency_ms.p50 > 1500"
+    min_events: 5
+    severity: info
+    for: 0s
+    resolve_below: 1500
+    annotations:
+      summary: "p50 {value:.0f} ms on {app}/{model}"
+"""
 
 
 # ---------------------------------------------------------------------------- broker
@@ -128,6 +143,7 @@ class Load:
     seed: int
     gate: threading.Event = field(default_factory=threading.Event)
     stop: threading.Event = field(default_factory=threading.Event)
+    held: threading.Event = field(default_factory=threading.Event)
     valid_ids: list[str] = field(default_factory=list)
     malformed: list[tuple[int, int]] = field(default_factory=list)
     sent: int = 0
@@ -165,8 +181,10 @@ class Load:
                 if len(chunk) < 50 and i < self.n - 1:
                     continue
                 while not self.gate.wait(0.1):
+                    self.held.set()  # nothing in flight: the broker may be cut now
                     if self.stop.is_set():
                         return
+                self.held.clear()
                 if self.stop.is_set():
                     return
                 futs = [(r, prod.send(TOPIC, r.value, key=r.key)) for r in chunk]
@@ -206,12 +224,18 @@ class WorkerProc:
         args = [exe, "worker", "--kafka", self.kafka, "--clickhouse", self.clickhouse, "--topic", TOPIC,
                 "--group", "faults", "--no-drift", "--window", str(WINDOW_S), "--lateness", str(LATENESS_S),
                 "--emit-interval", "1", "--max-batch", "2000", "--metrics-port", "0",
-                "--sql-port", str(self.sql_port), "--log-level", "info"]
+                "--sql-port", str(self.sql_port), "--log-level", "info", "--rules", str(self._rules())]
         with self.log.open("ab") as f:
             f.write(f"\n===== spawn {time.strftime('%H:%M:%S')} =====\n".encode())
         self.proc = subprocess.Popen(args, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         return self
+
+    def _rules(self) -> Path:
+        f = self.log.with_name("rules.yaml")
+        if not f.exists():
+            f.write_text(RULES)
+        return f
 
     @property
     def alive(self) -> bool:
@@ -500,6 +524,7 @@ def run_outage(tmp: Path, *, link: str, outage_s: float, n_events: int, rate: fl
             before = stored_count(direct)
             if link == "kafka":
                 load.gate.clear()
+                assert load.held.wait(60), "the load did not pause"
             proxy.cut()
             cut_at = time.monotonic()
             while time.monotonic() - cut_at < outage_s:
