@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only or ("crash", "clickhouse", "kafka"))
     print(f"bench_faults: cycles={args.cycles} outage={args.outage:.0f}s rate={args.rate:.0f}/s "
           f"partitions={args.partitions} seed={args.seed}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="bench-faults-") as d:
-        tmp = Path(d)
+    if True:
+        tmp = Path(tempfile.mkdtemp(prefix="bench-faults-"))
+        print(f"logs and stores under {tmp}", flush=True)
         if "crash" in only:
             # enough records that the load outlasts the kill cycles (~11 s a cycle here)
             n = int(args.rate * (12 * args.cycles + 10))

@@ -432,9 +432,7 @@ class Worker:
         if c is None:
             return False
         parts = c.assignment()
-        if not parts:
-            return False
-        if c.paused():
+        if not parts or c.paused():  # no partition (group lost while Kafka is cut) or paused
             return True
         wall_ms = time.time() * 1000
         for tp in parts:
