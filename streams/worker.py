@@ -446,7 +446,10 @@ class Worker:
             return
         work = self.process(p.records, p.offsets, decoded)
         work.firsts, work.lasts, work.records = p.firsts, p.lasts, p.records
+        t = time.monotonic()
         await self._queue.put(work)
+        if time.monotonic() - t > 1.0:
+            self._wall_at_watermark = time.monotonic()  # held up by the writer: not idleness
 
     def _same_topic(self, tp: TopicPartition, rec: Any) -> bool:
         """The first record fetched after an assignment, checked against the write log.
@@ -585,6 +588,11 @@ class Worker:
         windows = self.windows.advance(wall_ms=wall_ms if records else None)
         m.observe_evicted("window_keys", self.windows.pop_evicted())
         wm = self.windows.watermark_ms
+        if not records and self._cut_off():
+            # paused on a ClickHouse outage, or Kafka not answering: that is not idle traffic,
+            # and event time must not follow wall time through it (the records held back in
+            # Kafka would all be late). tests/integration/test_faults.py catches this.
+            self._wall_at_watermark = now
         if not records and wm is not None and now - self._wall_at_watermark > self.cfg.idle_close_s:
             # no traffic: let event time follow wall time so the last windows close
             windows += self.windows.advance(wm + int((now - self._wall_at_watermark) * 1000))
@@ -594,6 +602,22 @@ class Worker:
             closed = {(w.key, w.window_start_ms) for w in windows}
             windows += [w for w in self.windows.partial() if (w.key, w.window_start_ms) not in closed]
         return _Work(event_cols, windows, decoded.rejected, offsets)
+
+    def _cut_off(self) -> bool:
+        """True while fetching is paused or an assigned partition has had no fetch answer
+        for 2 s (the broker unreachable): an empty fetch then says nothing about traffic."""
+        c = self.consumer
+        if c is None:
+            return False
+        parts = c.assignment()
+        if not parts or c.paused():  # no partition (group lost while Kafka is cut) or paused
+            return True
+        wall_ms = time.time() * 1000
+        for tp in parts:
+            ts = c.last_poll_timestamp(tp)
+            if ts is None or wall_ms - ts > 2_000:
+                return True
+        return False
 
     # ------------------------------------------------------------------ write + commit
     async def _keepalive(self) -> None:
