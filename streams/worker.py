@@ -1071,14 +1071,11 @@ def _outbox_rows(rejected: list[Rejected], epochs: dict[TopicPartition, int]) ->
 
 
 def _dlq_headers(row: dict[str, Any]) -> list[tuple[str, bytes]]:
-    h = [("driftline-reason", str(row["reason"]).encode()[:4000]),
-         ("driftline-source-topic", str(row["source_topic"]).encode()),
-         ("driftline-source-partition", str(row["source_partition"]).encode()),
-         ("driftline-source-offset", str(row["source_offset"]).encode()),
-         ("driftline-source-index", str(row["idx"]).encode())]
-    if row["field"]:
-        h.append(("driftline-field", str(row["field"]).encode()))
-    return h
+    """The DLQ headers of an outbox row: :meth:`Rejected.dlq_headers` (reason, source
+    topic/partition/offset, field) and the row's index among its record's rejections."""
+    r = Rejected(row["source_topic"], int(row["source_partition"]), int(row["source_offset"]), row["key"],
+                 row["value"], str(row["reason"]), str(row["field"]) or None)
+    return [*r.dlq_headers(), ("driftline-source-index", str(row["idx"]).encode())]
 
 
 def _concat_arrow(tables: list[Any]) -> Any:
