@@ -337,14 +337,16 @@ class Worker:
     async def stop(self) -> None:
         self._stopping = True
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
-        if self._dlq_reader is not None:
-            with contextlib.suppress(Exception):
-                await self._dlq_reader.stop()
-            self._dlq_reader = None
+        # the consumer first: stopping it waits for a rebalance callback in flight, which
+        # may be reading the DLQ (recovery) through the reader closed after it
         if self.consumer is not None:
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
             self.consumer = None
+        if self._dlq_reader is not None:
+            with contextlib.suppress(Exception):
+                await self._dlq_reader.stop()
+            self._dlq_reader = None
         if self.producer is not None:
             with contextlib.suppress(Exception):
                 await self.producer.stop()
@@ -843,11 +845,16 @@ class Worker:
         if not rows:
             return
         while True:
+            if self._stopping or self._dlq_reader is None:
+                # the outbox keeps the rows: the next owner of the partition recovers them
+                log.info("stopping: DLQ recovery of %s[%d] left to the next owner", tp.topic, tp.partition)
+                return
             try:
                 held = await self._dlq_held(dlq_start)
                 break
             except Exception as exc:  # noqa: BLE001 - Kafka down: wait for it
-                log.warning("reading the DLQ to recover %s[%d] failed, retrying: %s", tp.topic, tp.partition, exc)
+                log.warning("reading the DLQ to recover %s[%d] failed, retrying: %r", tp.topic, tp.partition, exc,
+                            exc_info=True)
                 await asyncio.sleep(1.0)
         missing = [{"source_topic": tp.topic, "source_partition": tp.partition, "epoch": epoch,
                     "source_offset": int(o), "idx": int(i), "key": k, "value": v,
