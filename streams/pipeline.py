@@ -136,6 +136,8 @@ class Rejected:
             return "not_object"
         if r.startswith("otlp"):
             return "otlp"
+        if r.startswith("undecodable record batch"):
+            return "undecodable_batch"
         return "invalid"
 
 

@@ -219,6 +219,8 @@ class _Pending:
     #: ``Worker._rebalances`` when it was fetched
     generation: int
     decoded: Any  # asyncio future of the DecodedBatch, None for an empty batch
+    #: skipped record batches that could not be unpacked (see Worker._undecodable)
+    undecodable: list[Rejected] = field(default_factory=list)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -408,8 +410,15 @@ class Worker:
         # with a batch in flight, take only what is already fetched: when traffic stops,
         # that batch is finished at once rather than after a fetch timeout
         busy = self._pending is not None and bool(self._pending.records)
-        data = await self.consumer.getmany(timeout_ms=0 if busy else self.cfg.fetch_timeout_ms,
-                                           max_records=self.cfg.max_batch)
+        before = self._positions()
+        bad: dict[TopicPartition, tuple[int, int, str]] = {}
+        try:
+            data = await self.consumer.getmany(timeout_ms=0 if busy else self.cfg.fetch_timeout_ms,
+                                               max_records=self.cfg.max_batch)
+        except Exception as exc:  # noqa: BLE001 - only a batch aiokafka cannot unpack; anything else re-raised
+            if not _unpacking(exc):
+                raise
+            data, bad = await self._undecodable(exc, before)
         records: list[Any] = []
         offsets: dict[TopicPartition, int] = {}
         firsts: dict[TopicPartition, int] = {}
@@ -434,12 +443,79 @@ class Worker:
                 lasts[tp] = (int(last.timestamp), _fingerprint(last))
             records.extend(recs)
             offsets[tp] = data[tp][-1].offset + 1
+        rejected: list[Rejected] = []
+        for tp, (first, last_off, reason) in bad.items():
+            # the skipped batch is logged and dead-lettered by the write step like any rejected record
+            rejected.append(Rejected(tp.topic, tp.partition, first, None, b"", reason))
+            firsts.setdefault(tp, first)
+            lasts[tp] = (0, 0)  # no record to fingerprint: a restart finds it undecodable again
+            offsets[tp] = last_off + 1
         fut: Any = None
         if records:
             fut = asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode, records)
-        prev, self._pending = self._pending, _Pending(records, offsets, firsts, lasts, self._rebalances, fut)
+        prev, self._pending = self._pending, _Pending(records, offsets, firsts, lasts, self._rebalances, fut,
+                                                      rejected)
         if prev is not None:
             await self._complete(prev)
+
+    def _positions(self) -> dict[TopicPartition, int]:
+        """The fetch position of each assigned partition (aiokafka's assignment state, read
+        without awaiting): where to seek back when a fetch cannot be unpacked."""
+        assert self.consumer is not None
+        out: dict[TopicPartition, int] = {}
+        sub = self.consumer._subscription.subscription
+        if sub is None or sub.assignment is None:
+            return out
+        for tp in sub.assignment.tps:
+            st = sub.assignment.state_value(tp)
+            if st is not None and st.has_valid_position:
+                out[tp] = st.position
+        return out
+
+    async def _undecodable(self, exc: BaseException, before: dict[TopicPartition, int]
+                           ) -> tuple[dict[TopicPartition, list[Any]], dict[TopicPartition, tuple[int, int, str]]]:
+        """A fetch raised while aiokafka unpacked a record batch (codec library missing,
+        corrupt compressed data, bad CRC), naming no partition. Each ready partition is
+        read again from where the fetch began, one record at a time: its good records
+        come back as a batch, and a batch that raises is skipped whole (its base offset
+        to its last offset, from aiokafka's batch header; one offset when that is not
+        known), returned as (first, last, reason) for the dead-letter topic.
+        Skipped offsets at or below the write log are not returned again."""
+        c = self.consumer
+        assert c is not None
+        log.warning("a fetched record batch cannot be unpacked (%s: %s): reading each partition alone",
+                    type(exc).__name__, exc)
+        for tp, off in before.items():
+            c.seek(tp, off)  # records of other partitions drained by the failed fetch are lost otherwise
+        data: dict[TopicPartition, list[Any]] = {}
+        bad: dict[TopicPartition, tuple[int, int, str]] = {}
+        for tp in sorted(self._ready & set(before), key=lambda t: (t.topic, t.partition)):
+            recs: list[Any] = []
+            while len(recs) < self.cfg.max_batch:
+                try:
+                    got = await c.getmany(tp, timeout_ms=0 if recs else self.cfg.fetch_timeout_ms, max_records=1)
+                except Exception as err:  # noqa: BLE001 - as in _fetch_and_process
+                    if not _unpacking(err):
+                        raise
+                    pos = self._positions().get(tp, before[tp])  # the failed call did not move it
+                    end = _failed_batch_end(err, pos)
+                    c.seek(tp, end + 1)  # past the batch: never fetched again by this worker
+                    self._verify.pop(tp, None)  # the logged record cannot be read to be checked
+                    first = max(pos, self._skip_below.get(tp, pos))
+                    why = str(err)
+                    if not why.startswith(type(err).__name__):  # aiokafka's errors name themselves
+                        why = f"{type(err).__name__}: {why}"
+                    if first <= end:
+                        bad[tp] = (first, end, f"undecodable record batch (offsets {pos} to {end}): {why}")
+                    log.warning("%s[%d]: skipping the undecodable record batch at offsets %d to %d: %s",
+                                tp.topic, tp.partition, pos, end, why)
+                    break
+                if not got.get(tp):
+                    break
+                recs += got[tp]
+            if recs:
+                data[tp] = recs
+        return data, bad
 
     async def _complete(self, p: _Pending) -> None:
         decoded = await p.decoded if p.decoded is not None else None
@@ -448,6 +524,9 @@ class Worker:
             return
         work = self.process(p.records, p.offsets, decoded)
         work.firsts, work.lasts, work.records = p.firsts, p.lasts, p.records
+        if p.undecodable:
+            work.rejected = [*work.rejected, *p.undecodable]
+            self.metrics.observe_dlq("undecodable_batch", len(p.undecodable))
         t = time.monotonic()
         await self._queue.put(work)
         if time.monotonic() - t > 1.0:
@@ -993,6 +1072,37 @@ async def _start_producer(kafka: str) -> AIOKafkaProducer:
             log.warning("the broker refused an idempotent producer (%s): the DLQ producer is not idempotent",
                         exc)
     raise AssertionError("unreachable")
+
+
+def _unpacking(exc: BaseException) -> bool:
+    """True when ``exc`` was raised while aiokafka unpacked a fetched record batch
+    (its ``PartitionRecords._unpack_records``): a codec library missing, corrupt
+    compressed data, a bad CRC. Network and protocol errors are not."""
+    from aiokafka.errors import CorruptRecordException, UnsupportedCodecError
+
+    if isinstance(exc, (UnsupportedCodecError, CorruptRecordException)):
+        return True
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_unpack_records":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _failed_batch_end(exc: BaseException, pos: int) -> int:
+    """The last offset of the record batch that raised ``exc`` at fetch position ``pos``:
+    read from the batch header in aiokafka's unpacking frame (``next_offset - 1``);
+    ``pos`` itself when that batch is not found (one offset skipped at a time)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_unpack_records":
+            batch = tb.tb_frame.f_locals.get("next_batch")
+            nxt = getattr(batch, "next_offset", None)
+            if isinstance(nxt, int) and nxt > pos:  # not a batch read before the failing one
+                return nxt - 1
+        tb = tb.tb_next
+    return pos
 
 
 def _fingerprint(rec: Any) -> int:
