@@ -33,7 +33,6 @@ import re
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -48,14 +47,6 @@ NOW = 1_790_000_000_000  # the injected wall clock (2026-09-21)
 EVENTS, OTLP = "llm.events", "otlp_spans"
 
 
-@dataclass
-class Rec:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 HOSTILE_INTS = [0, 1, -1, 2**31, 2**53, 10**12, 10**12 + 1, 2**63 - 1, 2**63, 2**64, 2**64 + 1,
@@ -213,9 +204,9 @@ def mutate(r: random.Random, data: bytes, other: bytes) -> bytes | None:
     return bytes(b)
 
 
-def make_batch(r: random.Random, size: int, start_offset: int = 0) -> list[Rec]:
+def make_batch(r: random.Random, size: int, start_offset: int = 0) -> list[pl.MemoryRecord]:
     """A batch of JSON and OTLP records, about a third of them mutated."""
-    recs: list[Rec] = []
+    recs: list[pl.MemoryRecord] = []
     for i in range(size):
         off = start_offset + i
         if r.random() < 0.15:
@@ -223,12 +214,12 @@ def make_batch(r: random.Random, size: int, start_offset: int = 0) -> list[Rec]:
             if r.random() < 0.35:
                 ctype = r.choice([ctype, b""])
                 value = mutate(r, value, gen_otlp(r)[0])  # type: ignore[assignment]
-            recs.append(Rec(OTLP, 0, off, None, value, (("content-type", ctype),) if ctype else ()))
+            recs.append(pl.MemoryRecord(OTLP, 0, off, None, value, (("content-type", ctype),) if ctype else ()))
         else:
             value = gen_event(r)
             if r.random() < 0.35:
                 value = mutate(r, value, gen_event(r))  # type: ignore[assignment]
-            recs.append(Rec(EVENTS, 0, off, None, value))
+            recs.append(pl.MemoryRecord(EVENTS, 0, off, None, value))
     return recs
 
 
@@ -246,7 +237,7 @@ def _outcome(out: pl.DecodedBatch) -> tuple[list[Any], list[Any]]:
     return sorted(evs, key=repr), sorted(((r.offset, r.reason, r.field) for r in out.rejected), key=repr)
 
 
-def check_batch(recs: list[Rec], now_ms: int = NOW) -> None:
+def check_batch(recs: list[pl.MemoryRecord], now_ms: int = NOW) -> None:
     """Both decode paths on ``recs``: the invariants of the module docstring. Raises
     AssertionError (or whatever the code under test raised) on a violation."""
     results = []

@@ -50,7 +50,7 @@ from driftline.schemas.metrics import WindowKey
 from driftline.streams.windows import EventBatchColumns, source_index
 
 __all__ = [
-    "Record", "Rejected", "DecodedBatch", "decode_batch", "EnrichedBatch",
+    "Record", "MemoryRecord", "Rejected", "DecodedBatch", "decode_batch", "EnrichedBatch",
     "enrich", "EVENT_COLUMNS", "EVENT_ARROW_SCHEMA", "DECODED_SCHEMA", "ArrowColumns", "to_columns",
     "to_arrow", "OTLP_TOPIC", "OTLP_TOPIC_PREFIX", "EVENTS_TOPIC",
     "DLQ_TOPIC", "DEFAULT_MAX_EVENT_AGE_S", "DEFAULT_MAX_CLOCK_SKEW_S", "time_bound_reason",
@@ -99,6 +99,19 @@ class Record(Protocol):
     key: bytes | None
     value: bytes | None
     headers: Sequence[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryRecord:
+    """A :class:`Record` held in memory: for tests, fuzzing and benchmarks of the decode
+    stages without a broker (as OpenTelemetry ships in-memory exporters)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer
-from helpers_worker import wait_for
+from helpers_worker import read_topic, wait_for
 
 from driftline.schemas.event import NESTED_TOO_DEEP
 from driftline.streams.app import serve_worker
@@ -62,22 +61,6 @@ def _poison(now_ms: int) -> list[tuple[bytes | None, str]]:
     ]
 
 
-async def _read_all(bootstrap: str, topic: str, expected: int, timeout: float = 30.0) -> list[Any]:
-    c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
-                         enable_auto_commit=False)
-    await c.start()
-    out: list[Any] = []
-    try:
-        deadline = time.monotonic() + timeout
-        while len(out) < expected and time.monotonic() < deadline:
-            for recs in (await c.getmany(timeout_ms=500)).values():
-                out.extend(recs)
-        for _ in range(3):  # anything beyond the expected records would show up now
-            for recs in (await c.getmany(timeout_ms=300)).values():
-                out.extend(recs)
-    finally:
-        await c.stop()
-    return out
 
 
 async def _start(cfg: WorkerConfig) -> tuple[asyncio.Event, asyncio.Task[Worker], Worker]:
@@ -120,7 +103,7 @@ async def test_each_poison_class_dead_lettered_once_valid_events_stored(
                                        f"FROM {db}.llm_events", None)
         assert tuple(rows[0]) == (500, 500, 3500)
 
-        dlq = await _read_all(kafka_bootstrap, cfg.dlq_topic, len(poison))
+        dlq = await read_topic(kafka_bootstrap, cfg.dlq_topic, len(poison))
         assert len(dlq) == len(poison), "each poison record dead-lettered exactly once"
         got = sorted((m.value or b"", dict(m.headers)["driftline-reason"].decode()) for m in dlq)
         want = sorted((p or b"", reason) for p, reason in poison)
@@ -157,7 +140,7 @@ async def test_emit_reports_bad_lines_and_sends_the_rest(kafka_bootstrap: str, m
     assert reported == [(4, NESTED_TOO_DEEP), (8, "not valid JSON: JSON is malformed: invalid character (byte 4)")]
     stats = await emit_lines(kafka_bootstrap, topic, f, None, skip_invalid=True)
     assert stats["sent"] == 10 and stats["skipped"] == 2
-    assert len(await _read_all(kafka_bootstrap, topic, 22)) == 22
+    assert len(await read_topic(kafka_bootstrap, topic, 22)) == 22
 
 
 def _fuzz_module() -> Any:
@@ -217,7 +200,7 @@ async def test_fuzzed_records_through_the_worker(kafka_bootstrap: str, make_topi
         rows = await asyncio.to_thread(worker.sink.query_rows,
                                        f"SELECT count() FROM {worker.sink.database}.llm_events", None)
         assert rows[0][0] == n_ev
-        dlq = await _read_all(kafka_bootstrap, cfg.dlq_topic, n_rej)
+        dlq = await read_topic(kafka_bootstrap, cfg.dlq_topic, n_rej)
         assert len(dlq) == n_rej and all(dict(m.headers).get("driftline-reason") for m in dlq)
     finally:
         stop.set()

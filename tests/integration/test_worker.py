@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import time
 import uuid
 from collections import Counter
 from typing import Any
 
 import clickhouse_connect
 import pytest
-from aiokafka import AIOKafkaConsumer
+from helpers_worker import read_topic
 from helpers_worker import wait_for as _wait_for
 
 from driftline.schemas.event import decode_event
@@ -57,25 +56,6 @@ async def _start(cfg: WorkerConfig, sql_port: int | None) -> tuple[asyncio.Event
     return stop, task, box[0]
 
 
-async def _read_dlq(bootstrap: str, topic: str, expected: int, timeout: float = 30.0) -> list[Any]:
-    c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
-                         enable_auto_commit=False)
-    await c.start()
-    out: list[Any] = []
-    try:
-        deadline = time.monotonic() + timeout
-        while len(out) < expected and time.monotonic() < deadline:
-            data = await c.getmany(timeout_ms=500)
-            for recs in data.values():
-                out.extend(recs)
-        # anything beyond the expected records would show up now
-        for _ in range(3):
-            data = await c.getmany(timeout_ms=300)
-            for recs in data.values():
-                out.extend(recs)
-    finally:
-        await c.stop()
-    return out
 
 
 async def test_events_windows_dlq_exact(kafka_bootstrap: str, make_topics: Any, chdb_dsn: str) -> None:
@@ -130,7 +110,7 @@ async def test_events_windows_dlq_exact(kafka_bootstrap: str, make_topics: Any, 
         ids = await asyncio.to_thread(worker.sink.query_rows, f"SELECT event_id FROM {db}.llm_events FINAL", None)
         assert {r[0] for r in ids} == valid_ids
 
-        dlq = await _read_dlq(kafka_bootstrap, cfg.dlq_topic, len(malformed))
+        dlq = await read_topic(kafka_bootstrap, cfg.dlq_topic, len(malformed))
         assert Counter(m.value for m in dlq) == Counter(r.value for r in malformed)
         for m in dlq:
             reason = dict(m.headers).get("driftline-reason")

@@ -75,10 +75,10 @@ def test_structured_and_mutated_events_each_end_in_one_place(evs: list[dict[str,
     r = random.Random(seed)
     raws: list[bytes | None] = [_json(d) for d in evs]
     raws += [fz.mutate(r, _json(d), _json(evs[0])) for d in evs]  # one mutant of each
-    recs = [fz.Rec(fz.EVENTS, 0, i, None, v) for i, v in enumerate(raws)]
+    recs = [_pl.MemoryRecord(fz.EVENTS, 0, i, None, v) for i, v in enumerate(raws)]
     for j in range(n_otlp):
         value, ctype = fz.gen_otlp(r)
-        recs.append(fz.Rec(fz.OTLP, 0, len(recs), None, value if j == 0 else fz.mutate(r, value, value),
+        recs.append(_pl.MemoryRecord(fz.OTLP, 0, len(recs), None, value if j == 0 else fz.mutate(r, value, value),
                            (("content-type", ctype),)))
     fz.check_batch(recs)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -22,7 +21,7 @@ from hypothesis import strategies as st
 
 from driftline.schemas.event import EventError, decode_event, event_from_dict
 from driftline.schemas.prices import PriceTable
-from driftline.streams.pipeline import decode_batch, enrich, to_arrow, to_columns
+from driftline.streams.pipeline import MemoryRecord, decode_batch, enrich, to_arrow, to_columns
 from driftline.streams.windows import WindowAggregator, WindowConfig
 
 MODELS = ["gpt-4o", "gpt-4o-mini", "o3", "claude-sonnet-4-20250514", "gemini-1.5-flash", "no-such-model"]
@@ -117,22 +116,14 @@ def test_fast_decode_keeps_unknown_keys_and_names_bad_keys() -> None:
     assert exc.value.key == "timestamp"
 
 
-@dataclass
-class Rec:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...] = ()
 
 
-def _valid_events(dicts: list[dict[str, Any]]) -> list[Rec]:
+def _valid_events(dicts: list[dict[str, Any]]) -> list[MemoryRecord]:
     recs = []
     for i, d in enumerate(dicts):
         raw = json.dumps(d).encode()
         if not isinstance(_fast(raw), tuple):
-            recs.append(Rec("llm.events", 0, i, None, raw))
+            recs.append(MemoryRecord("llm.events", 0, i, None, raw))
     return recs
 
 
@@ -239,7 +230,7 @@ ODD_RECORDS = [
 ]
 
 
-def _both_paths(recs: list[Rec], monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
+def _both_paths(recs: list[MemoryRecord], monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
     prices = PriceTable.default()
     out = []
     for fast in (True, False):
@@ -259,8 +250,8 @@ def _both_paths(recs: list[Rec], monkeypatch: pytest.MonkeyPatch) -> tuple[Any, 
     return out[0], out[1]
 
 
-def _records(raws: list[bytes]) -> list[Rec]:
-    return [Rec("llm.events", i % 3, i, None, r) for i, r in enumerate(raws)]
+def _records(raws: list[bytes]) -> list[MemoryRecord]:
+    return [MemoryRecord("llm.events", i % 3, i, None, r) for i, r in enumerate(raws)]
 
 
 @settings(max_examples=80, deadline=None)

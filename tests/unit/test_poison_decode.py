@@ -8,7 +8,6 @@ with the mutation applied).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -19,20 +18,12 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 import driftline.streams.pipeline as _pl
 from driftline.schemas.event import MAX_TOKENS, NESTED_TOO_DEEP
 from driftline.schemas.prices import PriceTable
-from driftline.streams.pipeline import decode_batch, enrich, to_columns
+from driftline.streams.pipeline import MemoryRecord, decode_batch, enrich, to_columns
 
 NOW = 1_790_000_000_000  # 2026-09-21T14:13:20Z, the injected wall clock
 DAY = 86_400_000
 
 
-@dataclass
-class Rec:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 def _ev(i: int, **kw: Any) -> dict[str, Any]:
@@ -88,7 +79,7 @@ def test_each_poison_class_rejected_with_its_reason_among_valid_events(
     monkeypatch.setattr(_pl, "_CHUNK_MIN", 1)  # bisect down to the poison record itself
     valid = [_raw(i) for i in range(300)]
     raws = valid[:150] + [p for p, _, _ in POISON] + valid[150:]
-    recs = [Rec("llm.events", 0, i, None, r) for i, r in enumerate(raws)]
+    recs = [MemoryRecord("llm.events", 0, i, None, r) for i, r in enumerate(raws)]
     out = decode_batch(recs, fast=fast, now_ms=NOW)
     assert out.n_events == 300
     if fast:
@@ -105,7 +96,7 @@ def test_event_time_bounds_are_inclusive_and_off_without_now() -> None:
     or a clock read inside decode_batch."""
     raws = [_raw(0, timestamp=NOW - 30 * DAY), _raw(1, timestamp=NOW + 300_000),
             _raw(2, timestamp=NOW - 30 * DAY - 1), _raw(3, timestamp=NOW + 300_001)]
-    recs = [Rec("llm.events", 0, i, None, r) for i, r in enumerate(raws)] * 1
+    recs = [MemoryRecord("llm.events", 0, i, None, r) for i, r in enumerate(raws)] * 1
     for fast in (True, False):
         out = decode_batch(recs * 20, fast=fast, now_ms=NOW)
         assert out.n_events == 40 and len(out.rejected) == 40
@@ -143,10 +134,10 @@ def test_otlp_poison_spans_rejected_with_reasons_others_kept() -> None:
     big = _span(1, {**m, "gen_ai.usage.input_tokens": "99999999999999999999"})
     near = _span(2, {**m, "gen_ai.usage.output_tokens": 2**63 - 1})
     late = _span(3, m, start_ms=16_000_000_000_000)
-    recs = [Rec("otlp_spans", 0, 0, None, _otlp([good, big, near, late])),
-            Rec("otlp_spans", 0, 1, None, _otlp([_span(4, m)], service="s" * 100_000)),
-            Rec("otlp_spans", 0, 2, None, b'{"resourceSpans":' + b"[" * 5000 + b"]" * 5000 + b"}"),
-            Rec("otlp_spans", 0, 3, None, None)]
+    recs = [MemoryRecord("otlp_spans", 0, 0, None, _otlp([good, big, near, late])),
+            MemoryRecord("otlp_spans", 0, 1, None, _otlp([_span(4, m)], service="s" * 100_000)),
+            MemoryRecord("otlp_spans", 0, 2, None, b'{"resourceSpans":' + b"[" * 5000 + b"]" * 5000 + b"}"),
+            MemoryRecord("otlp_spans", 0, 3, None, None)]
     out = decode_batch(recs, now_ms=NOW)
     assert [e.span_id for e in out.events] == ["01" * 8]
     reasons = {r.offset: r.reason for r in out.rejected}
