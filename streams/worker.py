@@ -860,31 +860,58 @@ class Worker:
 
     async def _dead_letter(self, outbox: list[dict[str, Any]]) -> None:
         """Send outbox rows to the DLQ; retried (with the consumer kept alive) until
-        Kafka takes each one: never raises, so a Kafka outage only pauses the writer."""
+        Kafka takes each one: never raises, so a Kafka outage only pauses the writer.
+
+        Only the sends that failed are retried (a send queued before a failing one is
+        delivered once, not resent). A record Kafka refuses for itself (larger than the
+        DLQ topic or the producer takes, say) is never retried as it is: it is sent as a
+        stub instead, its value left out and its length and SHA-256 in headers (the
+        whole value stays in the ``dlq_outbox`` table)."""
         delay = 0.2
         pending = list(outbox)
         while pending:
-            results: list[Any] = []
-            try:
-                assert self.producer is not None
-                futs = [await self.producer.send(self.cfg.dlq_topic, r["value"], key=r["key"],
-                                                 headers=_dlq_headers(r)) for r in pending]
-                results = list(await asyncio.gather(*futs, return_exceptions=True))
-            except Exception as exc:  # noqa: BLE001 - Kafka unreachable: retried below
-                log.warning("dead-letter send failed: %s", exc)
-            results += [RuntimeError("not sent")] * (len(pending) - len(results))
-            failed = [r for r, res in zip(pending, results, strict=True) if isinstance(res, BaseException)]
-            for res in results:
-                if not isinstance(res, BaseException) and res is not None:
-                    self._dlq_hw[res.partition] = max(self._dlq_hw.get(res.partition, 0), int(res.offset) + 1)
-            self.dead_lettered += len(pending) - len(failed)
-            if failed:
+            failed: list[dict[str, Any]] = []
+            sent: list[tuple[dict[str, Any], Any]] = []
+            for r in pending:
+                try:
+                    if self.producer is None:
+                        raise RuntimeError("the DLQ producer is closed")
+                    sent.append((r, await self.producer.send(self.cfg.dlq_topic, r["value"], key=r["key"],
+                                                             headers=_dlq_headers(r))))
+                except Exception as exc:  # noqa: BLE001 - classified below; never raised
+                    sent.append((r, exc))
+            for r, fut in sent:
+                res: Any = fut
+                if not isinstance(fut, BaseException):
+                    try:
+                        res = await fut
+                    except Exception as exc:  # noqa: BLE001 - classified below
+                        res = exc
+                if not isinstance(res, BaseException):
+                    if res is not None:
+                        self._dlq_hw[res.partition] = max(self._dlq_hw.get(res.partition, 0), int(res.offset) + 1)
+                    self.dead_lettered += 1
+                elif isinstance(res, _REFUSED_RECORD) and not r.get("stub"):
+                    log.error("the DLQ refused the rejected record %s[%s]@%s (%s: %s): sending a stub without "
+                              "its value", r["source_topic"], r["source_partition"], r["source_offset"],
+                              type(res).__name__, res)
+                    failed.append(_dlq_stub(r))
+                elif isinstance(res, _REFUSED_RECORD):
+                    log.error("the DLQ refused even the stub of %s[%s]@%s (%s); it stays in dlq_outbox only",
+                              r["source_topic"], r["source_partition"], r["source_offset"], res)
+                    self.metrics.sink_errors["dlq"] += 1
+                else:
+                    failed.append(r)
+            if failed and any(not r.get("stub") or r.get("retry") for r in failed):
                 log.warning("dead-letter send failed for %d records, retrying in %.1fs", len(failed), delay)
                 end = time.monotonic() + delay
                 while time.monotonic() < end:
                     await self._keepalive()
                     await asyncio.sleep(min(0.5, max(0.0, end - time.monotonic())))
                 delay = min(10.0, delay * 2)
+            for r in failed:
+                if r.get("stub"):
+                    r["retry"] = True
             pending = failed
 
     async def _dlq_held(self, dlq_start: str) -> set[tuple[str, int, int, int]]:
@@ -1059,8 +1086,10 @@ async def _start_producer(kafka: str) -> AIOKafkaProducer:
     answers InitProducerId with an error, so there it falls back to a plain producer
     (a client-side retry after a lost acknowledgement can then duplicate a record)."""
     for idempotent in (True, False):
+        # gzip: a rejected record compressed by its producer fits the DLQ compressed too
         producer = AIOKafkaProducer(bootstrap_servers=kafka, linger_ms=20, acks="all",
-                                    max_request_size=16 << 20, enable_idempotence=idempotent)
+                                    max_request_size=16 << 20, enable_idempotence=idempotent,
+                                    compression_type="gzip")
         try:
             await producer.start()
             return producer
@@ -1185,6 +1214,31 @@ def _outbox_rows(rejected: list[Rejected], epochs: dict[TopicPartition, int]) ->
                      "idx": idx, "key": r.key, "value": r.value, "reason": r.reason, "field": r.field or "",
                      "written_at": now})
     return rows
+
+
+def _refused_record_errors() -> tuple[type[BaseException], ...]:
+    """Producer errors that refuse the record itself: retrying it as it is cannot pass."""
+    import aiokafka.errors as ke
+
+    names = ("MessageSizeTooLargeError", "RecordTooLargeError", "RecordListTooLargeError",
+             "CorruptRecordException", "InvalidRecordError")
+    return tuple(getattr(ke, n) for n in names if isinstance(getattr(ke, n, None), type))
+
+
+_REFUSED_RECORD = _refused_record_errors()
+
+
+def _dlq_stub(row: dict[str, Any]) -> dict[str, Any]:
+    """An outbox row whose record Kafka refused: the same source headers (so recovery
+    finds it), no value, the key cut to 1 KiB, the value's length and SHA-256 in the reason."""
+    value = row["value"] or b""
+    digest = hashlib.sha256(value).hexdigest()
+    out = dict(row)
+    out["stub"] = True
+    out["value"] = b""
+    out["key"] = row["key"][:1024] if row["key"] else row["key"]
+    out["reason"] = f"{row['reason']} [value of {len(value)} bytes left out: the DLQ refused it; sha256 {digest}]"
+    return out
 
 
 def _dlq_headers(row: dict[str, Any]) -> list[tuple[str, bytes]]:

@@ -75,3 +75,65 @@ def test_outbox_indices_number_the_rejections_of_one_record() -> None:
 def test_rebalance_timeout_must_exceed_the_drain() -> None:
     with pytest.raises(ValueError, match="rebalance_timeout_ms"):
         WorkerConfig(kafka="k", clickhouse="chdb:///x", revoke_drain_s=60.0, rebalance_timeout_ms=60_000)
+
+
+class _Sent:
+    def __init__(self, partition: int, offset: int) -> None:
+        self.partition, self.offset = partition, offset
+
+
+class _FakeProducer:
+    """Stands for the DLQ producer (pure logic of the send loop): refuses values over
+    ``limit`` bytes as Kafka does (MessageSizeTooLargeError), fails the first send of
+    ``flaky`` offsets with a retriable error, and records what it delivered."""
+
+    def __init__(self, limit: int, flaky: set[int]) -> None:
+        self.limit, self.flaky = limit, set(flaky)
+        self.delivered: list[tuple[int, bytes, str]] = []
+
+    async def send(self, topic: str, value: bytes, key: Any = None, headers: Any = None) -> Any:
+        import asyncio
+
+        from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
+
+        h = dict(headers)
+        off = int(h["driftline-source-offset"])
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if len(value) > self.limit:
+            fut.set_exception(MessageSizeTooLargeError())
+        elif off in self.flaky:
+            self.flaky.discard(off)
+            fut.set_exception(KafkaConnectionError("broker gone"))
+        else:
+            self.delivered.append((off, value, h["driftline-reason"].decode()))
+            fut.set_result(_Sent(0, len(self.delivered) - 1))
+        return fut
+
+
+async def test_dlq_send_retries_only_failures_and_stubs_refused_records() -> None:
+    """Mutations caught: resending the whole batch after one failure (offset 1 delivered
+    twice); retrying a refused record as it is (the loop never ends: the test times out)."""
+    import asyncio
+    import hashlib
+
+    from driftline.streams.worker import Worker
+
+    w = Worker(WorkerConfig(kafka="127.0.0.1:1", clickhouse="chdb:///tmp/unused-driftline-test"))
+    fake = _FakeProducer(limit=100, flaky={2})
+    w.producer = fake  # type: ignore[assignment]
+
+    async def no_keepalive() -> None:
+        return None
+
+    w._keepalive = no_keepalive  # type: ignore[method-assign]
+    big = b"x" * 5000
+    rows = [{"source_topic": "t", "source_partition": 0, "source_offset": i, "idx": 0, "key": b"k",
+             "value": big if i == 3 else b"{bad", "reason": "not valid JSON", "field": ""} for i in range(5)]
+    await asyncio.wait_for(w._dead_letter(rows), 20)
+    offs = [o for o, _, _ in fake.delivered]
+    assert sorted(offs) == [0, 1, 2, 3, 4] and len(offs) == 5
+    stub = next(d for d in fake.delivered if d[0] == 3)
+    assert stub[1] == b""
+    assert stub[2] == ("not valid JSON [value of 5000 bytes left out: the DLQ refused it; sha256 "
+                       f"{hashlib.sha256(big).hexdigest()}]")
+    assert w.dead_lettered == 5
