@@ -226,7 +226,10 @@ CREATE TABLE IF NOT EXISTS {db}.ingest_log
     last_timestamp Int64,
     last_fingerprint UInt64,
     dlq_start String,
-    written_at DateTime64(3, 'UTC')
+    written_at DateTime64(3, 'UTC'),
+    -- the writing worker's stream watermark (epoch ms; 0 unknown): windows that closed
+    -- below it are final and are not reopened when a restart rebuilds the open windows
+    watermark_ms Int64 DEFAULT 0
 )
 ENGINE = ReplacingMergeTree
 ORDER BY (source_topic, source_partition, epoch, last_offset)

@@ -180,6 +180,8 @@ class ClickHouseSink:
                              "'%MergeTree' AND create_table_query NOT LIKE '%non_replicated_deduplication%'"
                              ).result_rows:
                 c.command(f"ALTER TABLE {db}.`{t[0]}` MODIFY SETTING non_replicated_deduplication_window = 1000")
+            # a write log created before it carried the watermark
+            c.command(f"ALTER TABLE {db}.ingest_log ADD COLUMN IF NOT EXISTS watermark_ms Int64 DEFAULT 0")
 
         self.call(run)
 
@@ -325,12 +327,13 @@ class ClickHouseSink:
 
     def ingest_marks(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[Any, ...]]:
         """The last ``ingest_log`` row per partition of ``topic`` (highest epoch, then offset):
-        ``(epoch, first_offset, last_offset, last_timestamp, last_fingerprint, dlq_start)``."""
+        ``(epoch, first_offset, last_offset, last_timestamp, last_fingerprint, dlq_start,
+        watermark_ms)``."""
         parts = sorted(set(partitions))
         if not parts:
             return {}
         sql = (f"SELECT source_partition, argMax(tuple(epoch, first_offset, last_offset, last_timestamp, "
-               f"last_fingerprint, dlq_start), (epoch, last_offset)) FROM {self.database}.ingest_log "
+               f"last_fingerprint, dlq_start, watermark_ms), (epoch, last_offset)) FROM {self.database}.ingest_log "
                f"WHERE source_topic = %(t)s AND source_partition IN %(p)s GROUP BY source_partition")
         rows = self.call(lambda c: c.query(sql, parameters={"t": topic, "p": parts}).result_rows)
         return {int(p): tuple(m) for p, m in rows}

@@ -32,6 +32,7 @@ by the caller with :meth:`WindowAggregator.partial`, closed ones with
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -106,6 +107,13 @@ class EventBatchColumns:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def take(self, idx: np.ndarray) -> EventBatchColumns:
+        """The events at positions ``idx``, in that order (codes keep their lists)."""
+        arrays = {f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)
+                  if isinstance(getattr(self, f.name), np.ndarray)}
+        keys = [self.keys[i] for i in idx.tolist()]
+        return dataclasses.replace(self, keys=keys, **arrays)
 
     def key_index(self) -> tuple[np.ndarray, list[WindowKey]]:
         """(code per event, distinct keys): ``keys[i] == key_list[codes[i]]``."""

@@ -201,6 +201,8 @@ class _Work:
     lasts: dict[TopicPartition, tuple[int, int]] = field(default_factory=dict)
     #: the source records, to dead-letter an event that ClickHouse refuses
     records: Sequence[Any] = ()
+    #: the stream watermark once this batch was windowed (None before any event)
+    watermark_ms: int | None = None
 
     @property
     def arrow(self) -> Any:
@@ -682,7 +684,7 @@ class Worker:
             self._last_emit = now
             closed = {(w.key, w.window_start_ms) for w in windows}
             windows += [w for w in self.windows.partial() if (w.key, w.window_start_ms) not in closed]
-        return _Work(event_cols, windows, decoded.rejected, offsets)
+        return _Work(event_cols, windows, decoded.rejected, offsets, watermark_ms=self.windows.watermark_ms)
 
     def _cut_off(self) -> bool:
         """True while fetching is paused or an assigned partition has had no fetch answer
@@ -792,10 +794,11 @@ class Worker:
                                    token=f"{token}-windows", ingest=True)
         if marks:
             dlq_start = self._dlq_ends() if outbox else ""
+            wm = max((w.watermark_ms for w in batch if w.watermark_ms is not None), default=0)
             log_rows = [{"source_topic": tp.topic, "source_partition": tp.partition,
                          "epoch": self._epoch.get(tp, 0), "first_offset": first, "last_offset": last,
                          "last_timestamp": ts, "last_fingerprint": fp, "dlq_start": dlq_start,
-                         "written_at": _now()}
+                         "written_at": _now(), "watermark_ms": wm}
                         for tp, (first, last, ts, fp) in marks.items()]
             await sink.insert_rows("ingest_log", log_rows, LOG_COLUMNS, self._keepalive, token=f"{token}-log",
                                    ingest=True)
@@ -1010,6 +1013,9 @@ class Worker:
         for tp in assigned:
             by_topic.setdefault(tp.topic, []).append(tp.partition)
         seek_to: dict[TopicPartition, int] = {}
+        #: the highest watermark the write log recorded for these partitions: the windows
+        #: that closed below it were written final and are not reopened
+        closed_below: int | None = None
         for topic, parts in by_topic.items():
             marks = await self._ch_retry("reading the write log", self.sink.ingest_marks, topic, parts)
             missing = [p for p in parts if p not in marks]
@@ -1022,7 +1028,9 @@ class Worker:
                 self._verify.pop(tp, None)
                 self._logged.pop(tp, None)
                 if p in marks:
-                    epoch, first, last, ts, fp, dlq_start = marks[p]
+                    epoch, first, last, ts, fp, dlq_start, wm = marks[p]
+                    if int(wm) > 0:
+                        closed_below = max(closed_below or 0, int(wm))
                     self._epoch[tp] = int(epoch)
                     self._logged[tp] = int(last)
                     self._skip_below[tp] = int(last) + 1
@@ -1067,6 +1075,10 @@ class Worker:
         bounds = dict(self._logged)
         cols = await self._ch_retry("rebuilding windows", self.sink.call, lambda c: _recent_rows(
             c, self.sink.database, sorted(self._assigned), self.cfg.window, wall_ms, bounds))
+        if closed_below is not None:
+            self.windows.watermark_ms = closed_below
+            if cols is not None:
+                cols = _open_at(cols, self.cfg.window, closed_below)
         if cols is not None and len(cols):
             self.windows.add(cols, wall_ms=wall_ms)
             self.windows.advance(wall_ms=wall_ms)
@@ -1077,7 +1089,7 @@ class Worker:
 OUTBOX_COLUMNS = ("source_topic", "source_partition", "epoch", "source_offset", "idx", "key", "value",
                   "reason", "field", "written_at")
 LOG_COLUMNS = ("source_topic", "source_partition", "epoch", "first_offset", "last_offset", "last_timestamp",
-               "last_fingerprint", "dlq_start", "written_at")
+               "last_fingerprint", "dlq_start", "written_at", "watermark_ms")
 
 
 async def _start_producer(kafka: str) -> AIOKafkaProducer:
@@ -1247,6 +1259,15 @@ def _dlq_headers(row: dict[str, Any]) -> list[tuple[str, bytes]]:
     r = Rejected(row["source_topic"], int(row["source_partition"]), int(row["source_offset"]), row["key"],
                  row["value"], str(row["reason"]), str(row["field"]) or None)
     return [*r.dlq_headers(), ("driftline-source-index", str(row["idx"]).encode())]
+
+
+def _open_at(cols: EventBatchColumns, wc: WindowConfig, watermark_ms: int) -> EventBatchColumns:
+    """The rows of ``cols`` whose window was still open at ``watermark_ms`` (its end plus
+    the allowed lateness after it): a rebuild must not reopen a window already written
+    final, or its partial rows would replace the final one with a recount of fewer rows."""
+    starts = cols.ts_ms - cols.ts_ms % wc.size_ms
+    keep = np.flatnonzero(starts + wc.size_ms + wc.allowed_lateness_ms > watermark_ms)
+    return cols if keep.size == len(cols) else cols.take(keep)
 
 
 def _concat_arrow(tables: list[Any]) -> Any:

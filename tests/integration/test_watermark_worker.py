@@ -129,3 +129,52 @@ async def test_skew_future_events_and_restart_leave_no_event_late(kafka_bootstra
     assert sum(late for _n, late in wins.values()) == 0
     assert {s: n for s, (n, _late) in wins.items()} == raw
     assert raw[m0 - MIN] == 80                                   # 20 + 40 before, 20 after the restart
+
+
+async def test_restart_with_a_quiet_partition_does_not_reopen_final_windows(
+        kafka_bootstrap: str, make_topics: Any, chdb_dsn: str) -> None:
+    # Mutation caught: without the write log's watermark (worker._open_at / closed_below),
+    # the rebuild reopens window lag from partition 1's rows alone (partition 0's rows that
+    # old are not loaded) and its partial row, newer than the final one, replaces 60
+    # events with 30. Found by review.
+    topic = f"wm-q-{uuid.uuid4().hex[:10]}"
+    make_topics({topic: 2, f"{topic}.dlq": 1})
+    now = int(time.time() * 1000)
+    m0 = now - now % MIN
+    lag = m0 - 10 * MIN
+    both = [(p, _event(1000 * (p + 1) + i, lag + i * 1_000)) for p in (0, 1) for i in range(30)]
+    ahead = [(0, _event(3000 + i, lag + MIN + i * 10_000)) for i in range(48)]    # partition 1 goes quiet
+    later = [(0, _event(4000 + i, m0 - 50_000 + i * 1_000)) for i in range(10)]
+    cfg = WorkerConfig(kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"g-{uuid.uuid4().hex[:8]}",
+                       topics=(topic,), dlq_topic=f"{topic}.dlq",
+                       window=WindowConfig(size_ms=MIN, idle_partition_ms=1_000),
+                       emit_interval_s=0.5, idle_close_s=120.0)
+    stop, task, worker = await _start(cfg)
+    sent = 0
+    try:
+        for batch in (both, ahead, later):
+            await _send(kafka_bootstrap, topic, batch)
+            sent += len(batch)
+            await wait_for(lambda n=sent: worker.stored_events >= n or task.done(), 60,
+                           lambda n=sent: f"stored {worker.stored_events} of {n}")
+            await asyncio.sleep(2.0)                                  # partition 1 idles meanwhile
+        assert worker.windows.watermark_ms is not None and worker.windows.watermark_ms > lag + 2 * MIN
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+    wins, raw = _windows_vs_raw(chdb_dsn)
+    assert raw[lag] == 60 and wins[lag][0] == 60
+
+    cfg2 = WorkerConfig(**{**cfg.__dict__, "group_id": f"g-{uuid.uuid4().hex[:8]}"})
+    stop, task, worker = await _start(cfg2)
+    try:
+        await _send(kafka_bootstrap, topic, [(0, _event(5000 + i, m0 - 20_000 + i * 1_000)) for i in range(5)])
+        await wait_for(lambda: worker.stored_events >= 5 or task.done(), 60,
+                       lambda: f"stored {worker.stored_events} of 5")
+        await asyncio.sleep(2.0)                                      # partial rows are written meanwhile
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+    wins, raw = _windows_vs_raw(chdb_dsn)
+    assert raw[lag] == 60
+    assert {s: n for s, (n, _late) in wins.items()} == raw
