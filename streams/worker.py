@@ -545,7 +545,7 @@ class Worker:
         deleted the logged record: the topic is the same.
         """
         off, ts, fp = self._verify.pop(tp)
-        if rec.offset > off or (rec.offset == off and int(rec.timestamp) == ts and _fingerprint(rec) == fp):
+        if rec.offset > off or (rec.offset == off and _same_record(rec, ts, fp)):
             return True
         self._recreated(tp, f"its offsets start at {rec.offset}, below the stored {off}" if rec.offset < off
                         else f"the record at stored offset {off} is another record")
@@ -580,7 +580,7 @@ class Worker:
                         pending.discard(tp)
                         if r.offset < off:
                             out[tp] = f"its offsets restart at {r.offset}, below the stored {off}"
-                        elif r.offset == off and (int(r.timestamp) != ts or _fingerprint(r) != fp):
+                        elif r.offset == off and not _same_record(r, ts, fp):
                             out[tp] = f"the record at stored offset {off} is another record"
                     elif hw is not None and hw <= off:
                         pending.discard(tp)
@@ -1144,6 +1144,14 @@ def _failed_batch_end(exc: BaseException, pos: int) -> int:
                 return nxt - 1
         tb = tb.tb_next
     return pos
+
+
+def _same_record(rec: Any, ts: int, fp: int) -> bool:
+    """Is ``rec`` the record the write log saw at its offset (Kafka timestamp and
+    fingerprint)? A logged (0, 0) is a skipped undecodable batch, which has no record
+    to fingerprint: it cannot be checked, and is taken as the same (were it taken as
+    another record, the partition would be read again from its beginning, twice)."""
+    return (ts, fp) == (0, 0) or (int(rec.timestamp) == ts and _fingerprint(rec) == fp)
 
 
 def _fingerprint(rec: Any) -> int:

@@ -137,3 +137,17 @@ async def test_dlq_send_retries_only_failures_and_stubs_refused_records() -> Non
     assert stub[2] == ("not valid JSON [value of 5000 bytes left out: the DLQ refused it; sha256 "
                        f"{hashlib.sha256(big).hexdigest()}]")
     assert w.dead_lettered == 5
+
+
+def test_a_skipped_batch_logged_without_fingerprint_is_not_a_recreated_topic() -> None:
+    """Mutation caught: comparing (0, 0) like any fingerprint (a batch that decodes after
+    a restart would be taken for another record: the partition read again from 0)."""
+    from types import SimpleNamespace
+
+    from driftline.streams.worker import _fingerprint, _same_record
+
+    rec = SimpleNamespace(timestamp=1_700_000_000_000, key=b"k", value=b'{"a":1}', headers=())
+    assert _same_record(rec, 0, 0)
+    assert _same_record(rec, 1_700_000_000_000, _fingerprint(rec))
+    assert not _same_record(rec, 1_700_000_000_000, _fingerprint(rec) ^ 1)
+    assert not _same_record(rec, 1_700_000_000_001, _fingerprint(rec))
