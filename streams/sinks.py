@@ -173,8 +173,18 @@ class ClickHouseSink:
         db = self.database
 
         def run(c: Any) -> None:
+            had_log = int(c.query(f"SELECT count() FROM system.tables WHERE database = '{db}' "
+                                  "AND name = 'ingest_log'").result_rows[0][0]) > 0
             for s in stmts:
                 c.command(s)
+            if not had_log:
+                # a store written before the write log: log its highest stored offset per
+                # partition once (no record to check: fingerprint (0, 0)), so a worker
+                # resumes after it; with no log a partition is read from its beginning
+                c.command(f"INSERT INTO {db}.ingest_log (source_topic, source_partition, epoch, first_offset, "
+                          "last_offset, last_timestamp, last_fingerprint, dlq_start, written_at, watermark_ms) "
+                          "SELECT source_topic, source_partition, 0, max(source_offset), max(source_offset), "
+                          f"0, 0, '', now64(3), 0 FROM {db}.llm_events GROUP BY source_topic, source_partition")
             # tables created by an older version: turn on insert deduplication there too
             for t in c.query(f"SELECT name FROM system.tables WHERE database = '{db}' AND engine LIKE "
                              "'%MergeTree' AND create_table_query NOT LIKE '%non_replicated_deduplication%'"
@@ -315,16 +325,6 @@ class ClickHouseSink:
         await self.insert_columns(table, cols, keepalive, token=token, ingest=ingest, on_rejected=on_rejected)
 
     # -- reads --------------------------------------------------------------------
-    def stored_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
-        """Highest source offset already stored per partition of ``topic``."""
-        parts = sorted(set(partitions))
-        if not parts:
-            return {}
-        sql = (f"SELECT source_partition, max(source_offset) FROM {self.database}.llm_events "
-               f"WHERE source_topic = %(t)s AND source_partition IN %(p)s GROUP BY source_partition")
-        rows = self.call(lambda c: c.query(sql, parameters={"t": topic, "p": parts}).result_rows)
-        return {int(p): int(o) for p, o in rows}
-
     def ingest_marks(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[Any, ...]]:
         """The last ``ingest_log`` row per partition of ``topic`` (highest epoch, then offset):
         ``(epoch, first_offset, last_offset, last_timestamp, last_fingerprint, dlq_start,

@@ -983,7 +983,11 @@ class Worker:
         # Keep what is open visible; the next owner rebuilds it from the stored rows.
         partial = self.windows.partial()
         if partial:
-            await self._queue.put(_Work(None, partial, [], {}))
+            # visibility only (the next owner rebuilds the open windows from stored rows):
+            # dropped when the queue is full, so a ClickHouse outage cannot hold the
+            # callback past the group's rebalance timeout here
+            with contextlib.suppress(asyncio.QueueFull):
+                self._queue.put_nowait(_Work(None, partial, [], {}))
         self.windows = WindowAggregator(self.cfg.window)
         # Everything processed so far is written (and committed) before the group moves
         # on: the next owner of a partition reads its stored offsets after this returns,
@@ -1007,6 +1011,14 @@ class Worker:
         if not assigned:
             return
         self._rebalances += 1
+        # this worker's own queued write steps land before the write log is read: a
+        # partition it keeps (or gets back) would otherwise be fetched again from a stale
+        # log and its records stored twice (bounded like the revoke drain)
+        try:
+            await asyncio.wait_for(self._queue.join(), self.cfg.revoke_drain_s)
+        except TimeoutError:
+            log.warning("assigned with writes still pending after %.0f s (ClickHouse slow or down)",
+                        self.cfg.revoke_drain_s)
         self._assigned |= set(assigned)
         assert self.consumer is not None
         by_topic: dict[str, list[int]] = {}
@@ -1018,10 +1030,6 @@ class Worker:
         closed_below: int | None = None
         for topic, parts in by_topic.items():
             marks = await self._ch_retry("reading the write log", self.sink.ingest_marks, topic, parts)
-            missing = [p for p in parts if p not in marks]
-            # a store written before the write log existed: resume after its highest stored offset
-            legacy = (await self._ch_retry("reading stored offsets", self.sink.stored_offsets, topic, missing)
-                      if missing else {})
             for p in parts:
                 tp = TopicPartition(topic, p)
                 self._torn.pop(tp, None)
@@ -1042,13 +1050,15 @@ class Worker:
                         log.info("%s[%d]: %d events past the write log (a write step cut short) will not be "
                                  "stored again", topic, p, len(torn))
                     await self._recover_dlq(tp, int(epoch), int(first), int(last), str(dlq_start))
-                elif p in legacy:
-                    nxt = legacy[p] + 1
-                    self._skip_below[tp] = nxt
-                    seek_to[tp] = nxt
-                    log.info("%s[%d]: no write log; resuming after stored offset %d", topic, p, legacy[p])
                 else:
+                    # nothing logged: read from the committed offset (or the beginning); a
+                    # first write step cut short may have stored events, not stored again
                     self._skip_below.pop(tp, None)
+                    torn = await self._ch_retry("reading stored events", self.sink.stored_after, topic, p, -1)
+                    if torn:
+                        self._torn[tp] = torn
+                        log.info("%s[%d]: %d events of a first write step cut short will not be stored again",
+                                 topic, p, len(torn))
         # the record at each logged offset, read before fetching starts: a topic that ends
         # at or before it is not the logged topic (Tansu answers a fetch past the end
         # with nothing, not "out of range"; its ListOffsets is wrong, its high watermark right)

@@ -70,3 +70,30 @@ async def test_slow_query_is_cut_and_does_not_stall_ingestion(chdb_dsn: str) -> 
         assert 2.5 < time.monotonic() - t0 < 20
     finally:
         sink.close()
+
+
+async def test_a_store_from_before_the_write_log_is_logged_once(chdb_dsn: str) -> None:
+    """A store whose llm_events predate ``ingest_log`` gets one write-log row per source
+    partition at its highest stored offset (fingerprint (0, 0): nothing to check), so a
+    worker resumes after it; a store that has the log is left alone. Catches: no
+    migration (a worker would read those partitions again from their beginning, and only
+    event_id would collapse the copies under FINAL) or a migration run on every start."""
+    sink = ClickHouseSink(chdb_dsn)
+    try:
+        sink.ensure_schema()
+        assert sink.query_rows("SELECT count() FROM driftline.ingest_log") == [(0,)]
+        sink.call(lambda c: c.command(
+            "INSERT INTO driftline.llm_events (event_id, timestamp, app, model, source_topic, source_partition, "
+            "source_offset) SELECT toString(number), now64(3), 'a', 'm', 'llm.events', number % 2, number "
+            "FROM numbers(11)"))
+        sink.call(lambda c: c.command("DROP TABLE driftline.ingest_log"))
+        sink.ensure_schema()
+        rows = sink.query_rows("SELECT source_topic, source_partition, epoch, first_offset, last_offset, "
+                               "last_timestamp, last_fingerprint, watermark_ms FROM driftline.ingest_log "
+                               "ORDER BY source_partition")
+        assert rows == [("llm.events", 0, 0, 10, 10, 0, 0, 0), ("llm.events", 1, 0, 9, 9, 0, 0, 0)]
+        sink.ensure_schema()
+        assert sink.query_rows("SELECT count() FROM driftline.ingest_log") == [(2,)]
+        assert sink.ingest_marks("llm.events", [0, 1])[1][2] == 9
+    finally:
+        sink.close()
