@@ -40,8 +40,10 @@ __all__ = ["ClickHouseSink", "ddl_statements", "resolve_dsn", "retryable", "WIND
 
 #: ClickHouse error codes that a retry cannot pass: the data itself is refused
 #: (parse errors, type mismatch, out of range values, NULL in a plain column, constraint)
+#: (32 and 33, "read after EOF" / "cannot read all data", are left out: a connection cut
+#: in the middle of an insert raises them too, and valid rows must not go to the DLQ)
 DATA_ERROR_CODES = frozenset({
-    6, 26, 27, 32, 33, 38, 41, 53, 69, 70, 72, 117, 131, 190, 321, 349, 407, 469, 691,
+    6, 26, 27, 38, 41, 53, 69, 70, 72, 117, 131, 190, 321, 349, 407, 469, 691,
 })
 _CODE = re.compile(r"Code: (\d+)\.")
 
@@ -278,7 +280,8 @@ class ClickHouseSink:
                 built.append(build())
             return int(built[0].num_rows)
 
-        n = await self.acall(n_rows, ingest=ingest)
+        # the first call on a lane connects: a ClickHouse that is down is waited for here too
+        n = await self._retrying(f"insert into {table}", n_rows, keepalive, ingest)
         if n:
             await self._bisecting(table, n, insert, keepalive, token, on_rejected, ingest)
 

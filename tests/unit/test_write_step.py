@@ -31,6 +31,8 @@ from driftline.streams.worker import (
     (ConnectionResetError(104, "reset"), True),
     (DatabaseError("Code: 53. DB::Exception: Type mismatch"), False),
     (DatabaseError("Code: 321. DB::Exception: Value is out of range of data type"), False),
+    # a connection cut mid-insert: the server read a truncated body (not the rows' fault)
+    (DatabaseError("Code: 33. DB::Exception: Cannot read all data. Bytes read: 12. Bytes expected: 40"), True),
     (DatabaseError("Code: 27. DB::Exception: Cannot parse input"), False),
     (DatabaseError("Code: 469. DB::Exception: Constraint `c` for table x is violated"), False),
     (DatabaseError("Code: 252. DB::Exception: Too many partitions for single INSERT block (more than 100)"), False),
