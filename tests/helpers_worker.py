@@ -1,5 +1,5 @@
-"""Shared by the worker integration tests: waiting on a condition of a running worker,
-reading a topic (the DLQ) whole."""
+"""Shared by the worker integration tests: starting a worker in this process, waiting on
+a condition of it, reading a topic (the DLQ) whole."""
 
 from __future__ import annotations
 
@@ -38,3 +38,19 @@ async def read_topic(bootstrap: str, topic: str, expected: int, timeout: float =
     finally:
         await c.stop()
     return out
+
+
+async def start_worker(cfg: Any, sql_port: int | None = None) -> tuple[asyncio.Event, asyncio.Task[Any], Any]:
+    """Serve a worker for ``cfg`` (web on a free port) until the returned event is set:
+    (stop event, its task, the Worker once it is ready)."""
+    from driftline.streams.app import serve_worker
+    from driftline.streams.broker import free_port
+
+    stop = asyncio.Event()
+    box: list[Any] = []
+    task = asyncio.create_task(serve_worker(cfg, stop, web_port=free_port(), sql_port=sql_port,
+                                            on_ready=box.append))
+    await wait_for(lambda: bool(box) or task.done(), 30, lambda: "worker never became ready")
+    if task.done():
+        task.result()
+    return stop, task, box[0]

@@ -20,13 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_worker import read_topic, wait_for
+from helpers_worker import read_topic, start_worker, wait_for
 
 from driftline.schemas.event import NESTED_TOO_DEEP
-from driftline.streams.app import serve_worker
-from driftline.streams.broker import free_port
 from driftline.streams.producer import emit_lines, produce_records
-from driftline.streams.worker import Worker, WorkerConfig
+from driftline.streams.worker import WorkerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -63,15 +61,6 @@ def _poison(now_ms: int) -> list[tuple[bytes | None, str]]:
 
 
 
-async def _start(cfg: WorkerConfig) -> tuple[asyncio.Event, asyncio.Task[Worker], Worker]:
-    stop = asyncio.Event()
-    box: list[Worker] = []
-    task = asyncio.create_task(serve_worker(cfg, stop, web_port=free_port(), sql_port=None,
-                                            on_ready=box.append))
-    await wait_for(lambda: bool(box) or task.done(), 30, lambda: "worker never became ready")
-    if task.done():
-        task.result()
-    return stop, task, box[0]
 
 
 async def test_each_poison_class_dead_lettered_once_valid_events_stored(
@@ -90,7 +79,7 @@ async def test_each_poison_class_dead_lettered_once_valid_events_stored(
     await produce_records(kafka_bootstrap, topic, records)  # type: ignore[arg-type]
     cfg = WorkerConfig(kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"g-{uuid.uuid4().hex[:8]}",
                        topics=(topic,), dlq_topic=f"{topic}.dlq", emit_interval_s=0.5, idle_close_s=1.0)
-    stop, task, worker = await _start(cfg)
+    stop, task, worker = await start_worker(cfg)
     try:
         await wait_for(lambda: (worker.stored_events >= 500 and worker.dead_lettered >= len(poison))
                        or task.done(), 60,
@@ -189,7 +178,7 @@ async def test_fuzzed_records_through_the_worker(kafka_bootstrap: str, make_topi
     cfg = WorkerConfig(kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"g-{uuid.uuid4().hex[:8]}",
                        topics=(topic, otlp_topic), dlq_topic=f"{topic}.dlq", emit_interval_s=0.5,
                        idle_close_s=1.0, **wide)
-    stop, task, worker = await _start(cfg)
+    stop, task, worker = await start_worker(cfg)
     try:
         n_ev, n_rej = expected.n_events, len(expected.rejected)
         await wait_for(lambda: (worker.stored_events >= n_ev and worker.dead_lettered >= n_rej)

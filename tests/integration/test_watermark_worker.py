@@ -15,12 +15,10 @@ from typing import Any
 import clickhouse_connect
 import pytest
 from aiokafka import AIOKafkaProducer
-from helpers_worker import wait_for
+from helpers_worker import start_worker, wait_for
 
-from driftline.streams.app import serve_worker
-from driftline.streams.broker import free_port
 from driftline.streams.windows import WindowConfig
-from driftline.streams.worker import Worker, WorkerConfig
+from driftline.streams.worker import WorkerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -44,15 +42,6 @@ async def _send(bootstrap: str, topic: str, batch: list[tuple[int, dict[str, Any
         await p.stop()
 
 
-async def _start(cfg: WorkerConfig) -> tuple[asyncio.Event, asyncio.Task[None], Worker]:
-    stop = asyncio.Event()
-    box: list[Worker] = []
-    task = asyncio.create_task(serve_worker(cfg, stop, web_port=free_port(), sql_port=None,
-                                            on_ready=box.append))
-    await wait_for(lambda: bool(box) or task.done(), 30, lambda: "worker never became ready")
-    if task.done():
-        task.result()
-    return stop, task, box[0]
 
 
 def _windows_vs_raw(dsn: str) -> tuple[dict[int, tuple[int, int]], dict[int, int]]:
@@ -94,7 +83,7 @@ async def test_skew_future_events_and_restart_leave_no_event_late(kafka_bootstra
                        topics=(topic,), dlq_topic=f"{topic}.dlq", window=WindowConfig(size_ms=MIN),
                        emit_interval_s=0.5, idle_close_s=120.0)
     sent = 0
-    stop, task, worker = await _start(cfg)
+    stop, task, worker = await start_worker(cfg)
     try:
         for batch in steps:
             await _send(kafka_bootstrap, topic, batch)
@@ -116,7 +105,7 @@ async def test_skew_future_events_and_restart_leave_no_event_late(kafka_bootstra
     # restart: the open windows are rebuilt per partition, past the two future rows
     step5 = [(p, _event(800 + 10 * p + i, m0 - 15_000 + i * 1_000)) for p in (0, 1) for i in range(10)]
     cfg2 = WorkerConfig(**{**cfg.__dict__, "group_id": f"g-{uuid.uuid4().hex[:8]}"})
-    stop, task, worker = await _start(cfg2)
+    stop, task, worker = await start_worker(cfg2)
     try:
         await _send(kafka_bootstrap, topic, step5)
         await wait_for(lambda: worker.stored_events >= 20 or task.done(), 60,
@@ -149,7 +138,7 @@ async def test_restart_with_a_quiet_partition_does_not_reopen_final_windows(
                        topics=(topic,), dlq_topic=f"{topic}.dlq",
                        window=WindowConfig(size_ms=MIN, idle_partition_ms=1_000),
                        emit_interval_s=0.5, idle_close_s=120.0)
-    stop, task, worker = await _start(cfg)
+    stop, task, worker = await start_worker(cfg)
     sent = 0
     try:
         for batch in (both, ahead, later):
@@ -166,7 +155,7 @@ async def test_restart_with_a_quiet_partition_does_not_reopen_final_windows(
     assert raw[lag] == 60 and wins[lag][0] == 60
 
     cfg2 = WorkerConfig(**{**cfg.__dict__, "group_id": f"g-{uuid.uuid4().hex[:8]}"})
-    stop, task, worker = await _start(cfg2)
+    stop, task, worker = await start_worker(cfg2)
     try:
         await _send(kafka_bootstrap, topic, [(0, _event(5000 + i, m0 - 20_000 + i * 1_000)) for i in range(5)])
         await wait_for(lambda: worker.stored_events >= 5 or task.done(), 60,

@@ -16,18 +16,17 @@ from typing import Any
 
 import clickhouse_connect
 import pytest
-from helpers_worker import read_topic
+from helpers_worker import read_topic, start_worker
 from helpers_worker import wait_for as _wait_for
 
 from driftline.schemas.event import decode_event
 from driftline.schemas.prices import PriceTable
-from driftline.streams.app import serve_worker
 from driftline.streams.broker import free_port
 from driftline.streams.producer import produce_records
 from driftline.streams.replay import ReplayConfig, ReplayData, generate
 from driftline.streams.sqlclient import run_sql
 from driftline.streams.windows import WindowConfig
-from driftline.streams.worker import Worker, WorkerConfig
+from driftline.streams.worker import WorkerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -45,15 +44,6 @@ def _config(bootstrap: str, dsn: str, topic: str) -> WorkerConfig:
 
 
 
-async def _start(cfg: WorkerConfig, sql_port: int | None) -> tuple[asyncio.Event, asyncio.Task[Worker], Worker]:
-    stop = asyncio.Event()
-    box: list[Worker] = []
-    task = asyncio.create_task(serve_worker(cfg, stop, web_port=free_port(), sql_port=sql_port,
-                                            on_ready=box.append))
-    await _wait_for(lambda: bool(box) or task.done(), 30, lambda: "worker never became ready")
-    if task.done():
-        task.result()
-    return stop, task, box[0]
 
 
 
@@ -93,7 +83,7 @@ async def test_events_windows_dlq_exact(kafka_bootstrap: str, make_topics: Any, 
                           + [(None, v) for v in odd_values])
     n_valid = len(events)
     cfg = _config(kafka_bootstrap, chdb_dsn, topic)
-    stop, task, worker = await _start(cfg, sql_port=None)
+    stop, task, worker = await start_worker(cfg, sql_port=None)
     try:
         await _wait_for(lambda: (worker.stored_events >= n_valid and worker.dead_lettered >= len(malformed))
                         or task.done(), 60,
@@ -194,7 +184,7 @@ async def test_sql_endpoint_while_worker_holds_chdb(kafka_bootstrap: str, make_t
     n_valid = sum(r.valid for r in records)
     await produce_records(kafka_bootstrap, topic, [(r.key, r.value) for r in records])
     sql_port = free_port()
-    stop, task, worker = await _start(_config(kafka_bootstrap, chdb_dsn, topic), sql_port=sql_port)
+    stop, task, worker = await start_worker(_config(kafka_bootstrap, chdb_dsn, topic), sql_port=sql_port)
     try:
         await _wait_for(lambda: worker.stored_events >= n_valid or task.done(), 60,
                         lambda: f"stored {worker.stored_events}/{n_valid}")
