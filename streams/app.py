@@ -31,6 +31,7 @@ import mode
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from driftline.streams.control_auth import admit
 from driftline.streams.metrics import WorkerMetrics
 from driftline.streams.sinks import chdb_path
 from driftline.streams.worker import Stage, Worker, WorkerConfig
@@ -77,6 +78,7 @@ def make_app(worker: Worker, *, control_topic: str = CONTROL_TOPIC) -> tuple[fau
         topic_disable_leader=True, store="memory://",
         broker_session_timeout=6.0, broker_heartbeat_interval=1.0,
         consumer_auto_offset_reset="latest", topic_allow_declare=False,
+        **cfg.kafka_security.faust_kwargs(),
     )
     spine = SpineService(worker)
     control = app.topic(control_topic, value_serializer="json")
@@ -91,9 +93,17 @@ def make_app(worker: Worker, *, control_topic: str = CONTROL_TOPIC) -> tuple[fau
 
 def handle_control(worker: Worker, cmd: Any) -> None:
     """Apply one control command: ``{"cmd": "flush"}``; other commands go to the stages
-    that have an ``on_control(cmd)`` method. Bad commands are logged and ignored."""
+    that have an ``on_control(cmd)`` method. Bad commands are logged and ignored. With a
+    control secret, unsigned or badly signed commands are refused and counted
+    (streams/control_auth.py). ``baseline`` commands belong to the drift stage's own
+    control consumer (which checks them), so they are skipped here."""
     if not isinstance(cmd, dict) or not isinstance(cmd.get("cmd"), str):
-        log.warning("control: ignoring %r (expected {\"cmd\": ...})", cmd)
+        log.warning("control: ignoring a %s (expected {\"cmd\": ...})", type(cmd).__name__)
+        return
+    if cmd["cmd"] == "baseline":
+        return
+    if not admit(cmd, worker.cfg.control_secret, worker.metrics.control_refused,
+                 max_age_s=worker.cfg.control_max_age_s):
         return
     if cmd["cmd"] == "flush":
         worker.request_flush()
@@ -146,7 +156,14 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
         if cfg.create_topics:
             from driftline.streams.broker import ensure_topics
 
-            await asyncio.to_thread(ensure_topics, cfg.kafka, {CONTROL_TOPIC: 1})
+            await asyncio.to_thread(ensure_topics, cfg.kafka, {CONTROL_TOPIC: 1}, security=cfg.kafka_security)
+        if cfg.control_secret is None:
+            log.warning("control commands on %s are not authenticated: anyone who can write that topic "
+                        "can flush the workers and rebase, pin or reset drift references (set "
+                        "DRIFTLINE_CONTROL_SECRET or --control-secret-file to require signed commands)",
+                        CONTROL_TOPIC)
+        else:
+            log.info("control commands on %s must be signed (HMAC-SHA256)", CONTROL_TOPIC)
         app, spine = make_app(worker)
         await spine.start()  # the spine's group join overlaps the app's
         await app.start()

@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from driftline.streams.drift import CONTROL_TOPIC
+
+if TYPE_CHECKING:
+    from driftline.streams.kafka_security import KafkaSecurity
 
 __all__ = ["send_command", "show_references", "wait_applied", "SHOW_SQL"]
 
@@ -43,14 +46,25 @@ SHOW_SQL = (
 )
 
 
-def send_command(kafka: str, cmd: dict[str, Any], topic: str = CONTROL_TOPIC, timeout: float = 30.0) -> str:
-    """Produce one baseline command; returns its id (the worker logs it when applied)."""
+def send_command(kafka: str, cmd: dict[str, Any], topic: str = CONTROL_TOPIC, timeout: float = 30.0, *,
+                 security: KafkaSecurity | None = None, secret: bytes | None = None) -> str:
+    """Produce one baseline command; returns its id (the worker logs it when applied).
+
+    ``security``: TLS / SASL of the producer; ``secret``: sign the command (HMAC-SHA256,
+    see :mod:`driftline.streams.control_auth`): workers configured with the same secret
+    refuse commands without a valid signature.
+    """
     import uuid
 
     from kafka import KafkaProducer
 
+    from driftline.streams.control_auth import sign_command
+
     body = {"cmd": "baseline", "id": uuid.uuid4().hex, "sent_at_ms": int(time.time() * 1000), **cmd}
-    p = KafkaProducer(bootstrap_servers=kafka, acks="all")
+    if secret is not None:
+        body = sign_command(body, secret)
+    p = KafkaProducer(bootstrap_servers=kafka, acks="all",
+                      **(security.kafka_python_kwargs() if security is not None else {}))
     try:
         p.send(topic, json.dumps(body).encode()).get(timeout=timeout)
         p.flush(timeout)

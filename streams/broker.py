@@ -15,6 +15,10 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from driftline.streams.kafka_security import KafkaSecurity
 
 __all__ = ["LocalBroker", "free_port", "wait_for_port", "ensure_topics", "DEFAULT_TOPICS"]
 
@@ -65,6 +69,13 @@ class LocalBroker:
     port: int
     log_path: Path | None = None
     process: subprocess.Popen[bytes] | None = None
+    #: the port advertised to clients in metadata (default: ``port``): a TLS front
+    #: (tests/integration/test_kafka_tls.py) listens there and forwards to ``port``
+    advertised_port: int | None = None
+    #: Tansu's ``--authentication``: every request needs a SASL login first. Tansu 0.6.0
+    #: offers SCRAM only, and with memory storage no user can be created (creating one
+    #: is itself a request that needs a login), so this only serves refusal tests
+    authentication: bool = False
 
     @property
     def bootstrap(self) -> str:
@@ -72,11 +83,14 @@ class LocalBroker:
 
     def start(self, timeout: float = 20.0) -> LocalBroker:
         url = f"tcp://127.0.0.1:{self.port}"
+        # Tansu 0.6.0 has no TLS: its --cert and --key are exclusive (clap group "tls") and the
+        # broker never uses the acceptor it builds (tansu-broker/src/broker.rs: ``_acceptor``)
         args = [
             tansu_binary(), "broker",
             "--listener-url", url,
-            "--advertised-listener-url", url,
+            "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port or self.port}",
             "--storage-engine", "memory://tansu/",
+            *(["--authentication"] if self.authentication else []),
         ]
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         env = dict(os.environ)
@@ -110,8 +124,10 @@ class LocalBroker:
     @classmethod
     @contextlib.contextmanager
     def started(cls, port: int | None = None, log_path: Path | None = None,
-                topics: dict[str, int] | None = None) -> Iterator[LocalBroker]:
-        b = cls(port or free_port(), log_path).start()
+                topics: dict[str, int] | None = None, *, advertised_port: int | None = None,
+                authentication: bool = False) -> Iterator[LocalBroker]:
+        b = cls(port or free_port(), log_path, advertised_port=advertised_port,
+                authentication=authentication).start()
         try:
             if topics:
                 ensure_topics(b.bootstrap, topics)
@@ -120,16 +136,19 @@ class LocalBroker:
             b.stop()
 
 
-def ensure_topics(bootstrap: str, topics: dict[str, int], timeout: float = 15.0) -> list[str]:
-    """Create the topics that do not exist yet (partitions as given). Returns those created."""
+def ensure_topics(bootstrap: str, topics: dict[str, int], timeout: float = 15.0, *,
+                  security: KafkaSecurity | None = None) -> list[str]:
+    """Create the topics that do not exist yet (partitions as given). Returns those created.
+    ``security``: TLS / SASL of the admin connection (default plain)."""
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
+    sec = security.kafka_python_kwargs() if security is not None else {}
     deadline = time.monotonic() + timeout
     while True:
         try:
             admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="driftline-admin",
-                                     request_timeout_ms=5000)
+                                     request_timeout_ms=5000, **sec)
             break
         except Exception:
             if time.monotonic() > deadline:
@@ -150,11 +169,13 @@ def ensure_topics(bootstrap: str, topics: dict[str, int], timeout: float = 15.0)
         admin.close()
 
 
-def topic_partitions(bootstrap: str, topics: Sequence[str]) -> dict[str, int]:
+def topic_partitions(bootstrap: str, topics: Sequence[str], *,
+                     security: KafkaSecurity | None = None) -> dict[str, int]:
     """Number of partitions of each topic (0 when missing)."""
     from kafka.admin import KafkaAdminClient
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="driftline-admin")
+    sec = security.kafka_python_kwargs() if security is not None else {}
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="driftline-admin", **sec)
     try:
         meta = admin.describe_topics(list(topics))
         return {m["topic"]: len(m.get("partitions") or []) for m in meta}

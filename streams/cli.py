@@ -53,6 +53,57 @@ ClickHouseOpt = Annotated[str | None, typer.Option(
     "--clickhouse", envvar="DRIFTLINE_CLICKHOUSE",
     help="ClickHouse DSN: chdb:///path (embedded) or http://user:pass@host:8123/db (server).")]
 
+# Kafka TLS / SASL: the same block ends the parameters of worker, emit, otlp and baseline
+# rebase/pin/reset; _kafka_security() turns it into a KafkaSecurity. The password is never
+# an option: DRIFTLINE_KAFKA_PASSWORD or --kafka-password-file.
+KSecProtocolOpt = Annotated[str | None, typer.Option(
+    "--kafka-security-protocol", envvar="DRIFTLINE_KAFKA_SECURITY_PROTOCOL", rich_help_panel="Kafka security",
+    help="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL. Default: SASL_SSL with --kafka-user and TLS files, "
+         "SASL_PLAINTEXT with --kafka-user alone, SSL with TLS files alone, else PLAINTEXT.")]
+KSecMechanismOpt = Annotated[str | None, typer.Option(
+    "--kafka-sasl-mechanism", envvar="DRIFTLINE_KAFKA_SASL_MECHANISM", rich_help_panel="Kafka security",
+    help="SASL mechanism: PLAIN (default with SASL), SCRAM-SHA-256 or SCRAM-SHA-512.")]
+KSecUserOpt = Annotated[str | None, typer.Option(
+    "--kafka-user", envvar="DRIFTLINE_KAFKA_USER", rich_help_panel="Kafka security",
+    help="SASL user name. The password comes from DRIFTLINE_KAFKA_PASSWORD or --kafka-password-file.")]
+KSecPasswordFileOpt = Annotated[Path | None, typer.Option(
+    "--kafka-password-file", envvar="DRIFTLINE_KAFKA_PASSWORD_FILE", rich_help_panel="Kafka security",
+    help="File holding the SASL password (one line; keep it owner-only). Overrides DRIFTLINE_KAFKA_PASSWORD.")]
+KSecCaOpt = Annotated[Path | None, typer.Option(
+    "--kafka-ca", envvar="DRIFTLINE_KAFKA_CA", rich_help_panel="Kafka security",
+    help="PEM file of the CA(s) that sign the brokers' certificates (default: the system trust store).")]
+KSecCertOpt = Annotated[Path | None, typer.Option(
+    "--kafka-cert", envvar="DRIFTLINE_KAFKA_CERT", rich_help_panel="Kafka security",
+    help="Client certificate (PEM) for brokers that require mutual TLS.")]
+KSecKeyOpt = Annotated[Path | None, typer.Option(
+    "--kafka-key", envvar="DRIFTLINE_KAFKA_KEY", rich_help_panel="Kafka security",
+    help="The client certificate's private key (PEM, unencrypted; may also be inside --kafka-cert).")]
+ControlSecretFileOpt = Annotated[Path | None, typer.Option(
+    "--control-secret-file", envvar="DRIFTLINE_CONTROL_SECRET_FILE", rich_help_panel="Kafka security",
+    help="File holding the shared secret (16+ bytes) that signs control commands (HMAC-SHA256); "
+         "overrides DRIFTLINE_CONTROL_SECRET. Set on the workers, they refuse unsigned commands.")]
+
+
+def _kafka_security(protocol: str | None, mechanism: str | None, user: str | None,
+                    password_file: Path | None, ca: Path | None, cert: Path | None,
+                    key: Path | None) -> Any:
+    """The Kafka options block as a KafkaSecurity (exits with the reason when invalid)."""
+    from driftline.streams.kafka_security import KafkaSecurity
+
+    try:
+        return KafkaSecurity.from_options(protocol, mechanism, user, password_file, ca, cert, key)
+    except ValueError as exc:
+        raise _err(str(exc)) from None
+
+
+def _control_secret(secret_file: Path | None) -> bytes | None:
+    from driftline.streams.control_auth import load_control_secret
+
+    try:
+        return load_control_secret(secret_file)
+    except ValueError as exc:
+        raise _err(str(exc)) from None
+
 
 @app.command()
 def broker(port: Annotated[int, typer.Option(help="TCP port on 127.0.0.1.")] = DEFAULT_KAFKA_PORT,
@@ -143,6 +194,10 @@ def worker(
     max_event_age: Annotated[float, typer.Option(help="Seconds: events dated more than this before the wall clock go to the DLQ (default 30 days: backfills of the last month are accepted).")] = 30 * 86400.0,
     max_clock_skew: Annotated[float, typer.Option(help="Seconds: events dated more than this after the wall clock go to the DLQ.")] = 300.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    kafka_security_protocol: KSecProtocolOpt = None, kafka_sasl_mechanism: KSecMechanismOpt = None,
+    kafka_user: KSecUserOpt = None, kafka_password_file: KSecPasswordFileOpt = None,
+    kafka_ca: KSecCaOpt = None, kafka_cert: KSecCertOpt = None, kafka_key: KSecKeyOpt = None,
+    control_secret_file: ControlSecretFileOpt = None,
 ) -> None:
     """Run the stream processor: Kafka -> windows, cost, guardrails, drift -> ClickHouse, /metrics, alerts."""
     from driftline.streams.app import run_worker
@@ -152,9 +207,13 @@ def worker(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("aiokafka", "kafka", "faust", "mode", "clickhouse_connect"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    security = _kafka_security(kafka_security_protocol, kafka_sasl_mechanism, kafka_user, kafka_password_file,
+                               kafka_ca, kafka_cert, kafka_key)
+    control_secret = _control_secret(control_secret_file)
     kafka, clickhouse, started = _resolve_targets(kafka, clickhouse, start_broker=True)
     try:
         cfg = WorkerConfig(
+            kafka_security=security, control_secret=control_secret,
             kafka=kafka, clickhouse=clickhouse, group_id=group,
             **({"topics": tuple(topic)} if topic else {}),
             window=WindowConfig(size_ms=int(window * 1000), allowed_lateness_ms=int(lateness * 1000)),
@@ -207,6 +266,9 @@ def emit(
     kafka: KafkaOpt = None,
     topic: Annotated[str, typer.Option(help="Topic to produce to.")] = "llm.events",
     skip_invalid: Annotated[bool, typer.Option(help="Do not send lines that are not valid events (they are reported and counted as skipped).")] = False,
+    kafka_security_protocol: KSecProtocolOpt = None, kafka_sasl_mechanism: KSecMechanismOpt = None,
+    kafka_user: KSecUserOpt = None, kafka_password_file: KSecPasswordFileOpt = None,
+    kafka_ca: KSecCaOpt = None, kafka_cert: KSecCertOpt = None, kafka_key: KSecKeyOpt = None,
 ) -> None:
     """Produce events from a JSONL file (or stdin) to Kafka, keyed app/model.
 
@@ -217,14 +279,17 @@ def emit(
     """
     from driftline.streams.producer import emit_lines
 
+    security = _kafka_security(kafka_security_protocol, kafka_sasl_mechanism, kafka_user, kafka_password_file,
+                               kafka_ca, kafka_cert, kafka_key)
     kafka, _, _ = _resolve_targets(kafka, "-", start_broker=False)
+    security.warn_cleartext(kafka)
     stream = sys.stdin.buffer if file == "-" else None
     if stream is None and not Path(file).exists():
         raise _err(f"{file}: no such file")
     try:
         stats = asyncio.run(emit_lines(
             kafka, topic, Path(file) if stream is None else None, stream, progress=sys.stderr.isatty(),
-            skip_invalid=skip_invalid,
+            skip_invalid=skip_invalid, security=security,
             report=lambda n, why: sys.stderr.write(f"line {n}: {why[:300]}\n")))
     except OSError as exc:
         raise _err(str(exc)) from None
@@ -257,14 +322,21 @@ def otlp(
     port: Annotated[int, typer.Option(help="OTLP/HTTP port.")] = 4318,
     topic: Annotated[str, typer.Option(help="Kafka topic for the requests.")] = "otlp_spans",
     max_body_mb: Annotated[float, typer.Option(help="Largest accepted request (MiB).")] = 16.0,
+    kafka_security_protocol: KSecProtocolOpt = None, kafka_sasl_mechanism: KSecMechanismOpt = None,
+    kafka_user: KSecUserOpt = None, kafka_password_file: KSecPasswordFileOpt = None,
+    kafka_ca: KSecCaOpt = None, kafka_cert: KSecCertOpt = None, kafka_key: KSecKeyOpt = None,
 ) -> None:
     """OTLP/HTTP receiver (POST /v1/traces, protobuf and JSON) that forwards to Kafka."""
     try:
         from driftline.streams.otlp import run_otlp
     except ImportError as exc:
         raise _err(f"the OTLP receiver is not available: {exc}") from None
+    security = _kafka_security(kafka_security_protocol, kafka_sasl_mechanism, kafka_user, kafka_password_file,
+                               kafka_ca, kafka_cert, kafka_key)
     kafka, _, _ = _resolve_targets(kafka, "-", start_broker=False)
-    run_otlp(kafka=kafka, host=host, port=port, topic=topic, max_body=int(max_body_mb * (1 << 20)))
+    security.warn_cleartext(kafka)
+    run_otlp(kafka=kafka, host=host, port=port, topic=topic, max_body=int(max_body_mb * (1 << 20)),
+             producer_options=security.aiokafka_kwargs())
 
 
 def _check_rules_or_exit(path: Path) -> None:
@@ -364,13 +436,16 @@ def _time_ms(v: str | None, name: str) -> int | None:
     return int(t.timestamp() * 1000)
 
 
-def _send_baseline(kafka: str | None, clickhouse: str | None, cmd: dict[str, Any], wait: float) -> None:
+def _send_baseline(kafka: str | None, clickhouse: str | None, cmd: dict[str, Any], wait: float,
+                   security: Any = None, secret: bytes | None = None) -> None:
     from driftline.streams.baseline import send_command, wait_applied
 
     kafka, _, _ = _resolve_targets(kafka, "-", start_broker=False)
+    if security is not None:
+        security.warn_cleartext(kafka)
     cmd = {k: v for k, v in cmd.items() if v is not None}
     try:
-        cid = send_command(kafka, cmd)
+        cid = send_command(kafka, cmd, security=security, secret=secret)
     except Exception as exc:  # noqa: BLE001
         raise _err(f"could not send the command to {kafka}: {exc}", 1) from None
     _say(f"sent {cmd['action']} to driftline.control (id {cid})")
@@ -411,12 +486,19 @@ def baseline_rebase(app_: _AppOpt = None, model: _ModelOpt = None, prompt_versio
                     note: _NoteOpt = "",
                     kafka: KafkaOpt = None, clickhouse: ClickHouseOpt = None,
                     wait: _WaitOpt = 30.0,
+                    kafka_security_protocol: KSecProtocolOpt = None, kafka_sasl_mechanism: KSecMechanismOpt = None,
+                    kafka_user: KSecUserOpt = None, kafka_password_file: KSecPasswordFileOpt = None,
+                    kafka_ca: KSecCaOpt = None, kafka_cert: KSecCertOpt = None, kafka_key: KSecKeyOpt = None,
+                    control_secret_file: ControlSecretFileOpt = None,
                     ) -> None:
     """New reference from the latest samples ("this is normal now"), or from --from/--to."""
     _send_baseline(kafka, clickhouse, {"action": "rebase", "app": app_, "model": model,
                                        "prompt_version": prompt_version, "field": field,
                                        "from_ms": _time_ms(from_, "--from"), "to_ms": _time_ms(to, "--to"),
-                                       "note": note}, wait)
+                                       "note": note}, wait,
+                   _kafka_security(kafka_security_protocol, kafka_sasl_mechanism, kafka_user,
+                                   kafka_password_file, kafka_ca, kafka_cert, kafka_key),
+                   _control_secret(control_secret_file))
 
 
 @baseline_app.command("pin")
@@ -427,12 +509,19 @@ def baseline_pin(from_: Annotated[str, typer.Option("--from", help="Start of the
                  note: _NoteOpt = "",
                  kafka: KafkaOpt = None, clickhouse: ClickHouseOpt = None,
                  wait: _WaitOpt = 30.0,
+                 kafka_security_protocol: KSecProtocolOpt = None, kafka_sasl_mechanism: KSecMechanismOpt = None,
+                 kafka_user: KSecUserOpt = None, kafka_password_file: KSecPasswordFileOpt = None,
+                 kafka_ca: KSecCaOpt = None, kafka_cert: KSecCertOpt = None, kafka_key: KSecKeyOpt = None,
+                 control_secret_file: ControlSecretFileOpt = None,
                  ) -> None:
     """Pin the reference to the samples of a time range (e.g. a known-good week)."""
     _send_baseline(kafka, clickhouse, {"action": "pin", "app": app_, "model": model,
                                        "prompt_version": prompt_version, "field": field,
                                        "from_ms": _time_ms(from_, "--from"), "to_ms": _time_ms(to, "--to"),
-                                       "note": note}, wait)
+                                       "note": note}, wait,
+                   _kafka_security(kafka_security_protocol, kafka_sasl_mechanism, kafka_user,
+                                   kafka_password_file, kafka_ca, kafka_cert, kafka_key),
+                   _control_secret(control_secret_file))
 
 
 @baseline_app.command("reset")
@@ -441,10 +530,17 @@ def baseline_reset(app_: _AppOpt = None, model: _ModelOpt = None, prompt_version
                    note: _NoteOpt = "",
                    kafka: KafkaOpt = None, clickhouse: ClickHouseOpt = None,
                    wait: _WaitOpt = 30.0,
+                   kafka_security_protocol: KSecProtocolOpt = None, kafka_sasl_mechanism: KSecMechanismOpt = None,
+                   kafka_user: KSecUserOpt = None, kafka_password_file: KSecPasswordFileOpt = None,
+                   kafka_ca: KSecCaOpt = None, kafka_cert: KSecCertOpt = None, kafka_key: KSecKeyOpt = None,
+                   control_secret_file: ControlSecretFileOpt = None,
                    ) -> None:
     """Drop the reference: the next samples of each matching key make a new one."""
     _send_baseline(kafka, clickhouse, {"action": "reset", "app": app_, "model": model,
-                                       "prompt_version": prompt_version, "field": field, "note": note}, wait)
+                                       "prompt_version": prompt_version, "field": field, "note": note}, wait,
+                   _kafka_security(kafka_security_protocol, kafka_sasl_mechanism, kafka_user,
+                                   kafka_password_file, kafka_ca, kafka_cert, kafka_key),
+                   _control_secret(control_secret_file))
 
 
 def main() -> None:

@@ -48,7 +48,10 @@ not applied before to the matching keys, and logs it in ``drift_control_log``
 (with the number of references it made, n_references, also 0) under the command's ``id``, so a
 worker that was down applies what it missed when it starts, and a recreated
 topic (the memory broker restarted) cannot hide new commands behind old
-offsets. The app's control agent (streams/app.py) ignores ``baseline`` commands.
+offsets. With a control secret (``WorkerConfig.control_secret``), a command must carry
+a valid HMAC signature (streams/control_auth.py); others are refused, logged and
+counted in ``driftline_control_refused_total{reason}``. The app's control agent
+(streams/app.py) ignores ``baseline`` commands.
 ``driftline baseline show`` is a query.
 """
 
@@ -802,8 +805,10 @@ class DriftStage:
         done = await self.worker.sink.acall(lambda c: c.query(
             f"SELECT DISTINCT control_id FROM {db}.drift_control_log").result_rows)
         self._applied_ids = {r[0] for r in done}
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.worker.cfg.kafka, group_id=None,
-                                    enable_auto_commit=False, auto_offset_reset="earliest")
+        wcfg = self.worker.cfg
+        consumer = AIOKafkaConsumer(bootstrap_servers=wcfg.kafka, group_id=None,
+                                    enable_auto_commit=False, auto_offset_reset="earliest",
+                                    **wcfg.kafka_security.aiokafka_kwargs())
         await consumer.start()
         try:
             parts = None
@@ -823,20 +828,35 @@ class DriftStage:
                 data = await consumer.getmany(timeout_ms=500)
                 for tp, recs in data.items():
                     for rec in recs:
-                        try:
-                            cmd = json.loads(rec.value)
-                        except (ValueError, TypeError):
-                            log.warning("drift: control record %s[%d]@%d is not JSON", tp.topic, tp.partition,
-                                        rec.offset)
-                            continue
-                        if isinstance(cmd, dict) and cmd.get("cmd") == "baseline":
-                            cid = str(cmd.get("id") or f"{tp.topic}:{tp.partition}:{rec.offset}:{rec.timestamp}")
-                            if cid in self._applied_ids:
-                                continue
-                            log.info("drift: baseline command %s", cmd)
-                            self._applied_ids.add(cid)
-                            self._controls.append((cmd, cid, tp.topic, tp.partition, rec.offset))
-                            self._wake.set()
+                        self.on_control_record(rec.value, tp.topic, tp.partition, rec.offset, rec.timestamp)
         finally:
             with contextlib.suppress(Exception):
                 await consumer.stop()
+
+    def on_control_record(self, value: bytes | None, topic: str, partition: int, offset: int,
+                          timestamp: int) -> bool:
+        """One record of the control topic (the consumer loop above calls this): a
+        ``baseline`` command that passes the signature check (when the worker has a
+        control secret) and was not applied before is queued for the drift loop, which
+        applies it and logs it in ``drift_control_log``. Returns True when queued."""
+        from driftline.streams.control_auth import admit
+
+        try:
+            cmd = json.loads(value)  # type: ignore[arg-type]
+        except (ValueError, TypeError):
+            log.warning("drift: control record %s[%d]@%d is not JSON", topic, partition, offset)
+            return False
+        if not (isinstance(cmd, dict) and cmd.get("cmd") == "baseline"):
+            return False
+        cid = str(cmd.get("id") or f"{topic}:{partition}:{offset}:{timestamp}")
+        if cid in self._applied_ids:  # applied before (the topic is read from its start each time)
+            return False
+        wcfg = self.worker.cfg
+        if not admit(cmd, wcfg.control_secret, self.worker.metrics.control_refused,
+                     max_age_s=wcfg.control_max_age_s, where="drift"):
+            return False
+        log.info("drift: baseline command %s", {k: v for k, v in cmd.items() if k != "sig"})
+        self._applied_ids.add(cid)
+        self._controls.append((cmd, cid, topic, partition, offset))
+        self._wake.set()
+        return True

@@ -23,6 +23,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from driftline.schemas.event import LLMEvent, encode_event, event_from_dict
+from driftline.streams.kafka_security import KafkaSecurity
 
 __all__ = ["LLMEventEmitter"]
 
@@ -36,14 +37,18 @@ class LLMEventEmitter:
     topic : target topic, ``llm.events`` by default
     linger_ms : how long aiokafka waits to fill a batch
     producer_options : further :class:`aiokafka.AIOKafkaProducer` options
+    security : TLS / SASL settings (:class:`~driftline.streams.kafka_security.KafkaSecurity`)
     """
 
     def __init__(self, bootstrap: str, topic: str = "llm.events", *, linger_ms: int = 20,
-                 producer_options: dict[str, Any] | None = None) -> None:
+                 producer_options: dict[str, Any] | None = None,
+                 security: KafkaSecurity | None = None) -> None:
         if linger_ms < 0:
             raise ValueError(f"linger_ms must be >= 0, got {linger_ms}")
         self.bootstrap, self.topic = bootstrap, topic
         self._opts: dict[str, Any] = {"linger_ms": linger_ms, "acks": "all"}
+        if security is not None:
+            self._opts.update(security.aiokafka_kwargs())
         self._opts.update(producer_options or {})
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()

@@ -29,6 +29,7 @@ Metric contract (the exported Prometheus rules in deploy/prometheus use these):
 | driftline_evicted_keys_total | counter | dimension |
 | driftline_sink_errors_total | counter | operation |
 | driftline_stage_errors_total | counter | stage |
+| driftline_control_refused_total | counter | reason (unsigned, bad_signature, malformed, too_old) |
 | driftline_batches_total, driftline_records_total | counter | — |
 | driftline_drift_p_value, driftline_drift_statistic, driftline_drift_detected | gauge | app, model, prompt_version, field, method |
 """
@@ -76,6 +77,8 @@ class WorkerMetrics(Collector):
         self.dlq: dict[str, float] = defaultdict(float)
         self.sink_errors: dict[str, float] = defaultdict(float)
         self.stage_errors: dict[str, float] = defaultdict(float)
+        #: control commands refused by signature check, by reason (streams/control_auth.py)
+        self.control_refused: dict[str, float] = defaultdict(float)
         self.late_events = 0.0
         self.late_by_key: dict[tuple[str, str], float] = defaultdict(float)
         self.evicted: dict[str, float] = defaultdict(float)
@@ -189,6 +192,11 @@ class WorkerMetrics(Collector):
         c = CounterMetricFamily("driftline_stage_errors", "exceptions raised by a stream stage (logged, "
                                 "never propagated)", labels=["stage"])
         for r, v in self.stage_errors.items():
+            c.add_metric([r], v)
+        yield c
+        c = CounterMetricFamily("driftline_control_refused", "control commands refused: unsigned or badly "
+                                "signed while a control secret is set", labels=["reason"])
+        for r, v in self.control_refused.items():
             c.add_metric([r], v)
         yield c
         c = CounterMetricFamily("driftline_late_events", "events that arrived after their window closed",

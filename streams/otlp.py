@@ -312,8 +312,10 @@ def _encoded(msg: Any, encoding: str, status: int) -> web.Response:
 
 
 def run_otlp(kafka: str, host: str = "127.0.0.1", port: int = 4318, topic: str = "otlp_spans",
-             max_body: int = DEFAULT_MAX_BODY, registry: CollectorRegistry | None = None) -> None:
-    """Run the receiver until SIGINT/SIGTERM (blocking; for ``driftline otlp``)."""
+             max_body: int = DEFAULT_MAX_BODY, registry: CollectorRegistry | None = None,
+             producer_options: dict[str, Any] | None = None) -> None:
+    """Run the receiver until SIGINT/SIGTERM (blocking; for ``driftline otlp``).
+    ``producer_options``: extra aiokafka producer options (the CLI passes TLS / SASL here)."""
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -322,7 +324,7 @@ def run_otlp(kafka: str, host: str = "127.0.0.1", port: int = 4318, topic: str =
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
         receiver = OtlpReceiver(kafka, host, port, topic=topic, max_body=max_body,
-                                registry=registry)
+                                registry=registry, producer_options=producer_options)
         await receiver.start()
         try:
             await stop.wait()

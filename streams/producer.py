@@ -17,6 +17,7 @@ import msgspec
 from aiokafka import AIOKafkaProducer
 
 from driftline.schemas.event import NESTED_TOO_DEEP, EventError, event_from_dict
+from driftline.streams.kafka_security import KafkaSecurity
 
 __all__ = ["produce_records", "emit_lines", "key_of", "check_line"]
 
@@ -55,12 +56,15 @@ def check_line(value: bytes) -> tuple[bytes, str | None]:
 
 
 async def produce_records(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes]],
-                          *, progress: Any = None, headers: list[tuple[str, bytes]] | None = None) -> int:
-    """Produce (key, value) pairs in batches, partitioned by key hash. Returns the count sent."""
+                          *, progress: Any = None, headers: list[tuple[str, bytes]] | None = None,
+                          security: KafkaSecurity | None = None) -> int:
+    """Produce (key, value) pairs in batches, partitioned by key hash. Returns the count sent.
+    ``security``: TLS / SASL of the producer (default plain)."""
     from aiokafka.partitioner import DefaultPartitioner
 
     p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks="all",
-                         max_batch_size=1 << 20, max_request_size=16 << 20, enable_idempotence=False)
+                         max_batch_size=1 << 20, max_request_size=16 << 20, enable_idempotence=False,
+                         **(security.aiokafka_kwargs() if security is not None else {}))
     await p.start()
     try:
         parts = sorted(await p.partitions_for(topic))
@@ -97,7 +101,8 @@ async def produce_records(bootstrap: str, topic: str, records: Iterable[tuple[by
 
 async def emit_lines(bootstrap: str, topic: str, path: Path | None, stream: BinaryIO | None,
                      progress: bool = False, *, skip_invalid: bool = False,
-                     report: Any = None, max_reported: int = 20) -> dict[str, Any]:
+                     report: Any = None, max_reported: int = 20,
+                     security: KafkaSecurity | None = None) -> dict[str, Any]:
     """Send every non-blank line of a JSONL file/stream; never stops on a bad line.
 
     Each line is checked as the worker would (:func:`check_line`); an invalid line is
@@ -135,7 +140,7 @@ async def emit_lines(bootstrap: str, topic: str, path: Path | None, stream: Bina
             sys.stderr.flush()
 
     try:
-        stats["sent"] = await produce_records(bootstrap, topic, lines(), progress=show)
+        stats["sent"] = await produce_records(bootstrap, topic, lines(), progress=show, security=security)
     finally:
         if stream is None:
             src.close()

@@ -77,6 +77,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
 from driftline.schemas.metrics import WindowKey, WindowStats
+from driftline.streams.kafka_security import KafkaSecurity
 from driftline.streams.metrics import WorkerMetrics
 from driftline.streams.pipeline import (
     DEFAULT_MAX_CLOCK_SKEW_S,
@@ -136,6 +137,12 @@ class WorkerConfig:
     max_event_age_s: float = DEFAULT_MAX_EVENT_AGE_S
     #: events dated more than this after the wall clock go to the DLQ (clock skew)
     max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S
+    #: TLS / SASL of every Kafka client of the worker (consumers, DLQ producer, admin, faust)
+    kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
+    #: HMAC secret control commands must be signed with (None: unsigned commands accepted)
+    control_secret: bytes | None = field(default=None, repr=False)
+    #: with a secret: also refuse signed commands older than this (None: any age; see control_auth)
+    control_max_age_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -298,11 +305,15 @@ class Worker:
             from driftline.streams.broker import DEFAULT_TOPICS, ensure_topics
 
             want = {t: DEFAULT_TOPICS.get(t, 1) for t in (*cfg.topics, cfg.dlq_topic, "driftline.control")}
-            await asyncio.to_thread(ensure_topics, cfg.kafka, want)
+            await asyncio.to_thread(ensure_topics, cfg.kafka, want, security=cfg.kafka_security)
         await self._ch_retry("creating the schema", self.sink.ensure_schema)
-        self.producer = await _start_producer(cfg.kafka)
+        if cfg.kafka_security.security_protocol != "PLAINTEXT":
+            log.info("Kafka security: %s", cfg.kafka_security.describe())
+            cfg.kafka_security.warn_cleartext(cfg.kafka)
+        self.producer = await _start_producer(cfg.kafka, cfg.kafka_security)
         self._dlq_reader = AIOKafkaConsumer(bootstrap_servers=cfg.kafka, group_id=None,
-                                            enable_auto_commit=False, auto_offset_reset="earliest")
+                                            enable_auto_commit=False, auto_offset_reset="earliest",
+                                            **cfg.kafka_security.aiokafka_kwargs())
         await self._dlq_reader.start()
         await self._dlq_reader.topics()
         self._dlq_parts = [TopicPartition(cfg.dlq_topic, p)
@@ -315,7 +326,7 @@ class Worker:
             fetch_max_bytes=64 << 20, max_poll_records=cfg.max_batch,
             session_timeout_ms=cfg.session_timeout_ms, rebalance_timeout_ms=cfg.rebalance_timeout_ms,
             heartbeat_interval_ms=max(500, min(3_000, cfg.session_timeout_ms // 4)),
-            max_poll_interval_ms=600_000,
+            max_poll_interval_ms=600_000, **cfg.kafka_security.aiokafka_kwargs(),
         )
         self.consumer.subscribe(list(cfg.topics), listener=_Rebalance(self))
         await self.consumer.start()
@@ -561,7 +572,7 @@ class Worker:
             return {}
         out: dict[TopicPartition, str] = {}
         c = AIOKafkaConsumer(bootstrap_servers=self.cfg.kafka, group_id=None, enable_auto_commit=False,
-                             auto_offset_reset="earliest")
+                             auto_offset_reset="earliest", **self.cfg.kafka_security.aiokafka_kwargs())
         try:
             await c.start()
             c.assign(list(marks))
@@ -1102,7 +1113,7 @@ LOG_COLUMNS = ("source_topic", "source_partition", "epoch", "first_offset", "las
                "last_fingerprint", "dlq_start", "written_at", "watermark_ms")
 
 
-async def _start_producer(kafka: str) -> AIOKafkaProducer:
+async def _start_producer(kafka: str, security: KafkaSecurity | None = None) -> AIOKafkaProducer:
     """The DLQ producer, idempotent where the broker supports it (a send the client
     retries after a lost acknowledgement is stored once); the local Tansu broker
     answers InitProducerId with an error, so there it falls back to a plain producer
@@ -1111,7 +1122,8 @@ async def _start_producer(kafka: str) -> AIOKafkaProducer:
         # gzip: a rejected record compressed by its producer fits the DLQ compressed too
         producer = AIOKafkaProducer(bootstrap_servers=kafka, linger_ms=20, acks="all",
                                     max_request_size=16 << 20, enable_idempotence=idempotent,
-                                    compression_type="gzip")
+                                    compression_type="gzip",
+                                    **(security or KafkaSecurity()).aiokafka_kwargs())
         try:
             await producer.start()
             return producer
