@@ -189,7 +189,7 @@ class KafkaSecurity:
                      ssl_keyfile: str | Path | None = None, *, ssl_check_hostname: bool = True,
                      env: Mapping[str, str] | None = None) -> KafkaSecurity:
         """From command-line options: the password from ``password_file`` (one line; the
-        trailing newline is dropped) or else ``$DRIFTLINE_KAFKA_PASSWORD``. The protocol
+        trailing newline is dropped) or else ``$DRIFTLINE_KAFKA_PASSWORD`` (used only with SASL). The protocol
         defaults to ``SASL_SSL`` when a user is given with TLS files, ``SASL_PLAINTEXT``
         with a user alone, ``SSL`` with TLS files alone, else ``PLAINTEXT``."""
         env = os.environ if env is None else env
@@ -207,6 +207,8 @@ class KafkaSecurity:
             tls = any(files)
             security_protocol = ("SASL_SSL" if tls else "SASL_PLAINTEXT") if username else (
                 "SSL" if tls else "PLAINTEXT")
+        if not password_file and not security_protocol.strip().upper().startswith("SASL_"):
+            password = None  # a password in the environment is only used with SASL
         return cls(security_protocol, sasl_mechanism or None, username or None, password,
                    *(str(f) if f else None for f in files), ssl_check_hostname=ssl_check_hostname)
 
