@@ -209,8 +209,9 @@ class KafkaSecurity:
                 "SSL" if tls else "PLAINTEXT")
         if not password_file and not security_protocol.strip().upper().startswith("SASL_"):
             password = None  # a password in the environment is only used with SASL
+        ca, cert, key = (str(f) if f else None for f in files)
         return cls(security_protocol, sasl_mechanism or None, username or None, password,
-                   *(str(f) if f else None for f in files), ssl_check_hostname=ssl_check_hostname)
+                   ssl_cafile=ca, ssl_certfile=cert, ssl_keyfile=key, ssl_check_hostname=ssl_check_hostname)
 
     def warn_cleartext(self, bootstrap: str) -> bool:
         """Log a warning (once per process and bootstrap) when SASL PLAIN would send the
@@ -232,9 +233,9 @@ class KafkaSecurity:
         file or the system trust store, the client certificate), or None without TLS."""
         if not self.tls:
             return None
-        from aiokafka.helpers import create_ssl_context
+        from aiokafka.helpers import create_ssl_context  # type: ignore[import-untyped,unused-ignore]
 
-        ctx = create_ssl_context(cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile,
+        ctx: ssl.SSLContext = create_ssl_context(cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile,
                                  password=_no_key_password)
         ctx.check_hostname = self.ssl_check_hostname  # the chain is verified either way
         return ctx
