@@ -84,16 +84,20 @@ ControlSecretFileOpt = Annotated[Path | None, typer.Option(
          "overrides DRIFTLINE_CONTROL_SECRET. Set on the workers, they refuse unsigned commands.")]
 
 
-def _kafka_security(protocol: str | None, mechanism: str | None, user: str | None,
+def _kafka_security(kafka: str | None, protocol: str | None, mechanism: str | None, user: str | None,
                     password_file: Path | None, ca: Path | None, cert: Path | None,
                     key: Path | None) -> Any:
     """The Kafka options block as a KafkaSecurity (exits with the reason when invalid)."""
     from driftline.streams.kafka_security import KafkaSecurity
 
     try:
-        return KafkaSecurity.from_options(protocol, mechanism, user, password_file, ca, cert, key)
+        sec = KafkaSecurity.from_options(protocol, mechanism, user, password_file, ca, cert, key)
     except ValueError as exc:
         raise _err(str(exc)) from None
+    if not kafka and sec.security_protocol != "PLAINTEXT":
+        raise _err(f"{sec.security_protocol} needs --kafka / DRIFTLINE_KAFKA: the embedded local broker "
+                   "is plain TCP on 127.0.0.1")
+    return sec
 
 
 def _control_secret(secret_file: Path | None) -> bytes | None:
@@ -198,6 +202,7 @@ def worker(
     kafka_user: KSecUserOpt = None, kafka_password_file: KSecPasswordFileOpt = None,
     kafka_ca: KSecCaOpt = None, kafka_cert: KSecCertOpt = None, kafka_key: KSecKeyOpt = None,
     control_secret_file: ControlSecretFileOpt = None,
+    control_max_age: Annotated[float, typer.Option(rich_help_panel="Kafka security", help="With a control secret: also refuse signed commands sent more than this many seconds ago (0: any age; a worker that was down longer then skips the commands it missed).")] = 0.0,
 ) -> None:
     """Run the stream processor: Kafka -> windows, cost, guardrails, drift -> ClickHouse, /metrics, alerts."""
     from driftline.streams.app import run_worker
@@ -207,13 +212,13 @@ def worker(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("aiokafka", "kafka", "faust", "mode", "clickhouse_connect"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    security = _kafka_security(kafka_security_protocol, kafka_sasl_mechanism, kafka_user, kafka_password_file,
+    security = _kafka_security(kafka, kafka_security_protocol, kafka_sasl_mechanism, kafka_user, kafka_password_file,
                                kafka_ca, kafka_cert, kafka_key)
     control_secret = _control_secret(control_secret_file)
     kafka, clickhouse, started = _resolve_targets(kafka, clickhouse, start_broker=True)
     try:
         cfg = WorkerConfig(
-            kafka_security=security, control_secret=control_secret,
+            kafka_security=security, control_secret=control_secret, control_max_age_s=control_max_age or None,
             kafka=kafka, clickhouse=clickhouse, group_id=group,
             **({"topics": tuple(topic)} if topic else {}),
             window=WindowConfig(size_ms=int(window * 1000), allowed_lateness_ms=int(lateness * 1000)),
@@ -279,7 +284,7 @@ def emit(
     """
     from driftline.streams.producer import emit_lines
 
-    security = _kafka_security(kafka_security_protocol, kafka_sasl_mechanism, kafka_user, kafka_password_file,
+    security = _kafka_security(kafka, kafka_security_protocol, kafka_sasl_mechanism, kafka_user, kafka_password_file,
                                kafka_ca, kafka_cert, kafka_key)
     kafka, _, _ = _resolve_targets(kafka, "-", start_broker=False)
     security.warn_cleartext(kafka)
@@ -331,7 +336,7 @@ def otlp(
         from driftline.streams.otlp import run_otlp
     except ImportError as exc:
         raise _err(f"the OTLP receiver is not available: {exc}") from None
-    security = _kafka_security(kafka_security_protocol, kafka_sasl_mechanism, kafka_user, kafka_password_file,
+    security = _kafka_security(kafka, kafka_security_protocol, kafka_sasl_mechanism, kafka_user, kafka_password_file,
                                kafka_ca, kafka_cert, kafka_key)
     kafka, _, _ = _resolve_targets(kafka, "-", start_broker=False)
     security.warn_cleartext(kafka)
@@ -496,7 +501,7 @@ def baseline_rebase(app_: _AppOpt = None, model: _ModelOpt = None, prompt_versio
                                        "prompt_version": prompt_version, "field": field,
                                        "from_ms": _time_ms(from_, "--from"), "to_ms": _time_ms(to, "--to"),
                                        "note": note}, wait,
-                   _kafka_security(kafka_security_protocol, kafka_sasl_mechanism, kafka_user,
+                   _kafka_security(kafka, kafka_security_protocol, kafka_sasl_mechanism, kafka_user,
                                    kafka_password_file, kafka_ca, kafka_cert, kafka_key),
                    _control_secret(control_secret_file))
 
@@ -519,7 +524,7 @@ def baseline_pin(from_: Annotated[str, typer.Option("--from", help="Start of the
                                        "prompt_version": prompt_version, "field": field,
                                        "from_ms": _time_ms(from_, "--from"), "to_ms": _time_ms(to, "--to"),
                                        "note": note}, wait,
-                   _kafka_security(kafka_security_protocol, kafka_sasl_mechanism, kafka_user,
+                   _kafka_security(kafka, kafka_security_protocol, kafka_sasl_mechanism, kafka_user,
                                    kafka_password_file, kafka_ca, kafka_cert, kafka_key),
                    _control_secret(control_secret_file))
 
@@ -538,7 +543,7 @@ def baseline_reset(app_: _AppOpt = None, model: _ModelOpt = None, prompt_version
     """Drop the reference: the next samples of each matching key make a new one."""
     _send_baseline(kafka, clickhouse, {"action": "reset", "app": app_, "model": model,
                                        "prompt_version": prompt_version, "field": field, "note": note}, wait,
-                   _kafka_security(kafka_security_protocol, kafka_sasl_mechanism, kafka_user,
+                   _kafka_security(kafka, kafka_security_protocol, kafka_sasl_mechanism, kafka_user,
                                    kafka_password_file, kafka_ca, kafka_cert, kafka_key),
                    _control_secret(control_secret_file))
 

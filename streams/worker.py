@@ -153,6 +153,8 @@ class WorkerConfig:
             raise ValueError("emit_interval_s must be > 0")
         if self.auto_offset_reset not in ("earliest", "latest"):
             raise ValueError("auto_offset_reset must be earliest or latest")
+        if self.control_max_age_s is not None and not self.control_max_age_s > 0:
+            raise ValueError("control_max_age_s must be > 0 (or None: any age)")
         if self.rebalance_timeout_ms < self.revoke_drain_s * 1000 + 5_000:
             raise ValueError("rebalance_timeout_ms must exceed revoke_drain_s by 5 s at least")
 

@@ -153,6 +153,8 @@ def test_the_cli_refuses_sasl_without_password_before_connecting() -> None:
         r = runner.invoke(app, argv, env={ks.PASSWORD_ENV: ""})
         assert r.exit_code == 2, (argv, r.output)
         assert "SASL_PLAINTEXT needs a password" in r.output, argv
+    r = runner.invoke(app, ["emit", "-", "--kafka-security-protocol", "SSL"], env={"DRIFTLINE_KAFKA": ""})
+    assert r.exit_code == 2 and "SSL needs --kafka / DRIFTLINE_KAFKA" in r.output  # not the plain local one
     r = runner.invoke(app, ["emit", "-", "--kafka-password", PW])
     assert r.exit_code == 2 and "No such option" in r.output  # never on argv
 
