@@ -72,10 +72,6 @@ class LocalBroker:
     #: the port advertised to clients in metadata (default: ``port``): a TLS front
     #: (tests/integration/test_kafka_tls.py) listens there and forwards to ``port``
     advertised_port: int | None = None
-    #: Tansu's ``--authentication``: every request needs a SASL login first. Tansu 0.6.0
-    #: offers SCRAM only, and with memory storage no user can be created (creating one
-    #: is itself a request that needs a login), so this only serves refusal tests
-    authentication: bool = False
 
     @property
     def bootstrap(self) -> str:
@@ -84,13 +80,14 @@ class LocalBroker:
     def start(self, timeout: float = 20.0) -> LocalBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         # Tansu 0.6.0 has no TLS: its --cert and --key are exclusive (clap group "tls") and the
-        # broker never uses the acceptor it builds (tansu-broker/src/broker.rs: ``_acceptor``)
+        # broker never uses the acceptor it builds (tansu-broker/src/broker.rs: ``_acceptor``).
+        # Its --authentication offers SCRAM only, and with memory storage no user can be
+        # created (creating one is itself a request that needs a login): not usable here.
         args = [
             tansu_binary(), "broker",
             "--listener-url", url,
             "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port or self.port}",
             "--storage-engine", "memory://tansu/",
-            *(["--authentication"] if self.authentication else []),
         ]
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         env = dict(os.environ)
@@ -124,10 +121,9 @@ class LocalBroker:
     @classmethod
     @contextlib.contextmanager
     def started(cls, port: int | None = None, log_path: Path | None = None,
-                topics: dict[str, int] | None = None, *, advertised_port: int | None = None,
-                authentication: bool = False) -> Iterator[LocalBroker]:
-        b = cls(port or free_port(), log_path, advertised_port=advertised_port,
-                authentication=authentication).start()
+                topics: dict[str, int] | None = None, *,
+                advertised_port: int | None = None) -> Iterator[LocalBroker]:
+        b = cls(port or free_port(), log_path, advertised_port=advertised_port).start()
         try:
             if topics:
                 ensure_topics(b.bootstrap, topics)
