@@ -116,6 +116,17 @@ def handle_control(worker: Worker, cmd: Any) -> None:
                 log.exception("control: stage %s failed on %r", st.name, cmd)
 
 
+def log_control_trust(cfg: WorkerConfig) -> None:
+    """Say at start whether control commands are authenticated (never the secret)."""
+    if cfg.control_secret is None:
+        log.warning("control commands on %s are not authenticated: anyone who can write that topic "
+                    "can flush the workers and rebase, pin or reset drift references (set "
+                    "DRIFTLINE_CONTROL_SECRET or --control-secret-file to require signed commands)",
+                    CONTROL_TOPIC)
+    else:
+        log.info("control commands on %s must be signed (HMAC-SHA256)", CONTROL_TOPIC)
+
+
 async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str = "127.0.0.1",
                        web_port: int = 9464, sql_port: int | None = 8123,
                        on_ready: Any = None, stages: Any = (),
@@ -157,13 +168,7 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
             from driftline.streams.broker import ensure_topics
 
             await asyncio.to_thread(ensure_topics, cfg.kafka, {CONTROL_TOPIC: 1}, security=cfg.kafka_security)
-        if cfg.control_secret is None:
-            log.warning("control commands on %s are not authenticated: anyone who can write that topic "
-                        "can flush the workers and rebase, pin or reset drift references (set "
-                        "DRIFTLINE_CONTROL_SECRET or --control-secret-file to require signed commands)",
-                        CONTROL_TOPIC)
-        else:
-            log.info("control commands on %s must be signed (HMAC-SHA256)", CONTROL_TOPIC)
+        log_control_trust(cfg)
         app, spine = make_app(worker)
         await spine.start()  # the spine's group join overlaps the app's
         await app.start()

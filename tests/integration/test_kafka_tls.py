@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import ssl
 import subprocess
 import threading
@@ -202,7 +203,8 @@ class _ZeroEncoder:
 
 @pytest.mark.timeout(90)
 async def test_worker_over_mutual_tls_applies_only_signed_control_commands(
-        tls_kafka: tuple[str, dict[str, str], TlsFront], chdb_dsn: str) -> None:
+        tls_kafka: tuple[str, dict[str, str], TlsFront], chdb_dsn: str,
+        caplog: pytest.LogCaptureFixture) -> None:
     """A whole worker (spine consumer group, DLQ reader and producer, topic admin, the faust
     control app, the drift stage's control consumer) on the TLS port only, with a control
     secret. 30 events emitted over TLS are stored exactly; of three baseline commands on
@@ -219,6 +221,7 @@ async def test_worker_over_mutual_tls_applies_only_signed_control_commands(
     from driftline.streams.worker import WorkerConfig
 
     bootstrap, pki, _ = tls_kafka
+    caplog.set_level(logging.INFO, "driftline")
     sec = _mtls(pki)
     u = uuid.uuid4().hex[:8]
     topic, control = f"ev-{u}", f"ctl-{u}"
@@ -269,6 +272,11 @@ async def test_worker_over_mutual_tls_applies_only_signed_control_commands(
         sink.close()
     assert n == [(30,)]
     assert log == [(signed["id"],)]
+    msgs = [r.getMessage() for r in caplog.records]
+    assert "control commands on driftline.control must be signed (HMAC-SHA256)" in msgs
+    assert "Kafka security: SSL" in msgs
+    assert sum("drift: refused baseline command" in m for m in msgs) == 2
+    assert SECRET.decode() not in caplog.text and signed["sig"] not in caplog.text
     print(f"\nworker over mTLS: ready in {started:.1f}s, whole test {time.monotonic() - t0:.1f}s")
 
 

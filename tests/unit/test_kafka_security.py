@@ -386,3 +386,17 @@ def test_drift_stage_queues_signed_and_refuses_unsigned_baseline_commands() -> N
     st2 = DriftStage(DriftConfig())
     st2.worker = _worker(None)[0]
     assert st2.on_control_record(json.dumps(unsigned).encode(), "driftline.control", 0, 0, 0)
+
+
+def test_the_worker_says_whether_control_commands_are_authenticated(caplog: pytest.LogCaptureFixture) -> None:
+    # serve_worker calls this once at start; catches: the warning dropped for the unsigned default
+    from driftline.streams.app import log_control_trust
+    from driftline.streams.worker import WorkerConfig
+
+    caplog.set_level(logging.INFO, "driftline.app")
+    log_control_trust(WorkerConfig(kafka="k", clickhouse="chdb:///x"))
+    log_control_trust(WorkerConfig(kafka="k", clickhouse="chdb:///x", control_secret=SECRET))
+    assert [(r.levelname, r.getMessage()[:61]) for r in caplog.records] == [
+        ("WARNING", "control commands on driftline.control are not authenticated: "),
+        ("INFO", "control commands on driftline.control must be signed (HMAC-SHA")]
+    assert SECRET.decode() not in caplog.text
