@@ -257,14 +257,55 @@ def otlp(
     port: Annotated[int, typer.Option(help="OTLP/HTTP port.")] = 4318,
     topic: Annotated[str, typer.Option(help="Kafka topic for the requests.")] = "otlp_spans",
     max_body_mb: Annotated[float, typer.Option(help="Largest accepted request (MiB).")] = 16.0,
+    # security (issue 14): tokens never on argv; TLS; caps on work in flight
+    token_file: Annotated[Path | None, typer.Option(
+        "--token-file", envvar="DRIFTLINE_OTLP_TOKEN_FILE",
+        help="File of accepted bearer tokens, one per line (blank and # lines ignored; several "
+             "lines let clients move to a new token before the old one goes). Clients send "
+             "'Authorization: Bearer <token>'. A single token can instead come from env "
+             "DRIFTLINE_OTLP_TOKEN. Required unless --host is loopback.")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(
+        "--tls-cert", envvar="DRIFTLINE_OTLP_TLS_CERT",
+        help="PEM certificate (chain): serve HTTPS (TLS 1.2 or newer). Needs --tls-key.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(
+        "--tls-key", envvar="DRIFTLINE_OTLP_TLS_KEY",
+        help="Unencrypted PEM private key of --tls-cert.")] = None,
+    max_concurrent: Annotated[int, typer.Option(
+        help="Requests handled at once; more are answered 429 with Retry-After.")] = 64,
+    max_inflight_mb: Annotated[float, typer.Option(
+        help="Request body MiB held at once (declared length, or --max-body-mb when chunked, "
+             "then the gunzipped size); more are answered 429 with Retry-After. At least twice "
+             "--max-body-mb.")] = 256.0,
 ) -> None:
-    """OTLP/HTTP receiver (POST /v1/traces, protobuf and JSON) that forwards to Kafka."""
+    """OTLP/HTTP receiver (POST /v1/traces, protobuf and JSON) that forwards to Kafka.
+
+    Listens on 127.0.0.1 by default. Any other --host needs a token (DRIFTLINE_OTLP_TOKEN or
+    --token-file); use TLS there too. /healthz is open; /metrics needs the token when one is set.
+    """
     try:
-        from driftline.streams.otlp import run_otlp
+        from driftline.streams.otlp import (
+            TOKEN_ENV,
+            OtlpAuth,
+            OtlpConfigError,
+            OtlpTls,
+            check_bind,
+            run_otlp,
+        )
     except ImportError as exc:
         raise _err(f"the OTLP receiver is not available: {exc}") from None
+    try:
+        auth = OtlpAuth.load(os.environ.get(TOKEN_ENV), token_file)
+        check_bind(host, auth)
+        tls = OtlpTls.from_paths(tls_cert, tls_key)
+    except OtlpConfigError as exc:
+        raise _err(str(exc)) from None
     kafka, _, _ = _resolve_targets(kafka, "-", start_broker=False)
-    run_otlp(kafka=kafka, host=host, port=port, topic=topic, max_body=int(max_body_mb * (1 << 20)))
+    try:
+        run_otlp(kafka=kafka, host=host, port=port, topic=topic, max_body=int(max_body_mb * (1 << 20)),
+                 auth=auth, tls=tls, max_concurrent=max_concurrent,
+                 max_inflight=int(max_inflight_mb * (1 << 20)))
+    except OtlpConfigError as exc:
+        raise _err(str(exc)) from None
 
 
 def _check_rules_or_exit(path: Path) -> None:
