@@ -72,7 +72,7 @@ async def held_receiver(monkeypatch: pytest.MonkeyPatch
                         ) -> AsyncIterator[Callable[..., Awaitable[tuple[OtlpReceiver, asyncio.Event]]]]:
     """A receiver whose Kafka send is replaced: bodies containing b"HOLD" wait on the
     returned Event, the others are acknowledged at once. No broker is needed."""
-    started: list[OtlpReceiver] = []
+    started: list[tuple[OtlpReceiver, asyncio.Event]] = []
 
     async def make(**kw: Any) -> tuple[OtlpReceiver, asyncio.Event]:
         r = OtlpReceiver(f"127.0.0.1:{free_port()}", port=0, registry=CollectorRegistry(),
@@ -85,11 +85,12 @@ async def held_receiver(monkeypatch: pytest.MonkeyPatch
 
         monkeypatch.setattr(r, "_forward", forward)
         await r.start()
-        started.append(r)
+        started.append((r, gate))
         return r, gate
 
     yield make
-    for r in started:
+    for r, gate in started:
+        gate.set()  # a failed test must not leave stop() waiting on held requests
         await r.stop()
 
 
