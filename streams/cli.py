@@ -263,7 +263,7 @@ def otlp(
         help="File of accepted bearer tokens, one per line (blank and # lines ignored; several "
              "lines let clients move to a new token before the old one goes). Clients send "
              "'Authorization: Bearer <token>'. A single token can instead come from env "
-             "DRIFTLINE_OTLP_TOKEN. Required unless --host is loopback.")] = None,
+             "DRIFTLINE_OTLP_TOKEN. Required unless --host is loopback. Re-read on SIGHUP.")] = None,
     tls_cert: Annotated[Path | None, typer.Option(
         "--tls-cert", envvar="DRIFTLINE_OTLP_TLS_CERT",
         help="PEM certificate (chain): serve HTTPS (TLS 1.2 or newer). Needs --tls-key.")] = None,
@@ -303,7 +303,8 @@ def otlp(
     try:
         run_otlp(kafka=kafka, host=host, port=port, topic=topic, max_body=int(max_body_mb * (1 << 20)),
                  auth=auth, tls=tls, max_concurrent=max_concurrent,
-                 max_inflight=int(max_inflight_mb * (1 << 20)))
+                 max_inflight=int(max_inflight_mb * (1 << 20)),
+                 load_auth=(lambda: OtlpAuth.load(os.environ.get(TOKEN_ENV), token_file)) if token_file else None)
     except OtlpConfigError as exc:
         raise _err(str(exc)) from None
 

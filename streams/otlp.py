@@ -58,6 +58,7 @@ import ssl
 import stat
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -425,6 +426,23 @@ class OtlpReceiver:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{scheme}://{host}:{self._port}/v1/traces"
 
+    def set_auth(self, auth: OtlpAuth) -> None:
+        """Replace the accepted tokens (a rotation); refused like at start when the new set
+        would leave a non-loopback bind without a token."""
+        check_bind(self.host, auth)
+        self.auth = auth
+
+    def reload_auth(self, load: Callable[[], OtlpAuth]) -> bool:
+        """:meth:`set_auth` with ``load()``; on a bad token file the tokens in use are kept
+        and the reason logged (without any token). Returns whether they were replaced."""
+        try:
+            self.set_auth(load())
+        except OtlpConfigError as exc:
+            log.warning("driftline otlp: tokens not reloaded, the old ones stay: %s", exc)
+            return False
+        log.info("driftline otlp: reloaded %d token(s)", len(self.auth.tokens))
+        return True
+
     @property
     def admission(self) -> Admission:
         """The caps' bookkeeping (requests and bytes in flight now)."""
@@ -678,11 +696,13 @@ def run_otlp(kafka: str, host: str = "127.0.0.1", port: int = 4318, topic: str =
              max_body: int = DEFAULT_MAX_BODY, registry: CollectorRegistry | None = None, *,
              auth: OtlpAuth | None = None, tls: OtlpTls | None = None,
              max_concurrent: int = DEFAULT_MAX_CONCURRENT,
-             max_inflight: int = DEFAULT_MAX_INFLIGHT) -> None:
+             max_inflight: int = DEFAULT_MAX_INFLIGHT,
+             load_auth: Callable[[], OtlpAuth] | None = None) -> None:
     """Run the receiver until SIGINT/SIGTERM (blocking; for ``driftline otlp``).
 
     Bad settings (an unsafe bind, a bad token, a missing certificate) raise
-    :class:`OtlpConfigError` before anything listens.
+    :class:`OtlpConfigError` before anything listens. With ``load_auth``, SIGHUP reloads
+    the tokens from it (see :meth:`OtlpReceiver.reload_auth`).
     """
     receiver = OtlpReceiver(kafka, host, port, topic=topic, max_body=max_body,
                             registry=registry, auth=auth, tls=tls,
@@ -694,6 +714,9 @@ def run_otlp(kafka: str, host: str = "127.0.0.1", port: int = 4318, topic: str =
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
+        if load_auth is not None:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signal.SIGHUP, receiver.reload_auth, load_auth)
         await receiver.start()
         try:
             await stop.wait()

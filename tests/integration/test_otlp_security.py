@@ -149,6 +149,22 @@ def test_non_loopback_bind_needs_a_token(monkeypatch: pytest.MonkeyPatch) -> Non
     assert res.exit_code == 2 and "give both or neither" in res.output
 
 
+def test_token_file_reload_rotates_and_keeps_old_tokens_on_a_bad_file(tmp_path: Path) -> None:
+    """SIGHUP's reload: the file's new token replaces the old; an emptied file is refused on a
+    0.0.0.0 bind and the tokens in use stay. Catches: a reload that keeps the old tokens, or
+    one that leaves a non-loopback receiver open after a bad edit."""
+    f = tmp_path / "tokens"
+    f.write_text(TOKEN_A + "\n")
+    r = OtlpReceiver("127.0.0.1:9", host="0.0.0.0", auth=OtlpAuth.load(None, f))
+    f.write_text(TOKEN_B + "\n")
+    assert r.reload_auth(lambda: OtlpAuth.load(None, f)) is True
+    assert (r.auth.check(f"Bearer {TOKEN_A}"), r.auth.check(f"Bearer {TOKEN_B}")) == ("invalid", None)
+    assert r.reload_auth(lambda: OtlpAuth()) is False  # no token at all on 0.0.0.0
+    f.write_text("# emptied by mistake\n")
+    assert r.reload_auth(lambda: OtlpAuth.load(None, f)) is False
+    assert r.auth.check(f"Bearer {TOKEN_B}") is None
+
+
 def test_admission_bookkeeping() -> None:
     """Catches: a cap compared with > instead of >=; a resize that grows past the cap;
     a release that frees twice."""
