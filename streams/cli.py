@@ -276,6 +276,9 @@ def otlp(
         help="Request body MiB held at once (declared length, or --max-body-mb when chunked, "
              "then the gunzipped size); more are answered 429 with Retry-After. At least twice "
              "--max-body-mb.")] = 256.0,
+    read_timeout: Annotated[float, typer.Option(
+        help="Seconds a request may take to send its body; then 408, so a stalled client "
+             "cannot hold a slot.")] = 60.0,
 ) -> None:
     """OTLP/HTTP receiver (POST /v1/traces, protobuf and JSON) that forwards to Kafka.
 
@@ -304,7 +307,8 @@ def otlp(
         run_otlp(kafka=kafka, host=host, port=port, topic=topic, max_body=int(max_body_mb * (1 << 20)),
                  auth=auth, tls=tls, max_concurrent=max_concurrent,
                  max_inflight=int(max_inflight_mb * (1 << 20)),
-                 load_auth=(lambda: OtlpAuth.load(os.environ.get(TOKEN_ENV), token_file)) if token_file else None)
+                 load_auth=(lambda: OtlpAuth.load(os.environ.get(TOKEN_ENV), token_file)) if token_file else None,
+                 read_timeout=read_timeout)
     except OtlpConfigError as exc:
         raise _err(str(exc)) from None
 
