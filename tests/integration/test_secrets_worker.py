@@ -2,7 +2,7 @@
 through the worker, against a ClickHouse *server* (HTTP) with a password.
 
 ClickHouse is tests/faultproxy.py's chDB-over-HTTP server (a subprocess, as in the fault
-suite), reached with ``http://default:S3cretPw@127.0.0.1:PORT/driftline``. Alerts go to a
+suite) requiring the password, reached with ``http://default:S3cretPw@127.0.0.1:PORT/driftline``. Alerts go to a
 Slack-compatible receiver at ``/services/T000/B000/SECRETTOKEN123`` that answers 500 once
 (so the failure is logged) and 200 after. A latency rule fires on the first window.
 
@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -80,7 +81,7 @@ async def test_worker_run_leaks_no_secret_and_stores_redacted_texts(
     ch = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parents[1] / "faultproxy.py"),
                            "chdb-http", str(tmp_path / "chdb"), str(ch_port)],
                           stdout=(tmp_path / "ch.log").open("ab"), stderr=subprocess.STDOUT,
-                          start_new_session=True)
+                          start_new_session=True, env={**os.environ, "FAULTPROXY_CH_PASSWORD": PASSWORD})
     slack = SlackReceiver()
     app = web.Application()
     app.router.add_post(f"/services/T000/B000/{TOKEN}", slack.handle)
