@@ -141,3 +141,49 @@ async def test_notifier_failure_logs_no_token(caplog: pytest.LogCaptureFixture) 
                         "bad token in /services/T000/B000/***")
     assert lines[1].startswith("webhook: POST http://127.0.0.1:1/services/*** failed: ")
     assert "SECRETTOKEN123" not in caplog.text and "SECRETTOKEN123" not in repr(n)
+
+
+def test_worker_cli_reads_secrets_from_env_and_files(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``driftline worker`` parsing only (run_worker replaced by a recorder): the password
+    file is merged into the DSN, webhook URLs come from @file and env, a SecretFilter on the
+    root handlers masks them, --redact/--retention reach WorkerConfig. Mutations: the
+    password file or env ignored; the filter not installed; options not passed on."""
+    from typer.testing import CliRunner
+
+    import driftline.streams.app as app_mod
+    from driftline.streams.cli import app
+
+    got: dict[str, object] = {}
+    monkeypatch.setattr(app_mod, "run_worker", lambda cfg, **kw: got.update(cfg=cfg, **kw))
+    pw = tmp_path / "pw"
+    pw.write_text("S3cretPw\n")
+    hooks = tmp_path / "hooks"
+    hooks.write_text("http://127.0.0.1:9/services/T000/B000/SECRETTOKEN123\n")
+    monkeypatch.setenv("DRIFTLINE_WEBHOOK", "http://127.0.0.1:9/hook?token=TOKENVALUE9")
+    monkeypatch.setenv("DRIFTLINE_REDACT_KEY", "redact-key-1")
+    root = logging.getLogger()
+    before = list(root.handlers)
+    res = CliRunner().invoke(app, [
+        "worker", "--kafka", "127.0.0.1:1", "--clickhouse", "http://reader@127.0.0.1:1/db", "--no-drift",
+        "--slack-webhook", f"@{hooks}", "--clickhouse-password-file", str(pw), "--redact", "hash",
+        "--retention-days", "90", "--retention-days-text", "30"])
+    try:
+        assert res.exit_code == 0, res.output
+        cfg = got["cfg"]
+        assert cfg.clickhouse == "http://reader:S3cretPw@127.0.0.1:1/db"  # type: ignore[attr-defined]
+        assert "S3cretPw" not in repr(cfg) and "redact-key-1" not in repr(cfg)
+        assert cfg.redaction.mode == "hash" and cfg.redaction.key == b"redact-key-1"  # type: ignore[attr-defined]
+        assert (cfg.retention.days, cfg.retention.text_days) == (90, 30)  # type: ignore[attr-defined]
+        flts = [f for h in root.handlers for f in h.filters if isinstance(f, SecretFilter)]
+        assert flts, "no SecretFilter on the root handlers"
+        rec = logging.LogRecord("x", logging.INFO, __file__, 1, "%s %s %s %s", (
+            "S3cretPw", "http://127.0.0.1:9/services/T000/B000/SECRETTOKEN123", "TOKENVALUE9", "redact-key-1"),
+            None)
+        flts[0].filter(rec)
+        assert rec.getMessage() == "*** *** *** ***"
+    finally:
+        for h in root.handlers:
+            for f in [f for f in h.filters if isinstance(f, SecretFilter)]:
+                h.removeFilter(f)
+        for h in [h for h in root.handlers if h not in before]:
+            root.removeHandler(h)
