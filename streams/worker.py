@@ -210,14 +210,10 @@ class _Work:
     records: Sequence[Any] = ()
     #: the stream watermark once this batch was windowed (None before any event)
     watermark_ms: int | None = None
-    #: the events with their texts redacted (--redact), inserted instead of event_cols
-    redacted: Any = None
 
     @property
     def arrow(self) -> Any:
         """The events as an Arrow table, what the writer inserts (None without events)."""
-        if self.redacted is not None:
-            return self.redacted
         return self.event_cols.table if self.event_cols is not None else None
 
 
@@ -697,9 +693,7 @@ class Worker:
             self._last_emit = now
             closed = {(w.key, w.window_start_ms) for w in windows}
             windows += [w for w in self.windows.partial() if (w.key, w.window_start_ms) not in closed]
-        red = self.cfg.redaction
-        return _Work(event_cols, windows, decoded.rejected, offsets, watermark_ms=self.windows.watermark_ms,
-                     redacted=redact_events(event_cols.table, red) if red.active and event_cols is not None else None)
+        return _Work(event_cols, windows, decoded.rejected, offsets, watermark_ms=self.windows.watermark_ms)
 
     def _cut_off(self) -> bool:
         """True while fetching is paused or an assigned partition has had no fetch answer
@@ -777,11 +771,14 @@ class Worker:
         if tables:
             built: list[Any] = []
             torn = {tp: s for tp, s in self._torn.items() if tp in marks}
+            red = self.cfg.redaction
 
             def build() -> Any:
                 t = _concat_arrow(tables)
                 if torn:  # a write step that did not finish stored these already
                     t = _drop_stored(t, torn)
+                if red.active:  # --redact: on the ClickHouse thread; the stages keep the original texts
+                    t = redact_events(t, red)
                 built.append(t)
                 return t
 

@@ -16,7 +16,7 @@ import pytest
 
 from driftline.detectors.redact import Redaction, redact_text
 from driftline.streams.pipeline import MemoryRecord, Rejected
-from driftline.streams.privacy import redact_rejected
+from driftline.streams.privacy import redact_events, redact_rejected
 
 EMAIL = "jo.doe@example.com"
 CARD = "4111 1111 1111 1111"
@@ -66,10 +66,11 @@ def _event(i: int, **kw: Any) -> bytes:
 @pytest.mark.parametrize("fast", [True, False])
 def test_worker_rows_are_redacted_and_stages_get_the_original(mode: Any, prompt: str, response: str,
                                                                fast: bool) -> None:
-    """The rows the writer inserts (``_Work.arrow``) carry the redacted texts; the stages'
-    columns (``event_cols``, what the drift stage embeds) the original ones; both decode
-    paths. Mutations: redaction skipped on one path; the stages handed the redacted table
-    (drift would embed digests in hash mode); mode none doing per-event work."""
+    """The worker's batch table (both decode paths) redacted as the writer does before the
+    insert (``redact_events``: exact texts per mode, the other columns untouched); the
+    stages' columns (``event_cols``, what the drift stage embeds) keep the original texts.
+    Mutations: a text column skipped; the batch's own table redacted in place (drift
+    would embed digests in hash mode). The writer's call: tests/integration/test_secrets_worker.py."""
     from driftline.streams.worker import Worker, WorkerConfig
 
     w = Worker(WorkerConfig(kafka="127.0.0.1:1", clickhouse="chdb:///nonexistent", redaction=Redaction(mode),
@@ -81,12 +82,14 @@ def test_worker_rows_are_redacted_and_stages_get_the_original(mode: Any, prompt:
     w.scanner = None
     assert (decoded.table is not None) is fast and len(decoded.events) == (0 if fast else n)
     work = w.process(recs, {}, decoded)
-    assert work.arrow.num_rows == n
-    assert work.arrow.column("prompt").to_pylist() == [prompt] * n
-    assert work.arrow.column("response").to_pylist() == [response] * n
+    stored = redact_events(work.arrow, w.cfg.redaction)
+    assert stored.num_rows == n and stored.schema == work.arrow.schema
+    assert stored.column("prompt").to_pylist() == [prompt] * n
+    assert stored.column("response").to_pylist() == [response] * n
+    assert stored.drop_columns(["prompt", "response"]).equals(work.arrow.drop_columns(["prompt", "response"]))
     assert work.event_cols is not None
     assert work.event_cols["prompt"] == [PROMPT] * n  # what the stages (drift) see
-    assert (work.redacted is None) is (mode == "none")
+    assert work.arrow.column("response").to_pylist() == [RESPONSE] * n
     w._decode_pool.shutdown()
 
 
