@@ -42,7 +42,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from driftline.detectors.guardrails import GuardrailScanner
+from .guardrails import GuardrailScanner
 
 __all__ = ["REDACT_MODES", "RedactMode", "Redaction", "TOKENS", "hash_text", "mask_pii", "redact_text",
            "redact_value"]
