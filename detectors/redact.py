@@ -44,8 +44,8 @@ from typing import Any, Literal, get_args
 
 from .guardrails import GuardrailScanner
 
-__all__ = ["REDACT_MODES", "RedactMode", "Redaction", "TOKENS", "hash_text", "mask_pii", "redact_text",
-           "redact_value"]
+__all__ = ["REDACT_MODES", "RedactMode", "Redaction", "TOKENS", "fit_token", "hash_text", "mask_pii",
+           "pii_spans", "redact_text", "redact_value"]
 
 RedactMode = Literal["none", "pii", "hash"]
 REDACT_MODES: tuple[RedactMode, ...] = get_args(RedactMode)
@@ -66,14 +66,12 @@ _PEM = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----.*?"
 _DIGEST = re.compile(r"(?:sha256|hmac-sha256):[0-9a-f]{64}")
 
 
-def mask_pii(text: str) -> str:
-    """``text`` with every ``pii`` and ``secrets`` scanner finding replaced by its token
-    (overlapping findings are merged; the first one's kind names the merged span)."""
-    hits = _SCANNER.scan(text, "text")
-    if not hits:
-        return text
+def pii_spans(text: str) -> list[tuple[int, int, str]]:
+    """``(start, end, token)`` of every ``pii`` and ``secrets`` scanner finding in
+    ``text``, in order, overlapping findings merged (the first one's kind names the
+    merged span); a private key's span runs to its ``END`` line or the end of the text."""
     spans: list[tuple[int, int, str]] = []
-    for h in hits:
+    for h in _SCANNER.scan(text, "text"):
         start, end = h.start, h.end
         if h.kind == "private_key":
             m = _PEM.match(text, start)
@@ -85,6 +83,19 @@ def mask_pii(text: str) -> str:
             spans[-1] = (s0, max(e0, end), t0)
         else:
             spans.append((start, end, token))
+    return spans
+
+
+def fit_token(token: str, n: int) -> str:
+    """``token`` padded with ``*`` to ``n`` characters, or ``n`` stars when it is longer."""
+    return token + "*" * (n - len(token)) if n >= len(token) else "*" * n
+
+
+def mask_pii(text: str) -> str:
+    """``text`` with every :func:`pii_spans` finding replaced by its token."""
+    spans = pii_spans(text)
+    if not spans:
+        return text
     out: list[str] = []
     pos = 0
     for start, end, token in spans:

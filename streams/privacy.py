@@ -6,12 +6,14 @@
   original table: the drift stage embeds the original text, and redacts the example
   texts it puts in ``drift_scores.explanation`` itself.
 - :func:`redact_rejected` — a rejected record's copy in ``dlq_outbox`` and in the
-  DLQ topic. A JSON object: its ``prompt`` and ``response`` values (only these two
-  keys; the other fields are kept so the record can be replayed); bytes
-  that are not a JSON object: ``pii`` masks the raw text (decoded as UTF-8 with
-  surrogate escapes, so the other bytes come back unchanged), ``hash`` replaces the
-  payload by its digest and says so in the reason. The reason is ``pii``-masked in
-  both modes (a decoder's message may quote the value).
+  DLQ topic. A JSON object with ``prompt`` or ``response``: those values are
+  redacted per mode, and in ``pii`` mode every other string in it is masked too
+  (``user_id``, ``extra`` …); the rest is kept so the record can still be read and
+  replayed. Any other payload (not JSON, an OTLP request in protobuf or JSON):
+  ``pii`` masks the raw text in place, each finding by as many bytes (its token
+  padded with ``*``), so protobuf lengths stay valid; ``hash`` replaces the payload
+  by its digest and says so in the reason. The reason is ``pii``-masked in both
+  modes (a decoder's message may quote the value).
 
 Mode ``none`` never calls these (the worker checks :attr:`Redaction.active`).
 """
@@ -22,7 +24,7 @@ import dataclasses
 import json
 from typing import Any
 
-from driftline.detectors.redact import Redaction, hash_text, mask_pii
+from driftline.detectors.redact import Redaction, fit_token, hash_text, mask_pii, pii_spans
 from driftline.streams.pipeline import Rejected
 
 __all__ = ["TEXT_COLUMNS", "redact_events", "redact_rejected"]
@@ -44,6 +46,24 @@ def redact_events(table: Any, redaction: Redaction) -> Any:
     return table
 
 
+def _mask_bytes(value: bytes) -> bytes:
+    """``value`` with each pii/secrets finding in its text overwritten by as many bytes
+    (its token padded with ``*``: :func:`fit_token`)."""
+    text = value.decode("utf-8", "surrogateescape")
+    spans = pii_spans(text)
+    if not spans:
+        return value
+    out: list[bytes] = []
+    pos = 0
+    for start, end, token in spans:
+        out.append(text[pos:start].encode("utf-8", "surrogateescape"))
+        n = len(text[start:end].encode("utf-8", "surrogateescape"))
+        out.append(fit_token(token, n).encode())
+        pos = end
+    out.append(text[pos:].encode("utf-8", "surrogateescape"))
+    return b"".join(out)
+
+
 def redact_rejected(r: Rejected, redaction: Redaction) -> Rejected:
     """``r`` with its payload (``value``) and reason redacted per ``redaction``."""
     mode = redaction.mode
@@ -55,18 +75,17 @@ def redact_rejected(r: Rejected, redaction: Redaction) -> Rejected:
             obj = json.loads(value)
         except (ValueError, RecursionError):
             obj = None
-    if isinstance(obj, dict):
-        if any(k in obj for k in TEXT_COLUMNS):
+    if isinstance(obj, dict) and any(k in obj for k in TEXT_COLUMNS):
+        if mode == "pii":
+            obj = redaction.value(obj)
+        else:
             for k in TEXT_COLUMNS:
                 if k in obj:
                     obj[k] = redaction.value(obj[k])
-            value = json.dumps(obj, ensure_ascii=False).encode()
+        value = json.dumps(obj, ensure_ascii=False).encode()
     elif value:
         if mode == "pii":
-            text = value.decode("utf-8", "surrogateescape")
-            masked = mask_pii(text)
-            if masked != text:
-                value = masked.encode("utf-8", "surrogateescape")
+            value = _mask_bytes(value)
         else:
             digest = hash_text(value, redaction.key)
             reason = f"{reason} [payload of {len(r.value)} bytes replaced by its digest (--redact hash)]"

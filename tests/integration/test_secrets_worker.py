@@ -141,7 +141,7 @@ async def test_worker_run_leaks_no_secret_and_stores_redacted_texts(
         dlq = await read_topic(kafka_bootstrap, f"{topic}.dlq", 2)
         assert [r.value for r in dlq] == [v.encode() for (v,) in outbox]
         assert json.loads(dlq[0].value)["prompt"] == "Hi, I am <EMAIL>, please charge <CARD>."
-        assert dlq[1].value == b"oops <EMAIL> {"
+        assert dlq[1].value == b"oops <EMAIL>*********** {"
         ttl = await asyncio.to_thread(worker.sink.query_rows, "SELECT create_table_query FROM system.tables "
                                       "WHERE database = 'driftline' AND name = 'llm_events'", None)
         assert "`prompt` Nullable(String) TTL toDateTime(timestamp) + toIntervalDay(365)" in ttl[0][0]

@@ -94,8 +94,9 @@ def test_worker_rows_are_redacted_and_stages_get_the_original(mode: Any, prompt:
 
 
 def test_dlq_copies_are_redacted() -> None:
-    """Mutations: JSON payloads passed through; raw bytes left unmasked; the hash mode not
-    saying in the reason that the payload was replaced."""
+    """Mutations: JSON payloads passed through; raw bytes left unmasked (or masked with a
+    change of length); JSON objects without prompt/response passed through (OTLP/JSON);
+    the hash mode not saying in the reason that the payload was replaced."""
     obj = Rejected("t", 0, 7, b"k", json.dumps({"app": "chat", "prompt": PROMPT, "latency_ms": "x",
                                                  "response": [RESPONSE, 3]}).encode(),
                    f"invalid latency_ms for {EMAIL}", "latency_ms")
@@ -106,7 +107,15 @@ def test_dlq_copies_are_redacted() -> None:
     h = json.loads(redact_rejected(obj, Redaction("hash")).value)
     assert h["prompt"] == SHA and h["response"].startswith("sha256:") and h["app"] == "chat"
     raw = Rejected("t", 0, 8, None, f"not json {EMAIL} \xff".encode("latin-1"), "not valid JSON: x")
-    assert redact_rejected(raw, Redaction("pii")).value == b"not json <EMAIL> \xff"
+    # same length: a binary framing around the text (protobuf lengths) stays valid
+    assert redact_rejected(raw, Redaction("pii")).value == b"not json <EMAIL>*********** \xff"
+    # a JSON object without prompt/response (an OTLP/JSON request): masked as raw text
+    otlp = Rejected("otlp_spans", 0, 9, None, json.dumps(
+        {"resourceSpans": [{"v": f"ask {EMAIL}", "n": "\u00e9"}]}, ensure_ascii=False).encode(), "otlp: bad span")
+    got_otlp = redact_rejected(otlp, Redaction("pii")).value
+    assert json.loads(got_otlp) == {"resourceSpans": [{"v": "ask <EMAIL>***********", "n": "\u00e9"}]}
+    assert len(got_otlp) == len(otlp.value)
+    assert redact_rejected(otlp, Redaction("hash")).value.startswith(b"sha256:")
     hashed = redact_rejected(raw, Redaction("hash"))
     assert hashed.value == ("sha256:" + hashlib.sha256(raw.value).hexdigest()).encode()
     assert hashed.reason == "not valid JSON: x [payload of 29 bytes replaced by its digest (--redact hash)]"
