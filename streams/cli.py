@@ -111,9 +111,9 @@ def worker(
     clickhouse: ClickHouseOpt = None,
     rules: Annotated[Path | None, typer.Option("--rules", envvar="DRIFTLINE_RULES",
                                                help="Alert rules file (YAML). Default: the shipped default rules.")] = None,
-    webhook: Annotated[list[str] | None, typer.Option("--webhook", help="POST alerts as JSON to this URL. Repeatable.")] = None,
-    slack_webhook: Annotated[list[str] | None, typer.Option("--slack-webhook", help="POST alerts as a Slack-compatible {\"text\": ...} body (Slack, Mattermost). Repeatable.")] = None,
-    alertmanager: Annotated[list[str] | None, typer.Option("--alertmanager", help="Alertmanager base URL (alerts go to /api/v2/alerts, re-sent while firing). Repeatable.")] = None,
+    webhook: Annotated[list[str] | None, typer.Option("--webhook", help="POST alerts as JSON to this URL. Repeatable; @FILE reads URLs from a file (one a line); default: env DRIFTLINE_WEBHOOK (space-separated).")] = None,
+    slack_webhook: Annotated[list[str] | None, typer.Option("--slack-webhook", help="POST alerts as a Slack-compatible {\"text\": ...} body (Slack, Mattermost). Repeatable; @FILE reads URLs from a file; default: env DRIFTLINE_SLACK_WEBHOOK. The URL is a secret: prefer the env or a file to argv.")] = None,
+    alertmanager: Annotated[list[str] | None, typer.Option("--alertmanager", help="Alertmanager base URL (alerts go to /api/v2/alerts, re-sent while firing). Repeatable; @FILE reads URLs from a file; default: env DRIFTLINE_ALERTMANAGER.")] = None,
     alerts: Annotated[bool, typer.Option(help="Evaluate alert rules in the stream (alerts also go to the ClickHouse alerts table and the log).")] = True,
     alert_interval: Annotated[float, typer.Option(help="Seconds between rule evaluations (on the live windows).")] = 1.0,
     group: Annotated[str, typer.Option(help="Kafka consumer group; start N workers with the same group to scale out.")] = "driftline-worker",
@@ -143,6 +143,25 @@ def worker(
     max_event_age: Annotated[float, typer.Option(help="Seconds: events dated more than this before the wall clock go to the DLQ (default 30 days: backfills of the last month are accepted).")] = 30 * 86400.0,
     max_clock_skew: Annotated[float, typer.Option(help="Seconds: events dated more than this after the wall clock go to the DLQ.")] = 300.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    # -- secrets, redaction, retention (README "Security")
+    clickhouse_password_file: Annotated[Path | None, typer.Option(
+        "--clickhouse-password-file", envvar="DRIFTLINE_CLICKHOUSE_PASSWORD_FILE",
+        help="File whose first line is the ClickHouse password, put into the --clickhouse DSN in memory "
+             "(else env DRIFTLINE_CLICKHOUSE_PASSWORD; keeps the password off argv).")] = None,
+    redact: Annotated[str, typer.Option(
+        "--redact", envvar="DRIFTLINE_REDACT",
+        help="Prompt/response text before it is stored or sent (llm_events, drift explanations, DLQ copies): "
+             "none (as is), pii (e-mails, cards, phones, SSNs, IBANs, API keys replaced by <EMAIL>, <CARD>, "
+             "<PHONE>, <SSN>, <IBAN>, <SECRET>), hash (only sha256:<hex>; HMAC with env DRIFTLINE_REDACT_KEY "
+             "when set, so short texts cannot be guessed back). Drift still embeds the original text.")] = "none",
+    retention_days: Annotated[int, typer.Option(
+        "--retention-days", envvar="DRIFTLINE_RETENTION_DAYS",
+        help="Days raw rows are kept (TTL on llm_events by event time, dlq_outbox); 0: forever. "
+             "Window metrics, alerts, drift tables and the write log are kept.")] = 0,
+    retention_days_text: Annotated[int, typer.Option(
+        "--retention-days-text", envvar="DRIFTLINE_RETENTION_DAYS_TEXT",
+        help="Days texts are kept (column TTL blanking llm_events.prompt/response, dlq_outbox.value, "
+             "drift_scores.explanation); the rows' numbers stay; 0: forever.")] = 0,
 ) -> None:
     """Run the stream processor: Kafka -> windows, cost, guardrails, drift -> ClickHouse, /metrics, alerts."""
     from driftline.streams.app import run_worker
@@ -154,6 +173,28 @@ def worker(
         logging.getLogger(noisy).setLevel(logging.WARNING)
     kafka, clickhouse, started = _resolve_targets(kafka, clickhouse, start_broker=True)
     try:
+        from driftline.detectors.redact import Redaction
+        from driftline.streams.redact_secrets import (
+            install_secret_filter,
+            merge_password,
+            read_password,
+            read_urls,
+            secrets_of_url,
+        )
+        from driftline.streams.sinks import Retention
+
+        password = read_password(clickhouse_password_file, "DRIFTLINE_CLICKHOUSE_PASSWORD")
+        clickhouse = merge_password(clickhouse, password)
+        webhook = read_urls(webhook, "DRIFTLINE_WEBHOOK")
+        slack_webhook = read_urls(slack_webhook, "DRIFTLINE_SLACK_WEBHOOK")
+        alertmanager = read_urls(alertmanager, "DRIFTLINE_ALERTMANAGER")
+        redact_key = os.environ.get("DRIFTLINE_REDACT_KEY", "").encode() or None
+        install_secret_filter([*(password or "",), *(redact_key.decode() if redact_key else "",),
+                               *(s for u in (clickhouse, *webhook, *slack_webhook, *alertmanager)
+                                 for s in secrets_of_url(u))])
+        if redact_key is not None and redact != "hash":
+            _say("DRIFTLINE_REDACT_KEY is set but --redact is not hash: the key is not used")
+            redact_key = None
         cfg = WorkerConfig(
             kafka=kafka, clickhouse=clickhouse, group_id=group,
             **({"topics": tuple(topic)} if topic else {}),
@@ -162,6 +203,8 @@ def worker(
             rules_file=rules, scan_guardrails=scan_guardrails,
             auto_offset_reset="latest" if from_latest else "earliest",
             max_event_age_s=max_event_age, max_clock_skew_s=max_clock_skew,
+            redaction=Redaction(redact, redact_key),  # type: ignore[arg-type]  # checked there
+            retention=Retention(retention_days, retention_days_text),
         )
         stages: list[Any] = []
         if alerts:
