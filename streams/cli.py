@@ -166,9 +166,9 @@ def worker(
     clickhouse: ClickHouseOpt = None,
     rules: Annotated[Path | None, typer.Option("--rules", envvar="DRIFTLINE_RULES",
                                                help="Alert rules file (YAML). Default: the shipped default rules.")] = None,
-    webhook: Annotated[list[str] | None, typer.Option("--webhook", help="POST alerts as JSON to this URL. Repeatable.")] = None,
-    slack_webhook: Annotated[list[str] | None, typer.Option("--slack-webhook", help="POST alerts as a Slack-compatible {\"text\": ...} body (Slack, Mattermost). Repeatable.")] = None,
-    alertmanager: Annotated[list[str] | None, typer.Option("--alertmanager", help="Alertmanager base URL (alerts go to /api/v2/alerts, re-sent while firing). Repeatable.")] = None,
+    webhook: Annotated[list[str] | None, typer.Option("--webhook", help="POST alerts as JSON to this URL. Repeatable; @FILE reads URLs from a file (one a line); default: env DRIFTLINE_WEBHOOK (space-separated).")] = None,
+    slack_webhook: Annotated[list[str] | None, typer.Option("--slack-webhook", help="POST alerts as a Slack-compatible {\"text\": ...} body (Slack, Mattermost). Repeatable; @FILE reads URLs from a file; default: env DRIFTLINE_SLACK_WEBHOOK. The URL is a secret: prefer the env or a file to argv.")] = None,
+    alertmanager: Annotated[list[str] | None, typer.Option("--alertmanager", help="Alertmanager base URL (alerts go to /api/v2/alerts, re-sent while firing). Repeatable; @FILE reads URLs from a file; default: env DRIFTLINE_ALERTMANAGER.")] = None,
     alerts: Annotated[bool, typer.Option(help="Evaluate alert rules in the stream (alerts also go to the ClickHouse alerts table and the log).")] = True,
     alert_interval: Annotated[float, typer.Option(help="Seconds between rule evaluations (on the live windows).")] = 1.0,
     group: Annotated[str, typer.Option(help="Kafka consumer group; start N workers with the same group to scale out.")] = "driftline-worker",
@@ -198,6 +198,25 @@ def worker(
     max_event_age: Annotated[float, typer.Option(help="Seconds: events dated more than this before the wall clock go to the DLQ (default 30 days: backfills of the last month are accepted).")] = 30 * 86400.0,
     max_clock_skew: Annotated[float, typer.Option(help="Seconds: events dated more than this after the wall clock go to the DLQ.")] = 300.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    # -- secrets, redaction, retention (README "Security")
+    clickhouse_password_file: Annotated[Path | None, typer.Option(
+        "--clickhouse-password-file", envvar="DRIFTLINE_CLICKHOUSE_PASSWORD_FILE",
+        help="File whose first line is the ClickHouse password, put into the --clickhouse DSN in memory "
+             "(else env DRIFTLINE_CLICKHOUSE_PASSWORD; keeps the password off argv).")] = None,
+    redact: Annotated[str, typer.Option(
+        "--redact", envvar="DRIFTLINE_REDACT",
+        help="Prompt/response text before it is stored or sent (llm_events, drift explanations, DLQ copies): "
+             "none (as is), pii (e-mails, cards, phones, SSNs, IBANs, API keys replaced by <EMAIL>, <CARD>, "
+             "<PHONE>, <SSN>, <IBAN>, <SECRET>), hash (only sha256:<hex>; HMAC with env DRIFTLINE_REDACT_KEY "
+             "when set, so short texts cannot be guessed back). Drift still embeds the original text.")] = "none",
+    retention_days: Annotated[int, typer.Option(
+        "--retention-days", envvar="DRIFTLINE_RETENTION_DAYS",
+        help="Days raw rows are kept (TTL on llm_events by event time, dlq_outbox); 0: forever. "
+             "Window metrics, alerts, drift tables and the write log are kept.")] = 0,
+    retention_days_text: Annotated[int, typer.Option(
+        "--retention-days-text", envvar="DRIFTLINE_RETENTION_DAYS_TEXT",
+        help="Days texts are kept (column TTL blanking llm_events.prompt/response, dlq_outbox.value, "
+             "drift_scores.explanation); the rows' numbers stay; 0: forever.")] = 0,
     kafka_security_protocol: KSecProtocolOpt = None, kafka_sasl_mechanism: KSecMechanismOpt = None,
     kafka_user: KSecUserOpt = None, kafka_password_file: KSecPasswordFileOpt = None,
     kafka_ca: KSecCaOpt = None, kafka_cert: KSecCertOpt = None, kafka_key: KSecKeyOpt = None,
@@ -215,8 +234,33 @@ def worker(
     security = _kafka_security(kafka, kafka_security_protocol, kafka_sasl_mechanism, kafka_user, kafka_password_file,
                                kafka_ca, kafka_cert, kafka_key)
     control_secret = _control_secret(control_secret_file)
+    from driftline.streams.redact_secrets import install_secret_filter
+
+    install_secret_filter([security.password or "", control_secret.decode("utf-8", "replace") if control_secret else ""])
     kafka, clickhouse, started = _resolve_targets(kafka, clickhouse, start_broker=True)
     try:
+        from driftline.detectors.redact import Redaction
+        from driftline.streams.redact_secrets import (
+            install_secret_filter,
+            merge_password,
+            read_password,
+            read_urls,
+            secrets_of_url,
+        )
+        from driftline.streams.sinks import Retention
+
+        password = read_password(clickhouse_password_file, "DRIFTLINE_CLICKHOUSE_PASSWORD")
+        clickhouse = merge_password(clickhouse, password)
+        webhook = read_urls(webhook, "DRIFTLINE_WEBHOOK")
+        slack_webhook = read_urls(slack_webhook, "DRIFTLINE_SLACK_WEBHOOK")
+        alertmanager = read_urls(alertmanager, "DRIFTLINE_ALERTMANAGER")
+        redact_key = os.environ.get("DRIFTLINE_REDACT_KEY", "").encode() or None
+        install_secret_filter([*(password or "",), *(redact_key.decode() if redact_key else "",),
+                               *(s for u in (clickhouse, *webhook, *slack_webhook, *alertmanager)
+                                 for s in secrets_of_url(u))])
+        if redact_key is not None and redact != "hash":
+            _say("DRIFTLINE_REDACT_KEY is set but --redact is not hash: the key is not used")
+            redact_key = None
         cfg = WorkerConfig(
             kafka_security=security, control_secret=control_secret, control_max_age_s=control_max_age or None,
             kafka=kafka, clickhouse=clickhouse, group_id=group,
@@ -226,6 +270,8 @@ def worker(
             rules_file=rules, scan_guardrails=scan_guardrails,
             auto_offset_reset="latest" if from_latest else "earliest",
             max_event_age_s=max_event_age, max_clock_skew_s=max_clock_skew,
+            redaction=Redaction(redact, redact_key),  # type: ignore[arg-type]  # checked there
+            retention=Retention(retention_days, retention_days_text),
         )
         stages: list[Any] = []
         if alerts:
@@ -327,21 +373,66 @@ def otlp(
     port: Annotated[int, typer.Option(help="OTLP/HTTP port.")] = 4318,
     topic: Annotated[str, typer.Option(help="Kafka topic for the requests.")] = "otlp_spans",
     max_body_mb: Annotated[float, typer.Option(help="Largest accepted request (MiB).")] = 16.0,
+    # security (issue 14): tokens never on argv; TLS; caps on work in flight
+    token_file: Annotated[Path | None, typer.Option(
+        "--token-file", envvar="DRIFTLINE_OTLP_TOKEN_FILE",
+        help="File of accepted bearer tokens, one per line (blank and # lines ignored; several "
+             "lines let clients move to a new token before the old one goes). Clients send "
+             "'Authorization: Bearer <token>'. A single token can instead come from env "
+             "DRIFTLINE_OTLP_TOKEN. Required unless --host is loopback. Re-read on SIGHUP.")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(
+        "--tls-cert", envvar="DRIFTLINE_OTLP_TLS_CERT",
+        help="PEM certificate (chain): serve HTTPS (TLS 1.2 or newer). Needs --tls-key.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(
+        "--tls-key", envvar="DRIFTLINE_OTLP_TLS_KEY",
+        help="Unencrypted PEM private key of --tls-cert.")] = None,
+    max_concurrent: Annotated[int, typer.Option(
+        help="Requests handled at once; more are answered 429 with Retry-After.")] = 64,
+    max_inflight_mb: Annotated[float, typer.Option(
+        help="Request body MiB held at once (declared length, or --max-body-mb when chunked, "
+             "then the gunzipped size); more are answered 429 with Retry-After. At least twice "
+             "--max-body-mb.")] = 256.0,
+    read_timeout: Annotated[float, typer.Option(
+        help="Seconds a request may take to send its body; then 408, so a stalled client "
+             "cannot hold a slot.")] = 60.0,
     kafka_security_protocol: KSecProtocolOpt = None, kafka_sasl_mechanism: KSecMechanismOpt = None,
     kafka_user: KSecUserOpt = None, kafka_password_file: KSecPasswordFileOpt = None,
     kafka_ca: KSecCaOpt = None, kafka_cert: KSecCertOpt = None, kafka_key: KSecKeyOpt = None,
 ) -> None:
-    """OTLP/HTTP receiver (POST /v1/traces, protobuf and JSON) that forwards to Kafka."""
+    """OTLP/HTTP receiver (POST /v1/traces, protobuf and JSON) that forwards to Kafka.
+
+    Listens on 127.0.0.1 by default. Any other --host needs a token (DRIFTLINE_OTLP_TOKEN or
+    --token-file); use TLS there too. /healthz is open; /metrics needs the token when one is set.
+    """
     try:
-        from driftline.streams.otlp import run_otlp
+        from driftline.streams.otlp import (
+            TOKEN_ENV,
+            OtlpAuth,
+            OtlpConfigError,
+            OtlpTls,
+            check_bind,
+            run_otlp,
+        )
     except ImportError as exc:
         raise _err(f"the OTLP receiver is not available: {exc}") from None
+    try:
+        auth = OtlpAuth.load(os.environ.get(TOKEN_ENV), token_file)
+        check_bind(host, auth)
+        tls = OtlpTls.from_paths(tls_cert, tls_key)
+    except OtlpConfigError as exc:
+        raise _err(str(exc)) from None
     security = _kafka_security(kafka, kafka_security_protocol, kafka_sasl_mechanism, kafka_user, kafka_password_file,
                                kafka_ca, kafka_cert, kafka_key)
     kafka, _, _ = _resolve_targets(kafka, "-", start_broker=False)
     security.warn_cleartext(kafka)
-    run_otlp(kafka=kafka, host=host, port=port, topic=topic, max_body=int(max_body_mb * (1 << 20)),
-             producer_options=security.aiokafka_kwargs())
+    try:
+        run_otlp(kafka=kafka, host=host, port=port, topic=topic, max_body=int(max_body_mb * (1 << 20)),
+                 auth=auth, tls=tls, max_concurrent=max_concurrent,
+                 max_inflight=int(max_inflight_mb * (1 << 20)),
+                 load_auth=(lambda: OtlpAuth.load(os.environ.get(TOKEN_ENV), token_file)) if token_file else None,
+                 read_timeout=read_timeout, producer_options=security.aiokafka_kwargs())
+    except OtlpConfigError as exc:
+        raise _err(str(exc)) from None
 
 
 def _check_rules_or_exit(path: Path) -> None:

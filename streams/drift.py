@@ -76,6 +76,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from driftline.detectors.drift import CentroidDrift, MMDDrift, TopicMixDrift
+from driftline.detectors.redact import Redaction
 from driftline.schemas.drift import DriftResult
 from driftline.streams.embedding import EmbeddingBatcher, EmbeddingConfig, load_encoder
 
@@ -324,6 +325,8 @@ class DriftEngine:
         self.tests_run = 0
         self.references_made = 0
         self.references_loaded = 0
+        #: --redact: the example texts the detectors put in explanations (the worker's mode)
+        self.redaction = Redaction()
 
     # -- loading -------------------------------------------------------------------
     def _where(self, key: Key, fld: str) -> str:
@@ -469,9 +472,15 @@ class DriftEngine:
         if det is None:
             assert kf.ref is not None
             det = make_detector(method, b, seed=self.cfg.seed, min_effect=self.cfg.min_effect)
-            det.fit(kf.ref.emb.astype(np.float64), texts=kf.ref.texts)
+            det.fit(kf.ref.emb.astype(np.float64), texts=self._shown(kf.ref.texts))
             kf.detectors[ck] = det
         return det
+
+    def _shown(self, texts: list[str]) -> list[str]:
+        """Texts as explanations may quote them: redacted per ``--redact`` (the
+        embeddings were made from the originals)."""
+        red = self.redaction
+        return [red.text(t) or "" for t in texts] if red.active else texts
 
     def _test(self, kf: _KeyField, now: float) -> list[DriftResult]:
         assert kf.ref is not None
@@ -481,7 +490,7 @@ class DriftEngine:
         b = n_resamples(a_test)
         cur = list(kf.cur)
         x = np.stack([r[3] for r in cur]).astype(np.float64)
-        texts = [r[4] for r in cur]
+        texts = self._shown([r[4] for r in cur])
         out = []
         for method in cfg.methods:
             det = self._detector(kf, method, b)
@@ -655,6 +664,7 @@ class DriftStage:
         sink = worker.sink
         self.engine = DriftEngine(self.cfg, lambda sql: sink.call(lambda c: c.query(sql).result_rows),
                                   sink.database, getattr(self.batcher.encoder, "name", "encoder"))
+        self.engine.redaction = getattr(worker.cfg, "redaction", None) or Redaction()
         self._task = asyncio.create_task(self._loop(), name="driftline-drift")
         if self.cfg.control_topic:
             self._control_task = asyncio.create_task(self._control_loop(), name="driftline-drift-control")

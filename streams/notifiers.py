@@ -35,6 +35,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from driftline.schemas.rules import AlertTransition
+from driftline.streams.redact_secrets import MASK, redact_url, redact_urls_in, secrets_of_url
 
 __all__ = [
     "AlertDispatcher",
@@ -102,10 +103,22 @@ class _HttpNotifier:
                 if 200 <= resp.status < 300:
                     return ExportResult.SUCCESS
                 text = (await resp.text())[:300]
-                log.warning("%s: POST %s -> HTTP %d: %s", self.name, url, resp.status, text)
+                log.warning("%s: POST %s -> HTTP %d: %s", self.name, redact_url(url), resp.status,
+                            self._hide(text, url))
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            log.warning("%s: POST %s failed: %r", self.name, url, e)
+            # aiohttp's errors can quote the URL (InvalidURL, a redirect's Location)
+            log.warning("%s: POST %s failed: %s", self.name, redact_url(url), self._hide(repr(e), url))
         return ExportResult.FAILURE
+
+    @staticmethod
+    def _hide(text: str, url: str) -> str:
+        """``text`` (an error, a response body) with ``url`` and its secrets masked."""
+        for secret in secrets_of_url(url):
+            text = text.replace(secret, MASK)
+        return redact_urls_in(text)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({redact_url(self.url)!r}, name={self.name!r})"
 
     async def force_flush(self, timeout_s: float = 30.0) -> bool:
         return True

@@ -31,12 +31,15 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
+
+from driftline.streams.redact_secrets import redact_url, redact_urls_in
 
 log = logging.getLogger("driftline.sink")
 
-__all__ = ["ClickHouseSink", "ddl_statements", "resolve_dsn", "retryable", "WINDOW_COLUMNS"]
+__all__ = ["ClickHouseSink", "Retention", "ddl_statements", "resolve_dsn", "retryable", "WINDOW_COLUMNS"]
 
 #: ClickHouse error codes that a retry cannot pass: the data itself is refused
 #: (parse errors, type mismatch, out of range values, NULL in a plain column, constraint)
@@ -89,6 +92,74 @@ def ddl_statements(database: str = DEFAULT_DATABASE) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class Retention:
+    """How long the raw tables keep what they hold (ClickHouse TTLs; 0 = forever).
+
+    ``text_days``: column TTL blanking the texts (``llm_events.prompt``/``response`` by
+    event time, ``dlq_outbox.value`` by write time, ``drift_scores.explanation`` with
+    its example texts by test time); the rows and their numbers stay. ``days``: row
+    TTL on the raw rows, ``llm_events`` (event time) and ``dlq_outbox`` (write time).
+    Aggregates without text (``llm_window_metrics``, ``alerts``), the drift tables
+    (``llm_embeddings``, ``drift_references``: a pinned reference needs its
+    embeddings) and the write log ``ingest_log`` (a restarted worker resumes after its
+    last row per partition: expiring it would replay a partition from its start) are
+    kept. ClickHouse applies a TTL when it merges parts (``merge_with_ttl_timeout``,
+    4 h by default), so expired data can outlive its TTL by that long.
+    """
+
+    days: int = 0
+    text_days: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("days", "text_days"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"retention {name} must be a whole number of days >= 0 (0: keep forever), got {v!r}")
+
+
+#: (table, column or None for the row TTL, time expression, which Retention field)
+_TTLS: tuple[tuple[str, str | None, str, str], ...] = (
+    ("llm_events", "prompt", "toDateTime(timestamp)", "text_days"),
+    ("llm_events", "response", "toDateTime(timestamp)", "text_days"),
+    ("dlq_outbox", "value", "toDateTime(written_at)", "text_days"),
+    ("drift_scores", "explanation", "toDateTime(ts)", "text_days"),
+    ("llm_events", None, "toDateTime(timestamp)", "days"),
+    ("dlq_outbox", None, "toDateTime(written_at)", "days"),
+)
+_ROW_TTL_DAYS = re.compile(r"\bENGINE\b.*?\bTTL\b[^S]*?toIntervalDay\((\d+)\)", re.DOTALL)
+
+
+def ttl_days(create_query: str, column: str | None) -> int:
+    """The days of a ``… + toIntervalDay(N)`` TTL in a ``CREATE TABLE`` text
+    (``system.tables.create_table_query``, or ``SHOW CREATE TABLE``): of
+    ``column``, or the row TTL for None; 0 when there is none."""
+    if column is None:
+        m = _ROW_TTL_DAYS.search(create_query)
+    else:
+        m = re.search(rf"`{column}` [^,\n]*?\bTTL\b[^,\n]*?toIntervalDay\((\d+)\)", create_query)
+    return int(m.group(1)) if m else 0
+
+
+def retention_statements(database: str, current: dict[str, str], retention: Retention) -> list[str]:
+    """The ALTERs that bring the TTLs of the tables (``current``: name -> their
+    ``create_table_query``) to ``retention``: none when they already match (idempotent)."""
+    out = []
+    for table, column, expr, which in _TTLS:
+        want = int(getattr(retention, which))
+        have = ttl_days(current.get(table, ""), column)
+        if want == have:
+            continue
+        full = f"{database}.{table}"
+        if column is None:
+            out.append(f"ALTER TABLE {full} MODIFY TTL {expr} + INTERVAL {want} DAY" if want
+                       else f"ALTER TABLE {full} REMOVE TTL")
+        else:
+            out.append(f"ALTER TABLE {full} MODIFY COLUMN {column} TTL {expr} + INTERVAL {want} DAY" if want
+                       else f"ALTER TABLE {full} MODIFY COLUMN {column} REMOVE TTL")
+    return out
+
+
 def resolve_dsn(dsn: str) -> tuple[str, str]:
     """(dsn for clickhouse-connect, database). ``chdb:///path`` or ``http(s)://…/db``."""
     u = urlparse(dsn)
@@ -97,7 +168,7 @@ def resolve_dsn(dsn: str) -> tuple[str, str]:
     if u.scheme in ("http", "https", "clickhouse", "clickhouses"):
         db = u.path.strip("/") or DEFAULT_DATABASE
         return dsn, db
-    raise ValueError(f"ClickHouse DSN {dsn!r}: expected chdb:///path or http://user:pass@host:8123/db")
+    raise ValueError(f"ClickHouse DSN {redact_url(dsn)!r}: expected chdb:///path or http://user:pass@host:8123/db")
 
 
 def chdb_path(dsn: str) -> str | None:
@@ -118,7 +189,8 @@ class ClickHouseSink:
 
     def __init__(self, dsn: str, database: str | None = None, *,
                  on_error: Callable[[str, BaseException], None] | None = None,
-                 max_backoff_s: float = 15.0, query_timeout_s: float = 60.0) -> None:
+                 max_backoff_s: float = 15.0, query_timeout_s: float = 60.0,
+                 retention: Retention | None = None) -> None:
         if query_timeout_s <= 0:
             raise ValueError("query_timeout_s must be > 0")
         self.dsn, db = resolve_dsn(dsn)
@@ -131,6 +203,7 @@ class ClickHouseSink:
         self._on_error = on_error
         self._max_backoff = max_backoff_s
         self.query_timeout_s = query_timeout_s
+        self.retention = retention or Retention()
 
     # -- thread-confined primitives ---------------------------------------------------
     def _connect(self, settings: dict[str, Any]) -> Any:
@@ -142,7 +215,7 @@ class ClickHouseSink:
         u = urlparse(self.dsn)
         return clickhouse_connect.get_client(
             host=u.hostname or "localhost", port=u.port or (8443 if u.scheme.endswith("s") else 8123),
-            username=u.username or "default", password=u.password or "",
+            username=unquote(u.username or "default"), password=unquote(u.password or ""),
             secure=u.scheme in ("https", "clickhouses"), database="default", settings=settings,
         )
 
@@ -169,7 +242,8 @@ class ClickHouseSink:
 
     # -- schema -------------------------------------------------------------------
     def ensure_schema(self) -> None:
-        """Create the database and tables if missing (idempotent)."""
+        """Create the database and tables if missing, and set the TTLs of
+        :attr:`retention` (idempotent: a TTL is altered only when it differs)."""
         stmts = ddl_statements(self.database)
 
         db = self.database
@@ -194,6 +268,11 @@ class ClickHouseSink:
                 c.command(f"ALTER TABLE {db}.`{t[0]}` MODIFY SETTING non_replicated_deduplication_window = 1000")
             # a write log created before it carried the watermark
             c.command(f"ALTER TABLE {db}.ingest_log ADD COLUMN IF NOT EXISTS watermark_ms Int64 DEFAULT 0")
+            current = {str(t): str(q) for t, q in c.query(
+                f"SELECT name, create_table_query FROM system.tables WHERE database = '{db}'").result_rows}
+            for stmt in retention_statements(db, current, self.retention):
+                log.info("retention: %s", stmt)
+                c.command(stmt)
 
         self.call(run)
 
@@ -212,7 +291,7 @@ class ClickHouseSink:
                 if not retryable(exc):
                     raise
                 log.warning("ClickHouse %s failed (attempt %d), retrying in %.1fs: %s",
-                            what, attempt, delay, exc)
+                            what, attempt, delay, redact_urls_in(str(exc)))
                 end = time.monotonic() + delay
                 while time.monotonic() < end:
                     if keepalive is not None:

@@ -76,6 +76,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
+from driftline.detectors.redact import Redaction
 from driftline.schemas.metrics import WindowKey, WindowStats
 from driftline.streams.kafka_security import KafkaSecurity
 from driftline.streams.metrics import WorkerMetrics
@@ -92,7 +93,9 @@ from driftline.streams.pipeline import (
     enrich,
     to_columns,
 )
-from driftline.streams.sinks import WINDOW_COLUMNS, ClickHouseSink
+from driftline.streams.privacy import redact_events, redact_rejected
+from driftline.streams.redact_secrets import redact_url, redact_urls_in
+from driftline.streams.sinks import WINDOW_COLUMNS, ClickHouseSink, Retention
 from driftline.streams.windows import EventBatchColumns, WindowAggregator, WindowConfig
 
 log = logging.getLogger("driftline.worker")
@@ -103,7 +106,7 @@ __all__ = ["WorkerConfig", "Worker", "Stage", "StoredBatch"]
 @dataclass(frozen=True)
 class WorkerConfig:
     kafka: str
-    clickhouse: str
+    clickhouse: str = field(repr=False)  # may carry a password
     database: str | None = None
     group_id: str = "driftline-worker"
     topics: tuple[str, ...] = (EVENTS_TOPIC, OTLP_TOPIC)
@@ -137,6 +140,10 @@ class WorkerConfig:
     max_event_age_s: float = DEFAULT_MAX_EVENT_AGE_S
     #: events dated more than this after the wall clock go to the DLQ (clock skew)
     max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S
+    #: --redact: prompt/response in llm_events and the DLQ copies (detectors/redact.py)
+    redaction: Redaction = field(default_factory=Redaction)
+    #: --retention-days(-text): TTLs set on the tables at start (sinks.Retention)
+    retention: Retention = field(default_factory=Retention)
     #: TLS / SASL of every Kafka client of the worker (consumers, DLQ producer, admin, faust)
     kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
     #: HMAC secret control commands must be signed with (None: unsigned commands accepted)
@@ -254,7 +261,8 @@ class Worker:
 
         self.cfg = config
         self.metrics = metrics or WorkerMetrics()
-        self.sink = sink or ClickHouseSink(config.clickhouse, config.database, on_error=self._sink_error)
+        self.sink = sink or ClickHouseSink(config.clickhouse, config.database, on_error=self._sink_error,
+                                           retention=config.retention)
         self.prices = PriceTable.load(*config.price_files) if config.price_files else PriceTable.default()
         self.scanner: Any = None
         if config.scan_guardrails:
@@ -333,7 +341,7 @@ class Worker:
         self.consumer.subscribe(list(cfg.topics), listener=_Rebalance(self))
         await self.consumer.start()
         log.info("worker consuming %s from %s into %s (database %s)", ",".join(cfg.topics),
-                 cfg.kafka, cfg.clickhouse, self.sink.database)
+                 cfg.kafka, redact_url(cfg.clickhouse), self.sink.database)
 
     async def _ch_retry(self, what: str, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` on a thread, retried with backoff (logged) until it succeeds:
@@ -345,7 +353,8 @@ class Worker:
                 return await asyncio.to_thread(fn, *args)
             except Exception as exc:  # noqa: BLE001 - ClickHouse down: wait for it
                 self._sink_error(f"{what.split(' ')[0]} (read)", exc)
-                log.warning("ClickHouse %s failed (attempt %d), retrying in %.1fs: %s", what, attempt, delay, exc)
+                log.warning("ClickHouse %s failed (attempt %d), retrying in %.1fs: %s", what, attempt, delay,
+                            redact_urls_in(str(exc)))
                 if self._stopping:
                     raise
                 await asyncio.sleep(delay)
@@ -775,11 +784,14 @@ class Worker:
         if tables:
             built: list[Any] = []
             torn = {tp: s for tp, s in self._torn.items() if tp in marks}
+            red = self.cfg.redaction
 
             def build() -> Any:
                 t = _concat_arrow(tables)
                 if torn:  # a write step that did not finish stored these already
                     t = _drop_stored(t, torn)
+                if red.active:  # --redact: on the ClickHouse thread; the stages keep the original texts
+                    t = redact_events(t, red)
                 built.append(t)
                 return t
 
@@ -791,6 +803,8 @@ class Worker:
                 rejected += _refused_records(built[0], refused, batch)
                 n -= sum(len(rows) for rows, _ in refused)
             self.stored_events += n
+        if rejected and self.cfg.redaction.active:  # the DLQ copies (table and topic) redacted too
+            rejected = [redact_rejected(r, self.cfg.redaction) for r in rejected]
         outbox = _outbox_rows(rejected, self._epoch) if rejected else []
         if outbox:
             await sink.insert_rows("dlq_outbox", outbox, OUTBOX_COLUMNS, self._keepalive, token=f"{token}-dlq",

@@ -173,8 +173,27 @@ def serve_chdb_http(path: str, port: int) -> None:
 
     insert_re = re.compile(r"^\s*(INSERT\s+INTO\s+.+?)\s+(FORMAT\s+\w+)\s*$", re.IGNORECASE | re.DOTALL)
 
+    import base64
+    import hmac
+    import os
+
+    # FAULTPROXY_CH_PASSWORD set: every request must carry it (HTTP basic auth, as
+    # clickhouse-connect sends it, or X-ClickHouse-Key), else ClickHouse's code 516
+    password = os.environ.get("FAULTPROXY_CH_PASSWORD")
+
+    def _authorized(request: web.Request) -> bool:
+        got = request.headers.get("X-ClickHouse-Key", "")
+        auth = request.headers.get("Authorization", "")
+        if auth.startswith("Basic "):
+            with contextlib.suppress(ValueError):
+                got = base64.b64decode(auth[6:]).decode().partition(":")[2]
+        return hmac.compare_digest(got.encode(), (password or "").encode())
+
     class _Endpoint(ClickHouseEndpoint):
         async def _query(self, request: web.Request) -> web.Response:
+            if password is not None and not _authorized(request):
+                return web.Response(status=401, text="Code: 516. DB::Exception: default: Authentication failed\n",
+                                    headers={"X-ClickHouse-Exception-Code": "516"})
             if request.method != "POST":
                 return await super()._query(request)
             body = await request.read()  # aiohttp has undone gzip/deflate/br already

@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -220,8 +219,10 @@ class WorkerProc:
     peak_rss_mb: float = 0.0
 
     def spawn(self) -> WorkerProc:
-        exe = shutil.which("driftline") or "driftline"
-        args = [exe, "worker", "--kafka", self.kafka, "--clickhouse", self.clickhouse, "--topic", TOPIC,
+        # the console script beside this interpreter (a venv not on PATH), else the module
+        exe = Path(sys.executable).with_name("driftline")
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "driftline.streams.cli"]
+        args = [*cmd, "worker", "--kafka", self.kafka, "--clickhouse", self.clickhouse, "--topic", TOPIC,
                 "--group", "faults", "--no-drift", "--window", str(WINDOW_S), "--lateness", str(LATENESS_S),
                 "--emit-interval", "1", "--max-batch", "2000", "--metrics-port", "0",
                 "--sql-port", str(self.sql_port), "--log-level", "info", "--rules", str(self._rules())]
