@@ -428,7 +428,11 @@ class DriftEngine:
         ref_rows: list[dict[str, Any]] = []
         results: list[tuple[Sample, DriftResult]] = []
         touched: dict[tuple[Key, str], Sample] = {}
+        # under --redact pii/hash the stored text_hash is 0: an unkeyed 64-bit hash of a short
+        # prompt can be guessed back by hashing candidates (in memory it stays the cache key)
+        keep_hash = not self.redaction.active
         for s, h, v in zip(samples, hashes, vecs, strict=True):
+            h = h if keep_hash else 0
             kf = self.get(s.key, s.field)
             seq = kf.seq
             kf.seq += 1

@@ -267,3 +267,17 @@ def test_row_columns_match_the_ddl() -> None:
     assert list(REFERENCE_COLUMNS) == columns("drift_references")
     assert list(CONTROL_LOG_COLUMNS) == columns("drift_control_log")
     assert list(SCORE_COLUMNS) == columns("drift_scores")
+
+
+@pytest.mark.parametrize(("mode", "stored"), [("none", [11, 22]), ("pii", [0, 0]), ("hash", [0, 0])])
+def test_text_hash_is_not_stored_under_redaction(mode: str, stored: list[int]) -> None:
+    """Under --redact pii/hash the llm_embeddings.text_hash column is 0: an unkeyed 64-bit hash
+    of a short prompt could be guessed back. Mutation caught: storing ``h`` whatever the mode."""
+    from driftline.detectors.redact import Redaction
+
+    eng = _engine()
+    eng.redaction = Redaction(mode)  # type: ignore[arg-type]
+    key = ("app", "m", "v1")
+    samples = [Sample(key, "prompt", f"e{i}", 1_000 * i, f"t{i}") for i in range(2)]
+    emb, _, _ = eng.process(samples, [11, 22], np.ones((2, 4), np.float32))
+    assert emb["text_hash"] == stored
