@@ -125,6 +125,37 @@ def _card_ok(raw: str) -> bool:
     return bool(_CARD_PREFIX.match(digits)) and luhn_valid(digits)
 
 
+_CARD_RUN = re.compile(r"\d(?<![\d-]\d)(?:[ -]?\d){12,18}(?![\d-])")
+
+
+def _find_cards(text: str) -> list[tuple[int, int]]:
+    """Card numbers: 13-19 digits in optional space/dash groups, a known prefix, Luhn-valid.
+
+    A run that fails the check as a whole is tried again from each group start to each
+    group end (longest first), so a digit or a group next to the card ("qty 1 4111 1111
+    1111 1111", a trailing reference number) does not hide it.
+    """
+    if _count_digits(text) < 13:
+        return []
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while (m := _CARD_RUN.search(text, pos)) is not None:
+        raw, base = m.group(0), m.start()
+        if _card_ok(raw):
+            out.append((base, m.end()))
+            pos = m.end()
+            continue
+        starts = [i for i in range(len(raw)) if raw[i].isdigit() and (i == 0 or raw[i - 1] in " -")]
+        ends = [j for j in range(len(raw), 0, -1) if raw[j - 1].isdigit() and (j == len(raw) or raw[j] in " -")]
+        found = next(((a, b) for a in starts for b in ends if b - a >= 13 and _card_ok(raw[a:b])), None)
+        if found is None:
+            pos = m.end()
+        else:
+            out.append((base + found[0], base + found[1]))
+            pos = base + found[1]
+    return out
+
+
 _IBAN_LEN = {
     "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22,
     "BR": 29, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DK": 18, "DO": 28, "EE": 20,
@@ -222,9 +253,10 @@ _PATTERNS: tuple[_Pattern, ...] = (
         "credit_card",
         # first digit, then "not preceded by a digit or '-'" (a lookbehind after the first
         # char keeps re's scan loop simple)
-        re.compile(r"\d(?<![\d-]\d)(?:[ -]?\d){12,18}(?![\d-])"),
+        _CARD_RUN,
         min_digits=13,
         check=_card_ok,
+        finder=_find_cards,
     ),
     _Pattern(
         "pii",

@@ -141,3 +141,22 @@ def test_event_verdicts_and_hit_rule() -> None:
         and guardrail_hit([]) is False
     )
     assert hits_to_guardrails([]) == []
+
+
+@pytest.mark.parametrize(("text", "card"), [
+    ("qty 1 4111 1111 1111 1111 thanks", "4111 1111 1111 1111"),      # a digit group before it
+    ("card 4111-1111-1111-1111 ref 2", "4111-1111-1111-1111"),         # unchanged: whole run valid
+    ("pay 5500 0000 0000 0004 7 items", "5500 0000 0000 0004"),        # a digit group after it
+    ("1 2 4111111111111111", "4111111111111111"),
+])
+def test_card_next_to_other_digit_groups(text: str, card: str) -> None:
+    """A Luhn-valid card beside other digit groups is found at its exact span. Mutation caught:
+    the plain regex (no retry from group boundaries) misses the first, third and fourth."""
+    hits = [h for h in GuardrailScanner().scan(text, "prompt") if h.kind == "credit_card"]
+    assert [text[h.start:h.end] for h in hits] == [card]
+
+
+def test_two_cards_in_one_digit_run_are_both_found() -> None:
+    text = "4111 1111 1111 1111 5500 0000 0000 0004"
+    hits = [h for h in GuardrailScanner().scan(text, "prompt") if h.kind == "credit_card"]
+    assert [text[h.start:h.end] for h in hits] == ["4111 1111 1111 1111", "5500 0000 0000 0004"]
