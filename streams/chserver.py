@@ -214,6 +214,8 @@ class QueryPolicy:
         lines = [ln for ln in ast.splitlines() if ln.strip()]
         if not lines:
             raise Refused("empty parse tree")
+        if sum(not ln.startswith(" ") for ln in lines) != 1:
+            raise Refused("multi-statements are not allowed: send one statement per request")
         kind = lines[0].split()[0]
         read = _READ_KINDS.match(kind) is not None
         if kind == "InsertQuery":

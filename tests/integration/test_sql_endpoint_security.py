@@ -239,6 +239,9 @@ def test_reads_still_work(served: Served) -> None:
     assert q_ro(served, "DESCRIBE TABLE driftline.probe")[1].split("\t")[:2] == ["n", "UInt32"]
     assert q_ro(served, "EXPLAIN SYNTAX SELECT 1")[0] == 200
     assert q_ro(served, "SELECT 'a FORMAT JSON'")[:2] == (200, "a FORMAT JSON\n")
+    # a parameter is substituted before the check: an Identifier cannot smuggle a table function in
+    status, body, _ = q_ro(served, "SELECT * FROM {t:Identifier}", params={"param_t": "file('/etc/hostname')"})
+    assert status != 200 and "hostname" not in body.replace("'/etc/hostname'", "")
 
 
 # -- browsers -----------------------------------------------------------------------------
