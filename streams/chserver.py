@@ -231,6 +231,9 @@ class QueryPolicy:
                 m = re.match(r"\s*AlterCommand (\S+)", ln)
                 if m and m.group(1) not in _ALTER_COMMANDS:
                     raise Refused(f"ALTER {m.group(1)} is not allowed: only ALTER TABLE ... DELETE / UPDATE")
+                if re.match(r"\s*Set\b", ln):  # the write role runs with readonly=0: no settings of its own
+                    raise Refused("SETTINGS are not accepted on the write role (mutations run synchronously "
+                                  "already)")
         else:
             # INTO OUTFILE: a literal right under the statement (chDB writes the file even read-only)
             if any(ln.startswith(" Literal") for ln in lines[1:]) or _OUTFILE_RE.search(formatted):
@@ -323,7 +326,9 @@ class ClickHouseEndpoint:
         try:
             for k, v in self.limits.settings().items():
                 conn.query(f"SET {k} = {v}")
-            if not write:
+            if write:
+                conn.query("SET mutations_sync = 1")  # ALTER ... DELETE/UPDATE answers when done
+            else:
                 conn.query("SET readonly = 1")  # last: from here on no setting changes
         except Exception:
             conn.close()
@@ -342,7 +347,7 @@ class ClickHouseEndpoint:
              database: str | None, write: bool) -> bytes:
         """One request on a fresh connection (its session ends with the request)."""
         assert self.policy is not None
-        conn = self._connect(write)
+        conn = self._connect(write=False)  # checked on a read-only connection, whoever asks
         try:
             for k, v in settings.items():  # read role: refused by the engine unless unchanged
                 conn.query(f"SET {k} = {_quote(v)}")
@@ -355,7 +360,10 @@ class ClickHouseEndpoint:
                     raise Refused("multi-statements are not allowed: send one statement per request") from None
                 raise
             ast = conn.query("EXPLAIN AST " + q, "TSVRaw", params=params).bytes().decode("utf-8", "replace")
-            self.policy.check(ast, formatted, write=write)
+            kind = self.policy.check(ast, formatted, write=write)
+            if write and kind in _WRITE_KINDS:  # only a maintenance statement gets a writable connection
+                conn.close()
+                conn = self._connect(write=True)
             if database:
                 conn.query(f"USE `{database}`")
             return bytes(conn.query(q, fmt, params=params).bytes() or b"")

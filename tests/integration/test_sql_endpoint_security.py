@@ -267,7 +267,7 @@ def test_write_role_only_with_opt_in_post_and_admin(served: Served) -> None:
     # the write role let through INSERT, CREATE with a File engine or ALTER ... FREEZE
     asyncio.run(asyncio.wait_for(served.sink.insert_rows("probe", [{"n": i} for i in range(100, 110)], ["n"]), 30))
     admin = _basic(ADMIN_USER, served.admin_password)
-    delete = "ALTER TABLE driftline.probe DELETE WHERE n = 100 SETTINGS mutations_sync = 1"
+    delete = "ALTER TABLE driftline.probe DELETE WHERE n = 100"
     assert call(served.url("ro"), delete, method="POST", headers=admin)[0] == 403  # not opted in
     assert call(served.url("rw"), delete, method="GET", headers=admin)[0] == 403  # GET stays read-only
     assert call(served.url("rw"), delete, method="POST", headers=_basic(USER, served.password))[0] == 403
@@ -275,9 +275,14 @@ def test_write_role_only_with_opt_in_post_and_admin(served: Served) -> None:
                       ("CREATE TABLE driftline.f (a UInt8) ENGINE = File(CSV)", "CreateQuery is not allowed"),
                       ("ALTER TABLE driftline.probe FREEZE", "ALTER FREEZE_ALL is not allowed"),
                       ("DELETE FROM driftline.probe WHERE n IN (SELECT * FROM file('/etc/hostname'))",
-                       "function file")]:
+                       "function file"),
+                      # parsed on a read-only connection first: the engine refuses the SETTINGS clause
+                      (f"{delete} SETTINGS mutations_sync = 0", "Code: 164"),
+                      # reads by the write role still run read-only (inline settings refused by the engine)
+                      ("SELECT 1 SETTINGS format_template_row = '/etc/hostname' FORMAT Template", "Code: 164")]:
         status, body, _ = call(served.url("rw"), q, method="POST", headers=admin)
         assert status == 403 and reason in body, body
+    assert call(served.url("rw"), "SELECT getSetting('readonly')", method="POST", headers=admin)[:2] == (200, "1\n")
     assert served.sink.query_rows("SELECT count() FROM driftline.probe WHERE n >= 100") == [(10,)]
     status, body, _ = call(served.url("rw"), delete, method="POST", headers=admin)
     assert status == 200, body
