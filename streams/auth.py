@@ -5,6 +5,9 @@ Who may talk to the worker's HTTP ports:
 - the ClickHouse HTTP endpoint over embedded chDB (streams/chserver.py) always
   asks for a user and password, on loopback too: any local process or web page
   could otherwise read every stored prompt and response;
+  there is no switch to turn this off (no ``--sql-auth none``, not even on
+  loopback): every client in the project finds the password by itself, and an
+  escape hatch would be the setting copied from a forum answer;
 - the worker's ``/metrics`` port asks for them only when it is bound to a
   non-loopback address (Prometheus scrapes loopback targets without
   credentials, and supports ``basic_auth`` in its scrape config when the port is

@@ -36,9 +36,11 @@ refused: events go through Kafka (``driftline emit``).
 
 Writes, only with ``--sql-allow-writes``, only by ``driftline_admin`` and only
 with POST: data maintenance (``ALTER TABLE … DELETE/UPDATE``, ``DELETE FROM``,
-``OPTIMIZE``, ``TRUNCATE``, ``DROP``), with the same function checks, still on a
-connection of the endpoint's own; no CREATE/ATTACH (engines and disks reach the
-file system), no INSERT.
+``OPTIMIZE``, ``TRUNCATE``, ``DROP``), with the same function checks, no
+``SETTINGS``, still on connections of the endpoint's own: the statement is parsed
+on a read-only one, and only a maintenance statement then runs on a writable one
+(``mutations_sync=1``); no CREATE/ATTACH (engines and disks reach the file
+system), no INSERT.
 
 The endpoint's address is written to ``<chdb path>/.driftline-endpoint`` so
 that clients configured with the same ``chdb://`` DSN find it.
