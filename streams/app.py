@@ -158,7 +158,7 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
     await runner.setup()
     site = web.TCPSite(runner, web_host, web_port)
     await site.start()
-    if guard.credentials is None:  # loopback: no password, but only this server's own names as Host
+    if is_loopback(web_host):  # loopback: no password, but only this server's own names as Host
         server = getattr(site, "_server", None)
         port = int(server.sockets[0].getsockname()[1]) if web_port == 0 and server and server.sockets else web_port
         guard.hosts = allowed_hosts(web_host, port)

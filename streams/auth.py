@@ -412,12 +412,19 @@ def refused_counter(registry: Any) -> Callable[[str], Callable[[str], None]]:
 
 
 def guard_for_bind(bind: str, credentials: Credentials | None,
-                   on_failure: Callable[[str], None] | None = None) -> HttpGuard:
+                   on_failure: Callable[[str], None] | None = None, *,
+                   always: Iterable[str] = ()) -> HttpGuard:
     """The guard of a port like the worker's ``/metrics``: on loopback no password but
     only this server's own names as ``Host`` (set :attr:`HttpGuard.hosts` with
     :func:`allowed_hosts` once the port is known); anywhere else ``credentials``,
-    required (ValueError without them)."""
+    required (ValueError without them). ``always``: path prefixes that need the
+    password on loopback too (a page showing stored data, e.g. ``/ui``)."""
+    prefixes = tuple(always)
+    if prefixes and credentials is None:
+        raise ValueError(f"{', '.join(prefixes)}: served only with authentication")
+    open_paths = ("/ping", "/healthz")
     if is_loopback(bind):
-        return HttpGuard(None, on_failure=on_failure)
+        return HttpGuard(credentials if prefixes else None, on_failure=on_failure,
+                         protect=lambda r: r.path.startswith(prefixes) if prefixes else False)
     require_auth_for_bind(bind, credentials, f"the HTTP port on {bind}")
-    return HttpGuard(credentials, on_failure=on_failure)
+    return HttpGuard(credentials, on_failure=on_failure, protect=lambda r: r.path not in open_paths)

@@ -83,6 +83,24 @@ async def test_metrics_guard_asks_for_a_password_only_off_loopback() -> None:
         assert (await client.get("/metrics")).status == 200
 
 
+async def test_pages_with_data_need_the_password_on_loopback_too() -> None:
+    # the reuse for /ui: mutation caught: `always` ignored on loopback (the page open to any local process)
+    guard = guard_for_bind("127.0.0.1", CREDS, always=["/ui"])
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application(middlewares=[guard.middleware])
+    for route in ("/metrics", "/ui", "/ui/data"):
+        app.router.add_get(route, ok)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        assert [(await client.get(p)).status for p in ("/metrics", "/ui", "/ui/data")] == [200, 401, 401]
+        good = "Basic " + base64.b64encode(f"{USER}:{'p' * 32}".encode()).decode()
+        assert (await client.get("/ui", headers={"Authorization": good})).status == 200
+    with pytest.raises(ValueError, match="only with authentication"):
+        guard_for_bind("127.0.0.1", None, always=["/ui"])
+
+
 def test_allowed_hosts() -> None:
     h = allowed_hosts("127.0.0.1", 8123, ["sql.example", "other.example:443"])
     assert {"127.0.0.1:8123", "localhost:8123", "[::1]:8123", "sql.example:8123", "other.example:443"} <= h
