@@ -326,8 +326,7 @@ class ClickHouseEndpoint:
 
         conn = chdb.connect(self._conn_str)
         try:
-            for k, v in self.limits.settings().items():
-                conn.query(f"SET {k} = {v}")
+            conn.query("SET " + ", ".join(f"{k} = {v}" for k, v in self.limits.settings().items()))
             if write:
                 conn.query("SET mutations_sync = 1")  # ALTER ... DELETE/UPDATE answers when done
             else:
