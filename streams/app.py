@@ -130,14 +130,36 @@ def log_control_trust(cfg: WorkerConfig) -> None:
 async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str = "127.0.0.1",
                        web_port: int = 9464, sql_port: int | None = 8123,
                        on_ready: Any = None, stages: Any = (),
-                       registry: CollectorRegistry | None = None) -> Worker:
+                       registry: CollectorRegistry | None = None, sql: Any = None) -> Worker:
     """Run a worker in its faust app, with its HTTP ports, until ``stop`` is set.
 
     ``stages`` are :class:`~driftline.streams.worker.Stage` objects, or callables
     ``(registry) -> Stage`` so a stage can register its own metrics on the worker's
-    ``/metrics``.
+    ``/metrics``. ``sql``: :class:`~driftline.streams.chserver.EndpointOptions` of the
+    SQL endpoint (served on an embedded chDB store when ``sql_port`` is set).
+
+    The SQL endpoint always asks for credentials (streams/auth.py); the ``/metrics``
+    port only on a non-loopback ``web_host`` (Prometheus scrapes loopback without
+    credentials and sends ``basic_auth`` when the port is exposed; on loopback the
+    ``Host`` header is checked instead, against DNS rebinding). ``/healthz`` stays open.
     """
+    from driftline.streams.auth import (
+        allowed_hosts,
+        credentials_path,
+        guard_for_bind,
+        is_loopback,
+        load_credentials,
+        refused_counter,
+    )
+    from driftline.streams.chserver import EndpointOptions
+
+    sql = sql or EndpointOptions()
+    path = chdb_path(cfg.clickhouse)
+    serve_sql = path is not None and sql_port is not None
+    creds = (load_credentials(credentials_path(path), password_file=sql.password_file)
+             if serve_sql or not is_loopback(web_host) else None)
     registry = registry or CollectorRegistry()
+    refused = refused_counter(registry)
     built: list[Stage] = [s if isinstance(s, Stage) else s(registry) for s in stages]
     worker = Worker(cfg, WorkerMetrics(registry), stages=built)
 
@@ -149,20 +171,28 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
         return web.json_response({"ok": worker.started.is_set(), "processed_records": worker.processed_records,
                                   "stored_events": worker.stored_events, "dead_lettered": worker.dead_lettered})
 
-    webapp = web.Application()
+    guard = guard_for_bind(web_host, creds, on_failure=refused("metrics"))
+    webapp = web.Application(middlewares=[guard.middleware])
     webapp.router.add_get("/metrics", metrics)
     webapp.router.add_get("/healthz", healthz)
     runner = web.AppRunner(webapp, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, web_host, web_port).start()
+    site = web.TCPSite(runner, web_host, web_port)
+    await site.start()
+    if is_loopback(web_host):  # loopback: no password, but only this server's own names as Host
+        server = getattr(site, "_server", None)
+        port = int(server.sockets[0].getsockname()[1]) if web_port == 0 and server and server.sockets else web_port
+        guard.hosts = allowed_hosts(web_host, port)
     endpoint = None
-    path = chdb_path(cfg.clickhouse)
     app: faust.App | None = None
     try:
-        if path is not None and sql_port is not None:
+        if serve_sql:
             from driftline.streams.chserver import ClickHouseEndpoint
 
-            endpoint = ClickHouseEndpoint(worker.sink, port=sql_port)
+            assert creds is not None and path is not None and sql_port is not None
+            endpoint = ClickHouseEndpoint(worker.sink, host=sql.host, port=sql_port, credentials=creds,
+                                          limits=sql.limits, allow_writes=sql.allow_writes,
+                                          extra_hosts=sql.extra_hosts, on_auth_failure=refused("sql"))
             await endpoint.start(path)
         if cfg.create_topics:
             from driftline.streams.broker import ensure_topics
@@ -196,7 +226,7 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
 
 
 def run_worker(cfg: WorkerConfig, *, web_host: str = "127.0.0.1", web_port: int = 9464,
-               sql_port: int | None = 8123, loglevel: str = "info", stages: Any = ()) -> None:
+               sql_port: int | None = 8123, loglevel: str = "info", stages: Any = (), sql: Any = None) -> None:
     """Run the worker in the foreground until SIGINT/SIGTERM; in-flight data is written first."""
 
     async def main() -> None:
@@ -205,6 +235,6 @@ def run_worker(cfg: WorkerConfig, *, web_host: str = "127.0.0.1", web_port: int 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await serve_worker(cfg, stop, web_host=web_host, web_port=web_port, sql_port=sql_port,
-                           stages=stages)
+                           stages=stages, sql=sql)
 
     asyncio.run(main())

@@ -3,12 +3,44 @@
 A chDB path can be opened by one process at a time, and the worker holds it.
 So that ``driftline sql``, clickhouse-connect, ``curl`` and any other ClickHouse
 HTTP client still reach the embedded store, the worker answers the ClickHouse
-HTTP interface on 127.0.0.1: ``GET /ping``, and ``GET``/``POST /`` with the query
-in ``?query=`` and/or the body, ``default_format``, ``database`` and
-``param_*`` query parameters. Results are chDB's own bytes in the requested
-format (Native, RowBinaryWithNamesAndTypes, TabSeparated, JSON, ...), errors come
-back as HTTP 500 with ClickHouse's ``Code: N. DB::Exception`` text. Writes go
-through Kafka; the endpoint refuses ``INSERT`` with a data body.
+HTTP interface on its bind address (127.0.0.1 by default): ``GET /ping``, and
+``GET``/``POST /`` with the query in ``?query=`` and/or the body,
+``default_format``, ``database`` and ``param_*`` query parameters. Results are
+chDB's own bytes in the requested format (Native, RowBinaryWithNamesAndTypes,
+TabSeparated, JSON, ...); errors come back with ClickHouse's ``Code: N.
+DB::Exception`` text and its HTTP status (401 authentication, 403 refused or
+read-only, 400 syntax, 500 others).
+
+It is closed by default (streams/auth.py): every request but ``/ping`` needs the
+user ``driftline`` (or ``driftline_admin``) and its password, kept 0600 in
+``<chdb path>/.driftline-credentials``; a ``GET`` must name this server in its
+``Host`` header (DNS rebinding). Queries never touch the worker's own clients:
+each request gets a fresh chDB connection of its own (a session that ends with
+the request, so no ``SET``, ``USE`` or ``?database=`` outlives it), created
+read-only (``readonly=1``: no DDL, no writes, no changed settings) with
+``max_execution_time``, ``max_result_rows``/``max_result_bytes``
+(``result_overflow_mode=throw``) and ``max_memory_usage``, on the endpoint's own
+threads. ``readonly=1`` in one chDB connection leaves the others of the same
+path untouched (measured: the sink's lanes keep writing).
+
+Before a query runs, ClickHouse's own parser reads it (``formatQuery`` on the
+text as a string, which refuses multi-statements without running anything,
+then ``EXPLAIN AST``) and :class:`QueryPolicy` refuses (HTTP 403, ``Code: 497
+ACCESS_DENIED``): statements other than SELECT / WITH / SHOW / DESCRIBE / EXISTS
+/ EXPLAIN; ``INTO OUTFILE`` (chDB writes the file even under ``readonly=1``);
+every table function but a small allowlist (the deny set is read from the
+engine's ``system.table_functions`` at start, so a newer engine's functions are
+refused by default), and the scalar functions that reach files or the network
+(``file``, ``hasColumnInTable``, ``catboostEvaluate``). ``INSERT`` is always
+refused: events go through Kafka (``driftline emit``).
+
+Writes, only with ``--sql-allow-writes``, only by ``driftline_admin`` and only
+with POST: data maintenance (``ALTER TABLE … DELETE/UPDATE``, ``DELETE FROM``,
+``OPTIMIZE``, ``TRUNCATE``, ``DROP``), with the same function checks, no
+``SETTINGS``, still on connections of the endpoint's own: the statement is parsed
+on a read-only one, and only a maintenance statement then runs on a writable one
+(``mutations_sync=1``); no CREATE/ATTACH (engines and disks reach the file
+system), no INSERT.
 
 The endpoint's address is written to ``<chdb path>/.driftline-endpoint`` so
 that clients configured with the same ``chdb://`` DSN find it.
@@ -16,28 +48,55 @@ that clients configured with the same ``chdb://`` DSN find it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import re
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from driftline.streams.sinks import ClickHouseSink
+from driftline.streams.auth import (
+    ADMIN_USER,
+    USER_KEY,
+    Credentials,
+    HttpGuard,
+    allowed_hosts,
+    clickhouse_error,
+)
+from driftline.streams.sinks import ClickHouseSink, chdb_path
 
 log = logging.getLogger("driftline.chserver")
 
-__all__ = ["ClickHouseEndpoint", "READ_QUERY", "endpoint_file", "read_endpoint"]
+__all__ = ["ALLOWED_TABLE_FUNCTIONS", "ClickHouseEndpoint", "EndpointLimits", "EndpointOptions", "QueryPolicy", "READ_QUERY",
+           "Refused", "endpoint_file", "read_endpoint"]
 
 ENDPOINT_FILE = ".driftline-endpoint"
 _FORMAT_RE = re.compile(r"\bFORMAT\s+([A-Za-z0-9_]+)\s*;?\s*$", re.IGNORECASE)
+#: a client-side guess whether a statement is a read (the endpoint decides with the parser)
 READ_QUERY = re.compile(r"^\s*(\(|SELECT|WITH|SHOW|DESCRIBE|DESC|EXISTS|EXPLAIN)\b", re.IGNORECASE)
-_INSERT_RE = re.compile(r"^\s*INSERT\b", re.IGNORECASE)
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _INTERNAL_PARAMS = frozenset({
     "query", "default_format", "database", "query_id", "session_id", "session_timeout",
     "session_check", "compress", "decompress", "user", "password", "quota_key",
-    "enable_http_compression", "wait_end_of_query", "client_protocol_version",
+    "enable_http_compression", "wait_end_of_query", "client_protocol_version", "role",
+    "buffer_size", "send_progress_in_http_headers", "http_headers_progress_interval_ms",
 })
+
+#: table functions that compute rows and reach nothing outside the query
+ALLOWED_TABLE_FUNCTIONS = frozenset({
+    "numbers", "numbers_mt", "zeros", "zeros_mt", "values", "generate_series", "generateseries", "null",
+})
+#: scalar functions that read files or open connections (table functions come from the engine)
+DENIED_SCALAR_FUNCTIONS = frozenset({"file", "hascolumnintable", "catboostevaluate"})
+_READ_KINDS = re.compile(r"^(SelectWithUnionQuery|SelectIntersectExceptQuery|Show\w+|Describe\w*|Exists\w*|Explain)$")
+_WRITE_KINDS = frozenset({"AlterQuery", "DeleteQuery", "OptimizeQuery", "DropQuery", "TruncateQuery"})
+_ALTER_COMMANDS = frozenset({"DELETE", "UPDATE"})
+_OUTFILE_RE = re.compile(r"\bINTO\s+OUTFILE\b", re.IGNORECASE)
 
 
 def endpoint_file(chdb_path: str | Path) -> Path:
@@ -53,26 +112,268 @@ def read_endpoint(chdb_path: str | Path) -> str | None:
         return None
 
 
+class Refused(Exception):
+    """A statement the endpoint does not run (HTTP 403, ``Code: 497 ACCESS_DENIED``)."""
+
+
+@dataclass(frozen=True)
+class EndpointLimits:
+    """Settings every endpoint connection gets at creation (the read role cannot change them).
+
+    Parameters
+    ----------
+    max_execution_time_s : float
+        Longest query (ClickHouse ``max_execution_time``, whole seconds, at least 1).
+    max_result_rows, max_result_bytes : int
+        Largest result (``result_overflow_mode=throw``: a larger one is an error, not a
+        silently cut answer).
+    max_memory_usage : int
+        Bytes one query may use (0: the engine's default).
+    threads : int
+        Queries run at the same time (each on a thread and connection of its own).
+    """
+
+    max_execution_time_s: float = 60.0
+    max_result_rows: int = 10_000_000
+    max_result_bytes: int = 1 << 30
+    max_memory_usage: int = 4 << 30
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.max_execution_time_s >= 1:
+            raise ValueError("max_execution_time_s must be >= 1 (ClickHouse counts whole seconds)")
+        if self.max_result_rows < 1 or self.max_result_bytes < 1:
+            raise ValueError("max_result_rows and max_result_bytes must be >= 1")
+        if self.max_memory_usage < 0:
+            raise ValueError("max_memory_usage must be >= 0")
+        if self.threads < 1:
+            raise ValueError("threads must be >= 1")
+
+    def settings(self) -> dict[str, str]:
+        return {
+            "max_execution_time": str(int(round(self.max_execution_time_s))),
+            "max_result_rows": str(self.max_result_rows),
+            "max_result_bytes": str(self.max_result_bytes),
+            "result_overflow_mode": "'throw'",
+            "max_memory_usage": str(self.max_memory_usage),
+        }
+
+
+@dataclass(frozen=True)
+class EndpointOptions:
+    """How the worker serves its SQL endpoint (``driftline worker --sql-*``).
+
+    Parameters
+    ----------
+    host : str
+        Bind address (loopback by default; any address is served with authentication only).
+    password_file : Path, optional
+        The ``driftline`` user's password, one line (else ``DRIFTLINE_SQL_PASSWORD``, else generated).
+    allow_writes : bool
+        Let ``driftline_admin`` run maintenance statements with POST.
+    extra_hosts : tuple of str
+        More ``Host`` names accepted for GET.
+    limits : EndpointLimits
+        Per-query limits.
+    """
+
+    host: str = "127.0.0.1"
+    password_file: Path | None = None
+    allow_writes: bool = False
+    extra_hosts: tuple[str, ...] = ()
+    limits: EndpointLimits = field(default_factory=EndpointLimits)
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ValueError("the SQL endpoint needs a bind address")
+        if self.password_file is not None and not self.password_file.is_file():
+            raise ValueError(f"--sql-password-file {self.password_file}: no such file")
+
+
+class QueryPolicy:
+    """What the endpoint runs, decided on ClickHouse's own parse tree (``EXPLAIN AST``).
+
+    Pure logic: :meth:`check` takes the ``EXPLAIN AST`` text and ``formatQuery``'s
+    normalised text of one statement.
+
+    Parameters
+    ----------
+    table_functions : iterable of str
+        The engine's table functions (``system.table_functions``); all but
+        :data:`ALLOWED_TABLE_FUNCTIONS` are refused, with :data:`DENIED_SCALAR_FUNCTIONS`.
+    """
+
+    def __init__(self, table_functions: Iterable[str]) -> None:
+        names = {t.lower() for t in table_functions}
+        if not names:
+            raise ValueError("QueryPolicy: the engine listed no table functions")
+        self.denied = frozenset(names - ALLOWED_TABLE_FUNCTIONS) | DENIED_SCALAR_FUNCTIONS
+
+    def check(self, ast: str, formatted: str = "", *, write: bool = False) -> str:
+        """The statement's kind when it may run; raises :class:`Refused` otherwise.
+
+        ``write``: the caller holds the write role (maintenance statements allowed)."""
+        lines = [ln for ln in ast.splitlines() if ln.strip()]
+        if not lines:
+            raise Refused("empty parse tree")
+        if sum(not ln.startswith(" ") for ln in lines) != 1:
+            raise Refused("multi-statements are not allowed: send one statement per request")
+        kind = lines[0].split()[0]
+        read = _READ_KINDS.match(kind) is not None
+        if kind == "InsertQuery":
+            raise Refused("INSERT through the worker's endpoint is not supported: produce events to Kafka "
+                          "(driftline emit)")
+        if not read:
+            if not (write and kind in _WRITE_KINDS):
+                hint = ("" if write else "; maintenance statements need the write role "
+                        "(--sql-allow-writes, user driftline_admin, POST)")
+                raise Refused(f"{kind} is not allowed: the endpoint runs SELECT, WITH, SHOW, DESCRIBE, "
+                              f"EXISTS and EXPLAIN{hint}")
+            for ln in lines:
+                m = re.match(r"\s*AlterCommand (\S+)", ln)
+                if m and m.group(1) not in _ALTER_COMMANDS:
+                    raise Refused(f"ALTER {m.group(1)} is not allowed: only ALTER TABLE ... DELETE / UPDATE")
+                if re.match(r"\s*Set\b", ln):  # the write role runs with readonly=0: no settings of its own
+                    raise Refused("SETTINGS are not accepted on the write role (mutations run synchronously "
+                                  "already)")
+        else:
+            # INTO OUTFILE: a literal right under the statement (chDB writes the file even read-only)
+            if any(ln.startswith(" Literal") for ln in lines[1:]) or _OUTFILE_RE.search(formatted):
+                raise Refused("INTO OUTFILE is not allowed")
+        for ln in lines:
+            m = re.match(r"\s*Function (\S+)", ln)
+            if m and m.group(1).lower() in self.denied:
+                raise Refused(f"function {m.group(1)} is not allowed: it reaches files, the network or "
+                              "other servers")
+        return kind
+
+
+def _tsv_escape(s: str) -> str:
+    """A query parameter's value as ClickHouse reads it (escaped like TabSeparated)."""
+    return (s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+            .replace("\0", "\\0"))
+
+
+def _quote(v: str) -> str:
+    return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+_STATUS = {516: 401, 164: 403, 497: 403, 62: 400, 159: 500, 396: 500}
+
+
 class ClickHouseEndpoint:
-    def __init__(self, sink: ClickHouseSink, host: str = "127.0.0.1", port: int = 8123) -> None:
+    """The ClickHouse HTTP interface over the chDB store ``sink`` writes to.
+
+    Parameters
+    ----------
+    sink : ClickHouseSink
+        The worker's sink on a ``chdb://`` DSN (only its path is used: queries run on
+        connections of the endpoint's own).
+    host, port : str, int
+        Where to listen (port 0: any free port).
+    credentials : Credentials
+        Who may query (required: the endpoint is never open).
+    limits : EndpointLimits
+        Per-query limits.
+    allow_writes : bool
+        Let ``driftline_admin`` run maintenance statements with POST.
+    extra_hosts : iterable of str
+        More ``Host`` names to accept for GET (e.g. a DNS name on a non-loopback bind).
+    on_auth_failure : callable, optional
+        Called with ``"auth"`` or ``"host"`` per refused request (a counter).
+    """
+
+    def __init__(self, sink: ClickHouseSink, host: str = "127.0.0.1", port: int = 8123, *,
+                 credentials: Credentials, limits: EndpointLimits | None = None, allow_writes: bool = False,
+                 extra_hosts: Iterable[str] = (),
+                 on_auth_failure: Callable[[str], None] | None = None) -> None:
+        path = chdb_path(sink.dsn)
+        if path is None:
+            raise ValueError("the ClickHouse HTTP endpoint serves an embedded chDB store (chdb:///path) only")
+        if not isinstance(credentials, Credentials):
+            raise ValueError("the ClickHouse HTTP endpoint needs credentials")
         self.sink = sink
+        self.path = path
+        self._conn_str = os.path.realpath(path)  # clickhouse-connect opens the engine by its real path
         self.host = host
         self.port = port
+        self.credentials = credentials
+        self.limits = limits or EndpointLimits()
+        self.allow_writes = allow_writes
+        self.extra_hosts = tuple(extra_hosts)
+        self.guard = HttpGuard(credentials, on_failure=on_auth_failure)
+        self.policy: QueryPolicy | None = None
+        self.refused = 0
+        self._pool = ThreadPoolExecutor(max_workers=self.limits.threads, thread_name_prefix="clickhouse-sql")
         self._runner: web.AppRunner | None = None
         self._written: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        h = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{h}:{self.port}"
 
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 << 20)
+        app = web.Application(client_max_size=1 << 20, middlewares=[self.guard.middleware])
         app.router.add_get("/ping", self._ping)
         app.router.add_get("/", self._query)
         app.router.add_post("/", self._query)
         return app
 
+    # -- connections of the endpoint's own ---------------------------------------------
+    def _connect(self, write: bool) -> Any:
+        import chdb
+
+        conn = chdb.connect(self._conn_str)
+        try:
+            conn.query("SET " + ", ".join(f"{k} = {v}" for k, v in self.limits.settings().items()))
+            if write:
+                conn.query("SET mutations_sync = 1")  # ALTER ... DELETE/UPDATE answers when done
+            else:
+                conn.query("SET readonly = 1")  # last: from here on no setting changes
+        except Exception:
+            conn.close()
+            raise
+        return conn
+
+    def _load_policy(self) -> QueryPolicy:
+        conn = self._connect(write=False)
+        try:
+            names = conn.query("SELECT name FROM system.table_functions", "TSVRaw").bytes().decode().split()
+        finally:
+            conn.close()
+        return QueryPolicy(names)
+
+    def _run(self, q: str, fmt: str, params: dict[str, str], settings: dict[str, str],
+             database: str | None, write: bool) -> bytes:
+        """One request on a fresh connection (its session ends with the request)."""
+        assert self.policy is not None
+        conn = self._connect(write=False)  # checked on a read-only connection, whoever asks
+        try:
+            for k, v in settings.items():  # read role: refused by the engine unless unchanged
+                conn.query(f"SET {k} = {_quote(v)}")
+            # the text as a string value: a multi-statement is refused here without running anything
+            try:
+                formatted = conn.query("SELECT formatQuery({q:String})", "TSVRaw",
+                                       params={"q": _tsv_escape(q)}).bytes().decode("utf-8", "replace")
+            except Exception as exc:
+                if "Multi-statements" in str(exc):
+                    raise Refused("multi-statements are not allowed: send one statement per request") from None
+                raise
+            ast = conn.query("EXPLAIN AST " + q, "TSVRaw", params=params).bytes().decode("utf-8", "replace")
+            kind = self.policy.check(ast, formatted, write=write)
+            if write and kind in _WRITE_KINDS:  # only a maintenance statement gets a writable connection
+                conn.close()
+                conn = self._connect(write=True)
+            if database:
+                conn.query(f"USE `{database}`")
+            return bytes(conn.query(q, fmt, params=params).bytes() or b"")
+        finally:
+            conn.close()
+
+    # -- lifecycle ---------------------------------------------------------------------
     async def start(self, chdb_path: str | None = None) -> None:
+        self.policy = await asyncio.get_running_loop().run_in_executor(self._pool, self._load_policy)
         self._runner = web.AppRunner(self.make_app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -81,11 +382,13 @@ class ClickHouseEndpoint:
             server = getattr(site, "_server", None)
             if server is not None and server.sockets:
                 self.port = int(server.sockets[0].getsockname()[1])
+        self.guard.hosts = allowed_hosts(self.host, self.port, self.extra_hosts)
         if chdb_path:
             self._written = endpoint_file(chdb_path)
             self._written.parent.mkdir(parents=True, exist_ok=True)
             self._written.write_text(self.url + "\n")
-        log.info("ClickHouse HTTP endpoint over the embedded store on %s", self.url)
+        log.info("ClickHouse HTTP endpoint over the embedded store on %s (user driftline, password in %s%s)",
+                 self.url, self.credentials.source, "; writes: driftline_admin with POST" if self.allow_writes else "")
 
     async def stop(self) -> None:
         if self._written is not None:
@@ -97,7 +400,9 @@ class ClickHouseEndpoint:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
+    # -- handlers ----------------------------------------------------------------------
     async def _ping(self, request: web.Request) -> web.Response:
         return web.Response(text="Ok.\n")
 
@@ -106,57 +411,58 @@ class ClickHouseEndpoint:
         body = await request.read() if request.method == "POST" else b""
         q = params.get("query", "")
         if body:
-            if q and _INSERT_RE.match(q):
-                return _error(501, "INSERT through the worker's endpoint is not supported: "
-                                   "produce events to Kafka (driftline emit)")
-            q = f"{q}\n{body.decode('utf-8', 'replace')}" if q else body.decode("utf-8", "replace")
+            text = body.decode("utf-8", "replace")
+            q = f"{q}\n{text}" if q else text
         q = q.strip()
         if not q:
             return _error(400, "Empty query", code=62)
-        if _INSERT_RE.match(q):
-            return _error(501, "INSERT through the worker's endpoint is not supported: "
-                               "produce events to Kafka (driftline emit)")
-        fmt = None
+        write = (self.allow_writes and request.method == "POST"
+                 and request.get(USER_KEY) == ADMIN_USER)
         m = _FORMAT_RE.search(q)
         if m:
             fmt = m.group(1)
             q = q[: m.start()].rstrip()
-        elif READ_QUERY.match(q):
+        else:
             fmt = params.get("default_format") or "TabSeparated"
-        qparams: dict[str, Any] = {k[6:]: v for k, v in params.items() if k.startswith("param_")}
-        settings = {k: v for k, v in params.items()
-                    if k not in _INTERNAL_PARAMS and not k.startswith("param_")}
+        if not _NAME_RE.match(fmt):
+            return _error(400, f"Unknown format {fmt[:50]!r}", code=73)
+        q = q.rstrip().rstrip(";").rstrip()
+        qparams = {k[6:]: v for k, v in params.items() if k.startswith("param_")}
+        settings = {k: v for k, v in params.items() if k not in _INTERNAL_PARAMS and not k.startswith("param_")}
+        bad = [k for k in settings if not _NAME_RE.match(k)]
+        if bad:
+            return _error(400, f"Unknown setting {bad[0][:50]!r}", code=115)
+        if write and settings:
+            return _error(403, "the write role takes no settings from the request", code=497)
         database = params.get("database") or request.headers.get("X-ClickHouse-Database")
-        q = q.rstrip(";")
-
-        def run(c: Any) -> bytes:
-            sql = q
-            if qparams:
-                # ClickHouse server-side parameters {name:Type}: pass them as query settings
-                for k, v in qparams.items():
-                    settings[f"param_{k}"] = v
-            if database and database != "default" and re.fullmatch(r"[A-Za-z0-9_]+", database):
-                c.command(f"USE {database}")  # the worker's own statements are all qualified
-            if fmt is None:
-                out = c.command(sql, settings=settings or None)
-                return b"" if out is None else (str(out) + "\n").encode() if not isinstance(out, bytes) else out
-            return bytes(c.raw_query(sql, settings=settings or None, fmt=fmt))
-
+        if database == "default":
+            database = None
+        if database and not _NAME_RE.match(database):
+            return _error(400, f"Database {database[:50]!r} does not exist", code=81)
+        loop = asyncio.get_running_loop()
         try:
-            data = await self.sink.acall(run)
+            data = await loop.run_in_executor(self._pool, self._run, q, fmt, qparams, settings, database, write)
+        except Refused as exc:
+            self.refused += 1
+            log.info("SQL endpoint refused a statement from %s: %s", request.get(USER_KEY), exc)
+            return _error(403, f"driftline: {exc}", code=497, name="ACCESS_DENIED")
         except Exception as exc:  # noqa: BLE001 - errors go back to the client
             text = str(exc)
             mcode = re.search(r"Code: (\d+)", text)
-            return _error(500, text, code=int(mcode.group(1)) if mcode else 1000)
-        headers = {"X-ClickHouse-Server-Display-Name": "driftline-chdb",
-                   "X-ClickHouse-Timezone": "UTC"}
-        if fmt:
-            headers["X-ClickHouse-Format"] = fmt
+            code = int(mcode.group(1)) if mcode else 1000
+            return _error(_STATUS.get(code, 500), text, code=code)
+        headers = {"X-ClickHouse-Server-Display-Name": "driftline-chdb", "X-ClickHouse-Timezone": "UTC",
+                   "X-ClickHouse-Format": fmt}
+        text_like = fmt.startswith(("Tab", "TSV", "CSV", "JSON", "Pretty", "Vertical", "Markdown"))
         return web.Response(body=data, headers=headers,
-                            content_type="text/plain" if not fmt or fmt.startswith(("Tab", "CSV", "JSON", "Pretty", "Vertical", "Markdown")) else "application/octet-stream")
+                            content_type="text/plain" if text_like else "application/octet-stream")
 
 
-def _error(status: int, message: str, code: int = 0) -> web.Response:
-    text = message if message.startswith("Code:") else f"Code: {code}. DB::Exception: {message}"
-    return web.Response(status=status, text=text + "\n",
+def _error(status: int, message: str, code: int = 0, name: str | None = None) -> web.Response:
+    if message.startswith("Code:"):
+        return web.Response(status=status, text=message.rstrip() + "\n",
+                            headers={"X-ClickHouse-Exception-Code": str(code)})
+    if name is not None:
+        return clickhouse_error(status, code, message, name)
+    return web.Response(status=status, text=f"Code: {code}. DB::Exception: {message}\n",
                         headers={"X-ClickHouse-Exception-Code": str(code)})

@@ -222,6 +222,12 @@ def worker(
     kafka_ca: KSecCaOpt = None, kafka_cert: KSecCertOpt = None, kafka_key: KSecKeyOpt = None,
     control_secret_file: ControlSecretFileOpt = None,
     control_max_age: Annotated[float, typer.Option(rich_help_panel="Kafka security", help="With a control secret: also refuse signed commands sent more than this many seconds ago (0: any age; a worker that was down longer then skips the commands it missed).")] = 0.0,
+    # the SQL endpoint over embedded chDB (streams/chserver.py, streams/auth.py): always authenticated
+    sql_bind: Annotated[str, typer.Option(help="Address of the SQL endpoint (loopback by default). It always asks for user driftline and its password, kept 0600 in <chdb path>/.driftline-credentials; --bind and --sql-bind may be non-loopback only because of that.")] = "127.0.0.1",
+    sql_password_file: Annotated[Path | None, typer.Option(envvar="DRIFTLINE_SQL_PASSWORD_FILE", help="File holding the password of user driftline (else env DRIFTLINE_SQL_PASSWORD, else one generated on first start). Also asked on /metrics when --bind is not loopback.")] = None,
+    sql_allow_writes: Annotated[bool, typer.Option(help="Let user driftline_admin (password in the same credentials file, or env DRIFTLINE_SQL_ADMIN_PASSWORD) run ALTER TABLE ... DELETE/UPDATE, DELETE, OPTIMIZE, TRUNCATE and DROP with POST. INSERT is always refused (events go through Kafka).")] = False,
+    sql_timeout: Annotated[float, typer.Option(help="Longest query on the SQL endpoint, seconds (max_execution_time; results are also capped at 10M rows / 1 GiB, memory at 4 GiB).")] = 60.0,
+    sql_allowed_host: Annotated[list[str] | None, typer.Option("--sql-allowed-host", help="Another Host name (name or name:port) the SQL endpoint accepts for GET, e.g. its DNS name on a non-loopback bind. Repeatable. Others get 403 (DNS rebinding protection).")] = None,
 ) -> None:
     """Run the stream processor: Kafka -> windows, cost, guardrails, drift -> ClickHouse, /metrics, alerts."""
     from driftline.streams.app import run_worker
@@ -302,8 +308,13 @@ def worker(
             _say(f"semantic drift on {','.join(dcfg.fields)}: {embed_model} ({embed_device}), sample rate "
                  f"{sample_rate:g}, reference {ref_size}, window {drift_window}, test every {test_every}")
             stages.append(DriftStage.factory(dcfg))
+        from driftline.streams.chserver import EndpointLimits, EndpointOptions
+
+        sql_opts = EndpointOptions(host=sql_bind, password_file=sql_password_file, allow_writes=sql_allow_writes,
+                                   extra_hosts=tuple(sql_allowed_host or ()),
+                                   limits=EndpointLimits(max_execution_time_s=sql_timeout))
         run_worker(cfg, web_host=bind, web_port=metrics_port, sql_port=sql_port or None,
-                   loglevel=log_level, stages=stages)
+                   loglevel=log_level, stages=stages, sql=sql_opts)
     except ValueError as exc:
         raise _err(str(exc)) from None
     finally:

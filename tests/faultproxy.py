@@ -7,8 +7,8 @@ both sides (the peer sees a reset); ``restore()`` listens again on the same
 port. Nothing is delayed or reordered: while the link is up, bytes pass as is.
 
 ``python tests/faultproxy.py chdb-http PATH PORT`` serves the chDB store at PATH
-over the ClickHouse HTTP interface on 127.0.0.1:PORT, *including* inserts (the
-worker's own endpoint, streams/chserver.py, refuses them): the fault suite runs
+over the ClickHouse HTTP interface on 127.0.0.1:PORT, *including* inserts and DDL
+(the worker's own endpoint, streams/chserver.py, refuses them): the fault suite runs
 a worker against ``http://127.0.0.1:<proxy>/driftline`` with this process behind
 the proxy, so that "ClickHouse is unreachable" is a real broken TCP link on the
 worker's HTTP insert path.
@@ -156,26 +156,43 @@ class FaultProxy:
 def serve_chdb_http(path: str, port: int) -> None:
     """Serve the chDB store at ``path`` on 127.0.0.1:``port`` until SIGTERM (blocks).
 
-    Queries are answered by :class:`~driftline.streams.chserver.ClickHouseEndpoint`;
-    ``INSERT … FORMAT X`` with a body (clickhouse-connect's insert: the statement in
-    ``?query=`` or on the body's first line, the body possibly an lz4 frame) is
-    written to a temporary file and run as ``INSERT … FROM INFILE … FORMAT X`` on
-    chDB, so an insert is all-or-nothing exactly as in chDB itself.
+    A stand-in for a ClickHouse *server* (the worker writes through it: DDL, inserts,
+    reads), so it is open, like a ClickHouse server's ``default`` user without a
+    password (unless ``FAULTPROXY_CH_PASSWORD`` is set: then every request must carry
+    it); test-only, on loopback. (The worker's own endpoint, streams/chserver.py,
+    is authenticated and read-only and so cannot play this part.) Queries run on a
+    ClickHouseSink's query lane; ``INSERT … FORMAT X`` with a body (clickhouse-connect's
+    insert: the statement in ``?query=`` or on the body's first line, the body possibly
+    an lz4 frame) is written to a temporary file and run as ``INSERT … FROM INFILE …
+    FORMAT X`` on chDB, so an insert is all-or-nothing exactly as in chDB itself.
     """
+    import os
     import re
     import signal
     import tempfile
+    from typing import Any
 
     from aiohttp import web
 
-    from driftline.streams.chserver import ClickHouseEndpoint
     from driftline.streams.sinks import ClickHouseSink
 
     insert_re = re.compile(r"^\s*(INSERT\s+INTO\s+.+?)\s+(FORMAT\s+\w+)\s*$", re.IGNORECASE | re.DOTALL)
+    format_re = re.compile(r"\bFORMAT\s+([A-Za-z0-9_]+)\s*;?\s*$", re.IGNORECASE)
+    read_re = re.compile(r"^\s*(\(|SELECT|WITH|SHOW|DESCRIBE|DESC|EXISTS|EXPLAIN)\b", re.IGNORECASE)
+    internal = {"query", "default_format", "database", "compress", "decompress", "query_id", "session_id",
+                "session_timeout", "session_check", "user", "password", "quota_key", "enable_http_compression",
+                "wait_end_of_query", "client_protocol_version"}
+    sink = ClickHouseSink(f"chdb://{path}")
+
+    def error(exc: BaseException) -> web.Response:
+        code = re.search(r"Code: (\d+)", str(exc))
+        text = str(exc) if str(exc).startswith("Code:") else \
+            f"Code: {code.group(1) if code else 1000}. DB::Exception: {exc}"
+        return web.Response(status=500, text=text + "\n",
+                            headers={"X-ClickHouse-Exception-Code": code.group(1) if code else "1000"})
 
     import base64
     import hmac
-    import os
 
     # FAULTPROXY_CH_PASSWORD set: every request must carry it (HTTP basic auth, as
     # clickhouse-connect sends it, or X-ClickHouse-Key), else ClickHouse's code 516
@@ -189,59 +206,83 @@ def serve_chdb_http(path: str, port: int) -> None:
                 got = base64.b64decode(auth[6:]).decode().partition(":")[2]
         return hmac.compare_digest(got.encode(), (password or "").encode())
 
-    class _Endpoint(ClickHouseEndpoint):
-        async def _query(self, request: web.Request) -> web.Response:
-            if password is not None and not _authorized(request):
-                return web.Response(status=401, text="Code: 516. DB::Exception: default: Authentication failed\n",
-                                    headers={"X-ClickHouse-Exception-Code": "516"})
-            if request.method != "POST":
-                return await super()._query(request)
-            body = await request.read()  # aiohttp has undone gzip/deflate/br already
-            if body[:4] == b"\x04\x22\x4d\x18":  # clickhouse-connect's lz4 frame (no header says so)
-                import lz4.frame
+    async def query(request: web.Request) -> web.Response:
+        if password is not None and not _authorized(request):
+            return web.Response(status=401, text="Code: 516. DB::Exception: default: Authentication failed\n",
+                                headers={"X-ClickHouse-Exception-Code": "516"})
+        body = await request.read() if request.method == "POST" else b""  # gzip/deflate/br undone
+        if body[:4] == b"\x04\x22\x4d\x18":  # clickhouse-connect's lz4 frame (no header says so)
+            import lz4.frame
 
-                body = lz4.frame.decompress(body)
-                request._read_bytes = body  # type: ignore[attr-defined]  # for the endpoint below
-            q = request.query.get("query", "")
-            if not q and body[:6].upper() == b"INSERT":
-                head, _, body = body.partition(b"\n")  # clickhouse-connect: statement + data
-                q = head.decode()
-            m = insert_re.match(q)
-            if m is None:  # not an insert: the endpoint reads the (cached) body again
-                return await super()._query(request)
+            body = lz4.frame.decompress(body)
+        q = request.query.get("query", "")
+        if not q and body[:6].upper() == b"INSERT":
+            head, _, body = body.partition(b"\n")  # clickhouse-connect: statement + data
+            q = head.decode()
+        settings: dict[str, Any] = {k: v for k, v in request.query.items()
+                                    if k not in internal and not k.startswith("param_")}
+        m = insert_re.match(q)
+        if m is not None:
             with tempfile.NamedTemporaryFile(dir=path, suffix=".ins", delete=False) as f:
                 f.write(body)
                 fname = f.name
-            settings = {k: v for k, v in request.query.items()
-                        if k not in ("query", "database", "compress", "decompress", "query_id",
-                                     "session_id", "wait_end_of_query", "client_protocol_version")
-                        and not k.startswith("param_")}
             sql = f"{m.group(1)} FROM INFILE '{fname}' {m.group(2)}"
             try:
-                await self.sink.acall(lambda c: c.command(sql, settings=settings or None))
+                await sink.acall(lambda c: c.command(sql, settings=settings or None))
             except Exception as exc:  # noqa: BLE001 - errors go back to the client
-                code = re.search(r"Code: (\d+)", str(exc))
-                text = str(exc) if str(exc).startswith("Code:") else f"Code: {code.group(1) if code else 1000}. " \
-                    f"DB::Exception: {exc}"
-                return web.Response(status=500, text=text + "\n",
-                                    headers={"X-ClickHouse-Exception-Code": code.group(1) if code else "1000"})
+                return error(exc)
             finally:
                 with contextlib.suppress(OSError):
-                    import os
                     os.unlink(fname)
             return web.Response(text="", headers={"X-ClickHouse-Summary": "{}"})
+        if body:
+            q = f"{q}\n{body.decode('utf-8', 'replace')}" if q else body.decode("utf-8", "replace")
+        q = q.strip()
+        fm = format_re.search(q)
+        fmt = fm.group(1) if fm else (request.query.get("default_format") or "TabSeparated"
+                                      if read_re.match(q) else None)
+        if fm:
+            q = q[: fm.start()].rstrip()
+        q = q.rstrip(";")
+        for k, v in request.query.items():
+            if k.startswith("param_"):
+                settings[k] = v
+
+        def run(c: Any) -> bytes:
+            if fmt is None:
+                out = c.command(q, settings=settings or None)
+                return b"" if out is None else out if isinstance(out, bytes) else (str(out) + "\n").encode()
+            return bytes(c.raw_query(q, settings=settings or None, fmt=fmt))
+
+        try:
+            data = await sink.acall(run)
+        except Exception as exc:  # noqa: BLE001 - errors go back to the client
+            return error(exc)
+        headers = {"X-ClickHouse-Server-Display-Name": "driftline-chdb", "X-ClickHouse-Timezone": "UTC"}
+        if fmt:
+            headers["X-ClickHouse-Format"] = fmt
+        text_like = not fmt or fmt.startswith(("Tab", "CSV", "JSON", "Pretty", "Vertical", "Markdown"))
+        return web.Response(body=data, headers=headers,
+                            content_type="text/plain" if text_like else "application/octet-stream")
+
+    async def ping(request: web.Request) -> web.Response:
+        return web.Response(text="Ok.\n")
 
     async def main() -> None:
-        sink = ClickHouseSink(f"chdb://{path}")
-        ep = _Endpoint(sink, port=port)
-        await ep.start()
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_get("/ping", ping)
+        app.router.add_get("/", query)
+        app.router.add_post("/", query)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        print(f"serving {path} on {ep.url}", flush=True)
+        print(f"serving {path} on http://127.0.0.1:{port}", flush=True)
         await stop.wait()
-        await ep.stop()
+        await runner.cleanup()
         sink.close()
 
     asyncio.run(main())

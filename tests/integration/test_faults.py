@@ -476,7 +476,15 @@ def _crash_cycles(w: WorkerProc, load: Load, broker: Broker, db: Path, cycles: i
     w.sql_port = sql_port
     w.spawn()
     load.join(600)
-    drain = wait_drained(w, f"http://127.0.0.1:{sql_port}/driftline", load, broker.bootstrap, 180)
+    # the worker's SQL endpoint asks for the password it keeps next to the store (made on its first start)
+    from driftline.streams.auth import client_credentials
+
+    t0 = time.monotonic()
+    while (creds := client_credentials(db)) is None:
+        assert w.alive and time.monotonic() - t0 < 60, f"no credentials file next to the store:\n{w.tail()}"
+        time.sleep(0.2)
+    drain = wait_drained(w, f"http://{creds[0]}:{creds[1]}@127.0.0.1:{sql_port}/driftline", load,
+                         broker.bootstrap, 180)
     w.terminate()
     figures = check_exactly_once(read_store(f"chdb://{db}"), read_dlq(broker.bootstrap), load,
                                  windows_exact=windows_exact)

@@ -111,6 +111,11 @@ async def test_prometheus_scrapes_the_worker_and_agrees_with_the_stream(
                 groups = (await r.json())["data"]["groups"]
             async with s.get(f"{prom.url}/api/v1/targets") as r:
                 targets = (await r.json())["data"]["activeTargets"]
+            # loopback /metrics: Prometheus scrapes it without a password, a DNS-rebound page cannot
+            # (mutation caught: the Host list not set on the metrics guard in serve_worker)
+            async with s.get(f"http://127.0.0.1:{web_port}/metrics",
+                             headers={"Host": f"rebind.example:{web_port}"}) as r:
+                rebound = r.status
             async with s.get(f"{prom.url}/api/v1/query",
                              params={"query": 'driftline_alert_transitions_total{rule="GuardrailFast"}'}) as r:
                 scraped = (await r.json())["data"]["result"]
@@ -119,6 +124,7 @@ async def test_prometheus_scrapes_the_worker_and_agrees_with_the_stream(
         stop.set()
         await asyncio.wait_for(task, 30)
     assert [t["health"] for t in targets] == ["up"]
+    assert rebound == 403
     assert len(firing) == 1, firing
     alert = firing[0]
     assert alert["labels"] == {"alertname": "GuardrailFast", "app": "chat", "model": "gpt-4o",

@@ -16,14 +16,17 @@ from typing import Any
 
 import clickhouse_connect
 import pytest
+from clickhouse_connect.driver.exceptions import DatabaseError
 from helpers_worker import read_topic, start_worker
 from helpers_worker import wait_for as _wait_for
 
 from driftline.schemas.event import decode_event
 from driftline.schemas.prices import PriceTable
+from driftline.streams.auth import client_credentials
 from driftline.streams.broker import free_port
 from driftline.streams.producer import produce_records
 from driftline.streams.replay import ReplayConfig, ReplayData, generate
+from driftline.streams.sinks import chdb_path
 from driftline.streams.sqlclient import run_sql
 from driftline.streams.windows import WindowConfig
 from driftline.streams.worker import WorkerConfig
@@ -191,14 +194,20 @@ async def test_sql_endpoint_while_worker_holds_chdb(kafka_bootstrap: str, make_t
         assert worker.stored_events == n_valid
         q = "SELECT count() FROM driftline.llm_events FINAL"
 
-        def via_http() -> int:
-            c = clickhouse_connect.get_client(host="127.0.0.1", port=sql_port)
+        creds = client_credentials(chdb_path(chdb_dsn))  # made by the worker next to the store, 0600
+        assert creds is not None and creds[0] == "driftline"
+
+        def via_http(user: str = creds[0], password: str = creds[1]) -> int:
+            c = clickhouse_connect.get_client(host="127.0.0.1", port=sql_port, username=user, password=password)
             try:
                 return int(c.query(q).result_rows[0][0])
             finally:
                 c.close()
 
         assert await asyncio.to_thread(via_http) == n_valid
+        # the endpoint is closed without the password (mutation: no auth middleware -> this returns n_valid)
+        with pytest.raises(DatabaseError, match="Code: 516"):
+            await asyncio.to_thread(via_http, "default", "")
         out = await asyncio.to_thread(run_sql, chdb_dsn, q, "TabSeparated")
         assert out.strip() == str(n_valid).encode()
     finally:

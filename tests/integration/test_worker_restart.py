@@ -22,9 +22,11 @@ import clickhouse_connect
 import pytest
 
 from driftline.schemas.event import decode_event
+from driftline.streams.auth import client_credentials
 from driftline.streams.broker import LocalBroker, free_port
 from driftline.streams.producer import produce_records
 from driftline.streams.replay import ReplayConfig, ReplayData, generate
+from driftline.streams.sinks import chdb_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -46,9 +48,13 @@ def _healthz(port: int) -> dict | None:
         return None
 
 
-def _sql(port: int, q: str) -> int | None:
+def _sql(port: int, q: str, dsn: str) -> int | None:
+    creds = client_credentials(chdb_path(dsn))  # the password the worker keeps next to the store
+    if creds is None:
+        return None
     try:
-        c = clickhouse_connect.get_client(host="127.0.0.1", port=port, connect_timeout=2)
+        c = clickhouse_connect.get_client(host="127.0.0.1", port=port, username=creds[0], password=creds[1],
+                                          connect_timeout=2)
     except Exception:  # noqa: BLE001 - not listening yet
         return None
     try:
@@ -103,14 +109,14 @@ def test_sigkill_restart_no_loss_no_duplicates(tmp_path: Path, chdb_dsn: str) ->
             deadline = time.monotonic() + 90
             n = None
             while True:
-                n = _sql(sql_port, q_final)
+                n = _sql(sql_port, q_final, chdb_dsn)
                 if n == 25_000:
                     break
                 assert p2.poll() is None, f"worker exited: {(tmp_path / 'worker2.log').read_text()[-3000:]}"
                 assert time.monotonic() < deadline, f"count FINAL = {n} after 90s"
                 time.sleep(0.5)
-            assert _sql(sql_port, "SELECT count() FROM driftline.llm_events") == 25_000
-            assert _sql(sql_port, "SELECT uniqExact(event_id) FROM driftline.llm_events") == 25_000
+            assert _sql(sql_port, "SELECT count() FROM driftline.llm_events", chdb_dsn) == 25_000
+            assert _sql(sql_port, "SELECT uniqExact(event_id) FROM driftline.llm_events", chdb_dsn) == 25_000
 
             p2.send_signal(signal.SIGTERM)
             try:
