@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from driftline.schemas.columns import ALERT_COLUMNS
 from driftline.schemas.metrics import WindowStats
 from driftline.schemas.rules import (
     AlertTransition,
@@ -83,11 +84,6 @@ if TYPE_CHECKING:
 __all__ = ["ALERT_COLUMNS", "AlertingStage", "alerting_stage", "build_notifiers"]
 
 log = logging.getLogger("driftline.alerts")
-
-ALERT_COLUMNS: tuple[str, ...] = (
-    "ts", "rule", "state", "severity", "app", "model", "value", "labels", "annotations",
-    "fingerprint",
-)
 
 
 def build_notifiers(*, webhooks: Sequence[str] = (), slack_webhooks: Sequence[str] = (),

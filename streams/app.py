@@ -31,6 +31,7 @@ import mode
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from driftline.schemas.topics import CONTROL_TOPIC
 from driftline.streams.control_auth import admit
 from driftline.streams.metrics import WorkerMetrics
 from driftline.streams.sinks import chdb_path
@@ -39,9 +40,6 @@ from driftline.streams.worker import Stage, Worker, WorkerConfig
 log = logging.getLogger("driftline.app")
 
 __all__ = ["serve_worker", "run_worker"]
-
-
-CONTROL_TOPIC = "driftline.control"
 
 
 class SpineService(mode.Service):

@@ -27,7 +27,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from driftline.streams.drift import CONTROL_TOPIC
+from driftline.schemas.topics import CONTROL_TOPIC
 
 if TYPE_CHECKING:
     from driftline.streams.kafka_security import KafkaSecurity

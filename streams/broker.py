@@ -17,15 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from driftline.schemas.topics import DEFAULT_PARTITIONS
+
 if TYPE_CHECKING:
     from driftline.streams.kafka_security import KafkaSecurity
 
 __all__ = ["LocalBroker", "free_port", "wait_for_port", "ensure_topics", "DEFAULT_TOPICS"]
 
 #: topic -> partitions created by the demo and the worker when missing
-DEFAULT_TOPICS: dict[str, int] = {
-    "llm.events": 4, "llm.events.dlq": 1, "otlp_spans": 4, "driftline.control": 1,
-}
+DEFAULT_TOPICS: dict[str, int] = dict(DEFAULT_PARTITIONS)
 
 
 def free_port() -> int:

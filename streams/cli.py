@@ -20,6 +20,8 @@ from typing import Annotated, Any
 
 import typer
 
+from driftline.schemas.topics import EVENTS_TOPIC, OTLP_TOPIC
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="driftline: streaming drift and observability for LLM applications.\n\n"
                        "Events (JSON LLMEvents or OTLP GenAI spans) flow through Kafka into the worker, "
@@ -354,7 +356,7 @@ def worker(
 def emit(
     file: Annotated[str, typer.Argument(help="JSONL file of LLMEvents, one per line; - for stdin.")],
     kafka: KafkaOpt = None,
-    topic: Annotated[str, typer.Option(help="Topic to produce to.")] = "llm.events",
+    topic: Annotated[str, typer.Option(help="Topic to produce to.")] = EVENTS_TOPIC,
     skip_invalid: Annotated[bool, typer.Option(help="Do not send lines that are not valid events (they are reported and counted as skipped).")] = False,
     kafka_security_protocol: KSecProtocolOpt = None, kafka_sasl_mechanism: KSecMechanismOpt = None,
     kafka_user: KSecUserOpt = None, kafka_password_file: KSecPasswordFileOpt = None,
@@ -410,7 +412,7 @@ def otlp(
     kafka: KafkaOpt = None,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="OTLP/HTTP port.")] = 4318,
-    topic: Annotated[str, typer.Option(help="Kafka topic for the requests.")] = "otlp_spans",
+    topic: Annotated[str, typer.Option(help="Kafka topic for the requests.")] = OTLP_TOPIC,
     max_body_mb: Annotated[float, typer.Option(help="Largest accepted request (MiB).")] = 16.0,
     # security (issue 14): tokens never on argv; TLS; caps on work in flight
     token_file: Annotated[Path | None, typer.Option(

@@ -24,6 +24,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from driftline.schemas.topics import EVENTS_TOPIC
+
 __all__ = ["run_demo"]
 
 console = Console(stderr=False)
@@ -96,7 +98,7 @@ async def _demo(n_events: int, drift_at: float, seed: int, keep: bool) -> int:
                       TimeElapsedColumn(), console=console) as prog:
             tp = prog.add_task("produced", total=len(records))
             tw = prog.add_task("stored + dead-lettered", total=len(records))
-            await produce_records(broker.bootstrap, "llm.events", ((r.key, r.value) for r in records),
+            await produce_records(broker.bootstrap, EVENTS_TOPIC, ((r.key, r.value) for r in records),
                                   progress=lambda n: prog.update(tp, completed=n))
             deadline = time.monotonic() + 150
             while time.monotonic() < deadline:

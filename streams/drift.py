@@ -77,7 +77,14 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from driftline.detectors.drift import CentroidDrift, MMDDrift, TopicMixDrift
 from driftline.detectors.redact import Redaction
+from driftline.schemas.columns import (
+    CONTROL_LOG_COLUMNS,
+    EMBEDDING_COLUMNS,
+    REFERENCE_COLUMNS,
+    SCORE_COLUMNS,
+)
 from driftline.schemas.drift import DriftResult
+from driftline.schemas.topics import CONTROL_TOPIC
 from driftline.streams.embedding import EmbeddingBatcher, EmbeddingConfig, load_encoder
 
 log = logging.getLogger("driftline.drift")
@@ -100,17 +107,8 @@ __all__ = [
     "CONTROL_LOG_COLUMNS",
 ]
 
-CONTROL_TOPIC = "driftline.control"
 FIELDS = ("prompt", "response")
 METHODS = ("mmd", "topic_mix", "centroid_cosine")
-EMBEDDING_COLUMNS = ("event_id", "timestamp", "app", "model", "prompt_version", "field", "seq",
-                     "embed_model", "text_hash", "embedding")
-REFERENCE_COLUMNS = ("app", "model", "prompt_version", "field", "version", "mode", "seq_from", "seq_to",
-                     "from_ts", "to_ts", "n", "event_ids", "embed_model", "control_id", "created_at", "note")
-CONTROL_LOG_COLUMNS = ("control_id", "applied_at", "action", "command", "n_references", "topic", "partition",
-                       "offset")
-SCORE_COLUMNS = ("ts", "app", "model", "prompt_version", "field", "method", "statistic", "p_value",
-                 "threshold", "drifted", "n_ref", "n_cur", "explanation")
 
 Key = tuple[str, str, str]  # app, model, prompt_version
 

@@ -23,6 +23,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from driftline.schemas.event import LLMEvent, encode_event, event_from_dict
+from driftline.schemas.topics import EVENTS_TOPIC
 from driftline.streams.kafka_security import KafkaSecurity
 
 __all__ = ["LLMEventEmitter"]
@@ -40,7 +41,7 @@ class LLMEventEmitter:
     security : TLS / SASL settings (:class:`~driftline.streams.kafka_security.KafkaSecurity`)
     """
 
-    def __init__(self, bootstrap: str, topic: str = "llm.events", *, linger_ms: int = 20,
+    def __init__(self, bootstrap: str, topic: str = EVENTS_TOPIC, *, linger_ms: int = 20,
                  producer_options: dict[str, Any] | None = None,
                  security: KafkaSecurity | None = None) -> None:
         if linger_ms < 0:

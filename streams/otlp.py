@@ -73,6 +73,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from driftline.schemas.otlp import OtlpBatch, OtlpDecodeError, decode_request
+from driftline.schemas.topics import OTLP_TOPIC
 
 __all__ = ["DEFAULT_MAX_BODY", "DEFAULT_MAX_CONCURRENT", "DEFAULT_MAX_INFLIGHT", "TOKEN_ENV",
            "Admission", "OtlpAuth", "OtlpConfigError", "OtlpMetrics", "OtlpReceiver", "OtlpTls",
@@ -378,7 +379,7 @@ class OtlpReceiver:
     """
 
     def __init__(self, kafka: str, host: str = "127.0.0.1", port: int = 4318, *,
-                 topic: str = "otlp_spans", max_body: int = DEFAULT_MAX_BODY,
+                 topic: str = OTLP_TOPIC, max_body: int = DEFAULT_MAX_BODY,
                  registry: CollectorRegistry | None = None, send_timeout: float = 10.0,
                  retry_after: int = 5, producer_options: dict[str, Any] | None = None,
                  auth: OtlpAuth | None = None, tls: OtlpTls | None = None,
@@ -693,7 +694,7 @@ def _encoded(msg: Any, encoding: str, status: int) -> web.Response:
     return resp
 
 
-def run_otlp(kafka: str, host: str = "127.0.0.1", port: int = 4318, topic: str = "otlp_spans",
+def run_otlp(kafka: str, host: str = "127.0.0.1", port: int = 4318, topic: str = OTLP_TOPIC,
              max_body: int = DEFAULT_MAX_BODY, registry: CollectorRegistry | None = None, *,
              auth: OtlpAuth | None = None, tls: OtlpTls | None = None,
              max_concurrent: int = DEFAULT_MAX_CONCURRENT,

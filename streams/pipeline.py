@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
+from driftline.schemas.columns import EVENT_COLUMNS
 from driftline.schemas.event import (
     MAX_ID_CHARS,
     MAX_LABEL_CHARS,
@@ -47,6 +48,7 @@ from driftline.schemas.event import (
     timestamp_text,
 )
 from driftline.schemas.metrics import WindowKey
+from driftline.schemas.topics import DLQ_TOPIC, EVENTS_TOPIC, OTLP_TOPIC, OTLP_TOPIC_PREFIX
 from driftline.streams.windows import EventBatchColumns, source_index
 
 __all__ = [
@@ -56,12 +58,6 @@ __all__ = [
     "DLQ_TOPIC", "DEFAULT_MAX_EVENT_AGE_S", "DEFAULT_MAX_CLOCK_SKEW_S", "time_bound_reason",
 ]
 
-EVENTS_TOPIC = "llm.events"
-DLQ_TOPIC = "llm.events.dlq"
-OTLP_TOPIC = "otlp_spans"
-#: records of ``otlp_spans`` and of any ``otlp_spans.<suffix>`` topic (one per team or
-#: tenant, say) are OTLP ExportTraceServiceRequests; every other topic carries JSON LLMEvents
-OTLP_TOPIC_PREFIX = OTLP_TOPIC + "."
 
 #: Event-time bounds around the wall clock (``decode_batch(now_ms=...)``; the worker's
 #: ``--max-event-age`` / ``--max-clock-skew``). 30 days accepts backfills and replays of
@@ -581,7 +577,6 @@ EVENT_ARROW_SCHEMA = pa.schema([
     ("source_topic", pa.string()), ("source_partition", pa.uint32()), ("source_offset", pa.uint64()),
     ("ingested_at", pa.timestamp("ms", tz="UTC")),
 ])
-EVENT_COLUMNS: tuple[str, ...] = tuple(EVENT_ARROW_SCHEMA.names)
 
 _json = msgspec.json.Encoder()
 _FIELDS: tuple[str, ...] = LLMEvent.__struct_fields__

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from driftline.schemas.columns import WINDOW_COLUMNS
 from driftline.streams.redact_secrets import redact_url, redact_urls_in
 
 log = logging.getLogger("driftline.sink")
@@ -67,17 +68,6 @@ def retryable(exc: BaseException) -> bool:
 
 
 DEFAULT_DATABASE = "driftline"
-
-WINDOW_COLUMNS: tuple[str, ...] = (
-    "window_start", "window_end", "app", "model", "prompt_version", "events", "errors",
-    "late_events", "latency_p50_ms", "latency_p90_ms", "latency_p95_ms", "latency_p99_ms",
-    "ttft_p50_ms", "ttft_p95_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p95_ms", "input_tokens",
-    "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
-    "reasoning_output_tokens", "cost_usd", "unpriced_events", "guardrail_checked_events",
-    "guardrail_hits", "guardrail_blocked", "guardrail_hit_rate", "guardrail_blocked_rate",
-    "feedback_events", "negative_feedback", "negative_feedback_rate", "sketch_relative_accuracy",
-    "final", "updated_at",
-)
 
 
 def ddl_statements(database: str = DEFAULT_DATABASE) -> list[str]:

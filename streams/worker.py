@@ -77,15 +77,14 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
 from driftline.detectors.redact import Redaction
+from driftline.schemas.columns import LOG_COLUMNS, OUTBOX_COLUMNS, WINDOW_COLUMNS
 from driftline.schemas.metrics import WindowKey, WindowStats
+from driftline.schemas.topics import CONTROL_TOPIC, DLQ_TOPIC, EVENTS_TOPIC, OTLP_TOPIC
 from driftline.streams.kafka_security import KafkaSecurity
 from driftline.streams.metrics import WorkerMetrics
 from driftline.streams.pipeline import (
     DEFAULT_MAX_CLOCK_SKEW_S,
     DEFAULT_MAX_EVENT_AGE_S,
-    DLQ_TOPIC,
-    EVENTS_TOPIC,
-    OTLP_TOPIC,
     ArrowColumns,
     DecodedBatch,
     Rejected,
@@ -95,7 +94,7 @@ from driftline.streams.pipeline import (
 )
 from driftline.streams.privacy import redact_events, redact_rejected
 from driftline.streams.redact_secrets import redact_url, redact_urls_in
-from driftline.streams.sinks import WINDOW_COLUMNS, ClickHouseSink, Retention
+from driftline.streams.sinks import ClickHouseSink, Retention
 from driftline.streams.windows import EventBatchColumns, WindowAggregator, WindowConfig
 
 log = logging.getLogger("driftline.worker")
@@ -314,7 +313,7 @@ class Worker:
         if cfg.create_topics:
             from driftline.streams.broker import DEFAULT_TOPICS, ensure_topics
 
-            want = {t: DEFAULT_TOPICS.get(t, 1) for t in (*cfg.topics, cfg.dlq_topic, "driftline.control")}
+            want = {t: DEFAULT_TOPICS.get(t, 1) for t in (*cfg.topics, cfg.dlq_topic, CONTROL_TOPIC)}
             await asyncio.to_thread(ensure_topics, cfg.kafka, want, security=cfg.kafka_security)
         await self._ch_retry("creating the schema", self.sink.ensure_schema)
         if cfg.kafka_security.security_protocol != "PLAINTEXT":
@@ -1122,11 +1121,6 @@ class Worker:
             self._wall_at_watermark = time.monotonic()
             log.info("rebuilt %d open windows from %d stored events", self.windows.open_windows, len(cols))
 
-
-OUTBOX_COLUMNS = ("source_topic", "source_partition", "epoch", "source_offset", "idx", "key", "value",
-                  "reason", "field", "written_at")
-LOG_COLUMNS = ("source_topic", "source_partition", "epoch", "first_offset", "last_offset", "last_timestamp",
-               "last_fingerprint", "dlq_start", "written_at", "watermark_ms")
 
 
 async def _start_producer(kafka: str, security: KafkaSecurity | None = None) -> AIOKafkaProducer:

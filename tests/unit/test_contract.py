@@ -1,0 +1,131 @@
+"""The copies of each contract fact agree with its one definition in schemas/.
+
+schemas/columns.py, schemas/event.py and schemas/tables.sql say what a row is; the
+Arrow schemas of streams/pipeline.py and the window-rebuild query of streams/worker.py
+must say the same. The tables are created from tables.sql in a throwaway chDB (about
+0.2 s) and read back from ``system.columns``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from aiokafka.structs import TopicPartition
+
+from driftline.schemas.columns import TABLE_COLUMNS
+from driftline.schemas.event import Guardrail, LLMEvent
+from driftline.streams.pipeline import (
+    _GUARDRAIL_TYPE,
+    _WIRE_FIELDS,
+    DECODED_SCHEMA,
+    EVENT_ARROW_SCHEMA,
+)
+from driftline.streams.sinks import ddl_statements
+from driftline.streams.windows import WindowConfig
+from driftline.streams.worker import _recent_rows
+
+DB = "contract"
+
+
+class _Result:
+    def __init__(self, t: pa.Table) -> None:
+        self.result_columns = [c.to_pylist() for c in t.columns]
+        self.result_rows = list(zip(*self.result_columns, strict=True))
+
+
+class _Client:
+    """The two calls of clickhouse-connect's client that ``_recent_rows`` makes, on chDB."""
+
+    def __init__(self, session: Any) -> None:
+        self.s = session
+
+    def query(self, sql: str, column_oriented: bool = False) -> _Result:
+        return _Result(self.s.query(sql, "ArrowTable"))
+
+
+@pytest.fixture(scope="module")
+def chdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from chdb import session
+
+    s = session.Session(str(tmp_path_factory.mktemp("contract")))
+    try:
+        for stmt in ddl_statements(DB):
+            s.query(stmt)
+        yield s
+    finally:
+        s.close()
+
+
+def _ddl(s: Any) -> dict[str, list[tuple[str, str]]]:
+    rows = s.query(f"SELECT table, name, type FROM system.columns WHERE database = '{DB}' "
+                   "ORDER BY table, position", "ArrowTable").to_pylist()
+    out: dict[str, list[tuple[str, str]]] = {}
+    for r in rows:
+        out.setdefault(r["table"], []).append((r["name"], r["type"]))
+    return out
+
+
+def test_every_table_has_its_column_tuple(chdb: Any) -> None:
+    """Each table of tables.sql has exactly the columns, in order, of its tuple in
+    schemas/columns.py. Mutation caught: a column added to (or renamed in) tables.sql or a
+    tuple alone, or a table created without a tuple."""
+    ddl = _ddl(chdb)
+    assert set(ddl) == set(TABLE_COLUMNS)
+    for table, cols in TABLE_COLUMNS.items():
+        assert [n for n, _ in ddl[table]] == list(cols), table
+
+
+def _arrow_type(ch: str) -> pa.DataType:
+    ch = re.sub(r"^(LowCardinality|Nullable)\((.*)\)$", r"\2", ch)
+    ch = re.sub(r"^(LowCardinality|Nullable)\((.*)\)$", r"\2", ch)  # Nullable(LowCardinality(..))
+    if ch.startswith("Array("):
+        return pa.list_(_arrow_type(ch[6:-1]))
+    if ch.startswith("DateTime64(3"):
+        return pa.timestamp("ms", tz="UTC")
+    return {"String": pa.string(), "Float64": pa.float64(), "UInt64": pa.uint64(), "UInt32": pa.uint32(),
+            "UInt8": pa.uint8(), "Int8": pa.int8()}[ch]
+
+
+def test_the_arrow_event_schema_is_the_llm_events_table(chdb: Any) -> None:
+    """The Arrow table the worker inserts has the columns of ``llm_events`` in order, each
+    with the Arrow type of its ClickHouse type. Mutation caught: a column type changed in
+    tables.sql (say UInt64 -> Int64) or in EVENT_ARROW_SCHEMA alone."""
+    ddl = _ddl(chdb)["llm_events"]
+    assert EVENT_ARROW_SCHEMA.names == [n for n, _ in ddl]
+    for (name, ch), f in zip(ddl, EVENT_ARROW_SCHEMA, strict=True):
+        assert f.type == _arrow_type(ch), name
+
+
+def test_the_decode_schema_is_the_wire_schema() -> None:
+    """The columnar decode path reads exactly the keys of :class:`LLMEvent` (``extra``
+    apart: it holds the unknown keys), guardrails with the fields of :class:`Guardrail`,
+    and every column it hands on is an ``llm_events`` column or the wire-only
+    ``guardrails``. Mutation caught: a field added to LLMEvent but not to _WIRE_FIELDS
+    (the fast path would then reject every record carrying it)."""
+    wire = [n for n, _ in _WIRE_FIELDS]
+    assert len(wire) == len(set(wire))
+    assert {*wire, "extra"} == set(LLMEvent.__struct_fields__)
+    assert [f.name for f in _GUARDRAIL_TYPE] == list(Guardrail.__struct_fields__)
+    assert set(DECODED_SCHEMA.names) - set(TABLE_COLUMNS["llm_events"]) == {"guardrails"}
+
+
+def test_the_window_rebuild_query_runs_on_the_ddl(chdb: Any) -> None:
+    """The hand-written query that rebuilds open windows after a restart names the
+    ``llm_events`` columns as tables.sql defines them, and reads back what was stored.
+    Mutation caught: a column renamed in tables.sql (or in the query) alone."""
+    chdb.query(f"INSERT INTO {DB}.llm_events (event_id, timestamp, app, model, prompt_version, latency_ms, "
+               "ttft_ms, status, input_tokens, guardrail_verdicts, guardrail_hit, feedback, cost_usd, "
+               "source_topic, source_partition, source_offset) VALUES ('e1', "
+               "fromUnixTimestamp64Milli(1700000000000), 'chat', 'gpt-4o', 'v1', 120.5, 30.0, 'error', 7, "
+               "['blocked'], 1, -1, 0.25, 'llm.events', 2, 9)")
+    cols = _recent_rows(_Client(chdb), DB, [TopicPartition("llm.events", 2)], WindowConfig())
+    assert cols is not None and len(cols) == 1
+    assert (cols.keys[0].app, cols.keys[0].model, cols.keys[0].prompt_version) == ("chat", "gpt-4o", "v1")
+    assert int(cols.ts_ms[0]) == 1700000000000 and float(cols.latency_ms[0]) == 120.5
+    assert float(cols.ttft_ms[0]) == 30.0 and bool(cols.is_error[0]) and int(cols.input_tokens[0]) == 7
+    assert float(cols.cost_usd[0]) == 0.25 and bool(cols.guardrail_hit[0]) and float(cols.feedback[0]) == -1
+
