@@ -58,7 +58,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from driftline.schemas.columns import ALERT_COLUMNS
 from driftline.schemas.metrics import WindowStats
@@ -70,6 +70,7 @@ from driftline.schemas.rules import (
     load_rules,
 )
 from driftline.streams.alerting import AlertEvaluator, default_rules_path
+from driftline.streams.metrics import AlertMetrics
 from driftline.streams.notifiers import (
     AlertDispatcher,
     AlertmanagerNotifier,
@@ -177,27 +178,7 @@ class AlertingStage:
         self._had_batch = False
         self.evaluations = 0
         self.rows_written = 0
-        r = self.registry
-        self.m_transitions = Counter("driftline_alert_transitions", "Alert state changes by rule and state.",
-                                     ["rule", "state"], registry=r)
-        self.m_firing = Gauge("driftline_alerts_firing", "Alerts firing now, by rule and severity.",
-                              ["rule", "severity"], registry=r)
-        self.m_evals = Counter("driftline_alert_evaluations", "Rule evaluations (ticks).", registry=r)
-        self.m_catch_up = Counter("driftline_alert_catch_up_evaluations",
-                                  "Rule evaluations at window boundaries crossed in one tick "
-                                  "(catch-up), by outcome (evaluated, skipped).", ["outcome"], registry=r)
-        self.m_evicted = Counter("driftline_alert_evicted_keys", "Keys the alert evaluator dropped "
-                                 "to stay under max_keys, by dimension.", ["dimension"], registry=r)
-        self.m_eval_s = Counter("driftline_alert_evaluation_seconds",
-                                "Time spent evaluating rules (ingest + evaluate).", registry=r)
-        self.m_rows = Counter("driftline_alert_rows", "Rows for the ClickHouse alerts table by outcome "
-                              "(written, dropped).", ["outcome"], registry=r)
-        for rule in rules:
-            self.m_firing.labels(rule.name, rule.severity).set(0)
-        for outcome in ("written", "dropped"):
-            self.m_rows.labels(outcome)
-        for outcome in ("evaluated", "skipped"):
-            self.m_catch_up.labels(outcome)
+        self.m = AlertMetrics(self.registry, [(rule.name, rule.severity) for rule in rules])
 
     @classmethod
     def factory(cls, rules: RuleSet, **options: Any) -> Callable[[CollectorRegistry], AlertingStage]:
@@ -285,7 +266,7 @@ class AlertingStage:
         if now is not None and self._hold_until is None:
             out = self._evaluate_to(now, wins)
             self.evaluations += 1
-            self.m_evals.inc()
+            self.m.evaluations.inc()
         else:
             for w in wins:
                 self.evaluator.observe_window(w)
@@ -294,11 +275,11 @@ class AlertingStage:
             self.dispatcher.submit(out)
             for t in out:
                 self.transitions.append(t)
-                self.m_transitions.labels(t.rule, t.state).inc()
-                self.m_firing.labels(t.rule, t.severity).inc(1 if t.state == "firing" else -1)
+                self.m.transitions.labels(t.rule, t.state).inc()
+                self.m.firing.labels(t.rule, t.severity).inc(1 if t.state == "firing" else -1)
                 if self.write_alerts:
                     self._queue_row(t.to_row())
-        self.m_eval_s.inc(time.perf_counter() - t0)
+        self.m.eval_seconds.inc(time.perf_counter() - t0)
         return out
 
     def _step_ms(self, wins: Sequence[WindowStats]) -> int:
@@ -333,7 +314,7 @@ class AlertingStage:
             n = (now - 1 - b) // step + 1 if b < now else 0
             if n > self.max_catch_up_windows:
                 skip = n - self.max_catch_up_windows
-                self.m_catch_up.labels("skipped").inc(skip)
+                self.m.catch_up.labels("skipped").inc(skip)
                 b += skip * step
             while b < now:
                 points.append(b)
@@ -350,7 +331,7 @@ class AlertingStage:
                 i += 1
             out.extend(ev.evaluate(t))
             if catch_up and not last_point:
-                self.m_catch_up.labels("evaluated").inc()
+                self.m.catch_up.labels("evaluated").inc()
             if (not last_point and budget is not None and j + 1 < len(points)
                     and time.perf_counter() - t0 >= budget):
                 # the rest on the next ticks: the loop (and the worker) is not held longer
@@ -370,7 +351,7 @@ class AlertingStage:
         for dim, n in self.evaluator.evicted.items():
             seen = self._evicted_seen.get(dim, 0)
             if n > seen:
-                self.m_evicted.labels(dim).inc(n - seen)
+                self.m.evicted.labels(dim).inc(n - seen)
                 self._evicted_seen[dim] = n
 
     @property
@@ -448,7 +429,7 @@ class AlertingStage:
     def _queue_row(self, row: dict[str, Any]) -> None:
         if len(self._rows) >= self.max_pending_rows:
             self._rows.popleft()
-            self.m_rows.labels("dropped").inc()
+            self.m.rows.labels("dropped").inc()
             log.warning("alerting: alert row queue full, dropped the oldest row")
         self._rows.append(row)
         if self._rows_wake is not None:
@@ -470,7 +451,7 @@ class AlertingStage:
             for _ in rows:
                 self._rows.popleft()
             self.rows_written += len(rows)
-            self.m_rows.labels("written").inc(len(rows))
+            self.m.rows.labels("written").inc(len(rows))
 
     async def _restore(self, worker: Worker) -> None:
         db = worker.sink.database
@@ -499,7 +480,7 @@ class AlertingStage:
         self.evaluator.set_state(state)
         self._hold_until = time.monotonic() + self.restore_grace_s
         for t in restored:
-            self.m_firing.labels(t.rule, t.severity).inc()
+            self.m.firing.labels(t.rule, t.severity).inc()
         for n in self.notifiers:
             restore = getattr(n, "restore", None)
             if callable(restore):

@@ -33,7 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from driftline.schemas.topics import CONTROL_TOPIC
 from driftline.streams.control_auth import admit
-from driftline.streams.metrics import WorkerMetrics
+from driftline.streams.metrics import WorkerMetrics, refused_counter
 from driftline.streams.sinks import chdb_path
 from driftline.streams.worker import Stage, Worker, WorkerConfig
 
@@ -147,7 +147,6 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
         guard_for_bind,
         is_loopback,
         load_credentials,
-        refused_counter,
     )
     from driftline.streams.chserver import EndpointOptions
 

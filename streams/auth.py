@@ -50,7 +50,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 from aiohttp import web
@@ -59,7 +58,7 @@ log = logging.getLogger("driftline.auth")
 
 __all__ = [
     "ADMIN_USER", "CREDENTIALS_FILE", "Credentials", "HttpGuard", "USER", "USER_KEY", "allowed_hosts",
-    "client_credentials", "credentials_path", "guard_for_bind", "is_loopback", "load_credentials", "refused_counter",
+    "client_credentials", "credentials_path", "guard_for_bind", "is_loopback", "load_credentials",
     "require_auth_for_bind",
 ]
 
@@ -396,19 +395,6 @@ class HttpGuard:
             return await handler(request)
 
         return guard
-
-
-def refused_counter(registry: Any) -> Callable[[str], Callable[[str], None]]:
-    """``driftline_http_refused_total{port, reason}`` on ``registry``; returns
-    ``port -> on_failure`` callbacks for :class:`HttpGuard`."""
-    from prometheus_client import Counter
-
-    c = Counter("driftline_http_refused", "HTTP requests refused: reason auth (no or wrong credentials) "
-                "or host (foreign Host/Origin header)", ["port", "reason"], registry=registry)
-    for port in ("sql", "metrics"):
-        for reason in ("auth", "host"):
-            c.labels(port, reason)
-    return lambda port: (lambda reason: c.labels(port, reason).inc())
 
 
 def guard_for_bind(bind: str, credentials: Credentials | None,

@@ -64,16 +64,15 @@ import logging
 import math
 import time
 import zlib
-from collections import Counter, defaultdict, deque
-from collections.abc import Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from dataclasses import field as dc_field
 from typing import Any
 
 import numpy as np
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import CollectorRegistry
 
 from driftline.detectors.drift import CentroidDrift, MMDDrift, TopicMixDrift
 from driftline.detectors.redact import Redaction
@@ -86,6 +85,7 @@ from driftline.schemas.columns import (
 from driftline.schemas.drift import DriftResult
 from driftline.schemas.topics import CONTROL_TOPIC
 from driftline.streams.embedding import EmbeddingBatcher, EmbeddingConfig, load_encoder
+from driftline.streams.metrics import DriftStageMetrics
 
 log = logging.getLogger("driftline.drift")
 
@@ -570,55 +570,6 @@ class DriftEngine:
         return out
 
 
-# --------------------------------------------------------------------------- metrics
-
-
-class _StageMetrics(Collector):
-    def __init__(self, stage: DriftStage, max_series: int = 500) -> None:
-        self.stage = stage
-        self.max_series = max_series
-        self.seen: dict[tuple[str, str], float] = defaultdict(float)
-        self.sampled: dict[tuple[str, str, str], float] = defaultdict(float)
-
-    def label(self, app: str, model: str) -> tuple[str, str]:
-        if (app, model) in self.seen or len(self.seen) < self.max_series:
-            return app, model
-        return "other", "other"
-
-    def collect(self) -> Iterator[Metric]:
-        st = self.stage
-        c = CounterMetricFamily("driftline_drift_events_seen", "events the drift sampler saw",
-                                labels=["app", "model"])
-        for k, v in self.seen.items():
-            c.add_metric(list(k), v)
-        yield c
-        cs = CounterMetricFamily("driftline_drift_sampled", "texts sampled for embedding",
-                                 labels=["app", "model", "field"])
-        for k3, v in self.sampled.items():
-            cs.add_metric(list(k3), v)
-        yield cs
-        yield GaugeMetricFamily("driftline_drift_sample_rate", "configured share of events embedded",
-                                value=st.cfg.sample_rate)
-        b = st.batcher
-        yield CounterMetricFamily("driftline_embed_dropped", "texts dropped: embedding queue full",
-                                  value=b.dropped if b else 0)
-        yield CounterMetricFamily("driftline_embed_texts", "texts embedded (delivered)",
-                                  value=b.delivered if b else 0)
-        yield CounterMetricFamily("driftline_embed_model_texts", "texts that went through the model "
-                                  "(cache misses)", value=b.encoded if b else 0)
-        yield CounterMetricFamily("driftline_embed_cache_hits", "texts served from the content-hash cache",
-                                  value=b.cache.hits if b else 0)
-        yield GaugeMetricFamily("driftline_embed_queue_depth", "texts waiting to be embedded",
-                                value=b.queue_depth if b else 0)
-        e = st.engine
-        yield CounterMetricFamily("driftline_drift_tests", "drift tests run", value=e.tests_run if e else 0)
-        yield CounterMetricFamily("driftline_drift_evicted_keys", "key-fields dropped from memory to stay "
-                                  "under max_keys (reloaded from ClickHouse when sampled again)",
-                                  value=e.evicted if e else 0)
-        yield GaugeMetricFamily("driftline_drift_references", "key-fields with a reference",
-                                value=e.active_keys() if e else 0)
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -631,9 +582,7 @@ class DriftStage:
                  encoder: Any = None) -> None:
         self.cfg = cfg or DriftConfig()
         self._encoder = encoder
-        self.metrics = _StageMetrics(self)
-        if registry is not None:
-            registry.register(self.metrics)
+        self.metrics = DriftStageMetrics(self, registry)
         self.batcher: EmbeddingBatcher[Sample] | None = None
         self.engine: DriftEngine | None = None
         self.worker: Any = None

@@ -1,4 +1,9 @@
-"""Every Prometheus metric of the worker, defined in one place.
+"""Every Prometheus metric of driftline, defined in one place, on the registry passed in.
+
+The worker's own metrics are :class:`WorkerMetrics`; the stages' are
+:class:`DriftStageMetrics`, :class:`AlertMetrics` and :class:`NotifierMetrics`; the HTTP
+ports' refusals :func:`refused_counter`; the OTLP receiver's :class:`OtlpMetrics`.
+Stages and servers create these with the one registry they are given and only update them.
 
 A :class:`WorkerMetrics` keeps plain numbers updated once per *batch* (numpy
 bucket counts, dict sums) and a ``Collector`` turns them into metric families at
@@ -32,14 +37,32 @@ Metric contract (the exported Prometheus rules in deploy/prometheus use these):
 | driftline_control_refused_total | counter | reason (unsigned, bad_signature, malformed, too_old) |
 | driftline_batches_total, driftline_records_total | counter | — |
 | driftline_drift_p_value, driftline_drift_statistic, driftline_drift_detected | gauge | app, model, prompt_version, field, method |
+| driftline_drift_events_seen | counter | app, model |
+| driftline_drift_sampled | counter | app, model, field |
+| driftline_drift_tests, driftline_drift_evicted_keys, driftline_embed_* | counter | — |
+| driftline_drift_sample_rate, driftline_drift_references, driftline_embed_queue_depth | gauge | — |
+| driftline_alert_transitions | counter | rule, state |
+| driftline_alerts_firing | gauge | rule, severity |
+| driftline_alert_evaluations, driftline_alert_evaluation_seconds | counter | — |
+| driftline_alert_catch_up_evaluations, driftline_alert_rows | counter | outcome |
+| driftline_alert_evicted_keys | counter | dimension |
+| driftline_alert_notifications | counter | notifier, outcome |
+| driftline_alert_queue_batches | gauge | notifier |
+| driftline_http_refused | counter | port (sql, metrics), reason (auth, host) |
+| driftline_otlp_requests | counter | code |
+| driftline_otlp_errors | counter | reason |
+| driftline_otlp_spans_accepted, _rejected, _skipped | counter | — |
+| driftline_otlp_inflight_requests, driftline_otlp_inflight_bytes | gauge | — |
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
+from prometheus_client import Counter, Gauge
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -51,7 +74,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from driftline.schemas.metrics import WindowKey
 from driftline.streams.windows import EventBatchColumns, group_indices
 
-__all__ = ["WorkerMetrics", "LATENCY_BUCKETS_MS"]
+__all__ = ["WorkerMetrics", "LATENCY_BUCKETS_MS", "DriftStageMetrics", "AlertMetrics", "NotifierMetrics",
+           "OtlpMetrics", "refused_counter"]
 
 LATENCY_BUCKETS_MS: tuple[float, ...] = (
     25, 50, 100, 250, 500, 750, 1000, 1500, 2000, 3000, 5000, 7500, 10000, 20000, 30000, 60000,
@@ -226,3 +250,137 @@ class WorkerMetrics(Collector):
         yield pv
         yield st
         yield dd
+
+
+class DriftStageMetrics(Collector):
+    """The drift stage's metrics, read from its sampler, batcher and engine at scrape time.
+
+    ``stage`` is a :class:`~driftline.streams.drift.DriftStage`; the stage updates
+    :attr:`seen` and :attr:`sampled` once per batch.
+    """
+
+    def __init__(self, stage: Any, registry: CollectorRegistry | None = None, max_series: int = 500) -> None:
+        self.stage = stage
+        self.max_series = max_series
+        self.seen: dict[tuple[str, str], float] = defaultdict(float)
+        self.sampled: dict[tuple[str, str, str], float] = defaultdict(float)
+        if registry is not None:
+            registry.register(self)
+
+    def label(self, app: str, model: str) -> tuple[str, str]:
+        if (app, model) in self.seen or len(self.seen) < self.max_series:
+            return app, model
+        return "other", "other"
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.stage
+        c = CounterMetricFamily("driftline_drift_events_seen", "events the drift sampler saw",
+                                labels=["app", "model"])
+        for k, v in self.seen.items():
+            c.add_metric(list(k), v)
+        yield c
+        cs = CounterMetricFamily("driftline_drift_sampled", "texts sampled for embedding",
+                                 labels=["app", "model", "field"])
+        for k3, v in self.sampled.items():
+            cs.add_metric(list(k3), v)
+        yield cs
+        yield GaugeMetricFamily("driftline_drift_sample_rate", "configured share of events embedded",
+                                value=st.cfg.sample_rate)
+        b = st.batcher
+        yield CounterMetricFamily("driftline_embed_dropped", "texts dropped: embedding queue full",
+                                  value=b.dropped if b else 0)
+        yield CounterMetricFamily("driftline_embed_texts", "texts embedded (delivered)",
+                                  value=b.delivered if b else 0)
+        yield CounterMetricFamily("driftline_embed_model_texts", "texts that went through the model "
+                                  "(cache misses)", value=b.encoded if b else 0)
+        yield CounterMetricFamily("driftline_embed_cache_hits", "texts served from the content-hash cache",
+                                  value=b.cache.hits if b else 0)
+        yield GaugeMetricFamily("driftline_embed_queue_depth", "texts waiting to be embedded",
+                                value=b.queue_depth if b else 0)
+        e = st.engine
+        yield CounterMetricFamily("driftline_drift_tests", "drift tests run", value=e.tests_run if e else 0)
+        yield CounterMetricFamily("driftline_drift_evicted_keys", "key-fields dropped from memory to stay "
+                                  "under max_keys (reloaded from ClickHouse when sampled again)",
+                                  value=e.evicted if e else 0)
+        yield GaugeMetricFamily("driftline_drift_references", "key-fields with a reference",
+                                value=e.active_keys() if e else 0)
+
+
+class AlertMetrics:
+    """The alerting stage's metrics; ``rules`` are the ``(name, severity)`` pairs whose
+    ``driftline_alerts_firing`` series start at 0."""
+
+    def __init__(self, registry: CollectorRegistry, rules: Iterable[tuple[str, str]] = ()) -> None:
+        r = registry
+        self.transitions = Counter("driftline_alert_transitions", "Alert state changes by rule and state.",
+                                   ["rule", "state"], registry=r)
+        self.firing = Gauge("driftline_alerts_firing", "Alerts firing now, by rule and severity.",
+                            ["rule", "severity"], registry=r)
+        self.evaluations = Counter("driftline_alert_evaluations", "Rule evaluations (ticks).", registry=r)
+        self.catch_up = Counter("driftline_alert_catch_up_evaluations",
+                                "Rule evaluations at window boundaries crossed in one tick "
+                                "(catch-up), by outcome (evaluated, skipped).", ["outcome"], registry=r)
+        self.evicted = Counter("driftline_alert_evicted_keys", "Keys the alert evaluator dropped "
+                               "to stay under max_keys, by dimension.", ["dimension"], registry=r)
+        self.eval_seconds = Counter("driftline_alert_evaluation_seconds",
+                                    "Time spent evaluating rules (ingest + evaluate).", registry=r)
+        self.rows = Counter("driftline_alert_rows", "Rows for the ClickHouse alerts table by outcome "
+                            "(written, dropped).", ["outcome"], registry=r)
+        for name, severity in rules:
+            self.firing.labels(name, severity).set(0)
+        for outcome in ("written", "dropped"):
+            self.rows.labels(outcome)
+        for outcome in ("evaluated", "skipped"):
+            self.catch_up.labels(outcome)
+
+
+class NotifierMetrics:
+    """The alert dispatcher's metrics, every series of ``notifiers`` (names) present from the start."""
+
+    OUTCOMES = ("delivered", "retried", "failed", "dropped")
+
+    def __init__(self, registry: CollectorRegistry, notifiers: Iterable[str] = ()) -> None:
+        self.notifications = Counter(
+            "driftline_alert_notifications", "Alert notifications by notifier and outcome "
+            "(delivered, retried, failed, dropped), counted per alert.",
+            ["notifier", "outcome"], registry=registry)
+        self.queue_batches = Gauge(
+            "driftline_alert_queue_batches", "Alert batches waiting per notifier.",
+            ["notifier"], registry=registry)
+        for name in notifiers:
+            for outcome in self.OUTCOMES:
+                self.notifications.labels(name, outcome)
+            self.queue_batches.labels(name).set(0)
+
+
+class OtlpMetrics:
+    """The OTLP receiver's metrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("driftline_otlp_requests", "OTLP/HTTP requests by response code",
+                                ["code"], registry=registry)
+        self.spans_accepted = Counter("driftline_otlp_spans_accepted",
+                                      "GenAI spans mapped to LLMEvents and forwarded",
+                                      registry=registry)
+        self.spans_rejected = Counter("driftline_otlp_spans_rejected",
+                                      "GenAI spans rejected for bad attributes", registry=registry)
+        self.spans_skipped = Counter("driftline_otlp_spans_skipped",
+                                     "spans that are not GenAI model calls", registry=registry)
+        self.errors = Counter("driftline_otlp_errors", "failed requests by reason", ["reason"],
+                              registry=registry)
+        self.inflight_requests = Gauge("driftline_otlp_inflight_requests",
+                                       "requests admitted and not yet answered", registry=registry)
+        self.inflight_bytes = Gauge("driftline_otlp_inflight_bytes",
+                                    "body bytes reserved by the requests in flight",
+                                    registry=registry)
+
+
+def refused_counter(registry: CollectorRegistry) -> Callable[[str], Callable[[str], None]]:
+    """``driftline_http_refused_total{port, reason}`` on ``registry``; returns
+    ``port -> on_failure`` callbacks for :class:`~driftline.streams.auth.HttpGuard`."""
+    c = Counter("driftline_http_refused", "HTTP requests refused: reason auth (no or wrong credentials) "
+                "or host (foreign Host/Origin header)", ["port", "reason"], registry=registry)
+    for port in ("sql", "metrics"):
+        for reason in ("auth", "host"):
+            c.labels(port, reason)
+    return lambda port: (lambda reason: c.labels(port, reason).inc())

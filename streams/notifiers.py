@@ -32,9 +32,10 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote
 
 import aiohttp
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from driftline.schemas.rules import AlertTransition
+from driftline.streams.metrics import NotifierMetrics
 from driftline.streams.redact_secrets import MASK, redact_url, redact_urls_in, secrets_of_url
 
 __all__ = [
@@ -352,17 +353,8 @@ class AlertDispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._closed = False
-        self.notifications = Counter(
-            "driftline_alert_notifications", "Alert notifications by notifier and outcome "
-            "(delivered, retried, failed, dropped), counted per alert.",
-            ["notifier", "outcome"], registry=registry)
-        self.queue_batches = Gauge(
-            "driftline_alert_queue_batches", "Alert batches waiting per notifier.",
-            ["notifier"], registry=registry)
-        for lane in self._lanes:
-            for outcome in ("delivered", "retried", "failed", "dropped"):
-                self.notifications.labels(lane.notifier.name, outcome)
-            self.queue_batches.labels(lane.notifier.name).set(0)
+        m = NotifierMetrics(registry, names)
+        self.notifications, self.queue_batches = m.notifications, m.queue_batches
 
     def backoff_s(self, attempt: int) -> float:
         """Delay before retry number ``attempt`` (1-based), jitter included."""

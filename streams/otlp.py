@@ -69,11 +69,12 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from google.protobuf import json_format
 from google.rpc.status_pb2 import Status
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from driftline.schemas.otlp import OtlpBatch, OtlpDecodeError, decode_request
 from driftline.schemas.topics import OTLP_TOPIC
+from driftline.streams.metrics import OtlpMetrics
 
 __all__ = ["DEFAULT_MAX_BODY", "DEFAULT_MAX_CONCURRENT", "DEFAULT_MAX_INFLIGHT", "TOKEN_ENV",
            "Admission", "OtlpAuth", "OtlpConfigError", "OtlpMetrics", "OtlpReceiver", "OtlpTls",
@@ -96,28 +97,6 @@ _INVALID_ARGUMENT, _DEADLINE_EXCEEDED, _RESOURCE_EXHAUSTED = 3, 4, 8
 _UNAVAILABLE, _UNAUTHENTICATED = 14, 16
 # RFC 6750 b64token (token68): what a bearer token may contain
 _TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-
-
-class OtlpMetrics:
-    """The receiver's counters, all defined here on the registry passed in."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter("driftline_otlp_requests", "OTLP/HTTP requests by response code",
-                                ["code"], registry=registry)
-        self.spans_accepted = Counter("driftline_otlp_spans_accepted",
-                                      "GenAI spans mapped to LLMEvents and forwarded",
-                                      registry=registry)
-        self.spans_rejected = Counter("driftline_otlp_spans_rejected",
-                                      "GenAI spans rejected for bad attributes", registry=registry)
-        self.spans_skipped = Counter("driftline_otlp_spans_skipped",
-                                     "spans that are not GenAI model calls", registry=registry)
-        self.errors = Counter("driftline_otlp_errors", "failed requests by reason", ["reason"],
-                              registry=registry)
-        self.inflight_requests = Gauge("driftline_otlp_inflight_requests",
-                                       "requests admitted and not yet answered", registry=registry)
-        self.inflight_bytes = Gauge("driftline_otlp_inflight_bytes",
-                                    "body bytes reserved by the requests in flight",
-                                    registry=registry)
 
 
 class _HttpError(Exception):
