@@ -303,7 +303,7 @@ def worker(
             **({"topics": tuple(topic)} if topic else {}),
             window=WindowConfig(size_ms=int(window * 1000), allowed_lateness_ms=int(lateness * 1000)),
             emit_interval_s=emit_interval, max_batch=max_batch, price_files=tuple(prices or ()),
-            rules_file=rules, scan_guardrails=scan_guardrails,
+            scan_guardrails=scan_guardrails,
             auto_offset_reset="latest" if from_latest else "earliest",
             max_event_age_s=max_event_age, max_clock_skew_s=max_clock_skew,
             redaction=Redaction(redact, redact_key),  # type: ignore[arg-type]  # checked there

@@ -74,6 +74,7 @@ from typing import Any
 import numpy as np
 from prometheus_client.registry import CollectorRegistry
 
+from driftline.detectors.calibration import bonferroni
 from driftline.detectors.drift import CentroidDrift, MMDDrift, TopicMixDrift
 from driftline.detectors.redact import Redaction
 from driftline.schemas.columns import (
@@ -156,7 +157,7 @@ def keep_event(event_id: str, rate: float, salt: int = 0) -> bool:
 
 def per_test_alpha(alpha: float, n_keys: int, n_fields: int, n_methods: int) -> float:
     """Bonferroni per-test level for a family of ``n_keys x n_fields x n_methods`` tests."""
-    return alpha / (max(1, n_keys) * max(1, n_fields) * max(1, n_methods))
+    return bonferroni(alpha, max(1, n_keys) * max(1, n_fields) * max(1, n_methods))
 
 
 def n_resamples(alpha_test: float, low: int = 256, high: int = 8192) -> int:

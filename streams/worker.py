@@ -127,7 +127,6 @@ class WorkerConfig:
     emit_interval_s: float = 5.0
     idle_close_s: float = 10.0
     price_files: tuple[Path, ...] = ()
-    rules_file: Path | None = None
     scan_guardrails: bool = False
     create_topics: bool = True
     auto_offset_reset: str = "earliest"
