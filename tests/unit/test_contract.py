@@ -12,14 +12,21 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec.inspect as mi
 import pyarrow as pa
 import pytest
 from aiokafka.structs import TopicPartition
 
 from driftline.schemas.columns import TABLE_COLUMNS
-from driftline.schemas.event import Guardrail, LLMEvent
+from driftline.schemas.event import MAX_ID_CHARS, MAX_LABEL_CHARS, MAX_TOKENS, Guardrail, LLMEvent
 from driftline.streams.pipeline import (
+    _FEEDBACK,
     _GUARDRAIL_TYPE,
+    _ID_COLS,
+    _LABEL_COLS,
+    _STATUS,
+    _TOKEN_FIELDS,
+    _VERDICTS,
     _WIRE_FIELDS,
     DECODED_SCHEMA,
     EVENT_ARROW_SCHEMA,
@@ -111,6 +118,35 @@ def test_the_decode_schema_is_the_wire_schema() -> None:
     assert {*wire, "extra"} == set(LLMEvent.__struct_fields__)
     assert [f.name for f in _GUARDRAIL_TYPE] == list(Guardrail.__struct_fields__)
     assert set(DECODED_SCHEMA.names) - set(TABLE_COLUMNS["llm_events"]) == {"guardrails"}
+
+
+def _scalar(t: mi.Type) -> mi.Type:
+    return next(u for u in t.types if not isinstance(u, mi.NoneType)) if isinstance(t, mi.UnionType) else t
+
+
+def test_the_columnar_checks_are_the_event_types() -> None:
+    """The columnar decode path's range checks (``_valid_rows``) cover exactly the fields
+    that LLMEvent's annotations bound: labels at MAX_LABEL_CHARS, identifiers at
+    MAX_ID_CHARS, token counts at MAX_TOKENS, and the literals of status, feedback and
+    guardrail verdict. Mutation caught: a Label/Ident/token field added to LLMEvent but
+    not to the fast path's checks (it would store what the exact path rejects)."""
+    info = mi.type_info(LLMEvent)
+    assert isinstance(info, mi.StructType)
+    types = {f.name: _scalar(f.type) for f in info.fields}
+
+    def str_max(n: int) -> set[str]:
+        return {k for k, t in types.items() if isinstance(t, mi.StrType) and t.max_length == n}
+
+    assert set(_LABEL_COLS) == str_max(MAX_LABEL_CHARS)
+    assert set(_ID_COLS) == str_max(MAX_ID_CHARS)
+    assert set(_TOKEN_FIELDS) == {k for k, t in types.items() if isinstance(t, mi.IntType) and t.le == MAX_TOKENS}
+    for name, allowed in (("status", _STATUS), ("feedback", _FEEDBACK)):
+        lit = types[name]
+        assert isinstance(lit, mi.LiteralType) and set(lit.values) == set(allowed.to_pylist()), name
+    g = mi.type_info(Guardrail)
+    assert isinstance(g, mi.StructType)
+    verdict = next(f.type for f in g.fields if f.name == "verdict")
+    assert isinstance(verdict, mi.LiteralType) and set(verdict.values) == set(_VERDICTS.to_pylist())
 
 
 def test_the_window_rebuild_query_runs_on_the_ddl(chdb: Any) -> None:
