@@ -247,28 +247,6 @@ def test_engine_flags_a_shift_and_explains_it() -> None:
     assert Counter(r.method for _, r in shifted)["mmd"] == 3  # positions 40, 50, 60
 
 
-def test_row_columns_match_the_ddl() -> None:
-    from pathlib import Path
-
-    from driftline.streams.drift import (
-        CONTROL_LOG_COLUMNS,
-        EMBEDDING_COLUMNS,
-        REFERENCE_COLUMNS,
-        SCORE_COLUMNS,
-    )
-
-    sql = (Path(__file__).parents[2] / "schemas" / "tables.sql").read_text()
-
-    def columns(table: str) -> list[str]:
-        block = sql.split(f"CREATE TABLE IF NOT EXISTS {{db}}.{table}\n")[1].split("ENGINE")[0]
-        return [ln.split()[0] for ln in block.strip().strip("()").strip().splitlines() if ln.strip()]
-
-    assert list(EMBEDDING_COLUMNS) == columns("llm_embeddings")
-    assert list(REFERENCE_COLUMNS) == columns("drift_references")
-    assert list(CONTROL_LOG_COLUMNS) == columns("drift_control_log")
-    assert list(SCORE_COLUMNS) == columns("drift_scores")
-
-
 @pytest.mark.parametrize(("mode", "stored"), [("none", [11, 22]), ("pii", [0, 0]), ("hash", [0, 0])])
 def test_text_hash_is_not_stored_under_redaction(mode: str, stored: list[int]) -> None:
     """Under --redact pii/hash the llm_embeddings.text_hash column is 0: an unkeyed 64-bit hash
