@@ -42,9 +42,10 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 import driftline.streams.pipeline as pl
 from driftline.schemas.otlp import _to_otlp_json
 from driftline.schemas.prices import PriceTable
+from driftline.schemas.topics import EVENTS_TOPIC, OTLP_TOPIC
 
 NOW = 1_790_000_000_000  # the injected wall clock (2026-09-21)
-EVENTS, OTLP = "llm.events", "otlp_spans"
+EVENTS, OTLP = EVENTS_TOPIC, OTLP_TOPIC
 
 
 
