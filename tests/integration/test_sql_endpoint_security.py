@@ -179,6 +179,11 @@ REFUSED = [
     (f"SELECT 1 INTO OUTFILE '{OUTFILE}'", "POST", "INTO OUTFILE is not allowed"),  # outfile check left out
     (f"SELECT 1 UNION ALL SELECT 2 INTO OUTFILE '{OUTFILE}'", "POST", "INTO OUTFILE is not allowed"),
     ("SYSTEM SHUTDOWN", "POST", "SYSTEM is not allowed"),
+    # the engine's AI functions call an LLM provider over the network (given a named collection),
+    # AIEmbed is the engine's alias of aiEmbed. Catches: DENIED_SCALARS_SQL not loaded into the
+    # policy (both ran, and answered 500 "requires credentials")
+    ("SELECT aiGenerate(prompt) FROM driftline.llm_events", "POST", "function aiGenerate is not allowed"),
+    ("SELECT AIEmbed('x', 'm')", "GET", "function AIEmbed is not allowed"),
 ]
 
 
