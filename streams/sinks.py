@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 import logging
+import os
 import random
 import re
 import time
@@ -210,6 +211,12 @@ class ClickHouseSink:
         import clickhouse_connect
 
         if self.embedded:
+            path = chdb_path(self.dsn)
+            if path and not os.path.exists(path):
+                # a new store is private, like its credentials file: chDB would create it 0755, and
+                # any local user could read every stored prompt from the part files, past the
+                # SQL endpoint's password (an existing store keeps its mode: chmod 700 it)
+                os.makedirs(path, mode=0o700, exist_ok=True)
             return clickhouse_connect.get_client(dsn=self.dsn, settings=settings)
         # connect without a database first: it may not exist yet
         u = urlparse(self.dsn)
