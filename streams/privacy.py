@@ -12,7 +12,8 @@
   (``user_id``, ``extra`` …); the rest is kept so the record can still be read and
   replayed. Any other payload (not JSON, an OTLP request in protobuf or JSON):
   ``pii`` masks the raw text in place, each finding by as many bytes (its token
-  padded with ``*``), so protobuf lengths stay valid; ``hash`` replaces the payload
+  padded with ``*``), so protobuf lengths stay valid (JSON with ``\\`` escapes, which
+  can hide a finding from that scan: its parsed strings, re-serialised); ``hash`` replaces the payload
   by its digest and says so in the reason. The reason is ``pii``-masked in both
   modes (a decoder's message may quote the value).
 
@@ -109,7 +110,10 @@ def redact_rejected(r: Rejected, redaction: Redaction) -> Rejected:
                     obj[k] = redaction.value(obj[k])
         value = json.dumps(obj, ensure_ascii=False).encode()
     elif value:
-        if mode == "pii":
+        if mode == "pii" and obj is not None and b"\\" in value:
+            # JSON with escapes: "jo\u0040example.com" hides from a scan of the raw text
+            value = json.dumps(redaction.value(obj), ensure_ascii=False).encode()
+        elif mode == "pii":
             value = _mask_bytes(value)
         else:
             digest = hash_text(value, redaction.key)

@@ -256,3 +256,18 @@ def test_extra_column_is_redacted_too(mode: Any) -> None:
         assert extra["gen_ai.system_instructions"] == h(f"The user is {EMAIL}")
         assert extra["input.value"] == h(f"pay with {CARD}")
     w._decode_pool.shutdown()
+
+
+def test_dlq_copy_of_json_with_escapes_is_masked() -> None:
+    """A JSON payload that is not one event (an OTLP/JSON request, an array of events) is
+    masked as raw text; a JSON escape (``\\u0040`` for ``@``, ``\\u0020`` in a card number)
+    hid the finding from that scan, and the copy kept the e-mail and card in clear.
+    Mutation: the parsed-JSON branch of redact_rejected removed (raw masking only)."""
+    raw = (b'{"resourceSpans":[{"attributes":[{"key":"gen_ai.prompt","value":{"stringValue":'
+           b'"mail jo.doe\\u0040example.com, card 4111\\u00201111 1111 1111"}}]}]}')
+    got = redact_rejected(Rejected("otlp_spans", 0, 3, None, raw, "bad span"), Redaction("pii"))
+    assert json.loads(got.value) == {"resourceSpans": [{"attributes": [
+        {"key": "gen_ai.prompt", "value": {"stringValue": "mail <EMAIL>, card <CARD>"}}]}]}
+    arr = b'[{"prompt": "hi jo.doe\\u0040example.com"}]'
+    got = redact_rejected(Rejected("llm.events", 0, 4, None, arr, "not an object"), Redaction("pii"))
+    assert json.loads(got.value) == [{"prompt": "hi <EMAIL>"}]
