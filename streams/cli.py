@@ -38,6 +38,32 @@ def default_chdb_dsn() -> str:
     return f"chdb://{_data_home() / 'chdb'}"
 
 
+def _client_dsn(clickhouse: str | None) -> tuple[str, list[str]]:
+    """The DSN for sql / baseline: --clickhouse (or DRIFTLINE_CLICKHOUSE, else the embedded
+    store) with the password of DRIFTLINE_CLICKHOUSE_PASSWORD_FILE or DRIFTLINE_CLICKHOUSE_PASSWORD
+    merged in, as the worker does; and the secrets an error message must not show."""
+    from driftline.streams.redact_secrets import merge_password, read_password, secrets_of_url
+
+    dsn = clickhouse or default_chdb_dsn()
+    pw_file = os.environ.get("DRIFTLINE_CLICKHOUSE_PASSWORD_FILE")
+    try:
+        password = read_password(Path(pw_file) if pw_file else None, "DRIFTLINE_CLICKHOUSE_PASSWORD")
+        dsn = merge_password(dsn, password)
+    except ValueError as exc:
+        raise _err(str(exc)) from None
+    return dsn, [*secrets_of_url(dsn), *((password,) if password else ())]
+
+
+def _client_error(exc: BaseException, secrets: list[str]) -> typer.Exit:
+    """A client-side failure as one line, with DSN passwords and URLs masked."""
+    from driftline.streams.redact_secrets import MASK, redact_urls_in
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+    for s in sorted((s for s in secrets if s and len(s) >= 4), key=len, reverse=True):
+        text = text.replace(s, MASK)
+    return _err(redact_urls_in(text), 1)
+
+
 def _err(msg: str, code: int = 2) -> typer.Exit:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     return typer.Exit(code)
@@ -51,7 +77,9 @@ KafkaOpt = Annotated[str | None, typer.Option("--kafka", envvar="DRIFTLINE_KAFKA
                                               help="Kafka bootstrap servers HOST:PORT[,HOST:PORT].")]
 ClickHouseOpt = Annotated[str | None, typer.Option(
     "--clickhouse", envvar="DRIFTLINE_CLICKHOUSE",
-    help="ClickHouse DSN: chdb:///path (embedded) or http://user:pass@host:8123/db (server).")]
+    help="ClickHouse DSN: chdb:///path (embedded) or http://user@host:8123/db (server). Keep the password "
+         "off argv: env DRIFTLINE_CLICKHOUSE_PASSWORD or a file named by DRIFTLINE_CLICKHOUSE_PASSWORD_FILE "
+         "(the worker also has --clickhouse-password-file).")]
 
 # Kafka TLS / SASL: the same block ends the parameters of worker, emit, otlp and baseline
 # rebase/pin/reset; _kafka_security() turns it into a KafkaSecurity. The password is never
@@ -367,11 +395,11 @@ def sql(
     """Run SQL against the configured ClickHouse, also while a worker holds the embedded store."""
     from driftline.streams.sqlclient import run_sql
 
-    dsn = clickhouse or default_chdb_dsn()
+    dsn, secrets = _client_dsn(clickhouse)
     try:
         out = run_sql(dsn, query, fmt=format)
     except Exception as exc:  # noqa: BLE001 - the message is the product here
-        raise _err(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc), 1) from None
+        raise _client_error(exc, secrets) from None
     sys.stdout.write(out.decode("utf-8", "replace") if isinstance(out, bytes) else str(out))
     if out and not (out.endswith(b"\n") if isinstance(out, bytes) else str(out).endswith("\n")):
         sys.stdout.write("\n")
@@ -558,7 +586,7 @@ def _send_baseline(kafka: str | None, clickhouse: str | None, cmd: dict[str, Any
     _say(f"sent {cmd['action']} to driftline.control (id {cid})")
     if wait <= 0:
         return
-    dsn = clickhouse or default_chdb_dsn()
+    dsn, _ = _client_dsn(clickhouse)
     n = wait_applied(dsn, cid, wait)
     if n is None:
         raise _err(f"no worker applied it within {wait:.0f}s (is a worker with --drift running? a worker "
@@ -577,11 +605,11 @@ def baseline_show(app_: _AppOpt = None, model: _ModelOpt = None, prompt_version:
     """The reference in force per app, model, prompt version and field."""
     from driftline.streams.baseline import show_references
 
-    dsn = clickhouse or default_chdb_dsn()
+    dsn, secrets = _client_dsn(clickhouse)
     try:
         out = show_references(dsn, app=app_, model=model, prompt_version=prompt_version, field=field, fmt=format)
     except Exception as exc:  # noqa: BLE001
-        raise _err(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc), 1) from None
+        raise _client_error(exc, secrets) from None
     sys.stdout.write(out.decode("utf-8", "replace") or "no references yet\n")
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 import logging
-import os
 import random
 import re
 import time
@@ -33,6 +32,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -172,6 +172,27 @@ def resolve_dsn(dsn: str) -> tuple[str, str]:
     raise ValueError(f"ClickHouse DSN {redact_url(dsn)!r}: expected chdb:///path or http://user:pass@host:8123/db")
 
 
+_warned_stores: set[str] = set()
+
+
+def private_store(path: str | None) -> None:
+    """Create an embedded store's directory owner-only (0700: it holds every prompt and
+    response, and local users could otherwise read its files, whatever the SQL endpoint
+    allows); an existing one open to group or others is left as it is, with one warning."""
+    if not path:
+        return
+    p = Path(path).expanduser()
+    if not p.exists():
+        p.mkdir(parents=True, mode=0o700, exist_ok=True)
+        p.chmod(0o700)  # mkdir's mode passes through the umask; parents keep the default
+        return
+    mode = p.stat().st_mode & 0o777
+    if mode & 0o077 and str(p) not in _warned_stores:
+        _warned_stores.add(str(p))
+        log.warning("the embedded store %s is open to other local users (mode %o): it holds every stored "
+                    "prompt and response; chmod 700 it", p, mode)
+
+
 def chdb_path(dsn: str) -> str | None:
     u = urlparse(dsn)
     return (u.netloc + u.path) if u.scheme == "chdb" else None
@@ -211,12 +232,7 @@ class ClickHouseSink:
         import clickhouse_connect
 
         if self.embedded:
-            path = chdb_path(self.dsn)
-            if path and not os.path.exists(path):
-                # a new store is private, like its credentials file: chDB would create it 0755, and
-                # any local user could read every stored prompt from the part files, past the
-                # SQL endpoint's password (an existing store keeps its mode: chmod 700 it)
-                os.makedirs(path, mode=0o700, exist_ok=True)
+            private_store(chdb_path(self.dsn))
             return clickhouse_connect.get_client(dsn=self.dsn, settings=settings)
         # connect without a database first: it may not exist yet
         u = urlparse(self.dsn)

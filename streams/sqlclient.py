@@ -12,7 +12,7 @@ is opened directly.
 
 from __future__ import annotations
 
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from driftline.streams.auth import ADMIN_USER, USER, client_credentials, credentials_path
 from driftline.streams.chserver import READ_QUERY, read_endpoint
@@ -50,8 +50,8 @@ def client_for(dsn: str, *, write: bool = False):  # type: ignore[no-untyped-def
         return clickhouse_connect.get_client(dsn=dsn)
     u = urlparse(dsn)
     return clickhouse_connect.get_client(
-        host=u.hostname or "localhost", port=u.port or 8123, username=u.username or "default",
-        password=u.password or "", database=u.path.strip("/") or "default",
+        host=u.hostname or "localhost", port=u.port or 8123, username=unquote(u.username or "default"),
+        password=unquote(u.password or ""), database=u.path.strip("/") or "default",
         secure=u.scheme in ("https", "clickhouses"))
 
 

@@ -151,6 +151,24 @@ async def test_worker_run_leaks_no_secret_and_stores_redacted_texts(
             assert r.status == 200
             metrics = await r.text()
         assert "driftline_" in metrics
+
+        # `driftline sql` takes the password from the environment (off argv), and a refused one
+        # is not echoed. Mutations caught: sql ignoring DRIFTLINE_CLICKHOUSE_PASSWORD (516);
+        # the error line printing the DSN or the password unmasked.
+        from typer.testing import CliRunner
+
+        from driftline.streams.cli import app as cli_app
+
+        user_dsn = f"http://default@127.0.0.1:{ch_port}/driftline"
+        q = "SELECT count() FROM driftline.llm_events FINAL"
+        ok = await asyncio.to_thread(CliRunner().invoke, cli_app, ["sql", "--clickhouse", user_dsn, "-f", "TSV", q],
+                                     env={"DRIFTLINE_CLICKHOUSE_PASSWORD": PASSWORD})
+        assert (ok.exit_code, ok.stdout.strip()) == (0, str(N)), ok.output
+        wrong = "Wr0ngPassw0rd"
+        bad_run = await asyncio.to_thread(CliRunner().invoke, cli_app, ["sql", "--clickhouse", user_dsn, q],
+                                          env={"DRIFTLINE_CLICKHOUSE_PASSWORD": wrong})
+        assert bad_run.exit_code == 1 and "516" in bad_run.output, bad_run.output
+        assert wrong not in bad_run.output and PASSWORD not in bad_run.output
     finally:
         stop.set()
         if task is not None:

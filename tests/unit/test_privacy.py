@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 from collections import deque
 from typing import Any
 
@@ -271,3 +272,34 @@ def test_dlq_copy_of_json_with_escapes_is_masked() -> None:
     arr = b'[{"prompt": "hi jo.doe\\u0040example.com"}]'
     got = redact_rejected(Rejected("llm.events", 0, 4, None, arr, "not an object"), Redaction("pii"))
     assert json.loads(got.value) == [{"prompt": "hi <EMAIL>"}]
+
+
+def test_embedded_store_is_created_owner_only(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A new chDB store directory is 0700 (its files hold every prompt, whatever the SQL
+    endpoint allows); an existing one open to others is left alone with one warning.
+    Mutation caught: opening the store without private_store() leaves it 0755 (umask 022)."""
+    import os
+    import stat
+
+    from driftline.streams.sinks import ClickHouseSink
+
+    old = os.umask(0o022)
+    try:
+        new = tmp_path / "new" / "chdb"
+        sink = ClickHouseSink(f"chdb://{new}")
+        assert sink.call(lambda c: c.command("SELECT 1")) == 1
+        sink.close()
+        assert stat.S_IMODE(new.stat().st_mode) == 0o700
+        shared = tmp_path / "shared"
+        shared.mkdir(mode=0o755)
+        shared.chmod(0o755)
+        with caplog.at_level(logging.WARNING, logger="driftline.sink"):
+            for _ in range(2):
+                sink = ClickHouseSink(f"chdb://{shared}")
+                sink.call(lambda c: c.command("SELECT 1"))
+                sink.close()
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o755
+        warned = [r.getMessage() for r in caplog.records if "open to other local users" in r.getMessage()]
+        assert len(warned) == 1 and "mode 755" in warned[0]
+    finally:
+        os.umask(old)
