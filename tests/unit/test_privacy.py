@@ -171,6 +171,8 @@ def test_retention_ttls_set_changed_removed_and_applied(tmp_path: Any) -> None:
     ev = _create(sink, "llm_events")
     assert "`prompt` Nullable(String) TTL toDateTime(timestamp) + toIntervalDay(30)" in ev
     assert "`response` Nullable(String) TTL toDateTime(timestamp) + toIntervalDay(30)" in ev
+    # extra holds an OTLP span's system instructions, tool arguments ... (mutation: no TTL on it)
+    assert "`extra` String TTL toDateTime(timestamp) + toIntervalDay(30)" in ev
     assert "ORDER BY (app, model, timestamp, event_id) TTL toDateTime(timestamp) + toIntervalDay(400)" in ev
     assert ttl_days(_create(sink, "dlq_outbox"), "value") == 30 and ttl_days(_create(sink, "dlq_outbox"), None) == 400
     assert "`explanation` String TTL toDateTime(ts) + toIntervalDay(30)" in _create(sink, "drift_scores")
@@ -179,12 +181,14 @@ def test_retention_ttls_set_changed_removed_and_applied(tmp_path: Any) -> None:
         assert " TTL " not in _create(sink, t), t
     # rows: 2 older than 400 days, 1 older than 30 (texts blanked), 1 fresh
     sink.call(lambda c: c.command(
-        "INSERT INTO driftline.llm_events (event_id, timestamp, app, prompt, response) VALUES "
-        "('old1', now64(3) - INTERVAL 500 DAY, 'a', 'p', 'r'), ('old2', now64(3) - INTERVAL 401 DAY, 'a', 'p', 'r'), "
-        "('mid', now64(3) - INTERVAL 40 DAY, 'a', 'p', 'r'), ('new', now64(3) - INTERVAL 1 DAY, 'a', 'p', 'r')"))
+        "INSERT INTO driftline.llm_events (event_id, timestamp, app, prompt, response, extra) VALUES "
+        "('old1', now64(3) - INTERVAL 500 DAY, 'a', 'p', 'r', '{}'), "
+        "('old2', now64(3) - INTERVAL 401 DAY, 'a', 'p', 'r', '{}'), "
+        "('mid', now64(3) - INTERVAL 40 DAY, 'a', 'p', 'r', '{\"s\":\"x\"}'), "
+        "('new', now64(3) - INTERVAL 1 DAY, 'a', 'p', 'r', '{\"s\":\"x\"}')"))
     sink.call(lambda c: c.command("OPTIMIZE TABLE driftline.llm_events FINAL"))
-    rows = sink.query_rows("SELECT event_id, prompt, response FROM driftline.llm_events ORDER BY event_id")
-    assert rows == [("mid", None, None), ("new", "p", "r")]
+    rows = sink.query_rows("SELECT event_id, prompt, response, extra FROM driftline.llm_events ORDER BY event_id")
+    assert rows == [("mid", None, None, ""), ("new", "p", "r", '{"s":"x"}')]
     # changed on the next start; 0 removes
     sink.retention = Retention(days=0, text_days=7)
     sink.ensure_schema()
