@@ -2,7 +2,7 @@
 -- Every statement is idempotent (IF NOT EXISTS) and is run on worker start.
 -- Statements are separated by a line holding only ';'.
 -- Retention: no TTL here (default: kept forever). The worker's --retention-days-text and
--- --retention-days add column TTLs (llm_events.prompt/response, dlq_outbox.value,
+-- --retention-days add column TTLs (llm_events.prompt/response/extra, dlq_outbox.value,
 -- drift_scores.explanation) and row TTLs (llm_events, dlq_outbox) with ALTER … MODIFY
 -- at start, and change or remove them when the settings change (streams/sinks.py Retention).
 

@@ -144,7 +144,7 @@ def _write_new(path: Path, users: Mapping[str, str]) -> None:
     """Create ``path`` with mode 0600 atomically: written under a private temporary
     name (O_EXCL, 0600 from the first byte), then linked into place without
     replacing an existing file (a concurrent first start keeps the winner's)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new chDB store dir: private (sinks.py)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:

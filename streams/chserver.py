@@ -31,7 +31,8 @@ ACCESS_DENIED``): statements other than SELECT / WITH / SHOW / DESCRIBE / EXISTS
 every table function but a small allowlist (the deny set is read from the
 engine's ``system.table_functions`` at start, so a newer engine's functions are
 refused by default), and the scalar functions that reach files or the network
-(``file``, ``hasColumnInTable``, ``catboostEvaluate``). ``INSERT`` is always
+(``file``, ``hasColumnInTable``, ``catboostEvaluate``, the engine's AI functions
+such as ``aiGenerate``, and their aliases). ``INSERT`` is always
 refused: events go through Kafka (``driftline emit``).
 
 Writes, only with ``--sql-allow-writes``, only by ``driftline_admin`` and only
@@ -93,6 +94,12 @@ ALLOWED_TABLE_FUNCTIONS = frozenset({
 })
 #: scalar functions that read files or open connections (table functions come from the engine)
 DENIED_SCALAR_FUNCTIONS = frozenset({"file", "hascolumnintable", "catboostevaluate"})
+#: the engine's other names of the denied scalar functions, and its AI functions (aiGenerate,
+#: aiEmbed, ... and their aliases AIGenerate, ...), which call an LLM provider over the network
+DENIED_SCALARS_SQL = (
+    "SELECT name FROM system.functions WHERE categories LIKE '%AI%' OR lower(alias_to) IN ("
+    + ", ".join(f"'{f}'" for f in sorted(DENIED_SCALAR_FUNCTIONS))
+    + ") OR alias_to IN (SELECT name FROM system.functions WHERE categories LIKE '%AI%')")
 _READ_KINDS = re.compile(r"^(SelectWithUnionQuery|SelectIntersectExceptQuery|Show\w+|Describe\w*|Exists\w*|Explain)$")
 _WRITE_KINDS = frozenset({"AlterQuery", "DeleteQuery", "OptimizeQuery", "DropQuery", "TruncateQuery"})
 _ALTER_COMMANDS = frozenset({"DELETE", "UPDATE"})
@@ -201,13 +208,17 @@ class QueryPolicy:
     table_functions : iterable of str
         The engine's table functions (``system.table_functions``); all but
         :data:`ALLOWED_TABLE_FUNCTIONS` are refused, with :data:`DENIED_SCALAR_FUNCTIONS`.
+    scalar_functions : iterable of str
+        More scalar functions to refuse (the endpoint adds the engine's aliases of
+        :data:`DENIED_SCALAR_FUNCTIONS` and its ``AI`` functions: :data:`DENIED_SCALARS_SQL`).
     """
 
-    def __init__(self, table_functions: Iterable[str]) -> None:
+    def __init__(self, table_functions: Iterable[str], scalar_functions: Iterable[str] = ()) -> None:
         names = {t.lower() for t in table_functions}
         if not names:
             raise ValueError("QueryPolicy: the engine listed no table functions")
-        self.denied = frozenset(names - ALLOWED_TABLE_FUNCTIONS) | DENIED_SCALAR_FUNCTIONS
+        self.denied = (frozenset(names - ALLOWED_TABLE_FUNCTIONS) | DENIED_SCALAR_FUNCTIONS
+                       | {f.lower() for f in scalar_functions})
 
     def check(self, ast: str, formatted: str = "", *, write: bool = False) -> str:
         """The statement's kind when it may run; raises :class:`Refused` otherwise.
@@ -340,9 +351,10 @@ class ClickHouseEndpoint:
         conn = self._connect(write=False)
         try:
             names = conn.query("SELECT name FROM system.table_functions", "TSVRaw").bytes().decode().split()
+            scalars = conn.query(DENIED_SCALARS_SQL, "TSVRaw").bytes().decode().split()
         finally:
             conn.close()
-        return QueryPolicy(names)
+        return QueryPolicy(names, scalars)
 
     def _run(self, q: str, fmt: str, params: dict[str, str], settings: dict[str, str],
              database: str | None, write: bool) -> bytes:

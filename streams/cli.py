@@ -245,7 +245,7 @@ def worker(
              "Window metrics, alerts, drift tables and the write log are kept.")] = 0,
     retention_days_text: Annotated[int, typer.Option(
         "--retention-days-text", envvar="DRIFTLINE_RETENTION_DAYS_TEXT",
-        help="Days texts are kept (column TTL blanking llm_events.prompt/response, dlq_outbox.value, "
+        help="Days texts are kept (column TTL blanking llm_events.prompt/response/extra, dlq_outbox.value, "
              "drift_scores.explanation); the rows' numbers stay; 0: forever.")] = 0,
     kafka_security_protocol: KSecProtocolOpt = None, kafka_sasl_mechanism: KSecMechanismOpt = None,
     kafka_user: KSecUserOpt = None, kafka_password_file: KSecPasswordFileOpt = None,

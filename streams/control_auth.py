@@ -30,6 +30,7 @@ import hmac
 import json
 import logging
 import os
+import reprlib
 import time
 import uuid
 from collections.abc import Mapping, MutableMapping
@@ -112,7 +113,7 @@ def verify_command(cmd: Mapping[str, Any], secret: bytes, *, now_ms: int | None 
         return "malformed"
     try:
         want = _mac(cmd, secret)
-    except (TypeError, ValueError):  # not JSON-serialisable (NaN …)
+    except (TypeError, ValueError, RecursionError):  # not JSON-serialisable (NaN …, nested too deep)
         return "malformed"
     if not hmac.compare_digest(sig.encode("utf-8", "replace"), want.encode()):
         return "bad_signature"
@@ -148,5 +149,5 @@ _WHY: dict[str, str] = {
 
 
 def _short(v: Any) -> str:
-    s = v if isinstance(v, str) else repr(v)
+    s = v if isinstance(v, str) else reprlib.repr(v)  # bounded depth: a nested field cannot recurse
     return s[:64].encode("ascii", "backslashreplace").decode()

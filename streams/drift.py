@@ -790,7 +790,11 @@ class DriftStage:
                 data = await consumer.getmany(timeout_ms=500)
                 for tp, recs in data.items():
                     for rec in recs:
-                        self.on_control_record(rec.value, tp.topic, tp.partition, rec.offset, rec.timestamp)
+                        try:  # one bad record must not end this loop (it is re-read at every start)
+                            self.on_control_record(rec.value, tp.topic, tp.partition, rec.offset, rec.timestamp)
+                        except Exception:  # noqa: BLE001
+                            log.exception("drift: control record %s[%d]@%d skipped", tp.topic, tp.partition,
+                                          rec.offset)
         finally:
             with contextlib.suppress(Exception):
                 await consumer.stop()
@@ -805,7 +809,7 @@ class DriftStage:
 
         try:
             cmd = json.loads(value)  # type: ignore[arg-type]
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):  # deep nesting: refused, never ends the loop
             log.warning("drift: control record %s[%d]@%d is not JSON", topic, partition, offset)
             return False
         if not (isinstance(cmd, dict) and cmd.get("cmd") == "baseline"):

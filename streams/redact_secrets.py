@@ -29,7 +29,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 __all__ = ["MASK", "SecretFilter", "install_secret_filter", "merge_password", "read_urls",
            "redact_url", "redact_urls_in", "secrets_of_url"]
@@ -120,6 +120,7 @@ def secrets_of_url(url: str) -> list[str]:
     if u.password:
         out.add(u.password)
         out.add(quote(u.password, safe=""))
+        out.add(unquote(u.password))  # what the client sends (the sink unquotes it)
     for k, v in parse_qsl(u.query, keep_blank_values=True):
         if v and _secret_param(k):
             out.add(v)

@@ -87,8 +87,8 @@ def ddl_statements(database: str = DEFAULT_DATABASE) -> list[str]:
 class Retention:
     """How long the raw tables keep what they hold (ClickHouse TTLs; 0 = forever).
 
-    ``text_days``: column TTL blanking the texts (``llm_events.prompt``/``response`` by
-    event time, ``dlq_outbox.value`` by write time, ``drift_scores.explanation`` with
+    ``text_days``: column TTL blanking the texts (``llm_events.prompt``/``response``/``extra``
+    by event time, ``dlq_outbox.value`` by write time, ``drift_scores.explanation`` with
     its example texts by test time); the rows and their numbers stay. ``days``: row
     TTL on the raw rows, ``llm_events`` (event time) and ``dlq_outbox`` (write time).
     Aggregates without text (``llm_window_metrics``, ``alerts``), the drift tables
@@ -113,6 +113,7 @@ class Retention:
 _TTLS: tuple[tuple[str, str | None, str, str], ...] = (
     ("llm_events", "prompt", "toDateTime(timestamp)", "text_days"),
     ("llm_events", "response", "toDateTime(timestamp)", "text_days"),
+    ("llm_events", "extra", "toDateTime(timestamp)", "text_days"),  # system instructions, tool calls ...
     ("dlq_outbox", "value", "toDateTime(written_at)", "text_days"),
     ("drift_scores", "explanation", "toDateTime(ts)", "text_days"),
     ("llm_events", None, "toDateTime(timestamp)", "days"),

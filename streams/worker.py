@@ -377,8 +377,27 @@ class Worker:
             self.producer = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until ``stop`` is set; then write what is in flight and commit it."""
-        await self.start()
+        """Consume until ``stop`` is set; then write what is in flight and commit it.
+
+        ``stop`` also ends the start-up, which waits for ClickHouse as long as it takes
+        (SIGINT/SIGTERM stopped nothing while ClickHouse was unreachable)."""
+        starting = asyncio.create_task(self.start(), name="driftline-start")
+        stopped = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # run() cancelled: so is the start-up
+            starting.cancel()
+            raise
+        finally:
+            stopped.cancel()
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
+            log.info("stopped during start-up")
+            await self.stop()
+            return
+        starting.result()
         writer = asyncio.create_task(self._writer(), name="driftline-writer")
         started: list[Stage] = []
         try:

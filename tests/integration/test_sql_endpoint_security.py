@@ -134,6 +134,18 @@ def test_unauthenticated_and_wrong_password_refused(served: Served) -> None:
     assert call(served.url(), path="/ping")[:2] == (200, "Ok.\n")  # liveness stays open, like ClickHouse's
 
 
+def test_new_store_directory_is_private(served: Served, tmp_path: Path) -> None:
+    # the fixture's store did not exist before its ClickHouseSink: created 0700, so other local
+    # users cannot read the part files (the stored prompts) around the endpoint's password.
+    # Catches: ClickHouseSink._connect leaving the creation to chDB (0755)
+    assert served.path.stat().st_mode & 0o777 == 0o700
+    # serve_worker writes the credentials first, into the store's directory: created 0700 too.
+    # Catches: _write_new's mkdir with the default mode (the worker's store then was 0755)
+    fresh = tmp_path / "a" / "chdb"
+    load_credentials(credentials_path(fresh), environ={})
+    assert fresh.stat().st_mode & 0o777 == 0o700
+
+
 def test_credentials_file_is_private_and_reused(served: Served, tmp_path: Path) -> None:
     # mutations caught: the file created with the umask's mode (0644); a new password drawn on every
     # start (clients holding the old one would be locked out); a group-readable file accepted
@@ -179,6 +191,11 @@ REFUSED = [
     (f"SELECT 1 INTO OUTFILE '{OUTFILE}'", "POST", "INTO OUTFILE is not allowed"),  # outfile check left out
     (f"SELECT 1 UNION ALL SELECT 2 INTO OUTFILE '{OUTFILE}'", "POST", "INTO OUTFILE is not allowed"),
     ("SYSTEM SHUTDOWN", "POST", "SYSTEM is not allowed"),
+    # the engine's AI functions call an LLM provider over the network (given a named collection),
+    # AIEmbed is the engine's alias of aiEmbed. Catches: DENIED_SCALARS_SQL not loaded into the
+    # policy (both ran, and answered 500 "requires credentials")
+    ("SELECT aiGenerate(prompt) FROM driftline.llm_events", "POST", "function aiGenerate is not allowed"),
+    ("SELECT AIEmbed('x', 'm')", "GET", "function AIEmbed is not allowed"),
 ]
 
 

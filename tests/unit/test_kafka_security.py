@@ -402,3 +402,42 @@ def test_the_worker_says_whether_control_commands_are_authenticated(caplog: pyte
     assert (info.levelname, info.getMessage()) == ("INFO", "control commands on driftline.control must be "
                                                            "signed (HMAC-SHA256)")
     assert SECRET.decode() not in caplog.text
+
+
+def test_deeply_nested_control_records_are_refused_without_raising() -> None:
+    # A record on driftline.control is read by anyone's producer, before any signature check.
+    # Nesting near or beyond the interpreter's recursion limit used to raise RecursionError out
+    # of on_control_record (json.loads), or out of admit (the canonical JSON of verify_command,
+    # the repr in the refusal's log line): that ended DriftStage._control_loop, and since the
+    # topic is re-read from its start, every restart again: no baseline command applied anymore.
+    # Catches: RecursionError dropped from the except in on_control_record (the deep records),
+    # from verify_command's except or _short back to repr() (the ones just under the limit);
+    # a signed command after them must still be queued.
+    import sys
+
+    from driftline.streams.app import handle_control
+    from driftline.streams.drift import DriftConfig, DriftStage
+
+    st = DriftStage(DriftConfig())
+    w, reg, flushed = _worker(SECRET)
+    st.worker = w
+    lim = sys.getrecursionlimit()
+    n = 0
+    for d in [*range(lim - 150, lim + 5), 100_000]:
+        for key in ("action", "id", "x"):
+            head = {"cmd": "baseline", "id": "i", "sent_at_ms": 1, "sig": "hmac-sha256:00"}
+            head.pop(key, None)
+            text = json.dumps(head)[:-1] + f', "{key}": ' + "[" * d + "]" * d + "}"
+            assert st.on_control_record(text.encode(), "driftline.control", 0, n, 0) is False
+            n += 1
+    assert st._controls == []
+    deep: Any = []
+    for d in range(1, lim + 60):  # the faust agent's path gets the decoded object
+        deep = [deep]
+        if d > lim - 150 and d % 5 == 0:
+            handle_control(w, {"cmd": "flush", "id": "f", "sent_at_ms": 1, "sig": "x", "x": deep})
+            handle_control(w, {"cmd": "flush", "id": "f", "sent_at_ms": 1, "sig": "x", "action": deep})
+    assert flushed == []
+    signed = sign_command({"cmd": "baseline", "action": "reset", "app": "chat"}, SECRET)
+    assert st.on_control_record(json.dumps(signed).encode(), "driftline.control", 0, n, 0)
+    assert [c[1] for c in st._controls] == [signed["id"]]

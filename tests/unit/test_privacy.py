@@ -171,6 +171,8 @@ def test_retention_ttls_set_changed_removed_and_applied(tmp_path: Any) -> None:
     ev = _create(sink, "llm_events")
     assert "`prompt` Nullable(String) TTL toDateTime(timestamp) + toIntervalDay(30)" in ev
     assert "`response` Nullable(String) TTL toDateTime(timestamp) + toIntervalDay(30)" in ev
+    # extra holds an OTLP span's system instructions, tool arguments ... (mutation: no TTL on it)
+    assert "`extra` String TTL toDateTime(timestamp) + toIntervalDay(30)" in ev
     assert "ORDER BY (app, model, timestamp, event_id) TTL toDateTime(timestamp) + toIntervalDay(400)" in ev
     assert ttl_days(_create(sink, "dlq_outbox"), "value") == 30 and ttl_days(_create(sink, "dlq_outbox"), None) == 400
     assert "`explanation` String TTL toDateTime(ts) + toIntervalDay(30)" in _create(sink, "drift_scores")
@@ -179,12 +181,14 @@ def test_retention_ttls_set_changed_removed_and_applied(tmp_path: Any) -> None:
         assert " TTL " not in _create(sink, t), t
     # rows: 2 older than 400 days, 1 older than 30 (texts blanked), 1 fresh
     sink.call(lambda c: c.command(
-        "INSERT INTO driftline.llm_events (event_id, timestamp, app, prompt, response) VALUES "
-        "('old1', now64(3) - INTERVAL 500 DAY, 'a', 'p', 'r'), ('old2', now64(3) - INTERVAL 401 DAY, 'a', 'p', 'r'), "
-        "('mid', now64(3) - INTERVAL 40 DAY, 'a', 'p', 'r'), ('new', now64(3) - INTERVAL 1 DAY, 'a', 'p', 'r')"))
+        "INSERT INTO driftline.llm_events (event_id, timestamp, app, prompt, response, extra) VALUES "
+        "('old1', now64(3) - INTERVAL 500 DAY, 'a', 'p', 'r', '{}'), "
+        "('old2', now64(3) - INTERVAL 401 DAY, 'a', 'p', 'r', '{}'), "
+        "('mid', now64(3) - INTERVAL 40 DAY, 'a', 'p', 'r', '{\"s\":\"x\"}'), "
+        "('new', now64(3) - INTERVAL 1 DAY, 'a', 'p', 'r', '{\"s\":\"x\"}')"))
     sink.call(lambda c: c.command("OPTIMIZE TABLE driftline.llm_events FINAL"))
-    rows = sink.query_rows("SELECT event_id, prompt, response FROM driftline.llm_events ORDER BY event_id")
-    assert rows == [("mid", None, None), ("new", "p", "r")]
+    rows = sink.query_rows("SELECT event_id, prompt, response, extra FROM driftline.llm_events ORDER BY event_id")
+    assert rows == [("mid", None, None, ""), ("new", "p", "r", '{"s":"x"}')]
     # changed on the next start; 0 removes
     sink.retention = Retention(days=0, text_days=7)
     sink.ensure_schema()
@@ -196,6 +200,82 @@ def test_retention_ttls_set_changed_removed_and_applied(tmp_path: Any) -> None:
     sink.close()
     with pytest.raises(ValueError, match="retention days must be a whole number of days >= 0"):
         Retention(days=-1)
+
+
+@pytest.mark.parametrize("mode", ["pii", "hash"])
+def test_extra_column_is_redacted_too(mode: Any) -> None:
+    """``llm_events.extra`` keeps an event's unknown keys and an OTLP span's other
+    attributes: system instructions, tool arguments, OpenInference's ``input.value``.
+    They used to be stored in clear under --redact pii/hash (only prompt/response were
+    redacted). Exact stored ``extra`` per mode, for a JSON event (columnar and exact
+    decode) and an OTLP span. Mutations: redact_events without the extra column; hash
+    mode applied only to strings (a nested list kept in clear)."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+    from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+
+    from driftline.streams.worker import Worker, WorkerConfig
+
+    red = Redaction(mode)
+    w = Worker(WorkerConfig(kafka="127.0.0.1:1", clickhouse="chdb:///nonexistent", redaction=red,
+                            max_event_age_s=1e10))
+
+    def h(v: str) -> str:
+        return "sha256:" + hashlib.sha256(v.encode()).hexdigest()
+
+    for fast in (True, False):
+        n = 70 if fast else 2
+        recs = [MemoryRecord("llm.events", 0, i, None,
+                             _event(i, system_prompt=f"Reply to {EMAIL}", n_turns=3,
+                                    messages=[{"role": "user", "content": f"card {CARD}"}]))
+                for i in range(n)]
+        w.scanner = None if fast else object()
+        decoded = w._decode(recs)
+        w.scanner = None
+        stored = redact_events(w.process(recs, {}, decoded).arrow, red)
+        extras = [json.loads(x) for x in stored.column("extra").to_pylist()]
+        if mode == "pii":
+            want = {"system_prompt": "Reply to <EMAIL>", "n_turns": 3,
+                    "messages": [{"role": "user", "content": "card <CARD>"}]}
+        else:
+            msgs = [{"role": "user", "content": f"card {CARD}"}]
+            want = {"system_prompt": h(f"Reply to {EMAIL}"), "n_turns": 3,
+                    "messages": h(json.dumps(msgs, sort_keys=True, ensure_ascii=False))}
+        assert extras == [want] * n, (fast, extras[0])
+
+    attrs = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o",
+             "gen_ai.system_instructions": f"The user is {EMAIL}", "input.value": f"pay with {CARD}"}
+    span = Span(trace_id=b"\1" * 16, span_id=b"\1" * 8, name="chat", start_time_unix_nano=1_735_689_600 * 10**9,
+                end_time_unix_nano=1_735_689_601 * 10**9,
+                attributes=[KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in attrs.items()])
+    req = ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=[span])])])
+    recs = [MemoryRecord("otlp_spans", 0, 0, None, req.SerializeToString())]
+    stored = redact_events(w.process(recs, {}, w._decode(recs)).arrow, red)
+    (extra,) = [json.loads(x) for x in stored.column("extra").to_pylist()]
+    text = json.dumps(extra)
+    assert EMAIL not in text and CARD not in text, extra
+    if mode == "pii":
+        assert extra["gen_ai.system_instructions"] == "The user is <EMAIL>"
+        assert extra["input.value"] == "pay with <CARD>"
+    else:
+        assert extra["gen_ai.system_instructions"] == h(f"The user is {EMAIL}")
+        assert extra["input.value"] == h(f"pay with {CARD}")
+    w._decode_pool.shutdown()
+
+
+def test_dlq_copy_of_json_with_escapes_is_masked() -> None:
+    """A JSON payload that is not one event (an OTLP/JSON request, an array of events) is
+    masked as raw text; a JSON escape (``\\u0040`` for ``@``, ``\\u0020`` in a card number)
+    hid the finding from that scan, and the copy kept the e-mail and card in clear.
+    Mutation: the parsed-JSON branch of redact_rejected removed (raw masking only)."""
+    raw = (b'{"resourceSpans":[{"attributes":[{"key":"gen_ai.prompt","value":{"stringValue":'
+           b'"mail jo.doe\\u0040example.com, card 4111\\u00201111 1111 1111"}}]}]}')
+    got = redact_rejected(Rejected("otlp_spans", 0, 3, None, raw, "bad span"), Redaction("pii"))
+    assert json.loads(got.value) == {"resourceSpans": [{"attributes": [
+        {"key": "gen_ai.prompt", "value": {"stringValue": "mail <EMAIL>, card <CARD>"}}]}]}
+    arr = b'[{"prompt": "hi jo.doe\\u0040example.com"}]'
+    got = redact_rejected(Rejected("llm.events", 0, 4, None, arr, "not an object"), Redaction("pii"))
+    assert json.loads(got.value) == [{"prompt": "hi <EMAIL>"}]
 
 
 def test_embedded_store_is_created_owner_only(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
