@@ -196,6 +196,10 @@ REFUSED = [
     # policy (both ran, and answered 500 "requires credentials")
     ("SELECT aiGenerate(prompt) FROM driftline.llm_events", "POST", "function aiGenerate is not allowed"),
     ("SELECT AIEmbed('x', 'm')", "GET", "function AIEmbed is not allowed"),
+    # other sessions' running query texts (an admin's DELETE WHERE user_id = ...). Catches: the
+    # processes check left out (both answered 200)
+    ("SHOW PROCESSLIST", "GET", "system.processes is not readable here"),
+    ("SELECT query FROM system.`Processes`", "GET", "system.processes is not readable here"),
 ]
 
 
