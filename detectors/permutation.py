@@ -1,13 +1,16 @@
-"""Permutation tests: random group assignments and the permutation p-value."""
+"""Permutation tests: random group assignments, the permutation p-value, and how many
+permutations a level needs."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import numpy.typing as npt
 
 from .base import FloatArray
 
-__all__ = ["permutation_indicators"]
+__all__ = ["n_resamples", "permutation_indicators"]
 
 
 def permutation_indicators(
@@ -31,3 +34,9 @@ def _perm_p_value(observed: float, null: FloatArray) -> float:
     # A relative tolerance keeps float round-off from deciding exact ties.
     tol = 1e-12 * max(1.0, abs(observed))
     return float((1 + int(np.count_nonzero(null >= observed - tol))) / (1 + null.size))
+
+
+def n_resamples(alpha_test: float, low: int = 256, high: int = 8192) -> int:
+    """Permutations so the smallest p-value ``1/(B+1)`` is below ``alpha_test / 3``."""
+    need = math.ceil(3.0 / alpha_test)
+    return int(min(high, max(low, 1 << max(0, need - 1).bit_length())))

@@ -61,9 +61,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import time
-import zlib
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -76,7 +74,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from driftline.detectors.drift import CentroidDrift, MMDDrift, TopicMixDrift
+from driftline.detectors.permutation import n_resamples
 from driftline.detectors.redact import Redaction
+from driftline.detectors.sampling import keep_event, sample_mask
 from driftline.schemas.drift import DriftResult
 from driftline.streams.embedding import EmbeddingBatcher, EmbeddingConfig, load_encoder
 
@@ -118,53 +118,9 @@ Key = tuple[str, str, str]  # app, model, prompt_version
 # --------------------------------------------------------------------------- pure helpers
 
 
-def _mix32(h: int) -> int:
-    """MurmurHash3's 32-bit finaliser: every input bit moves every output bit."""
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
-    return h ^ (h >> 16)
-
-
-def sample_hash(event_id: str, salt: int = 0) -> int:
-    """32-bit hash of an event id: CRC-32 (C speed), salted and finalised with murmur3's mixer."""
-    return _mix32(zlib.crc32(event_id.encode("utf-8", "replace")) ^ ((salt * 0x9E3779B9) & 0xFFFFFFFF))
-
-
-def sample_mask(event_ids: Sequence[str], rate: float, salt: int = 0) -> np.ndarray:
-    """:func:`keep_event` for many ids at once (CRC-32 per id, the mixer vectorised in numpy)."""
-    n = len(event_ids)
-    if rate >= 1.0:
-        return np.ones(n, dtype=bool)
-    crc = zlib.crc32
-    h = np.fromiter((crc(e.encode("utf-8", "replace")) for e in event_ids), dtype=np.uint64, count=n)
-    h ^= np.uint64((salt * 0x9E3779B9) & 0xFFFFFFFF)
-    m = np.uint64(0xFFFFFFFF)
-    h ^= h >> np.uint64(16)
-    h = (h * np.uint64(0x85EBCA6B)) & m
-    h ^= h >> np.uint64(13)
-    h = (h * np.uint64(0xC2B2AE35)) & m
-    h ^= h >> np.uint64(16)
-    return h < np.uint64(int(rate * 4294967296.0))
-
-
-def keep_event(event_id: str, rate: float, salt: int = 0) -> bool:
-    """Hash sampling: keep ``event_id`` when :func:`sample_hash` < ``rate * 2**32``."""
-    if rate >= 1.0:
-        return True
-    return sample_hash(event_id, salt) < int(rate * 4294967296.0)
-
-
 def per_test_alpha(alpha: float, n_keys: int, n_fields: int, n_methods: int) -> float:
     """Bonferroni per-test level for a family of ``n_keys x n_fields x n_methods`` tests."""
     return alpha / (max(1, n_keys) * max(1, n_fields) * max(1, n_methods))
-
-
-def n_resamples(alpha_test: float, low: int = 256, high: int = 8192) -> int:
-    """Permutations so the smallest p-value ``1/(B+1)`` is below ``alpha_test / 3``."""
-    need = math.ceil(3.0 / alpha_test)
-    return int(min(high, max(low, 1 << max(0, need - 1).bit_length())))
 
 
 def make_detector(method: str, resamples: int, *, seed: int = 0, min_effect: float = 0.0) -> Any:
