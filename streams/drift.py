@@ -73,6 +73,7 @@ import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from driftline.detectors.at_level import AtLevel, drifted_at
 from driftline.detectors.drift import CentroidDrift, MMDDrift, TopicMixDrift
 from driftline.detectors.permutation import n_resamples
 from driftline.detectors.redact import Redaction
@@ -126,7 +127,8 @@ def per_test_alpha(alpha: float, n_keys: int, n_fields: int, n_methods: int) -> 
 def make_detector(method: str, resamples: int, *, seed: int = 0, min_effect: float = 0.0) -> Any:
     """The detector the stage runs for ``method`` (one of :data:`METHODS`), with
     ``resamples`` permutations (from :func:`n_resamples`). Its own ``alpha`` is not
-    used: the stage decides with :func:`drifted_at` at the Bonferroni level."""
+    used: the stage scores it through :class:`~driftline.detectors.at_level.AtLevel`,
+    which decides at the Bonferroni level."""
     if method == "mmd":
         return MMDDrift(n_permutations=resamples, seed=seed)
     if method == "topic_mix":
@@ -136,16 +138,6 @@ def make_detector(method: str, resamples: int, *, seed: int = 0, min_effect: flo
     if method == "centroid_cosine":
         return CentroidDrift(n_permutations=resamples, seed=seed)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-
-
-def drifted_at(result: DriftResult, alpha_test: float, min_effect: float = 0.0) -> bool:
-    """The stage's verdict on one test: ``p < alpha_test`` (a missing p-value never
-    alarms), and for topic mix also a total variation of at least ``min_effect``."""
-    p = result.p_value if result.p_value is not None else 1.0
-    drifted = p < alpha_test
-    if result.method == "topic_mix":
-        drifted = drifted and result.explanation.get("total_variation", 0.0) >= min_effect
-    return bool(drifted)
 
 
 def _texts_at(events: Any, field: str, rows: list[int]) -> Any:
@@ -431,7 +423,8 @@ class DriftEngine:
         det = kf.detectors.get(ck)
         if det is None:
             assert kf.ref is not None
-            det = make_detector(method, b, seed=self.cfg.seed, min_effect=self.cfg.min_effect)
+            det = AtLevel(make_detector(method, b, seed=self.cfg.seed, min_effect=self.cfg.min_effect),
+                          level="alpha / (keys x fields x methods)")
             det.fit(kf.ref.emb.astype(np.float64), texts=self._shown(kf.ref.texts))
             kf.detectors[ck] = det
         return det
@@ -454,12 +447,9 @@ class DriftEngine:
         out = []
         for method in cfg.methods:
             det = self._detector(kf, method, b)
-            r = det.score(x, texts=texts)
-            drifted = drifted_at(r, a_test, cfg.min_effect)
+            r = det.score(x, texts=texts, alpha=a_test)  # the verdict is the detector's
             expl = dict(r.explanation)
             expl.update({
-                "detector_rule": expl.get("rule"),
-                "rule": "drifted = p_value < threshold (threshold = alpha / (keys x fields x methods))",
                 "alpha_family": cfg.alpha, "alpha_test": a_test, "correction": "bonferroni",
                 "family": {"keys": n_keys, "fields": len(cfg.fields), "methods": len(cfg.methods)},
                 "resamples": b if method != "topic_mix" else None,
@@ -468,7 +458,7 @@ class DriftEngine:
                 "window": {"seq_from": cur[0][0], "seq_to": cur[-1][0] + 1,
                            "from_ms": min(rr[2] for rr in cur), "to_ms": max(rr[2] for rr in cur)},
             })
-            out.append(replace(r, threshold=a_test, drifted=bool(drifted), explanation=expl))
+            out.append(replace(r, explanation=expl))
         kf.since_test = 0
         kf.last_test_wall = now
         self.tests_run += len(out)
