@@ -287,7 +287,7 @@ def _tokens(a: dict[str, Any], key: str, old: str | None = None) -> int | None:
     if v is None:
         return None
     if v.__class__ is int and 0 <= v <= MAX_TOKENS:  # the common case, first
-        return v  # type: ignore[no-any-return]
+        return v
     if isinstance(v, bool):
         raise _Reject(f"{key}: expected a non-negative integer, got bool {v}")
     if isinstance(v, int):
@@ -312,7 +312,7 @@ def _string(a: dict[str, Any], key: str, old: str | None = None) -> str | None:
         if v is None:
             v, key = ov, old
     if v.__class__ is str:
-        return v or None  # type: ignore[no-any-return]
+        return v or None
     if v is None:
         return None
     if not isinstance(v, str):
@@ -377,7 +377,7 @@ def _message_text(m: Any) -> str:
             if p.__class__ is dict and p.get("type") == "text":
                 c = p.get("content")
                 if c.__class__ is str:
-                    return c  # type: ignore[no-any-return]
+                    return c
     out: list[str] = []
     if isinstance(m, dict):
         if "parts" in m:

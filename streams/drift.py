@@ -61,9 +61,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import time
-import zlib
 from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -74,9 +72,12 @@ from typing import Any
 import numpy as np
 from prometheus_client.registry import CollectorRegistry
 
+from driftline.detectors.at_level import AtLevel, drifted_at
 from driftline.detectors.calibration import bonferroni
 from driftline.detectors.drift import CentroidDrift, MMDDrift, TopicMixDrift
+from driftline.detectors.permutation import n_resamples
 from driftline.detectors.redact import Redaction
+from driftline.detectors.sampling import keep_event, sample_mask
 from driftline.schemas.columns import (
     CONTROL_LOG_COLUMNS,
     EMBEDDING_COLUMNS,
@@ -117,59 +118,16 @@ Key = tuple[str, str, str]  # app, model, prompt_version
 # --------------------------------------------------------------------------- pure helpers
 
 
-def _mix32(h: int) -> int:
-    """MurmurHash3's 32-bit finaliser: every input bit moves every output bit."""
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
-    return h ^ (h >> 16)
-
-
-def sample_hash(event_id: str, salt: int = 0) -> int:
-    """32-bit hash of an event id: CRC-32 (C speed), salted and finalised with murmur3's mixer."""
-    return _mix32(zlib.crc32(event_id.encode("utf-8", "replace")) ^ ((salt * 0x9E3779B9) & 0xFFFFFFFF))
-
-
-def sample_mask(event_ids: Sequence[str], rate: float, salt: int = 0) -> np.ndarray:
-    """:func:`keep_event` for many ids at once (CRC-32 per id, the mixer vectorised in numpy)."""
-    n = len(event_ids)
-    if rate >= 1.0:
-        return np.ones(n, dtype=bool)
-    crc = zlib.crc32
-    h = np.fromiter((crc(e.encode("utf-8", "replace")) for e in event_ids), dtype=np.uint64, count=n)
-    h ^= np.uint64((salt * 0x9E3779B9) & 0xFFFFFFFF)
-    m = np.uint64(0xFFFFFFFF)
-    h ^= h >> np.uint64(16)
-    h = (h * np.uint64(0x85EBCA6B)) & m
-    h ^= h >> np.uint64(13)
-    h = (h * np.uint64(0xC2B2AE35)) & m
-    h ^= h >> np.uint64(16)
-    return h < np.uint64(int(rate * 4294967296.0))
-
-
-def keep_event(event_id: str, rate: float, salt: int = 0) -> bool:
-    """Hash sampling: keep ``event_id`` when :func:`sample_hash` < ``rate * 2**32``."""
-    if rate >= 1.0:
-        return True
-    return sample_hash(event_id, salt) < int(rate * 4294967296.0)
-
-
 def per_test_alpha(alpha: float, n_keys: int, n_fields: int, n_methods: int) -> float:
     """Bonferroni per-test level for a family of ``n_keys x n_fields x n_methods`` tests."""
     return bonferroni(alpha, max(1, n_keys) * max(1, n_fields) * max(1, n_methods))
 
 
-def n_resamples(alpha_test: float, low: int = 256, high: int = 8192) -> int:
-    """Permutations so the smallest p-value ``1/(B+1)`` is below ``alpha_test / 3``."""
-    need = math.ceil(3.0 / alpha_test)
-    return int(min(high, max(low, 1 << max(0, need - 1).bit_length())))
-
-
 def make_detector(method: str, resamples: int, *, seed: int = 0, min_effect: float = 0.0) -> Any:
     """The detector the stage runs for ``method`` (one of :data:`METHODS`), with
     ``resamples`` permutations (from :func:`n_resamples`). Its own ``alpha`` is not
-    used: the stage decides with :func:`drifted_at` at the Bonferroni level."""
+    used: the stage scores it through :class:`~driftline.detectors.at_level.AtLevel`,
+    which decides at the Bonferroni level."""
     if method == "mmd":
         return MMDDrift(n_permutations=resamples, seed=seed)
     if method == "topic_mix":
@@ -179,16 +137,6 @@ def make_detector(method: str, resamples: int, *, seed: int = 0, min_effect: flo
     if method == "centroid_cosine":
         return CentroidDrift(n_permutations=resamples, seed=seed)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-
-
-def drifted_at(result: DriftResult, alpha_test: float, min_effect: float = 0.0) -> bool:
-    """The stage's verdict on one test: ``p < alpha_test`` (a missing p-value never
-    alarms), and for topic mix also a total variation of at least ``min_effect``."""
-    p = result.p_value if result.p_value is not None else 1.0
-    drifted = p < alpha_test
-    if result.method == "topic_mix":
-        drifted = drifted and result.explanation.get("total_variation", 0.0) >= min_effect
-    return bool(drifted)
 
 
 def _texts_at(events: Any, field: str, rows: list[int]) -> Any:
@@ -474,7 +422,8 @@ class DriftEngine:
         det = kf.detectors.get(ck)
         if det is None:
             assert kf.ref is not None
-            det = make_detector(method, b, seed=self.cfg.seed, min_effect=self.cfg.min_effect)
+            det = AtLevel(make_detector(method, b, seed=self.cfg.seed, min_effect=self.cfg.min_effect),
+                          level="alpha / (keys x fields x methods)")
             det.fit(kf.ref.emb.astype(np.float64), texts=self._shown(kf.ref.texts))
             kf.detectors[ck] = det
         return det
@@ -497,12 +446,9 @@ class DriftEngine:
         out = []
         for method in cfg.methods:
             det = self._detector(kf, method, b)
-            r = det.score(x, texts=texts)
-            drifted = drifted_at(r, a_test, cfg.min_effect)
+            r = det.score(x, texts=texts, alpha=a_test)  # the verdict is the detector's
             expl = dict(r.explanation)
             expl.update({
-                "detector_rule": expl.get("rule"),
-                "rule": "drifted = p_value < threshold (threshold = alpha / (keys x fields x methods))",
                 "alpha_family": cfg.alpha, "alpha_test": a_test, "correction": "bonferroni",
                 "family": {"keys": n_keys, "fields": len(cfg.fields), "methods": len(cfg.methods)},
                 "resamples": b if method != "topic_mix" else None,
@@ -511,7 +457,7 @@ class DriftEngine:
                 "window": {"seq_from": cur[0][0], "seq_to": cur[-1][0] + 1,
                            "from_ms": min(rr[2] for rr in cur), "to_ms": max(rr[2] for rr in cur)},
             })
-            out.append(replace(r, threshold=a_test, drifted=bool(drifted), explanation=expl))
+            out.append(replace(r, explanation=expl))
         kf.since_test = 0
         kf.last_test_wall = now
         self.tests_run += len(out)

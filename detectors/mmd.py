@@ -1,0 +1,260 @@
+"""The MMD² permutation drift test (one detector: :class:`MMDDrift`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from driftline.schemas.drift import DriftResult
+
+from ._checks import _check_int
+from .base import RULE_P, Detector, FloatArray, _as_matrix, _sq_dists, decode_array, encode_array
+from .permutation import _perm_p_value, permutation_indicators
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = ["MMDDrift"]
+
+
+def _mmd_from_quadratic(
+    sks: FloatArray, sr: FloatArray, total: float, n: int, m: int
+) -> FloatArray:
+    """Unbiased MMD² from ``s'Ks`` and ``s'K1`` for 0/1 assignments ``s`` (RBF: diag(K) = 1).
+
+    With ``t = 1 - s``: ``s'Kt = s'K1 - s'Ks`` and ``t'Kt = 1'K1 - 2 s'K1 + s'Ks``;
+    the diagonal (``n`` resp. ``m`` ones) is removed for the unbiased estimate.
+    """
+    skt = sr - sks
+    tkt = total - 2.0 * sr + sks
+    out: FloatArray = (
+        (sks - n) / (n * (n - 1)) + (tkt - m) / (m * (m - 1)) - 2.0 * skt / (n * m)
+    )
+    return out
+
+
+class MMDDrift(Detector):
+    """Maximum mean discrepancy (MMD²) permutation test with an RBF kernel.
+
+    Kernel ``k(x, y) = exp(-||x - y||² / bandwidth)``, the bandwidth fixed at
+    ``fit`` by the median heuristic: the median squared distance between
+    reference points (on at most ``max_bandwidth_points`` of them, a seeded
+    subsample). The statistic is the unbiased MMD². The p-value is
+    ``(1 + #{MMD²_perm >= MMD²_obs}) / (1 + n_permutations)``.
+
+    The permutations are not a Python loop: the pooled kernel matrix ``K``
+    (``N = n_ref + n_cur``; the reference block is computed once at ``fit``) and
+    a ``(P, N)`` 0/1 matrix ``S`` of group assignments give ``s'Ks`` for all
+    ``P`` permutations from one matrix product ``(S @ K) * S`` and ``s'K1``
+    from ``S @ (K 1)``. Memory is ``O(N² + P·N)``.
+
+    ``device="numpy"`` (default) computes with numpy; ``"cpu"`` / ``"cuda"``
+    with torch on that device; ``"auto"`` uses torch on CUDA when it is
+    available and numpy otherwise. All paths draw the permutations from the same
+    seeded numpy Generator and compute in float64, so they give the same
+    p-value for the same seed (only float round-off, ~1e-15 relative, could
+    decide an exact tie between a permuted and the observed statistic).
+
+    Measured on 2 CPU cores (numpy 2.4 / OpenBLAS, float64, best of 5, idle
+    machine): ``n_ref=1000``, ``n_cur=500``, ``d=384`` -> 34 ms per ``score``
+    with 200 permutations, 42 ms with 300, 52 ms with 500; torch 2.13 CPU
+    34 / 44 / 50 ms. The first ``score`` after ``fit`` also builds the
+    reference kernel block (about 15 ms more). On the same machine under load
+    from other processes the figures were 2-3x higher.
+
+    Parameters
+    ----------
+    alpha
+        Significance level of one test.
+    n_permutations
+        Number of permutations ``P`` (>= 10).
+    seed
+        Seed of the permutation stream.
+    device
+        ``"numpy"``, ``"cpu"``, ``"cuda"`` or ``"auto"``.
+    max_bandwidth_points
+        Reference points used for the median heuristic (>= 2).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> det = MMDDrift(n_permutations=200, seed=1).fit(rng.normal(size=(200, 8)))
+    >>> for shift in (0.0, 0.5):
+    ...     r = det.score(rng.normal(size=(100, 8)) + shift)
+    ...     print(f"shift={shift}: drifted={r.drifted}")
+    shift=0.0: drifted=False
+    shift=0.5: drifted=True
+    """
+
+    method = "mmd"
+    _DEVICES: ClassVar[tuple[str, ...]] = ("numpy", "cpu", "cuda", "auto")
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 0.05,
+        n_permutations: int = 300,
+        seed: int = 0,
+        device: str = "numpy",
+        max_bandwidth_points: int = 2000,
+    ) -> None:
+        super().__init__(alpha=alpha, seed=seed)
+        _check_int("n_permutations", n_permutations, 10)
+        _check_int("max_bandwidth_points", max_bandwidth_points, 2)
+        if device not in self._DEVICES:
+            raise ValueError(f"device must be one of {self._DEVICES}, got {device!r}")
+        self._n_permutations = n_permutations
+        self._device = device
+        self._max_bandwidth_points = max_bandwidth_points
+        self._ref: FloatArray = np.empty((0, 0))
+        self._bandwidth = 1.0
+        self._k_rr: FloatArray | None = None  # derived cache, not state
+        self._torch_cache: tuple[str, Any, Any] | None = None
+
+    @property
+    def n_permutations(self) -> int:
+        return self._n_permutations
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    @property
+    def max_bandwidth_points(self) -> int:
+        return self._max_bandwidth_points
+
+    @property
+    def bandwidth(self) -> float:
+        """The fixed kernel bandwidth (median squared reference distance)."""
+        return self._bandwidth
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "n_permutations": self._n_permutations,
+            "device": self._device,
+            "max_bandwidth_points": self._max_bandwidth_points,
+        }
+
+    def _fit(self, reference: npt.ArrayLike, texts: Sequence[str] | None) -> None:
+        ref = _as_matrix(reference, "reference")
+        n = ref.shape[0]
+        if n > self._max_bandwidth_points:
+            pick = np.random.default_rng([self._seed, 0xBA5E]).choice(
+                n, self._max_bandwidth_points, replace=False
+            )
+            sub = ref[np.sort(pick)]
+        else:
+            sub = ref
+        d = _sq_dists(sub, sub)
+        med = float(np.median(d[np.triu_indices(sub.shape[0], k=1)]))
+        self._set_reference(ref, med if med > 0.0 else 1.0)
+
+    def _set_reference(self, ref: FloatArray, bandwidth: float) -> None:
+        self._ref = ref
+        self._n_ref = ref.shape[0]
+        self._bandwidth = bandwidth
+        self._k_rr = None
+        self._torch_cache = None
+
+    def _fitted_state(self) -> dict[str, Any]:
+        return {"reference": encode_array(self._ref), "bandwidth": self._bandwidth}
+
+    def _load_fitted_state(self, data: dict[str, Any]) -> None:
+        self._set_reference(decode_array(data["reference"]), float(data["bandwidth"]))
+
+    def _resolved_device(self) -> str:
+        if self._device != "auto":
+            return self._device
+        try:
+            import torch
+        except ImportError:
+            return "numpy"
+        return "cuda" if torch.cuda.is_available() else "numpy"
+
+    def _score(
+        self, current: npt.ArrayLike, texts: Sequence[str] | None, rng: np.random.Generator
+    ) -> DriftResult:
+        cur = _as_matrix(current, "current")
+        if cur.shape[1] != self._ref.shape[1]:
+            raise ValueError(f"current has d={cur.shape[1]}, reference d={self._ref.shape[1]}")
+        n, m = self._n_ref, cur.shape[0]
+        s = permutation_indicators(rng, self._n_permutations + 1, n, n + m)
+        s[0, :] = False  # row 0: the observed split
+        s[0, :n] = True
+        device = self._resolved_device()
+        if device == "numpy":
+            stats_all = self._stats_numpy(cur, s)
+        else:
+            stats_all = self._stats_torch(cur, s, device)
+        observed = float(stats_all[0])
+        null = stats_all[1:]
+        p = _perm_p_value(observed, null)
+        return DriftResult(
+            method=self.method,
+            statistic=observed,
+            p_value=p,
+            threshold=self._alpha,
+            drifted=p < self._alpha,
+            n_ref=n,
+            n_cur=m,
+            explanation={
+                "rule": RULE_P,
+                "kernel": "rbf exp(-|x-y|^2/bandwidth)",
+                "bandwidth": self._bandwidth,
+                "n_permutations": self._n_permutations,
+                "null_mean": float(null.mean()),
+                "null_q95": float(np.quantile(null, 0.95)),
+                "device": device,
+            },
+        )
+
+    def _stats_numpy(self, cur: FloatArray, s: npt.NDArray[np.bool_]) -> FloatArray:
+        n, m = self._n_ref, cur.shape[0]
+        if self._k_rr is None:
+            self._k_rr = np.exp(-_sq_dists(self._ref, self._ref) / self._bandwidth)
+        k = np.empty((n + m, n + m))
+        k[:n, :n] = self._k_rr
+        k_rc = np.exp(-_sq_dists(self._ref, cur) / self._bandwidth)
+        k[:n, n:] = k_rc
+        k[n:, :n] = k_rc.T
+        k[n:, n:] = np.exp(-_sq_dists(cur, cur) / self._bandwidth)
+        r = k.sum(axis=1)
+        total = float(r.sum())
+        sf = s.astype(np.float64)
+        sks = np.einsum("pj,pj->p", sf @ k, sf)
+        return _mmd_from_quadratic(sks, sf @ r, total, n, m)
+
+    def _stats_torch(self, cur: FloatArray, s: npt.NDArray[np.bool_], device: str) -> FloatArray:
+        try:
+            import torch
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                f"MMDDrift(device={self._device!r}) needs torch: pip install torch"
+            ) from e
+        n, m = self._n_ref, cur.shape[0]
+        if self._torch_cache is None or self._torch_cache[0] != device:
+            ref_t = torch.from_numpy(self._ref).to(device)
+            k_rr_t = torch.exp(-self._sq_dists_t(ref_t, ref_t) / self._bandwidth)
+            self._torch_cache = (device, ref_t, k_rr_t)
+        _, ref_t, k_rr_t = self._torch_cache
+        cur_t = torch.from_numpy(cur).to(device)
+        k_rc = torch.exp(-self._sq_dists_t(ref_t, cur_t) / self._bandwidth)
+        k_cc = torch.exp(-self._sq_dists_t(cur_t, cur_t) / self._bandwidth)
+        k = torch.cat([torch.cat([k_rr_t, k_rc], 1), torch.cat([k_rc.T, k_cc], 1)], 0)
+        r = k.sum(dim=1)
+        total = float(r.sum().item())
+        sf = torch.from_numpy(s).to(device=device, dtype=torch.float64)
+        sks = ((sf @ k) * sf).sum(dim=1)
+        sr = sf @ r
+        sks_np: FloatArray = np.asarray(sks.cpu().numpy(), dtype=np.float64)
+        sr_np: FloatArray = np.asarray(sr.cpu().numpy(), dtype=np.float64)
+        return _mmd_from_quadratic(sks_np, sr_np, total, n, m)
+
+    @staticmethod
+    def _sq_dists_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+        return d.clamp_min(0.0)
