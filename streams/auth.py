@@ -22,8 +22,9 @@ O_EXCL``, so it is never readable by others even for a moment): next to the
 store for chDB (``<chdb path>/.driftline-credentials``, beside
 ``.driftline-endpoint``), else ``$XDG_DATA_HOME/driftline/credentials``. The
 environment (``DRIFTLINE_SQL_PASSWORD``, ``DRIFTLINE_SQL_ADMIN_PASSWORD``) or a
-password file given on the command line wins over the file. ``curl -u "$(grep
-^driftline: FILE)"`` reads the file as it is.
+password file given on the command line wins over the file. ``grep ^driftline:
+FILE | sed 's/.*/user = "&"/' | curl -K - URL`` reads it without putting the
+password on curl's argv (where ``ps`` shows it).
 
 The middleware accepts what ClickHouse HTTP clients send: ``Authorization:
 Basic``, ``X-ClickHouse-User``/``X-ClickHouse-Key`` headers, ``?user=&password=``
@@ -136,7 +137,7 @@ def _parse_file(text: str) -> dict[str, str]:
 
 def _render(users: Mapping[str, str]) -> bytes:
     head = ("# driftline HTTP credentials (user:password), created by the worker; keep this file 0600.\n"
-            "# curl -u \"$(grep ^driftline: THIS_FILE)\" 'http://127.0.0.1:8123/?query=SELECT+1'\n")
+            "# grep ^driftline: THIS_FILE | sed 's/.*/user = \"&\"/' | curl -K - 'http://127.0.0.1:8123/?query=SELECT+1'\n")
     return (head + "".join(f"{u}:{p}\n" for u, p in users.items())).encode()
 
 
