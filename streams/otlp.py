@@ -573,6 +573,11 @@ class OtlpReceiver:
             raise _HttpError(408, _DEADLINE_EXCEEDED,
                              f"the body did not arrive within {self.read_timeout:g} s",
                              "read_timeout") from None
+        except ConnectionResetError:
+            # the client went away mid-body: counted, never a traceback at ERROR per request
+            # (aiohttp logs one for an exception out of the handler; a token holder could fill the log)
+            raise _HttpError(400, _INVALID_ARGUMENT, "the client closed the connection mid-body",
+                             "client_disconnected") from None
         held.resize(len(buf))  # a chunked body reserved max_body: keep what it is
         if coding != "gzip":
             return bytes(buf)

@@ -308,6 +308,35 @@ async def test_token_is_checked_before_the_body_is_read_or_reserved() -> None:
         await r.stop()
 
 
+async def test_client_gone_mid_body_is_counted_not_logged_as_an_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A client that sends half a body and closes: the slot and bytes are released, the
+    request is counted (reason client_disconnected) and nothing is logged at ERROR.
+    Catches: ConnectionResetError left to aiohttp (one ERROR traceback per request)."""
+    r = OtlpReceiver(f"127.0.0.1:{free_port()}", port=0, registry=CollectorRegistry(),
+                     auth=OtlpAuth((TOKEN_A,)), read_timeout=5.0, send_timeout=1.0)
+    await r.start()
+    try:
+        with caplog.at_level(logging.DEBUG):
+            for _ in range(3):
+                _, writer = await asyncio.open_connection("127.0.0.1", r.port)
+                writer.write(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+                             b"Content-Length: 100000\r\nAuthorization: Bearer " + TOKEN_A.encode()
+                             + b"\r\n\r\n" + b"\x0a" * 5000)
+                await writer.drain()
+                writer.close()
+                await writer.wait_closed()
+            deadline = asyncio.get_running_loop().time() + 5
+            while errors(r, "client_disconnected") < 3 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+        assert errors(r, "client_disconnected") == 3
+        assert (r.admission.requests, r.admission.bytes) == (0, 0)
+        assert [rec.getMessage() for rec in caplog.records
+                if rec.levelno >= logging.ERROR and not rec.name.startswith("aiokafka")] == []  # Kafka is down here
+    finally:
+        await r.stop()
+
+
 # --------------------------------------------------------------------------- TLS
 
 
