@@ -24,6 +24,7 @@ import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from helpers_alerting import Server, alertmanager  # noqa: F401 (fixture)
+from helpers_worker import SESSION_MS
 
 from driftline.schemas.rules import fingerprint, parse_rules
 from driftline.streams.alert_stage import AlertingStage, build_notifiers
@@ -128,7 +129,7 @@ async def test_latency_spike_and_guardrail_burst_fire_once_and_resolve(
     topic = f"a-{uuid.uuid4().hex[:10]}"
     make_topics({topic: 1, f"{topic}.dlq": 1})
     cfg = WorkerConfig(max_event_age_s=1e10, kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"g-{uuid.uuid4().hex[:8]}",
-                       topics=(topic,), dlq_topic=f"{topic}.dlq",
+                       topics=(topic,), dlq_topic=f"{topic}.dlq", session_timeout_ms=SESSION_MS,
                        window=WindowConfig(size_ms=2_000, allowed_lateness_ms=500))
     notifiers = build_notifiers(webhooks=[receiver.url], alertmanagers=[alertmanager.url],
                                 alertmanager_resend_s=1.0)
@@ -240,7 +241,7 @@ async def test_a_firing_alert_survives_a_restart_without_firing_twice(
     topic = f"r-{uuid.uuid4().hex[:10]}"
     make_topics({topic: 1, f"{topic}.dlq": 1})
     cfg = WorkerConfig(max_event_age_s=1e10, kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"g-{uuid.uuid4().hex[:8]}",
-                       topics=(topic,), dlq_topic=f"{topic}.dlq",
+                       topics=(topic,), dlq_topic=f"{topic}.dlq", session_timeout_ms=SESSION_MS,
                        window=WindowConfig(size_ms=2_000, allowed_lateness_ms=500))
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5)
     await producer.start()

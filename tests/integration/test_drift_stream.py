@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from helpers_worker import SESSION_MS
 from helpers_worker import wait_for as _wait_for
 
 from driftline.streams.app import serve_worker
@@ -118,7 +119,7 @@ async def test_drift_stream_detects_shift_and_survives_restart(kafka_bootstrap: 
 
     wcfg = WorkerConfig(max_event_age_s=1e10, kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"g-{uuid.uuid4().hex[:8]}",
                         topics=(topic,), dlq_topic=f"{topic}.dlq", window=WindowConfig(size_ms=60_000),
-                        emit_interval_s=0.5, idle_close_s=1.0)
+                        emit_interval_s=0.5, idle_close_s=1.0, session_timeout_ms=SESSION_MS)
     dcfg = DriftConfig(fields=("prompt",), sample_rate=RATE, ref_size=REF, window_size=WINDOW,
                        test_every=EVERY, test_interval_s=None, alpha=0.01, control_topic=control,
                        embedding=EmbeddingConfig(batch_size=32, max_delay_s=0.2, threads=2))

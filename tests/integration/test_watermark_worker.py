@@ -15,7 +15,7 @@ from typing import Any
 import clickhouse_connect
 import pytest
 from aiokafka import AIOKafkaProducer
-from helpers_worker import start_worker, wait_for
+from helpers_worker import SESSION_MS, start_worker, wait_for
 
 from driftline.streams.windows import WindowConfig
 from driftline.streams.worker import WorkerConfig
@@ -81,7 +81,7 @@ async def test_skew_future_events_and_restart_leave_no_event_late(kafka_bootstra
     ]
     cfg = WorkerConfig(kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"g-{uuid.uuid4().hex[:8]}",
                        topics=(topic,), dlq_topic=f"{topic}.dlq", window=WindowConfig(size_ms=MIN),
-                       emit_interval_s=0.5, idle_close_s=120.0)
+                       emit_interval_s=0.5, idle_close_s=120.0, session_timeout_ms=SESSION_MS)
     sent = 0
     stop, task, worker = await start_worker(cfg)
     try:
@@ -137,7 +137,7 @@ async def test_restart_with_a_quiet_partition_does_not_reopen_final_windows(
     cfg = WorkerConfig(kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"g-{uuid.uuid4().hex[:8]}",
                        topics=(topic,), dlq_topic=f"{topic}.dlq",
                        window=WindowConfig(size_ms=MIN, idle_partition_ms=1_000),
-                       emit_interval_s=0.5, idle_close_s=120.0)
+                       emit_interval_s=0.5, idle_close_s=120.0, session_timeout_ms=SESSION_MS)
     stop, task, worker = await start_worker(cfg)
     sent = 0
     try:

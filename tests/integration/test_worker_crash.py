@@ -20,6 +20,7 @@ from typing import Any
 
 import clickhouse_connect
 import pytest
+from helpers_worker import SESSION_MS
 
 from driftline.streams.producer import produce_records
 from driftline.streams.replay import ReplayConfig, ReplayData, generate
@@ -40,7 +41,8 @@ CRASHING_WORKER = textwrap.dedent("""
     aiokafka.AIOKafkaConsumer.commit = die
     kafka, dsn, topic, group = sys.argv[1:5]
     run_worker(WorkerConfig(max_event_age_s=1e10, kafka=kafka, clickhouse=dsn, group_id=group, topics=(topic,),
-                            dlq_topic=topic + ".dlq", max_batch=700, max_insert_rows=700),
+                            dlq_topic=topic + ".dlq", max_batch=700, max_insert_rows=700,
+                            session_timeout_ms=int(sys.argv[5])),  # the next worker waits for it to expire
                web_port=0, sql_port=None)
 """)
 
@@ -66,7 +68,8 @@ async def test_kill_between_insert_and_commit_stores_each_event_once(
     script = tmp_path / "crashing_worker.py"
     script.write_text(CRASHING_WORKER)
     proc = await asyncio.to_thread(subprocess.run, [sys.executable, str(script), kafka_bootstrap, chdb_dsn,
-                                                    topic, group], capture_output=True, timeout=180)
+                                                    topic, group, str(SESSION_MS)], capture_output=True,
+                                   timeout=180)
     assert proc.returncode == 17, proc.stderr.decode()[-3000:]
     first, = _count(chdb_dsn, "SELECT count() FROM driftline.llm_events")
     assert 0 < first < n_valid, "the first worker must die part-way, after storing something"
@@ -76,7 +79,7 @@ async def test_kill_between_insert_and_commit_stores_each_event_once(
 
     cfg = WorkerConfig(max_event_age_s=1e10, kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=group, topics=(topic,),
                        dlq_topic=f"{topic}.dlq", window=WindowConfig(size_ms=60_000),
-                       emit_interval_s=0.5, idle_close_s=1.0)
+                       emit_interval_s=0.5, idle_close_s=1.0, session_timeout_ms=SESSION_MS)
     stop = asyncio.Event()
     box: list[Any] = []
     task = asyncio.create_task(serve_worker(cfg, stop, web_port=free_port(), sql_port=None,
@@ -102,7 +105,7 @@ async def test_kill_between_insert_and_commit_stores_each_event_once(
     # offset 0 and may get records before it has read the stored offsets; those
     # records must be dropped and skipped, not stored (or handed to the stages) again.
     cfg2 = WorkerConfig(max_event_age_s=1e10, kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=f"{group}-new", topics=(topic,),
-                        dlq_topic=f"{topic}.dlq", emit_interval_s=0.5, idle_close_s=1.0)
+                        dlq_topic=f"{topic}.dlq", emit_interval_s=0.5, idle_close_s=1.0, session_timeout_ms=SESSION_MS)
     stop = asyncio.Event()
     box.clear()
     task = asyncio.create_task(serve_worker(cfg2, stop, web_port=free_port(), sql_port=None,

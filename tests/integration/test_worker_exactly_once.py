@@ -26,7 +26,7 @@ from typing import Any
 import clickhouse_connect
 import pytest
 from aiokafka import AIOKafkaConsumer
-from helpers_worker import wait_for
+from helpers_worker import SESSION_MS, wait_for
 
 from driftline.streams.broker import LocalBroker
 from driftline.streams.producer import produce_records
@@ -48,7 +48,8 @@ from driftline.streams.windows import WindowConfig
 kafka, dsn, topic, group = sys.argv[1:5]
 run_worker(WorkerConfig(max_event_age_s=1e10, kafka=kafka, clickhouse=dsn, group_id=group, topics=(topic,),
                         dlq_topic=topic + ".dlq", max_batch=500, max_insert_rows=500, min_insert_rows=1,
-                        emit_interval_s=0.2, window=WindowConfig(size_ms=10_000, allowed_lateness_ms=5_000)),
+                        emit_interval_s=0.2, window=WindowConfig(size_ms=10_000, allowed_lateness_ms=5_000),
+                        session_timeout_ms={session_ms}),  # the next worker waits for it to expire
            web_port=0, sql_port=None)
 """
 
@@ -68,7 +69,7 @@ def _query(dsn: str, sql: str) -> list[tuple[Any, ...]]:
 
 async def _crash(tmp_path: Path, patch: str, kafka: str, dsn: str, topic: str, group: str) -> None:
     script = tmp_path / f"crash_{uuid.uuid4().hex[:6]}.py"
-    script.write_text(CRASHING_WORKER.format(patch=textwrap.dedent(patch)))
+    script.write_text(CRASHING_WORKER.format(patch=textwrap.dedent(patch), session_ms=SESSION_MS))
     proc = await asyncio.to_thread(subprocess.run, [sys.executable, str(script), kafka, dsn, topic, group],
                                    capture_output=True, timeout=180)
     assert proc.returncode == 17, proc.stderr.decode()[-3000:]
@@ -77,7 +78,7 @@ async def _crash(tmp_path: Path, patch: str, kafka: str, dsn: str, topic: str, g
 def _cfg(kafka: str, dsn: str, topic: str, group: str) -> WorkerConfig:
     # the records replay fixed 2025 timestamps: accept them whatever today is
     return WorkerConfig(max_event_age_s=1e10, kafka=kafka, clickhouse=dsn, group_id=group, topics=(topic,), dlq_topic=f"{topic}.dlq",
-                        max_batch=500, emit_interval_s=0.2, idle_close_s=1.0,
+                        max_batch=500, emit_interval_s=0.2, idle_close_s=1.0, session_timeout_ms=SESSION_MS,
                         window=WindowConfig(size_ms=10_000, allowed_lateness_ms=5_000))
 
 

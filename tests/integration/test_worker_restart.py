@@ -2,7 +2,9 @@
 
 Exactly-once rows: the restarted worker seeks past the offsets already stored in
 llm_events, so nothing is inserted twice (checked without FINAL too), and
-nothing is lost. A dedicated broker: the CLI consumes the fixed topic names.
+nothing is lost. A dedicated broker: the CLI consumes the fixed topic names. The
+CLI runs through tests/session_cli.py, with a 3 s group session timeout instead of
+10 s: the restarted worker waits that long for the killed one's partitions.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import clickhouse_connect
 import pytest
+from helpers_worker import SESSION_MS
 
 from driftline.schemas.event import decode_event
 from driftline.streams.auth import client_credentials
@@ -30,6 +33,7 @@ from driftline.streams.sinks import chdb_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+SESSION_CLI = Path(__file__).resolve().parents[1] / "session_cli.py"
 TOPICS = {"llm.events": 4, "llm.events.dlq": 1, "otlp_spans": 4, "driftline.control": 1}
 
 
@@ -73,7 +77,9 @@ def test_sigkill_restart_no_loss_no_duplicates(tmp_path: Path, chdb_dsn: str) ->
 
     with LocalBroker.started(log_path=tmp_path / "tansu.log", topics=TOPICS) as broker:
         metrics_port, sql_port = free_port(), free_port()
-        cmd = [sys.executable, "-m", "driftline.streams.cli", "worker", "--kafka", broker.bootstrap,
+        # the CLI with a 3 s group session timeout: the restarted worker waits for the killed
+        # one's session to expire (about 15 s with the product's 10 s; tests/session_cli.py)
+        cmd = [sys.executable, str(SESSION_CLI), str(SESSION_MS), "worker", "--kafka", broker.bootstrap,
                "--clickhouse", chdb_dsn, "--group", f"g-{uuid.uuid4().hex[:10]}",
                "--metrics-port", str(metrics_port), "--sql-port", str(sql_port),
                "--emit-interval", "0.5",
