@@ -106,6 +106,20 @@ def build_notifiers(*, webhooks: Sequence[str] = (), slack_webhooks: Sequence[st
     return out
 
 
+def restore_query(db: str) -> str:
+    """The alerts firing at the end of the ``alerts`` table, one row per rule and fingerprint.
+
+    A transition's event time can repeat: an alert fired and resolved within one
+    millisecond of event time stores two rows with the same ``ts``. Ties go to
+    ``resolved`` (``argMax`` over ``(ts, state = 'resolved')``): taking ``firing`` would
+    restore a resolved alert and resolve (and notify) it a second time; a condition that
+    still holds simply fires again on the next evaluation."""
+    key = "(ts, state = 'resolved')"
+    return (f"SELECT rule, fingerprint, argMax(state, {key}) AS st, argMax(labels, {key}), "
+            f"argMax(annotations, {key}), argMax(value, {key}), toUnixTimestamp64Milli(max(ts)) "
+            f"FROM {db}.alerts GROUP BY rule, fingerprint HAVING st = 'firing'")
+
+
 class AlertingStage:
     """Evaluates alert rules in the worker; see the module docstring.
 
@@ -454,11 +468,7 @@ class AlertingStage:
             self.m.rows.labels("written").inc(len(rows))
 
     async def _restore(self, worker: Worker) -> None:
-        db = worker.sink.database
-        sql = (
-            "SELECT rule, fingerprint, argMax(state, ts) AS st, argMax(labels, ts), "
-            "argMax(annotations, ts), argMax(value, ts), toUnixTimestamp64Milli(max(ts)) "
-            f"FROM {db}.alerts GROUP BY rule, fingerprint HAVING st = 'firing'")
+        sql = restore_query(worker.sink.database)
         rows = await worker.sink.acall(lambda c: c.query(sql).result_rows)
         names = {r.name for r in self.rules}
         alerts = []

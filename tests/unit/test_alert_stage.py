@@ -115,3 +115,35 @@ def test_factories_build_named_notifiers() -> None:
     st = alerting_stage(None, webhooks=["http://a/h"], eval_interval_s=0.5)(reg)
     assert len(st.rules) == 10 and st.eval_interval_s == 0.5        # the shipped default rules
     assert [n.name for n in st.notifiers] == ["webhook", "log"]
+
+
+def test_restore_query_prefers_resolved_on_a_tie(tmp_path: Any) -> None:
+    """Rows of the real alerts DDL in chDB: an alert fired and resolved at the same event-time
+    millisecond is not restored as firing; one firing at its latest ts is. Mutation caught:
+    ``argMax(state, ts)`` (the tie went to 'firing' in a SIGKILL fault run, and the restarted
+    worker resolved and notified the alert a second time)."""
+    import datetime as dt
+
+    from driftline.streams.alert_stage import restore_query
+    from driftline.streams.sinks import ClickHouseSink, ddl_statements
+
+    sink = ClickHouseSink(f"chdb://{tmp_path / 'chdb'}")
+    try:
+        for stmt in ddl_statements("driftline"):
+            sink.call(lambda c, s=stmt: c.command(s))
+        t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+        t1 = t0 + dt.timedelta(seconds=5)
+        cols = ["ts", "rule", "state", "severity", "app", "model", "value", "labels", "annotations", "fingerprint"]
+
+        def row(ts: dt.datetime, state: str, fp: str) -> list[Any]:
+            return [ts, "R", state, "warning", "a", "m", 1.0, {}, {}, fp]
+
+        # the tie written firing-then-resolved and resolved-then-firing, in separate inserts
+        for rows in ([row(t0, "firing", "tie1"), row(t1, "firing", "tie1")], [row(t1, "resolved", "tie1")],
+                     [row(t1, "resolved", "tie2")], [row(t1, "firing", "tie2")],
+                     [row(t0, "firing", "open"), row(t0, "resolved", "open"), row(t1, "firing", "open")]):
+            sink.call(lambda c, rs=rows: c.insert("driftline.alerts", rs, column_names=cols))
+        got = sink.call(lambda c: c.query(restore_query("driftline")).result_rows)
+        assert [(r[0], r[1], r[2], r[6]) for r in got] == [("R", "open", "firing", int(t1.timestamp() * 1000))]
+    finally:
+        sink.close()
