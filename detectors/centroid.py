@@ -12,7 +12,7 @@ from driftline.schemas.drift import DriftResult
 
 from ._checks import _check_int
 from .base import RULE_P, Detector, FloatArray, _as_matrix, decode_array, encode_array
-from .permutation import _perm_p_value, permutation_indicators
+from .permutation import permutation_indicators, permutation_result
 
 __all__ = ["CentroidDrift"]
 
@@ -115,19 +115,9 @@ class CentroidDrift(Detector):
         pooled = np.vstack([self._ref, cur])
         sum_r = s.astype(np.float64) @ pooled
         null = _cos_dist_rows(sum_r, (self._ref_sum + cur_sum)[None, :] - sum_r)
-        p = _perm_p_value(observed, null)
-        return DriftResult(
-            method=self.method,
-            statistic=observed,
-            p_value=p,
-            threshold=self._alpha,
-            drifted=p < self._alpha,
-            n_ref=n,
-            n_cur=m,
-            explanation={
-                "rule": RULE_P,
-                "n_permutations": self._n_permutations,
-                "null_mean": float(null.mean()),
-                "statistic_threshold": float(np.quantile(null, 1.0 - self._alpha, method="higher")),
-            },
-        )
+        return permutation_result(self.method, observed, null, self._alpha, n, m, {
+            "rule": RULE_P,
+            "n_permutations": self._n_permutations,
+            "null_mean": float(null.mean()),
+            "statistic_threshold": float(np.quantile(null, 1.0 - self._alpha, method="higher")),
+        })
