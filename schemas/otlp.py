@@ -761,12 +761,8 @@ def _apply_events(span: Span, d: dict[str, Any], guardrails: list[dict[str, Any]
         ea = _attrs(ev.attributes)
         if name == "gen_ai.client.inference.operation.details":
             system = _details_event(ea, d, system)
-        elif name == "gen_ai.content.prompt":
-            if d.get("prompt") is None and "gen_ai.prompt" in ea:
-                d["prompt"] = _prompt_text(ea["gen_ai.prompt"])
-        elif name == "gen_ai.content.completion":
-            if d.get("response") is None and "gen_ai.completion" in ea:
-                d["response"] = _all_text(ea["gen_ai.completion"])
+        elif name in ("gen_ai.content.prompt", "gen_ai.content.completion"):
+            _content_event(name, ea, d)
         elif name == "gen_ai.user.message":
             last_user = _message_text(_load(_event_content(ea))) or last_user
         elif name == "gen_ai.system.message":
@@ -800,6 +796,15 @@ def _details_event(ea: dict[str, Any], d: dict[str, Any], system: str | None) ->
     if system is None and "gen_ai.input.messages" in ea:
         system = _system_text(ea["gen_ai.input.messages"])
     return system
+
+
+def _content_event(name: str, ea: dict[str, Any], d: dict[str, Any]) -> None:
+    """The older ``gen_ai.content.prompt`` / ``.completion`` events fill a missing prompt / response."""
+    if name == "gen_ai.content.prompt":
+        if d.get("prompt") is None and "gen_ai.prompt" in ea:
+            d["prompt"] = _prompt_text(ea["gen_ai.prompt"])
+    elif d.get("response") is None and "gen_ai.completion" in ea:
+        d["response"] = _all_text(ea["gen_ai.completion"])
 
 
 def _choice_event(ea: dict[str, Any], choices: list[str], choice_reasons: list[str]) -> None:
