@@ -45,9 +45,8 @@ class CentroidDrift(Detector):
     reference-group sums of all ``P`` permutations in one product, and the
     current-group sums are the pooled total minus those (the cosine needs no
     division by the group sizes). Cost per test: one ``(P, N) @ (N, d)``
-    product and drawing the permutations, about 30 ms at ``n_ref`` 1,000 /
-    ``n_cur`` 500 / ``d`` 384 with 300 permutations on one core (2 vCPU Xeon,
-    numpy/OpenBLAS, float64). The explanation gives the null's ``1 -
+    product and drawing the permutations (time: ``benchmarks/RESULTS.md``,
+    "Module speed notes"). The explanation gives the null's ``1 -
     alpha`` quantile as ``statistic_threshold``: the distance that would
     have been drifted.
 

