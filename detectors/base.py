@@ -58,6 +58,14 @@ def decode_array(d: dict[str, Any]) -> FloatArray:
     return arr
 
 
+def _as_current(current: npt.ArrayLike, ref_d: int) -> FloatArray:
+    """The current sample as a matrix with the reference's dimension ``ref_d`` (ValueError)."""
+    cur = _as_matrix(current, "current")
+    if cur.shape[1] != ref_d:
+        raise ValueError(f"current has d={cur.shape[1]}, reference d={ref_d}")
+    return cur
+
+
 def _as_matrix(x: npt.ArrayLike, name: str) -> FloatArray:
     arr = np.asarray(x, dtype=np.float64)
     if arr.ndim == 1:

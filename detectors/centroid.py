@@ -11,7 +11,7 @@ import numpy.typing as npt
 from driftline.schemas.drift import DriftResult
 
 from ._checks import _check_int
-from .base import RULE_P, Detector, FloatArray, _as_matrix, decode_array, encode_array
+from .base import RULE_P, Detector, FloatArray, _as_current, _as_matrix, decode_array, encode_array
 from .permutation import permutation_indicators, permutation_result
 
 __all__ = ["CentroidDrift"]
@@ -104,9 +104,7 @@ class CentroidDrift(Detector):
     def _score(
         self, current: npt.ArrayLike, texts: Sequence[str] | None, rng: np.random.Generator
     ) -> DriftResult:
-        cur = _as_matrix(current, "current")
-        if cur.shape[1] != self._ref.shape[1]:
-            raise ValueError(f"current has d={cur.shape[1]}, reference d={self._ref.shape[1]}")
+        cur = _as_current(current, self._ref.shape[1])
         n, m = self._n_ref, cur.shape[0]
         s = permutation_indicators(rng, self._n_permutations, n, n + m)
         cur_sum = cur.sum(axis=0)
