@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar, Self
 
+from .base import check_state_header
+
 
 def _finite(x: float) -> float:
     v = float(x)
@@ -49,13 +51,7 @@ class _StreamDetector:
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`get_state` output; the settings must equal this detector's."""
-        if state.get("detector") != type(self).__name__:
-            raise ValueError(f"state is for {state.get('detector')!r}, not {type(self).__name__}")
-        if state.get("settings") != self.settings:
-            raise ValueError(
-                f"state settings {state.get('settings')!r} differ from {self.settings!r}; "
-                "use from_state() to build a detector with the saved settings"
-            )
+        check_state_header(state, type(self).__name__, self.settings)
         self._load(state["state"])
 
     @classmethod

@@ -27,6 +27,17 @@ RULE_P = "drifted = p_value < threshold (threshold = alpha)"
 RULE_STAT = "drifted = statistic > threshold"
 
 
+def check_state_header(state: dict[str, Any], detector: str, settings: dict[str, Any]) -> None:
+    """Refuse a saved state of another detector class or of other settings (ValueError)."""
+    if state.get("detector") != detector:
+        raise ValueError(f"state is for {state.get('detector')!r}, not {detector}")
+    if state.get("settings") != settings:
+        raise ValueError(
+            f"state settings {state.get('settings')!r} differ from {settings!r}; "
+            "use from_state() to build a detector with the saved settings"
+        )
+
+
 class NotFittedError(RuntimeError):
     """``score`` was called before ``fit`` (or ``set_state``)."""
 
@@ -45,6 +56,14 @@ def decode_array(d: dict[str, Any]) -> FloatArray:
     raw = base64.b64decode(d["f8"])
     arr = np.frombuffer(raw, dtype="<f8").astype(np.float64).reshape(tuple(d["shape"]))
     return arr
+
+
+def _as_current(current: npt.ArrayLike, ref_d: int) -> FloatArray:
+    """The current sample as a matrix with the reference's dimension ``ref_d`` (ValueError)."""
+    cur = _as_matrix(current, "current")
+    if cur.shape[1] != ref_d:
+        raise ValueError(f"current has d={cur.shape[1]}, reference d={ref_d}")
+    return cur
 
 
 def _as_matrix(x: npt.ArrayLike, name: str) -> FloatArray:
@@ -168,13 +187,7 @@ class Detector(ABC):
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`get_state` output; the settings must equal this detector's."""
-        if state.get("detector") != type(self).__name__:
-            raise ValueError(f"state is for {state.get('detector')!r}, not {type(self).__name__}")
-        if state.get("settings") != self.settings:
-            raise ValueError(
-                f"state settings {state.get('settings')!r} differ from {self.settings!r}; "
-                "use from_state() to build a detector with the saved settings"
-            )
+        check_state_header(state, type(self).__name__, self.settings)
         if state.get("fitted"):
             self._load_fitted_state(state["data"])
         self._fitted = bool(state.get("fitted"))

@@ -11,8 +11,8 @@ import numpy.typing as npt
 from driftline.schemas.drift import DriftResult
 
 from ._checks import _check_int
-from .base import RULE_P, Detector, FloatArray, _as_matrix, decode_array, encode_array
-from .permutation import _perm_p_value, permutation_indicators
+from .base import RULE_P, Detector, FloatArray, _as_current, _as_matrix, decode_array, encode_array
+from .permutation import permutation_indicators, permutation_result
 
 __all__ = ["CentroidDrift"]
 
@@ -45,9 +45,8 @@ class CentroidDrift(Detector):
     reference-group sums of all ``P`` permutations in one product, and the
     current-group sums are the pooled total minus those (the cosine needs no
     division by the group sizes). Cost per test: one ``(P, N) @ (N, d)``
-    product and drawing the permutations, about 30 ms at ``n_ref`` 1,000 /
-    ``n_cur`` 500 / ``d`` 384 with 300 permutations on one core (2 vCPU Xeon,
-    numpy/OpenBLAS, float64). The explanation gives the null's ``1 -
+    product and drawing the permutations (time: ``benchmarks/RESULTS.md``,
+    "Module speed notes"). The explanation gives the null's ``1 -
     alpha`` quantile as ``statistic_threshold``: the distance that would
     have been drifted.
 
@@ -105,9 +104,7 @@ class CentroidDrift(Detector):
     def _score(
         self, current: npt.ArrayLike, texts: Sequence[str] | None, rng: np.random.Generator
     ) -> DriftResult:
-        cur = _as_matrix(current, "current")
-        if cur.shape[1] != self._ref.shape[1]:
-            raise ValueError(f"current has d={cur.shape[1]}, reference d={self._ref.shape[1]}")
+        cur = _as_current(current, self._ref.shape[1])
         n, m = self._n_ref, cur.shape[0]
         s = permutation_indicators(rng, self._n_permutations, n, n + m)
         cur_sum = cur.sum(axis=0)
@@ -115,19 +112,9 @@ class CentroidDrift(Detector):
         pooled = np.vstack([self._ref, cur])
         sum_r = s.astype(np.float64) @ pooled
         null = _cos_dist_rows(sum_r, (self._ref_sum + cur_sum)[None, :] - sum_r)
-        p = _perm_p_value(observed, null)
-        return DriftResult(
-            method=self.method,
-            statistic=observed,
-            p_value=p,
-            threshold=self._alpha,
-            drifted=p < self._alpha,
-            n_ref=n,
-            n_cur=m,
-            explanation={
-                "rule": RULE_P,
-                "n_permutations": self._n_permutations,
-                "null_mean": float(null.mean()),
-                "statistic_threshold": float(np.quantile(null, 1.0 - self._alpha, method="higher")),
-            },
-        )
+        return permutation_result(self.method, observed, null, self._alpha, n, m, {
+            "rule": RULE_P,
+            "n_permutations": self._n_permutations,
+            "null_mean": float(null.mean()),
+            "statistic_threshold": float(np.quantile(null, 1.0 - self._alpha, method="higher")),
+        })

@@ -42,9 +42,9 @@ class ClassifierDrift(Detector):
     point held out once, scored by different fold models) uses all points but
     its pooled scores are not exchangeable, and a permutation p-value would
     refit the models hundreds of times. The split costs half the points in
-    the AUC; the closed-form discriminant costs one ``d x d`` solve per test
-    (about 20-40 ms at n_ref 1,000 / n_cur 500 / d 384 on one core), where a
-    cross-fitted logistic regression took about 1 s.
+    the AUC; the closed-form discriminant costs one ``d x d`` solve per test,
+    some 25-50x less than a cross-fitted logistic regression
+    (``benchmarks/RESULTS.md``, "Module speed notes").
 
     When current texts are given, the explanation lists up to three held-out
     current texts the classifier finds most "current-like" (what is new;

@@ -32,12 +32,9 @@ prompts are not copied into ClickHouse. Each pattern group runs only when a
 cheap literal prefilter (``'@' in text``, a keyword in the lower-cased text)
 says it can match, and at most ``max_chars`` characters per field are scanned.
 
-Speed (measured on the project machine, a shared 2-core x86 VM, CPython 3.11,
-all three scanners, best of 3 x 5,000 scans): about 35 µs per 1 KB of
-ordinary prose (no digits, no trigger words); about 230 µs per 1 KB of text
-dense with numbers, e-mails and injection keywords (8 e-mails, 8 phone numbers
-and 8 "ignore ..." per KB) — there the digit-based PII regexes dominate, since
-``re`` must try every position of digit-bearing text.
+Text dense with digits costs most: the digit-based PII regexes must be tried at
+every position of digit-bearing text (figures: ``benchmarks/RESULTS.md``, "Module
+speed notes").
 
 Examples
 --------

@@ -11,8 +11,17 @@ import numpy.typing as npt
 from driftline.schemas.drift import DriftResult
 
 from ._checks import _check_int
-from .base import RULE_P, Detector, FloatArray, _as_matrix, _sq_dists, decode_array, encode_array
-from .permutation import _perm_p_value, permutation_indicators
+from .base import (
+    RULE_P,
+    Detector,
+    FloatArray,
+    _as_current,
+    _as_matrix,
+    _sq_dists,
+    decode_array,
+    encode_array,
+)
+from .permutation import permutation_result, with_observed_split
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -58,12 +67,8 @@ class MMDDrift(Detector):
     p-value for the same seed (only float round-off, ~1e-15 relative, could
     decide an exact tie between a permuted and the observed statistic).
 
-    Measured on 2 CPU cores (numpy 2.4 / OpenBLAS, float64, best of 5, idle
-    machine): ``n_ref=1000``, ``n_cur=500``, ``d=384`` -> 34 ms per ``score``
-    with 200 permutations, 42 ms with 300, 52 ms with 500; torch 2.13 CPU
-    34 / 44 / 50 ms. The first ``score`` after ``fit`` also builds the
-    reference kernel block (about 15 ms more). On the same machine under load
-    from other processes the figures were 2-3x higher.
+    The first ``score`` after ``fit`` also builds the reference kernel block.
+    Time per ``score``: ``benchmarks/RESULTS.md``, "Module speed notes".
 
     Parameters
     ----------
@@ -178,13 +183,9 @@ class MMDDrift(Detector):
     def _score(
         self, current: npt.ArrayLike, texts: Sequence[str] | None, rng: np.random.Generator
     ) -> DriftResult:
-        cur = _as_matrix(current, "current")
-        if cur.shape[1] != self._ref.shape[1]:
-            raise ValueError(f"current has d={cur.shape[1]}, reference d={self._ref.shape[1]}")
+        cur = _as_current(current, self._ref.shape[1])
         n, m = self._n_ref, cur.shape[0]
-        s = permutation_indicators(rng, self._n_permutations + 1, n, n + m)
-        s[0, :] = False  # row 0: the observed split
-        s[0, :n] = True
+        s = with_observed_split(rng, self._n_permutations, n, n + m)
         device = self._resolved_device()
         if device == "numpy":
             stats_all = self._stats_numpy(cur, s)
@@ -192,25 +193,15 @@ class MMDDrift(Detector):
             stats_all = self._stats_torch(cur, s, device)
         observed = float(stats_all[0])
         null = stats_all[1:]
-        p = _perm_p_value(observed, null)
-        return DriftResult(
-            method=self.method,
-            statistic=observed,
-            p_value=p,
-            threshold=self._alpha,
-            drifted=p < self._alpha,
-            n_ref=n,
-            n_cur=m,
-            explanation={
-                "rule": RULE_P,
-                "kernel": "rbf exp(-|x-y|^2/bandwidth)",
-                "bandwidth": self._bandwidth,
-                "n_permutations": self._n_permutations,
-                "null_mean": float(null.mean()),
-                "null_q95": float(np.quantile(null, 0.95)),
-                "device": device,
-            },
-        )
+        return permutation_result(self.method, observed, null, self._alpha, n, m, {
+            "rule": RULE_P,
+            "kernel": "rbf exp(-|x-y|^2/bandwidth)",
+            "bandwidth": self._bandwidth,
+            "n_permutations": self._n_permutations,
+            "null_mean": float(null.mean()),
+            "null_q95": float(np.quantile(null, 0.95)),
+            "device": device,
+        })
 
     def _stats_numpy(self, cur: FloatArray, s: npt.NDArray[np.bool_]) -> FloatArray:
         n, m = self._n_ref, cur.shape[0]

@@ -4,13 +4,16 @@ permutations a level needs."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from driftline.schemas.drift import DriftResult
+
 from .base import FloatArray
 
-__all__ = ["n_resamples", "permutation_indicators"]
+__all__ = ["n_resamples", "permutation_indicators", "permutation_result", "with_observed_split"]
 
 
 def permutation_indicators(
@@ -27,6 +30,41 @@ def permutation_indicators(
     s = np.zeros((n_permutations, n_total), dtype=bool)
     np.put_along_axis(s, idx, True, axis=1)
     return s
+
+
+def with_observed_split(
+    rng: np.random.Generator, n_permutations: int, n_first: int, n_total: int
+) -> npt.NDArray[np.bool_]:
+    """:func:`permutation_indicators` with one more row in front: row 0 is the observed
+    split (the first ``n_first`` pooled points are the reference), rows 1.. the permutations."""
+    s = permutation_indicators(rng, n_permutations + 1, n_first, n_total)
+    s[0, :] = False
+    s[0, :n_first] = True
+    return s
+
+
+def permutation_result(
+    method: str,
+    observed: float,
+    null: FloatArray,
+    alpha: float,
+    n_ref: int,
+    n_cur: int,
+    explanation: dict[str, Any],
+) -> DriftResult:
+    """The verdict of a permutation test: p from the ``null`` statistics, drifted when
+    ``p < alpha`` (``explanation["rule"]`` is :data:`~.base.RULE_P`)."""
+    p = _perm_p_value(observed, null)
+    return DriftResult(
+        method=method,
+        statistic=observed,
+        p_value=p,
+        threshold=alpha,
+        drifted=p < alpha,
+        n_ref=n_ref,
+        n_cur=n_cur,
+        explanation=explanation,
+    )
 
 
 def _perm_p_value(observed: float, null: FloatArray) -> float:

@@ -30,10 +30,8 @@ sketch percentiles and SQL percentiles on ``llm_events`` agree up to ``a``.
 
 Speed
 -----
-Measured on the project machine (2-core x86 VM, numpy 2.4, a = 0.01):
-``add_many`` of 10,000 lognormal values takes about 0.13 ms (median of 200;
-~13 ns/value); ``quantile`` about 13 µs; ``add`` of one value about 3.7 µs
-(use ``add_many``).
+Prefer ``add_many``: one value at a time costs hundreds of times more per value
+(figures: ``benchmarks/RESULTS.md``, "Module speed notes").
 
 Examples
 --------

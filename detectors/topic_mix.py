@@ -227,6 +227,45 @@ class TopicMixDrift(Detector):
             t_ref = np.where(ref > 0, ref * np.log(ref / e_ref), 0.0)
         return np.asarray(2.0 * (t_cur + t_ref).sum(axis=-1), dtype=np.float64)
 
+    def _g_test(self, t: npt.NDArray[np.int64], col: npt.NDArray[np.int64], small: bool,
+                rng: np.random.Generator) -> tuple[float, float, str]:
+        """(G, p-value, how p was found) for the 2 x k table ``t`` of non-empty clusters.
+
+        The chi-square approximation while every expected count is >= 5; otherwise a
+        Monte-Carlo conditional test on tables with the same margins.
+        """
+        if t.shape[1] < 2:
+            return 0.0, 1.0, "none (fewer than two non-empty clusters)"
+        g = float(self._g_stats(t[1], col))
+        if not small:
+            return g, float(stats.chi2.sf(g, t.shape[1] - 1)), "chi-square approximation"
+        sims = rng.multivariate_hypergeometric(col, int(t[1].sum()), size=self._n_permutations)
+        p = _perm_p_value(g, self._g_stats(sims, col))
+        return g, p, f"Monte-Carlo conditional ({self._n_permutations} tables; expected counts < 5)"
+
+    def _cluster_report(self, ref_share: FloatArray, cur_share: FloatArray,
+                        cur_counts: npt.NDArray[np.int64],
+                        cur_examples: list[list[str]] | None) -> list[dict[str, Any]]:
+        """One entry per cluster, largest share change first, with example texts if kept."""
+        delta = cur_share - ref_share
+        clusters: list[dict[str, Any]] = []
+        for c in np.argsort(-np.abs(delta), kind="stable"):
+            c = int(c)
+            entry: dict[str, Any] = {
+                "cluster": c,
+                "ref_share": float(ref_share[c]),
+                "cur_share": float(cur_share[c]),
+                "delta": float(delta[c]),
+                "ref_count": int(self._ref_counts[c]),
+                "cur_count": int(cur_counts[c]),
+            }
+            if self._ref_examples is not None:
+                entry["examples"] = self._ref_examples[c]
+            if cur_examples is not None:
+                entry["cur_examples"] = cur_examples[c]
+            clusters.append(entry)
+        return clusters
+
     def _score(
         self, current: npt.ArrayLike, texts: Sequence[str] | None, rng: np.random.Generator
     ) -> DriftResult:
@@ -246,17 +285,7 @@ class TopicMixDrift(Detector):
         col = t.sum(axis=0)
         expected = t.sum(axis=1)[:, None] * col[None, :] / col.sum()
         small = [int(c) for c in present[(expected < 5.0).any(axis=0)]]
-        if present.size < 2:
-            g, p, p_method = 0.0, 1.0, "none (fewer than two non-empty clusters)"
-        else:
-            g = float(self._g_stats(t[1], col))
-            if not small:
-                p = float(stats.chi2.sf(g, present.size - 1))
-                p_method = "chi-square approximation"
-            else:
-                sims = rng.multivariate_hypergeometric(col, int(t[1].sum()), size=self._n_permutations)
-                p = _perm_p_value(g, self._g_stats(sims, col))
-                p_method = f"Monte-Carlo conditional ({self._n_permutations} tables; expected counts < 5)"
+        g, p, p_method = self._g_test(t, col, bool(small), rng)
         n, m = self._n_ref, cur.shape[0]
         ref_share = self._ref_counts / max(int(self._ref_counts.sum()), 1)  # counted half
         cur_share = cur_counts / m
@@ -265,22 +294,7 @@ class TopicMixDrift(Detector):
         cur_examples = (
             _representatives(labels, dist, cur_texts, k) if cur_texts is not None else None
         )
-        clusters: list[dict[str, Any]] = []
-        for c in np.argsort(-np.abs(delta), kind="stable"):
-            c = int(c)
-            entry: dict[str, Any] = {
-                "cluster": c,
-                "ref_share": float(ref_share[c]),
-                "cur_share": float(cur_share[c]),
-                "delta": float(delta[c]),
-                "ref_count": int(self._ref_counts[c]),
-                "cur_count": int(cur_counts[c]),
-            }
-            if self._ref_examples is not None:
-                entry["examples"] = self._ref_examples[c]
-            if cur_examples is not None:
-                entry["cur_examples"] = cur_examples[c]
-            clusters.append(entry)
+        clusters = self._cluster_report(ref_share, cur_share, cur_counts, cur_examples)
         drifted = p < self._alpha and tv >= self._min_effect
         return DriftResult(
             method=self.method,

@@ -13,7 +13,7 @@ from driftline.schemas.drift import DriftResult
 from ._checks import _check_int
 from ._numeric import _as_vector, _NumericDetector, _summary
 from .base import RULE_P, FloatArray
-from .permutation import _perm_p_value, permutation_indicators
+from .permutation import _perm_p_value, with_observed_split
 
 __all__ = ["WassersteinDrift", "wasserstein_batched"]
 
@@ -116,9 +116,7 @@ class WassersteinDrift(_NumericDetector):
     ) -> DriftResult:
         cur = _as_vector(current, "current")
         n, m = self._n_ref, cur.size
-        s = permutation_indicators(rng, self._n_permutations + 1, n, n + m)
-        s[0, :] = False
-        s[0, :n] = True
+        s = with_observed_split(rng, self._n_permutations, n, n + m)
         w = wasserstein_batched(np.concatenate([self._ref, cur]), s) / self._scale
         observed = float(w[0])
         p = _perm_p_value(observed, w[1:])

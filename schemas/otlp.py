@@ -21,17 +21,11 @@ Collector Kafka exporter writes them (``otlp_proto``, its default, or
 The attribute mapping (current and deprecated semantic-convention names) is
 documented in ``docs/otlp-mapping.md``; :data:`MAPPING_DOC` points there.
 
-Speed (``python benchmarks/bench_otlp.py``; ``otlp_proto`` requests of 100 chat spans
-from the replay fleet with real AlpacaEval content, ~18 attributes and ~3 events a span;
-protobuf 7 upb backend, CPython 3.11, CPU time on one core of a shared 2-core VM):
-about 12,000-13,500 spans/s decoded and mapped to LLMEvents (74-86 µs a span), where
-``ExportTraceServiceRequest.FromString`` alone parses ~300,000 spans/s (3.3 µs). About
-half of the time is reading the attributes through upb (~1.3 µs an attribute: every
-element and value access builds a Python object), the other half the mapping; events
-are built without a second ``event_from_dict`` pass (every value is checked while
-mapping). Spans that are not GenAI are skipped on their attribute keys alone (~100,000
-spans/s). ``otlp_json`` is about 1,100-1,300 spans/s: ``json_format.ParseDict`` is pure
-Python; prefer ``otlp_proto`` (the Collector's default) for volume.
+Events are built without a second ``event_from_dict`` pass (every value is checked while
+mapping), and spans that are not GenAI are skipped on their attribute keys alone.
+``otlp_json`` goes through ``json_format.ParseDict``, which is pure Python: prefer
+``otlp_proto`` (the Collector's default) for volume. Speed: ``benchmarks/RESULTS.md``,
+"OTLP decode".
 
 >>> from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 >>> decode_request(ExportTraceServiceRequest().SerializeToString()).events
@@ -593,7 +587,32 @@ def _resource_info(kvs: Any) -> tuple[str, str | None, dict[str, Any]]:
 
 def _map_span(span: Span, a: dict[str, Any], app: str, env: str | None,
               resource: dict[str, Any], scope: str) -> dict[str, Any]:
-    """One GenAI model-call span -> an LLMEvent dict (``a`` is consumed). Raises _Reject."""
+    """One GenAI model-call span -> an LLMEvent dict (``a`` is consumed). Raises _Reject.
+
+    Each step pops the attributes it maps from ``a``; what is left goes to ``extra``.
+    """
+    d, latency_ms = _span_timing(span, app, env)
+    _model_fields(a, d)
+    _usage_fields(a, d, latency_ms)
+    _outcome_fields(span, a, d)
+    system = _span_content(a, d)
+    guardrails: list[dict[str, Any]] = []
+    evaluations: list[dict[str, Any]] = []
+    if span.events:
+        system = _apply_events(span, d, guardrails, evaluations, system)
+    if guardrails:
+        d["guardrails"] = guardrails
+    if evaluations:
+        fbs = [e.pop("_feedback") for e in evaluations]
+        known = [f for f in fbs if f is not None]
+        if known:
+            d["feedback"] = min(known)
+    d["extra"] = _span_extra(span, a, system, evaluations, scope, resource)
+    return d
+
+
+def _span_timing(span: Span, app: str, env: str | None) -> tuple[dict[str, Any], float]:
+    """The event's app, environment, time, latency and ids; the latency in ms comes back too."""
     start, end = span.start_time_unix_nano, span.end_time_unix_nano
     if start <= 0:
         raise _Reject("start_time_unix_nano: missing")
@@ -610,6 +629,11 @@ def _map_span(span: Span, a: dict[str, Any], app: str, env: str | None,
     }
     if env is not None:
         d["environment"] = env
+    return d, latency_ms
+
+
+def _model_fields(a: dict[str, Any], d: dict[str, Any]) -> None:
+    """Operation, provider, models (one of them required), conversation, user, prompt version."""
     op = _string(a, "gen_ai.operation.name")
     if op is not None:
         d["operation"] = op
@@ -624,6 +648,10 @@ def _map_span(span: Span, a: dict[str, Any], app: str, env: str | None,
         if k in a:
             d["prompt_version"] = _string(a, k)
             break
+
+
+def _usage_fields(a: dict[str, Any], d: dict[str, Any], latency_ms: float) -> None:
+    """Token counts, time to first token, and the time per output token derived from them."""
     d["input_tokens"] = _tokens(a, "gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens")
     out_tok = _tokens(a, "gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens")
     d["output_tokens"] = out_tok
@@ -635,6 +663,10 @@ def _map_span(span: Span, a: dict[str, Any], app: str, env: str | None,
         d["ttft_ms"] = ttft
         if out_tok is not None and out_tok > 1 and latency_ms >= ttft:
             d["tpot_ms"] = (latency_ms - ttft) / (out_tok - 1)
+
+
+def _outcome_fields(span: Span, a: dict[str, Any], d: dict[str, Any]) -> None:
+    """Finish reasons, the error type, and the status (an error span or an error.type)."""
     fr = a.pop("gen_ai.response.finish_reasons", None)
     if fr is not None:
         if isinstance(fr, str):
@@ -648,7 +680,10 @@ def _map_span(span: Span, a: dict[str, Any], app: str, env: str | None,
     if span.status.code == _ERROR or err is not None:
         d["status"] = "error"
 
-    # content on the span (gen_ai.input.messages, ...), then the older gen_ai.prompt.N.* form
+
+def _span_content(a: dict[str, Any], d: dict[str, Any]) -> str | None:
+    """Prompt and response on the span (gen_ai.input.messages, ...), then the older
+    gen_ai.prompt.N.* form; returns the system instructions found."""
     system: str | None = None
     inp = None
     if "gen_ai.input.messages" in a:
@@ -665,19 +700,14 @@ def _map_span(span: Span, a: dict[str, Any], app: str, env: str | None,
         system = system or system2
     if d.get("response") is None and "gen_ai.completion.0.content" in a:
         d["response"], _ = _indexed_content(a, "gen_ai.completion.")
+    return system
 
-    guardrails: list[dict[str, Any]] = []
-    evaluations: list[dict[str, Any]] = []
-    if span.events:
-        system = _apply_events(span, d, guardrails, evaluations, system)
-    if guardrails:
-        d["guardrails"] = guardrails
-    if evaluations:
-        fbs = [e.pop("_feedback") for e in evaluations]
-        known = [f for f in fbs if f is not None]
-        if known:
-            d["feedback"] = min(known)
 
+def _span_extra(span: Span, a: dict[str, Any], system: str | None,
+                evaluations: list[dict[str, Any]], scope: str,
+                resource: dict[str, Any]) -> dict[str, Any]:
+    """``extra``: the attributes no field took, then the system prompt, evaluations, span,
+    scope and resource (in this order)."""
     extra: dict[str, Any] = a
     if system is not None:
         extra["gen_ai.system_instructions"] = system
@@ -688,8 +718,7 @@ def _map_span(span: Span, a: dict[str, Any], app: str, env: str | None,
         extra["otel.scope.name"] = scope
     if resource:
         extra["otel.resource"] = resource
-    d["extra"] = extra
-    return d
+    return extra
 
 
 def _indexed_content(a: dict[str, Any], prefix: str) -> tuple[str | None, str | None]:
@@ -712,6 +741,10 @@ def _indexed_content(a: dict[str, Any], prefix: str) -> tuple[str | None, str | 
 
 def _apply_events(span: Span, d: dict[str, Any], guardrails: list[dict[str, Any]],
                   evaluations: list[dict[str, Any]], system: str | None) -> str | None:
+    """Content, guardrails and evaluations from the span's ``gen_ai.*`` events.
+
+    Content already on the span wins; returns the system instructions.
+    """
     last_user: str | None = None
     choices: list[str] = []
     choice_reasons: list[str] = []
@@ -721,45 +754,20 @@ def _apply_events(span: Span, d: dict[str, Any], guardrails: list[dict[str, Any]
             continue
         ea = _attrs(ev.attributes)
         if name == "gen_ai.client.inference.operation.details":
-            if d.get("prompt") is None and "gen_ai.input.messages" in ea:
-                d["prompt"] = _prompt_text(ea["gen_ai.input.messages"])
-            if d.get("response") is None and "gen_ai.output.messages" in ea:
-                _output(ea["gen_ai.output.messages"], d)
-            if system is None and "gen_ai.system_instructions" in ea:
-                system = _all_text(ea["gen_ai.system_instructions"])
-            if system is None and "gen_ai.input.messages" in ea:
-                system = _system_text(ea["gen_ai.input.messages"])
-        elif name == "gen_ai.content.prompt":
-            if d.get("prompt") is None and "gen_ai.prompt" in ea:
-                d["prompt"] = _prompt_text(ea["gen_ai.prompt"])
-        elif name == "gen_ai.content.completion":
-            if d.get("response") is None and "gen_ai.completion" in ea:
-                d["response"] = _all_text(ea["gen_ai.completion"])
+            system = _details_event(ea, d, system)
+        elif name in ("gen_ai.content.prompt", "gen_ai.content.completion"):
+            _content_event(name, ea, d)
         elif name == "gen_ai.user.message":
             last_user = _message_text(_load(_event_content(ea))) or last_user
         elif name == "gen_ai.system.message":
             if system is None:
                 system = _message_text(_load(_event_content(ea))) or None
         elif name == "gen_ai.choice":
-            body = _load(_event_content(ea))
-            t = _message_text(body)
-            if t:
-                choices.append(t)
-            fr = ea.get("finish_reason")
-            if fr is None and isinstance(body, dict):
-                fr = body.get("finish_reason")
-            if isinstance(fr, str):
-                choice_reasons.append(fr)
+            _choice_event(ea, choices, choice_reasons)
         elif name.startswith("gen_ai.guardrail"):
             guardrails.append(_guardrail_from_event(name, ea))
         elif name == "gen_ai.security.finding":
-            cat = ea.get("gen_ai.security.risk.category")
-            g: dict[str, Any] = {"name": cat if isinstance(cat, str) and cat else "security_finding",
-                                 "verdict": "flagged"}
-            s = _score(ea.get("gen_ai.security.risk.score"), "gen_ai.security.risk.score")
-            if s is not None:
-                g["score"] = s
-            guardrails.append(g)
+            guardrails.append(_security_finding(ea))
         elif name == "gen_ai.evaluation.result":
             evaluations.append(_evaluation(ea))
     if d.get("prompt") is None and last_user is not None:
@@ -769,6 +777,52 @@ def _apply_events(span: Span, d: dict[str, Any], guardrails: list[dict[str, Any]
     if d.get("finish_reasons") is None and choice_reasons:
         d["finish_reasons"] = choice_reasons
     return system
+
+
+def _details_event(ea: dict[str, Any], d: dict[str, Any], system: str | None) -> str | None:
+    """A ``gen_ai.client.inference.operation.details`` event fills what is still missing."""
+    if d.get("prompt") is None and "gen_ai.input.messages" in ea:
+        d["prompt"] = _prompt_text(ea["gen_ai.input.messages"])
+    if d.get("response") is None and "gen_ai.output.messages" in ea:
+        _output(ea["gen_ai.output.messages"], d)
+    if system is None and "gen_ai.system_instructions" in ea:
+        system = _all_text(ea["gen_ai.system_instructions"])
+    if system is None and "gen_ai.input.messages" in ea:
+        system = _system_text(ea["gen_ai.input.messages"])
+    return system
+
+
+def _content_event(name: str, ea: dict[str, Any], d: dict[str, Any]) -> None:
+    """The older ``gen_ai.content.prompt`` / ``.completion`` events fill a missing prompt / response."""
+    if name == "gen_ai.content.prompt":
+        if d.get("prompt") is None and "gen_ai.prompt" in ea:
+            d["prompt"] = _prompt_text(ea["gen_ai.prompt"])
+    elif d.get("response") is None and "gen_ai.completion" in ea:
+        d["response"] = _all_text(ea["gen_ai.completion"])
+
+
+def _choice_event(ea: dict[str, Any], choices: list[str], choice_reasons: list[str]) -> None:
+    """A ``gen_ai.choice`` event: its text and finish reason (on the event or in its body)."""
+    body = _load(_event_content(ea))
+    t = _message_text(body)
+    if t:
+        choices.append(t)
+    fr = ea.get("finish_reason")
+    if fr is None and isinstance(body, dict):
+        fr = body.get("finish_reason")
+    if isinstance(fr, str):
+        choice_reasons.append(fr)
+
+
+def _security_finding(ea: dict[str, Any]) -> dict[str, Any]:
+    """A ``gen_ai.security.finding`` event as a flagged guardrail named after its category."""
+    cat = ea.get("gen_ai.security.risk.category")
+    g: dict[str, Any] = {"name": cat if isinstance(cat, str) and cat else "security_finding",
+                         "verdict": "flagged"}
+    s = _score(ea.get("gen_ai.security.risk.score"), "gen_ai.security.risk.score")
+    if s is not None:
+        g["score"] = s
+    return g
 
 
 def _evaluation(ea: dict[str, Any]) -> dict[str, Any]:
@@ -798,8 +852,8 @@ def _build_event(d: dict[str, Any]) -> LLMEvent:
 
     Every value was checked while mapping (strings are str, token counts ints >= 0,
     durations finite and >= 0, verdicts and feedback from closed sets, a model and a
-    non-empty app present), which is what ``event_from_dict`` would check again at
-    ~7 µs a span; the unit tests assert that ``event_from_dict`` gives the same event.
+    non-empty app present), which is what ``event_from_dict`` would check again; the
+    unit tests assert that ``event_from_dict`` gives the same event.
     """
     gs = d.get("guardrails")
     if gs:

