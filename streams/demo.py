@@ -62,7 +62,13 @@ async def _demo(n_events: int, drift_at: float, seed: int, keep: bool) -> int:
     shift_ts = int(records[drift_start].event["timestamp"]) if drift_start is not None \
         and records[drift_start].valid else None
     _drift_summary(dsn, shift_ts)
-    _print_explore(dsn)
+    if keep:
+        _print_explore(dsn)
+    else:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+        console.print(f"--no-keep: the demo's store ({work}) is removed")
     return 0
 
 
