@@ -80,7 +80,8 @@ from driftline.streams.notifiers import (
 )
 
 if TYPE_CHECKING:
-    from driftline.streams.worker import StoredBatch, Worker
+    from driftline.streams.ports import StagePorts, TableWriter
+    from driftline.streams.worker import StoredBatch
 
 __all__ = ["ALERT_COLUMNS", "AlertingStage", "alerting_stage", "build_notifiers"]
 
@@ -130,6 +131,7 @@ class AlertingStage:
     """
 
     name = "alerting"
+    tables = ("alerts",)
 
     def __init__(self, rules: RuleSet, *, registry: CollectorRegistry | None = None,
                  notifiers: Sequence[AlertNotifier] = (), eval_interval_s: float = 1.0,
@@ -179,7 +181,8 @@ class AlertingStage:
         self._rows: deque[dict[str, Any]] = deque()
         self._rows_wake: asyncio.Event | None = None
         self._tick_wake: asyncio.Event | None = None
-        self._worker: Worker | None = None
+        #: what start() is given (streams/ports.py); None before start
+        self._ports: StagePorts | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._wm: int | None = None
         self._wm_mono = 0.0
@@ -200,13 +203,13 @@ class AlertingStage:
         return lambda registry: cls(rules, registry=registry, **options)
 
     # ------------------------------------------------------------------ Stage protocol
-    async def start(self, worker: Worker) -> None:
-        self._worker = worker
+    async def start(self, ports: StagePorts) -> None:
+        self._ports = ports
         self._rows_wake = asyncio.Event()
         self._tick_wake = asyncio.Event()
         if self.restore and self.write_alerts:
             try:
-                await self._restore(worker)
+                await self._restore(ports.tables)
             except Exception:  # noqa: BLE001 - alerting starts without its history
                 log.exception("alerting: could not restore firing alerts from ClickHouse")
         await self.dispatcher.start()
@@ -253,9 +256,7 @@ class AlertingStage:
         """The stage clock (see the module docstring); None before any event."""
         if self._clock is not None:
             return self._clock()
-        w = self._worker
-        agg = getattr(w, "windows", None) if w is not None else None
-        wm = getattr(agg, "watermark_ms", None)
+        wm = self._ports.windows.watermark_ms if self._ports is not None else None
         mono = time.monotonic()
         if wm is not None and (self._wm is None or wm > self._wm):
             self._wm, self._wm_mono = int(wm), mono
@@ -298,8 +299,7 @@ class AlertingStage:
 
     def _step_ms(self, wins: Sequence[WindowStats]) -> int:
         if self.window_ms is None:
-            agg = getattr(self._worker, "windows", None) if self._worker is not None else None
-            size = getattr(getattr(agg, "config", None), "size_ms", None)
+            size = self._ports.windows.size_ms if self._ports is not None else None
             if isinstance(size, int) and size > 0:
                 self.window_ms = size
             elif wins:
@@ -379,8 +379,8 @@ class AlertingStage:
                 self.tick()
             except Exception:  # noqa: BLE001 - alerting never takes the worker down
                 log.exception("alerting: evaluation failed")
-                if self._worker is not None:
-                    self._worker.metrics.stage_errors[self.name] += 1
+                if self._ports is not None:
+                    self._ports.metrics.stage_errors[self.name] += 1
             # behind after a catch-up slice: go on at once (after the loop's other work)
             await asyncio.sleep(0 if self._behind else self.eval_interval_s)
 
@@ -429,15 +429,10 @@ class AlertingStage:
         """The worker's open windows that changed since the last tick, without side effects.
 
         ``WindowAggregator.partial()`` clears the "changed" marks the worker's own partial
-        rows depend on, so it is not called here; a ``peek()`` method is used when the
-        aggregator has one, else the open windows are read directly.
+        rows depend on, so it is not called here: the window view's ``peek`` keeps its
+        own marks.
         """
-        w = self._worker
-        agg = getattr(w, "windows", None) if w is not None else None
-        if agg is None:
-            return []
-        peek = getattr(agg, "peek", None)
-        return list(peek()) if callable(peek) else []
+        return self._ports.windows.peek() if self._ports is not None else []
 
     # ------------------------------------------------------------------ alerts table
     def _queue_row(self, row: dict[str, Any]) -> None:
@@ -450,8 +445,8 @@ class AlertingStage:
             self._rows_wake.set()
 
     async def _row_writer(self) -> None:
-        assert self._rows_wake is not None and self._worker is not None
-        sink = self._worker.sink
+        assert self._rows_wake is not None and self._ports is not None
+        sink = self._ports.tables
         while True:
             if not self._rows:
                 if self._stopping:
@@ -467,9 +462,9 @@ class AlertingStage:
             self.rows_written += len(rows)
             self.m.rows.labels("written").inc(len(rows))
 
-    async def _restore(self, worker: Worker) -> None:
-        sql = restore_query(worker.sink.database)
-        rows = await worker.sink.acall(lambda c: c.query(sql).result_rows)
+    async def _restore(self, tables: TableWriter) -> None:
+        sql = restore_query(tables.database)
+        rows = await tables.aquery(sql)
         names = {r.name for r in self.rules}
         alerts = []
         restored: list[AlertTransition] = []

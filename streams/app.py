@@ -24,6 +24,7 @@ import shutil
 import signal
 import tempfile
 import uuid
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import faust
@@ -34,7 +35,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from driftline.schemas.topics import CONTROL_TOPIC
 from driftline.streams.control_auth import admit
 from driftline.streams.metrics import WorkerMetrics, refused_counter
+from driftline.streams.ports import ControlAuth
 from driftline.streams.sinks import chdb_path
+from driftline.streams.wiring import link_stages
 from driftline.streams.worker import Stage, Worker, WorkerConfig
 
 log = logging.getLogger("driftline.app")
@@ -81,37 +84,39 @@ def make_app(worker: Worker, *, control_topic: str = CONTROL_TOPIC) -> tuple[fau
     spine = SpineService(worker)
     control = app.topic(control_topic, value_serializer="json")
 
+    auth = ControlAuth(cfg.control_secret, cfg.control_max_age_s)
+    refused = worker.metrics.control_refused
+
     @app.agent(control, name="driftline-control")
     async def on_control(stream: Any) -> None:
         async for cmd in stream:
-            handle_control(worker, cmd)
+            handle_control(cmd, auth=auth, refused=refused, flush=worker.request_flush)
 
     return app, spine
 
 
-def handle_control(worker: Worker, cmd: Any) -> None:
-    """Apply one control command: ``{"cmd": "flush"}``; other commands go to the stages
-    that have an ``on_control(cmd)`` method. Bad commands are logged and ignored. With a
-    control secret, unsigned or badly signed commands are refused and counted
-    (streams/control_auth.py). ``baseline`` commands belong to the drift stage's own
-    control consumer (which checks them), so they are skipped here."""
+def handle_control(cmd: Any, *, auth: ControlAuth, refused: Any, flush: Callable[[], None],
+                   hooks: Sequence[tuple[str, Callable[[dict[str, Any]], None]]] = ()) -> None:
+    """Apply one control command: ``{"cmd": "flush"}`` calls ``flush``; every admitted
+    command also goes to each ``(name, hook)`` of ``hooks``. Bad commands are logged and
+    ignored. With a control secret (``auth``), unsigned or badly signed commands are
+    refused and counted in ``refused`` (streams/control_auth.py). ``baseline`` commands
+    belong to the drift stage's own control consumer (which checks them), so they are
+    skipped here."""
     if not isinstance(cmd, dict) or not isinstance(cmd.get("cmd"), str):
         log.warning("control: ignoring a %s (expected {\"cmd\": ...})", type(cmd).__name__)
         return
     if cmd["cmd"] == "baseline":
         return
-    if not admit(cmd, worker.cfg.control_secret, worker.metrics.control_refused,
-                 max_age_s=worker.cfg.control_max_age_s):
+    if not admit(cmd, auth.secret, refused, max_age_s=auth.max_age_s):
         return
     if cmd["cmd"] == "flush":
-        worker.request_flush()
-    for st in worker.stages:
-        fn = getattr(st, "on_control", None)
-        if fn is not None:
-            try:
-                fn(cmd)
-            except Exception:  # noqa: BLE001 - a command never breaks the worker
-                log.exception("control: stage %s failed on %r", st.name, cmd)
+        flush()
+    for name, fn in hooks:
+        try:
+            fn(cmd)
+        except Exception:  # noqa: BLE001 - a command never breaks the worker
+            log.exception("control: stage %s failed on %r", name, cmd)
 
 
 def log_control_trust(cfg: WorkerConfig) -> None:
@@ -158,6 +163,7 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
     registry = registry or CollectorRegistry()
     refused = refused_counter(registry)
     built: list[Stage] = [s if isinstance(s, Stage) else s(registry) for s in stages]
+    link_stages(built)
     worker = Worker(cfg, WorkerMetrics(registry), stages=built)
 
     async def metrics(request: web.Request) -> web.Response:

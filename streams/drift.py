@@ -67,7 +67,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from dataclasses import field as dc_field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prometheus_client.registry import CollectorRegistry
@@ -88,6 +88,12 @@ from driftline.schemas.drift import DriftResult
 from driftline.schemas.topics import CONTROL_TOPIC
 from driftline.streams.embedding import EmbeddingBatcher, EmbeddingConfig, load_encoder
 from driftline.streams.metrics import DriftStageMetrics
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from driftline.schemas.rules import DriftObservation
+    from driftline.streams.ports import StagePorts
 
 log = logging.getLogger("driftline.drift")
 
@@ -524,6 +530,7 @@ class DriftStage:
     """The worker stage (``name = "drift"``). ``DriftStage.factory(cfg)`` for ``serve_worker(stages=…)``."""
 
     name = "drift"
+    tables = ("llm_embeddings", "drift_references", "drift_scores", "drift_control_log")
 
     def __init__(self, cfg: DriftConfig | None = None, registry: CollectorRegistry | None = None,
                  encoder: Any = None) -> None:
@@ -532,7 +539,11 @@ class DriftStage:
         self.metrics = DriftStageMetrics(self, registry)
         self.batcher: EmbeddingBatcher[Sample] | None = None
         self.engine: DriftEngine | None = None
-        self.worker: Any = None
+        #: what start() is given (streams/ports.py); None before start
+        self._ports: StagePorts | None = None
+        #: called with every drift test result (a ``drift_scores`` row), e.g. the alerting
+        #: stage's ``observe_drift``: linked by the wiring (streams/wiring.py)
+        self.observers: list[Callable[[DriftObservation], None]] = []
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drift")
         self._inbox: list[tuple[list[Sample], list[int], np.ndarray]] = []
         self._controls: list[tuple[dict[str, Any], str, str, int, int]] = []
@@ -550,8 +561,12 @@ class DriftStage:
         return lambda registry: cls(cfg, registry, encoder)
 
     # -- lifecycle ---------------------------------------------------------------
-    async def start(self, worker: Any) -> None:
-        self.worker = worker
+    def add_observer(self, fn: Callable[[DriftObservation], None]) -> None:
+        """Hand every drift test result to ``fn`` too (safe to call from the drift loop)."""
+        self.observers.append(fn)
+
+    async def start(self, ports: StagePorts) -> None:
+        self._ports = ports
         ecfg = self.cfg.embedding
         enc = self._encoder if self._encoder is not None else (lambda: load_encoder(ecfg))
         self.batcher = EmbeddingBatcher(enc, self._on_embedded, batch_size=ecfg.batch_size,
@@ -559,10 +574,9 @@ class DriftStage:
                                         cache_size=ecfg.cache_size)
         await self.batcher.start()
         assert self.batcher.encoder is not None
-        sink = worker.sink
-        self.engine = DriftEngine(self.cfg, lambda sql: sink.call(lambda c: c.query(sql).result_rows),
-                                  sink.database, getattr(self.batcher.encoder, "name", "encoder"))
-        self.engine.redaction = getattr(worker.cfg, "redaction", None) or Redaction()
+        self.engine = DriftEngine(self.cfg, ports.tables.query, ports.tables.database,
+                                  getattr(self.batcher.encoder, "name", "encoder"))
+        self.engine.redaction = ports.redaction
         self._task = asyncio.create_task(self._loop(), name="driftline-drift")
         if self.cfg.control_topic:
             self._control_task = asyncio.create_task(self._control_loop(), name="driftline-drift-control")
@@ -650,24 +664,26 @@ class DriftStage:
                     cmd, cid, topic, part, off = self._controls.pop(0)
                     refs = await loop.run_in_executor(self._pool, eng.apply, cmd, cid)
                     await self._write({}, refs, [])
-                    log_row = {"control_id": cid, "applied_at": _ms_to_dt(int(time.time() * 1000)),
+                    assert self._ports is not None
+                    log_row = {"control_id": cid, "applied_at": _ms_to_dt(int(self._ports.clock() * 1000)),
                                "action": str(cmd.get("action")), "command": json.dumps(cmd, sort_keys=True),
                                "n_references": len(refs), "topic": topic, "partition": part, "offset": off}
-                    await self.worker.sink.insert_rows("drift_control_log", [log_row], CONTROL_LOG_COLUMNS)
+                    await self._ports.tables.insert_rows("drift_control_log", [log_row], CONTROL_LOG_COLUMNS)
                     self._applied_ids.add(cid)
                     self.controls_applied += 1
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a failure here never stops the stream
                 log.exception("drift: processing a batch failed")
-                if self.worker is not None:
-                    self.worker.metrics.stage_errors[self.name] += 1
+                if self._ports is not None:
+                    self._ports.metrics.stage_errors[self.name] += 1
             finally:
                 self._busy = False
 
     async def _write(self, emb: dict[str, list[Any]], refs: list[dict[str, Any]],
                      results: list[tuple[Sample, DriftResult]]) -> None:
-        sink = self.worker.sink
+        assert self._ports is not None
+        sink = self._ports.tables
         if emb and emb["event_id"]:
             await sink.insert_columns("llm_embeddings", emb)
             self.stored_embeddings += len(emb["event_id"])
@@ -688,11 +704,11 @@ class DriftStage:
     def _publish(self, results: list[tuple[Sample, DriftResult]]) -> None:
         from driftline.schemas.rules import DriftObservation
 
-        w = self.worker
-        observers = [f for st in w.stages if st is not self and (f := getattr(st, "observe_drift", None))]
+        assert self._ports is not None
+        metrics, observers = self._ports.metrics, self.observers
         for s, r in results:
             a, m, p = s.key
-            w.metrics.observe_drift(a, m, p, s.field, r.method, r.statistic, r.p_value, r.drifted)
+            metrics.observe_drift(a, m, p, s.field, r.method, r.statistic, r.p_value, r.drifted)
             if observers:
                 obs = DriftObservation(ts_ms=int(r.explanation["window"]["to_ms"]), app=a, model=m,
                                        prompt_version=p, field=s.field, method=r.method,
@@ -710,13 +726,13 @@ class DriftStage:
         topic = self.cfg.control_topic
         assert topic and self.engine is not None
         db = self.engine.db
-        done = await self.worker.sink.acall(lambda c: c.query(
-            f"SELECT DISTINCT control_id FROM {db}.drift_control_log").result_rows)
+        assert self._ports is not None
+        done = await self._ports.tables.aquery(f"SELECT DISTINCT control_id FROM {db}.drift_control_log")
         self._applied_ids = {r[0] for r in done}
-        wcfg = self.worker.cfg
-        consumer = AIOKafkaConsumer(bootstrap_servers=wcfg.kafka, group_id=None,
+        kafka = self._ports.kafka
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=None,
                                     enable_auto_commit=False, auto_offset_reset="earliest",
-                                    **wcfg.kafka_security.aiokafka_kwargs())
+                                    **kafka.security.aiokafka_kwargs())
         await consumer.start()
         try:
             parts = None
@@ -763,9 +779,10 @@ class DriftStage:
         cid = str(cmd.get("id") or f"{topic}:{partition}:{offset}:{timestamp}")
         if cid in self._applied_ids:  # applied before (the topic is read from its start each time)
             return False
-        wcfg = self.worker.cfg
-        if not admit(cmd, wcfg.control_secret, self.worker.metrics.control_refused,
-                     max_age_s=wcfg.control_max_age_s, where="drift"):
+        assert self._ports is not None
+        auth = self._ports.control
+        if not admit(cmd, auth.secret, self._ports.metrics.control_refused,
+                     max_age_s=auth.max_age_s, where="drift"):
             return False
         log.info("drift: baseline command %s", {k: v for k, v in cmd.items() if k != "sig"})
         self._applied_ids.add(cid)

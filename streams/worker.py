@@ -92,6 +92,7 @@ from driftline.streams.pipeline import (
     enrich,
     to_columns,
 )
+from driftline.streams.ports import ControlAuth, KafkaPort, StagePorts, TableWriter, WindowView
 from driftline.streams.privacy import redact_events, redact_rejected
 from driftline.streams.redact_secrets import redact_url, redact_urls_in
 from driftline.streams.sinks import ClickHouseSink, Retention
@@ -186,16 +187,19 @@ class StoredBatch:
 class Stage(Protocol):
     """A part of the stream that runs beside the spine (alerting, drift).
 
-    ``start`` is awaited once the worker is consuming; ``on_stored`` is called in the
-    writer after each batch is safe in ClickHouse and must be cheap and never block
-    (queue heavy work onto a task of your own); an exception it raises is logged and
-    counted, never propagated. ``stop`` is awaited when the worker stops, after the
-    last batch.
+    ``start`` is awaited once the worker is consuming, with the stage's ports
+    (streams/ports.py: a writer for its ``tables``, metrics, a view of the open
+    windows, …; never the worker itself); ``on_stored`` is called in the writer after
+    each batch is safe in ClickHouse and must be cheap and never block (queue heavy
+    work onto a task of your own); an exception it raises is logged and counted,
+    never propagated. ``stop`` is awaited when the worker stops, after the last batch.
     """
 
     name: str
+    #: the tables the stage writes (its ``StagePorts.tables`` refuses the others)
+    tables: tuple[str, ...]
 
-    async def start(self, worker: Worker) -> None: ...
+    async def start(self, ports: StagePorts) -> None: ...
 
     def on_stored(self, batch: StoredBatch) -> None: ...
 
@@ -402,7 +406,7 @@ class Worker:
         started: list[Stage] = []
         try:
             for st in self.stages:
-                await st.start(self)
+                await st.start(self.ports_for(st))
                 started.append(st)
             # What start-up allocated (modules, model, price table, rules) lives as long as
             # the worker: move it out of the collector's generations, so the full
@@ -431,6 +435,16 @@ class Worker:
                 except Exception:  # noqa: BLE001 - stopping one stage never blocks the rest
                     log.exception("stage %s failed to stop", st.name)
             await self.stop()
+
+    def ports_for(self, stage: Stage) -> StagePorts:
+        """What ``stage`` is given at start: a writer for its own tables, the metrics,
+        a read-only view of the open windows, the Kafka and control settings."""
+        cfg = self.cfg
+        return StagePorts(tables=TableWriter(self.sink, stage.tables), metrics=self.metrics,
+                          windows=WindowView(lambda: self.windows),
+                          kafka=KafkaPort(cfg.kafka, cfg.kafka_security),
+                          control=ControlAuth(cfg.control_secret, cfg.control_max_age_s),
+                          redaction=cfg.redaction)
 
     def request_flush(self) -> None:
         """Write the open windows as partial rows with the next batch."""

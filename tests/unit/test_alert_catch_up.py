@@ -5,7 +5,6 @@ window stage and the alerting stage are driven directly, the clock is the waterm
 from __future__ import annotations
 
 import textwrap
-from types import SimpleNamespace
 
 import numpy as np
 from prometheus_client import CollectorRegistry
@@ -14,6 +13,7 @@ from driftline.schemas.metrics import WindowKey
 from driftline.schemas.rules import AlertTransition, parse_rules
 from driftline.streams.alert_stage import AlertingStage
 from driftline.streams.alerting import AlertEvaluator
+from driftline.streams.ports import StagePorts
 from driftline.streams.windows import EventBatchColumns, WindowAggregator, WindowConfig
 from driftline.streams.worker import StoredBatch
 
@@ -76,7 +76,7 @@ def run(batches: list[EventBatchColumns], budget_s: float | None = None) -> list
     agg = WindowAggregator(WindowConfig(size_ms=MIN, allowed_lateness_ms=30_000))
     st = AlertingStage(RULES, write_alerts=False, clock=lambda: agg.watermark_ms,  # type: ignore[arg-type,return-value]
                        catch_up_budget_s=budget_s)
-    st._worker = SimpleNamespace(windows=agg)  # type: ignore[assignment]  # what start() sets
+    st._ports = StagePorts.detached(windows=agg)  # what start() sets
     out: list[AlertTransition] = []
     for b in batches:
         agg.add(b)
@@ -142,7 +142,7 @@ def test_catch_up_steps_are_counted_and_bounded() -> None:
     reg = CollectorRegistry()
     st = AlertingStage(RULES, registry=reg, write_alerts=False, clock=lambda: agg.watermark_ms,  # type: ignore[arg-type,return-value]
                        max_catch_up_windows=20)
-    st._worker = SimpleNamespace(windows=agg)  # type: ignore[assignment]
+    st._ports = StagePorts.detached(windows=agg)
     first = np.flatnonzero(c.ts_ms < T0 + 2_000)
     agg.add(take(c, first))
     st.tick()                                               # clock at 1 s

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import textwrap
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ from driftline.streams.alert_stage import (
     build_notifiers,
 )
 from driftline.streams.notifiers import InMemoryNotifier
+from driftline.streams.ports import StagePorts
 from driftline.streams.windows import EventBatchColumns, WindowAggregator, WindowConfig
 from driftline.streams.worker import StoredBatch
 
@@ -90,9 +90,8 @@ def _cols(ts: list[int], latency: list[float]) -> EventBatchColumns:
 
 def test_live_windows_are_read_without_touching_the_workers_partial_rows() -> None:
     agg = WindowAggregator(WindowConfig(size_ms=60_000))
-    worker = SimpleNamespace(windows=agg)
     st = AlertingStage(RULES, write_alerts=False)
-    st._worker = worker  # type: ignore[assignment]  # what start() sets, without the tasks
+    st._ports = StagePorts.detached(windows=agg)  # what start() sets, without the tasks
     assert st.now_ms() is None and st.tick() == []      # nothing seen: no clock, no evaluation
     agg.add(_cols([1_000, 2_000], [100.0, 5_000.0]))
     out = st.tick()

@@ -15,7 +15,6 @@ import logging
 import ssl
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -332,32 +331,40 @@ def test_admit_logs_without_the_secret_and_counts(caplog: pytest.LogCaptureFixtu
 
 # ---------------------------------------------------------------- the worker's two control paths
 def _worker(secret: bytes | None) -> Any:
+    """The ports both control paths are given (ControlAuth, the worker's metrics)."""
+    from driftline.streams.ports import ControlAuth, StagePorts
+
     reg = CollectorRegistry()
     flushed: list[int] = []
-    w = SimpleNamespace(cfg=SimpleNamespace(control_secret=secret, control_max_age_s=None),
-                        metrics=WorkerMetrics(reg), stages=[], request_flush=lambda: flushed.append(1))
-    return w, reg, flushed
+    ports = StagePorts.detached(metrics=WorkerMetrics(reg), control=ControlAuth(secret))
+    return ports, reg, flushed
+
+
+def _handle(ports: Any, cmd: Any, flushed: list[int], hooks: Any = ()) -> None:
+    """The faust agent's call, as make_app wires it (a flush that records)."""
+    from driftline.streams.app import handle_control
+
+    handle_control(cmd, auth=ports.control, refused=ports.metrics.control_refused,
+                   flush=lambda: flushed.append(1), hooks=hooks)
 
 
 def test_handle_control_applies_signed_and_refuses_unsigned_commands() -> None:
     # the faust agent's path (streams/app.py make_app -> handle_control); catches: handle_control
     # not calling the check, or a refused command still reaching request_flush / the stages
-    from driftline.streams.app import handle_control
-
     w, reg, flushed = _worker(SECRET)
     seen: list[dict[str, Any]] = []
-    w.stages = [SimpleNamespace(name="s", on_control=seen.append)]
-    handle_control(w, {"cmd": "flush"})
-    handle_control(w, sign_command({"cmd": "flush"}, b"x" * 32))
+    hooks = [("s", seen.append)]
+    _handle(w, {"cmd": "flush"}, flushed, hooks)
+    _handle(w, sign_command({"cmd": "flush"}, b"x" * 32), flushed, hooks)
     assert flushed == [] and seen == []
-    handle_control(w, sign_command({"cmd": "flush"}, SECRET))
+    _handle(w, sign_command({"cmd": "flush"}, SECRET), flushed, hooks)
     assert flushed == [1] and [c["cmd"] for c in seen] == ["flush"]
-    handle_control(w, {"cmd": "baseline", "action": "reset"})  # the drift stage's, not counted here
+    _handle(w, {"cmd": "baseline", "action": "reset"}, flushed, hooks)  # the drift stage's, not counted here
     get = reg.get_sample_value
     assert get("driftline_control_refused_total", {"reason": "unsigned"}) == 1
     assert get("driftline_control_refused_total", {"reason": "bad_signature"}) == 1
     w2, reg2, flushed2 = _worker(None)  # no secret: accepted as before
-    handle_control(w2, {"cmd": "flush"})
+    _handle(w2, {"cmd": "flush"}, flushed2)
     assert flushed2 == [1] and reg2.get_sample_value("driftline_control_refused_total",
                                                      {"reason": "unsigned"}) is None
 
@@ -371,7 +378,7 @@ def test_drift_stage_queues_signed_and_refuses_unsigned_baseline_commands() -> N
 
     st = DriftStage(DriftConfig())
     w, reg, _ = _worker(SECRET)
-    st.worker = w
+    st._ports = w  # what start() sets
     signed = sign_command({"cmd": "baseline", "action": "reset", "app": "chat"}, SECRET)
     unsigned = {"cmd": "baseline", "id": "u1", "action": "reset", "app": "chat", "sent_at_ms": 1}
     forged = {**signed, "app": "search"}
@@ -384,7 +391,7 @@ def test_drift_stage_queues_signed_and_refuses_unsigned_baseline_commands() -> N
     assert reg.get_sample_value("driftline_control_refused_total", {"reason": "unsigned"}) == 1
     assert reg.get_sample_value("driftline_control_refused_total", {"reason": "bad_signature"}) == 1
     st2 = DriftStage(DriftConfig())
-    st2.worker = _worker(None)[0]
+    st2._ports = _worker(None)[0]
     assert st2.on_control_record(json.dumps(unsigned).encode(), "driftline.control", 0, 0, 0)
 
 
@@ -415,12 +422,11 @@ def test_deeply_nested_control_records_are_refused_without_raising() -> None:
     # a signed command after them must still be queued.
     import sys
 
-    from driftline.streams.app import handle_control
     from driftline.streams.drift import DriftConfig, DriftStage
 
     st = DriftStage(DriftConfig())
     w, reg, flushed = _worker(SECRET)
-    st.worker = w
+    st._ports = w  # what start() sets
     lim = sys.getrecursionlimit()
     n = 0
     for d in [*range(lim - 150, lim + 5), 100_000]:
@@ -435,8 +441,8 @@ def test_deeply_nested_control_records_are_refused_without_raising() -> None:
     for d in range(1, lim + 60):  # the faust agent's path gets the decoded object
         deep = [deep]
         if d > lim - 150 and d % 5 == 0:
-            handle_control(w, {"cmd": "flush", "id": "f", "sent_at_ms": 1, "sig": "x", "x": deep})
-            handle_control(w, {"cmd": "flush", "id": "f", "sent_at_ms": 1, "sig": "x", "action": deep})
+            _handle(w, {"cmd": "flush", "id": "f", "sent_at_ms": 1, "sig": "x", "x": deep}, flushed)
+            _handle(w, {"cmd": "flush", "id": "f", "sent_at_ms": 1, "sig": "x", "action": deep}, flushed)
     assert flushed == []
     signed = sign_command({"cmd": "baseline", "action": "reset", "app": "chat"}, SECRET)
     assert st.on_control_record(json.dumps(signed).encode(), "driftline.control", 0, n, 0)
