@@ -34,11 +34,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from driftline.schemas.topics import CONTROL_TOPIC
 from driftline.streams.control_auth import admit
-from driftline.streams.metrics import WorkerMetrics, refused_counter
+from driftline.streams.metrics import refused_counter
 from driftline.streams.ports import ControlAuth
 from driftline.streams.sinks import chdb_path
-from driftline.streams.wiring import link_stages
-from driftline.streams.worker import Stage, Worker, WorkerConfig
+from driftline.streams.wiring import build_worker
+from driftline.streams.worker import Worker, WorkerConfig
 
 log = logging.getLogger("driftline.app")
 
@@ -138,8 +138,10 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
 
     ``stages`` are :class:`~driftline.streams.worker.Stage` objects, or callables
     ``(registry) -> Stage`` so a stage can register its own metrics on the worker's
-    ``/metrics``. ``sql``: :class:`~driftline.streams.chserver.EndpointOptions` of the
-    SQL endpoint (served on an embedded chDB store when ``sql_port`` is set).
+    ``/metrics`` (``wiring.stage_factories`` makes those of ``driftline worker``); the
+    worker and its stages are built and linked by ``wiring.build_worker``. ``sql``:
+    :class:`~driftline.streams.chserver.EndpointOptions` of the SQL endpoint (served
+    on an embedded chDB store when ``sql_port`` is set).
 
     The SQL endpoint always asks for credentials (streams/auth.py); the ``/metrics``
     port only on a non-loopback ``web_host`` (Prometheus scrapes loopback without
@@ -162,9 +164,7 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
              if serve_sql or not is_loopback(web_host) else None)
     registry = registry or CollectorRegistry()
     refused = refused_counter(registry)
-    built: list[Stage] = [s if isinstance(s, Stage) else s(registry) for s in stages]
-    link_stages(built)
-    worker = Worker(cfg, WorkerMetrics(registry), stages=built)
+    worker = build_worker(cfg, registry, stages)  # streams/wiring.py: the pipeline
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry),

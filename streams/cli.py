@@ -309,19 +309,21 @@ def worker(
             redaction=Redaction(redact, redact_key),  # type: ignore[arg-type]  # checked there
             retention=Retention(retention_days, retention_days_text),
         )
-        stages: list[Any] = []
+        from driftline.streams.wiring import AlertingOptions, stage_factories
+
+        alerting: AlertingOptions | None = None
+        dcfg: Any = None  # DriftConfig when --drift
         if alerts:
-            from driftline.streams.alert_stage import alerting_stage
             from driftline.streams.alerting import default_rules_path
 
             if rules is not None:
                 _check_rules_or_exit(rules)
             else:
                 _say(f"no --rules given: using the default alert rules ({default_rules_path()})")
-            stages.append(alerting_stage(rules, webhooks=webhook or (), slack_webhooks=slack_webhook or (),
-                                         alertmanagers=alertmanager or (), eval_interval_s=alert_interval))
+            alerting = AlertingOptions(rules, tuple(webhook or ()), tuple(slack_webhook or ()),
+                                       tuple(alertmanager or ()), eval_interval_s=alert_interval)
         if drift:
-            from driftline.streams.drift import DriftConfig, DriftStage
+            from driftline.streams.drift import DriftConfig
             from driftline.streams.embedding import EmbeddingConfig
 
             if sample_rate is None:
@@ -337,14 +339,13 @@ def worker(
                                           threads=embed_threads))
             _say(f"semantic drift on {','.join(dcfg.fields)}: {embed_model} ({embed_device}), sample rate "
                  f"{sample_rate:g}, reference {ref_size}, window {drift_window}, test every {test_every}")
-            stages.append(DriftStage.factory(dcfg))
         from driftline.streams.chserver import EndpointLimits, EndpointOptions
 
         sql_opts = EndpointOptions(host=sql_bind, password_file=sql_password_file, allow_writes=sql_allow_writes,
                                    extra_hosts=tuple(sql_allowed_host or ()),
                                    limits=EndpointLimits(max_execution_time_s=sql_timeout))
         run_worker(cfg, web_host=bind, web_port=metrics_port, sql_port=sql_port or None,
-                   loglevel=log_level, stages=stages, sql=sql_opts)
+                   loglevel=log_level, stages=stage_factories(alerting=alerting, drift=dcfg), sql=sql_opts)
     except ValueError as exc:
         raise _err(str(exc)) from None
     finally:

@@ -1,13 +1,106 @@
-"""The pipeline's wiring: which stage feeds which (filled in step by step)."""
+"""The pipeline, top to bottom: where every row comes from.
+
+Read this file first. It names every source, transform and sink of
+``driftline worker`` (like a Vector pipeline config: each part says what feeds
+it), builds the stages from their configs, links them, and hands them to the
+worker. ``driftline worker`` (streams/cli.py) and ``serve_worker``
+(streams/app.py) build their worker here.
+
+SOURCES
+  kafka ``llm.events``            JSON events, one per record (schemas/event.py)
+  kafka ``otlp_spans[.<suffix>]`` OTLP trace requests, read as OTLP by the topic's name
+                                  (``WorkerConfig.topics``; both by default)
+  kafka ``driftline.control``     commands: ``flush`` (the faust agent, app.py),
+                                  ``baseline`` (the drift stage's own consumer)
+
+TRANSFORMS of the spine (streams/worker.py, in the order a batch goes through them)
+  decode    pipeline.decode_batch     inputs: SOURCES  invalid -> the DLQ, with the reason
+  enrich    pipeline.enrich           inputs: decode   cost (schemas/prices.toml + --prices),
+                                                       guardrails (--scan-guardrails)
+  columns   pipeline.to_columns       inputs: enrich   the ``llm_events`` columns
+  windows   windows.WindowAggregator  inputs: columns  event-time windows per (app, model,
+                                                       prompt_version): final and partial rows
+
+SINKS of the spine: one write step, in this order (README "What the worker does")
+  clickhouse ``llm_events``         inputs: columns  (texts redacted here, --redact; the
+                                                       stages get the original texts)
+  clickhouse ``dlq_outbox``         inputs: decode (rejected), llm_events (refused rows)
+  clickhouse ``llm_window_metrics`` inputs: windows
+  clickhouse ``ingest_log``         the step's source offsets: written last
+  kafka      ``llm.events.dlq``     inputs: dlq_outbox; then the offsets are committed
+
+STAGES: fed each write step once it is safe (``Stage.on_stored``), given their ports
+(streams/ports.py), built by :func:`stage_factories` and linked by :func:`link_stages`
+  alerting  alert_stage.AlertingStage   inputs: stored batches, the open windows (peek),
+                                        drift results  -> ``alerts`` table, notifiers
+                                        (webhook, Slack, Alertmanager, log)
+  drift     drift.DriftStage            inputs: stored events (sampled by event_id),
+                                        ``baseline`` commands
+                                        -> ``llm_embeddings``, ``drift_references``,
+                                        ``drift_scores``, ``drift_control_log``;
+                                        every test result -> alerting (drift rules)
+
+PROMETHEUS: one registry for the worker's metrics and every stage's, served at
+``/metrics`` (app.py ``serve_worker``).
+"""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from driftline.streams.worker import Stage
+from prometheus_client import CollectorRegistry
 
-__all__ = ["link_stages"]
+from driftline.streams.metrics import WorkerMetrics
+from driftline.streams.worker import Stage, Worker, WorkerConfig
+
+if TYPE_CHECKING:
+    from driftline.streams.drift import DriftConfig
+
+__all__ = ["AlertingOptions", "StageFactory", "stage_factories", "link_stages", "build_worker"]
+
+#: a stage, or ``(registry) -> stage`` so that it registers its metrics on the worker's registry
+StageFactory = Callable[[CollectorRegistry], Stage]
+
+
+@dataclass(frozen=True)
+class AlertingOptions:
+    """The alerting stage: its rules file (None: the shipped default rules), where
+    alerts go besides the ``alerts`` table and the log, and how often rules run."""
+
+    rules_file: Path | None = None
+    webhooks: tuple[str, ...] = ()
+    slack_webhooks: tuple[str, ...] = ()
+    alertmanagers: tuple[str, ...] = ()
+    eval_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.eval_interval_s > 0:
+            raise ValueError("eval_interval_s must be > 0")
+
+
+# ----------------------------------------------------------------------------- stages
+def stage_factories(*, alerting: AlertingOptions | None = None,
+                    drift: DriftConfig | None = None) -> list[StageFactory]:
+    """The stages of ``driftline worker``, in the order they are fed (and stopped in
+    reverse): alerting, then drift. None leaves a stage out. The stage modules are
+    imported only when used (drift loads the embedding stack)."""
+    out: list[StageFactory] = []
+    if alerting is not None:
+        from driftline.streams.alert_stage import alerting_stage
+
+        out.append(alerting_stage(alerting.rules_file, webhooks=alerting.webhooks,
+                                  slack_webhooks=alerting.slack_webhooks,
+                                  alertmanagers=alerting.alertmanagers,
+                                  eval_interval_s=alerting.eval_interval_s))
+    if drift is not None:
+        from driftline.streams.drift import DriftStage
+
+        out.append(DriftStage.factory(drift))
+    return out
 
 
 def link_stages(stages: Sequence[Stage]) -> None:
@@ -25,4 +118,15 @@ def link_stages(stages: Sequence[Stage]) -> None:
     for st in stages:
         if isinstance(st, drift_mod.DriftStage):
             for al in alerting:
-                st.add_observer(al.observe_drift)
+                if al.observe_drift not in st.observers:
+                    st.add_observer(al.observe_drift)
+
+
+# ----------------------------------------------------------------------------- the worker
+def build_worker(cfg: WorkerConfig, registry: CollectorRegistry,
+                 stages: Sequence[Stage | StageFactory | Any] = ()) -> Worker:
+    """The worker: the spine of ``cfg`` (sources, transforms, sinks above) with its
+    metrics on ``registry``, and ``stages`` built on that registry and linked."""
+    built: list[Stage] = [s if isinstance(s, Stage) else s(registry) for s in stages]
+    link_stages(built)
+    return Worker(cfg, WorkerMetrics(registry), stages=built)

@@ -1,7 +1,7 @@
 """The stream worker: Kafka -> decode -> enrich -> windows -> ClickHouse (+ DLQ, metrics).
 
-Wiring, top to bottom (the stages are plain functions in streams/pipeline.py and
-streams/windows.py):
+The spine, top to bottom (its steps are plain functions in streams/pipeline.py and
+streams/windows.py; the whole pipeline, stages included, reads in streams/wiring.py):
 
     consumer group (aiokafka, batched getmany)            [fetch]
       -> skip records already stored (restart / rebalance)
