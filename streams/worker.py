@@ -74,12 +74,19 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from driftline.detectors.redact import Redaction
 from driftline.schemas.columns import LOG_COLUMNS, OUTBOX_COLUMNS, WINDOW_COLUMNS
 from driftline.schemas.metrics import WindowKey, WindowStats
 from driftline.schemas.topics import CONTROL_TOPIC, DLQ_TOPIC, EVENTS_TOPIC, OTLP_TOPIC
+from driftline.streams.kafka_host import (
+    GroupListener,
+    commit_confirmed,
+    cut_off,
+    group_consumer,
+    hold,
+)
 from driftline.streams.kafka_security import KafkaSecurity
 from driftline.streams.metrics import WorkerMetrics
 from driftline.streams.pipeline import (
@@ -243,17 +250,6 @@ class _Pending:
     undecodable: list[Rejected] = field(default_factory=list)
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        await self.worker._on_revoked(list(revoked))
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        await self.worker._on_assigned(list(assigned))
-
-
 class Worker:
     """Runs the pipeline against Kafka and ClickHouse. ``await run(stop)``; no faust needed."""
 
@@ -332,15 +328,7 @@ class Worker:
                            for p in sorted(self._dlq_reader.partitions_for_topic(cfg.dlq_topic) or {0})]
         self._dlq_reader.assign(self._dlq_parts)
         self._dlq_hw = await self._dlq_highwaters()
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=cfg.kafka, group_id=cfg.group_id, enable_auto_commit=False,
-            auto_offset_reset=cfg.auto_offset_reset, max_partition_fetch_bytes=8 << 20,
-            fetch_max_bytes=64 << 20, max_poll_records=cfg.max_batch,
-            session_timeout_ms=cfg.session_timeout_ms, rebalance_timeout_ms=cfg.rebalance_timeout_ms,
-            heartbeat_interval_ms=max(500, min(3_000, cfg.session_timeout_ms // 4)),
-            max_poll_interval_ms=600_000, **cfg.kafka_security.aiokafka_kwargs(),
-        )
-        self.consumer.subscribe(list(cfg.topics), listener=_Rebalance(self))
+        self.consumer = group_consumer(cfg, GroupListener(self._on_revoked, self._on_assigned))
         await self.consumer.start()
         log.info("worker consuming %s from %s into %s (database %s)", ",".join(cfg.topics),
                  cfg.kafka, redact_url(cfg.clickhouse), self.sink.database)
@@ -740,31 +728,13 @@ class Worker:
         return _Work(event_cols, windows, decoded.rejected, offsets, watermark_ms=self.windows.watermark_ms)
 
     def _cut_off(self) -> bool:
-        """True while fetching is paused or an assigned partition has had no fetch answer
-        for 2 s (the broker unreachable): an empty fetch then says nothing about traffic."""
-        c = self.consumer
-        if c is None:
-            return False
-        parts = c.assignment()
-        if not parts or c.paused():  # no partition (group lost while Kafka is cut) or paused
-            return True
-        wall_ms = time.time() * 1000
-        for tp in parts:
-            ts = c.last_poll_timestamp(tp)
-            if ts is None or wall_ms - ts > 2_000:
-                return True
-        return False
+        """True while the group's fetches say nothing about traffic (kafka_host.cut_off)."""
+        return cut_off(self.consumer)
 
     # ------------------------------------------------------------------ write + commit
     async def _keepalive(self) -> None:
         """While ClickHouse is down: keep the group membership, fetch nothing more."""
-        c = self.consumer
-        if c is not None:
-            parts = c.assignment()
-            if parts:
-                c.pause(*parts)
-                with contextlib.suppress(Exception):
-                    await c.getmany(timeout_ms=0)
+        await hold(self.consumer)
 
     async def _writer(self) -> None:
         queue = self._queue
@@ -878,20 +848,10 @@ class Worker:
                         log.exception("stage %s failed on a batch", st.name)
         if outbox:
             await self._dead_letter(outbox)
-        c = self.consumer
-        if c is not None:
-            parts = c.assignment()
-            if c.paused():
-                c.resume(*parts)
-            offsets: dict[TopicPartition, int] = {}
-            for work in batch:
-                offsets.update(work.offsets)  # later batches carry later offsets
-            commit = {tp: off for tp, off in offsets.items() if tp in parts}
-            if commit:
-                try:
-                    await c.commit(commit)
-                except Exception as exc:  # noqa: BLE001 - rebalance in flight: the write log makes it safe
-                    log.warning("offset commit failed (the write log holds the offsets): %s", exc)
+        offsets: dict[TopicPartition, int] = {}
+        for work in batch:
+            offsets.update(work.offsets)  # later batches carry later offsets
+        await commit_confirmed(self.consumer, offsets)
 
     async def _dlq_highwaters(self) -> dict[int, int]:
         """The DLQ partitions' high watermarks, from a fetch response (Tansu's ListOffsets
