@@ -6,7 +6,7 @@ it), builds the stages from their configs, links them, and hands them to the
 worker. ``driftline worker`` (streams/cli.py) and ``serve_worker``
 (streams/app.py) build their worker here.
 
-SOURCES
+SOURCES (the worker's consumer group: streams/kafka_host.py)
   kafka ``llm.events``            JSON events, one per record (schemas/event.py)
   kafka ``otlp_spans[.<suffix>]`` OTLP trace requests, read as OTLP by the topic's name
                                   (``WorkerConfig.topics``; both by default)
@@ -55,7 +55,14 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 
 from driftline.streams.metrics import WorkerMetrics
-from driftline.streams.worker import Stage, Worker, WorkerConfig
+from driftline.streams.worker import (
+    Stage,
+    Worker,
+    WorkerConfig,
+    clickhouse_sink,
+    load_prices,
+    load_scanner,
+)
 
 if TYPE_CHECKING:
     from driftline.streams.drift import DriftConfig
@@ -80,6 +87,25 @@ class AlertingOptions:
     def __post_init__(self) -> None:
         if not self.eval_interval_s > 0:
             raise ValueError("eval_interval_s must be > 0")
+
+
+# ----------------------------------------------------------------------------- the worker
+def build_worker(cfg: WorkerConfig, registry: CollectorRegistry,
+                 stages: Sequence[Stage | StageFactory | Any] = ()) -> Worker:
+    """The worker: the spine of ``cfg`` (sources, transforms, sinks above) with its
+    metrics on ``registry``, and ``stages`` built on that registry and linked."""
+    # PROMETHEUS: the spine's metrics; the stages add theirs to the same registry
+    metrics = WorkerMetrics(registry)
+    # SOURCES: cfg.topics through the consumer group (streams/kafka_host.py)
+    # TRANSFORMS: decode -> enrich (prices, guardrail scanner) -> columns -> windows
+    prices, scanner = load_prices(cfg), load_scanner(cfg)
+    # SINKS: ClickHouse (the write step on its ingest lane, the stages on its query
+    # lane), the DLQ topic cfg.dlq_topic
+    sink = clickhouse_sink(cfg, metrics)
+    # STAGES, fed after each write step, and their links
+    built: list[Stage] = [s if isinstance(s, Stage) else s(registry) for s in stages]
+    link_stages(built)
+    return Worker(cfg, metrics, sink, built, prices=prices, scanner=scanner)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -120,13 +146,3 @@ def link_stages(stages: Sequence[Stage]) -> None:
             for al in alerting:
                 if al.observe_drift not in st.observers:
                     st.add_observer(al.observe_drift)
-
-
-# ----------------------------------------------------------------------------- the worker
-def build_worker(cfg: WorkerConfig, registry: CollectorRegistry,
-                 stages: Sequence[Stage | StageFactory | Any] = ()) -> Worker:
-    """The worker: the spine of ``cfg`` (sources, transforms, sinks above) with its
-    metrics on ``registry``, and ``stages`` built on that registry and linked."""
-    built: list[Stage] = [s if isinstance(s, Stage) else s(registry) for s in stages]
-    link_stages(built)
-    return Worker(cfg, WorkerMetrics(registry), stages=built)

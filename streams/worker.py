@@ -213,6 +213,33 @@ class Stage(Protocol):
     async def stop(self) -> None: ...
 
 
+def load_prices(cfg: WorkerConfig) -> Any:
+    """enrich's price table: the shipped one, or ``cfg.price_files`` on top of it."""
+    from driftline.schemas.prices import PriceTable
+
+    return PriceTable.load(*cfg.price_files) if cfg.price_files else PriceTable.default()
+
+
+def load_scanner(cfg: WorkerConfig) -> Any:
+    """enrich's guardrail scanner with ``cfg.scan_guardrails``, else None."""
+    if not cfg.scan_guardrails:
+        return None
+    from driftline.detectors.guardrails import GuardrailScanner
+
+    return GuardrailScanner()
+
+
+def count_sink_error(metrics: WorkerMetrics, what: str, exc: BaseException) -> None:
+    """Count a failed ClickHouse call (retried by the caller) by its first word."""
+    metrics.sink_errors[what.split(" ")[0]] += 1
+
+
+def clickhouse_sink(cfg: WorkerConfig, metrics: WorkerMetrics) -> ClickHouseSink:
+    """The ClickHouse sink of ``cfg`` (TTLs of ``cfg.retention``), its errors counted."""
+    return ClickHouseSink(cfg.clickhouse, cfg.database, retention=cfg.retention,
+                          on_error=lambda what, exc: count_sink_error(metrics, what, exc))
+
+
 @dataclass(slots=True)
 class _Work:
     """One processed batch on its way to the writer."""
@@ -254,19 +281,14 @@ class Worker:
     """Runs the pipeline against Kafka and ClickHouse. ``await run(stop)``; no faust needed."""
 
     def __init__(self, config: WorkerConfig, metrics: WorkerMetrics | None = None,
-                 sink: ClickHouseSink | None = None, stages: Sequence[Stage] = ()) -> None:
-        from driftline.schemas.prices import PriceTable
-
+                 sink: ClickHouseSink | None = None, stages: Sequence[Stage] = (), *,
+                 prices: Any = None, scanner: Any = None) -> None:
+        """The parts left None are built from ``config`` as streams/wiring.py builds them."""
         self.cfg = config
         self.metrics = metrics or WorkerMetrics()
-        self.sink = sink or ClickHouseSink(config.clickhouse, config.database, on_error=self._sink_error,
-                                           retention=config.retention)
-        self.prices = PriceTable.load(*config.price_files) if config.price_files else PriceTable.default()
-        self.scanner: Any = None
-        if config.scan_guardrails:
-            from driftline.detectors.guardrails import GuardrailScanner
-
-            self.scanner = GuardrailScanner()
+        self.sink = sink or clickhouse_sink(config, self.metrics)
+        self.prices = prices if prices is not None else load_prices(config)
+        self.scanner: Any = scanner if scanner is not None else load_scanner(config)
         self.windows = WindowAggregator(config.window)
         self.stages: list[Stage] = list(stages)
         self.consumer: AIOKafkaConsumer | None = None
@@ -305,7 +327,7 @@ class Worker:
 
     # ------------------------------------------------------------------ lifecycle
     def _sink_error(self, what: str, exc: BaseException) -> None:
-        self.metrics.sink_errors[what.split(" ")[0]] += 1
+        count_sink_error(self.metrics, what, exc)
 
     async def start(self) -> None:
         cfg = self.cfg
