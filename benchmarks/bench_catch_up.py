@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -22,6 +21,8 @@ from driftline.schemas.metrics import WindowStats
 from driftline.schemas.rules import load_rules
 from driftline.streams.alert_stage import AlertingStage
 from driftline.streams.alerting import default_rules_path
+from driftline.streams.ports import StagePorts
+from driftline.streams.windows import WindowAggregator, WindowConfig
 from driftline.streams.worker import StoredBatch
 
 T0 = 1_767_225_600_000
@@ -42,7 +43,7 @@ def main() -> None:
     clock = {"ms": T0}
     st = AlertingStage(load_rules(default_rules_path()), write_alerts=False, live_windows=False,
                        clock=lambda: clock["ms"], catch_up_budget_s=a.budget)
-    st._worker = SimpleNamespace(windows=SimpleNamespace(config=SimpleNamespace(size_ms=MIN)))  # type: ignore[assignment]
+    st._ports = StagePorts.detached(windows=WindowAggregator(WindowConfig(size_ms=MIN)))  # what start() sets
     st.tick()
     clock["ms"] = T0 + minutes * MIN
     apps = [f"a{k}" for k in range(a.keys)]
