@@ -146,13 +146,7 @@ def _write_new(path: Path, users: Mapping[str, str]) -> None:
     name (O_EXCL, 0600 from the first byte), then linked into place without
     replacing an existing file (a concurrent first start keeps the winner's)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new chDB store dir: private (sinks.py)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, _render(users))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    tmp = _private_tmp(path, users)
     try:
         os.link(tmp, path)  # fails if another process created it first
     finally:
@@ -161,6 +155,11 @@ def _write_new(path: Path, users: Mapping[str, str]) -> None:
 
 def _replace(path: Path, users: Mapping[str, str]) -> None:
     """Rewrite an existing credentials file (a user added) atomically, still 0600."""
+    os.replace(_private_tmp(path, users), path)
+
+
+def _private_tmp(path: Path, users: Mapping[str, str]) -> Path:
+    """``users`` written and synced to a new 0600 file beside ``path`` (O_EXCL)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -168,7 +167,7 @@ def _replace(path: Path, users: Mapping[str, str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    return tmp
 
 
 def _read_private(path: Path) -> dict[str, str]:
