@@ -40,7 +40,6 @@ from typing import Any
 
 import pytest
 from faultproxy import FaultProxy
-from helpers_worker import SESSION_MS
 
 from driftline.streams.broker import ensure_topics, free_port, tansu_binary, wait_for_port
 from driftline.streams.replay import ReplayConfig, ReplayData, generate
@@ -216,8 +215,6 @@ class WorkerProc:
     clickhouse: str
     log: Path
     sql_port: int = 0
-    #: the group's session timeout (ms) through tests/session_cli.py; None: the product's 10 s
-    session_ms: int | None = None
     proc: subprocess.Popen[bytes] | None = None
     peak_rss_mb: float = 0.0
 
@@ -225,8 +222,6 @@ class WorkerProc:
         # the console script beside this interpreter (a venv not on PATH), else the module
         exe = Path(sys.executable).with_name("driftline")
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "driftline.streams.cli"]
-        if self.session_ms is not None:  # the real CLI, its group session timeout shortened
-            cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "session_cli.py"), str(self.session_ms)]
         args = [*cmd, "worker", "--kafka", self.kafka, "--clickhouse", self.clickhouse, "--topic", TOPIC,
                 "--group", "faults", "--no-drift", "--window", str(WINDOW_S), "--lateness", str(LATENESS_S),
                 "--emit-interval", "1", "--max-batch", "2000", "--metrics-port", "0",
@@ -447,21 +442,19 @@ class CrashResult:
 
 
 def run_crash(tmp: Path, *, cycles: int, n_events: int, rate: float, seed: int,
-              max_after_start_s: float = 3.0, partitions: int = 1, session_ms: int | None = None) -> CrashResult:
+              max_after_start_s: float = 3.0, partitions: int = 1) -> CrashResult:
     """SIGKILL the worker ``cycles`` times under load, at seeded moments; check the store.
 
     Cycle 0 kills during start-up (before or while the group assigns the
     partitions); the others 0..``max_after_start_s`` s after the worker logs that it
     consumes (mid-batch, mid-insert, mid-commit, mid-DLQ-send: wherever it is).
-    Each restart first waits for the killed member's session (``session_ms``; None:
-    the product's 10 s) to expire.
     """
     rng = random.Random(seed)
     t0 = time.monotonic()
     db = tmp / "chdb"
     with broker_behind(tmp, proxied=False, partitions=partitions) as (broker, _):
         load = Load(broker.bootstrap, n_events, rate, seed).start()
-        w = WorkerProc(broker.bootstrap, f"chdb://{db}", tmp / "worker.log", session_ms=session_ms)
+        w = WorkerProc(broker.bootstrap, f"chdb://{db}", tmp / "worker.log")
         with contextlib.ExitStack() as cleanup:
             cleanup.callback(w.kill_quietly)
             cleanup.callback(load.stop.set)
@@ -509,7 +502,7 @@ class OutageResult:
 
 
 def run_outage(tmp: Path, *, link: str, outage_s: float, n_events: int, rate: float, seed: int,
-               rss_bound_mb: float = RSS_BOUND_MB, session_ms: int | None = None) -> OutageResult:
+               rss_bound_mb: float = RSS_BOUND_MB) -> OutageResult:
     """Cut the worker's link to ClickHouse (``link="clickhouse"``) or to the broker
     (``"kafka"``) for ``outage_s`` seconds mid-stream, under load; check the store,
     the worker's RSS (sampled every 0.5 s) and that it catches up by itself."""
@@ -528,8 +521,7 @@ def run_outage(tmp: Path, *, link: str, outage_s: float, n_events: int, rate: fl
             proxy = ch_proxy if link == "clickhouse" else k_proxy
             assert proxy is not None
             direct = f"http://127.0.0.1:{ch_port}/driftline"
-            w = WorkerProc(broker.bootstrap, f"http://127.0.0.1:{ch_proxy.port}/driftline", tmp / "worker.log",
-                           session_ms=session_ms)
+            w = WorkerProc(broker.bootstrap, f"http://127.0.0.1:{ch_proxy.port}/driftline", tmp / "worker.log")
             w.spawn()
             stack.callback(w.kill_quietly)
             w.wait_consuming()
@@ -582,9 +574,7 @@ def test_sigkill_under_load_every_record_exactly_once(tmp_path: Path) -> None:
     # not caught in the one run tried (test_worker_crash.py kills there on purpose); a
     # 10-cycle run of the code before the DLQ outbox lost 2 of 325 DLQ records (a kill
     # between the events insert and the DLQ send; benchmarks/RESULTS.md).
-    # A 3 s group session (SESSION_MS): each restart waited ~15 s for the killed member's
-    # 10 s session before, so the last kills came after the load had ended.
-    r = run_crash(tmp_path, cycles=5, n_events=8_000, rate=200.0, seed=13, session_ms=SESSION_MS)
+    r = run_crash(tmp_path, cycles=5, n_events=8_000, rate=200.0, seed=13)
     assert r.figures["events"] > 7_000 and r.figures["dlq"] == 80
 
 
@@ -594,17 +584,15 @@ def test_clickhouse_cut_mid_stream_pauses_and_catches_up(tmp_path: Path) -> None
     # close): every event held in Kafka during the cut was late and its window had no
     # row. Also fails on: the writer giving up (lost events, or a dead worker), a
     # retried insert stored twice, unbounded buffering while ClickHouse is down (RSS).
-    r = run_outage(tmp_path, link="clickhouse", outage_s=12, n_events=5_000, rate=250.0, seed=14,
-                   session_ms=SESSION_MS)
+    r = run_outage(tmp_path, link="clickhouse", outage_s=12, n_events=5_000, rate=250.0, seed=14)
     assert r.figures["events"] == 5_000 - 50
 
 
 def test_kafka_cut_mid_stream_pauses_and_catches_up(tmp_path: Path) -> None:
     # Every connection to the broker is reset and refused for 12 s (longer than the
-    # group's session timeout: 3 s here, SESSION_MS; also longer than the product's 10 s). Catches (checked): treating "no fetch answered" as
+    # group's 10 s session timeout). Catches (checked): treating "no fetch answered" as
     # idle traffic (Worker._cut_off returning False) -> 13 of 65 windows short of the raw
     # counts. Also fails on: the DLQ send or the commit raising out of the writer (dead
     # worker), re-storing what was stored before the rejoin (duplicates).
-    r = run_outage(tmp_path, link="kafka", outage_s=12, n_events=5_000, rate=250.0, seed=15,
-                   session_ms=SESSION_MS)
+    r = run_outage(tmp_path, link="kafka", outage_s=12, n_events=5_000, rate=250.0, seed=15)
     assert r.figures["events"] == 5_000 - 50
