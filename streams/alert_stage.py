@@ -262,6 +262,15 @@ class AlertingStage:
             self._wm, self._wm_mono = int(wm), mono
         if self._wm is None:
             return None
+        if self._ports is not None and self._ports.windows.held():
+            # cut off from Kafka (or held behind the writer): event time stands still, as the
+            # worker's own windows do; extrapolation resumes from here when fetches answer
+            # (else an outage resolves alerts for lack of data, and the backlog fires them
+            # again at earlier event times)
+            now = max(self._now, self._wm)
+            self._wm_mono = mono - (now - self._wm) / 1000
+            self._now = now
+            return now
         now = self._wm + int((mono - self._wm_mono) * 1000)
         if now < self._now:
             now = self._now

@@ -93,8 +93,15 @@ class WindowView:
     leave the worker's partial rows untouched.
     """
 
-    def __init__(self, current: Callable[[], WindowAggregator | None]) -> None:
+    def __init__(self, current: Callable[[], WindowAggregator | None],
+                 held: Callable[[], bool] = lambda: False) -> None:
         self._current = current
+        self._held = held
+
+    def held(self) -> bool:
+        """True while the worker is cut off from its input (fetches unanswered, nothing
+        assigned, or paused behind the writer): no data then says nothing about traffic."""
+        return bool(self._held())
 
     @property
     def size_ms(self) -> int | None:
@@ -148,7 +155,7 @@ class StagePorts:
 
     @classmethod
     def detached(cls, *, windows: WindowAggregator | None = None, metrics: WorkerMetrics | None = None,
-                 control: ControlAuth | None = None) -> StagePorts:
+                 control: ControlAuth | None = None, held: Callable[[], bool] = lambda: False) -> StagePorts:
         """Ports without ClickHouse or Kafka, for unit tests: ``windows`` is the
         aggregator the view reads (none: no open windows); writes and reads raise."""
         from prometheus_client import CollectorRegistry
@@ -157,5 +164,5 @@ class StagePorts:
 
         return cls(tables=TableWriter(None, ()),
                    metrics=metrics if metrics is not None else WorkerMetrics(CollectorRegistry()),
-                   windows=WindowView(lambda: windows), kafka=KafkaPort(""),
+                   windows=WindowView(lambda: windows, held), kafka=KafkaPort(""),
                    control=control if control is not None else ControlAuth())

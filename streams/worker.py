@@ -451,7 +451,7 @@ class Worker:
         a read-only view of the open windows, the Kafka and control settings."""
         cfg = self.cfg
         return StagePorts(tables=TableWriter(self.sink, stage.tables), metrics=self.metrics,
-                          windows=WindowView(lambda: self.windows),
+                          windows=WindowView(lambda: self.windows, self._cut_off),
                           kafka=KafkaPort(cfg.kafka, cfg.kafka_security),
                           control=ControlAuth(cfg.control_secret, cfg.control_max_age_s),
                           redaction=cfg.redaction)

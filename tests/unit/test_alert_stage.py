@@ -146,3 +146,35 @@ def test_restore_query_prefers_resolved_on_a_tie(tmp_path: Any) -> None:
         assert [(r[0], r[1], r[2], r[6]) for r in got] == [("R", "open", "firing", int(t1.timestamp() * 1000))]
     finally:
         sink.close()
+
+
+def test_stage_clock_stands_still_while_the_worker_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage clock follows the watermark plus the wall time since it last moved, except
+    while the worker is cut off from Kafka (or held behind the writer): then it stands still,
+    and afterwards goes on from where it stood. Mutation caught: extrapolating while held (a
+    Kafka cut then resolved alerts for lack of data and the backlog fired them again at
+    earlier event times: a transition recorded twice in the Kafka-cut fault test)."""
+    from types import SimpleNamespace
+
+    from driftline.streams import alert_stage as mod
+    from driftline.streams.ports import StagePorts
+
+    wall = {"t": 100.0}
+    held = {"v": False}
+    monkeypatch.setattr(mod.time, "monotonic", lambda: wall["t"])
+
+    class Agg:  # the two things the window view reads
+        watermark_ms = 1_000_000
+        config = SimpleNamespace(size_ms=60_000)
+
+    st = AlertingStage(RULES, write_alerts=False)
+    st._ports = StagePorts.detached(windows=Agg(), held=lambda: held["v"])  # type: ignore[arg-type]
+    assert st.now_ms() == 1_000_000
+    wall["t"] += 5
+    assert st.now_ms() == 1_005_000              # 5 s of wall time with Kafka answering
+    held["v"] = True
+    wall["t"] += 60
+    assert st.now_ms() == 1_005_000              # a minute cut off: event time stands still
+    held["v"] = False
+    wall["t"] += 2
+    assert st.now_ms() == 1_007_000              # and goes on from there, not from +67 s
