@@ -8,7 +8,7 @@ from typing import Any
 def replay_data(seed: int) -> tuple[Any, str]:
     """The real replay pool (AlpacaEval + safety sets, cached) and a label saying so;
     with no cache and no network, the synthetic pool, said loudly."""
-    from driftline.streams.replay import ReplayData
+    from driftline.streams.devdata.replay import ReplayData
 
     try:
         return ReplayData.load(), "real (AlpacaEval + safety sets via ReplayData.load())"

@@ -64,7 +64,7 @@ async def main(args: argparse.Namespace) -> int:
     from aiohttp import web
     from aiokafka import AIOKafkaProducer
 
-    from driftline.streams.broker import DEFAULT_TOPICS, LocalBroker, ensure_topics, free_port
+    from driftline.streams.local.broker import DEFAULT_TOPICS, LocalBroker, ensure_topics, free_port
 
     work = Path(tempfile.mkdtemp(prefix="driftline-bench-alert-"))
     rules = work / "rules.yaml"
@@ -88,7 +88,7 @@ async def main(args: argparse.Namespace) -> int:
     broker = LocalBroker(free_port(), log_path=work / "broker.log").start()
     ensure_topics(broker.bootstrap, DEFAULT_TOPICS)
     metrics_port = free_port()
-    cmd = [sys.executable, "-m", "driftline.streams.cli", "worker", "--kafka", broker.bootstrap,
+    cmd = [sys.executable, "-m", "driftline.streams.cli.main", "worker", "--kafka", broker.bootstrap,
            "--clickhouse", f"chdb://{work / 'chdb'}", "--rules", str(rules),
            "--webhook", f"http://{host}:{port}/hook", "--metrics-port", str(metrics_port),
            "--sql-port", "0", "--log-level", "warning"]

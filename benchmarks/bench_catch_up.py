@@ -3,7 +3,7 @@
     python benchmarks/bench_catch_up.py [--keys 100] [--hours 24] [--budget 0.2]
 
 Feeds ``--keys`` app keys with one final window per minute over ``--hours`` of event time
-to an :class:`~driftline.streams.alert_stage.AlertingStage` running the shipped default
+to an :class:`~driftline.streams.stages.alerting.AlertingStage` running the shipped default
 rules, all at once (as after a restart or a replay), and ticks it until it has caught up.
 Prints the total evaluation time, the number of ticks (each at most ``--budget`` seconds
 on past boundaries, then the next one) and the longest tick: the time the worker's event
@@ -17,12 +17,12 @@ import time
 
 import numpy as np
 
-from driftline.schemas.metrics import WindowStats
 from driftline.schemas.rules import load_rules
-from driftline.streams.alert_stage import AlertingStage
-from driftline.streams.alerting import default_rules_path
+from driftline.schemas.window_stats import WindowStats
 from driftline.streams.ports import StagePorts
-from driftline.streams.windows import WindowAggregator, WindowConfig
+from driftline.streams.stages.alerting import AlertingStage
+from driftline.streams.stages.rule_engine import default_rules_path
+from driftline.streams.stages.windows import WindowAggregator, WindowConfig
 from driftline.streams.worker import StoredBatch
 
 T0 = 1_767_225_600_000

@@ -41,7 +41,7 @@ from _machine import machine  # noqa: E402
 
 
 def load_texts(field: str, n: int) -> list[str]:
-    from driftline.streams.data import ensure_data, load_alpaca
+    from driftline.streams.devdata.real_prompts import ensure_data, load_alpaca
 
     items = load_alpaca(ensure_data())
     seen: set[str] = set()
@@ -64,7 +64,7 @@ def raw_rate(model, texts: list[str], batch_size: int, normalize: bool) -> tuple
 
 
 async def batcher_rate(encoder, texts: list[str], batch_size: int, chunk: int) -> tuple[float, np.ndarray, dict]:
-    from driftline.streams.embedding import EmbeddingBatcher
+    from driftline.streams.stages.embedding import EmbeddingBatcher
 
     got: dict[int, np.ndarray] = {}
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="passes per setting (best kept)")
     a = ap.parse_args(argv)
 
-    from driftline.streams.embedding import SentenceEncoder
+    from driftline.streams.stages.embedding import SentenceEncoder
 
     texts = load_texts(a.field, a.texts)
     enc = SentenceEncoder(device=a.device)

@@ -5,7 +5,7 @@
 Builds ``--requests`` OTLP ``ExportTraceServiceRequest`` batches of ``--spans`` GenAI
 chat spans each, serialized ``otlp_proto`` (the Collector Kafka exporter's default) with
 the official ``opentelemetry-proto`` messages. Each span is one call of the replay fleet
-(``streams/replay.py``: real AlpacaEval prompts/responses via ``ReplayData.load()``;
+(``streams/devdata/replay.py``: real AlpacaEval prompts/responses via ``ReplayData.load()``;
 falls back to the handwritten synthetic pool, and says so) written the way
 ``opentelemetry-instrumentation-openai-v2`` writes it with content capture on
 (``span_only``): operation/provider/request+response model, response id, usage with
@@ -147,7 +147,7 @@ def _span(ev: dict[str, Any], i: int) -> Span:
 def build_requests(n_requests: int, spans_per: int, seed: int) -> tuple[list[bytes], str]:
     from _replay import replay_data
 
-    from driftline.streams.replay import ReplayConfig, generate
+    from driftline.streams.devdata.replay import ReplayConfig, generate
 
     data, kind = replay_data(seed)
     n = n_requests * spans_per
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(FromString alone {hb:,.0f}/s)")
     # information: the worker's decode stage and the JSON encoding
     try:
-        from driftline.streams.pipeline import decode_batch
+        from driftline.streams.ingest.transforms import decode_batch
 
         recs = [_Rec(p, i) for i, p in enumerate(payloads)]
         got = len(decode_batch(recs[:1]).events)

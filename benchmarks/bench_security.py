@@ -47,8 +47,8 @@ def steal_s() -> float:
 
 
 def _records(n: int, seed: int) -> list[Any]:
-    from driftline.streams.pipeline import MemoryRecord
-    from driftline.streams.replay import ReplayConfig, generate
+    from driftline.streams.devdata.replay import ReplayConfig, generate
+    from driftline.streams.ingest.transforms import MemoryRecord
 
     data, label = replay_data(seed)
     print(f"replay data: {label}")
@@ -66,7 +66,7 @@ def _records(n: int, seed: int) -> list[Any]:
 
 def bench_redact(n: int, rounds: int) -> dict[str, float]:
     from driftline.detectors.redact import Redaction
-    from driftline.streams.privacy import redact_events
+    from driftline.streams.stages.privacy import redact_events
     from driftline.streams.worker import Worker, WorkerConfig
 
     recs = _records(n, 7)
@@ -97,9 +97,9 @@ async def bench_endpoint(queries: int) -> dict[str, float]:
     import aiohttp
 
     from driftline.streams.auth import client_credentials, credentials_path, load_credentials
-    from driftline.streams.broker import free_port
-    from driftline.streams.chserver import ClickHouseEndpoint
-    from driftline.streams.sinks import ClickHouseSink
+    from driftline.streams.local.broker import free_port
+    from driftline.streams.local.sql_endpoint import ClickHouseEndpoint
+    from driftline.streams.sinks.clickhouse import ClickHouseSink
 
     path = Path(tempfile.mkdtemp(prefix="bench-sec-")) / "chdb"
     sink = ClickHouseSink(f"chdb://{path}")

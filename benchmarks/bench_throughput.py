@@ -39,7 +39,7 @@ from _replay import replay_data
 
 
 def load_records(n: int, seed: int) -> tuple[list[tuple[bytes, bytes]], str, float]:
-    from driftline.streams.replay import ReplayConfig, generate
+    from driftline.streams.devdata.replay import ReplayConfig, generate
 
     t = time.perf_counter()
     data, kind = replay_data(seed)
@@ -228,8 +228,8 @@ async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timer
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    from driftline.streams.broker import LocalBroker
-    from driftline.streams.producer import produce_records
+    from driftline.streams.ingest.bulk_producer import produce_records
+    from driftline.streams.local.broker import LocalBroker
 
     m = machine()
     print(f"machine: nproc={m['nproc']}  cpu={m['cpu']}  python={m['python']}  ({m['platform']})")

@@ -39,7 +39,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
-import driftline.streams.pipeline as pl
+import driftline.streams.ingest.transforms as pl
 from driftline.schemas.otlp import _to_otlp_json
 from driftline.schemas.prices import PriceTable
 from driftline.schemas.topics import EVENTS_TOPIC, OTLP_TOPIC

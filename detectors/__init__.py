@@ -1,7 +1,7 @@
 """Pure statistics: drift detectors and what they share. No I/O, no clock, no stage state.
 
 One detector per module (River's layout); the family modules re-export their detectors, so
-``from driftline.detectors.drift import MMDDrift`` and the like keep working:
+``from driftline.detectors.semantic import MMDDrift`` and the like keep working:
 
 - embeddings (:mod:`.drift`): :mod:`.mmd`, :mod:`.classifier`, :mod:`.topic_mix`, :mod:`.centroid`,
   on :mod:`.base` (the ``Detector`` base) and :mod:`.permutation` (permutation tests and

@@ -33,7 +33,7 @@ from typing import Self
 
 import numpy.typing as npt
 
-from driftline.schemas.drift import DriftResult
+from driftline.schemas.drift_result import DriftResult
 
 from ._checks import _check_alpha
 from .base import Detector

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import numpy.typing as npt
 
-from driftline.schemas.drift import DriftResult
+from driftline.schemas.drift_result import DriftResult
 
 from ._checks import _check_alpha
 

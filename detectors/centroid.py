@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from driftline.schemas.drift import DriftResult
+from driftline.schemas.drift_result import DriftResult
 
 from ._checks import _check_int
 from .base import RULE_P, Detector, FloatArray, _as_current, _as_matrix, decode_array, encode_array

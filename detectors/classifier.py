@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import stats
 
-from driftline.schemas.drift import DriftResult
+from driftline.schemas.drift_result import DriftResult
 
 from .base import RULE_P, Detector, FloatArray, _as_matrix, _texts, decode_array, encode_array
 

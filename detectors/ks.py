@@ -8,7 +8,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import stats
 
-from driftline.schemas.drift import DriftResult
+from driftline.schemas.drift_result import DriftResult
 
 from ._numeric import _as_vector, _NumericDetector, _summary
 from .base import RULE_P

@@ -1,6 +1,6 @@
 """Drift tests for numeric fields (latency, tokens, response length): KS, PSI, Wasserstein.
 
-Same interface as the embedding detectors in :mod:`driftline.detectors.drift`:
+Same interface as the embedding detectors in :mod:`driftline.detectors.semantic`:
 ``fit(reference)``, ``score(current) -> DriftResult``, ``get_state()`` /
 ``set_state()`` / ``from_state()``, settings under their constructor names,
 ``ValueError`` on bad settings. Inputs are 1-D arrays of finite numbers

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from driftline.schemas.drift import DriftResult
+from driftline.schemas.drift_result import DriftResult
 
 from .base import FloatArray
 

@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import stats
 
-from driftline.schemas.drift import DriftResult
+from driftline.schemas.drift_result import DriftResult
 
 from ._checks import _check_int
 from .base import (

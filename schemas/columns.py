@@ -13,7 +13,7 @@ __all__ = [
     "CONTROL_LOG_COLUMNS", "ALERT_COLUMNS", "LOG_COLUMNS", "OUTBOX_COLUMNS", "TABLE_COLUMNS",
 ]
 
-#: ``llm_events``: one row per LLM call (the Arrow schema in streams/pipeline.py has these fields)
+#: ``llm_events``: one row per LLM call (the Arrow schema in streams/ingest/transforms.py has these fields)
 EVENT_COLUMNS: Final[tuple[str, ...]] = (
     "event_id", "timestamp", "app", "environment", "provider", "operation", "request_model",
     "response_model", "model", "prompt_version", "conversation_id", "user_id", "trace_id", "span_id",
@@ -23,7 +23,7 @@ EVENT_COLUMNS: Final[tuple[str, ...]] = (
     "feedback", "prompt", "response", "cost_usd", "price_version", "extra", "source_topic",
     "source_partition", "source_offset", "ingested_at",
 )
-#: ``llm_window_metrics``: one row per window and key (schemas/metrics.py WindowStats)
+#: ``llm_window_metrics``: one row per window and key (schemas/window_stats.py WindowStats)
 WINDOW_COLUMNS: Final[tuple[str, ...]] = (
     "window_start", "window_end", "app", "model", "prompt_version", "events", "errors",
     "late_events", "latency_p50_ms", "latency_p90_ms", "latency_p95_ms", "latency_p99_ms",

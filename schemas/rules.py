@@ -15,7 +15,7 @@ A rules file is a mapping with a ``rules:`` list (and optionally ``version: 1``)
           summary: "p99 latency {value:.0f} ms > {threshold} ms on {app}/{model}"
 
 Every metric a rule can read has a dotted name. Window metrics are
-:data:`driftline.schemas.metrics.METRIC_NAMES`; drift results are the metric
+:data:`driftline.schemas.window_stats.METRIC_NAMES`; drift results are the metric
 source ``drift.p_value`` / ``drift.statistic`` / ``drift.drifted`` (1.0 or 0.0)
 with the extra labels ``field`` and ``method``; a budget reads
 ``cost_usd.sum`` as a rolling sum. So every kind is "a value per label set,
@@ -59,7 +59,7 @@ from typing import Any, Final, Literal
 
 import yaml
 
-from driftline.schemas.metrics import METRIC_NAMES
+from driftline.schemas.window_stats import METRIC_NAMES
 
 __all__ = [
     "AlertTransition",

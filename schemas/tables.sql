@@ -4,7 +4,7 @@
 -- Retention: no TTL here (default: kept forever). The worker's --retention-days-text and
 -- --retention-days add column TTLs (llm_events.prompt/response/extra, dlq_outbox.value,
 -- drift_scores.explanation) and row TTLs (llm_events, dlq_outbox) with ALTER … MODIFY
--- at start, and change or remove them when the settings change (streams/sinks.py Retention).
+-- at start, and change or remove them when the settings change (streams/sinks/clickhouse.py Retention).
 
 CREATE DATABASE IF NOT EXISTS {db}
 ;

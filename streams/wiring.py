@@ -3,10 +3,10 @@
 Read this file first. It names every source, transform and sink of
 ``driftline worker`` (like a Vector pipeline config: each part says what feeds
 it), builds the stages from their configs, links them, and hands them to the
-worker. ``driftline worker`` (streams/cli.py) and ``serve_worker``
+worker. ``driftline worker`` (streams/cli/main.py) and ``serve_worker``
 (streams/app.py) build their worker here.
 
-SOURCES (the worker's consumer group: streams/kafka_host.py)
+SOURCES (the worker's consumer group: streams/ingest/kafka_host.py)
   kafka ``llm.events``            JSON events, one per record (schemas/event.py)
   kafka ``otlp_spans[.<suffix>]`` OTLP trace requests, read as OTLP by the topic's name
                                   (``WorkerConfig.topics``; both by default)
@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
-from driftline.streams.metrics import WorkerMetrics
+from driftline.streams.sinks.prometheus import WorkerMetrics
 from driftline.streams.worker import (
     Stage,
     Worker,
@@ -65,7 +65,7 @@ from driftline.streams.worker import (
 )
 
 if TYPE_CHECKING:
-    from driftline.streams.drift import DriftConfig
+    from driftline.streams.stages.semantic_drift import DriftConfig
 
 __all__ = ["AlertingOptions", "StageFactory", "stage_factories", "link_stages", "build_worker"]
 
@@ -96,7 +96,7 @@ def build_worker(cfg: WorkerConfig, registry: CollectorRegistry,
     metrics on ``registry``, and ``stages`` built on that registry and linked."""
     # PROMETHEUS: the spine's metrics; the stages add theirs to the same registry
     metrics = WorkerMetrics(registry)
-    # SOURCES: cfg.topics through the consumer group (streams/kafka_host.py)
+    # SOURCES: cfg.topics through the consumer group (streams/ingest/kafka_host.py)
     # TRANSFORMS: decode -> enrich (prices, guardrail scanner) -> columns -> windows
     prices, scanner = load_prices(cfg), load_scanner(cfg)
     # SINKS: ClickHouse (the write step on its ingest lane, the stages on its query
@@ -116,14 +116,14 @@ def stage_factories(*, alerting: AlertingOptions | None = None,
     imported only when used (drift loads the embedding stack)."""
     out: list[StageFactory] = []
     if alerting is not None:
-        from driftline.streams.alert_stage import alerting_stage
+        from driftline.streams.stages.alerting import alerting_stage
 
         out.append(alerting_stage(alerting.rules_file, webhooks=alerting.webhooks,
                                   slack_webhooks=alerting.slack_webhooks,
                                   alertmanagers=alerting.alertmanagers,
                                   eval_interval_s=alerting.eval_interval_s))
     if drift is not None:
-        from driftline.streams.drift import DriftStage
+        from driftline.streams.stages.semantic_drift import DriftStage
 
         out.append(DriftStage.factory(drift))
     return out
@@ -136,8 +136,8 @@ def link_stages(stages: Sequence[Stage]) -> None:
     A stage class exists only once its module is imported: the modules are looked up,
     not imported, so a worker without drift does not load the embedding stack.
     """
-    drift_mod = sys.modules.get("driftline.streams.drift")
-    alert_mod = sys.modules.get("driftline.streams.alert_stage")
+    drift_mod = sys.modules.get("driftline.streams.stages.semantic_drift")
+    alert_mod = sys.modules.get("driftline.streams.stages.alerting")
     if drift_mod is None or alert_mod is None:
         return
     alerting = [st for st in stages if isinstance(st, alert_mod.AlertingStage)]

@@ -1,7 +1,7 @@
 """The stream worker: Kafka -> decode -> enrich -> windows -> ClickHouse (+ DLQ, metrics).
 
-The spine, top to bottom (its steps are plain functions in streams/pipeline.py and
-streams/windows.py; the whole pipeline, stages included, reads in streams/wiring.py):
+The spine, top to bottom (its steps are plain functions in streams/ingest/transforms.py and
+streams/stages/windows.py; the whole pipeline, stages included, reads in streams/wiring.py):
 
     consumer group (aiokafka, batched getmany)            [fetch]
       -> skip records already stored (restart / rebalance)
@@ -78,18 +78,17 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from driftline.detectors.redact import Redaction
 from driftline.schemas.columns import LOG_COLUMNS, OUTBOX_COLUMNS, WINDOW_COLUMNS
-from driftline.schemas.metrics import WindowKey, WindowStats
 from driftline.schemas.topics import CONTROL_TOPIC, DLQ_TOPIC, EVENTS_TOPIC, OTLP_TOPIC
-from driftline.streams.kafka_host import (
+from driftline.schemas.window_stats import WindowKey, WindowStats
+from driftline.streams.ingest.kafka_host import (
     GroupListener,
     commit_confirmed,
     cut_off,
     group_consumer,
     hold,
 )
-from driftline.streams.kafka_security import KafkaSecurity
-from driftline.streams.metrics import WorkerMetrics
-from driftline.streams.pipeline import (
+from driftline.streams.ingest.kafka_security import KafkaSecurity
+from driftline.streams.ingest.transforms import (
     DEFAULT_MAX_CLOCK_SKEW_S,
     DEFAULT_MAX_EVENT_AGE_S,
     ArrowColumns,
@@ -100,10 +99,11 @@ from driftline.streams.pipeline import (
     to_columns,
 )
 from driftline.streams.ports import ControlAuth, KafkaPort, StagePorts, TableWriter, WindowView
-from driftline.streams.privacy import redact_events, redact_rejected
 from driftline.streams.redact_secrets import redact_url, redact_urls_in
-from driftline.streams.sinks import ClickHouseSink, Retention
-from driftline.streams.windows import EventBatchColumns, WindowAggregator, WindowConfig
+from driftline.streams.sinks.clickhouse import ClickHouseSink, Retention
+from driftline.streams.sinks.prometheus import WorkerMetrics
+from driftline.streams.stages.privacy import redact_events, redact_rejected
+from driftline.streams.stages.windows import EventBatchColumns, WindowAggregator, WindowConfig
 
 log = logging.getLogger("driftline.worker")
 
@@ -332,7 +332,7 @@ class Worker:
     async def start(self) -> None:
         cfg = self.cfg
         if cfg.create_topics:
-            from driftline.streams.broker import DEFAULT_TOPICS, ensure_topics
+            from driftline.streams.local.broker import DEFAULT_TOPICS, ensure_topics
 
             want = {t: DEFAULT_TOPICS.get(t, 1) for t in (*cfg.topics, cfg.dlq_topic, CONTROL_TOPIC)}
             await asyncio.to_thread(ensure_topics, cfg.kafka, want, security=cfg.kafka_security)
@@ -1342,7 +1342,7 @@ def _recent_rows(client: Any, db: str, tps: list[TopicPartition], wc: WindowConf
     ``logged`` has one): the records of a step cut short are processed again, so
     their windows are recomputed, and closed, from every one of their events.
     """
-    from driftline.streams.windows import source_index
+    from driftline.streams.stages.windows import source_index
 
     tps = [tp for tp in tps if "'" not in tp.topic]
     if not tps:

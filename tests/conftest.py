@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from driftline.streams.broker import LocalBroker, ensure_topics
+from driftline.streams.local.broker import LocalBroker, ensure_topics
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ port. Nothing is delayed or reordered: while the link is up, bytes pass as is.
 
 ``python tests/faultproxy.py chdb-http PATH PORT`` serves the chDB store at PATH
 over the ClickHouse HTTP interface on 127.0.0.1:PORT, *including* inserts and DDL
-(the worker's own endpoint, streams/chserver.py, refuses them): the fault suite runs
+(the worker's own endpoint, streams/local/sql_endpoint.py, refuses them): the fault suite runs
 a worker against ``http://127.0.0.1:<proxy>/driftline`` with this process behind
 the proxy, so that "ClickHouse is unreachable" is a real broken TCP link on the
 worker's HTTP insert path.
@@ -159,7 +159,7 @@ def serve_chdb_http(path: str, port: int) -> None:
     A stand-in for a ClickHouse *server* (the worker writes through it: DDL, inserts,
     reads), so it is open, like a ClickHouse server's ``default`` user without a
     password (unless ``FAULTPROXY_CH_PASSWORD`` is set: then every request must carry
-    it); test-only, on loopback. (The worker's own endpoint, streams/chserver.py,
+    it); test-only, on loopback. (The worker's own endpoint, streams/local/sql_endpoint.py,
     is authenticated and read-only and so cannot play this part.) Queries run on a
     ClickHouseSink's query lane; ``INSERT … FORMAT X`` with a body (clickhouse-connect's
     insert: the statement in ``?query=`` or on the body's first line, the body possibly
@@ -174,7 +174,7 @@ def serve_chdb_http(path: str, port: int) -> None:
 
     from aiohttp import web
 
-    from driftline.streams.sinks import ClickHouseSink
+    from driftline.streams.sinks.clickhouse import ClickHouseSink
 
     insert_re = re.compile(r"^\s*(INSERT\s+INTO\s+.+?)\s+(FORMAT\s+\w+)\s*$", re.IGNORECASE | re.DOTALL)
     format_re = re.compile(r"\bFORMAT\s+([A-Za-z0-9_]+)\s*;?\s*$", re.IGNORECASE)

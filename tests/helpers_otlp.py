@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from driftline.streams.broker import free_port
+from driftline.streams.local.broker import free_port
 
 CHAT_MODEL, RESP_MODEL = "gpt-4o-mini", "gpt-4o-mini-2024-07-18"
 FIRST_CHUNK_DELAY = 0.08

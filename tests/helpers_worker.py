@@ -52,7 +52,7 @@ async def start_worker(cfg: Any, sql_port: int | None = None) -> tuple[asyncio.E
     """Serve a worker for ``cfg`` (web on a free port) until the returned event is set:
     (stop event, its task, the Worker once it is ready)."""
     from driftline.streams.app import serve_worker
-    from driftline.streams.broker import free_port
+    from driftline.streams.local.broker import free_port
 
     stop = asyncio.Event()
     box: list[Any] = []

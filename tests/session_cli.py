@@ -26,6 +26,6 @@ class _WorkerConfig(worker_module.WorkerConfig):
 worker_module.WorkerConfig = _WorkerConfig  # type: ignore[misc]  # the CLI imports it when it runs
 
 if __name__ == "__main__":
-    from driftline.streams.cli import main
+    from driftline.streams.cli.main import main
 
     main()

@@ -58,7 +58,7 @@ def driftline_methods(alpha: float, seed: int) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from driftline.detectors.drift import CentroidDrift, ClassifierDrift, MMDDrift, TopicMixDrift
+    from driftline.detectors.semantic import CentroidDrift, ClassifierDrift, MMDDrift, TopicMixDrift
 
     def wrap(make):
         def fit(ref: np.ndarray):
@@ -93,7 +93,7 @@ def driftline_methods(alpha: float, seed: int) -> dict[str, Any]:
 def stream_verdict(alpha: float, seed: int):
     """The drift stage's own decision (``streams.drift``): its detectors, permutation
     counts and Bonferroni level for one key and one field; ``alpha`` is the family level."""
-    from driftline.streams.drift import (
+    from driftline.streams.stages.semantic_drift import (
         METHODS,
         drifted_at,
         make_detector,

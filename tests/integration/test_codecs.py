@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer
 from helpers_worker import wait_for
 
 from driftline.streams.app import serve_worker
-from driftline.streams.broker import free_port
+from driftline.streams.local.broker import free_port
 from driftline.streams.worker import Worker, WorkerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from driftline.streams import data
-from driftline.streams.replay import ReplayConfig, ReplayData, generate
+from driftline.streams.devdata import real_prompts as data
+from driftline.streams.devdata.replay import ReplayConfig, ReplayData, generate
 
 pytestmark = pytest.mark.integration
 

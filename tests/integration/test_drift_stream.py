@@ -21,13 +21,13 @@ from helpers_worker import SESSION_MS
 from helpers_worker import wait_for as _wait_for
 
 from driftline.streams.app import serve_worker
-from driftline.streams.broker import free_port
-from driftline.streams.data import ensure_data
-from driftline.streams.drift import DriftConfig, DriftStage, keep_event
-from driftline.streams.embedding import EmbeddingConfig, load_encoder
-from driftline.streams.producer import produce_records
-from driftline.streams.replay import AppSpec, DriftSpec, ReplayConfig, ReplayData, generate
-from driftline.streams.windows import WindowConfig
+from driftline.streams.devdata.real_prompts import ensure_data
+from driftline.streams.devdata.replay import AppSpec, DriftSpec, ReplayConfig, ReplayData, generate
+from driftline.streams.ingest.bulk_producer import produce_records
+from driftline.streams.local.broker import free_port
+from driftline.streams.stages.embedding import EmbeddingConfig, load_encoder
+from driftline.streams.stages.semantic_drift import DriftConfig, DriftStage, keep_event
+from driftline.streams.stages.windows import WindowConfig
 from driftline.streams.worker import Worker, WorkerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -140,7 +140,7 @@ async def test_drift_stream_detects_shift_and_survives_restart(kafka_bootstrap: 
     # phase 2: a new worker on the same store reloads the reference and sees the shift
     await produce_records(kafka_bootstrap, topic, [(r.key, r.value) for r in recs[PHASE1:]])
     # then `driftline baseline rebase`: a command on the control topic that the running worker applies
-    from driftline.streams.baseline import send_command
+    from driftline.streams.cli.baseline import send_command
 
     sent: list[str] = []
 

@@ -9,7 +9,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from driftline.schemas.event import EventError, LLMEvent, decode_event
-from driftline.streams.emitter import LLMEventEmitter
+from driftline.streams.ingest.emitter import LLMEventEmitter
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

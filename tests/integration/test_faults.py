@@ -41,8 +41,8 @@ from typing import Any
 import pytest
 from faultproxy import FaultProxy
 
-from driftline.streams.broker import ensure_topics, free_port, tansu_binary, wait_for_port
-from driftline.streams.replay import ReplayConfig, ReplayData, generate
+from driftline.streams.devdata.replay import ReplayConfig, ReplayData, generate
+from driftline.streams.local.broker import ensure_topics, free_port, tansu_binary, wait_for_port
 
 TOPIC = "llm.events"
 DLQ = "llm.events.dlq"
@@ -221,7 +221,7 @@ class WorkerProc:
     def spawn(self) -> WorkerProc:
         # the console script beside this interpreter (a venv not on PATH), else the module
         exe = Path(sys.executable).with_name("driftline")
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "driftline.streams.cli"]
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "driftline.streams.cli.main"]
         args = [*cmd, "worker", "--kafka", self.kafka, "--clickhouse", self.clickhouse, "--topic", TOPIC,
                 "--group", "faults", "--no-drift", "--window", str(WINDOW_S), "--lateness", str(LATENESS_S),
                 "--emit-interval", "1", "--max-batch", "2000", "--metrics-port", "0",

@@ -35,11 +35,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 from helpers_worker import wait_for
 
-from driftline.streams.baseline import send_command
-from driftline.streams.broker import LocalBroker, ensure_topics, free_port
-from driftline.streams.control_auth import sign_command, verify_command
-from driftline.streams.kafka_security import KafkaSecurity
-from driftline.streams.producer import produce_records
+from driftline.streams.cli.baseline import send_command
+from driftline.streams.ingest.bulk_producer import produce_records
+from driftline.streams.ingest.control_auth import sign_command, verify_command
+from driftline.streams.ingest.kafka_security import KafkaSecurity
+from driftline.streams.local.broker import LocalBroker, ensure_topics, free_port
 
 pytestmark = [pytest.mark.integration]
 
@@ -214,10 +214,10 @@ async def test_worker_over_mutual_tls_applies_only_signed_control_commands(
     kwargs (it cannot reach the broker: the worker never starts or stores), and a control
     path that skips the signature check."""
     from driftline.streams.app import serve_worker
-    from driftline.streams.drift import DriftConfig, DriftStage
-    from driftline.streams.emitter import LLMEventEmitter
-    from driftline.streams.sinks import ClickHouseSink
-    from driftline.streams.windows import WindowConfig
+    from driftline.streams.ingest.emitter import LLMEventEmitter
+    from driftline.streams.sinks.clickhouse import ClickHouseSink
+    from driftline.streams.stages.semantic_drift import DriftConfig, DriftStage
+    from driftline.streams.stages.windows import WindowConfig
     from driftline.streams.worker import WorkerConfig
 
     bootstrap, pki, _ = tls_kafka
@@ -289,7 +289,7 @@ def test_cli_emit_and_baseline_over_mutual_tls(tls_kafka: tuple[str, dict[str, s
     against the TLS port), and a baseline command sent unsigned while a secret is set."""
     from typer.testing import CliRunner
 
-    from driftline.streams.cli import app
+    from driftline.streams.cli.main import app
 
     bootstrap, pki, _ = tls_kafka
     u = uuid.uuid4().hex[:8]

@@ -35,8 +35,8 @@ from prometheus_client import CollectorRegistry
 
 from driftline.schemas.event import LLMEvent
 from driftline.schemas.otlp import ExportTraceServiceRequest, _to_otlp_json, decode_request
-from driftline.streams.broker import free_port
-from driftline.streams.otlp import OtlpReceiver
+from driftline.streams.ingest.otlp_receiver import OtlpReceiver
+from driftline.streams.local.broker import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

@@ -4,7 +4,7 @@ Real aiohttp servers on 127.0.0.1 and real HTTP clients (aiohttp, raw sockets, t
 OpenTelemetry SDK's OTLP/HTTP exporter); the local broker only where a forwarded record
 is checked. The caps are driven deterministically: the Kafka send is replaced by a
 forwarder that waits on an Event, so N requests are held in flight exactly as long as
-the test wants. Each test names the mutation of streams/otlp.py it catches.
+the test wants. Each test names the mutation of streams/ingest/otlp_receiver.py it catches.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 from prometheus_client import CollectorRegistry
 from typer.testing import CliRunner
 
-from driftline.streams.broker import free_port
-from driftline.streams.otlp import (
+from driftline.streams.ingest.otlp_receiver import (
     Admission,
     OtlpAuth,
     OtlpConfigError,
@@ -39,6 +38,7 @@ from driftline.streams.otlp import (
     Overloaded,
     is_loopback_host,
 )
+from driftline.streams.local.broker import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -139,7 +139,7 @@ def test_non_loopback_bind_needs_a_token(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(OtlpConfigError, match="at least twice max_body"):
         OtlpReceiver("127.0.0.1:9", max_body=10 * KIB, max_inflight=19 * KIB)
     # the command: exit 2 with the reason, before any Kafka lookup
-    from driftline.streams.cli import app
+    from driftline.streams.cli.main import app
     monkeypatch.delenv("DRIFTLINE_OTLP_TOKEN", raising=False)
     monkeypatch.delenv("DRIFTLINE_OTLP_TOKEN_FILE", raising=False)
     res = CliRunner().invoke(app, ["otlp", "--host", "0.0.0.0", "--kafka", "127.0.0.1:9"])

@@ -13,7 +13,7 @@
     spans of the same requests and batch stored, the worker keeps consuming.
 
 Topics are named ``otlp_spans.<test id>``: the worker reads ``otlp_spans`` and every
-``otlp_spans.*`` topic as OTLP (streams/pipeline.py).
+``otlp_spans.*`` topic as OTLP (streams/ingest/transforms.py).
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ from prometheus_client import CollectorRegistry
 
 from driftline.schemas.prices import PriceTable
 from driftline.streams.app import serve_worker
-from driftline.streams.broker import free_port
-from driftline.streams.otlp import OtlpReceiver
-from driftline.streams.windows import WindowConfig
+from driftline.streams.ingest.otlp_receiver import OtlpReceiver
+from driftline.streams.local.broker import free_port
+from driftline.streams.stages.windows import WindowConfig
 from driftline.streams.worker import Worker, WorkerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]

@@ -23,7 +23,7 @@ import pytest
 from helpers_worker import read_topic, start_worker, wait_for
 
 from driftline.schemas.event import NESTED_TOO_DEEP
-from driftline.streams.producer import emit_lines, produce_records
+from driftline.streams.ingest.bulk_producer import emit_lines, produce_records
 from driftline.streams.worker import WorkerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -156,7 +156,7 @@ async def test_fuzzed_records_through_the_worker(kafka_bootstrap: str, make_topi
 
     from aiokafka import AIOKafkaProducer
 
-    from driftline.streams.pipeline import decode_batch
+    from driftline.streams.ingest.transforms import decode_batch
 
     fz = _fuzz_module()
     topic = f"f-{uuid.uuid4().hex[:10]}"

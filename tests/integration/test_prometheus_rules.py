@@ -16,7 +16,7 @@ from helpers_alerting import Server, prometheus_factory, promtool  # noqa: F401 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from driftline.schemas.rules import load_rules, parse_rules
-from driftline.streams.alerting import default_rules_path, export_prometheus_rules
+from driftline.streams.stages.rule_engine import default_rules_path, export_prometheus_rules
 
 pytestmark = pytest.mark.integration
 DEPLOY = Path(__file__).parents[2] / "deploy" / "prometheus"

@@ -23,11 +23,11 @@ from aiokafka import AIOKafkaProducer
 from helpers_alerting import Server, prometheus_factory  # noqa: F401 (fixture)
 
 from driftline.schemas.rules import parse_rules
-from driftline.streams.alert_stage import AlertingStage
-from driftline.streams.alerting import export_prometheus_rules
 from driftline.streams.app import serve_worker
-from driftline.streams.broker import free_port
-from driftline.streams.windows import WindowConfig
+from driftline.streams.local.broker import free_port
+from driftline.streams.stages.alerting import AlertingStage
+from driftline.streams.stages.rule_engine import export_prometheus_rules
+from driftline.streams.stages.windows import WindowConfig
 from driftline.streams.worker import Worker, WorkerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -35,11 +35,11 @@ from aiokafka import AIOKafkaProducer
 from helpers_worker import read_topic, wait_for
 
 from driftline.detectors.redact import Redaction
-from driftline.streams.alert_stage import alerting_stage
 from driftline.streams.app import serve_worker
-from driftline.streams.broker import free_port, wait_for_port
-from driftline.streams.sinks import Retention
-from driftline.streams.windows import WindowConfig
+from driftline.streams.local.broker import free_port, wait_for_port
+from driftline.streams.sinks.clickhouse import Retention
+from driftline.streams.stages.alerting import alerting_stage
+from driftline.streams.stages.windows import WindowConfig
 from driftline.streams.worker import Worker, WorkerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -157,7 +157,7 @@ async def test_worker_run_leaks_no_secret_and_stores_redacted_texts(
         # the error line printing the DSN or the password unmasked.
         from typer.testing import CliRunner
 
-        from driftline.streams.cli import app as cli_app
+        from driftline.streams.cli.main import app as cli_app
 
         user_dsn = f"http://default@127.0.0.1:{ch_port}/driftline"
         q = "SELECT count() FROM driftline.llm_events FINAL"

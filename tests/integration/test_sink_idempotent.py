@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from driftline.streams.drift import SCORE_COLUMNS
-from driftline.streams.sinks import ClickHouseSink
+from driftline.streams.sinks.clickhouse import ClickHouseSink
+from driftline.streams.stages.semantic_drift import SCORE_COLUMNS
 
 pytestmark = [pytest.mark.integration]
 

@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 from driftline.streams.auth import ADMIN_USER, USER, credentials_path, load_credentials
-from driftline.streams.chserver import ClickHouseEndpoint, EndpointLimits
-from driftline.streams.sinks import ClickHouseSink
+from driftline.streams.local.sql_endpoint import ClickHouseEndpoint, EndpointLimits
+from driftline.streams.sinks.clickhouse import ClickHouseSink
 
 
 @dataclass

@@ -17,7 +17,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from helpers_worker import SESSION_MS, start_worker, wait_for
 
-from driftline.streams.windows import WindowConfig
+from driftline.streams.stages.windows import WindowConfig
 from driftline.streams.worker import WorkerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

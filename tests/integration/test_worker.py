@@ -23,12 +23,12 @@ from helpers_worker import wait_for as _wait_for
 from driftline.schemas.event import decode_event
 from driftline.schemas.prices import PriceTable
 from driftline.streams.auth import client_credentials
-from driftline.streams.broker import free_port
-from driftline.streams.producer import produce_records
-from driftline.streams.replay import ReplayConfig, ReplayData, generate
-from driftline.streams.sinks import chdb_path
-from driftline.streams.sqlclient import run_sql
-from driftline.streams.windows import WindowConfig
+from driftline.streams.cli.sql import run_sql
+from driftline.streams.devdata.replay import ReplayConfig, ReplayData, generate
+from driftline.streams.ingest.bulk_producer import produce_records
+from driftline.streams.local.broker import free_port
+from driftline.streams.sinks.clickhouse import chdb_path
+from driftline.streams.stages.windows import WindowConfig
 from driftline.streams.worker import WorkerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -22,9 +22,9 @@ import clickhouse_connect
 import pytest
 from helpers_worker import SESSION_MS
 
-from driftline.streams.producer import produce_records
-from driftline.streams.replay import ReplayConfig, ReplayData, generate
-from driftline.streams.windows import WindowConfig
+from driftline.streams.devdata.replay import ReplayConfig, ReplayData, generate
+from driftline.streams.ingest.bulk_producer import produce_records
+from driftline.streams.stages.windows import WindowConfig
 from driftline.streams.worker import WorkerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
@@ -75,7 +75,7 @@ async def test_kill_between_insert_and_commit_stores_each_event_once(
     assert 0 < first < n_valid, "the first worker must die part-way, after storing something"
 
     from driftline.streams.app import serve_worker
-    from driftline.streams.broker import free_port
+    from driftline.streams.local.broker import free_port
 
     cfg = WorkerConfig(max_event_age_s=1e10, kafka=kafka_bootstrap, clickhouse=chdb_dsn, group_id=group, topics=(topic,),
                        dlq_topic=f"{topic}.dlq", window=WindowConfig(size_ms=60_000),

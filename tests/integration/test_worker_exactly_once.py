@@ -28,11 +28,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from helpers_worker import SESSION_MS, wait_for
 
-from driftline.streams.broker import LocalBroker
-from driftline.streams.producer import produce_records
-from driftline.streams.replay import ReplayConfig, ReplayData, generate
-from driftline.streams.sinks import ClickHouseSink
-from driftline.streams.windows import WindowConfig
+from driftline.streams.devdata.replay import ReplayConfig, ReplayData, generate
+from driftline.streams.ingest.bulk_producer import produce_records
+from driftline.streams.local.broker import LocalBroker
+from driftline.streams.sinks.clickhouse import ClickHouseSink
+from driftline.streams.stages.windows import WindowConfig
 from driftline.streams.worker import Worker, WorkerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -43,7 +43,7 @@ CRASHING_WORKER = """
 import os, sys
 from driftline.streams.app import run_worker
 from driftline.streams.worker import WorkerConfig
-from driftline.streams.windows import WindowConfig
+from driftline.streams.stages.windows import WindowConfig
 {patch}
 kafka, dsn, topic, group = sys.argv[1:5]
 run_worker(WorkerConfig(max_event_age_s=1e10, kafka=kafka, clickhouse=dsn, group_id=group, topics=(topic,),
@@ -194,7 +194,7 @@ async def test_kill_between_events_and_window_insert_recomputes_the_windows(
     recs = _records(3_000, seed=43)
     await produce_records(kafka_bootstrap, topic, [(r.key, r.value) for r in recs])
     await _crash(tmp_path, """
-        from driftline.streams.sinks import ClickHouseSink
+        from driftline.streams.sinks.clickhouse import ClickHouseSink
         orig = ClickHouseSink.insert_rows
         calls = [0]
         async def insert_rows(self, table, *a, **k):

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from helpers_worker import wait_for
 
-from driftline.streams.producer import produce_records
-from driftline.streams.replay import ReplayConfig, ReplayData, generate
-from driftline.streams.sinks import ClickHouseSink
-from driftline.streams.windows import WindowConfig
+from driftline.streams.devdata.replay import ReplayConfig, ReplayData, generate
+from driftline.streams.ingest.bulk_producer import produce_records
+from driftline.streams.sinks.clickhouse import ClickHouseSink
+from driftline.streams.stages.windows import WindowConfig
 from driftline.streams.worker import Worker, WorkerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -26,10 +26,10 @@ from helpers_worker import SESSION_MS
 
 from driftline.schemas.event import decode_event
 from driftline.streams.auth import client_credentials
-from driftline.streams.broker import LocalBroker, free_port
-from driftline.streams.producer import produce_records
-from driftline.streams.replay import ReplayConfig, ReplayData, generate
-from driftline.streams.sinks import chdb_path
+from driftline.streams.devdata.replay import ReplayConfig, ReplayData, generate
+from driftline.streams.ingest.bulk_producer import produce_records
+from driftline.streams.local.broker import LocalBroker, free_port
+from driftline.streams.sinks.clickhouse import chdb_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -9,12 +9,12 @@ import textwrap
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from driftline.schemas.metrics import WindowKey
 from driftline.schemas.rules import AlertTransition, parse_rules
-from driftline.streams.alert_stage import AlertingStage
-from driftline.streams.alerting import AlertEvaluator
+from driftline.schemas.window_stats import WindowKey
 from driftline.streams.ports import StagePorts
-from driftline.streams.windows import EventBatchColumns, WindowAggregator, WindowConfig
+from driftline.streams.stages.alerting import AlertingStage
+from driftline.streams.stages.rule_engine import AlertEvaluator
+from driftline.streams.stages.windows import EventBatchColumns, WindowAggregator, WindowConfig
 from driftline.streams.worker import StoredBatch
 
 MIN = 60_000

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from driftline.schemas.metrics import WindowKey
 from driftline.schemas.rules import DriftObservation, parse_rules
-from driftline.streams.alert_stage import (
+from driftline.schemas.window_stats import WindowKey
+from driftline.streams.ports import StagePorts
+from driftline.streams.sinks.notifiers import InMemoryNotifier
+from driftline.streams.stages.alerting import (
     ALERT_COLUMNS,
     AlertingStage,
     alerting_stage,
     build_notifiers,
 )
-from driftline.streams.notifiers import InMemoryNotifier
-from driftline.streams.ports import StagePorts
-from driftline.streams.windows import EventBatchColumns, WindowAggregator, WindowConfig
+from driftline.streams.stages.windows import EventBatchColumns, WindowAggregator, WindowConfig
 from driftline.streams.worker import StoredBatch
 
 RULES = parse_rules(textwrap.dedent("""\
@@ -123,8 +123,8 @@ def test_restore_query_prefers_resolved_on_a_tie(tmp_path: Any) -> None:
     worker resolved and notified the alert a second time)."""
     import datetime as dt
 
-    from driftline.streams.alert_stage import restore_query
-    from driftline.streams.sinks import ClickHouseSink, ddl_statements
+    from driftline.streams.sinks.clickhouse import ClickHouseSink, ddl_statements
+    from driftline.streams.stages.alerting import restore_query
 
     sink = ClickHouseSink(f"chdb://{tmp_path / 'chdb'}")
     try:
@@ -156,8 +156,8 @@ def test_stage_clock_stands_still_while_the_worker_is_cut_off(monkeypatch: pytes
     earlier event times: a transition recorded twice in the Kafka-cut fault test)."""
     from types import SimpleNamespace
 
-    from driftline.streams import alert_stage as mod
     from driftline.streams.ports import StagePorts
+    from driftline.streams.stages import alerting as mod
 
     wall = {"t": 100.0}
     held = {"v": False}

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import yaml
 
-from driftline.schemas.metrics import WindowStats
 from driftline.schemas.rules import (
     CostObservation,
     DriftObservation,
@@ -16,7 +15,12 @@ from driftline.schemas.rules import (
     fingerprint,
     parse_rules,
 )
-from driftline.streams.alerting import AlertEvaluator, default_rules_path, export_prometheus_rules
+from driftline.schemas.window_stats import WindowStats
+from driftline.streams.stages.rule_engine import (
+    AlertEvaluator,
+    default_rules_path,
+    export_prometheus_rules,
+)
 
 MIN = 60_000
 
@@ -343,8 +347,8 @@ def test_default_rules_exported_file_is_up_to_date() -> None:
     text, skipped = export_prometheus_rules(load_rules(default_rules_path()))
     path = Path(__file__).parents[2] / "deploy" / "prometheus" / "driftline-rules.yml"
     assert path.read_text() == text, (
-        "regenerate: python -m driftline.streams.alerting export-prometheus "
-        "streams/default_rules.yaml > deploy/prometheus/driftline-rules.yml")
+        "regenerate: python -m driftline.streams.stages.rule_engine export-prometheus "
+        "streams/stages/default_rules.yaml > deploy/prometheus/driftline-rules.yml")
     assert skipped == []
     doc = yaml.safe_load(text)
     names = [r["alert"] for r in doc["groups"][0]["rules"]]

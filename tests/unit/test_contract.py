@@ -1,7 +1,7 @@
 """The copies of each contract fact agree with its one definition in schemas/.
 
 schemas/columns.py, schemas/event.py and schemas/tables.sql say what a row is; the
-Arrow schemas of streams/pipeline.py and the window-rebuild query of streams/worker.py
+Arrow schemas of streams/ingest/transforms.py and the window-rebuild query of streams/worker.py
 must say the same. The tables are created from tables.sql in a throwaway chDB (about
 0.2 s) and read back from ``system.columns``.
 """
@@ -19,7 +19,7 @@ from aiokafka.structs import TopicPartition
 
 from driftline.schemas.columns import TABLE_COLUMNS
 from driftline.schemas.event import MAX_ID_CHARS, MAX_LABEL_CHARS, MAX_TOKENS, Guardrail, LLMEvent
-from driftline.streams.pipeline import (
+from driftline.streams.ingest.transforms import (
     _FEEDBACK,
     _GUARDRAIL_TYPE,
     _ID_COLS,
@@ -31,8 +31,8 @@ from driftline.streams.pipeline import (
     DECODED_SCHEMA,
     EVENT_ARROW_SCHEMA,
 )
-from driftline.streams.sinks import ddl_statements
-from driftline.streams.windows import WindowConfig
+from driftline.streams.sinks.clickhouse import ddl_statements
+from driftline.streams.stages.windows import WindowConfig
 from driftline.streams.worker import _recent_rows
 
 DB = "contract"

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import driftline.streams.pipeline as _pl
+import driftline.streams.ingest.transforms as _pl
 
 _spec = importlib.util.spec_from_file_location(
     "fuzz_decode", Path(__file__).resolve().parents[2] / "benchmarks" / "fuzz_decode.py")

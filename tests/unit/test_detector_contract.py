@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from driftline.detectors.drift import (
+from driftline.detectors.numeric import KSDrift, PSIDrift, WassersteinDrift
+from driftline.detectors.semantic import (
     CentroidDrift,
     ClassifierDrift,
     Detector,
@@ -23,8 +24,7 @@ from driftline.detectors.drift import (
     NotFittedError,
     TopicMixDrift,
 )
-from driftline.detectors.numeric import KSDrift, PSIDrift, WassersteinDrift
-from driftline.schemas.drift import DriftResult
+from driftline.schemas.drift_result import DriftResult
 
 D = 8
 CENTERS = np.vstack([np.eye(D)[i] * 4.0 + 1.0 for i in range(3)])

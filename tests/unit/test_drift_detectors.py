@@ -16,7 +16,7 @@ from driftline.detectors.calibration import (
     holm,
     prob_any_false_alarm_per_day,
 )
-from driftline.detectors.drift import (
+from driftline.detectors.semantic import (
     CentroidDrift,
     ClassifierDrift,
     MMDDrift,
@@ -26,7 +26,7 @@ from driftline.detectors.drift import (
     encode_array,
     permutation_indicators,
 )
-from driftline.schemas.drift import DriftResult
+from driftline.schemas.drift_result import DriftResult
 
 
 def naive_unbiased_mmd2(x: np.ndarray, y: np.ndarray, bandwidth: float) -> float:

@@ -16,8 +16,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from driftline.schemas.drift import DriftResult
-from driftline.streams.drift import (
+from driftline.schemas.drift_result import DriftResult
+from driftline.streams.stages.embedding import (
+    EmbeddingBatcher,
+    EmbeddingConfig,
+    TextCache,
+    text_hash,
+)
+from driftline.streams.stages.semantic_drift import (
     DriftConfig,
     DriftEngine,
     Sample,
@@ -28,7 +34,6 @@ from driftline.streams.drift import (
     per_test_alpha,
     sample_mask,
 )
-from driftline.streams.embedding import EmbeddingBatcher, EmbeddingConfig, TextCache, text_hash
 
 
 class FakeEncoder:

@@ -27,7 +27,7 @@ from driftline.streams.auth import (
     load_credentials,
     require_auth_for_bind,
 )
-from driftline.streams.chserver import EndpointLimits, EndpointOptions
+from driftline.streams.local.sql_endpoint import EndpointLimits, EndpointOptions
 
 CREDS = Credentials({USER: "p" * 32}, source="test")
 

@@ -1,4 +1,4 @@
-"""The consumer-group helpers (streams/kafka_host.py): pure logic over the consumer's
+"""The consumer-group helpers (streams/ingest/kafka_host.py): pure logic over the consumer's
 interface, so a small fake consumer stands in for aiokafka here; the real group runs in
 tests/integration/test_worker_exactly_once.py and test_worker_rebalance.py."""
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
-from driftline.streams.kafka_host import commit_confirmed, cut_off, hold
+from driftline.streams.ingest.kafka_host import commit_confirmed, cut_off, hold
 
 A, B, C = (TopicPartition("llm.events", p) for p in range(3))
 

@@ -1,5 +1,5 @@
-"""Kafka TLS/SASL settings (streams/kafka_security.py) and signed control commands
-(streams/control_auth.py, and the two paths that check them: the faust agent's
+"""Kafka TLS/SASL settings (streams/ingest/kafka_security.py) and signed control commands
+(streams/ingest/control_auth.py, and the two paths that check them: the faust agent's
 ``handle_control`` and the drift stage's ``on_control_record``).
 
 The client configurations are checked as exact dicts per security protocol, and each
@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from driftline.streams import kafka_security as ks
-from driftline.streams.control_auth import (
+from driftline.streams.ingest import kafka_security as ks
+from driftline.streams.ingest.control_auth import (
     MIN_SECRET_BYTES,
     admit,
     canonical,
@@ -29,8 +29,8 @@ from driftline.streams.control_auth import (
     sign_command,
     verify_command,
 )
-from driftline.streams.kafka_security import KafkaSecurity
-from driftline.streams.metrics import WorkerMetrics
+from driftline.streams.ingest.kafka_security import KafkaSecurity
+from driftline.streams.sinks.prometheus import WorkerMetrics
 
 PW = "pa$$-w0rd-never-shown"
 SECRET = b"s" * 32
@@ -142,7 +142,7 @@ def test_the_cli_refuses_sasl_without_password_before_connecting() -> None:
     # catches: the options block not wired into a command (the user would go unauthenticated)
     from typer.testing import CliRunner
 
-    from driftline.streams.cli import app
+    from driftline.streams.cli.main import app
 
     runner = CliRunner()
     for argv in (["emit", "-", "--kafka", "127.0.0.1:1", "--kafka-user", "u"],
@@ -374,7 +374,7 @@ def test_drift_stage_queues_signed_and_refuses_unsigned_baseline_commands() -> N
     # driftline.control to on_control_record (this function), which queues admitted
     # commands in _controls for the drift loop to apply. Catches: the check skipped,
     # or a refused command queued anyway.
-    from driftline.streams.drift import DriftConfig, DriftStage
+    from driftline.streams.stages.semantic_drift import DriftConfig, DriftStage
 
     st = DriftStage(DriftConfig())
     w, reg, _ = _worker(SECRET)
@@ -422,7 +422,7 @@ def test_deeply_nested_control_records_are_refused_without_raising() -> None:
     # a signed command after them must still be queued.
     import sys
 
-    from driftline.streams.drift import DriftConfig, DriftStage
+    from driftline.streams.stages.semantic_drift import DriftConfig, DriftStage
 
     st = DriftStage(DriftConfig())
     w, reg, flushed = _worker(SECRET)

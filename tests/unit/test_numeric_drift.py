@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from driftline.detectors.drift import permutation_indicators
 from driftline.detectors.numeric import (
     KSDrift,
     PSIDrift,
@@ -14,6 +13,7 @@ from driftline.detectors.numeric import (
     psi,
     wasserstein_batched,
 )
+from driftline.detectors.semantic import permutation_indicators
 
 
 def test_ks_is_scipy_ks_2samp() -> None:

@@ -21,8 +21,14 @@ from hypothesis import strategies as st
 
 from driftline.schemas.event import EventError, decode_event, event_from_dict
 from driftline.schemas.prices import PriceTable
-from driftline.streams.pipeline import MemoryRecord, decode_batch, enrich, to_arrow, to_columns
-from driftline.streams.windows import WindowAggregator, WindowConfig
+from driftline.streams.ingest.transforms import (
+    MemoryRecord,
+    decode_batch,
+    enrich,
+    to_arrow,
+    to_columns,
+)
+from driftline.streams.stages.windows import WindowAggregator, WindowConfig
 
 MODELS = ["gpt-4o", "gpt-4o-mini", "o3", "claude-sonnet-4-20250514", "gemini-1.5-flash", "no-such-model"]
 
@@ -210,7 +216,7 @@ def test_to_arrow_schema_roundtrip() -> None:
 
 
 # -- the columnar fast path (Arrow's JSON reader) against the record-by-record path ----------
-from driftline.streams import pipeline as _pl  # noqa: E402
+from driftline.streams.ingest import transforms as _pl  # noqa: E402
 
 ODD_RECORDS = [
     b'{"event_id":"m1","app":"a","request_model":"gpt-4o","timestamp":1,"latency_ms":1} '

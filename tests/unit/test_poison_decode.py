@@ -15,10 +15,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
-import driftline.streams.pipeline as _pl
+import driftline.streams.ingest.transforms as _pl
 from driftline.schemas.event import MAX_TOKENS, NESTED_TOO_DEEP
 from driftline.schemas.prices import PriceTable
-from driftline.streams.pipeline import MemoryRecord, decode_batch, enrich, to_columns
+from driftline.streams.ingest.transforms import MemoryRecord, decode_batch, enrich, to_columns
 
 NOW = 1_790_000_000_000  # 2026-09-21T14:13:20Z, the injected wall clock
 DAY = 86_400_000

@@ -1,4 +1,4 @@
-"""--redact (detectors/redact.py, streams/privacy.py) on the stored rows, the DLQ copies and
+"""--redact (detectors/redact.py, streams/stages/privacy.py) on the stored rows, the DLQ copies and
 drift explanations; --retention-days(-text) as TTLs on a real chDB store.
 
 Each test names the mutation of the code it catches."""
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from driftline.detectors.redact import Redaction, redact_text
-from driftline.streams.pipeline import MemoryRecord, Rejected
-from driftline.streams.privacy import redact_events, redact_rejected
+from driftline.streams.ingest.transforms import MemoryRecord, Rejected
+from driftline.streams.stages.privacy import redact_events, redact_rejected
 
 EMAIL = "jo.doe@example.com"
 CARD = "4111 1111 1111 1111"
@@ -125,7 +125,7 @@ def test_dlq_copies_are_redacted() -> None:
 def test_drift_explanation_examples_are_redacted() -> None:
     """topic_mix quotes example texts per cluster; with --redact pii they are masked
     (mutation: DriftEngine._shown not applied to the reference or the current texts)."""
-    from driftline.streams.drift import DriftConfig, DriftEngine, _KeyField, _Ref
+    from driftline.streams.stages.semantic_drift import DriftConfig, DriftEngine, _KeyField, _Ref
 
     rng = np.random.default_rng(0)
 
@@ -160,7 +160,7 @@ def test_retention_ttls_set_changed_removed_and_applied(tmp_path: Any) -> None:
     OPTIMIZE … FINAL blanks expired texts and drops expired rows (exact counts).
     Mutations: ensure_schema not altering an existing store; a column TTL on the wrong
     column; the write log given a TTL."""
-    from driftline.streams.sinks import ClickHouseSink, Retention, ttl_days
+    from driftline.streams.sinks.clickhouse import ClickHouseSink, Retention, ttl_days
 
     sink = ClickHouseSink(f"chdb://{tmp_path / 'chdb'}")
     sink.ensure_schema()
@@ -285,7 +285,7 @@ def test_embedded_store_is_created_owner_only(tmp_path: Any, caplog: pytest.LogC
     import os
     import stat
 
-    from driftline.streams.sinks import ClickHouseSink
+    from driftline.streams.sinks.clickhouse import ClickHouseSink
 
     old = os.umask(0o022)
     try:

@@ -17,7 +17,7 @@ from driftline.streams.redact_secrets import (
     redact_urls_in,
     secrets_of_url,
 )
-from driftline.streams.sinks import resolve_dsn
+from driftline.streams.sinks.clickhouse import resolve_dsn
 
 
 @pytest.mark.parametrize(("url", "want"), [
@@ -117,7 +117,7 @@ async def test_notifier_failure_logs_no_token(caplog: pytest.LogCaptureFixture) 
     masked URL only (mutation: _post_json logs ``url`` raw)."""
     from aiohttp import web
 
-    from driftline.streams.notifiers import WebhookNotifier
+    from driftline.streams.sinks.notifiers import WebhookNotifier
 
     async def h(req: web.Request) -> web.Response:
         return web.Response(status=500, text=f"bad token in {req.path}")
@@ -154,7 +154,7 @@ def test_worker_cli_reads_secrets_from_env_and_files(tmp_path, monkeypatch: pyte
     from typer.testing import CliRunner
 
     import driftline.streams.app as app_mod
-    from driftline.streams.cli import app
+    from driftline.streams.cli.main import app
 
     got: dict[str, object] = {}
     monkeypatch.setattr(app_mod, "run_worker", lambda cfg, **kw: got.update(cfg=cfg, **kw))

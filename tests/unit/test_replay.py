@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from driftline.schemas.event import EventError, decode_event
-from driftline.streams.data import ALPACA_DATASETS
-from driftline.streams.replay import (
+from driftline.streams.devdata.real_prompts import ALPACA_DATASETS
+from driftline.streams.devdata.replay import (
     MALFORMATIONS,
     AppSpec,
     DriftSpec,

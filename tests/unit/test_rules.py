@@ -20,7 +20,7 @@ from driftline.schemas.rules import (
     parse_duration,
     parse_rules,
 )
-from driftline.streams.alerting import default_rules_path
+from driftline.streams.stages.rule_engine import default_rules_path
 
 
 def errs(text: str) -> list[tuple[str, str, int]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from driftline.streams.drift import DriftConfig, DriftEngine, Sample
+from driftline.streams.stages.semantic_drift import DriftConfig, DriftEngine, Sample
 
 
 def test_drift_engine_keeps_max_keys_key_fields_and_reloads_an_evicted_one() -> None:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from driftline.schemas.metrics import WindowKey
-from driftline.streams.metrics import WorkerMetrics
-from driftline.streams.windows import EventBatchColumns, WindowAggregator, WindowConfig
+from driftline.schemas.window_stats import WindowKey
+from driftline.streams.sinks.prometheus import WorkerMetrics
+from driftline.streams.stages.windows import EventBatchColumns, WindowAggregator, WindowConfig
 
 MIN = 60_000
 K = WindowKey("chat", "m")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from driftline.schemas.metrics import WindowKey
+from driftline.schemas.window_stats import WindowKey
 from driftline.streams.ports import StagePorts, TableWriter, WindowView
-from driftline.streams.windows import EventBatchColumns, WindowAggregator, WindowConfig
+from driftline.streams.stages.windows import EventBatchColumns, WindowAggregator, WindowConfig
 from driftline.streams.wiring import AlertingOptions, build_worker, link_stages, stage_factories
 from driftline.streams.worker import WorkerConfig
 
@@ -24,7 +24,7 @@ def _worker(**stages: Any) -> Any:
 def test_worker_stages_are_built_in_order_and_drift_feeds_alerting_once() -> None:
     # Catches: the drift -> alerting link dropped (drift rules would never see a result),
     # or made twice when serve_worker's callers pass both stages (each result observed twice).
-    from driftline.streams.drift import DriftConfig
+    from driftline.streams.stages.semantic_drift import DriftConfig
 
     w = _worker(alerting=AlertingOptions(eval_interval_s=0.5), drift=DriftConfig())
     alerting, drift = w.stages
@@ -39,7 +39,7 @@ def test_worker_stages_are_built_in_order_and_drift_feeds_alerting_once() -> Non
 def test_each_stage_gets_a_writer_for_its_own_tables_only() -> None:
     # Catches: ports_for handing a stage the whole sink (the alerting stage could write
     # llm_events), or TableWriter not checking the table (it would reach the sink).
-    from driftline.streams.drift import DriftConfig
+    from driftline.streams.stages.semantic_drift import DriftConfig
 
     w = _worker(alerting=AlertingOptions(), drift=DriftConfig())
     alerting, drift = (w.ports_for(st) for st in w.stages)

@@ -11,8 +11,8 @@ import pytest
 from aiokafka import TopicPartition
 from clickhouse_connect.driver.exceptions import DatabaseError, DataError, OperationalError
 
-from driftline.streams.pipeline import Rejected
-from driftline.streams.sinks import retryable
+from driftline.streams.ingest.transforms import Rejected
+from driftline.streams.sinks.clickhouse import retryable
 from driftline.streams.worker import (
     WorkerConfig,
     _batch_token,

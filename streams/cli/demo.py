@@ -74,8 +74,8 @@ async def _demo(n_events: int, drift_at: float, seed: int, keep: bool) -> int:
 
 async def _replay_records(n_events: int, drift_at: float, seed: int) -> list[Any]:
     """Step 1: the real data (fetched once) and the seeded replay, ending a minute before now."""
-    from driftline.streams.data import ensure_data
-    from driftline.streams.replay import ReplayConfig, ReplayData, generate
+    from driftline.streams.devdata.real_prompts import ensure_data
+    from driftline.streams.devdata.replay import ReplayConfig, ReplayData, generate
 
     paths = await asyncio.to_thread(ensure_data, None, lambda m: console.print(f"    {m}"))
     data = ReplayData.from_paths(paths)
@@ -97,8 +97,8 @@ async def _run_pipeline(records: list[Any], work: Path, dsn: str, t0: float) -> 
     (or 150 s), then the drift scores; everything is stopped on the way out. Returns the
     number of dead-lettered records."""
     from driftline.streams.app import serve_worker
-    from driftline.streams.broker import DEFAULT_TOPICS, LocalBroker, ensure_topics, free_port
-    from driftline.streams.windows import WindowConfig
+    from driftline.streams.local.broker import DEFAULT_TOPICS, LocalBroker, ensure_topics, free_port
+    from driftline.streams.stages.windows import WindowConfig
     from driftline.streams.worker import WorkerConfig
 
     broker = LocalBroker(free_port(), log_path=work / "broker.log").start()
@@ -133,7 +133,7 @@ async def _run_pipeline(records: list[Any], work: Path, dsn: str, t0: float) -> 
 async def _replay_and_wait(records: list[Any], bootstrap: str, ready: dict[str, Any],
                            worker_task: asyncio.Task[Any]) -> None:
     """Produce the records with a progress bar, then follow the worker for up to 150 s."""
-    from driftline.streams.producer import produce_records
+    from driftline.streams.ingest.bulk_producer import produce_records
 
     valid = sum(r.valid for r in records)
     malformed = len(records) - valid
@@ -175,8 +175,8 @@ def _print_explore(dsn: str) -> None:
 def _drift_stage() -> Any:
     """The worker's drift stage, sized for the demo on 2 CPU cores: prompts only, 15% of events
     sampled per key, the first 128 tokens embedded, reference of 150 and window of 100 samples."""
-    from driftline.streams.drift import DriftConfig, DriftStage
-    from driftline.streams.embedding import EmbeddingConfig
+    from driftline.streams.stages.embedding import EmbeddingConfig
+    from driftline.streams.stages.semantic_drift import DriftConfig, DriftStage
 
     return DriftStage.factory(DriftConfig(
         fields=("prompt",), sample_rate=0.15, ref_size=150, window_size=100, test_every=25,
@@ -270,9 +270,9 @@ def _alerting() -> Any:
     import logging
 
     from driftline.schemas.rules import load_rules
-    from driftline.streams.alert_stage import AlertingStage
-    from driftline.streams.alerting import default_rules_path
-    from driftline.streams.notifiers import LogNotifier
+    from driftline.streams.sinks.notifiers import LogNotifier
+    from driftline.streams.stages.alerting import AlertingStage
+    from driftline.streams.stages.rule_engine import default_rules_path
 
     rules = load_rules(default_rules_path())
     rules = dataclasses.replace(rules, rules=tuple(

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from driftline.schemas.topics import DEFAULT_PARTITIONS
 
 if TYPE_CHECKING:
-    from driftline.streams.kafka_security import KafkaSecurity
+    from driftline.streams.ingest.kafka_security import KafkaSecurity
 
 __all__ = ["LocalBroker", "free_port", "wait_for_port", "ensure_topics", "DEFAULT_TOPICS"]
 

@@ -5,7 +5,7 @@ tests and the benchmarks take its records and do the I/O themselves.
 
 Each valid record is one LLM call of a made-up fleet (three apps, real model
 names) whose *content* is real: the prompt is an AlpacaEval instruction and the
-response its AlpacaEval output (see :mod:`driftline.streams.data`). What is
+response its AlpacaEval output (see :mod:`driftline.streams.devdata.real_prompts`). What is
 modelled rather than measured:
 
 - latency: per-model lognormal time to first token (TTFT) and time per output
@@ -35,7 +35,7 @@ here (the packages carry no responses for them).
 Numbers are drawn in numpy blocks; the per-record Python work is one dict
 and one msgspec encode (speed: ``benchmarks/RESULTS.md``, "Module speed notes").
 
->>> from driftline.streams.replay import ReplayConfig, ReplayData, generate
+>>> from driftline.streams.devdata.replay import ReplayConfig, ReplayData, generate
 >>> recs = list(generate(ReplayConfig(n_events=1000, seed=7), ReplayData.synthetic()))
 >>> sum(r.valid for r in recs), sum(not r.valid for r in recs)
 (990, 10)
@@ -56,7 +56,7 @@ import msgspec
 import numpy as np
 
 from driftline.schemas.event import encode_event
-from driftline.streams.data import (
+from driftline.streams.devdata.real_prompts import (
     ALPACA_DATASETS,
     AlpacaItem,
     DataPaths,
@@ -357,7 +357,7 @@ class ReplayData:
 
     @classmethod
     def from_paths(cls, paths: DataPaths) -> ReplayData:
-        """The real data from a cache made by :func:`~driftline.streams.data.ensure_data`."""
+        """The real data from a cache made by :func:`~driftline.streams.devdata.real_prompts.ensure_data`."""
         return cls(tuple(load_alpaca(paths)), tuple(load_jailbreaks(paths)),
                    tuple(load_donotanswer(paths)), tuple(load_toxic_openings(paths)))
 

@@ -6,7 +6,7 @@
       -> enrich              the built-in guardrail scan (when enabled)
       -> to_columns          llm_events rows as one Arrow table (cost from the price
                              table, column-wise) and the window stage's numbers
-      -> WindowAggregator    (streams/windows.py)
+      -> WindowAggregator    (streams/stages/windows.py)
 
 JSON events take one of two paths, with the same result (tests/unit/test_pipeline.py
 checks row for row and reason for reason). The columnar path hands the whole
@@ -47,9 +47,9 @@ from driftline.schemas.event import (
     parse_timestamp_ms,
     timestamp_text,
 )
-from driftline.schemas.metrics import WindowKey
 from driftline.schemas.topics import DLQ_TOPIC, EVENTS_TOPIC, OTLP_TOPIC, OTLP_TOPIC_PREFIX
-from driftline.streams.windows import EventBatchColumns, source_index
+from driftline.schemas.window_stats import WindowKey
+from driftline.streams.stages.windows import EventBatchColumns, source_index
 
 __all__ = [
     "Record", "MemoryRecord", "Rejected", "DecodedBatch", "decode_batch", "EnrichedBatch",

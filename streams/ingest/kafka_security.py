@@ -1,7 +1,7 @@
 """Kafka TLS and SASL settings, one validated value mapped to every Kafka client driftline uses.
 
 driftline talks to Kafka through four libraries: aiokafka (the worker's consumers and
-DLQ producer, ``emit``, the OTLP receiver, :class:`~driftline.streams.emitter.LLMEventEmitter`),
+DLQ producer, ``emit``, the OTLP receiver, :class:`~driftline.streams.ingest.emitter.LLMEventEmitter`),
 kafka-python (topic creation, ``baseline`` commands), faust (the control agent) and, in
 tests and benchmarks, confluent-kafka (librdkafka). Each spells the same settings
 differently; :class:`KafkaSecurity` holds them once and maps them:

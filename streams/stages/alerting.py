@@ -1,7 +1,7 @@
 """The alerting stage of the worker: rules evaluated in the stream, alerts delivered.
 
 :class:`AlertingStage` is a worker :class:`~driftline.streams.worker.Stage`. It feeds an
-:class:`~driftline.streams.alerting.AlertEvaluator` and, on a task of its own, every
+:class:`~driftline.streams.stages.rule_engine.AlertEvaluator` and, on a task of its own, every
 ``eval_interval_s`` (1 s by default):
 
 1. takes what the worker stored since the last tick (window rows, partial and final;
@@ -11,13 +11,13 @@
    window rows only every ``emit_interval_s`` (5 s), which alone would put the alert
    latency above 5 s; reading the open windows makes it about one tick;
 3. evaluates the rules at the stage clock and hands the transitions (firing / resolved)
-   to an :class:`~driftline.streams.notifiers.AlertDispatcher` (webhooks, Alertmanager,
+   to an :class:`~driftline.streams.sinks.notifiers.AlertDispatcher` (webhooks, Alertmanager,
    the log; retries, never blocks) and to a writer task that inserts them into the
    ClickHouse ``alerts`` table (retried; a slow ClickHouse delays the rows, never the
    stream or the notifications).
 
 The stage clock is *event time that follows wall time while idle*: the worker's
-watermark (per partition, the minimum over the partitions: see streams/windows.py)
+watermark (per partition, the minimum over the partitions: see streams/stages/windows.py)
 plus the wall time elapsed since it last moved, never going back. Live traffic keeps
 it within a second of wall time; a replay of old data evaluates ``for`` durations and
 windows in the data's own time. Nothing is evaluated before the first event (or the
@@ -61,7 +61,6 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 
 from driftline.schemas.columns import ALERT_COLUMNS
-from driftline.schemas.metrics import WindowStats
 from driftline.schemas.rules import (
     AlertTransition,
     CostObservation,
@@ -69,15 +68,16 @@ from driftline.schemas.rules import (
     RuleSet,
     load_rules,
 )
-from driftline.streams.alerting import AlertEvaluator, default_rules_path
-from driftline.streams.metrics import AlertMetrics
-from driftline.streams.notifiers import (
+from driftline.schemas.window_stats import WindowStats
+from driftline.streams.sinks.notifiers import (
     AlertDispatcher,
     AlertmanagerNotifier,
     AlertNotifier,
     LogNotifier,
     WebhookNotifier,
 )
+from driftline.streams.sinks.prometheus import AlertMetrics
+from driftline.streams.stages.rule_engine import AlertEvaluator, default_rules_path
 
 if TYPE_CHECKING:
     from driftline.streams.ports import StagePorts, TableWriter

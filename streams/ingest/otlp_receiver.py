@@ -74,7 +74,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from driftline.schemas.otlp import OtlpBatch, OtlpDecodeError, decode_request
 from driftline.schemas.topics import OTLP_TOPIC
-from driftline.streams.metrics import OtlpMetrics
+from driftline.streams.sinks.prometheus import OtlpMetrics
 
 __all__ = ["DEFAULT_MAX_BODY", "DEFAULT_MAX_CONCURRENT", "DEFAULT_MAX_INFLIGHT", "TOKEN_ENV",
            "Admission", "OtlpAuth", "OtlpConfigError", "OtlpMetrics", "OtlpReceiver", "OtlpTls",
@@ -282,7 +282,7 @@ class Admission:
     >>> a.admit(10)
     Traceback (most recent call last):
     ...
-    driftline.streams.otlp.Overloaded: 1 requests in flight, the most allowed
+    driftline.streams.ingest.otlp_receiver.Overloaded: 1 requests in flight, the most allowed
     >>> r.release(); a.requests, a.bytes
     (0, 0)
     """

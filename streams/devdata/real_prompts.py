@@ -432,7 +432,7 @@ def load_toxic_openings(paths: DataPaths | None = None) -> list[ToxicOpening]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m driftline.streams.data``: fetch (once) and print where the data is."""
+    """``python -m driftline.streams.devdata.real_prompts``: fetch (once) and print where the data is."""
     parser = argparse.ArgumentParser(
         prog="driftline data", description="Fetch and cache the real prompts driftline replays."
     )

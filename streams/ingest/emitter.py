@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaProducer
 
 from driftline.schemas.event import LLMEvent, encode_event, event_from_dict
 from driftline.schemas.topics import EVENTS_TOPIC
-from driftline.streams.kafka_security import KafkaSecurity
+from driftline.streams.ingest.kafka_security import KafkaSecurity
 
 __all__ = ["LLMEventEmitter"]
 
@@ -38,7 +38,7 @@ class LLMEventEmitter:
     topic : target topic, ``llm.events`` by default
     linger_ms : how long aiokafka waits to fill a batch
     producer_options : further :class:`aiokafka.AIOKafkaProducer` options
-    security : TLS / SASL settings (:class:`~driftline.streams.kafka_security.KafkaSecurity`)
+    security : TLS / SASL settings (:class:`~driftline.streams.ingest.kafka_security.KafkaSecurity`)
     """
 
     def __init__(self, bootstrap: str, topic: str = EVENTS_TOPIC, *, linger_ms: int = 20,

@@ -9,7 +9,7 @@ every batch is safe in ClickHouse (``on_stored``) it
    depends on the event alone, so it is uniform within every window and key, the
    same on every worker and after restarts, and prompt and response of a kept
    event are both kept (each a separate *field*, each with its own drift);
-2. hands the texts to the :class:`~driftline.streams.embedding.EmbeddingBatcher`
+2. hands the texts to the :class:`~driftline.streams.stages.embedding.EmbeddingBatcher`
    (bounded: a full queue drops and counts, never blocks the spine);
 3. on the drift thread (off the event loop), per key ``(app, model, prompt_version)``
    and field: numbers the samples (``seq``), builds the **reference** from the
@@ -49,7 +49,7 @@ not applied before to the matching keys, and logs it in ``drift_control_log``
 worker that was down applies what it missed when it starts, and a recreated
 topic (the memory broker restarted) cannot hide new commands behind old
 offsets. With a control secret (``WorkerConfig.control_secret``), a command must carry
-a valid HMAC signature (streams/control_auth.py); others are refused, logged and
+a valid HMAC signature (streams/ingest/control_auth.py); others are refused, logged and
 counted in ``driftline_control_refused_total{reason}``. The app's control agent
 (streams/app.py) ignores ``baseline`` commands.
 ``driftline baseline show`` is a query.
@@ -74,20 +74,20 @@ from prometheus_client.registry import CollectorRegistry
 
 from driftline.detectors.at_level import AtLevel, drifted_at
 from driftline.detectors.calibration import bonferroni
-from driftline.detectors.drift import CentroidDrift, MMDDrift, TopicMixDrift
 from driftline.detectors.permutation import n_resamples
 from driftline.detectors.redact import Redaction
 from driftline.detectors.sampling import keep_event, sample_mask
+from driftline.detectors.semantic import CentroidDrift, MMDDrift, TopicMixDrift
 from driftline.schemas.columns import (
     CONTROL_LOG_COLUMNS,
     EMBEDDING_COLUMNS,
     REFERENCE_COLUMNS,
     SCORE_COLUMNS,
 )
-from driftline.schemas.drift import DriftResult
+from driftline.schemas.drift_result import DriftResult
 from driftline.schemas.topics import CONTROL_TOPIC
-from driftline.streams.embedding import EmbeddingBatcher, EmbeddingConfig, load_encoder
-from driftline.streams.metrics import DriftStageMetrics
+from driftline.streams.sinks.prometheus import DriftStageMetrics
+from driftline.streams.stages.embedding import EmbeddingBatcher, EmbeddingConfig, load_encoder
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -767,7 +767,7 @@ class DriftStage:
         ``baseline`` command that passes the signature check (when the worker has a
         control secret) and was not applied before is queued for the drift loop, which
         applies it and logs it in ``drift_control_log``. Returns True when queued."""
-        from driftline.streams.control_auth import admit
+        from driftline.streams.ingest.control_auth import admit
 
         try:
             cmd = json.loads(value)  # type: ignore[arg-type]

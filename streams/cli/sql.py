@@ -15,8 +15,8 @@ from __future__ import annotations
 from urllib.parse import unquote, urlparse
 
 from driftline.streams.auth import ADMIN_USER, USER, client_credentials, credentials_path
-from driftline.streams.chserver import READ_QUERY, read_endpoint
-from driftline.streams.sinks import chdb_path
+from driftline.streams.local.sql_endpoint import READ_QUERY, read_endpoint
+from driftline.streams.sinks.clickhouse import chdb_path
 
 __all__ = ["run_sql", "client_for"]
 
