@@ -190,6 +190,51 @@ def _resolve_targets(kafka: str | None, clickhouse: str | None, *, start_broker:
     return kafka, clickhouse, started
 
 
+def _alerting_options(alerts: bool, rules: Path | None, webhook: list[str] | None,
+                      slack_webhook: list[str] | None, alertmanager: list[str] | None,
+                      alert_interval: float) -> Any:
+    """``driftline worker``'s alerting stage options (None with --no-alerts); a --rules file
+    is checked first and a bad one exits with its errors."""
+    if not alerts:
+        return None
+    from driftline.streams.stages.rule_engine import default_rules_path
+    from driftline.streams.wiring import AlertingOptions
+
+    if rules is not None:
+        _check_rules_or_exit(rules)
+    else:
+        _say(f"no --rules given: using the default alert rules ({default_rules_path()})")
+    return AlertingOptions(rules, tuple(webhook or ()), tuple(slack_webhook or ()),
+                           tuple(alertmanager or ()), eval_interval_s=alert_interval)
+
+
+def _drift_config(drift: bool, *, embed_model: str, embed_device: str, embed_batch: int,
+                  embed_threads: int | None, sample_rate: float | None, drift_fields: str,
+                  ref_size: int, drift_window: int, test_every: int, test_interval: float,
+                  drift_alpha: float) -> Any:
+    """``driftline worker``'s drift stage config (None with --no-drift). The sample rate
+    defaults to every event on CUDA and a fifth on CPU."""
+    if not drift:
+        return None
+    from driftline.streams.stages.embedding import EmbeddingConfig
+    from driftline.streams.stages.semantic_drift import DriftConfig
+
+    if sample_rate is None:
+        import torch
+
+        cuda = embed_device.startswith("cuda") or (embed_device == "auto" and torch.cuda.is_available())
+        sample_rate = 1.0 if cuda else 0.2
+    dcfg = DriftConfig(
+        fields=tuple(f.strip() for f in drift_fields.split(",") if f.strip()), sample_rate=sample_rate,
+        ref_size=ref_size, window_size=drift_window, test_every=test_every,
+        test_interval_s=test_interval or None, alpha=drift_alpha,
+        embedding=EmbeddingConfig(model=embed_model, device=embed_device, batch_size=embed_batch,
+                                  threads=embed_threads))
+    _say(f"semantic drift on {','.join(dcfg.fields)}: {embed_model} ({embed_device}), sample rate "
+         f"{sample_rate:g}, reference {ref_size}, window {drift_window}, test every {test_every}")
+    return dcfg
+
+
 @app.command()
 def worker(
     kafka: KafkaOpt = None,
@@ -309,36 +354,13 @@ def worker(
             redaction=Redaction(redact, redact_key),  # type: ignore[arg-type]  # checked there
             retention=Retention(retention_days, retention_days_text),
         )
-        from driftline.streams.wiring import AlertingOptions, stage_factories
+        from driftline.streams.wiring import stage_factories
 
-        alerting: AlertingOptions | None = None
-        dcfg: Any = None  # DriftConfig when --drift
-        if alerts:
-            from driftline.streams.stages.rule_engine import default_rules_path
-
-            if rules is not None:
-                _check_rules_or_exit(rules)
-            else:
-                _say(f"no --rules given: using the default alert rules ({default_rules_path()})")
-            alerting = AlertingOptions(rules, tuple(webhook or ()), tuple(slack_webhook or ()),
-                                       tuple(alertmanager or ()), eval_interval_s=alert_interval)
-        if drift:
-            from driftline.streams.stages.embedding import EmbeddingConfig
-            from driftline.streams.stages.semantic_drift import DriftConfig
-
-            if sample_rate is None:
-                import torch
-
-                cuda = embed_device.startswith("cuda") or (embed_device == "auto" and torch.cuda.is_available())
-                sample_rate = 1.0 if cuda else 0.2
-            dcfg = DriftConfig(
-                fields=tuple(f.strip() for f in drift_fields.split(",") if f.strip()), sample_rate=sample_rate,
-                ref_size=ref_size, window_size=drift_window, test_every=test_every,
-                test_interval_s=test_interval or None, alpha=drift_alpha,
-                embedding=EmbeddingConfig(model=embed_model, device=embed_device, batch_size=embed_batch,
-                                          threads=embed_threads))
-            _say(f"semantic drift on {','.join(dcfg.fields)}: {embed_model} ({embed_device}), sample rate "
-                 f"{sample_rate:g}, reference {ref_size}, window {drift_window}, test every {test_every}")
+        alerting = _alerting_options(alerts, rules, webhook, slack_webhook, alertmanager, alert_interval)
+        dcfg = _drift_config(drift, embed_model=embed_model, embed_device=embed_device,
+                             embed_batch=embed_batch, embed_threads=embed_threads, sample_rate=sample_rate,
+                             drift_fields=drift_fields, ref_size=ref_size, drift_window=drift_window,
+                             test_every=test_every, test_interval=test_interval, drift_alpha=drift_alpha)
         from driftline.streams.local.sql_endpoint import EndpointLimits, EndpointOptions
 
         sql_opts = EndpointOptions(host=sql_bind, password_file=sql_password_file, allow_writes=sql_allow_writes,
