@@ -9,8 +9,10 @@ of streams/worker.py must say the same. The tables are created from tables.sql i
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec.inspect as mi
@@ -18,6 +20,7 @@ import pyarrow as pa
 import pytest
 from aiokafka.structs import TopicPartition
 
+from driftline.schemas import topics
 from driftline.schemas.columns import EVENT_FIELDS, TABLE_COLUMNS
 from driftline.schemas.event import MAX_ID_CHARS, MAX_LABEL_CHARS, MAX_TOKENS, Guardrail, LLMEvent
 from driftline.streams.ingest.transforms import (
@@ -213,3 +216,29 @@ def test_the_window_rebuild_query_runs_on_the_ddl(chdb: Any) -> None:
     assert float(cols.ttft_ms[0]) == 30.0 and bool(cols.is_error[0]) and int(cols.input_tokens[0]) == 7
     assert float(cols.cost_usd[0]) == 0.25 and bool(cols.guardrail_hit[0]) and float(cols.feedback[0]) == -1
 
+
+
+def _topic_literals(root: Path) -> list[str]:
+    """``file:line`` of every string constant that is a topic name, in the code of
+    ``root`` outside schemas/topics.py, the tests and the docs (a logger named like a
+    topic apart)."""
+    names = {v for k, v in vars(topics).items() if k.endswith("_TOPIC")}
+    found = []
+    for d in ("streams", "schemas", "detectors", "benchmarks", "scripts"):
+        for path in sorted((root / d).rglob("*.py")):
+            if path == root / "schemas" / "topics.py":
+                continue
+            tree = ast.parse(path.read_text(), str(path))
+            loggers = {id(a) for n in ast.walk(tree) if isinstance(n, ast.Call)
+                       and isinstance(n.func, ast.Attribute) and n.func.attr == "getLogger" for a in n.args}
+            found += [f"{path.relative_to(root)}:{n.lineno}" for n in ast.walk(tree)
+                      if isinstance(n, ast.Constant) and n.value in names and id(n) not in loggers]
+    return found
+
+
+def test_topic_names_come_from_schemas_topics() -> None:
+    """No module names a topic by a string literal: every use goes through
+    schemas/topics.py. Mutation caught: ``producer.send("llm.events", ...)`` (or a
+    ``default="otlp_spans"``) written anywhere in streams/, schemas/, detectors/,
+    benchmarks/ or scripts/, which would go on sending to the old name after a rename."""
+    assert _topic_literals(Path(__file__).resolve().parents[2]) == []
