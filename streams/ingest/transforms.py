@@ -14,9 +14,9 @@ batch to Arrow's JSON reader (C++, without the GIL) against the known keys and
 checks the values column-wise; it takes the clean records, which are nearly
 all of them. The rest (unknown keys kept in ``extra``, an ``event_id`` to
 derive, every error) is decoded one record at a time by msgspec
-(``decode_event``), which has the exact rules and error messages. Measured on
-real 1.4 KB events, decode + columns went from about 28 to 15 µs per event, and
-no per-event Python objects are left for the garbage collector to walk or free.
+(``decode_event``), which has the exact rules and error messages. The columnar
+path leaves no per-event Python objects for the garbage collector to walk or free
+(its cost per event: benchmarks/RESULTS.md).
 
 Nothing here touches Kafka or ClickHouse; ``streams/worker.py`` moves the data.
 """
@@ -310,9 +310,9 @@ _CHUNK_MIN = 256  # a failed parse is bisected down to chunks of this many recor
 #: away from C++ whatever the schema. A real event with 1,000 brackets is rare.
 _ARROW_MAX_BRACKETS = 1000
 _MAX_TS_MS = 253402300799999
-#: One thread, blocks of 4 MiB: Arrow's threaded JSON reader spent 45-70% more CPU per
-#: event on the same batches (measured 15.2-17.2 vs 10.2 CPU-us per 1.4 KB event), and
-#: the worker is CPU-bound; the decode already runs on its own thread, off the GIL.
+#: One thread, blocks of 4 MiB: Arrow's threaded JSON reader spends more CPU per event
+#: on the same batches (benchmarks/RESULTS.md), and the worker is CPU-bound; the decode
+#: already runs on its own thread, off the GIL.
 _READ_OPTIONS = pj.ReadOptions(use_threads=False, block_size=4 << 20)
 _schema_first = [0]  # which of _JSON_SCHEMAS parsed last: tried first next time
 
