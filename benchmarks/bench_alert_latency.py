@@ -64,6 +64,7 @@ async def main(args: argparse.Namespace) -> int:
     from aiohttp import web
     from aiokafka import AIOKafkaProducer
 
+    from driftline.schemas.topics import EVENTS_TOPIC
     from driftline.streams.local.broker import DEFAULT_TOPICS, LocalBroker, ensure_topics, free_port
 
     work = Path(tempfile.mkdtemp(prefix="driftline-bench-alert-"))
@@ -108,7 +109,7 @@ async def main(args: argparse.Namespace) -> int:
             for _ in range(max(1, args.rate // 10)):
                 a = apps[i % 3]
                 i += 1
-                await producer.send("llm.events", event(a, 200.0 + rng.random() * 600),
+                await producer.send(EVENTS_TOPIC, event(a, 200.0 + rng.random() * 600),
                                     key=f"{a}/gpt-4o-mini".encode())
             await asyncio.sleep(max(0.0, 0.1 - (time.monotonic() - t)))
 
@@ -123,7 +124,7 @@ async def main(args: argparse.Namespace) -> int:
             if time.monotonic() - t0 > 120:
                 raise RuntimeError("worker did not deliver the warm-up alert in 120 s")
             for _ in range(20):
-                await producer.send("llm.events", event(warm, 5000.0), key=f"{warm}/gpt-4o-mini".encode())
+                await producer.send(EVENTS_TOPIC, event(warm, 5000.0), key=f"{warm}/gpt-4o-mini".encode())
             await producer.flush()
             await asyncio.sleep(1.0)
         print(f"worker up and alerting after {time.monotonic() - t0:.1f} s", flush=True)
@@ -136,11 +137,11 @@ async def main(args: argparse.Namespace) -> int:
             if time.time() % 60 > 55:
                 await asyncio.sleep(60.5 - time.time() % 60)
             for _ in range(19):
-                await producer.send("llm.events", event(name, 300.0), key=key)
+                await producer.send(EVENTS_TOPIC, event(name, 300.0), key=key)
             await producer.flush()
             await asyncio.sleep(rng.uniform(1.0, 2.0))
             sent = time.time()
-            await producer.send("llm.events", event(name, 5000.0), key=key)
+            await producer.send(EVENTS_TOPIC, event(name, 5000.0), key=key)
             await producer.flush()
             deadline = time.monotonic() + 30
             while name not in arrivals and time.monotonic() < deadline:

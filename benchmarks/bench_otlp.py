@@ -44,6 +44,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyVa
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
 from driftline.schemas.otlp import _attrs, _to_otlp_json, decode_request
+from driftline.schemas.topics import OTLP_TOPIC
 
 _FEEDBACK_LABEL = {1: "thumbs_up", -1: "thumbs_down", 0: "neutral"}
 _SYSTEM = {
@@ -198,7 +199,7 @@ class _Rec:
     __slots__ = ("topic", "partition", "offset", "key", "value", "headers")
 
     def __init__(self, value: bytes, offset: int) -> None:
-        self.topic, self.partition, self.offset, self.key = "otlp_spans", 0, offset, None
+        self.topic, self.partition, self.offset, self.key = OTLP_TOPIC, 0, offset, None
         self.value, self.headers = value, [("content-type", b"otlp_proto")]
 
 

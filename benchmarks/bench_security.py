@@ -47,6 +47,7 @@ def steal_s() -> float:
 
 
 def _records(n: int, seed: int) -> list[Any]:
+    from driftline.schemas.topics import EVENTS_TOPIC
     from driftline.streams.devdata.replay import ReplayConfig, generate
     from driftline.streams.ingest.transforms import MemoryRecord
 
@@ -60,7 +61,7 @@ def _records(n: int, seed: int) -> list[Any]:
             ev = json.loads(value)
             ev["prompt"] = f"{ev.get('prompt') or ''} (reach me at jo.doe@example.com, card 4111 1111 1111 1111)"
             value = json.dumps(ev).encode()
-        out.append(MemoryRecord("llm.events", 0, i, r.key, value))
+        out.append(MemoryRecord(EVENTS_TOPIC, 0, i, r.key, value))
     return out
 
 

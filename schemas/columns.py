@@ -1,28 +1,138 @@
-"""The column lists of the ClickHouse tables, in DDL order (schemas/tables.sql).
+"""The fields of an LLM event and the column lists of the ClickHouse tables, in DDL
+order (schemas/tables.sql).
 
 Every writer inserts by these names; ``tests/unit/test_contract.py`` checks each
-tuple against the columns of the tables that tables.sql creates.
+tuple against the columns of the tables that tables.sql creates, and
+:data:`EVENT_FIELDS` against those types and against the wire schema
+(schemas/event.py).
 """
 
 from __future__ import annotations
 
-from typing import Final
+from dataclasses import dataclass
+from typing import Any, Final, Literal
 
 __all__ = [
-    "EVENT_COLUMNS", "WINDOW_COLUMNS", "SCORE_COLUMNS", "EMBEDDING_COLUMNS", "REFERENCE_COLUMNS",
+    "EventField", "EVENT_FIELDS", "EVENT_COLUMNS", "WINDOW_COLUMNS", "SCORE_COLUMNS", "EMBEDDING_COLUMNS", "REFERENCE_COLUMNS",
     "CONTROL_LOG_COLUMNS", "ALERT_COLUMNS", "LOG_COLUMNS", "OUTBOX_COLUMNS", "TABLE_COLUMNS",
 ]
 
-#: ``llm_events``: one row per LLM call (the Arrow schema in streams/ingest/transforms.py has these fields)
-EVENT_COLUMNS: Final[tuple[str, ...]] = (
-    "event_id", "timestamp", "app", "environment", "provider", "operation", "request_model",
-    "response_model", "model", "prompt_version", "conversation_id", "user_id", "trace_id", "span_id",
-    "input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
-    "reasoning_output_tokens", "latency_ms", "ttft_ms", "tpot_ms", "status", "error_type",
-    "finish_reasons", "guardrail_names", "guardrail_verdicts", "guardrail_scores", "guardrail_hit",
-    "feedback", "prompt", "response", "cost_usd", "price_version", "extra", "source_topic",
-    "source_partition", "source_offset", "ingested_at",
+Source = Literal["wire", "record", "derived"]
+Check = Literal["", "label", "ident", "count", "duration"]
+
+
+@dataclass(frozen=True, slots=True)
+class EventField:
+    """One field of an LLM event: a key of the JSON wire format (schemas/event.py), a
+    column of ``llm_events`` (tables.sql), or both.
+
+    Arrow types are written as ``string``, ``int8``/``int64``, ``uint8``/``uint32``/``uint64``,
+    ``float64``, ``timestamp[ms, tz=UTC]``, ``list<T>`` and ``struct<name: T, ...>``
+    (streams/ingest/transforms.py turns them into pyarrow types; schemas/ does not
+    depend on pyarrow).
+
+    Attributes
+    ----------
+    name
+        The wire key and/or the column name.
+    ch
+        The ClickHouse type of the ``llm_events`` column; ``""``: a wire key that is no
+        column (``guardrails``, stored as the three ``guardrail_*`` lists).
+    arrow
+        The Arrow type of the column as the worker inserts it (``""`` when no column).
+    source
+        ``wire``: a key of the JSON event; ``record``: added by the decode step from the
+        Kafka record (its topic, partition, offset; the unknown keys as ``extra``);
+        ``derived``: computed by ``to_columns`` from the other fields.
+    decoded
+        The Arrow type in the decoded batch (wire keys as Arrow's JSON reader reads them,
+        the timestamp as epoch ms); ``""`` for derived fields.
+    check
+        The bound on a wire key's values, as :class:`~driftline.schemas.event.LLMEvent`'s
+        annotation says: ``label`` (at most ``MAX_LABEL_CHARS`` characters; of each item
+        for a list), ``ident`` (``MAX_ID_CHARS``), ``count`` (0 to ``MAX_TOKENS``),
+        ``duration`` (finite, >= 0).
+    values
+        The literal values allowed (for ``guardrails``: the verdicts).
+    default
+        The value given to an absent key.
+    required
+        The key must be present (and not null) on the wire.
+    """
+
+    name: str
+    ch: str
+    arrow: str
+    source: Source
+    decoded: str = ""
+    check: Check = ""
+    values: tuple[str | int, ...] = ()
+    default: str | None = None
+    required: bool = False
+
+    @property
+    def nullable(self) -> bool:
+        """The column stores NULL (else a missing value is stored as the type's default)."""
+        return self.ch.startswith("Nullable(")
+
+
+_TS = "timestamp[ms, tz=UTC]"
+_LC = "LowCardinality(String)"
+
+
+def _wire(name: str, ch: str, arrow: str, decoded: str, check: Check = "", **kw: Any) -> EventField:
+    return EventField(name, ch, arrow, "wire", decoded, check, **kw)
+
+
+#: Every field of an LLM event, in ``llm_events`` column order (wire-only keys where they
+#: are stored). The Arrow schemas and value checks of the decode, the columns the worker
+#: inserts and :data:`EVENT_COLUMNS` are derived from this table; ``tests/unit/test_contract.py``
+#: checks it against LLMEvent's annotations and against the DDL of tables.sql.
+EVENT_FIELDS: Final[tuple[EventField, ...]] = (
+    _wire("event_id", "String", "string", "string", "ident"),
+    _wire("timestamp", "DateTime64(3, 'UTC')", _TS, "int64", required=True),
+    _wire("app", _LC, "string", "string", "label", required=True),
+    _wire("environment", _LC, "string", "string", "label"),
+    _wire("provider", _LC, "string", "string", "label"),
+    _wire("operation", _LC, "string", "string", "label", default="chat"),
+    _wire("request_model", _LC, "string", "string", "label"),
+    _wire("response_model", _LC, "string", "string", "label"),
+    EventField("model", _LC, "string", "derived"),  # response_model, else request_model
+    _wire("prompt_version", _LC, "string", "string", "label"),
+    _wire("conversation_id", "String", "string", "string", "ident"),
+    _wire("user_id", "String", "string", "string", "ident"),
+    _wire("trace_id", "String", "string", "string", "ident"),
+    _wire("span_id", "String", "string", "string", "ident"),
+    _wire("input_tokens", "Nullable(UInt64)", "uint64", "int64", "count"),
+    _wire("output_tokens", "Nullable(UInt64)", "uint64", "int64", "count"),
+    _wire("cache_read_input_tokens", "Nullable(UInt64)", "uint64", "int64", "count"),
+    _wire("cache_creation_input_tokens", "Nullable(UInt64)", "uint64", "int64", "count"),
+    _wire("reasoning_output_tokens", "Nullable(UInt64)", "uint64", "int64", "count"),
+    _wire("latency_ms", "Float64", "float64", "float64", "duration", required=True),
+    _wire("ttft_ms", "Nullable(Float64)", "float64", "float64", "duration"),
+    _wire("tpot_ms", "Nullable(Float64)", "float64", "float64", "duration"),
+    _wire("status", _LC, "string", "string", values=("ok", "error"), default="ok"),
+    _wire("error_type", _LC, "string", "string", "label"),
+    _wire("finish_reasons", f"Array({_LC})", "list<string>", "list<string>", "label"),
+    _wire("guardrails", "", "", "list<struct<name: string, verdict: string, score: float64>>",
+          values=("pass", "flagged", "blocked")),
+    EventField("guardrail_names", "Array(String)", "list<string>", "derived"),
+    EventField("guardrail_verdicts", f"Array({_LC})", "list<string>", "derived"),
+    EventField("guardrail_scores", "Array(Nullable(Float64))", "list<float64>", "derived"),
+    EventField("guardrail_hit", "UInt8", "uint8", "derived"),  # a verdict flagged or blocked
+    _wire("feedback", "Nullable(Int8)", "int8", "int64", values=(-1, 0, 1)),
+    _wire("prompt", "Nullable(String)", "string", "string"),
+    _wire("response", "Nullable(String)", "string", "string"),
+    EventField("cost_usd", "Nullable(Float64)", "float64", "derived"),  # NULL: unpriced
+    EventField("price_version", _LC, "string", "derived"),
+    EventField("extra", "String", "string", "record", "string"),  # the unknown keys, as JSON
+    EventField("source_topic", _LC, "string", "record", "string"),
+    EventField("source_partition", "UInt32", "uint32", "record", "int64"),
+    EventField("source_offset", "UInt64", "uint64", "record", "int64"),
+    EventField("ingested_at", "DateTime64(3, 'UTC')", _TS, "derived"),
 )
+#: ``llm_events``: one row per LLM call (the columns of :data:`EVENT_FIELDS`)
+EVENT_COLUMNS: Final[tuple[str, ...]] = tuple(f.name for f in EVENT_FIELDS if f.ch)
 #: ``llm_window_metrics``: one row per window and key (schemas/window_stats.py WindowStats)
 WINDOW_COLUMNS: Final[tuple[str, ...]] = (
     "window_start", "window_end", "app", "model", "prompt_version", "events", "errors",

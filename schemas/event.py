@@ -60,7 +60,7 @@ SCHEMA_VERSION = 1
 #: unbounded metric label, a column overflow or a crash.
 #: Token counts: no LLM call comes near 10^12 tokens, and 9.2 million such calls still
 #: sum to less than 2^63, so window sums cannot wrap in int64/UInt64 (a count near 2^63
-#: used to wrap to INT64_MIN, and one >= 2^64 raised OverflowError in to_columns).
+#: would wrap them to INT64_MIN, and one >= 2^64 fits no int64 column).
 MAX_TOKENS = 10**12
 #: Label fields (app, environment, provider, operation, request/response model,
 #: prompt_version, error_type, finish_reasons items, guardrail names): these become
@@ -68,8 +68,8 @@ MAX_TOKENS = 10**12
 MAX_LABEL_CHARS = 256
 #: Identifier fields (event_id, conversation_id, user_id, trace_id, span_id).
 MAX_ID_CHARS = 128
-#: JSON nesting (arrays and objects, at any key, ``extra`` included). Deeper input used to
-#: raise RecursionError in the decoder, which nothing caught.
+#: JSON nesting (arrays and objects, at any key, ``extra`` included): deeper input makes
+#: the decoders recurse until RecursionError.
 MAX_NESTING = 64
 #: the reason given for a record nested deeper than :data:`MAX_NESTING`
 NESTED_TOO_DEEP = f"nested too deep: more than {MAX_NESTING} levels of arrays/objects"

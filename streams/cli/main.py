@@ -20,7 +20,13 @@ from typing import Annotated, Any
 
 import typer
 
-from driftline.schemas.topics import EVENTS_TOPIC, OTLP_TOPIC
+from driftline.schemas.topics import (
+    CONTROL_TOPIC,
+    DLQ_TOPIC,
+    EVENTS_TOPIC,
+    OTLP_TOPIC,
+    OTLP_TOPIC_PREFIX,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="driftline: streaming drift and observability for LLM applications.\n\n"
@@ -141,7 +147,7 @@ def _control_secret(secret_file: Path | None) -> bytes | None:
 
 @app.command()
 def broker(port: Annotated[int, typer.Option(help="TCP port on 127.0.0.1.")] = DEFAULT_KAFKA_PORT,
-           create_topics: Annotated[bool, typer.Option(help="Create llm.events, llm.events.dlq and otlp_spans.")] = True,
+           create_topics: Annotated[bool, typer.Option(help=f"Create {EVENTS_TOPIC}, {DLQ_TOPIC} and {OTLP_TOPIC}.")] = True,
            ) -> None:
     """Run the local Kafka-compatible broker (Tansu, memory storage) on 127.0.0.1, in the foreground."""
     from driftline.streams.local.broker import DEFAULT_TOPICS, LocalBroker, ensure_topics
@@ -247,7 +253,7 @@ def worker(
     alerts: Annotated[bool, typer.Option(help="Evaluate alert rules in the stream (alerts also go to the ClickHouse alerts table and the log).")] = True,
     alert_interval: Annotated[float, typer.Option(help="Seconds between rule evaluations (on the live windows).")] = 1.0,
     group: Annotated[str, typer.Option(help="Kafka consumer group; start N workers with the same group to scale out.")] = "driftline-worker",
-    topic: Annotated[list[str] | None, typer.Option("--topic", help="Topic to consume (repeatable; default llm.events and otlp_spans). Topics named otlp_spans or otlp_spans.<suffix> are read as OTLP requests.")] = None,
+    topic: Annotated[list[str] | None, typer.Option("--topic", help=f"Topic to consume (repeatable; default {EVENTS_TOPIC} and {OTLP_TOPIC}). Topics named {OTLP_TOPIC} or {OTLP_TOPIC_PREFIX}<suffix> are read as OTLP requests.")] = None,
     window: Annotated[float, typer.Option(help="Tumbling window size in seconds (event time).")] = 60.0,
     lateness: Annotated[float, typer.Option(help="Allowed lateness in seconds: later events no longer change their window.")] = 30.0,
     emit_interval: Annotated[float, typer.Option(help="Seconds between early (partial) window rows.")] = 5.0,
@@ -567,7 +573,7 @@ def demo(
 
 baseline_app = typer.Typer(no_args_is_help=True, help=(
     "Drift references: show them; rebase, pin or reset them on the running workers.\n\n"
-    "rebase/pin/reset send a command on the Kafka topic driftline.control; every worker's drift stage "
+    f"rebase/pin/reset send a command on the Kafka topic {CONTROL_TOPIC}; every worker's drift stage "
     "applies it to the matching keys and records it in drift_references (a worker that is down applies "
     "it when it starts). show is a query (through the worker's endpoint when it holds embedded chDB)."))
 app.add_typer(baseline_app, name="baseline")
@@ -608,7 +614,7 @@ def _send_baseline(kafka: str | None, clickhouse: str | None, cmd: dict[str, Any
         cid = send_command(kafka, cmd, security=security, secret=secret)
     except Exception as exc:  # noqa: BLE001
         raise _err(f"could not send the command to {kafka}: {exc}", 1) from None
-    _say(f"sent {cmd['action']} to driftline.control (id {cid})")
+    _say(f"sent {cmd['action']} to {CONTROL_TOPIC} (id {cid})")
     if wait <= 0:
         return
     dsn, _ = _client_dsn(clickhouse)

@@ -14,9 +14,9 @@ batch to Arrow's JSON reader (C++, without the GIL) against the known keys and
 checks the values column-wise; it takes the clean records, which are nearly
 all of them. The rest (unknown keys kept in ``extra``, an ``event_id`` to
 derive, every error) is decoded one record at a time by msgspec
-(``decode_event``), which has the exact rules and error messages. Measured on
-real 1.4 KB events, decode + columns went from about 28 to 15 µs per event, and
-no per-event Python objects are left for the garbage collector to walk or free.
+(``decode_event``), which has the exact rules and error messages. The columnar
+path leaves no per-event Python objects for the garbage collector to walk or free
+(its cost per event: benchmarks/RESULTS.md).
 
 Nothing here touches Kafka or ClickHouse; ``streams/worker.py`` moves the data.
 """
@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
-from driftline.schemas.columns import EVENT_COLUMNS
+from driftline.schemas.columns import EVENT_COLUMNS, EVENT_FIELDS
 from driftline.schemas.event import (
     MAX_ID_CHARS,
     MAX_LABEL_CHARS,
@@ -254,27 +254,48 @@ def decode_batch(records: Sequence[Record], *, fast: bool = True, now_ms: int | 
     return out
 
 
-# -- the columnar fast path ------------------------------------------------------------
+# -- the event's schemas and checks, from schemas/columns.py EVENT_FIELDS ----------------
+_ARROW_NAMES: dict[str, pa.DataType] = {
+    "string": pa.string(), "int8": pa.int8(), "int64": pa.int64(), "uint8": pa.uint8(),
+    "uint32": pa.uint32(), "uint64": pa.uint64(), "float64": pa.float64(),
+    "timestamp[ms, tz=UTC]": pa.timestamp("ms", tz="UTC"),
+}
+
+
+def arrow_type(spec: str) -> pa.DataType:
+    """The pyarrow type of an Arrow type as :class:`~driftline.schemas.columns.EventField`
+    writes it (``uint64``, ``list<string>``, ``struct<name: string, score: float64>``)."""
+    if spec.startswith("list<") and spec.endswith(">"):
+        return pa.list_(arrow_type(spec[5:-1]))
+    if spec.startswith("struct<") and spec.endswith(">"):
+        return pa.struct([(n, arrow_type(t)) for n, t in (f.split(": ", 1) for f in spec[7:-1].split(", "))])
+    return _ARROW_NAMES[spec]
+
+
+_WIRE = [f for f in EVENT_FIELDS if f.source == "wire"]
+#: the wire keys with their types as decoded (``timestamp`` in epoch ms)
+_WIRE_FIELDS: list[tuple[str, pa.DataType]] = [(f.name, arrow_type(f.decoded)) for f in _WIRE]
+_GUARDRAIL_TYPE = dict(_WIRE_FIELDS)["guardrails"].value_type
 #: Valid events as columns, before enrichment: the wire keys with their types
 #: (``timestamp`` in epoch ms, defaults filled, ``extra`` as JSON text) and where
 #: each record came from.
-_GUARDRAIL_TYPE = pa.struct([("name", pa.string()), ("verdict", pa.string()),
-                             ("score", pa.float64())])
-_WIRE_FIELDS: list[tuple[str, pa.DataType]] = [
-    ("event_id", pa.string()), ("timestamp", pa.int64()), ("app", pa.string()),
-    ("environment", pa.string()), ("provider", pa.string()), ("operation", pa.string()),
-    ("request_model", pa.string()), ("response_model", pa.string()),
-    ("prompt_version", pa.string()), ("conversation_id", pa.string()), ("user_id", pa.string()),
-    ("trace_id", pa.string()), ("span_id", pa.string()), ("input_tokens", pa.int64()),
-    ("output_tokens", pa.int64()), ("cache_read_input_tokens", pa.int64()),
-    ("cache_creation_input_tokens", pa.int64()), ("reasoning_output_tokens", pa.int64()),
-    ("latency_ms", pa.float64()), ("ttft_ms", pa.float64()), ("tpot_ms", pa.float64()),
-    ("status", pa.string()), ("error_type", pa.string()), ("finish_reasons", pa.list_(pa.string())),
-    ("guardrails", pa.list_(_GUARDRAIL_TYPE)), ("feedback", pa.int64()),
-    ("prompt", pa.string()), ("response", pa.string()),
-]
-DECODED_SCHEMA = pa.schema([*_WIRE_FIELDS, ("extra", pa.string()), ("source_topic", pa.string()),
-                            ("source_partition", pa.int64()), ("source_offset", pa.int64())])
+DECODED_SCHEMA = pa.schema([(f.name, arrow_type(f.decoded)) for f in EVENT_FIELDS if f.decoded])
+#: llm_events columns written by the worker, in insert order, with their Arrow types.
+#: Nulls in a non-Nullable ClickHouse column are stored as the column's default
+#: ('' / []), which ClickHouse does on input (``input_format_null_as_default``).
+EVENT_ARROW_SCHEMA = pa.schema([(f.name, arrow_type(f.arrow)) for f in EVENT_FIELDS if f.ch])
+#: the value checks of the columnar decode (``_valid_rows``): the bounds of LLMEvent's annotations
+_LABEL_COLS = tuple(f.name for f in _WIRE if f.check == "label" and f.decoded == "string")
+_LABEL_LISTS = tuple(f.name for f in _WIRE if f.check == "label" and f.decoded.startswith("list<"))
+_ID_COLS = tuple(f.name for f in _WIRE if f.check == "ident")
+_TOKEN_FIELDS = tuple(f.name for f in _WIRE if f.check == "count")
+_DURATIONS = tuple((f.name, f.required) for f in _WIRE if f.check == "duration")
+_LITERALS = tuple((f.name, pa.array(f.values, arrow_type(f.decoded))) for f in _WIRE
+                  if f.values and f.name != "guardrails")
+_VERDICTS = pa.array(next(f.values for f in _WIRE if f.name == "guardrails"), pa.string())
+_DEFAULTS = tuple((f.name, f.default) for f in _WIRE if f.default is not None)
+
+# -- the columnar fast path ------------------------------------------------------------
 #: what Arrow's JSON reader is told to expect: every known key and nothing else
 #: (an unknown key fails the parse), the timestamp as epoch ms or as text
 _JSON_SCHEMAS = (pa.schema(_WIRE_FIELDS),
@@ -289,11 +310,9 @@ _CHUNK_MIN = 256  # a failed parse is bisected down to chunks of this many recor
 #: away from C++ whatever the schema. A real event with 1,000 brackets is rare.
 _ARROW_MAX_BRACKETS = 1000
 _MAX_TS_MS = 253402300799999
-_STATUS = pa.array(["ok", "error"])
-_FEEDBACK = pa.array([-1, 0, 1], pa.int64())
-#: One thread, blocks of 4 MiB: Arrow's threaded JSON reader spent 45-70% more CPU per
-#: event on the same batches (measured 15.2-17.2 vs 10.2 CPU-us per 1.4 KB event), and
-#: the worker is CPU-bound; the decode already runs on its own thread, off the GIL.
+#: One thread, blocks of 4 MiB: Arrow's threaded JSON reader spends more CPU per event
+#: on the same batches (benchmarks/RESULTS.md), and the worker is CPU-bound; the decode
+#: already runs on its own thread, off the GIL.
 _READ_OPTIONS = pj.ReadOptions(use_threads=False, block_size=4 << 20)
 _schema_first = [0]  # which of _JSON_SCHEMAS parsed last: tried first next time
 
@@ -396,46 +415,50 @@ def _np_bool(a: Any) -> np.ndarray:
     return _np(a, bool, False)
 
 
-_LABEL_COLS = ("app", "environment", "provider", "operation", "request_model", "response_model",
-               "prompt_version", "error_type")
-_ID_COLS = ("event_id", "conversation_id", "user_id", "trace_id", "span_id")
-
-
 def _valid_rows(t: pa.Table, ts_lo: int = 0, ts_hi: int = 253402300799999) -> np.ndarray:
     """Per row: would ``decode_event`` take it as it stands (the typed path), with its
     timestamp in ``[ts_lo, ts_hi]``?"""
     c = t.column
     ok = _np_bool(pc.and_(pc.is_valid(c("event_id")), pc.not_equal(c("app"), "")))
     ok &= _np_bool(pc.or_(pc.is_valid(c("request_model")), pc.is_valid(c("response_model"))))
-    lat = c("latency_ms")
-    ok &= _np_bool(pc.and_(pc.greater_equal(lat, 0.0), pc.is_finite(lat)))
     ts = c("timestamp")
     ok &= _np_bool(pc.and_(pc.greater_equal(ts, ts_lo), pc.less_equal(ts, ts_hi)))
     for name in _TOKEN_FIELDS:
         col = c(name)
         if col.null_count < len(col):
             ok &= ~_np_bool(pc.or_(pc.less(col, 0), pc.greater(col, MAX_TOKENS)))
-    for name in ("ttft_ms", "tpot_ms"):
+    for name, required in _DURATIONS:  # finite, >= 0
         col = c(name)
-        if col.null_count < len(col):
+        if required:
+            ok &= _np_bool(pc.and_(pc.greater_equal(col, 0.0), pc.is_finite(col)))
+        elif col.null_count < len(col):
             ok &= ~_np_bool(pc.or_(pc.less(col, 0.0), pc.invert(pc.is_finite(col))))
     for names, most in ((_LABEL_COLS, MAX_LABEL_CHARS), (_ID_COLS, MAX_ID_CHARS)):
         for name in names:
             col = c(name)
             if col.null_count < len(col):
                 ok &= ~_np_bool(pc.greater(pc.utf8_length(col), most))
-    for name, allowed in (("status", _STATUS), ("feedback", _FEEDBACK)):
+    for name, allowed in _LITERALS:
         col = c(name)
         if col.null_count < len(col):
             ok &= ~_np_bool(pc.and_(pc.is_valid(col), pc.invert(pc.is_in(col, allowed))))
-    fr = c("finish_reasons").combine_chunks()
-    flat = fr.flatten()
-    if len(flat):
-        bad_fr = pc.or_(flat.is_null(), pc.fill_null(pc.greater(pc.utf8_length(flat), MAX_LABEL_CHARS),
-                                                      False))
-        if pc.any(bad_fr).as_py():
-            ok[pc.filter(pc.list_parent_indices(fr), bad_fr).to_numpy()] = False
-    gr = c("guardrails").combine_chunks()
+    _valid_list_items(t, ok)
+    return ok
+
+
+def _valid_list_items(t: pa.Table, ok: np.ndarray) -> None:
+    """Clear ``ok`` for the rows with an invalid list item: a null or too long label of a
+    label list (``finish_reasons``), a guardrail without a name, with a name too long,
+    a verdict not known or a score not finite."""
+    for name in _LABEL_LISTS:
+        fr = t.column(name).combine_chunks()
+        flat = fr.flatten()
+        if len(flat):
+            bad_fr = pc.or_(flat.is_null(),
+                            pc.fill_null(pc.greater(pc.utf8_length(flat), MAX_LABEL_CHARS), False))
+            if pc.any(bad_fr).as_py():
+                ok[pc.filter(pc.list_parent_indices(fr), bad_fr).to_numpy()] = False
+    gr = t.column("guardrails").combine_chunks()
     gflat = gr.flatten()
     if len(gflat):
         score = gflat.field("score")
@@ -446,15 +469,13 @@ def _valid_rows(t: pa.Table, ts_lo: int = 0, ts_hi: int = 253402300799999) -> np
         bad = pc.or_(bad, pc.fill_null(pc.invert(pc.is_finite(score)), False))
         if pc.any(bad).as_py():
             ok[pc.filter(pc.list_parent_indices(gr), bad).to_numpy()] = False
-    return ok
 
 
 def _with_source(t: pa.Table, chunk: list[Record]) -> pa.Table:
     """Wire columns + defaults + ``extra`` + source columns: a :data:`DECODED_SCHEMA` table."""
     n = t.num_rows
-    t = t.set_column(t.schema.get_field_index("operation"), "operation",
-                     pc.fill_null(t.column("operation"), "chat"))
-    t = t.set_column(t.schema.get_field_index("status"), "status", pc.fill_null(t.column("status"), "ok"))
+    for name, default in _DEFAULTS:
+        t = t.set_column(t.schema.get_field_index(name), name, pc.fill_null(t.column(name), default))
     return t.append_column("extra", pa.array(["{}"] * n, pa.string())) \
             .append_column("source_topic", pa.array([r.topic for r in chunk], pa.string())) \
             .append_column("source_partition", pa.array([r.partition for r in chunk], pa.int64())) \
@@ -557,32 +578,8 @@ def enrich(batch: DecodedBatch, pricer: Pricer, scanner: Scanner | None = None) 
     return EnrichedBatch(batch, pricer, hits)
 
 
-#: llm_events columns written by the worker, in insert order, with their Arrow types.
-#: Nulls in a non-Nullable ClickHouse column are stored as the column's default
-#: ('' / []), which ClickHouse does on input (``input_format_null_as_default``).
-EVENT_ARROW_SCHEMA = pa.schema([
-    ("event_id", pa.string()), ("timestamp", pa.timestamp("ms", tz="UTC")), ("app", pa.string()),
-    ("environment", pa.string()), ("provider", pa.string()), ("operation", pa.string()),
-    ("request_model", pa.string()), ("response_model", pa.string()), ("model", pa.string()),
-    ("prompt_version", pa.string()), ("conversation_id", pa.string()), ("user_id", pa.string()),
-    ("trace_id", pa.string()), ("span_id", pa.string()), ("input_tokens", pa.uint64()),
-    ("output_tokens", pa.uint64()), ("cache_read_input_tokens", pa.uint64()),
-    ("cache_creation_input_tokens", pa.uint64()), ("reasoning_output_tokens", pa.uint64()),
-    ("latency_ms", pa.float64()), ("ttft_ms", pa.float64()), ("tpot_ms", pa.float64()),
-    ("status", pa.string()), ("error_type", pa.string()), ("finish_reasons", pa.list_(pa.string())),
-    ("guardrail_names", pa.list_(pa.string())), ("guardrail_verdicts", pa.list_(pa.string())),
-    ("guardrail_scores", pa.list_(pa.float64())), ("guardrail_hit", pa.uint8()),
-    ("feedback", pa.int8()), ("prompt", pa.string()), ("response", pa.string()),
-    ("cost_usd", pa.float64()), ("price_version", pa.string()), ("extra", pa.string()),
-    ("source_topic", pa.string()), ("source_partition", pa.uint32()), ("source_offset", pa.uint64()),
-    ("ingested_at", pa.timestamp("ms", tz="UTC")),
-])
-
 _json = msgspec.json.Encoder()
 _FIELDS: tuple[str, ...] = LLMEvent.__struct_fields__
-_VERDICTS = pa.array(["pass", "flagged", "blocked"])
-_TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens",
-                 "cache_creation_input_tokens", "reasoning_output_tokens")
 _astuple = msgspec.structs.astuple
 
 
@@ -669,6 +666,47 @@ def _events_table(batch: EnrichedBatch) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=DECODED_SCHEMA)
 
 
+def _window_keys(app: pa.Array, model: pa.Array, pver: pa.Array) -> tuple[np.ndarray, list[WindowKey]]:
+    """Per row the code of its window key (app, model, prompt_version), and the keys by
+    code, numbered in first-seen order."""
+    enc = [pc.dictionary_encode(x) for x in (app, model, pver)]
+    idx = [np.asarray(e.indices.to_numpy(), np.int64) for e in enc]
+    sizes = [len(e.dictionary) for e in enc]
+    combined = (idx[0] * sizes[1] + idx[1]) * sizes[2] + idx[2]
+    uniq, first, codes = np.unique(combined, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    dicts = [e.dictionary.to_pylist() for e in enc]
+    key_list = [WindowKey(dicts[0][idx[0][i]], dicts[1][idx[1][i]], dicts[2][idx[2][i]])
+                for i in first[order].tolist()]
+    return rank[codes.ravel()], key_list
+
+
+def _guardrail_columns(gr: pa.Array, n: int) -> tuple[dict[str, pa.Array], np.ndarray, np.ndarray, np.ndarray]:
+    """The wire ``guardrails`` (a list of structs per row) as the three ``guardrail_*``
+    list columns, and per row: checked (any guardrail), hit (worst verdict flagged or
+    blocked), blocked."""
+    lens = _np(pc.list_value_length(gr), np.int64, 0)
+    offsets = np.zeros(n + 1, np.int32)
+    np.cumsum(lens, out=offsets[1:])
+    pa_off = pa.array(offsets, pa.int32())
+    gflat = gr.flatten()
+    verdicts = gflat.field("verdict")
+    lists = {"guardrail_names": pa.ListArray.from_arrays(pa_off, gflat.field("name")),
+             "guardrail_verdicts": pa.ListArray.from_arrays(pa_off, verdicts),
+             "guardrail_scores": pa.ListArray.from_arrays(pa_off, gflat.field("score"))}
+    checked = lens > 0
+    hit = np.zeros(n, bool)
+    blocked = np.zeros(n, bool)
+    if len(gflat):
+        vcode = pc.index_in(verdicts, _VERDICTS).to_numpy(zero_copy_only=False)  # pass 0, flagged 1, blocked 2
+        worst = np.maximum.reduceat(vcode, offsets[:-1][checked])
+        hit[checked] = worst >= 1
+        blocked[checked] = worst == 2
+    return lists, checked, hit, blocked
+
+
 def to_columns(batch: EnrichedBatch, now_ms: int | None = None) -> tuple[ArrowColumns, EventBatchColumns]:
     """The batch's ``llm_events`` rows (as :class:`ArrowColumns`) and the window
     stage's numbers, computed column-wise over both parts of the batch."""
@@ -687,40 +725,9 @@ def to_columns(batch: EnrichedBatch, now_ms: int | None = None) -> tuple[ArrowCo
     has_req = pc.fill_null(pc.not_equal(req, ""), False)
     model = pc.if_else(has_resp, resp, pc.if_else(has_req, req, ""))
     pver = pc.fill_null(c("prompt_version"), "")
-    app = c("app")
-    # window keys: (app, model, prompt_version) codes in first-seen order
-    enc = [pc.dictionary_encode(x) for x in (app, model, pver)]
-    idx = [np.asarray(e.indices.to_numpy(), np.int64) for e in enc]
-    sizes = [len(e.dictionary) for e in enc]
-    combined = (idx[0] * sizes[1] + idx[1]) * sizes[2] + idx[2]
-    uniq, first, codes = np.unique(combined, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    codes = rank[codes.ravel()]
-    dicts = [e.dictionary.to_pylist() for e in enc]
-    key_list = [WindowKey(dicts[0][idx[0][i]], dicts[1][idx[1][i]], dicts[2][idx[2][i]])
-                for i in first[order].tolist()]
+    codes, key_list = _window_keys(c("app"), model, pver)
     keys = [key_list[k] for k in codes.tolist()]
-    # guardrails: flat arrays and offsets -> the three list columns, hit/blocked flags
-    gr = c("guardrails")
-    lens = _np(pc.list_value_length(gr), np.int64, 0)
-    offsets = np.zeros(n + 1, np.int32)
-    np.cumsum(lens, out=offsets[1:])
-    pa_off = pa.array(offsets, pa.int32())
-    gflat = gr.flatten()
-    verdicts = gflat.field("verdict")
-    g_names = pa.ListArray.from_arrays(pa_off, gflat.field("name"))
-    g_verdicts = pa.ListArray.from_arrays(pa_off, verdicts)
-    g_scores = pa.ListArray.from_arrays(pa_off, gflat.field("score"))
-    g_checked = lens > 0
-    g_hit = np.zeros(n, bool)
-    g_blocked = np.zeros(n, bool)
-    if len(gflat):
-        vcode = pc.index_in(verdicts, _VERDICTS).to_numpy(zero_copy_only=False)  # pass 0, flagged 1, blocked 2
-        worst = np.maximum.reduceat(vcode, offsets[:-1][g_checked])
-        g_hit[g_checked] = worst >= 1
-        g_blocked[g_checked] = worst == 2
+    g_lists, g_checked, g_hit, g_blocked = _guardrail_columns(c("guardrails"), n)
     ts_arr = _np(c("timestamp"), np.int64)
     tok_f = np.array([_np(c(f), np.float64) for f in _TOKEN_FIELDS])  # null -> NaN
     has_tok = ~np.isnan(tok_f).all(axis=0)
@@ -728,11 +735,12 @@ def to_columns(batch: EnrichedBatch, now_ms: int | None = None) -> tuple[ArrowCo
     model_names: dict[str, int] = {}
     key_model = np.array([model_names.setdefault(k.model, len(model_names)) for k in key_list], np.int64)
     costs = batch.pricer.cost_columns(list(model_names), ts_arr, tok, has_tok, codes=key_model[codes])
-    ts_type = pa.timestamp("ms", tz="UTC")
+    ts_type = EVENT_ARROW_SCHEMA.field("timestamp").type
+    # the derived columns of EVENT_FIELDS, and the wire columns stored changed; the others
+    # are the decoded columns, cast to their column type
     out: dict[str, Any] = {
         "timestamp": pa.array(ts_arr, pa.int64()).cast(ts_type), "model": model, "prompt_version": pver,
-        "guardrail_names": g_names, "guardrail_verdicts": g_verdicts, "guardrail_scores": g_scores,
-        "guardrail_hit": pa.array(g_hit.view(np.uint8), pa.uint8()),
+        **g_lists, "guardrail_hit": pa.array(g_hit.view(np.uint8), pa.uint8()),
         "cost_usd": pa.array(costs, pa.float64(), from_pandas=True),
         "price_version": pa.array([batch.pricer.version] * n, pa.string()),
         "ingested_at": pa.array(np.full(n, now, np.int64), pa.int64()).cast(ts_type),
@@ -755,8 +763,7 @@ def to_columns(batch: EnrichedBatch, now_ms: int | None = None) -> tuple[ArrowCo
         ttft_ms=_np(c("ttft_ms"), np.float64),  # null -> NaN
         tpot_ms=_np(c("tpot_ms"), np.float64),
         is_error=_np(pc.equal(c("status"), "error"), bool),
-        input_tokens=tok[0], output_tokens=tok[1], cache_read_input_tokens=tok[2],
-        cache_creation_input_tokens=tok[3], reasoning_output_tokens=tok[4], cost_usd=costs,
+        **dict(zip(_TOKEN_FIELDS, tok, strict=True)), cost_usd=costs,
         guardrail_checked=g_checked, guardrail_hit=g_hit, guardrail_blocked=g_blocked,
         feedback=_np(c("feedback"), np.float64), key_codes=codes, key_list=key_list,
         source_codes=src_codes, source_list=src_list,

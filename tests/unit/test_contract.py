@@ -1,15 +1,18 @@
 """The copies of each contract fact agree with its one definition in schemas/.
 
-schemas/columns.py, schemas/event.py and schemas/tables.sql say what a row is; the
-Arrow schemas of streams/ingest/transforms.py and the window-rebuild query of streams/worker.py
-must say the same. The tables are created from tables.sql in a throwaway chDB (about
+schemas/columns.py (EVENT_FIELDS, the column tuples), schemas/event.py and
+schemas/tables.sql say what a row is; the Arrow schemas and decode checks of
+streams/ingest/transforms.py (derived from EVENT_FIELDS) and the window-rebuild query
+of streams/worker.py must say the same. The tables are created from tables.sql in a throwaway chDB (about
 0.2 s) and read back from ``system.columns``.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec.inspect as mi
@@ -17,14 +20,17 @@ import pyarrow as pa
 import pytest
 from aiokafka.structs import TopicPartition
 
-from driftline.schemas.columns import TABLE_COLUMNS
+from driftline.schemas import topics
+from driftline.schemas.columns import EVENT_FIELDS, TABLE_COLUMNS
 from driftline.schemas.event import MAX_ID_CHARS, MAX_LABEL_CHARS, MAX_TOKENS, Guardrail, LLMEvent
 from driftline.streams.ingest.transforms import (
-    _FEEDBACK,
+    _DEFAULTS,
+    _DURATIONS,
     _GUARDRAIL_TYPE,
     _ID_COLS,
     _LABEL_COLS,
-    _STATUS,
+    _LABEL_LISTS,
+    _LITERALS,
     _TOKEN_FIELDS,
     _VERDICTS,
     _WIRE_FIELDS,
@@ -86,6 +92,14 @@ def test_every_table_has_its_column_tuple(chdb: Any) -> None:
         assert [n for n, _ in ddl[table]] == list(cols), table
 
 
+def test_the_event_fields_are_the_llm_events_ddl(chdb: Any) -> None:
+    """The columns of EVENT_FIELDS are those of ``llm_events`` in tables.sql: names, order
+    and ClickHouse types, exactly as ``system.columns`` reports them. Mutation caught: a
+    column added to tables.sql alone (or to EVENT_FIELDS alone), two columns swapped, a
+    type changed on one side only (say ``Nullable(UInt64)`` -> ``UInt64`` in tables.sql)."""
+    assert _ddl(chdb)["llm_events"] == [(f.name, f.ch) for f in EVENT_FIELDS if f.ch]
+
+
 def _arrow_type(ch: str) -> pa.DataType:
     ch = re.sub(r"^(LowCardinality|Nullable)\((.*)\)$", r"\2", ch)
     ch = re.sub(r"^(LowCardinality|Nullable)\((.*)\)$", r"\2", ch)  # Nullable(LowCardinality(..))
@@ -120,6 +134,38 @@ def test_the_decode_schema_is_the_wire_schema() -> None:
     assert set(DECODED_SCHEMA.names) - set(TABLE_COLUMNS["llm_events"]) == {"guardrails"}
 
 
+def _wire_arrow(t: mi.Type) -> pa.DataType:
+    """The Arrow type that Arrow's JSON reader is to give a value of msgspec type ``t``."""
+    t = _scalar(t)
+    if isinstance(t, mi.LiteralType):
+        return pa.string() if isinstance(t.values[0], str) else pa.int64()
+    if isinstance(t, mi.ListType):
+        return pa.list_(_wire_arrow(t.item_type))
+    if isinstance(t, mi.StructType):
+        return pa.struct([(f.name, _wire_arrow(f.type)) for f in t.fields])
+    return {mi.StrType: pa.string(), mi.IntType: pa.int64(), mi.FloatType: pa.float64()}[type(t)]
+
+
+def test_the_decoded_types_are_the_wire_types() -> None:
+    """Each wire key is decoded with the Arrow type of its LLMEvent annotation (the
+    timestamp, a string or a number on the wire, as epoch ms), and the requirements and
+    defaults of EVENT_FIELDS are LLMEvent's. Mutation caught: a wire type changed in
+    LLMEvent alone (say ``latency_ms`` to int: Arrow would then refuse every fractional
+    latency), or a default changed in EVENT_FIELDS alone (``operation`` "chat" -> "")."""
+    info = mi.type_info(LLMEvent)
+    assert isinstance(info, mi.StructType)
+    fields = {f.name: f for f in info.fields}
+    decoded = dict(_WIRE_FIELDS)
+    for f in EVENT_FIELDS:
+        if f.source != "wire":
+            continue
+        want = pa.int64() if f.name == "timestamp" else _wire_arrow(fields[f.name].type)
+        assert decoded[f.name] == want, f.name
+        assert f.required == fields[f.name].required, f.name
+    assert dict(_DEFAULTS) == {n: fl.default for n, fl in fields.items()
+                               if fl.default not in (None, mi.NODEFAULT) and n != "extra"}
+
+
 def _scalar(t: mi.Type) -> mi.Type:
     return next(u for u in t.types if not isinstance(u, mi.NoneType)) if isinstance(t, mi.UnionType) else t
 
@@ -128,8 +174,9 @@ def test_the_columnar_checks_are_the_event_types() -> None:
     """The columnar decode path's range checks (``_valid_rows``) cover exactly the fields
     that LLMEvent's annotations bound: labels at MAX_LABEL_CHARS, identifiers at
     MAX_ID_CHARS, token counts at MAX_TOKENS, and the literals of status, feedback and
-    guardrail verdict. Mutation caught: a Label/Ident/token field added to LLMEvent but
-    not to the fast path's checks (it would store what the exact path rejects)."""
+    guardrail verdict, all as EVENT_FIELDS says. Mutation caught: a Label/Ident/token/
+    duration/literal field added to LLMEvent but not checked in EVENT_FIELDS, or a bound
+    changed on one side only (the fast path would store what the exact path rejects)."""
     info = mi.type_info(LLMEvent)
     assert isinstance(info, mi.StructType)
     types = {f.name: _scalar(f.type) for f in info.fields}
@@ -140,7 +187,11 @@ def test_the_columnar_checks_are_the_event_types() -> None:
     assert set(_LABEL_COLS) == str_max(MAX_LABEL_CHARS)
     assert set(_ID_COLS) == str_max(MAX_ID_CHARS)
     assert set(_TOKEN_FIELDS) == {k for k, t in types.items() if isinstance(t, mi.IntType) and t.le == MAX_TOKENS}
-    for name, allowed in (("status", _STATUS), ("feedback", _FEEDBACK)):
+    assert set(_LABEL_LISTS) == {k for k, t in types.items() if isinstance(t, mi.ListType)
+                                 and isinstance(t.item_type, mi.StrType) and t.item_type.max_length == MAX_LABEL_CHARS}
+    assert {n for n, _ in _DURATIONS} == {k for k, t in types.items() if isinstance(t, mi.FloatType) and t.ge == 0}
+    assert {n for n, _ in _LITERALS} == {k for k, t in types.items() if isinstance(t, mi.LiteralType)}
+    for name, allowed in _LITERALS:
         lit = types[name]
         assert isinstance(lit, mi.LiteralType) and set(lit.values) == set(allowed.to_pylist()), name
     g = mi.type_info(Guardrail)
@@ -165,3 +216,29 @@ def test_the_window_rebuild_query_runs_on_the_ddl(chdb: Any) -> None:
     assert float(cols.ttft_ms[0]) == 30.0 and bool(cols.is_error[0]) and int(cols.input_tokens[0]) == 7
     assert float(cols.cost_usd[0]) == 0.25 and bool(cols.guardrail_hit[0]) and float(cols.feedback[0]) == -1
 
+
+
+def _topic_literals(root: Path) -> list[str]:
+    """``file:line`` of every string constant that is a topic name, in the code of
+    ``root`` outside schemas/topics.py, the tests and the docs (a logger named like a
+    topic apart)."""
+    names = {v for k, v in vars(topics).items() if k.endswith("_TOPIC")}
+    found = []
+    for d in ("streams", "schemas", "detectors", "benchmarks", "scripts"):
+        for path in sorted((root / d).rglob("*.py")):
+            if path == root / "schemas" / "topics.py":
+                continue
+            tree = ast.parse(path.read_text(), str(path))
+            loggers = {id(a) for n in ast.walk(tree) if isinstance(n, ast.Call)
+                       and isinstance(n.func, ast.Attribute) and n.func.attr == "getLogger" for a in n.args}
+            found += [f"{path.relative_to(root)}:{n.lineno}" for n in ast.walk(tree)
+                      if isinstance(n, ast.Constant) and n.value in names and id(n) not in loggers]
+    return found
+
+
+def test_topic_names_come_from_schemas_topics() -> None:
+    """No module names a topic by a string literal: every use goes through
+    schemas/topics.py. Mutation caught: ``producer.send("llm.events", ...)`` (or a
+    ``default="otlp_spans"``) written anywhere in streams/, schemas/, detectors/,
+    benchmarks/ or scripts/, which would go on sending to the old name after a rename."""
+    assert _topic_literals(Path(__file__).resolve().parents[2]) == []
