@@ -22,8 +22,9 @@ requires with ``on_full``:
     until it succeeds (or ``shutdown``'s time runs out, logged with the count lost).
 ``"drop_oldest"``
     the stream must never wait on the sink: a full queue drops its oldest item, and a
-    failed export is given up; both are counted (``dropped``, ``failed`` and the optional
-    Prometheus counters) and logged, never raised into the stream.
+    failed export is given up after ``max_attempts`` (default 1); both are counted
+    (``dropped``, ``failed`` and the optional Prometheus counters) and logged, never
+    raised into the stream.
 
 Counts are in *units*: ``size_of(item)``, 1 per item unless given (a notifier's queue
 holds batches of alerts and counts alerts).
@@ -41,6 +42,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -177,8 +179,14 @@ class BatchConfig:
     on_full
         ``"block"`` (backpressure, retry failed exports until they succeed) or
         ``"drop_oldest"`` (drop and count; failed exports counted, not retried).
-    backoff_initial_s, backoff_max_s
-        Retry delay after failed attempt ``k``: ``min(backoff_max_s, backoff_initial_s * 2**(k-1))``.
+    backoff_initial_s, backoff_max_s, jitter
+        Retry delay after failed attempt ``k``: ``min(backoff_max_s, backoff_initial_s * 2**(k-1))``
+        scaled by a uniform factor in ``[1 - jitter, 1]``.
+    max_attempts
+        ``drop_oldest`` only: attempts per batch before it is given up (None: 1). ``block``
+        never gives up a batch.
+    export_timeout_s
+        An export that takes longer is a failed attempt (None: no limit).
     """
 
     max_queue_size: int = 2048
@@ -187,6 +195,9 @@ class BatchConfig:
     on_full: OnFull = "block"
     backoff_initial_s: float = 0.1
     backoff_max_s: float = 10.0
+    jitter: float = 0.0
+    max_attempts: int | None = None
+    export_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_queue_size < 1:
@@ -201,10 +212,22 @@ class BatchConfig:
         if not 0 <= self.backoff_initial_s <= self.backoff_max_s:
             raise ValueError("need 0 <= backoff_initial_s <= backoff_max_s, got "
                              f"{self.backoff_initial_s} and {self.backoff_max_s}")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
+        if self.max_attempts is not None:
+            if self.on_full == "block":
+                raise ValueError("max_attempts is for on_full='drop_oldest'; 'block' retries until the export succeeds")
+            if self.max_attempts < 1:
+                raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.export_timeout_s is not None and not self.export_timeout_s > 0:
+            raise ValueError(f"export_timeout_s must be > 0 or None, got {self.export_timeout_s}")
 
-    def backoff_s(self, attempt: int) -> float:
-        """Delay before retry number ``attempt`` (1-based)."""
-        return float(min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempt - 1)))
+    def backoff_s(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Delay before retry number ``attempt`` (1-based); ``rng`` draws the jitter."""
+        base = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempt - 1))
+        if self.jitter and rng is not None:
+            base *= 1 - self.jitter * rng.random()
+        return float(base)
 
 
 class BatchProcessor(Generic[T]):
@@ -218,16 +241,20 @@ class BatchProcessor(Generic[T]):
     ----------
     exporter
         The sink.
-    max_queue_size, max_export_batch_size, schedule_delay_s, on_full, backoff_initial_s, backoff_max_s
+    max_queue_size, max_export_batch_size, schedule_delay_s, on_full, backoff_initial_s, \
+    backoff_max_s, jitter, max_attempts, export_timeout_s
         See :class:`BatchConfig` (validated there: ``ValueError`` on a bad value).
     drops_counter
         Incremented by the units dropped (queue full, or added after shutdown).
-    failures_counter, exported_counter
-        Incremented by the units of a failed export (``drop_oldest`` only) / an exported batch.
+    failures_counter, retries_counter, exported_counter
+        Incremented by the units of a batch given up (``drop_oldest`` only) / of a failed
+        attempt that will be retried / of an exported batch.
     size_of
         Units of one item (default 1).
     name
         For logs and the task name.
+    rng
+        Draws the backoff jitter.
     sleep
         ``asyncio.sleep``, replaceable in tests (the retry backoff).
 
@@ -248,16 +275,21 @@ class BatchProcessor(Generic[T]):
     def __init__(self, exporter: Exporter[T], *, max_queue_size: int = 2048,
                  max_export_batch_size: int = 512, schedule_delay_s: float = 5.0,
                  on_full: OnFull = "block", drops_counter: _Inc | None = None,
-                 failures_counter: _Inc | None = None, exported_counter: _Inc | None = None,
+                 failures_counter: _Inc | None = None, retries_counter: _Inc | None = None,
+                 exported_counter: _Inc | None = None,
                  size_of: Callable[[T], int] | None = None, name: str = "batch",
-                 backoff_initial_s: float = 0.1, backoff_max_s: float = 10.0,
+                 backoff_initial_s: float = 0.1, backoff_max_s: float = 10.0, jitter: float = 0.0,
+                 max_attempts: int | None = None, export_timeout_s: float | None = None,
+                 rng: random.Random | None = None,
                  sleep: Callable[[float], Any] = asyncio.sleep) -> None:
         self.config = BatchConfig(max_queue_size, max_export_batch_size, schedule_delay_s, on_full,
-                                  backoff_initial_s, backoff_max_s)
+                                  backoff_initial_s, backoff_max_s, jitter, max_attempts, export_timeout_s)
         self.exporter = exporter
         self.name = name
         self._drops_counter = drops_counter
         self._failures_counter = failures_counter
+        self._retries_counter = retries_counter
+        self._rng = rng or random.Random()
         self._exported_counter = exported_counter
         self._size_of = size_of
         self._sleep = sleep
@@ -276,7 +308,7 @@ class BatchProcessor(Generic[T]):
         self._taken = 0
         self._settled = 0
         self._flush_to = 0
-        #: units exported, dropped (queue full or after shutdown), failed (drop_oldest), retried
+        #: units exported, dropped (queue full or after shutdown), failed (given up), retried
         self.exported = 0
         self.dropped = 0
         self.failed = 0
@@ -445,12 +477,18 @@ class BatchProcessor(Generic[T]):
                 self._settle(n)
 
     async def _export(self, batch: list[T]) -> None:
+        cfg = self.config
         units = sum(self._units(x) for x in batch)
+        limit = (cfg.max_attempts or 1) if cfg.on_full == "drop_oldest" else None
         attempt = 0
         while True:
             attempt += 1
             try:
-                failed = export_failed(await self.exporter.export(batch))
+                if cfg.export_timeout_s is None:
+                    result = await self.exporter.export(batch)
+                else:
+                    result = await asyncio.wait_for(self.exporter.export(batch), cfg.export_timeout_s)
+                failed = export_failed(result)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a sink failure never kills the stream
@@ -461,16 +499,18 @@ class BatchProcessor(Generic[T]):
                 if self._exported_counter is not None:
                     self._exported_counter.inc(units)
                 return
-            if self.config.on_full == "drop_oldest":
+            if limit is not None and attempt >= limit:
                 self.failed += units
                 if self._failures_counter is not None:
                     self._failures_counter.inc(units)
-                log.warning("%s: export of %d item(s) failed, not retried", self.name, len(batch))
+                log.error("%s: giving up on %d item(s) after %d attempt(s)", self.name, len(batch), attempt)
                 return
             if self._abandon:
                 return
-            self.retries += 1
-            delay = self.config.backoff_s(attempt)
+            self.retries += units
+            if self._retries_counter is not None:
+                self._retries_counter.inc(units)
+            delay = cfg.backoff_s(attempt, self._rng)
             log.warning("%s: export of %d item(s) failed (attempt %d), retrying in %.2fs",
                         self.name, len(batch), attempt, delay)
             await self._sleep(delay)

@@ -308,18 +308,15 @@ class InMemoryNotifier:
 
 
 class _LaneExporter:
-    """One notifier behind its lane's :class:`BatchProcessor`: each submitted batch is one
-    delivery, with the dispatcher's retries and counters (the retry policy is the
-    exporter's, as in OpenTelemetry's OTLP exporters)."""
+    """One notifier behind its lane's :class:`BatchProcessor`, whose items are the
+    submitted batches of transitions (one per export)."""
 
-    def __init__(self, dispatcher: AlertDispatcher, notifier: AlertNotifier) -> None:
-        self.dispatcher = dispatcher
+    def __init__(self, notifier: AlertNotifier) -> None:
         self.notifier = notifier
 
     async def export(self, items: Sequence[list[AlertTransition]]) -> ExportResult:
-        for batch in items:
-            await self.dispatcher._deliver(self.notifier, batch)
-        return ExportResult.SUCCESS
+        (batch,) = items   # max_export_batch_size=1
+        return await self.notifier.export(batch)
 
     async def force_flush(self, timeout_s: float = 30.0) -> bool:
         return await self.notifier.force_flush(timeout_s)
@@ -339,10 +336,11 @@ class AlertDispatcher:
     """Runs notifiers off the stream: bounded queues, retries with backoff, counters.
 
     Each notifier has its own lane, a :class:`~driftline.streams.sinks.batch.BatchProcessor`
-    (``on_full="drop_oldest"``, one submitted batch per export, no delay), so a slow
-    notifier delays only itself. ``submit`` may be called from the event loop or from
-    another thread; before :meth:`start` it only queues. ``max_queue`` bounds each
-    notifier's queue in batches; the retry delay after attempt ``k`` is
+    (``on_full="drop_oldest"``, one submitted batch per export, no delay, ``max_attempts``
+    per batch, counted per alert), so a slow notifier delays only itself. ``submit`` may
+    be called from the event loop or from another thread; before :meth:`start` it only
+    queues. ``max_queue`` bounds each notifier's queue in batches; the retry delay after
+    attempt ``k`` is
     ``min(backoff_max_s, backoff_initial_s * 2**(k-1))`` scaled by a uniform factor in
     ``[1 - jitter, 1]``.
     """
@@ -357,33 +355,24 @@ class AlertDispatcher:
         names = [n.name for n in notifiers]
         if len(set(names)) != len(names):
             raise ValueError(f"notifier names must be unique, got {names}")
-        self.max_queue = max_queue
-        self.max_attempts = max_attempts
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
-        self.jitter = jitter
-        self.export_timeout_s = export_timeout_s
-        self._rng = rng or random.Random()
-        self._sleep = sleep
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         m = NotifierMetrics(registry, names)
         self.notifications, self.queue_batches = m.notifications, m.queue_batches
-        self._lanes = [self._lane(n) for n in notifiers]
-
-    def _lane(self, notifier: AlertNotifier) -> _Lane:
-        name = notifier.name
-        batches: BatchProcessor[list[AlertTransition]] = BatchProcessor(
-            _LaneExporter(self, notifier), max_queue_size=self.max_queue, max_export_batch_size=1,
-            schedule_delay_s=0.0, on_full="drop_oldest", size_of=len,
-            drops_counter=self.notifications.labels(name, "dropped"), name=f"{name}: alerts")
-        self.queue_batches.labels(name).set_function(lambda: len(batches))
-        return _Lane(notifier, batches)
-
-    def backoff_s(self, attempt: int) -> float:
-        """Delay before retry number ``attempt`` (1-based), jitter included."""
-        base = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempt - 1))
-        return float(base * (1 - self.jitter * self._rng.random()))
+        rng = rng or random.Random()
+        self._lanes = []
+        for n in notifiers:
+            count = self.notifications.labels
+            batches: BatchProcessor[list[AlertTransition]] = BatchProcessor(
+                _LaneExporter(n), max_queue_size=max_queue, max_export_batch_size=1,
+                schedule_delay_s=0.0, on_full="drop_oldest", max_attempts=max_attempts,
+                backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s, jitter=jitter,
+                export_timeout_s=export_timeout_s, rng=rng, sleep=sleep, size_of=len,
+                exported_counter=count(n.name, "delivered"), retries_counter=count(n.name, "retried"),
+                failures_counter=count(n.name, "failed"), drops_counter=count(n.name, "dropped"),
+                name=f"{n.name}: alerts")
+            self.queue_batches.labels(n.name).set_function(batches.__len__)
+            self._lanes.append(_Lane(n, batches))
 
     async def start(self) -> None:
         """Start every lane (and the Alertmanager re-send timers) on the running loop."""
@@ -429,26 +418,6 @@ class AlertDispatcher:
             again = due()
             if again:
                 lane.batches.add_nowait(list(again))
-
-    async def _deliver(self, notifier: AlertNotifier, batch: list[AlertTransition]) -> None:
-        name, n = notifier.name, len(batch)
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                result = await asyncio.wait_for(notifier.export(batch), self.export_timeout_s)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("%s: export raised", name)
-                result = ExportResult.FAILURE
-            if result is ExportResult.SUCCESS:
-                self.notifications.labels(name, "delivered").inc(n)
-                return
-            if attempt == self.max_attempts:
-                self.notifications.labels(name, "failed").inc(n)
-                log.error("%s: giving up on %d alert(s) after %d attempts", name, n, attempt)
-                return
-            self.notifications.labels(name, "retried").inc(n)
-            await self._sleep(self.backoff_s(attempt))
 
     async def force_flush(self, timeout_s: float = 30.0) -> bool:
         """Deliver everything queued now (each lane at once) and flush the notifiers; False on timeout."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable
 
 import pytest
@@ -167,7 +168,43 @@ async def test_block_retries_failed_exports_with_backoff() -> None:
     assert out.batches == [[0, 1, 2]]
     assert out.calls == 5
     assert sleep.delays == [0.1, 0.2, 0.3, 0.3]
-    assert (bp.retries, bp.exported, bp.failed, bp.dropped) == (4, 3, 0, 0)
+    assert (bp.retries, bp.exported, bp.failed, bp.dropped) == (12, 3, 0, 0)   # in units: 4 x 3
+    await bp.shutdown()
+
+
+async def test_drop_oldest_retries_up_to_max_attempts_with_jitter() -> None:
+    # Mutations caught: one attempt too many or too few, jitter outside [1 - jitter, 1],
+    # a retry or a give-up not counted in units.
+    reg = CollectorRegistry()
+    retried, failed = Counter("t_retried", "r", registry=reg), Counter("t_failed", "f", registry=reg)
+    sleep = Recorder()
+    out: InMemoryExporter[list[str]] = InMemoryExporter(fail_next=4)
+    bp: BatchProcessor[list[str]] = BatchProcessor(
+        out, max_queue_size=4, max_export_batch_size=1, schedule_delay_s=0, on_full="drop_oldest",
+        max_attempts=3, backoff_initial_s=1.0, backoff_max_s=8.0, jitter=0.5, rng=random.Random(7),
+        retries_counter=retried, failures_counter=failed, size_of=len, sleep=sleep)
+    await bp.start()
+    bp.add_nowait(["a", "b"])    # fails 3 times: given up
+    bp.add_nowait(["c"])         # fails once, then exported
+    assert await bp.force_flush(1.0)
+    assert out.calls == 5 and out.batches == [[["c"]]]
+    rng = random.Random(7)
+    assert sleep.delays == [1.0 * (1 - 0.5 * rng.random()), 2.0 * (1 - 0.5 * rng.random()),
+                            1.0 * (1 - 0.5 * rng.random())]
+    assert (bp.failed, bp.retries, bp.exported) == (2, 5, 1)   # retried: 2 + 2 + 1 alerts
+    assert (reg.get_sample_value("t_retried_total"), reg.get_sample_value("t_failed_total")) == (5.0, 2.0)
+    await bp.shutdown()
+
+
+async def test_export_timeout_is_a_failed_attempt() -> None:
+    # Mutation caught: export_timeout_s ignored (the lane hangs behind one export).
+    out: InMemoryExporter[int] = InMemoryExporter(gate=asyncio.Event())
+    bp = BatchProcessor(out, max_queue_size=4, max_export_batch_size=4, schedule_delay_s=0,
+                        on_full="drop_oldest", export_timeout_s=0.05)
+    await bp.start()
+    bp.add_nowait(1)
+    assert await bp.force_flush(2.0)
+    assert (out.calls, bp.failed, bp.exported) == (1, 1, 0)
     await bp.shutdown()
 
 
@@ -249,6 +286,10 @@ def test_export_failed() -> None:
     ({"schedule_delay_s": float("nan")}, "schedule_delay_s must be >= 0"),
     ({"on_full": "drop_newest"}, "on_full must be 'block' or 'drop_oldest'"),
     ({"backoff_initial_s": 2.0, "backoff_max_s": 1.0}, "backoff_initial_s <= backoff_max_s"),
+    ({"jitter": 1.5}, r"jitter must be in \[0, 1\]"),
+    ({"max_attempts": 3}, "max_attempts is for on_full='drop_oldest'"),
+    ({"on_full": "drop_oldest", "max_attempts": 0}, "max_attempts must be >= 1"),
+    ({"export_timeout_s": 0.0}, "export_timeout_s must be > 0 or None"),
 ])
 def test_bad_config_is_refused(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
