@@ -319,6 +319,10 @@ class BatchProcessor(Generic[T]):
         """Items waiting (not counting the batch being exported)."""
         return len(self._queue)
 
+    def queued(self) -> list[T]:
+        """The items waiting, oldest first (for tests and inspection)."""
+        return [item for _, item in self._queue]
+
     @property
     def pending(self) -> int:
         """Items not yet exported: waiting plus in flight."""
