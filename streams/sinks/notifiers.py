@@ -7,8 +7,9 @@ A notifier has the OpenTelemetry exporter shape, async because delivery is HTTP:
     await notifier.shutdown()
 
 :class:`AlertDispatcher` sits between the evaluator and the notifiers: the stream calls
-``dispatcher.submit(transitions)`` (never blocks, never raises); one asyncio task per
-notifier drains a bounded queue (full: the oldest batch is dropped and counted), retries
+``dispatcher.submit(transitions)`` (never blocks, never raises); one lane per notifier, a
+:class:`~driftline.streams.sinks.batch.BatchProcessor` (streams/sinks/batch.py), drains a
+bounded queue (full: the oldest batch is dropped and counted); the dispatcher retries
 failures with exponential backoff and jitter, and counts every alert in
 ``driftline_alert_notifications_total{notifier, outcome}`` with outcome one of
 ``delivered``, ``retried`` (one failed attempt that will be retried), ``failed`` (gave up)
@@ -19,14 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import random
-import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote
@@ -36,6 +34,7 @@ from prometheus_client import CollectorRegistry
 
 from driftline.schemas.rules import AlertTransition
 from driftline.streams.redact_secrets import MASK, redact_url, redact_urls_in, secrets_of_url
+from driftline.streams.sinks.batch import BatchProcessor, ExportResult
 from driftline.streams.sinks.prometheus import NotifierMetrics
 
 __all__ = [
@@ -50,11 +49,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("driftline.alerts")
-
-
-class ExportResult(enum.Enum):
-    SUCCESS = "success"
-    FAILURE = "failure"
 
 
 @runtime_checkable
@@ -313,22 +307,42 @@ class InMemoryNotifier:
 # ---------------------------------------------------------------------------------------------
 
 
+class _LaneExporter:
+    """One notifier behind its lane's :class:`BatchProcessor`, whose items are the
+    submitted batches of transitions (one per export)."""
+
+    def __init__(self, notifier: AlertNotifier) -> None:
+        self.notifier = notifier
+
+    async def export(self, items: Sequence[list[AlertTransition]]) -> ExportResult:
+        (batch,) = items   # max_export_batch_size=1
+        return await self.notifier.export(batch)
+
+    async def force_flush(self, timeout_s: float = 30.0) -> bool:
+        return await self.notifier.force_flush(timeout_s)
+
+    async def shutdown(self) -> None:
+        await self.notifier.shutdown()
+
+
 @dataclass
 class _Lane:
     notifier: AlertNotifier
-    queue: deque[list[AlertTransition]] = field(default_factory=deque)
-    wake: asyncio.Event | None = None
-    busy: bool = False
-    task: asyncio.Task[None] | None = None
+    batches: BatchProcessor[list[AlertTransition]]
+    resend: asyncio.Task[None] | None = None
 
 
 class AlertDispatcher:
     """Runs notifiers off the stream: bounded queues, retries with backoff, counters.
 
-    ``submit`` may be called from the event loop or from another thread; before
-    :meth:`start` it only queues. ``max_queue`` bounds each notifier's queue in batches;
-    the retry delay after attempt ``k`` is ``min(backoff_max_s, backoff_initial_s * 2**(k-1))``
-    scaled by a uniform factor in ``[1 - jitter, 1]``.
+    Each notifier has its own lane, a :class:`~driftline.streams.sinks.batch.BatchProcessor`
+    (``on_full="drop_oldest"``, one submitted batch per export, no delay, ``max_attempts``
+    per batch, counted per alert), so a slow notifier delays only itself. ``submit`` may
+    be called from the event loop or from another thread; before :meth:`start` it only
+    queues. ``max_queue`` bounds each notifier's queue in batches; the retry delay after
+    attempt ``k`` is
+    ``min(backoff_max_s, backoff_initial_s * 2**(k-1))`` scaled by a uniform factor in
+    ``[1 - jitter, 1]``.
     """
 
     def __init__(self, notifiers: Sequence[AlertNotifier], *, registry: CollectorRegistry,
@@ -341,34 +355,35 @@ class AlertDispatcher:
         names = [n.name for n in notifiers]
         if len(set(names)) != len(names):
             raise ValueError(f"notifier names must be unique, got {names}")
-        self.max_queue = max_queue
-        self.max_attempts = max_attempts
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
-        self.jitter = jitter
-        self.export_timeout_s = export_timeout_s
-        self._rng = rng or random.Random()
-        self._sleep = sleep
-        self._lanes = [_Lane(n) for n in notifiers]
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock = threading.Lock()
         self._closed = False
         m = NotifierMetrics(registry, names)
         self.notifications, self.queue_batches = m.notifications, m.queue_batches
-
-    def backoff_s(self, attempt: int) -> float:
-        """Delay before retry number ``attempt`` (1-based), jitter included."""
-        base = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempt - 1))
-        return float(base * (1 - self.jitter * self._rng.random()))
+        rng = rng or random.Random()
+        self._lanes = []
+        for n in notifiers:
+            count = self.notifications.labels
+            batches: BatchProcessor[list[AlertTransition]] = BatchProcessor(
+                _LaneExporter(n), max_queue_size=max_queue, max_export_batch_size=1,
+                schedule_delay_s=0.0, on_full="drop_oldest", max_attempts=max_attempts,
+                backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s, jitter=jitter,
+                export_timeout_s=export_timeout_s, rng=rng, sleep=sleep, size_of=len,
+                exported_counter=count(n.name, "delivered"), retries_counter=count(n.name, "retried"),
+                failures_counter=count(n.name, "failed"), drops_counter=count(n.name, "dropped"),
+                name=f"{n.name}: alerts")
+            self.queue_batches.labels(n.name).set_function(batches.__len__)
+            self._lanes.append(_Lane(n, batches))
 
     async def start(self) -> None:
-        """Start one task per notifier on the running loop."""
+        """Start every lane (and the Alertmanager re-send timers) on the running loop."""
         self._loop = asyncio.get_running_loop()
         for lane in self._lanes:
-            lane.wake = asyncio.Event()
-            if lane.queue:
-                lane.wake.set()
-            lane.task = asyncio.create_task(self._run(lane), name=f"alerts-{lane.notifier.name}")
+            await lane.batches.start()
+            resend = getattr(lane.notifier, "due_resend", None)
+            interval = getattr(lane.notifier, "resend_interval_s", None)
+            if callable(resend) and interval is not None:
+                lane.resend = asyncio.create_task(self._resend(lane, resend, float(interval)),
+                                                  name=f"alerts-{lane.notifier.name}-resend")
 
     def submit(self, transitions: Sequence[AlertTransition]) -> None:
         """Queue transitions for every notifier. Never blocks, never raises."""
@@ -392,87 +407,33 @@ class AlertDispatcher:
             log.exception("alert dispatcher: submit failed")
 
     def _enqueue(self, batch: list[AlertTransition]) -> None:
-        with self._lock:
-            for lane in self._lanes:
-                name = lane.notifier.name
-                while len(lane.queue) >= self.max_queue:
-                    dropped = lane.queue.popleft()
-                    self.notifications.labels(name, "dropped").inc(len(dropped))
-                    log.warning("%s: alert queue full, dropped %d oldest alert(s)", name, len(dropped))
-                lane.queue.append(batch)
-                self.queue_batches.labels(name).set(len(lane.queue))
-                if lane.wake is not None:
-                    lane.wake.set()
+        for lane in self._lanes:
+            lane.batches.add_nowait(batch)   # full: the oldest batch is dropped and counted
 
-    async def _run(self, lane: _Lane) -> None:
-        assert lane.wake is not None
-        resend = getattr(lane.notifier, "due_resend", None)
-        interval = getattr(lane.notifier, "resend_interval_s", None)
-        name = lane.notifier.name
+    async def _resend(self, lane: _Lane, due: Callable[[], Sequence[AlertTransition]],
+                      interval_s: float) -> None:
+        """Queue the notifier's due re-sends (Alertmanager's firing alerts) every interval."""
         while True:
-            if not lane.queue:
-                lane.wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(lane.wake.wait(), timeout=interval)
-            if lane.queue:
-                with self._lock:
-                    batch = lane.queue.popleft()
-                    self.queue_batches.labels(name).set(len(lane.queue))
-                lane.busy = True
-                try:
-                    await self._deliver(lane, batch)
-                finally:
-                    lane.busy = False
-            if callable(resend):
-                again = resend()
-                if again:
-                    lane.busy = True
-                    try:
-                        await self._deliver(lane, list(again))
-                    finally:
-                        lane.busy = False
-
-    async def _deliver(self, lane: _Lane, batch: list[AlertTransition]) -> None:
-        name, n = lane.notifier.name, len(batch)
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                result = await asyncio.wait_for(lane.notifier.export(batch), self.export_timeout_s)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("%s: export raised", name)
-                result = ExportResult.FAILURE
-            if result is ExportResult.SUCCESS:
-                self.notifications.labels(name, "delivered").inc(n)
-                return
-            if attempt == self.max_attempts:
-                self.notifications.labels(name, "failed").inc(n)
-                log.error("%s: giving up on %d alert(s) after %d attempts", name, n, attempt)
-                return
-            self.notifications.labels(name, "retried").inc(n)
-            await self._sleep(self.backoff_s(attempt))
+            await asyncio.sleep(interval_s)
+            again = due()
+            if again:
+                lane.batches.add_nowait(list(again))
 
     async def force_flush(self, timeout_s: float = 30.0) -> bool:
-        """Wait until every queue is empty and nothing is in flight; False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        while any(lane.queue or lane.busy for lane in self._lanes):
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.01)
-        left = max(0.0, deadline - time.monotonic())
-        oks = [await lane.notifier.force_flush(left) for lane in self._lanes]
+        """Deliver everything queued now (each lane at once) and flush the notifiers; False on timeout."""
+        oks = await asyncio.gather(*(lane.batches.force_flush(timeout_s) for lane in self._lanes))
         return all(oks)
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Flush (bounded by ``timeout_s``), stop the tasks and shut the notifiers down."""
+        """Flush (bounded by ``timeout_s``), stop the lanes and shut the notifiers down."""
         try:
             await self.force_flush(timeout_s)
         finally:
             self._closed = True
             for lane in self._lanes:
-                if lane.task is not None:
-                    lane.task.cancel()
+                if lane.resend is not None:
+                    lane.resend.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await lane.task
-                with contextlib.suppress(Exception):
-                    await lane.notifier.shutdown()
+                        await lane.resend
+                # what the flush did not deliver in time is given up (logged) at once
+                await lane.batches.shutdown(timeout_s=0.0)

@@ -69,6 +69,7 @@ from driftline.schemas.rules import (
     load_rules,
 )
 from driftline.schemas.window_stats import WindowStats
+from driftline.streams.sinks.batch import BatchProcessor, TableExporter
 from driftline.streams.sinks.notifiers import (
     AlertDispatcher,
     AlertmanagerNotifier,
@@ -178,8 +179,6 @@ class AlertingStage:
         self._need_seen = bool(rules.of_kind("absence"))
         # inputs, appended from the writer (and maybe other threads), drained by the tick
         self._inbox: deque[Any] = deque()
-        self._rows: deque[dict[str, Any]] = deque()
-        self._rows_wake: asyncio.Event | None = None
         self._tick_wake: asyncio.Event | None = None
         #: what start() is given (streams/ports.py); None before start
         self._ports: StagePorts | None = None
@@ -194,8 +193,16 @@ class AlertingStage:
         self._hold_until: float | None = None
         self._had_batch = False
         self.evaluations = 0
-        self.rows_written = 0
         self.m = AlertMetrics(self.registry, [(rule.name, rule.severity) for rule in rules])
+        # the alerts table: written as soon as a row waits (all that wait in one insert,
+        # retried inside the sink); it never blocks the stream, so a full queue drops its
+        # oldest row, and rows the sink refuses for good are dropped too (both counted)
+        self._row_exporter = TableExporter("alerts", ALERT_COLUMNS)
+        dropped = self.m.rows.labels("dropped")
+        self._rows: BatchProcessor[dict[str, Any]] = BatchProcessor(
+            self._row_exporter, max_queue_size=max_pending_rows, max_export_batch_size=max_pending_rows,
+            schedule_delay_s=0.0, on_full="drop_oldest", drops_counter=dropped, failures_counter=dropped,
+            exported_counter=self.m.rows.labels("written"), name="alerting: alert rows")
 
     @classmethod
     def factory(cls, rules: RuleSet, **options: Any) -> Callable[[CollectorRegistry], AlertingStage]:
@@ -205,7 +212,7 @@ class AlertingStage:
     # ------------------------------------------------------------------ Stage protocol
     async def start(self, ports: StagePorts) -> None:
         self._ports = ports
-        self._rows_wake = asyncio.Event()
+        self._row_exporter.tables = ports.tables
         self._tick_wake = asyncio.Event()
         if self.restore and self.write_alerts:
             try:
@@ -215,7 +222,7 @@ class AlertingStage:
         await self.dispatcher.start()
         self._tasks = [asyncio.create_task(self._ticker(), name="driftline-alert-eval")]
         if self.write_alerts:
-            self._tasks.append(asyncio.create_task(self._row_writer(), name="driftline-alert-rows"))
+            await self._rows.start()
         log.info("alerting: %d rules, evaluated every %.1fs, notifiers: %s", len(self.rules),
                  self.eval_interval_s, ", ".join(n.name for n in self.notifiers))
 
@@ -237,18 +244,8 @@ class AlertingStage:
         with contextlib.suppress(Exception):
             self.tick()  # what the last batch brought
         await self.dispatcher.shutdown(timeout_s=5.0)
-        if len(self._tasks) > 1:
-            writer = self._tasks[1]
-            assert self._rows_wake is not None
-            self._rows_wake.set()
-            try:
-                await asyncio.wait_for(asyncio.shield(writer), 10.0)
-            except (TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
-                if self._rows:
-                    log.warning("alerting: %d alert rows not written at stop", len(self._rows))
-                writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await writer
+        if self._rows.started:
+            await self._rows.shutdown(timeout_s=10.0)  # logs the rows not written in time
         self._tasks = []
 
     # ------------------------------------------------------------------ evaluation
@@ -302,7 +299,7 @@ class AlertingStage:
                 self.m.transitions.labels(t.rule, t.state).inc()
                 self.m.firing.labels(t.rule, t.severity).inc(1 if t.state == "firing" else -1)
                 if self.write_alerts:
-                    self._queue_row(t.to_row())
+                    self._rows.add_nowait(t.to_row())
         self.m.eval_seconds.inc(time.perf_counter() - t0)
         return out
 
@@ -444,32 +441,10 @@ class AlertingStage:
         return self._ports.windows.peek() if self._ports is not None else []
 
     # ------------------------------------------------------------------ alerts table
-    def _queue_row(self, row: dict[str, Any]) -> None:
-        if len(self._rows) >= self.max_pending_rows:
-            self._rows.popleft()
-            self.m.rows.labels("dropped").inc()
-            log.warning("alerting: alert row queue full, dropped the oldest row")
-        self._rows.append(row)
-        if self._rows_wake is not None:
-            self._rows_wake.set()
-
-    async def _row_writer(self) -> None:
-        assert self._rows_wake is not None and self._ports is not None
-        sink = self._ports.tables
-        while True:
-            if not self._rows:
-                if self._stopping:
-                    return
-                self._rows_wake.clear()
-                await self._rows_wake.wait()
-                continue
-            rows = list(self._rows)
-            # retried inside the sink until ClickHouse takes them; never blocks the stream
-            await sink.insert_rows("alerts", rows, ALERT_COLUMNS)
-            for _ in rows:
-                self._rows.popleft()
-            self.rows_written += len(rows)
-            self.m.rows.labels("written").inc(len(rows))
+    @property
+    def rows_written(self) -> int:
+        """Rows written to the alerts table so far."""
+        return self._rows.exported
 
     async def _restore(self, tables: TableWriter) -> None:
         sql = restore_query(tables.database)

@@ -178,3 +178,22 @@ def test_stage_clock_stands_still_while_the_worker_is_cut_off(monkeypatch: pytes
     held["v"] = False
     wall["t"] += 2
     assert st.now_ms() == 1_007_000              # and goes on from there, not from +67 s
+
+
+def test_a_full_alert_row_queue_drops_the_oldest_row_and_counts_it() -> None:
+    """Rows for the alerts table wait in the stage's BatchProcessor (drop_oldest): with room
+    for 2, the third transition drops the first row. Mutations caught: dropping the newest
+    row, a drop not counted in ``driftline_alert_rows_total{outcome="dropped"}``."""
+    now = {"ms": 100_000}
+    reg = CollectorRegistry()
+    st = AlertingStage(RULES, registry=reg, notifiers=[InMemoryNotifier()], max_pending_rows=2,
+                       clock=lambda: now["ms"])
+    st.on_stored(StoredBatch(events([90_000, 95_000], ["u1", "u1"], [0.6, 0.5]), [], []))
+    st.observe_drift(DriftObservation(99_000, "chat", "m", "v1", "prompt", "mmd", 0.4, 0.001, True))
+    assert len(st.tick()) == 2
+    now["ms"] = 95_000 + 30_000
+    assert [t.rule for t in st.tick()] == ["Silent"]
+    assert [r["rule"] for r in st._rows.queued()] == ["PromptDrift", "Silent"]
+    assert reg.get_sample_value("driftline_alert_rows_total", {"outcome": "dropped"}) == 1.0
+    assert reg.get_sample_value("driftline_alert_rows_total", {"outcome": "written"}) == 0.0
+    assert st.rows_written == 0
