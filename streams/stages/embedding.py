@@ -195,7 +195,10 @@ class TextCache:
 
 
 @dataclass(slots=True)
-class _Pending(Generic[T]):
+class _EmbedItem(Generic[T]):
+    """One text waiting for its vector: the text cut to the model's limit, its hash, the
+    caller's payload."""
+
     text: str
     payload: T
     h: int
@@ -212,11 +215,20 @@ class EmbeddingBatcher(Generic[T]):
     text was delivered. ``encoder`` may be given already loaded, or a callable
     that loads it on the encoder thread at ``start`` (the model load then never
     stalls the loop).
+
+    The queue is the sinks' :class:`~driftline.streams.sinks.batch.BatchProcessor`
+    (flush on size or delay) with this class as its exporter. Its policy is
+    ``block`` used without waiting: a full queue refuses the *newest* texts (the
+    sampled stream goes on; the texts already queued keep their order), and an
+    export never fails (a batch the model cannot encode is dropped and counted
+    here), so nothing is retried.
     """
 
     def __init__(self, encoder: Encoder | Callable[[], Encoder], on_batch: Callable[[list[T], list[int], Vec], Any],
                  *, batch_size: int = 256, max_delay_s: float = 0.5, max_queue: int = 4096,
                  cache_size: int = 20_000) -> None:
+        from driftline.streams.sinks.batch import BatchProcessor
+
         self._encoder_src = encoder
         self.encoder: Encoder | None = None if callable(encoder) and not hasattr(encoder, "encode") else encoder  # type: ignore[assignment]
         self.on_batch = on_batch
@@ -224,15 +236,10 @@ class EmbeddingBatcher(Generic[T]):
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self.cache = TextCache(cache_size)
-        self._queue: list[_Pending[T]] = []
-        self._oldest = 0.0
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._task: asyncio.Task[None] | None = None
+        self._queue: BatchProcessor[_EmbedItem[T]] = BatchProcessor(
+            self, max_queue_size=max_queue, max_export_batch_size=batch_size,
+            schedule_delay_s=max_delay_s, on_full="block", name="embedding")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
-        self._closing = False
-        self._flush_now = False
         self.accepted = 0
         self.dropped = 0
         self.delivered = 0
@@ -250,94 +257,61 @@ class EmbeddingBatcher(Generic[T]):
         if self.encoder is None:
             loop = asyncio.get_running_loop()
             self.encoder = await loop.run_in_executor(self._pool, self._encoder_src)  # type: ignore[arg-type]
-        self._task = asyncio.create_task(self._run(), name="driftline-embed")
+        await self._queue.start()
 
     async def drain(self, timeout: float | None = None) -> bool:
-        """Wait until the queue is empty and the batch in flight delivered; False on timeout."""
-        self._wake.set()
-        try:
-            await asyncio.wait_for(self._wait_idle(), timeout)
-            return True
-        except TimeoutError:
-            return False
-
-    async def _wait_idle(self) -> None:
-        while self._queue or not self._idle.is_set():
-            self._flush_now = True
-            self._wake.set()
-            await asyncio.sleep(0.01)
+        """Wait until every text accepted so far is delivered; False on timeout."""
+        return await self._queue.force_flush(1e9 if timeout is None else timeout)
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
-        await self.drain(drain_timeout)
-        self._closing = True
-        self._wake.set()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
-            self._task = None
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Deliver what is queued (within ``drain_timeout``), then stop the encoder thread."""
+        await self._queue.shutdown(drain_timeout)
 
     # -- input -----------------------------------------------------------------
     def submit(self, items: Sequence[tuple[str, T]]) -> int:
         if not items:
             return 0
-        room = self.max_queue - len(self._queue)
-        take = items[:max(0, room)]
-        self.dropped += len(items) - len(take)
-        if not take:
-            return 0
-        if not self._queue:
-            self._oldest = time.monotonic()
         max_chars = self.encoder.max_chars if self.encoder is not None else 4096
-        for text, payload in take:
+        taken = 0
+        for text, payload in items:
             t = text[:max_chars]
-            self._queue.append(_Pending(t, payload, text_hash(t)))
-        self.accepted += len(take)
-        self._idle.clear()
-        if len(self._queue) >= self.batch_size or len(self._queue) == len(take):
-            self._wake.set()  # full, or a new first item that arms the delay timer
-        return len(take)
+            try:
+                self._queue.add_nowait(_EmbedItem(t, payload, text_hash(t)))
+            except asyncio.QueueFull:
+                break
+            taken += 1
+        self.accepted += taken
+        self.dropped += len(items) - taken
+        return taken
 
-    # -- the loop ----------------------------------------------------------------
-    async def _run(self) -> None:
+    # -- the exporter (BatchProcessor calls these on the event loop) --------------
+    async def export(self, batch: Sequence[_EmbedItem[T]]) -> bool:
+        """Encode ``batch`` on the encoder thread and hand it to ``on_batch``. A batch
+        that fails to encode is dropped and counted (the stage goes on); the export
+        itself never fails."""
         loop = asyncio.get_running_loop()
-        while not self._closing:
-            if not self._queue:
-                self._flush_now = False
-                self._idle.set()
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            if len(self._queue) < self.batch_size and not self._flush_now:
-                wait = self._oldest + self.max_delay_s - time.monotonic()
-                if wait > 0:
-                    self._wake.clear()
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), wait)
-                    except TimeoutError:
-                        pass
-                    continue  # re-evaluate: full, flushed, or still young
-            batch = self._queue[: self.batch_size]
-            del self._queue[: self.batch_size]
-            self._oldest = time.monotonic()
-            try:
-                vecs = await loop.run_in_executor(self._pool, self._encode, batch)
-            except Exception:  # noqa: BLE001 - a failing batch is dropped and counted, the stage goes on
-                log.exception("embedding a batch of %d texts failed", len(batch))
-                self.errors += len(batch)
-                self.dropped += len(batch)
-                continue
-            self.delivered += len(batch)
-            try:
-                self.on_batch([p.payload for p in batch], [p.h for p in batch], vecs)
-            except Exception:  # noqa: BLE001
-                log.exception("embedding consumer failed on a batch")
-        self._idle.set()
+        items = list(batch)
+        try:
+            vecs = await loop.run_in_executor(self._pool, self._encode, items)
+        except Exception:  # noqa: BLE001 - a failing batch is dropped and counted, the stage goes on
+            log.exception("embedding a batch of %d texts failed", len(items))
+            self.errors += len(items)
+            self.dropped += len(items)
+            return True
+        self.delivered += len(items)
+        try:
+            self.on_batch([p.payload for p in items], [p.h for p in items], vecs)
+        except Exception:  # noqa: BLE001
+            log.exception("embedding consumer failed on a batch")
+        return True
 
-    def _encode(self, batch: list[_Pending[T]]) -> Vec:
+    async def force_flush(self, timeout_s: float = 30.0) -> bool:
+        return True
+
+    async def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _encode(self, batch: list[_EmbedItem[T]]) -> Vec:
         """On the encoder thread: cache lookups, one model call for the misses (deduplicated)."""
         enc = self.encoder
         assert enc is not None
