@@ -325,11 +325,14 @@ def test_chart_worker_pod() -> None:
     (scaled,) = docs["ScaledObject"]
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     assert scaled["spec"]["scaleTargetRef"] == {"name": "driftline-worker"}
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "kafka"
-    assert trigger["metadata"]["consumerGroup"] == params["group"]
-    assert trigger["metadata"]["topic"] == EVENTS_TOPIC
-    assert all(isinstance(v, str) for v in trigger["metadata"].values())  # KEDA's metadata is string-only
+    # one lag trigger per topic the workers read (catches: the OTLP topic's lag ignored)
+    triggers = scaled["spec"]["triggers"]
+    assert [t["metadata"]["topic"] for t in triggers] == [EVENTS_TOPIC, OTLP_TOPIC]
+    for trigger in triggers:
+        assert trigger["type"] == "kafka"
+        assert trigger["metadata"]["consumerGroup"] == params["group"]
+        assert trigger["metadata"]["bootstrapServers"] == params["kafka"]
+        assert all(isinstance(v, str) for v in trigger["metadata"].values())  # KEDA's metadata is string-only
     (monitor,) = docs["ServiceMonitor"]
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     (endpoint,) = monitor["spec"]["endpoints"]
