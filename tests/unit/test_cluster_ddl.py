@@ -175,6 +175,23 @@ def test_sharding_keys_evaluate_on_the_real_tables_and_settings_exist(chdb: Any)
     assert all("non_replicated_deduplication_window = 1000" in s for s in ddl_statements(DB)[1:])
 
 
+def test_baseline_show_query_reads_distributed_tables_and_still_runs_on_one_node(chdb: Any) -> None:
+    """``driftline baseline show`` filters ``drift_references`` by an IN subquery over
+    ``drift_references``: on a cluster both are Distributed, and a plain IN is refused
+    there (``distributed_product_mode = 'deny'``, "Double-distributed IN/JOIN subqueries
+    is denied"), so it is a GLOBAL IN; on chDB it must still return the newest reference.
+    Mutation caught: GLOBAL dropped (fails on a cluster only, so the text is checked), or
+    the query broken for one node."""
+    from driftline.streams.cli.baseline import SHOW_SQL
+
+    q = SHOW_SQL.format(db=DB, where="")
+    assert ") GLOBAL IN (SELECT app, model, prompt_version, field, max(version) FROM driftline.drift_references" in q
+    chdb.query(f"INSERT INTO {DB}.drift_references (app, model, prompt_version, field, version, mode, n) "
+               "VALUES ('a', 'm', 'v1', 'prompt', 1, 'first_n', 300), ('a', 'm', 'v1', 'prompt', 2, 'rebase', 50)")
+    rows = chdb.query(q, "CSV").bytes().decode().splitlines()
+    assert len(rows) == 1 and rows[0].split(",")[4:7] == ["2", '"rebase"', "50"]
+
+
 def test_retention_in_cluster_mode_alters_the_local_tables_on_cluster() -> None:
     """Mutation caught: TTL ALTERs sent to the Distributed tables (which store nothing),
     without ON CLUSTER (one node only), or read from the plain names' create queries
