@@ -175,6 +175,45 @@ def test_sharding_keys_evaluate_on_the_real_tables_and_settings_exist(chdb: Any)
     assert all("non_replicated_deduplication_window = 1000" in s for s in ddl_statements(DB)[1:])
 
 
+def test_final_per_shard_equals_final_on_one_node_with_these_sharding_keys(chdb: Any) -> None:
+    """What a Distributed ``SELECT … FINAL`` computes, emulated on chDB: the rows of one
+    node split over two "shards" (two databases) by ``cityHash64(<SHARD_BY columns>) % 2``,
+    FINAL on each, results summed. With the chosen keys it equals FINAL on one node, for
+    re-emitted window rows (newest ``updated_at`` wins) and re-delivered events. A key that
+    is not a function of the dedup columns (``updated_at``, ``ingested_at``: what differs
+    between two copies) is run as a control and gives a different answer, so the data do
+    exercise the property. Mutation caught: a sharding rule that splits a dedup group."""
+    for db in ("ref", "s0", "s1"):
+        for stmt in ddl_statements(db):
+            chdb.query(stmt)
+    chdb.query("INSERT INTO ref.llm_window_metrics (window_start, app, model, prompt_version, events, updated_at) "
+               "SELECT toDateTime64('2026-01-01 00:00:00', 3, 'UTC') + toIntervalMinute(number % 40), "
+               "['a', 'b', 'c'][1 + number % 3], 'm', 'v1', number, "
+               "toDateTime64('2026-01-01 00:00:00', 6, 'UTC') + toIntervalSecond(number) FROM numbers(600) "
+               "SETTINGS optimize_on_insert = 0")  # as the worker inserts: every copy stored
+    chdb.query("INSERT INTO ref.llm_events (event_id, timestamp, app, model, latency_ms, source_partition, "
+               "source_offset, ingested_at) SELECT 'e' || toString(number % 250), "
+               "toDateTime64('2026-01-01 00:00:00', 3, 'UTC') + toIntervalSecond(number % 250), 'a', 'm', "
+               "number % 250, 0, number, now64(3) + toIntervalMillisecond(number) FROM numbers(1000) "
+               "SETTINGS optimize_on_insert = 0")
+
+    def split_final(table: str, key: str, value: str) -> list[str]:
+        for i in (0, 1):
+            chdb.query(f"TRUNCATE TABLE s{i}.{table}")
+            chdb.query(f"INSERT INTO s{i}.{table} SELECT * FROM ref.{table} WHERE cityHash64({key}) % 2 = {i} "
+                       "SETTINGS optimize_on_insert = 0")
+        return chdb.query(f"SELECT sum(n), sum(v) FROM (SELECT count() n, sum({value}) v FROM s0.{table} FINAL "
+                          f"UNION ALL SELECT count(), sum({value}) FROM s1.{table} FINAL)",
+                          "CSV").bytes().decode().split()
+
+    for table, value, control in (("llm_window_metrics", "events", "updated_at"),
+                                  ("llm_events", "latency_ms", "ingested_at")):
+        one_node = chdb.query(f"SELECT count(), sum({value}) FROM ref.{table} FINAL", "CSV").bytes().decode().split()
+        assert one_node[0].split(",")[0] == {"llm_window_metrics": "120", "llm_events": "250"}[table]
+        assert split_final(table, ", ".join(SHARD_BY[table]), value) == one_node, table
+        assert split_final(table, control, value) != one_node, table
+
+
 def test_baseline_show_query_reads_distributed_tables_and_still_runs_on_one_node(chdb: Any) -> None:
     """``driftline baseline show`` filters ``drift_references`` by an IN subquery over
     ``drift_references``: on a cluster both are Distributed, and a plain IN is refused
