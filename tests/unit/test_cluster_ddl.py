@@ -332,6 +332,26 @@ def test_the_sink_refuses_chdb_with_a_cluster_and_sends_the_insert_settings() ->
     plain.close()
 
 
+def test_the_cluster_insert_settings_pass_the_client_and_clickhouse(tmp_path: Path) -> None:
+    """The settings names and values (``insert_distributed_sync``, ``insert_quorum =
+    'auto'``) pass clickhouse-connect's check and ClickHouse's (chDB here, where a plain
+    MergeTree ignores them), and the row is stored once. Mutation caught: a misspelt
+    setting name or a value of the wrong type, which every insert on a cluster would fail on."""
+    import asyncio
+
+    sink = ClickHouseSink(f"chdb://{tmp_path / 'store'}")
+    try:
+        sink.ensure_schema()
+        sink._insert_settings = ClusterMode("c", "auto").insert_settings()
+        # bounded: the sink retries what ClickHouse refuses for other reasons than data (an
+        # unknown setting is code 115, retried) until it passes
+        asyncio.run(asyncio.wait_for(sink.insert_rows("alerts", [{"rule": "r", "fingerprint": "f"}],
+                                                      ["rule", "fingerprint"], token="tok"), 20))
+        assert sink.query_rows("SELECT rule, fingerprint FROM driftline.alerts") == [("r", "f")]
+    finally:
+        sink.close()
+
+
 def test_worker_cli_refuses_a_cluster_on_chdb(tmp_path: Path) -> None:
     """``driftline worker --cluster`` (and env DRIFTLINE_CLICKHOUSE_CLUSTER) on the embedded
     store exits 2 with the sink's message before anything starts. Mutation caught: the
