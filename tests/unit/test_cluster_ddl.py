@@ -52,11 +52,17 @@ def _tables() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def chdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The chDB path of this module (one embedded engine per process: every test here shares it)."""
+    return tmp_path_factory.mktemp("cluster")
+
+
+@pytest.fixture(scope="module")
+def chdb(store: Path) -> Iterator[Any]:
     """One chDB session holding the single-node tables (they run for real here)."""
     from chdb import session
 
-    s = session.Session(str(tmp_path_factory.mktemp("cluster")))
+    s = session.Session(str(store))
     try:
         for stmt in ddl_statements(DB):
             s.query(stmt)
@@ -332,14 +338,14 @@ def test_the_sink_refuses_chdb_with_a_cluster_and_sends_the_insert_settings() ->
     plain.close()
 
 
-def test_the_cluster_insert_settings_pass_the_client_and_clickhouse(tmp_path: Path) -> None:
+def test_the_cluster_insert_settings_pass_the_client_and_clickhouse(chdb: Any, store: Path) -> None:
     """The settings names and values (``insert_distributed_sync``, ``insert_quorum =
     'auto'``) pass clickhouse-connect's check and ClickHouse's (chDB here, where a plain
     MergeTree ignores them), and the row is stored once. Mutation caught: a misspelt
     setting name or a value of the wrong type, which every insert on a cluster would fail on."""
     import asyncio
 
-    sink = ClickHouseSink(f"chdb://{tmp_path / 'store'}")
+    sink = ClickHouseSink(f"chdb://{store}")
     try:
         sink.ensure_schema()
         sink._insert_settings = ClusterMode("c", "auto").insert_settings()
