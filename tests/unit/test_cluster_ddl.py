@@ -4,8 +4,9 @@ No ClickHouse server runs here, so nothing below has run on a cluster. What is c
 every cluster statement parses with ClickHouse's own parser (chDB's ``formatQuery`` and
 ``EXPLAIN AST``), the statements equal a golden file, every table of tables.sql has its
 Replicated ``_local`` table and its Distributed table sharded by its dedup columns, the
-sharding expressions evaluate on the real single-node tables (chDB), the DSN / CLI
-parsing, and the settings every insert carries. Each test names the mutation it catches.
+sharding expressions evaluate on the real single-node tables (chDB), per-shard FINAL
+(emulated: two databases split by the sharding key) equals FINAL on one node, the DSN /
+CLI parsing, and the settings every insert carries. Each test names the mutation it catches.
 
 Regenerate the golden file after a deliberate change (then review its diff):
 ``python -m driftline.streams.sinks.cluster --cluster c --database driftline > tests/golden/cluster_ddl.sql``
