@@ -39,7 +39,10 @@ SHOW_SQL = (
     "formatDateTime(from_ts, '%Y-%m-%d %H:%i:%S') AS ref_from, formatDateTime(to_ts, '%Y-%m-%d %H:%i:%S') AS ref_to, "
     "control_id, formatDateTime(created_at, '%Y-%m-%d %H:%i:%S') AS created, note "
     "FROM {db}.drift_references "
-    "WHERE (app, model, prompt_version, field, version) IN "
+    # GLOBAL IN: in ClickHouse cluster mode both tables are Distributed, and a plain IN of a
+    # Distributed table inside a query on one is refused (distributed_product_mode = 'deny');
+    # GLOBAL runs the subquery once on the initiator (on one node it is a plain IN)
+    "WHERE (app, model, prompt_version, field, version) GLOBAL IN "
     "(SELECT app, model, prompt_version, field, max(version) FROM {db}.drift_references "
     "GROUP BY app, model, prompt_version, field) {where}"
     "ORDER BY app, model, prompt_version, field"

@@ -309,6 +309,9 @@ def worker(
     sql_allow_writes: Annotated[bool, typer.Option(help="Let user driftline_admin (password in the same credentials file, or env DRIFTLINE_SQL_ADMIN_PASSWORD) run ALTER TABLE ... DELETE/UPDATE, DELETE, OPTIMIZE, TRUNCATE and DROP with POST. INSERT is always refused (events go through Kafka).")] = False,
     sql_timeout: Annotated[float, typer.Option(help="Longest query on the SQL endpoint, seconds (max_execution_time; results are also capped at 10M rows / 1 GiB, memory at 4 GiB).")] = 60.0,
     sql_allowed_host: Annotated[list[str] | None, typer.Option("--sql-allowed-host", help="Another Host name (name or name:port) the SQL endpoint accepts for GET, e.g. its DNS name on a non-loopback bind. Repeatable. Others get 403 (DNS rebinding protection).")] = None,
+    # -- ClickHouse cluster mode (streams/sinks/cluster.py; README "Running on your clusters")
+    cluster: Annotated[str | None, typer.Option("--cluster", envvar="DRIFTLINE_CLICKHOUSE_CLUSTER", rich_help_panel="ClickHouse cluster", help="ClickHouse cluster name (as in the servers' remote_servers): create the tables ON CLUSTER as Replicated*MergeTree <table>_local tables behind Distributed <table> tables sharded so each dedup key is on one shard, and insert with insert_distributed_sync=1. Same as ?cluster=NAME on an http(s):// --clickhouse DSN; not with chDB.")] = None,
+    insert_quorum: Annotated[str | None, typer.Option("--insert-quorum", envvar="DRIFTLINE_CLICKHOUSE_INSERT_QUORUM", rich_help_panel="ClickHouse cluster", help="With --cluster: an insert succeeds only when this many replicas of each shard hold it (2 or more, or auto: a majority; default off: one replica, the others copy it later). Same as ?insert_quorum=N on the DSN.")] = None,
 ) -> None:
     """Run the stream processor: Kafka -> windows, cost, guardrails, drift -> ClickHouse, /metrics, alerts."""
     from driftline.streams.app import run_worker
@@ -338,6 +341,9 @@ def worker(
 
         password = read_password(clickhouse_password_file, "DRIFTLINE_CLICKHOUSE_PASSWORD")
         clickhouse = merge_password(clickhouse, password)
+        from driftline.streams.sinks.cluster import with_cluster
+
+        clickhouse = with_cluster(clickhouse, cluster, insert_quorum)
         webhook = read_urls(webhook, "DRIFTLINE_WEBHOOK")
         slack_webhook = read_urls(slack_webhook, "DRIFTLINE_SLACK_WEBHOOK")
         alertmanager = read_urls(alertmanager, "DRIFTLINE_ALERTMANAGER")

@@ -38,6 +38,7 @@ from urllib.parse import unquote, urlparse
 
 from driftline.schemas.columns import WINDOW_COLUMNS
 from driftline.streams.redact_secrets import redact_url, redact_urls_in
+from driftline.streams.sinks.cluster import cluster_ddl_statements, cluster_of_dsn, on_cluster
 
 log = logging.getLogger("driftline.sink")
 
@@ -133,16 +134,22 @@ def ttl_days(create_query: str, column: str | None) -> int:
     return int(m.group(1)) if m else 0
 
 
-def retention_statements(database: str, current: dict[str, str], retention: Retention) -> list[str]:
+def retention_statements(database: str, current: dict[str, str], retention: Retention, *,
+                         cluster: str | None = None) -> list[str]:
     """The ALTERs that bring the TTLs of the tables (``current``: name -> their
-    ``create_table_query``) to ``retention``: none when they already match (idempotent)."""
+    ``create_table_query``) to ``retention``: none when they already match (idempotent).
+
+    In cluster mode (``cluster``) the TTLs live on the Replicated ``<table>_local``
+    tables (the Distributed tables store nothing), so the ALTERs go there, ``ON CLUSTER``,
+    and ``current`` is read by the ``_local`` names."""
     out = []
     for table, column, expr, which in _TTLS:
         want = int(getattr(retention, which))
-        have = ttl_days(current.get(table, ""), column)
+        name = table if cluster is None else f"{table}_local"
+        have = ttl_days(current.get(name, ""), column)
         if want == have:
             continue
-        full = f"{database}.{table}"
+        full = f"{database}.{name}" + ("" if cluster is None else f" ON CLUSTER {on_cluster(cluster)}")
         if column is None:
             out.append(f"ALTER TABLE {full} MODIFY TTL {expr} + INTERVAL {want} DAY" if want
                        else f"ALTER TABLE {full} REMOVE TTL")
@@ -198,6 +205,12 @@ class ClickHouseSink:
     rebuild, ad-hoc SQL through ``call``/``acall``) runs on the *query* lane, whose
     client sets ``max_execution_time`` (``query_timeout_s``), so a slow query never
     stalls ingestion.
+
+    Cluster mode (``?cluster=NAME`` on the DSN, :mod:`driftline.streams.sinks.cluster`):
+    :meth:`ensure_schema` creates Replicated ``<t>_local`` and Distributed ``<t>`` tables
+    ``ON CLUSTER``; every insert goes to the Distributed table with
+    ``insert_distributed_sync=1`` (and ``insert_quorum`` when set); reads keep the plain
+    names and so read every shard.
     """
 
     def __init__(self, dsn: str, database: str | None = None, *,
@@ -209,6 +222,8 @@ class ClickHouseSink:
         self.dsn, db = resolve_dsn(dsn)
         self.database = database or db
         self.embedded = urlparse(dsn).scheme == "chdb"
+        self.cluster = cluster_of_dsn(dsn)  # refuses a cluster on chdb://
+        self._insert_settings: dict[str, Any] = dict(self.cluster.insert_settings()) if self.cluster else {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
         self._ingest_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-ingest")
         self._client: Any = None
@@ -259,8 +274,10 @@ class ClickHouseSink:
         """Create the database and tables if missing, and set the TTLs of
         :attr:`retention` (idempotent: a TTL is altered only when it differs)."""
         stmts = ddl_statements(self.database)
-
         db = self.database
+        if self.cluster is not None:
+            self.call(lambda c: self._ensure_cluster_schema(c, stmts))
+            return
 
         def run(c: Any) -> None:
             had_log = int(c.query(f"SELECT count() FROM system.tables WHERE database = '{db}' "
@@ -289,6 +306,20 @@ class ClickHouseSink:
                 c.command(stmt)
 
         self.call(run)
+
+    def _ensure_cluster_schema(self, c: Any, single_node: list[str]) -> None:
+        """Cluster mode: the ``ON CLUSTER`` DDL and the TTLs on the ``_local`` tables. The
+        upgrades of single-node stores (write log backfill, settings and columns added
+        later) are not needed: cluster tables are created by this version, complete."""
+        assert self.cluster is not None
+        db, name = self.database, self.cluster.name
+        for s in cluster_ddl_statements(single_node, name):
+            c.command(s)
+        current = {str(t): str(q) for t, q in c.query(
+            f"SELECT name, create_table_query FROM system.tables WHERE database = '{db}'").result_rows}
+        for stmt in retention_statements(db, current, self.retention, cluster=name):
+            log.info("retention: %s", stmt)
+            c.command(stmt)
 
     # -- writes with retry (backpressure) ----------------------------------------
     async def _retrying(self, what: str, fn: Callable[[Any], Any],
@@ -331,7 +362,7 @@ class ClickHouseSink:
 
         def insert(c: Any, lo: int, hi: int, tok: str) -> None:
             c.insert(full, [d[lo:hi] for d in data], column_names=names, column_oriented=True,
-                     settings={"insert_deduplication_token": tok})
+                     settings={**self._insert_settings, "insert_deduplication_token": tok})
 
         await self._bisecting(table, len(data[0]), insert, keepalive, token, on_rejected, ingest)
 
@@ -366,7 +397,8 @@ class ClickHouseSink:
                     w.write_table(tbl)
                 blob = cache[(lo, hi)] = sinkbuf.getvalue().to_pybytes()
             c.raw_insert(full, None, insert_block=blob, fmt="ArrowStream",
-                         settings={"optimize_on_insert": 0, "insert_deduplication_token": tok})
+                         settings={**self._insert_settings, "optimize_on_insert": 0,
+                                   "insert_deduplication_token": tok})
 
         def n_rows(c: Any) -> int:
             if not built:
