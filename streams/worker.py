@@ -64,7 +64,6 @@ import concurrent.futures
 import contextlib
 import gc
 import hashlib
-import json
 import logging
 import time
 import zlib
@@ -74,7 +73,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from driftline.detectors.redact import Redaction
 from driftline.schemas.columns import LOG_COLUMNS, OUTBOX_COLUMNS, WINDOW_COLUMNS
@@ -101,6 +100,7 @@ from driftline.streams.ingest.transforms import (
 from driftline.streams.ports import ControlAuth, KafkaPort, StagePorts, TableWriter, WindowView
 from driftline.streams.redact_secrets import redact_url, redact_urls_in
 from driftline.streams.sinks.clickhouse import ClickHouseSink, Retention
+from driftline.streams.sinks.dlq import DeadLetters, now_utc, outbox_rows
 from driftline.streams.sinks.prometheus import WorkerMetrics
 from driftline.streams.stages.privacy import redact_events, redact_rejected
 from driftline.streams.stages.windows import EventBatchColumns, WindowAggregator, WindowConfig
@@ -292,7 +292,6 @@ class Worker:
         self.windows = WindowAggregator(config.window)
         self.stages: list[Stage] = list(stages)
         self.consumer: AIOKafkaConsumer | None = None
-        self.producer: AIOKafkaProducer | None = None
         self._queue: asyncio.Queue[_Work | None] = asyncio.Queue(maxsize=4)
         self._last_emit = 0.0
         self._wall_at_watermark = time.monotonic()
@@ -311,10 +310,9 @@ class Worker:
         self._logged: dict[TopicPartition, int] = {}
         #: per partition: (offset, event_id) stored by a write step that did not finish
         self._torn: dict[TopicPartition, set[tuple[int, str]]] = {}
-        self._dlq_reader: AIOKafkaConsumer | None = None
-        self._dlq_parts: list[TopicPartition] = []
-        #: per DLQ partition: an offset at or below which every later send of this worker lands
-        self._dlq_hw: dict[int, int] = {}
+        #: the outbox -> DLQ topic path (streams/sinks/dlq.py)
+        self.dlq = DeadLetters(config.kafka, config.dlq_topic, self.metrics, security=config.kafka_security,
+                               keepalive=self._keepalive)
         self._stopping = False
         #: counts revocations and assignments: a batch in flight across one is fetched again
         self._rebalances = 0
@@ -322,7 +320,6 @@ class Worker:
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="driftline-decode")
         self.processed_records = 0
         self.stored_events = 0
-        self.dead_lettered = 0
         self.started = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -340,16 +337,7 @@ class Worker:
         if cfg.kafka_security.security_protocol != "PLAINTEXT":
             log.info("Kafka security: %s", cfg.kafka_security.describe())
             cfg.kafka_security.warn_cleartext(cfg.kafka)
-        self.producer = await _start_producer(cfg.kafka, cfg.kafka_security)
-        self._dlq_reader = AIOKafkaConsumer(bootstrap_servers=cfg.kafka, group_id=None,
-                                            enable_auto_commit=False, auto_offset_reset="earliest",
-                                            **cfg.kafka_security.aiokafka_kwargs())
-        await self._dlq_reader.start()
-        await self._dlq_reader.topics()
-        self._dlq_parts = [TopicPartition(cfg.dlq_topic, p)
-                           for p in sorted(self._dlq_reader.partitions_for_topic(cfg.dlq_topic) or {0})]
-        self._dlq_reader.assign(self._dlq_parts)
-        self._dlq_hw = await self._dlq_highwaters()
+        await self.dlq.start()
         self.consumer = group_consumer(cfg, GroupListener(self._on_revoked, self._on_assigned))
         await self.consumer.start()
         log.info("worker consuming %s from %s into %s (database %s)", ",".join(cfg.topics),
@@ -381,14 +369,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
             self.consumer = None
-        if self._dlq_reader is not None:
-            with contextlib.suppress(Exception):
-                await self._dlq_reader.stop()
-            self._dlq_reader = None
-        if self.producer is not None:
-            with contextlib.suppress(Exception):
-                await self.producer.stop()
-            self.producer = None
+        await self.dlq.stop()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; then write what is in flight and commit it.
@@ -459,6 +440,11 @@ class Worker:
     def request_flush(self) -> None:
         """Write the open windows as partial rows with the next batch."""
         self._last_emit = 0.0
+
+    @property
+    def dead_lettered(self) -> int:
+        """Records the DLQ topic took (streams/sinks/dlq.py)."""
+        return self.dlq.dead_lettered
 
     # ------------------------------------------------------------------ fetch + process
     async def _fetch_and_process(self) -> None:
@@ -828,7 +814,7 @@ class Worker:
             self.stored_events += n
         if rejected and self.cfg.redaction.active:  # the DLQ copies (table and topic) redacted too
             rejected = [redact_rejected(r, self.cfg.redaction) for r in rejected]
-        outbox = _outbox_rows(rejected, self._epoch) if rejected else []
+        outbox = outbox_rows(rejected, self._epoch) if rejected else []
         if outbox:
             await sink.insert_rows("dlq_outbox", outbox, OUTBOX_COLUMNS, self._keepalive, token=f"{token}-dlq",
                                    ingest=True)
@@ -843,12 +829,12 @@ class Worker:
             await sink.insert_rows("llm_window_metrics", rows, WINDOW_COLUMNS, self._keepalive,
                                    token=f"{token}-windows", ingest=True)
         if marks:
-            dlq_start = self._dlq_ends() if outbox else ""
+            dlq_start = self.dlq.ends() if outbox else ""
             wm = max((w.watermark_ms for w in batch if w.watermark_ms is not None), default=0)
             log_rows = [{"source_topic": tp.topic, "source_partition": tp.partition,
                          "epoch": self._epoch.get(tp, 0), "first_offset": first, "last_offset": last,
                          "last_timestamp": ts, "last_fingerprint": fp, "dlq_start": dlq_start,
-                         "written_at": _now(), "watermark_ms": wm}
+                         "written_at": now_utc(), "watermark_ms": wm}
                         for tp, (first, last, ts, fp) in marks.items()]
             await sink.insert_rows("ingest_log", log_rows, LOG_COLUMNS, self._keepalive, token=f"{token}-log",
                                    ingest=True)
@@ -869,151 +855,11 @@ class Worker:
                         self.metrics.stage_errors[st.name] += 1
                         log.exception("stage %s failed on a batch", st.name)
         if outbox:
-            await self._dead_letter(outbox)
+            await self.dlq.send(outbox)
         offsets: dict[TopicPartition, int] = {}
         for work in batch:
             offsets.update(work.offsets)  # later batches carry later offsets
         await commit_confirmed(self.consumer, offsets)
-
-    async def _dlq_highwaters(self) -> dict[int, int]:
-        """The DLQ partitions' high watermarks, from a fetch response (Tansu's ListOffsets
-        is wrong, its fetch high watermark right); {} when Kafka does not answer in 5 s."""
-        reader = self._dlq_reader
-        assert reader is not None
-        for tp in self._dlq_parts:
-            reader.seek(tp, 0)
-        out: dict[int, int] = {}
-        deadline = time.monotonic() + 5.0
-        with contextlib.suppress(Exception):
-            while len(out) < len(self._dlq_parts) and time.monotonic() < deadline:
-                await reader.getmany(*self._dlq_parts, timeout_ms=500, max_records=1)
-                for tp in self._dlq_parts:
-                    hw = reader.highwater(tp)
-                    if hw is not None:
-                        out[tp.partition] = int(hw)
-        return out
-
-    def _dlq_ends(self) -> str:
-        """Where this step's DLQ sends will land at the earliest (JSON, per DLQ partition):
-        the end of the DLQ at start, then past this worker's last send; recovery reads
-        the DLQ from here. '' (read from the beginning) when unknown."""
-        if len(self._dlq_hw) < len(self._dlq_parts):
-            return ""
-        return json.dumps({str(p): o for p, o in self._dlq_hw.items()})
-
-    async def _dead_letter(self, outbox: list[dict[str, Any]]) -> None:
-        """Send outbox rows to the DLQ; retried (with the consumer kept alive) until
-        Kafka takes each one: never raises, so a Kafka outage only pauses the writer.
-
-        Only the sends that failed are retried (a send queued before a failing one is
-        delivered once, not resent). A record Kafka refuses for itself (larger than the
-        DLQ topic or the producer takes, say) is never retried as it is: it is sent as a
-        stub instead, its value left out and its length and SHA-256 in headers (the
-        whole value stays in the ``dlq_outbox`` table)."""
-        delay = 0.2
-        pending = list(outbox)
-        while pending:
-            failed: list[dict[str, Any]] = []
-            sent: list[tuple[dict[str, Any], Any]] = []
-            for r in pending:
-                try:
-                    if self.producer is None:
-                        raise RuntimeError("the DLQ producer is closed")
-                    sent.append((r, await self.producer.send(self.cfg.dlq_topic, r["value"], key=r["key"],
-                                                             headers=_dlq_headers(r))))
-                except Exception as exc:  # noqa: BLE001 - classified below; never raised
-                    sent.append((r, exc))
-            for r, fut in sent:
-                res: Any = fut
-                if not isinstance(fut, BaseException):
-                    try:
-                        res = await fut
-                    except Exception as exc:  # noqa: BLE001 - classified below
-                        res = exc
-                if not isinstance(res, BaseException):
-                    if res is not None:
-                        self._dlq_hw[res.partition] = max(self._dlq_hw.get(res.partition, 0), int(res.offset) + 1)
-                    self.dead_lettered += 1
-                elif isinstance(res, _REFUSED_RECORD) and not r.get("stub"):
-                    log.error("the DLQ refused the rejected record %s[%s]@%s (%s: %s): sending a stub without "
-                              "its value", r["source_topic"], r["source_partition"], r["source_offset"],
-                              type(res).__name__, res)
-                    failed.append(_dlq_stub(r))
-                elif isinstance(res, _REFUSED_RECORD):
-                    log.error("the DLQ refused even the stub of %s[%s]@%s (%s); it stays in dlq_outbox only",
-                              r["source_topic"], r["source_partition"], r["source_offset"], res)
-                    self.metrics.sink_errors["dlq"] += 1
-                else:
-                    failed.append(r)
-            if failed and any(not r.get("stub") or r.get("retry") for r in failed):
-                log.warning("dead-letter send failed for %d records, retrying in %.1fs", len(failed), delay)
-                end = time.monotonic() + delay
-                while time.monotonic() < end:
-                    await self._keepalive()
-                    await asyncio.sleep(min(0.5, max(0.0, end - time.monotonic())))
-                delay = min(10.0, delay * 2)
-            for r in failed:
-                if r.get("stub"):
-                    r["retry"] = True
-            pending = failed
-
-    async def _dlq_held(self, dlq_start: str) -> set[tuple[str, int, int, int]]:
-        """(source topic, partition, offset, index) of every DLQ record from ``dlq_start``
-        (JSON end offsets; '' = the beginning) to the current end."""
-        reader = self._dlq_reader
-        assert reader is not None
-        start = json.loads(dlq_start) if dlq_start else {}
-        held: set[tuple[str, int, int, int]] = set()
-        todo = set(self._dlq_parts)
-        for tp in todo:
-            reader.seek(tp, int(start.get(str(tp.partition), 0)))
-        deadline = time.monotonic() + 120.0
-        while todo:
-            if time.monotonic() > deadline:
-                raise TimeoutError("reading the DLQ took over 120 s")
-            data = await reader.getmany(*todo, timeout_ms=500)
-            for recs in data.values():
-                for r in recs:
-                    h = dict(r.headers or ())
-                    try:
-                        held.add((h["driftline-source-topic"].decode(), int(h["driftline-source-partition"]),
-                                  int(h["driftline-source-offset"]), int(h.get("driftline-source-index", b"0"))))
-                    except (KeyError, ValueError):
-                        pass
-            for tp in list(todo):  # read up to the high watermark of the latest fetch response
-                hw = reader.highwater(tp)
-                if hw is not None and await reader.position(tp) >= hw:
-                    todo.discard(tp)
-        return held
-
-    async def _recover_dlq(self, tp: TopicPartition, epoch: int, first: int, last: int, dlq_start: str) -> None:
-        """Send the rejected records of the last logged write step that the DLQ does not
-        hold yet (the worker died between the write log and the sends)."""
-        rows = await self._ch_retry("reading the DLQ outbox", self.sink.outbox, tp.topic, tp.partition,
-                                    epoch, first, last)
-        if not rows:
-            return
-        while True:
-            if self._stopping or self._dlq_reader is None:
-                # the outbox keeps the rows: the next owner of the partition recovers them
-                log.info("stopping: DLQ recovery of %s[%d] left to the next owner", tp.topic, tp.partition)
-                return
-            try:
-                held = await self._dlq_held(dlq_start)
-                break
-            except Exception as exc:  # noqa: BLE001 - Kafka down: wait for it
-                log.warning("reading the DLQ to recover %s[%d] failed, retrying: %r", tp.topic, tp.partition, exc,
-                            exc_info=True)
-                await asyncio.sleep(1.0)
-        missing = [{"source_topic": tp.topic, "source_partition": tp.partition, "epoch": epoch,
-                    "source_offset": int(o), "idx": int(i), "key": k, "value": v,
-                    "reason": reason.decode(errors="replace"), "field": field_.decode(errors="replace"),
-                    "written_at": _now()}
-                   for o, i, k, v, reason, field_ in rows if (tp.topic, tp.partition, int(o), int(i)) not in held]
-        if missing:
-            log.warning("%s[%d]: %d rejected records of the last write step are not in the DLQ yet: sending them",
-                        tp.topic, tp.partition, len(missing))
-            await self._dead_letter(missing)
 
     # ------------------------------------------------------------------ rebalance
     async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -1089,7 +935,9 @@ class Worker:
                         self._torn[tp] = torn
                         log.info("%s[%d]: %d events past the write log (a write step cut short) will not be "
                                  "stored again", topic, p, len(torn))
-                    await self._recover_dlq(tp, int(epoch), int(first), int(last), str(dlq_start))
+                    outbox = await self._ch_retry("reading the DLQ outbox", self.sink.outbox, topic, p,
+                                                  int(epoch), int(first), int(last))
+                    await self.dlq.recover(tp, int(epoch), outbox, str(dlq_start), lambda: self._stopping)
                 else:
                     # nothing logged: read from the committed offset (or the beginning); a
                     # first write step cut short may have stored events, not stored again
@@ -1135,30 +983,6 @@ class Worker:
             self._wall_at_watermark = time.monotonic()
             log.info("rebuilt %d open windows from %d stored events", self.windows.open_windows, len(cols))
 
-
-
-async def _start_producer(kafka: str, security: KafkaSecurity | None = None) -> AIOKafkaProducer:
-    """The DLQ producer, idempotent where the broker supports it (a send the client
-    retries after a lost acknowledgement is stored once); the local Tansu broker
-    answers InitProducerId with an error, so there it falls back to a plain producer
-    (a client-side retry after a lost acknowledgement can then duplicate a record)."""
-    for idempotent in (True, False):
-        # gzip: a rejected record compressed by its producer fits the DLQ compressed too
-        producer = AIOKafkaProducer(bootstrap_servers=kafka, linger_ms=20, acks="all",
-                                    max_request_size=16 << 20, enable_idempotence=idempotent,
-                                    compression_type="gzip",
-                                    **(security or KafkaSecurity()).aiokafka_kwargs())
-        try:
-            await producer.start()
-            return producer
-        except Exception as exc:
-            with contextlib.suppress(Exception):
-                await producer.stop()
-            if not idempotent:
-                raise
-            log.warning("the broker refused an idempotent producer (%s): the DLQ producer is not idempotent",
-                        exc)
-    raise AssertionError("unreachable")
 
 
 def _unpacking(exc: BaseException) -> bool:
@@ -1260,59 +1084,6 @@ def _refused_records(table: Any, refused: list[tuple[list[int], str]], batch: li
             if k not in out and rec is not None:
                 out[k] = Rejected(k[0], k[1], k[2], rec.key, rec.value, f"ClickHouse refused the event: {msg}")
     return list(out.values())
-
-
-def _now() -> Any:
-    import datetime as dt
-
-    return dt.datetime.now(dt.UTC)
-
-
-def _outbox_rows(rejected: list[Rejected], epochs: dict[TopicPartition, int]) -> list[dict[str, Any]]:
-    now = _now()
-    seen: dict[tuple[str, int, int], int] = {}
-    rows = []
-    for r in rejected:
-        k = (r.topic, r.partition, r.offset)
-        idx = seen[k] = seen.get(k, -1) + 1
-        rows.append({"source_topic": r.topic, "source_partition": r.partition,
-                     "epoch": epochs.get(TopicPartition(r.topic, r.partition), 0), "source_offset": r.offset,
-                     "idx": idx, "key": r.key, "value": r.value, "reason": r.reason, "field": r.field or "",
-                     "written_at": now})
-    return rows
-
-
-def _refused_record_errors() -> tuple[type[BaseException], ...]:
-    """Producer errors that refuse the record itself: retrying it as it is cannot pass."""
-    import aiokafka.errors as ke
-
-    names = ("MessageSizeTooLargeError", "RecordTooLargeError", "RecordListTooLargeError",
-             "CorruptRecordException", "InvalidRecordError")
-    return tuple(getattr(ke, n) for n in names if isinstance(getattr(ke, n, None), type))
-
-
-_REFUSED_RECORD = _refused_record_errors()
-
-
-def _dlq_stub(row: dict[str, Any]) -> dict[str, Any]:
-    """An outbox row whose record Kafka refused: the same source headers (so recovery
-    finds it), no value, the key cut to 1 KiB, the value's length and SHA-256 in the reason."""
-    value = row["value"] or b""
-    digest = hashlib.sha256(value).hexdigest()
-    out = dict(row)
-    out["stub"] = True
-    out["value"] = b""
-    out["key"] = row["key"][:1024] if row["key"] else row["key"]
-    out["reason"] = f"{row['reason']} [value of {len(value)} bytes left out: the DLQ refused it; sha256 {digest}]"
-    return out
-
-
-def _dlq_headers(row: dict[str, Any]) -> list[tuple[str, bytes]]:
-    """The DLQ headers of an outbox row: :meth:`Rejected.dlq_headers` (reason, source
-    topic/partition/offset, field) and the row's index among its record's rejections."""
-    r = Rejected(row["source_topic"], int(row["source_partition"]), int(row["source_offset"]), row["key"],
-                 row["value"], str(row["reason"]), str(row["field"]) or None)
-    return [*r.dlq_headers(), ("driftline-source-index", str(row["idx"]).encode())]
 
 
 def _open_at(cols: EventBatchColumns, wc: WindowConfig, watermark_ms: int) -> EventBatchColumns:
