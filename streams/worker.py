@@ -72,13 +72,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from driftline.detectors.redact import Redaction
 from driftline.schemas.columns import LOG_COLUMNS, OUTBOX_COLUMNS, WINDOW_COLUMNS
 from driftline.schemas.topics import CONTROL_TOPIC, DLQ_TOPIC, EVENTS_TOPIC, OTLP_TOPIC
-from driftline.schemas.window_stats import WindowKey, WindowStats
+from driftline.schemas.window_stats import WindowStats
 from driftline.streams.ingest.kafka_host import (
     GroupListener,
     commit_confirmed,
@@ -103,7 +102,8 @@ from driftline.streams.sinks.clickhouse import ClickHouseSink, Retention
 from driftline.streams.sinks.dlq import DeadLetters, now_utc, outbox_rows
 from driftline.streams.sinks.prometheus import WorkerMetrics
 from driftline.streams.stages.privacy import redact_events, redact_rejected
-from driftline.streams.stages.windows import EventBatchColumns, WindowAggregator, WindowConfig
+from driftline.streams.stages.window_restore import rebuild, recent_rows
+from driftline.streams.stages.windows import WindowAggregator, WindowClock, WindowConfig
 
 log = logging.getLogger("driftline.worker")
 
@@ -289,12 +289,12 @@ class Worker:
         self.sink = sink or clickhouse_sink(config, self.metrics)
         self.prices = prices if prices is not None else load_prices(config)
         self.scanner: Any = scanner if scanner is not None else load_scanner(config)
-        self.windows = WindowAggregator(config.window)
+        #: the windows, closed and emitted on the wall clock (streams/stages/windows.py)
+        self.clock = WindowClock(config.window, idle_close_s=config.idle_close_s,
+                                 emit_interval_s=config.emit_interval_s, now=time.monotonic())
         self.stages: list[Stage] = list(stages)
         self.consumer: AIOKafkaConsumer | None = None
         self._queue: asyncio.Queue[_Work | None] = asyncio.Queue(maxsize=4)
-        self._last_emit = 0.0
-        self._wall_at_watermark = time.monotonic()
         self._assigned: set[TopicPartition] = set()
         #: partitions whose assignment has been handled (stored offsets known)
         self._ready: set[TopicPartition] = set()
@@ -439,7 +439,12 @@ class Worker:
 
     def request_flush(self) -> None:
         """Write the open windows as partial rows with the next batch."""
-        self._last_emit = 0.0
+        self.clock.request_flush()
+
+    @property
+    def windows(self) -> WindowAggregator:
+        """The open windows (replaced on each rebalance)."""
+        return self.clock.windows
 
     @property
     def dead_lettered(self) -> int:
@@ -581,7 +586,7 @@ class Worker:
         t = time.monotonic()
         await self._queue.put(work)
         if time.monotonic() - t > 1.0:
-            self._wall_at_watermark = time.monotonic()  # held up by the writer: not idleness
+            self.clock.not_idle(time.monotonic())  # held up by the writer: not idleness
 
     def _same_topic(self, tp: TopicPartition, rec: Any) -> bool:
         """The first record fetched after an assignment, checked against the write log.
@@ -705,34 +710,18 @@ class Worker:
         if decoded.n_events:
             enriched = enrich(decoded, self.prices, self.scanner)
             event_cols, wcols = to_columns(enriched)
-            self.windows.add(wcols, wall_ms=wall_ms)
+            self.clock.add(wcols, wall_ms=wall_ms, now=now)
             m.observe_late(self.windows.last_late)
             m.observe_batch(wcols)
-            self._wall_at_watermark = now
         for r in decoded.rejected:
             m.observe_dlq(r.reason_class)
         m.skipped_spans += decoded.skipped_spans
         m.batches += 1
         m.records += len(records)
         self.processed_records += len(records)
-        # idleness only while records flow: an empty fetch (quiet, or Kafka cut off) says
-        # nothing about one partition's backlog
-        windows = self.windows.advance(wall_ms=wall_ms if records else None)
+        # closed windows, the idle close on the wall clock, partial rows every emit interval
+        windows = self.clock.advance(now=now, wall_ms=wall_ms, records=bool(records), cut_off=self._cut_off)
         m.observe_evicted("window_keys", self.windows.pop_evicted())
-        wm = self.windows.watermark_ms
-        if not records and self._cut_off():
-            # paused on a ClickHouse outage, or Kafka not answering: that is not idle traffic,
-            # and event time must not follow wall time through it (the records held back in
-            # Kafka would all be late). tests/integration/test_faults.py catches this.
-            self._wall_at_watermark = now
-        if not records and wm is not None and now - self._wall_at_watermark > self.cfg.idle_close_s:
-            # no traffic: let event time follow wall time so the last windows close
-            windows += self.windows.advance(wm + int((now - self._wall_at_watermark) * 1000))
-            self._wall_at_watermark = now
-        if now - self._last_emit >= self.cfg.emit_interval_s:
-            self._last_emit = now
-            closed = {(w.key, w.window_start_ms) for w in windows}
-            windows += [w for w in self.windows.partial() if (w.key, w.window_start_ms) not in closed]
         return _Work(event_cols, windows, decoded.rejected, offsets, watermark_ms=self.windows.watermark_ms)
 
     def _cut_off(self) -> bool:
@@ -867,14 +856,13 @@ class Worker:
             return
         self._rebalances += 1
         # Keep what is open visible; the next owner rebuilds it from the stored rows.
-        partial = self.windows.partial()
+        partial = self.clock.reset()
         if partial:
             # visibility only (the next owner rebuilds the open windows from stored rows):
             # dropped when the queue is full, so a ClickHouse outage cannot hold the
             # callback past the group's rebalance timeout here
             with contextlib.suppress(asyncio.QueueFull):
                 self._queue.put_nowait(_Work(None, partial, [], {}))
-        self.windows = WindowAggregator(self.cfg.window)
         # Everything processed so far is written (and committed) before the group moves
         # on: the next owner of a partition reads its stored offsets after this returns,
         # so it skips what this worker stored instead of storing it again.
@@ -968,20 +956,15 @@ class Worker:
                 self.consumer.seek(tp, target)
         self._ready |= set(assigned)
         # rebuild open windows of every assigned partition from the rows of finished write steps
-        self.windows = WindowAggregator(self.cfg.window)
+        self.clock.windows = WindowAggregator(self.cfg.window)
         wall_ms = int(time.time() * 1000)
         bounds = dict(self._logged)
-        cols = await self._ch_retry("rebuilding windows", self.sink.call, lambda c: _recent_rows(
+        cols = await self._ch_retry("rebuilding windows", self.sink.call, lambda c: recent_rows(
             c, self.sink.database, sorted(self._assigned), self.cfg.window, wall_ms, bounds))
-        if closed_below is not None:
-            self.windows.watermark_ms = closed_below
-            if cols is not None:
-                cols = _open_at(cols, self.cfg.window, closed_below)
-        if cols is not None and len(cols):
-            self.windows.add(cols, wall_ms=wall_ms)
-            self.windows.advance(wall_ms=wall_ms)
-            self._wall_at_watermark = time.monotonic()
-            log.info("rebuilt %d open windows from %d stored events", self.windows.open_windows, len(cols))
+        self.clock.windows, n = rebuild(self.cfg.window, cols, closed_below, wall_ms)
+        if n:
+            self.clock.not_idle(time.monotonic())
+            log.info("rebuilt %d open windows from %d stored events", self.windows.open_windows, n)
 
 
 
@@ -1086,84 +1069,7 @@ def _refused_records(table: Any, refused: list[tuple[list[int], str]], batch: li
     return list(out.values())
 
 
-def _open_at(cols: EventBatchColumns, wc: WindowConfig, watermark_ms: int) -> EventBatchColumns:
-    """The rows of ``cols`` whose window was still open at ``watermark_ms`` (its end plus
-    the allowed lateness after it): a rebuild must not reopen a window already written
-    final, or its partial rows would replace the final one with a recount of fewer rows."""
-    starts = cols.ts_ms - cols.ts_ms % wc.size_ms
-    keep = np.flatnonzero(starts + wc.size_ms + wc.allowed_lateness_ms > watermark_ms)
-    return cols if keep.size == len(cols) else cols.take(keep)
-
-
 def _concat_arrow(tables: list[Any]) -> Any:
     import pyarrow as pa
 
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-
-
-def _recent_rows(client: Any, db: str, tps: list[TopicPartition], wc: WindowConfig,
-                 wall_ms: int | None = None,
-                 logged: Mapping[TopicPartition, int] | None = None) -> EventBatchColumns | None:
-    """The stored events of the windows that may still be open, as window-stage columns.
-
-    Per partition: its newest stored event time (ignoring rows beyond the wall clock plus
-    ``watermark_max_ahead_ms``, so one far-future row poisons nothing) minus two window
-    spans; the rows carry their partition, so each partition's watermark is rebuilt.
-    Only rows of finished write steps (``source_offset`` up to the write log, where
-    ``logged`` has one): the records of a step cut short are processed again, so
-    their windows are recomputed, and closed, from every one of their events.
-    """
-    from driftline.streams.stages.windows import source_index
-
-    tps = [tp for tp in tps if "'" not in tp.topic]
-    if not tps:
-        return None
-    logged = logged or {}
-
-    def bound(topic: str, partition: int) -> str:
-        tp = TopicPartition(topic, int(partition))
-        return f" AND source_offset <= {int(logged[tp])}" if tp in logged else ""
-
-    cond = " OR ".join(f"(source_topic = '{tp.topic}' AND source_partition = {int(tp.partition)}"
-                       f"{bound(tp.topic, tp.partition)})" for tp in tps)
-    ahead = wc.watermark_max_ahead_ms
-    cap = f" AND timestamp <= fromUnixTimestamp64Milli({int(wall_ms + ahead)})" \
-        if wall_ms is not None and ahead is not None else ""
-    mx = client.query(f"SELECT source_topic, source_partition, toUnixTimestamp64Milli(max(timestamp)) "
-                      f"FROM {db}.llm_events WHERE ({cond}){cap} "
-                      "GROUP BY source_topic, source_partition").result_rows
-    if not mx:
-        return None
-    span = 2 * (wc.size_ms + wc.allowed_lateness_ms)
-    cond = " OR ".join(f"(source_topic = '{t}' AND source_partition = {int(p)}{bound(t, p)} AND "
-                       f"timestamp >= fromUnixTimestamp64Milli({int(m) - span}))" for t, p, m in mx)
-    res = client.query(
-        "SELECT app, model, prompt_version, toUnixTimestamp64Milli(timestamp), latency_ms, "
-        "ifNull(ttft_ms, nan), ifNull(tpot_ms, nan), status = 'error', ifNull(input_tokens, 0), "
-        "ifNull(output_tokens, 0), ifNull(cache_read_input_tokens, 0), "
-        "ifNull(cache_creation_input_tokens, 0), ifNull(reasoning_output_tokens, 0), "
-        "ifNull(cost_usd, nan), length(guardrail_verdicts) > 0, guardrail_hit, "
-        "has(guardrail_verdicts, 'blocked'), ifNull(toFloat64(feedback), nan), source_topic, "
-        f"source_partition FROM {db}.llm_events FINAL WHERE ({cond}){cap} "
-        "ORDER BY timestamp", column_oriented=True)
-    c = res.result_columns
-    if not c or not len(c[0]):
-        return None
-    keys = [WindowKey(a, m, p) for a, m, p in zip(c[0], c[1], c[2], strict=True)]
-
-    def f(i: int) -> np.ndarray:
-        return np.asarray(c[i], dtype=float)
-
-    def n(i: int) -> np.ndarray:
-        return np.asarray(c[i], dtype=np.int64)
-
-    def b(i: int) -> np.ndarray:
-        return np.asarray(c[i], dtype=bool)
-
-    topics = sorted(set(c[18]))
-    tcode = {t: i for i, t in enumerate(topics)}
-    src_codes, src_list = source_index(np.fromiter((tcode[t] for t in c[18]), np.int64, len(c[18])),
-                                       topics, n(19))
-    return EventBatchColumns(keys, n(3), f(4), f(5), f(6), b(7), n(8), n(9), n(10), n(11), n(12),
-                             f(13), b(14), b(15), b(16), f(17), source_codes=src_codes,
-                             source_list=src_list)

@@ -185,7 +185,7 @@ async def test_kill_between_events_and_window_insert_recomputes_the_windows(
     """Killed after a write step stored its events and before its window rows.
 
     Catches: rebuilding the windows from every stored row (no ``source_offset``
-    bound in ``_recent_rows``): the cut-short step's events would be counted twice
+    bound in ``window_restore.recent_rows``): the cut-short step's events would be counted twice
     in their windows; and inserting the re-processed events again (no
     ``_drop_stored``): llm_events would hold duplicates without FINAL.
     """
