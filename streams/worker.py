@@ -37,7 +37,7 @@ stores nothing twice. Why the write log is last, and how a kill anywhere recover
 
 - killed before (4): the step's records are fetched again (the new owner resumes
   after the write log). Events that (1) had stored are recognised by (offset,
-  event_id) and not inserted again (``_torn``); the open windows are rebuilt only
+  event_id) and not inserted again (``WriteLog.torn``); the open windows are rebuilt only
   from rows up to the write log, and the re-processed records complete them, so
   the windows that this step closed are recomputed from all their events; outbox
   rows written twice collapse (ReplacingMergeTree) and were never sent.
@@ -63,11 +63,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import gc
-import hashlib
 import logging
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -75,9 +74,7 @@ from typing import Any, Protocol, runtime_checkable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from driftline.detectors.redact import Redaction
-from driftline.schemas.columns import LOG_COLUMNS, OUTBOX_COLUMNS, WINDOW_COLUMNS
 from driftline.schemas.topics import CONTROL_TOPIC, DLQ_TOPIC, EVENTS_TOPIC, OTLP_TOPIC
-from driftline.schemas.window_stats import WindowStats
 from driftline.streams.ingest.kafka_host import (
     GroupListener,
     commit_confirmed,
@@ -89,7 +86,6 @@ from driftline.streams.ingest.kafka_security import KafkaSecurity
 from driftline.streams.ingest.transforms import (
     DEFAULT_MAX_CLOCK_SKEW_S,
     DEFAULT_MAX_EVENT_AGE_S,
-    ArrowColumns,
     DecodedBatch,
     Rejected,
     decode_batch,
@@ -99,9 +95,9 @@ from driftline.streams.ingest.transforms import (
 from driftline.streams.ports import ControlAuth, KafkaPort, StagePorts, TableWriter, WindowView
 from driftline.streams.redact_secrets import redact_url, redact_urls_in
 from driftline.streams.sinks.clickhouse import ClickHouseSink, Retention
-from driftline.streams.sinks.dlq import DeadLetters, now_utc, outbox_rows
+from driftline.streams.sinks.dlq import DeadLetters
 from driftline.streams.sinks.prometheus import WorkerMetrics
-from driftline.streams.stages.privacy import redact_events, redact_rejected
+from driftline.streams.sinks.write_step import StoredBatch, Work, WriteLog, WriteStep
 from driftline.streams.stages.window_restore import rebuild, recent_rows
 from driftline.streams.stages.windows import WindowAggregator, WindowClock, WindowConfig
 
@@ -172,24 +168,6 @@ class WorkerConfig:
             raise ValueError("rebalance_timeout_ms must exceed revoke_drain_s by 5 s at least")
 
 
-@dataclass(frozen=True, slots=True)
-class StoredBatch:
-    """What one write stored: handed to every :class:`Stage` after ClickHouse accepted it.
-
-    ``events`` are the ``llm_events`` columns exactly as inserted (see
-    ``pipeline.EVENT_COLUMNS``), or None when the batch held no event: sequences of
-    equal length; ``timestamp`` in epoch ms; optional strings (``user_id``,
-    ``environment``, ``prompt``, ``response`` …) may be ``None`` (stored as ``''``
-    or NULL); ``cost_usd`` is a float64 numpy array with NaN for unpriced events;
-    the ``guardrail_*`` list columns are pyarrow ``ListArray``s. ``windows`` are the
-    window rows written (partial and final).
-    """
-
-    events: Mapping[str, Any] | None
-    windows: list[WindowStats]
-    rejected: list[Rejected]
-
-
 @runtime_checkable
 class Stage(Protocol):
     """A part of the stream that runs beside the spine (alerting, drift).
@@ -240,30 +218,8 @@ def clickhouse_sink(cfg: WorkerConfig, metrics: WorkerMetrics) -> ClickHouseSink
                           on_error=lambda what, exc: count_sink_error(metrics, what, exc))
 
 
-@dataclass(slots=True)
-class _Work:
-    """One processed batch on its way to the writer."""
-
-    event_cols: ArrowColumns | None
-    windows: list[WindowStats]
-    rejected: list[Rejected]
-    offsets: dict[TopicPartition, int]
-    #: first offset and the last record's (timestamp, fingerprint) per partition
-    firsts: dict[TopicPartition, int] = field(default_factory=dict)
-    lasts: dict[TopicPartition, tuple[int, int]] = field(default_factory=dict)
-    #: the source records, to dead-letter an event that ClickHouse refuses
-    records: Sequence[Any] = ()
-    #: the stream watermark once this batch was windowed (None before any event)
-    watermark_ms: int | None = None
-
-    @property
-    def arrow(self) -> Any:
-        """The events as an Arrow table, what the writer inserts (None without events)."""
-        return self.event_cols.table if self.event_cols is not None else None
-
-
 @dataclass
-class _Pending:
+class InFlight:
     """A fetched batch whose decode runs on the decode thread."""
 
     records: list[Any]
@@ -294,7 +250,6 @@ class Worker:
                                  emit_interval_s=config.emit_interval_s, now=time.monotonic())
         self.stages: list[Stage] = list(stages)
         self.consumer: AIOKafkaConsumer | None = None
-        self._queue: asyncio.Queue[_Work | None] = asyncio.Queue(maxsize=4)
         self._assigned: set[TopicPartition] = set()
         #: partitions whose assignment has been handled (stored offsets known)
         self._ready: set[TopicPartition] = set()
@@ -304,22 +259,22 @@ class Worker:
         #: per partition: the offset, timestamp and fingerprint of the last record the
         #: write log holds; the first fetch must find that same record there
         self._verify: dict[TopicPartition, tuple[int, int, int]] = {}
-        #: per partition: the write-log epoch (bumped when the topic was recreated)
-        self._epoch: dict[TopicPartition, int] = {}
-        #: per partition: last offset of the write log (the rebuild reads rows up to it)
-        self._logged: dict[TopicPartition, int] = {}
-        #: per partition: (offset, event_id) stored by a write step that did not finish
-        self._torn: dict[TopicPartition, set[tuple[int, str]]] = {}
+        #: per partition: the write log's epoch, last offset, events of a step cut short
+        self.log = WriteLog()
         #: the outbox -> DLQ topic path (streams/sinks/dlq.py)
         self.dlq = DeadLetters(config.kafka, config.dlq_topic, self.metrics, security=config.kafka_security,
                                keepalive=self._keepalive)
+        #: llm_events, dlq_outbox, llm_window_metrics, ingest_log; the DLQ; the safe offsets
+        self.write_step = WriteStep(self.sink, self.dlq, self.log, self.metrics, stages=self.stages,
+                                    redaction=config.redaction, on_safe=self._commit, keepalive=self._keepalive,
+                                    max_insert_rows=config.max_insert_rows, min_insert_rows=config.min_insert_rows,
+                                    insert_linger_s=config.insert_linger_s)
         self._stopping = False
         #: counts revocations and assignments: a batch in flight across one is fetched again
         self._rebalances = 0
-        self._pending: _Pending | None = None
+        self._pending: InFlight | None = None
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="driftline-decode")
         self.processed_records = 0
-        self.stored_events = 0
         self.started = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -393,7 +348,7 @@ class Worker:
             await self.stop()
             return
         starting.result()
-        writer = asyncio.create_task(self._writer(), name="driftline-writer")
+        writer = asyncio.create_task(self.write_step.run(), name="driftline-writer")
         started: list[Stage] = []
         try:
             for st in self.stages:
@@ -416,8 +371,8 @@ class Worker:
         finally:
             with contextlib.suppress(Exception):
                 # windows still open are stored as partial rows: visible, and rebuilt on restart
-                await self._queue.put(_Work(None, self.windows.partial(), [], {}))
-            await self._queue.put(None)
+                await self.write_step.queue.put(Work(None, self.windows.partial(), [], {}))
+            await self.write_step.queue.put(None)
             with contextlib.suppress(Exception):
                 await writer
             for st in reversed(started):
@@ -509,7 +464,7 @@ class Worker:
         fut: Any = None
         if records:
             fut = asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode, records)
-        prev, self._pending = self._pending, _Pending(records, offsets, firsts, lasts, self._rebalances, fut,
+        prev, self._pending = self._pending, InFlight(records, offsets, firsts, lasts, self._rebalances, fut,
                                                       rejected)
         if prev is not None:
             await self._complete(prev)
@@ -573,7 +528,7 @@ class Worker:
                 data[tp] = recs
         return data, bad
 
-    async def _complete(self, p: _Pending) -> None:
+    async def _complete(self, p: InFlight) -> None:
         decoded = await p.decoded if p.decoded is not None else None
         if p.generation != self._rebalances:
             self._refetch(p)
@@ -584,7 +539,7 @@ class Worker:
             work.rejected = [*work.rejected, *p.undecodable]
             self.metrics.observe_dlq("undecodable_batch", len(p.undecodable))
         t = time.monotonic()
-        await self._queue.put(work)
+        await self.write_step.queue.put(work)
         if time.monotonic() - t > 1.0:
             self.clock.not_idle(time.monotonic())  # held up by the writer: not idleness
 
@@ -650,15 +605,14 @@ class Worker:
         """``tp`` is not the topic whose offsets are stored: forget them, new epoch."""
         log.warning("%s[%d] is not the topic whose offsets are stored (%s): it was recreated or the "
                     "broker lost its data; reading it from its beginning (epoch %d)", tp.topic, tp.partition,
-                    why, self._epoch.get(tp, 0) + 1)
+                    why, self.log.epoch.get(tp, 0) + 1)
         self.metrics.sink_errors["topic_recreated"] += 1
-        self._epoch[tp] = self._epoch.get(tp, 0) + 1
+        self.log.epoch[tp] = self.log.epoch.get(tp, 0) + 1
         self._verify.pop(tp, None)
         self._skip_below.pop(tp, None)
-        self._torn.pop(tp, None)
-        self._logged.pop(tp, None)
+        self.log.forget(tp)
 
-    def _refetch(self, stale: _Pending) -> None:
+    def _refetch(self, stale: InFlight) -> None:
         """Drop ``stale`` and the batch fetched after it; seek their partitions back."""
         back = dict(stale.firsts)
         nxt, self._pending = self._pending, None
@@ -681,7 +635,7 @@ class Worker:
                             max_event_age_s=cfg.max_event_age_s, max_clock_skew_s=cfg.max_clock_skew_s)
 
     def process(self, records: Sequence[Any], offsets: dict[TopicPartition, int],
-                decoded: DecodedBatch | None = None) -> _Work:
+                decoded: DecodedBatch | None = None) -> Work:
         """Decode, enrich and window one batch (CPU only; no I/O).
 
         The cyclic garbage collector is held off while a batch is built: the batch
@@ -700,7 +654,7 @@ class Worker:
                 gc.collect(0)
 
     def _process(self, records: Sequence[Any], offsets: dict[TopicPartition, int],
-                 decoded: DecodedBatch | None) -> _Work:
+                 decoded: DecodedBatch | None) -> Work:
         now = time.monotonic()
         wall_ms = int(time.time() * 1000)  # per-partition watermarks: idleness, upper bound
         m = self.metrics
@@ -722,7 +676,7 @@ class Worker:
         # closed windows, the idle close on the wall clock, partial rows every emit interval
         windows = self.clock.advance(now=now, wall_ms=wall_ms, records=bool(records), cut_off=self._cut_off)
         m.observe_evicted("window_keys", self.windows.pop_evicted())
-        return _Work(event_cols, windows, decoded.rejected, offsets, watermark_ms=self.windows.watermark_ms)
+        return Work(event_cols, windows, decoded.rejected, offsets, watermark_ms=self.windows.watermark_ms)
 
     def _cut_off(self) -> bool:
         """True while the group's fetches say nothing about traffic (kafka_host.cut_off)."""
@@ -733,122 +687,14 @@ class Worker:
         """While ClickHouse is down: keep the group membership, fetch nothing more."""
         await hold(self.consumer)
 
-    async def _writer(self) -> None:
-        queue = self._queue
-        cfg = self.cfg
-        while True:
-            work = await queue.get()
-            if work is None:
-                queue.task_done()
-                return
-            # coalesce what queues up meanwhile, lingering briefly for a small insert:
-            # fewer, larger inserts (fewer parts to merge)
-            batch = [work]
-            n = work.arrow.num_rows if work.arrow is not None else 0
-            done = False
-            deadline = time.monotonic() + cfg.insert_linger_s
-            while n < cfg.max_insert_rows:
-                if queue.empty():
-                    left = deadline - time.monotonic()
-                    if n >= cfg.min_insert_rows or left <= 0:
-                        break
-                    try:
-                        nxt = await asyncio.wait_for(queue.get(), left)
-                    except TimeoutError:
-                        break
-                else:
-                    nxt = queue.get_nowait()
-                if nxt is None:
-                    done = True
-                    break
-                batch.append(nxt)
-                n += nxt.arrow.num_rows if nxt.arrow is not None else 0
-            await self._write(batch)
-            for _ in range(len(batch) + done):
-                queue.task_done()
-            if done:
-                return
-
-    async def _write(self, batch: list[_Work]) -> None:
-        """One write step: llm_events, dlq_outbox, llm_window_metrics, then ingest_log
-        (last: its rows say the step is complete), then the stages, the DLQ sends and
-        the offset commit. Every insert carries a deduplication token derived from the
-        step's source offsets, so a retry stores nothing twice."""
-        sink = self.sink
-        marks = _merge_marks(batch)
-        token = _batch_token(marks, self._epoch)
-        rejected = [r for work in batch for r in work.rejected]
-        tables = [w.arrow for w in batch if w.arrow is not None]
-        if tables:
-            built: list[Any] = []
-            torn = {tp: s for tp, s in self._torn.items() if tp in marks}
-            red = self.cfg.redaction
-
-            def build() -> Any:
-                t = _concat_arrow(tables)
-                if torn:  # a write step that did not finish stored these already
-                    t = _drop_stored(t, torn)
-                if red.active:  # --redact: on the ClickHouse thread; the stages keep the original texts
-                    t = redact_events(t, red)
-                built.append(t)
-                return t
-
-            refused: list[tuple[list[int], str]] = []
-            await sink.insert_arrow("llm_events", build, self._keepalive, token=f"{token}-events", ingest=True,
-                                    on_rejected=lambda rows, msg: refused.append((rows, msg)))
-            n = built[0].num_rows if built else 0
-            if refused:
-                rejected += _refused_records(built[0], refused, batch)
-                n -= sum(len(rows) for rows, _ in refused)
-            self.stored_events += n
-        if rejected and self.cfg.redaction.active:  # the DLQ copies (table and topic) redacted too
-            rejected = [redact_rejected(r, self.cfg.redaction) for r in rejected]
-        outbox = outbox_rows(rejected, self._epoch) if rejected else []
-        if outbox:
-            await sink.insert_rows("dlq_outbox", outbox, OUTBOX_COLUMNS, self._keepalive, token=f"{token}-dlq",
-                                   ingest=True)
-        windows = [w for work in batch for w in work.windows]
-        if windows:
-            stamp = time.time_ns() // 1000  # DateTime64(6) ticks
-            rows = []
-            for i, w in enumerate(windows):
-                r = w.row()
-                r["updated_at"] = stamp + i  # strictly increasing versions, in stream order
-                rows.append(r)
-            await sink.insert_rows("llm_window_metrics", rows, WINDOW_COLUMNS, self._keepalive,
-                                   token=f"{token}-windows", ingest=True)
-        if marks:
-            dlq_start = self.dlq.ends() if outbox else ""
-            wm = max((w.watermark_ms for w in batch if w.watermark_ms is not None), default=0)
-            log_rows = [{"source_topic": tp.topic, "source_partition": tp.partition,
-                         "epoch": self._epoch.get(tp, 0), "first_offset": first, "last_offset": last,
-                         "last_timestamp": ts, "last_fingerprint": fp, "dlq_start": dlq_start,
-                         "written_at": now_utc(), "watermark_ms": wm}
-                        for tp, (first, last, ts, fp) in marks.items()]
-            await sink.insert_rows("ingest_log", log_rows, LOG_COLUMNS, self._keepalive, token=f"{token}-log",
-                                   ingest=True)
-            for tp, (_, last, _, _) in marks.items():
-                self._logged[tp] = last
-                t = self._torn.get(tp)
-                if t is not None and max(o for o, _ in t) <= last:
-                    del self._torn[tp]
-        if self.stages:
-            for work in batch:
-                if not (work.event_cols or work.windows or work.rejected):
-                    continue
-                stored = StoredBatch(work.event_cols, work.windows, work.rejected)
-                for st in self.stages:
-                    try:
-                        st.on_stored(stored)
-                    except Exception:  # noqa: BLE001 - a stage never breaks the stream
-                        self.metrics.stage_errors[st.name] += 1
-                        log.exception("stage %s failed on a batch", st.name)
-        if outbox:
-            await self.dlq.send(outbox)
-        offsets: dict[TopicPartition, int] = {}
-        for work in batch:
-            offsets.update(work.offsets)  # later batches carry later offsets
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """A write step is safe: resume fetching, commit its offsets (kafka_host)."""
         await commit_confirmed(self.consumer, offsets)
+
+    @property
+    def stored_events(self) -> int:
+        """Events stored in ``llm_events`` (the write step's count)."""
+        return self.write_step.stored_events
 
     # ------------------------------------------------------------------ rebalance
     async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -862,12 +708,12 @@ class Worker:
             # dropped when the queue is full, so a ClickHouse outage cannot hold the
             # callback past the group's rebalance timeout here
             with contextlib.suppress(asyncio.QueueFull):
-                self._queue.put_nowait(_Work(None, partial, [], {}))
+                self.write_step.queue.put_nowait(Work(None, partial, [], {}))
         # Everything processed so far is written (and committed) before the group moves
         # on: the next owner of a partition reads its stored offsets after this returns,
         # so it skips what this worker stored instead of storing it again.
         try:
-            await asyncio.wait_for(self._queue.join(), self.cfg.revoke_drain_s)
+            await asyncio.wait_for(self.write_step.queue.join(), self.cfg.revoke_drain_s)
         except TimeoutError:
             log.warning("revoked with writes still pending after %.0f s (ClickHouse slow or down); "
                         "the next owner may store some events again (FINAL collapses them)",
@@ -889,7 +735,7 @@ class Worker:
         # partition it keeps (or gets back) would otherwise be fetched again from a stale
         # log and its records stored twice (bounded like the revoke drain)
         try:
-            await asyncio.wait_for(self._queue.join(), self.cfg.revoke_drain_s)
+            await asyncio.wait_for(self.write_step.queue.join(), self.cfg.revoke_drain_s)
         except TimeoutError:
             log.warning("assigned with writes still pending after %.0f s (ClickHouse slow or down)",
                         self.cfg.revoke_drain_s)
@@ -906,21 +752,20 @@ class Worker:
             marks = await self._ch_retry("reading the write log", self.sink.ingest_marks, topic, parts)
             for p in parts:
                 tp = TopicPartition(topic, p)
-                self._torn.pop(tp, None)
+                self.log.forget(tp)
                 self._verify.pop(tp, None)
-                self._logged.pop(tp, None)
                 if p in marks:
                     epoch, first, last, ts, fp, dlq_start, wm = marks[p]
                     if int(wm) > 0:
                         closed_below = max(closed_below or 0, int(wm))
-                    self._epoch[tp] = int(epoch)
-                    self._logged[tp] = int(last)
+                    self.log.epoch[tp] = int(epoch)
+                    self.log.logged[tp] = int(last)
                     self._skip_below[tp] = int(last) + 1
                     self._verify[tp] = (int(last), int(ts), int(fp))
                     seek_to[tp] = int(last)  # read the logged record again: is it the same topic?
                     torn = await self._ch_retry("reading stored events", self.sink.stored_after, topic, p, int(last))
                     if torn:
-                        self._torn[tp] = torn
+                        self.log.torn[tp] = torn
                         log.info("%s[%d]: %d events past the write log (a write step cut short) will not be "
                                  "stored again", topic, p, len(torn))
                     outbox = await self._ch_retry("reading the DLQ outbox", self.sink.outbox, topic, p,
@@ -932,7 +777,7 @@ class Worker:
                     self._skip_below.pop(tp, None)
                     torn = await self._ch_retry("reading stored events", self.sink.stored_after, topic, p, -1)
                     if torn:
-                        self._torn[tp] = torn
+                        self.log.torn[tp] = torn
                         log.info("%s[%d]: %d events of a first write step cut short will not be stored again",
                                  topic, p, len(torn))
         # the record at each logged offset, read before fetching starts: a topic that ends
@@ -958,7 +803,7 @@ class Worker:
         # rebuild open windows of every assigned partition from the rows of finished write steps
         self.clock.windows = WindowAggregator(self.cfg.window)
         wall_ms = int(time.time() * 1000)
-        bounds = dict(self._logged)
+        bounds = dict(self.log.logged)
         cols = await self._ch_retry("rebuilding windows", self.sink.call, lambda c: recent_rows(
             c, self.sink.database, sorted(self._assigned), self.cfg.window, wall_ms, bounds))
         self.clock.windows, n = rebuild(self.cfg.window, cols, closed_below, wall_ms)
@@ -1010,66 +855,3 @@ def _same_record(rec: Any, ts: int, fp: int) -> bool:
 def _fingerprint(rec: Any) -> int:
     """A record's identity beside its offset: CRC-32 of the value and of the key (UInt64)."""
     return (zlib.crc32(rec.value or b"") << 32) | zlib.crc32(rec.key or b"")
-
-
-def _merge_marks(batch: list[_Work]) -> dict[TopicPartition, tuple[int, int, int, int]]:
-    """Per partition of a write step: (first offset, last offset, last timestamp, last fingerprint)."""
-    out: dict[TopicPartition, tuple[int, int, int, int]] = {}
-    for w in batch:
-        for tp, nxt in w.offsets.items():
-            if tp not in w.lasts:
-                continue
-            ts, fp = w.lasts[tp]
-            first = w.firsts.get(tp, nxt - 1)
-            prev = out.get(tp)
-            if prev is not None:
-                first = min(first, prev[0])
-            out[tp] = (first, nxt - 1, ts, fp)
-    return out
-
-
-def _batch_token(marks: dict[TopicPartition, tuple[int, int, int, int]], epochs: dict[TopicPartition, int]) -> str:
-    """The deduplication token of a write step: a hash of its source offset ranges (and
-    epochs), so a retried insert of the same step is dropped by ClickHouse."""
-    if not marks:
-        import uuid
-
-        return uuid.uuid4().hex  # windows only (flush, revocation): no source records
-    key = ";".join(f"{tp.topic}:{tp.partition}:{epochs.get(tp, 0)}:{m[0]}-{m[1]}" for tp, m in sorted(marks.items()))
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
-def _drop_stored(table: Any, torn: dict[TopicPartition, set[tuple[int, str]]]) -> Any:
-    """``table`` without the events a cut-short write step stored already."""
-    import pyarrow as pa
-
-    tps = table.column("source_topic").to_pylist()
-    parts = table.column("source_partition").to_pylist()
-    offs = table.column("source_offset").to_pylist()
-    ids = table.column("event_id").to_pylist()
-    keep = [not ((s := torn.get(TopicPartition(t, p))) is not None and (o, e) in s)
-            for t, p, o, e in zip(tps, parts, offs, ids, strict=True)]
-    return table if all(keep) else table.filter(pa.array(keep))
-
-
-def _refused_records(table: Any, refused: list[tuple[list[int], str]], batch: list[_Work]) -> list[Rejected]:
-    """The source records of the event rows ClickHouse refused, as rejected records
-    (one per source record, with ClickHouse's message)."""
-    src = {(r.topic, r.partition, r.offset): r for w in batch for r in w.records}
-    tps = table.column("source_topic").to_pylist()
-    parts = table.column("source_partition").to_pylist()
-    offs = table.column("source_offset").to_pylist()
-    out: dict[tuple[str, int, int], Rejected] = {}
-    for rows, msg in refused:
-        for i in rows:
-            k = (tps[i], int(parts[i]), int(offs[i]))
-            rec = src.get(k)
-            if k not in out and rec is not None:
-                out[k] = Rejected(k[0], k[1], k[2], rec.key, rec.value, f"ClickHouse refused the event: {msg}")
-    return list(out.values())
-
-
-def _concat_arrow(tables: list[Any]) -> Any:
-    import pyarrow as pa
-
-    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)

@@ -14,13 +14,11 @@ from clickhouse_connect.driver.exceptions import DatabaseError, DataError, Opera
 from driftline.streams.ingest.transforms import Rejected
 from driftline.streams.sinks.clickhouse import retryable
 from driftline.streams.sinks.dlq import outbox_rows as _outbox_rows
-from driftline.streams.worker import (
-    WorkerConfig,
-    _batch_token,
-    _drop_stored,
-    _merge_marks,
-    _Work,
-)
+from driftline.streams.sinks.write_step import Work as _Work
+from driftline.streams.sinks.write_step import batch_token as _batch_token
+from driftline.streams.sinks.write_step import drop_stored as _drop_stored
+from driftline.streams.sinks.write_step import merge_marks as _merge_marks
+from driftline.streams.worker import WorkerConfig
 
 
 @pytest.mark.parametrize(("exc", "expected"), [
