@@ -49,6 +49,8 @@ __all__ = ["Work", "WriteLog", "WriteStep", "StoredBatch", "merge_marks", "batch
 
 #: per source partition of a write step: (first offset, last offset, last timestamp, last fingerprint)
 Marks = dict[TopicPartition, tuple[int, int, int, int]]
+#: ``retry(what, fn, *args)``: ``fn(*args)`` on a thread, retried until it succeeds
+Retry = Callable[..., Awaitable[Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,3 +360,52 @@ class WriteStep:
                     self.metrics.stage_errors[st.name] += 1
                     log.exception("stage %s failed on a batch", st.name)
 
+    # ------------------------------------------------------------------ rebalances
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until every queued batch is written, ``timeout_s`` at most: False if not."""
+        try:
+            await asyncio.wait_for(self.queue.join(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def resume(self, assigned: Sequence[TopicPartition], retry: Retry,
+                     stopping: Callable[[], bool]) -> tuple[dict[TopicPartition, tuple[int, int, int]], int | None]:
+        """On assignment: read the write log of ``assigned`` into :attr:`log` (epoch, last
+        offset, the events of a step cut short), and send the last logged step's outbox
+        rows the DLQ does not hold. ``retry(what, fn, *args)`` runs each ClickHouse read
+        until it succeeds. Returns, per logged partition, (last offset, Kafka timestamp,
+        fingerprint) of the logged record, and the highest watermark the log recorded
+        (the windows that closed below it were written final: None if none)."""
+        by_topic: dict[str, list[int]] = {}
+        for tp in assigned:
+            by_topic.setdefault(tp.topic, []).append(tp.partition)
+        out: dict[TopicPartition, tuple[int, int, int]] = {}
+        closed_below: int | None = None
+        for topic, parts in by_topic.items():
+            marks = await retry("reading the write log", self.sink.ingest_marks, topic, parts)
+            for p in parts:
+                tp = TopicPartition(topic, p)
+                self.log.forget(tp)
+                if p not in marks:
+                    # nothing logged: a first write step cut short may have stored events
+                    await self._read_torn(tp, -1, retry, "events of a first write step cut short")
+                    continue
+                epoch, first, last, ts, fp, dlq_start, wm = marks[p]
+                if int(wm) > 0:
+                    closed_below = max(closed_below or 0, int(wm))
+                self.log.epoch[tp] = int(epoch)
+                self.log.logged[tp] = int(last)
+                out[tp] = (int(last), int(ts), int(fp))
+                await self._read_torn(tp, int(last), retry, "events past the write log (a write step cut short)")
+                outbox = await retry("reading the DLQ outbox", self.sink.outbox, topic, p, int(epoch), int(first),
+                                     int(last))
+                await self.dlq.recover(tp, int(epoch), outbox, str(dlq_start), stopping)
+        return out, closed_below
+
+    async def _read_torn(self, tp: TopicPartition, last: int, retry: Retry, what: str) -> None:
+        """The events of ``tp`` stored past offset ``last`` by a step that did not finish."""
+        torn = await retry("reading stored events", self.sink.stored_after, tp.topic, tp.partition, last)
+        if torn:
+            self.log.torn[tp] = torn
+            log.info("%s[%d]: %d %s will not be stored again", tp.topic, tp.partition, len(torn), what)

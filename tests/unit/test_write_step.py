@@ -140,7 +140,8 @@ def test_a_skipped_batch_logged_without_fingerprint_is_not_a_recreated_topic() -
     a restart would be taken for another record: the partition read again from 0)."""
     from types import SimpleNamespace
 
-    from driftline.streams.worker import _fingerprint, _same_record
+    from driftline.streams.ingest.kafka_host import fingerprint as _fingerprint
+    from driftline.streams.ingest.kafka_host import same_record as _same_record
 
     rec = SimpleNamespace(timestamp=1_700_000_000_000, key=b"k", value=b'{"a":1}', headers=())
     assert _same_record(rec, 0, 0)
