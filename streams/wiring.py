@@ -6,14 +6,16 @@ it), builds the stages from their configs, links them, and hands them to the
 worker. ``driftline worker`` (streams/cli/main.py) and ``serve_worker``
 (streams/app.py) build their worker here.
 
-SOURCES (the worker's consumer group: streams/ingest/kafka_host.py)
+SOURCES (the worker's consumer group: streams/ingest/kafka_host.py's KafkaHost, which
+delivers batches and commits what the write step confirmed)
   kafka ``llm.events``            JSON events, one per record (schemas/event.py)
   kafka ``otlp_spans[.<suffix>]`` OTLP trace requests, read as OTLP by the topic's name
                                   (``WorkerConfig.topics``; both by default)
   kafka ``driftline.control``     commands: ``flush`` (the faust agent, app.py),
                                   ``baseline`` (the drift stage's own consumer)
 
-TRANSFORMS of the spine (streams/worker.py, in the order a batch goes through them)
+TRANSFORMS of the spine (Worker.process in streams/worker.py, in the order a batch goes
+through them; the windows on the wall clock: windows.WindowClock)
   decode    pipeline.decode_batch     inputs: SOURCES  invalid -> the DLQ, with the reason
   enrich    pipeline.enrich           inputs: decode   cost (schemas/prices.toml + --prices),
                                                        guardrails (--scan-guardrails)
@@ -21,13 +23,16 @@ TRANSFORMS of the spine (streams/worker.py, in the order a batch goes through th
   windows   windows.WindowAggregator  inputs: columns  event-time windows per (app, model,
                                                        prompt_version): final and partial rows
 
-SINKS of the spine: one write step, in this order (README "What the worker does")
+SINKS of the spine: one write step (streams/sinks/write_step.py's WriteStep), in this order
+(README "What the worker does")
   clickhouse ``llm_events``         inputs: columns  (texts redacted here, --redact; the
                                                        stages get the original texts)
   clickhouse ``dlq_outbox``         inputs: decode (rejected), llm_events (refused rows)
   clickhouse ``llm_window_metrics`` inputs: windows
   clickhouse ``ingest_log``         the step's source offsets: written last
-  kafka      ``llm.events.dlq``     inputs: dlq_outbox; then the offsets are committed
+  kafka      ``llm.events.dlq``     inputs: dlq_outbox (streams/sinks/dlq.py's DeadLetters);
+                                  then the offsets are committed
+  (after a rebalance the open windows are rebuilt from llm_events: stages/window_restore.py)
 
 STAGES: fed each write step once it is safe (``Stage.on_stored``), given their ports
 (streams/ports.py), built by :func:`stage_factories` and linked by :func:`link_stages`

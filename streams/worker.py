@@ -1,7 +1,12 @@
 """The stream worker: Kafka -> decode -> enrich -> windows -> ClickHouse (+ DLQ, metrics).
 
-The spine, top to bottom (its steps are plain functions in streams/ingest/transforms.py and
-streams/stages/windows.py; the whole pipeline, stages included, reads in streams/wiring.py):
+The composition of the spine's parts (the whole pipeline, stages included, reads in
+streams/wiring.py): the Kafka host (streams/ingest/kafka_host.py: consumer group,
+fetch loop, poison, rebalances, commits), the process step here (plain functions of
+streams/ingest/transforms.py, the windows of streams/stages/windows.py on the wall
+clock), the write step (streams/sinks/write_step.py) and the DLQ
+(streams/sinks/dlq.py); the window rebuild after a rebalance is
+streams/stages/window_restore.py.
 
     consumer group (aiokafka, batched getmany)            [fetch]
       -> skip records already stored (restart / rebalance)
@@ -37,7 +42,7 @@ stores nothing twice. Why the write log is last, and how a kill anywhere recover
 
 - killed before (4): the step's records are fetched again (the new owner resumes
   after the write log). Events that (1) had stored are recognised by (offset,
-  event_id) and not inserted again (``_torn``); the open windows are rebuilt only
+  event_id) and not inserted again (``WriteLog.torn``); the open windows are rebuilt only
   from rows up to the write log, and the re-processed records complete them, so
   the windows that this step closed are recomputed from all their events; outbox
   rows written twice collapse (ReplacingMergeTree) and were never sent.
@@ -45,8 +50,8 @@ stores nothing twice. Why the write log is last, and how a kill anywhere recover
   outbox rows that the DLQ topic does not hold (read from the DLQ end offsets the
   log recorded, by their ``driftline-source-*`` headers) are sent.
 - the topic behind the log changed (recreated, in-memory broker restarted): the
-  record at the logged offset is read back before fetching (``_probe``) and again
-  on the first fetch (``_same_topic``); a topic that ends before it, restarts below
+  record at the logged offset is read back before fetching (``KafkaHost._probe``) and
+  again on the first fetch (``KafkaHost._same_topic``); a topic that ends before it, restarts below
   it or holds another record there is read from its beginning under a new epoch.
 - ClickHouse down in the rebalance callback: its reads are retried there until
   they succeed (heartbeats run on their own task); the rebalance timeout (75 s)
@@ -63,37 +68,23 @@ import asyncio
 import concurrent.futures
 import contextlib
 import gc
-import hashlib
-import json
 import logging
 import time
-import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from driftline.detectors.redact import Redaction
-from driftline.schemas.columns import LOG_COLUMNS, OUTBOX_COLUMNS, WINDOW_COLUMNS
 from driftline.schemas.topics import CONTROL_TOPIC, DLQ_TOPIC, EVENTS_TOPIC, OTLP_TOPIC
-from driftline.schemas.window_stats import WindowKey, WindowStats
-from driftline.streams.ingest.kafka_host import (
-    GroupListener,
-    commit_confirmed,
-    cut_off,
-    group_consumer,
-    hold,
-)
+from driftline.streams.ingest.kafka_host import HostHooks, InFlight, KafkaHost, LogMark
 from driftline.streams.ingest.kafka_security import KafkaSecurity
 from driftline.streams.ingest.transforms import (
     DEFAULT_MAX_CLOCK_SKEW_S,
     DEFAULT_MAX_EVENT_AGE_S,
-    ArrowColumns,
     DecodedBatch,
-    Rejected,
     decode_batch,
     enrich,
     to_columns,
@@ -101,9 +92,11 @@ from driftline.streams.ingest.transforms import (
 from driftline.streams.ports import ControlAuth, KafkaPort, StagePorts, TableWriter, WindowView
 from driftline.streams.redact_secrets import redact_url, redact_urls_in
 from driftline.streams.sinks.clickhouse import ClickHouseSink, Retention
+from driftline.streams.sinks.dlq import DeadLetters
 from driftline.streams.sinks.prometheus import WorkerMetrics
-from driftline.streams.stages.privacy import redact_events, redact_rejected
-from driftline.streams.stages.windows import EventBatchColumns, WindowAggregator, WindowConfig
+from driftline.streams.sinks.write_step import StoredBatch, Work, WriteLog, WriteStep
+from driftline.streams.stages.window_restore import rebuild, recent_rows
+from driftline.streams.stages.windows import WindowAggregator, WindowClock, WindowConfig
 
 log = logging.getLogger("driftline.worker")
 
@@ -172,24 +165,6 @@ class WorkerConfig:
             raise ValueError("rebalance_timeout_ms must exceed revoke_drain_s by 5 s at least")
 
 
-@dataclass(frozen=True, slots=True)
-class StoredBatch:
-    """What one write stored: handed to every :class:`Stage` after ClickHouse accepted it.
-
-    ``events`` are the ``llm_events`` columns exactly as inserted (see
-    ``pipeline.EVENT_COLUMNS``), or None when the batch held no event: sequences of
-    equal length; ``timestamp`` in epoch ms; optional strings (``user_id``,
-    ``environment``, ``prompt``, ``response`` …) may be ``None`` (stored as ``''``
-    or NULL); ``cost_usd`` is a float64 numpy array with NaN for unpriced events;
-    the ``guardrail_*`` list columns are pyarrow ``ListArray``s. ``windows`` are the
-    window rows written (partial and final).
-    """
-
-    events: Mapping[str, Any] | None
-    windows: list[WindowStats]
-    rejected: list[Rejected]
-
-
 @runtime_checkable
 class Stage(Protocol):
     """A part of the stream that runs beside the spine (alerting, drift).
@@ -240,45 +215,13 @@ def clickhouse_sink(cfg: WorkerConfig, metrics: WorkerMetrics) -> ClickHouseSink
                           on_error=lambda what, exc: count_sink_error(metrics, what, exc))
 
 
-@dataclass(slots=True)
-class _Work:
-    """One processed batch on its way to the writer."""
-
-    event_cols: ArrowColumns | None
-    windows: list[WindowStats]
-    rejected: list[Rejected]
-    offsets: dict[TopicPartition, int]
-    #: first offset and the last record's (timestamp, fingerprint) per partition
-    firsts: dict[TopicPartition, int] = field(default_factory=dict)
-    lasts: dict[TopicPartition, tuple[int, int]] = field(default_factory=dict)
-    #: the source records, to dead-letter an event that ClickHouse refuses
-    records: Sequence[Any] = ()
-    #: the stream watermark once this batch was windowed (None before any event)
-    watermark_ms: int | None = None
-
-    @property
-    def arrow(self) -> Any:
-        """The events as an Arrow table, what the writer inserts (None without events)."""
-        return self.event_cols.table if self.event_cols is not None else None
-
-
-@dataclass
-class _Pending:
-    """A fetched batch whose decode runs on the decode thread."""
-
-    records: list[Any]
-    offsets: dict[TopicPartition, int]
-    firsts: dict[TopicPartition, int]
-    lasts: dict[TopicPartition, tuple[int, int]]
-    #: ``Worker._rebalances`` when it was fetched
-    generation: int
-    decoded: Any  # asyncio future of the DecodedBatch, None for an empty batch
-    #: skipped record batches that could not be unpacked (see Worker._undecodable)
-    undecodable: list[Rejected] = field(default_factory=list)
-
-
 class Worker:
-    """Runs the pipeline against Kafka and ClickHouse. ``await run(stop)``; no faust needed."""
+    """Runs the pipeline against Kafka and ClickHouse. ``await run(stop)``; no faust needed.
+
+    The parts: :attr:`host` (the consumer group), the process step (:meth:`process`:
+    decode, enrich, columns, windows on :attr:`clock`), :attr:`write_step` (ClickHouse,
+    then :attr:`dlq`), and the stages fed after each write step.
+    """
 
     def __init__(self, config: WorkerConfig, metrics: WorkerMetrics | None = None,
                  sink: ClickHouseSink | None = None, stages: Sequence[Stage] = (), *,
@@ -289,46 +232,58 @@ class Worker:
         self.sink = sink or clickhouse_sink(config, self.metrics)
         self.prices = prices if prices is not None else load_prices(config)
         self.scanner: Any = scanner if scanner is not None else load_scanner(config)
-        self.windows = WindowAggregator(config.window)
         self.stages: list[Stage] = list(stages)
-        self.consumer: AIOKafkaConsumer | None = None
-        self.producer: AIOKafkaProducer | None = None
-        self._queue: asyncio.Queue[_Work | None] = asyncio.Queue(maxsize=4)
-        self._last_emit = 0.0
-        self._wall_at_watermark = time.monotonic()
-        self._assigned: set[TopicPartition] = set()
-        #: partitions whose assignment has been handled (stored offsets known)
-        self._ready: set[TopicPartition] = set()
-        #: first offset fetched (and dropped) from a partition before it was ready
-        self._rewind: dict[TopicPartition, int] = {}
-        self._skip_below: dict[TopicPartition, int] = {}
-        #: per partition: the offset, timestamp and fingerprint of the last record the
-        #: write log holds; the first fetch must find that same record there
-        self._verify: dict[TopicPartition, tuple[int, int, int]] = {}
-        #: per partition: the write-log epoch (bumped when the topic was recreated)
-        self._epoch: dict[TopicPartition, int] = {}
-        #: per partition: last offset of the write log (the rebuild reads rows up to it)
-        self._logged: dict[TopicPartition, int] = {}
-        #: per partition: (offset, event_id) stored by a write step that did not finish
-        self._torn: dict[TopicPartition, set[tuple[int, str]]] = {}
-        self._dlq_reader: AIOKafkaConsumer | None = None
-        self._dlq_parts: list[TopicPartition] = []
-        #: per DLQ partition: an offset at or below which every later send of this worker lands
-        self._dlq_hw: dict[int, int] = {}
-        self._stopping = False
-        #: counts revocations and assignments: a batch in flight across one is fetched again
-        self._rebalances = 0
-        self._pending: _Pending | None = None
+        #: the windows, closed and emitted on the wall clock (streams/stages/windows.py)
+        self.clock = WindowClock(config.window, idle_close_s=config.idle_close_s,
+                                 emit_interval_s=config.emit_interval_s, now=time.monotonic())
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="driftline-decode")
+        hooks = HostHooks(decode=self._decode, deliver=self._deliver, revoke=self._revoke, resume=self._resume,
+                          recreated=self._recreated, assigned=self._rebuild_windows)
+        #: the consumer group: fetch, poison, rebalances, commits (streams/ingest/kafka_host.py)
+        self.host = KafkaHost(config, hooks, self._decode_pool)
+        #: per partition: the write log's epoch, last offset, events of a step cut short
+        self.log = WriteLog()
+        #: the outbox -> DLQ topic path (streams/sinks/dlq.py)
+        self.dlq = DeadLetters(config.kafka, config.dlq_topic, self.metrics, security=config.kafka_security,
+                               keepalive=self.host.hold)
+        #: llm_events, dlq_outbox, llm_window_metrics, ingest_log; the DLQ; the safe offsets
+        self.write_step = WriteStep(self.sink, self.dlq, self.log, self.metrics, stages=self.stages,
+                                    redaction=config.redaction, on_safe=self.host.commit,
+                                    keepalive=self.host.hold, max_insert_rows=config.max_insert_rows,
+                                    min_insert_rows=config.min_insert_rows, insert_linger_s=config.insert_linger_s)
+        #: the highest watermark the write log recorded for the partitions being assigned
+        self._closed_below: int | None = None
+        self._stopping = False
         self.processed_records = 0
-        self.stored_events = 0
-        self.dead_lettered = 0
         self.started = asyncio.Event()
 
-    # ------------------------------------------------------------------ lifecycle
-    def _sink_error(self, what: str, exc: BaseException) -> None:
-        count_sink_error(self.metrics, what, exc)
+    # ------------------------------------------------------------------ what the parts hold
+    @property
+    def windows(self) -> WindowAggregator:
+        """The open windows (replaced on each rebalance)."""
+        return self.clock.windows
 
+    @property
+    def stored_events(self) -> int:
+        """Events stored in ``llm_events`` (the write step's count)."""
+        return self.write_step.stored_events
+
+    @property
+    def dead_lettered(self) -> int:
+        """Records the DLQ topic took (streams/sinks/dlq.py)."""
+        return self.dlq.dead_lettered
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer | None:
+        """The group's consumer (the host's; None before start and after stop)."""
+        return self.host.consumer
+
+    @property
+    def _ready(self) -> set[TopicPartition]:
+        """The partitions being fetched (their assignment handled)."""
+        return self.host.ready
+
+    # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         cfg = self.cfg
         if cfg.create_topics:
@@ -340,18 +295,8 @@ class Worker:
         if cfg.kafka_security.security_protocol != "PLAINTEXT":
             log.info("Kafka security: %s", cfg.kafka_security.describe())
             cfg.kafka_security.warn_cleartext(cfg.kafka)
-        self.producer = await _start_producer(cfg.kafka, cfg.kafka_security)
-        self._dlq_reader = AIOKafkaConsumer(bootstrap_servers=cfg.kafka, group_id=None,
-                                            enable_auto_commit=False, auto_offset_reset="earliest",
-                                            **cfg.kafka_security.aiokafka_kwargs())
-        await self._dlq_reader.start()
-        await self._dlq_reader.topics()
-        self._dlq_parts = [TopicPartition(cfg.dlq_topic, p)
-                           for p in sorted(self._dlq_reader.partitions_for_topic(cfg.dlq_topic) or {0})]
-        self._dlq_reader.assign(self._dlq_parts)
-        self._dlq_hw = await self._dlq_highwaters()
-        self.consumer = group_consumer(cfg, GroupListener(self._on_revoked, self._on_assigned))
-        await self.consumer.start()
+        await self.dlq.start()
+        await self.host.start()
         log.info("worker consuming %s from %s into %s (database %s)", ",".join(cfg.topics),
                  cfg.kafka, redact_url(cfg.clickhouse), self.sink.database)
 
@@ -364,7 +309,7 @@ class Worker:
             try:
                 return await asyncio.to_thread(fn, *args)
             except Exception as exc:  # noqa: BLE001 - ClickHouse down: wait for it
-                self._sink_error(f"{what.split(' ')[0]} (read)", exc)
+                count_sink_error(self.metrics, f"{what.split(' ')[0]} (read)", exc)
                 log.warning("ClickHouse %s failed (attempt %d), retrying in %.1fs: %s", what, attempt, delay,
                             redact_urls_in(str(exc)))
                 if self._stopping:
@@ -377,24 +322,39 @@ class Worker:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         # the consumer first: stopping it waits for a rebalance callback in flight, which
         # may be reading the DLQ (recovery) through the reader closed after it
-        if self.consumer is not None:
-            with contextlib.suppress(Exception):
-                await self.consumer.stop()
-            self.consumer = None
-        if self._dlq_reader is not None:
-            with contextlib.suppress(Exception):
-                await self._dlq_reader.stop()
-            self._dlq_reader = None
-        if self.producer is not None:
-            with contextlib.suppress(Exception):
-                await self.producer.stop()
-            self.producer = None
+        await self.host.stop()
+        await self.dlq.stop()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; then write what is in flight and commit it.
 
         ``stop`` also ends the start-up, which waits for ClickHouse as long as it takes
         (SIGINT/SIGTERM stopped nothing while ClickHouse was unreachable)."""
+        if not await self._started(stop):
+            return
+        writer = asyncio.create_task(self.write_step.run(), name="driftline-writer")
+        started: list[Stage] = []
+        try:
+            for st in self.stages:
+                await st.start(self.ports_for(st))
+                started.append(st)
+            # What start-up allocated (modules, model, price table, rules) lives as long as
+            # the worker: move it out of the collector's generations, so the full
+            # collections that each batch's garbage triggers do not walk it again
+            # (Instagram's gc.freeze pattern; the collector stays on for new objects).
+            gc.collect()
+            gc.freeze()
+            self.started.set()
+            while not stop.is_set():
+                await self.host.fetch()
+                if writer.done():
+                    writer.result()  # surfaces a writer bug; sink failures never get here
+            await self.host.finish()  # the batch still being decoded is written too
+        finally:
+            await self._shut_down(writer, started)
+
+    async def _started(self, stop: asyncio.Event) -> bool:
+        """Run :meth:`start` until it completes (True) or ``stop`` is set (False, stopped)."""
         starting = asyncio.create_task(self.start(), name="driftline-start")
         stopped = asyncio.create_task(stop.wait())
         try:
@@ -410,278 +370,40 @@ class Worker:
                 await starting
             log.info("stopped during start-up")
             await self.stop()
-            return
+            return False
         starting.result()
-        writer = asyncio.create_task(self._writer(), name="driftline-writer")
-        started: list[Stage] = []
-        try:
-            for st in self.stages:
-                await st.start(self.ports_for(st))
-                started.append(st)
-            # What start-up allocated (modules, model, price table, rules) lives as long as
-            # the worker: move it out of the collector's generations, so the full
-            # collections that each batch's garbage triggers do not walk it again
-            # (Instagram's gc.freeze pattern; the collector stays on for new objects).
-            gc.collect()
-            gc.freeze()
-            self.started.set()
-            while not stop.is_set():
-                await self._fetch_and_process()
-                if writer.done():
-                    writer.result()  # surfaces a writer bug; sink failures never get here
-            if self._pending is not None:  # the batch still being decoded is written too
-                pending, self._pending = self._pending, None
-                await self._complete(pending)
-        finally:
-            with contextlib.suppress(Exception):
-                # windows still open are stored as partial rows: visible, and rebuilt on restart
-                await self._queue.put(_Work(None, self.windows.partial(), [], {}))
-            await self._queue.put(None)
-            with contextlib.suppress(Exception):
-                await writer
-            for st in reversed(started):
-                try:
-                    await st.stop()
-                except Exception:  # noqa: BLE001 - stopping one stage never blocks the rest
-                    log.exception("stage %s failed to stop", st.name)
-            await self.stop()
+        return True
+
+    async def _shut_down(self, writer: asyncio.Task[None], started: list[Stage]) -> None:
+        """Write the open windows and what is queued, stop the stages (in reverse), then the clients."""
+        with contextlib.suppress(Exception):
+            # windows still open are stored as partial rows: visible, and rebuilt on restart
+            await self.write_step.queue.put(Work(None, self.windows.partial(), [], {}))
+        await self.write_step.queue.put(None)
+        with contextlib.suppress(Exception):
+            await writer
+        for st in reversed(started):
+            try:
+                await st.stop()
+            except Exception:  # noqa: BLE001 - stopping one stage never blocks the rest
+                log.exception("stage %s failed to stop", st.name)
+        await self.stop()
 
     def ports_for(self, stage: Stage) -> StagePorts:
         """What ``stage`` is given at start: a writer for its own tables, the metrics,
         a read-only view of the open windows, the Kafka and control settings."""
         cfg = self.cfg
         return StagePorts(tables=TableWriter(self.sink, stage.tables), metrics=self.metrics,
-                          windows=WindowView(lambda: self.windows, self._cut_off),
+                          windows=WindowView(lambda: self.windows, self.host.cut_off),
                           kafka=KafkaPort(cfg.kafka, cfg.kafka_security),
                           control=ControlAuth(cfg.control_secret, cfg.control_max_age_s),
                           redaction=cfg.redaction)
 
     def request_flush(self) -> None:
         """Write the open windows as partial rows with the next batch."""
-        self._last_emit = 0.0
+        self.clock.request_flush()
 
-    # ------------------------------------------------------------------ fetch + process
-    async def _fetch_and_process(self) -> None:
-        """Fetch a batch and start decoding it on the decode thread, then finish the
-        batch fetched before (windows, queue for the writer).
-
-        Decoding is mostly Arrow's JSON reader, which runs without the GIL, so it
-        overlaps with the next ``getmany`` (aiokafka's per-record work, on this
-        thread). A batch that was in flight while partitions were revoked or
-        assigned is dropped, with every batch after it, and fetched again from
-        its first offsets: it is never added to the windows of a new assignment.
-        """
-        assert self.consumer is not None
-        # with a batch in flight, take only what is already fetched: when traffic stops,
-        # that batch is finished at once rather than after a fetch timeout
-        busy = self._pending is not None and bool(self._pending.records)
-        before = self._positions()
-        bad: dict[TopicPartition, tuple[int, int, str]] = {}
-        try:
-            data = await self.consumer.getmany(timeout_ms=0 if busy else self.cfg.fetch_timeout_ms,
-                                               max_records=self.cfg.max_batch)
-        except Exception as exc:  # noqa: BLE001 - only a batch aiokafka cannot unpack; anything else re-raised
-            if not _unpacking(exc):
-                raise
-            data, bad = await self._undecodable(exc, before)
-        records: list[Any] = []
-        offsets: dict[TopicPartition, int] = {}
-        firsts: dict[TopicPartition, int] = {}
-        lasts: dict[TopicPartition, tuple[int, int]] = {}
-        for tp, recs in data.items():
-            if not recs:
-                continue
-            if tp not in self._ready:
-                # fetched while the assignment is still being handled (aiokafka fetches as
-                # soon as it is assigned): drop them, _on_assigned seeks back to them
-                first = recs[0].offset
-                self._rewind[tp] = min(first, self._rewind.get(tp, first))
-                continue
-            if tp in self._verify and not self._same_topic(tp, recs[0]):
-                continue  # recreated: fetched again from its beginning
-            last = recs[-1]
-            floor = self._skip_below.get(tp)
-            if floor is not None:
-                recs = [r for r in recs if r.offset >= floor]
-            if recs:
-                firsts[tp] = recs[0].offset
-                lasts[tp] = (int(last.timestamp), _fingerprint(last))
-            records.extend(recs)
-            offsets[tp] = data[tp][-1].offset + 1
-        rejected: list[Rejected] = []
-        for tp, (first, last_off, reason) in bad.items():
-            # the skipped batch is logged and dead-lettered by the write step like any rejected record
-            rejected.append(Rejected(tp.topic, tp.partition, first, None, b"", reason))
-            firsts.setdefault(tp, first)
-            lasts[tp] = (0, 0)  # no record to fingerprint: a restart finds it undecodable again
-            offsets[tp] = last_off + 1
-        fut: Any = None
-        if records:
-            fut = asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode, records)
-        prev, self._pending = self._pending, _Pending(records, offsets, firsts, lasts, self._rebalances, fut,
-                                                      rejected)
-        if prev is not None:
-            await self._complete(prev)
-
-    def _positions(self) -> dict[TopicPartition, int]:
-        """The fetch position of each assigned partition (aiokafka's assignment state, read
-        without awaiting): where to seek back when a fetch cannot be unpacked."""
-        assert self.consumer is not None
-        out: dict[TopicPartition, int] = {}
-        sub = self.consumer._subscription.subscription
-        if sub is None or sub.assignment is None:
-            return out
-        for tp in sub.assignment.tps:
-            st = sub.assignment.state_value(tp)
-            if st is not None and st.has_valid_position:
-                out[tp] = st.position
-        return out
-
-    async def _undecodable(self, exc: BaseException, before: dict[TopicPartition, int]
-                           ) -> tuple[dict[TopicPartition, list[Any]], dict[TopicPartition, tuple[int, int, str]]]:
-        """A fetch raised while aiokafka unpacked a record batch (codec library missing,
-        corrupt compressed data, bad CRC), naming no partition. Each ready partition is
-        read again from where the fetch began, one record at a time: its good records
-        come back as a batch, and a batch that raises is skipped whole (its base offset
-        to its last offset, from aiokafka's batch header; one offset when that is not
-        known), returned as (first, last, reason) for the dead-letter topic.
-        Skipped offsets at or below the write log are not returned again."""
-        c = self.consumer
-        assert c is not None
-        log.warning("a fetched record batch cannot be unpacked (%s: %s): reading each partition alone",
-                    type(exc).__name__, exc)
-        for tp, off in before.items():
-            c.seek(tp, off)  # records of other partitions drained by the failed fetch are lost otherwise
-        data: dict[TopicPartition, list[Any]] = {}
-        bad: dict[TopicPartition, tuple[int, int, str]] = {}
-        for tp in sorted(self._ready & set(before), key=lambda t: (t.topic, t.partition)):
-            recs: list[Any] = []
-            while len(recs) < self.cfg.max_batch:
-                try:
-                    got = await c.getmany(tp, timeout_ms=0 if recs else self.cfg.fetch_timeout_ms, max_records=1)
-                except Exception as err:  # noqa: BLE001 - as in _fetch_and_process
-                    if not _unpacking(err):
-                        raise
-                    pos = self._positions().get(tp, before[tp])  # the failed call did not move it
-                    end = _failed_batch_end(err, pos)
-                    c.seek(tp, end + 1)  # past the batch: never fetched again by this worker
-                    self._verify.pop(tp, None)  # the logged record cannot be read to be checked
-                    first = max(pos, self._skip_below.get(tp, pos))
-                    why = str(err)
-                    if not why.startswith(type(err).__name__):  # aiokafka's errors name themselves
-                        why = f"{type(err).__name__}: {why}"
-                    if first <= end:
-                        bad[tp] = (first, end, f"undecodable record batch (offsets {pos} to {end}): {why}")
-                    log.warning("%s[%d]: skipping the undecodable record batch at offsets %d to %d: %s",
-                                tp.topic, tp.partition, pos, end, why)
-                    break
-                if not got.get(tp):
-                    break
-                recs += got[tp]
-            if recs:
-                data[tp] = recs
-        return data, bad
-
-    async def _complete(self, p: _Pending) -> None:
-        decoded = await p.decoded if p.decoded is not None else None
-        if p.generation != self._rebalances:
-            self._refetch(p)
-            return
-        work = self.process(p.records, p.offsets, decoded)
-        work.firsts, work.lasts, work.records = p.firsts, p.lasts, p.records
-        if p.undecodable:
-            work.rejected = [*work.rejected, *p.undecodable]
-            self.metrics.observe_dlq("undecodable_batch", len(p.undecodable))
-        t = time.monotonic()
-        await self._queue.put(work)
-        if time.monotonic() - t > 1.0:
-            self._wall_at_watermark = time.monotonic()  # held up by the writer: not idleness
-
-    def _same_topic(self, tp: TopicPartition, rec: Any) -> bool:
-        """The first record fetched after an assignment, checked against the write log.
-
-        The worker seeks to the last logged offset; the record there must be the one it
-        logged (same Kafka timestamp and fingerprint). An earlier offset, or a different
-        record, means the topic was recreated (or the in-memory broker restarted): the
-        stored offsets belong to the old topic, so the new one is read from its
-        beginning under a new epoch, not skipped into. A later offset means retention
-        deleted the logged record: the topic is the same.
-        """
-        off, ts, fp = self._verify.pop(tp)
-        if rec.offset > off or (rec.offset == off and _same_record(rec, ts, fp)):
-            return True
-        self._recreated(tp, f"its offsets start at {rec.offset}, below the stored {off}" if rec.offset < off
-                        else f"the record at stored offset {off} is another record")
-        assert self.consumer is not None
-        self.consumer.seek(tp, 0)  # out of range (retention) resets to the earliest offset
-        return False
-
-    async def _probe(self, marks: dict[TopicPartition, tuple[int, int, int]]) -> dict[TopicPartition, str]:
-        """Read the record at each logged offset with a consumer of no group; returns the
-        partitions that are not the logged topic, with why. Undecided after 5 s (Kafka
-        slow or down): left to the check of the first fetched record."""
-        if not marks:
-            return {}
-        out: dict[TopicPartition, str] = {}
-        c = AIOKafkaConsumer(bootstrap_servers=self.cfg.kafka, group_id=None, enable_auto_commit=False,
-                             auto_offset_reset="earliest", **self.cfg.kafka_security.aiokafka_kwargs())
-        try:
-            await c.start()
-            c.assign(list(marks))
-            for tp, (off, _, _) in marks.items():
-                c.seek(tp, off)
-            pending = set(marks)
-            deadline = time.monotonic() + 5.0
-            while pending and time.monotonic() < deadline:
-                data = await c.getmany(*pending, timeout_ms=500, max_records=len(pending))
-                for tp in list(pending):
-                    off, ts, fp = marks[tp]
-                    recs = data.get(tp)
-                    hw = c.highwater(tp)
-                    if recs:
-                        r = recs[0]
-                        pending.discard(tp)
-                        if r.offset < off:
-                            out[tp] = f"its offsets restart at {r.offset}, below the stored {off}"
-                        elif r.offset == off and not _same_record(r, ts, fp):
-                            out[tp] = f"the record at stored offset {off} is another record"
-                    elif hw is not None and hw <= off:
-                        pending.discard(tp)
-                        out[tp] = f"it ends at offset {hw}, at or before the stored {off}"
-        except Exception as exc:  # noqa: BLE001 - the first fetched record is checked anyway
-            log.warning("checking the stored offsets against the topic failed (%s): checking on fetch", exc)
-        finally:
-            with contextlib.suppress(Exception):
-                await c.stop()
-        return out
-
-    def _recreated(self, tp: TopicPartition, why: str) -> None:
-        """``tp`` is not the topic whose offsets are stored: forget them, new epoch."""
-        log.warning("%s[%d] is not the topic whose offsets are stored (%s): it was recreated or the "
-                    "broker lost its data; reading it from its beginning (epoch %d)", tp.topic, tp.partition,
-                    why, self._epoch.get(tp, 0) + 1)
-        self.metrics.sink_errors["topic_recreated"] += 1
-        self._epoch[tp] = self._epoch.get(tp, 0) + 1
-        self._verify.pop(tp, None)
-        self._skip_below.pop(tp, None)
-        self._torn.pop(tp, None)
-        self._logged.pop(tp, None)
-
-    def _refetch(self, stale: _Pending) -> None:
-        """Drop ``stale`` and the batch fetched after it; seek their partitions back."""
-        back = dict(stale.firsts)
-        nxt, self._pending = self._pending, None
-        if nxt is not None:
-            if nxt.decoded is not None:
-                nxt.decoded.cancel()
-            for tp, off in nxt.firsts.items():
-                back[tp] = min(off, back.get(tp, off))
-        assert self.consumer is not None
-        for tp, off in back.items():
-            if tp in self._ready:
-                self.consumer.seek(tp, off)
-        log.info("rebalance while %d records were in flight: fetching them again", len(stale.records))
-
+    # ------------------------------------------------------------------ process
     def _decode(self, records: Sequence[Any]) -> DecodedBatch:
         """decode_batch with the wall clock for the event-time bounds (the scan needs
         event objects, so it turns the columnar path off)."""
@@ -689,8 +411,21 @@ class Worker:
         return decode_batch(records, fast=self.scanner is None, now_ms=int(time.time() * 1000),
                             max_event_age_s=cfg.max_event_age_s, max_clock_skew_s=cfg.max_clock_skew_s)
 
+    async def _deliver(self, p: InFlight, decoded: DecodedBatch | None) -> None:
+        """A fetched batch of the current generation: process it, queue it for the writer
+        (waiting while the queue is full: backpressure)."""
+        work = self.process(p.records, p.offsets, decoded)
+        work.firsts, work.lasts, work.records = p.firsts, p.lasts, p.records
+        if p.undecodable:
+            work.rejected = [*work.rejected, *p.undecodable]
+            self.metrics.observe_dlq("undecodable_batch", len(p.undecodable))
+        t = time.monotonic()
+        await self.write_step.queue.put(work)
+        if time.monotonic() - t > 1.0:
+            self.clock.not_idle(time.monotonic())  # held up by the writer: not idleness
+
     def process(self, records: Sequence[Any], offsets: dict[TopicPartition, int],
-                decoded: DecodedBatch | None = None) -> _Work:
+                decoded: DecodedBatch | None = None) -> Work:
         """Decode, enrich and window one batch (CPU only; no I/O).
 
         The cyclic garbage collector is held off while a batch is built: the batch
@@ -709,7 +444,7 @@ class Worker:
                 gc.collect(0)
 
     def _process(self, records: Sequence[Any], offsets: dict[TopicPartition, int],
-                 decoded: DecodedBatch | None) -> _Work:
+                 decoded: DecodedBatch | None) -> Work:
         now = time.monotonic()
         wall_ms = int(time.time() * 1000)  # per-partition watermarks: idleness, upper bound
         m = self.metrics
@@ -719,680 +454,67 @@ class Worker:
         if decoded.n_events:
             enriched = enrich(decoded, self.prices, self.scanner)
             event_cols, wcols = to_columns(enriched)
-            self.windows.add(wcols, wall_ms=wall_ms)
+            self.clock.add(wcols, wall_ms=wall_ms, now=now)
             m.observe_late(self.windows.last_late)
             m.observe_batch(wcols)
-            self._wall_at_watermark = now
         for r in decoded.rejected:
             m.observe_dlq(r.reason_class)
         m.skipped_spans += decoded.skipped_spans
         m.batches += 1
         m.records += len(records)
         self.processed_records += len(records)
-        # idleness only while records flow: an empty fetch (quiet, or Kafka cut off) says
-        # nothing about one partition's backlog
-        windows = self.windows.advance(wall_ms=wall_ms if records else None)
+        # closed windows, the idle close on the wall clock, partial rows every emit interval
+        windows = self.clock.advance(now=now, wall_ms=wall_ms, records=bool(records), cut_off=self.host.cut_off)
         m.observe_evicted("window_keys", self.windows.pop_evicted())
-        wm = self.windows.watermark_ms
-        if not records and self._cut_off():
-            # paused on a ClickHouse outage, or Kafka not answering: that is not idle traffic,
-            # and event time must not follow wall time through it (the records held back in
-            # Kafka would all be late). tests/integration/test_faults.py catches this.
-            self._wall_at_watermark = now
-        if not records and wm is not None and now - self._wall_at_watermark > self.cfg.idle_close_s:
-            # no traffic: let event time follow wall time so the last windows close
-            windows += self.windows.advance(wm + int((now - self._wall_at_watermark) * 1000))
-            self._wall_at_watermark = now
-        if now - self._last_emit >= self.cfg.emit_interval_s:
-            self._last_emit = now
-            closed = {(w.key, w.window_start_ms) for w in windows}
-            windows += [w for w in self.windows.partial() if (w.key, w.window_start_ms) not in closed]
-        return _Work(event_cols, windows, decoded.rejected, offsets, watermark_ms=self.windows.watermark_ms)
+        return Work(event_cols, windows, decoded.rejected, offsets, watermark_ms=self.windows.watermark_ms)
 
-    def _cut_off(self) -> bool:
-        """True while the group's fetches say nothing about traffic (kafka_host.cut_off)."""
-        return cut_off(self.consumer)
-
-    # ------------------------------------------------------------------ write + commit
-    async def _keepalive(self) -> None:
-        """While ClickHouse is down: keep the group membership, fetch nothing more."""
-        await hold(self.consumer)
-
-    async def _writer(self) -> None:
-        queue = self._queue
-        cfg = self.cfg
-        while True:
-            work = await queue.get()
-            if work is None:
-                queue.task_done()
-                return
-            # coalesce what queues up meanwhile, lingering briefly for a small insert:
-            # fewer, larger inserts (fewer parts to merge)
-            batch = [work]
-            n = work.arrow.num_rows if work.arrow is not None else 0
-            done = False
-            deadline = time.monotonic() + cfg.insert_linger_s
-            while n < cfg.max_insert_rows:
-                if queue.empty():
-                    left = deadline - time.monotonic()
-                    if n >= cfg.min_insert_rows or left <= 0:
-                        break
-                    try:
-                        nxt = await asyncio.wait_for(queue.get(), left)
-                    except TimeoutError:
-                        break
-                else:
-                    nxt = queue.get_nowait()
-                if nxt is None:
-                    done = True
-                    break
-                batch.append(nxt)
-                n += nxt.arrow.num_rows if nxt.arrow is not None else 0
-            await self._write(batch)
-            for _ in range(len(batch) + done):
-                queue.task_done()
-            if done:
-                return
-
-    async def _write(self, batch: list[_Work]) -> None:
-        """One write step: llm_events, dlq_outbox, llm_window_metrics, then ingest_log
-        (last: its rows say the step is complete), then the stages, the DLQ sends and
-        the offset commit. Every insert carries a deduplication token derived from the
-        step's source offsets, so a retry stores nothing twice."""
-        sink = self.sink
-        marks = _merge_marks(batch)
-        token = _batch_token(marks, self._epoch)
-        rejected = [r for work in batch for r in work.rejected]
-        tables = [w.arrow for w in batch if w.arrow is not None]
-        if tables:
-            built: list[Any] = []
-            torn = {tp: s for tp, s in self._torn.items() if tp in marks}
-            red = self.cfg.redaction
-
-            def build() -> Any:
-                t = _concat_arrow(tables)
-                if torn:  # a write step that did not finish stored these already
-                    t = _drop_stored(t, torn)
-                if red.active:  # --redact: on the ClickHouse thread; the stages keep the original texts
-                    t = redact_events(t, red)
-                built.append(t)
-                return t
-
-            refused: list[tuple[list[int], str]] = []
-            await sink.insert_arrow("llm_events", build, self._keepalive, token=f"{token}-events", ingest=True,
-                                    on_rejected=lambda rows, msg: refused.append((rows, msg)))
-            n = built[0].num_rows if built else 0
-            if refused:
-                rejected += _refused_records(built[0], refused, batch)
-                n -= sum(len(rows) for rows, _ in refused)
-            self.stored_events += n
-        if rejected and self.cfg.redaction.active:  # the DLQ copies (table and topic) redacted too
-            rejected = [redact_rejected(r, self.cfg.redaction) for r in rejected]
-        outbox = _outbox_rows(rejected, self._epoch) if rejected else []
-        if outbox:
-            await sink.insert_rows("dlq_outbox", outbox, OUTBOX_COLUMNS, self._keepalive, token=f"{token}-dlq",
-                                   ingest=True)
-        windows = [w for work in batch for w in work.windows]
-        if windows:
-            stamp = time.time_ns() // 1000  # DateTime64(6) ticks
-            rows = []
-            for i, w in enumerate(windows):
-                r = w.row()
-                r["updated_at"] = stamp + i  # strictly increasing versions, in stream order
-                rows.append(r)
-            await sink.insert_rows("llm_window_metrics", rows, WINDOW_COLUMNS, self._keepalive,
-                                   token=f"{token}-windows", ingest=True)
-        if marks:
-            dlq_start = self._dlq_ends() if outbox else ""
-            wm = max((w.watermark_ms for w in batch if w.watermark_ms is not None), default=0)
-            log_rows = [{"source_topic": tp.topic, "source_partition": tp.partition,
-                         "epoch": self._epoch.get(tp, 0), "first_offset": first, "last_offset": last,
-                         "last_timestamp": ts, "last_fingerprint": fp, "dlq_start": dlq_start,
-                         "written_at": _now(), "watermark_ms": wm}
-                        for tp, (first, last, ts, fp) in marks.items()]
-            await sink.insert_rows("ingest_log", log_rows, LOG_COLUMNS, self._keepalive, token=f"{token}-log",
-                                   ingest=True)
-            for tp, (_, last, _, _) in marks.items():
-                self._logged[tp] = last
-                t = self._torn.get(tp)
-                if t is not None and max(o for o, _ in t) <= last:
-                    del self._torn[tp]
-        if self.stages:
-            for work in batch:
-                if not (work.event_cols or work.windows or work.rejected):
-                    continue
-                stored = StoredBatch(work.event_cols, work.windows, work.rejected)
-                for st in self.stages:
-                    try:
-                        st.on_stored(stored)
-                    except Exception:  # noqa: BLE001 - a stage never breaks the stream
-                        self.metrics.stage_errors[st.name] += 1
-                        log.exception("stage %s failed on a batch", st.name)
-        if outbox:
-            await self._dead_letter(outbox)
-        offsets: dict[TopicPartition, int] = {}
-        for work in batch:
-            offsets.update(work.offsets)  # later batches carry later offsets
-        await commit_confirmed(self.consumer, offsets)
-
-    async def _dlq_highwaters(self) -> dict[int, int]:
-        """The DLQ partitions' high watermarks, from a fetch response (Tansu's ListOffsets
-        is wrong, its fetch high watermark right); {} when Kafka does not answer in 5 s."""
-        reader = self._dlq_reader
-        assert reader is not None
-        for tp in self._dlq_parts:
-            reader.seek(tp, 0)
-        out: dict[int, int] = {}
-        deadline = time.monotonic() + 5.0
-        with contextlib.suppress(Exception):
-            while len(out) < len(self._dlq_parts) and time.monotonic() < deadline:
-                await reader.getmany(*self._dlq_parts, timeout_ms=500, max_records=1)
-                for tp in self._dlq_parts:
-                    hw = reader.highwater(tp)
-                    if hw is not None:
-                        out[tp.partition] = int(hw)
-        return out
-
-    def _dlq_ends(self) -> str:
-        """Where this step's DLQ sends will land at the earliest (JSON, per DLQ partition):
-        the end of the DLQ at start, then past this worker's last send; recovery reads
-        the DLQ from here. '' (read from the beginning) when unknown."""
-        if len(self._dlq_hw) < len(self._dlq_parts):
-            return ""
-        return json.dumps({str(p): o for p, o in self._dlq_hw.items()})
-
-    async def _dead_letter(self, outbox: list[dict[str, Any]]) -> None:
-        """Send outbox rows to the DLQ; retried (with the consumer kept alive) until
-        Kafka takes each one: never raises, so a Kafka outage only pauses the writer.
-
-        Only the sends that failed are retried (a send queued before a failing one is
-        delivered once, not resent). A record Kafka refuses for itself (larger than the
-        DLQ topic or the producer takes, say) is never retried as it is: it is sent as a
-        stub instead, its value left out and its length and SHA-256 in headers (the
-        whole value stays in the ``dlq_outbox`` table)."""
-        delay = 0.2
-        pending = list(outbox)
-        while pending:
-            failed: list[dict[str, Any]] = []
-            sent: list[tuple[dict[str, Any], Any]] = []
-            for r in pending:
-                try:
-                    if self.producer is None:
-                        raise RuntimeError("the DLQ producer is closed")
-                    sent.append((r, await self.producer.send(self.cfg.dlq_topic, r["value"], key=r["key"],
-                                                             headers=_dlq_headers(r))))
-                except Exception as exc:  # noqa: BLE001 - classified below; never raised
-                    sent.append((r, exc))
-            for r, fut in sent:
-                res: Any = fut
-                if not isinstance(fut, BaseException):
-                    try:
-                        res = await fut
-                    except Exception as exc:  # noqa: BLE001 - classified below
-                        res = exc
-                if not isinstance(res, BaseException):
-                    if res is not None:
-                        self._dlq_hw[res.partition] = max(self._dlq_hw.get(res.partition, 0), int(res.offset) + 1)
-                    self.dead_lettered += 1
-                elif isinstance(res, _REFUSED_RECORD) and not r.get("stub"):
-                    log.error("the DLQ refused the rejected record %s[%s]@%s (%s: %s): sending a stub without "
-                              "its value", r["source_topic"], r["source_partition"], r["source_offset"],
-                              type(res).__name__, res)
-                    failed.append(_dlq_stub(r))
-                elif isinstance(res, _REFUSED_RECORD):
-                    log.error("the DLQ refused even the stub of %s[%s]@%s (%s); it stays in dlq_outbox only",
-                              r["source_topic"], r["source_partition"], r["source_offset"], res)
-                    self.metrics.sink_errors["dlq"] += 1
-                else:
-                    failed.append(r)
-            if failed and any(not r.get("stub") or r.get("retry") for r in failed):
-                log.warning("dead-letter send failed for %d records, retrying in %.1fs", len(failed), delay)
-                end = time.monotonic() + delay
-                while time.monotonic() < end:
-                    await self._keepalive()
-                    await asyncio.sleep(min(0.5, max(0.0, end - time.monotonic())))
-                delay = min(10.0, delay * 2)
-            for r in failed:
-                if r.get("stub"):
-                    r["retry"] = True
-            pending = failed
-
-    async def _dlq_held(self, dlq_start: str) -> set[tuple[str, int, int, int]]:
-        """(source topic, partition, offset, index) of every DLQ record from ``dlq_start``
-        (JSON end offsets; '' = the beginning) to the current end."""
-        reader = self._dlq_reader
-        assert reader is not None
-        start = json.loads(dlq_start) if dlq_start else {}
-        held: set[tuple[str, int, int, int]] = set()
-        todo = set(self._dlq_parts)
-        for tp in todo:
-            reader.seek(tp, int(start.get(str(tp.partition), 0)))
-        deadline = time.monotonic() + 120.0
-        while todo:
-            if time.monotonic() > deadline:
-                raise TimeoutError("reading the DLQ took over 120 s")
-            data = await reader.getmany(*todo, timeout_ms=500)
-            for recs in data.values():
-                for r in recs:
-                    h = dict(r.headers or ())
-                    try:
-                        held.add((h["driftline-source-topic"].decode(), int(h["driftline-source-partition"]),
-                                  int(h["driftline-source-offset"]), int(h.get("driftline-source-index", b"0"))))
-                    except (KeyError, ValueError):
-                        pass
-            for tp in list(todo):  # read up to the high watermark of the latest fetch response
-                hw = reader.highwater(tp)
-                if hw is not None and await reader.position(tp) >= hw:
-                    todo.discard(tp)
-        return held
-
-    async def _recover_dlq(self, tp: TopicPartition, epoch: int, first: int, last: int, dlq_start: str) -> None:
-        """Send the rejected records of the last logged write step that the DLQ does not
-        hold yet (the worker died between the write log and the sends)."""
-        rows = await self._ch_retry("reading the DLQ outbox", self.sink.outbox, tp.topic, tp.partition,
-                                    epoch, first, last)
-        if not rows:
-            return
-        while True:
-            if self._stopping or self._dlq_reader is None:
-                # the outbox keeps the rows: the next owner of the partition recovers them
-                log.info("stopping: DLQ recovery of %s[%d] left to the next owner", tp.topic, tp.partition)
-                return
-            try:
-                held = await self._dlq_held(dlq_start)
-                break
-            except Exception as exc:  # noqa: BLE001 - Kafka down: wait for it
-                log.warning("reading the DLQ to recover %s[%d] failed, retrying: %r", tp.topic, tp.partition, exc,
-                            exc_info=True)
-                await asyncio.sleep(1.0)
-        missing = [{"source_topic": tp.topic, "source_partition": tp.partition, "epoch": epoch,
-                    "source_offset": int(o), "idx": int(i), "key": k, "value": v,
-                    "reason": reason.decode(errors="replace"), "field": field_.decode(errors="replace"),
-                    "written_at": _now()}
-                   for o, i, k, v, reason, field_ in rows if (tp.topic, tp.partition, int(o), int(i)) not in held]
-        if missing:
-            log.warning("%s[%d]: %d rejected records of the last write step are not in the DLQ yet: sending them",
-                        tp.topic, tp.partition, len(missing))
-            await self._dead_letter(missing)
-
-    # ------------------------------------------------------------------ rebalance
-    async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
-        if not revoked:
-            return
-        self._rebalances += 1
-        # Keep what is open visible; the next owner rebuilds it from the stored rows.
-        partial = self.windows.partial()
+    # ------------------------------------------------------------------ rebalance (the host's hooks)
+    async def _revoke(self) -> None:
+        """Partitions go: keep what is open visible, then let the queued writes land."""
+        partial = self.clock.reset()
         if partial:
             # visibility only (the next owner rebuilds the open windows from stored rows):
             # dropped when the queue is full, so a ClickHouse outage cannot hold the
             # callback past the group's rebalance timeout here
             with contextlib.suppress(asyncio.QueueFull):
-                self._queue.put_nowait(_Work(None, partial, [], {}))
-        self.windows = WindowAggregator(self.cfg.window)
+                self.write_step.queue.put_nowait(Work(None, partial, [], {}))
         # Everything processed so far is written (and committed) before the group moves
         # on: the next owner of a partition reads its stored offsets after this returns,
         # so it skips what this worker stored instead of storing it again.
-        try:
-            await asyncio.wait_for(self._queue.join(), self.cfg.revoke_drain_s)
-        except TimeoutError:
+        if not await self.write_step.drain(self.cfg.revoke_drain_s):
             log.warning("revoked with writes still pending after %.0f s (ClickHouse slow or down); "
                         "the next owner may store some events again (FINAL collapses them)",
                         self.cfg.revoke_drain_s)
-        self._assigned -= set(revoked)
-        self._ready -= set(revoked)
 
-    async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
-        """Resume each partition after its write log, checking that it is the same topic.
-
-        ClickHouse reads here are retried until they succeed (a partition is only made
-        ready, and fetched, once its stored offsets are known); the consumer keeps
-        its membership meanwhile (heartbeats run on their own task).
-        """
-        if not assigned:
-            return
-        self._rebalances += 1
+    async def _resume(self, assigned: list[TopicPartition]) -> dict[TopicPartition, LogMark]:
+        """Partitions come: where each resumes, from the write log (retried until read)."""
         # this worker's own queued write steps land before the write log is read: a
         # partition it keeps (or gets back) would otherwise be fetched again from a stale
         # log and its records stored twice (bounded like the revoke drain)
-        try:
-            await asyncio.wait_for(self._queue.join(), self.cfg.revoke_drain_s)
-        except TimeoutError:
+        if not await self.write_step.drain(self.cfg.revoke_drain_s):
             log.warning("assigned with writes still pending after %.0f s (ClickHouse slow or down)",
                         self.cfg.revoke_drain_s)
-        self._assigned |= set(assigned)
-        assert self.consumer is not None
-        by_topic: dict[str, list[int]] = {}
-        for tp in assigned:
-            by_topic.setdefault(tp.topic, []).append(tp.partition)
-        seek_to: dict[TopicPartition, int] = {}
-        #: the highest watermark the write log recorded for these partitions: the windows
-        #: that closed below it were written final and are not reopened
-        closed_below: int | None = None
-        for topic, parts in by_topic.items():
-            marks = await self._ch_retry("reading the write log", self.sink.ingest_marks, topic, parts)
-            for p in parts:
-                tp = TopicPartition(topic, p)
-                self._torn.pop(tp, None)
-                self._verify.pop(tp, None)
-                self._logged.pop(tp, None)
-                if p in marks:
-                    epoch, first, last, ts, fp, dlq_start, wm = marks[p]
-                    if int(wm) > 0:
-                        closed_below = max(closed_below or 0, int(wm))
-                    self._epoch[tp] = int(epoch)
-                    self._logged[tp] = int(last)
-                    self._skip_below[tp] = int(last) + 1
-                    self._verify[tp] = (int(last), int(ts), int(fp))
-                    seek_to[tp] = int(last)  # read the logged record again: is it the same topic?
-                    torn = await self._ch_retry("reading stored events", self.sink.stored_after, topic, p, int(last))
-                    if torn:
-                        self._torn[tp] = torn
-                        log.info("%s[%d]: %d events past the write log (a write step cut short) will not be "
-                                 "stored again", topic, p, len(torn))
-                    await self._recover_dlq(tp, int(epoch), int(first), int(last), str(dlq_start))
-                else:
-                    # nothing logged: read from the committed offset (or the beginning); a
-                    # first write step cut short may have stored events, not stored again
-                    self._skip_below.pop(tp, None)
-                    torn = await self._ch_retry("reading stored events", self.sink.stored_after, topic, p, -1)
-                    if torn:
-                        self._torn[tp] = torn
-                        log.info("%s[%d]: %d events of a first write step cut short will not be stored again",
-                                 topic, p, len(torn))
-        # the record at each logged offset, read before fetching starts: a topic that ends
-        # at or before it is not the logged topic (Tansu answers a fetch past the end
-        # with nothing, not "out of range"; its ListOffsets is wrong, its high watermark right)
-        fresh: set[TopicPartition] = set()
-        for tp, why in (await self._probe({tp: self._verify[tp] for tp in assigned if tp in self._verify})).items():
-            self._recreated(tp, why)
-            seek_to[tp] = 0
-            fresh.add(tp)
-        # no await from here on: records fetched before this point were dropped (see
-        # _fetch_and_process); fetching resumes at them, or at the logged record
-        for tp in assigned:
-            rewind = self._rewind.pop(tp, None)
-            target = seek_to.get(tp)
-            if target is None:
-                target = rewind
-            elif rewind is not None and tp not in self._verify and tp not in fresh:
-                target = max(rewind, target)
-            if target is not None:
-                self.consumer.seek(tp, target)
-        self._ready |= set(assigned)
-        # rebuild open windows of every assigned partition from the rows of finished write steps
-        self.windows = WindowAggregator(self.cfg.window)
+        marks, self._closed_below = await self.write_step.resume(assigned, self._ch_retry, lambda: self._stopping)
+        return marks
+
+    def _recreated(self, tp: TopicPartition, why: str) -> None:
+        """``tp`` is not the topic whose offsets are stored: forget them, new epoch."""
+        epoch = self.log.epoch.get(tp, 0) + 1
+        log.warning("%s[%d] is not the topic whose offsets are stored (%s): it was recreated or the "
+                    "broker lost its data; reading it from its beginning (epoch %d)", tp.topic, tp.partition,
+                    why, epoch)
+        self.metrics.sink_errors["topic_recreated"] += 1
+        self.log.epoch[tp] = epoch
+        self.log.forget(tp)
+
+    async def _rebuild_windows(self, assigned: list[TopicPartition]) -> None:
+        """Rebuild the open windows of every assigned partition from the rows of finished write steps."""
+        self.clock.windows = WindowAggregator(self.cfg.window)
         wall_ms = int(time.time() * 1000)
-        bounds = dict(self._logged)
-        cols = await self._ch_retry("rebuilding windows", self.sink.call, lambda c: _recent_rows(
-            c, self.sink.database, sorted(self._assigned), self.cfg.window, wall_ms, bounds))
-        if closed_below is not None:
-            self.windows.watermark_ms = closed_below
-            if cols is not None:
-                cols = _open_at(cols, self.cfg.window, closed_below)
-        if cols is not None and len(cols):
-            self.windows.add(cols, wall_ms=wall_ms)
-            self.windows.advance(wall_ms=wall_ms)
-            self._wall_at_watermark = time.monotonic()
-            log.info("rebuilt %d open windows from %d stored events", self.windows.open_windows, len(cols))
-
-
-
-async def _start_producer(kafka: str, security: KafkaSecurity | None = None) -> AIOKafkaProducer:
-    """The DLQ producer, idempotent where the broker supports it (a send the client
-    retries after a lost acknowledgement is stored once); the local Tansu broker
-    answers InitProducerId with an error, so there it falls back to a plain producer
-    (a client-side retry after a lost acknowledgement can then duplicate a record)."""
-    for idempotent in (True, False):
-        # gzip: a rejected record compressed by its producer fits the DLQ compressed too
-        producer = AIOKafkaProducer(bootstrap_servers=kafka, linger_ms=20, acks="all",
-                                    max_request_size=16 << 20, enable_idempotence=idempotent,
-                                    compression_type="gzip",
-                                    **(security or KafkaSecurity()).aiokafka_kwargs())
-        try:
-            await producer.start()
-            return producer
-        except Exception as exc:
-            with contextlib.suppress(Exception):
-                await producer.stop()
-            if not idempotent:
-                raise
-            log.warning("the broker refused an idempotent producer (%s): the DLQ producer is not idempotent",
-                        exc)
-    raise AssertionError("unreachable")
-
-
-def _unpacking(exc: BaseException) -> bool:
-    """True when ``exc`` was raised while aiokafka unpacked a fetched record batch
-    (its ``PartitionRecords._unpack_records``): a codec library missing, corrupt
-    compressed data, a bad CRC. Network and protocol errors are not."""
-    from aiokafka.errors import CorruptRecordException, UnsupportedCodecError
-
-    if isinstance(exc, (UnsupportedCodecError, CorruptRecordException)):
-        return True
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_name == "_unpack_records":
-            return True
-        tb = tb.tb_next
-    return False
-
-
-def _failed_batch_end(exc: BaseException, pos: int) -> int:
-    """The last offset of the record batch that raised ``exc`` at fetch position ``pos``:
-    read from the batch header in aiokafka's unpacking frame (``next_offset - 1``);
-    ``pos`` itself when that batch is not found (one offset skipped at a time)."""
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_name == "_unpack_records":
-            batch = tb.tb_frame.f_locals.get("next_batch")
-            nxt = getattr(batch, "next_offset", None)
-            if isinstance(nxt, int) and nxt > pos:  # not a batch read before the failing one
-                return nxt - 1
-        tb = tb.tb_next
-    return pos
-
-
-def _same_record(rec: Any, ts: int, fp: int) -> bool:
-    """Is ``rec`` the record the write log saw at its offset (Kafka timestamp and
-    fingerprint)? A logged (0, 0) is a skipped undecodable batch, which has no record
-    to fingerprint: it cannot be checked, and is taken as the same (were it taken as
-    another record, the partition would be read again from its beginning, twice)."""
-    return (ts, fp) == (0, 0) or (int(rec.timestamp) == ts and _fingerprint(rec) == fp)
-
-
-def _fingerprint(rec: Any) -> int:
-    """A record's identity beside its offset: CRC-32 of the value and of the key (UInt64)."""
-    return (zlib.crc32(rec.value or b"") << 32) | zlib.crc32(rec.key or b"")
-
-
-def _merge_marks(batch: list[_Work]) -> dict[TopicPartition, tuple[int, int, int, int]]:
-    """Per partition of a write step: (first offset, last offset, last timestamp, last fingerprint)."""
-    out: dict[TopicPartition, tuple[int, int, int, int]] = {}
-    for w in batch:
-        for tp, nxt in w.offsets.items():
-            if tp not in w.lasts:
-                continue
-            ts, fp = w.lasts[tp]
-            first = w.firsts.get(tp, nxt - 1)
-            prev = out.get(tp)
-            if prev is not None:
-                first = min(first, prev[0])
-            out[tp] = (first, nxt - 1, ts, fp)
-    return out
-
-
-def _batch_token(marks: dict[TopicPartition, tuple[int, int, int, int]], epochs: dict[TopicPartition, int]) -> str:
-    """The deduplication token of a write step: a hash of its source offset ranges (and
-    epochs), so a retried insert of the same step is dropped by ClickHouse."""
-    if not marks:
-        import uuid
-
-        return uuid.uuid4().hex  # windows only (flush, revocation): no source records
-    key = ";".join(f"{tp.topic}:{tp.partition}:{epochs.get(tp, 0)}:{m[0]}-{m[1]}" for tp, m in sorted(marks.items()))
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
-def _drop_stored(table: Any, torn: dict[TopicPartition, set[tuple[int, str]]]) -> Any:
-    """``table`` without the events a cut-short write step stored already."""
-    import pyarrow as pa
-
-    tps = table.column("source_topic").to_pylist()
-    parts = table.column("source_partition").to_pylist()
-    offs = table.column("source_offset").to_pylist()
-    ids = table.column("event_id").to_pylist()
-    keep = [not ((s := torn.get(TopicPartition(t, p))) is not None and (o, e) in s)
-            for t, p, o, e in zip(tps, parts, offs, ids, strict=True)]
-    return table if all(keep) else table.filter(pa.array(keep))
-
-
-def _refused_records(table: Any, refused: list[tuple[list[int], str]], batch: list[_Work]) -> list[Rejected]:
-    """The source records of the event rows ClickHouse refused, as rejected records
-    (one per source record, with ClickHouse's message)."""
-    src = {(r.topic, r.partition, r.offset): r for w in batch for r in w.records}
-    tps = table.column("source_topic").to_pylist()
-    parts = table.column("source_partition").to_pylist()
-    offs = table.column("source_offset").to_pylist()
-    out: dict[tuple[str, int, int], Rejected] = {}
-    for rows, msg in refused:
-        for i in rows:
-            k = (tps[i], int(parts[i]), int(offs[i]))
-            rec = src.get(k)
-            if k not in out and rec is not None:
-                out[k] = Rejected(k[0], k[1], k[2], rec.key, rec.value, f"ClickHouse refused the event: {msg}")
-    return list(out.values())
-
-
-def _now() -> Any:
-    import datetime as dt
-
-    return dt.datetime.now(dt.UTC)
-
-
-def _outbox_rows(rejected: list[Rejected], epochs: dict[TopicPartition, int]) -> list[dict[str, Any]]:
-    now = _now()
-    seen: dict[tuple[str, int, int], int] = {}
-    rows = []
-    for r in rejected:
-        k = (r.topic, r.partition, r.offset)
-        idx = seen[k] = seen.get(k, -1) + 1
-        rows.append({"source_topic": r.topic, "source_partition": r.partition,
-                     "epoch": epochs.get(TopicPartition(r.topic, r.partition), 0), "source_offset": r.offset,
-                     "idx": idx, "key": r.key, "value": r.value, "reason": r.reason, "field": r.field or "",
-                     "written_at": now})
-    return rows
-
-
-def _refused_record_errors() -> tuple[type[BaseException], ...]:
-    """Producer errors that refuse the record itself: retrying it as it is cannot pass."""
-    import aiokafka.errors as ke
-
-    names = ("MessageSizeTooLargeError", "RecordTooLargeError", "RecordListTooLargeError",
-             "CorruptRecordException", "InvalidRecordError")
-    return tuple(getattr(ke, n) for n in names if isinstance(getattr(ke, n, None), type))
-
-
-_REFUSED_RECORD = _refused_record_errors()
-
-
-def _dlq_stub(row: dict[str, Any]) -> dict[str, Any]:
-    """An outbox row whose record Kafka refused: the same source headers (so recovery
-    finds it), no value, the key cut to 1 KiB, the value's length and SHA-256 in the reason."""
-    value = row["value"] or b""
-    digest = hashlib.sha256(value).hexdigest()
-    out = dict(row)
-    out["stub"] = True
-    out["value"] = b""
-    out["key"] = row["key"][:1024] if row["key"] else row["key"]
-    out["reason"] = f"{row['reason']} [value of {len(value)} bytes left out: the DLQ refused it; sha256 {digest}]"
-    return out
-
-
-def _dlq_headers(row: dict[str, Any]) -> list[tuple[str, bytes]]:
-    """The DLQ headers of an outbox row: :meth:`Rejected.dlq_headers` (reason, source
-    topic/partition/offset, field) and the row's index among its record's rejections."""
-    r = Rejected(row["source_topic"], int(row["source_partition"]), int(row["source_offset"]), row["key"],
-                 row["value"], str(row["reason"]), str(row["field"]) or None)
-    return [*r.dlq_headers(), ("driftline-source-index", str(row["idx"]).encode())]
-
-
-def _open_at(cols: EventBatchColumns, wc: WindowConfig, watermark_ms: int) -> EventBatchColumns:
-    """The rows of ``cols`` whose window was still open at ``watermark_ms`` (its end plus
-    the allowed lateness after it): a rebuild must not reopen a window already written
-    final, or its partial rows would replace the final one with a recount of fewer rows."""
-    starts = cols.ts_ms - cols.ts_ms % wc.size_ms
-    keep = np.flatnonzero(starts + wc.size_ms + wc.allowed_lateness_ms > watermark_ms)
-    return cols if keep.size == len(cols) else cols.take(keep)
-
-
-def _concat_arrow(tables: list[Any]) -> Any:
-    import pyarrow as pa
-
-    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-
-
-def _recent_rows(client: Any, db: str, tps: list[TopicPartition], wc: WindowConfig,
-                 wall_ms: int | None = None,
-                 logged: Mapping[TopicPartition, int] | None = None) -> EventBatchColumns | None:
-    """The stored events of the windows that may still be open, as window-stage columns.
-
-    Per partition: its newest stored event time (ignoring rows beyond the wall clock plus
-    ``watermark_max_ahead_ms``, so one far-future row poisons nothing) minus two window
-    spans; the rows carry their partition, so each partition's watermark is rebuilt.
-    Only rows of finished write steps (``source_offset`` up to the write log, where
-    ``logged`` has one): the records of a step cut short are processed again, so
-    their windows are recomputed, and closed, from every one of their events.
-    """
-    from driftline.streams.stages.windows import source_index
-
-    tps = [tp for tp in tps if "'" not in tp.topic]
-    if not tps:
-        return None
-    logged = logged or {}
-
-    def bound(topic: str, partition: int) -> str:
-        tp = TopicPartition(topic, int(partition))
-        return f" AND source_offset <= {int(logged[tp])}" if tp in logged else ""
-
-    cond = " OR ".join(f"(source_topic = '{tp.topic}' AND source_partition = {int(tp.partition)}"
-                       f"{bound(tp.topic, tp.partition)})" for tp in tps)
-    ahead = wc.watermark_max_ahead_ms
-    cap = f" AND timestamp <= fromUnixTimestamp64Milli({int(wall_ms + ahead)})" \
-        if wall_ms is not None and ahead is not None else ""
-    mx = client.query(f"SELECT source_topic, source_partition, toUnixTimestamp64Milli(max(timestamp)) "
-                      f"FROM {db}.llm_events WHERE ({cond}){cap} "
-                      "GROUP BY source_topic, source_partition").result_rows
-    if not mx:
-        return None
-    span = 2 * (wc.size_ms + wc.allowed_lateness_ms)
-    cond = " OR ".join(f"(source_topic = '{t}' AND source_partition = {int(p)}{bound(t, p)} AND "
-                       f"timestamp >= fromUnixTimestamp64Milli({int(m) - span}))" for t, p, m in mx)
-    res = client.query(
-        "SELECT app, model, prompt_version, toUnixTimestamp64Milli(timestamp), latency_ms, "
-        "ifNull(ttft_ms, nan), ifNull(tpot_ms, nan), status = 'error', ifNull(input_tokens, 0), "
-        "ifNull(output_tokens, 0), ifNull(cache_read_input_tokens, 0), "
-        "ifNull(cache_creation_input_tokens, 0), ifNull(reasoning_output_tokens, 0), "
-        "ifNull(cost_usd, nan), length(guardrail_verdicts) > 0, guardrail_hit, "
-        "has(guardrail_verdicts, 'blocked'), ifNull(toFloat64(feedback), nan), source_topic, "
-        f"source_partition FROM {db}.llm_events FINAL WHERE ({cond}){cap} "
-        "ORDER BY timestamp", column_oriented=True)
-    c = res.result_columns
-    if not c or not len(c[0]):
-        return None
-    keys = [WindowKey(a, m, p) for a, m, p in zip(c[0], c[1], c[2], strict=True)]
-
-    def f(i: int) -> np.ndarray:
-        return np.asarray(c[i], dtype=float)
-
-    def n(i: int) -> np.ndarray:
-        return np.asarray(c[i], dtype=np.int64)
-
-    def b(i: int) -> np.ndarray:
-        return np.asarray(c[i], dtype=bool)
-
-    topics = sorted(set(c[18]))
-    tcode = {t: i for i, t in enumerate(topics)}
-    src_codes, src_list = source_index(np.fromiter((tcode[t] for t in c[18]), np.int64, len(c[18])),
-                                       topics, n(19))
-    return EventBatchColumns(keys, n(3), f(4), f(5), f(6), b(7), n(8), n(9), n(10), n(11), n(12),
-                             f(13), b(14), b(15), b(16), f(17), source_codes=src_codes,
-                             source_list=src_list)
+        bounds = dict(self.log.logged)
+        cols = await self._ch_retry("rebuilding windows", self.sink.call, lambda c: recent_rows(
+            c, self.sink.database, assigned, self.cfg.window, wall_ms, bounds))
+        self.clock.windows, n = rebuild(self.cfg.window, cols, self._closed_below, wall_ms)
+        if n:
+            self.clock.not_idle(time.monotonic())
+            log.info("rebuilt %d open windows from %d stored events", self.windows.open_windows, n)

@@ -33,7 +33,7 @@ by the caller with :meth:`WindowAggregator.partial`, closed ones with
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,7 +41,7 @@ import numpy as np
 from driftline.detectors.sketch import QuantileSketch
 from driftline.schemas.window_stats import WindowKey, WindowStats
 
-__all__ = ["WindowConfig", "WindowAggregator", "EventBatchColumns", "source_index"]
+__all__ = ["WindowConfig", "WindowAggregator", "WindowClock", "EventBatchColumns", "source_index"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,3 +449,71 @@ class WindowAggregator:
         w.negative_feedback += int((fb == -1).sum())
         w.dirty = True
         w.peeked = False
+
+
+class WindowClock:
+    """The windows of a stream on the wall clock: when a quiet stream's windows close,
+    and when the open ones are emitted as partial rows.
+
+    Holds the :class:`WindowAggregator` (``windows``; replaced on a rebalance). The
+    clock is passed in, never read: ``now`` on a monotonic clock (seconds), ``wall_ms``
+    epoch milliseconds. With no records for ``idle_close_s`` (and the source not cut
+    off), event time follows wall time so the last windows close; every
+    ``emit_interval_s`` the open windows changed since are added as partial rows.
+    """
+
+    def __init__(self, config: WindowConfig, *, idle_close_s: float, emit_interval_s: float,
+                 now: float) -> None:
+        if not emit_interval_s > 0:
+            raise ValueError("emit_interval_s must be > 0")
+        self.config = config
+        self.idle_close_s = idle_close_s
+        self.emit_interval_s = emit_interval_s
+        self.windows = WindowAggregator(config)
+        #: when event time last moved, or the stream was last known not to be idle
+        self.wall_at_watermark = now
+        self.last_emit = 0.0
+
+    def reset(self) -> list[WindowStats]:
+        """A fresh aggregator (partitions revoked); returns the partial rows of the old one."""
+        partial = self.windows.partial()
+        self.windows = WindowAggregator(self.config)
+        return partial
+
+    def add(self, cols: EventBatchColumns, *, wall_ms: int, now: float) -> None:
+        """Add a batch's events; event time moved."""
+        self.windows.add(cols, wall_ms=wall_ms)
+        self.wall_at_watermark = now
+
+    def not_idle(self, now: float) -> None:
+        """The stream was held up (by the writer, or cut off): that is not idleness."""
+        self.wall_at_watermark = now
+
+    def request_flush(self) -> None:
+        """Emit the open windows as partial rows at the next :meth:`advance`."""
+        self.last_emit = 0.0
+
+    def advance(self, *, now: float, wall_ms: int, records: bool,
+                cut_off: Callable[[], bool]) -> list[WindowStats]:
+        """The window rows after one fetch: closed windows, those closed by the idle
+        rule, and (every ``emit_interval_s``) the partial rows of the open ones.
+
+        ``records``: whether the fetch returned records (idleness of one partition is
+        judged only while records flow: an empty fetch says nothing about one
+        partition's backlog). ``cut_off()`` (asked only after an empty fetch): the
+        source is paused or not answering, which is not idle traffic, and event time
+        must not follow wall time through it (the records held back would all be late).
+        """
+        windows = self.windows.advance(wall_ms=wall_ms if records else None)
+        wm = self.windows.watermark_ms
+        if not records and cut_off():
+            self.wall_at_watermark = now
+        if not records and wm is not None and now - self.wall_at_watermark > self.idle_close_s:
+            # no traffic: let event time follow wall time so the last windows close
+            windows += self.windows.advance(wm + int((now - self.wall_at_watermark) * 1000))
+            self.wall_at_watermark = now
+        if now - self.last_emit >= self.emit_interval_s:
+            self.last_emit = now
+            closed = {(w.key, w.window_start_ms) for w in windows}
+            windows += [w for w in self.windows.partial() if (w.key, w.window_start_ms) not in closed]
+        return windows

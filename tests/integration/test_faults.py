@@ -568,7 +568,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(400
 
 def test_sigkill_under_load_every_record_exactly_once(tmp_path: Path) -> None:
     # Catches (checked by mutating the code): not rebuilding the open windows from the
-    # stored rows on assignment (Worker._on_assigned) -> 26 of 117 windows short of the
+    # stored rows on assignment (Worker._rebuild_windows) -> 26 of 117 windows short of the
     # raw counts. Random kills only sometimes land in a narrow gap: ignoring the stored
     # offsets on assignment (duplicates when a kill lands between insert and commit) was
     # not caught in the one run tried (test_worker_crash.py kills there on purpose); a
@@ -591,7 +591,7 @@ def test_clickhouse_cut_mid_stream_pauses_and_catches_up(tmp_path: Path) -> None
 def test_kafka_cut_mid_stream_pauses_and_catches_up(tmp_path: Path) -> None:
     # Every connection to the broker is reset and refused for 12 s (longer than the
     # group's 10 s session timeout). Catches (checked): treating "no fetch answered" as
-    # idle traffic (Worker._cut_off returning False) -> 13 of 65 windows short of the raw
+    # idle traffic (KafkaHost.cut_off returning False) -> 13 of 65 windows short of the raw
     # counts. Also fails on: the DLQ send or the commit raising out of the writer (dead
     # worker), re-storing what was stored before the rejoin (duplicates).
     r = run_outage(tmp_path, link="kafka", outage_s=12, n_events=5_000, rate=250.0, seed=15)

@@ -12,9 +12,9 @@ worker, whose write log ends inside the last snappy batch, stores and dead-lette
 nothing more.
 
 Mutations caught (checked): without the ``except`` around getmany in
-``Worker._fetch_and_process`` the worker dies with UnsupportedCodecError (the
+``KafkaHost.fetch`` the worker dies with UnsupportedCodecError (the
 subprocess exits, 100 rows stored); without the seek past the batch in
-``Worker._undecodable`` it refetches the batch forever (the DLQ gets the record
+``KafkaHost._skip_batch`` it refetches the batch forever (the DLQ gets the record
 again on every fetch, and the second 100 events are never stored).
 """
 

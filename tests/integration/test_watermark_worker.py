@@ -62,7 +62,7 @@ async def test_skew_future_events_and_restart_leave_no_event_late(kafka_bootstra
     # Mutations caught: a global watermark (max event time over both partitions, the code
     # before) makes step 2's 110 events late (late_events 110, windows short of them) and
     # step 4's 40 late behind the +4 min event; a global max(timestamp) in the rebuild
-    # (worker._recent_rows) rebuilds only the future rows after the restart, their watermark
+    # (window_restore.recent_rows) rebuilds only the future rows after the restart, their watermark
     # makes step 5's 20 events late and window m0-1min short of them. (The wall-clock bound
     # alone is covered by tests/unit/test_watermarks.py: here partition 1 holds the minimum.)
     topic = f"wm-{uuid.uuid4().hex[:10]}"
@@ -122,7 +122,7 @@ async def test_skew_future_events_and_restart_leave_no_event_late(kafka_bootstra
 
 async def test_restart_with_a_quiet_partition_does_not_reopen_final_windows(
         kafka_bootstrap: str, make_topics: Any, chdb_dsn: str) -> None:
-    # Mutation caught: without the write log's watermark (worker._open_at / closed_below),
+    # Mutation caught: without the write log's watermark (window_restore.open_at / closed_below),
     # the rebuild reopens window lag from partition 1's rows alone (partition 0's rows that
     # old are not loaded) and its partial row, newer than the final one, replaces 60
     # events with 30. Found by review.

@@ -185,7 +185,7 @@ async def test_kill_between_events_and_window_insert_recomputes_the_windows(
     """Killed after a write step stored its events and before its window rows.
 
     Catches: rebuilding the windows from every stored row (no ``source_offset``
-    bound in ``_recent_rows``): the cut-short step's events would be counted twice
+    bound in ``window_restore.recent_rows``): the cut-short step's events would be counted twice
     in their windows; and inserting the re-processed events again (no
     ``_drop_stored``): llm_events would hold duplicates without FINAL.
     """
@@ -231,9 +231,9 @@ async def test_kill_around_the_dlq_send_dead_letters_each_record_once(
     """Killed after the write step (outbox and write log stored) and before the DLQ
     send, or after the send and before the offset commit.
 
-    Catches: no outbox recovery on assignment (``_recover_dlq`` a no-op) — the
+    Catches: no outbox recovery on assignment (``DeadLetters.recover`` a no-op) — the
     rejected records of the last step are lost (before-send); recovery that re-sends
-    without reading what the DLQ holds (``_dlq_held`` returning an empty set) — they
+    without reading what the DLQ holds (``DeadLetters.held`` returning an empty set) — they
     are sent twice (after-send).
     """
     topic, group = f"d-{uuid.uuid4().hex[:10]}", f"g-{uuid.uuid4().hex[:8]}"
@@ -243,15 +243,15 @@ async def test_kill_around_the_dlq_send_dead_letters_each_record_once(
     n_valid = len(recs) - len(bad)
     await produce_records(kafka_bootstrap, topic, [(r.key, r.value) for r in recs])
     patch = """
-        from driftline.streams.worker import Worker
-        orig = Worker._dead_letter
+        from driftline.streams.sinks.dlq import DeadLetters
+        orig = DeadLetters.send
         calls = [0]
         async def dead_letter(self, rows):
             calls[0] += 1
             if calls[0] == 3:
                 os._exit(17)
             return await orig(self, rows)
-        Worker._dead_letter = dead_letter
+        DeadLetters.send = dead_letter
     """ if where == "before-send" else """
         import aiokafka
         orig = aiokafka.AIOKafkaConsumer.commit

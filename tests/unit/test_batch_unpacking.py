@@ -21,7 +21,8 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.record.util import calc_crc32c
 
-from driftline.streams.worker import _failed_batch_end, _unpacking
+from driftline.streams.ingest.kafka_host import failed_batch_end as _failed_batch_end
+from driftline.streams.ingest.kafka_host import unpacking_error as _unpacking
 
 cramjam = pytest.importorskip("cramjam")
 

@@ -38,8 +38,8 @@ from driftline.streams.ingest.transforms import (
     EVENT_ARROW_SCHEMA,
 )
 from driftline.streams.sinks.clickhouse import ddl_statements
+from driftline.streams.stages.window_restore import recent_rows as _recent_rows
 from driftline.streams.stages.windows import WindowConfig
-from driftline.streams.worker import _recent_rows
 
 DB = "contract"
 

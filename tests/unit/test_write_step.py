@@ -13,14 +13,12 @@ from clickhouse_connect.driver.exceptions import DatabaseError, DataError, Opera
 
 from driftline.streams.ingest.transforms import Rejected
 from driftline.streams.sinks.clickhouse import retryable
-from driftline.streams.worker import (
-    WorkerConfig,
-    _batch_token,
-    _drop_stored,
-    _merge_marks,
-    _outbox_rows,
-    _Work,
-)
+from driftline.streams.sinks.dlq import outbox_rows as _outbox_rows
+from driftline.streams.sinks.write_step import Work as _Work
+from driftline.streams.sinks.write_step import batch_token as _batch_token
+from driftline.streams.sinks.write_step import drop_stored as _drop_stored
+from driftline.streams.sinks.write_step import merge_marks as _merge_marks
+from driftline.streams.worker import WorkerConfig
 
 
 @pytest.mark.parametrize(("exc", "expected"), [
@@ -118,20 +116,16 @@ async def test_dlq_send_retries_only_failures_and_stubs_refused_records() -> Non
     import asyncio
     import hashlib
 
-    from driftline.streams.worker import Worker
+    from driftline.streams.sinks.dlq import DeadLetters
+    from driftline.streams.sinks.prometheus import WorkerMetrics
 
-    w = Worker(WorkerConfig(kafka="127.0.0.1:1", clickhouse="chdb:///tmp/unused-driftline-test"))
+    w = DeadLetters("127.0.0.1:1", "llm.events.dlq", WorkerMetrics())  # keepalive: a no-op
     fake = _FakeProducer(limit=100, flaky={2})
     w.producer = fake  # type: ignore[assignment]
-
-    async def no_keepalive() -> None:
-        return None
-
-    w._keepalive = no_keepalive  # type: ignore[method-assign]
     big = b"x" * 5000
     rows = [{"source_topic": "t", "source_partition": 0, "source_offset": i, "idx": 0, "key": b"k",
              "value": big if i == 3 else b"{bad", "reason": "not valid JSON", "field": ""} for i in range(5)]
-    await asyncio.wait_for(w._dead_letter(rows), 20)
+    await asyncio.wait_for(w.send(rows), 20)
     offs = [o for o, _, _ in fake.delivered]
     assert sorted(offs) == [0, 1, 2, 3, 4] and len(offs) == 5
     stub = next(d for d in fake.delivered if d[0] == 3)
@@ -146,7 +140,8 @@ def test_a_skipped_batch_logged_without_fingerprint_is_not_a_recreated_topic() -
     a restart would be taken for another record: the partition read again from 0)."""
     from types import SimpleNamespace
 
-    from driftline.streams.worker import _fingerprint, _same_record
+    from driftline.streams.ingest.kafka_host import fingerprint as _fingerprint
+    from driftline.streams.ingest.kafka_host import same_record as _same_record
 
     rec = SimpleNamespace(timestamp=1_700_000_000_000, key=b"k", value=b'{"a":1}', headers=())
     assert _same_record(rec, 0, 0)
