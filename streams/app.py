@@ -111,6 +111,35 @@ async def _stop_control(starting: asyncio.Task[None], control: ControlConsumer) 
     await control.stop()
 
 
+async def _serve_metrics(worker: Worker, registry: CollectorRegistry, web_host: str, web_port: int,
+                         creds: Any, on_failure: Any) -> web.AppRunner:
+    """``/metrics`` and ``/healthz`` on ``web_host:web_port`` (see :func:`serve_worker` for
+    who must authenticate); returns the runner to clean up."""
+    from driftline.streams.auth import allowed_hosts, guard_for_bind, is_loopback
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"ok": worker.started.is_set(), "processed_records": worker.processed_records,
+                                  "stored_events": worker.stored_events, "dead_lettered": worker.dead_lettered})
+
+    guard = guard_for_bind(web_host, creds, on_failure=on_failure)
+    webapp = web.Application(middlewares=[guard.middleware])
+    webapp.router.add_get("/metrics", metrics)
+    webapp.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(webapp, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, web_host, web_port)
+    await site.start()
+    if is_loopback(web_host):  # loopback: no password, but only this server's own names as Host
+        server = getattr(site, "_server", None)
+        port = int(server.sockets[0].getsockname()[1]) if web_port == 0 and server and server.sockets else web_port
+        guard.hosts = allowed_hosts(web_host, port)
+    return runner
+
+
 async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str = "127.0.0.1",
                        web_port: int = 9464, sql_port: int | None = 8123,
                        on_ready: Any = None, stages: Any = (),
@@ -129,13 +158,7 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
     credentials and sends ``basic_auth`` when the port is exposed; on loopback the
     ``Host`` header is checked instead, against DNS rebinding). ``/healthz`` stays open.
     """
-    from driftline.streams.auth import (
-        allowed_hosts,
-        credentials_path,
-        guard_for_bind,
-        is_loopback,
-        load_credentials,
-    )
+    from driftline.streams.auth import credentials_path, is_loopback, load_credentials
     from driftline.streams.local.sql_endpoint import EndpointOptions
 
     sql = sql or EndpointOptions()
@@ -147,26 +170,7 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
     refused = refused_counter(registry)
     worker = build_worker(cfg, registry, stages)  # streams/wiring.py: the pipeline
 
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"ok": worker.started.is_set(), "processed_records": worker.processed_records,
-                                  "stored_events": worker.stored_events, "dead_lettered": worker.dead_lettered})
-
-    guard = guard_for_bind(web_host, creds, on_failure=refused("metrics"))
-    webapp = web.Application(middlewares=[guard.middleware])
-    webapp.router.add_get("/metrics", metrics)
-    webapp.router.add_get("/healthz", healthz)
-    runner = web.AppRunner(webapp, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, web_host, web_port)
-    await site.start()
-    if is_loopback(web_host):  # loopback: no password, but only this server's own names as Host
-        server = getattr(site, "_server", None)
-        port = int(server.sockets[0].getsockname()[1]) if web_port == 0 and server and server.sockets else web_port
-        guard.hosts = allowed_hosts(web_host, port)
+    runner = await _serve_metrics(worker, registry, web_host, web_port, creds, refused("metrics"))
     endpoint = None
     app: faust.App | None = None
     control: ControlConsumer | None = None
