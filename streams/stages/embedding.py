@@ -263,9 +263,12 @@ class EmbeddingBatcher(Generic[T]):
 
     async def _wait_idle(self) -> None:
         while self._queue or not self._idle.is_set():
-            self._flush_now = True
+            self._flush_now = True  # the loop sends what waits without the delay
             self._wake.set()
-            await asyncio.sleep(0.01)
+            if self._idle.is_set() or self._task is None or self._task.done():
+                await asyncio.sleep(0.01)  # no loop to empty the queue: the caller's timeout ends this
+            else:
+                await self._idle.wait()  # set by the loop once the queue is empty and delivered
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         await self.drain(drain_timeout)
