@@ -211,12 +211,10 @@ class ControlConsumer:
         the others from their end. False when none was found."""
         from aiokafka import TopicPartition
 
-        tps: list[Any] = []
-        for topic in self.topics:
-            parts = await self._partitions(consumer, topic)
-            if not parts:
-                log.warning("control: topic %s not found; its commands are off", topic)
-            tps += [TopicPartition(topic, p) for p in sorted(parts)]
+        found = await self._partitions(consumer)
+        for topic in sorted(set(self.topics) - set(found)):
+            log.warning("control: topic %s not found; its commands are off", topic)
+        tps = [TopicPartition(t, p) for t in sorted(found) for p in sorted(found[t])]
         if not tps:
             return False
         consumer.assign(tps)
@@ -231,12 +229,17 @@ class ControlConsumer:
         self.ready.set()
         return True
 
-    async def _partitions(self, consumer: Any, topic: str) -> set[int]:
+    async def _partitions(self, consumer: Any) -> dict[str, set[int]]:
+        """The partitions of each topic found within ``find_timeout_s`` (one deadline for all)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.find_timeout_s
+        found: dict[str, set[int]] = {}
         while True:
-            parts = consumer.partitions_for_topic(topic)
-            if parts or loop.time() >= deadline:
-                return set(parts or ())
+            for topic in self.topics:
+                parts = consumer.partitions_for_topic(topic)
+                if parts:
+                    found[topic] = set(parts)
+            if len(found) == len(self.topics) or loop.time() >= deadline:
+                return found
             await consumer.force_metadata_update()
             await asyncio.sleep(0.2)
