@@ -1,18 +1,20 @@
 """Hosting a worker in a faust-streaming ``App``: lifecycle, control topic, ``/metrics``.
 
-The faust ``App`` owns the process: it starts and stops the services, and its
-agent consumes ``driftline.control`` (JSON commands such as ``{"cmd": "flush"}``,
-broadcast to every worker: each worker's control consumer has a group of its
-own). The spine (streams/worker.py) runs as a ``mode.Service`` of the app:
-records reach it through its own batched aiokafka consumer group, because
-faust's per-record dispatch (``stream.take``) peaks near 5,000 records/s here
-while the spine must move 25,000. Stages (alerting, drift) run inside the spine.
-Besides faust: an aiohttp server for ``/metrics`` and ``/healthz``, and, on an
-embedded chDB store, the ClickHouse-HTTP endpoint for other processes.
+The faust ``App`` owns the process: it starts and stops the services. The spine
+(streams/worker.py) runs as a ``mode.Service`` of the app: records reach it through
+its own batched aiokafka consumer group, because faust's per-record dispatch
+(``stream.take``) peaks near 5,000 records/s here while the spine must move 25,000.
+Stages (alerting, drift) run inside the spine. ``driftline.control`` (JSON commands
+such as ``{"cmd": "flush"}``, broadcast to every worker) is read by ONE consumer
+without a group (streams/ingest/control.py), started once the stages are, that hands
+each command to its subscribers (streams/wiring.py ``control_subscriptions``: flush to
+the worker, baseline to the drift stage). Besides faust: an aiohttp server for
+``/metrics`` and ``/healthz``, and, on an embedded chDB store, the ClickHouse-HTTP
+endpoint for other processes.
 
 Tansu, like Kafka, holds a new consumer group open for about half the session
-timeout before it assigns partitions, so both groups use short session timeouts
-(6 s for control, ``WorkerConfig.session_timeout_ms`` for the spine).
+timeout before it assigns partitions, so the spine's group uses a short session
+timeout (``WorkerConfig.session_timeout_ms``); the control consumer has no group.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import shutil
 import signal
 import tempfile
 import uuid
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import faust
@@ -33,16 +34,16 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from driftline.schemas.topics import CONTROL_TOPIC
-from driftline.streams.ingest.control_auth import admit
-from driftline.streams.ports import ControlAuth
+from driftline.streams.ingest.control import ControlConsumer, handle_control
+from driftline.streams.ports import KafkaPort
 from driftline.streams.sinks.clickhouse import chdb_path
 from driftline.streams.sinks.prometheus import refused_counter
-from driftline.streams.wiring import build_worker
+from driftline.streams.wiring import build_worker, control_subscriptions
 from driftline.streams.worker import Worker, WorkerConfig
 
 log = logging.getLogger("driftline.app")
 
-__all__ = ["serve_worker", "run_worker"]
+__all__ = ["serve_worker", "run_worker", "handle_control"]
 
 
 class SpineService(mode.Service):
@@ -67,11 +68,12 @@ class SpineService(mode.Service):
         return self._task
 
 
-def make_app(worker: Worker, *, control_topic: str = CONTROL_TOPIC) -> tuple[faust.App, SpineService]:
-    """The faust app hosting ``worker``: the spine service and the control agent."""
+def make_app(worker: Worker) -> tuple[faust.App, SpineService]:
+    """The faust app hosting ``worker``: the spine service (the control topic has its own
+    consumer, streams/ingest/control.py)."""
     cfg = worker.cfg
     # faust keeps table state under ``datadir`` (``<app id>-data`` in the working
-    # directory by default); the control app has no tables and a fresh id per run,
+    # directory by default); the app has no tables and a fresh id per run,
     # so it gets a private temporary directory, removed when the worker stops.
     app = faust.App(
         f"{cfg.group_id}-control-{uuid.uuid4().hex[:8]}", broker=f"kafka://{cfg.kafka}",
@@ -81,42 +83,14 @@ def make_app(worker: Worker, *, control_topic: str = CONTROL_TOPIC) -> tuple[fau
         consumer_auto_offset_reset="latest", topic_allow_declare=False,
         **cfg.kafka_security.faust_kwargs(),
     )
-    spine = SpineService(worker)
-    control = app.topic(control_topic, value_serializer="json")
-
-    auth = ControlAuth(cfg.control_secret, cfg.control_max_age_s)
-    refused = worker.metrics.control_refused
-
-    @app.agent(control, name="driftline-control")
-    async def on_control(stream: Any) -> None:
-        async for cmd in stream:
-            handle_control(cmd, auth=auth, refused=refused, flush=worker.request_flush)
-
-    return app, spine
+    return app, SpineService(worker)
 
 
-def handle_control(cmd: Any, *, auth: ControlAuth, refused: Any, flush: Callable[[], None],
-                   hooks: Sequence[tuple[str, Callable[[dict[str, Any]], None]]] = ()) -> None:
-    """Apply one control command: ``{"cmd": "flush"}`` calls ``flush``; every admitted
-    command also goes to each ``(name, hook)`` of ``hooks``. Bad commands are logged and
-    ignored. With a control secret (``auth``), unsigned or badly signed commands are
-    refused and counted in ``refused`` (streams/ingest/control_auth.py). ``baseline`` commands
-    belong to the drift stage's own control consumer (which checks them), so they are
-    skipped here."""
-    if not isinstance(cmd, dict) or not isinstance(cmd.get("cmd"), str):
-        log.warning("control: ignoring a %s (expected {\"cmd\": ...})", type(cmd).__name__)
-        return
-    if cmd["cmd"] == "baseline":
-        return
-    if not admit(cmd, auth.secret, refused, max_age_s=auth.max_age_s):
-        return
-    if cmd["cmd"] == "flush":
-        flush()
-    for name, fn in hooks:
-        try:
-            fn(cmd)
-        except Exception:  # noqa: BLE001 - a command never breaks the worker
-            log.exception("control: stage %s failed on %r", name, cmd)
+async def _control_when_started(worker: Worker, control: ControlConsumer) -> None:
+    """Start the control consumer once the worker's stages have started (the drift stage
+    knows then which baseline commands it applied before)."""
+    await worker.started.wait()
+    await control.start()
 
 
 def log_control_trust(cfg: WorkerConfig) -> None:
@@ -128,6 +102,42 @@ def log_control_trust(cfg: WorkerConfig) -> None:
                     CONTROL_TOPIC)
     else:
         log.info("control commands on %s must be signed (HMAC-SHA256)", CONTROL_TOPIC)
+
+
+async def _stop_control(starting: asyncio.Task[None], control: ControlConsumer) -> None:
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await starting
+    await control.stop()
+
+
+async def _serve_metrics(worker: Worker, registry: CollectorRegistry, web_host: str, web_port: int,
+                         creds: Any, on_failure: Any) -> web.AppRunner:
+    """``/metrics`` and ``/healthz`` on ``web_host:web_port`` (see :func:`serve_worker` for
+    who must authenticate); returns the runner to clean up."""
+    from driftline.streams.auth import allowed_hosts, guard_for_bind, is_loopback
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"ok": worker.started.is_set(), "processed_records": worker.processed_records,
+                                  "stored_events": worker.stored_events, "dead_lettered": worker.dead_lettered})
+
+    guard = guard_for_bind(web_host, creds, on_failure=on_failure)
+    webapp = web.Application(middlewares=[guard.middleware])
+    webapp.router.add_get("/metrics", metrics)
+    webapp.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(webapp, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, web_host, web_port)
+    await site.start()
+    if is_loopback(web_host):  # loopback: no password, but only this server's own names as Host
+        server = getattr(site, "_server", None)
+        port = int(server.sockets[0].getsockname()[1]) if web_port == 0 and server and server.sockets else web_port
+        guard.hosts = allowed_hosts(web_host, port)
+    return runner
 
 
 async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str = "127.0.0.1",
@@ -148,13 +158,7 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
     credentials and sends ``basic_auth`` when the port is exposed; on loopback the
     ``Host`` header is checked instead, against DNS rebinding). ``/healthz`` stays open.
     """
-    from driftline.streams.auth import (
-        allowed_hosts,
-        credentials_path,
-        guard_for_bind,
-        is_loopback,
-        load_credentials,
-    )
+    from driftline.streams.auth import credentials_path, is_loopback, load_credentials
     from driftline.streams.local.sql_endpoint import EndpointOptions
 
     sql = sql or EndpointOptions()
@@ -166,28 +170,11 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
     refused = refused_counter(registry)
     worker = build_worker(cfg, registry, stages)  # streams/wiring.py: the pipeline
 
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"ok": worker.started.is_set(), "processed_records": worker.processed_records,
-                                  "stored_events": worker.stored_events, "dead_lettered": worker.dead_lettered})
-
-    guard = guard_for_bind(web_host, creds, on_failure=refused("metrics"))
-    webapp = web.Application(middlewares=[guard.middleware])
-    webapp.router.add_get("/metrics", metrics)
-    webapp.router.add_get("/healthz", healthz)
-    runner = web.AppRunner(webapp, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, web_host, web_port)
-    await site.start()
-    if is_loopback(web_host):  # loopback: no password, but only this server's own names as Host
-        server = getattr(site, "_server", None)
-        port = int(server.sockets[0].getsockname()[1]) if web_port == 0 and server and server.sockets else web_port
-        guard.hosts = allowed_hosts(web_host, port)
+    runner = await _serve_metrics(worker, registry, web_host, web_port, creds, refused("metrics"))
     endpoint = None
     app: faust.App | None = None
+    control: ControlConsumer | None = None
+    control_start: asyncio.Task[None] | None = None
     try:
         if serve_sql:
             from driftline.streams.local.sql_endpoint import ClickHouseEndpoint
@@ -203,6 +190,8 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
             await asyncio.to_thread(ensure_topics, cfg.kafka, {CONTROL_TOPIC: 1}, security=cfg.kafka_security)
         log_control_trust(cfg)
         app, spine = make_app(worker)
+        control = ControlConsumer(KafkaPort(cfg.kafka, cfg.kafka_security), control_subscriptions(worker))
+        control_start = asyncio.create_task(_control_when_started(worker, control))
         await spine.start()  # the spine's group join overlaps the app's
         await app.start()
         if on_ready is not None:
@@ -214,8 +203,11 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
         stopped.cancel()
         if spine.task.done():
             spine.task.result()  # a crash of the spine surfaces here
+        await _stop_control(control_start, control)  # no command reaches a stopping stage
         await spine.stop()
     finally:
+        if control_start is not None and control is not None:
+            await _stop_control(control_start, control)
         if app is not None:
             with contextlib.suppress(Exception):
                 await app.stop()

@@ -10,7 +10,7 @@ A stage (alerting, drift: see :class:`~driftline.streams.worker.Stage`) gets one
 - ``windows``   a read-only view of the worker's open windows (watermark, window
                 size, the windows changed since the last look);
 - ``kafka``     the bootstrap servers and TLS/SASL settings, for a stage that
-                reads a topic of its own (the drift stage's control consumer);
+                reads a topic of its own;
 - ``control``   the secret and age limit control commands are checked with;
 - ``redaction`` what the stage must do to texts it writes or shows;
 - ``clock``     wall time in seconds (``time.time``), replaceable in tests.
@@ -22,7 +22,7 @@ explicit and made in the wiring (streams/wiring.py), not looked up by name.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -74,14 +74,21 @@ class TableWriter:
         self._check(table)
         await self._sink.insert_columns(table, columns)
 
-    def query(self, sql: str) -> list[tuple[Any, ...]]:
-        """The rows of ``sql``, run on the query lane (blocks: call it off the event loop)."""
-        rows: list[tuple[Any, ...]] = self._sink.call(lambda c: c.query(sql).result_rows)
+    def query(self, sql: str, parameters: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        """The rows of ``sql``, run on the query lane (blocks: call it off the event loop).
+
+        Values go in ``parameters``, named by ``{name:Type}`` placeholders in ``sql``
+        (``{db:Identifier}`` for a name): ClickHouse binds them on the server (chDB and
+        HTTP alike), so the SQL text never holds a quoted value."""
+        params = dict(parameters) if parameters else None
+        rows: list[tuple[Any, ...]] = self._sink.call(lambda c: c.query(sql, parameters=params).result_rows)
         return rows
 
-    async def aquery(self, sql: str) -> list[tuple[Any, ...]]:
-        """The rows of ``sql``, run on the query lane and awaited."""
-        rows: list[tuple[Any, ...]] = await self._sink.acall(lambda c: c.query(sql).result_rows)
+    async def aquery(self, sql: str, parameters: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        """The rows of ``sql`` with ``parameters`` (as :meth:`query`), run on the query lane and awaited."""
+        params = dict(parameters) if parameters else None
+        rows: list[tuple[Any, ...]] = await self._sink.acall(
+            lambda c: c.query(sql, parameters=params).result_rows)
         return rows
 
 

@@ -11,8 +11,13 @@ delivers batches and commits what the write step confirmed)
   kafka ``llm.events``            JSON events, one per record (schemas/event.py)
   kafka ``otlp_spans[.<suffix>]`` OTLP trace requests, read as OTLP by the topic's name
                                   (``WorkerConfig.topics``; both by default)
-  kafka ``driftline.control``     commands: ``flush`` (the faust agent, app.py),
-                                  ``baseline`` (the drift stage's own consumer)
+  kafka ``driftline.control``     commands, through ONE broadcast consumer (no group:
+                                  every worker sees every command;
+                                  streams/ingest/control.py, run by app.py), dispatched
+                                  by ``cmd`` (:func:`control_subscriptions`):
+                                  ``flush``    -> worker.request_flush (sent while running)
+                                  ``baseline`` -> each drift stage's on_command (from the
+                                  topic's start; drift_control_log says what was applied)
 
 TRANSFORMS of the spine (Worker.process in streams/worker.py, in the order a batch goes
 through them; the windows on the wall clock: windows.WindowClock)
@@ -59,6 +64,9 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
+from driftline.schemas.topics import CONTROL_TOPIC
+from driftline.streams.ingest.control import Subscription, handle_control
+from driftline.streams.ports import ControlAuth
 from driftline.streams.sinks.prometheus import WorkerMetrics
 from driftline.streams.worker import (
     Stage,
@@ -72,7 +80,8 @@ from driftline.streams.worker import (
 if TYPE_CHECKING:
     from driftline.streams.stages.semantic_drift import DriftConfig
 
-__all__ = ["AlertingOptions", "StageFactory", "stage_factories", "link_stages", "build_worker"]
+__all__ = ["AlertingOptions", "StageFactory", "stage_factories", "link_stages", "build_worker",
+           "control_subscriptions"]
 
 #: a stage, or ``(registry) -> stage`` so that it registers its metrics on the worker's registry
 StageFactory = Callable[[CollectorRegistry], Stage]
@@ -151,3 +160,23 @@ def link_stages(stages: Sequence[Stage]) -> None:
             for al in alerting:
                 if al.observe_drift not in st.observers:
                     st.add_observer(al.observe_drift)
+
+
+# ----------------------------------------------------------------------------- control topic
+def control_subscriptions(worker: Worker) -> list[Subscription]:
+    """Who gets which command of the control topic (SOURCES above): ``flush`` and any
+    other command but ``baseline`` -> the worker (checked against its control secret),
+    only those sent while it runs; ``baseline`` -> each drift stage with a control topic,
+    every record from the topic's start."""
+    cfg = worker.cfg
+    auth = ControlAuth(cfg.control_secret, cfg.control_max_age_s)
+    refused = worker.metrics.control_refused
+    subs = [Subscription(CONTROL_TOPIC, lambda rec: handle_control(rec.cmd, auth=auth, refused=refused,
+                                                                   flush=worker.request_flush))]
+    drift_mod = sys.modules.get("driftline.streams.stages.semantic_drift")
+    if drift_mod is not None:
+        for st in worker.stages:
+            if isinstance(st, drift_mod.DriftStage) and st.cfg.control_topic:
+                subs.append(Subscription(st.cfg.control_topic, st.on_command, frozenset({"baseline"}),
+                                         replay=True))
+    return subs

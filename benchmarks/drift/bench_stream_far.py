@@ -66,7 +66,7 @@ def run_stream(idx: np.ndarray, emb: np.ndarray, rate: float, seed: int, ref_siz
     from driftline.streams.stages.semantic_drift import DriftConfig, DriftEngine, Sample
 
     cfg = DriftConfig(sample_rate=1.0, control_topic=None, seed=seed, ref_size=ref_size)  # defaults otherwise
-    eng = DriftEngine(cfg, lambda sql: [], "driftline", "bench")  # an empty store: a new key
+    eng = DriftEngine(cfg, lambda sql, params: [], "driftline", "bench")  # an empty store: a new key
     ev = AlertEvaluator(parse_rules(VARIANTS) if variants else load_rules(default_rules_path()))
     key = ("bench-app", "bench-model", "v1")
     rounds: dict[int, list] = {}

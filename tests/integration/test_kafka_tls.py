@@ -206,7 +206,7 @@ async def test_worker_over_mutual_tls_applies_only_signed_control_commands(
         tls_kafka: tuple[str, dict[str, str], TlsFront], chdb_dsn: str,
         caplog: pytest.LogCaptureFixture) -> None:
     """A whole worker (spine consumer group, DLQ reader and producer, topic admin, the faust
-    control app, the drift stage's control consumer) on the TLS port only, with a control
+    app, the control-topic consumer) on the TLS port only, with a control
     secret. 30 events emitted over TLS are stored exactly; of three baseline commands on
     the control topic (signed, unsigned, signed with another secret) the drift stage
     applies exactly the signed one (one ``drift_control_log`` row, by id) and counts

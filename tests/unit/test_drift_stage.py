@@ -193,7 +193,7 @@ def test_embedding_config_validates() -> None:
 def _engine(**kw: Any) -> DriftEngine:
     cfg = DriftConfig(fields=("prompt",), sample_rate=1.0, ref_size=40, window_size=30, test_every=10,
                       test_interval_s=None, alpha=0.05, control_topic=None, **kw)
-    return DriftEngine(cfg, lambda sql: [], "driftline", "fake")  # an empty store: every key is new
+    return DriftEngine(cfg, lambda sql, params: [], "driftline", "fake")  # an empty store: every key is new
 
 
 def _feed(eng: DriftEngine, vecs: np.ndarray, start: int = 0) -> tuple[int, list[Any], list[Any]]:

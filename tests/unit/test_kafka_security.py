@@ -1,6 +1,6 @@
 """Kafka TLS/SASL settings (streams/ingest/kafka_security.py) and signed control commands
-(streams/ingest/control_auth.py, and the two paths that check them: the faust agent's
-``handle_control`` and the drift stage's ``on_control_record``).
+(streams/ingest/control_auth.py, and the two subscribers of the control consumer that check
+them: the host's ``handle_control`` and the drift stage's ``on_control_record``).
 
 The client configurations are checked as exact dicts per security protocol, and each
 one is handed to the real client library's constructor (confluent-kafka's librdkafka
@@ -341,7 +341,7 @@ def _worker(secret: bytes | None) -> Any:
 
 
 def _handle(ports: Any, cmd: Any, flushed: list[int], hooks: Any = ()) -> None:
-    """The faust agent's call, as make_app wires it (a flush that records)."""
+    """The host's subscription, as wiring.control_subscriptions makes it (a flush that records)."""
     from driftline.streams.app import handle_control
 
     handle_control(cmd, auth=ports.control, refused=ports.metrics.control_refused,
@@ -349,7 +349,7 @@ def _handle(ports: Any, cmd: Any, flushed: list[int], hooks: Any = ()) -> None:
 
 
 def test_handle_control_applies_signed_and_refuses_unsigned_commands() -> None:
-    # the faust agent's path (streams/app.py make_app -> handle_control); catches: handle_control
+    # the host's path (wiring.control_subscriptions -> handle_control); catches: handle_control
     # not calling the check, or a refused command still reaching request_flush / the stages
     w, reg, flushed = _worker(SECRET)
     seen: list[dict[str, Any]] = []
@@ -370,8 +370,8 @@ def test_handle_control_applies_signed_and_refuses_unsigned_commands() -> None:
 
 
 def test_drift_stage_queues_signed_and_refuses_unsigned_baseline_commands() -> None:
-    # the drift stage's control path: DriftStage._control_loop hands every record of
-    # driftline.control to on_control_record (this function), which queues admitted
+    # the drift stage's control path: the control consumer hands every baseline record of
+    # driftline.control to on_command (on_control_record: a raw record decoded first), which queues admitted
     # commands in _controls for the drift loop to apply. Catches: the check skipped,
     # or a refused command queued anyway.
     from driftline.streams.stages.semantic_drift import DriftConfig, DriftStage
@@ -415,7 +415,7 @@ def test_deeply_nested_control_records_are_refused_without_raising() -> None:
     # A record on driftline.control is read by anyone's producer, before any signature check.
     # Nesting near or beyond the interpreter's recursion limit used to raise RecursionError out
     # of on_control_record (json.loads), or out of admit (the canonical JSON of verify_command,
-    # the repr in the refusal's log line): that ended DriftStage._control_loop, and since the
+    # the repr in the refusal's log line): that ended the drift stage's control loop, and since the
     # topic is re-read from its start, every restart again: no baseline command applied anymore.
     # Catches: RecursionError dropped from the except in on_control_record (the deep records),
     # from verify_command's except or _short back to repr() (the ones just under the limit);
@@ -438,7 +438,7 @@ def test_deeply_nested_control_records_are_refused_without_raising() -> None:
             n += 1
     assert st._controls == []
     deep: Any = []
-    for d in range(1, lim + 60):  # the faust agent's path gets the decoded object
+    for d in range(1, lim + 60):  # the host's path gets the decoded object
         deep = [deep]
         if d > lim - 150 and d % 5 == 0:
             _handle(w, {"cmd": "flush", "id": "f", "sent_at_ms": 1, "sig": "x", "x": deep}, flushed)

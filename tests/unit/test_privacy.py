@@ -125,7 +125,13 @@ def test_dlq_copies_are_redacted() -> None:
 def test_drift_explanation_examples_are_redacted() -> None:
     """topic_mix quotes example texts per cluster; with --redact pii they are masked
     (mutation: DriftEngine._shown not applied to the reference or the current texts)."""
-    from driftline.streams.stages.semantic_drift import DriftConfig, DriftEngine, _KeyField, _Ref
+    from driftline.streams.stages.drift_references import (
+        DriftEngine,
+        KeyField,
+        Reference,
+        SampleRow,
+    )
+    from driftline.streams.stages.semantic_drift import DriftConfig
 
     rng = np.random.default_rng(0)
 
@@ -134,13 +140,13 @@ def test_drift_explanation_examples_are_redacted() -> None:
         v[:, c] += 1
         return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
 
-    eng = DriftEngine(DriftConfig(methods=("topic_mix",), ref_size=10, window_size=10), lambda sql: [], "d", "m")
+    eng = DriftEngine(DriftConfig(methods=("topic_mix",), ref_size=10, window_size=10), lambda sql, params: [], "d", "m")
     eng.redaction = Redaction("pii")
-    kf = _KeyField(("a", "m", ""), "prompt")
-    kf.ref = _Ref(1, "first_n", 0, 20, [f"r{i}" for i in range(20)], np.concatenate([vecs(10, 0), vecs(10, 1)]),
+    kf = KeyField(("a", "m", ""), "prompt")
+    kf.ref = Reference(1, "first_n", 0, 20, [f"r{i}" for i in range(20)], np.concatenate([vecs(10, 0), vecs(10, 1)]),
                   [f"ref {i} {EMAIL}" for i in range(20)], 0, 1)
     cur = np.concatenate([vecs(5, 0), vecs(15, 2)])
-    kf.cur = deque((20 + i, f"c{i}", 1000 + i, cur[i], f"cur {i} card {CARD}") for i in range(20))
+    kf.cur = deque(SampleRow(20 + i, f"c{i}", 1000 + i, cur[i], f"cur {i} card {CARD}") for i in range(20))
     (r,) = eng._test(kf, 0.0)
     ex = [t for c in r.explanation["clusters"] for t in (*c["examples"], *c["cur_examples"])]
     assert len(ex) == 12

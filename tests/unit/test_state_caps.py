@@ -14,7 +14,7 @@ def test_drift_engine_keeps_max_keys_key_fields_and_reloads_an_evicted_one() -> 
     # Mutation caught: without the eviction loop in DriftEngine.get the engine holds 7.
     queries: list[str] = []
 
-    def query(sql: str) -> list[tuple[object, ...]]:
+    def query(sql: str, params: object) -> list[tuple[object, ...]]:
         queries.append(sql)
         return []
 

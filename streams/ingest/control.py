@@ -1,0 +1,245 @@
+"""The control topic: one broadcast consumer that hands each command to its subscribers.
+
+``driftline.control`` carries JSON commands ``{"cmd": ...}``: ``flush`` (write the open
+windows now: :meth:`~driftline.streams.worker.Worker.request_flush`) and ``baseline``
+(rebase, pin or reset drift references: the drift stage's
+:meth:`~driftline.streams.stages.semantic_drift.DriftStage.on_command`). Every worker
+must see every command, so the :class:`ControlConsumer` has no consumer group: it
+assigns itself every partition of its topics. A :class:`Subscription` names the
+commands it takes (``cmds``; None: every command no other subscription of the topic
+names) and whether it also wants the records already on the topic when the consumer
+started (``replay``): the drift stage reads the topic from its start and skips what
+``drift_control_log`` says it applied, so a worker that was down applies what it
+missed; ``flush`` only acts on commands sent while the worker runs. The wiring
+(streams/wiring.py) makes the subscriptions; the host (streams/app.py) runs the
+consumer once the worker's stages have started.
+
+Signatures (streams/ingest/control_auth.py) are checked by each subscriber, which
+knows whether a command is new to it; one bad record (not JSON, nested too deep, a
+failing handler) is logged and skipped, never ends the consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from driftline.streams.ingest.control_auth import admit
+from driftline.streams.ports import ControlAuth, KafkaPort
+
+log = logging.getLogger("driftline.control")
+
+__all__ = ["ControlRecord", "Subscription", "ControlConsumer", "decode_record", "handle_control"]
+
+
+@dataclass(frozen=True)
+class ControlRecord:
+    """One decoded command of a control topic and where it was read."""
+
+    cmd: dict[str, Any]
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+
+    @property
+    def name(self) -> str:
+        """The command: ``cmd["cmd"]`` (``flush``, ``baseline``, ...)."""
+        return str(self.cmd["cmd"])
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """Who gets which commands of ``topic``.
+
+    ``cmds``: the commands ``handler`` takes; None takes every command that no other
+    subscription of the topic names. ``replay``: also the records that were on the topic
+    when the consumer started (read from its beginning); else only those sent after.
+    """
+
+    topic: str
+    handler: Callable[[ControlRecord], Any]
+    cmds: frozenset[str] | None = None
+    replay: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.topic:
+            raise ValueError("a subscription needs a topic")
+        if self.cmds is not None and not self.cmds:
+            raise ValueError("cmds must name at least one command (or be None: the others)")
+
+
+def decode_record(value: bytes | None, topic: str, partition: int, offset: int,
+                  timestamp: int) -> ControlRecord | None:
+    """The command in one record's value, or None (logged) when it is not a JSON object
+    with a string ``cmd``. Deep nesting is refused like bad JSON, never raised."""
+    try:
+        cmd = json.loads(value)  # type: ignore[arg-type]
+    except (ValueError, TypeError, RecursionError):
+        log.warning("control: record %s[%d]@%d is not JSON", topic, partition, offset)
+        return None
+    if not isinstance(cmd, dict) or not isinstance(cmd.get("cmd"), str):
+        log.warning("control: ignoring a %s at %s[%d]@%d (expected {\"cmd\": ...})", type(cmd).__name__,
+                    topic, partition, offset)
+        return None
+    return ControlRecord(cmd, topic, partition, offset, timestamp)
+
+
+def handle_control(cmd: Any, *, auth: ControlAuth, refused: Any, flush: Callable[[], None],
+                   hooks: Sequence[tuple[str, Callable[[dict[str, Any]], None]]] = ()) -> None:
+    """The host's commands: ``{"cmd": "flush"}`` calls ``flush``; every admitted command
+    also goes to each ``(name, hook)`` of ``hooks``. Bad commands are logged and ignored.
+    With a control secret (``auth``), unsigned or badly signed commands are refused and
+    counted in ``refused``. ``baseline`` commands belong to the drift stage (which checks
+    them), so they are skipped here."""
+    if not isinstance(cmd, dict) or not isinstance(cmd.get("cmd"), str):
+        log.warning("control: ignoring a %s (expected {\"cmd\": ...})", type(cmd).__name__)
+        return
+    if cmd["cmd"] == "baseline":
+        return
+    if not admit(cmd, auth.secret, refused, max_age_s=auth.max_age_s):
+        return
+    if cmd["cmd"] == "flush":
+        flush()
+    for name, fn in hooks:
+        try:
+            fn(cmd)
+        except Exception:  # noqa: BLE001 - a command never breaks the worker
+            log.exception("control: stage %s failed on %r", name, cmd)
+
+
+class ControlConsumer:
+    """One group-less consumer of the subscriptions' topics (see the module docstring).
+
+    Parameters
+    ----------
+    kafka
+        Bootstrap servers and TLS/SASL settings.
+    subscriptions
+        Who gets which commands; their topics are the topics read.
+    find_timeout_s
+        How long to wait for a topic to appear in the metadata; a topic still missing
+        then is logged and left out (its commands are off until the next start).
+    """
+
+    def __init__(self, kafka: KafkaPort, subscriptions: Sequence[Subscription], *,
+                 find_timeout_s: float = 10.0) -> None:
+        self.kafka = kafka
+        self.subscriptions = tuple(subscriptions)
+        self.find_timeout_s = find_timeout_s
+        #: per (topic, partition): the end offset when the consumer started; below it a
+        #: record is history (only for ``replay`` subscriptions)
+        self._live_from: dict[tuple[str, int], int] = {}
+        self._task: asyncio.Task[None] | None = None
+        #: set once the partitions are assigned and positioned (or the consumer gave up)
+        self.ready = asyncio.Event()
+        self.dispatched = 0
+
+    @property
+    def topics(self) -> list[str]:
+        return sorted({s.topic for s in self.subscriptions})
+
+    # -- routing (pure) --------------------------------------------------------------
+    def takers(self, rec: ControlRecord, *, live: bool) -> list[Subscription]:
+        """The subscriptions ``rec`` goes to."""
+        subs = [s for s in self.subscriptions if s.topic == rec.topic and (live or s.replay)]
+        named = {c for s in self.subscriptions if s.topic == rec.topic and s.cmds for c in s.cmds}
+        return [s for s in subs if (rec.name in s.cmds if s.cmds is not None else rec.name not in named)]
+
+    def dispatch(self, rec: ControlRecord, *, live: bool) -> int:
+        """Hand ``rec`` to its subscribers; returns how many took it. A failing handler is
+        logged and the others still get the record."""
+        subs = self.takers(rec, live=live)
+        for s in subs:
+            try:
+                s.handler(rec)
+            except Exception:  # noqa: BLE001 - one bad record never ends the consumer
+                log.exception("control: %s command %s[%d]@%d failed", rec.name, rec.topic, rec.partition,
+                              rec.offset)
+        self.dispatched += len(subs)
+        return len(subs)
+
+    def on_record(self, value: bytes | None, topic: str, partition: int, offset: int, timestamp: int) -> int:
+        """One raw record: decoded and dispatched (history or live by its offset)."""
+        rec = decode_record(value, topic, partition, offset, timestamp)
+        if rec is None:
+            return 0
+        return self.dispatch(rec, live=offset >= self._live_from.get((topic, partition), 0))
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start consuming in a task of its own (returns at once; :attr:`ready` says when reading)."""
+        if self._task is None and self.subscriptions:
+            self._task = asyncio.create_task(self._run(), name="driftline-control")
+        elif not self.subscriptions:
+            self.ready.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.kafka.bootstrap, group_id=None,
+                                    enable_auto_commit=False, auto_offset_reset="earliest",
+                                    **self.kafka.security.aiokafka_kwargs())
+        await consumer.start()
+        try:
+            if not await self._assign(consumer):
+                return
+            while True:
+                data = await consumer.getmany(timeout_ms=500)
+                for tp, recs in data.items():
+                    for r in recs:
+                        self.on_record(r.value, tp.topic, tp.partition, r.offset, r.timestamp)
+        finally:
+            self.ready.set()
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+    async def _assign(self, consumer: Any) -> bool:
+        """Assign every partition of the topics found; replayed topics from their start,
+        the others from their end. False when none was found."""
+        from aiokafka import TopicPartition
+
+        found = await self._partitions(consumer)
+        for topic in sorted(set(self.topics) - set(found)):
+            log.warning("control: topic %s not found; its commands are off", topic)
+        tps = [TopicPartition(t, p) for t in sorted(found) for p in sorted(found[t])]
+        if not tps:
+            return False
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        self._live_from = {(tp.topic, tp.partition): int(off) for tp, off in ends.items()}
+        replayed = {s.topic for s in self.subscriptions if s.replay}
+        for tp in tps:
+            if tp.topic in replayed:  # commands are rare; the subscriber skips what it applied
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, self._live_from[(tp.topic, tp.partition)])
+        self.ready.set()
+        return True
+
+    async def _partitions(self, consumer: Any) -> dict[str, set[int]]:
+        """The partitions of each topic found within ``find_timeout_s`` (one deadline for all)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.find_timeout_s
+        found: dict[str, set[int]] = {}
+        while True:
+            for topic in self.topics:
+                parts = consumer.partitions_for_topic(topic)
+                if parts:
+                    found[topic] = set(parts)
+            if len(found) == len(self.topics) or loop.time() >= deadline:
+                return found
+            await consumer.force_metadata_update()
+            await asyncio.sleep(0.2)
