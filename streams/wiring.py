@@ -20,13 +20,13 @@ delivers batches and commits what the write step confirmed)
                                   topic's start; drift_control_log says what was applied)
 
 TRANSFORMS of the spine (Worker.process in streams/worker.py, in the order a batch goes
-through them; the windows on the wall clock: windows.WindowClock)
-  decode    pipeline.decode_batch     inputs: SOURCES  invalid -> the DLQ, with the reason
-  enrich    pipeline.enrich           inputs: decode   cost (schemas/prices.toml + --prices),
-                                                       guardrails (--scan-guardrails)
-  columns   pipeline.to_columns       inputs: enrich   the ``llm_events`` columns
-  windows   windows.WindowAggregator  inputs: columns  event-time windows per (app, model,
-                                                       prompt_version): final and partial rows
+through them; the windows on the wall clock: stages/windows.WindowClock)
+  decode    ingest/transforms.decode_batch  inputs: SOURCES  invalid -> the DLQ, with the reason
+  enrich    ingest/transforms.enrich        inputs: decode   cost (schemas/prices.toml + --prices),
+                                                            guardrails (--scan-guardrails)
+  columns   ingest/transforms.to_columns    inputs: enrich   the ``llm_events`` columns
+  windows   stages/windows.WindowAggregator  inputs: columns  event-time windows per
+                                              (app, model, prompt_version): final and partial rows
 
 SINKS of the spine: one write step (streams/sinks/write_step.py's WriteStep), in this order
 (README "What the worker does")
@@ -41,10 +41,10 @@ SINKS of the spine: one write step (streams/sinks/write_step.py's WriteStep), in
 
 STAGES: fed each write step once it is safe (``Stage.on_stored``), given their ports
 (streams/ports.py), built by :func:`stage_factories` and linked by :func:`link_stages`
-  alerting  alert_stage.AlertingStage   inputs: stored batches, the open windows (peek),
+  alerting  stages/alerting.AlertingStage   inputs: stored batches, the open windows (peek),
                                         drift results  -> ``alerts`` table, notifiers
                                         (webhook, Slack, Alertmanager, log)
-  drift     drift.DriftStage            inputs: stored events (sampled by event_id),
+  drift     stages/semantic_drift.DriftStage  inputs: stored events (sampled by event_id),
                                         ``baseline`` commands
                                         -> ``llm_embeddings``, ``drift_references``,
                                         ``drift_scores``, ``drift_control_log``;
