@@ -81,6 +81,21 @@ LATENCY_BUCKETS_MS: tuple[float, ...] = (
     25, 50, 100, 250, 500, 750, 1000, 1500, 2000, 3000, 5000, 7500, 10000, 20000, 30000, 60000,
 )
 
+
+#: the worker's labelled counters read from its dicts: (name, help, labels, attribute)
+_LABELLED_COUNTERS: tuple[tuple[str, str, list[str], str], ...] = (
+    ("driftline_dlq", "records sent to the dead-letter topic", ["reason"], "dlq"),
+    ("driftline_sink_errors", "failed ClickHouse operations (retried)", ["operation"], "sink_errors"),
+    ("driftline_stage_errors", "exceptions raised by a stream stage (logged, never propagated)", ["stage"],
+     "stage_errors"),
+    ("driftline_control_refused", "control commands refused: unsigned or badly signed while a control "
+     "secret is set", ["reason"], "control_refused"),
+    ("driftline_late_events", "events that arrived after their window closed", ["app", "model"],
+     "late_by_key"),
+    ("driftline_evicted_keys", "keys evicted (or folded into 'other') to keep per-key state bounded, "
+     "by dimension", ["dimension"], "evicted"),
+)
+
 _PER_KEY = ("events", "errors", "guardrail_hits", "feedback", "negative_feedback", "cost_usd",
             "unpriced_events", "input_tokens", "output_tokens")
 
@@ -204,35 +219,11 @@ class WorkerMetrics(Collector):
         for lab, v in self.last_event_s.items():
             g.add_metric(list(lab), v)
         yield g
-        c = CounterMetricFamily("driftline_dlq", "records sent to the dead-letter topic", labels=["reason"])
-        for r, v in self.dlq.items():
-            c.add_metric([r], v)
-        yield c
-        c = CounterMetricFamily("driftline_sink_errors", "failed ClickHouse operations (retried)",
-                                labels=["operation"])
-        for r, v in self.sink_errors.items():
-            c.add_metric([r], v)
-        yield c
-        c = CounterMetricFamily("driftline_stage_errors", "exceptions raised by a stream stage (logged, "
-                                "never propagated)", labels=["stage"])
-        for r, v in self.stage_errors.items():
-            c.add_metric([r], v)
-        yield c
-        c = CounterMetricFamily("driftline_control_refused", "control commands refused: unsigned or badly "
-                                "signed while a control secret is set", labels=["reason"])
-        for r, v in self.control_refused.items():
-            c.add_metric([r], v)
-        yield c
-        c = CounterMetricFamily("driftline_late_events", "events that arrived after their window closed",
-                                labels=["app", "model"])
-        for (a, m_), v in self.late_by_key.items():
-            c.add_metric([a, m_], v)
-        yield c
-        c = CounterMetricFamily("driftline_evicted_keys", "keys evicted (or folded into 'other') to keep "
-                                "per-key state bounded, by dimension", labels=["dimension"])
-        for r, v in self.evicted.items():
-            c.add_metric([r], v)
-        yield c
+        for name, doc, labels, attr in _LABELLED_COUNTERS:
+            c = CounterMetricFamily(name, doc, labels=labels)
+            for lab, v in getattr(self, attr).items():
+                c.add_metric(list(lab) if isinstance(lab, tuple) else [lab], v)
+            yield c
         yield CounterMetricFamily("driftline_batches", "record batches processed", value=self.batches)
         yield CounterMetricFamily("driftline_records", "Kafka records processed", value=self.records)
         yield CounterMetricFamily("driftline_skipped_spans", "OTLP spans skipped (not a model call: non-GenAI, tool or agent spans)",
