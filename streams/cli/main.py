@@ -196,6 +196,36 @@ def _resolve_targets(kafka: str | None, clickhouse: str | None, *, start_broker:
     return kafka, clickhouse, started
 
 
+def _worker_secrets(clickhouse: str, password_file: Path | None, cluster: str | None,
+                    insert_quorum: str | None, webhook: list[str] | None, slack_webhook: list[str] | None,
+                    alertmanager: list[str] | None, redact: str,
+                    ) -> tuple[str, list[str], list[str], list[str], bytes | None]:
+    """``driftline worker``'s secrets, read from files or the environment (never argv
+    alone): the ClickHouse DSN with its password and cluster, the notifier URLs, the
+    redaction key. Every secret is masked in the logs from here on."""
+    from driftline.streams.redact_secrets import (
+        install_secret_filter,
+        merge_password,
+        read_password,
+        read_urls,
+        secrets_of_url,
+    )
+    from driftline.streams.sinks.cluster import with_cluster
+
+    password = read_password(password_file, "DRIFTLINE_CLICKHOUSE_PASSWORD")
+    clickhouse = with_cluster(merge_password(clickhouse, password), cluster, insert_quorum)
+    hooks = read_urls(webhook, "DRIFTLINE_WEBHOOK")
+    slack = read_urls(slack_webhook, "DRIFTLINE_SLACK_WEBHOOK")
+    managers = read_urls(alertmanager, "DRIFTLINE_ALERTMANAGER")
+    redact_key = os.environ.get("DRIFTLINE_REDACT_KEY", "").encode() or None
+    install_secret_filter([*(password or "",), *(redact_key.decode() if redact_key else "",),
+                           *(s for u in (clickhouse, *hooks, *slack, *managers) for s in secrets_of_url(u))])
+    if redact_key is not None and redact != "hash":
+        _say("DRIFTLINE_REDACT_KEY is set but --redact is not hash: the key is not used")
+        redact_key = None
+    return clickhouse, hooks, slack, managers, redact_key
+
+
 def _alerting_options(alerts: bool, rules: Path | None, webhook: list[str] | None,
                       slack_webhook: list[str] | None, alertmanager: list[str] | None,
                       alert_interval: float) -> Any:
@@ -330,30 +360,11 @@ def worker(
     kafka, clickhouse, started = _resolve_targets(kafka, clickhouse, start_broker=True)
     try:
         from driftline.detectors.redact import Redaction
-        from driftline.streams.redact_secrets import (
-            install_secret_filter,
-            merge_password,
-            read_password,
-            read_urls,
-            secrets_of_url,
-        )
         from driftline.streams.sinks.clickhouse import Retention
 
-        password = read_password(clickhouse_password_file, "DRIFTLINE_CLICKHOUSE_PASSWORD")
-        clickhouse = merge_password(clickhouse, password)
-        from driftline.streams.sinks.cluster import with_cluster
-
-        clickhouse = with_cluster(clickhouse, cluster, insert_quorum)
-        webhook = read_urls(webhook, "DRIFTLINE_WEBHOOK")
-        slack_webhook = read_urls(slack_webhook, "DRIFTLINE_SLACK_WEBHOOK")
-        alertmanager = read_urls(alertmanager, "DRIFTLINE_ALERTMANAGER")
-        redact_key = os.environ.get("DRIFTLINE_REDACT_KEY", "").encode() or None
-        install_secret_filter([*(password or "",), *(redact_key.decode() if redact_key else "",),
-                               *(s for u in (clickhouse, *webhook, *slack_webhook, *alertmanager)
-                                 for s in secrets_of_url(u))])
-        if redact_key is not None and redact != "hash":
-            _say("DRIFTLINE_REDACT_KEY is set but --redact is not hash: the key is not used")
-            redact_key = None
+        clickhouse, webhook, slack_webhook, alertmanager, redact_key = _worker_secrets(
+            clickhouse, clickhouse_password_file, cluster, insert_quorum, webhook, slack_webhook, alertmanager,
+            redact)
         cfg = WorkerConfig(
             kafka_security=security, control_secret=control_secret, control_max_age_s=control_max_age or None,
             kafka=kafka, clickhouse=clickhouse, group_id=group,
