@@ -40,9 +40,10 @@ export runs, the next batch's items wait in the queue, and their delay starts af
 
 ``raise_on_exception`` (``block`` only): an exception raised by ``export`` is taken for a
 bug, not a sink failure (a sink that retries inside, as the ClickHouse sink does,
-never raises): it ends the export task instead of being retried, and :meth:`add`,
-:meth:`add_nowait` and :meth:`raise_if_failed` raise it. A ``FAILURE`` result is still
-retried.
+never raises): it ends the export task instead of being retried, and :meth:`add` and
+:meth:`raise_if_failed` raise it (not ``add_nowait``: a callback that only offers an
+item, as the worker's revocation does, is not where a writer bug is handled). A
+``FAILURE`` result is still retried.
 
 Why not the OpenTelemetry SDK class itself: it runs a worker *thread* per processor
 and its exporters are synchronous, while ours do their I/O on the worker's event loop
@@ -407,10 +408,8 @@ class BatchProcessor(Generic[T]):
 
         Under ``drop_oldest`` a full queue drops (and counts) its oldest item; under
         ``block`` a full queue raises :class:`asyncio.QueueFull`. After shutdown the item
-        is dropped and counted. Raises the export task's exception once it ended on one
-        (``raise_on_exception``).
+        is dropped and counted.
         """
-        self.raise_if_failed()
         if self._closing:
             self._drop(item, "added after shutdown")
             return
@@ -424,12 +423,17 @@ class BatchProcessor(Generic[T]):
         self._put(item)
 
     async def add(self, item: T) -> None:
-        """Queue ``item``; under ``block`` wait while the queue is full (backpressure)."""
+        """Queue ``item``; under ``block`` wait while the queue is full (backpressure).
+
+        Raises the export task's exception once it ended on one (``raise_on_exception``):
+        a stream waiting on a dead export task would wait forever.
+        """
         if self.config.on_full == "block":
             while (len(self._queue) >= self.config.max_queue_size and not self._closing
                    and self._error is None):
                 self._not_full.clear()
                 await self._not_full.wait()
+        self.raise_if_failed()
         self.add_nowait(item)
 
     # ------------------------------------------------------------------ lifecycle

@@ -364,7 +364,7 @@ async def test_raise_on_exception_ends_the_export_task_and_raises_to_the_stream(
     # A bug in export (an exception, not a FAILURE result) is not retried forever:
     # add / raise_if_failed raise it, force_flush says False, shutdown does not hang.
     # Mutations caught: retrying the exception (no raise, retries > 0), add blocking
-    # forever on a dead task, shutdown re-raising the bug.
+    # forever on a dead task, add_nowait raising it, shutdown re-raising the bug.
     class Buggy(InMemoryExporter[int]):
         async def export(self, items: object) -> ExportResult:
             self.calls += 1
@@ -386,10 +386,11 @@ async def test_raise_on_exception_ends_the_export_task_and_raises_to_the_stream(
     with pytest.raises(RuntimeError):
         await asyncio.wait_for(bp.add(2), 1.0)
     assert (await bp.force_flush(1.0), bp.pending, bp.exported) == (False, 1, 0)
+    bp.add_nowait(3)  # offered only (the worker's revocation): queued, the bug not raised here
     with caplog.at_level(logging.WARNING, "driftline.sinks.batch"):
         await asyncio.wait_for(bp.shutdown(timeout_s=None), 1.0)
     assert out.is_shut_down
-    assert "batch: 1 item(s) not exported at shutdown" in caplog.text
+    assert "batch: 2 item(s) not exported at shutdown" in caplog.text
 
 
 async def test_raise_on_exception_still_retries_a_failure_result() -> None:
