@@ -177,7 +177,7 @@ async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timer
                 timers.n[f"insert {table}"] += 1
         return ins
     # the fetch loop blocked on a full writer queue: backpressure from ClickHouse
-    worker.write_step.queue.put = timers.wrap_async("wait for writer", worker.write_step.queue.put)  # type: ignore[method-assign]
+    worker.write_step.batches.add = timers.wrap_async("wait for writer", worker.write_step.batches.add)  # type: ignore[method-assign]
     sink.insert_columns = timed(sink.insert_columns)  # type: ignore[method-assign]
     sink.insert_arrow = timed(sink.insert_arrow)  # type: ignore[method-assign]
 

@@ -332,7 +332,7 @@ class Worker:
         (SIGINT/SIGTERM stopped nothing while ClickHouse was unreachable)."""
         if not await self._started(stop):
             return
-        writer = asyncio.create_task(self.write_step.run(), name="driftline-writer")
+        await self.write_step.start()
         started: list[Stage] = []
         try:
             for st in self.stages:
@@ -347,11 +347,10 @@ class Worker:
             self.started.set()
             while not stop.is_set():
                 await self.host.fetch()
-                if writer.done():
-                    writer.result()  # surfaces a writer bug; sink failures never get here
+                self.write_step.raise_if_failed()  # a writer bug; sink failures never get here
             await self.host.finish()  # the batch still being decoded is written too
         finally:
-            await self._shut_down(writer, started)
+            await self._shut_down(started)
 
     async def _started(self, stop: asyncio.Event) -> bool:
         """Run :meth:`start` until it completes (True) or ``stop`` is set (False, stopped)."""
@@ -374,14 +373,12 @@ class Worker:
         starting.result()
         return True
 
-    async def _shut_down(self, writer: asyncio.Task[None], started: list[Stage]) -> None:
+    async def _shut_down(self, started: list[Stage]) -> None:
         """Write the open windows and what is queued, stop the stages (in reverse), then the clients."""
         with contextlib.suppress(Exception):
             # windows still open are stored as partial rows: visible, and rebuilt on restart
-            await self.write_step.queue.put(Work(None, self.windows.partial(), [], {}))
-        await self.write_step.queue.put(None)
-        with contextlib.suppress(Exception):
-            await writer
+            await self.write_step.batches.add(Work(None, self.windows.partial(), [], {}))
+        await self.write_step.shutdown()  # a writer bug is logged there
         for st in reversed(started):
             try:
                 await st.stop()
@@ -420,7 +417,7 @@ class Worker:
             work.rejected = [*work.rejected, *p.undecodable]
             self.metrics.observe_dlq("undecodable_batch", len(p.undecodable))
         t = time.monotonic()
-        await self.write_step.queue.put(work)
+        await self.write_step.batches.add(work)
         if time.monotonic() - t > 1.0:
             self.clock.not_idle(time.monotonic())  # held up by the writer: not idleness
 
@@ -477,7 +474,7 @@ class Worker:
             # dropped when the queue is full, so a ClickHouse outage cannot hold the
             # callback past the group's rebalance timeout here
             with contextlib.suppress(asyncio.QueueFull):
-                self.write_step.queue.put_nowait(Work(None, partial, [], {}))
+                self.write_step.batches.add_nowait(Work(None, partial, [], {}))
         # Everything processed so far is written (and committed) before the group moves
         # on: the next owner of a partition reads its stored offsets after this returns,
         # so it skips what this worker stored instead of storing it again.

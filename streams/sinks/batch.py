@@ -29,6 +29,22 @@ requires with ``on_full``:
 Counts are in *units*: ``size_of(item)``, 1 per item unless given (a notifier's queue
 holds batches of alerts and counts alerts).
 
+Batches cut by units (``max_export_units``, for the worker's write step, whose items are
+fetched batches of very different sizes): the export task takes waiting items into the
+batch it forms as soon as it is free, as a writer pulling from an ``asyncio.Queue``
+would, so they no longer count against ``max_queue_size``; it keeps taking while the
+batch holds fewer than ``max_export_units`` units (the last item taken may pass it). A
+batch of at least ``export_trigger_units`` goes out at once; a smaller one waits for
+more until ``schedule_delay_s`` after its *first item was taken* (not added: while an
+export runs, the next batch's items wait in the queue, and their delay starts after it).
+
+``raise_on_exception`` (``block`` only): an exception raised by ``export`` is taken for a
+bug, not a sink failure (a sink that retries inside, as the ClickHouse sink does,
+never raises): it ends the export task instead of being retried, and :meth:`add` and
+:meth:`raise_if_failed` raise it (not ``add_nowait``: a callback that only offers an
+item, as the worker's revocation does, is not where a writer bug is handled). A
+``FAILURE`` result is still retried.
+
 Why not the OpenTelemetry SDK class itself: it runs a worker *thread* per processor
 and its exporters are synchronous, while ours do their I/O on the worker's event loop
 (aiohttp, the ClickHouse sink's async lanes); it only drops, never applies
@@ -187,6 +203,15 @@ class BatchConfig:
         never gives up a batch.
     export_timeout_s
         An export that takes longer is a failed attempt (None: no limit).
+    max_export_units
+        Cut batches by units instead of items (see the module docstring): items are taken
+        into a batch while it holds fewer units; ``max_export_batch_size`` is then unused.
+    export_trigger_units
+        With ``max_export_units``: a batch of at least this many units goes out at once
+        (None: ``max_export_units``); a smaller one after ``schedule_delay_s``.
+    raise_on_exception
+        ``block`` only: an exception from ``export`` ends the export task and is raised
+        to the stream (a bug), instead of being retried.
     """
 
     max_queue_size: int = 2048
@@ -198,11 +223,14 @@ class BatchConfig:
     jitter: float = 0.0
     max_attempts: int | None = None
     export_timeout_s: float | None = None
+    max_export_units: int | None = None
+    export_trigger_units: int | None = None
+    raise_on_exception: bool = False
 
     def __post_init__(self) -> None:
         if self.max_queue_size < 1:
             raise ValueError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
-        if not 1 <= self.max_export_batch_size <= self.max_queue_size:
+        if self.max_export_units is None and not 1 <= self.max_export_batch_size <= self.max_queue_size:
             raise ValueError(f"max_export_batch_size must be in [1, max_queue_size={self.max_queue_size}], "
                              f"got {self.max_export_batch_size}")
         if not self.schedule_delay_s >= 0:
@@ -221,6 +249,26 @@ class BatchConfig:
                 raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.export_timeout_s is not None and not self.export_timeout_s > 0:
             raise ValueError(f"export_timeout_s must be > 0 or None, got {self.export_timeout_s}")
+        self._check_units()
+
+    def _check_units(self) -> None:
+        if self.max_export_units is not None and self.max_export_units < 1:
+            raise ValueError(f"max_export_units must be >= 1 or None, got {self.max_export_units}")
+        if self.export_trigger_units is not None:
+            if self.max_export_units is None:
+                raise ValueError("export_trigger_units needs max_export_units")
+            if not 0 <= self.export_trigger_units <= self.max_export_units:
+                raise ValueError(f"export_trigger_units must be in [0, max_export_units={self.max_export_units}], "
+                                 f"got {self.export_trigger_units}")
+        if self.raise_on_exception and self.on_full != "block":
+            raise ValueError("raise_on_exception is for on_full='block' ('drop_oldest' counts failures)")
+
+    @property
+    def trigger_units(self) -> int:
+        """Units that send a forming batch at once (unit-cut batches only)."""
+        if self.export_trigger_units is not None:
+            return self.export_trigger_units
+        return self.max_export_units or 0
 
     def backoff_s(self, attempt: int, rng: random.Random | None = None) -> float:
         """Delay before retry number ``attempt`` (1-based); ``rng`` draws the jitter."""
@@ -242,7 +290,8 @@ class BatchProcessor(Generic[T]):
     exporter
         The sink.
     max_queue_size, max_export_batch_size, schedule_delay_s, on_full, backoff_initial_s, \
-    backoff_max_s, jitter, max_attempts, export_timeout_s
+    backoff_max_s, jitter, max_attempts, export_timeout_s, max_export_units, \
+    export_trigger_units, raise_on_exception
         See :class:`BatchConfig` (validated there: ``ValueError`` on a bad value).
     drops_counter
         Incremented by the units dropped (queue full, or added after shutdown).
@@ -280,10 +329,12 @@ class BatchProcessor(Generic[T]):
                  size_of: Callable[[T], int] | None = None, name: str = "batch",
                  backoff_initial_s: float = 0.1, backoff_max_s: float = 10.0, jitter: float = 0.0,
                  max_attempts: int | None = None, export_timeout_s: float | None = None,
-                 rng: random.Random | None = None,
+                 max_export_units: int | None = None, export_trigger_units: int | None = None,
+                 raise_on_exception: bool = False, rng: random.Random | None = None,
                  sleep: Callable[[float], Any] = asyncio.sleep) -> None:
         self.config = BatchConfig(max_queue_size, max_export_batch_size, schedule_delay_s, on_full,
-                                  backoff_initial_s, backoff_max_s, jitter, max_attempts, export_timeout_s)
+                                  backoff_initial_s, backoff_max_s, jitter, max_attempts, export_timeout_s,
+                                  max_export_units, export_trigger_units, raise_on_exception)
         self.exporter = exporter
         self.name = name
         self._drops_counter = drops_counter
@@ -296,6 +347,11 @@ class BatchProcessor(Generic[T]):
         #: (loop time added, item), oldest first
         self._queue: deque[tuple[float, T]] = deque()
         self._in_flight = 0
+        #: unit-cut batches: the batch being formed (taken off the queue, not yet exported)
+        self._forming: list[T] = []
+        self._forming_units = 0
+        self._forming_since = 0.0
+        self._error: BaseException | None = None
         self._wake = asyncio.Event()
         self._not_full = asyncio.Event()
         self._progress = asyncio.Event()
@@ -325,8 +381,8 @@ class BatchProcessor(Generic[T]):
 
     @property
     def pending(self) -> int:
-        """Items not yet exported: waiting plus in flight."""
-        return len(self._queue) + self._in_flight
+        """Items not yet exported: waiting plus in flight (or being formed)."""
+        return len(self._queue) + self._in_flight + len(self._forming)
 
     def _units(self, item: T) -> int:
         return 1 if self._size_of is None else int(self._size_of(item))
@@ -336,7 +392,8 @@ class BatchProcessor(Generic[T]):
         self._queue.append((loop_time, item))
         self._added += 1
         n = len(self._queue)
-        if self._task is not None and (n == 1 or n >= self.config.max_export_batch_size):
+        if self._task is not None and (n == 1 or n >= self.config.max_export_batch_size
+                                       or self.config.max_export_units is not None):
             self._wake.set()  # a delay starts, or a batch is full
 
     def _drop(self, item: T, why: str) -> None:
@@ -366,11 +423,17 @@ class BatchProcessor(Generic[T]):
         self._put(item)
 
     async def add(self, item: T) -> None:
-        """Queue ``item``; under ``block`` wait while the queue is full (backpressure)."""
+        """Queue ``item``; under ``block`` wait while the queue is full (backpressure).
+
+        Raises the export task's exception once it ended on one (``raise_on_exception``):
+        a stream waiting on a dead export task would wait forever.
+        """
         if self.config.on_full == "block":
-            while len(self._queue) >= self.config.max_queue_size and not self._closing:
+            while (len(self._queue) >= self.config.max_queue_size and not self._closing
+                   and self._error is None):
                 self._not_full.clear()
                 await self._not_full.wait()
+        self.raise_if_failed()
         self.add_nowait(item)
 
     # ------------------------------------------------------------------ lifecycle
@@ -378,12 +441,17 @@ class BatchProcessor(Generic[T]):
         """Start the export task on the running loop (idempotent)."""
         if self._task is None and not self._is_shut_down:
             # items queued before the loop ran carry time 0: they are due at once
-            self._task = asyncio.create_task(self._run(), name=f"driftline-batch-{self.name}")
+            self._task = asyncio.create_task(self._main(), name=f"driftline-batch-{self.name}")
             self._wake.set()
 
     @property
     def started(self) -> bool:
         return self._task is not None
+
+    def raise_if_failed(self) -> None:
+        """Raise the exception that ended the export task (``raise_on_exception``), if any."""
+        if self._error is not None:
+            raise RuntimeError(f"{self.name}: the export task ended on an exception") from self._error
 
     def _settle(self, n: int) -> None:
         self._settled += n
@@ -406,7 +474,7 @@ class BatchProcessor(Generic[T]):
 
         False when that did not finish within ``timeout_s``, or after shutdown.
         """
-        if self._is_shut_down or self._closing:
+        if self._is_shut_down or self._closing or self._error is not None:
             return False
         if self._task is None:
             await self.start()
@@ -419,8 +487,9 @@ class BatchProcessor(Generic[T]):
             return False
         return bool(await self.exporter.force_flush(max(0.0, deadline - loop.time())))
 
-    async def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Export what is queued (within ``timeout_s``), stop, and shut the exporter down.
+    async def shutdown(self, timeout_s: float | None = 30.0) -> None:
+        """Export what is queued (within ``timeout_s``; None: as long as it takes), stop,
+        and shut the exporter down.
 
         Items still queued when the time runs out are logged as lost; items added
         afterwards are dropped and counted.
@@ -429,7 +498,7 @@ class BatchProcessor(Generic[T]):
             return
         self._closing = True
         if self._task is None and self._queue:
-            self._task = asyncio.create_task(self._run(), name=f"driftline-batch-{self.name}")
+            self._task = asyncio.create_task(self._main(), name=f"driftline-batch-{self.name}")
         self._wake.set()
         self._not_full.set()
         if self._task is not None:
@@ -458,6 +527,20 @@ class BatchProcessor(Generic[T]):
             return 0.0
         return max(0.0, self._queue[0][0] + self.config.schedule_delay_s - now)
 
+    async def _main(self) -> None:
+        try:
+            if self.config.max_export_units is None:
+                await self._run()
+            else:
+                await self._run_units()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._error = e  # raise_on_exception: add / raise_if_failed raise it
+            self._not_full.set()
+            self._progress.set()
+            raise
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -480,6 +563,48 @@ class BatchProcessor(Generic[T]):
                 self._in_flight = 0
                 self._settle(n)
 
+    def _take_units(self, now: float) -> None:
+        """Move waiting items into the forming batch while it holds fewer than
+        ``max_export_units`` units (its first item always)."""
+        limit = self.config.max_export_units or 0
+        while self._queue and (not self._forming or self._forming_units < limit):
+            if not self._forming:
+                self._forming_since = now
+            item = self._queue.popleft()[1]
+            self._forming.append(item)
+            self._forming_units += self._units(item)
+            self._taken += 1
+            self._not_full.set()
+
+    def _units_due(self, now: float) -> float | None:
+        """Seconds until the forming batch goes out (0: now), None when it is empty."""
+        if not self._forming:
+            return None
+        if (self._forming_units >= self.config.trigger_units or self._closing
+                or self._settled < self._flush_to):
+            return 0.0
+        return max(0.0, self._forming_since + self.config.schedule_delay_s - now)
+
+    async def _run_units(self) -> None:
+        """The export task for unit-cut batches (see the module docstring)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self._take_units(loop.time())
+            due = self._units_due(loop.time())
+            if due is None and self._closing:
+                return
+            if due is None or due > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), due)
+                continue
+            batch, n = self._forming, len(self._forming)
+            self._forming, self._forming_units = [], 0
+            self._in_flight = n
+            await self._export(batch)  # raised (raise_on_exception): not exported, never settled
+            self._in_flight = 0
+            self._settle(n)
+
     async def _export(self, batch: list[T]) -> None:
         cfg = self.config
         units = sum(self._units(x) for x in batch)
@@ -496,6 +621,10 @@ class BatchProcessor(Generic[T]):
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a sink failure never kills the stream
+                if cfg.raise_on_exception:
+                    log.exception("%s: export of %d item(s) raised: a bug, the export task ends",
+                                  self.name, len(batch))
+                    raise
                 log.exception("%s: export of %d item(s) raised", self.name, len(batch))
                 failed = True
             if not failed:

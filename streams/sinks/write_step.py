@@ -21,7 +21,6 @@ loop back (backpressure), and while an insert is retried the host's
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import time
@@ -35,6 +34,7 @@ from driftline.detectors.redact import Redaction
 from driftline.schemas.columns import LOG_COLUMNS, OUTBOX_COLUMNS, WINDOW_COLUMNS
 from driftline.schemas.window_stats import WindowStats
 from driftline.streams.ingest.transforms import ArrowColumns, Rejected
+from driftline.streams.sinks.batch import BatchProcessor, ExportResult
 from driftline.streams.sinks.clickhouse import ClickHouseSink
 from driftline.streams.sinks.dlq import DeadLetters, now_utc, outbox_rows
 from driftline.streams.sinks.prometheus import WorkerMetrics
@@ -174,17 +174,44 @@ def _concat_arrow(tables: list[Any]) -> Any:
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
-def _rows(work: Work | None) -> int:
-    return work.arrow.num_rows if work is not None and work.arrow is not None else 0
+def _rows(work: Work) -> int:
+    return work.arrow.num_rows if work.arrow is not None else 0
 
 
 async def _stay() -> None:
     return None
 
 
+class _WriteExporter:
+    """The write step as :attr:`WriteStep.batches`' exporter: one export is one write step."""
+
+    def __init__(self, step: WriteStep) -> None:
+        self.step = step
+
+    async def export(self, items: Sequence[Work]) -> ExportResult:
+        await self.step.write(list(items))
+        return ExportResult.SUCCESS
+
+    async def force_flush(self, timeout_s: float = 30.0) -> bool:
+        return True
+
+    async def shutdown(self) -> None:
+        return None
+
+
 class WriteStep:
-    """Takes processed batches on :attr:`queue` (None ends it), writes them in write
-    steps, and reports the offsets each step made safe to ``on_safe``.
+    """Takes processed batches on :attr:`batches`, writes them in write steps, and
+    reports the offsets each step made safe to ``on_safe``.
+
+    :attr:`batches` is a blocking :class:`~driftline.streams.sinks.batch.BatchProcessor`
+    cut by event rows: at most 4 fetched batches wait (a full queue holds the fetch loop
+    back: backpressure); the writer merges what waits into one insert of up to
+    ``max_insert_rows`` events (the last batch may pass it), and an insert smaller than
+    ``min_insert_rows`` waits up to ``insert_linger_s`` (from when the writer took its
+    first batch) for more: fewer, larger inserts, fewer parts to merge. An exception
+    from :meth:`write` is a bug (sink failures are retried inside the sink): it ends
+    the writer and :meth:`raise_if_failed` raises it, rather than retrying a step half
+    applied (the stages were fed).
 
     Parameters
     ----------
@@ -218,47 +245,23 @@ class WriteStep:
         self.min_insert_rows = min_insert_rows
         self.insert_linger_s = insert_linger_s
         #: bounded: a full queue holds the fetch loop back (backpressure)
-        self.queue: asyncio.Queue[Work | None] = asyncio.Queue(maxsize=4)
+        self.batches: BatchProcessor[Work] = BatchProcessor(
+            _WriteExporter(self), max_queue_size=4, on_full="block", schedule_delay_s=insert_linger_s,
+            max_export_units=max_insert_rows, export_trigger_units=min(min_insert_rows, max_insert_rows),
+            raise_on_exception=True, size_of=_rows, name="writer")
         self.stored_events = 0
 
-    async def run(self) -> None:
-        """Write what the queue holds until it yields None."""
-        queue = self.queue
-        while True:
-            work = await queue.get()
-            if work is None:
-                queue.task_done()
-                return
-            batch, done = await self._coalesce(work)
-            await self.write(batch)
-            for _ in range(len(batch) + done):
-                queue.task_done()
-            if done:
-                return
+    async def start(self) -> None:
+        """Start writing what :attr:`batches` takes."""
+        await self.batches.start()
 
-    async def _coalesce(self, work: Work) -> tuple[list[Work], bool]:
-        """``work`` and what queues up meanwhile, lingering briefly for a small insert:
-        fewer, larger inserts (fewer parts to merge). True when the queue's end was taken."""
-        queue = self.queue
-        batch = [work]
-        n = _rows(work)
-        deadline = time.monotonic() + self.insert_linger_s
-        while n < self.max_insert_rows:
-            if queue.empty():
-                left = deadline - time.monotonic()
-                if n >= self.min_insert_rows or left <= 0:
-                    break
-                try:
-                    nxt = await asyncio.wait_for(queue.get(), left)
-                except TimeoutError:
-                    break
-            else:
-                nxt = queue.get_nowait()
-            if nxt is None:
-                return batch, True
-            batch.append(nxt)
-            n += _rows(nxt)
-        return batch, False
+    def raise_if_failed(self) -> None:
+        """Raise the exception that ended the writer (a bug; sink failures never get here)."""
+        self.batches.raise_if_failed()
+
+    async def shutdown(self) -> None:
+        """Write everything queued, as long as it takes (the sink retries until stored)."""
+        await self.batches.shutdown(timeout_s=None)
 
     async def write(self, batch: list[Work]) -> None:
         """One write step: llm_events, dlq_outbox, llm_window_metrics, then ingest_log
@@ -362,12 +365,11 @@ class WriteStep:
 
     # ------------------------------------------------------------------ rebalances
     async def drain(self, timeout_s: float) -> bool:
-        """Wait until every queued batch is written, ``timeout_s`` at most: False if not."""
-        try:
-            await asyncio.wait_for(self.queue.join(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
+        """Wait until every batch queued so far is written (not lingering for more),
+        ``timeout_s`` at most: False if not."""
+        if not self.batches.pending:
+            return True
+        return await self.batches.force_flush(timeout_s)
 
     async def resume(self, assigned: Sequence[TopicPartition], retry: Retry,
                      stopping: Callable[[], bool]) -> tuple[dict[TopicPartition, tuple[int, int, int]], int | None]:

@@ -273,6 +273,155 @@ async def test_shutdown_gives_up_on_a_hung_sink_after_its_timeout(caplog: pytest
     assert "hung: 3 item(s) not exported at shutdown" in caplog.text
 
 
+def units(x: int) -> int:
+    return x
+
+
+async def test_unit_cut_takes_items_while_the_batch_is_under_max_units() -> None:
+    # The write step's _coalesce rule: take while the batch holds < max units, so the
+    # last item may pass it; a batch of >= trigger units goes out at once.
+    # Mutations caught: stopping before max is passed ([4, 4]), cutting at the item
+    # count, a trigger that waits for the delay, shutdown not exporting the remainder.
+    out: InMemoryExporter[int] = InMemoryExporter()
+    bp = BatchProcessor(out, max_queue_size=4, schedule_delay_s=60, max_export_units=10,
+                        export_trigger_units=6, size_of=units)
+    for x in (4, 4, 4, 1):
+        bp.add_nowait(x)
+    await bp.start()
+    await settle()
+    assert out.batches == [[4, 4, 4]]  # 12 units: the third item passed max=10
+    assert (bp.pending, len(bp), bp.exported) == (1, 0, 12)  # [1] is being formed, lingering
+    for x in (2, 3):  # 1 + 2 + 3 = 6 >= trigger: out at once
+        await bp.add(x)
+    await settle()
+    assert out.batches == [[4, 4, 4], [1, 2, 3]]
+    await bp.add(5)
+    await settle()
+    assert out.batches == [[4, 4, 4], [1, 2, 3]]  # 5 < trigger 6: lingers
+    await bp.shutdown()
+    assert out.batches == [[4, 4, 4], [1, 2, 3], [5]]
+    assert (bp.exported, bp.dropped, out.is_shut_down) == (23, 0, True)
+
+
+async def test_unit_cut_items_being_formed_do_not_count_against_the_queue() -> None:
+    # A lingering batch takes items off the queue as they come (as a writer pulling
+    # from an asyncio.Queue): the fetch loop is not held back by a batch still forming,
+    # only by max_queue_size items waiting behind an export in flight.
+    # Mutations caught: counting the forming batch against max_queue_size (the adds
+    # below block), not blocking while an export is in flight.
+    gate = asyncio.Event()
+    out: InMemoryExporter[int] = InMemoryExporter(gate=gate)
+    bp = BatchProcessor(out, max_queue_size=2, schedule_delay_s=60, max_export_units=100,
+                        export_trigger_units=10, size_of=units)
+    await bp.start()
+    for _ in range(6):  # 6 items through a queue of 2, none blocked for long
+        await asyncio.wait_for(bp.add(1), 1.0)
+    await settle()
+    assert (out.calls, bp.pending, len(bp)) == (0, 6, 0)
+    await bp.add(4)  # 10 units: out at once, the export hangs on the gate
+    await settle()
+    assert (out.calls, bp.pending) == (1, 7)
+    bp.add_nowait(1)
+    bp.add_nowait(1)
+    with pytest.raises(asyncio.QueueFull):
+        bp.add_nowait(1)
+    blocked = asyncio.create_task(bp.add(2))
+    await settle()
+    assert not blocked.done()  # backpressure while the export is in flight
+    gate.set()
+    await asyncio.wait_for(blocked, 1.0)
+    assert await bp.force_flush(1.0) is True
+    assert out.batches == [[1, 1, 1, 1, 1, 1, 4], [1, 1, 2]]
+
+
+async def test_unit_cut_delay_starts_when_the_first_item_is_taken() -> None:
+    # _coalesce's deadline starts when the writer takes the first batch, not when it
+    # was queued: an item that waited behind a slow export still lingers the full delay.
+    # Mutations caught: timing the delay from the add (the item goes out at once when
+    # the gate opens), ignoring the delay (waits forever below the trigger).
+    gate = asyncio.Event()
+    out: InMemoryExporter[int] = InMemoryExporter(gate=gate)
+    bp = BatchProcessor(out, max_queue_size=4, schedule_delay_s=0.2, max_export_units=100,
+                        export_trigger_units=10, size_of=units)
+    await bp.start()
+    await bp.add(10)
+    await settle()
+    await bp.add(1)
+    await asyncio.sleep(0.3)  # the 1 has waited longer than the delay, behind the export
+    loop = asyncio.get_running_loop()
+    t1 = loop.time()
+    gate.set()
+    await settle()
+    assert out.batches == [[10]]
+    await until(lambda: len(out.batches) == 2)
+    assert loop.time() - t1 >= 0.2
+    assert out.batches == [[10], [1]]
+    await bp.shutdown()
+
+
+async def test_raise_on_exception_ends_the_export_task_and_raises_to_the_stream(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A bug in export (an exception, not a FAILURE result) is not retried forever:
+    # add / raise_if_failed raise it, force_flush says False, shutdown does not hang.
+    # Mutations caught: retrying the exception (no raise, retries > 0), add blocking
+    # forever on a dead task, add_nowait raising it, shutdown re-raising the bug.
+    class Buggy(InMemoryExporter[int]):
+        async def export(self, items: object) -> ExportResult:
+            self.calls += 1
+            raise KeyError("bug")
+
+    out = Buggy()
+    rec = Recorder()
+    bp = BatchProcessor(out, max_queue_size=1, schedule_delay_s=0, max_export_units=1,
+                        raise_on_exception=True, size_of=units, sleep=rec)
+    await bp.start()
+    with caplog.at_level(logging.ERROR, "driftline.sinks.batch"):
+        await bp.add(1)
+        await settle()
+    assert (out.calls, bp.retries, rec.delays) == (1, 0, [])
+    assert "a bug, the export task ends" in caplog.text
+    with pytest.raises(RuntimeError, match="the export task ended on an exception") as e:
+        bp.raise_if_failed()
+    assert isinstance(e.value.__cause__, KeyError)
+    with pytest.raises(RuntimeError):
+        await asyncio.wait_for(bp.add(2), 1.0)
+    assert (await bp.force_flush(1.0), bp.pending, bp.exported) == (False, 1, 0)
+    bp.add_nowait(3)  # offered only (the worker's revocation): queued, the bug not raised here
+    with caplog.at_level(logging.WARNING, "driftline.sinks.batch"):
+        await asyncio.wait_for(bp.shutdown(timeout_s=None), 1.0)
+    assert out.is_shut_down
+    assert "batch: 2 item(s) not exported at shutdown" in caplog.text
+
+
+async def test_raise_on_exception_still_retries_a_failure_result() -> None:
+    # Mutation caught: raise_on_exception giving up on FAILURE results (a sink failure).
+    out: InMemoryExporter[int] = InMemoryExporter(fail_next=2)
+    rec = Recorder()
+    bp = BatchProcessor(out, max_queue_size=4, schedule_delay_s=0, max_export_units=5,
+                        raise_on_exception=True, size_of=units, sleep=rec)
+    await bp.start()
+    await bp.add(5)
+    await until(lambda: bool(out.batches))
+    assert (out.batches, out.calls, bp.retries, rec.delays) == ([[5]], 3, 10, [0.1, 0.2])
+    bp.raise_if_failed()
+    await bp.shutdown()
+
+
+async def test_shutdown_without_a_time_limit_waits_for_a_slow_export() -> None:
+    # Mutation caught: timeout_s=None taken as 0 (the batch abandoned at shutdown).
+    gate = asyncio.Event()
+    out: InMemoryExporter[int] = InMemoryExporter(gate=gate)
+    bp = BatchProcessor(out, max_queue_size=4, schedule_delay_s=60, max_export_units=100, size_of=units)
+    await bp.start()
+    await bp.add(3)
+    stopping = asyncio.create_task(bp.shutdown(timeout_s=None))
+    await asyncio.sleep(0.1)
+    assert not stopping.done()
+    gate.set()
+    await asyncio.wait_for(stopping, 1.0)
+    assert (out.batches, bp.exported, out.is_shut_down) == ([[3]], 3, True)
+
+
 def test_export_failed() -> None:
     assert [export_failed(r) for r in (ExportResult.FAILURE, False, ExportResult.SUCCESS, True, None)] \
         == [True, True, False, False, False]
@@ -290,6 +439,10 @@ def test_export_failed() -> None:
     ({"max_attempts": 3}, "max_attempts is for on_full='drop_oldest'"),
     ({"on_full": "drop_oldest", "max_attempts": 0}, "max_attempts must be >= 1"),
     ({"export_timeout_s": 0.0}, "export_timeout_s must be > 0 or None"),
+    ({"max_export_units": 0}, "max_export_units must be >= 1 or None"),
+    ({"export_trigger_units": 5}, "export_trigger_units needs max_export_units"),
+    ({"max_export_units": 4, "export_trigger_units": 5}, r"export_trigger_units must be in \[0, max_export_units=4\]"),
+    ({"on_full": "drop_oldest", "raise_on_exception": True}, "raise_on_exception is for on_full='block'"),
 ])
 def test_bad_config_is_refused(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
