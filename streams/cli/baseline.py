@@ -76,12 +76,15 @@ def send_command(kafka: str, cmd: dict[str, Any], topic: str = CONTROL_TOPIC, ti
         p.close(timeout=5)
 
 
-def _where(app: str | None, model: str | None, prompt_version: str | None, field: str | None) -> str:
-    conds = []
+def _where(app: str | None, model: str | None, prompt_version: str | None,
+           field: str | None) -> tuple[str, dict[str, str]]:
+    """The key filter as ``{name:String}`` placeholders and their values."""
+    conds, params = [], {}
     for col, v in (("app", app), ("model", model), ("prompt_version", prompt_version), ("field", field)):
         if v is not None:
-            conds.append(f"{col} = '" + v.replace("\\", "\\\\").replace("'", "\\'") + "'")
-    return ("AND " + " AND ".join(conds) + " ") if conds else ""
+            conds.append(f"{col} = {{{col}:String}}")
+            params[col] = v
+    return (("AND " + " AND ".join(conds) + " ") if conds else ""), params
 
 
 def show_references(dsn: str, *, app: str | None = None, model: str | None = None,
@@ -92,7 +95,8 @@ def show_references(dsn: str, *, app: str | None = None, model: str | None = Non
     from driftline.streams.sinks.clickhouse import resolve_dsn
 
     _, db = resolve_dsn(dsn)
-    return run_sql(dsn, SHOW_SQL.format(db=db, where=_where(app, model, prompt_version, field)), fmt=fmt)
+    where, params = _where(app, model, prompt_version, field)
+    return run_sql(dsn, SHOW_SQL.format(db=db, where=where), fmt=fmt, parameters=params)
 
 
 def wait_applied(dsn: str, control_id: str, timeout: float) -> int | None:
@@ -105,9 +109,9 @@ def wait_applied(dsn: str, control_id: str, timeout: float) -> int | None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            cid = "".join(ch for ch in control_id if ch.isalnum() or ch in ":-_.")
             out = run_sql(dsn, f"SELECT max(n_references), count() FROM {db}.drift_control_log "
-                               f"WHERE control_id = '{cid}'", fmt="TabSeparated")
+                               "WHERE control_id = {cid:String}", fmt="TabSeparated",
+                          parameters={"cid": control_id})
             n, seen = (int(x) for x in out.split())
             if seen:
                 return n

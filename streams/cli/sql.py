@@ -12,6 +12,7 @@ is opened directly.
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from driftline.streams.auth import ADMIN_USER, USER, client_credentials, credentials_path
@@ -55,11 +56,14 @@ def client_for(dsn: str, *, write: bool = False):  # type: ignore[no-untyped-def
         secure=u.scheme in ("https", "clickhouses"))
 
 
-def run_sql(dsn: str, query: str, fmt: str = "PrettyCompactMonoBlock") -> bytes:
+def run_sql(dsn: str, query: str, fmt: str = "PrettyCompactMonoBlock",
+            parameters: dict[str, Any] | None = None) -> bytes:
+    """``query``'s result formatted by ClickHouse; ``parameters`` fill its
+    ``{name:Type}`` placeholders (bound by the server, never quoted by us)."""
     c = client_for(dsn, write=not READ_QUERY.match(query))
     try:
         if READ_QUERY.match(query):
-            return bytes(c.raw_query(query, fmt=fmt))
+            return bytes(c.raw_query(query, parameters=parameters, fmt=fmt))
         out = c.command(query)
         return b"" if out is None else f"{out}\n".encode()
     finally:

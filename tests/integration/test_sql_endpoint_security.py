@@ -335,3 +335,24 @@ def test_writer_lanes_store_exactly_after_everything(served: Served) -> None:
 
     assert served.sink.call(lane_state) == (0, "default", 0)
     assert asyncio.run(served.sink.acall(lane_state, ingest=True)) == (0, "default", 0)
+
+
+def test_baseline_show_binds_keys_through_the_endpoint(served: Served) -> None:
+    # `driftline baseline show` filters keys with {name:String} parameters, sent to the
+    # worker's endpoint as param_*: a key holding quotes and backslashes matches exactly
+    # itself, not its decoy one backslash apart. Catches: quoting by hand again (escaping
+    # quotes but not backslashes is a syntax error or matches the decoy), or the endpoint
+    # dropping param_* (the query then fails: unknown parameter).
+    from driftline.streams.cli.baseline import SHOW_SQL, _where
+
+    key, decoy = "a'b\\c", "a'b\\\\c"
+    served.sink.call(lambda c: c.command(
+        "INSERT INTO driftline.drift_references (app, model, prompt_version, field, version, mode, n) "
+        "VALUES ({k:String}, 'm', 'v1', 'prompt', 1, 'auto', 7), ({d:String}, 'm', 'v1', 'prompt', 1, 'auto', 9)",
+        parameters={"k": key, "d": decoy}))
+    where, params = _where(key, None, None, "prompt")
+    status, body, _ = q_ro(served, SHOW_SQL.format(db="driftline", where=where) + " FORMAT TSVRaw",
+                           params={f"param_{k}": v for k, v in params.items()})
+    assert status == 200, body
+    assert [ln.split("\t")[:7] for ln in body.splitlines()] == [
+        [key, "m", "v1", "prompt", "1", "auto", "7"]]
