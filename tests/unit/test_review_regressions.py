@@ -72,3 +72,71 @@ def test_events_windowed_while_the_rebuild_reads_clickhouse_are_kept() -> None:
     before, after = asyncio.run(main())
     assert before == 5
     assert after == 5, f"the 5 events windowed during the rebuild's read were dropped (now {after})"
+
+
+def test_an_undecodable_record_batch_does_not_end_the_control_consumer(monkeypatch: Any) -> None:
+    """streams/ingest/control.py ControlConsumer._run: getmany is not guarded, so a record
+    batch aiokafka cannot unpack (UnsupportedCodecError: a snappy batch where cramjam is
+    missing, as tests/integration/test_undecodable_batch.py shows getmany raises on the real
+    broker; or a bad CRC) ends the consumer task: every later flush and baseline command
+    is silently ignored until a restart, and the replayed topic (read from its start)
+    hits the same batch again at every start. The module docstring promises junk
+    "never ends the consumer"; KafkaHost.fetch skips such a batch (unpacking_error)."""
+    import aiokafka
+    from aiokafka.errors import UnsupportedCodecError
+
+    from driftline.streams.ingest.control import ControlConsumer, Subscription
+    from driftline.streams.ports import KafkaPort
+
+    class Rec:
+        def __init__(self, offset: int, value: bytes) -> None:
+            self.offset, self.value, self.timestamp = offset, value, 0
+
+    class FakeConsumer:
+        def __init__(self, **kw: Any) -> None:
+            self.calls = 0
+
+        async def start(self) -> None: ...
+
+        async def stop(self) -> None: ...
+
+        def partitions_for_topic(self, topic: str) -> set[int]:
+            return {0}
+
+        async def force_metadata_update(self) -> None: ...
+
+        def assign(self, tps: Any) -> None: ...
+
+        async def end_offsets(self, tps: Any) -> dict[Any, int]:
+            return {tp: 0 for tp in tps}
+
+        def seek(self, tp: Any, off: int) -> None: ...
+
+        async def seek_to_beginning(self, *tps: Any) -> None: ...
+
+        async def getmany(self, *tps: Any, **kw: Any) -> dict[Any, Any]:
+            self.calls += 1
+            await asyncio.sleep(0.01)
+            if self.calls == 1:
+                raise UnsupportedCodecError("Libraries for snappy compression codec not found")
+            if self.calls == 2:
+                return {TopicPartition("driftline.control", 0): [Rec(1, b'{"cmd": "flush"}')]}
+            return {}
+
+    monkeypatch.setattr(aiokafka, "AIOKafkaConsumer", FakeConsumer)
+    got: list[str] = []
+
+    async def main() -> None:
+        c = ControlConsumer(KafkaPort("127.0.0.1:1"),
+                            [Subscription("driftline.control", lambda r: got.append(r.name))])
+        await c.start()
+        for _ in range(100):
+            if got or (c._task is not None and c._task.done()):
+                break
+            await asyncio.sleep(0.01)
+        died = c._task is not None and c._task.done()
+        await c.stop()
+        assert not died, "the control consumer task ended on an undecodable record batch"
+
+    asyncio.run(main())
+    assert got == ["flush"]
