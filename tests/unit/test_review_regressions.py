@@ -140,3 +140,47 @@ def test_an_undecodable_record_batch_does_not_end_the_control_consumer(monkeypat
 
     asyncio.run(main())
     assert got == ["flush"]
+
+
+def test_alert_rows_held_never_exceed_max_pending_rows() -> None:
+    """streams/stages/alerting.py AlertingStage._rows: max_queue_size=max_export_batch_size=
+    max_pending_rows, and BatchProcessor takes the batch being exported off its queue, so
+    while an insert hangs (ClickHouse slow: the sink retries inside) the stage holds up to
+    twice max_pending_rows rows. The old row writer kept in-flight rows in its deque, so
+    the stage never held more than max_pending_rows (its memory bound)."""
+    import textwrap
+
+    from driftline.schemas.rules import parse_rules
+    from driftline.streams.stages.alerting import AlertingStage
+
+    rules = parse_rules(textwrap.dedent("""\
+        rules:
+          - name: Lat
+            kind: threshold
+            expr: "latency_ms.p99 > 2000"
+        """))
+
+    class Hanging:
+        def __init__(self) -> None:
+            self.gate = asyncio.Event()
+
+        async def insert_rows(self, table: str, rows: Any, columns: Any) -> None:
+            await self.gate.wait()
+
+    async def main() -> int:
+        st = AlertingStage(rules, max_pending_rows=2)
+        sink = Hanging()
+        st._row_exporter.tables = sink
+        await st._rows.start()
+        for i in range(2):
+            st._rows.add_nowait({"rule": f"r{i}"})
+        await asyncio.sleep(0.05)  # the export of r0, r1 hangs
+        for i in range(2, 4):
+            st._rows.add_nowait({"rule": f"r{i}"})
+        held = st._rows.pending
+        sink.gate.set()
+        await st._rows.shutdown(timeout_s=1.0)
+        return held
+
+    held = asyncio.run(main())
+    assert held <= 2, f"the stage held {held} alert rows with max_pending_rows=2"
