@@ -184,3 +184,42 @@ def test_alert_rows_held_never_exceed_max_pending_rows() -> None:
 
     held = asyncio.run(main())
     assert held <= 2, f"the stage held {held} alert rows with max_pending_rows=2"
+
+
+def test_a_failed_control_log_read_at_start_does_not_fail_the_drift_stage() -> None:
+    """streams/stages/semantic_drift.py DriftStage.start: the read of drift_control_log
+    (``ports.tables.aquery``, no retry) moved from the drift stage's control task into
+    ``start``: a ClickHouse error there now raises out of ``Worker.run``'s stage start
+    (the worker stops) instead of only turning baseline commands off. Before, start
+    returned and the failure stayed in the control task."""
+    import numpy as np
+
+    from driftline.streams.ports import StagePorts
+    from driftline.streams.stages.semantic_drift import DriftConfig, DriftStage
+
+    class Enc:
+        name, dim, max_chars = "fake", 4, 20
+
+        def encode(self, texts: Any) -> Any:
+            return np.ones((len(texts), 4), dtype=np.float32)
+
+    class Tables:
+        database = "driftline"
+
+        def query(self, sql: str, parameters: Any = None) -> Any:
+            raise ConnectionError("ClickHouse unreachable")
+
+        async def aquery(self, sql: str, parameters: Any = None) -> Any:
+            raise ConnectionError("ClickHouse unreachable")
+
+    async def main() -> None:
+        base = StagePorts.detached()
+        ports = StagePorts(tables=Tables(), metrics=base.metrics, windows=base.windows,  # type: ignore[arg-type]
+                           kafka=base.kafka)
+        st = DriftStage(DriftConfig(), None, Enc())
+        try:
+            await st.start(ports)
+        finally:
+            await st.stop()
+
+    asyncio.run(main())
