@@ -223,3 +223,55 @@ def test_a_failed_control_log_read_at_start_does_not_fail_the_drift_stage() -> N
             await st.stop()
 
     asyncio.run(main())
+
+
+def test_revoke_drain_includes_the_batch_the_fetch_loop_was_blocked_adding() -> None:
+    """streams/sinks/write_step.py WriteStep.drain -> BatchProcessor.force_flush waits only
+    for the items added *before* it was called (``target = self._added``). Under load the
+    fetch loop sits in ``batches.add`` (queue full) with a processed batch of the revoked
+    generation; the old ``queue.join()`` also waited for that put (it lands as soon as the
+    writer takes the queue, before the count of unfinished items can reach 0), so the
+    revocation returned only once it was stored and committed. Now the revocation returns
+    first: the next owner reads a write log without it, and this worker writes (and
+    dead-letters) it afterwards: its records are stored twice and its rejected records
+    reach the DLQ twice."""
+    from driftline.streams.sinks.write_step import Work, WriteStep
+
+    async def main() -> tuple[bool, list[int]]:
+        written: list[int] = []
+        gate = asyncio.Event()
+
+        async def on_safe(offsets: Any) -> None: ...
+
+        step = WriteStep(None, None, None, None, on_safe=on_safe,  # type: ignore[arg-type]
+                         min_insert_rows=1, max_insert_rows=1, insert_linger_s=0.0)
+
+        async def write(batch: list[Work]) -> None:
+            await gate.wait()
+            await asyncio.sleep(0.01)  # the inserts are I/O
+            written.extend(next(iter(w.offsets.values())) for w in batch)
+
+        step.write = write  # type: ignore[method-assign]
+        await step.start()
+
+        def work(i: int) -> Work:
+            return Work(None, [], [], {TP: i})
+
+        await step.batches.add(work(0))
+        await asyncio.sleep(0.01)  # the writer took batch 0: its write hangs (ClickHouse slow)
+        for i in range(1, 5):
+            await step.batches.add(work(i))  # the queue is full (4)
+        blocked = asyncio.create_task(step.batches.add(work(5)))  # the fetch loop, held back
+        await asyncio.sleep(0.01)
+        assert not blocked.done()
+        drain = asyncio.create_task(step.drain(5.0))  # a revocation
+        await asyncio.sleep(0.01)
+        gate.set()
+        ok = await drain
+        seen = list(written)
+        await step.shutdown()
+        return ok, seen
+
+    ok, seen = asyncio.run(main())
+    assert ok
+    assert seen == [0, 1, 2, 3, 4, 5], f"the revocation returned with only {seen} written"
