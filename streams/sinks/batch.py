@@ -347,6 +347,8 @@ class BatchProcessor(Generic[T]):
         #: (loop time added, item), oldest first
         self._queue: deque[tuple[float, T]] = deque()
         self._in_flight = 0
+        #: adds waiting for room (backpressure): :meth:`drain` waits for their items too
+        self._waiting_adds = 0
         #: unit-cut batches: the batch being formed (taken off the queue, not yet exported)
         self._forming: list[T] = []
         self._forming_units = 0
@@ -429,12 +431,33 @@ class BatchProcessor(Generic[T]):
         a stream waiting on a dead export task would wait forever.
         """
         if self.config.on_full == "block":
-            while (len(self._queue) >= self.config.max_queue_size and not self._closing
-                   and self._error is None):
-                self._not_full.clear()
-                await self._not_full.wait()
+            self._waiting_adds += 1
+            try:
+                while (len(self._queue) >= self.config.max_queue_size and not self._closing
+                       and self._error is None):
+                    self._not_full.clear()
+                    await self._not_full.wait()
+            finally:
+                self._waiting_adds -= 1
         self.raise_if_failed()
         self.add_nowait(item)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Export everything queued *and* every item an :meth:`add` is waiting to queue
+        (backpressure), then flush the exporter; False when that did not finish within
+        ``timeout_s``. Unlike :meth:`force_flush`, the items of the adds blocked now count:
+        a stream held back by a full queue has already processed them (like
+        ``asyncio.Queue.join``, which also waits for the puts that land meanwhile)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            if not self.pending and not self._waiting_adds:
+                return True
+            if not await self.force_flush(max(0.0, deadline - loop.time())):
+                return False
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0)  # let the unblocked adds queue their items
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:

@@ -365,11 +365,10 @@ class WriteStep:
 
     # ------------------------------------------------------------------ rebalances
     async def drain(self, timeout_s: float) -> bool:
-        """Wait until every batch queued so far is written (not lingering for more),
-        ``timeout_s`` at most: False if not."""
-        if not self.batches.pending:
-            return True
-        return await self.batches.force_flush(timeout_s)
+        """Wait until every batch queued so far, and the one the fetch loop may be blocked
+        adding (backpressure), is written (not lingering for more), ``timeout_s`` at most:
+        False if not."""
+        return await self.batches.drain(timeout_s)
 
     async def resume(self, assigned: Sequence[TopicPartition], retry: Retry,
                      stopping: Callable[[], bool]) -> tuple[dict[TopicPartition, tuple[int, int, int]], int | None]:
