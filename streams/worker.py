@@ -511,7 +511,7 @@ class Worker:
         bounds = dict(self.log.logged)
         cols = await self._ch_retry("rebuilding windows", self.sink.call, lambda c: recent_rows(
             c, self.sink.database, assigned, self.cfg.window, wall_ms, bounds))
-        self.clock.windows, n = rebuild(self.cfg.window, cols, self._closed_below, wall_ms)
+        n = rebuild(self.clock.windows, cols, self._closed_below, wall_ms)
         if n:
             self.clock.not_idle(time.monotonic())
             log.info("rebuilt %d open windows from %d stored events", self.windows.open_windows, n)

@@ -38,22 +38,27 @@ def open_at(cols: EventBatchColumns, wc: WindowConfig, watermark_ms: int) -> Eve
     return cols if keep.size == len(cols) else cols.take(keep)
 
 
-def rebuild(wc: WindowConfig, cols: EventBatchColumns | None, closed_below: int | None,
-            wall_ms: int) -> tuple[WindowAggregator, int]:
-    """A fresh aggregator holding the open windows of ``cols`` (the stored rows of
-    :func:`recent_rows`), its watermark at least ``closed_below`` (the highest one the
-    write log recorded: windows closed below it are not reopened). Returns it with
-    the number of stored rows added (0: nothing to rebuild)."""
-    windows = WindowAggregator(wc)
+def rebuild(windows: WindowAggregator, cols: EventBatchColumns | None, closed_below: int | None,
+            wall_ms: int) -> int:
+    """Add the open windows of ``cols`` (the stored rows of :func:`recent_rows`) to
+    ``windows``, its watermark raised to at least ``closed_below`` (the highest one the
+    write log recorded: windows closed below it are not reopened). Returns the number of
+    stored rows added (0: nothing to rebuild).
+
+    ``windows`` is the aggregator the worker installed when the partitions were
+    assigned: the fetch loop may already have added the first batches of the new
+    assignment to it while the stored rows were read, and those stay."""
+    wc = windows.config
     if closed_below is not None:
-        windows.watermark_ms = closed_below
+        if windows.watermark_ms is None or windows.watermark_ms < closed_below:
+            windows.watermark_ms = closed_below
         if cols is not None:
             cols = open_at(cols, wc, closed_below)
     if cols is None or not len(cols):
-        return windows, 0
+        return 0
     windows.add(cols, wall_ms=wall_ms)
     windows.advance(wall_ms=wall_ms)  # what closed meanwhile was written final already
-    return windows, len(cols)
+    return len(cols)
 
 
 def _source_cond(tps: list[TopicPartition], logged: Mapping[TopicPartition, int]) -> str:
