@@ -135,6 +135,8 @@ class ControlConsumer:
         #: per (topic, partition): the end offset when the consumer started; below it a
         #: record is history (only for ``replay`` subscriptions)
         self._live_from: dict[tuple[str, int], int] = {}
+        #: the partitions assigned (read alone when a fetch hits an undecodable batch)
+        self._assigned: list[Any] = []
         self._task: asyncio.Task[None] | None = None
         #: set once the partitions are assigned and positioned (or the consumer gave up)
         self.ready = asyncio.Event()
@@ -197,14 +199,48 @@ class ControlConsumer:
             if not await self._assign(consumer):
                 return
             while True:
-                data = await consumer.getmany(timeout_ms=500)
-                for tp, recs in data.items():
-                    for r in recs:
-                        self.on_record(r.value, tp.topic, tp.partition, r.offset, r.timestamp)
+                try:
+                    data = await consumer.getmany(timeout_ms=500)
+                except Exception as exc:  # noqa: BLE001 - the consumer never ends on what it reads
+                    data = await self._after_fetch_error(consumer, exc)
+                self._dispatch(data)
         finally:
             self.ready.set()
             with contextlib.suppress(Exception):
                 await consumer.stop()
+
+    def _dispatch(self, data: dict[Any, Any]) -> None:
+        for tp, recs in data.items():
+            for r in recs:
+                self.on_record(r.value, tp.topic, tp.partition, r.offset, r.timestamp)
+
+    async def _after_fetch_error(self, consumer: Any, exc: Exception) -> dict[Any, Any]:
+        """A fetch failed. A record batch aiokafka cannot unpack (a codec library missing,
+        corrupt data, a bad CRC) is skipped, as the worker's host does: each partition is
+        read alone, and the one that raises is moved past its failing batch (the replayed
+        topic would otherwise hit it at every start). Anything else is logged and retried
+        after a pause. Returns the records the partitions read alone gave."""
+        from driftline.streams.ingest.kafka_host import failed_batch_end, unpacking_error
+
+        if not unpacking_error(exc):
+            log.warning("control: fetch failed (%s: %s); retrying in 1 s", type(exc).__name__, exc)
+            await asyncio.sleep(1.0)
+            return {}
+        out: dict[Any, Any] = {}
+        for tp in self._assigned:
+            pos = await consumer.position(tp)
+            try:
+                out.update(await consumer.getmany(tp, timeout_ms=200))
+            except Exception as err:  # noqa: BLE001 - never ends the consumer
+                if not unpacking_error(err):
+                    log.warning("control: %s[%d]: fetch failed (%s); retried next round", tp.topic,
+                                tp.partition, err)
+                    continue
+                end = failed_batch_end(err, pos)
+                consumer.seek(tp, end + 1)
+                log.warning("control: %s[%d]: skipped the undecodable record batch at offsets %d to %d: %s",
+                            tp.topic, tp.partition, pos, end, err)
+        return out
 
     async def _assign(self, consumer: Any) -> bool:
         """Assign every partition of the topics found; replayed topics from their start,
@@ -218,6 +254,7 @@ class ControlConsumer:
         if not tps:
             return False
         consumer.assign(tps)
+        self._assigned = tps
         ends = await consumer.end_offsets(tps)
         self._live_from = {(tp.topic, tp.partition): int(off) for tp, off in ends.items()}
         replayed = {s.topic for s in self.subscriptions if s.replay}

@@ -114,6 +114,9 @@ def test_an_undecodable_record_batch_does_not_end_the_control_consumer(monkeypat
 
         async def seek_to_beginning(self, *tps: Any) -> None: ...
 
+        async def position(self, tp: Any) -> int:
+            return 0
+
         async def getmany(self, *tps: Any, **kw: Any) -> dict[Any, Any]:
             self.calls += 1
             await asyncio.sleep(0.01)
