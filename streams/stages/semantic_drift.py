@@ -220,6 +220,9 @@ class _Control(NamedTuple):
     offset: int
 
 
+#: baseline commands held while drift_control_log cannot be read (commands are rare)
+_MAX_EARLY_COMMANDS = 10_000
+
 class DriftStage:
     """The worker stage (``name = "drift"``). ``DriftStage.factory(cfg)`` for ``serve_worker(stages=…)``."""
 
@@ -250,6 +253,10 @@ class DriftStage:
         self.stored_scores = 0
         self.controls_applied = 0
         self._applied_ids: set[str] = set()
+        #: False until drift_control_log was read; commands meanwhile wait in _early
+        self._ids_loaded = False
+        self._early: list[ControlRecord] = []
+        self._ids_task: asyncio.Task[None] | None = None
 
     @classmethod
     def factory(cls, cfg: DriftConfig | None = None, encoder: Any = None) -> Any:
@@ -273,14 +280,36 @@ class DriftStage:
                                   getattr(self.batcher.encoder, "name", "encoder"))
         self.engine.redaction = ports.redaction
         if self.cfg.control_topic:  # the commands applied before: the control topic is read from its start
-            done = await ports.tables.aquery("SELECT DISTINCT control_id FROM {db:Identifier}.drift_control_log",
-                                             {"db": ports.tables.database})
-            self._applied_ids = {r[0] for r in done}
+            self._ids_task = asyncio.create_task(self._load_applied_ids(), name="driftline-drift-ids")
+        else:
+            self._ids_loaded = True
         self._task = asyncio.create_task(self._loop(), name="driftline-drift")
         log.info("drift stage: %s on %s, sample rate %.3g, fields %s, reference %d, window %d, every %d",
                  self.batcher.encoder.name, getattr(self.batcher.encoder, "device", "?"),
                  self.cfg.sample_rate, ",".join(self.cfg.fields), self.cfg.ref_size, self.cfg.window_size,
                  self.cfg.test_every)
+
+    async def _load_applied_ids(self) -> None:
+        """Read which control commands were applied before (``drift_control_log``), retried
+        until ClickHouse answers: an outage at start delays baseline commands (they wait
+        in :attr:`_early`), it never fails the stage or the worker."""
+        assert self._ports is not None
+        tables, delay = self._ports.tables, 0.5
+        while True:
+            try:
+                done = await tables.aquery("SELECT DISTINCT control_id FROM {db:Identifier}.drift_control_log",
+                                           {"db": tables.database})
+                break
+            except Exception as exc:  # noqa: BLE001 - retried: commands wait, samples go on
+                log.warning("drift: reading drift_control_log failed (%s); baseline commands wait, "
+                            "retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        self._applied_ids |= {r[0] for r in done}
+        self._ids_loaded = True
+        early, self._early = self._early, []
+        for rec in early:
+            self.on_command(rec)
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait until every accepted sample is embedded, tested and written, and every
@@ -300,10 +329,11 @@ class DriftStage:
             if not await self.drain(self.cfg.drain_timeout_s):
                 log.warning("drift: stopped before every sample was embedded")
             await self.batcher.stop(0)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        for task in (self._ids_task, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         self._pool.shutdown(wait=True)
 
     # -- input (event loop, cheap) ---------------------------------------------------
@@ -437,6 +467,13 @@ class DriftStage:
 
         cmd = rec.cmd
         if cmd.get("cmd") != "baseline":
+            return False
+        if not self._ids_loaded:  # which were applied before is not known yet: hold it (bounded)
+            if len(self._early) < _MAX_EARLY_COMMANDS:
+                self._early.append(rec)
+            else:
+                log.warning("drift: %d baseline commands wait for drift_control_log; dropped one",
+                            len(self._early))
             return False
         cid = str(cmd.get("id") or f"{rec.topic}:{rec.partition}:{rec.offset}:{rec.timestamp}")
         if cid in self._applied_ids:  # applied before (the topic is read from its start each time)
