@@ -330,8 +330,12 @@ class BatchProcessor(Generic[T]):
                  backoff_initial_s: float = 0.1, backoff_max_s: float = 10.0, jitter: float = 0.0,
                  max_attempts: int | None = None, export_timeout_s: float | None = None,
                  max_export_units: int | None = None, export_trigger_units: int | None = None,
-                 raise_on_exception: bool = False, rng: random.Random | None = None,
+                 raise_on_exception: bool = False, bound_in_flight: bool = False,
+                 rng: random.Random | None = None,
                  sleep: Callable[[float], Any] = asyncio.sleep) -> None:
+        #: ``max_queue_size`` bounds the items waiting *and* those being exported (a memory
+        #: bound): under ``drop_oldest`` a full processor with nothing waiting drops the new item
+        self.bound_in_flight = bound_in_flight
         self.config = BatchConfig(max_queue_size, max_export_batch_size, schedule_delay_s, on_full,
                                   backoff_initial_s, backoff_max_s, jitter, max_attempts, export_timeout_s,
                                   max_export_units, export_trigger_units, raise_on_exception)
@@ -415,9 +419,13 @@ class BatchProcessor(Generic[T]):
         if self._closing:
             self._drop(item, "added after shutdown")
             return
-        if len(self._queue) >= self.config.max_queue_size:
+        held = len(self._queue) + (self._in_flight + len(self._forming) if self.bound_in_flight else 0)
+        if held >= self.config.max_queue_size:
             if self.config.on_full == "block":
                 raise asyncio.QueueFull
+            if not self._queue:  # all held rows are being exported: the new one goes
+                self._drop(item, "full while exporting, the new item")
+                return
             _, oldest = self._queue.popleft()
             self._taken += 1
             self._settle(1)

@@ -202,7 +202,8 @@ class AlertingStage:
         self._rows: BatchProcessor[dict[str, Any]] = BatchProcessor(
             self._row_exporter, max_queue_size=max_pending_rows, max_export_batch_size=max_pending_rows,
             schedule_delay_s=0.0, on_full="drop_oldest", drops_counter=dropped, failures_counter=dropped,
-            exported_counter=self.m.rows.labels("written"), name="alerting: alert rows")
+            exported_counter=self.m.rows.labels("written"), name="alerting: alert rows",
+            bound_in_flight=True)  # max_pending_rows bounds the rows held, written or waiting
 
     @classmethod
     def factory(cls, rules: RuleSet, **options: Any) -> Callable[[CollectorRegistry], AlertingStage]:
