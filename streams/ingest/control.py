@@ -34,6 +34,9 @@ from driftline.streams.ports import ControlAuth, KafkaPort
 
 log = logging.getLogger("driftline.control")
 
+#: how often a control topic that did not exist at start is looked for again
+_LOOK_AGAIN_S = 5.0
+
 __all__ = ["ControlRecord", "Subscription", "ControlConsumer", "decode_record", "handle_control"]
 
 
@@ -137,6 +140,8 @@ class ControlConsumer:
         self._live_from: dict[tuple[str, int], int] = {}
         #: the partitions assigned (read alone when a fetch hits an undecodable batch)
         self._assigned: list[Any] = []
+        #: topics not found yet (looked for again every _LOOK_AGAIN_S)
+        self._missing: list[str] = []
         self._task: asyncio.Task[None] | None = None
         #: set once the partitions are assigned and positioned (or the consumer gave up)
         self.ready = asyncio.Event()
@@ -195,10 +200,17 @@ class ControlConsumer:
                                     enable_auto_commit=False, auto_offset_reset="earliest",
                                     **self.kafka.security.aiokafka_kwargs())
         await consumer.start()
+        loop = asyncio.get_running_loop()
         try:
-            if not await self._assign(consumer):
-                return
+            await self._assign(consumer)
+            next_look = loop.time() + _LOOK_AGAIN_S
             while True:
+                if self._missing and loop.time() >= next_look:
+                    await self._pick_up(consumer)
+                    next_look = loop.time() + _LOOK_AGAIN_S
+                if not self._assigned:
+                    await asyncio.sleep(0.5)
+                    continue
                 try:
                     data = await consumer.getmany(timeout_ms=500)
                 except Exception as exc:  # noqa: BLE001 - the consumer never ends on what it reads
@@ -242,41 +254,77 @@ class ControlConsumer:
                             tp.topic, tp.partition, pos, end, err)
         return out
 
-    async def _assign(self, consumer: Any) -> bool:
+    async def _assign(self, consumer: Any) -> None:
         """Assign every partition of the topics found; replayed topics from their start,
-        the others from their end. False when none was found."""
+        the others from their end. A topic not found yet is looked for again every
+        ``_LOOK_AGAIN_S`` (:meth:`_pick_up`): created later, it is read from its start."""
         from aiokafka import TopicPartition
 
         found = await self._partitions(consumer)
-        for topic in sorted(set(self.topics) - set(found)):
-            log.warning("control: topic %s not found; its commands are off", topic)
+        self._missing = sorted(set(self.topics) - set(found))
+        for topic in self._missing:
+            log.warning("control: topic %s not found; its commands are off until it exists "
+                        "(looked for again every %.0f s)", topic, _LOOK_AGAIN_S)
         tps = [TopicPartition(t, p) for t in sorted(found) for p in sorted(found[t])]
-        if not tps:
-            return False
-        consumer.assign(tps)
-        self._assigned = tps
-        ends = await consumer.end_offsets(tps)
-        self._live_from = {(tp.topic, tp.partition): int(off) for tp, off in ends.items()}
-        replayed = {s.topic for s in self.subscriptions if s.replay}
-        for tp in tps:
-            if tp.topic in replayed:  # commands are rare; the subscriber skips what it applied
-                await consumer.seek_to_beginning(tp)
-            else:
-                consumer.seek(tp, self._live_from[(tp.topic, tp.partition)])
+        if tps:
+            consumer.assign(tps)
+            self._assigned = tps
+            ends = await consumer.end_offsets(tps)
+            self._live_from = {(tp.topic, tp.partition): int(off) for tp, off in ends.items()}
+            replayed = {s.topic for s in self.subscriptions if s.replay}
+            for tp in tps:
+                if tp.topic in replayed:  # commands are rare; the subscriber skips what it applied
+                    await consumer.seek_to_beginning(tp)
+                else:
+                    consumer.seek(tp, self._live_from[(tp.topic, tp.partition)])
         self.ready.set()
-        return True
+
+    async def _pick_up(self, consumer: Any) -> None:
+        """Assign the partitions of the missing topics that exist now, from their start
+        (everything on a topic created after this consumer started is live), keeping the
+        positions of the partitions already read."""
+        from aiokafka import TopicPartition
+
+        parts = await _cluster_partitions(consumer, self._missing)
+        new = [TopicPartition(t, p) for t in self._missing for p in sorted(parts.get(t, ()))]
+        if not new:
+            return
+        at = {tp: await consumer.position(tp) for tp in self._assigned}
+        consumer.assign([*self._assigned, *new])
+        for tp, pos in at.items():
+            consumer.seek(tp, pos)
+        for tp in new:
+            self._live_from[(tp.topic, tp.partition)] = 0
+            await consumer.seek_to_beginning(tp)
+        self._assigned = [*self._assigned, *new]
+        found = {tp.topic for tp in new}
+        self._missing = [t for t in self._missing if t not in found]
+        log.info("control: topic(s) %s found; their commands are on", ", ".join(sorted(found)))
 
     async def _partitions(self, consumer: Any) -> dict[str, set[int]]:
         """The partitions of each topic found within ``find_timeout_s`` (one deadline for all)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.find_timeout_s
-        found: dict[str, set[int]] = {}
         while True:
-            for topic in self.topics:
-                parts = consumer.partitions_for_topic(topic)
-                if parts:
-                    found[topic] = set(parts)
+            found = await _cluster_partitions(consumer, self.topics)
             if len(found) == len(self.topics) or loop.time() >= deadline:
                 return found
-            await consumer.force_metadata_update()
             await asyncio.sleep(0.2)
+
+
+async def _cluster_partitions(consumer: Any, topics: Sequence[str]) -> dict[str, set[int]]:
+    """The partitions of those of ``topics`` that exist now, from a metadata request for
+    every topic (what aiokafka's public ``topics()`` sends, keeping the partitions): a
+    consumer's own metadata covers only the topics it was assigned. Empty on an error
+    (the caller looks again later)."""
+    try:
+        cluster = await consumer._client.fetch_all_metadata()
+    except Exception as exc:  # noqa: BLE001
+        log.debug("control: metadata request failed: %s", exc)
+        return {}
+    found: dict[str, set[int]] = {}
+    for topic in topics:
+        parts = cluster.partitions_for_topic(topic)
+        if parts:
+            found[topic] = set(parts)
+    return found

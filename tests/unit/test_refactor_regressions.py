@@ -92,9 +92,18 @@ def test_an_undecodable_record_batch_does_not_end_the_control_consumer(monkeypat
         def __init__(self, offset: int, value: bytes) -> None:
             self.offset, self.value, self.timestamp = offset, value, 0
 
+    class FakeCluster:
+        def partitions_for_topic(self, topic: str) -> set[int]:
+            return {0}
+
+    class FakeClient:
+        async def fetch_all_metadata(self) -> FakeCluster:
+            return FakeCluster()
+
     class FakeConsumer:
         def __init__(self, **kw: Any) -> None:
             self.calls = 0
+            self._client = FakeClient()
 
         async def start(self) -> None: ...
 

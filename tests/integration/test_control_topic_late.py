@@ -1,4 +1,4 @@
-"""Review of issue 15: the control consumer and a control topic created after the worker started."""
+"""The control consumer and a control topic created after the worker started (found in the issue-15 review)."""
 
 from __future__ import annotations
 
