@@ -488,7 +488,7 @@ class ClickHouseEndpoint:
             names = conn.query("SELECT name FROM system.table_functions", "TSVRaw").bytes().decode().split()
             scalars = conn.query(DENIED_SCALARS_SQL, "TSVRaw").bytes().decode().split()
             creates = [conn.query("SELECT formatQuery({q:String})", "TSVRaw", params={"q": _tsv_escape(d)}
-                                  ).bytes().decode().strip().replace("\\n", "\n")
+                                  ).bytes().decode().strip()
                        for d in ddl_statements(self.sink.database)]
         finally:
             conn.close()
@@ -607,8 +607,8 @@ class ClickHouseEndpoint:
             try:
                 body, data = await self._writer_body(request)
             except _TooLarge:
-                return _error(413, f"driftline: an INSERT body is at most {MAX_INSERT_BYTES} bytes", code=497,
-                              name="ACCESS_DENIED")
+                return _error(413, f"driftline: a statement is at most 1 MiB, an INSERT's data at most "
+                                   f"{MAX_INSERT_BYTES} bytes", code=497, name="ACCESS_DENIED")
             except Refused as exc:
                 return _error(403, f"driftline: {exc}", code=497, name="ACCESS_DENIED")
         else:
@@ -652,6 +652,8 @@ class ClickHouseEndpoint:
         if _INSERT_RE.match(raw[:64].decode("latin-1")):
             line, _, rest = raw.partition(b"\n")
             return line, (await loop.run_in_executor(None, self._spool_file, rest), "")
+        if len(raw) > 1 << 20:  # a statement, not data: the other roles' limit
+            raise _TooLarge()
         return raw, None
 
     async def _answer(self, request: web.Request, params: Any, body: bytes, writer: bool,
