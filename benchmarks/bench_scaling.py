@@ -1,6 +1,6 @@
 """Scale-out benchmark: 1, 2 and 3 ``driftline worker`` processes in one group on this machine.
 
-    python benchmarks/bench_scaling.py [--events N] [--partitions P]
+    python benchmarks/bench_scaling.py [--events N] [--partitions P]   (N = 100,000: about 3 min here)
 
 Starts a local (Tansu, in-memory) broker. Worker 1 holds a fresh chDB store and
 serves its SQL endpoint with ``--sql-allow-workers``; workers 2 and 3 write to
@@ -266,7 +266,7 @@ def rebalance_pause(tmp: Path, bootstrap: str, data: Any, partitions: int, rate:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--events", type=int, default=20_000)
+    ap.add_argument("--events", type=int, default=100_000)
     ap.add_argument("--partitions", type=int, default=6)
     ap.add_argument("--rate", type=float, default=500.0, help="events/s of the stream in the rebalance run")
     ap.add_argument("--timeout", type=float, default=600.0)
