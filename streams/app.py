@@ -164,7 +164,7 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
     sql = sql or EndpointOptions()
     path = chdb_path(cfg.clickhouse)
     serve_sql = path is not None and sql_port is not None
-    creds = (load_credentials(credentials_path(path), password_file=sql.password_file)
+    creds = (load_credentials(credentials_path(path), users=sql.users, password_file=sql.password_file)
              if serve_sql or not is_loopback(web_host) else None)
     registry = registry or CollectorRegistry()
     refused = refused_counter(registry)
@@ -182,7 +182,8 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
             assert creds is not None and path is not None and sql_port is not None
             endpoint = ClickHouseEndpoint(worker.sink, host=sql.host, port=sql_port, credentials=creds,
                                           limits=sql.limits, allow_writes=sql.allow_writes,
-                                          extra_hosts=sql.extra_hosts, on_auth_failure=refused("sql"))
+                                          extra_hosts=sql.extra_hosts, on_auth_failure=refused("sql"),
+                                          allow_workers=sql.allow_workers)
             await endpoint.start(path)
         if cfg.create_topics:
             from driftline.streams.local.broker import ensure_topics

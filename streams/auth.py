@@ -14,14 +14,19 @@ Who may talk to the worker's HTTP ports:
   exposed); ``/healthz`` and ``/ping`` stay open (liveness probes carry no
   credentials and answer nothing private).
 
-Users: ``driftline`` (read-only queries) and ``driftline_admin`` (data
-maintenance when the worker runs with ``--sql-allow-writes``). Passwords are
+Users: ``driftline`` (read-only queries), ``driftline_admin`` (data
+maintenance when the worker runs with ``--sql-allow-writes``) and
+``driftline_writer`` (other workers of the same machine writing to this
+worker's store through an ``http://`` DSN, when it runs with
+``--sql-allow-workers``: INSERT into the driftline tables and the schema
+statements of ``ClickHouseSink.ensure_schema``, nothing else). Passwords are
 drawn with :func:`secrets.token_urlsafe` on first start and kept, one
 ``user:password`` line each, in a file created with mode 0600 (``O_CREAT |
 O_EXCL``, so it is never readable by others even for a moment): next to the
 store for chDB (``<chdb path>/.driftline-credentials``, beside
 ``.driftline-endpoint``), else ``$XDG_DATA_HOME/driftline/credentials``. The
-environment (``DRIFTLINE_SQL_PASSWORD``, ``DRIFTLINE_SQL_ADMIN_PASSWORD``) or a
+environment (``DRIFTLINE_SQL_PASSWORD``, ``DRIFTLINE_SQL_ADMIN_PASSWORD``,
+``DRIFTLINE_SQL_WRITER_PASSWORD``) or a
 password file given on the command line wins over the file. ``grep ^driftline:
 FILE | sed 's/.*/user = "&"/' | curl -K - URL`` reads it without putting the
 password on curl's argv (where ``ps`` shows it).
@@ -58,17 +63,20 @@ from aiohttp import web
 log = logging.getLogger("driftline.auth")
 
 __all__ = [
-    "ADMIN_USER", "CREDENTIALS_FILE", "Credentials", "HttpGuard", "USER", "USER_KEY", "allowed_hosts",
+    "ADMIN_USER", "CREDENTIALS_FILE", "WRITER_USER", "Credentials", "HttpGuard", "USER", "USER_KEY", "allowed_hosts",
     "client_credentials", "credentials_path", "guard_for_bind", "is_loopback", "load_credentials",
     "require_auth_for_bind",
 ]
 
 USER = "driftline"
 ADMIN_USER = "driftline_admin"
+#: other workers writing to this worker's store (``--sql-allow-workers``)
+WRITER_USER = "driftline_writer"
 CREDENTIALS_FILE = ".driftline-credentials"
 ENV_PASSWORD = "DRIFTLINE_SQL_PASSWORD"
 ENV_ADMIN_PASSWORD = "DRIFTLINE_SQL_ADMIN_PASSWORD"
-_ENV = {USER: ENV_PASSWORD, ADMIN_USER: ENV_ADMIN_PASSWORD}
+ENV_WRITER_PASSWORD = "DRIFTLINE_SQL_WRITER_PASSWORD"
+_ENV = {USER: ENV_PASSWORD, ADMIN_USER: ENV_ADMIN_PASSWORD, WRITER_USER: ENV_WRITER_PASSWORD}
 REALM = "driftline"
 #: the authenticated user, in ``request[USER_KEY]``
 USER_KEY = web.RequestKey("driftline_user", str)

@@ -342,6 +342,8 @@ def worker(
     # -- ClickHouse cluster mode (streams/sinks/cluster.py; README "Running on your clusters")
     cluster: Annotated[str | None, typer.Option("--cluster", envvar="DRIFTLINE_CLICKHOUSE_CLUSTER", rich_help_panel="ClickHouse cluster", help="ClickHouse cluster name (as in the servers' remote_servers): create the tables ON CLUSTER as Replicated*MergeTree <table>_local tables behind Distributed <table> tables sharded so each dedup key is on one shard, and insert with insert_distributed_sync=1. Same as ?cluster=NAME on an http(s):// --clickhouse DSN; not with chDB.")] = None,
     insert_quorum: Annotated[str | None, typer.Option("--insert-quorum", envvar="DRIFTLINE_CLICKHOUSE_INSERT_QUORUM", rich_help_panel="ClickHouse cluster", help="With --cluster: an insert succeeds only when this many replicas of each shard hold it (2 or more, or auto: a majority; default off: one replica, the others copy it later). Same as ?insert_quorum=N on the DSN.")] = None,
+    # -- several workers on one machine (streams/local/sql_endpoint.py: the writer role)
+    sql_allow_workers: Annotated[bool, typer.Option("--sql-allow-workers", help="Let other workers on this machine write to this worker's chDB store through its SQL endpoint: start them with --clickhouse http://driftline_writer@127.0.0.1:8123/driftline and --clickhouse-password-file holding the driftline_writer password (generated on first start into <chdb path>/.driftline-credentials, or env DRIFTLINE_SQL_WRITER_PASSWORD). That user may only INSERT into driftline's tables and run the worker's own CREATE/ALTER schema statements, with POST; off by default.")] = False,
 ) -> None:
     """Run the stream processor: Kafka -> windows, cost, guardrails, drift -> ClickHouse, /metrics, alerts."""
     from driftline.streams.app import run_worker
@@ -387,7 +389,7 @@ def worker(
         from driftline.streams.local.sql_endpoint import EndpointLimits, EndpointOptions
 
         sql_opts = EndpointOptions(host=sql_bind, password_file=sql_password_file, allow_writes=sql_allow_writes,
-                                   extra_hosts=tuple(sql_allowed_host or ()),
+                                   extra_hosts=tuple(sql_allowed_host or ()), allow_workers=sql_allow_workers,
                                    limits=EndpointLimits(max_execution_time_s=sql_timeout))
         run_worker(cfg, web_host=bind, web_port=metrics_port, sql_port=sql_port or None,
                    loglevel=log_level, stages=stage_factories(alerting=alerting, drift=dcfg), sql=sql_opts)

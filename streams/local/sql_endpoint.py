@@ -43,6 +43,24 @@ on a read-only one, and only a maintenance statement then runs on a writable one
 (``mutations_sync=1``); no CREATE/ATTACH (engines and disks reach the file
 system), no INSERT.
 
+Other workers of the same machine, only with ``--sql-allow-workers``, only as
+``driftline_writer`` and only with POST (``--clickhouse
+http://driftline_writer@127.0.0.1:8123/driftline``): the writer role
+(:meth:`QueryPolicy.check_writer`) inserts into the tables of the store's
+database that ``schemas/tables.sql`` creates (data in the body, any format, as
+clickhouse-connect sends it, or ``INSERT ... SELECT``), never ``INSERT INTO
+FUNCTION`` nor another database; runs the schema statements of
+``ClickHouseSink.ensure_schema`` and nothing else (the packaged ``CREATE ... IF
+NOT EXISTS`` texts exactly, ``ALTER TABLE`` of those tables limited to ``MODIFY
+SETTING non_replicated_deduplication_window``, ``ADD COLUMN IF NOT EXISTS``,
+``MODIFY/REMOVE TTL`` and ``MODIFY COLUMN ... TTL``); reads as the read role
+does. Statements are parsed on a read-only connection as above, a write then
+runs on a writable connection of its own, the request's data (decoded from
+its ``Content-Encoding``) through a private 0600 file (``FROM INFILE``); its reads run with ``readonly=2`` (nothing written, but
+clickhouse-connect sees its insert settings as changeable). It may send only the
+settings :data:`WRITER_SETTINGS` beyond unchanged ones, and no ``SETTINGS`` in
+its statements.
+
 The endpoint's address is written to ``<chdb path>/.driftline-endpoint`` so
 that clients configured with the same ``chdb://`` DSN find it.
 """
@@ -53,6 +71,8 @@ import asyncio
 import logging
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,18 +83,20 @@ from aiohttp import web
 
 from driftline.streams.auth import (
     ADMIN_USER,
+    USER,
     USER_KEY,
+    WRITER_USER,
     Credentials,
     HttpGuard,
     allowed_hosts,
     clickhouse_error,
 )
-from driftline.streams.sinks.clickhouse import ClickHouseSink, chdb_path
+from driftline.streams.sinks.clickhouse import ClickHouseSink, chdb_path, ddl_statements
 
 log = logging.getLogger("driftline.chserver")
 
 __all__ = ["ALLOWED_TABLE_FUNCTIONS", "ClickHouseEndpoint", "EndpointLimits", "EndpointOptions", "QueryPolicy", "READ_QUERY",
-           "Refused", "endpoint_file", "read_endpoint"]
+           "Refused", "WRITER_SETTINGS", "endpoint_file", "read_endpoint"]
 
 ENDPOINT_FILE = ".driftline-endpoint"
 _FORMAT_RE = re.compile(r"\bFORMAT\s+([A-Za-z0-9_]+)\s*;?\s*$", re.IGNORECASE)
@@ -104,6 +126,23 @@ _READ_KINDS = re.compile(r"^(SelectWithUnionQuery|SelectIntersectExceptQuery|Sho
 _WRITE_KINDS = frozenset({"AlterQuery", "DeleteQuery", "OptimizeQuery", "DropQuery", "TruncateQuery"})
 _ALTER_COMMANDS = frozenset({"DELETE", "UPDATE"})
 _OUTFILE_RE = re.compile(r"\bINTO\s+OUTFILE\b", re.IGNORECASE)
+#: settings the writer role may send with other values than the engine's: the insert
+#: settings of ClickHouseSink and the input parsing and HTTP defaults clickhouse-connect adds
+WRITER_SETTINGS = frozenset({"insert_deduplication_token", "optimize_on_insert", "date_time_input_format",
+                             "cast_string_to_dynamic_use_inference", "cancel_http_readonly_queries_on_client_close"})
+#: what a data INSERT looks like once formatQuery has normalised it
+_INSERT_DATA_RE = re.compile(r"^INSERT INTO \S+(?P<cols> \([^()]*\))? FORMAT (?P<fmt>[A-Za-z0-9_]+)$")
+_TTL_EXPR = r"[A-Za-z0-9_(). +`]+"
+#: the ALTER forms of ClickHouseSink.ensure_schema (formatQuery's text of the one command)
+_WRITER_ALTERS = tuple(re.compile(p) for p in (
+    r"^MODIFY SETTING non_replicated_deduplication_window = \d+$",
+    r"^ADD COLUMN IF NOT EXISTS `?[A-Za-z_][A-Za-z0-9_]*`? [A-Za-z0-9_]+ DEFAULT [A-Za-z0-9_.']+$",
+    rf"^MODIFY TTL {_TTL_EXPR}$", r"^REMOVE TTL$",
+    rf"^MODIFY COLUMN `?[A-Za-z_][A-Za-z0-9_]*`? TTL {_TTL_EXPR}$",
+    r"^MODIFY COLUMN `?[A-Za-z_][A-Za-z0-9_]*`? REMOVE TTL$",
+))
+#: the largest body of one writer INSERT (the sink sends batches of a few MB)
+MAX_INSERT_BYTES = 512 << 20
 
 
 def endpoint_file(chdb_path: str | Path) -> Path:
@@ -182,6 +221,9 @@ class EndpointOptions:
         More ``Host`` names accepted for GET.
     limits : EndpointLimits
         Per-query limits.
+    allow_workers : bool
+        Let ``driftline_writer`` (other workers of this machine) insert into the store and
+        run the worker's schema statements, with POST.
     """
 
     host: str = "127.0.0.1"
@@ -189,6 +231,12 @@ class EndpointOptions:
     allow_writes: bool = False
     extra_hosts: tuple[str, ...] = ()
     limits: EndpointLimits = field(default_factory=EndpointLimits)
+    allow_workers: bool = False
+
+    @property
+    def users(self) -> tuple[str, ...]:
+        """The users whose passwords the worker keeps (the writer only when it is on)."""
+        return (USER, ADMIN_USER, *((WRITER_USER,) if self.allow_workers else ()))
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -213,12 +261,93 @@ class QueryPolicy:
         :data:`DENIED_SCALAR_FUNCTIONS` and its ``AI`` functions: :data:`DENIED_SCALARS_SQL`).
     """
 
-    def __init__(self, table_functions: Iterable[str], scalar_functions: Iterable[str] = ()) -> None:
+    def __init__(self, table_functions: Iterable[str], scalar_functions: Iterable[str] = (), *,
+                 database: str = "driftline", tables: Iterable[str] = (),
+                 create_forms: Iterable[str] = ()) -> None:
         names = {t.lower() for t in table_functions}
         if not names:
             raise ValueError("QueryPolicy: the engine listed no table functions")
         self.denied = (frozenset(names - ALLOWED_TABLE_FUNCTIONS) | DENIED_SCALAR_FUNCTIONS
                        | {f.lower() for f in scalar_functions})
+        #: the writer role: the store's database, its tables and the exact CREATE texts
+        self.database = database
+        self.tables = frozenset(tables)
+        self.create_forms = frozenset(create_forms)
+
+    def _check_functions(self, lines: list[str]) -> None:
+        for ln in lines:
+            m = re.match(r"\s*Function (\S+)", ln)
+            if m and m.group(1).lower() in self.denied:
+                raise Refused(f"function {m.group(1)} is not allowed: it reaches files, the network or "
+                              "other servers")
+
+    def _writer_target(self, lines: list[str], default_database: str, what: str) -> str:
+        """``db.table`` of an INSERT/ALTER when it is one of the store's tables."""
+        top = [ln for ln in lines[1:] if ln.startswith(" ") and not ln.startswith("  ")]
+        if top and top[0].startswith(" Function"):
+            raise Refused(f"{what} INTO FUNCTION is not allowed: the writer role writes only to the tables of "
+                          f"database {self.database}")
+        idents = [ln.split()[1] for ln in top if ln.startswith(" Identifier ")]
+        if len(idents) == 1:
+            idents = [default_database, idents[0]]
+        if len(idents) != 2:
+            raise Refused(f"{what}: no table named")
+        db, table = idents
+        if db != self.database:
+            raise Refused(f"{what} on database {db} is not allowed: the writer role writes only to the tables "
+                          f"of database {self.database}")
+        if table not in self.tables:
+            raise Refused(f"{what} on {db}.{table} is not allowed: not a table of driftline's schema")
+        return f"`{db}`.`{table}`"
+
+    def check_writer(self, ast: str, formatted: str, *,
+                     default_database: str = "default") -> tuple[str, str | None]:
+        """What the writer role (``driftline_writer``) runs; raises :class:`Refused` otherwise.
+
+        Returns ``("insert_data", template)`` for an INSERT whose data is the request body
+        (``template`` is the statement with ``{infile}`` where the data file goes),
+        ``("write", None)`` for ``INSERT ... SELECT`` and the schema statements (the
+        request's statement runs as it is), ``("read", None)`` for a read."""
+        lines = [ln for ln in ast.splitlines() if ln.strip()]
+        if not lines:
+            raise Refused("empty parse tree")
+        kind = lines[0].split()[0]
+        if _READ_KINDS.match(kind) and kind != "ShowProcesslistQuery":
+            self.check(ast, formatted)
+            if any(re.match(r"\s*Set\b", ln) for ln in lines):
+                raise Refused("SETTINGS are not accepted in the writer role's statements")
+            return "read", None
+        if sum(not ln.startswith(" ") for ln in lines) != 1:
+            raise Refused("multi-statements are not allowed: send one statement per request")
+        if kind == "InsertQuery":
+            if any(re.match(r"\s*Set\b", ln) for ln in lines):
+                raise Refused("SETTINGS are not accepted in the writer role's statements")
+            target = self._writer_target(lines, default_database, "INSERT")
+            self._check_functions(lines)
+            if any(ln.startswith(" SelectWithUnionQuery") for ln in lines):
+                return "write", None
+            m = _INSERT_DATA_RE.match(formatted.strip())
+            if m is None:
+                raise Refused("the writer role's INSERT is INSERT INTO table [(columns)] FORMAT name, with the "
+                              "data in the request body, or INSERT INTO table SELECT ...")
+            return "insert_data", f"INSERT INTO {target}{m.group('cols') or ''} FROM INFILE {{infile}} FORMAT {m.group('fmt')}"
+        if kind == "AlterQuery":
+            self._writer_target(lines, default_database, "ALTER")
+            self._check_functions(lines)
+            commands = [ln.split()[1] for ln in lines if re.match(r"\s*AlterCommand ", ln)]
+            body = re.match(r"^ALTER TABLE \S+\s+\((.*)\)$", formatted.strip(), re.DOTALL)
+            if len(commands) != 1 or body is None or not any(p.match(body.group(1)) for p in _WRITER_ALTERS):
+                raise Refused("this ALTER is not allowed: the writer role runs only the schema statements of the "
+                              "worker (MODIFY SETTING non_replicated_deduplication_window, ADD COLUMN IF NOT "
+                              "EXISTS, MODIFY/REMOVE TTL, MODIFY COLUMN ... TTL)")
+            return "write", None
+        if kind == "CreateQuery":
+            if formatted.strip() not in self.create_forms:
+                raise Refused("this CREATE is not allowed: the writer role runs only driftline's own CREATE ... "
+                              "IF NOT EXISTS statements (schemas/tables.sql)")
+            return "write", None
+        raise Refused(f"{kind} is not allowed for the writer role: it inserts into driftline's tables and runs "
+                      "the worker's schema statements only")
 
     def check(self, ast: str, formatted: str = "", *, write: bool = False) -> str:
         """The statement's kind when it may run; raises :class:`Refused` otherwise.
@@ -254,11 +383,7 @@ class QueryPolicy:
             # INTO OUTFILE: a literal right under the statement (chDB writes the file even read-only)
             if any(ln.startswith(" Literal") for ln in lines[1:]) or _OUTFILE_RE.search(formatted):
                 raise Refused("INTO OUTFILE is not allowed")
-        for ln in lines:
-            m = re.match(r"\s*Function (\S+)", ln)
-            if m and m.group(1).lower() in self.denied:
-                raise Refused(f"function {m.group(1)} is not allowed: it reaches files, the network or "
-                              "other servers")
+        self._check_functions(lines)
         return kind
 
 
@@ -298,12 +423,14 @@ class ClickHouseEndpoint:
         More ``Host`` names to accept for GET (e.g. a DNS name on a non-loopback bind).
     on_auth_failure : callable, optional
         Called with ``"auth"`` or ``"host"`` per refused request (a counter).
+    allow_workers : bool
+        Let ``driftline_writer`` write with POST (:meth:`QueryPolicy.check_writer`).
     """
 
     def __init__(self, sink: ClickHouseSink, host: str = "127.0.0.1", port: int = 8123, *,
                  credentials: Credentials, limits: EndpointLimits | None = None, allow_writes: bool = False,
                  extra_hosts: Iterable[str] = (),
-                 on_auth_failure: Callable[[str], None] | None = None) -> None:
+                 on_auth_failure: Callable[[str], None] | None = None, allow_workers: bool = False) -> None:
         path = chdb_path(sink.dsn)
         if path is None:
             raise ValueError("the ClickHouse HTTP endpoint serves an embedded chDB store (chdb:///path) only")
@@ -317,6 +444,8 @@ class ClickHouseEndpoint:
         self.credentials = credentials
         self.limits = limits or EndpointLimits()
         self.allow_writes = allow_writes
+        self.allow_workers = allow_workers
+        self._spool: str | None = None  # private directory of the writer's data files
         self.extra_hosts = tuple(extra_hosts)
         self.guard = HttpGuard(credentials, on_failure=on_auth_failure)
         self.policy: QueryPolicy | None = None
@@ -338,7 +467,7 @@ class ClickHouseEndpoint:
         return app
 
     # -- connections of the endpoint's own ---------------------------------------------
-    def _connect(self, write: bool) -> Any:
+    def _connect(self, write: bool, readonly: int = 1) -> Any:
         import chdb
 
         conn = chdb.connect(self._conn_str)
@@ -346,8 +475,8 @@ class ClickHouseEndpoint:
             conn.query("SET " + ", ".join(f"{k} = {v}" for k, v in self.limits.settings().items()))
             if write:
                 conn.query("SET mutations_sync = 1")  # ALTER ... DELETE/UPDATE answers when done
-            else:
-                conn.query("SET readonly = 1")  # last: from here on no setting changes
+            else:  # last: from here on no setting changes (2: settings, but no writes)
+                conn.query(f"SET readonly = {2 if readonly == 2 else 1}")
         except Exception:
             conn.close()
             raise
@@ -358,18 +487,28 @@ class ClickHouseEndpoint:
         try:
             names = conn.query("SELECT name FROM system.table_functions", "TSVRaw").bytes().decode().split()
             scalars = conn.query(DENIED_SCALARS_SQL, "TSVRaw").bytes().decode().split()
+            creates = [conn.query("SELECT formatQuery({q:String})", "TSVRaw", params={"q": _tsv_escape(d)}
+                                  ).bytes().decode().strip()
+                       for d in ddl_statements(self.sink.database)]
         finally:
             conn.close()
-        return QueryPolicy(names, scalars)
+        tables = [m.group(1) for d in ddl_statements(self.sink.database)
+                  if (m := re.search(r"CREATE TABLE IF NOT EXISTS \S+?\.`?([A-Za-z0-9_]+)", d))]
+        return QueryPolicy(names, scalars, database=self.sink.database, tables=tables, create_forms=creates)
 
     def _run(self, q: str, fmt: str, params: dict[str, str], settings: dict[str, str],
-             database: str | None, write: bool) -> bytes:
-        """One request on a fresh connection (its session ends with the request)."""
+             database: str | None, write: bool, writer: bool = False, data: tuple[str, str] | None = None) -> bytes:
+        """One request on a fresh connection (its session ends with the request).
+
+        ``writer``: the caller holds the writer role; ``data``: (path, compression) of the
+        body of its INSERT."""
         assert self.policy is not None
         conn = self._connect(write=False)  # checked on a read-only connection, whoever asks
+        own = {k: settings[k] for k in settings if writer and k in WRITER_SETTINGS}
         try:
             for k, v in settings.items():  # read role: refused by the engine unless unchanged
-                conn.query(f"SET {k} = {_quote(v)}")
+                if k not in own:
+                    conn.query(f"SET {k} = {_quote(v)}")
             # the text as a string value: a multi-statement is refused here without running anything
             try:
                 formatted = conn.query("SELECT formatQuery({q:String})", "TSVRaw",
@@ -379,6 +518,26 @@ class ClickHouseEndpoint:
                     raise Refused("multi-statements are not allowed: send one statement per request") from None
                 raise
             ast = conn.query("EXPLAIN AST " + q, "TSVRaw", params=params).bytes().decode("utf-8", "replace")
+            if writer:
+                form, template = self.policy.check_writer(ast, formatted, default_database=database or "default")
+                if data is not None and form != "insert_data":
+                    raise Refused("only an INSERT ... FORMAT takes data in the request body")
+                conn.close()
+                conn = self._connect(write=form != "read", readonly=2)
+                for k, v in own.items():
+                    conn.query(f"SET {k} = {_quote(v)}")
+                if database:
+                    conn.query(f"USE `{database}`")
+                if form == "insert_data":
+                    assert template is not None
+                    path, compression = data or ("", "")
+                    if not path:
+                        path = self._spool_file(b"")
+                    stmt = template.format(infile=_quote(path) + (f" COMPRESSION {_quote(compression)}"
+                                                                  if compression else ""))
+                    conn.query(stmt)
+                    return b""
+                return bytes(conn.query(q, fmt, params=params).bytes() or b"")
             kind = self.policy.check(ast, formatted, write=write)
             if write and kind in _WRITE_KINDS:  # only a maintenance statement gets a writable connection
                 conn.close()
@@ -388,6 +547,15 @@ class ClickHouseEndpoint:
             return bytes(conn.query(q, fmt, params=params).bytes() or b"")
         finally:
             conn.close()
+
+    def _spool_file(self, first: bytes) -> str:
+        """A new private file (0600, in a 0700 directory of the endpoint's) holding ``first``."""
+        if self._spool is None:
+            self._spool = tempfile.mkdtemp(prefix="driftline-insert-")
+        fd, path = tempfile.mkstemp(dir=self._spool, suffix=".data")
+        with os.fdopen(fd, "wb") as f:
+            f.write(first)
+        return path
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self, chdb_path: str | None = None) -> None:
@@ -419,6 +587,9 @@ class ClickHouseEndpoint:
             await self._runner.cleanup()
             self._runner = None
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._spool is not None:
+            shutil.rmtree(self._spool, ignore_errors=True)
+            self._spool = None
 
     # -- handlers ----------------------------------------------------------------------
     async def _ping(self, request: web.Request) -> web.Response:
@@ -426,7 +597,67 @@ class ClickHouseEndpoint:
 
     async def _query(self, request: web.Request) -> web.Response:
         params = request.query
-        body = await request.read() if request.method == "POST" else b""
+        user = request.get(USER_KEY)
+        writer = self.allow_workers and request.method == "POST" and user == WRITER_USER
+        if user == WRITER_USER and not writer:
+            return _error(403, "driftline: the writer role writes with POST, on a worker started with "
+                               "--sql-allow-workers", code=497, name="ACCESS_DENIED")
+        data: tuple[str, str] | None = None
+        if writer:
+            try:
+                body, data = await self._writer_body(request)
+            except _TooLarge:
+                return _error(413, f"driftline: a statement is at most 1 MiB, an INSERT's data at most "
+                                   f"{MAX_INSERT_BYTES} bytes", code=497, name="ACCESS_DENIED")
+            except Refused as exc:
+                return _error(403, f"driftline: {exc}", code=497, name="ACCESS_DENIED")
+        else:
+            body = await request.read() if request.method == "POST" else b""
+        try:
+            return await self._answer(request, params, body, writer, data)
+        finally:
+            if data is not None:
+                try:
+                    os.unlink(data[0])
+                except OSError:
+                    pass
+
+    async def _writer_body(self, request: web.Request) -> tuple[bytes, tuple[str, str] | None]:
+        """The writer's request body: a statement (returned), or an INSERT's data (spooled to a
+        private file: its path and compression), as clickhouse-connect sends them (the
+        statement in ``?query=`` and the data in the body, or an uncompressed body that
+        starts with the statement's line)."""
+        # aiohttp has decoded gzip, deflate, br and zstd already; lz4 is clickhouse-connect's default
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in ("", "identity", "lz4", "gzip", "deflate", "br", "zstd"):
+            raise Refused(f"Content-Encoding {encoding[:20]!r} is not supported")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_chunked(1 << 20):
+            size += len(chunk)
+            if size > MAX_INSERT_BYTES:
+                raise _TooLarge()
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        loop = asyncio.get_running_loop()
+        if encoding == "lz4" and raw:
+            import lz4.frame
+
+            raw = await loop.run_in_executor(None, lz4.frame.decompress, raw)
+            if len(raw) > MAX_INSERT_BYTES:
+                raise _TooLarge()
+        q = request.query.get("query", "")
+        if _INSERT_RE.match(q):
+            return b"", (await loop.run_in_executor(None, self._spool_file, raw), "")
+        if _INSERT_RE.match(raw[:64].decode("latin-1")):
+            line, _, rest = raw.partition(b"\n")
+            return line, (await loop.run_in_executor(None, self._spool_file, rest), "")
+        if len(raw) > 1 << 20:  # a statement, not data: the other roles' limit
+            raise _TooLarge()
+        return raw, None
+
+    async def _answer(self, request: web.Request, params: Any, body: bytes, writer: bool,
+                      data: tuple[str, str] | None) -> web.Response:
         q = params.get("query", "")
         if body:
             text = body.decode("utf-8", "replace")
@@ -436,7 +667,7 @@ class ClickHouseEndpoint:
             return _error(400, "Empty query", code=62)
         write = (self.allow_writes and request.method == "POST"
                  and request.get(USER_KEY) == ADMIN_USER)
-        m = _FORMAT_RE.search(q)
+        m = None if _INSERT_RE.match(q) else _FORMAT_RE.search(q)  # an INSERT's FORMAT names its data
         if m:
             fmt = m.group(1)
             q = q[: m.start()].rstrip()
@@ -452,6 +683,9 @@ class ClickHouseEndpoint:
             return _error(400, f"Unknown setting {bad[0][:50]!r}", code=115)
         if write and settings:
             return _error(403, "the write role takes no settings from the request", code=497)
+        if writer and data is not None and not _INSERT_RE.match(q):
+            return _error(403, "driftline: only an INSERT ... FORMAT takes data in the request body", code=497,
+                          name="ACCESS_DENIED")
         database = params.get("database") or request.headers.get("X-ClickHouse-Database")
         if database == "default":
             database = None
@@ -459,7 +693,8 @@ class ClickHouseEndpoint:
             return _error(400, f"Database {database[:50]!r} does not exist", code=81)
         loop = asyncio.get_running_loop()
         try:
-            data = await loop.run_in_executor(self._pool, self._run, q, fmt, qparams, settings, database, write)
+            out = await loop.run_in_executor(self._pool, self._run, q, fmt, qparams, settings, database, write,
+                                             writer, data)
         except Refused as exc:
             self.refused += 1
             log.info("SQL endpoint refused a statement from %s: %s", request.get(USER_KEY), exc)
@@ -472,8 +707,15 @@ class ClickHouseEndpoint:
         headers = {"X-ClickHouse-Server-Display-Name": "driftline-chdb", "X-ClickHouse-Timezone": "UTC",
                    "X-ClickHouse-Format": fmt}
         text_like = fmt.startswith(("Tab", "TSV", "CSV", "JSON", "Pretty", "Vertical", "Markdown"))
-        return web.Response(body=data, headers=headers,
+        return web.Response(body=out, headers=headers,
                             content_type="text/plain" if text_like else "application/octet-stream")
+
+
+class _TooLarge(Exception):
+    """An INSERT body over :data:`MAX_INSERT_BYTES`."""
+
+
+_INSERT_RE = re.compile(r"^\s*INSERT\b", re.IGNORECASE)
 
 
 def _error(status: int, message: str, code: int = 0, name: str | None = None) -> web.Response:
