@@ -280,7 +280,8 @@ class DriftStage:
                                   getattr(self.batcher.encoder, "name", "encoder"))
         self.engine.redaction = ports.redaction
         if self.cfg.control_topic:  # the commands applied before: the control topic is read from its start
-            self._ids_task = asyncio.create_task(self._load_applied_ids(), name="driftline-drift-ids")
+            if not await self._read_applied_ids():  # ClickHouse down: retried, never fails the start
+                self._ids_task = asyncio.create_task(self._load_applied_ids(), name="driftline-drift-ids")
         else:
             self._ids_loaded = True
         self._task = asyncio.create_task(self._loop(), name="driftline-drift")
@@ -289,27 +290,34 @@ class DriftStage:
                  self.cfg.sample_rate, ",".join(self.cfg.fields), self.cfg.ref_size, self.cfg.window_size,
                  self.cfg.test_every)
 
-    async def _load_applied_ids(self) -> None:
-        """Read which control commands were applied before (``drift_control_log``), retried
-        until ClickHouse answers: an outage at start delays baseline commands (they wait
-        in :attr:`_early`), it never fails the stage or the worker."""
+    async def _read_applied_ids(self) -> bool:
+        """Read which control commands were applied before (``drift_control_log``) and
+        queue the commands that waited for it; False when ClickHouse did not answer."""
         assert self._ports is not None
-        tables, delay = self._ports.tables, 0.5
-        while True:
-            try:
-                done = await tables.aquery("SELECT DISTINCT control_id FROM {db:Identifier}.drift_control_log",
-                                           {"db": tables.database})
-                break
-            except Exception as exc:  # noqa: BLE001 - retried: commands wait, samples go on
-                log.warning("drift: reading drift_control_log failed (%s); baseline commands wait, "
-                            "retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+        tables = self._ports.tables
+        try:
+            done = await tables.aquery("SELECT DISTINCT control_id FROM {db:Identifier}.drift_control_log",
+                                       {"db": tables.database})
+        except Exception as exc:  # noqa: BLE001 - retried by _load_applied_ids
+            log.warning("drift: reading drift_control_log failed (%s); baseline commands wait", exc)
+            return False
         self._applied_ids |= {r[0] for r in done}
         self._ids_loaded = True
         early, self._early = self._early, []
         for rec in early:
             self.on_command(rec)
+        return True
+
+    async def _load_applied_ids(self) -> None:
+        """:meth:`_read_applied_ids` retried with backoff until ClickHouse answers: an
+        outage at start delays baseline commands (they wait in :attr:`_early`), it never
+        fails the stage or the worker."""
+        delay = 0.5
+        while True:
+            await asyncio.sleep(delay)
+            if await self._read_applied_ids():
+                return
+            delay = min(delay * 2, 30.0)
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait until every accepted sample is embedded, tested and written, and every

@@ -378,7 +378,7 @@ def test_drift_stage_queues_signed_and_refuses_unsigned_baseline_commands() -> N
 
     st = DriftStage(DriftConfig())
     w, reg, _ = _worker(SECRET)
-    st._ports = w  # what start() sets
+    st._ports, st._ids_loaded = w, True  # what start() sets (drift_control_log read)
     signed = sign_command({"cmd": "baseline", "action": "reset", "app": "chat"}, SECRET)
     unsigned = {"cmd": "baseline", "id": "u1", "action": "reset", "app": "chat", "sent_at_ms": 1}
     forged = {**signed, "app": "search"}
@@ -391,7 +391,7 @@ def test_drift_stage_queues_signed_and_refuses_unsigned_baseline_commands() -> N
     assert reg.get_sample_value("driftline_control_refused_total", {"reason": "unsigned"}) == 1
     assert reg.get_sample_value("driftline_control_refused_total", {"reason": "bad_signature"}) == 1
     st2 = DriftStage(DriftConfig())
-    st2._ports = _worker(None)[0]
+    st2._ports, st2._ids_loaded = _worker(None)[0], True
     assert st2.on_control_record(json.dumps(unsigned).encode(), "driftline.control", 0, 0, 0)
 
 
@@ -426,7 +426,7 @@ def test_deeply_nested_control_records_are_refused_without_raising() -> None:
 
     st = DriftStage(DriftConfig())
     w, reg, flushed = _worker(SECRET)
-    st._ports = w  # what start() sets
+    st._ports, st._ids_loaded = w, True  # what start() sets (drift_control_log read)
     lim = sys.getrecursionlimit()
     n = 0
     for d in [*range(lim - 150, lim + 5), 100_000]:

@@ -287,3 +287,67 @@ def test_revoke_drain_includes_the_batch_the_fetch_loop_was_blocked_adding() -> 
     ok, seen = asyncio.run(main())
     assert ok
     assert seen == [0, 1, 2, 3, 4, 5], f"the revocation returned with only {seen} written"
+
+
+def test_baseline_commands_wait_for_the_control_log_and_are_applied_once_it_answers() -> None:
+    """The other half of the fix above: a baseline command that arrives while
+    drift_control_log cannot be read is held, then queued (or skipped when the log says it
+    was applied) once the read succeeds. Catches: held commands never replayed, or
+    applied before the log was read (a command applied before would run twice)."""
+    import numpy as np
+
+    from driftline.streams.ingest.control import ControlRecord
+    from driftline.streams.ports import StagePorts
+    from driftline.streams.stages.semantic_drift import DriftConfig, DriftStage
+
+    class Enc:
+        name, dim, max_chars = "fake", 4, 20
+
+        def encode(self, texts: Any) -> Any:
+            return np.ones((len(texts), 4), dtype=np.float32)
+
+    class Tables:
+        database = "driftline"
+        calls = 0
+
+        def query(self, sql: str, parameters: Any = None) -> Any:
+            return []
+
+        async def aquery(self, sql: str, parameters: Any = None) -> Any:
+            Tables.calls += 1
+            if Tables.calls == 1:
+                raise ConnectionError("ClickHouse unreachable")
+            return [("done-before",)]
+
+    def rec(cid: str, offset: int) -> Any:
+        return ControlRecord({"cmd": "baseline", "id": cid, "action": "reset", "app": "chat"},
+                             "driftline.control", 0, offset, 0)
+
+    async def main() -> tuple[bool, list[str], list[str]]:
+        base = StagePorts.detached()
+        ports = StagePorts(tables=Tables(), metrics=base.metrics, windows=base.windows,  # type: ignore[arg-type]
+                           kafka=base.kafka)
+        st = DriftStage(DriftConfig(), None, Enc())
+
+        class Seen(list):  # type: ignore[type-arg]
+            def append(self, c: Any) -> None:
+                queued.append(c.control_id)
+                super().append(c)
+
+        queued: list[str] = []
+        st._controls = Seen()
+        await st.start(ports)
+        try:
+            queued_early = st.on_command(rec("done-before", 0)) or st.on_command(rec("new", 1))
+            for _ in range(100):  # the retry waits 0.5 s
+                if st._ids_loaded:
+                    break
+                await asyncio.sleep(0.05)
+            return queued_early, queued, sorted(st._applied_ids)
+        finally:
+            await st.stop()
+
+    queued_early, queued, applied = asyncio.run(main())
+    assert not queued_early
+    assert queued == ["new"]  # the command the log says was applied is not queued again
+    assert applied == ["done-before", "new"]
