@@ -560,10 +560,7 @@ class BatchProcessor(Generic[T]):
 
     async def _main(self) -> None:
         try:
-            if self.config.max_export_units is None:
-                await self._run()
-            else:
-                await self._run_units()
+            await self._run()
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -573,9 +570,16 @@ class BatchProcessor(Generic[T]):
             raise
 
     async def _run(self) -> None:
+        """The export task: wait until a batch is due, cut it, export it; count-cut
+        batches (:meth:`_due`, :meth:`_cut`) or unit-cut ones (:meth:`_units_due`,
+        :meth:`_cut_units`, see the module docstring)."""
         loop = asyncio.get_running_loop()
+        units = self.config.max_export_units is not None
         while True:
-            due = self._due(loop.time())
+            now = loop.time()
+            if units:
+                self._take_units(now)
+            due = self._units_due(now) if units else self._due(now)
             if due is None and self._closing:
                 return
             if due is None or due > 0:
@@ -583,16 +587,19 @@ class BatchProcessor(Generic[T]):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), due)
                 continue
-            n = min(self.config.max_export_batch_size, len(self._queue))
-            batch = [self._queue.popleft()[1] for _ in range(n)]
-            self._taken += n
-            self._in_flight = n
-            self._not_full.set()
-            try:
-                await self._export(batch)
-            finally:
-                self._in_flight = 0
-                self._settle(n)
+            batch = self._cut_units() if units else self._cut()
+            self._in_flight = len(batch)
+            await self._export(batch)  # raised (raise_on_exception): not exported, never settled
+            self._in_flight = 0
+            self._settle(len(batch))
+
+    def _cut(self) -> list[T]:
+        """Take the next count-cut batch off the queue (it frees room for waiting adds)."""
+        n = min(self.config.max_export_batch_size, len(self._queue))
+        batch = [self._queue.popleft()[1] for _ in range(n)]
+        self._taken += n
+        self._not_full.set()
+        return batch
 
     def _take_units(self, now: float) -> None:
         """Move waiting items into the forming batch while it holds fewer than
@@ -616,25 +623,11 @@ class BatchProcessor(Generic[T]):
             return 0.0
         return max(0.0, self._forming_since + self.config.schedule_delay_s - now)
 
-    async def _run_units(self) -> None:
-        """The export task for unit-cut batches (see the module docstring)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            self._take_units(loop.time())
-            due = self._units_due(loop.time())
-            if due is None and self._closing:
-                return
-            if due is None or due > 0:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), due)
-                continue
-            batch, n = self._forming, len(self._forming)
-            self._forming, self._forming_units = [], 0
-            self._in_flight = n
-            await self._export(batch)  # raised (raise_on_exception): not exported, never settled
-            self._in_flight = 0
-            self._settle(n)
+    def _cut_units(self) -> list[T]:
+        """The forming batch, handed over whole (a new one starts empty)."""
+        batch = self._forming
+        self._forming, self._forming_units = [], 0
+        return batch
 
     async def _export(self, batch: list[T]) -> None:
         cfg = self.config
