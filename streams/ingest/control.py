@@ -232,7 +232,11 @@ class ControlConsumer:
         read alone, and the one that raises is moved past its failing batch (the replayed
         topic would otherwise hit it at every start). Anything else is logged and retried
         after a pause. Returns the records the partitions read alone gave."""
-        from driftline.streams.ingest.kafka_host import failed_batch_end, unpacking_error
+        from driftline.streams.ingest.kafka_host import (
+            failed_batch_end,
+            read_alone,
+            unpacking_error,
+        )
 
         if not unpacking_error(exc):
             log.warning("control: fetch failed (%s: %s); retrying in 1 s", type(exc).__name__, exc)
@@ -240,14 +244,16 @@ class ControlConsumer:
             return {}
         out: dict[Any, Any] = {}
         for tp in self._assigned:
-            pos = await consumer.position(tp)
             try:
-                out.update(await consumer.getmany(tp, timeout_ms=200))
-            except Exception as err:  # noqa: BLE001 - never ends the consumer
-                if not unpacking_error(err):
-                    log.warning("control: %s[%d]: fetch failed (%s); retried next round", tp.topic,
-                                tp.partition, err)
-                    continue
+                recs, err = await read_alone(consumer, tp, 1000, 200)
+            except Exception as other:  # noqa: BLE001 - never ends the consumer
+                log.warning("control: %s[%d]: fetch failed (%s); retried next round", tp.topic,
+                            tp.partition, other)
+                continue
+            if recs:
+                out[tp] = recs
+            if err is not None:
+                pos = await consumer.position(tp)
                 end = failed_batch_end(err, pos)
                 consumer.seek(tp, end + 1)
                 log.warning("control: %s[%d]: skipped the undecodable record batch at offsets %d to %d: %s",

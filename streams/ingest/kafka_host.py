@@ -352,20 +352,11 @@ class KafkaHost:
                           ) -> tuple[list[Any], tuple[int, int, str] | None]:
         """Read ``tp`` one record at a time (up to ``max_batch``) until it ends or a record
         batch raises; that batch is skipped (seeked past) and returned as (first, last, reason)."""
-        c = self.consumer
-        assert c is not None
-        recs: list[Any] = []
-        while len(recs) < self.cfg.max_batch:
-            try:
-                got = await c.getmany(tp, timeout_ms=0 if recs else self.cfg.fetch_timeout_ms, max_records=1)
-            except Exception as err:  # noqa: BLE001 - as in fetch
-                if not unpacking_error(err):
-                    raise
-                return recs, self._skip_batch(tp, err, self._positions().get(tp, start))
-            if not got.get(tp):
-                break
-            recs += got[tp]
-        return recs, None
+        assert self.consumer is not None
+        recs, err = await read_alone(self.consumer, tp, self.cfg.max_batch, self.cfg.fetch_timeout_ms)
+        if err is None:
+            return recs, None
+        return recs, self._skip_batch(tp, err, self._positions().get(tp, start))
 
     def _skip_batch(self, tp: TopicPartition, err: BaseException, pos: int) -> tuple[int, int, str] | None:
         """Seek ``tp`` past the record batch at ``pos`` that raised ``err``; (first, last, reason)
@@ -514,6 +505,27 @@ def _probed(mark: LogMark, recs: list[Any] | None, hw: int | None) -> str | None
     if hw is not None and hw <= off:
         return f"it ends at offset {hw}, at or before the stored {off}"
     return None
+
+
+async def read_alone(consumer: Any, tp: TopicPartition, max_records: int, timeout_ms: int
+                     ) -> tuple[list[Any], BaseException | None]:
+    """Read ``tp`` one record at a time (up to ``max_records``) until it ends or a record
+    batch aiokafka cannot unpack raises: the records read before it, and that error (the
+    caller seeks past the batch, :func:`failed_batch_end`; the consumer's position is then
+    the failing batch's first offset). One record at a time, so the good records fetched
+    with a bad batch are not skipped with it. Any other error is raised."""
+    recs: list[Any] = []
+    while len(recs) < max_records:
+        try:
+            got = await consumer.getmany(tp, timeout_ms=0 if recs else timeout_ms, max_records=1)
+        except Exception as err:  # noqa: BLE001 - returned when it is an unpacking error
+            if not unpacking_error(err):
+                raise
+            return recs, err
+        if not got.get(tp):
+            break
+        recs += got[tp]
+    return recs, None
 
 
 def unpacking_error(exc: BaseException) -> bool:

@@ -351,3 +351,53 @@ def test_baseline_commands_wait_for_the_control_log_and_are_applied_once_it_answ
     assert not queued_early
     assert queued == ["new"]  # the command the log says was applied is not queued again
     assert applied == ["done-before", "new"]
+
+
+def test_the_control_consumer_keeps_the_commands_fetched_with_an_undecodable_batch() -> None:
+    """After a fetch hit an undecodable batch, each partition is read one record at a time
+    (kafka_host.read_alone, as the worker's host does): the two commands before the bad
+    batch are dispatched and the consumer seeks past the batch only. Catches: reading the
+    partition in one getmany (the bad batch then takes the good records of the same fetch
+    with it, and the seek from the old position skips them)."""
+    from aiokafka.errors import UnsupportedCodecError
+
+    from driftline.streams.ingest.control import ControlConsumer, Subscription
+    from driftline.streams.ports import KafkaPort
+
+    tp = TopicPartition("driftline.control", 0)
+
+    class Rec:
+        def __init__(self, offset: int) -> None:
+            self.offset, self.value, self.timestamp = offset, b'{"cmd": "flush"}', 0
+
+    class Consumer:
+        def __init__(self) -> None:
+            self.pos, self.seeks = 0, []  # type: ignore[var-annotated]
+
+        async def position(self, tp_: Any) -> int:
+            return self.pos
+
+        def seek(self, tp_: Any, off: int) -> None:
+            self.seeks.append(off)
+
+        async def getmany(self, *tps: Any, max_records: int | None = None, **kw: Any) -> dict[Any, Any]:
+            if max_records != 1 or self.pos >= 2:  # a whole fetch, or the bad batch at offset 2
+                raise UnsupportedCodecError("Libraries for snappy compression codec not found")
+            self.pos += 1
+            return {tp: [Rec(self.pos - 1)]}
+
+    got: list[int] = []
+
+    async def main() -> list[int]:
+        c = ControlConsumer(KafkaPort("127.0.0.1:1"),
+                            [Subscription("driftline.control", lambda r: got.append(r.offset))])
+        c._assigned = [tp]
+        c._live_from = {("driftline.control", 0): 0}
+        consumer = Consumer()
+        data = await c._after_fetch_error(consumer, UnsupportedCodecError("snappy"))
+        c._dispatch(data)
+        return consumer.seeks
+
+    seeks = asyncio.run(main())
+    assert got == [0, 1]
+    assert seeks == [3]  # past the failing batch (its end unknown here: the one offset at 2)
