@@ -241,9 +241,6 @@ class WriteStep:
         self.redaction = redaction or Redaction()
         self.on_safe = on_safe
         self.keepalive = keepalive
-        self.max_insert_rows = max_insert_rows
-        self.min_insert_rows = min_insert_rows
-        self.insert_linger_s = insert_linger_s
         #: bounded: a full queue holds the fetch loop back (backpressure)
         self.batches: BatchProcessor[Work] = BatchProcessor(
             _WriteExporter(self), max_queue_size=4, on_full="block", schedule_delay_s=insert_linger_s,
