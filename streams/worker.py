@@ -78,9 +78,16 @@ from typing import Any, Protocol, runtime_checkable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from driftline.detectors.redact import Redaction
-from driftline.schemas.topics import CONTROL_TOPIC, DLQ_TOPIC, EVENTS_TOPIC, OTLP_TOPIC
+from driftline.schemas.topics import (
+    CONTROL_TOPIC,
+    DLQ_TOPIC,
+    EVENTS_TOPIC,
+    OTLP_TOPIC,
+    is_otlp_topic,
+)
 from driftline.streams.ingest.kafka_host import HostHooks, InFlight, KafkaHost, LogMark
 from driftline.streams.ingest.kafka_security import KafkaSecurity
+from driftline.streams.ingest.rekey import RekeyConfig, Rekeyer
 from driftline.streams.ingest.transforms import (
     DEFAULT_MAX_CLOCK_SKEW_S,
     DEFAULT_MAX_EVENT_AGE_S,
@@ -149,6 +156,11 @@ class WorkerConfig:
     control_secret: bytes | None = field(default=None, repr=False)
     #: with a secret: also refuse signed commands older than this (None: any age; see control_auth)
     control_max_age_s: float | None = None
+    #: the OTLP topics of ``topics`` are re-keyed (streams/ingest/rekey.py): decoded in a group
+    #: of their own and re-produced to :attr:`rekey_target` keyed app/model, so that each key
+    #: lives in one worker whatever the input. False: decoded by the worker that reads them
+    #: (a key's spans then reach every worker: correct with ONE worker only; ``--otlp-direct``)
+    otlp_rekey: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -163,6 +175,26 @@ class WorkerConfig:
             raise ValueError("control_max_age_s must be > 0 (or None: any age)")
         if self.rebalance_timeout_ms < self.revoke_drain_s * 1000 + 5_000:
             raise ValueError("rebalance_timeout_ms must exceed revoke_drain_s by 5 s at least")
+        if self.rekey_sources and self.rekey_target == self.dlq_topic:
+            raise ValueError(f"OTLP events cannot be re-keyed into the DLQ topic {self.dlq_topic}")
+
+    @property
+    def rekey_sources(self) -> tuple[str, ...]:
+        """The OTLP topics the re-keyer reads (none unless :attr:`otlp_rekey`)."""
+        return tuple(t for t in self.topics if is_otlp_topic(t)) if self.otlp_rekey else ()
+
+    @property
+    def rekey_target(self) -> str:
+        """Where re-keyed OTLP events go: the first JSON topic of ``topics``, else ``llm.events``."""
+        return next((t for t in self.topics if not is_otlp_topic(t)), EVENTS_TOPIC)
+
+    @property
+    def host_topics(self) -> tuple[str, ...]:
+        """The topics the worker's group reads: ``topics``, or with re-keying their JSON
+        topics (the re-keyer's target among them)."""
+        if not self.rekey_sources:
+            return self.topics
+        return tuple(t for t in self.topics if not is_otlp_topic(t)) or (self.rekey_target,)
 
 
 @runtime_checkable
@@ -251,6 +283,8 @@ class Worker:
                                     redaction=config.redaction, on_safe=self.host.commit,
                                     keepalive=self.host.hold, max_insert_rows=config.max_insert_rows,
                                     min_insert_rows=config.min_insert_rows, insert_linger_s=config.insert_linger_s)
+        #: OTLP topics -> the events topic keyed app/model (streams/ingest/rekey.py), or None
+        self.rekeyer = self._rekeyer() if config.rekey_sources else None
         #: the highest watermark the write log recorded for the partitions being assigned
         self._closed_below: int | None = None
         self._stopping = False
@@ -270,8 +304,8 @@ class Worker:
 
     @property
     def dead_lettered(self) -> int:
-        """Records the DLQ topic took (streams/sinks/dlq.py)."""
-        return self.dlq.dead_lettered
+        """Records the DLQ topic took (streams/sinks/dlq.py), the OTLP re-keyer's included."""
+        return self.dlq.dead_lettered + (self.rekeyer.dlq.dead_lettered if self.rekeyer is not None else 0)
 
     @property
     def consumer(self) -> AIOKafkaConsumer | None:
@@ -289,7 +323,8 @@ class Worker:
         if cfg.create_topics:
             from driftline.streams.local.broker import DEFAULT_TOPICS, ensure_topics
 
-            want = {t: DEFAULT_TOPICS.get(t, 1) for t in (*cfg.topics, cfg.dlq_topic, CONTROL_TOPIC)}
+            want = {t: DEFAULT_TOPICS.get(t, 1) for t in (*cfg.topics, *cfg.host_topics, cfg.dlq_topic,
+                                                          CONTROL_TOPIC)}
             await asyncio.to_thread(ensure_topics, cfg.kafka, want, security=cfg.kafka_security)
         await self._ch_retry("creating the schema", self.sink.ensure_schema)
         if cfg.kafka_security.security_protocol != "PLAINTEXT":
@@ -297,8 +332,20 @@ class Worker:
             cfg.kafka_security.warn_cleartext(cfg.kafka)
         await self.dlq.start()
         await self.host.start()
-        log.info("worker consuming %s from %s into %s (database %s)", ",".join(cfg.topics),
+        if self.rekeyer is not None:
+            await self.rekeyer.start()
+        log.info("worker consuming %s from %s into %s (database %s)", ",".join(cfg.host_topics),
                  cfg.kafka, redact_url(cfg.clickhouse), self.sink.database)
+
+    def _rekeyer(self) -> Rekeyer:
+        """The OTLP re-keyer of this worker's config: its own group ``<group>.otlp-rekey``."""
+        cfg = self.cfg
+        rc = RekeyConfig(kafka=cfg.kafka, sources=cfg.rekey_sources, target=cfg.rekey_target,
+                         dlq_topic=cfg.dlq_topic, group_id=f"{cfg.group_id}.otlp-rekey",
+                         security=cfg.kafka_security, session_timeout_ms=cfg.session_timeout_ms,
+                         rebalance_timeout_ms=cfg.rebalance_timeout_ms, auto_offset_reset=cfg.auto_offset_reset,
+                         fetch_timeout_ms=cfg.fetch_timeout_ms)
+        return Rekeyer(rc, self.sink, self.metrics, self._ch_retry)
 
     async def _ch_retry(self, what: str, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` on a thread, retried with backoff (logged) until it succeeds:
@@ -320,6 +367,8 @@ class Worker:
     async def stop(self) -> None:
         self._stopping = True
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self.rekeyer is not None:
+            await self.rekeyer.stop()
         # the consumer first: stopping it waits for a rebalance callback in flight, which
         # may be reading the DLQ (recovery) through the reader closed after it
         await self.host.stop()
@@ -334,6 +383,8 @@ class Worker:
             return
         await self.write_step.start()
         started: list[Stage] = []
+        rekey_stop = asyncio.Event()
+        rekeying: asyncio.Task[None] | None = None
         try:
             for st in self.stages:
                 await st.start(self.ports_for(st))
@@ -345,12 +396,31 @@ class Worker:
             gc.collect()
             gc.freeze()
             self.started.set()
+            if self.rekeyer is not None:
+                rekeying = asyncio.create_task(self.rekeyer.run(rekey_stop), name="driftline-rekey")
             while not stop.is_set():
                 await self.host.fetch()
                 self.write_step.raise_if_failed()  # a writer bug; sink failures never get here
+                if rekeying is not None and rekeying.done():
+                    rekeying.result()  # a re-keyer bug; Kafka and ClickHouse failures never get here
             await self.host.finish()  # the batch still being decoded is written too
         finally:
+            await self._stop_rekeying(rekey_stop, rekeying)
             await self._shut_down(started)
+
+    async def _stop_rekeying(self, rekey_stop: asyncio.Event, rekeying: asyncio.Task[None] | None) -> None:
+        """Let the re-keyer finish its batch in flight (sent and logged; bounded like the
+        revoke drain), so the next owner of its partitions resumes after it."""
+        rekey_stop.set()
+        if rekeying is None:
+            return
+        done, _ = await asyncio.wait({rekeying}, timeout=self.cfg.revoke_drain_s)
+        if not done:
+            log.warning("the OTLP re-keyer's batch in flight did not finish in %.0f s: the next owner "
+                        "reads what it sent and skips it", self.cfg.revoke_drain_s)
+            rekeying.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await rekeying
 
     async def _started(self, stop: asyncio.Event) -> bool:
         """Run :meth:`start` until it completes (True) or ``stop`` is set (False, stopped)."""
