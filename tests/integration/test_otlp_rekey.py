@@ -23,9 +23,7 @@ import clickhouse_connect
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+from helpers_otlp import genai_request
 
 from driftline.schemas.columns import REKEY_LOG_COLUMNS
 from driftline.schemas.event import encode_event
@@ -42,31 +40,10 @@ APPS = ("support", "search", "agent")
 MODELS = ("gpt-4o-mini", "claude-3-5-haiku-20241022")
 
 
-def kv(k: str, v: Any) -> KeyValue:
-    if isinstance(v, int):
-        return KeyValue(key=k, value=AnyValue(int_value=v))
-    return KeyValue(key=k, value=AnyValue(string_value=str(v)))
-
-
 def request(n: int, seq: int, now_ms: int) -> bytes:
     """An OTLP request of ``n`` GenAI spans over the 6 keys (service = app), trace ``seq``."""
-    tid = seq.to_bytes(16, "big")
-    by_app: dict[str, list[Span]] = {}
-    for i in range(n):
-        app, model = APPS[(seq + i) % 3], MODELS[(seq + i) % 2]
-        start = (now_ms - 5_000 + i) * 1_000_000
-        by_app.setdefault(app, []).append(Span(
-            trace_id=tid, span_id=(i + 1).to_bytes(8, "big"), name=f"chat {model}", kind=Span.SPAN_KIND_CLIENT,
-            start_time_unix_nano=start, end_time_unix_nano=start + 120_000_000,
-            attributes=[kv("gen_ai.operation.name", "chat"), kv("gen_ai.provider.name", "openai"),
-                        kv("gen_ai.request.model", model), kv("gen_ai.usage.input_tokens", 10 + i),
-                        kv("gen_ai.usage.output_tokens", 3)]))
-    req = ExportTraceServiceRequest()
-    for app, spans in by_app.items():
-        rs = ResourceSpans(scope_spans=[ScopeSpans(spans=spans)])
-        rs.resource.attributes.append(kv("service.name", app))
-        req.resource_spans.append(rs)
-    return req.SerializeToString()
+    return genai_request([(APPS[(seq + i) % 3], MODELS[(seq + i) % 2], now_ms - 5_000 + i, 120, 10 + i, 3)
+                          for i in range(n)], seq)
 
 
 async def produce(bootstrap: str, topic: str, values: list[tuple[int, bytes]]) -> None:
