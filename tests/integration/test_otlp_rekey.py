@@ -198,3 +198,85 @@ async def test_new_owner_skips_what_a_dead_owner_sent(kafka_bootstrap: str, make
     assert len(recs) == 20 and len(srcs) == 20, "a span sent twice"
     assert query(chdb_dsn, "SELECT count(), uniqExact(event_id) FROM driftline.llm_events") == [(20, 20)]
     assert marks(chdb_dsn, otlp, [0]) == {0: 5}
+
+
+async def test_sigkill_while_rekeying_sends_each_span_once(kafka_bootstrap: str, make_topics: Any,
+                                                           tmp_path: Path) -> None:
+    """A real ``driftline worker`` SIGKILLed as soon as its re-keyer's first sends land
+    (mid-batch), then a second one on the same store: each of the 6,000 spans is once in
+    the events topic and once in ``llm_events``."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from driftline.streams.local.broker import free_port
+
+    tid = uuid.uuid4().hex[:8]
+    events, otlp, dlq = f"ev-{tid}", f"otlp_spans.{tid}", f"dlq-{tid}"
+    make_topics({events: 2, otlp: 2, dlq: 1, "driftline.control": 1})
+    now = int(time.time() * 1000)
+    await produce(kafka_bootstrap, otlp, [(seq % 2, request(50, seq, now)) for seq in range(120)])
+    cli = Path(__file__).resolve().parents[1] / "session_cli.py"
+    args = ["worker", "--kafka", kafka_bootstrap, "--clickhouse", f"chdb://{tmp_path / 'store'}", "--topic", events,
+            "--topic", otlp, "--group", f"g-{tid}", "--no-drift", "--no-alerts",
+            "--log-level", "info"]
+
+    def start(name: str, more: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
+        logf = tmp_path / f"{name}.log"
+        proc = subprocess.Popen([sys.executable, str(cli), "3000", *args, *more, "--metrics-port", str(free_port())],
+                                stdout=logf.open("ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        return proc, logf
+
+    reader = AIOKafkaConsumer(events, bootstrap_servers=kafka_bootstrap, group_id=None,
+                              auto_offset_reset="earliest", enable_auto_commit=False)
+    await reader.start()
+    a, a_log = start("a", ["--sql-port", "0"])
+    try:
+        deadline = time.monotonic() + 60
+        landed = 0
+        while landed == 0:  # the first re-keyed sends are in the events topic: kill now
+            assert a.poll() is None and time.monotonic() < deadline, a_log.read_text()[-2000:]
+            landed = sum(len(r) for r in (await reader.getmany(timeout_ms=20)).values())
+        os.killpg(a.pid, signal.SIGKILL)
+        a.wait(10)
+    finally:
+        await reader.stop()
+    port = free_port()
+    b, b_log = start("b", ["--sql-port", str(port)])
+    try:
+        deadline = time.monotonic() + 90
+        while stored_via(tmp_path / "store", port) < 6_000:
+            assert b.poll() is None and time.monotonic() < deadline, b_log.read_text()[-3000:]
+            await asyncio.sleep(0.5)
+    finally:
+        os.killpg(b.pid, signal.SIGTERM)
+        b.wait(60)
+    recs = await read_all(kafka_bootstrap, events, 6_000)
+    srcs = Counter(_source_id(r.headers) for r in recs)
+    assert (len(recs), len(srcs)) == (6_000, 6_000), "a span sent twice or lost"
+    dsn = f"chdb://{tmp_path / 'store'}"
+    assert query(dsn, "SELECT count(), uniqExact(event_id) FROM driftline.llm_events") == [(6_000, 6_000)]
+    assert marks(dsn, otlp, [0, 1]) == {0: 60, 1: 60}
+    held = [ln for ln in b_log.read_text().splitlines() if "already sent by the previous owner" in ln]
+    print(f"killed after {landed} sends landed; the new owner skipped: {held}")
+
+
+def stored_via(store: Path, port: int) -> int:
+    """``count()`` of llm_events through a running worker's SQL endpoint (0 while it starts)."""
+    from driftline.streams.auth import client_credentials
+
+    creds = client_credentials(store)
+    if creds is None:
+        return 0
+    try:
+        c = clickhouse_connect.get_client(host="127.0.0.1", port=port, username=creds[0], password=creds[1])
+    except Exception:  # noqa: BLE001 - not serving yet
+        return 0
+    try:
+        return int(c.query("SELECT count() FROM driftline.llm_events").result_rows[0][0])
+    except Exception:  # noqa: BLE001 - the schema not created yet
+        return 0
+    finally:
+        c.close()
