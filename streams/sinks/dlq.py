@@ -105,16 +105,18 @@ def _source_id(headers: Any) -> SourceId | None:
         return None
 
 
-async def start_producer(kafka: str, security: KafkaSecurity | None = None) -> AIOKafkaProducer:
+async def start_producer(kafka: str, security: KafkaSecurity | None = None, *,
+                         compression: str | None = "gzip", max_batch_size: int = 16384) -> AIOKafkaProducer:
     """The DLQ producer, idempotent where the broker supports it (a send the client
     retries after a lost acknowledgement is stored once); the local Tansu broker
     answers InitProducerId with an error, so there it falls back to a plain producer
-    (a client-side retry after a lost acknowledgement can then duplicate a record)."""
+    (a client-side retry after a lost acknowledgement can then duplicate a record).
+    gzip by default: a rejected record compressed by its producer fits the DLQ
+    compressed too (the OTLP re-keyer sends uncompressed batches of 1 MiB instead)."""
     for idempotent in (True, False):
-        # gzip: a rejected record compressed by its producer fits the DLQ compressed too
         producer = AIOKafkaProducer(bootstrap_servers=kafka, linger_ms=20, acks="all",
                                     max_request_size=16 << 20, enable_idempotence=idempotent,
-                                    compression_type="gzip",
+                                    compression_type=compression, max_batch_size=max_batch_size,
                                     **(security or KafkaSecurity()).aiokafka_kwargs())
         try:
             await producer.start()
