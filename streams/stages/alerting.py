@@ -39,9 +39,16 @@ next tick goes on where it stopped (at once, not after ``eval_interval_s``), so 
 long catch-up never holds the event loop, and the results do not depend on the
 budget.
 
-After a restart the alerts whose newest row in the ``alerts`` table is ``firing`` are
-restored as firing (no second "firing" notification); evaluation waits for the worker's
-first stored batch (its windows are rebuilt from ClickHouse by then; at most
+Ownership (several workers, rebalances, restarts): nothing is evaluated from the start
+or a revocation (:meth:`AlertingStage.on_revoked`) until the worker's partitions are
+assigned and their windows rebuilt (:meth:`AlertingStage.on_assigned`). Then a key
+(app/model) belongs to the worker holding the partition of its newest stored event: the
+state of keys owned elsewhere is dropped without transitions, and the alerts of owned keys
+whose newest row in the ``alerts`` table is ``firing`` are restored as firing (no second
+"firing" notification); every alert's last recorded transition is a floor below which
+(and at which, except the resolution of a recorded "firing") nothing is recorded again,
+so a replay of windows whose alerts fired and resolved before a crash records nothing.
+After a restore, evaluation waits for the worker's first stored batch (at most
 ``restore_grace_s``), and an alert whose condition no longer holds then resolves, which
 writes and sends the "resolved".
 """
@@ -508,6 +515,8 @@ class AlertingStage:
         transitions recorded so far are written (bounded), so that the next owner of a key
         restores them instead of recording them again."""
         self._unassigned = True
+        # no re-sends of the alerts held (Alertmanager) until the keys' owners are known
+        self._notifiers_call("forget", [a.fingerprint for a in self.evaluator.active_alerts()])
         if self._rows.started and not await self._rows.force_flush(self.revoke_flush_s):
             log.warning("alerting: alert rows still unwritten %.0f s after the revocation", self.revoke_flush_s)
 
@@ -547,16 +556,23 @@ class AlertingStage:
             o = owner(app, model)
             return o is None or o in mine
 
-        for rule, fp in self.evaluator.retain(owned):
+        gone = self.evaluator.retain(owned)
+        for rule, fp in gone:
             self._muted.discard((rule, fp))
             self.m.firing.labels(rule, self.rules.by_name(rule).severity).dec()
-            for n in self.notifiers:
-                forget = getattr(n, "forget", None)
-                if callable(forget):
-                    forget([fp])
+        self._notifiers_call("forget", [fp for _rule, fp in gone])
         self._recorded = {(r[0], r[1]): (int(r[6]), str(r[2])) for r in history}
         self._restore(history, lambda app, model: not app or owner(app, model) in mine)
+        # the firing alerts of the keys kept and restored: re-sent (Alertmanager) from now on
+        self._notifiers_call("restore", self.evaluator.active_alerts())
         self._unassigned = False
+
+    def _notifiers_call(self, method: str, arg: Any) -> None:
+        """``notifier.method(arg)`` on the notifiers that have it (forget / restore)."""
+        for n in self.notifiers:
+            fn = getattr(n, method, None)
+            if callable(fn):
+                fn(arg)
 
     def _restore(self, history: Sequence[Sequence[Any]], mine: Callable[[str, str], bool]) -> None:
         """Hold the alerts of ``history`` (:func:`history_query` rows) recorded as firing whose
@@ -576,10 +592,6 @@ class AlertingStage:
         self._had_batch = False
         for t in restored:
             self.m.firing.labels(t.rule, t.severity).inc()
-        for n in self.notifiers:
-            restore = getattr(n, "restore", None)
-            if callable(restore):
-                restore(restored)
         log.info("alerting: restored %d firing alert(s) from the alerts table", len(restored))
 
 

@@ -18,10 +18,11 @@ import pytest
 from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
-from driftline.schemas.rules import parse_rules
+from driftline.schemas.rules import fingerprint, parse_rules
 from driftline.schemas.window_stats import WindowKey
 from driftline.streams.ports import KafkaPort, StagePorts, TableWriter, WindowView
 from driftline.streams.sinks.clickhouse import ClickHouseSink, ddl_statements
+from driftline.streams.sinks.notifiers import InMemoryNotifier
 from driftline.streams.sinks.prometheus import WorkerMetrics
 from driftline.streams.stages.alerting import AlertingStage
 from driftline.streams.stages.drift_references import ms_to_dt
@@ -72,9 +73,23 @@ def alert_rows(sink: Any) -> list[tuple[Any, ...]]:
         "SELECT rule, app, state, toUnixTimestamp64Milli(ts) FROM driftline.alerts").result_rows))
 
 
+class Resending(InMemoryNotifier):
+    """What the stage asks of a re-sending notifier (AlertmanagerNotifier's restore/forget)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="resending")
+        self.active: set[str] = set()
+
+    def restore(self, transitions: Any) -> None:
+        self.active |= {t.labels["app"] for t in transitions if t.state == "firing"}
+
+    def forget(self, fingerprints: Any) -> None:
+        self.active -= {a for a in self.active if fingerprint("Lat", {"app": a, "model": "m"}) in set(fingerprints)}
+
+
 async def stage(sink: Any, agg: WindowAggregator, now: dict[str, int]) -> AlertingStage:
     st = AlertingStage(RULES, registry=CollectorRegistry(), eval_interval_s=3600, restore_grace_s=0,
-                       clock=lambda: now["ms"])
+                       clock=lambda: now["ms"], notifiers=[Resending()])
     await st.start(StagePorts(tables=TableWriter(sink, ("alerts",)), metrics=WorkerMetrics(CollectorRegistry()),
                               windows=WindowView(lambda: agg, lambda: False), kafka=KafkaPort("")))
     return st
@@ -109,6 +124,7 @@ async def test_alert_state_moves_with_the_partition_and_is_recorded_once(sink: A
     # evaluated (k1's own gap resolves and fires it again), nothing about k2
     assert {t.labels["app"] for t in a.tick()} == {"k1"}
     assert a.evaluator.held_apps() == {"k1"}
+    assert a.notifiers[0].active == {"k1"}                  # k2 no longer re-sent by A (Alertmanager)
 
     now_b = {"ms": T0 + 5_000}
     agg_b = WindowAggregator(WC)
@@ -117,6 +133,7 @@ async def test_alert_state_moves_with_the_partition_and_is_recorded_once(sink: A
     await b.on_assigned([tp1])
     assert [t.rule for t in b.evaluator.active_alerts()] == ["Lat"]
     assert b.tick() == []                                    # restored firing: not fired again
+    assert b.notifiers[0].active == {"k2"}                  # ... and re-sent by B from now on
     agg_b.add(cols("k2", [T0 + 60_000, T0 + 61_000], 10.0))  # k2 recovers in the next window
     now_b["ms"] = T0 + 65_000
     assert [(t.rule, t.state, t.ts_ms) for t in b.tick()] == [("Lat", "resolved", T0 + 60_000)]
