@@ -207,6 +207,12 @@ class Stage(Protocol):
     each batch is safe in ClickHouse and must be cheap and never block (queue heavy
     work onto a task of your own); an exception it raises is logged and counted,
     never propagated. ``stop`` is awaited when the worker stops, after the last batch.
+
+    Optional rebalance hooks (looked up with ``getattr``; an exception is logged and
+    counted, never propagated): ``async on_revoked()`` before the partitions go, after the
+    worker's queued writes landed; ``async on_assigned(partitions)`` once the open windows
+    of every assigned partition are rebuilt (also after ``start`` when partitions were
+    assigned before the stage started: it may be called twice for one assignment).
     """
 
     name: str
@@ -288,6 +294,8 @@ class Worker:
         #: the highest watermark the write log recorded for the partitions being assigned
         self._closed_below: int | None = None
         self._stopping = False
+        #: the stages started so far: the ones the rebalance hooks are called on
+        self._hooked: list[Stage] = []
         self.processed_records = 0
         self.started = asyncio.Event()
 
@@ -389,6 +397,9 @@ class Worker:
             for st in self.stages:
                 await st.start(self.ports_for(st))
                 started.append(st)
+                self._hooked.append(st)
+                if self.host.ready:  # assigned before the stage started: it learns its partitions now
+                    await self._stage_hook("on_assigned", sorted(self.host.assigned), only=st)
             # What start-up allocated (modules, model, price table, rules) lives as long as
             # the worker: move it out of the collector's generations, so the full
             # collections that each batch's garbage triggers do not walk it again
@@ -552,6 +563,7 @@ class Worker:
             log.warning("revoked with writes still pending after %.0f s (ClickHouse slow or down); "
                         "the next owner may store some events again (FINAL collapses them)",
                         self.cfg.revoke_drain_s)
+        await self._stage_hook("on_revoked")  # the stages drop the state of their keys
 
     async def _resume(self, assigned: list[TopicPartition]) -> dict[TopicPartition, LogMark]:
         """Partitions come: where each resumes, from the write log (retried until read)."""
@@ -585,3 +597,17 @@ class Worker:
         if n:
             self.clock.not_idle(time.monotonic())
             log.info("rebuilt %d open windows from %d stored events", self.windows.open_windows, n)
+        await self._stage_hook("on_assigned", assigned)  # the stages restore their keys' state
+
+    async def _stage_hook(self, hook: str, *args: Any, only: Stage | None = None) -> None:
+        """Await the optional rebalance ``hook`` of every started stage (or of ``only``);
+        a failure is logged and counted in ``stage_errors``, never propagated."""
+        for st in (only,) if only is not None else tuple(self._hooked):
+            fn = getattr(st, hook, None)
+            if fn is None:
+                continue
+            try:
+                await fn(*args)
+            except Exception:  # noqa: BLE001 - a stage never takes the rebalance down
+                log.exception("stage %s: %s failed", st.name, hook)
+                self.metrics.stage_errors[st.name] += 1

@@ -9,13 +9,12 @@ multiple of 3) and an OTLP topic of 3 partitions written without keys, as the
 Collector writes it (re-keyed by default: streams/ingest/rekey.py); B and C join
 mid-stream and B leaves (SIGTERM) mid-stream. Then: every key's events on one
 partition (the JSON records and the re-keyed spans alike), every event stored
-exactly once (``count()`` and ``uniqExact(event_id)`` with and without ``FINAL``), every window row equal to a recomputation from ``llm_events``
-(count, errors, token sums exactly; p95 within the sketch's stated accuracy of the
-exact quantile), and a rule that fires on every key at its first window fires on
-all 24 keys (12 app/model pairs: v1 JSON and unversioned spans). An alert
-transition recorded twice (the worker taking a partition over
-fires its keys' alerts again: alert state is per worker) is a known gap: the test
-ends as xfail then, after every other check has passed.
+exactly once (``count()`` and ``uniqExact(event_id)`` with and without ``FINAL``),
+every window row equal to a recomputation from ``llm_events`` (count, errors,
+token sums exactly; p95 within the sketch's stated accuracy of the exact
+quantile), and a rule that fires on every key at its first window fires on
+all 24 keys (12 app/model pairs: v1 JSON and unversioned spans), each transition
+recorded once.
 """
 
 from __future__ import annotations
@@ -228,12 +227,7 @@ def test_three_workers_one_store_exactly_once(kafka_bootstrap: str, tmp_path: Pa
         for w in (c, a):
             w.stop()
             assert w.proc.returncode == 0, w.tail()
-        if twice:
-            # Known gap (streams/stages/alerting.py, not this test's subject): a worker's alert
-            # state lives in its memory, so the worker that takes a key's partition over fires
-            # that key's alert again at the same transition time. Every other property above
-            # holds; this turns into a pass when the alert state moves with the partition.
-            pytest.xfail(f"alert transitions recorded twice after a rebalance: {len(twice)}, e.g. {twice[:2]}")
+        assert not twice, f"alert transitions recorded twice after a rebalance: {twice[:2]}"
     finally:
         for p in procs:
             if p.proc.poll() is None:
