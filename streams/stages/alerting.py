@@ -135,10 +135,16 @@ def restore_query(db: str) -> str:
     return history_query(db) + " HAVING st = 'firing'"
 
 
+#: how far back (event time, from now) the owner of a key is looked for: llm_events is
+#: sorted by (app, model, timestamp), so this bounds the read on every rebalance to a day
+#: of the apps' rows instead of their whole history. A key with no event in the last day
+#: has no owner: its state stays with the worker that holds it, and nobody restores it.
+OWNERS_LOOKBACK_S = 86_400
 #: per app/model: the partition of its newest stored event (the key's owner, see on_assigned)
 OWNERS_SQL = ("SELECT app, model, argMax(tuple(source_topic, source_partition), (timestamp, source_partition)), "
               "toUnixTimestamp64Milli(max(timestamp)) FROM {db:Identifier}.llm_events "
-              "WHERE app IN {apps:Array(String)} GROUP BY app, model")
+              "WHERE app IN {apps:Array(String)} "
+              f"AND timestamp >= now64(3) - INTERVAL {OWNERS_LOOKBACK_S} SECOND GROUP BY app, model")
 
 
 class AlertingStage:
