@@ -194,7 +194,7 @@ KEY_FILTER = ("app IN (${app:singlequote}) AND model IN (${model:singlequote}) "
 #: the newest row of each window of the range (rows are re-emitted while a window is open;
 #: updated_at is the ReplacingMergeTree version, so FINAL keeps the newest)
 WINDOWS = ("(SELECT * FROM ${database}.llm_window_metrics FINAL "
-           "WHERE $__timeFilter(window_start) AND " + KEY_FILTER + ")")
+           "WHERE $__timeFilter(window_start) AND " + KEY_FILTER + ") AS w")
 WINDOW_S = "(toUnixTimestamp64Milli(window_end) - toUnixTimestamp64Milli(window_start)) / 1000"
 
 
@@ -220,14 +220,15 @@ def _series(title: str, value_sql: str, unit: str, description: str, *, values: 
 
 
 def overview() -> Dashboard:
-    totals = ("SELECT sum(events) AS events, sum(errors) / greatest(sum(events), 1) AS error_rate, "
-              "sum(cost_usd) AS cost_usd, sum(input_tokens + output_tokens) AS tokens, "
-              f"sum(guardrail_hits) / greatest(sum(events), 1) AS guardrail_hit_rate FROM {WINDOWS}")
-    per_key = (f"SELECT app, model, prompt_version, sum(events) AS events, sum(errors) AS errors, "
-               "sum(errors) / greatest(sum(events), 1) AS error_rate, max(latency_p95_ms) AS max_latency_p95_ms, "
-               "max(ttft_p95_ms) AS max_ttft_p95_ms, sum(input_tokens) AS input_tokens, "
-               "sum(output_tokens) AS output_tokens, sum(cost_usd) AS cost_usd, "
-               f"sum(guardrail_hits) AS guardrail_hits FROM {WINDOWS} "
+    # w.column: the window row's column, not the alias of the same name
+    totals = ("SELECT sum(w.events) AS events, sum(w.errors) / greatest(sum(w.events), 1) AS error_rate, "
+              "sum(w.cost_usd) AS cost_usd, sum(w.input_tokens + w.output_tokens) AS tokens, "
+              f"sum(w.guardrail_hits) / greatest(sum(w.events), 1) AS guardrail_hit_rate FROM {WINDOWS}")
+    per_key = (f"SELECT app, model, prompt_version, sum(w.events) AS events, sum(w.errors) AS errors, "
+               "sum(w.errors) / greatest(sum(w.events), 1) AS error_rate, "
+               "max(w.latency_p95_ms) AS max_latency_p95_ms, max(w.ttft_p95_ms) AS max_ttft_p95_ms, "
+               "sum(w.input_tokens) AS input_tokens, sum(w.output_tokens) AS output_tokens, "
+               f"sum(w.cost_usd) AS cost_usd, sum(w.guardrail_hits) AS guardrail_hits FROM {WINDOWS} "
                "GROUP BY app, model, prompt_version ORDER BY events DESC")
     num = "number"
     panels = (
@@ -314,7 +315,7 @@ def drift() -> Dashboard:
                     ("field", "string"), ("method", "string"), ("p_value", "number"), ("threshold", "number"),
                     ("statistic", "number"), ("n_ref", "number"), ("n_cur", "number"),
                     ("total_variation", "number"), ("novel_share", "number"))
-    refs_src = "FROM ${database}.drift_references WHERE " + KEY_FILTER + " AND field IN (${field:singlequote})"
+    refs_src = "FROM ${database}.drift_references AS r WHERE " + KEY_FILTER + " AND field IN (${field:singlequote})"
     panels = (
         Panel("p-value per method (lines) against its threshold (dashed)", "timeseries", width=24, height=10,
               sql=(f"SELECT ts AS time, concat(method, ' ', {KEY}, ' ', field) AS key, "
@@ -346,10 +347,10 @@ def drift() -> Dashboard:
                        ("method", "string"), ("tests", "number"), ("flagged", "number"),
                        ("min_p_value", "number"), ("latest_p_value", "number"), ("latest", "time"))),
         Panel("Reference in force", "table", width=12,
-              sql=("SELECT app, model, prompt_version, field, max(version) AS version, "
-                   "argMax(mode, version) AS mode, argMax(n, version) AS n, argMax(from_ts, version) AS from_ts, "
-                   "argMax(to_ts, version) AS to_ts, argMax(created_at, version) AS created_at, "
-                   "argMax(control_id, version) AS control_id "
+              sql=("SELECT app, model, prompt_version, field, max(r.version) AS version, "
+                   "argMax(r.mode, r.version) AS mode, argMax(r.n, r.version) AS n, "
+                   "argMax(r.from_ts, r.version) AS from_ts, argMax(r.to_ts, r.version) AS to_ts, "
+                   "argMax(r.created_at, r.version) AS created_at, argMax(r.control_id, r.version) AS control_id "
                    f"{refs_src} GROUP BY app, model, prompt_version, field ORDER BY app, model, prompt_version, field"),
               columns=(("app", "string"), ("model", "string"), ("prompt_version", "string"), ("field", "string"),
                        ("version", "number"), ("mode", "string"), ("n", "number"), ("from_ts", "time"),
@@ -382,7 +383,7 @@ def drift() -> Dashboard:
 
 
 def alerts() -> Dashboard:
-    src = ("FROM ${database}.alerts WHERE $__timeFilter(ts) AND app IN (${app:singlequote}) "
+    src = ("FROM ${database}.alerts AS a WHERE $__timeFilter(ts) AND app IN (${app:singlequote}) "
            "AND model IN (${model:singlequote}) AND rule IN (${rule:singlequote})")
     series_key = "concat(rule, ' ', app, '/', model, if(labels['prompt_version'] = '', '', concat('/', labels['prompt_version'])))"
     link = {"title": "the metric on the overview",
@@ -391,7 +392,7 @@ def alerts() -> Dashboard:
     panels = (
         Panel("Firing now (latest state per rule and key)", "stat", width=24, height=4,
               sql=("SELECT countIf(state = 'firing') AS firing, countIf(state = 'resolved') AS resolved FROM "
-                   f"(SELECT fingerprint, argMax(state, ts) AS state {src} GROUP BY fingerprint)"),
+                   f"(SELECT fingerprint, argMax(a.state, a.ts) AS state {src} GROUP BY fingerprint)"),
               columns=(("firing", "number"), ("resolved", "number")),
               description="Alerts whose latest change in the range is firing / resolved.",
               options={"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
