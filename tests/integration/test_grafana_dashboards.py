@@ -288,3 +288,25 @@ def test_prometheus_panels_query_metrics_the_worker_exposes(store: Store) -> Non
             for m in re.findall(r"\bdriftline_\w+", e)}
     assert len(used) >= 10
     assert used <= exposed, used - exposed
+
+
+def test_overview_reads_the_newest_row_of_each_window(store: Store) -> None:
+    # The worker re-emits a window while it is open (final = 0, an older updated_at) and
+    # merges collapse the copies only later. An older emission of one window is added, with
+    # merges stopped so it stays: the panels must still show the newest row (catches: the
+    # FINAL of the window subquery dropped, which counts that window twice). Last in the
+    # module: it adds a row to the shared store.
+    store.client.command("SYSTEM STOP MERGES driftline.llm_window_metrics")
+    ws, app, events = store.one("SELECT window_start, app, events FROM driftline.llm_window_metrics FINAL "
+                                "ORDER BY window_start, app LIMIT 1")
+    store.client.command(
+        "INSERT INTO driftline.llm_window_metrics SELECT * REPLACE (events - 1 AS events, 0 AS final, "
+        "updated_at - INTERVAL 1 SECOND AS updated_at) FROM driftline.llm_window_metrics FINAL "
+        f"WHERE app = '{app}' AND window_start = (SELECT min(window_start) FROM driftline.llm_window_metrics)")
+    rows, windows = store.one("SELECT count(), (SELECT count() FROM driftline.llm_window_metrics FINAL) "
+                              "FROM driftline.llm_window_metrics")
+    assert rows == windows + 1
+    [totals] = store.panel("driftline-overview", "Totals over the range")
+    assert totals["events"] == N_EVENTS
+    eps = [r for r in store.panel("driftline-overview", "Events per second", app=[app]) if r["time"] == ws]
+    assert len(eps) == 1 and round(eps[0]["events_per_s"] * WINDOW_MS / 1000, 9) == events
