@@ -174,3 +174,12 @@ def test_promql_of_every_prometheus_panel_parses(tmp_path: Path, promtool: str) 
     path.write_text(yaml.safe_dump({"groups": [{"name": "g", "rules": rules}]}))
     bad = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0
+
+
+def test_expand_promql_refuses_what_it_cannot_substitute() -> None:
+    # Catches: a PromQL variable or macro the promtool check would never see substituted.
+    assert gen.expand_promql('x{app=~"$app"}[$__rate_interval]', {"app": ["a"]}) == 'x{app=~"(a)"}[1m]'
+    with pytest.raises(ValueError, match="has no value"):
+        gen.expand_promql('x{app=~"$apps"}', {"app": ["a"]})
+    with pytest.raises(ValueError, match="has no value"):
+        gen.expand_promql("x[$__interval]", {})
