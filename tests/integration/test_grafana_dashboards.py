@@ -317,3 +317,28 @@ def test_overview_reads_the_newest_row_of_each_window(store: Store) -> None:
     assert totals["events"] == N_EVENTS
     eps = [r for r in store.panel("driftline-overview", "Events per second", app=[app]) if r["time"] == ws]
     assert len(eps) == 1 and round(eps[0]["events_per_s"] * WINDOW_MS / 1000, 9) == events
+
+
+def test_prometheus_panels_use_labels_the_metrics_have(store: Store) -> None:
+    # The labels an expression groups or filters by, and its legend shows, are labels of the
+    # metrics it reads, for every metric the worker exposed samples of (catches: `by (app)`
+    # on an unlabelled counter, a legend {{key}} that no series has: an empty legend).
+    from prometheus_client.parser import text_string_to_metric_families
+
+    labels: dict[str, set[str]] = {}
+    for fam in text_string_to_metric_families(store.metrics):
+        for smp in fam.samples:
+            labels.setdefault(smp.name, set()).update(set(smp.labels) - {"le"})
+    checked = 0
+    for p in DASHBOARDS["driftline-overview"].panels:
+        for expr, legend in p.exprs:
+            names = set(re.findall(r"\bdriftline_\w+", expr))
+            if not names <= labels.keys():
+                continue  # a metric with no sample in this run (e.g. no DLQ record)
+            have = set().union(*(labels[n] for n in names))
+            used = {x.strip() for g in re.findall(r"by \(([^)]*)\)", expr) for x in g.split(",")}
+            used |= {m for g in re.findall(r"\{([^}]*)\}", expr) for m in re.findall(r"(\w+)=~", g)}
+            used |= set(re.findall(r"\{\{(\w+)\}\}", legend))
+            assert used - {"le"} <= have, (expr, used - have)
+            checked += 1
+    assert checked >= 8
