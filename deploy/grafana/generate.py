@@ -15,7 +15,7 @@ Three dashboards for the grafana-clickhouse-datasource plugin (4.x) and Promethe
 Every panel is a :class:`Panel` below; the SQL uses only the macros of :data:`MACROS` and
 the template variables of each dashboard, which :func:`expand` substitutes the way the
 plugin and Grafana do (tests/unit/test_grafana_dashboards.py, and
-tests/integration/test_grafana_dashboards.py runs every query on chDB against a store a
+tests/integration/test_grafana_panels_on_chdb.py runs every query on chDB against a store a
 worker filled). Data sources are the variables ``ds_clickhouse`` / ``ds_prometheus``
 whose default is the uid of deploy/grafana/provisioning/datasources/driftline.yaml, so
 the same files work provisioned and imported into another Grafana.

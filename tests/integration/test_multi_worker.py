@@ -124,7 +124,10 @@ def test_three_workers_one_store_exactly_once(kafka_bootstrap: str, tmp_path: Pa
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     port = free_port()
-    common = ["--kafka", kafka_bootstrap, "--topic", topic, "--topic", otlp, "--group", group, "--no-drift",
+    # drift on a quarter of the prompts, small windows: a key's samples are numbered by its owner only
+    drift = ["--sample-rate", "0.25", "--drift-fields", "prompt", "--ref-size", "30", "--drift-window", "30",
+             "--test-every", "30", "--test-interval", "0", "--embed-threads", "1"]
+    common = ["--kafka", kafka_bootstrap, "--topic", topic, "--topic", otlp, "--group", group, *drift,
               "--window", str(WINDOW_S), "--lateness", "600", "--emit-interval", "0.5", "--max-batch", "500",
               "--metrics-port", "0", "--rules", str(rules), "--log-level", "info"]
     # 2,400 events over 80 s of event time ending now, 3 phases of 800; lateness 600 s: none late
@@ -220,6 +223,16 @@ def test_three_workers_one_store_exactly_once(kafka_bootstrap: str, tmp_path: Pa
                              ).result_rows[0][0]
             # per (app, model, prompt_version): 12 keys of v1 JSON events, 12 of spans without a version
             assert fired == 24, "the rule fires on every key"
+            # drift state of a key in one worker at a time: each sample number of a key is one
+            # event (two workers sampling one key would both number from the same seq), each
+            # sampled event has one number, and every sampled event was embedded
+            clash = cl.query("SELECT app, model, prompt_version, field, seq FROM driftline.llm_embeddings "
+                             "GROUP BY ALL HAVING uniqExact(event_id) > 1 LIMIT 5").result_rows
+            assert clash == [], f"one sample number, several events (two workers on one key): {clash}"
+            emb = cl.query("SELECT count(), uniqExact(event_id) FROM driftline.llm_embeddings FINAL").result_rows[0]
+            assert emb[0] == emb[1] > 0, f"an event sampled twice: {emb}"
+            n_scores = cl.query("SELECT count() FROM driftline.drift_scores").result_rows[0][0]
+            assert n_scores > 0, "no drift test ran"
             twice = cl.query("SELECT rule, toString(labels), toString(ts), state, count() AS k "
                              "FROM driftline.alerts GROUP BY 1, 2, 3, 4 HAVING k > 1").result_rows
         finally:
