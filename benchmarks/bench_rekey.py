@@ -78,6 +78,7 @@ def otlp_requests(n: int, per: int, now_ms: int) -> list[bytes]:
 async def run_mode(mode: str, bootstrap: str, store: Path, reqs: list[bytes], n: int) -> float:
     """Seconds from the start of production until the worker stored all ``n`` events."""
     from driftline.schemas.event import encode_event
+    from driftline.schemas.topics import CONTROL_TOPIC
     from driftline.streams.ingest.bulk_producer import produce_records
     from driftline.streams.ingest.rekey import event_key
     from driftline.streams.ingest.transforms import MemoryRecord, decode_batch
@@ -87,7 +88,7 @@ async def run_mode(mode: str, bootstrap: str, store: Path, reqs: list[bytes], n:
 
     tid = uuid.uuid4().hex[:8]
     events, otlp, dlq = f"ev-{tid}", f"otlp_spans.{tid}", f"dlq-{tid}"
-    await asyncio.to_thread(ensure_topics, bootstrap, {events: 3, otlp: 3, dlq: 1, "driftline.control": 1})
+    await asyncio.to_thread(ensure_topics, bootstrap, {events: 3, otlp: 3, dlq: 1, CONTROL_TOPIC: 1})
     cfg = WorkerConfig(kafka=bootstrap, clickhouse=f"chdb://{store}", database=f"bench_{mode}",
                        group_id=f"g-{tid}", topics=(events, otlp), dlq_topic=dlq, otlp_rekey=mode == "rekey",
                        window=WindowConfig(size_ms=60_000), max_event_age_s=1e9, session_timeout_ms=6_000)
