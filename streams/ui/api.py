@@ -132,14 +132,16 @@ def extent(client: Any, database: str) -> dict[str, Any]:
     window rows (start, end), drift tests and alerts."""
     db = _db(database)
     row = client.query(
-        "SELECT min(lo), max(hi) FROM ("
+        "SELECT min(lo), max(hi), count() FROM ("
         f"SELECT toUnixTimestamp64Milli(min(window_start)) AS lo, toUnixTimestamp64Milli(max(window_end)) AS hi,"
         f" count() AS n FROM {db}.llm_window_metrics"
         f" UNION ALL SELECT toUnixTimestamp64Milli(min(ts)), toUnixTimestamp64Milli(max(ts)), count()"
         f" FROM {db}.drift_scores"
         f" UNION ALL SELECT toUnixTimestamp64Milli(min(ts)), toUnixTimestamp64Milli(max(ts)), count()"
         f" FROM {db}.alerts) WHERE n > 0").result_rows[0]
-    return {"from": None if row[0] is None else int(row[0]), "to": None if row[1] is None else int(row[1])}
+    if not row[2]:  # no table holds a row
+        return {"from": None, "to": None}
+    return {"from": int(row[0]), "to": int(row[1])}
 
 
 #: the columns of one window row in :func:`overview` (the newest row of each window)

@@ -14,7 +14,12 @@ from typing import Any
 
 import pytest
 
-from driftline.schemas.columns import ALERT_COLUMNS, REFERENCE_COLUMNS, SCORE_COLUMNS, WINDOW_COLUMNS
+from driftline.schemas.columns import (
+    ALERT_COLUMNS,
+    REFERENCE_COLUMNS,
+    SCORE_COLUMNS,
+    WINDOW_COLUMNS,
+)
 from driftline.streams.sinks.clickhouse import ClickHouseSink
 from driftline.streams.ui import api
 from driftline.streams.ui.api import Selection, parse_selection
