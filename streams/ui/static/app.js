@@ -97,7 +97,7 @@
       axes: [{}, { size: 60, values: (u, vals) => vals.map((v) => fmt(v)) }],
       series: [{ value: (u, v) => (v == null ? dash : fmtTime(v * 1000)) }, ...series.map((s) => ({
         label: s.label, stroke: s.color, width: s.width || 1.5, dash: s.dash, spanGaps: false,
-        points: s.points ? { show: true, size: 8, fill: s.color, stroke: s.color } : { show: false },
+        points: s.points ? { show: true, size: 8, fill: s.color, stroke: s.color } : {},
         paths: s.points ? () => null : undefined, value: (u, v) => fmt(v),
       }))],
     }, data, box);
