@@ -53,9 +53,14 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Any:
     dsn = f"chdb://{tmp_path_factory.mktemp('ui') / 'chdb'}"
     sink = ClickHouseSink(dsn)
     sink.ensure_schema()
-    wins = []
+    # two inserts (two parts), the newer row of a window in the first for some windows and in
+    # the second for others: neither any() nor anyLast() nor the part order finds the newest row
+    wins: list[dict[str, Any]] = []
+    later: list[dict[str, Any]] = []
     for i, (ev0, ev1) in enumerate([(10, 40), (20, 50), (5, 60)]):
-        wins += [_window(A, T0 + i * MIN, 0, ev0, 100.0 + i), _window(A, T0 + i * MIN, 1, ev1, 200.0 + 10 * i)]
+        old, new = _window(A, T0 + i * MIN, 0, ev0, 100.0 + i), _window(A, T0 + i * MIN, 1, ev1, 200.0 + 10 * i)
+        wins.append(new if i % 2 == 0 else old)
+        later.append(old if i % 2 == 0 else new)
     wins += [_window(B, T0 + MIN, 1, 7, 999.0), _window(A, T0 - MIN, 1, 1000, 5.0)]  # the last: before the range
 
     def cols(rows: list[dict[str, Any]], names: tuple[str, ...]) -> list[list[Any]]:
@@ -88,10 +93,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Any:
               alert(T0 + 150_000, "Cost", "f3", "firing", app=B[0])]
 
     def load(c: Any) -> None:
-        c.insert("driftline.llm_window_metrics", cols(wins, ("window_start", "window_end", "app", "model",
-                                                             "prompt_version", *WINDOW_COLUMNS[5:])),
-                 column_names=["window_start", "window_end", "app", "model", "prompt_version",
-                               *WINDOW_COLUMNS[5:]])
+        for part in (wins, later):
+            c.insert("driftline.llm_window_metrics", cols(part, WINDOW_COLUMNS), column_names=list(WINDOW_COLUMNS))
         c.insert("driftline.drift_scores", cols(scores, SCORE_COLUMNS), column_names=list(SCORE_COLUMNS))
         c.insert("driftline.drift_references", cols(refs, REFERENCE_COLUMNS), column_names=list(REFERENCE_COLUMNS))
         c.insert("driftline.alerts", alerts, column_names=list(ALERT_COLUMNS))
