@@ -6,6 +6,7 @@ security headers, a bad range (400) and the JSON of an empty store."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import re
 from collections.abc import AsyncIterator
@@ -49,19 +50,23 @@ async def page(tmp_path: Path) -> AsyncIterator[str]:
     runner.close()
 
 
-AUTH = aiohttp.BasicAuth("driftline", PASSWORD)
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-async def _get(url: str, auth: Any = AUTH, headers: dict[str, str] | None = None) -> tuple[int, Any, bytes]:
-    async with aiohttp.ClientSession() as s, s.get(url, auth=auth, headers=headers, allow_redirects=False) as r:
+AUTH = _basic("driftline", PASSWORD)
+
+
+async def _get(url: str, auth: str | None = AUTH, headers: dict[str, str] | None = None) -> tuple[int, Any, bytes]:
+    h = {**({"Authorization": auth} if auth else {}), **(headers or {})}
+    async with aiohttp.ClientSession() as s, s.get(url, headers=h, allow_redirects=False) as r:
         return r.status, r.headers, await r.read()
 
 
 async def test_nothing_without_the_password(page: str) -> None:
     for path in ("/ui", "/ui/", "/ui/static/app.js", "/ui/api/extent", "/ui/api/overview", "/ui/api/drift",
                  "/ui/api/alerts"):
-        for auth in (None, aiohttp.BasicAuth("driftline", "wrong-password-123456"),
-                     aiohttp.BasicAuth("admin", PASSWORD)):
+        for auth in (None, _basic("driftline", "wrong-password-123456"), _basic("admin", PASSWORD)):
             status, headers, body = await _get(page + path, auth=auth)
             assert status == 401, (path, auth)
             assert headers["WWW-Authenticate"] == 'Basic realm="driftline", charset="UTF-8"'

@@ -290,6 +290,7 @@
       $("error").textContent = String(e.message || e);
     } finally {
       state.busy = false;
+      state.renderedAt = performance.now();  // ms since navigation start (benchmarks/bench_ui.py)
       state.renders += 1;
       document.body.dataset.renders = String(state.renders);
     }
