@@ -110,3 +110,41 @@ async def test_api_answers(page: str) -> None:
 def test_non_finite_numbers_become_null() -> None:
     assert server._finite({"a": [1.0, float("nan"), float("inf")], "b": (2, -float("inf"))}) == {
         "a": [1.0, None, None], "b": [2, None]}
+
+
+def test_driftline_ui_command(tmp_path: Path) -> None:
+    """``driftline ui`` prints its address (not the password), serves the page behind the
+    password, and stops on Ctrl-C with exit status 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    store = tmp_path / "chdb"
+    sink = ClickHouseSink(f"chdb://{store}")
+    sink.ensure_schema()
+    sink.close()
+    port = free_port()
+    env = {**os.environ, "DRIFTLINE_SQL_PASSWORD": PASSWORD}
+    proc = subprocess.Popen([sys.executable, "-m", "driftline.streams.cli.main", "ui", "--clickhouse",
+                             f"chdb://{store}", "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert line.startswith(f"driftline ui: http://127.0.0.1:{port}/ui/ (user driftline, password in ")
+        assert PASSWORD not in line
+        url = f"http://127.0.0.1:{port}/ui/api/extent"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=10)
+        assert refused.value.code == 401
+        req = urllib.request.Request(url, headers={"Authorization": AUTH})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200 and r.read().startswith(b'{"from":null,"to":null,"now":')
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
