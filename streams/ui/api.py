@@ -226,8 +226,9 @@ def drift(client: Any, database: str, sel: Selection) -> dict[str, Any]:
     """Drift tests in the range: ``series`` per key, field and method (``t`` ms, ``p_value``,
     ``threshold``, ``statistic``, ``drifted``, ``n_ref``, ``n_cur``), the newest
     :data:`MAX_FLAGGED` ``flagged`` tests with their explanation, and ``references``: every
-    reference version of the selected keys made before the range ends (``in_force``: the
-    highest version of its key and field)."""
+    reference version of the selected keys whose samples start before the range ends (event
+    time: ``created_at`` is the wall clock, far from the events of a replay; ``in_force``: the
+    highest such version of its key and field)."""
     db = _db(database)
     p = sel.params()
     rows = client.query(
@@ -255,7 +256,7 @@ def drift(client: Any, database: str, sel: Selection) -> dict[str, Any]:
         " toUnixTimestamp64Milli(to_ts), n, toUnixTimestamp64Milli(created_at), note, seq_from, seq_to,"
         " version = max(version) OVER (PARTITION BY app, model, prompt_version, field) AS in_force"
         f" FROM {db}.drift_references WHERE {_KEYS_PV}"
-        " AND created_at < fromUnixTimestamp64Milli({t:Int64}, 'UTC')"
+        " AND from_ts < fromUnixTimestamp64Milli({t:Int64}, 'UTC')"
         " ORDER BY app, model, prompt_version, field, version", parameters=p).result_rows
     return {
         "from": sel.from_ms, "to": sel.to_ms,

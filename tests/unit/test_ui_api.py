@@ -79,10 +79,12 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Any:
                        "explanation": json.dumps(exp) if p < 0.001 else "{}"})
     scores.append({**scores[0], "ts": _dt(T0 + 10 * MIN), "p_value": None})  # after the range
     refs = [{"app": A[0], "model": A[1], "prompt_version": A[2], "field": "prompt", "version": v, "mode": mode,
-             "seq_from": v * 100, "seq_to": v * 100 + 99, "from_ts": _dt(T0), "to_ts": _dt(T0 + MIN), "n": 100,
+             "seq_from": v * 100, "seq_to": v * 100 + 99, "from_ts": _dt(first), "to_ts": _dt(first + MIN), "n": 100,
              "event_ids": ["e"], "embed_model": "m", "control_id": "", "created_at": _dt(created),
-             "note": note} for v, mode, created, note in
-            [(1, "first_n", T0, ""), (2, "rebase", T0 + 2 * MIN, "new prompt"), (3, "rebase", T0 + 9 * MIN, "")]]
+             "note": note} for v, mode, first, created, note in
+            # created_at is the wall clock (a replay of past events is made much later)
+            [(1, "first_n", T0, T0 + 99 * MIN, ""), (2, "rebase", T0 + 2 * MIN, T0 + 99 * MIN, "new prompt"),
+             (3, "rebase", T0 + 9 * MIN, T0 + 99 * MIN, "")]]
 
     def alert(ts: int, rule: str, fp: str, state: str, app: str = A[0]) -> list[Any]:
         return [_dt(ts), rule, state, "warning", app, A[1], 2.5, {"app": app}, {"summary": f"{rule} {state}"}, fp]
@@ -168,7 +170,7 @@ def test_drift_series_flagged_and_references(store: ClickHouseSink) -> None:
     assert [len(c["examples"]) for c in exp["clusters"]] == [api.MAX_EXAMPLES] * api.MAX_CLUSTERS
     assert len(exp["clusters"][0]["examples"][0]) == api.MAX_TEXT_CHARS
     assert exp["clusters"][0]["cur_examples"] == ["cur 0 0", "cur 0 1", "cur 0 2"]
-    # version 3 was made after the range: not shown; of 1 and 2 the highest is in force
+    # version 3's samples start after the range: not shown; of 1 and 2 the highest is in force
     assert [(r["version"], r["mode"], r["in_force"], r["note"]) for r in out["references"]] == [
         (1, "first_n", False, ""), (2, "rebase", True, "new prompt")]
     later = _api(store, api.drift, Selection(T0, T0 + 20 * MIN))
