@@ -41,13 +41,14 @@ from driftline.schemas.columns import REFERENCE_COLUMNS, SCORE_COLUMNS
 from driftline.schemas.rules import parse_rules
 from driftline.schemas.topics import EVENTS_TOPIC
 from driftline.streams.app import serve_worker
-from driftline.streams.auth import client_credentials
+from driftline.streams.auth import client_credentials, credentials_path, load_credentials
 from driftline.streams.devdata.real_prompts import ensure_data
 from driftline.streams.devdata.replay import AppSpec, ReplayConfig, ReplayData, generate
 from driftline.streams.ingest.bulk_producer import produce_records
 from driftline.streams.local.broker import ensure_topics, free_port
 from driftline.streams.stages.alerting import AlertingStage
 from driftline.streams.stages.windows import WindowConfig
+from driftline.streams.ui.server import ClientRunner, serve_ui
 from driftline.streams.worker import WorkerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
@@ -172,7 +173,7 @@ async def test_page_in_a_browser(broker: Any, tmp_path: Path, real_drift: bool) 
     port = free_port()
     stop = asyncio.Event()
     box: list[Any] = []
-    task = asyncio.create_task(serve_worker(cfg, stop, web_port=port, sql_port=None, on_ready=box.append,
+    task = asyncio.create_task(serve_worker(cfg, stop, web_port=port, sql_port=free_port(), on_ready=box.append,
                                             stages=stages))
     try:
         await wait_for(lambda: bool(box) or task.done(), 60, lambda: "worker never became ready")
@@ -283,6 +284,30 @@ async def test_page_in_a_browser(broker: Any, tmp_path: Path, real_drift: bool) 
             assert await tab.eval("document.querySelectorAll('#al-timeline .row').length") == n_fired
             await tab.screenshot(tmp_path / "ui-alerts.png")
             assert tab.errors == []
+        # `driftline ui` on the store the worker holds reads it through the worker's SQL endpoint
+        # (streams/cli/sql.py client_for) and answers the same JSON as the worker's own page
+        ui_stop, urls = asyncio.Event(), []
+        runner = ClientRunner(f"chdb://{store}")
+        ui_task = asyncio.create_task(serve_ui(runner, "driftline", "127.0.0.1", 0,
+                                               load_credentials(credentials_path(str(store)), users=("driftline",)),
+                                               ui_stop, on_ready=urls.append))
+        try:
+            await wait_for(lambda: bool(urls) or ui_task.done(), 10, lambda: "driftline ui did not start")
+            lo, hi = q("SELECT toUnixTimestamp64Milli(min(window_start)), toUnixTimestamp64Milli(max(window_end))"
+                       " FROM driftline.llm_window_metrics")[0]
+            bodies = []
+            async with aiohttp.ClientSession(headers={"Authorization": f"Basic {auth}"}) as s:
+                for url in (f"{base}/ui/", urls[0]):
+                    for name in ("overview", "drift", "alerts"):
+                        async with s.get(f"{url}api/{name}?from={lo}&to={hi}") as r:
+                            assert r.status == 200
+                            bodies.append(await r.read())
+            assert bodies[:3] == bodies[3:] and b'"events":[' in bodies[0]
+            assert type(runner._client).__name__ == "HttpClient"  # the endpoint, not chDB in this process
+        finally:
+            ui_stop.set()
+            await ui_task
+            runner.close()
         if os.environ.get("DRIFTLINE_UPDATE_SCREENSHOTS") and not real_drift:
             shutil.copy(tmp_path / "ui-overview.png", Path(__file__).parents[2] / "docs" / "ui-overview.png")
     finally:
