@@ -14,7 +14,7 @@ from typing import Any, Final, Literal
 
 __all__ = [
     "EventField", "EVENT_FIELDS", "EVENT_COLUMNS", "WINDOW_COLUMNS", "SCORE_COLUMNS", "EMBEDDING_COLUMNS", "REFERENCE_COLUMNS",
-    "CONTROL_LOG_COLUMNS", "ALERT_COLUMNS", "LOG_COLUMNS", "OUTBOX_COLUMNS", "TABLE_COLUMNS",
+    "CONTROL_LOG_COLUMNS", "ALERT_COLUMNS", "LOG_COLUMNS", "OUTBOX_COLUMNS", "REKEY_LOG_COLUMNS", "TABLE_COLUMNS",
 ]
 
 Source = Literal["wire", "record", "derived"]
@@ -178,10 +178,15 @@ OUTBOX_COLUMNS: Final[tuple[str, ...]] = (
     "field", "written_at",
 )
 
+#: ``rekey_log``: the OTLP re-keyer's progress, one row per OTLP source partition per batch
+REKEY_LOG_COLUMNS: Final[tuple[str, ...]] = (
+    "source_topic", "source_partition", "next_offset", "events_start", "dlq_start", "written_at",
+)
+
 #: table -> its columns, every table of tables.sql
 TABLE_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
     "llm_events": EVENT_COLUMNS, "llm_window_metrics": WINDOW_COLUMNS, "drift_scores": SCORE_COLUMNS,
     "llm_embeddings": EMBEDDING_COLUMNS, "drift_references": REFERENCE_COLUMNS,
     "drift_control_log": CONTROL_LOG_COLUMNS, "alerts": ALERT_COLUMNS, "ingest_log": LOG_COLUMNS,
-    "dlq_outbox": OUTBOX_COLUMNS,
+    "dlq_outbox": OUTBOX_COLUMNS, "rekey_log": REKEY_LOG_COLUMNS,
 }

@@ -239,6 +239,25 @@ ENGINE = ReplacingMergeTree
 ORDER BY (source_topic, source_partition, epoch, last_offset)
 SETTINGS non_replicated_deduplication_window = 1000
 ;
+-- The OTLP re-keyer's log (streams/ingest/rekey.py): one row per OTLP source partition
+-- per batch, written once the batch's events are in the events topic (keyed app/model)
+-- and its rejected records in the DLQ. next_offset: where the partition resumes.
+-- events_start / dlq_start (JSON, partition -> offset): every later send of this source
+-- lands at or after these offsets, so a new owner reads the events topic and the DLQ
+-- from there to find what a re-keyer that died before its next row already sent.
+CREATE TABLE IF NOT EXISTS {db}.rekey_log
+(
+    source_topic String,
+    source_partition UInt32,
+    next_offset UInt64,
+    events_start String,
+    dlq_start String,
+    written_at DateTime64(3, 'UTC')
+)
+ENGINE = ReplacingMergeTree
+ORDER BY (source_topic, source_partition, next_offset)
+SETTINGS non_replicated_deduplication_window = 1000
+;
 -- Rejected records (the DLQ outbox), written in the same step as the events and
 -- before ingest_log; sent to llm.events.dlq after it. idx numbers the rejections
 -- of one source record (an OTLP request can be rejected in part).

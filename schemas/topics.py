@@ -8,7 +8,7 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Final
 
-__all__ = ["EVENTS_TOPIC", "DLQ_TOPIC", "OTLP_TOPIC", "OTLP_TOPIC_PREFIX", "CONTROL_TOPIC", "DEFAULT_PARTITIONS"]
+__all__ = ["is_otlp_topic", "EVENTS_TOPIC", "DLQ_TOPIC", "OTLP_TOPIC", "OTLP_TOPIC_PREFIX", "CONTROL_TOPIC", "DEFAULT_PARTITIONS"]
 
 #: JSON LLMEvents (schemas/event.py), one per record
 EVENTS_TOPIC: Final = "llm.events"
@@ -24,3 +24,8 @@ CONTROL_TOPIC: Final = "driftline.control"
 
 #: topic -> partitions created by the demo and the worker when missing
 DEFAULT_PARTITIONS: Final = MappingProxyType({EVENTS_TOPIC: 4, DLQ_TOPIC: 1, OTLP_TOPIC: 4, CONTROL_TOPIC: 1})
+
+
+def is_otlp_topic(topic: str) -> bool:
+    """Are the records of ``topic`` OTLP requests (``otlp_spans`` or ``otlp_spans.<suffix>``)?"""
+    return topic == OTLP_TOPIC or topic.startswith(OTLP_TOPIC_PREFIX)

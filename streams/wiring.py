@@ -10,7 +10,13 @@ SOURCES (the worker's consumer group: streams/ingest/kafka_host.py's KafkaHost, 
 delivers batches and commits what the write step confirmed)
   kafka ``llm.events``            JSON events, one per record (schemas/event.py)
   kafka ``otlp_spans[.<suffix>]`` OTLP trace requests, read as OTLP by the topic's name
-                                  (``WorkerConfig.topics``; both by default)
+                                  (``WorkerConfig.topics``; both by default). With
+                                  ``otlp_rekey`` (``driftline worker``'s default) they are
+                                  read by the RE-KEYER instead (streams/ingest/rekey.py,
+                                  group ``<group>.otlp-rekey``): decode -> one JSON event per
+                                  GenAI span -> ``llm.events`` keyed app/model (rejected ->
+                                  the DLQ; progress -> clickhouse ``rekey_log``), so that a
+                                  key's state lives in one worker; the group reads them there
   kafka ``driftline.control``     commands, through ONE broadcast consumer (no group:
                                   every worker sees every command;
                                   streams/ingest/control.py, run by app.py), dispatched

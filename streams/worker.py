@@ -78,9 +78,16 @@ from typing import Any, Protocol, runtime_checkable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from driftline.detectors.redact import Redaction
-from driftline.schemas.topics import CONTROL_TOPIC, DLQ_TOPIC, EVENTS_TOPIC, OTLP_TOPIC
+from driftline.schemas.topics import (
+    CONTROL_TOPIC,
+    DLQ_TOPIC,
+    EVENTS_TOPIC,
+    OTLP_TOPIC,
+    is_otlp_topic,
+)
 from driftline.streams.ingest.kafka_host import HostHooks, InFlight, KafkaHost, LogMark
 from driftline.streams.ingest.kafka_security import KafkaSecurity
+from driftline.streams.ingest.rekey import RekeyConfig, Rekeyer
 from driftline.streams.ingest.transforms import (
     DEFAULT_MAX_CLOCK_SKEW_S,
     DEFAULT_MAX_EVENT_AGE_S,
@@ -149,6 +156,11 @@ class WorkerConfig:
     control_secret: bytes | None = field(default=None, repr=False)
     #: with a secret: also refuse signed commands older than this (None: any age; see control_auth)
     control_max_age_s: float | None = None
+    #: the OTLP topics of ``topics`` are re-keyed (streams/ingest/rekey.py): decoded in a group
+    #: of their own and re-produced to :attr:`rekey_target` keyed app/model, so that each key
+    #: lives in one worker whatever the input. False: decoded by the worker that reads them
+    #: (a key's spans then reach every worker: correct with ONE worker only; ``--otlp-direct``)
+    otlp_rekey: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -163,6 +175,26 @@ class WorkerConfig:
             raise ValueError("control_max_age_s must be > 0 (or None: any age)")
         if self.rebalance_timeout_ms < self.revoke_drain_s * 1000 + 5_000:
             raise ValueError("rebalance_timeout_ms must exceed revoke_drain_s by 5 s at least")
+        if self.rekey_sources and self.rekey_target == self.dlq_topic:
+            raise ValueError(f"OTLP events cannot be re-keyed into the DLQ topic {self.dlq_topic}")
+
+    @property
+    def rekey_sources(self) -> tuple[str, ...]:
+        """The OTLP topics the re-keyer reads (none unless :attr:`otlp_rekey`)."""
+        return tuple(t for t in self.topics if is_otlp_topic(t)) if self.otlp_rekey else ()
+
+    @property
+    def rekey_target(self) -> str:
+        """Where re-keyed OTLP events go: the first JSON topic of ``topics``, else ``llm.events``."""
+        return next((t for t in self.topics if not is_otlp_topic(t)), EVENTS_TOPIC)
+
+    @property
+    def host_topics(self) -> tuple[str, ...]:
+        """The topics the worker's group reads: ``topics``, or with re-keying their JSON
+        topics (the re-keyer's target among them)."""
+        if not self.rekey_sources:
+            return self.topics
+        return tuple(t for t in self.topics if not is_otlp_topic(t)) or (self.rekey_target,)
 
 
 @runtime_checkable
@@ -175,6 +207,12 @@ class Stage(Protocol):
     each batch is safe in ClickHouse and must be cheap and never block (queue heavy
     work onto a task of your own); an exception it raises is logged and counted,
     never propagated. ``stop`` is awaited when the worker stops, after the last batch.
+
+    Optional rebalance hooks (looked up with ``getattr``; an exception is logged and
+    counted, never propagated): ``async on_revoked()`` before the partitions go, after the
+    worker's queued writes landed; ``async on_assigned(partitions)`` once the open windows
+    of every assigned partition are rebuilt (also after ``start`` when partitions were
+    assigned before the stage started: it may be called twice for one assignment).
     """
 
     name: str
@@ -251,9 +289,13 @@ class Worker:
                                     redaction=config.redaction, on_safe=self.host.commit,
                                     keepalive=self.host.hold, max_insert_rows=config.max_insert_rows,
                                     min_insert_rows=config.min_insert_rows, insert_linger_s=config.insert_linger_s)
+        #: OTLP topics -> the events topic keyed app/model (streams/ingest/rekey.py), or None
+        self.rekeyer = self._rekeyer() if config.rekey_sources else None
         #: the highest watermark the write log recorded for the partitions being assigned
         self._closed_below: int | None = None
         self._stopping = False
+        #: the stages started so far: the ones the rebalance hooks are called on
+        self._hooked: list[Stage] = []
         self.processed_records = 0
         self.started = asyncio.Event()
 
@@ -270,8 +312,8 @@ class Worker:
 
     @property
     def dead_lettered(self) -> int:
-        """Records the DLQ topic took (streams/sinks/dlq.py)."""
-        return self.dlq.dead_lettered
+        """Records the DLQ topic took (streams/sinks/dlq.py), the OTLP re-keyer's included."""
+        return self.dlq.dead_lettered + (self.rekeyer.dlq.dead_lettered if self.rekeyer is not None else 0)
 
     @property
     def consumer(self) -> AIOKafkaConsumer | None:
@@ -289,7 +331,8 @@ class Worker:
         if cfg.create_topics:
             from driftline.streams.local.broker import DEFAULT_TOPICS, ensure_topics
 
-            want = {t: DEFAULT_TOPICS.get(t, 1) for t in (*cfg.topics, cfg.dlq_topic, CONTROL_TOPIC)}
+            want = {t: DEFAULT_TOPICS.get(t, 1) for t in (*cfg.topics, *cfg.host_topics, cfg.dlq_topic,
+                                                          CONTROL_TOPIC)}
             await asyncio.to_thread(ensure_topics, cfg.kafka, want, security=cfg.kafka_security)
         await self._ch_retry("creating the schema", self.sink.ensure_schema)
         if cfg.kafka_security.security_protocol != "PLAINTEXT":
@@ -297,8 +340,20 @@ class Worker:
             cfg.kafka_security.warn_cleartext(cfg.kafka)
         await self.dlq.start()
         await self.host.start()
-        log.info("worker consuming %s from %s into %s (database %s)", ",".join(cfg.topics),
+        if self.rekeyer is not None:
+            await self.rekeyer.start()
+        log.info("worker consuming %s from %s into %s (database %s)", ",".join(cfg.host_topics),
                  cfg.kafka, redact_url(cfg.clickhouse), self.sink.database)
+
+    def _rekeyer(self) -> Rekeyer:
+        """The OTLP re-keyer of this worker's config: its own group ``<group>.otlp-rekey``."""
+        cfg = self.cfg
+        rc = RekeyConfig(kafka=cfg.kafka, sources=cfg.rekey_sources, target=cfg.rekey_target,
+                         dlq_topic=cfg.dlq_topic, group_id=f"{cfg.group_id}.otlp-rekey",
+                         security=cfg.kafka_security, session_timeout_ms=cfg.session_timeout_ms,
+                         rebalance_timeout_ms=cfg.rebalance_timeout_ms, auto_offset_reset=cfg.auto_offset_reset,
+                         fetch_timeout_ms=cfg.fetch_timeout_ms)
+        return Rekeyer(rc, self.sink, self.metrics, self._ch_retry)
 
     async def _ch_retry(self, what: str, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` on a thread, retried with backoff (logged) until it succeeds:
@@ -320,6 +375,8 @@ class Worker:
     async def stop(self) -> None:
         self._stopping = True
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self.rekeyer is not None:
+            await self.rekeyer.stop()
         # the consumer first: stopping it waits for a rebalance callback in flight, which
         # may be reading the DLQ (recovery) through the reader closed after it
         await self.host.stop()
@@ -334,10 +391,15 @@ class Worker:
             return
         await self.write_step.start()
         started: list[Stage] = []
+        rekey_stop = asyncio.Event()
+        rekeying: asyncio.Task[None] | None = None
         try:
             for st in self.stages:
                 await st.start(self.ports_for(st))
                 started.append(st)
+                self._hooked.append(st)
+                if self.host.ready:  # assigned before the stage started: it learns its partitions now
+                    await self._stage_hook("on_assigned", sorted(self.host.assigned), only=st)
             # What start-up allocated (modules, model, price table, rules) lives as long as
             # the worker: move it out of the collector's generations, so the full
             # collections that each batch's garbage triggers do not walk it again
@@ -345,12 +407,31 @@ class Worker:
             gc.collect()
             gc.freeze()
             self.started.set()
+            if self.rekeyer is not None:
+                rekeying = asyncio.create_task(self.rekeyer.run(rekey_stop), name="driftline-rekey")
             while not stop.is_set():
                 await self.host.fetch()
                 self.write_step.raise_if_failed()  # a writer bug; sink failures never get here
+                if rekeying is not None and rekeying.done():
+                    rekeying.result()  # a re-keyer bug; Kafka and ClickHouse failures never get here
             await self.host.finish()  # the batch still being decoded is written too
         finally:
+            await self._stop_rekeying(rekey_stop, rekeying)
             await self._shut_down(started)
+
+    async def _stop_rekeying(self, rekey_stop: asyncio.Event, rekeying: asyncio.Task[None] | None) -> None:
+        """Let the re-keyer finish its batch in flight (sent and logged; bounded like the
+        revoke drain), so the next owner of its partitions resumes after it."""
+        rekey_stop.set()
+        if rekeying is None:
+            return
+        done, _ = await asyncio.wait({rekeying}, timeout=self.cfg.revoke_drain_s)
+        if not done:
+            log.warning("the OTLP re-keyer's batch in flight did not finish in %.0f s: the next owner "
+                        "reads what it sent and skips it", self.cfg.revoke_drain_s)
+            rekeying.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await rekeying
 
     async def _started(self, stop: asyncio.Event) -> bool:
         """Run :meth:`start` until it completes (True) or ``stop`` is set (False, stopped)."""
@@ -482,6 +563,7 @@ class Worker:
             log.warning("revoked with writes still pending after %.0f s (ClickHouse slow or down); "
                         "the next owner may store some events again (FINAL collapses them)",
                         self.cfg.revoke_drain_s)
+        await self._stage_hook("on_revoked")  # the stages drop the state of their keys
 
     async def _resume(self, assigned: list[TopicPartition]) -> dict[TopicPartition, LogMark]:
         """Partitions come: where each resumes, from the write log (retried until read)."""
@@ -515,3 +597,17 @@ class Worker:
         if n:
             self.clock.not_idle(time.monotonic())
             log.info("rebuilt %d open windows from %d stored events", self.windows.open_windows, n)
+        await self._stage_hook("on_assigned", assigned)  # the stages restore their keys' state
+
+    async def _stage_hook(self, hook: str, *args: Any, only: Stage | None = None) -> None:
+        """Await the optional rebalance ``hook`` of every started stage (or of ``only``);
+        a failure is logged and counted in ``stage_errors``, never propagated."""
+        for st in (only,) if only is not None else tuple(self._hooked):
+            fn = getattr(st, hook, None)
+            if fn is None:
+                continue
+            try:
+                await fn(*args)
+            except Exception:  # noqa: BLE001 - a stage never takes the rebalance down
+                log.exception("stage %s: %s failed", st.name, hook)
+                self.metrics.stage_errors[st.name] += 1

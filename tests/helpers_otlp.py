@@ -161,3 +161,32 @@ async def instrumented_calls(base_url: str, otlp_url: str, capture: str | None,
         # the exporter runs in the SDK's thread and posts to the receiver on this loop
         assert await asyncio.to_thread(tp.force_flush, 15_000)
         await asyncio.to_thread(tp.shutdown)
+
+
+def genai_request(spans: list[tuple[str, str, int, int, int, int]], trace: int) -> bytes:
+    """A protobuf OTLP request of GenAI client spans, one per ``(app, model, start_ms,
+    duration_ms, input_tokens, output_tokens)`` (``service.name`` = app), all in trace
+    ``trace``, span ids 1, 2, ...: as the Collector's Kafka exporter writes them."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+    from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+
+    def kv(k: str, v: str | int) -> KeyValue:
+        return KeyValue(key=k, value=AnyValue(int_value=v) if isinstance(v, int) else AnyValue(string_value=v))
+
+    by_app: dict[str, list[Any]] = {}
+    for i, (app, model, start_ms, dur_ms, tin, tout) in enumerate(spans):
+        by_app.setdefault(app, []).append(Span(
+            trace_id=trace.to_bytes(16, "big"), span_id=(i + 1).to_bytes(8, "big"), name=f"chat {model}",
+            kind=Span.SPAN_KIND_CLIENT, start_time_unix_nano=start_ms * 1_000_000,
+            end_time_unix_nano=(start_ms + dur_ms) * 1_000_000,
+            attributes=[kv("gen_ai.operation.name", "chat"), kv("gen_ai.provider.name", "openai"),
+                        kv("gen_ai.request.model", model), kv("gen_ai.response.model", model),
+                        kv("gen_ai.usage.input_tokens", tin),
+                        kv("gen_ai.usage.output_tokens", tout)]))
+    req = ExportTraceServiceRequest()
+    for app, app_spans in by_app.items():
+        rs = ResourceSpans(scope_spans=[ScopeSpans(spans=app_spans)])
+        rs.resource.attributes.append(kv("service.name", app))
+        req.resource_spans.append(rs)
+    return req.SerializeToString()

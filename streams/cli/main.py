@@ -343,6 +343,7 @@ def worker(
     cluster: Annotated[str | None, typer.Option("--cluster", envvar="DRIFTLINE_CLICKHOUSE_CLUSTER", rich_help_panel="ClickHouse cluster", help="ClickHouse cluster name (as in the servers' remote_servers): create the tables ON CLUSTER as Replicated*MergeTree <table>_local tables behind Distributed <table> tables sharded so each dedup key is on one shard, and insert with insert_distributed_sync=1. Same as ?cluster=NAME on an http(s):// --clickhouse DSN; not with chDB.")] = None,
     insert_quorum: Annotated[str | None, typer.Option("--insert-quorum", envvar="DRIFTLINE_CLICKHOUSE_INSERT_QUORUM", rich_help_panel="ClickHouse cluster", help="With --cluster: an insert succeeds only when this many replicas of each shard hold it (2 or more, or auto: a majority; default off: one replica, the others copy it later). Same as ?insert_quorum=N on the DSN.")] = None,
     # -- several workers on one machine (streams/local/sql_endpoint.py: the writer role)
+    otlp_direct: Annotated[bool, typer.Option("--otlp-direct", help="Decode OTLP topics in the worker that reads them instead of re-keying them (faster, but a key's spans then reach every worker: use it with ONE worker only). By default a consumer group of their own (<group>.otlp-rekey) decodes them and re-produces each GenAI span as a JSON event keyed app/model to the first JSON --topic (llm.events), exactly once, so each key's windows, drift and alerts live in one worker.")] = False,
     sql_allow_workers: Annotated[bool, typer.Option("--sql-allow-workers", help="Let other workers on this machine write to this worker's chDB store through its SQL endpoint: start them with --clickhouse http://driftline_writer@127.0.0.1:8123/driftline and --clickhouse-password-file holding the driftline_writer password (generated on first start into <chdb path>/.driftline-credentials, or env DRIFTLINE_SQL_WRITER_PASSWORD). That user may only INSERT into driftline's tables and run the worker's own CREATE/ALTER schema statements, with POST; off by default.")] = False,
     # -- the page (streams/ui; README "Dashboards")
     ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Serve the page (drift, latency, cost, alerts) at /ui/ on the --metrics-port. It always asks for user driftline and the SQL endpoint's password (on loopback too; the credentials file next to a chDB store, else $XDG_DATA_HOME/driftline/credentials).")] = True,
@@ -380,6 +381,7 @@ def worker(
             max_event_age_s=max_event_age, max_clock_skew_s=max_clock_skew,
             redaction=Redaction(redact, redact_key),  # type: ignore[arg-type]  # checked there
             retention=Retention(retention_days, retention_days_text),
+            otlp_rekey=not otlp_direct,
         )
         from driftline.streams.wiring import stage_factories
 

@@ -63,7 +63,7 @@ class GroupListener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 def group_consumer(cfg: WorkerConfig, listener: ConsumerRebalanceListener) -> AIOKafkaConsumer:
-    """The worker's group consumer (not started), subscribed to ``cfg.topics``.
+    """The worker's group consumer (not started), subscribed to ``cfg.host_topics``.
 
     Offsets are committed by hand (:func:`commit_confirmed`); Kafka, like Tansu, holds
     a new group's first assignment for about half of ``session_timeout_ms``.
@@ -76,7 +76,7 @@ def group_consumer(cfg: WorkerConfig, listener: ConsumerRebalanceListener) -> AI
         heartbeat_interval_ms=max(500, min(3_000, cfg.session_timeout_ms // 4)),
         max_poll_interval_ms=600_000, **cfg.kafka_security.aiokafka_kwargs(),
     )
-    consumer.subscribe(list(cfg.topics), listener=listener)
+    consumer.subscribe(list(cfg.host_topics), listener=listener)
     return consumer
 
 

@@ -466,6 +466,18 @@ class ClickHouseSink:
         rows = self.call(lambda c: c.query(sql, parameters={"t": topic, "p": parts}).result_rows)
         return {int(p): tuple(m) for p, m in rows}
 
+    def rekey_marks(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[int, str, str]]:
+        """The last ``rekey_log`` row per partition of the OTLP ``topic`` (highest
+        ``next_offset``): ``(next_offset, events_start, dlq_start)``."""
+        parts = sorted(set(partitions))
+        if not parts:
+            return {}
+        sql = (f"SELECT source_partition, argMax(tuple(next_offset, events_start, dlq_start), next_offset) "
+               f"FROM {self.database}.rekey_log WHERE source_topic = %(t)s AND source_partition IN %(p)s "
+               f"GROUP BY source_partition")
+        rows = self.call(lambda c: c.query(sql, parameters={"t": topic, "p": parts}).result_rows)
+        return {int(p): (int(m[0]), str(m[1]), str(m[2])) for p, m in rows}
+
     def stored_after(self, topic: str, partition: int, offset: int) -> set[tuple[int, str]]:
         """``(source_offset, event_id)`` of the events stored past ``offset`` (a write step
         that did not finish: its ``ingest_log`` row never landed). Only rows ingested

@@ -46,6 +46,7 @@ ingest_log          source_topic, source_partition, epoch,          cityHash64(s
                     last_offset
 dlq_outbox          source_topic, source_partition, epoch,          cityHash64(source_topic, source_partition)   one partition's outbox on one shard (read with FINAL per
                     source_offset, idx                                                                           partition on recovery)
+rekey_log           source_topic, source_partition, next_offset     cityHash64(source_topic, source_partition)   one OTLP partition's re-keyer log on one shard
 ==================  ==============================================  ===========================================  ==========================================================
 
 What was taken from others (their clustered migrations, read for this module):
@@ -110,6 +111,7 @@ SHARD_BY: dict[str, tuple[str, ...]] = {
     "alerts": ("rule", "fingerprint"),
     "ingest_log": ("source_topic", "source_partition"),
     "dlq_outbox": ("source_topic", "source_partition"),
+    "rekey_log": ("source_topic", "source_partition"),
 }
 
 #: MergeTree settings of tables.sql that have no meaning on a Replicated engine

@@ -34,7 +34,8 @@ from driftline.streams.sinks.prometheus import WorkerMetrics
 
 log = logging.getLogger("driftline.worker")
 
-__all__ = ["DeadLetters", "outbox_rows", "dlq_stub", "dlq_headers", "start_producer"]
+__all__ = ["DeadLetters", "outbox_rows", "dlq_stub", "dlq_headers", "start_producer", "highwaters",
+           "source_ids", "SourceId", "REFUSED_RECORD"]
 
 #: the (source topic, partition, offset, index) of a dead-lettered record
 SourceId = tuple[str, int, int, int]
@@ -70,7 +71,7 @@ def _refused_record_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(ke, n) for n in names if isinstance(getattr(ke, n, None), type))
 
 
-_REFUSED_RECORD = _refused_record_errors()
+REFUSED_RECORD = _refused_record_errors()
 
 
 def dlq_stub(row: dict[str, Any]) -> dict[str, Any]:
@@ -104,16 +105,18 @@ def _source_id(headers: Any) -> SourceId | None:
         return None
 
 
-async def start_producer(kafka: str, security: KafkaSecurity | None = None) -> AIOKafkaProducer:
+async def start_producer(kafka: str, security: KafkaSecurity | None = None, *,
+                         compression: str | None = "gzip", max_batch_size: int = 16384) -> AIOKafkaProducer:
     """The DLQ producer, idempotent where the broker supports it (a send the client
     retries after a lost acknowledgement is stored once); the local Tansu broker
     answers InitProducerId with an error, so there it falls back to a plain producer
-    (a client-side retry after a lost acknowledgement can then duplicate a record)."""
+    (a client-side retry after a lost acknowledgement can then duplicate a record).
+    gzip by default: a rejected record compressed by its producer fits the DLQ
+    compressed too (the OTLP re-keyer sends uncompressed batches of 1 MiB instead)."""
     for idempotent in (True, False):
-        # gzip: a rejected record compressed by its producer fits the DLQ compressed too
         producer = AIOKafkaProducer(bootstrap_servers=kafka, linger_ms=20, acks="all",
                                     max_request_size=16 << 20, enable_idempotence=idempotent,
-                                    compression_type="gzip",
+                                    compression_type=compression, max_batch_size=max_batch_size,
                                     **(security or KafkaSecurity()).aiokafka_kwargs())
         try:
             await producer.start()
@@ -126,6 +129,48 @@ async def start_producer(kafka: str, security: KafkaSecurity | None = None) -> A
             log.warning("the broker refused an idempotent producer (%s): the DLQ producer is not idempotent",
                         exc)
     raise AssertionError("unreachable")
+
+
+async def highwaters(reader: AIOKafkaConsumer, parts: Sequence[TopicPartition]) -> dict[int, int]:
+    """The high watermarks of ``parts`` (assigned to ``reader``, a consumer without a group),
+    from a fetch response (Tansu's ListOffsets is wrong, its fetch high watermark right);
+    partitions Kafka does not answer for in 5 s are left out."""
+    for tp in parts:
+        reader.seek(tp, 0)
+    out: dict[int, int] = {}
+    deadline = time.monotonic() + 5.0
+    with contextlib.suppress(Exception):
+        while len(out) < len(parts) and time.monotonic() < deadline:
+            await reader.getmany(*parts, timeout_ms=500, max_records=1)
+            for tp in parts:
+                hw = reader.highwater(tp)
+                if hw is not None:
+                    out[tp.partition] = int(hw)
+    return out
+
+
+async def source_ids(reader: AIOKafkaConsumer, parts: Sequence[TopicPartition], starts: Mapping[int, int],
+                     timeout_s: float = 120.0) -> set[SourceId]:
+    """The ``driftline-source-*`` headers (topic, partition, offset, index) of every record
+    of ``parts`` (assigned to ``reader``) from ``starts`` (partition -> offset; 0 when
+    absent) up to the high watermark of the latest fetch response: which sources a
+    topic already holds (the DLQ's recovery, the OTLP re-keyer's)."""
+    held: set[SourceId] = set()
+    todo = set(parts)
+    for tp in todo:
+        reader.seek(tp, int(starts.get(tp.partition, 0)))
+    deadline = time.monotonic() + timeout_s
+    while todo:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"reading {parts[0].topic} took over {timeout_s:.0f} s")
+        data = await reader.getmany(*todo, timeout_ms=500)
+        for recs in data.values():
+            held.update(s for r in recs if (s := _source_id(r.headers)) is not None)
+        for tp in list(todo):  # read up to the high watermark of the latest fetch response
+            hw = reader.highwater(tp)
+            if hw is not None and await reader.position(tp) >= hw:
+                todo.discard(tp)
+    return held
 
 
 async def _no_keepalive() -> None:
@@ -180,22 +225,9 @@ class DeadLetters:
             self.producer = None
 
     async def _highwaters(self) -> dict[int, int]:
-        """The DLQ partitions' high watermarks, from a fetch response (Tansu's ListOffsets
-        is wrong, its fetch high watermark right); {} when Kafka does not answer in 5 s."""
-        reader = self._reader
-        assert reader is not None
-        for tp in self._parts:
-            reader.seek(tp, 0)
-        out: dict[int, int] = {}
-        deadline = time.monotonic() + 5.0
-        with contextlib.suppress(Exception):
-            while len(out) < len(self._parts) and time.monotonic() < deadline:
-                await reader.getmany(*self._parts, timeout_ms=500, max_records=1)
-                for tp in self._parts:
-                    hw = reader.highwater(tp)
-                    if hw is not None:
-                        out[tp.partition] = int(hw)
-        return out
+        """The DLQ partitions' high watermarks (:func:`highwaters`)."""
+        assert self._reader is not None
+        return await highwaters(self._reader, self._parts)
 
     def ends(self) -> str:
         """Where this step's DLQ sends will land at the earliest (JSON, per DLQ partition):
@@ -258,12 +290,12 @@ class DeadLetters:
                 if res is not None:
                     self._hw[res.partition] = max(self._hw.get(res.partition, 0), int(res.offset) + 1)
                 self.dead_lettered += 1
-            elif isinstance(res, _REFUSED_RECORD) and not r.get("stub"):
+            elif isinstance(res, REFUSED_RECORD) and not r.get("stub"):
                 log.error("the DLQ refused the rejected record %s[%s]@%s (%s: %s): sending a stub without "
                           "its value", r["source_topic"], r["source_partition"], r["source_offset"],
                           type(res).__name__, res)
                 failed.append(dlq_stub(r))
-            elif isinstance(res, _REFUSED_RECORD):
+            elif isinstance(res, REFUSED_RECORD):
                 log.error("the DLQ refused even the stub of %s[%s]@%s (%s); it stays in dlq_outbox only",
                           r["source_topic"], r["source_partition"], r["source_offset"], res)
                 self.metrics.sink_errors["dlq"] += 1
@@ -282,25 +314,9 @@ class DeadLetters:
     async def held(self, dlq_start: str) -> set[SourceId]:
         """(source topic, partition, offset, index) of every DLQ record from ``dlq_start``
         (JSON end offsets; '' = the beginning) to the current end."""
-        reader = self._reader
-        assert reader is not None
+        assert self._reader is not None
         start = json.loads(dlq_start) if dlq_start else {}
-        held: set[SourceId] = set()
-        todo = set(self._parts)
-        for tp in todo:
-            reader.seek(tp, int(start.get(str(tp.partition), 0)))
-        deadline = time.monotonic() + 120.0
-        while todo:
-            if time.monotonic() > deadline:
-                raise TimeoutError("reading the DLQ took over 120 s")
-            data = await reader.getmany(*todo, timeout_ms=500)
-            for recs in data.values():
-                held.update(s for r in recs if (s := _source_id(r.headers)) is not None)
-            for tp in list(todo):  # read up to the high watermark of the latest fetch response
-                hw = reader.highwater(tp)
-                if hw is not None and await reader.position(tp) >= hw:
-                    todo.discard(tp)
-        return held
+        return await source_ids(self._reader, self._parts, {int(p): int(o) for p, o in start.items()})
 
     async def recover(self, tp: TopicPartition, epoch: int, rows: Sequence[Sequence[Any]], dlq_start: str,
                       stopping: Callable[[], bool]) -> None:

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
@@ -237,6 +237,11 @@ class AlertmanagerNotifier(_HttpNotifier):
         for t in transitions:
             if t.state == "firing":
                 self._active[t.fingerprint] = t
+
+    def forget(self, fingerprints: Iterable[str]) -> None:
+        """Stop re-sending these alerts (another worker owns them now, and re-sends them)."""
+        for fp in fingerprints:
+            self._active.pop(fp, None)
 
     def due_resend(self) -> list[AlertTransition]:
         """The firing alerts to re-send, when ``resend_interval_s`` has passed since the last."""

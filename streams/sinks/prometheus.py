@@ -124,6 +124,10 @@ class WorkerMetrics(Collector):
         self.batches = 0.0
         self.records = 0.0
         self.skipped_spans = 0.0
+        #: the OTLP re-keyer (streams/ingest/rekey.py): events re-produced keyed app/model,
+        #: and sends skipped on recovery because the topic already held them
+        self.rekeyed = 0.0
+        self.rekey_already_held = 0.0
         self.drift: dict[tuple[str, str, str, str, str], tuple[float, float | None, bool]] = {}
         self._edges = np.asarray(LATENCY_BUCKETS_MS, float)
         if registry is not None:
@@ -228,6 +232,11 @@ class WorkerMetrics(Collector):
         yield CounterMetricFamily("driftline_records", "Kafka records processed", value=self.records)
         yield CounterMetricFamily("driftline_skipped_spans", "OTLP spans skipped (not a model call: non-GenAI, tool or agent spans)",
                                   value=self.skipped_spans)
+        yield CounterMetricFamily("driftline_otlp_rekeyed_events",
+                                  "OTLP events re-produced to the events topic keyed app/model", value=self.rekeyed)
+        yield CounterMetricFamily("driftline_otlp_rekey_already_held",
+                                  "re-keyed sends skipped on recovery: a previous owner had sent them",
+                                  value=self.rekey_already_held)
         labels = ["app", "model", "prompt_version", "field", "method"]
         pv = GaugeMetricFamily("driftline_drift_p_value", "p-value of the latest drift test", labels=labels)
         st = GaugeMetricFamily("driftline_drift_statistic", "statistic of the latest drift test", labels=labels)

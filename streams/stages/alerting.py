@@ -39,9 +39,16 @@ next tick goes on where it stopped (at once, not after ``eval_interval_s``), so 
 long catch-up never holds the event loop, and the results do not depend on the
 budget.
 
-After a restart the alerts whose newest row in the ``alerts`` table is ``firing`` are
-restored as firing (no second "firing" notification); evaluation waits for the worker's
-first stored batch (its windows are rebuilt from ClickHouse by then; at most
+Ownership (several workers, rebalances, restarts): nothing is evaluated from the start
+or a revocation (:meth:`AlertingStage.on_revoked`) until the worker's partitions are
+assigned and their windows rebuilt (:meth:`AlertingStage.on_assigned`). Then a key
+(app/model) belongs to the worker holding the partition of its newest stored event: the
+state of keys owned elsewhere is dropped without transitions, and the alerts of owned keys
+whose newest row in the ``alerts`` table is ``firing`` are restored as firing (no second
+"firing" notification); every alert's last recorded transition is a floor below which
+(and at which, except the resolution of a recorded "firing") nothing is recorded again,
+so a replay of windows whose alerts fired and resolved before a crash records nothing.
+After a restore, evaluation waits for the worker's first stored batch (at most
 ``restore_grace_s``), and an alert whose condition no longer holds then resolves, which
 writes and sends the "resolved".
 """
@@ -81,7 +88,7 @@ from driftline.streams.sinks.prometheus import AlertMetrics
 from driftline.streams.stages.rule_engine import AlertEvaluator, default_rules_path
 
 if TYPE_CHECKING:
-    from driftline.streams.ports import StagePorts, TableWriter
+    from driftline.streams.ports import StagePorts
     from driftline.streams.worker import StoredBatch
 
 __all__ = ["ALERT_COLUMNS", "AlertingStage", "alerting_stage", "build_notifiers"]
@@ -108,8 +115,9 @@ def build_notifiers(*, webhooks: Sequence[str] = (), slack_webhooks: Sequence[st
     return out
 
 
-def restore_query(db: str) -> str:
-    """The alerts firing at the end of the ``alerts`` table, one row per rule and fingerprint.
+def history_query(db: str) -> str:
+    """The last recorded transition of every alert (rule and fingerprint) of the ``alerts``
+    table: rule, fingerprint, state, labels, annotations, value, ts (epoch ms), app, model.
 
     A transition's event time can repeat: an alert fired and resolved within one
     millisecond of event time stores two rows with the same ``ts``. Ties go to
@@ -118,8 +126,25 @@ def restore_query(db: str) -> str:
     still holds simply fires again on the next evaluation."""
     key = "(ts, state = 'resolved')"
     return (f"SELECT rule, fingerprint, argMax(state, {key}) AS st, argMax(labels, {key}), "
-            f"argMax(annotations, {key}), argMax(value, {key}), toUnixTimestamp64Milli(max(ts)) "
-            f"FROM {db}.alerts GROUP BY rule, fingerprint HAVING st = 'firing'")
+            f"argMax(annotations, {key}), argMax(value, {key}), toUnixTimestamp64Milli(max(ts)), "
+            f"argMax(app, {key}), argMax(model, {key}) FROM {db}.alerts GROUP BY rule, fingerprint")
+
+
+def restore_query(db: str) -> str:
+    """:func:`history_query`, only the alerts firing at the end of the ``alerts`` table."""
+    return history_query(db) + " HAVING st = 'firing'"
+
+
+#: how far back (event time, from now) the owner of a key is looked for: llm_events is
+#: sorted by (app, model, timestamp), so this bounds the read on every rebalance to a day
+#: of the apps' rows instead of their whole history. A key with no event in the last day
+#: has no owner: its state stays with the worker that holds it, and nobody restores it.
+OWNERS_LOOKBACK_S = 86_400
+#: per app/model: the partition of its newest stored event (the key's owner, see on_assigned)
+OWNERS_SQL = ("SELECT app, model, argMax(tuple(source_topic, source_partition), (timestamp, source_partition)), "
+              "toUnixTimestamp64Milli(max(timestamp)) FROM {db:Identifier}.llm_events "
+              "WHERE app IN {apps:Array(String)} "
+              f"AND timestamp >= now64(3) - INTERVAL {OWNERS_LOOKBACK_S} SECOND GROUP BY app, model")
 
 
 class AlertingStage:
@@ -142,7 +167,8 @@ class AlertingStage:
                  restore_grace_s: float = 30.0,
                  dispatcher_options: Mapping[str, Any] | None = None,
                  window_ms: int | None = None, max_catch_up_windows: int = 10_080,
-                 max_keys: int = 10_000, catch_up_budget_s: float | None = 0.2) -> None:
+                 max_keys: int = 10_000, catch_up_budget_s: float | None = 0.2,
+                 revoke_flush_s: float = 5.0) -> None:
         if eval_interval_s <= 0:
             raise ValueError("eval_interval_s must be > 0")
         if window_ms is not None and window_ms <= 0:
@@ -192,6 +218,19 @@ class AlertingStage:
         self.restore_grace_s = restore_grace_s
         self._hold_until: float | None = None
         self._had_batch = False
+        #: no evaluation from a revocation (or the start) until the assignment's keys are
+        #: known: on_revoked / on_assigned, called by the worker on rebalances
+        self._unassigned = False
+        #: on revocation, wait this long at most for the alert rows to be written (the next
+        #: owner of a key reads them when its partitions are assigned)
+        self.revoke_flush_s = revoke_flush_s
+        #: per (rule, fingerprint): the last transition (ts, state) the alerts table held at
+        #: the last assignment; transitions at or before it are not recorded again
+        self._recorded: dict[tuple[str, str], tuple[int, str]] = {}
+        #: alerts whose replayed "firing" was not recorded (the table says resolved since):
+        #: their next "resolved" is not recorded either
+        self._muted: set[tuple[str, str]] = set()
+        self.suppressed = 0
         self.evaluations = 0
         self.m = AlertMetrics(self.registry, [(rule.name, rule.severity) for rule in rules])
         # the alerts table: written as soon as a row waits (all that wait in one insert,
@@ -215,11 +254,9 @@ class AlertingStage:
         self._ports = ports
         self._row_exporter.tables = ports.tables
         self._tick_wake = asyncio.Event()
-        if self.restore and self.write_alerts:
-            try:
-                await self._restore(ports.tables)
-            except Exception:  # noqa: BLE001 - alerting starts without its history
-                log.exception("alerting: could not restore firing alerts from ClickHouse")
+        # the alerts of the keys this worker owns are restored when its partitions are
+        # assigned (on_assigned); nothing is evaluated before that
+        self._unassigned = self.restore and self.write_alerts
         await self.dispatcher.start()
         self._tasks = [asyncio.create_task(self._ticker(), name="driftline-alert-eval")]
         if self.write_alerts:
@@ -285,13 +322,23 @@ class AlertingStage:
         out: list[AlertTransition] = []
         if self._hold_until is not None and (self._had_batch or time.monotonic() >= self._hold_until):
             self._hold_until = None
-        if now is not None and self._hold_until is None:
+        if now is not None and self._hold_until is None and not self._unassigned:
             out = self._evaluate_to(now, wins)
+            if self._recorded:
+                out = self._unrecorded(out)
             self.evaluations += 1
             self.m.evaluations.inc()
         else:
-            for w in wins:
-                self.evaluator.observe_window(w)
+            # held (restore, rebalance): kept for the next evaluation, which feeds each window
+            # before the first boundary after its start (a catch-up from the oldest); beyond
+            # the cap, the oldest are fed at once
+            self._backlog.extend(wins)
+            if len(self._backlog) > self.max_pending_rows:
+                self._backlog.sort(key=lambda w: (w.window_start_ms, w.final, w.events))
+                cut = len(self._backlog) - self.max_pending_rows
+                for w in self._backlog[:cut]:
+                    self.evaluator.observe_window(w)
+                del self._backlog[:cut]
         self._export_evictions()
         if out:
             self.dispatcher.submit(out)
@@ -447,35 +494,129 @@ class AlertingStage:
         """Rows written to the alerts table so far."""
         return self._rows.exported
 
-    async def _restore(self, tables: TableWriter) -> None:
-        sql = restore_query(tables.database)
-        rows = await tables.aquery(sql)
-        names = {r.name for r in self.rules}
-        alerts = []
-        restored: list[AlertTransition] = []
-        for rule, fp, _st, labels, annots, value, ts in rows:
-            if rule not in names:
+    def _unrecorded(self, out: list[AlertTransition]) -> list[AlertTransition]:
+        """``out`` without the transitions the alerts table already held at the assignment:
+        those before the last recorded transition of their alert, and at its time unless it
+        resolves a recorded "firing" (a replay after a crash, or of a partition taken over,
+        evaluates windows whose transitions were recorded before)."""
+        keep = []
+        for t in out:
+            k = (t.rule, t.fingerprint)
+            rec = self._recorded.get(k)
+            if k in self._muted and t.state == "resolved":
+                self._muted.discard(k)
+            elif rec is not None and (t.ts_ms < rec[0] or (t.ts_ms == rec[0] and not (
+                    rec[1] == "firing" and t.state == "resolved"))):
+                if t.state == "firing" and rec[1] == "resolved":
+                    self._muted.add(k)
+            else:
+                keep.append(t)
                 continue
-            alerts.append({"rule": rule, "labels": dict(labels), "fingerprint": fp, "state": "firing",
-                           "active_since_ms": int(ts), "value": float(value),
-                           "annotations": dict(annots), "fired_at_ms": int(ts),
-                           "resolve_since_ms": None})
-            rr = self.rules.by_name(rule)
-            restored.append(AlertTransition(int(ts), rule, "firing", rr.severity, dict(labels),
-                                            dict(annots), float(value), fp, int(ts), None))
-        if not alerts:
+            self.suppressed += 1
+        return keep
+
+    # ------------------------------------------------------------------ rebalances (worker hooks)
+    async def on_revoked(self) -> None:
+        """The worker's partitions go: evaluation stops until the next assignment, and the
+        transitions recorded so far are written (bounded), so that the next owner of a key
+        restores them instead of recording them again."""
+        self._unassigned = True
+        # no re-sends of the alerts held (Alertmanager) until the keys' owners are known
+        self._notifiers_call("forget", [a.fingerprint for a in self.evaluator.active_alerts()])
+        if self._rows.started and not await self._rows.force_flush(self.revoke_flush_s):
+            log.warning("alerting: alert rows still unwritten %.0f s after the revocation", self.revoke_flush_s)
+
+    async def on_assigned(self, partitions: Sequence[Any]) -> None:
+        """The worker's partitions (``TopicPartition``) after a rebalance, their windows rebuilt.
+
+        A key (app/model) is owned by the worker that holds the partition of its newest
+        stored event: with keyed input (``llm.events`` keyed ``app/model``; OTLP re-keyed the
+        same way) that is the one partition all its events go to, so one worker evaluates
+        it and a rebalance moves it whole. The state of keys owned elsewhere now is
+        dropped without a transition (no "resolved for lack of data", no absence alert on
+        the old owner); the alerts of owned keys that the table records as firing are
+        restored as firing, and every alert's last recorded transition becomes a floor
+        (:meth:`_unrecorded`). A key without stored events yet is kept (its data came from
+        this worker's partitions). Unkeyed input (a key on several partitions): each key
+        still has one owner at a time, the holder of its newest event, but the others
+        also see part of its traffic and evaluate it on that part between rebalances;
+        the floors keep them from recording a transition the table holds, not from
+        recording transitions of their own: key the input for exact alerts.
+        """
+        if self._ports is None:
             return
-        state = self.evaluator.get_state()
-        state["alerts"] = alerts
-        self.evaluator.set_state(state)
+        tables = self._ports.tables
+        mine = {(tp.topic, int(tp.partition)) for tp in partitions}
+        try:
+            history = list(await tables.aquery(history_query(tables.database))) \
+                if self.restore and self.write_alerts else []
+            apps = self.evaluator.held_apps() | {r[7] for r in history if r[7]}
+            owners = await tables.aquery(OWNERS_SQL, {"db": tables.database, "apps": sorted(apps)}) \
+                if apps else []
+        except Exception:  # noqa: BLE001 - logged and counted by the worker; evaluation goes on
+            self._unassigned = False
+            raise
+        owner = _owner_of(owners)
+
+        def owned(app: str, model: str) -> bool:
+            o = owner(app, model)
+            return o is None or o in mine
+
+        gone = self.evaluator.retain(owned)
+        for rule, fp in gone:
+            self._muted.discard((rule, fp))
+            self.m.firing.labels(rule, self.rules.by_name(rule).severity).dec()
+        self._notifiers_call("forget", [fp for _rule, fp in gone])
+        self._recorded = {(r[0], r[1]): (int(r[6]), str(r[2])) for r in history}
+        self._restore(history, lambda app, model: not app or owner(app, model) in mine)
+        # the firing alerts of the keys kept and restored: re-sent (Alertmanager) from now on
+        self._notifiers_call("restore", self.evaluator.active_alerts())
+        self._unassigned = False
+
+    def _notifiers_call(self, method: str, arg: Any) -> None:
+        """``notifier.method(arg)`` on the notifiers that have it (forget / restore)."""
+        for n in self.notifiers:
+            fn = getattr(n, method, None)
+            if callable(fn):
+                fn(arg)
+
+    def _restore(self, history: Sequence[Sequence[Any]], mine: Callable[[str, str], bool]) -> None:
+        """Hold the alerts of ``history`` (:func:`history_query` rows) recorded as firing whose
+        key is ``mine`` as firing (an alert without an app label is everyone's)."""
+        restored: list[AlertTransition] = []
+        for rule, fp, st, labels, annots, value, ts, app, model in history:
+            if st != "firing" or not mine(app, model):
+                continue
+            if self.evaluator.restore_alert(rule, fp, labels, annots, value, ts):
+                rr = self.rules.by_name(rule)
+                restored.append(AlertTransition(int(ts), rule, "firing", rr.severity, dict(labels),
+                                                dict(annots), float(value), fp, int(ts), None))
+        if not restored:
+            return
+        # restored alerts must not resolve for lack of data before a first batch is stored
         self._hold_until = time.monotonic() + self.restore_grace_s
+        self._had_batch = False
         for t in restored:
             self.m.firing.labels(t.rule, t.severity).inc()
-        for n in self.notifiers:
-            restore = getattr(n, "restore", None)
-            if callable(restore):
-                restore(restored)
-        log.info("alerting: restored %d firing alert(s) from the alerts table", len(alerts))
+        log.info("alerting: restored %d firing alert(s) from the alerts table", len(restored))
+
+
+def _owner_of(owners: Sequence[Sequence[Any]]) -> Callable[[str, str], tuple[str, int] | None]:
+    """``owner(app, model)``: the (topic, partition) of the newest stored event of the key
+    (of the app, when ``model`` is empty), None when none is stored; from OWNERS_SQL rows."""
+    by_key: dict[tuple[str, str], tuple[tuple[str, int], int]] = {}
+    by_app: dict[str, tuple[tuple[str, int], int]] = {}
+    for app, model, (topic, part), ts in owners:
+        o = ((str(topic), int(part)), int(ts))
+        by_key[(app, model)] = o
+        if app not in by_app or o[1] >= by_app[app][1]:
+            by_app[app] = o
+
+    def owner(app: str, model: str) -> tuple[str, int] | None:
+        o = by_key.get((app, model)) if model else by_app.get(app)
+        return o[0] if o is not None else None
+
+    return owner
 
 
 def alerting_stage(rules_file: str | Path | None = None, *, webhooks: Sequence[str] = (),

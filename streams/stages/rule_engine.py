@@ -59,7 +59,7 @@ from __future__ import annotations
 import math
 import statistics
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,6 +161,11 @@ def _prune_older(store: dict[Any, dict[int, float]], lo: int) -> None:
             del per[ts]
         if not per:
             del store[k]
+
+
+def _app_model(k: Any) -> tuple[str, str]:
+    """(app, model) of a state key: a WindowKey or a tuple starting with app, model."""
+    return (k.app, k.model) if isinstance(k, WindowKey) else (k[0], k[1])
 
 
 def _trim_history(hist: dict[int, list[int]], lo: int) -> None:
@@ -601,6 +606,45 @@ class AlertEvaluator:
         lo = now - self._keep_cost_ms
         _prune_older(self._window_cost, lo)
         _prune_older(self._user_cost, lo)
+
+    # -- ownership (rebalances) -------------------------------------------------------------
+
+    def retain(self, owned: Callable[[str, str], bool]) -> list[tuple[str, str]]:
+        """Keep only the state of the keys with ``owned(app, model)`` (an alert without a
+        ``model`` label: ``owned(app, "")``; one without an ``app`` label is kept): the others
+        moved to another worker, which evaluates them from now on. Dropped without a
+        transition. Returns the (rule, fingerprint) of the *firing* alerts dropped."""
+        def keep(k: Any) -> bool:
+            return owned(*_app_model(k))
+
+        self._windows = {k: v for k, v in self._windows.items() if keep(k)}
+        self._window_cost = {k: v for k, v in self._window_cost.items() if keep(k)}
+        self._user_cost = {k: v for k, v in self._user_cost.items() if keep(k)}
+        self._drift = {k: v for k, v in self._drift.items() if keep(k)}
+        self._last_seen = {k: v for k, v in self._last_seen.items() if keep(k)}
+        self._seen_hist = {k: v for k, v in self._seen_hist.items() if keep(k)}
+        self._mcache.clear()
+        gone = [k for k, a in self._alerts.items()
+                if "app" in a.labels and not owned(a.labels["app"], a.labels.get("model", ""))]
+        firing = [k for k in gone if self._alerts[k].state == "firing"]
+        for k in gone:
+            del self._alerts[k]
+        return firing
+
+    def held_apps(self) -> set[str]:
+        """The apps this evaluator holds any state of."""
+        keys = [*self._windows, *self._window_cost, *self._user_cost, *self._drift, *self._last_seen]
+        return {_app_model(k)[0] for k in keys} | {a.labels["app"] for a in self._alerts.values() if "app" in a.labels}
+
+    def restore_alert(self, rule: str, fp: str, labels: Mapping[str, str], annotations: Mapping[str, str],
+                      value: float, ts_ms: int) -> bool:
+        """An alert recorded as firing since ``ts_ms`` (the ``alerts`` table), held as firing
+        (no new "firing" transition). False when the rule is gone or the alert is held already."""
+        if (rule, fp) in self._alerts or rule not in {r.name for r in self.rules}:
+            return False
+        self._alerts[(rule, fp)] = _Alert(rule, dict(labels), fp, "firing", int(ts_ms), float(value),
+                                          dict(annotations), int(ts_ms), None)
+        return True
 
     # -- checkpoint -----------------------------------------------------------------------
 

@@ -172,6 +172,9 @@ class DriftConfig:
     #: key-fields held in memory (2-3 MB each); past it the least recently sampled one is
     #: dropped (counted) and reloaded from ClickHouse when it is sampled again
     max_keys: int = 500
+    #: on a rebalance, wait this long at most for the samples in flight to be embedded,
+    #: tested and written before the keys' state is dropped (what is left is dropped)
+    revoke_drain_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.fields or set(self.fields) - set(FIELDS):
@@ -190,6 +193,8 @@ class DriftConfig:
             raise ValueError(f"methods must be a non-empty subset of {METHODS}")
         if self.max_keys < 1:
             raise ValueError("max_keys must be >= 1")
+        if not self.revoke_drain_s >= 0:
+            raise ValueError("revoke_drain_s must be >= 0")
 
     @property
     def min_cur(self) -> int:
@@ -205,6 +210,8 @@ class Sample:
     event_id: str
     ts_ms: int
     text: str
+    #: the stage's assignment generation when the sample's event was stored (on_revoked)
+    gen: int = 0
 
 
 # --------------------------------------------------------------------------- the stage
@@ -257,6 +264,11 @@ class DriftStage:
         self._ids_loaded = False
         self._early: list[ControlRecord] = []
         self._ids_task: asyncio.Task[None] | None = None
+        #: assignment generation: bumped when the worker's partitions are revoked; samples
+        #: and test rounds of an older generation are dropped, not written (on_revoked)
+        self._gen = 0
+        #: samples dropped because their key's partitions were revoked before they were tested
+        self.revoked_samples = 0
 
     @classmethod
     def factory(cls, cfg: DriftConfig | None = None, encoder: Any = None) -> Any:
@@ -363,7 +375,7 @@ class DriftStage:
             for f, col in cols:
                 text = col[i] if col is not None else None
                 if text:
-                    items.append((text, Sample(key, f, ids[i], int(tss[i]), text)))
+                    items.append((text, Sample(key, f, ids[i], int(tss[i]), text, self._gen)))
                     m.sampled[(*lab, f)] += 1
         if items:
             self.batcher.submit(items)
@@ -397,11 +409,21 @@ class DriftStage:
         """Number, reference and test everything embedded so far (on the drift thread), then write it."""
         assert self.engine is not None
         work, self._inbox = self._inbox, []
+        gen = self._gen
         samples = [s for w in work for s in w[0]]
         hashes = [h for w in work for h in w[1]]
         vecs = np.concatenate([w[2] for w in work])
+        if any(s.gen != gen for s in samples):  # stored before a revocation: another worker's now
+            keep = [i for i, s in enumerate(samples) if s.gen == gen]
+            self.revoked_samples += len(samples) - len(keep)
+            samples, hashes, vecs = [samples[i] for i in keep], [hashes[i] for i in keep], vecs[keep]
+            if not samples:
+                return
         loop = asyncio.get_running_loop()
         emb, refs, results = await loop.run_in_executor(self._pool, self.engine.process, samples, hashes, vecs)
+        if gen != self._gen:  # revoked while testing: the new owner numbers and tests these keys
+            self.revoked_samples += len(samples)
+            return
         await self._write(emb, refs, results)
 
     async def _apply_control(self, c: _Control) -> None:
@@ -455,6 +477,29 @@ class DriftStage:
                         f(obs)
                     except Exception:  # noqa: BLE001
                         log.exception("drift: observe_drift of a stage failed")
+
+    # -- rebalances (worker hooks) ----------------------------------------------------
+    async def on_revoked(self) -> None:
+        """The worker's partitions go: the samples in flight are embedded, tested and written
+        (at most ``revoke_drain_s``), then every key's state is dropped. The next owner of a
+        key (maybe this worker again) loads it from ClickHouse when it samples the key
+        (``DriftEngine.get``): its numbering continues after the stored samples and its tests
+        after the stored windows, so one key's results come from one worker. Samples still
+        in flight after the drain are dropped (counted in :attr:`revoked_samples`; as a
+        crash would lose them), never numbered beside the next owner's.
+
+        With unkeyed input a key's events reach several partitions, so several workers
+        sample and number the same key between rebalances: key the input (``app/model``).
+        """
+        if self.engine is None:
+            return
+        if not await self.drain(self.cfg.revoke_drain_s):
+            log.warning("drift: samples still in flight %.0f s after the revocation: dropped",
+                        self.cfg.revoke_drain_s)
+        self._gen += 1
+        engine = self.engine
+        # on the drift thread: after the test round that may be running there
+        await asyncio.get_running_loop().run_in_executor(self._pool, engine.state.clear)
 
     # -- baseline commands (from the control consumer, streams/ingest/control.py) -------
     def on_control_record(self, value: bytes | None, topic: str, partition: int, offset: int,

@@ -218,6 +218,21 @@ ORDER BY (source_topic, source_partition, epoch, last_offset)
 CREATE TABLE IF NOT EXISTS driftline.ingest_log ON CLUSTER c AS driftline.ingest_log_local
 ENGINE = Distributed('c', 'driftline', 'ingest_log_local', cityHash64(source_topic, source_partition))
 ;
+CREATE TABLE IF NOT EXISTS driftline.rekey_log_local ON CLUSTER c
+(
+    source_topic String,
+    source_partition UInt32,
+    next_offset UInt64,
+    events_start String,
+    dlq_start String,
+    written_at DateTime64(3, 'UTC')
+)
+ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/rekey_log_local', '{replica}')
+ORDER BY (source_topic, source_partition, next_offset)
+;
+CREATE TABLE IF NOT EXISTS driftline.rekey_log ON CLUSTER c AS driftline.rekey_log_local
+ENGINE = Distributed('c', 'driftline', 'rekey_log_local', cityHash64(source_topic, source_partition))
+;
 CREATE TABLE IF NOT EXISTS driftline.dlq_outbox_local ON CLUSTER c
 (
     source_topic String,

@@ -275,7 +275,8 @@ async def test_a_firing_alert_survives_a_restart_without_firing_twice(
         await wait_for(lambda: len(st.transitions) == 1, 5, "LatencySpike firing")
 
     async def recover(st: AlertingStage) -> None:
-        assert st.evaluator.active_alerts()[0].rule == "LatencySpike"   # restored as firing
+        # restored as firing once the worker's partition is assigned (AlertingStage.on_assigned)
+        await wait_for(lambda: [a.rule for a in st.evaluator.active_alerts()] == ["LatencySpike"], 15, "restore")
         await stream(producer, topic, 5)
         await wait_for(lambda: len(st.transitions) == 1, 6, "LatencySpike resolved")
 

@@ -5,14 +5,16 @@ shared Tansu broker: A holds the chDB store and serves its SQL endpoint with
 ``--sql-allow-workers``; B and C write through it as ``driftline_writer``
 (``--clickhouse http://driftline_writer@127.0.0.1:PORT/driftline`` and a password
 file). All three in one consumer group on a JSON topic of 5 partitions (not a
-multiple of 3); B and C join mid-stream and B leaves (SIGTERM) mid-stream. Then:
-every event stored exactly once (``count()`` and ``uniqExact(event_id)`` with and
-without ``FINAL``), every window row equal to a recomputation from ``llm_events``
-(count, errors, token sums exactly; p95 within the sketch's stated accuracy of the
-exact quantile), and a rule that fires on every key at its first window fires on
-all 12 keys. An alert transition recorded twice (the worker taking a partition over
-fires its keys' alerts again: alert state is per worker) is a known gap: the test
-ends as xfail then, after every other check has passed.
+multiple of 3) and an OTLP topic of 3 partitions written without keys, as the
+Collector writes it (re-keyed by default: streams/ingest/rekey.py); B and C join
+mid-stream and B leaves (SIGTERM) mid-stream. Then: every key's events on one
+partition (the JSON records and the re-keyed spans alike), every event stored
+exactly once (``count()`` and ``uniqExact(event_id)`` with and without ``FINAL``),
+every window row equal to a recomputation from ``llm_events`` (count, errors,
+token sums exactly; p95 within the sketch's stated accuracy of the exact
+quantile), and a rule that fires on every key at its first window fires on
+all 24 keys (12 app/model pairs: v1 JSON and unversioned spans), each transition
+recorded once.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from typing import Any
 
 import clickhouse_connect
 import pytest
+from helpers_otlp import genai_request
 
 from driftline.streams.auth import USER, WRITER_USER, client_credentials
 from driftline.streams.devdata.replay import AppSpec, ReplayConfig, ReplayData, generate
 from driftline.streams.ingest.bulk_producer import produce_records
+from driftline.streams.ingest.transforms import MemoryRecord, decode_batch
 from driftline.streams.local.broker import ensure_topics, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -40,6 +44,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SESSION_MS = 3_000
 WINDOW_S = 10
 PARTITIONS = 5
+OTLP_PARTITIONS = 3
 RULES = """\
 version: 1
 rules:
@@ -111,13 +116,18 @@ class Proc:
 
 def test_three_workers_one_store_exactly_once(kafka_bootstrap: str, tmp_path: Path) -> None:
     topic = f"mw-{uuid.uuid4().hex[:10]}"
-    ensure_topics(kafka_bootstrap, {topic: PARTITIONS, f"{topic}.dlq": 1, "driftline.control": 1})
+    otlp = f"otlp_spans.{topic}"
+    ensure_topics(kafka_bootstrap, {topic: PARTITIONS, otlp: OTLP_PARTITIONS, f"{topic}.dlq": 1,
+                                    "driftline.control": 1})
     group = f"g-{uuid.uuid4().hex[:8]}"
     store = tmp_path / "chdb"
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     port = free_port()
-    common = ["--kafka", kafka_bootstrap, "--topic", topic, "--group", group, "--no-drift",
+    # drift on a quarter of the prompts, small windows: a key's samples are numbered by its owner only
+    drift = ["--sample-rate", "0.25", "--drift-fields", "prompt", "--ref-size", "30", "--drift-window", "30",
+             "--test-every", "30", "--test-interval", "0", "--embed-threads", "1"]
+    common = ["--kafka", kafka_bootstrap, "--topic", topic, "--topic", otlp, "--group", group, *drift,
               "--window", str(WINDOW_S), "--lateness", "600", "--emit-interval", "0.5", "--max-batch", "500",
               "--metrics-port", "0", "--rules", str(rules), "--log-level", "info"]
     # 2,400 events over 80 s of event time ending now, 3 phases of 800; lateness 600 s: none late
@@ -130,9 +140,20 @@ def test_three_workers_one_store_exactly_once(kafka_bootstrap: str, tmp_path: Pa
     ids = {r.event["event_id"] for r in records}
     assert len(ids) == n and all(r.valid for r in records)
     phases = [records[i * 800:(i + 1) * 800] for i in range(3)]
+    # OTLP: 3 phases of 4 unkeyed requests of 25 spans of the same 12 keys, in the same 80 s
+    keys = sorted({(r.event["app"], r.event["response_model"]) for r in records})
+    assert len(keys) == 12
+    reqs = [genai_request([(*keys[(q + i) % 12], cfg.start_ms + (q * 25 + i) * 6, 40 + i, 5 + i, 2)
+                           for i in range(25)], 1 + q) for q in range(12)]
+    spans = decode_batch([MemoryRecord(otlp, 0, q, None, v) for q, v in enumerate(reqs)], fast=False)
+    assert spans.n_events == 300 and not spans.rejected
+    ids |= {ev.event_id for ev in spans.events}
+    n += 300
+    assert len(ids) == n
 
-    def produce(batch: list[Any]) -> None:
+    def produce(batch: list[Any], phase: int) -> None:
         asyncio.run(produce_records(kafka_bootstrap, topic, [(r.key, r.value) for r in batch]))
+        asyncio.run(produce_records(kafka_bootstrap, otlp, [(None, v) for v in reqs[phase * 4:(phase + 1) * 4]]))
 
     def read_client() -> Any:
         creds = client_credentials(store)
@@ -164,18 +185,18 @@ def test_three_workers_one_store_exactly_once(kafka_bootstrap: str, tmp_path: Pa
         pw.write_text(writer[1] + "\n")
         via_a = ["--clickhouse", f"http://{WRITER_USER}@127.0.0.1:{port}/driftline",
                  "--clickhouse-password-file", str(pw), "--sql-port", "0"]
-        produce(phases[0])
+        produce(phases[0], 0)
         b = Proc("b", tmp_path, [*common, *via_a])  # joins while A consumes phase 1
         procs.append(b)
         b.wait_log("worker consuming")
-        produce(phases[1])
+        produce(phases[1], 1)
         c = Proc("c", tmp_path, [*common, *via_a])  # joins during phase 2
         procs.append(c)
         c.wait_log("worker consuming")
-        wait_stored(1_000, 60)
+        wait_stored(1_100, 60)
         b.stop()  # leaves mid-stream: its partitions move to A and C
         assert b.proc.returncode == 0, b.tail()
-        produce(phases[2])
+        produce(phases[2], 2)
         wait_stored(n, 60)
         cl = read_client()
         try:
@@ -192,11 +213,26 @@ def test_three_workers_one_store_exactly_once(kafka_bootstrap: str, tmp_path: Pa
             assert tuple(q) == (n, n), "an event stored twice (before merges)"
             got = {r[0] for r in cl.query("SELECT event_id FROM driftline.llm_events").result_rows}
             assert got == ids
-            parts = cl.query("SELECT uniqExact(source_partition) FROM driftline.llm_events").result_rows[0][0]
-            assert parts == PARTITIONS
+            parts = cl.query("SELECT uniqExact(source_partition), uniqExact(source_topic) "
+                             "FROM driftline.llm_events").result_rows[0]
+            assert tuple(parts) == (PARTITIONS, 1), "the OTLP spans were stored from the OTLP topic"
+            split = cl.query("SELECT app, model, groupUniqArray(source_partition) FROM driftline.llm_events "
+                             "GROUP BY app, model HAVING uniqExact(source_partition) > 1").result_rows
+            assert split == [], f"a key's events on several partitions (several workers): {split}"
             fired = cl.query("SELECT uniqExact(labels) FROM driftline.alerts WHERE state = 'firing'"
                              ).result_rows[0][0]
-            assert fired == 12, "the rule fires on every app/model key"
+            # per (app, model, prompt_version): 12 keys of v1 JSON events, 12 of spans without a version
+            assert fired == 24, "the rule fires on every key"
+            # drift state of a key in one worker at a time: each sample number of a key is one
+            # event (two workers sampling one key would both number from the same seq), each
+            # sampled event has one number, and every sampled event was embedded
+            clash = cl.query("SELECT app, model, prompt_version, field, seq FROM driftline.llm_embeddings "
+                             "GROUP BY ALL HAVING uniqExact(event_id) > 1 LIMIT 5").result_rows
+            assert clash == [], f"one sample number, several events (two workers on one key): {clash}"
+            emb = cl.query("SELECT count(), uniqExact(event_id) FROM driftline.llm_embeddings FINAL").result_rows[0]
+            assert emb[0] == emb[1] > 0, f"an event sampled twice: {emb}"
+            n_scores = cl.query("SELECT count() FROM driftline.drift_scores").result_rows[0][0]
+            assert n_scores > 0, "no drift test ran"
             twice = cl.query("SELECT rule, toString(labels), toString(ts), state, count() AS k "
                              "FROM driftline.alerts GROUP BY 1, 2, 3, 4 HAVING k > 1").result_rows
         finally:
@@ -204,12 +240,7 @@ def test_three_workers_one_store_exactly_once(kafka_bootstrap: str, tmp_path: Pa
         for w in (c, a):
             w.stop()
             assert w.proc.returncode == 0, w.tail()
-        if twice:
-            # Known gap (streams/stages/alerting.py, not this test's subject): a worker's alert
-            # state lives in its memory, so the worker that takes a key's partition over fires
-            # that key's alert again at the same transition time. Every other property above
-            # holds; this turns into a pass when the alert state moves with the partition.
-            pytest.xfail(f"alert transitions recorded twice after a rebalance: {len(twice)}, e.g. {twice[:2]}")
+        assert not twice, f"alert transitions recorded twice after a rebalance: {twice[:2]}"
     finally:
         for p in procs:
             if p.proc.poll() is None:

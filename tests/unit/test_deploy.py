@@ -35,6 +35,7 @@ from driftline.streams.worker import WorkerConfig
 
 ROOT = Path(__file__).parents[2]
 COMPOSE_DIR = ROOT / "deploy" / "compose"
+GRAFANA_DIR = ROOT / "deploy" / "grafana"
 CHART = ROOT / "deploy" / "helm" / "driftline"
 K8S_VERSION = "1.33.0"  # kubernetes-validate 1.37.0 ships schemas up to 1.37
 SECRETS = {"clickhousePassword": "c" * 64, "metricsPassword": "m" * 64, "controlSecret": "s" * 64,
@@ -135,7 +136,7 @@ def test_compose_services_commands_and_secrets() -> None:
     made = set(re.findall(r"\b[a-z_]+\b", (COMPOSE_DIR / "make-secrets.sh").read_text().split("for name in")[1]
                           .split("; do")[0]))
     configs = {"prometheus": (COMPOSE_DIR / "prometheus" / "prometheus.yml").read_text(),
-               "grafana": (COMPOSE_DIR / "grafana" / "provisioning" / "datasources" / "driftline.yaml").read_text(),
+               "grafana": (GRAFANA_DIR / "provisioning" / "datasources" / "driftline.yaml").read_text(),
                "clickhouse": json.dumps(services["clickhouse"]["entrypoint"])}
     for name, svc in services.items():
         used = set(re.findall(r"/run/secrets/([a-z_]+)", json.dumps(svc.get("command", [])) + configs.get(name, "")))
@@ -209,15 +210,35 @@ def test_compose_prometheus_config_passes_promtool(tmp_path: Path) -> None:
 def test_grafana_provisioning() -> None:
     # Catches: a data source reading another secret than the one mounted, or the read-write
     # ClickHouse user given to Grafana.
-    ds = yaml.safe_load((COMPOSE_DIR / "grafana" / "provisioning" / "datasources" / "driftline.yaml").read_text())
+    ds = yaml.safe_load((GRAFANA_DIR / "provisioning" / "datasources" / "driftline.yaml").read_text())
     by_type = {d["type"]: d for d in ds["datasources"]}
     assert set(by_type) == {"prometheus", "grafana-clickhouse-datasource"}
     ch = by_type["grafana-clickhouse-datasource"]
     assert ch["jsonData"]["username"] == "driftline_reader"
     assert ch["secureJsonData"]["password"] == "$__file{/run/secrets/clickhouse_reader_password}"
-    dash = yaml.safe_load((COMPOSE_DIR / "grafana" / "provisioning" / "dashboards" / "driftline.yaml").read_text())
+    dash = yaml.safe_load((GRAFANA_DIR / "provisioning" / "dashboards" / "driftline.yaml").read_text())
     assert dash["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
-    assert "./grafana/dashboards:/var/lib/grafana/dashboards:ro" in compose()["services"]["grafana"]["volumes"]
+    # Catches: a mount left at the old deploy/compose/grafana paths (Grafana would start with
+    # no data source and no dashboard), or a mount of a folder that does not exist.
+    grafana = compose()["services"]["grafana"]
+    assert "../grafana/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
+    assert "../grafana/dashboards:/var/lib/grafana/dashboards:ro" in grafana["volumes"]
+    for vol in grafana["volumes"]:
+        if vol.startswith("."):
+            assert (COMPOSE_DIR / vol.split(":")[0]).is_dir(), vol
+    assert sorted(p.name for p in (GRAFANA_DIR / "dashboards").glob("*.json")) == [
+        "driftline-alerts.json", "driftline-drift.json", "driftline-overview.json"]
+    # the dashboards' default data sources are the provisioned uids, and the plugin installed
+    # is the release whose query JSON the generator writes (tests/unit/test_grafana_dashboards.py)
+    uids = {d["type"]: d["uid"] for d in ds["datasources"]}
+    for path in (GRAFANA_DIR / "dashboards").glob("*.json"):
+        current = {v["query"]: v["current"]["value"] for v in json.loads(path.read_text())["templating"]["list"]
+                   if v["type"] == "datasource"}
+        assert current.items() <= uids.items() and "grafana-clickhouse-datasource" in current, path.name
+    version = next(r["version"] for r in json.loads((GRAFANA_DIR / "dashboards" / "driftline-overview.json")
+                                                   .read_text())["__requires"]
+                   if r["id"] == "grafana-clickhouse-datasource")
+    assert grafana["environment"]["GF_INSTALL_PLUGINS"] == f"grafana-clickhouse-datasource {version}"
 
 
 # ---------------------------------------------------------------- the renderer

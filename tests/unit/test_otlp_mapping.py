@@ -10,7 +10,14 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
-from driftline.schemas.event import Guardrail, LLMEvent, event_from_dict, event_to_dict
+from driftline.schemas.event import (
+    Guardrail,
+    LLMEvent,
+    decode_event,
+    encode_event,
+    event_from_dict,
+    event_to_dict,
+)
 from driftline.schemas.otlp import (
     OtlpBatch,
     OtlpDecodeError,
@@ -79,6 +86,9 @@ def both(req: ExportTraceServiceRequest) -> OtlpBatch:
     # events are built without a second validation pass: validating them gives the same
     for e in pb.events:
         assert event_from_dict(event_to_dict(e)) == e
+        # the OTLP re-keyer's wire form (streams/ingest/rekey.py): the JSON event it
+        # produces to llm.events decodes back to the same event
+        assert decode_event(encode_event(e)) == e
     return pb
 
 
