@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the system packages driftline's alerting tests and deploy examples use:
-# prometheus (with promtool) and prometheus-alertmanager (Debian/Ubuntu).
+# Installs the system packages driftline's alerting tests, deploy examples and page tests use:
+# prometheus (with promtool), prometheus-alertmanager and chromium (headless, for the
+# browser test of the page, tests/integration/test_ui_browser.py) (Debian/Ubuntu).
 # Idempotent: does nothing when the binaries are already there. Works as root or via sudo.
 set -euo pipefail
 
@@ -8,9 +9,10 @@ need=()
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v alertmanager >/dev/null 2>&1 || command -v prometheus-alertmanager >/dev/null 2>&1 \
   || need+=(prometheus-alertmanager)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 
 if [ ${#need[@]} -eq 0 ]; then
-  echo "install_system_deps: prometheus, promtool and alertmanager already installed"
+  echo "install_system_deps: prometheus, promtool, alertmanager and chromium already installed"
   exit 0
 fi
 

@@ -112,9 +112,10 @@ async def _stop_control(starting: asyncio.Task[None], control: ControlConsumer) 
 
 
 async def _serve_metrics(worker: Worker, registry: CollectorRegistry, web_host: str, web_port: int,
-                         creds: Any, on_failure: Any) -> web.AppRunner:
+                         creds: Any, on_failure: Any, ui: bool = False) -> web.AppRunner:
     """``/metrics`` and ``/healthz`` on ``web_host:web_port`` (see :func:`serve_worker` for
-    who must authenticate); returns the runner to clean up."""
+    who must authenticate), and with ``ui`` the page (streams/ui/server.py, always behind
+    ``creds``); returns the runner to clean up."""
     from driftline.streams.auth import allowed_hosts, guard_for_bind, is_loopback
 
     async def metrics(request: web.Request) -> web.Response:
@@ -125,10 +126,14 @@ async def _serve_metrics(worker: Worker, registry: CollectorRegistry, web_host: 
         return web.json_response({"ok": worker.started.is_set(), "processed_records": worker.processed_records,
                                   "stored_events": worker.stored_events, "dead_lettered": worker.dead_lettered})
 
-    guard = guard_for_bind(web_host, creds, on_failure=on_failure)
+    guard = guard_for_bind(web_host, creds, on_failure=on_failure, always=("/ui",) if ui else ())
     webapp = web.Application(middlewares=[guard.middleware])
     webapp.router.add_get("/metrics", metrics)
     webapp.router.add_get("/healthz", healthz)
+    if ui:  # the page's queries run on the sink's query lane, never the ingest lane
+        from driftline.streams.ui.server import add_ui
+
+        add_ui(webapp, worker.sink.acall, worker.sink.database)
     runner = web.AppRunner(webapp, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, web_host, web_port)
@@ -143,7 +148,7 @@ async def _serve_metrics(worker: Worker, registry: CollectorRegistry, web_host: 
 async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str = "127.0.0.1",
                        web_port: int = 9464, sql_port: int | None = 8123,
                        on_ready: Any = None, stages: Any = (),
-                       registry: CollectorRegistry | None = None, sql: Any = None) -> Worker:
+                       registry: CollectorRegistry | None = None, sql: Any = None, ui: bool = True) -> Worker:
     """Run a worker in its faust app, with its HTTP ports, until ``stop`` is set.
 
     ``stages`` are :class:`~driftline.streams.worker.Stage` objects, or callables
@@ -157,6 +162,8 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
     port only on a non-loopback ``web_host`` (Prometheus scrapes loopback without
     credentials and sends ``basic_auth`` when the port is exposed; on loopback the
     ``Host`` header is checked instead, against DNS rebinding). ``/healthz`` stays open.
+    ``ui``: the page ``/ui`` on the same port, which asks for the SQL endpoint's credentials
+    on loopback too (streams/ui/server.py).
     """
     from driftline.streams.auth import credentials_path, is_loopback, load_credentials
     from driftline.streams.local.sql_endpoint import EndpointOptions
@@ -165,12 +172,12 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
     path = chdb_path(cfg.clickhouse)
     serve_sql = path is not None and sql_port is not None
     creds = (load_credentials(credentials_path(path), users=sql.users, password_file=sql.password_file)
-             if serve_sql or not is_loopback(web_host) else None)
+             if serve_sql or ui or not is_loopback(web_host) else None)
     registry = registry or CollectorRegistry()
     refused = refused_counter(registry)
     worker = build_worker(cfg, registry, stages)  # streams/wiring.py: the pipeline
 
-    runner = await _serve_metrics(worker, registry, web_host, web_port, creds, refused("metrics"))
+    runner = await _serve_metrics(worker, registry, web_host, web_port, creds, refused("metrics"), ui=ui)
     endpoint = None
     app: faust.App | None = None
     control: ControlConsumer | None = None
@@ -198,6 +205,9 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
         if on_ready is not None:
             on_ready(worker)
         log.info("metrics on http://%s:%d/metrics", web_host, web_port)
+        if ui:
+            log.info("page on http://%s:%d/ui/ (user driftline, password in %s)", web_host, web_port,
+                     getattr(creds, "source", "?"))
         stopped = asyncio.create_task(stop.wait())
         assert spine.task is not None
         await asyncio.wait({stopped, spine.task}, return_when=asyncio.FIRST_COMPLETED)
@@ -222,7 +232,8 @@ async def serve_worker(cfg: WorkerConfig, stop: asyncio.Event, *, web_host: str 
 
 
 def run_worker(cfg: WorkerConfig, *, web_host: str = "127.0.0.1", web_port: int = 9464,
-               sql_port: int | None = 8123, loglevel: str = "info", stages: Any = (), sql: Any = None) -> None:
+               sql_port: int | None = 8123, loglevel: str = "info", stages: Any = (), sql: Any = None,
+               ui: bool = True) -> None:
     """Run the worker in the foreground until SIGINT/SIGTERM; in-flight data is written first."""
 
     async def main() -> None:
@@ -231,6 +242,6 @@ def run_worker(cfg: WorkerConfig, *, web_host: str = "127.0.0.1", web_port: int 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await serve_worker(cfg, stop, web_host=web_host, web_port=web_port, sql_port=sql_port,
-                           stages=stages, sql=sql)
+                           stages=stages, sql=sql, ui=ui)
 
     asyncio.run(main())

@@ -1,4 +1,4 @@
-"""``driftline`` command line: demo, broker, worker, emit, sql, otlp, rules, data.
+"""``driftline`` command line: demo, broker, worker, emit, sql, otlp, rules, data, ui.
 
 Configuration comes from flags, with environment fallbacks ``DRIFTLINE_KAFKA``,
 ``DRIFTLINE_CLICKHOUSE`` and ``DRIFTLINE_RULES``. With neither Kafka nor
@@ -345,6 +345,8 @@ def worker(
     # -- several workers on one machine (streams/local/sql_endpoint.py: the writer role)
     otlp_direct: Annotated[bool, typer.Option("--otlp-direct", help="Decode OTLP topics in the worker that reads them instead of re-keying them (faster, but a key's spans then reach every worker: use it with ONE worker only). By default a consumer group of their own (<group>.otlp-rekey) decodes them and re-produces each GenAI span as a JSON event keyed app/model to the first JSON --topic (llm.events), exactly once, so each key's windows, drift and alerts live in one worker.")] = False,
     sql_allow_workers: Annotated[bool, typer.Option("--sql-allow-workers", help="Let other workers on this machine write to this worker's chDB store through its SQL endpoint: start them with --clickhouse http://driftline_writer@127.0.0.1:8123/driftline and --clickhouse-password-file holding the driftline_writer password (generated on first start into <chdb path>/.driftline-credentials, or env DRIFTLINE_SQL_WRITER_PASSWORD). That user may only INSERT into driftline's tables and run the worker's own CREATE/ALTER schema statements, with POST; off by default.")] = False,
+    # -- the page (streams/ui; README "Dashboards")
+    ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Serve the page (drift, latency, cost, alerts) at /ui/ on the --metrics-port. It always asks for user driftline and the SQL endpoint's password (on loopback too; the credentials file next to a chDB store, else $XDG_DATA_HOME/driftline/credentials).")] = True,
 ) -> None:
     """Run the stream processor: Kafka -> windows, cost, guardrails, drift -> ClickHouse, /metrics, alerts."""
     from driftline.streams.app import run_worker
@@ -394,7 +396,7 @@ def worker(
                                    extra_hosts=tuple(sql_allowed_host or ()), allow_workers=sql_allow_workers,
                                    limits=EndpointLimits(max_execution_time_s=sql_timeout))
         run_worker(cfg, web_host=bind, web_port=metrics_port, sql_port=sql_port or None,
-                   loglevel=log_level, stages=stage_factories(alerting=alerting, drift=dcfg), sql=sql_opts)
+                   loglevel=log_level, stages=stage_factories(alerting=alerting, drift=dcfg), sql=sql_opts, ui=ui)
     except ValueError as exc:
         raise _err(str(exc)) from None
     finally:
@@ -728,6 +730,46 @@ def baseline_reset(app_: _AppOpt = None, model: _ModelOpt = None, prompt_version
                    _kafka_security(kafka, kafka_security_protocol, kafka_sasl_mechanism, kafka_user,
                                    kafka_password_file, kafka_ca, kafka_cert, kafka_key),
                    _control_secret(control_secret_file))
+
+
+@app.command("ui")
+def ui_command(
+    clickhouse: ClickHouseOpt = None,
+    port: Annotated[int, typer.Option(help="TCP port of the page (0: a free one).")] = 9465,
+    bind: Annotated[str, typer.Option(help="Address to bind (loopback by default). The page always asks for user driftline and its password, here too.")] = "127.0.0.1",
+    password_file: Annotated[Path | None, typer.Option(envvar="DRIFTLINE_SQL_PASSWORD_FILE", help="File holding the page's password for user driftline (else env DRIFTLINE_SQL_PASSWORD, else the credentials file next to a chDB store or $XDG_DATA_HOME/driftline/credentials, created 0600 when missing).")] = None,
+) -> None:
+    """Serve the page (drift, latency, cost, alerts; its JSON API under /ui/api) against any ClickHouse until Ctrl-C.
+
+    With a chDB store held by a running worker the page reads it through the worker's SQL endpoint; a
+    store no worker holds is opened by this process (a worker cannot open it until this one stops).
+    """
+    from driftline.streams.auth import USER, credentials_path, load_credentials
+    from driftline.streams.sinks.clickhouse import chdb_path, resolve_dsn
+    from driftline.streams.ui.server import ClientRunner, serve_ui
+
+    dsn, secrets = _client_dsn(clickhouse)
+    try:
+        database = resolve_dsn(dsn)[1]
+        creds = load_credentials(credentials_path(chdb_path(dsn)), users=(USER,), password_file=password_file)
+    except ValueError as exc:
+        raise _err(str(exc)) from None
+    runner = ClientRunner(dsn)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_ui(runner, database, bind, port, creds, stop, on_ready=lambda url: typer.echo(
+            f"driftline ui: {url} (user {USER}, password in {creds.source}; Ctrl-C stops)", err=True))
+
+    try:
+        asyncio.run(main())
+    except (OSError, ValueError) as exc:
+        raise _client_error(exc, secrets) from None
+    finally:
+        runner.close()
 
 
 def main() -> None:
