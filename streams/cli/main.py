@@ -772,6 +772,146 @@ def ui_command(
         runner.close()
 
 
+# -- compare / gate (issue 18): two populations on live traffic, anytime-valid ---------------
+
+_BaselineOpt = Annotated[list[str], typer.Option(
+    "--baseline", help="The baseline population: LABEL=VALUE[,LABEL=VALUE] (repeatable), labels prompt_version, "
+                       "model, environment, app, provider, request_model, response_model, operation.")]
+_CandidateOpt = Annotated[list[str], typer.Option("--candidate", help="The candidate population, as --baseline.")]
+_CmpAppOpt = Annotated[str | None, typer.Option("--app", help="Only this app (both arms).")]
+_CmpModelOpt = Annotated[str | None, typer.Option("--model", help="Only this model (both arms).")]
+_CmpEnvOpt = Annotated[str | None, typer.Option("--environment", help="Only this environment (both arms).")]
+_SinceOpt = Annotated[str | None, typer.Option(
+    "--since", help="Start: a duration back from now (2h, 30m, 7d), an RFC 3339 time or epoch ms. For continuous "
+                    "monitoring give a fixed time (the rollout's start): every look then extends one stream, which "
+                    "is what the guarantee covers; a relative --since slides. Default: all stored calls.")]
+_UntilOpt = Annotated[str | None, typer.Option("--until", help="End (exclusive), as --since. Default: now.")]
+_AlphaOpt = Annotated[float, typer.Option(help="Error level: the chance that a verdict is ever wrong, over all looks "
+                                               "(per metric for compare; shared by all criteria for gate).")]
+_MinSamplesOpt = Annotated[int, typer.Option(help="Calls per arm (with the metric) before any verdict.")]
+
+
+def _compare_inputs(baseline: list[str], candidate: list[str], app_: str | None, model: str | None,
+                    environment: str | None, since: str | None, until: str | None, alpha: float,
+                    min_samples: int, margin: str = "5%", rate_margin: str = "0.5%") -> Any:
+    from driftline.streams.cli.compare import (
+        CompareConfig,
+        Population,
+        parse_fraction,
+        parse_population,
+        parse_since,
+    )
+
+    now = int(time.time() * 1000)
+    try:
+        common = Population(tuple((k, v) for k, v in (("app", app_), ("model", model),
+                                                      ("environment", environment)) if v is not None))
+        return CompareConfig(parse_population(baseline, "--baseline"), parse_population(candidate, "--candidate"),
+                             common, parse_since(since, now), parse_since(until, now), alpha, min_samples,
+                             parse_fraction(margin, "--margin"), parse_fraction(rate_margin, "--rate-margin"))
+    except ValueError as exc:
+        raise _err(str(exc), 3) from None
+
+
+def _compare_fetch(clickhouse: str | None, cfg: Any, alphas: list[float]) -> tuple[Any, Any]:
+    from driftline.streams.cli.compare import METRICS, fetch, quantile_ranks_needed
+    from driftline.streams.cli.sql import run_sql
+    from driftline.streams.sinks.clickhouse import resolve_dsn
+
+    dsn, secrets = _client_dsn(clickhouse)
+    qs: dict[str, list[float]] = {}
+    for m in METRICS:
+        if m.kind == "quantile":
+            qs.setdefault(m.column, []).append(m.q)
+    try:
+        db = resolve_dsn(dsn)[1]
+        return fetch(lambda q, p: run_sql(dsn, q, fmt="JSONEachRow", parameters=p), db, cfg,
+                     quantile_ranks_needed(alphas, qs, cfg.t_opt))
+    except ValueError as exc:
+        raise _err(str(exc), 3) from None
+    except Exception as exc:  # noqa: BLE001 - the message is the product here
+        _client_error(exc, secrets)  # prints it, secrets masked
+        raise typer.Exit(3) from None
+
+
+@app.command("compare")
+def compare_command(
+    baseline: _BaselineOpt, candidate: _CandidateOpt, app_: _CmpAppOpt = None, model: _CmpModelOpt = None,
+    environment: _CmpEnvOpt = None, since: _SinceOpt = None, until: _UntilOpt = None,
+    clickhouse: ClickHouseOpt = None, alpha: _AlphaOpt = 0.05, min_samples: _MinSamplesOpt = 100,
+    margin: Annotated[str, typer.Option(help="A change within this share of the baseline counts as 'no "
+                                             "difference' (latency, tokens, cost) once the interval is inside it.")] = "5%",
+    rate_margin: Annotated[str, typer.Option(help="The same for rates, in percentage points.")] = "0.5%",
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON (stored units: ms, tokens, USD per call, "
+                                                       "rates as fractions) instead of the table.")] = False,
+) -> None:
+    """Compare a candidate population of calls with a baseline (A/B, canary): per metric the
+    difference with an anytime-valid interval (valid however often you re-run it) and a verdict:
+    worse / better / no difference / not enough data.
+
+    Example: driftline compare --baseline prompt_version=v4 --candidate prompt_version=v5 --app chat --since 2h
+    """
+    from driftline.streams.cli.compare import compare, render_table, to_json
+
+    cfg = _compare_inputs(baseline, candidate, app_, model, environment, since, until, alpha, min_samples,
+                          margin, rate_margin)
+    b, c = _compare_fetch(clickhouse, cfg, [cfg.alpha / 2])
+    results = compare(b, c, cfg)
+    if json_:
+        typer.echo(json.dumps(to_json(results, cfg, b.n, c.n), indent=2))
+    else:
+        sys.stdout.write(render_table(results, cfg, b.n, c.n))
+
+
+
+@app.command("gate")
+def gate_command(
+    baseline: _BaselineOpt, candidate: _CandidateOpt, app_: _CmpAppOpt = None, model: _CmpModelOpt = None,
+    environment: _CmpEnvOpt = None, since: _SinceOpt = None, until: _UntilOpt = None,
+    clickhouse: ClickHouseOpt = None, alpha: _AlphaOpt = 0.05, min_samples: _MinSamplesOpt = 500,
+    max_p95_increase: Annotated[str | None, typer.Option(rich_help_panel="Criteria", help="Latency p95 of the candidate at most this much above the baseline's (10%).")] = None,
+    max_p50_increase: Annotated[str | None, typer.Option(rich_help_panel="Criteria", help="The same for latency p50.")] = None,
+    max_latency_increase: Annotated[str | None, typer.Option(rich_help_panel="Criteria", help="The same for mean latency.")] = None,
+    max_ttft_increase: Annotated[str | None, typer.Option(rich_help_panel="Criteria", help="The same for TTFT p95.")] = None,
+    max_cost_increase: Annotated[str | None, typer.Option(rich_help_panel="Criteria", help="Cost per call at most this much above the baseline's (5%).")] = None,
+    max_tokens_increase: Annotated[str | None, typer.Option(rich_help_panel="Criteria", help="Tokens per call, the same.")] = None,
+    max_error_rate_increase: Annotated[str | None, typer.Option(rich_help_panel="Criteria", help="Error rate at most this many percentage points above the baseline's (1%).")] = None,
+    max_negative_feedback_increase: Annotated[str | None, typer.Option(rich_help_panel="Criteria", help="Negative-feedback rate (of rated calls), the same.")] = None,
+    max_guardrail_rate: Annotated[str | None, typer.Option(rich_help_panel="Criteria", help="Guardrail-hit rate of the candidate (of checked calls) at most this (2%).")] = None,
+) -> None:
+    """Deployment gate for CI/CD and canaries. Exit 0: every criterion holds with confidence;
+    1: one fails with confidence; 2: cannot tell yet (too few calls, or the interval still
+    straddles the limit: run it again later); 3: an error (bad option value, store
+    unreachable). Prints why. Re-running it as calls arrive is safe: the intervals are
+    anytime-valid, and the criteria share --alpha.
+
+    Example: driftline gate --baseline prompt_version=v4 --candidate prompt_version=v5
+    --since 2026-11-29T10:00Z --max-p95-increase 10% --max-cost-increase 5% --max-guardrail-rate 2%
+    """
+    from driftline.streams.cli.compare import Criterion, gate, parse_fraction, render_gate
+
+    cfg = _compare_inputs(baseline, candidate, app_, model, environment, since, until, alpha, min_samples)
+    spec = [("--max-p95-increase", max_p95_increase, "latency_p95_ms", "relative"),
+            ("--max-p50-increase", max_p50_increase, "latency_p50_ms", "relative"),
+            ("--max-latency-increase", max_latency_increase, "latency_mean_ms", "relative"),
+            ("--max-ttft-increase", max_ttft_increase, "ttft_p95_ms", "relative"),
+            ("--max-cost-increase", max_cost_increase, "cost_per_call_usd", "relative"),
+            ("--max-tokens-increase", max_tokens_increase, "tokens_per_call", "relative"),
+            ("--max-error-rate-increase", max_error_rate_increase, "error_rate", "increase"),
+            ("--max-negative-feedback-increase", max_negative_feedback_increase, "negative_feedback_rate", "increase"),
+            ("--max-guardrail-rate", max_guardrail_rate, "guardrail_hit_rate", "rate")]
+    try:
+        criteria = [Criterion(opt, metric, kind, parse_fraction(v, opt)) for opt, v, metric, kind in spec if v]
+    except ValueError as exc:
+        raise _err(str(exc), 3) from None
+    if not criteria:
+        raise _err("give at least one criterion (--max-p95-increase, --max-cost-increase, ...; see --help)", 3)
+    b, c = _compare_fetch(clickhouse, cfg, [cfg.alpha / len(criteria) / 2])
+    code, results = gate(b, c, criteria, cfg)
+    sys.stdout.write(render_gate(code, results, cfg, b.n, c.n))
+    raise typer.Exit(code)
+
+
 def main() -> None:
     app()
 

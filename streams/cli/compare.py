@@ -1,0 +1,528 @@
+"""``driftline compare`` and ``driftline gate``: two populations of live calls, compared
+with confidence sequences that stay valid however often you look.
+
+A population is a filter on the labels of ``llm_events`` (``prompt_version=v4``,
+``model=gpt-4o,environment=prod``); the baseline and the candidate must not overlap.
+One scan of ``llm_events FINAL`` (each ``event_id`` once) gives per arm the counts,
+means and variances; a second query per arm gives the few order statistics that
+bound its latency quantiles. Then :mod:`driftline.detectors.sequential` computes,
+per metric, the difference and its anytime-valid interval:
+
+- latency p50 / p95 and TTFT p95: the quantile sequences of Howard & Ramdas (2022)
+  per arm at ``alpha / 2`` (non-asymptotic);
+- mean latency, mean TTFT, tokens and cost per call: the asymptotic confidence
+  sequence for a difference of means (Waudby-Smith et al. 2024);
+- error, guardrail-hit and negative-feedback rates: the same for a difference of
+  proportions; the gate's ``--max-guardrail-rate`` (one rate) uses the exact
+  beta-binomial sequence (Howard et al. 2021).
+
+The guarantee is over the *stream*: re-running ``compare`` / ``gate`` as calls arrive
+(every minute, every CI build) keeps the chance that a false verdict is ever shown at
+``alpha`` per metric, provided the looks share one start (``--since`` an absolute
+time, e.g. the deployment; a relative ``--since 2h`` slides and each look is then a
+new experiment).
+
+Verdicts (lower is better for every metric but tokens, which say higher / lower):
+``worse`` / ``better`` when the interval excludes 0; ``no difference`` when it lies
+within ``± margin`` (relative to the baseline; rates: ``± rate margin`` percentage
+points); else ``not enough data`` (also below ``min_samples`` calls per arm).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from driftline.detectors.sequential import (
+    DEFAULT_T_OPT,
+    Interval,
+    MeanStats,
+    mean_contrast_cs,
+    proportion_contrast_cs,
+    quantile_contrast,
+    quantile_ranks,
+    rate_cs,
+)
+
+__all__ = ["LABELS", "Population", "CompareConfig", "ArmData", "MetricResult", "Criterion", "GateResult",
+           "parse_population", "parse_since", "parse_fraction", "fetch", "compare", "render_table",
+           "to_json", "gate", "render_gate"]
+
+LABELS = ("prompt_version", "model", "environment", "app", "provider", "request_model", "response_model",
+          "operation")
+"""Label columns a population may filter on (the only names that reach the SQL text)."""
+
+_DB_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+@dataclass(frozen=True)
+class Population:
+    """A conjunction of ``label = value`` filters."""
+
+    labels: tuple[tuple[str, str], ...]
+
+    def __post_init__(self) -> None:
+        for k, _ in self.labels:
+            if k not in LABELS:
+                raise ValueError(f"unknown label {k!r}: use one of {', '.join(LABELS)}")
+        if len({k for k, _ in self.labels}) != len(self.labels):
+            raise ValueError(f"a label is given twice in {self.describe()!r}")
+
+    def describe(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.labels) or "(all)"
+
+    def sql(self, prefix: str) -> tuple[str, dict[str, str]]:
+        """The filter as SQL with bound ``{prefix_i:String}`` placeholders (``1`` when empty)."""
+        if not self.labels:
+            return "1", {}
+        conds, params = [], {}
+        for i, (k, v) in enumerate(self.labels):
+            conds.append(f"{k} = {{{prefix}{i}:String}}")
+            params[f"{prefix}{i}"] = v
+        return "(" + " AND ".join(conds) + ")", params
+
+
+def parse_population(specs: Sequence[str], what: str) -> Population:
+    """``["prompt_version=v4", "model=x,environment=prod"]`` as a :class:`Population`."""
+    pairs: list[tuple[str, str]] = []
+    for spec in specs:
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            k, sep, v = part.partition("=")
+            if not sep or not k.strip():
+                raise ValueError(f"{what}: expected LABEL=VALUE, got {part!r}")
+            pairs.append((k.strip(), v.strip()))
+    if not pairs:
+        raise ValueError(f"{what}: give at least one LABEL=VALUE (labels: {', '.join(LABELS)})")
+    return Population(tuple(pairs))
+
+
+def parse_since(v: str | None, now_ms: int) -> int | None:
+    """``2h`` / ``30m`` / ``7d`` before ``now_ms``, an RFC 3339 time, or epoch milliseconds."""
+    if v is None or v == "":
+        return None
+    m = _DURATION_RE.match(v.strip())
+    if m:
+        return now_ms - int(float(m.group(1)) * _UNIT_S[m.group(2)] * 1000)
+    if v.isdigit():
+        return int(v)
+    try:
+        t = dt.datetime.fromisoformat(v)
+    except ValueError:
+        raise ValueError(f"expected a duration (2h, 30m, 7d), RFC 3339 time or epoch ms, got {v!r}") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return int(t.timestamp() * 1000)
+
+
+def parse_fraction(v: str, what: str) -> float:
+    """``10%`` or ``0.1`` as 0.1 (must be >= 0)."""
+    s = v.strip()
+    try:
+        x = float(s[:-1]) / 100.0 if s.endswith("%") else float(s)
+    except ValueError:
+        raise ValueError(f"{what}: expected a percentage like 10% (or a fraction like 0.1), got {v!r}") from None
+    if not (x >= 0.0) or not math.isfinite(x):
+        raise ValueError(f"{what}: must be >= 0, got {v!r}")
+    return x
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """What to compare and how strictly. ``alpha``: per metric (the gate splits it over
+    its criteria); ``margin``: the relative change counted as "no difference" for
+    latencies, tokens and cost; ``rate_margin``: the same for rates, in absolute terms."""
+
+    baseline: Population
+    candidate: Population
+    common: Population = field(default_factory=lambda: Population(()))
+    since_ms: int | None = None
+    until_ms: int | None = None
+    alpha: float = 0.05
+    min_samples: int = 100
+    margin: float = 0.05
+    rate_margin: float = 0.005
+    t_opt: float = DEFAULT_T_OPT
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha!r}")
+        if self.min_samples < 2:
+            raise ValueError(f"min_samples must be >= 2, got {self.min_samples!r}")
+        if self.margin < 0 or self.rate_margin < 0:
+            raise ValueError("margins must be >= 0")
+        if self.baseline == self.candidate:
+            raise ValueError("the baseline and the candidate are the same filter")
+        if self.since_ms is not None and self.until_ms is not None and self.until_ms <= self.since_ms:
+            raise ValueError("--until must be after --since")
+
+
+# -- data -----------------------------------------------------------------------------
+
+_MEAN_COLUMNS = {  # metric -> SQL expression per call (NULL: the call does not count)
+    "latency_ms": "latency_ms",
+    "ttft_ms": "ttft_ms",
+    "tokens": "if(input_tokens IS NULL AND output_tokens IS NULL, NULL, "
+              "ifNull(input_tokens, 0) + ifNull(output_tokens, 0))",
+    "cost_usd": "cost_usd",
+}
+_RATE_COLUMNS = {  # metric -> (events, out of)
+    "errors": ("status = 'error'", "1"),
+    "guardrail_hits": ("guardrail_hit = 1", "length(guardrail_names) > 0"),
+    "negative_feedback": ("feedback = -1", "feedback IS NOT NULL"),
+}
+_QUANTILE_COLUMNS = ("latency_ms", "ttft_ms")
+
+
+@dataclass
+class ArmData:
+    """One arm's numbers from the store: mean stats per column, (events, out of) per
+    rate, and order statistics fetched by rank per quantile column."""
+
+    n: int
+    means: dict[str, MeanStats]
+    rates: dict[str, tuple[int, int]]
+    order_stats: dict[str, dict[int, float]] = field(default_factory=dict)
+
+    def order_stat(self, column: str, rank: int) -> float:
+        m = self.means[column].n
+        if rank <= 0:
+            return -math.inf
+        if rank > m:
+            return math.inf
+        return self.order_stats[column][rank]
+
+
+def _num(v: Any) -> float:
+    if v is None:
+        return 0.0
+    x = float(v)
+    return 0.0 if math.isnan(x) else x
+
+
+def _rows(run: Callable[[str, dict[str, Any]], bytes], sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    out = run(sql, params)
+    return [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+
+
+def _scope(cfg: CompareConfig) -> tuple[str, dict[str, Any]]:
+    conds: list[str] = []
+    params: dict[str, Any] = {}
+    common, p = cfg.common.sql("f")
+    conds.append(common)
+    params.update(p)
+    if cfg.since_ms is not None:
+        conds.append("timestamp >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')")
+        params["since"] = cfg.since_ms
+    if cfg.until_ms is not None:
+        conds.append("timestamp < fromUnixTimestamp64Milli({until:Int64}, 'UTC')")
+        params["until"] = cfg.until_ms
+    return " AND ".join(conds), params
+
+
+def fetch(run: Callable[[str, dict[str, Any]], bytes], database: str, cfg: CompareConfig,
+          quantile_needs: Callable[[str, int], set[int]]) -> tuple[ArmData, ArmData]:
+    """Both arms' numbers; ``run(sql, params)`` returns ClickHouse's ``JSONEachRow`` bytes.
+    ``quantile_needs(column, n)``: the ranks of ``column`` to fetch for an arm of ``n`` values.
+    Raises ValueError when the arms overlap."""
+    if not _DB_RE.match(database):
+        raise ValueError(f"bad database name {database!r}")
+    a, pa = cfg.baseline.sql("b")
+    b, pb = cfg.candidate.sql("c")
+    scope, ps = _scope(cfg)
+    params = {**pa, **pb, **ps}
+    aggs = ["count() AS n"]
+    for name, expr in _MEAN_COLUMNS.items():
+        aggs += [f"count({expr}) AS {name}_n", f"avg({expr}) AS {name}_mean", f"varSampStable({expr}) AS {name}_var"]
+    for name, (ev, of) in _RATE_COLUMNS.items():
+        aggs += [f"countIf(({ev}) AND ({of})) AS {name}_x", f"countIf({of}) AS {name}_of"]
+    sql = (f"SELECT multiIf({a} AND {b}, 'both', {a}, 'baseline', 'candidate') AS arm, {', '.join(aggs)} "
+           f"FROM {database}.llm_events FINAL WHERE ({a} OR {b}) AND {scope} GROUP BY arm")
+    by_arm = {r["arm"]: r for r in _rows(run, sql, params)}
+    if "both" in by_arm:
+        raise ValueError(f"the baseline ({cfg.baseline.describe()}) and the candidate ({cfg.candidate.describe()}) "
+                         f"overlap: {int(by_arm['both']['n'])} calls match both; make the filters exclusive")
+    arms = []
+    for arm, (cond, cp) in (("baseline", (a, pa)), ("candidate", (b, pb))):
+        r = by_arm.get(arm, {})
+        means = {name: MeanStats(int(r.get(f"{name}_n", 0)), _num(r.get(f"{name}_mean")),
+                                 max(_num(r.get(f"{name}_var")), 0.0)) for name in _MEAN_COLUMNS}
+        rates = {name: (int(r.get(f"{name}_x", 0)), int(r.get(f"{name}_of", 0))) for name in _RATE_COLUMNS}
+        data = ArmData(int(r.get("n", 0)), means, rates)
+        sel, qp = [], {**cp, **ps}
+        for col in _QUANTILE_COLUMNS:
+            ranks = sorted(k for k in quantile_needs(col, means[col].n) if 1 <= k <= means[col].n)
+            data.order_stats[col] = {}
+            if ranks:
+                for j, k in enumerate(ranks):
+                    qp[f"{col}_{j}"] = k
+                sel.append(f"[{', '.join(f's_{col}[{{{col}_{j}:UInt64}}]' for j in range(len(ranks)))}] AS {col}")
+                data.order_stats[col] = dict.fromkeys(ranks, math.nan)
+        if sel:
+            inner = ", ".join(f"arraySort(groupArray({c})) AS s_{c}" for c in _QUANTILE_COLUMNS)
+            rows = _rows(run, f"SELECT {', '.join(sel)} FROM (SELECT {inner} FROM {database}.llm_events FINAL "
+                              f"WHERE {cond} AND {scope})", qp)
+            for col in _QUANTILE_COLUMNS:
+                if data.order_stats[col]:
+                    vals = [float(x) for x in rows[0][col]]
+                    data.order_stats[col] = dict(zip(sorted(data.order_stats[col]), vals, strict=True))
+        arms.append(data)
+    return arms[0], arms[1]
+
+
+# -- compare ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    label: str  # table label, with the unit
+    kind: str  # "quantile" | "mean" | "rate"
+    column: str
+    q: float = 0.0
+    scale: float = 1.0  # table units per stored unit
+    lower_is_better: bool | None = True
+
+
+METRICS = (
+    Metric("latency_p50_ms", "latency p50 ms", "quantile", "latency_ms", q=0.5),
+    Metric("latency_p95_ms", "latency p95 ms", "quantile", "latency_ms", q=0.95),
+    Metric("latency_mean_ms", "latency avg ms", "mean", "latency_ms"),
+    Metric("ttft_p95_ms", "TTFT p95 ms", "quantile", "ttft_ms", q=0.95),
+    Metric("ttft_mean_ms", "TTFT avg ms", "mean", "ttft_ms"),
+    Metric("tokens_per_call", "tokens/call", "mean", "tokens", lower_is_better=None),
+    Metric("cost_per_call_usd", "$ per 1k calls", "mean", "cost_usd", scale=1000.0),
+    Metric("error_rate", "error rate %", "rate", "errors", scale=100.0),
+    Metric("guardrail_hit_rate", "guardrail hit %", "rate", "guardrail_hits", scale=100.0),
+    Metric("negative_feedback_rate", "neg. feedback %", "rate", "negative_feedback", scale=100.0),
+)
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """One metric: both arms' values, the difference (candidate - baseline) with its
+    interval, the per-arm counts it rests on, and the verdict."""
+
+    metric: Metric
+    n_baseline: int
+    n_candidate: int
+    baseline: float | None
+    candidate: float | None
+    difference: Interval
+    verdict: str
+
+
+def _quantile_arm(d: ArmData, col: str, q: float, alpha: float, t_opt: float) -> tuple[float, float, float]:
+    lo, est, hi = quantile_ranks(d.means[col].n, q, alpha, t_opt=t_opt)
+    return d.order_stat(col, lo), d.order_stat(col, est), d.order_stat(col, hi)
+
+
+def quantile_ranks_needed(alphas: Sequence[float], qs: dict[str, Sequence[float]], t_opt: float
+                          ) -> Callable[[str, int], set[int]]:
+    def needs(col: str, n: int) -> set[int]:
+        out: set[int] = set()
+        for q in qs.get(col, ()):
+            for a in alphas:
+                out.update(quantile_ranks(n, q, a, t_opt=t_opt))
+        return out
+    return needs
+
+
+def _verdict(m: Metric, iv: Interval, base: float | None, n_b: int, n_c: int, cfg: CompareConfig) -> str:
+    if min(n_b, n_c) < cfg.min_samples or not iv.bounded:
+        return "not enough data"
+    if iv.low > 0 or iv.high < 0:
+        up = iv.low > 0
+        if m.lower_is_better is None:
+            return "higher" if up else "lower"
+        return "worse" if up == m.lower_is_better else "better"
+    tol = cfg.rate_margin if m.kind == "rate" else cfg.margin * abs(base or 0.0)
+    if -tol <= iv.low and iv.high <= tol:
+        return "no difference"
+    return "not enough data"
+
+
+def compare(b: ArmData, c: ArmData, cfg: CompareConfig) -> list[MetricResult]:
+    """Every metric of :data:`METRICS` for the two arms, each at level ``cfg.alpha``."""
+    out = []
+    for m in METRICS:
+        if m.kind == "quantile":
+            nb, nc = b.means[m.column].n, c.means[m.column].n
+            qb = _quantile_arm(b, m.column, m.q, cfg.alpha / 2, cfg.t_opt)
+            qc = _quantile_arm(c, m.column, m.q, cfg.alpha / 2, cfg.t_opt)
+            iv = quantile_contrast(qb, qc) if nb and nc else Interval(0.0, -math.inf, math.inf)
+            vb, vc = (qb[1] if nb else None), (qc[1] if nc else None)
+        elif m.kind == "mean":
+            sb, sc = b.means[m.column], c.means[m.column]
+            nb, nc = sb.n, sc.n
+            iv = mean_contrast_cs(sb, sc, cfg.alpha, t_opt=cfg.t_opt)
+            vb, vc = (sb.mean if nb else None), (sc.mean if nc else None)
+        else:
+            (xb, nb), (xc, nc) = b.rates[m.column], c.rates[m.column]
+            iv = proportion_contrast_cs(xb, nb, xc, nc, cfg.alpha, t_opt=cfg.t_opt)
+            vb, vc = (xb / nb if nb else None), (xc / nc if nc else None)
+        out.append(MetricResult(m, nb, nc, vb, vc, iv, _verdict(m, iv, vb, nb, nc, cfg)))
+    return out
+
+
+def _g(x: float | None, signed: bool = False) -> str:
+    """Compact: 3 significant digits below 1000, whole numbers to 9999, then thousands as k."""
+    if x is None:
+        return "-"
+    if math.isinf(x):
+        return ("+" if x > 0 and signed else "-" if x < 0 else "") + "inf"
+    if abs(x) >= 10_000:
+        s = f"{x / 1000:.3g}k"
+    elif abs(x) >= 1000:
+        s = f"{x:.0f}"
+    else:
+        s = f"{x:.3g}"
+    return ("+" + s) if signed and x > 0 else s
+
+
+def _gn(n: int) -> str:
+    return f"{n / 1000:.3g}k" if n >= 10_000 else str(n)
+
+
+def render_table(results: Sequence[MetricResult], cfg: CompareConfig, n_b: int, n_c: int) -> str:
+    """The comparison as a table of at most 80 columns (the difference is cand - base)."""
+    pct = f"{(1 - cfg.alpha) * 100:g}%"
+    lines = [f"baseline  {cfg.baseline.describe()}: {n_b} calls",
+             f"candidate {cfg.candidate.describe()}: {n_c} calls",
+             f"interval: of candidate - baseline, {pct} anytime-valid (holds at every look)",
+             f"{'metric':<15} {'base':>6} {'cand':>6}  {'interval':<17} {'n base/cand':>11}  verdict"]
+    for r in results:
+        s, iv = r.metric.scale, r.difference
+        diff = f"[{_g(iv.low * s, True)}, {_g(iv.high * s, True)}]"
+        if r.baseline is None or r.candidate is None:
+            diff = "-"
+        ns = f"{_gn(r.n_baseline)}/{_gn(r.n_candidate)}"
+        lines.append(f"{r.metric.label:<15} {_g(None if r.baseline is None else r.baseline * s):>6} "
+                     f"{_g(None if r.candidate is None else r.candidate * s):>6}  {diff:<17} {ns:>11}  {r.verdict}")
+    return "\n".join(lines) + "\n"
+
+
+def _jf(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else x
+
+
+def to_json(results: Sequence[MetricResult], cfg: CompareConfig, n_b: int, n_c: int) -> dict[str, Any]:
+    """Machine-readable comparison (values in stored units: ms, tokens, USD per call, rates
+    as fractions; an unbounded interval end is null)."""
+    return {
+        "baseline": {"filter": dict(cfg.baseline.labels), "n": n_b},
+        "candidate": {"filter": dict(cfg.candidate.labels), "n": n_c},
+        "filter": dict(cfg.common.labels), "since_ms": cfg.since_ms, "until_ms": cfg.until_ms,
+        "alpha": cfg.alpha, "method": "anytime-valid confidence sequences (detectors/sequential.py)",
+        "metrics": [{"metric": r.metric.name, "kind": r.metric.kind, "n_baseline": r.n_baseline,
+                     "n_candidate": r.n_candidate, "baseline": _jf(r.baseline), "candidate": _jf(r.candidate),
+                     "difference": _jf(r.difference.estimate) if r.baseline is not None and r.candidate is not None
+                     else None,
+                     "low": _jf(r.difference.low), "high": _jf(r.difference.high), "verdict": r.verdict}
+                    for r in results],
+    }
+
+
+# -- gate -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Criterion:
+    """One gate criterion. ``kind``: ``relative`` (candidate <= (1 + limit) x baseline, for
+    a quantile or mean metric), ``increase`` (rate difference <= limit) or ``rate``
+    (candidate's rate <= limit)."""
+
+    option: str
+    metric: str
+    kind: str
+    limit: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("relative", "increase", "rate"):
+            raise ValueError(f"bad criterion kind {self.kind!r}")
+        if not (self.limit >= 0) or not math.isfinite(self.limit):
+            raise ValueError(f"{self.option}: the limit must be >= 0")
+        if self.metric not in {m.name for m in METRICS}:
+            raise ValueError(f"unknown metric {self.metric!r}")
+
+
+@dataclass(frozen=True)
+class GateResult:
+    criterion: Criterion
+    state: str  # "holds" | "fails" | "undecided"
+    interval: Interval  # of candidate - (1 + limit) baseline, of the rate increase, or of the rate
+    why: str
+
+
+def _metric(name: str) -> Metric:
+    return next(m for m in METRICS if m.name == name)
+
+
+def gate(b: ArmData, c: ArmData, criteria: Sequence[Criterion], cfg: CompareConfig) -> tuple[int, list[GateResult]]:
+    """Exit code (0: every criterion holds with confidence; 1: one fails with confidence;
+    2: cannot tell yet) and each criterion's state. The criteria share ``cfg.alpha``
+    (Bonferroni: ``alpha / k`` each), so a wrong pass or fail has probability at most
+    ``alpha`` at any look."""
+    if not criteria:
+        raise ValueError("give at least one criterion")
+    a = cfg.alpha / len(criteria)
+    results = []
+    for cr in criteria:
+        m = _metric(cr.metric)
+        if m.kind == "quantile":
+            nb, nc = b.means[m.column].n, c.means[m.column].n
+            iv = quantile_contrast(_quantile_arm(b, m.column, m.q, a / 2, cfg.t_opt),
+                                   _quantile_arm(c, m.column, m.q, a / 2, cfg.t_opt), ratio=1 + cr.limit)
+            bound = 0.0
+        elif m.kind == "mean":
+            nb, nc = b.means[m.column].n, c.means[m.column].n
+            iv = mean_contrast_cs(b.means[m.column], c.means[m.column], a, ratio=1 + cr.limit, t_opt=cfg.t_opt)
+            bound = 0.0
+        elif cr.kind == "increase":
+            (xb, nb), (xc, nc) = b.rates[m.column], c.rates[m.column]
+            iv = proportion_contrast_cs(xb, nb, xc, nc, a, t_opt=cfg.t_opt)
+            bound = cr.limit
+        else:
+            (xb, nb), (xc, nc) = b.rates[m.column], c.rates[m.column]
+            nb = max(nb, cfg.min_samples)  # the baseline does not enter a one-rate criterion
+            iv = rate_cs(xc, nc, a, t_opt=cfg.t_opt)
+            bound = cr.limit
+        few = min(nb, nc) < cfg.min_samples
+        what = {"relative": f"{m.name}: candidate <= {1 + cr.limit:g} x baseline",
+                "increase": f"{m.name}: candidate - baseline <= {cr.limit:g}",
+                "rate": f"{m.name} of the candidate <= {cr.limit:g}"}[cr.kind]
+        if few:
+            state, why = "undecided", f"{what}: n {min(nb, nc)} < --min-samples {cfg.min_samples}"
+        elif iv.high <= bound:
+            state, why = "holds", f"{what}: holds (interval {_rng(iv, bound)})"
+        elif iv.low > bound:
+            state, why = "fails", f"{what}: FAILS (interval {_rng(iv, bound)})"
+        else:
+            state, why = "undecided", f"{what}: cannot tell yet (interval {_rng(iv, bound)})"
+        results.append(GateResult(cr, state, iv, why))
+    states = {r.state for r in results}
+    code = 1 if "fails" in states else 0 if states == {"holds"} else 2
+    return code, results
+
+
+def _rng(iv: Interval, bound: float) -> str:
+    lo = "-inf" if math.isinf(iv.low) else f"{iv.low:.4g}"
+    hi = "inf" if math.isinf(iv.high) else f"{iv.high:.4g}"
+    side = "<= 0" if bound == 0.0 else f"vs {bound:g}"
+    return f"[{lo}, {hi}] {side}"
+
+
+def render_gate(code: int, results: Sequence[GateResult], cfg: CompareConfig, n_b: int, n_c: int) -> str:
+    head = {0: "PASS: every criterion holds with confidence", 1: "FAIL: a criterion fails with confidence",
+            2: "WAIT: cannot tell yet"}[code]
+    lines = [f"{head} (baseline {cfg.baseline.describe()}: {n_b} calls, candidate "
+             f"{cfg.candidate.describe()}: {n_c} calls; alpha {cfg.alpha:g} over {len(results)} criteria)"]
+    lines += [f"  {r.state:<9} {r.why}" for r in results]
+    return "\n".join(lines) + "\n"
