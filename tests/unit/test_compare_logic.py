@@ -1,0 +1,103 @@
+"""streams/cli/compare.py without a store: population parsing (labels from an allow-list only),
+time and percentage parsing, verdicts, and the gate's decision from given arm numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from driftline.detectors.sequential import MeanStats
+from driftline.streams.cli.compare import (
+    ArmData,
+    CompareConfig,
+    Criterion,
+    Population,
+    compare,
+    gate,
+    parse_fraction,
+    parse_population,
+    parse_since,
+)
+
+NOW = 1_800_000_000_000
+
+
+def test_population_parsing_and_sql() -> None:
+    p = parse_population(["prompt_version=v5", "model=gpt-4o, environment=prod"], "--candidate")
+    assert p.labels == (("prompt_version", "v5"), ("model", "gpt-4o"), ("environment", "prod"))
+    sql, params = p.sql("c")
+    assert sql == "(prompt_version = {c0:String} AND model = {c1:String} AND environment = {c2:String})"
+    assert params == {"c0": "v5", "c1": "gpt-4o", "c2": "prod"}
+    for bad in (["user_id=1"], ["prompt_version"], [""], ["model=a,model=b"], ["x) OR 1=1 --=a"]):
+        with pytest.raises(ValueError):
+            parse_population(bad, "--baseline")
+
+
+def test_since_and_fractions() -> None:
+    assert parse_since("2h", NOW) == NOW - 7_200_000
+    assert parse_since("30m", NOW) == NOW - 1_800_000
+    assert parse_since("2026-11-01T00:00:00Z", NOW) == 1_793_491_200_000
+    assert parse_since("2026-11-01T00:00:00", NOW) == 1_793_491_200_000  # naive: UTC
+    assert parse_since("123", NOW) == 123
+    assert parse_since(None, NOW) is None
+    with pytest.raises(ValueError):
+        parse_since("yesterday", NOW)
+    assert parse_fraction("10%", "x") == pytest.approx(0.1)
+    assert parse_fraction("0.05", "x") == 0.05
+    for bad in ("-1%", "ten", "nan"):
+        with pytest.raises(ValueError):
+            parse_fraction(bad, "x")
+    with pytest.raises(ValueError):
+        CompareConfig(Population((("app", "a"),)), Population((("app", "a"),)))
+
+
+def _arm(n: int, lat: float, cost: float, errors: int) -> ArmData:
+    means = {"latency_ms": MeanStats(n, lat, (lat / 2) ** 2), "ttft_ms": MeanStats(0, 0.0, 0.0),
+             "tokens": MeanStats(n, 500.0, 100.0 ** 2), "cost_usd": MeanStats(n, cost, (cost / 4) ** 2)}
+    rates = {"errors": (errors, n), "guardrail_hits": (n // 100, n), "negative_feedback": (0, 0)}
+    # order statistics of a uniform(0, 2 lat) sample, evenly spaced
+    return ArmData(n, means, rates, {"latency_ms": {k: 2 * lat * k / (n + 1) for k in range(1, n + 1)},
+                                     "ttft_ms": {}})
+
+
+CFG = CompareConfig(Population((("prompt_version", "v4"),)), Population((("prompt_version", "v5"),)),
+                    min_samples=500)
+
+
+def test_verdicts() -> None:
+    b, c = _arm(5000, 800.0, 0.001, 100), _arm(5000, 1000.0, 0.001, 100)
+    res = {r.metric.name: r for r in compare(b, c, CFG)}
+    assert res["latency_mean_ms"].verdict == "worse"
+    p95 = res["latency_p95_ms"]  # X_(ceil(0.95 n)) of each arm
+    assert (p95.baseline, p95.candidate, p95.verdict) == (1600 * 4750 / 5001, 2000 * 4750 / 5001, "worse")
+    assert res["cost_per_call_usd"].verdict == "no difference"  # equal, and the interval is inside +-5 %
+    assert res["tokens_per_call"].verdict == "no difference"
+    assert res["ttft_mean_ms"].verdict == "not enough data"  # no TTFT at all
+    assert res["ttft_mean_ms"].baseline is None
+    assert res["negative_feedback_rate"].verdict == "not enough data"
+    better = {r.metric.name: r.verdict for r in compare(c, b, CFG)}
+    assert better["latency_mean_ms"] == "better"
+    few = {r.metric.name: r.verdict for r in compare(_arm(400, 800.0, 0.001, 8), _arm(400, 2000.0, 0.001, 8), CFG)}
+    assert few["latency_mean_ms"] == "not enough data"  # below min_samples, however clear
+
+
+def test_gate_decisions_and_bonferroni() -> None:
+    b = _arm(5000, 800.0, 0.001, 100)
+    lat = Criterion("--max-latency-increase", "latency_mean_ms", "relative", 0.10)
+    cost = Criterion("--max-cost-increase", "cost_per_call_usd", "relative", 0.05)
+    guard = Criterion("--max-guardrail-rate", "guardrail_hit_rate", "rate", 0.02)
+    code, rs = gate(b, _arm(5000, 800.0, 0.001, 100), [lat, cost, guard], CFG)
+    assert code == 0 and [r.state for r in rs] == ["holds"] * 3
+    code, rs = gate(b, _arm(5000, 1000.0, 0.001, 100), [lat, cost], CFG)
+    assert code == 1 and [r.state for r in rs] == ["fails", "holds"]
+    code, rs = gate(b, _arm(5000, 880.0, 0.001, 100), [lat], CFG)  # exactly at the limit: cannot tell
+    assert code == 2 and rs[0].state == "undecided"
+    code, _ = gate(b, _arm(400, 800.0, 0.001, 8), [lat], CFG)
+    assert code == 2
+    # the criteria share alpha: each interval is at alpha / k, wider than alone
+    _, one = gate(b, _arm(5000, 800.0, 0.001, 100), [lat], CFG)
+    _, three = gate(b, _arm(5000, 800.0, 0.001, 100), [lat, cost, guard], CFG)
+    w1 = one[0].interval.high - one[0].interval.low
+    w3 = three[0].interval.high - three[0].interval.low
+    assert w3 > w1 and math.isfinite(w3)
