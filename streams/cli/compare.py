@@ -51,7 +51,8 @@ from driftline.detectors.sequential import (
 
 __all__ = ["LABELS", "Population", "CompareConfig", "ArmData", "MetricResult", "Criterion", "GateResult",
            "parse_population", "parse_since", "parse_fraction", "fetch", "compare", "render_table",
-           "to_json", "gate", "render_gate"]
+           "to_json", "gate", "render_gate", "SemanticResult", "fetch_embeddings", "semantic_shift",
+           "render_semantic"]
 
 LABELS = ("prompt_version", "model", "environment", "app", "provider", "request_model", "response_model",
           "operation")
@@ -525,4 +526,80 @@ def render_gate(code: int, results: Sequence[GateResult], cfg: CompareConfig, n_
     lines = [f"{head} (baseline {cfg.baseline.describe()}: {n_b} calls, candidate "
              f"{cfg.candidate.describe()}: {n_c} calls; alpha {cfg.alpha:g} over {len(results)} criteria)"]
     lines += [f"  {r.state:<9} {r.why}" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+# -- semantic shift of the responses (a fixed-sample test) -------------------------------
+
+@dataclass(frozen=True)
+class SemanticResult:
+    """Topic-mix drift of the candidate's response embeddings against the baseline's
+    (``detectors.topic_mix.TopicMixDrift`` on the samples the drift stage stored in
+    ``llm_embeddings``). A fixed-sample test of the latest ``n`` samples per arm, not a
+    confidence sequence: its p-value holds for one look."""
+
+    n_baseline: int
+    n_candidate: int
+    p_value: float | None
+    shifted: bool | None  # None: too few samples
+    total_variation: float
+    clusters: list[dict[str, Any]]
+
+
+def fetch_embeddings(run: Callable[[str, dict[str, Any]], bytes], database: str, cfg: CompareConfig,
+                     limit: int, field_name: str = "response") -> tuple[list[tuple[list[float], str]], ...]:
+    """Per arm the latest ``limit`` stored embeddings of ``field_name`` with their texts
+    (one embedding model: the one most of the baseline's samples use)."""
+    if not _DB_RE.match(database):
+        raise ValueError(f"bad database name {database!r}")
+    scope, ps = _scope(cfg)
+    out: list[list[tuple[list[float], str, str]]] = []
+    for pop, prefix in ((cfg.baseline, "b"), (cfg.candidate, "c")):
+        cond, cp = pop.sql(prefix)
+        ids = f"SELECT event_id FROM {database}.llm_events WHERE {cond} AND {scope}"
+        # GLOBAL IN: in cluster mode both tables are Distributed (see cli/baseline.py)
+        sql = (f"SELECT x.embedding AS embedding, x.embed_model AS embed_model, r.text AS text FROM "
+               f"(SELECT event_id, embedding, embed_model, timestamp FROM {database}.llm_embeddings FINAL "
+               f"WHERE field = {{field:String}} AND event_id GLOBAL IN ({ids}) "
+               f"ORDER BY timestamp DESC, event_id LIMIT {{limit:UInt64}}) AS x "
+               f"LEFT JOIN (SELECT event_id, any(ifNull({field_name}, '')) AS text FROM {database}.llm_events "
+               f"WHERE {cond} AND {scope} GROUP BY event_id) AS r ON x.event_id = r.event_id "
+               f"ORDER BY x.timestamp, x.event_id")
+        rows = _rows(run, sql, {**cp, **ps, "field": field_name, "limit": limit})
+        out.append([(r["embedding"], r["embed_model"], r["text"] or "") for r in rows])
+    models = [m for _, m, _ in out[0]]
+    model = max(set(models), key=models.count) if models else ""
+    return tuple([(e, t) for e, m, t in arm if m == model] for arm in out)
+
+
+def semantic_shift(baseline: Sequence[tuple[list[float], str]], candidate: Sequence[tuple[list[float], str]],
+                   alpha: float, min_samples: int = 50, seed: int = 0) -> SemanticResult:
+    """Topic-mix drift (G-test on the KMeans cluster shares, explained by cluster)."""
+    nb, nc = len(baseline), len(candidate)
+    if min(nb, nc) < min_samples:
+        return SemanticResult(nb, nc, None, None, 0.0, [])
+    import numpy as np
+
+    from driftline.detectors.topic_mix import TopicMixDrift
+
+    det = TopicMixDrift(alpha=alpha, seed=seed).fit(np.array([e for e, _ in baseline], dtype=np.float64),
+                                                    [t for _, t in baseline])
+    r = det.score(np.array([e for e, _ in candidate], dtype=np.float64), [t for _, t in candidate])
+    ex = r.explanation
+    return SemanticResult(nb, nc, r.p_value, bool(r.drifted), float(ex.get("total_variation", 0.0)),
+                          list(ex.get("clusters", [])))
+
+
+def render_semantic(s: SemanticResult, alpha: float, width: int = 80) -> str:
+    """One line (and the clusters that moved most, when shifted), at most ``width`` wide."""
+    tail = f"(1-look test, n {s.n_baseline}/{s.n_candidate})"
+    if s.shifted is None:
+        return f"responses: not enough embedding samples {tail}\n"
+    if not s.shifted:
+        return f"responses: no topic shift shown at {alpha:g}, p {s.p_value:.2g} {tail}\n"
+    lines = [f"responses: topic mix SHIFTED, p {s.p_value:.2g}, TV {s.total_variation:.2f} {tail}"]
+    for c in s.clusters[:3]:
+        texts = (c.get("cur_examples") if c["delta"] > 0 else c.get("examples")) or [""]
+        text = " ".join(str(texts[0]).split())
+        lines.append(f"  {c['delta'] * 100:+.0f} pts: {text}"[:width])
     return "\n".join(lines) + "\n"

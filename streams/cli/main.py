@@ -844,6 +844,10 @@ def compare_command(
     rate_margin: Annotated[str, typer.Option(help="The same for rates, in percentage points.")] = "0.5%",
     json_: Annotated[bool, typer.Option("--json", help="Print JSON (stored units: ms, tokens, USD per call, "
                                                        "rates as fractions) instead of the table.")] = False,
+    semantic_samples: Annotated[int, typer.Option(help="Also test whether the candidate's responses moved to other "
+                                                       "topics than the baseline's (topic-mix test on the latest N "
+                                                       "response embeddings per arm that the drift stage stored; a "
+                                                       "one-look test, not anytime-valid). 0: skip.")] = 500,
 ) -> None:
     """Compare a candidate population of calls with a baseline (A/B, canary): per metric the
     difference with an anytime-valid interval (valid however often you re-run it) and a verdict:
@@ -851,16 +855,41 @@ def compare_command(
 
     Example: driftline compare --baseline prompt_version=v4 --candidate prompt_version=v5 --app chat --since 2h
     """
-    from driftline.streams.cli.compare import compare, render_table, to_json
+    from driftline.streams.cli.compare import compare, render_semantic, render_table, to_json
 
     cfg = _compare_inputs(baseline, candidate, app_, model, environment, since, until, alpha, min_samples,
                           margin, rate_margin)
     b, c = _compare_fetch(clickhouse, cfg, [cfg.alpha / 2])
     results = compare(b, c, cfg)
+    sem = _compare_semantic(clickhouse, cfg, semantic_samples) if semantic_samples > 0 else None
     if json_:
-        typer.echo(json.dumps(to_json(results, cfg, b.n, c.n), indent=2))
+        out = to_json(results, cfg, b.n, c.n)
+        if sem is not None:
+            out["semantic"] = {"n_baseline": sem.n_baseline, "n_candidate": sem.n_candidate,
+                               "p_value": sem.p_value, "shifted": sem.shifted,
+                               "total_variation": sem.total_variation, "clusters": sem.clusters}
+        typer.echo(json.dumps(out, indent=2))
     else:
         sys.stdout.write(render_table(results, cfg, b.n, c.n))
+        if sem is not None:
+            sys.stdout.write(render_semantic(sem, cfg.alpha))
+
+
+def _compare_semantic(clickhouse: str | None, cfg: Any, limit: int) -> Any:
+    from driftline.streams.cli.compare import fetch_embeddings, semantic_shift
+    from driftline.streams.cli.sql import run_sql
+    from driftline.streams.sinks.clickhouse import resolve_dsn
+
+    dsn, secrets = _client_dsn(clickhouse)
+    try:
+        eb, ec = fetch_embeddings(lambda q, p: run_sql(dsn, q, fmt="JSONEachRow", parameters=p),
+                                  resolve_dsn(dsn)[1], cfg, limit)
+        return semantic_shift(eb, ec, cfg.alpha)
+    except ValueError as exc:
+        raise _err(str(exc), 3) from None
+    except Exception as exc:  # noqa: BLE001 - the message is the product here
+        _client_error(exc, secrets)
+        raise typer.Exit(3) from None
 
 
 

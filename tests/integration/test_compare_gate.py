@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,9 @@ from driftline.detectors.sequential import (
     quantile_contrast,
     quantile_ranks,
 )
+from driftline.schemas.columns import EMBEDDING_COLUMNS
 from driftline.schemas.prices import PriceTable
+from driftline.streams.cli.compare import semantic_shift
 from driftline.streams.cli.main import app
 from driftline.streams.ingest.transforms import (
     MemoryRecord,
@@ -43,11 +46,25 @@ N = 1500  # calls per version
 VERSIONS = {"v4": (1.0, 0.02, 1.0), "v5": (1.5, 0.08, 1.5), "a1": (1.0, 0.02, 1.0), "a2": (1.0, 0.02, 1.0)}
 
 
+# response topics: v5 answers more of topic 2 (what the semantic comparison must find)
+TOPIC_MIX = {"v4": [0.5, 0.3, 0.2], "v5": [0.2, 0.3, 0.5], "a1": [0.5, 0.3, 0.2], "a2": [0.5, 0.3, 0.2]}
+TOPIC_TEXT = ["Your refund was approved.", "Tomorrow will be sunny.", "Use a LEFT JOIN here."]
+N_EMB = 400  # the first calls of each version have a stored response embedding
+CENTERS = np.eye(3, 8) * 4.0
+
+
+def _embedding(topic: int, rng: np.random.Generator) -> list[float]:
+    x = CENTERS[topic] + rng.normal(size=8)
+    return [float(v) for v in (x / np.linalg.norm(x)).astype(np.float32)]
+
+
 def _events() -> list[dict[str, Any]]:
     rng = np.random.default_rng(18)
+    topics = np.random.default_rng(180)  # its own stream: the other columns keep their draws
     out: list[dict[str, Any]] = []
     for v, (lat, err, tok) in VERSIONS.items():
         for i in range(N):
+            topic = int(topics.choice(3, p=TOPIC_MIX[v]))
             latency = float(np.round(rng.lognormal(math.log(800), 0.5) * lat, 3))
             e: dict[str, Any] = {
                 "event_id": f"{v}-{i}", "timestamp": T0 + i * 1000 + len(out) % 4, "app": "chat",
@@ -56,7 +73,10 @@ def _events() -> list[dict[str, Any]]:
                 "output_tokens": int(rng.poisson(150) * tok),
                 "status": "error" if rng.random() < err else "ok",
                 "guardrails": [{"name": "pii", "verdict": "flagged" if rng.random() < 0.05 else "pass"}],
+                "response": f"{TOPIC_TEXT[topic]} ({v} {i})",
             }
+            if i < N_EMB:
+                e["_embedding"] = _embedding(topic, topics)
             if rng.random() < 0.8:
                 e["ttft_ms"] = float(np.round(latency * 0.3, 3))
             if rng.random() < 0.5:
@@ -76,7 +96,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     prices = PriceTable.default()
 
     def table(events: list[dict[str, Any]], first_offset: int) -> Any:
-        recs = [MemoryRecord("llm.events", 0, first_offset + i, None, json.dumps(e).encode())
+        recs = [MemoryRecord("llm.events", 0, first_offset + i, None,
+                             json.dumps({k: x for k, x in e.items() if k != "_embedding"}).encode())
                 for i, e in enumerate(events)]
         batch = decode_batch(recs)
         assert batch.n_events == len(events) and not batch.rejected
@@ -90,6 +111,11 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
         await sink.insert_arrow("llm_events", lambda: dup)
 
     asyncio.run(fill())
+    # the drift stage's samples (llm_embeddings), as it stores them
+    emb = [[e["event_id"], datetime.fromtimestamp(e["timestamp"] / 1000, tz=UTC), "chat", "gpt-4o-mini",
+            e["prompt_version"], "response", i, "all-MiniLM-L6-v2", 0, e["_embedding"]]
+           for i, e in enumerate(EVENTS) if "_embedding" in e]
+    sink.call(lambda c: c.insert("driftline.llm_embeddings", emb, column_names=list(EMBEDDING_COLUMNS)))
     rows = sink.query_rows("SELECT count() FROM driftline.llm_events")
     assert rows[0][0] == len(EVENTS) + 600  # the duplicates are stored (not merged yet)
     sink.close()
@@ -169,7 +195,7 @@ def test_compare_table_and_aa(store: str) -> None:
     lines = r.output.splitlines()
     assert max(len(x) for x in lines) <= 80
     assert lines[0] == f"baseline  prompt_version=a1: {N} calls"
-    rows = {x[:15].strip(): x for x in lines[4:]}
+    rows = {x[:15].strip(): x for x in lines[4:14]}
     assert len(rows) == 10
     assert not any(x.endswith(("worse", "better", "higher", "lower")) for x in rows.values())  # A/A: nothing declared
 
@@ -218,3 +244,27 @@ def test_since_limits_the_rows(store: str) -> None:
     want = [sum(1 for e in EVENTS if e["prompt_version"] == v and e["timestamp"] >= T0 + 1_000_000)
             for v in ("v4", "v5")]
     assert (out["baseline"]["n"], out["candidate"]["n"]) == tuple(want)
+
+
+def test_semantic_shift_of_the_responses(store: str) -> None:
+    r = _cli(store, "compare", "--baseline", "prompt_version=v4", "--candidate", "prompt_version=v5", "--json")
+    sem = json.loads(r.output)["semantic"]
+    assert (sem["n_baseline"], sem["n_candidate"]) == (N_EMB, N_EMB)
+    arms = [[(e["_embedding"], e["response"]) for e in EVENTS if e["prompt_version"] == v and "_embedding" in e]
+            for v in ("v4", "v5")]
+    want = semantic_shift(arms[0], arms[1], 0.05)  # the same samples, in event-time order
+    assert sem["p_value"] == want.p_value and sem["shifted"] is True
+    grown = max(sem["clusters"], key=lambda c: c["delta"])
+    assert grown["cur_examples"][0].startswith(TOPIC_TEXT[2])  # the topic v5 answers more
+    assert "responses: topic mix SHIFTED" in _cli(store, "compare", "--baseline", "prompt_version=v4",
+                                                   "--candidate", "prompt_version=v5").output
+    # --semantic-samples takes the latest N per arm; an A/A pair's p-value is the same test's
+    # (a one-look test at 5 % fires on 5 % of A/A pairs, so the verdict itself is not asserted)
+    r = _cli(store, "compare", "--baseline", "prompt_version=a1", "--candidate", "prompt_version=a2",
+             "--semantic-samples", "300", "--json")
+    sem = json.loads(r.output)["semantic"]
+    arms = [[(e["_embedding"], e["response"]) for e in EVENTS if e["prompt_version"] == v and "_embedding" in e]
+            for v in ("a1", "a2")]
+    assert (sem["n_baseline"], sem["p_value"]) == (300, semantic_shift(arms[0][-300:], arms[1][-300:], 0.05).p_value)
+    r = _cli(store, "compare", "--baseline", "prompt_version=v4", "--candidate", "prompt_version=a1")
+    assert r.output.splitlines()[-1].startswith("responses: no topic shift shown at 0.05, p ")  # same mix
