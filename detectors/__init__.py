@@ -9,6 +9,8 @@ One detector per module (River's layout); the family modules re-export their det
   Bonferroni level), so the stage reports the detector's verdict as it is;
 - numeric fields (:mod:`.numeric`): :mod:`.ks`, :mod:`.psi`, :mod:`.wasserstein`;
 - change points (:mod:`.changepoint`): :mod:`.page_hinkley`, :mod:`.adwin`;
+- :mod:`.sequential`: anytime-valid confidence sequences comparing two populations (A/B of
+  prompt versions or models; ``driftline compare`` / ``gate``);
 - :mod:`.sampling` (hash sampling of events), :mod:`.calibration` (false-alarm budgets),
   :mod:`.sketch` (quantiles), :mod:`.guardrails`
   and :mod:`.redact` (text scanning).
