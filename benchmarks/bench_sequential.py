@@ -57,8 +57,8 @@ class PeekResult:
         return float(np.median(hit)) if hit.size else math.nan
 
 
-def _split(rng: np.random.Generator, runs: int, n: int) -> np.ndarray:
-    return rng.random((runs, n)) < 0.5  # True: candidate
+def _split(rng: np.random.Generator, runs: int, n: int, share: float = 0.5) -> np.ndarray:
+    return rng.random((runs, n)) < share  # True: candidate
 
 
 def _first(hits: np.ndarray, per_look: int) -> np.ndarray:
@@ -67,12 +67,14 @@ def _first(hits: np.ndarray, per_look: int) -> np.ndarray:
 
 
 def simulate_means(runs: int, looks: int, per_look: int, seed: int, effect: float = 0.0,
-                   alpha: float = 0.05) -> PeekResult:
-    """Mean latency, log-normal(log 800 ms, 0.6); the candidate's values times ``1 + effect``."""
+                   alpha: float = 0.05, share: float = 0.5, min_n: int = 0) -> PeekResult:
+    """Mean latency, log-normal(log 800 ms, 0.6); the candidate's values times ``1 + effect``;
+    ``share``: the candidate's share of the traffic (a canary gets 5-10 %); ``min_n``: no
+    verdict before both arms have this many calls (``compare --min-samples``)."""
     rng = np.random.default_rng(seed)
     n = looks * per_look
     x = rng.lognormal(math.log(800.0), 0.6, (runs, n))
-    cand = _split(rng, runs, n)
+    cand = _split(rng, runs, n, share)
     x = np.where(cand, x * (1.0 + effect), x)
     seq = np.zeros((runs, looks), bool)
     naive = np.zeros((runs, looks), bool)
@@ -92,18 +94,19 @@ def simulate_means(runs: int, looks: int, per_look: int, seed: int, effect: floa
         for j in range(looks):
             iv = mean_contrast_cs(MeanStats(int(nb[r, j]), float(mb[r, j]), float(max(vb[r, j], 0.0))),
                                   MeanStats(int(nc[r, j]), float(mc[r, j]), float(max(vc[r, j], 0.0))), alpha)
-            seq[r, j] = iv.low > 0 or iv.high < 0
+            seq[r, j] = (iv.low > 0 or iv.high < 0) and min(nb[r, j], nc[r, j]) >= min_n
     se = np.sqrt(vb / np.maximum(nb, 1) + vc / np.maximum(nc, 1))
-    naive = np.abs(mc - mb) > Z_975 * se
+    naive = (np.abs(mc - mb) > Z_975 * se) & (np.minimum(nb, nc) >= max(min_n, 2))
     return PeekResult(float(seq.any(axis=1).mean()), float(naive.any(axis=1).mean()), _first(seq, per_look))
 
 
 def simulate_rates(runs: int, looks: int, per_look: int, seed: int, p: float = 0.02, diff: float = 0.0,
-                   alpha: float = 0.05) -> PeekResult:
-    """Error rate ``p`` in the baseline, ``p + diff`` in the candidate."""
+                   alpha: float = 0.05, share: float = 0.5, min_n: int = 0) -> PeekResult:
+    """Error rate ``p`` in the baseline, ``p + diff`` in the candidate (``share``, ``min_n``:
+    as :func:`simulate_means`)."""
     rng = np.random.default_rng(seed)
     n = looks * per_look
-    cand = _split(rng, runs, n)
+    cand = _split(rng, runs, n, share)
     err = rng.random((runs, n)) < np.where(cand, p + diff, p)
     at = np.arange(1, looks + 1) * per_look
     nc = np.cumsum(cand, axis=1)[:, at - 1]
@@ -114,10 +117,11 @@ def simulate_rates(runs: int, looks: int, per_look: int, seed: int, p: float = 0
     for r in range(runs):
         for j in range(looks):
             iv = proportion_contrast_cs(int(xb[r, j]), int(nb[r, j]), int(xc[r, j]), int(nc[r, j]), alpha)
-            seq[r, j] = iv.low > 0 or iv.high < 0
+            seq[r, j] = (iv.low > 0 or iv.high < 0) and min(nb[r, j], nc[r, j]) >= min_n
     pooled = (xb + xc) / (nb + nc)
     se = np.sqrt(pooled * (1 - pooled) * (1 / np.maximum(nb, 1) + 1 / np.maximum(nc, 1)))
-    naive = (se > 0) & (np.abs(xc / np.maximum(nc, 1) - xb / np.maximum(nb, 1)) > Z_975 * se)
+    naive = ((se > 0) & (np.abs(xc / np.maximum(nc, 1) - xb / np.maximum(nb, 1)) > Z_975 * se)
+             & (np.minimum(nb, nc) >= min_n))
     return PeekResult(float(seq.any(axis=1).mean()), float(naive.any(axis=1).mean()), _first(seq, per_look))
 
 
@@ -177,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("A/A mean latency", lambda: simulate_means(runs, looks, per, a.seed)),
         ("A/A error rate 2 %", lambda: simulate_rates(runs, looks, per, a.seed)),
+        ("A/A error rate 0.5 %", lambda: simulate_rates(runs, looks, per, a.seed, p=0.005)),
+        ("A/A mean latency, 10 % canary", lambda: simulate_means(runs, looks, per, a.seed, share=0.1)),
+        ("  same, verdicts from 100 calls/arm", lambda: simulate_means(runs, looks, per, a.seed, share=0.1,
+                                                                       min_n=100)),
+        ("A/A error rate 2 %, 10 % canary", lambda: simulate_rates(runs, looks, per, a.seed, share=0.1)),
         ("A/A p95 latency", lambda: simulate_quantiles(min(runs, 500), looks, per, a.seed)),
         ("+15 % mean latency", lambda: simulate_means(runs, looks, per, a.seed + 1, effect=0.15)),
         ("error rate 2 % -> 4 %", lambda: simulate_rates(runs, looks, per, a.seed + 1, diff=0.02)),

@@ -145,7 +145,7 @@ def _p(values: np.ndarray, q: float, alpha: float) -> tuple[float, float, float]
 
 def test_compare_json_equals_independent_numbers(store: str) -> None:
     r = _cli(store, "compare", "--baseline", "prompt_version=v4", "--candidate", "prompt_version=v5",
-             "--app", "chat", "--since", "2026-11-01T00:00:00Z", "--json")
+             "--app", "chat", "--since", "2026-11-01T00:00:00Z", "--json", "--semantic-samples", "0")
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     m = {x["metric"]: x for x in out["metrics"]}
@@ -190,9 +190,11 @@ def test_compare_json_equals_independent_numbers(store: str) -> None:
 
 
 def test_compare_table_and_aa(store: str) -> None:
-    r = _cli(store, "compare", "--baseline", "prompt_version=a1", "--candidate", "prompt_version=a2")
+    r = _cli(store, "compare", "--baseline", "prompt_version=a1", "--candidate", "prompt_version=a2",
+             "--semantic-samples", "0")
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
+    assert len(lines) == 14
     assert max(len(x) for x in lines) <= 80
     assert lines[0] == f"baseline  prompt_version=a1: {N} calls"
     rows = {x[:15].strip(): x for x in lines[4:14]}
@@ -232,14 +234,14 @@ def test_bad_inputs_exit_3_and_values_are_bound(store: str) -> None:
     assert r.exit_code == 3
     # a value that would break out of a quoted literal matches nothing (bound, not formatted)
     r = _cli(store, "compare", "--baseline", "prompt_version=v4", "--candidate", "prompt_version=x' OR '1'='1",
-             "--json")
+             "--json", "--semantic-samples", "0")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["candidate"]["n"] == 0
 
 
 def test_since_limits_the_rows(store: str) -> None:
     r = _cli(store, "compare", "--baseline", "prompt_version=v4", "--candidate", "prompt_version=v5", "--json",
-             "--since", str(T0 + 1000 * 1000))
+             "--since", str(T0 + 1000 * 1000), "--semantic-samples", "0")
     out = json.loads(r.output)
     want = [sum(1 for e in EVENTS if e["prompt_version"] == v and e["timestamp"] >= T0 + 1_000_000)
             for v in ("v4", "v5")]

@@ -72,6 +72,12 @@ def test_proportion_contrast_by_hand() -> None:
     tr = 2000 * 7.933298 / 2000
     r = math.sqrt(v * (1 + tr) / tr * math.log((1 + tr) / 0.0025))
     assert (iv.estimate, iv.low, iv.high) == pytest.approx((0.025, 0.025 - r, 0.025 + r), abs=1e-7)
+    # a small arm without events: the pooled variance of both arms is the floor
+    iv = proportion_contrast_cs(40, 2000, 0, 100, 0.05, t_opt=2000)
+    pp = 41 / 2102
+    v = pp * (1 - pp) * (1 / 2000 + 1 / 100)  # > 41/2002 (1 - 41/2002) / 2000 + 1/102 (1 - 1/102) / 100
+    r = math.sqrt(v * (1 + 2100 * tr / 2000) / (2100 * tr / 2000) * math.log((1 + 2100 * tr / 2000) / 0.0025))
+    assert (iv.estimate, iv.low, iv.high) == pytest.approx((-0.02, -0.02 - r, -0.02 + r), abs=1e-7)
     # no events in either arm yet: still a nonzero width
     assert proportion_contrast_cs(0, 50, 0, 50).high > 0.05
 
