@@ -193,9 +193,13 @@ class ArmData:
     means: dict[str, MeanStats]
     rates: dict[str, tuple[int, int]]
     order_stats: dict[str, dict[int, float]] = field(default_factory=dict)
+    quantile_n: dict[str, int] = field(default_factory=dict)  # values behind order_stats (else means' n)
+
+    def qn(self, column: str) -> int:
+        return self.quantile_n.get(column, self.means[column].n)
 
     def order_stat(self, column: str, rank: int) -> float:
-        m = self.means[column].n
+        m = self.qn(column)
         if rank <= 0:
             return -math.inf
         if rank > m:
@@ -259,25 +263,38 @@ def fetch(run: Callable[[str, dict[str, Any]], bytes], database: str, cfg: Compa
                                  max(_num(r.get(f"{name}_var")), 0.0)) for name in _MEAN_COLUMNS}
         rates = {name: (int(r.get(f"{name}_x", 0)), int(r.get(f"{name}_of", 0))) for name in _RATE_COLUMNS}
         data = ArmData(int(r.get("n", 0)), means, rates)
-        sel, qp = [], {**cp, **ps}
-        for col in _QUANTILE_COLUMNS:
-            ranks = sorted(k for k in quantile_needs(col, means[col].n) if 1 <= k <= means[col].n)
-            data.order_stats[col] = {}
-            if ranks:
-                for j, k in enumerate(ranks):
-                    qp[f"{col}_{j}"] = k
-                sel.append(f"[{', '.join(f's_{col}[{{{col}_{j}:UInt64}}]' for j in range(len(ranks)))}] AS {col}")
-                data.order_stats[col] = dict.fromkeys(ranks, math.nan)
-        if sel:
-            inner = ", ".join(f"arraySort(groupArray({c})) AS s_{c}" for c in _QUANTILE_COLUMNS)
-            rows = _rows(run, f"SELECT {', '.join(sel)} FROM (SELECT {inner} FROM {database}.llm_events FINAL "
-                              f"WHERE {cond} AND {scope})", qp)
-            for col in _QUANTILE_COLUMNS:
-                if data.order_stats[col]:
-                    vals = [float(x) for x in rows[0][col]]
-                    data.order_stats[col] = dict(zip(sorted(data.order_stats[col]), vals, strict=True))
+        _fetch_order_stats(run, database, data, f"{cond} AND {scope}", {**cp, **ps}, quantile_needs)
         arms.append(data)
     return arms[0], arms[1]
+
+
+def _fetch_order_stats(run: Callable[[str, dict[str, Any]], bytes], database: str, data: ArmData, where: str,
+                       params: dict[str, Any], quantile_needs: Callable[[str, int], set[int]]) -> None:
+    """The order statistics of the quantile columns that the ranks for their ``n`` need.
+    Calls stored between the counting query and this one change ``n`` and so the ranks:
+    the query returns its own counts, and is repeated with the ranks for those (3 tries)."""
+    ns = {col: data.means[col].n for col in _QUANTILE_COLUMNS}
+    for _ in range(3):
+        sel, qp = [f"length(s_{c}) AS n_{c}" for c in _QUANTILE_COLUMNS], dict(params)
+        wanted: dict[str, list[int]] = {}
+        for col in _QUANTILE_COLUMNS:
+            wanted[col] = sorted(k for k in quantile_needs(col, ns[col]) if 1 <= k <= ns[col])
+            for j, k in enumerate(wanted[col]):
+                qp[f"{col}_{j}"] = k
+            sel.append(f"[{', '.join(f's_{col}[{{{col}_{j}:UInt64}}]' for j in range(len(wanted[col])))}] AS {col}")
+        if not any(wanted.values()):
+            return
+        inner = ", ".join(f"arraySort(groupArray({c})) AS s_{c}" for c in _QUANTILE_COLUMNS)
+        row = _rows(run, f"SELECT {', '.join(sel)} FROM (SELECT {inner} FROM {database}.llm_events FINAL "
+                         f"WHERE {where})", qp)[0]
+        got = {col: int(row[f"n_{col}"]) for col in _QUANTILE_COLUMNS}
+        if got == ns:
+            for col in _QUANTILE_COLUMNS:
+                data.order_stats[col] = dict(zip(wanted[col], (float(x) for x in row[col]), strict=True))
+                data.quantile_n[col] = ns[col]
+            return
+        ns = got
+    raise RuntimeError("calls kept arriving between the queries of the quantiles: try again, or give --until")
 
 
 # -- compare ----------------------------------------------------------------------------
@@ -322,7 +339,7 @@ class MetricResult:
 
 
 def _quantile_arm(d: ArmData, col: str, q: float, alpha: float, t_opt: float) -> tuple[float, float, float]:
-    lo, est, hi = quantile_ranks(d.means[col].n, q, alpha, t_opt=t_opt)
+    lo, est, hi = quantile_ranks(d.qn(col), q, alpha, t_opt=t_opt)
     return d.order_stat(col, lo), d.order_stat(col, est), d.order_stat(col, hi)
 
 
@@ -356,7 +373,7 @@ def compare(b: ArmData, c: ArmData, cfg: CompareConfig) -> list[MetricResult]:
     out = []
     for m in METRICS:
         if m.kind == "quantile":
-            nb, nc = b.means[m.column].n, c.means[m.column].n
+            nb, nc = b.qn(m.column), c.qn(m.column)
             qb = _quantile_arm(b, m.column, m.q, cfg.alpha / 2, cfg.t_opt)
             qc = _quantile_arm(c, m.column, m.q, cfg.alpha / 2, cfg.t_opt)
             iv = quantile_contrast(qb, qc) if nb and nc else Interval(0.0, -math.inf, math.inf)
@@ -478,7 +495,7 @@ def gate(b: ArmData, c: ArmData, criteria: Sequence[Criterion], cfg: CompareConf
     for cr in criteria:
         m = _metric(cr.metric)
         if m.kind == "quantile":
-            nb, nc = b.means[m.column].n, c.means[m.column].n
+            nb, nc = b.qn(m.column), c.qn(m.column)
             iv = quantile_contrast(_quantile_arm(b, m.column, m.q, a / 2, cfg.t_opt),
                                    _quantile_arm(c, m.column, m.q, a / 2, cfg.t_opt), ratio=1 + cr.limit)
             bound = 0.0

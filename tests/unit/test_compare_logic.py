@@ -101,3 +101,37 @@ def test_gate_decisions_and_bonferroni() -> None:
     w1 = one[0].interval.high - one[0].interval.low
     w3 = three[0].interval.high - three[0].interval.low
     assert w3 > w1 and math.isfinite(w3)
+
+
+def test_order_statistics_are_refetched_when_calls_arrive_between_the_queries() -> None:
+    """The counting query saw 200 latencies; 10 more calls are stored before the quantile query,
+    which must then ask again with the ranks for 210 (else it reads ranks computed for 200)."""
+    import json
+
+    from driftline.streams.cli.compare import fetch, quantile_ranks_needed
+
+    values = {"baseline": [float(i) for i in range(1, 211)], "candidate": [float(i) for i in range(1, 201)]}
+    asked: list[tuple[str, dict[str, int]]] = []
+
+    def run(sql: str, params: dict[str, object]) -> bytes:
+        if sql.startswith("SELECT multiIf("):
+            rows = [{"arm": arm, "n": 200, "latency_ms_n": 200, "latency_ms_mean": 100.5, "latency_ms_var": 3350.0}
+                    for arm in ("baseline", "candidate")]
+            return "\n".join(json.dumps(r) for r in rows).encode()
+        arm = "baseline" if "b0" in params else "candidate"
+        ranks = [int(v) for k, v in sorted(params.items(), key=lambda kv: kv[0])
+                 if k.startswith("latency_ms_") and isinstance(v, int)]
+        asked.append((arm, {"n": len(ranks)}))
+        x = values[arm]
+        return json.dumps({"n_latency_ms": len(x), "n_ttft_ms": 0, "latency_ms": [x[k - 1] for k in ranks],
+                           "ttft_ms": []}).encode()
+
+    cfg = CompareConfig(Population((("prompt_version", "v4"),)), Population((("prompt_version", "v5"),)))
+    b, c = fetch(run, "driftline", cfg, quantile_ranks_needed([0.025], {"latency_ms": [0.5, 0.95]}, 2000))
+    assert [a for a, _ in asked] == ["baseline", "baseline", "candidate"]  # the baseline asked twice
+    assert (b.qn("latency_ms"), c.qn("latency_ms")) == (210, 200)
+    from driftline.detectors.sequential import quantile_ranks
+
+    lo, est, hi = quantile_ranks(210, 0.95, 0.025)
+    assert (b.order_stat("latency_ms", lo), b.order_stat("latency_ms", est)) == (float(lo), float(est))
+    assert b.order_stat("latency_ms", hi) == (math.inf if hi > 210 else float(hi))
