@@ -907,6 +907,7 @@ def gate_command(
     max_error_rate_increase: Annotated[str | None, typer.Option(rich_help_panel="Criteria", help="Error rate at most this many percentage points above the baseline's (1%).")] = None,
     max_negative_feedback_increase: Annotated[str | None, typer.Option(rich_help_panel="Criteria", help="Negative-feedback rate (of rated calls), the same.")] = None,
     max_guardrail_rate: Annotated[str | None, typer.Option(rich_help_panel="Criteria", help="Guardrail-hit rate of the candidate (of checked calls) at most this (2%).")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the decision as JSON (same exit code).")] = False,
 ) -> None:
     """Deployment gate for CI/CD and canaries. Exit 0: every criterion holds with confidence;
     1: one fails with confidence; 2: cannot tell yet (too few calls, or the interval still
@@ -917,6 +918,8 @@ def gate_command(
     Example: driftline gate --baseline prompt_version=v4 --candidate prompt_version=v5
     --since 2026-11-29T10:00Z --max-p95-increase 10% --max-cost-increase 5% --max-guardrail-rate 2%
     """
+    import math
+
     from driftline.streams.cli.compare import Criterion, gate, parse_fraction, render_gate
 
     cfg = _compare_inputs(baseline, candidate, app_, model, environment, since, until, alpha, min_samples)
@@ -937,7 +940,15 @@ def gate_command(
         raise _err("give at least one criterion (--max-p95-increase, --max-cost-increase, ...; see --help)", 3)
     b, c = _compare_fetch(clickhouse, cfg, [cfg.alpha / len(criteria) / 2])
     code, results = gate(b, c, criteria, cfg)
-    sys.stdout.write(render_gate(code, results, cfg, b.n, c.n))
+    if json_:
+        typer.echo(json.dumps({"exit": code, "n_baseline": b.n, "n_candidate": c.n, "alpha": cfg.alpha,
+                               "criteria": [{"option": r.criterion.option, "metric": r.criterion.metric,
+                                             "limit": r.criterion.limit, "state": r.state, "why": r.why,
+                                             "low": r.interval.low if math.isfinite(r.interval.low) else None,
+                                             "high": r.interval.high if math.isfinite(r.interval.high) else None}
+                                            for r in results]}, indent=2))
+    else:
+        sys.stdout.write(render_gate(code, results, cfg, b.n, c.n))
     raise typer.Exit(code)
 
 

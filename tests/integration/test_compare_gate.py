@@ -212,6 +212,10 @@ def test_gate_exit_codes(store: str) -> None:
     r = _cli(store, "gate", *ab, "--max-error-rate-increase", "5%", "--max-cost-increase", "5%")
     assert r.exit_code == 1, r.output
     assert "  undecided error_rate" in r.output and "  fails     cost_per_call_usd" in r.output
+    r = _cli(store, "gate", *ab, "--max-error-rate-increase", "5%", "--max-cost-increase", "5%", "--json")
+    out = json.loads(r.output)
+    assert (r.exit_code, out["exit"], [c["state"] for c in out["criteria"]]) == (1, 1, ["fails", "undecided"])
+    assert out["criteria"][0]["metric"] == "cost_per_call_usd" and out["criteria"][0]["low"] > 0  # cost_c - 1.05 cost_b: above 0 with confidence
     r = _cli(store, "gate", *aa, "--max-p95-increase", "50%", "--max-cost-increase", "50%",
              "--max-guardrail-rate", "20%", "--max-error-rate-increase", "5%", "--min-samples", "500")
     assert r.exit_code == 0, r.output
