@@ -274,3 +274,53 @@ def test_semantic_shift_of_the_responses(store: str) -> None:
     assert (sem["n_baseline"], sem["p_value"]) == (300, semantic_shift(arms[0][-300:], arms[1][-300:], 0.05).p_value)
     r = _cli(store, "compare", "--baseline", "prompt_version=v4", "--candidate", "prompt_version=a1")
     assert r.output.splitlines()[-1].startswith("responses: no topic shift shown at 0.05, p ")  # same mix
+
+
+def test_compare_through_a_workers_sql_endpoint(store: str) -> None:
+    """While a worker holds the embedded store, compare reads it through the worker's
+    authenticated SQL endpoint (as `driftline sql` does): its parameters, functions and
+    formats must pass the endpoint's query policy, with the same answer as a direct read."""
+    import threading
+
+    from driftline.streams.auth import credentials_path, load_credentials
+    from driftline.streams.local.sql_endpoint import ClickHouseEndpoint, read_endpoint
+
+    args = ["compare", "--baseline", "prompt_version=v4", "--candidate", "prompt_version=v5", "--json"]
+    direct = _cli(store, *args)
+    assert direct.exit_code == 0, direct.output
+    path = store.removeprefix("chdb://")
+    sink = ClickHouseSink(store)
+    creds = load_credentials(credentials_path(path), environ={})
+    ready, box = threading.Event(), {}
+
+    def serve() -> None:
+        async def main() -> None:
+            ep = ClickHouseEndpoint(sink, port=0, credentials=creds)
+            await ep.start(path)
+            box["loop"], box["stop"] = asyncio.get_running_loop(), asyncio.Event()
+            ready.set()
+            await box["stop"].wait()
+            await ep.stop()
+
+        asyncio.run(main())
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    assert ready.wait(30)
+    try:
+        assert read_endpoint(path)  # the CLI finds the endpoint and goes through it
+        served = _cli(store, *args)
+        gated = _cli(store, "gate", "--baseline", "prompt_version=v4", "--candidate", "prompt_version=v5",
+                     "--max-p95-increase", "10%")
+        # proof that it went through the endpoint: a wrong password is refused there
+        refused = CliRunner().invoke(app, [*args, "--clickhouse", store],
+                                     env={"DRIFTLINE_SQL_PASSWORD": "not-the-password"})
+    finally:
+        box["loop"].call_soon_threadsafe(box["stop"].set)
+        t.join(30)
+        sink.close()
+    assert served.exit_code == 0, served.output
+    assert json.loads(served.output) == json.loads(direct.output)
+    assert gated.exit_code == 1, gated.output
+    assert refused.exit_code == 3 and "AUTHENTICATION_FAILED" in refused.output, refused.output
+    assert "not-the-password" not in refused.output
