@@ -272,8 +272,6 @@ def test_semantic_shift_of_the_responses(store: str) -> None:
     arms = [[(e["_embedding"], e["response"]) for e in EVENTS if e["prompt_version"] == v and "_embedding" in e]
             for v in ("a1", "a2")]
     assert (sem["n_baseline"], sem["p_value"]) == (300, semantic_shift(arms[0][-300:], arms[1][-300:], 0.05).p_value)
-    r = _cli(store, "compare", "--baseline", "prompt_version=v4", "--candidate", "prompt_version=a1")
-    assert r.output.splitlines()[-1].startswith("responses: no topic shift shown at 0.05, p ")  # same mix
 
 
 def test_compare_through_a_workers_sql_endpoint(store: str) -> None:
