@@ -135,3 +135,18 @@ def test_order_statistics_are_refetched_when_calls_arrive_between_the_queries() 
     lo, est, hi = quantile_ranks(210, 0.95, 0.025)
     assert (b.order_stat("latency_ms", lo), b.order_stat("latency_ms", est)) == (float(lo), float(est))
     assert b.order_stat("latency_ms", hi) == (math.inf if hi > 210 else float(hi))
+
+
+def test_render_semantic_lines() -> None:
+    from driftline.streams.cli.compare import SemanticResult, render_semantic
+
+    assert render_semantic(SemanticResult(10, 700, None, None, 0.0, []), 0.05) == \
+        "responses: not enough embedding samples (1-look test, n 10/700)\n"
+    assert render_semantic(SemanticResult(500, 500, 0.31, False, 0.02, []), 0.05) == \
+        "responses: no topic shift shown at 0.05, p 0.31 (1-look test, n 500/500)\n"
+    clusters = [{"delta": 0.2, "cur_examples": ["new  topic\ntext " + "x" * 100], "examples": ["old"]},
+                {"delta": -0.15, "cur_examples": ["c"], "examples": ["an old topic"]}]
+    lines = render_semantic(SemanticResult(500, 500, 1e-6, True, 0.2, clusters), 0.05).splitlines()
+    assert lines[0] == "responses: topic mix SHIFTED, p 1e-06, TV 0.20 (1-look test, n 500/500)"
+    assert lines[1].startswith("  +20 pts: new topic text xx") and len(lines[1]) == 80  # grown: a current text
+    assert lines[2] == "  -15 pts: an old topic"  # shrunk: a baseline text
