@@ -168,7 +168,7 @@ class AlertingStage:
                  dispatcher_options: Mapping[str, Any] | None = None,
                  window_ms: int | None = None, max_catch_up_windows: int = 10_080,
                  max_keys: int = 10_000, catch_up_budget_s: float | None = 0.2,
-                 revoke_flush_s: float = 5.0) -> None:
+                 revoke_flush_s: float = 5.0, max_traces: int = 10_000) -> None:
         if eval_interval_s <= 0:
             raise ValueError("eval_interval_s must be > 0")
         if window_ms is not None and window_ms <= 0:
@@ -178,7 +178,7 @@ class AlertingStage:
         self.rules = rules
         self.registry = registry if registry is not None else CollectorRegistry()
         self.evaluator = AlertEvaluator(rules, static_labels=static_labels, event_time_stamps=True,
-                                        max_keys=max_keys)
+                                        max_keys=max_keys, max_traces=max_traces)
         #: the window length (the catch-up step): the worker's when None
         self.window_ms = window_ms
         self.max_catch_up_windows = max_catch_up_windows
@@ -465,7 +465,22 @@ class AlertingStage:
                     ev.observe_event_seen(a, m, int(ts))
             if self._need_user_cost:
                 self._ingest_user_cost(cols)
+            if ev.traces is not None:
+                self._ingest_calls(cols)
         return wins
+
+    def _ingest_calls(self, cols: Mapping[str, Any]) -> None:
+        """Every stored call, for the runaway rules (per trace, conversation, user)."""
+        ev = self.evaluator
+        tok_in, tok_out, costs = cols["input_tokens"], cols["output_tokens"], cols["cost_usd"]
+        for i, (ts, a, m, tr, cv, u, op, st, p) in enumerate(zip(
+                cols["timestamp"], cols["app"], cols["model"], cols["trace_id"], cols["conversation_id"],
+                cols["user_id"], cols["operation"], cols["status"], cols["prompt"], strict=True)):
+            c = costs[i]
+            ev.observe_call(int(ts), a, m, {"trace_id": tr, "conversation_id": cv, "user_id": u},
+                            operation=op or "chat", status=st or "ok",
+                            tokens=int(tok_in[i] or 0) + int(tok_out[i] or 0),
+                            cost_usd=None if c is None else float(c), prompt=p)
 
     def _ingest_user_cost(self, cols: Mapping[str, list[Any]]) -> None:
         bucket_ms = 60_000
