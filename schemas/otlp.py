@@ -909,6 +909,17 @@ def _agent_above(parent: bytes, parents: dict[bytes, bytes],
     return None
 
 
+def _inherit_agents(batch: OtlpBatch, pending: list[tuple[Span, dict[str, Any]]], parents: dict[bytes, bytes],
+                    agents: dict[bytes, tuple[str | None, str | None]]) -> None:
+    """Events without an agent of their own take that of their nearest agent span above them."""
+    for span, d in pending:
+        if d.get("agent_name") is None and d.get("agent_id") is None:
+            found = _agent_above(span.parent_span_id, parents, agents)
+            if found is not None:
+                d["agent_name"], d["agent_id"] = found
+                batch.inherited_agents += 1
+
+
 def map_request(req: ExportTraceServiceRequest) -> OtlpBatch:
     """Map the GenAI spans of a decoded request to LLMEvents (see the module docstring)."""
     batch = OtlpBatch()
@@ -955,12 +966,16 @@ def map_request(req: ExportTraceServiceRequest) -> OtlpBatch:
                 pending.append((span, d))
                 if d.get("operation") in _AGENT_OPS:
                     agents[span.span_id] = (d.get("agent_name"), d.get("agent_id"))
+    if agents:
+        _inherit_agents(batch, pending, parents, agents)
+    _build_events(batch, pending, guards)
+    return batch
+
+
+def _build_events(batch: OtlpBatch, pending: list[tuple[Span, dict[str, Any]]],
+                  guards: dict[bytes, list[dict[str, Any]]]) -> None:
+    """The events of the mapped spans, their guardrail child spans attached; into ``batch``."""
     for span, d in pending:
-        if agents and d.get("agent_name") is None and d.get("agent_id") is None:
-            found = _agent_above(span.parent_span_id, parents, agents)
-            if found is not None:
-                d["agent_name"], d["agent_id"] = found
-                batch.inherited_agents += 1
         g = guards.pop(span.span_id, None) if guards else None
         if g:
             d["guardrails"] = (d.get("guardrails") or []) + g
@@ -973,7 +988,6 @@ def map_request(req: ExportTraceServiceRequest) -> OtlpBatch:
             _reject(batch, span, str(exc))
     for g in guards.values():
         batch.detached_guardrails += len(g)
-    return batch
 
 
 # --------------------------------------------------------------------------- OTLP/JSON
