@@ -13,7 +13,9 @@ Collector Kafka exporter writes them (``otlp_proto``, its default, or
   ``operation`` and no model needed: a trace's tool calls and agent runs are then rows of
   ``llm_events`` that the ``trace_summary`` view counts. Usage on an agent span stays in
   ``extra`` (agent frameworks report there the sum of the model calls below it, which
-  are events of their own: pricing both would count the cost twice);
+  are events of their own: pricing both would count the cost twice), and so does its
+  model (an agent run is not a model call: its duration must not enter the model's
+  latency windows);
 - ``gen_ai.agent.name`` / ``gen_ai.agent.id`` fill ``agent_name`` / ``agent_id``; a span
   without them takes those of its nearest ``invoke_agent`` (``create_agent``,
   ``invoke_workflow``) ancestor in the same request; ``gen_ai.tool.name`` fills
@@ -617,7 +619,12 @@ def _map_span(span: Span, a: dict[str, Any], app: str, env: str | None,
     d, latency_ms = _span_timing(span, app, env)
     _model_fields(a, d)
     _agent_fields(a, d)
-    if d.get("operation") not in _AGENT_OPS:  # an agent span's usage stays in extra (module doc)
+    if d.get("operation") in _AGENT_OPS:  # not a model call: model and usage stay in extra (module doc)
+        for key, attr in (("request_model", "gen_ai.request.model"), ("response_model", "gen_ai.response.model")):
+            v = d.pop(key, None)
+            if v is not None:
+                a[attr] = v
+    else:
         _usage_fields(a, d, latency_ms)
     _outcome_fields(span, a, d)
     system = _span_content(a, d)

@@ -62,7 +62,8 @@ def test_agent_and_tool_spans_become_events_with_the_agent_inherited() -> None:
     the chat span, and a chat span of another agent named on the span itself.
     Mutations caught: tool/agent spans skipped again (3 events), the agent not inherited
     (agent_name None on the chat and tool events), an agent span's usage mapped to tokens
-    (priced twice with its children), gen_ai.tool.name not mapped."""
+    (priced twice with its children) or its model kept (its run time in the model's latency
+    windows), gen_ai.tool.name not mapped."""
     req = _request(
         _span(1, None, {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": "planner",
                         "gen_ai.agent.id": "asst_1", "gen_ai.request.model": "gpt-4o",
@@ -83,13 +84,14 @@ def test_agent_and_tool_spans_become_events_with_the_agent_inherited() -> None:
     got = [(e.span_id[-1], e.operation, e.model, e.agent_name, e.agent_id, e.tool_name, e.input_tokens)
            for e in pb.events]
     assert got == [
-        ("1", "invoke_agent", "gpt-4o", "planner", "asst_1", None, None),
+        ("1", "invoke_agent", "", "planner", "asst_1", None, None),
         ("2", "chat", "gpt-4o", "planner", "asst_1", None, 300),
         ("4", "execute_tool", "", "planner", "asst_1", "flight_search", None),
         ("5", "chat", "gpt-4o-mini", "critic", None, None, None),
     ]
     agent = pb.events[0]
     assert (agent.extra["gen_ai.usage.input_tokens"], agent.extra["gen_ai.usage.output_tokens"]) == (300, 40)
+    assert (agent.request_model, agent.extra["gen_ai.request.model"]) == (None, "gpt-4o")
     assert pb.events[2].extra["gen_ai.tool.call.id"] == "call_9"
     assert (pb.inherited_agents, pb.skipped_non_genai, pb.skipped_non_model, pb.rejected) == (2, 1, 0, [])
 
