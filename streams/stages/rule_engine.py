@@ -489,8 +489,15 @@ class AlertEvaluator:
         labels are the group's id and its app. Stamped with the newest call read."""
         assert rule.condition is not None and self.traces is not None
         dim = rule.group_by[0]
+        cond = rule.condition
+        slack = 1e-9 * max(1.0, abs(cond.threshold))  # cost sums: bound and value add in other orders
+        alerted = {a.labels.get(dim) for (name, _fp), a in self._alerts.items() if name == rule.name}
         out = []
         for gid, app in self.traces.groups(dim):
+            # most groups are far under the threshold: skipped on an upper bound, no scan, no sample
+            # (a sample whose condition fails changes nothing unless the group has an alert)
+            if gid not in alerted and not cond.holds(self.traces.bound(dim, gid, cond.metric) + slack):
+                continue
             labels = self._labels(rule, {"app": app, dim: gid})
             if labels is None:
                 continue

@@ -43,7 +43,6 @@ __all__ = ["AGENT_TOOL_OPERATIONS", "TraceTracker", "prompt_key"]
 #: operations that are not model calls (schemas/event.py MODEL_OPTIONAL_OPERATIONS)
 AGENT_TOOL_OPERATIONS = frozenset({"execute_tool", "invoke_agent", "create_agent", "invoke_workflow"})
 _DIGITS = re.compile(r"\d+")
-_SPACE = re.compile(r"\s+")
 # the figures kept per bucket, in this order
 _CALLS, _LLM, _TOOL, _ERR, _TOK, _COST = range(6)
 _INDEX = {"calls.count": _CALLS, "llm_calls.count": _LLM, "tool_calls.count": _TOOL,
@@ -52,7 +51,9 @@ _INDEX = {"calls.count": _CALLS, "llm_calls.count": _LLM, "tool_calls.count": _T
 
 def prompt_key(text: str) -> str:
     """The hash of a prompt's normalised text (module docstring), 16 hex digits."""
-    t = _SPACE.sub(" ", _DIGITS.sub("0", unicodedata.normalize("NFKC", text).casefold())).strip()
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text)
+    t = " ".join(_DIGITS.sub("0", text.casefold()).split())
     return hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
@@ -65,6 +66,25 @@ class _Group:
     newest_ms: int
     buckets: dict[tuple[int, str, str], list[float]] = field(default_factory=dict)
     prompts: dict[str, dict[tuple[int, str, str], int]] = field(default_factory=dict)
+    #: the figures summed over every bucket held, and the most calls of one prompt over them:
+    #: upper bounds of any window's figures, so most groups are skipped without a scan
+    totals: list[float] = field(default_factory=lambda: [0.0] * 6)
+    top_prompt: int = 0
+    #: calls per prompt hash over every bucket held
+    prompt_n: dict[str, int] = field(default_factory=dict)
+    #: the oldest bucket start held (prune skips the groups with nothing to drop)
+    oldest_ms: int = 1 << 62
+
+    def recount(self) -> None:
+        """``totals`` and ``top_prompt`` from the buckets held (after buckets were dropped)."""
+        t = [0.0] * 6
+        for v in self.buckets.values():
+            for i in range(6):
+                t[i] += v[i]
+        self.totals = t
+        self.prompt_n = {pk: sum(per.values()) for pk, per in self.prompts.items()}
+        self.top_prompt = max(self.prompt_n.values(), default=0)
+        self.oldest_ms = min((k[0] for k in self.buckets), default=1 << 62)
 
 
 class TraceTracker:
@@ -101,6 +121,9 @@ class TraceTracker:
         tool = operation == "execute_tool"
         llm = operation not in AGENT_TOOL_OPERATIONS
         pk = prompt_key(prompt) if llm and prompt else None
+        priced = cost_usd is not None and cost_usd == cost_usd
+        add = (1.0, float(llm), float(tool), float(status == "error"), float(tokens),
+               float(cost_usd) if priced else 0.0)  # type: ignore[arg-type]
         for dim, groups in self._groups.items():
             gid = ids.get(dim)
             if not gid:
@@ -115,28 +138,36 @@ class TraceTracker:
             g.newest_ms = max(g.newest_ms, ts_ms)
             v = g.buckets.get(bk)
             if v is None:
-                v = g.buckets[bk] = [0.0] * 6
-            v[_CALLS] += 1
-            v[_LLM] += llm
-            v[_TOOL] += tool
-            v[_ERR] += status == "error"
-            v[_TOK] += tokens
-            if cost_usd is not None and cost_usd == cost_usd:
-                v[_COST] += cost_usd
+                g.buckets[bk] = list(add)
+                if b < g.oldest_ms:
+                    g.oldest_ms = b
+            else:
+                g.buckets[bk] = [x + y for x, y in zip(v, add, strict=True)]
+            g.totals = [x + y for x, y in zip(g.totals, add, strict=True)]
             if pk is not None:
                 per = g.prompts.pop(pk, None)
                 if per is None:
                     per = {}
                     if len(g.prompts) >= self.max_prompts:
-                        del g.prompts[next(iter(g.prompts))]
+                        gone = next(iter(g.prompts))
+                        del g.prompts[gone]
+                        g.prompt_n.pop(gone, None)
                 g.prompts[pk] = per
                 per[bk] = per.get(bk, 0) + 1
+                n = g.prompt_n[pk] = g.prompt_n.get(pk, 0) + 1
+                if n > g.top_prompt:
+                    g.top_prompt = n
 
     # -- reads -----------------------------------------------------------------------------
     def groups(self, dim: str) -> Iterator[tuple[str, str]]:
         """(id, app of its first call) of every group of ``dim``."""
         for gid, g in self._groups.get(dim, {}).items():
             yield gid, g.app
+
+    def bound(self, dim: str, gid: str, metric: str) -> float:
+        """An upper bound of :meth:`value` for any window (the figure over every call held)."""
+        g = self._groups[dim][gid]
+        return float(g.top_prompt) if metric == "prompt.repeats" else g.totals[_INDEX[metric]]
 
     def value(self, dim: str, gid: str, metric: str, window_ms: int, now_ms: int) -> tuple[float, int] | None:
         """(the figure, the newest bucket start read) of a group over ``(now - window, now]``;
@@ -168,6 +199,8 @@ class TraceTracker:
             for gid in [gid for gid, g in groups.items() if g.newest_ms <= lo]:
                 del groups[gid]
             for g in groups.values():
+                if g.oldest_ms > lo:
+                    continue
                 old = [k for k in g.buckets if k[0] <= lo]
                 for k in old:
                     del g.buckets[k]
@@ -178,6 +211,7 @@ class TraceTracker:
                             del per[k]
                         if not per:
                             del g.prompts[pk]
+                    g.recount()
 
     def retain(self, owned: Callable[[str, str], bool]) -> None:
         """Keep the calls of the (app, model) keys ``owned`` (a rebalance); drop groups left empty."""
@@ -193,6 +227,8 @@ class TraceTracker:
                         del g.prompts[pk]
                 if not g.buckets:
                     del groups[gid]
+                else:
+                    g.recount()
 
     def apps(self) -> set[str]:
         """The apps of every call held."""
@@ -216,4 +252,5 @@ class TraceTracker:
             g.buckets = {(int(b), str(a), str(m)): [float(x) for x in v] for b, a, m, v in buckets}
             g.prompts = {str(pk): {(int(b), str(a), str(m)): int(c) for b, a, m, c in per}
                          for pk, per in prompts}
+            g.recount()
             self._groups[dim][str(gid)] = g
