@@ -6,7 +6,9 @@
 
 1. takes what the worker stored since the last tick (window rows, partial and final;
    per-call costs for per-user budgets; the newest event time per app/model for absence
-   rules) and the drift results handed to :meth:`AlertingStage.observe_drift`;
+   rules; every call, by trace, conversation and user, for runaway rules:
+   streams/stages/runaway.py) and the drift results handed to
+   :meth:`AlertingStage.observe_drift`;
 2. reads the worker's *open* windows live (early evaluation): the worker writes partial
    window rows only every ``emit_interval_s`` (5 s), which alone would put the alert
    latency above 5 s; reading the open windows makes it about one tick;
