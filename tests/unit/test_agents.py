@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
@@ -20,6 +21,7 @@ from driftline.schemas.event import (
     encode_event,
     event_from_dict,
     event_to_dict,
+    json_schema,
 )
 from driftline.schemas.otlp import _to_otlp_json, decode_request
 from driftline.schemas.rules import RuleFileError, fingerprint, parse_rules
@@ -109,6 +111,11 @@ def test_json_events_say_the_same_and_only_agent_and_tool_operations_go_without_
     with pytest.raises(EventError) as e:
         decode_event(encode_event({**tool, "operation": "chat"}))
     assert e.value.key == "request_model"
+    # the published JSON Schema says the same (mutation caught: its anyOf left as before)
+    v = jsonschema.Draft202012Validator(json_schema())
+    assert [v.is_valid(d) for d in (tool, {**tool, "operation": "chat"}, {**tool, "operation": "chat",
+                                                                            "request_model": "m"})] == [
+        True, False, True]
     # the columnar path (64 records and more): 70 tool events and one chat event without a model
     docs = [{**tool, "event_id": f"e{i}"} for i in range(70)] + [{**tool, "event_id": "x", "operation": "chat"}]
     recs = [MemoryRecord("llm.events", 0, i, None, encode_event(d), []) for i, d in enumerate(docs)]
