@@ -579,7 +579,11 @@ class AlertingStage:
             o = owner(app, model)
             return o is None or o in mine
 
-        gone = self.evaluator.retain(owned)
+        def owned_key(app: str, model: str) -> bool:  # the calls of runaway rules: their exact key
+            o = owner(app, model, True)
+            return o is None or o in mine
+
+        gone = self.evaluator.retain(owned, owned_key)
         for rule, fp in gone:
             self._muted.discard((rule, fp))
             self.m.firing.labels(rule, self.rules.by_name(rule).severity).dec()
@@ -618,9 +622,11 @@ class AlertingStage:
         log.info("alerting: restored %d firing alert(s) from the alerts table", len(restored))
 
 
-def _owner_of(owners: Sequence[Sequence[Any]]) -> Callable[[str, str], tuple[str, int] | None]:
-    """``owner(app, model)``: the (topic, partition) of the newest stored event of the key
-    (of the app, when ``model`` is empty), None when none is stored; from OWNERS_SQL rows."""
+def _owner_of(owners: Sequence[Sequence[Any]]) -> Callable[..., tuple[str, int] | None]:
+    """``owner(app, model, exact=False)``: the (topic, partition) of the newest stored event
+    of the key (of the app, when ``model`` is empty and not ``exact``: an alert without a
+    model label; with ``exact``, the key ``app/`` of tool and agent rows), None when none is
+    stored; from OWNERS_SQL rows."""
     by_key: dict[tuple[str, str], tuple[tuple[str, int], int]] = {}
     by_app: dict[str, tuple[tuple[str, int], int]] = {}
     for app, model, (topic, part), ts in owners:
@@ -629,8 +635,8 @@ def _owner_of(owners: Sequence[Sequence[Any]]) -> Callable[[str, str], tuple[str
         if app not in by_app or o[1] >= by_app[app][1]:
             by_app[app] = o
 
-    def owner(app: str, model: str) -> tuple[str, int] | None:
-        o = by_key.get((app, model)) if model else by_app.get(app)
+    def owner(app: str, model: str, exact: bool = False) -> tuple[str, int] | None:
+        o = by_key.get((app, model)) if model or exact else by_app.get(app)
         return o[0] if o is not None else None
 
     return owner

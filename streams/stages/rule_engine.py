@@ -664,11 +664,15 @@ class AlertEvaluator:
 
     # -- ownership (rebalances) -------------------------------------------------------------
 
-    def retain(self, owned: Callable[[str, str], bool]) -> list[tuple[str, str]]:
+    def retain(self, owned: Callable[[str, str], bool],
+               owned_key: Callable[[str, str], bool] | None = None) -> list[tuple[str, str]]:
         """Keep only the state of the keys with ``owned(app, model)`` (an alert without a
         ``model`` label: ``owned(app, "")``; one without an ``app`` label is kept): the others
         moved to another worker, which evaluates them from now on. Dropped without a
-        transition. Returns the (rule, fingerprint) of the *firing* alerts dropped."""
+        transition. The calls of runaway rules are kept per their exact key with
+        ``owned_key`` (``owned`` when None): tool and agent rows have model ``""``, which
+        ``owned`` reads as "any model of the app". Returns the (rule, fingerprint) of the
+        *firing* alerts dropped."""
         def keep(k: Any) -> bool:
             return owned(*_app_model(k))
 
@@ -679,7 +683,7 @@ class AlertEvaluator:
         self._last_seen = {k: v for k, v in self._last_seen.items() if keep(k)}
         self._seen_hist = {k: v for k, v in self._seen_hist.items() if keep(k)}
         if self.traces is not None:
-            self.traces.retain(owned)
+            self.traces.retain(owned_key or owned)
         self._mcache.clear()
         gone = [k for k, a in self._alerts.items()
                 if "app" in a.labels and not owned(a.labels["app"], a.labels.get("model", ""))]

@@ -365,3 +365,24 @@ def test_a_store_from_before_the_agent_columns_is_upgraded_in_place(tmp_path: Pa
                                         ).result_rows) == [("t9", 1, [])]
     finally:
         s.close()
+
+
+def test_tool_rows_follow_their_own_key_on_a_rebalance() -> None:
+    """Tool and agent rows are keyed ``app/`` (model ''): after a rebalance their calls stay
+    with the owner of that key, not with the owner of the app's newest event (what an alert
+    without a model label follows). Mutations caught: the runaway state retained with the
+    alerts' ``owned`` (model '' read as any model of the app), or ``exact`` ignored."""
+    from driftline.streams.stages.alerting import _owner_of
+
+    owner = _owner_of([("trip", "gpt-4o", ("llm.events", 0), T0 + 5), ("trip", "", ("llm.events", 1), T0 + 1)])
+    assert (owner("trip", ""), owner("trip", "", True), owner("trip", "gpt-4o", True)) == (
+        ("llm.events", 0), ("llm.events", 1), ("llm.events", 0))
+    ev = AlertEvaluator(RUNAWAY)
+    ev.observe_call(T0, "trip", "gpt-4o", {"trace_id": "t"})
+    ev.observe_call(T0 + 1, "trip", "", {"trace_id": "t"}, operation="execute_tool")
+    # this worker holds partition 1 only: the tool row's key, not the app's newest event
+    ev.retain(lambda app, model: owner(app, model) == ("llm.events", 1),
+              lambda app, model: owner(app, model, True) == ("llm.events", 1))
+    assert ev.traces is not None
+    assert ev.traces.value("trace_id", "t", "tool_calls.count", 60_000, T0 + 5) == (1.0, T0)
+    assert ev.traces.value("trace_id", "t", "calls.count", 60_000, T0 + 5) == (1.0, T0)
