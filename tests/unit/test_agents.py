@@ -386,3 +386,17 @@ def test_tool_rows_follow_their_own_key_on_a_rebalance() -> None:
     assert ev.traces is not None
     assert ev.traces.value("trace_id", "t", "tool_calls.count", 60_000, T0 + 5) == (1.0, T0)
     assert ev.traces.value("trace_id", "t", "calls.count", 60_000, T0 + 5) == (1.0, T0)
+
+
+def test_the_worker_option_caps_the_traces_tracked() -> None:
+    """``driftline worker --alert-max-traces`` -> AlertingOptions -> the stage's tracker.
+    Mutation caught: the option not passed on (the default 10,000 kept), no validation."""
+    from prometheus_client import CollectorRegistry
+
+    from driftline.streams.wiring import AlertingOptions, stage_factories
+
+    st = stage_factories(alerting=AlertingOptions(max_traces=7))[0](CollectorRegistry())
+    assert isinstance(st, AlertingStage) and st.evaluator.traces is not None
+    assert st.evaluator.traces.max_groups == 7
+    with pytest.raises(ValueError, match="max_traces must be >= 1, got 0"):
+        AlertingOptions(max_traces=0)
