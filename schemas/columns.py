@@ -103,6 +103,9 @@ EVENT_FIELDS: Final[tuple[EventField, ...]] = (
     _wire("user_id", "String", "string", "string", "ident"),
     _wire("trace_id", "String", "string", "string", "ident"),
     _wire("span_id", "String", "string", "string", "ident"),
+    _wire("agent_name", _LC, "string", "string", "label"),  # gen_ai.agent.name
+    _wire("agent_id", "String", "string", "string", "ident"),  # gen_ai.agent.id
+    _wire("tool_name", _LC, "string", "string", "label"),  # gen_ai.tool.name
     _wire("input_tokens", "Nullable(UInt64)", "uint64", "int64", "count"),
     _wire("output_tokens", "Nullable(UInt64)", "uint64", "int64", "count"),
     _wire("cache_read_input_tokens", "Nullable(UInt64)", "uint64", "int64", "count"),

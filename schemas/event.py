@@ -2,7 +2,8 @@
 
 One JSON object per Kafka record. Keys follow OpenTelemetry ``gen_ai.*``
 attributes flattened to snake_case. Required: ``app``, ``request_model`` (or
-``response_model``), ``timestamp``, ``latency_ms``. Unknown keys are kept in
+``response_model``; neither for the agent and tool operations of
+:data:`MODEL_OPTIONAL_OPERATIONS`), ``timestamp``, ``latency_ms``. Unknown keys are kept in
 :attr:`LLMEvent.extra`, never dropped.
 
 Decoding has a fast path and an exact one. The fast path decodes the bytes
@@ -41,6 +42,7 @@ __all__ = [
     "MAX_LABEL_CHARS",
     "MAX_NESTING",
     "MAX_TOKENS",
+    "MODEL_OPTIONAL_OPERATIONS",
     "NESTED_TOO_DEEP",
     "check_limits",
     "decode_event",
@@ -73,6 +75,12 @@ MAX_ID_CHARS = 128
 MAX_NESTING = 64
 #: the reason given for a record nested deeper than :data:`MAX_NESTING`
 NESTED_TOO_DEEP = f"nested too deep: more than {MAX_NESTING} levels of arrays/objects"
+
+#: Operations of agent and tool spans (OpenTelemetry GenAI agent conventions): no model call,
+#: so an event with one of them needs no ``request_model``/``response_model`` (its grouping
+#: model is ``""``). Every other operation is a model call and needs a model.
+MODEL_OPTIONAL_OPERATIONS: frozenset[str] = frozenset({"execute_tool", "invoke_agent", "create_agent",
+                                                       "invoke_workflow"})
 
 NonNegInt = Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
 NonNegFloat = Annotated[float, Meta(ge=0, le=sys.float_info.max)]  # finite
@@ -118,6 +126,9 @@ class LLMEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, fo
     user_id: Ident | None = None
     trace_id: Ident | None = None
     span_id: Ident | None = None
+    agent_name: Label | None = None
+    agent_id: Ident | None = None
+    tool_name: Label | None = None
     input_tokens: NonNegInt | None = None
     output_tokens: NonNegInt | None = None
     cache_read_input_tokens: NonNegInt | None = None
@@ -208,8 +219,8 @@ def nesting_exceeds(obj: Any, limit: int = MAX_NESTING) -> bool:
 
 
 _LABEL_FIELDS = ("app", "environment", "provider", "operation", "request_model", "response_model",
-                 "prompt_version", "error_type")
-_ID_FIELDS = ("event_id", "conversation_id", "user_id", "trace_id", "span_id")
+                 "prompt_version", "error_type", "agent_name", "tool_name")
+_ID_FIELDS = ("event_id", "conversation_id", "user_id", "trace_id", "span_id", "agent_id")
 _TOKEN_KEYS = ("input_tokens", "output_tokens", "cache_read_input_tokens",
                "cache_creation_input_tokens", "reasoning_output_tokens")
 _FLOAT_KEYS = ("latency_ms", "ttft_ms", "tpot_ms")
@@ -298,8 +309,10 @@ def event_from_dict(d: Any) -> LLMEvent:
     for req in ("app", "timestamp", "latency_ms"):
         if req not in known:
             raise EventError(f"{req}: required key is missing", req)
-    if "request_model" not in known and "response_model" not in known:
-        raise EventError("request_model: required key is missing (or give response_model)", "request_model")
+    if ("request_model" not in known and "response_model" not in known
+            and known.get("operation") not in MODEL_OPTIONAL_OPERATIONS):
+        raise EventError("request_model: required key is missing (or give response_model; only "
+                         "agent and tool operations go without)", "request_model")
     if not known.get("app"):
         raise EventError("app: must be a non-empty string", "app")
     if "event_id" not in known:
@@ -331,7 +344,8 @@ def decode_event(data: bytes | str) -> LLMEvent:
     except RecursionError:
         raise EventError(NESTED_TOO_DEEP) from None
     if (ev is not None and ev.event_id is not None and ev.app and not ev.extra
-            and (ev.request_model is not None or ev.response_model is not None)):
+            and (ev.request_model is not None or ev.response_model is not None
+                 or ev.operation in MODEL_OPTIONAL_OPERATIONS)):
         ts = ev.timestamp
         if type(ts) is int:
             if not _MIN_TS_MS <= ts <= _MAX_TS_MS:
@@ -372,14 +386,17 @@ def json_schema() -> dict[str, Any]:
 
     ``extra`` is not a wire key: unknown keys stand at top level and are
     allowed (``additionalProperties``), and ``request_model`` or
-    ``response_model`` must be present (``anyOf``).
+    ``response_model`` must be present (``anyOf``), unless ``operation`` is an agent or
+    tool operation (:data:`MODEL_OPTIONAL_OPERATIONS`).
     """
     schema: dict[str, Any] = msgspec.json.schema(LLMEvent)
     defs = schema.get("$defs", {})
     body = defs["LLMEvent"]
     body["properties"].pop("extra", None)
     body["additionalProperties"] = True
-    body["anyOf"] = [{"required": ["request_model"]}, {"required": ["response_model"]}]
+    body["anyOf"] = [{"required": ["request_model"]}, {"required": ["response_model"]},
+                     {"required": ["operation"],
+                      "properties": {"operation": {"enum": sorted(MODEL_OPTIONAL_OPERATIONS)}}}]
     body["title"] = "LLMEvent"
     body["description"] = f"driftline LLMEvent JSON v{SCHEMA_VERSION}: one LLM call."
     out: dict[str, Any] = {"$schema": "https://json-schema.org/draft/2020-12/schema"}

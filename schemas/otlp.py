@@ -8,9 +8,21 @@ Collector Kafka exporter writes them (``otlp_proto``, its default, or
 - every GenAI span (one with ``gen_ai.operation.name``, ``gen_ai.provider.name``,
   ``gen_ai.system`` or ``gen_ai.request.model``) that is a model call becomes one
   :class:`~driftline.schemas.event.LLMEvent`;
+- agent and tool spans (``invoke_agent``, ``create_agent``, ``invoke_workflow``,
+  ``execute_tool``; OpenTelemetry GenAI agent conventions) become events too, with that
+  ``operation`` and no model needed: a trace's tool calls and agent runs are then rows of
+  ``llm_events`` that the ``trace_summary`` view counts. Usage on an agent span stays in
+  ``extra`` (agent frameworks report there the sum of the model calls below it, which
+  are events of their own: pricing both would count the cost twice), and so does its
+  model (an agent run is not a model call: its duration must not enter the model's
+  latency windows);
+- ``gen_ai.agent.name`` / ``gen_ai.agent.id`` fill ``agent_name`` / ``agent_id``; a span
+  without them takes those of its nearest ``invoke_agent`` (``create_agent``,
+  ``invoke_workflow``) ancestor in the same request; ``gen_ai.tool.name`` fills
+  ``tool_name``;
 - ``apply_guardrail`` spans are folded into their parent span's ``guardrails``;
-- GenAI spans that are not model calls (``execute_tool``, ``create_agent``, agent or
-  workflow spans without a model) are counted in ``skipped_non_model``;
+- other GenAI spans that are not model calls (``retrieval``, ``create_memory``,
+  ``search_memory`` without a model) are counted in ``skipped_non_model``;
 - other spans are counted in ``skipped_non_genai``;
 - a GenAI span with bad attributes (tokens ``"abc"`` or negative, a negative
   duration, an unknown guardrail verdict, ...) becomes a :class:`RejectedSpan` with
@@ -47,7 +59,14 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from driftline.schemas.event import MAX_TOKENS, EventError, Guardrail, LLMEvent, check_limits
+from driftline.schemas.event import (
+    MAX_TOKENS,
+    MODEL_OPTIONAL_OPERATIONS,
+    EventError,
+    Guardrail,
+    LLMEvent,
+    check_limits,
+)
 
 __all__ = [
     "ENCODINGS",
@@ -94,8 +113,10 @@ class OtlpBatch:
     events: list[LLMEvent] = field(default_factory=list)
     rejected: list[RejectedSpan] = field(default_factory=list)
     skipped_non_genai: int = 0
-    #: GenAI spans that are not model calls (tools, agents, workflows without a model)
+    #: GenAI spans that are not model calls, agent or tool spans (retrieval, memory)
     skipped_non_model: int = 0
+    #: events that took ``agent_name``/``agent_id`` from an agent span above them
+    inherited_agents: int = 0
     #: ``apply_guardrail`` spans folded into their parent's ``guardrails``
     attached_guardrails: int = 0
     #: ``apply_guardrail`` spans whose parent span is not in this request
@@ -557,6 +578,10 @@ _DETECT = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.system", "ge
 _DETECT_SET = frozenset(_DETECT)
 _NON_MODEL_OPS = frozenset({"execute_tool", "create_agent", "invoke_agent", "invoke_workflow",
                             "retrieval", "apply_guardrail", "create_memory", "search_memory"})
+#: agent spans: events of their own, their usage left in extra, their agent inherited below them
+_AGENT_OPS = frozenset({"invoke_agent", "create_agent", "invoke_workflow"})
+#: how many parents up an event looks for its agent span (bounds a cycle of bad parent ids)
+_MAX_AGENT_HOPS = 64
 _PROMPT_VERSION_KEYS = ("driftline.prompt_version", "gen_ai.prompt.version", "prompt_version")
 _ERROR = Status.STATUS_CODE_ERROR
 
@@ -593,7 +618,14 @@ def _map_span(span: Span, a: dict[str, Any], app: str, env: str | None,
     """
     d, latency_ms = _span_timing(span, app, env)
     _model_fields(a, d)
-    _usage_fields(a, d, latency_ms)
+    _agent_fields(a, d)
+    if d.get("operation") in _AGENT_OPS:  # not a model call: model and usage stay in extra (module doc)
+        for key, attr in (("request_model", "gen_ai.request.model"), ("response_model", "gen_ai.response.model")):
+            v = d.pop(key, None)
+            if v is not None:
+                a[attr] = v
+    else:
+        _usage_fields(a, d, latency_ms)
     _outcome_fields(span, a, d)
     system = _span_content(a, d)
     guardrails: list[dict[str, Any]] = []
@@ -640,7 +672,8 @@ def _model_fields(a: dict[str, Any], d: dict[str, Any]) -> None:
     d["provider"] = _string(a, "gen_ai.provider.name", "gen_ai.system")
     d["request_model"] = _string(a, "gen_ai.request.model")
     d["response_model"] = _string(a, "gen_ai.response.model")
-    if d["request_model"] is None and d["response_model"] is None:
+    if (d["request_model"] is None and d["response_model"] is None
+            and op not in MODEL_OPTIONAL_OPERATIONS):
         raise _Reject("gen_ai.request.model: missing (and no gen_ai.response.model)")
     d["conversation_id"] = _string(a, "gen_ai.conversation.id")
     d["user_id"] = _string(a, "user.id", "enduser.id")
@@ -648,6 +681,13 @@ def _model_fields(a: dict[str, Any], d: dict[str, Any]) -> None:
         if k in a:
             d["prompt_version"] = _string(a, k)
             break
+
+
+def _agent_fields(a: dict[str, Any], d: dict[str, Any]) -> None:
+    """The agent and tool of the span (``gen_ai.agent.name``, ``gen_ai.agent.id``, ``gen_ai.tool.name``)."""
+    d["agent_name"] = _string(a, "gen_ai.agent.name")
+    d["agent_id"] = _string(a, "gen_ai.agent.id")
+    d["tool_name"] = _string(a, "gen_ai.tool.name")
 
 
 def _usage_fields(a: dict[str, Any], d: dict[str, Any], latency_ms: float) -> None:
@@ -862,16 +902,45 @@ def _build_event(d: dict[str, Any]) -> LLMEvent:
     return LLMEvent(**d)
 
 
+def _agent_above(parent: bytes, parents: dict[bytes, bytes],
+                 agents: dict[bytes, tuple[str | None, str | None]]) -> tuple[str | None, str | None] | None:
+    """(name, id) of the nearest agent span among the ancestors of a span (``parent`` first)
+    in the same request, None when there is none (or the chain leaves the request)."""
+    for _ in range(_MAX_AGENT_HOPS):
+        if not parent:
+            return None
+        found = agents.get(parent)
+        if found is not None and (found[0] is not None or found[1] is not None):
+            return found
+        parent = parents.get(parent, b"")
+    return None
+
+
+def _inherit_agents(batch: OtlpBatch, pending: list[tuple[Span, dict[str, Any]]], parents: dict[bytes, bytes],
+                    agents: dict[bytes, tuple[str | None, str | None]]) -> None:
+    """Events without an agent of their own take that of their nearest agent span above them."""
+    for span, d in pending:
+        if d.get("agent_name") is None and d.get("agent_id") is None:
+            found = _agent_above(span.parent_span_id, parents, agents)
+            if found is not None:
+                d["agent_name"], d["agent_id"] = found
+                batch.inherited_agents += 1
+
+
 def map_request(req: ExportTraceServiceRequest) -> OtlpBatch:
     """Map the GenAI spans of a decoded request to LLMEvents (see the module docstring)."""
     batch = OtlpBatch()
     pending: list[tuple[Span, dict[str, Any]]] = []
     guards: dict[bytes, list[dict[str, Any]]] = {}
+    parents: dict[bytes, bytes] = {}  # span id -> parent span id, every span of the request
+    agents: dict[bytes, tuple[str | None, str | None]] = {}  # agent span id -> (name, id)
     for rs in req.resource_spans:
         app, env, resource = _resource_info(rs.resource.attributes)
         for ss in rs.scope_spans:
             scope = ss.scope.name
             for span in ss.spans:
+                if span.parent_span_id:
+                    parents[span.span_id] = span.parent_span_id
                 kvs = span.attributes
                 for kv in kvs:  # keys first: other spans are skipped without reading values
                     if kv.key in _DETECT_SET:
@@ -886,8 +955,8 @@ def map_request(req: ExportTraceServiceRequest) -> OtlpBatch:
                         guards.setdefault(span.parent_span_id, []).append(
                             _guardrail_from_span(span, a))
                         continue
-                    if (op in _NON_MODEL_OPS and "gen_ai.request.model" not in a
-                            and "gen_ai.response.model" not in a):
+                    if (op in _NON_MODEL_OPS and op not in MODEL_OPTIONAL_OPERATIONS
+                            and "gen_ai.request.model" not in a and "gen_ai.response.model" not in a):
                         batch.skipped_non_model += 1
                         continue
                     d = _map_span(span, a, app, env, dict(resource) if resource else resource,
@@ -902,6 +971,17 @@ def map_request(req: ExportTraceServiceRequest) -> OtlpBatch:
                     _reject(batch, span, f"{type(exc).__name__}: {exc}")
                     continue
                 pending.append((span, d))
+                if d.get("operation") in _AGENT_OPS:
+                    agents[span.span_id] = (d.get("agent_name"), d.get("agent_id"))
+    if agents:
+        _inherit_agents(batch, pending, parents, agents)
+    _build_events(batch, pending, guards)
+    return batch
+
+
+def _build_events(batch: OtlpBatch, pending: list[tuple[Span, dict[str, Any]]],
+                  guards: dict[bytes, list[dict[str, Any]]]) -> None:
+    """The events of the mapped spans, their guardrail child spans attached; into ``batch``."""
     for span, d in pending:
         g = guards.pop(span.span_id, None) if guards else None
         if g:
@@ -915,7 +995,6 @@ def map_request(req: ExportTraceServiceRequest) -> OtlpBatch:
             _reject(batch, span, str(exc))
     for g in guards.values():
         batch.detached_guardrails += len(g)
-    return batch
 
 
 # --------------------------------------------------------------------------- OTLP/JSON

@@ -4,7 +4,7 @@ A rules file is a mapping with a ``rules:`` list (and optionally ``version: 1``)
 
     rules:
       - name: HighLatencyP99            # [A-Za-z_][A-Za-z0-9_]* (also a Prometheus alert name)
-        kind: threshold                 # threshold | ratio | budget | change | absence | drift
+        kind: threshold                 # threshold | ratio | budget | change | absence | drift | runaway
         expr: "latency_ms.p99 > 2000"   # METRIC OP NUMBER
         match: {app: "chat-*", environment: prod}   # fnmatch globs on the alert labels
         severity: warning               # info | warning | critical
@@ -38,6 +38,15 @@ absence    ``absent_for`` duration, ``group_by`` subset of app/model
 drift      ``expr`` on ``drift.p_value`` / ``drift.statistic`` /
            ``drift.drifted`` (``drift.drifted == true``); match may name
            ``field`` and ``method``
+runaway    agents and sessions: ``expr`` on a per-trace (conversation, user)
+           figure of :data:`RUNAWAY_METRICS` over a rolling ``window``
+           (event time), ``group_by`` exactly one of trace_id /
+           conversation_id / user_id (default ``[trace_id]``); the alert's
+           labels are that id and the app. ``calls.count``,
+           ``llm_calls.count``, ``tool_calls.count``, ``errors.count``,
+           ``tokens.sum``, ``cost_usd.sum``, ``prompt.repeats`` (the most
+           calls with one normalised prompt: casefolded, digits as 0,
+           whitespace collapsed, hashed); compares with > or >=
 ========== ==================================================================
 
 Errors are :class:`RuleError` values naming the rule, the field and the
@@ -69,6 +78,8 @@ __all__ = [
     "DRIFT_METRICS",
     "KINDS",
     "RATE_METRICS",
+    "RUNAWAY_GROUPS",
+    "RUNAWAY_METRICS",
     "Rule",
     "RuleError",
     "RuleFileError",
@@ -82,14 +93,21 @@ __all__ = [
     "parse_rules",
 ]
 
-Kind = Literal["threshold", "ratio", "budget", "change", "absence", "drift"]
+Kind = Literal["threshold", "ratio", "budget", "change", "absence", "drift", "runaway"]
 Severity = Literal["info", "warning", "critical"]
-KINDS: Final[tuple[str, ...]] = ("threshold", "ratio", "budget", "change", "absence", "drift")
+KINDS: Final[tuple[str, ...]] = ("threshold", "ratio", "budget", "change", "absence", "drift", "runaway")
 SEVERITIES: Final[tuple[str, ...]] = ("info", "warning", "critical")
 RATE_METRICS: Final[tuple[str, ...]] = (
     "errors.rate", "guardrail.hit_rate", "guardrail.blocked_rate", "feedback.negative_rate",
 )
 DRIFT_METRICS: Final[tuple[str, ...]] = ("drift.p_value", "drift.statistic", "drift.drifted")
+#: what a runaway rule reads per trace (conversation, user) over its window
+RUNAWAY_METRICS: Final[tuple[str, ...]] = (
+    "calls.count", "llm_calls.count", "tool_calls.count", "errors.count", "tokens.sum", "cost_usd.sum",
+    "prompt.repeats",
+)
+#: what a runaway rule groups by (one of them)
+RUNAWAY_GROUPS: Final[tuple[str, ...]] = ("trace_id", "conversation_id", "user_id")
 OPERATORS: Final[tuple[str, ...]] = (">=", "<=", "==", ">", "<")
 # Labels a rule may match on, per kind (environment comes from the evaluator's static labels).
 _WINDOW_LABELS = ("app", "model", "prompt_version", "environment")
@@ -100,6 +118,7 @@ _MATCH_LABELS: Final[dict[str, tuple[str, ...]]] = {
     "budget": ("app", "model", "user_id", "environment"),
     "absence": ("app", "model", "environment"),
     "drift": (*_WINDOW_LABELS, "field", "method"),
+    "runaway": ("app", "environment"),
 }
 _COMMON_FIELDS = (
     "name", "kind", "match", "severity", "for", "labels", "annotations",
@@ -113,10 +132,12 @@ _KIND_FIELDS: Final[dict[str, tuple[str, ...]]] = {
                "min_baseline_windows", "min_events"),
     "absence": ("absent_for", "group_by"),
     "drift": ("expr",),
+    "runaway": ("expr", "window", "group_by"),
 }
 _GROUP_BY: Final[dict[str, tuple[str, ...]]] = {
     "budget": ("app", "model", "user_id"),
     "absence": ("app", "model"),
+    "runaway": RUNAWAY_GROUPS,
 }
 _TEMPLATE_COMMON = ("value", "threshold", "rule", "severity", "metric")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -514,6 +535,8 @@ def template_names(rule_kind: str, group_by: tuple[str, ...] = ()) -> tuple[str,
     labels: tuple[str, ...]
     if rule_kind in ("budget", "absence"):
         labels = (*group_by, "environment")
+    elif rule_kind == "runaway":
+        labels = (*group_by, "app", "environment")
     else:
         labels = _MATCH_LABELS[rule_kind]
     extra = ("baseline",) if rule_kind == "change" else ()
@@ -611,7 +634,7 @@ def _check_match_and_labels(c: _Checker, kind: str) -> tuple[dict[str, str], dic
             c.err("match", f"cannot match on {k!r} in a {kind} rule (allowed: {', '.join(_MATCH_LABELS[kind])})")
     labels = c.str_map("labels")
     for k in labels:
-        if not _LABEL_NAME_RE.match(k) or k in ("alertname", "severity", *_MATCH_LABELS[kind], "user_id"):
+        if not _LABEL_NAME_RE.match(k) or k in ("alertname", "severity", *_MATCH_LABELS[kind], *RUNAWAY_GROUPS):
             c.err("labels", f"label {k!r} is reserved or not a valid label name")
     return match, labels
 
@@ -682,6 +705,20 @@ def _check_absence_kind(c: _Checker, kind: str, parts: _KindParts) -> None:
         c.err("absent_for", "must be positive")
 
 
+def _check_runaway_kind(c: _Checker, kind: str, parts: _KindParts) -> None:
+    """runaway: ``METRIC >`` (or ``>=``) a limit over a required positive rolling window."""
+    condition = c.expr(RUNAWAY_METRICS, "runaway")
+    if condition is not None and condition.op not in (">", ">="):
+        c.err("expr", "a runaway rule compares with > or >=")
+        condition = None
+    parts.condition = condition
+    if "window" not in c.raw:
+        c.err("window", "is required (the rolling window of event time, e.g. 10m)")
+    parts.window_ms = c.duration("window")
+    if "window" in c.raw and parts.window_ms <= 0 and c.clean():
+        c.err("window", "must be positive")
+
+
 _KIND_CHECKS: Final[dict[str, Callable[[_Checker, str, _KindParts], None]]] = {
     "threshold": _check_window_kind,
     "ratio": _check_window_kind,
@@ -689,17 +726,23 @@ _KIND_CHECKS: Final[dict[str, Callable[[_Checker, str, _KindParts], None]]] = {
     "budget": _check_budget_kind,
     "change": _check_change_kind,
     "absence": _check_absence_kind,
+    "runaway": _check_runaway_kind,
 }
 
 
 def _check_group_by(c: _Checker, kind: str, match: dict[str, str]) -> tuple[str, ...]:
-    """A non-empty list of this kind's group labels (default ``[app]``); a bad one reads as ``[app]``."""
-    gb = c.raw.get("group_by", ["app"])
+    """A non-empty list of this kind's group labels (default ``[app]``, ``[trace_id]`` for
+    runaway, which takes exactly one); a bad one reads as the default."""
+    default = ["trace_id"] if kind == "runaway" else ["app"]
+    gb = c.raw.get("group_by", default)
     if isinstance(gb, str):
         gb = [gb]
     if not isinstance(gb, list) or not gb or any(g not in _GROUP_BY[kind] for g in gb):
         c.err("group_by", f"must be a non-empty list of {', '.join(_GROUP_BY[kind])}, got {gb!r}")
-        gb = ["app"]
+        gb = default
+    elif kind == "runaway" and len(gb) != 1:
+        c.err("group_by", f"a runaway rule groups by exactly one of {', '.join(RUNAWAY_GROUPS)}, got {gb!r}")
+        gb = default
     group_by = tuple(dict.fromkeys(str(g) for g in gb))
     if "user_id" in match and "user_id" not in group_by:
         c.err("match", "matching on 'user_id' needs user_id in group_by")

@@ -27,6 +27,9 @@ CREATE TABLE IF NOT EXISTS {db}.llm_events
     user_id String,
     trace_id String,
     span_id String,
+    agent_name LowCardinality(String),
+    agent_id String,
+    tool_name LowCardinality(String),
     input_tokens Nullable(UInt64),
     output_tokens Nullable(UInt64),
     cache_read_input_tokens Nullable(UInt64),
@@ -277,3 +280,65 @@ CREATE TABLE IF NOT EXISTS {db}.dlq_outbox
 ENGINE = ReplacingMergeTree
 ORDER BY (source_topic, source_partition, epoch, source_offset, idx)
 SETTINGS non_replicated_deduplication_window = 1000
+;
+-- Agents and sessions (README "Agents and sessions"): one row per trace, computed at
+-- query time from llm_events FINAL, so every figure is exact under the exactly-once
+-- rules (a replayed or re-sent event collapses with its twin before it is counted; an
+-- aggregating materialized view would count it twice). Calls: every row of the trace;
+-- llm_calls: model calls (any operation but the agent/tool ones); tool_calls: operation
+-- execute_tool; agent_spans: invoke_agent / invoke_workflow / create_agent. Tokens and
+-- cost: sums over the trace's rows (OTLP agent spans carry no usage: it stays in extra,
+-- so the model calls are not counted twice). wall_ms: first start to last end.
+-- unpriced_llm_calls: model calls without a price (cost_usd NULL), not in cost_usd.
+-- FINAL reads the whole table: filter llm_events by app and time for big stores
+-- (the same SELECT with a WHERE, README).
+CREATE OR REPLACE VIEW {db}.trace_summary AS
+SELECT
+    e.trace_id AS trace_id,
+    anyIf(e.conversation_id, e.conversation_id != '') AS conversation_id,
+    anyIf(e.user_id, e.user_id != '') AS user_id,
+    arraySort(groupUniqArray(e.app)) AS apps,
+    count() AS calls,
+    countIf(e.operation NOT IN ('execute_tool', 'invoke_agent', 'create_agent', 'invoke_workflow')) AS llm_calls,
+    countIf(e.operation = 'execute_tool') AS tool_calls,
+    countIf(e.operation IN ('invoke_agent', 'create_agent', 'invoke_workflow')) AS agent_spans,
+    countIf(e.status = 'error') AS errors,
+    sum(ifNull(e.input_tokens, 0)) AS input_tokens,
+    sum(ifNull(e.output_tokens, 0)) AS output_tokens,
+    sum(ifNull(e.cost_usd, 0)) AS cost_usd,
+    countIf(e.cost_usd IS NULL AND e.operation NOT IN ('execute_tool', 'invoke_agent', 'create_agent',
+                                                     'invoke_workflow')) AS unpriced_llm_calls,
+    min(e.timestamp) AS started_at,
+    max(toUnixTimestamp64Milli(e.timestamp) + e.latency_ms) - toUnixTimestamp64Milli(min(e.timestamp)) AS wall_ms,
+    arraySort(groupUniqArrayIf(e.agent_name, e.agent_name != '')) AS agents,
+    arraySort(groupUniqArrayIf(e.tool_name, e.tool_name != '')) AS tools,
+    arraySort(groupUniqArrayIf(e.model, e.model != '')) AS models
+FROM {db}.llm_events AS e FINAL
+WHERE e.trace_id != ''
+GROUP BY e.trace_id
+;
+-- The same per conversation (gen_ai.conversation.id), with the number of its traces.
+CREATE OR REPLACE VIEW {db}.conversation_summary AS
+SELECT
+    e.conversation_id AS conversation_id,
+    anyIf(e.user_id, e.user_id != '') AS user_id,
+    arraySort(groupUniqArray(e.app)) AS apps,
+    uniqExactIf(e.trace_id, e.trace_id != '') AS traces,
+    count() AS calls,
+    countIf(e.operation NOT IN ('execute_tool', 'invoke_agent', 'create_agent', 'invoke_workflow')) AS llm_calls,
+    countIf(e.operation = 'execute_tool') AS tool_calls,
+    countIf(e.operation IN ('invoke_agent', 'create_agent', 'invoke_workflow')) AS agent_spans,
+    countIf(e.status = 'error') AS errors,
+    sum(ifNull(e.input_tokens, 0)) AS input_tokens,
+    sum(ifNull(e.output_tokens, 0)) AS output_tokens,
+    sum(ifNull(e.cost_usd, 0)) AS cost_usd,
+    countIf(e.cost_usd IS NULL AND e.operation NOT IN ('execute_tool', 'invoke_agent', 'create_agent',
+                                                     'invoke_workflow')) AS unpriced_llm_calls,
+    min(e.timestamp) AS started_at,
+    max(toUnixTimestamp64Milli(e.timestamp) + e.latency_ms) - toUnixTimestamp64Milli(min(e.timestamp)) AS wall_ms,
+    arraySort(groupUniqArrayIf(e.agent_name, e.agent_name != '')) AS agents,
+    arraySort(groupUniqArrayIf(e.tool_name, e.tool_name != '')) AS tools,
+    arraySort(groupUniqArrayIf(e.model, e.model != '')) AS models
+FROM {db}.llm_events AS e FINAL
+WHERE e.conversation_id != ''
+GROUP BY e.conversation_id

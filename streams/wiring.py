@@ -103,10 +103,14 @@ class AlertingOptions:
     slack_webhooks: tuple[str, ...] = ()
     alertmanagers: tuple[str, ...] = ()
     eval_interval_s: float = 1.0
+    #: runaway rules: the most traces (conversations, users) tracked per kind
+    max_traces: int = 10_000
 
     def __post_init__(self) -> None:
         if not self.eval_interval_s > 0:
             raise ValueError("eval_interval_s must be > 0")
+        if self.max_traces < 1:
+            raise ValueError(f"max_traces must be >= 1, got {self.max_traces}")
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -141,7 +145,8 @@ def stage_factories(*, alerting: AlertingOptions | None = None,
         out.append(alerting_stage(alerting.rules_file, webhooks=alerting.webhooks,
                                   slack_webhooks=alerting.slack_webhooks,
                                   alertmanagers=alerting.alertmanagers,
-                                  eval_interval_s=alerting.eval_interval_s))
+                                  eval_interval_s=alerting.eval_interval_s,
+                                  max_traces=alerting.max_traces))
     if drift is not None:
         from driftline.streams.stages.semantic_drift import DriftStage
 

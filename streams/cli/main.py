@@ -347,6 +347,8 @@ def worker(
     sql_allow_workers: Annotated[bool, typer.Option("--sql-allow-workers", help="Let other workers on this machine write to this worker's chDB store through its SQL endpoint: start them with --clickhouse http://driftline_writer@127.0.0.1:8123/driftline and --clickhouse-password-file holding the driftline_writer password (generated on first start into <chdb path>/.driftline-credentials, or env DRIFTLINE_SQL_WRITER_PASSWORD). That user may only INSERT into driftline's tables and run the worker's own CREATE/ALTER schema statements, with POST; off by default.")] = False,
     # -- the page (streams/ui; README "Dashboards")
     ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Serve the page (drift, latency, cost, alerts) at /ui/ on the --metrics-port. It always asks for user driftline and the SQL endpoint's password (on loopback too; the credentials file next to a chDB store, else $XDG_DATA_HOME/driftline/credentials).")] = True,
+    # -- agents and sessions (streams/stages/runaway.py; README "Runaway rules")
+    alert_max_traces: Annotated[int, typer.Option(min=1, help="Runaway rules: the most traces (and conversations, users) whose calls are tracked, per kind; past it the one fed least recently is dropped, counted in driftline_alert_evicted_keys_total{dimension=\"traces\"}, and its alert resolves.")] = 10_000,
 ) -> None:
     """Run the stream processor: Kafka -> windows, cost, guardrails, drift -> ClickHouse, /metrics, alerts."""
     from driftline.streams.app import run_worker
@@ -386,6 +388,10 @@ def worker(
         from driftline.streams.wiring import stage_factories
 
         alerting = _alerting_options(alerts, rules, webhook, slack_webhook, alertmanager, alert_interval)
+        if alerting is not None:
+            from dataclasses import replace
+
+            alerting = replace(alerting, max_traces=alert_max_traces)
         dcfg = _drift_config(drift, embed_model=embed_model, embed_device=embed_device,
                              embed_batch=embed_batch, embed_threads=embed_threads, sample_rate=sample_rate,
                              drift_fields=drift_fields, ref_size=ref_size, drift_window=drift_window,

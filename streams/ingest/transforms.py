@@ -39,6 +39,7 @@ from driftline.schemas.event import (
     MAX_ID_CHARS,
     MAX_LABEL_CHARS,
     MAX_TOKENS,
+    MODEL_OPTIONAL_OPERATIONS,
     NESTED_TOO_DEEP,
     EventError,
     Guardrail,
@@ -292,6 +293,8 @@ _TOKEN_FIELDS = tuple(f.name for f in _WIRE if f.check == "count")
 _DURATIONS = tuple((f.name, f.required) for f in _WIRE if f.check == "duration")
 _LITERALS = tuple((f.name, pa.array(f.values, arrow_type(f.decoded))) for f in _WIRE
                   if f.values and f.name != "guardrails")
+#: operations that need no model (agent and tool spans): schemas/event.py
+_MODEL_OPTIONAL = pa.array(sorted(MODEL_OPTIONAL_OPERATIONS), pa.string())
 _VERDICTS = pa.array(next(f.values for f in _WIRE if f.name == "guardrails"), pa.string())
 _DEFAULTS = tuple((f.name, f.default) for f in _WIRE if f.default is not None)
 
@@ -420,7 +423,8 @@ def _valid_rows(t: pa.Table, ts_lo: int = 0, ts_hi: int = 253402300799999) -> np
     timestamp in ``[ts_lo, ts_hi]``?"""
     c = t.column
     ok = _np_bool(pc.and_(pc.is_valid(c("event_id")), pc.not_equal(c("app"), "")))
-    ok &= _np_bool(pc.or_(pc.is_valid(c("request_model")), pc.is_valid(c("response_model"))))
+    ok &= _np_bool(pc.or_(pc.or_(pc.is_valid(c("request_model")), pc.is_valid(c("response_model"))),
+                          pc.is_in(c("operation"), _MODEL_OPTIONAL)))
     ts = c("timestamp")
     ok &= _np_bool(pc.and_(pc.greater_equal(ts, ts_lo), pc.less_equal(ts, ts_hi)))
     for name in _TOKEN_FIELDS:

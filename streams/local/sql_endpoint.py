@@ -137,6 +137,9 @@ _TTL_EXPR = r"[A-Za-z0-9_(). +`]+"
 _WRITER_ALTERS = tuple(re.compile(p) for p in (
     r"^MODIFY SETTING non_replicated_deduplication_window = \d+$",
     r"^ADD COLUMN IF NOT EXISTS `?[A-Za-z_][A-Za-z0-9_]*`? [A-Za-z0-9_]+ DEFAULT [A-Za-z0-9_.']+$",
+    # the agent/tool columns of llm_events (clickhouse.py EVENT_COLUMNS_ADDED): empty strings
+    r"^ADD COLUMN IF NOT EXISTS `?[A-Za-z_][A-Za-z0-9_]*`? (?:String|LowCardinality\(String\)) "
+    r"AFTER `?[A-Za-z_][A-Za-z0-9_]*`?$",
     rf"^MODIFY TTL {_TTL_EXPR}$", r"^REMOVE TTL$",
     rf"^MODIFY COLUMN `?[A-Za-z_][A-Za-z0-9_]*`? TTL {_TTL_EXPR}$",
     r"^MODIFY COLUMN `?[A-Za-z_][A-Za-z0-9_]*`? REMOVE TTL$",

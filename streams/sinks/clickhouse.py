@@ -71,6 +71,15 @@ def retryable(exc: BaseException) -> bool:
 DEFAULT_DATABASE = "driftline"
 
 
+#: ``llm_events`` columns added after the table's first release, as ``ADD COLUMN IF NOT EXISTS``
+#: clauses for stores created before them (placed where tables.sql has them; '' by default)
+EVENT_COLUMNS_ADDED: tuple[str, ...] = (
+    "agent_name LowCardinality(String) AFTER span_id",
+    "agent_id String AFTER agent_name",
+    "tool_name LowCardinality(String) AFTER agent_id",
+)
+
+
 def ddl_statements(database: str = DEFAULT_DATABASE) -> list[str]:
     """The packaged CREATE statements (schemas/tables.sql) for ``database``."""
     if not database.replace("_", "").isalnum():
@@ -282,7 +291,14 @@ class ClickHouseSink:
         def run(c: Any) -> None:
             had_log = int(c.query(f"SELECT count() FROM system.tables WHERE database = '{db}' "
                                   "AND name = 'ingest_log'").result_rows[0][0]) > 0
+            views = [s for s in stmts if s.startswith("CREATE OR REPLACE VIEW")]
             for s in stmts:
+                if s not in views:
+                    c.command(s)
+            # columns added to llm_events later (agents and tools): before the views that read them
+            for col in EVENT_COLUMNS_ADDED:
+                c.command(f"ALTER TABLE {db}.llm_events ADD COLUMN IF NOT EXISTS {col}")
+            for s in views:
                 c.command(s)
             if not had_log:
                 # a store written before the write log: log its highest stored offset per

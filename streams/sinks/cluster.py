@@ -256,7 +256,9 @@ def sharding_key(spec: TableSpec) -> str:
 def cluster_ddl_statements(single_node: list[str], cluster: str) -> list[str]:
     """The cluster-mode DDL for ``single_node`` (the statements of
     :func:`driftline.streams.sinks.clickhouse.ddl_statements`): the database and, per
-    table, its Replicated ``<t>_local`` table and its Distributed ``<t>`` (module docstring)."""
+    table, its Replicated ``<t>_local`` table and its Distributed ``<t>`` (module docstring);
+    views (``trace_summary``) ``ON CLUSTER``, reading the Distributed tables: ``FINAL`` runs per
+    shard, exact since llm_events is sharded by ``event_id`` (a row and its twin meet)."""
     ClusterMode(cluster)  # validates the name
     on = on_cluster(cluster)
     out: list[str] = []
@@ -264,6 +266,11 @@ def cluster_ddl_statements(single_node: list[str], cluster: str) -> list[str]:
         db = re.fullmatch(r"CREATE DATABASE IF NOT EXISTS (\w+)", stmt)
         if db is not None:
             out.append(f"CREATE DATABASE IF NOT EXISTS {db.group(1)} ON CLUSTER {on}")
+            continue
+        view = re.fullmatch(r"CREATE OR REPLACE VIEW (\w+)\.(\w+) AS\n(.*)", stmt, re.DOTALL)
+        if view is not None:  # a view over the Distributed tables (trace_summary): on every node
+            out.append(f"CREATE OR REPLACE VIEW {view.group(1)}.{view.group(2)} ON CLUSTER {on} AS\n"
+                       f"{view.group(3)}")
             continue
         spec = parse_table(stmt)
         local = f"{spec.table}_local"

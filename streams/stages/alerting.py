@@ -6,7 +6,9 @@
 
 1. takes what the worker stored since the last tick (window rows, partial and final;
    per-call costs for per-user budgets; the newest event time per app/model for absence
-   rules) and the drift results handed to :meth:`AlertingStage.observe_drift`;
+   rules; every call, by trace, conversation and user, for runaway rules:
+   streams/stages/runaway.py) and the drift results handed to
+   :meth:`AlertingStage.observe_drift`;
 2. reads the worker's *open* windows live (early evaluation): the worker writes partial
    window rows only every ``emit_interval_s`` (5 s), which alone would put the alert
    latency above 5 s; reading the open windows makes it about one tick;
@@ -168,7 +170,7 @@ class AlertingStage:
                  dispatcher_options: Mapping[str, Any] | None = None,
                  window_ms: int | None = None, max_catch_up_windows: int = 10_080,
                  max_keys: int = 10_000, catch_up_budget_s: float | None = 0.2,
-                 revoke_flush_s: float = 5.0) -> None:
+                 revoke_flush_s: float = 5.0, max_traces: int = 10_000) -> None:
         if eval_interval_s <= 0:
             raise ValueError("eval_interval_s must be > 0")
         if window_ms is not None and window_ms <= 0:
@@ -178,7 +180,7 @@ class AlertingStage:
         self.rules = rules
         self.registry = registry if registry is not None else CollectorRegistry()
         self.evaluator = AlertEvaluator(rules, static_labels=static_labels, event_time_stamps=True,
-                                        max_keys=max_keys)
+                                        max_keys=max_keys, max_traces=max_traces)
         #: the window length (the catch-up step): the worker's when None
         self.window_ms = window_ms
         self.max_catch_up_windows = max_catch_up_windows
@@ -465,7 +467,22 @@ class AlertingStage:
                     ev.observe_event_seen(a, m, int(ts))
             if self._need_user_cost:
                 self._ingest_user_cost(cols)
+            if ev.traces is not None:
+                self._ingest_calls(cols)
         return wins
+
+    def _ingest_calls(self, cols: Mapping[str, Any]) -> None:
+        """Every stored call, for the runaway rules (per trace, conversation, user)."""
+        ev = self.evaluator
+        tok_in, tok_out, costs = cols["input_tokens"], cols["output_tokens"], cols["cost_usd"]
+        for i, (ts, a, m, tr, cv, u, op, st, p) in enumerate(zip(
+                cols["timestamp"], cols["app"], cols["model"], cols["trace_id"], cols["conversation_id"],
+                cols["user_id"], cols["operation"], cols["status"], cols["prompt"], strict=True)):
+            c = costs[i]
+            ev.observe_call(int(ts), a, m, {"trace_id": tr, "conversation_id": cv, "user_id": u},
+                            operation=op or "chat", status=st or "ok",
+                            tokens=int(tok_in[i] or 0) + int(tok_out[i] or 0),
+                            cost_usd=None if c is None else float(c), prompt=p)
 
     def _ingest_user_cost(self, cols: Mapping[str, list[Any]]) -> None:
         bucket_ms = 60_000
@@ -562,7 +579,11 @@ class AlertingStage:
             o = owner(app, model)
             return o is None or o in mine
 
-        gone = self.evaluator.retain(owned)
+        def owned_key(app: str, model: str) -> bool:  # the calls of runaway rules: their exact key
+            o = owner(app, model, True)
+            return o is None or o in mine
+
+        gone = self.evaluator.retain(owned, owned_key)
         for rule, fp in gone:
             self._muted.discard((rule, fp))
             self.m.firing.labels(rule, self.rules.by_name(rule).severity).dec()
@@ -601,9 +622,11 @@ class AlertingStage:
         log.info("alerting: restored %d firing alert(s) from the alerts table", len(restored))
 
 
-def _owner_of(owners: Sequence[Sequence[Any]]) -> Callable[[str, str], tuple[str, int] | None]:
-    """``owner(app, model)``: the (topic, partition) of the newest stored event of the key
-    (of the app, when ``model`` is empty), None when none is stored; from OWNERS_SQL rows."""
+def _owner_of(owners: Sequence[Sequence[Any]]) -> Callable[..., tuple[str, int] | None]:
+    """``owner(app, model, exact=False)``: the (topic, partition) of the newest stored event
+    of the key (of the app, when ``model`` is empty and not ``exact``: an alert without a
+    model label; with ``exact``, the key ``app/`` of tool and agent rows), None when none is
+    stored; from OWNERS_SQL rows."""
     by_key: dict[tuple[str, str], tuple[tuple[str, int], int]] = {}
     by_app: dict[str, tuple[tuple[str, int], int]] = {}
     for app, model, (topic, part), ts in owners:
@@ -612,8 +635,8 @@ def _owner_of(owners: Sequence[Sequence[Any]]) -> Callable[[str, str], tuple[str
         if app not in by_app or o[1] >= by_app[app][1]:
             by_app[app] = o
 
-    def owner(app: str, model: str) -> tuple[str, int] | None:
-        o = by_key.get((app, model)) if model else by_app.get(app)
+    def owner(app: str, model: str, exact: bool = False) -> tuple[str, int] | None:
+        o = by_key.get((app, model)) if model or exact else by_app.get(app)
         return o[0] if o is not None else None
 
     return owner

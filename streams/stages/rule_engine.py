@@ -48,7 +48,8 @@ Mapping of rule metrics to PromQL (``W`` is the export's ``rate_window``, defaul
     resolve_after                 keep_firing_for (Prometheus >= 2.42)
 
 Not expressible (listed by the export with the reason): per-user budgets (``user_id``
-is not a label), ``prompt_version`` matches outside drift rules, and metrics without a
+is not a label), runaway rules (per trace, conversation or user: no such label),
+``prompt_version`` matches outside drift rules, and metrics without a
 counterpart (tpot, late events, blocked rate).
 Hysteresis (``resolve_below``/``resolve_above``) is exported as the plain threshold and
 noted in the file header.
@@ -77,6 +78,7 @@ from driftline.schemas.rules import (
     load_rules,
 )
 from driftline.schemas.window_stats import WindowKey, WindowStats
+from driftline.streams.stages.runaway import TraceTracker
 
 __all__ = [
     "AlertEvaluator",
@@ -221,7 +223,8 @@ class AlertEvaluator:
 
     def __init__(self, rules: RuleSet, *, static_labels: Mapping[str, str] | None = None,
                  stale_windows: int = 2, event_time_stamps: bool = False,
-                 max_keys: int = 10_000, catch_up_ms: int = 86_400_000) -> None:
+                 max_keys: int = 10_000, catch_up_ms: int = 86_400_000,
+                 max_traces: int = 10_000) -> None:
         if stale_windows < 1:
             raise ValueError("stale_windows must be >= 1")
         if max_keys < 1:
@@ -256,6 +259,17 @@ class AlertEvaluator:
         self._alerts: dict[tuple[str, str], _Alert] = {}
         self._first_eval_ms: int | None = None
         self._last_eval_ms: int | None = None
+        #: runaway rules: per trace (conversation, user) figures; None without such rules.
+        #: At most ``max_traces`` groups per dimension (evictions in ``evicted["traces"]``);
+        #: time resolution 1 s, or the longest runaway window / 3600 when that is more (at
+        #: most 3600 buckets per group and key)
+        runaway = rules.of_kind("runaway")
+        self.traces: TraceTracker | None = None
+        if runaway:
+            keep = max(r.window_ms for r in runaway)
+            self.traces = TraceTracker(tuple(dict.fromkeys(r.group_by[0] for r in runaway)), keep,
+                                       bucket_ms=max(1000, keep // 3600 // 1000 * 1000),
+                                       max_groups=max_traces)
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -294,6 +308,18 @@ class AlertEvaluator:
         old = self._drift.pop(k, None)
         self._drift[k] = obs if old is None or obs.ts_ms >= old.ts_ms else old
         self._cap(self._drift, "drift")
+
+    def observe_call(self, ts_ms: int, app: str, model: str, ids: dict[str, str | None], *,
+                     operation: str = "chat", status: str = "ok", tokens: int = 0,
+                     cost_usd: float | None = None, prompt: str | None = None) -> None:
+        """One stored call, for runaway rules (``ids``: its trace_id, conversation_id, user_id);
+        a no-op without runaway rules."""
+        if self.traces is None:
+            return
+        self.traces.observe(ts_ms, app, model, ids, operation=operation, status=status, tokens=tokens,
+                            cost_usd=cost_usd, prompt=prompt)
+        if self.traces.evicted:
+            self.evicted["traces"] = sum(self.traces.evicted.values())
 
     def observe_event_seen(self, app: str, model: str, ts_ms: int) -> None:
         """An event of app/model with event time ``ts_ms`` (for absence rules)."""
@@ -454,7 +480,34 @@ class AlertEvaluator:
             return self._budget_samples(rule, now)
         if rule.kind == "absence":
             return self._absence_samples(rule, now)
+        if rule.kind == "runaway":
+            return self._runaway_samples(rule, now)
         return self._drift_samples(rule, now)
+
+    def _runaway_samples(self, rule: Rule, now: int) -> list[_Sample]:
+        """Per group (trace, conversation, user) of the rule: its figure over the window; the
+        labels are the group's id and its app. Stamped with the newest call read."""
+        assert rule.condition is not None and self.traces is not None
+        dim = rule.group_by[0]
+        cond = rule.condition
+        slack = 1e-9 * max(1.0, abs(cond.threshold))  # cost sums: bound and value add in other orders
+        alerted = {a.labels.get(dim) for (name, _fp), a in self._alerts.items() if name == rule.name}
+        out = []
+        for gid, app in self.traces.groups(dim):
+            # most groups are far under the threshold: skipped on an upper bound, no scan, no sample
+            # (a sample whose condition fails changes nothing unless the group has an alert)
+            if gid not in alerted and not cond.holds(self.traces.bound(dim, gid, cond.metric) + slack):
+                continue
+            labels = self._labels(rule, {"app": app, dim: gid})
+            if labels is None:
+                continue
+            got = self.traces.value(dim, gid, rule.condition.metric, rule.window_ms, now)
+            if got is None:
+                continue
+            value, at = got
+            out.append(_Sample(labels, value, rule.condition.threshold, rule.condition.holds(value),
+                               at_ms=at))
+        return out
 
     def _window_samples(self, rule: Rule, now: int) -> list[_Sample]:
         out = []
@@ -597,6 +650,8 @@ class AlertEvaluator:
         return out
 
     def _prune(self, now: int) -> None:
+        if self.traces is not None:
+            self.traces.prune(now)
         if self._need_seen_hist:
             lo = now - self._keep_seen_ms
             for hist in self._seen_hist.values():
@@ -609,11 +664,15 @@ class AlertEvaluator:
 
     # -- ownership (rebalances) -------------------------------------------------------------
 
-    def retain(self, owned: Callable[[str, str], bool]) -> list[tuple[str, str]]:
+    def retain(self, owned: Callable[[str, str], bool],
+               owned_key: Callable[[str, str], bool] | None = None) -> list[tuple[str, str]]:
         """Keep only the state of the keys with ``owned(app, model)`` (an alert without a
         ``model`` label: ``owned(app, "")``; one without an ``app`` label is kept): the others
         moved to another worker, which evaluates them from now on. Dropped without a
-        transition. Returns the (rule, fingerprint) of the *firing* alerts dropped."""
+        transition. The calls of runaway rules are kept per their exact key with
+        ``owned_key`` (``owned`` when None): tool and agent rows have model ``""``, which
+        ``owned`` reads as "any model of the app". Returns the (rule, fingerprint) of the
+        *firing* alerts dropped."""
         def keep(k: Any) -> bool:
             return owned(*_app_model(k))
 
@@ -623,6 +682,8 @@ class AlertEvaluator:
         self._drift = {k: v for k, v in self._drift.items() if keep(k)}
         self._last_seen = {k: v for k, v in self._last_seen.items() if keep(k)}
         self._seen_hist = {k: v for k, v in self._seen_hist.items() if keep(k)}
+        if self.traces is not None:
+            self.traces.retain(owned_key or owned)
         self._mcache.clear()
         gone = [k for k, a in self._alerts.items()
                 if "app" in a.labels and not owned(a.labels["app"], a.labels.get("model", ""))]
@@ -634,7 +695,9 @@ class AlertEvaluator:
     def held_apps(self) -> set[str]:
         """The apps this evaluator holds any state of."""
         keys = [*self._windows, *self._window_cost, *self._user_cost, *self._drift, *self._last_seen]
-        return {_app_model(k)[0] for k in keys} | {a.labels["app"] for a in self._alerts.values() if "app" in a.labels}
+        traced = self.traces.apps() if self.traces is not None else set()
+        return ({_app_model(k)[0] for k in keys} | traced
+                | {a.labels["app"] for a in self._alerts.values() if "app" in a.labels})
 
     def restore_alert(self, rule: str, fp: str, labels: Mapping[str, str], annotations: Mapping[str, str],
                       value: float, ts_ms: int) -> bool:
@@ -662,6 +725,7 @@ class AlertEvaluator:
             "alerts": [asdict(a) for a in self._alerts.values()],
             "first_eval_ms": self._first_eval_ms,
             "last_eval_ms": self._last_eval_ms,
+            "traces": self.traces.get_state() if self.traces is not None else [],
         }
 
     def set_state(self, state: Mapping[str, Any]) -> None:
@@ -691,6 +755,8 @@ class AlertEvaluator:
                 self._alerts[(a.rule, a.fingerprint)] = a
         self._first_eval_ms = state.get("first_eval_ms")
         self._last_eval_ms = state.get("last_eval_ms")
+        if self.traces is not None:
+            self.traces.set_state(list(state.get("traces", [])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -836,9 +902,16 @@ def _prom_annotation(text: str, rule: Rule, threshold: float | None) -> str:
     return "".join(out)
 
 
+#: why a runaway rule is not exported (listed on stderr, not in the file's header: these rules
+#: are per trace by design and have no PromQL form to miss)
+_STREAM_ONLY = "stream-only (runaway rule)"
+
+
 def _export_rule(rule: Rule, w: str) -> tuple[dict[str, Any] | None, str, list[str]]:
     """(Prometheus rule, reason when not expressible, approximation notes)."""
     notes: list[str] = []
+    if rule.kind == "runaway":
+        return None, f"{_STREAM_ONLY}: per {rule.group_by[0]}, which is not a Prometheus label", notes
     if "user_id" in rule.match or "user_id" in rule.group_by:
         return None, "per-user budget: user_id is not a Prometheus label", notes
     pv = rule.match.get("prompt_version", "*")
@@ -947,7 +1020,9 @@ def export_prometheus_rules(ruleset: RuleSet, *, rate_window: str = "5m",
                             group_name: str = "driftline") -> tuple[str, list[str]]:
     """Prometheus alerting rules (YAML text) for ``ruleset`` over the worker's ``/metrics``.
 
-    Returns the file text and the rules that cannot be expressed, as ``"NAME: why"``.
+    Returns the file text and the rules that cannot be expressed, as ``"NAME: why"``; the
+    runaway rules among them (per trace, evaluated by the worker only) are not listed in
+    the file's header.
     The text is deterministic (the same rules give the same bytes).
     """
     _parse_ms(rate_window)
@@ -968,9 +1043,10 @@ def export_prometheus_rules(ruleset: RuleSet, *, rate_window: str = "5m",
         " > deploy/prometheus/driftline-rules.yml",
         f"# Rate window: {rate_window}. Metric contract: driftline.streams.stages.rule_engine docstring.",
     ]
-    if skipped:
+    missing = [s for s in skipped if _STREAM_ONLY not in s]
+    if missing:
         header.append("# Not exported (cannot be expressed in PromQL over /metrics):")
-        header.extend(f"#   - {s}" for s in skipped)
+        header.extend(f"#   - {s}" for s in missing)
     if notes:
         header.append("# Approximations:")
         header.extend(f"#   - {n}" for n in notes)

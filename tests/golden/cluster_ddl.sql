@@ -16,6 +16,9 @@ CREATE TABLE IF NOT EXISTS driftline.llm_events_local ON CLUSTER c
     user_id String,
     trace_id String,
     span_id String,
+    agent_name LowCardinality(String),
+    agent_id String,
+    tool_name LowCardinality(String),
     input_tokens Nullable(UInt64),
     output_tokens Nullable(UInt64),
     cache_read_input_tokens Nullable(UInt64),
@@ -251,6 +254,56 @@ ORDER BY (source_topic, source_partition, epoch, source_offset, idx)
 ;
 CREATE TABLE IF NOT EXISTS driftline.dlq_outbox ON CLUSTER c AS driftline.dlq_outbox_local
 ENGINE = Distributed('c', 'driftline', 'dlq_outbox_local', cityHash64(source_topic, source_partition))
+;
+CREATE OR REPLACE VIEW driftline.trace_summary ON CLUSTER c AS
+SELECT
+    e.trace_id AS trace_id,
+    anyIf(e.conversation_id, e.conversation_id != '') AS conversation_id,
+    anyIf(e.user_id, e.user_id != '') AS user_id,
+    arraySort(groupUniqArray(e.app)) AS apps,
+    count() AS calls,
+    countIf(e.operation NOT IN ('execute_tool', 'invoke_agent', 'create_agent', 'invoke_workflow')) AS llm_calls,
+    countIf(e.operation = 'execute_tool') AS tool_calls,
+    countIf(e.operation IN ('invoke_agent', 'create_agent', 'invoke_workflow')) AS agent_spans,
+    countIf(e.status = 'error') AS errors,
+    sum(ifNull(e.input_tokens, 0)) AS input_tokens,
+    sum(ifNull(e.output_tokens, 0)) AS output_tokens,
+    sum(ifNull(e.cost_usd, 0)) AS cost_usd,
+    countIf(e.cost_usd IS NULL AND e.operation NOT IN ('execute_tool', 'invoke_agent', 'create_agent',
+                                                     'invoke_workflow')) AS unpriced_llm_calls,
+    min(e.timestamp) AS started_at,
+    max(toUnixTimestamp64Milli(e.timestamp) + e.latency_ms) - toUnixTimestamp64Milli(min(e.timestamp)) AS wall_ms,
+    arraySort(groupUniqArrayIf(e.agent_name, e.agent_name != '')) AS agents,
+    arraySort(groupUniqArrayIf(e.tool_name, e.tool_name != '')) AS tools,
+    arraySort(groupUniqArrayIf(e.model, e.model != '')) AS models
+FROM driftline.llm_events AS e FINAL
+WHERE e.trace_id != ''
+GROUP BY e.trace_id
+;
+CREATE OR REPLACE VIEW driftline.conversation_summary ON CLUSTER c AS
+SELECT
+    e.conversation_id AS conversation_id,
+    anyIf(e.user_id, e.user_id != '') AS user_id,
+    arraySort(groupUniqArray(e.app)) AS apps,
+    uniqExactIf(e.trace_id, e.trace_id != '') AS traces,
+    count() AS calls,
+    countIf(e.operation NOT IN ('execute_tool', 'invoke_agent', 'create_agent', 'invoke_workflow')) AS llm_calls,
+    countIf(e.operation = 'execute_tool') AS tool_calls,
+    countIf(e.operation IN ('invoke_agent', 'create_agent', 'invoke_workflow')) AS agent_spans,
+    countIf(e.status = 'error') AS errors,
+    sum(ifNull(e.input_tokens, 0)) AS input_tokens,
+    sum(ifNull(e.output_tokens, 0)) AS output_tokens,
+    sum(ifNull(e.cost_usd, 0)) AS cost_usd,
+    countIf(e.cost_usd IS NULL AND e.operation NOT IN ('execute_tool', 'invoke_agent', 'create_agent',
+                                                     'invoke_workflow')) AS unpriced_llm_calls,
+    min(e.timestamp) AS started_at,
+    max(toUnixTimestamp64Milli(e.timestamp) + e.latency_ms) - toUnixTimestamp64Milli(min(e.timestamp)) AS wall_ms,
+    arraySort(groupUniqArrayIf(e.agent_name, e.agent_name != '')) AS agents,
+    arraySort(groupUniqArrayIf(e.tool_name, e.tool_name != '')) AS tools,
+    arraySort(groupUniqArrayIf(e.model, e.model != '')) AS models
+FROM driftline.llm_events AS e FINAL
+WHERE e.conversation_id != ''
+GROUP BY e.conversation_id
 ;
 ALTER TABLE driftline.llm_events_local ON CLUSTER c MODIFY COLUMN prompt TTL toDateTime(timestamp) + INTERVAL 7 DAY
 ;

@@ -124,9 +124,9 @@ def test_three_workers_one_store_exactly_once(kafka_bootstrap: str, tmp_path: Pa
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     port = free_port()
-    # drift on a quarter of the prompts, small windows: a key's samples are numbered by its owner only
-    drift = ["--sample-rate", "0.25", "--drift-fields", "prompt", "--ref-size", "30", "--drift-window", "30",
-             "--test-every", "30", "--test-interval", "0", "--embed-threads", "1"]
+    # drift on half of the prompts, small windows: a key's samples are numbered by its owner only
+    drift = ["--sample-rate", "0.5", "--drift-fields", "prompt", "--ref-size", "20", "--drift-window", "20",
+             "--test-every", "20", "--test-interval", "0", "--embed-threads", "1"]
     common = ["--kafka", kafka_bootstrap, "--topic", topic, "--topic", otlp, "--group", group, *drift,
               "--window", str(WINDOW_S), "--lateness", "600", "--emit-interval", "0.5", "--max-batch", "500",
               "--metrics-port", "0", "--rules", str(rules), "--log-level", "info"]
@@ -144,7 +144,7 @@ def test_three_workers_one_store_exactly_once(kafka_bootstrap: str, tmp_path: Pa
     keys = sorted({(r.event["app"], r.event["response_model"]) for r in records})
     assert len(keys) == 12
     reqs = [genai_request([(*keys[(q + i) % 12], cfg.start_ms + (q * 25 + i) * 6, 40 + i, 5 + i, 2)
-                           for i in range(25)], 1 + q) for q in range(12)]
+                           for i in range(25)], 1 + q, prompts=True) for q in range(12)]
     spans = decode_batch([MemoryRecord(otlp, 0, q, None, v) for q, v in enumerate(reqs)], fast=False)
     assert spans.n_events == 300 and not spans.rejected
     ids |= {ev.event_id for ev in spans.events}

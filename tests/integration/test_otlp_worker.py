@@ -395,6 +395,15 @@ def expected_collector_rows(variant: int) -> list[dict[str, Any]]:
          "finish_reasons": [], "guardrail_names": [], "guardrail_verdicts": [],
          "guardrail_scores": [], "guardrail_hit": 0, "feedback": None, "prompt": None,
          "response": None, "cost_usd": None, "conversation_id": ""},
+        # a tool call: an event of its own (operation execute_tool, no model, no cost)
+        {**common, "span_id": "0000000000000005", "provider": "", "operation": "execute_tool",
+         "request_model": "", "response_model": "", "model": "",
+         "input_tokens": None, "output_tokens": None, "cache_read_input_tokens": None,
+         "cache_creation_input_tokens": None, "latency_ms": 30.0, "ttft_ms": None,
+         "tpot_ms": None, "status": "ok", "error_type": "",
+         "finish_reasons": [], "guardrail_names": [], "guardrail_verdicts": [],
+         "guardrail_scores": [], "guardrail_hit": 0, "feedback": None, "prompt": None,
+         "response": None, "cost_usd": None, "conversation_id": ""},
     ]
 
 
@@ -417,12 +426,12 @@ async def test_collector_kafka_exporter_records_both_encodings(
         (json4, [("content-type", b"application/json")]),
     ])
     async with running_worker(kafka_bootstrap, chdb_dsn, topic, dlq) as worker:
-        await wait_stored(worker, 12)
+        await wait_stored(worker, 16)
         assert worker.processed_records == 4
-        # per request: the tool span (not a model call) and the HTTP span are skipped
-        assert worker.metrics.skipped_spans == 8
+        # per request: the HTTP span is skipped (the tool span is an event)
+        assert worker.metrics.skipped_spans == 4
     rows = stored_rows(chdb_dsn)
-    assert len(rows) == 12
+    assert len(rows) == 16
     by_variant: dict[int, list[dict[str, Any]]] = {}
     for r in rows:
         by_variant.setdefault(int(r["trace_id"][:2], 16), []).append(r)

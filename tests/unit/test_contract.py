@@ -74,7 +74,8 @@ def chdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 def _ddl(s: Any) -> dict[str, list[tuple[str, str]]]:
-    rows = s.query(f"SELECT table, name, type FROM system.columns WHERE database = '{DB}' "
+    rows = s.query(f"SELECT table, name, type FROM system.columns WHERE database = '{DB}' AND table NOT IN "
+                   f"(SELECT name FROM system.tables WHERE database = '{DB}' AND engine = 'View') "
                    "ORDER BY table, position", "ArrowTable").to_pylist()
     out: dict[str, list[tuple[str, str]]] = {}
     for r in rows:

@@ -292,14 +292,17 @@ def test_evaluation_events_give_feedback_and_keep_raw_scores() -> None:
 
 
 def test_non_genai_and_non_model_spans_are_counted_not_mapped() -> None:
+    """Agent and tool spans are events (tests/unit/test_agents.py); retrieval and memory
+    spans without a model, and non-GenAI spans, are counted only."""
     b = both(request(
         span(1, {"http.request.method": "POST", "url.full": "https://x"}, name="POST"),
         span(2, {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "search"}),
         span(3, {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": "a"}),
         span(4, {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m"}),
+        span(5, {"gen_ai.operation.name": "retrieval", "gen_ai.data_source.id": "kb"}),
     ))
-    assert (len(b.events), b.skipped_non_genai, b.skipped_non_model, b.rejected) == (1, 1, 2, [])
-    assert b.events[0].span_id == sid(4)
+    assert (len(b.events), b.skipped_non_genai, b.skipped_non_model, b.rejected) == (3, 1, 1, [])
+    assert [e.span_id for e in b.events] == [sid(2), sid(3), sid(4)]
 
 
 @pytest.mark.parametrize(("attrs", "reason"), [

@@ -167,7 +167,9 @@ def test_default_rules_are_valid_and_cover_every_worker_metric() -> None:
     assert {"latency_ms.p99", "ttft_ms.p95", "errors.rate", "guardrail.hit_rate",
             "feedback.negative_rate", "cost_usd.sum", "tokens.per_call",
             "drift.p_value", "events.absent_s"} <= metrics
-    assert {r.kind for r in rs} == {"threshold", "ratio", "budget", "change", "absence", "drift"}
+    assert {r.kind for r in rs} == {"threshold", "ratio", "budget", "change", "absence", "drift", "runaway"}
+    assert {("prompt.repeats", "trace_id"), ("calls.count", "trace_id"), ("cost_usd.sum", "trace_id"),
+            ("cost_usd.sum", "conversation_id")} <= {(r.metric_name, r.group_by[0]) for r in rs.of_kind("runaway")}
 
 
 @pytest.mark.parametrize(("text", "ms"), [("30s", 30_000), ("3m", 180_000), ("1h30m", 5_400_000),

@@ -29,7 +29,7 @@ def test_worker_stages_are_built_in_order_and_drift_feeds_alerting_once() -> Non
     w = _worker(alerting=AlertingOptions(eval_interval_s=0.5), drift=DriftConfig())
     alerting, drift = w.stages
     assert (alerting.name, drift.name) == ("alerting", "drift")
-    assert alerting.eval_interval_s == 0.5 and len(alerting.rules) == 10  # the shipped default rules
+    assert alerting.eval_interval_s == 0.5 and len(alerting.rules) == 14  # the shipped default rules
     assert drift.observers == [alerting.observe_drift]
     link_stages(w.stages)
     assert drift.observers == [alerting.observe_drift]
