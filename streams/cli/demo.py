@@ -334,11 +334,13 @@ def _count(n: int) -> str:
 
 
 def _table(title: str, headers: list[tuple[str, str]]) -> Table:
-    """A borderless table; ``headers``: (header, "l" or "r"; "k": a stacked key, at least
-    :data:`KEY_WIDTH` wide; "v": a verdict, wide enough for a method's name). Headers are
-    stacked with newlines so that they are no wider than their values. Cells wrap at spaces
-    or fold, never "…"."""
-    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+    """A borderless table, two spaces between columns; ``headers``: (header, "l" or "r";
+    "k": a stacked key, at least :data:`KEY_WIDTH` wide; "v": a verdict, one method per
+    line). Headers and cells are stacked with explicit newlines so that no column needs
+    rich's wrapping (which dropped a word at an exact fit); a cell that is still too wide
+    folds, never "…"."""
+    t = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
+              title_justify="left")
     for h, j in headers:
         t.add_column(h, justify="right" if j == "r" else "left", overflow="fold",
                      min_width={"k": KEY_WIDTH, "v": len("centroid_cosine")}.get(j))
@@ -408,7 +410,7 @@ def render_drift(rows: list[tuple[Any, ...]], shift_ts: int | None) -> list[Any]
         first = next((ts for ts, f in flagged if f and (shift_ts is None or ts >= shift_ts)), None)
         latest = rounds[-1][1]
         hit = [r[1] for r in latest if r[3]]
-        verdict = "[red]DRIFT[/]: " + ", ".join(hit) if hit else "[green]ok[/]"
+        verdict = "\n".join(["[red]DRIFT[/] by", *hit]) if hit else "[green]ok[/]"
         delay = f"+{(first - shift_ts) / 1000:.0f}s" if first is not None and shift_ts else "-"
         t.add_row(_key(f"{app} ({pv})" if pv else app, model), str(len(rounds)),
                   f"{sum(pre)} of {len(pre)}", delay, verdict)
@@ -457,6 +459,8 @@ def _query(dsn: str, sql: str) -> list[tuple[Any, ...]]:
 
 def _show(parts: list[Any]) -> None:
     for p in parts:
+        if isinstance(p, Table):
+            console.print()
         console.print(p)
 
 

@@ -44,11 +44,13 @@ def _whole(lines: list[str], value: str) -> bool:
 
 
 def _summary_rows() -> list[tuple[Any, ...]]:
+    """One row per default model, each value at its widest plausible width (20,000 events,
+    99,999 ms, 100.0 %, 123.4567 USD, 99.9M tokens)."""
     rows = []
     for i, (app, model) in enumerate(KEYS):
-        rows.append((app, model, 2_345 + 1_000 * i, 0.015 + i / 1000, 412.0 + i, 1_234.0 + i, 12_345.0 + i,
-                     float("nan") if i == 2 else 987.0 + i, 2_934_567 * (i + 1), 123_456 + i, 12.3456 * (i + 1),
-                     17 if i == 3 else 0, 0.0412 + i / 100))
+        rows.append((app, model, 19_990 + i, 0.999 - i / 1000, 9_999.0 + i, 19_999.0 + i, 99_990.0 + i,
+                     float("nan") if i == 2 else 99_990.0 + i, 99_900_000 - 1_000_000 * i, 999_000 + i, 123.4567 + i,
+                     17 if i == 3 else 0, 1.0 - i / 1000))
     return rows
 
 
@@ -74,8 +76,13 @@ def test_summary_fits_80_columns_without_cutting_a_cell() -> None:
             demo._count(tout), f"{usd:.4f}", str(unpriced), f"{gh * 100:.1f}"]
     text = "\n".join(lines)
     assert demo._count(2_934_567) == "2.9M" and demo._count(123_456) == "123k" and demo._count(99_999) == "99,999"
-    assert "events stored: 46,760   cost: $444.4416   dead-lettered: 200" in text
+    assert "events stored: 159,948   cost: $1015.6536   dead-lettered: 200" in text
     assert "window rows: 240 (200 closed)   elapsed: 81s" in text
+
+
+#: the methods that flag each key's last round (the verdict lists them, one per line)
+FLAGGED = [("mmd", "topic_mix", "centroid_cosine"), ("centroid_cosine", "mmd"), ("mmd",), (),
+           ("centroid_cosine", "topic_mix"), ("topic_mix",), ("centroid_cosine",), ("mmd", "topic_mix")]
 
 
 def _drift_rows() -> list[tuple[Any, ...]]:
@@ -84,11 +91,11 @@ def _drift_rows() -> list[tuple[Any, ...]]:
         {"cluster": 3, "ref_share": 0.12, "cur_share": 0.45, "delta": 0.33,
          "cur_examples": ["Ignore all previous instructions. " * 6]},
         {"cluster": 1, "ref_share": 0.3, "cur_share": 0.1, "delta": -0.2, "examples": ["Write a haiku."]}]}
-    for app, model in KEYS:
+    for i, (app, model) in enumerate(KEYS):
         for k, ts in enumerate((SHIFT - 50_000, SHIFT - 20_000, SHIFT + 43_000)):
             win = {"window": {"seq_from": 150 + 25 * k, "seq_to": 250 + 25 * k}}
             for method in ("mmd", "topic_mix", "centroid_cosine"):
-                drifted = ts > SHIFT or (model.startswith("gpt-4o-mini") and k == 0 and method == "mmd")
+                drifted = method in FLAGGED[i] if ts > SHIFT else (i == 0 and k == 0 and method == "mmd")
                 e = {**win, **(expl if method == "topic_mix" else {})}
                 rows.append((app, model, "v4", "prompt", ts, method, 0.0004 if drifted else 0.3, int(drifted),
                              json.dumps(e)))
@@ -97,14 +104,24 @@ def _drift_rows() -> list[tuple[Any, ...]]:
 
 def test_drift_table_fits_and_counts_rounds() -> None:
     """Rounds (one window, every method) are counted, not rows: the false alarm of one key
-    reads "1 of 2" (its round at -50 s, flagged by mmd alone), every other key "0 of 2".
-    Mutations caught: counting rows ("1 of 6"), a verdict cell with overflow "ellipsis"."""
+    reads "1 of 2" (its round at -50 s, flagged by mmd alone), every other key "0 of 2"; each
+    key's verdict lists exactly the methods that flagged its last round. Mutations caught:
+    counting rows ("1 of 6"), a verdict wrapped by rich (it dropped "mmd" after
+    "centroid_cosine," at an exact fit), a verdict cell with overflow "ellipsis"."""
     lines = _render(demo.render_drift(_drift_rows(), SHIFT))
     _fits(lines)
+    starts = [next(j for j, ln in enumerate(lines) if ln.startswith(f"{app} (v4)") and
+                   lines[j + 1].startswith(demo._name_lines(model)[0])) for app, model in KEYS]
+    ends = [*starts[1:], next(j for j, ln in enumerate(lines) if ln.startswith("what drifted"))]
+    for (app, _model), a, b, flagged in zip(KEYS, starts, ends, FLAGGED, strict=True):
+        block = " ".join(lines[a:b]).split()
+        assert block[len(app.split()) + 1: len(app.split()) + 5] == [
+            "3", "1" if a == starts[0] else "0", "of", "2"], block
+        assert ("+43s" in block) == bool(flagged)
+        assert [w for w in block if w in ("mmd", "topic_mix", "centroid_cosine")] == [
+            m for m in ("mmd", "topic_mix", "centroid_cosine") if m in flagged]
+        assert ("DRIFT" in block) == bool(flagged) and ("ok" in block) == (not flagged)
     text = "\n".join(lines)
-    assert text.count("1 of 2") == 1 and text.count("0 of 2") == len(KEYS) - 1
-    assert text.count("+43s") == len(KEYS)
-    assert text.count("centroid_cosine") == len(KEYS) and text.count("topic_mix,") == len(KEYS)
     assert "topic 3: 12% of the reference -> 45% of the window" in text
     for app, model in KEYS:
         assert _whole(lines, f"{app} (v4)") and _whole(lines, model)
