@@ -143,3 +143,38 @@ def test_detection_indices_on_a_seeded_stream_in_decode_order() -> None:
     assert (first["seq_to"], (first["to_ms"] - 1_000_000) // 1_000) == (420, 419)  # 20 drifted in the window
     assert [(r.method, r.p_value, r.drifted) for _, r in results] == [(r.method, r.p_value, r.drifted)
                                                                       for _, r in res_k]
+
+
+def test_permutations_reach_the_per_test_level_or_say_so(caplog: Any) -> None:
+    """The permutation count follows the Bonferroni level of the round (``resamples`` with
+    1/(B+1) below a third of the threshold; the issue's run showed p = 1/513 against 0.0028);
+    past the cap of 8,192 (here 500 keys x 2 fields x 3 methods: 1.7e-5) the result says that
+    its smallest p-value cannot reach the level, and the engine warns once. Mutations caught:
+    a fixed permutation count, a floor missing from the explanation, a warning per test."""
+    import logging
+
+    eng = DriftEngine(DriftConfig(fields=("prompt",), sample_rate=1.0, ref_size=10, window_size=10,
+                                  test_every=10, test_interval_s=None, control_topic=None),
+                      lambda sql, params: [], "driftline", "fake")
+    rng = np.random.default_rng(5)
+    keys = [("app", f"m{k}", "v1") for k in range(6)]  # 6 keys x 1 field x 3 methods: 0.05 / 18
+    for i in range(20):
+        samples = [Sample(k, "prompt", f"{k[1]}-{i}", 1_000 * i, "t") for k in keys]
+        _, _, results = eng.process(samples, [0] * len(samples), rng.normal(size=(len(samples), 4)).astype(np.float32))
+    last = {(s.key, r.method): r for s, r in results}
+    r = last[(keys[-1], "mmd")]
+    assert r.threshold == 0.05 / 18 and r.explanation["resamples"] == 2048  # ceil(3 / 0.00278) -> 2^11
+    assert r.explanation["p_floor"] == 1 / 2049 < r.threshold / 3
+    assert last[(keys[-1], "topic_mix")].explanation["p_floor"] is None
+    big = DriftEngine(DriftConfig(sample_rate=1.0, ref_size=10, window_size=10, test_every=10, test_interval_s=None,
+                                  control_topic=None), lambda sql, params: [], "driftline", "fake")
+    big.active_keys = lambda: 500  # type: ignore[method-assign]
+    key = ("app", "m", "v1")
+    with caplog.at_level(logging.WARNING, logger="driftline.drift"):
+        for i in range(40):
+            _, _, results = big.process([Sample(key, "prompt", f"e{i}", 1_000 * i, "t")], [0],
+                                        rng.normal(size=(1, 4)).astype(np.float32))
+    mmd = [r for _, r in results if r.method == "mmd"]
+    assert mmd and mmd[0].explanation["resamples"] == 8192 and mmd[0].explanation["p_floor"] == 1 / 8193
+    assert mmd[0].threshold == 0.05 / 3000 < 1 / 8193
+    assert sum("cannot flag" in m for m in caplog.messages) == 1
