@@ -8,7 +8,9 @@
 4. semantic drift in the stream: the worker's drift stage samples prompts per key, embeds
    them (all-MiniLM-L6-v2 from its wheel, offline), builds a reference per key from the first
    samples and tests sliding windows against it (MMD, topic mix, centroid) into ``drift_scores``;
-5. print a summary per app/model and the SQL to explore further. Nothing is left running.
+5. print a summary per app/model (fits 80 columns) and the SQL to explore further;
+6. serve the page (streams/ui/) on the demo's store at a printed address until Ctrl-C
+   (``serve=False``, ``--no-serve``: exit at once). Nothing else is left running.
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from driftline.schemas.topics import EVENTS_TOPIC
 
-__all__ = ["run_demo"]
+__all__ = ["render_alerts", "render_drift", "render_summary", "run_demo", "serve_default"]
 
 console = Console(stderr=False)
 
@@ -43,11 +47,23 @@ def _demo_dir(keep: bool) -> Path:
     return d
 
 
-def run_demo(n_events: int = 20_000, drift_at: float = 0.6, seed: int = 7, keep: bool = True) -> int:
-    return asyncio.run(_demo(n_events, drift_at, seed, keep))
+def run_demo(n_events: int = 20_000, drift_at: float = 0.6, seed: int = 7, keep: bool = True,
+             serve: bool | None = None, port: int = 9465) -> int:
+    """Run the demo. ``serve``: serve the page on ``127.0.0.1:port`` (0 or a busy port: a free
+    one) until Ctrl-C; ``None``: only when stdin and stdout are a terminal (a script or CI
+    that runs the demo must not wait forever for a Ctrl-C it cannot send)."""
+    return asyncio.run(_demo(n_events, drift_at, seed, keep, serve_default(serve), port))
 
 
-async def _demo(n_events: int, drift_at: float, seed: int, keep: bool) -> int:
+def serve_default(serve: bool | None, stdin: Any = None, stdout: Any = None) -> bool:
+    """``--serve``/``--no-serve`` as given; unset: serve only when stdin and stdout are a
+    terminal (a script, a pipe or CI has nobody to press Ctrl-C)."""
+    if serve is not None:
+        return serve
+    return bool((stdin or sys.stdin).isatty() and (stdout or sys.stdout).isatty())
+
+
+async def _demo(n_events: int, drift_at: float, seed: int, keep: bool, serve: bool, port: int) -> int:
     t0 = time.monotonic()
     console.rule("[bold]driftline demo")
     console.print("[cyan]1/5[/] real prompts from the package registry (cached after the first run)")
@@ -58,18 +74,70 @@ async def _demo(n_events: int, drift_at: float, seed: int, keep: bool) -> int:
     console.print(f"[cyan]2/5[/] local broker + worker + embedded ClickHouse at {dsn}")
     dead_lettered = await _run_pipeline(records, work, dsn, t0)
     console.print("[cyan]5/5[/] summary")
-    _summary(dsn, [], dead_lettered, time.monotonic() - t0)
-    shift_ts = int(records[drift_start].event["timestamp"]) if drift_start is not None \
-        and records[drift_start].valid else None
+    _summary(dsn, dead_lettered, time.monotonic() - t0)
+    shift_ts = _shift_ts(records, drift_start)
     _drift_summary(dsn, shift_ts)
     if keep:
         _print_explore(dsn)
-    else:
-        import shutil
+    try:
+        if serve:
+            await _serve_page(dsn, port)
+        elif keep:
+            console.print(f"\nThe page (drift, latency, cost, alerts): driftline ui --clickhouse {dsn}")
+    finally:
+        if not keep:
+            import shutil
 
-        shutil.rmtree(work, ignore_errors=True)
-        console.print(f"--no-keep: the demo's store ({work}) is removed")
+            shutil.rmtree(work, ignore_errors=True)
+            console.print(f"--no-keep: the demo's store ({work}) is removed")
     return 0
+
+
+def _shift_ts(records: list[Any], drift_start: int | None) -> int | None:
+    """Event time of the first drifted record (a malformed one has none: the next valid one)."""
+    if drift_start is None:
+        return None
+    r = next((r for r in records[drift_start:] if r.valid), None)
+    return int(r.event["timestamp"]) if r is not None else None
+
+
+async def _serve_page(dsn: str, port: int) -> None:
+    """Serve the page (streams/ui/) on the demo's store, on 127.0.0.1, until Ctrl-C; print its
+    address and where its password is (never the password). The worker has stopped, so this
+    process opens the store itself."""
+    import signal
+
+    from driftline.streams.auth import USER, credentials_path, load_credentials
+    from driftline.streams.local.broker import free_port
+    from driftline.streams.sinks.clickhouse import chdb_path
+    from driftline.streams.ui.server import ClientRunner, serve_ui
+
+    creds = load_credentials(credentials_path(chdb_path(dsn)), users=(USER,))
+    runner = ClientRunner(dsn)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    def ready(url: str) -> None:
+        console.rule("[bold]the page")
+        console.print(f"[bold]{url}[/]  (drift, latency, cost, alerts of this run)", soft_wrap=True)
+        console.print(f"user [bold]{USER}[/], password in {creds.source}", soft_wrap=True)
+        console.print("served until Ctrl-C (driftline demo --no-serve exits at once)")
+
+    try:
+        try:
+            await serve_ui(runner, "driftline", "127.0.0.1", port, creds, stop, on_ready=ready)
+        except OSError as exc:  # the port is taken (another demo, driftline ui): a free one
+            if stop.is_set():
+                raise
+            console.print(f"port {port} is not free ({exc.strerror}): a free port instead")
+            await serve_ui(runner, "driftline", "127.0.0.1", free_port(), creds, stop, on_ready=ready)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await asyncio.to_thread(runner.close)
+        console.print("the page stopped")
 
 
 async def _replay_records(n_events: int, drift_at: float, seed: int) -> list[Any]:
@@ -206,58 +274,6 @@ async def _wait_drift(worker: Any, deadline: float) -> None:
                   + ("" if done else " [yellow](stopped at the time limit)[/]"))
 
 
-def _drift_summary(dsn: str, shift_ts: int | None) -> None:
-    """Per key: tests, false alarms before the injected drift, first detection after it; then the
-    topic-mix explanation of the key that drifted most."""
-    import json
-
-    import clickhouse_connect
-
-    c = clickhouse_connect.get_client(dsn=dsn)
-    try:
-        rows = c.query(
-            "SELECT app, model, prompt_version, field, toUnixTimestamp64Milli(ts), method, p_value, drifted, "
-            "explanation FROM driftline.drift_scores ORDER BY app, model, prompt_version, field, ts").result_rows
-    finally:
-        c.close()
-    if not rows:
-        console.print("drift: no tests ran (too few samples per key)")
-        return
-    by_key: dict[tuple[str, str, str, str], list[Any]] = {}
-    for r in rows:
-        by_key.setdefault(r[:4], []).append(r[4:])
-    t = Table(title="semantic drift per key (prompt embeddings, tested in the stream)")
-    for h in ("app", "model", "prompt_version", "tests", "before drift: flagged", "after: first flag",
-              "latest verdict"):
-        t.add_column(h, justify="left" if h in ("app", "model", "prompt_version") else "right")
-    worst: tuple[float, Any] | None = None
-    for (app, model, pv, _f), rs in by_key.items():
-        pre = [r for r in rs if shift_ts is not None and r[0] < shift_ts]
-        post = [r for r in rs if shift_ts is None or r[0] >= shift_ts]
-        first = next((r for r in post if r[3]), None)
-        last_ts = rs[-1][0]
-        latest = [r for r in rs if r[0] == last_ts]
-        verdict = "[red]DRIFT[/] (" + ",".join(r[1] for r in latest if r[3]) + ")" if any(
-            r[3] for r in latest) else "[green]ok[/]"
-        delay = f"+{(first[0] - shift_ts) / 1000:.0f}s" if first and shift_ts else "-"
-        t.add_row(app, model, pv, str(len(rs) // 3), f"{sum(1 for r in pre if r[3])} of {len(pre)}", delay,
-                  verdict)
-        for r in latest:
-            if r[1] == "topic_mix" and r[3]:
-                tv = json.loads(r[4]).get("total_variation", 0.0)
-                if worst is None or tv > worst[0]:
-                    worst = (tv, (app, model, pv, json.loads(r[4])))
-    console.print(t)
-    if worst is not None:
-        app, model, pv, expl = worst[1]
-        console.print(f"what drifted in {app}/{model}/{pv} (topic mix, total variation {worst[0]:.2f}; "
-                      f"{expl.get('novel_share', 0.0):.0%} of the window far from every reference topic):")
-        for cl in sorted(expl.get("clusters", []), key=lambda x: -abs(x.get("delta", 0)))[:3]:
-            ex = (cl.get("cur_examples") or cl.get("examples") or [""])[0]
-            console.print(f"    cluster {cl['cluster']}: {cl['ref_share']:.0%} -> {cl['cur_share']:.0%}  "
-                          f"e.g. {' '.join(str(ex).split())[:100]!r}")
-
-
 _RULES_NOTE = "default rules; the drift rules without their 3-minute 'for'"
 
 
@@ -280,58 +296,190 @@ def _alerting() -> Any:
     return AlertingStage.factory(rules, notifiers=[LogNotifier(level=logging.INFO)])
 
 
-def _alerts_summary(dsn: str) -> None:
-    import clickhouse_connect
+# --------------------------------------------------------------------------- the summary
+# Queried from the store by the ``_*_summary`` functions, rendered by the pure ``render_*``
+# functions (tests/unit/test_demo_summary.py renders them from seeded rows): every table fits
+# 80 columns. A key is stacked over two lines (app, then model; a long model name breaks
+# after a '/'), cells wrap rather than being cut ("…" never appears), and the per-key
+# numbers are split into two tables instead of eleven columns side by side.
 
-    c = clickhouse_connect.get_client(dsn=dsn)
-    try:
-        rows = c.query("SELECT rule, severity, app, model, countIf(state = 'firing'), "
-                       "countIf(state = 'resolved'), argMaxIf(value, ts, state = 'firing') "
-                       "FROM driftline.alerts GROUP BY rule, severity, app, model "
-                       "ORDER BY rule, app, model").result_rows
-    finally:
-        c.close()
-    if not rows:
-        console.print(f"alerts fired: none ({_RULES_NOTE})")
-        return
-    t = Table(title=f"alerts fired ({_RULES_NOTE}, evaluated in the stream)")
-    for h in ("rule", "severity", "app", "model", "fired", "resolved", "value"):
-        t.add_column(h, justify="right" if h in ("fired", "resolved", "value") else "left")
-    for rule, sev, app, model, fired, resolved, value in rows:
-        t.add_row(rule, sev, app, model, str(fired), str(resolved), f"{value:.3g}")
-    console.print(t)
+#: the widest line of a stacked key (the longest default model name, split at its '/')
+KEY_WIDTH = 28
 
 
-def _summary(dsn: str, drift_rows: list[dict[str, Any]], dead_lettered: int, elapsed: float) -> None:
-    import clickhouse_connect
+def _name_lines(name: str, width: int = KEY_WIDTH) -> list[str]:
+    """``name`` on lines of at most ``width``, broken after '/' where it is longer (a part
+    longer than ``width`` is left to the table, which folds it rather than cutting it)."""
+    if len(name) <= width:
+        return [name]
+    lines = [""]
+    for part in name.replace("/", "/\n").splitlines():
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return lines
 
-    c = clickhouse_connect.get_client(dsn=dsn)
-    try:
-        rows = c.query(
-            "SELECT app, model, count(), countIf(status = 'error') / count(), "
-            "quantileExact(0.5)(latency_ms), quantileExact(0.95)(latency_ms), quantileExact(0.99)(latency_ms), "
-            "quantileExact(0.95)(ttft_ms), sum(ifNull(input_tokens, 0)), sum(ifNull(output_tokens, 0)), "
-            "sum(cost_usd), countIf(cost_usd IS NULL), avg(guardrail_hit) "
-            "FROM driftline.llm_events FINAL GROUP BY app, model ORDER BY app, model").result_rows
-        windows = c.query("SELECT count(), countIf(final = 1) FROM driftline.llm_window_metrics FINAL").result_rows[0]
-    finally:
-        c.close()
-    t = Table(title="per app / model", show_lines=False)
-    for h in ("app", "model", "events", "err %", "p50 ms", "p95 ms", "p99 ms", "TTFT p95", "tokens in/out",
-              "cost USD", "guardrail hit %"):
-        t.add_column(h, justify="right" if h not in ("app", "model") else "left")
+
+def _key(*names: str) -> str:
+    return "\n".join(line for n in names for line in _name_lines(n))
+
+
+def _count(n: int) -> str:
+    """A count in at most 6 characters: 9,876 / 123k / 12.3M."""
+    if n >= 1_000_000:
+        return f"{n / 1e6:.1f}M"
+    if n >= 100_000:
+        return f"{n / 1e3:.0f}k"
+    return f"{n:,}"
+
+
+def _table(title: str, headers: list[tuple[str, str]]) -> Table:
+    """A borderless table, two spaces between columns; ``headers``: (header, "l" or "r";
+    "k": a stacked key, at least :data:`KEY_WIDTH` wide; "v": a verdict, one method per
+    line). Headers and cells are stacked with explicit newlines so that no column needs
+    rich's wrapping (which dropped a word at an exact fit); a cell that is still too wide
+    folds, never "…"."""
+    t = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
+              title_justify="left")
+    for h, j in headers:
+        t.add_column(h, justify="right" if j == "r" else "left", overflow="fold",
+                     min_width={"k": KEY_WIDTH, "v": len("centroid_cosine")}.get(j))
+    return t
+
+
+def render_summary(rows: list[tuple[Any, ...]], windows: tuple[int, int], dead_lettered: int,
+                   elapsed: float) -> list[Any]:
+    """Per app/model (rows of ``_summary``'s query): events, errors, latency; then tokens, cost,
+    guardrails; then the totals."""
+    lat = _table("per app / model: events, errors, latency (ms)", [
+        ("app / model", "k"), ("events", "r"), ("err %", "r"), ("p50", "r"), ("p95", "r"), ("p99", "r"),
+        ("TTFT\np95", "r")])
+    unpriced_any = any(r[11] for r in rows)
+    cost = _table("per app / model: tokens, cost, guardrails", [
+        ("app / model", "k"), ("tokens\nin", "r"), ("tokens\nout", "r"), ("cost\nUSD", "r"),
+        *([("calls\nunpriced", "r")] if unpriced_any else []), ("guardrail\nhit %", "r")])
     tot_ev = 0
     tot_cost = 0.0
-    for app, model, ev, er, p50, p95, p99, tt95, tin, tout, cost, unpriced, gh in rows:
+    for app, model, ev, er, p50, p95, p99, tt95, tin, tout, usd, unpriced, gh in rows:
         tot_ev += ev
-        tot_cost += cost or 0.0
-        t.add_row(app, model, f"{ev:,}", f"{er * 100:.1f}", f"{p50:.0f}", f"{p95:.0f}", f"{p99:.0f}",
-                  f"{tt95:.0f}" if tt95 == tt95 else "-", f"{tin:,}/{tout:,}",
-                  f"{cost:.4f}" + (f" ({unpriced} unpriced)" if unpriced else ""), f"{gh * 100:.1f}")
-    console.print(t)
-    console.print(f"events stored: {tot_ev:,}   cost: ${tot_cost:.4f}   window rows: {windows[0]} "
-                  f"({windows[1]} closed)   dead-lettered: {dead_lettered}   elapsed: {elapsed:.0f}s")
-    if drift_rows:
-        console.print("drift verdicts: " + ", ".join(
-            f"{r['method']}={'DRIFT' if r['drifted'] else 'ok'}" for r in drift_rows))
-    _alerts_summary(dsn)
+        tot_cost += usd or 0.0
+        key = _key(app, model)
+        lat.add_row(key, f"{ev:,}", f"{er * 100:.1f}", f"{p50:,.0f}", f"{p95:,.0f}", f"{p99:,.0f}",
+                    f"{tt95:,.0f}" if tt95 == tt95 else "-")
+        cost.add_row(key, _count(tin), _count(tout), f"{usd or 0.0:.4f}",
+                     *([str(unpriced)] if unpriced_any else []), f"{gh * 100:.1f}")
+    totals = (f"events stored: {tot_ev:,}   cost: ${tot_cost:.4f}   dead-lettered: {dead_lettered}\n"
+              f"window rows: {windows[0]} ({windows[1]} closed)   elapsed: {elapsed:.0f}s")
+    return [lat, cost, totals]
+
+
+def _rounds(rs: list[tuple[Any, ...]]) -> list[tuple[int, list[tuple[Any, ...]]]]:
+    """One key's ``drift_scores`` rows (ts_ms, method, p, drifted, explanation) grouped into
+    test rounds (one window tested with every method), in order: (ts_ms, rows)."""
+    import json
+
+    out: dict[Any, tuple[int, list[tuple[Any, ...]]]] = {}
+    for r in rs:
+        win = json.loads(r[4] or "{}").get("window") or {}
+        rid = (win.get("seq_from"), win.get("seq_to"), r[0]) if win else (r[0],)
+        out.setdefault(rid, (r[0], []))[1].append(r)
+    return sorted(out.values(), key=lambda x: x[0])
+
+
+def render_drift(rows: list[tuple[Any, ...]], shift_ts: int | None) -> list[Any]:
+    """Per key (rows of ``_drift_summary``'s query: app, model, prompt_version, field, ts_ms,
+    method, p_value, drifted, explanation): test rounds, rounds flagged before the injected
+    drift (false alarms), the delay to the first flagged round after it, the latest verdict;
+    then what drifted in the key whose topic mix moved most."""
+    import json
+    import textwrap
+
+    if not rows:
+        return ["drift: no tests ran (too few samples per key)"]
+    by_key: dict[tuple[str, str, str, str], list[Any]] = {}
+    for r in rows:
+        by_key.setdefault(r[:4], []).append(r[4:])
+    t = _table("semantic drift per key (prompt embeddings, tested in the stream)", [
+        ("app (version) / model", "k"), ("test\nrounds", "r"), ("flagged\nbefore\ndrift", "r"),
+        ("first flag\nafter it", "r"), ("latest verdict", "v")])
+    worst: tuple[float, Any] | None = None
+    for (app, model, pv, _f), rs in by_key.items():
+        rounds = _rounds(rs)
+        flagged = [(ts, any(r[3] for r in rr)) for ts, rr in rounds]
+        pre = [f for ts, f in flagged if shift_ts is not None and ts < shift_ts]
+        first = next((ts for ts, f in flagged if f and (shift_ts is None or ts >= shift_ts)), None)
+        latest = rounds[-1][1]
+        hit = [r[1] for r in latest if r[3]]
+        verdict = "\n".join(["[red]DRIFT[/] by", *hit]) if hit else "[green]ok[/]"
+        delay = f"+{(first - shift_ts) / 1000:.0f}s" if first is not None and shift_ts else "-"
+        t.add_row(_key(f"{app} ({pv})" if pv else app, model), str(len(rounds)),
+                  f"{sum(pre)} of {len(pre)}", delay, verdict)
+        for r in latest:
+            if r[1] == "topic_mix" and r[3]:
+                expl = json.loads(r[4])
+                tv = expl.get("total_variation", 0.0)
+                if worst is None or tv > worst[0]:
+                    worst = (tv, (app, model, pv, expl))
+    out: list[Any] = [t]
+    if worst is not None:
+        app, model, pv, expl = worst[1]
+        out.append(textwrap.fill(
+            f"what drifted in {app}/{model}/{pv} (topic mix, total variation {worst[0]:.2f}; "
+            f"{expl.get('novel_share', 0.0):.0%} of the window far from every reference topic):", 80))
+        for cl in sorted(expl.get("clusters", []), key=lambda x: -abs(x.get("delta", 0)))[:3]:
+            ex = " ".join(str((cl.get("cur_examples") or cl.get("examples") or [""])[0]).split())
+            out.append(f"  topic {cl['cluster']}: {cl['ref_share']:.0%} of the reference -> "
+                       f"{cl['cur_share']:.0%} of the window, e.g.")
+            out.append(textwrap.fill(repr(ex), 80, initial_indent="    ", subsequent_indent="    ",
+                                     max_lines=2, placeholder=" [...]"))
+    return out
+
+
+def render_alerts(rows: list[tuple[Any, ...]]) -> list[Any]:
+    """The alerts fired (rows of ``_alerts_summary``'s query) per rule and key."""
+    if not rows:
+        return [f"alerts fired: none ({_RULES_NOTE})"]
+    t = _table(f"alerts fired ({_RULES_NOTE}, evaluated in the stream)", [
+        ("rule\n(severity)", "l"), ("app / model", "k"), ("fired", "r"), ("re-\nsolved", "r"),
+        ("last\nvalue", "r")])
+    for rule, sev, app, model, fired, resolved, value in rows:
+        t.add_row(f"{rule}\n({sev})", _key(app, model), str(fired), str(resolved), f"{value:.3g}")
+    return [t]
+
+
+def _query(dsn: str, sql: str) -> list[tuple[Any, ...]]:
+    import clickhouse_connect
+
+    c = clickhouse_connect.get_client(dsn=dsn)
+    try:
+        return [tuple(r) for r in c.query(sql).result_rows]
+    finally:
+        c.close()
+
+
+def _show(parts: list[Any]) -> None:
+    for p in parts:
+        if isinstance(p, Table):
+            console.print()
+        console.print(p)
+
+
+def _summary(dsn: str, dead_lettered: int, elapsed: float) -> None:
+    rows = _query(dsn, (
+        "SELECT app, model, count(), countIf(status = 'error') / count(), "
+        "quantileExact(0.5)(latency_ms), quantileExact(0.95)(latency_ms), quantileExact(0.99)(latency_ms), "
+        "quantileExact(0.95)(ttft_ms), sum(ifNull(input_tokens, 0)), sum(ifNull(output_tokens, 0)), "
+        "sum(cost_usd), countIf(cost_usd IS NULL), avg(guardrail_hit) "
+        "FROM driftline.llm_events FINAL GROUP BY app, model ORDER BY app, model"))
+    windows = _query(dsn, "SELECT count(), countIf(final = 1) FROM driftline.llm_window_metrics FINAL")[0]
+    _show(render_summary(rows, (int(windows[0]), int(windows[1])), dead_lettered, elapsed))
+    _show(render_alerts(_query(dsn, (
+        "SELECT rule, severity, app, model, countIf(state = 'firing'), countIf(state = 'resolved'), "
+        "argMaxIf(value, ts, state = 'firing') FROM driftline.alerts GROUP BY rule, severity, app, model "
+        "ORDER BY rule, app, model"))))
+
+
+def _drift_summary(dsn: str, shift_ts: int | None) -> None:
+    _show(render_drift(_query(dsn, (
+        "SELECT app, model, prompt_version, field, toUnixTimestamp64Milli(ts), method, p_value, drifted, "
+        "explanation FROM driftline.drift_scores ORDER BY app, model, prompt_version, field, ts")), shift_ts))

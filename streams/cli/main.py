@@ -593,11 +593,13 @@ def demo(
     drift_at: Annotated[float, typer.Option(help="Fraction of the stream after which drift is injected.")] = 0.6,
     seed: Annotated[int, typer.Option(help="Random seed of the replay.")] = 7,
     keep: Annotated[bool, typer.Option(help="Keep the demo's chDB store (path printed) instead of a temp dir.")] = True,
+    serve: Annotated[bool | None, typer.Option("--serve/--no-serve", show_default="serve when run from a terminal", help="At the end, serve the page on the demo's store at the printed address until Ctrl-C (user driftline, password in the store's credentials file). --no-serve exits at once; by default it serves only when stdin and stdout are a terminal, so a script or CI never waits.")] = None,
+    port: Annotated[int, typer.Option(help="127.0.0.1 port of the page (taken or 0: a free one).")] = 9465,
 ) -> None:
-    """Run the whole pipeline on embedded defaults with real prompts and an injected drift."""
+    """Run the whole pipeline on embedded defaults with real prompts and an injected drift; then serve the page."""
     from driftline.streams.cli.demo import run_demo
 
-    raise typer.Exit(run_demo(n_events=events, drift_at=drift_at, seed=seed, keep=keep))
+    raise typer.Exit(run_demo(n_events=events, drift_at=drift_at, seed=seed, keep=keep, serve=serve, port=port))
 
 
 baseline_app = typer.Typer(no_args_is_help=True, help=(

@@ -149,6 +149,8 @@ class DriftEngine:
         #: per key-field; dict order is the eviction order (least recently sampled first)
         self.state: dict[tuple[Key, str], KeyField] = {}
         self.evicted = 0
+        #: per-test levels already warned about: below the smallest p-value permutations reach
+        self.unattainable: set[float] = set()
         self.tests_run = 0
         self.references_made = 0
         self.references_loaded = 0
@@ -341,6 +343,13 @@ class DriftEngine:
         n_keys = self.active_keys()
         a_test = per_test_alpha(cfg.alpha, n_keys, len(cfg.fields), len(cfg.methods))
         b = n_resamples(a_test)
+        p_floor = 1.0 / (b + 1)  # the smallest p-value of b permutations
+        if p_floor >= a_test and a_test not in self.unattainable:
+            self.unattainable.add(a_test)
+            log.warning("drift: %d keys x %d fields x %d methods put the per-test level at %.3g, at or below the "
+                        "smallest p-value of %d permutations (%.3g): MMD and centroid tests cannot flag; test "
+                        "fewer fields or methods, or raise --drift-alpha", n_keys, len(cfg.fields), len(cfg.methods),
+                        a_test, b, p_floor)
         cur = list(kf.cur)
         x = np.stack([r.vec for r in cur]).astype(np.float64)
         texts = self._shown([r.text for r in cur])
@@ -352,6 +361,7 @@ class DriftEngine:
                 "alpha_family": cfg.alpha, "alpha_test": a_test, "correction": "bonferroni",
                 "family": {"keys": n_keys, "fields": len(cfg.fields), "methods": len(cfg.methods)},
                 "resamples": b if method != "topic_mix" else None,
+                "p_floor": p_floor if method != "topic_mix" else None,
                 "reference": {"version": kf.ref.version, "mode": kf.ref.mode, "n": len(kf.ref.event_ids),
                               "seq_from": kf.ref.seq_from, "seq_to": kf.ref.seq_to},
                 "window": {"seq_from": cur[0].seq, "seq_to": cur[-1].seq + 1,

@@ -12,14 +12,15 @@ every batch is safe in ClickHouse (``on_stored``) it
 2. hands the texts to the :class:`~driftline.streams.stages.embedding.EmbeddingBatcher`
    (bounded: a full queue drops and counts, never blocks the spine);
 3. on the drift thread (off the event loop), per key ``(app, model, prompt_version)``
-   and field: numbers the samples (``seq``), builds the **reference** from the
-   first ``ref_size`` samples after first sight (a new ``prompt_version`` is a new
-   key, so it starts a new reference by itself), keeps a sliding **current
-   window** of the last ``window_size`` samples after the reference, and every
-   ``test_every`` samples (or ``test_interval_s`` seconds) tests it against the
-   reference with MMD² (permutation p-value), topic mix (G-test, with the
-   explanation: which clusters grew or shrank, with example texts) and centroid
-   cosine distance (permutation p-value);
+   and field: numbers the samples (``seq``) in Kafka order (:func:`kafka_order`),
+   builds the **reference** from the first ``ref_size`` samples after first sight
+   (a new ``prompt_version`` is a new key, so it starts a new reference by
+   itself), keeps a sliding **current window** of the last ``window_size``
+   samples after the reference, and every ``test_every`` samples (or
+   ``test_interval_s`` seconds) tests it against the reference with MMD²
+   (permutation p-value), topic mix (G-test, with the explanation: which
+   clusters grew or shrank, with example texts) and centroid cosine distance
+   (permutation p-value);
 4. writes the embeddings to ``llm_embeddings``, references to
    ``drift_references`` and results to ``drift_scores``, sets the
    ``driftline_drift_*`` gauges and hands each result to every stage with an
@@ -124,6 +125,7 @@ __all__ = [
     "REFERENCE_COLUMNS",
     "SCORE_COLUMNS",
     "CONTROL_LOG_COLUMNS",
+    "kafka_order",
 ]
 
 
@@ -140,6 +142,42 @@ def _texts_at(events: Any, field: str, rows: list[int]) -> Any:
     if field not in table.column_names:
         return None
     return dict(zip(rows, table.column(field).take(rows).to_pylist(), strict=True))
+
+
+def _column_at(events: Any, name: str, rows: np.ndarray) -> np.ndarray | None:
+    """Column ``name`` of the stored events at ``rows`` as numpy (None when absent)."""
+    table = getattr(events, "table", None)
+    if table is not None:
+        if name not in table.column_names:
+            return None
+        return np.asarray(table.column(name).take(rows).to_numpy(zero_copy_only=False))
+    col = events.get(name)
+    return None if col is None else np.asarray(col)[rows]
+
+
+def kafka_order(events: Any, rows: np.ndarray) -> np.ndarray:
+    """The sampled ``rows`` of a stored batch in Kafka order: by source topic, partition and
+    offset (stable: the events of one OTLP record keep their order), i.e. the order the app
+    produced them in on each partition.
+
+    The engine numbers a key's samples (``seq``) in the order it gets them, and its reference
+    and windows are ranges of ``seq``; but a stored batch does not hold its rows in Kafka order:
+    the decode path puts the records it parsed column-wise first and those it decoded one by
+    one after them (a 256-record chunk holding one malformed record goes whole to the second
+    group), so later events came before earlier ones, a reference could hold events of the
+    drift it should precede, and several windows shared one end time. Rows without source
+    columns keep their order."""
+    if len(rows) < 2:
+        return rows
+    part = _column_at(events, "source_partition", rows)
+    off = _column_at(events, "source_offset", rows)
+    if part is None or off is None:
+        return rows
+    topic = _column_at(events, "source_topic", rows)
+    keys = [off.astype(np.int64), part.astype(np.int64)]
+    if topic is not None:
+        keys.append(np.unique(topic.astype(str), return_inverse=True)[1])
+    return rows[np.lexsort(keys)]
 
 
 @dataclass(frozen=True)
@@ -367,7 +405,7 @@ class DriftStage:
         m = self.metrics
         for (a, mo), c in Counter(zip(apps, models, strict=True)).items():
             m.seen[m.label(a, mo)] += c
-        picked = np.flatnonzero(sample_mask(ids, self.cfg.sample_rate, self.cfg.sample_salt)).tolist()
+        picked = kafka_order(ev, np.flatnonzero(sample_mask(ids, self.cfg.sample_rate, self.cfg.sample_salt))).tolist()
         cols = [(f, _texts_at(ev, f, picked)) for f in self.cfg.fields]
         for i in picked:
             key = (apps[i], models[i], pvs[i] or "")
