@@ -23,9 +23,9 @@ within the request) in headers, the same ``driftline-source-*`` headers as the D
 After a batch is acknowledged, one ``rekey_log`` row per source partition records
 ``next_offset`` and, per partition of the events topic and of the DLQ, an offset at or
 below which every later send lands. A new owner (after a rebalance, a crash, a
-SIGKILL) resumes at ``next_offset`` and, for its first batch, reads the events topic
-and the DLQ from those offsets: a span whose source id is already there is not sent
-again (``driftline_otlp_rekey_already_held``). A send that fails is retried the same
+SIGKILL) resumes at ``next_offset`` and, for its first batch (and the next ones while
+the previous owner sent past them), reads the events topic and the DLQ from those
+offsets: a span whose source id is already there is not sent again (``driftline_otlp_rekey_already_held``). A send that fails is retried the same
 way, after reading what landed. On revocation the batch in flight finishes (sent and
 logged) before the partition goes.
 
@@ -347,6 +347,7 @@ class Rekeyer:
             await self._write_log([self._log_row(tp, first)])
             self._unlogged.discard(tp)
         outbox = outbox_rows(rejected, {})  # one rejection per request at most: index 0
+        held: set[SourceId] = set()
         dlq_held: set[SourceId] = set()
         recovering = self._recover.get(tp)
         if recovering is not None:  # the first batch after an assignment: skip what is there
@@ -366,7 +367,9 @@ class Rekeyer:
         nxt = max(records[-1].offset if records else -1, bad[1] if bad is not None else -1) + 1
         await self._write_log([self._log_row(tp, nxt)])
         self._pos[tp] = nxt
-        self._recover.pop(tp, None)
+        if not any(t == tp.topic and p == tp.partition and o >= nxt  # the previous owner sent past this
+                   for t, p, o, _ in held | dlq_held):  # batch (fetched in larger ones): check the next too
+            self._recover.pop(tp, None)
         if self.consumer is not None:
             with contextlib.suppress(Exception):  # a hint only: the rekey log is what a new owner reads
                 await asyncio.wait_for(self.consumer.commit({tp: nxt}), 5.0)
