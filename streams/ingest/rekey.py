@@ -268,20 +268,23 @@ class Rekeyer:
         data: dict[TopicPartition, list[Any]] = {}
         bad: dict[TopicPartition, tuple[Rejected, int]] = {}
         for tp in sorted(self._pos, key=lambda t: (t.topic, t.partition)):
+            if tp not in self._pos:  # revoked while an earlier partition was read
+                continue
             at = self._pos[tp]
-            if at is not None:
-                consumer.seek(tp, at)
-            try:
+            try:  # a partition revoked meanwhile raises IllegalStateError here: left out
+                if at is not None:
+                    consumer.seek(tp, at)
                 recs, err = await read_alone(consumer, tp, self.cfg.max_batch, self.cfg.fetch_timeout_ms)
+                pos = await consumer.position(tp) if err is not None else 0
             except Exception as other:  # noqa: BLE001 - retried on the next round
                 log.warning("OTLP re-keyer: %s[%d]: fetch failed (%s)", tp.topic, tp.partition, other)
                 continue
             if recs:
                 data[tp] = recs
             if err is not None:
-                pos = await consumer.position(tp)
                 end = failed_batch_end(err, pos)
-                consumer.seek(tp, end + 1)
+                with contextlib.suppress(Exception):  # revoked meanwhile: the next owner meets the batch
+                    consumer.seek(tp, end + 1)
                 bad[tp] = (Rejected(tp.topic, tp.partition, pos, None, b"",
                                     f"undecodable record batch (offsets {pos} to {end}): "
                                     f"{type(err).__name__}: {err}"), end)
