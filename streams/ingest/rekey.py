@@ -165,6 +165,9 @@ class Rekeyer:
         #: per assigned source partition, until its first batch is logged: (events_start, dlq_start)
         #: to read for what a previous owner sent
         self._recover: dict[TopicPartition, tuple[dict[int, int], str]] = {}
+        #: what the recovery read found (events topic, DLQ), kept for the next batches of the
+        #: partition while the previous owner sent past them (it is gone: nothing new comes)
+        self._found: dict[TopicPartition, tuple[set[SourceId], set[SourceId]]] = {}
         #: per assigned source partition (its assignment handled): the next offset to re-key
         #: (None: never re-keyed, read from the group's position)
         self._pos: dict[TopicPartition, int | None] = {}
@@ -298,6 +301,7 @@ class Rekeyer:
             for tp in revoked:
                 self._pos.pop(tp, None)
                 self._recover.pop(tp, None)
+                self._found.pop(tp, None)
                 self._unlogged.discard(tp)
 
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
@@ -320,6 +324,7 @@ class Rekeyer:
                     nxt: int | None = None
                     if p in marks:
                         nxt, events_start, dlq_start = marks[p]
+                        self._found.pop(tp, None)
                         self._recover[tp] = ({int(k): int(v) for k, v in json.loads(events_start or "{}").items()},
                                              dlq_start)
                     elif p in direct:  # decoded directly by a worker before: resume after its write log
@@ -353,9 +358,12 @@ class Rekeyer:
         held: set[SourceId] = set()
         dlq_held: set[SourceId] = set()
         recovering = self._recover.get(tp)
-        if recovering is not None:  # the first batch after an assignment: skip what is there
-            held = await self._held(recovering[0])
-            dlq_held = await self._dlq_held(recovering[1])
+        if recovering is not None:  # the first batches after an assignment: skip what is there
+            if tp not in self._found:  # this partition's source ids only (the others' are not needed)
+                ids, dlq_ids = await self._held(recovering[0]), await self._dlq_held(recovering[1])
+                self._found[tp] = ({x for x in ids if x[:2] == (tp.topic, tp.partition)},
+                                   {x for x in dlq_ids if x[:2] == (tp.topic, tp.partition)})
+            held, dlq_held = self._found[tp]
             keep = [s for s in sends if s.src not in held]
             self._count_held(tp, len(sends) - len(keep))
             sends = keep
@@ -370,9 +378,10 @@ class Rekeyer:
         nxt = max(records[-1].offset if records else -1, bad[1] if bad is not None else -1) + 1
         await self._write_log([self._log_row(tp, nxt)])
         self._pos[tp] = nxt
-        if not any(t == tp.topic and p == tp.partition and o >= nxt  # the previous owner sent past this
-                   for t, p, o, _ in held | dlq_held):  # batch (fetched in larger ones): check the next too
+        if not any(o >= nxt for _, _, o, _ in held | dlq_held):  # the previous owner sent past this
+            # batch (it fetched larger ones): check the next ones too
             self._recover.pop(tp, None)
+            self._found.pop(tp, None)
         if self.consumer is not None:
             with contextlib.suppress(Exception):  # a hint only: the rekey log is what a new owner reads
                 await asyncio.wait_for(self.consumer.commit({tp: nxt}), 5.0)
