@@ -75,6 +75,10 @@ log = logging.getLogger("driftline.rekey")
 
 __all__ = ["RekeyConfig", "Rekeyer", "event_key", "source_headers"]
 
+#: seconds between reads of the events topic's and the DLQ's ends (``events_start`` and
+#: ``dlq_start`` of the log follow them, see :meth:`Rekeyer._refresh_ends`)
+ENDS_REFRESH_S = 30.0
+
 #: the DLQ index of a span the events topic refused (too large): 1 + its index in the
 #: request; index 0 is the request's own rejection (undecodable, or some spans refused)
 _REFUSED_BASE = 1
@@ -176,6 +180,7 @@ class Rekeyer:
         self._lock = asyncio.Lock()
         self._partitioner = DefaultPartitioner()
         self._stopping = False
+        self._ends_due = time.monotonic() + ENDS_REFRESH_S
         self.rekeyed = 0
         self.already_held = 0
 
@@ -243,6 +248,21 @@ class Rekeyer:
                     recs = self._in_order(tp, data.get(tp, []))
                     if recs or tp in bad and tp in self._pos:
                         await self._rekey(tp, recs, bad.get(tp))
+            if time.monotonic() >= self._ends_due:
+                await self._refresh_ends()
+
+    async def _refresh_ends(self) -> None:
+        """Move the offsets the log records (events topic, DLQ) up to the topics' current
+        ends, between batches (no send in flight: every later send lands at or after them).
+        Without it a partition of the events topic this re-keyer never sends to (no OTLP key
+        hashes there; JSON producers fill it) kept the end read at start, and every new
+        owner's recovery read all of it written since, after each rebalance."""
+        self._ends_due = time.monotonic() + ENDS_REFRESH_S
+        async with self._lock:
+            assert self._reader is not None
+            for p, o in (await highwaters(self._reader, self._parts)).items():
+                self._hw[p] = max(self._hw.get(p, 0), o)
+            await self.dlq.refresh_ends()
 
     def _in_order(self, tp: TopicPartition, recs: list[Any]) -> list[Any]:
         """The records of ``tp`` that continue where it stands (:attr:`_pos`): none of a

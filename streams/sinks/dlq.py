@@ -233,6 +233,13 @@ class DeadLetters:
         assert self._reader is not None
         return await highwaters(self._reader, self._parts)
 
+    async def refresh_ends(self) -> None:
+        """Move :meth:`ends` up to the DLQ's current ends (call it with no send in flight:
+        every later send lands at or after them), so recovery reads what came since, not
+        all that other writers of the DLQ sent since this one started."""
+        for p, o in (await self._highwaters()).items():
+            self._hw[p] = max(self._hw.get(p, 0), o)
+
     def ends(self) -> str:
         """Where this step's DLQ sends will land at the earliest (JSON, per DLQ partition):
         the end of the DLQ at start, then past this worker's last send; recovery reads

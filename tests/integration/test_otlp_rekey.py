@@ -288,3 +288,47 @@ def stored_via(store: Path, port: int) -> int:
         return 0
     finally:
         c.close()
+
+
+async def test_logged_starts_follow_the_topics_ends(kafka_bootstrap: str, make_topics: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records other producers write to the events topic (a partition no OTLP key hashes
+    to) and to the DLQ after the re-keyer started: the starts its log rows record move up
+    to them, so a new owner's recovery does not read them all again (every rebalance)."""
+    import json
+
+    from aiokafka import TopicPartition
+    from prometheus_client import CollectorRegistry
+
+    from driftline.streams.ingest import rekey
+    from driftline.streams.sinks.prometheus import WorkerMetrics
+
+    tid = uuid.uuid4().hex[:8]
+    events, otlp, dlq = f"ev-{tid}", f"otlp_spans.{tid}", f"dlq-{tid}"
+    make_topics({events: 2, otlp: 1, dlq: 1})
+    monkeypatch.setattr(rekey, "ENDS_REFRESH_S", 0.0)
+    cfg = rekey.RekeyConfig(kafka=kafka_bootstrap, sources=(otlp,), target=events, dlq_topic=dlq,
+                            group_id=f"g-{tid}.otlp-rekey", session_timeout_ms=6_000)
+    async def nothing_logged(what: str, fn: Any, *args: Any) -> dict[int, Any]:
+        return {}  # no rekey_log / ingest_log rows: the partition starts at the group's position
+
+    rk = rekey.Rekeyer(cfg, None, WorkerMetrics(CollectorRegistry()), nothing_logged)  # type: ignore[arg-type]
+    await rk.start()
+    try:
+        tp = TopicPartition(otlp, 0)
+        assert (json.loads(rk._log_row(tp, 0)["events_start"]), rk._log_row(tp, 0)["dlq_start"]) == (
+            {"0": 0, "1": 0}, '{"0": 0}')
+        await produce(kafka_bootstrap, events, [(1, b'{"json": "from elsewhere"}')] * 3)
+        await produce(kafka_bootstrap, dlq, [(0, b"dead")] * 2)
+        stop = asyncio.Event()
+        task = asyncio.create_task(rk.run(stop))
+        deadline = time.monotonic() + 30
+        while rk._hw.get(1) != 3 or rk.dlq.ends() != '{"0": 2}':
+            assert not task.done() and time.monotonic() < deadline, (rk._hw, rk.dlq.ends())
+            await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        assert (json.loads(rk._log_row(tp, 0)["events_start"]), rk._log_row(tp, 0)["dlq_start"]) == (
+            {"0": 0, "1": 3}, '{"0": 2}')
+    finally:
+        await rk.stop()
