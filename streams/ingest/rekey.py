@@ -172,6 +172,8 @@ class Rekeyer:
         #: what the recovery read found (events topic, DLQ), kept for the next batches of the
         #: partition while the previous owner sent past them (it is gone: nothing new comes)
         self._found: dict[TopicPartition, tuple[set[SourceId], set[SourceId]]] = {}
+        #: per partition: the position it was last sought back to (a gap in the records)
+        self._sought: dict[TopicPartition, int] = {}
         #: per assigned source partition (its assignment handled): the next offset to re-key
         #: (None: never re-keyed, read from the group's position)
         self._pos: dict[TopicPartition, int | None] = {}
@@ -268,7 +270,10 @@ class Rekeyer:
         """The records of ``tp`` that continue where it stands (:attr:`_pos`): none of a
         partition no longer assigned, none fetched from a position before the assignment
         was handled (the fetcher starts at the committed offset, a hint); after a gap the
-        partition is sought back to its position. A partition never re-keyed before
+        partition is sought back to its position; when the records still start past it
+        after that, the offsets between are gone (retention deleted them while nobody
+        re-keyed, a compacted topic, transaction markers): the partition goes on from there
+        (sought back again each time, it never would). A partition never re-keyed before
         (position None) takes its records from where the group's position put it."""
         if tp not in self._pos:
             return []
@@ -277,9 +282,16 @@ class Rekeyer:
             return recs
         recs = [r for r in recs if r.offset >= pos]
         if recs and recs[0].offset != pos:
-            assert self.consumer is not None
-            self.consumer.seek(tp, pos)
-            return []
+            if self._sought.get(tp) != pos:
+                assert self.consumer is not None
+                self.consumer.seek(tp, pos)
+                self._sought[tp] = pos
+                return []
+            log.warning("OTLP re-keyer: %s[%d]: offsets %d to %d are not in the topic (deleted by retention, "
+                        "compacted, or transaction markers): going on at %d", tp.topic, tp.partition, pos,
+                        recs[0].offset - 1, recs[0].offset)
+        if recs:
+            self._sought.pop(tp, None)
         return recs
 
     async def _read_alone(self, consumer: AIOKafkaConsumer, exc: BaseException
@@ -320,6 +332,7 @@ class Rekeyer:
         async with self._lock:
             for tp in revoked:
                 self._pos.pop(tp, None)
+                self._sought.pop(tp, None)
                 self._recover.pop(tp, None)
                 self._found.pop(tp, None)
                 self._unlogged.discard(tp)

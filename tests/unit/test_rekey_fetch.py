@@ -1,4 +1,12 @@
-"""The OTLP re-keyer's read of each partition alone (a fetched record batch cannot be
+"""The OTLP re-keyer's handling of what a fetch returns, with a stand-in consumer (the
+broker cases it stands for cannot be made on the local Tansu broker: no DeleteRecords, no
+transactions, and a rebalance cannot be timed into one await).
+
+(1) A gap in a partition's offsets (deleted by retention while nobody re-keyed it; a
+compacted topic; transaction markers): after one seek back, the re-keyer goes on past the
+gap instead of seeking back forever (a stalled partition).
+
+(2) The read of each partition alone (a fetched record batch cannot be
 unpacked) when the group revokes a partition meanwhile: the rebalance callback runs
 while the read awaits Kafka, so the next partition of the loop may no longer be
 assigned. The consumer is a stand-in raising what aiokafka 0.14 raises then
@@ -65,3 +73,33 @@ def test_a_partition_revoked_during_the_read_alone_is_left_out() -> None:
     data, bad = asyncio.run(go())
     assert {tp: [r.offset for r in recs] for tp, recs in data.items()} == {A: [3, 4]}
     assert bad == {}
+
+
+class Seeks:
+    def __init__(self) -> None:
+        self.sought: list[tuple[TopicPartition, int]] = []
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.sought.append((tp, offset))
+
+
+def test_a_gap_in_the_offsets_is_passed_after_one_seek_back() -> None:
+    cfg = RekeyConfig(kafka="127.0.0.1:1", sources=("otlp_spans",), target="llm.events", dlq_topic="dlq",
+                      group_id="g.otlp-rekey")
+    rk = Rekeyer(cfg, None, WorkerMetrics(CollectorRegistry()), None)  # type: ignore[arg-type]
+    consumer = rk.consumer = Seeks()  # type: ignore[assignment]
+    rk._pos = {A: 10}
+
+    def recs(*offsets: int) -> list[Any]:
+        return [SimpleNamespace(offset=o) for o in offsets]
+
+    # records before the position (a fetch from a stale commit): dropped
+    assert rk._in_order(A, recs(8, 9)) == [] and consumer.sought == []
+    # records past the position: sought back once
+    assert rk._in_order(A, recs(15, 16)) == [] and consumer.sought == [(A, 10)]
+    # the same after the seek: offsets 10-14 are gone; go on at 15
+    assert [r.offset for r in rk._in_order(A, recs(15, 16))] == [15, 16] and consumer.sought == [(A, 10)]
+    # the next gap is sought back once again
+    rk._pos[A] = 17
+    assert rk._in_order(A, recs(19)) == [] and consumer.sought == [(A, 10), (A, 17)]
+    assert [r.offset for r in rk._in_order(A, recs(17, 18))] == [17, 18]
