@@ -25,7 +25,8 @@ After a batch is acknowledged, one ``rekey_log`` row per source partition record
 below which every later send lands. A new owner (after a rebalance, a crash, a
 SIGKILL) resumes at ``next_offset`` and, for its first batch (and the next ones while
 the previous owner sent past them), reads the events topic and the DLQ from those
-offsets: a span whose source id is already there is not sent again (``driftline_otlp_rekey_already_held``). A send that fails is retried the same
+offsets: a span whose source id is already there is not sent again
+(``driftline_otlp_rekey_already_held``). A send that fails is retried the same
 way, after reading what landed. On revocation the batch in flight finishes (sent and
 logged) before the partition goes.
 
