@@ -513,7 +513,13 @@ class Rekeyer:
                     res = await fut
                 except Exception as exc:  # noqa: BLE001 - sorted by the caller
                     res = exc
-            if isinstance(res, BaseException):
+            if isinstance(res, REFUSED_RECORD) and len(members) > 1:
+                # the record batch was too large for the topic (its max.message.bytes below the
+                # client's batch size), not each record: each alone, so only a record too large
+                # by itself goes to the DLQ
+                for s in members:
+                    out += await self._send_all([s])
+            elif isinstance(res, BaseException):
                 out += [(s, res) for s in members]
             else:
                 out += [(s, (res.partition, int(res.offset) + i)) for i, s in enumerate(members)]
