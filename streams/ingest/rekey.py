@@ -23,9 +23,10 @@ within the request) in headers, the same ``driftline-source-*`` headers as the D
 After a batch is acknowledged, one ``rekey_log`` row per source partition records
 ``next_offset`` and, per partition of the events topic and of the DLQ, an offset at or
 below which every later send lands. A new owner (after a rebalance, a crash, a
-SIGKILL) resumes at ``next_offset`` and, for its first batch, reads the events topic
-and the DLQ from those offsets: a span whose source id is already there is not sent
-again (``driftline_otlp_rekey_already_held``). A send that fails is retried the same
+SIGKILL) resumes at ``next_offset`` and, for its first batch (and the next ones while
+the previous owner sent past them), reads the events topic and the DLQ from those
+offsets: a span whose source id is already there is not sent again
+(``driftline_otlp_rekey_already_held``). A send that fails is retried the same
 way, after reading what landed. On revocation the batch in flight finishes (sent and
 logged) before the partition goes.
 
@@ -74,6 +75,10 @@ from driftline.streams.sinks.prometheus import WorkerMetrics
 log = logging.getLogger("driftline.rekey")
 
 __all__ = ["RekeyConfig", "Rekeyer", "event_key", "source_headers"]
+
+#: seconds between reads of the events topic's and the DLQ's ends (``events_start`` and
+#: ``dlq_start`` of the log follow them, see :meth:`Rekeyer._refresh_ends`)
+ENDS_REFRESH_S = 30.0
 
 #: the DLQ index of a span the events topic refused (too large): 1 + its index in the
 #: request; index 0 is the request's own rejection (undecodable, or some spans refused)
@@ -165,6 +170,11 @@ class Rekeyer:
         #: per assigned source partition, until its first batch is logged: (events_start, dlq_start)
         #: to read for what a previous owner sent
         self._recover: dict[TopicPartition, tuple[dict[int, int], str]] = {}
+        #: what the recovery read found (events topic, DLQ), kept for the next batches of the
+        #: partition while the previous owner sent past them (it is gone: nothing new comes)
+        self._found: dict[TopicPartition, tuple[set[SourceId], set[SourceId]]] = {}
+        #: per partition: the position it was last sought back to (a gap in the records)
+        self._sought: dict[TopicPartition, int] = {}
         #: per assigned source partition (its assignment handled): the next offset to re-key
         #: (None: never re-keyed, read from the group's position)
         self._pos: dict[TopicPartition, int | None] = {}
@@ -173,6 +183,7 @@ class Rekeyer:
         self._lock = asyncio.Lock()
         self._partitioner = DefaultPartitioner()
         self._stopping = False
+        self._ends_due = time.monotonic() + ENDS_REFRESH_S
         self.rekeyed = 0
         self.already_held = 0
 
@@ -240,12 +251,30 @@ class Rekeyer:
                     recs = self._in_order(tp, data.get(tp, []))
                     if recs or tp in bad and tp in self._pos:
                         await self._rekey(tp, recs, bad.get(tp))
+            if time.monotonic() >= self._ends_due:
+                await self._refresh_ends()
+
+    async def _refresh_ends(self) -> None:
+        """Move the offsets the log records (events topic, DLQ) up to the topics' current
+        ends, between batches (no send in flight: every later send lands at or after them).
+        Without it a partition of the events topic this re-keyer never sends to (no OTLP key
+        hashes there; JSON producers fill it) kept the end read at start, and every new
+        owner's recovery read all of it written since, after each rebalance."""
+        self._ends_due = time.monotonic() + ENDS_REFRESH_S
+        async with self._lock:
+            assert self._reader is not None
+            for p, o in (await highwaters(self._reader, self._parts)).items():
+                self._hw[p] = max(self._hw.get(p, 0), o)
+            await self.dlq.refresh_ends()
 
     def _in_order(self, tp: TopicPartition, recs: list[Any]) -> list[Any]:
         """The records of ``tp`` that continue where it stands (:attr:`_pos`): none of a
         partition no longer assigned, none fetched from a position before the assignment
         was handled (the fetcher starts at the committed offset, a hint); after a gap the
-        partition is sought back to its position. A partition never re-keyed before
+        partition is sought back to its position; when the records still start past it
+        after that, the offsets between are gone (retention deleted them while nobody
+        re-keyed, a compacted topic, transaction markers): the partition goes on from there
+        (sought back again each time, it never would). A partition never re-keyed before
         (position None) takes its records from where the group's position put it."""
         if tp not in self._pos:
             return []
@@ -254,9 +283,16 @@ class Rekeyer:
             return recs
         recs = [r for r in recs if r.offset >= pos]
         if recs and recs[0].offset != pos:
-            assert self.consumer is not None
-            self.consumer.seek(tp, pos)
-            return []
+            if self._sought.get(tp) != pos:
+                assert self.consumer is not None
+                self.consumer.seek(tp, pos)
+                self._sought[tp] = pos
+                return []
+            log.warning("OTLP re-keyer: %s[%d]: offsets %d to %d are not in the topic (deleted by retention, "
+                        "compacted, or transaction markers): going on at %d", tp.topic, tp.partition, pos,
+                        recs[0].offset - 1, recs[0].offset)
+        if recs:
+            self._sought.pop(tp, None)
         return recs
 
     async def _read_alone(self, consumer: AIOKafkaConsumer, exc: BaseException
@@ -268,20 +304,23 @@ class Rekeyer:
         data: dict[TopicPartition, list[Any]] = {}
         bad: dict[TopicPartition, tuple[Rejected, int]] = {}
         for tp in sorted(self._pos, key=lambda t: (t.topic, t.partition)):
+            if tp not in self._pos:  # revoked while an earlier partition was read
+                continue
             at = self._pos[tp]
-            if at is not None:
-                consumer.seek(tp, at)
-            try:
+            try:  # a partition revoked meanwhile raises IllegalStateError here: left out
+                if at is not None:
+                    consumer.seek(tp, at)
                 recs, err = await read_alone(consumer, tp, self.cfg.max_batch, self.cfg.fetch_timeout_ms)
+                pos = await consumer.position(tp) if err is not None else 0
             except Exception as other:  # noqa: BLE001 - retried on the next round
                 log.warning("OTLP re-keyer: %s[%d]: fetch failed (%s)", tp.topic, tp.partition, other)
                 continue
             if recs:
                 data[tp] = recs
             if err is not None:
-                pos = await consumer.position(tp)
                 end = failed_batch_end(err, pos)
-                consumer.seek(tp, end + 1)
+                with contextlib.suppress(Exception):  # revoked meanwhile: the next owner meets the batch
+                    consumer.seek(tp, end + 1)
                 bad[tp] = (Rejected(tp.topic, tp.partition, pos, None, b"",
                                     f"undecodable record batch (offsets {pos} to {end}): "
                                     f"{type(err).__name__}: {err}"), end)
@@ -294,7 +333,9 @@ class Rekeyer:
         async with self._lock:
             for tp in revoked:
                 self._pos.pop(tp, None)
+                self._sought.pop(tp, None)
                 self._recover.pop(tp, None)
+                self._found.pop(tp, None)
                 self._unlogged.discard(tp)
 
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
@@ -317,6 +358,7 @@ class Rekeyer:
                     nxt: int | None = None
                     if p in marks:
                         nxt, events_start, dlq_start = marks[p]
+                        self._found.pop(tp, None)
                         self._recover[tp] = ({int(k): int(v) for k, v in json.loads(events_start or "{}").items()},
                                              dlq_start)
                     elif p in direct:  # decoded directly by a worker before: resume after its write log
@@ -347,11 +389,15 @@ class Rekeyer:
             await self._write_log([self._log_row(tp, first)])
             self._unlogged.discard(tp)
         outbox = outbox_rows(rejected, {})  # one rejection per request at most: index 0
+        held: set[SourceId] = set()
         dlq_held: set[SourceId] = set()
         recovering = self._recover.get(tp)
-        if recovering is not None:  # the first batch after an assignment: skip what is there
-            held = await self._held(recovering[0])
-            dlq_held = await self._dlq_held(recovering[1])
+        if recovering is not None:  # the first batches after an assignment: skip what is there
+            if tp not in self._found:  # this partition's source ids only (the others' are not needed)
+                ids, dlq_ids = await self._held(recovering[0]), await self._dlq_held(recovering[1])
+                self._found[tp] = ({x for x in ids if x[:2] == (tp.topic, tp.partition)},
+                                   {x for x in dlq_ids if x[:2] == (tp.topic, tp.partition)})
+            held, dlq_held = self._found[tp]
             keep = [s for s in sends if s.src not in held]
             self._count_held(tp, len(sends) - len(keep))
             sends = keep
@@ -366,7 +412,10 @@ class Rekeyer:
         nxt = max(records[-1].offset if records else -1, bad[1] if bad is not None else -1) + 1
         await self._write_log([self._log_row(tp, nxt)])
         self._pos[tp] = nxt
-        self._recover.pop(tp, None)
+        if not any(o >= nxt for _, _, o, _ in held | dlq_held):  # the previous owner sent past this
+            # batch (it fetched larger ones): check the next ones too
+            self._recover.pop(tp, None)
+            self._found.pop(tp, None)
         if self.consumer is not None:
             with contextlib.suppress(Exception):  # a hint only: the rekey log is what a new owner reads
                 await asyncio.wait_for(self.consumer.commit({tp: nxt}), 5.0)
@@ -464,7 +513,13 @@ class Rekeyer:
                     res = await fut
                 except Exception as exc:  # noqa: BLE001 - sorted by the caller
                     res = exc
-            if isinstance(res, BaseException):
+            if isinstance(res, REFUSED_RECORD) and len(members) > 1:
+                # the record batch was too large for the topic (its max.message.bytes below the
+                # client's batch size), not each record: each alone, so only a record too large
+                # by itself goes to the DLQ
+                for s in members:
+                    out += await self._send_all([s])
+            elif isinstance(res, BaseException):
                 out += [(s, res) for s in members]
             else:
                 out += [(s, (res.partition, int(res.offset) + i)) for i, s in enumerate(members)]

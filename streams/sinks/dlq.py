@@ -154,7 +154,9 @@ async def source_ids(reader: AIOKafkaConsumer, parts: Sequence[TopicPartition], 
     """The ``driftline-source-*`` headers (topic, partition, offset, index) of every record
     of ``parts`` (assigned to ``reader``) from ``starts`` (partition -> offset; 0 when
     absent) up to the high watermark of the latest fetch response: which sources a
-    topic already holds (the DLQ's recovery, the OTLP re-keyer's)."""
+    topic already holds (the DLQ's recovery, the OTLP re-keyer's). TimeoutError after
+    ``timeout_s`` without a record (a long read that progresses is not cut off: its
+    caller would retry it from the start, never finishing)."""
     held: set[SourceId] = set()
     todo = set(parts)
     for tp in todo:
@@ -162,8 +164,10 @@ async def source_ids(reader: AIOKafkaConsumer, parts: Sequence[TopicPartition], 
     deadline = time.monotonic() + timeout_s
     while todo:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"reading {parts[0].topic} took over {timeout_s:.0f} s")
+            raise TimeoutError(f"reading {parts[0].topic}: no record for {timeout_s:.0f} s")
         data = await reader.getmany(*todo, timeout_ms=500)
+        if any(data.values()):
+            deadline = time.monotonic() + timeout_s
         for recs in data.values():
             held.update(s for r in recs if (s := _source_id(r.headers)) is not None)
         for tp in list(todo):  # read up to the high watermark of the latest fetch response
@@ -228,6 +232,13 @@ class DeadLetters:
         """The DLQ partitions' high watermarks (:func:`highwaters`)."""
         assert self._reader is not None
         return await highwaters(self._reader, self._parts)
+
+    async def refresh_ends(self) -> None:
+        """Move :meth:`ends` up to the DLQ's current ends (call it with no send in flight:
+        every later send lands at or after them), so recovery reads what came since, not
+        all that other writers of the DLQ sent since this one started."""
+        for p, o in (await self._highwaters()).items():
+            self._hw[p] = max(self._hw.get(p, 0), o)
 
     def ends(self) -> str:
         """Where this step's DLQ sends will land at the earliest (JSON, per DLQ partition):

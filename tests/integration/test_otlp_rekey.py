@@ -7,7 +7,9 @@ source; bad requests are in the DLQ once with their reason and source headers; t
 rekey log says where each OTLP partition resumes.
 (2) A previous owner that died after sending part of a batch and before logging it:
 the new owner sends only the rest (each span once in the events topic, counted in
-``already_held``), and the worker stores each once.
+``already_held``), and the worker stores each once; also when the new owner fetches
+that batch in smaller pieces than the dead owner did (another assignment, another
+``max_batch``): every piece up to the last source the previous owner sent is checked.
 """
 
 from __future__ import annotations
@@ -75,9 +77,14 @@ async def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 3
     return out
 
 
-async def run_until(cfg: WorkerConfig, done: Any, timeout: float = 90) -> Worker:
-    """Run a Worker until ``done(worker)``; then stop it (and release chDB)."""
+async def run_until(cfg: WorkerConfig, done: Any, timeout: float = 90, max_rekey_batch: int = 0) -> Worker:
+    """Run a Worker until ``done(worker)``; then stop it (and release chDB). ``max_rekey_batch``:
+    OTLP requests per re-keyer fetch (0: the default)."""
     w = Worker(cfg)
+    if max_rekey_batch and w.rekeyer is not None:
+        import dataclasses
+
+        w.rekeyer.cfg = dataclasses.replace(w.rekeyer.cfg, max_batch=max_rekey_batch)
     stop = asyncio.Event()
     task = asyncio.create_task(w.run(stop))
     try:
@@ -166,7 +173,8 @@ async def test_new_owner_skips_what_a_dead_owner_sent(kafka_bootstrap: str, make
     values = [request(4, seq, now) for seq in range(5)]  # 20 spans at offsets 0-4
     await produce(kafka_bootstrap, otlp, [(0, v) for v in values])
     # The dead owner: it logged offset 0 with the topics' ends at the time (empty), then
-    # sent the spans of request 0 and two of request 1 and died before its next log row.
+    # sent the spans of requests 0-2 and two of request 3 (one batch of 4 requests) and
+    # died before its next log row. The new owner fetches 2 requests at a time.
     sink = ClickHouseSink(chdb_dsn)
     sink.ensure_schema()
     import datetime as dt
@@ -174,13 +182,13 @@ async def test_new_owner_skips_what_a_dead_owner_sent(kafka_bootstrap: str, make
     sink.call(lambda c: c.insert("driftline.rekey_log", [[otlp, 0, 0, '{"0": 0, "1": 0}', "", dt.datetime.now(dt.UTC)]],
                                  column_names=list(REKEY_LOG_COLUMNS)))
     sink.close()
-    decoded = decode_batch([MemoryRecord(otlp, 0, o, None, v) for o, v in enumerate(values[:2])], fast=False)
+    decoded = decode_batch([MemoryRecord(otlp, 0, o, None, v) for o, v in enumerate(values[:4])], fast=False)
     pre = []
     idx: dict[int, int] = {}
     for ev, off in zip(decoded.events, decoded.offsets, strict=True):
         i = idx[off] = idx.get(off, -1) + 1
         pre.append((event_key(ev.app, ev.model), encode_event(ev), source_headers(otlp, 0, off, i)))
-    pre = pre[:6]
+    pre = pre[:14]
     p = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     await p.start()
     try:
@@ -190,9 +198,9 @@ async def test_new_owner_skips_what_a_dead_owner_sent(kafka_bootstrap: str, make
         await p.stop()
 
     cfg = config(kafka_bootstrap, chdb_dsn, events, otlp, dlq)
-    w = await run_until(cfg, lambda w: w.stored_events >= 20)
+    w = await run_until(cfg, lambda w: w.stored_events >= 20, max_rekey_batch=2)
     assert w.rekeyer is not None
-    assert (w.stored_events, w.rekeyer.rekeyed, w.rekeyer.already_held) == (20, 14, 6)
+    assert (w.stored_events, w.rekeyer.rekeyed, w.rekeyer.already_held) == (20, 6, 14)
     recs = await read_all(kafka_bootstrap, events, 20)
     srcs = Counter(_source_id(r.headers) for r in recs)
     assert len(recs) == 20 and len(srcs) == 20, "a span sent twice"
@@ -280,3 +288,47 @@ def stored_via(store: Path, port: int) -> int:
         return 0
     finally:
         c.close()
+
+
+async def test_logged_starts_follow_the_topics_ends(kafka_bootstrap: str, make_topics: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records other producers write to the events topic (a partition no OTLP key hashes
+    to) and to the DLQ after the re-keyer started: the starts its log rows record move up
+    to them, so a new owner's recovery does not read them all again (every rebalance)."""
+    import json
+
+    from aiokafka import TopicPartition
+    from prometheus_client import CollectorRegistry
+
+    from driftline.streams.ingest import rekey
+    from driftline.streams.sinks.prometheus import WorkerMetrics
+
+    tid = uuid.uuid4().hex[:8]
+    events, otlp, dlq = f"ev-{tid}", f"otlp_spans.{tid}", f"dlq-{tid}"
+    make_topics({events: 2, otlp: 1, dlq: 1})
+    monkeypatch.setattr(rekey, "ENDS_REFRESH_S", 0.0)
+    cfg = rekey.RekeyConfig(kafka=kafka_bootstrap, sources=(otlp,), target=events, dlq_topic=dlq,
+                            group_id=f"g-{tid}.otlp-rekey", session_timeout_ms=6_000)
+    async def nothing_logged(what: str, fn: Any, *args: Any) -> dict[int, Any]:
+        return {}  # no rekey_log / ingest_log rows: the partition starts at the group's position
+
+    rk = rekey.Rekeyer(cfg, None, WorkerMetrics(CollectorRegistry()), nothing_logged)  # type: ignore[arg-type]
+    await rk.start()
+    try:
+        tp = TopicPartition(otlp, 0)
+        assert (json.loads(rk._log_row(tp, 0)["events_start"]), rk._log_row(tp, 0)["dlq_start"]) == (
+            {"0": 0, "1": 0}, '{"0": 0}')
+        await produce(kafka_bootstrap, events, [(1, b'{"json": "from elsewhere"}')] * 3)
+        await produce(kafka_bootstrap, dlq, [(0, b"dead")] * 2)
+        stop = asyncio.Event()
+        task = asyncio.create_task(rk.run(stop))
+        deadline = time.monotonic() + 30
+        while rk._hw.get(1) != 3 or rk.dlq.ends() != '{"0": 2}':
+            assert not task.done() and time.monotonic() < deadline, (rk._hw, rk.dlq.ends())
+            await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        assert (json.loads(rk._log_row(tp, 0)["events_start"]), rk._log_row(tp, 0)["dlq_start"]) == (
+            {"0": 0, "1": 3}, '{"0": 2}')
+    finally:
+        await rk.stop()
