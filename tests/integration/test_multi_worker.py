@@ -143,8 +143,14 @@ def test_three_workers_one_store_exactly_once(kafka_bootstrap: str, tmp_path: Pa
     # OTLP: 3 phases of 4 unkeyed requests of 25 spans of the same 12 keys, in the same 80 s
     keys = sorted({(r.event["app"], r.event["response_model"]) for r in records})
     assert len(keys) == 12
-    reqs = [genai_request([(*keys[(q + i) % 12], cfg.start_ms + (q * 25 + i) * 6, 40 + i, 5 + i, 2)
-                           for i in range(25)], 1 + q, prompts=True) for q in range(12)]
+    # each phase's spans in the window of that phase's last JSON events (the alert clock's
+    # window when they arrive): the rule evaluates a window as the clock crosses it
+    def span_ms(q: int, i: int) -> int:
+        phase_end = cfg.start_ms + (q // 4 + 1) * 80_000 // 3
+        return (phase_end - 1) // (WINDOW_S * 1000) * (WINDOW_S * 1000) + 100 + ((q % 4) * 25 + i) * 20
+
+    reqs = [genai_request([(*keys[(q + i) % 12], span_ms(q, i), 40 + i, 5 + i, 2) for i in range(25)], 1 + q,
+                          prompts=True) for q in range(12)]
     spans = decode_batch([MemoryRecord(otlp, 0, q, None, v) for q, v in enumerate(reqs)], fast=False)
     assert spans.n_events == 300 and not spans.rejected
     ids |= {ev.event_id for ev in spans.events}

@@ -26,6 +26,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 from helpers_otlp import genai_request
+from helpers_worker import read_topic
 
 from driftline.schemas.columns import REKEY_LOG_COLUMNS
 from driftline.schemas.event import encode_event
@@ -57,24 +58,6 @@ async def produce(bootstrap: str, topic: str, values: list[tuple[int, bytes]]) -
             await p.send_and_wait(topic, v, partition=part)
     finally:
         await p.stop()
-
-
-async def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 30) -> list[Any]:
-    c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
-                         enable_auto_commit=False)
-    await c.start()
-    out: list[Any] = []
-    try:
-        deadline = time.monotonic() + timeout
-        while len(out) < expected and time.monotonic() < deadline:
-            for recs in (await c.getmany(timeout_ms=300)).values():
-                out.extend(recs)
-        for _ in range(3):  # anything beyond the expected shows up now
-            for recs in (await c.getmany(timeout_ms=300)).values():
-                out.extend(recs)
-    finally:
-        await c.stop()
-    return out
 
 
 async def run_until(cfg: WorkerConfig, done: Any, timeout: float = 90, max_rekey_batch: int = 0) -> Worker:
@@ -132,7 +115,7 @@ async def test_rekeyed_once_under_each_keys_partition(kafka_bootstrap: str, make
     assert w.rekeyer is not None and (w.rekeyer.rekeyed, w.rekeyer.already_held) == (60, 0)
 
     # the events topic: each span once, under its key's partition, with its source in headers
-    recs = await read_all(kafka_bootstrap, events, 60)
+    recs = await read_topic(kafka_bootstrap, events, 60)
     assert len(recs) == 60
     srcs = Counter(_source_id(r.headers) for r in recs)
     assert len(srcs) == 60 and max(srcs.values()) == 1 and None not in srcs
@@ -148,7 +131,7 @@ async def test_rekeyed_once_under_each_keys_partition(kafka_bootstrap: str, make
     assert query(chdb_dsn, "SELECT uniqExact(app, model), sum(input_tokens) FROM driftline.llm_events") == [
         (6, sum(10 + i for i in range(5)) * 12)]
     # the DLQ: the two bad requests, once, with their source and reason
-    dead = await read_all(kafka_bootstrap, dlq, 2)
+    dead = await read_topic(kafka_bootstrap, dlq, 2)
     got = sorted((_source_id(r.headers), dict(r.headers)["driftline-reason"].decode()[:5]) for r in dead)
     assert got == [((otlp, 1, 2, 0), "otlp:"), ((otlp, 2, 2, 0), "otlp:")]
     # the rekey log: each partition resumes past its last record (4, 5 and 5 records)
@@ -201,7 +184,7 @@ async def test_new_owner_skips_what_a_dead_owner_sent(kafka_bootstrap: str, make
     w = await run_until(cfg, lambda w: w.stored_events >= 20, max_rekey_batch=2)
     assert w.rekeyer is not None
     assert (w.stored_events, w.rekeyer.rekeyed, w.rekeyer.already_held) == (20, 6, 14)
-    recs = await read_all(kafka_bootstrap, events, 20)
+    recs = await read_topic(kafka_bootstrap, events, 20)
     srcs = Counter(_source_id(r.headers) for r in recs)
     assert len(recs) == 20 and len(srcs) == 20, "a span sent twice"
     assert query(chdb_dsn, "SELECT count(), uniqExact(event_id) FROM driftline.llm_events") == [(20, 20)]
@@ -261,7 +244,7 @@ async def test_sigkill_while_rekeying_sends_each_span_once(kafka_bootstrap: str,
     finally:
         os.killpg(b.pid, signal.SIGTERM)
         b.wait(60)
-    recs = await read_all(kafka_bootstrap, events, 6_000)
+    recs = await read_topic(kafka_bootstrap, events, 6_000)
     srcs = Counter(_source_id(r.headers) for r in recs)
     assert (len(recs), len(srcs)) == (6_000, 6_000), "a span sent twice or lost"
     dsn = f"chdb://{tmp_path / 'store'}"
