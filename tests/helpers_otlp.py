@@ -163,11 +163,13 @@ async def instrumented_calls(base_url: str, otlp_url: str, capture: str | None,
         await asyncio.to_thread(tp.shutdown)
 
 
-def genai_request(spans: list[tuple[str, str, int, int, int, int]], trace: int, *, prompts: bool = False) -> bytes:
+def genai_request(spans: list[tuple[str, str, int, int, int, int]], trace: int, *, prompts: bool = False,
+                  prompt_version: str | None = None) -> bytes:
     """A protobuf OTLP request of GenAI client spans, one per ``(app, model, start_ms,
     duration_ms, input_tokens, output_tokens)`` (``service.name`` = app), all in trace
     ``trace``, span ids 1, 2, ...: as the Collector's Kafka exporter writes them. With
-    ``prompts``, each span carries a user message (``gen_ai.input.messages``)."""
+    ``prompts``, each span carries a user message (``gen_ai.input.messages``); with
+    ``prompt_version``, the ``driftline.prompt_version`` attribute."""
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
     from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
     from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
@@ -184,6 +186,7 @@ def genai_request(spans: list[tuple[str, str, int, int, int, int]], trace: int, 
             attributes=[kv("gen_ai.operation.name", "chat"), kv("gen_ai.provider.name", "openai"),
                         kv("gen_ai.request.model", model), kv("gen_ai.response.model", model),
                         kv("gen_ai.usage.input_tokens", tin),
+                        *([kv("driftline.prompt_version", prompt_version)] if prompt_version else []),
                         *([kv("gen_ai.input.messages", json.dumps([{"role": "user", "parts": [
                             {"type": "text", "content": f"{app} question {trace}.{i}: how do I reset my "
                                                         "password?"}]}]))] if prompts else []),

@@ -13,7 +13,7 @@ exactly once (``count()`` and ``uniqExact(event_id)`` with and without ``FINAL``
 every window row equal to a recomputation from ``llm_events`` (count, errors,
 token sums exactly; p95 within the sketch's stated accuracy of the exact
 quantile), and a rule that fires on every key at its first window fires on
-all 24 keys (12 app/model pairs: v1 JSON and unversioned spans), each transition
+all 12 keys (their JSON events and spans in the same windows), each transition
 recorded once.
 """
 
@@ -143,14 +143,14 @@ def test_three_workers_one_store_exactly_once(kafka_bootstrap: str, tmp_path: Pa
     # OTLP: 3 phases of 4 unkeyed requests of 25 spans of the same 12 keys, in the same 80 s
     keys = sorted({(r.event["app"], r.event["response_model"]) for r in records})
     assert len(keys) == 12
-    # each phase's spans in the window of that phase's last JSON events (the alert clock's
-    # window when they arrive): the rule evaluates a window as the clock crosses it
+    # each phase's spans in the window of that phase's last JSON events, with their prompt
+    # version: the same (app, model, v1) windows, built by one worker from both inputs
     def span_ms(q: int, i: int) -> int:
         phase_end = cfg.start_ms + (q // 4 + 1) * 80_000 // 3
         return (phase_end - 1) // (WINDOW_S * 1000) * (WINDOW_S * 1000) + 100 + ((q % 4) * 25 + i) * 20
 
     reqs = [genai_request([(*keys[(q + i) % 12], span_ms(q, i), 40 + i, 5 + i, 2) for i in range(25)], 1 + q,
-                          prompts=True) for q in range(12)]
+                          prompts=True, prompt_version="v1") for q in range(12)]
     spans = decode_batch([MemoryRecord(otlp, 0, q, None, v) for q, v in enumerate(reqs)], fast=False)
     assert spans.n_events == 300 and not spans.rejected
     ids |= {ev.event_id for ev in spans.events}
@@ -227,8 +227,8 @@ def test_three_workers_one_store_exactly_once(kafka_bootstrap: str, tmp_path: Pa
             assert split == [], f"a key's events on several partitions (several workers): {split}"
             fired = cl.query("SELECT uniqExact(labels) FROM driftline.alerts WHERE state = 'firing'"
                              ).result_rows[0][0]
-            # per (app, model, prompt_version): 12 keys of v1 JSON events, 12 of spans without a version
-            assert fired == 24, "the rule fires on every key"
+            # the spans share the JSON events' keys (app, model, v1) and windows
+            assert fired == 12, "the rule fires on every key"
             # drift state of a key in one worker at a time: each sample number of a key is one
             # event (two workers sampling one key would both number from the same seq), each
             # sampled event has one number, and every sampled event was embedded
