@@ -469,30 +469,32 @@ class ClickHouseSink:
         await self.insert_columns(table, cols, keepalive, token=token, ingest=ingest, on_rejected=on_rejected)
 
     # -- reads --------------------------------------------------------------------
-    def ingest_marks(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[Any, ...]]:
-        """The last ``ingest_log`` row per partition of ``topic`` (highest epoch, then offset):
-        ``(epoch, first_offset, last_offset, last_timestamp, last_fingerprint, dlq_start,
-        watermark_ms)``."""
+    def _last_per_partition(self, table: str, columns: str, order: str, topic: str,
+                            partitions: Iterable[int]) -> dict[int, tuple[Any, ...]]:
+        """Per partition of ``topic`` in ``table`` (a write log keyed by source topic and
+        partition): ``columns`` (a tuple expression) of the row with the highest ``order``."""
         parts = sorted(set(partitions))
         if not parts:
             return {}
-        sql = (f"SELECT source_partition, argMax(tuple(epoch, first_offset, last_offset, last_timestamp, "
-               f"last_fingerprint, dlq_start, watermark_ms), (epoch, last_offset)) FROM {self.database}.ingest_log "
+        sql = (f"SELECT source_partition, argMax(tuple({columns}), {order}) FROM {self.database}.{table} "
                f"WHERE source_topic = %(t)s AND source_partition IN %(p)s GROUP BY source_partition")
         rows = self.call(lambda c: c.query(sql, parameters={"t": topic, "p": parts}).result_rows)
         return {int(p): tuple(m) for p, m in rows}
 
+    def ingest_marks(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[Any, ...]]:
+        """The last ``ingest_log`` row per partition of ``topic`` (highest epoch, then offset):
+        ``(epoch, first_offset, last_offset, last_timestamp, last_fingerprint, dlq_start,
+        watermark_ms)``."""
+        return self._last_per_partition(
+            "ingest_log", "epoch, first_offset, last_offset, last_timestamp, last_fingerprint, dlq_start, watermark_ms",
+            "(epoch, last_offset)", topic, partitions)
+
     def rekey_marks(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[int, str, str]]:
         """The last ``rekey_log`` row per partition of the OTLP ``topic`` (highest
         ``next_offset``): ``(next_offset, events_start, dlq_start)``."""
-        parts = sorted(set(partitions))
-        if not parts:
-            return {}
-        sql = (f"SELECT source_partition, argMax(tuple(next_offset, events_start, dlq_start), next_offset) "
-               f"FROM {self.database}.rekey_log WHERE source_topic = %(t)s AND source_partition IN %(p)s "
-               f"GROUP BY source_partition")
-        rows = self.call(lambda c: c.query(sql, parameters={"t": topic, "p": parts}).result_rows)
-        return {int(p): (int(m[0]), str(m[1]), str(m[2])) for p, m in rows}
+        rows = self._last_per_partition("rekey_log", "next_offset, events_start, dlq_start", "next_offset",
+                                        topic, partitions)
+        return {p: (int(m[0]), str(m[1]), str(m[2])) for p, m in rows.items()}
 
     def stored_after(self, topic: str, partition: int, offset: int) -> set[tuple[int, str]]:
         """``(source_offset, event_id)`` of the events stored past ``offset`` (a write step
