@@ -610,6 +610,9 @@ def semantic_shift(baseline: Sequence[tuple[list[float], str]], candidate: Seque
 def render_semantic(s: SemanticResult, alpha: float, width: int = 80) -> str:
     """One line (and the clusters that moved most, when shifted), at most ``width`` wide."""
     tail = f"(1-look test, n {s.n_baseline}/{s.n_candidate})"
+    if s.shifted is None and s.n_baseline == s.n_candidate == 0:
+        return ("responses: no response embeddings stored for these calls (the worker embeds "
+                "the fields of --drift-fields, sampled)\n")
     if s.shifted is None:
         return f"responses: not enough embedding samples {tail}\n"
     if not s.shifted:

@@ -4,7 +4,9 @@
 2. start the local broker (Tansu) on a free 127.0.0.1 port and a worker with embedded chDB;
 3. replay real prompts/responses as LLMEvents (several apps and models, guardrail
    results, some malformed records) with a drift injected part-way: the AlpacaEval
-   category mix shifts and real in-the-wild jailbreak prompts appear;
+   category mix shifts and real in-the-wild jailbreak prompts appear; support-bot runs
+   prompt versions v3 and v4 side by side, v4 a worse candidate (:data:`CANDIDATE`) for
+   ``driftline compare`` / ``driftline gate``;
 4. semantic drift in the stream: the worker's drift stage samples prompts per key, embeds
    them (all-MiniLM-L6-v2 from its wheel, offline), builds a reference per key from the first
    samples and tests sliding windows against it (MMD, topic mix, centroid) into ``drift_scores``;
@@ -30,7 +32,12 @@ from rich.table import Table
 
 from driftline.schemas.topics import EVENTS_TOPIC
 
-__all__ = ["render_alerts", "render_drift", "render_summary", "run_demo", "serve_default"]
+__all__ = ["CANDIDATE", "render_alerts", "render_drift", "render_summary", "run_demo", "serve_default"]
+
+CANDIDATE = ("support-bot", "v3", "v4")
+"""The demo's A/B test: app, baseline and candidate prompt version. The candidate answers at
+length (1.3x the output tokens, so 1.3x the output cost), is 1.15x slower per output token, and
+half of its neutral ratings turn thumbs-down (see :class:`VersionEffect`)."""
 
 console = Console(stderr=False)
 
@@ -143,15 +150,18 @@ async def _serve_page(dsn: str, port: int) -> None:
 async def _replay_records(n_events: int, drift_at: float, seed: int) -> list[Any]:
     """Step 1: the real data (fetched once) and the seeded replay, ending a minute before now."""
     from driftline.streams.devdata.real_prompts import ensure_data
-    from driftline.streams.devdata.replay import ReplayConfig, ReplayData, generate
+    from driftline.streams.devdata.replay import ReplayConfig, ReplayData, VersionEffect, generate
 
     paths = await asyncio.to_thread(ensure_data, None, lambda m: console.print(f"    {m}"))
     data = ReplayData.from_paths(paths)
     # event time ends a minute before now, so the worker's default bounds (30 days back,
     # 5 minutes ahead of the wall clock) accept the whole replay
     span_ms = int(n_events / ReplayConfig.events_per_second * 1000 * 1.1)
+    app, _, candidate = CANDIDATE
     cfg = ReplayConfig(n_events=n_events, seed=seed, drift_at=drift_at, malformed_rate=0.01,
-                       start_ms=int(time.time() * 1000) - span_ms - 60_000)
+                       start_ms=int(time.time() * 1000) - span_ms - 60_000,
+                       version_effects=(VersionEffect(app, candidate, output_factor=1.3,
+                                                      tpot_factor=1.15, negative_feedback=0.5),))
     records = list(generate(cfg, data))
     malformed = sum(not r.valid for r in records)
     drift_start = next((i for i, r in enumerate(records) if r.drifted), None)
@@ -238,6 +248,12 @@ def _print_explore(dsn: str) -> None:
         "SELECT ts, rule, state, app, model, round(value, 4) AS value, annotations['summary'] AS summary FROM driftline.alerts ORDER BY ts",
     ):
         console.print(f'  driftline sql --clickhouse {dsn} "{q}"', soft_wrap=True)
+    app, base, cand = CANDIDATE
+    console.print(f"\nThe A/B test in this replay ({app}: {cand} against {base}), and its deployment gate:")
+    pops = f"--app {app} --baseline prompt_version={base} --candidate prompt_version={cand}"
+    console.print(f"  driftline compare --clickhouse {dsn} {pops}", soft_wrap=True)
+    console.print(f"  driftline gate --clickhouse {dsn} {pops} --max-p95-increase 10% "
+                  "--max-cost-increase 5%", soft_wrap=True)
 
 
 def _drift_stage() -> Any:

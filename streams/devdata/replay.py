@@ -78,6 +78,7 @@ __all__ = [
     "ModelProfile",
     "ReplayConfig",
     "ReplayData",
+    "VersionEffect",
     "ReplayRecord",
     "SOURCES",
     "generate",
@@ -237,6 +238,30 @@ class DriftSpec:
             raise ValueError("latency_factor must be > 0")
 
 
+@dataclass(frozen=True)
+class VersionEffect:
+    """How one prompt version of one app behaves unlike the others, from the first record on:
+    a candidate running beside its baseline (an A/B test or a canary), for ``driftline compare``.
+
+    ``output_factor`` multiplies its answers' output tokens (so its cost and latency grow),
+    ``tpot_factor`` its time per output token, and ``negative_feedback`` is the share of its
+    neutral (0) ratings that become thumbs-down (-1). Applied without drawing from the random
+    generator, so a stream with no effects is the stream of the same seed without them.
+    """
+
+    app: str
+    prompt_version: str
+    output_factor: float = 1.0
+    tpot_factor: float = 1.0
+    negative_feedback: float = 0.0
+
+    def __post_init__(self) -> None:
+        if min(self.output_factor, self.tpot_factor) <= 0:
+            raise ValueError(f"{self.app}/{self.prompt_version}: output_factor and tpot_factor must be > 0")
+        if not 0 <= self.negative_feedback <= 1:
+            raise ValueError(f"{self.app}/{self.prompt_version}: negative_feedback must be in [0, 1]")
+
+
 MalformationKind = Literal[
     "truncated_json", "not_json", "nan_latency", "json_array", "double_encoded",
     "missing_app", "negative_latency", "tokens_as_string", "bad_timestamp",
@@ -257,6 +282,18 @@ MALFORMATIONS: Mapping[str, tuple[str, str | None]] = MappingProxyType({
 """Each kind of malformed record: its rejection category and the offending key."""
 
 _MAL_KINDS: tuple[str, ...] = tuple(MALFORMATIONS)
+
+
+def _check_effects(effects: tuple[VersionEffect, ...], apps: tuple[AppSpec, ...]) -> None:
+    versions = {a.name: a.prompt_versions for a in apps}
+    seen: set[tuple[str, str]] = set()
+    for e in effects:
+        if e.prompt_version not in versions.get(e.app, ()):
+            raise ValueError(f"version_effects: {e.app}/{e.prompt_version} is not a prompt version "
+                             "of an app of the fleet")
+        if (e.app, e.prompt_version) in seen:
+            raise ValueError(f"version_effects: {e.app}/{e.prompt_version} given twice")
+        seen.add((e.app, e.prompt_version))
 
 
 @dataclass(frozen=True)
@@ -289,6 +326,7 @@ class ReplayConfig:
     drift_at: float | None = 0.5
     drift: DriftSpec = field(default_factory=DriftSpec)
     environment: str = "prod"
+    version_effects: tuple[VersionEffect, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "category_mix", _check_mix(self.category_mix, "category_mix"))
@@ -320,6 +358,7 @@ class ReplayConfig:
             raise ValueError("users must be >= 1")
         if self.harmful_rate + self.drift.jailbreak_share + self.drift.toxic_share > 1:
             raise ValueError("harmful_rate + drift.jailbreak_share + drift.toxic_share must be <= 1")
+        _check_effects(self.version_effects, self.apps)
 
     @property
     def n_malformed(self) -> int:
@@ -587,10 +626,16 @@ def generate(config: ReplayConfig, data: ReplayData) -> Iterator[ReplayRecord]:
         prompt = _draw_prompts(rng, config, pools, drifted, m)
         guard = _draw_guardrails(rng, pools, prompt, m)
         tokens = _draw_tokens(rng, fleet, slot, prompt.p_tok, m)
+        effect = fleet.effects[tokens.app, tokens.pv]  # (m, 3); all (1, 1, 0) without effects
+        guard = guard._replace(r_tok=np.rint(guard.r_tok * effect[:, 0]).astype(np.int64))
         ttft, tpot, latency = _draw_latency(rng, config.drift, fleet, slot, drifted, tokens.reas,
-                                            guard.r_tok, m)
+                                            guard.r_tok, m, effect[:, 1])
         outcome = _draw_outcome(rng, config, fleet, tokens.app, guard.blocked, latency, m)
         when = _draw_when(rng, config, clock, is_late[b0 : b0 + m], m)
+        # a neutral rating of a version with an effect turns thumbs-down; the draw is u_mal,
+        # which only a malformed record uses otherwise (no new draw: other streams stay as they were)
+        outcome = outcome._replace(fb=np.where((outcome.fb == 0) & (when.u_mal < effect[:, 2]),
+                                               -1, outcome.fb))
         clock = when.clock
         yield from _records(config.environment, fleet, pools, mal_kind[b0 : b0 + m], slot, drifted,
                             prompt, guard, tokens, ttft, tpot, outcome, when)
@@ -634,6 +679,7 @@ class _Fleet:
     sys_tokens: np.ndarray
     ctx_med: np.ndarray
     tool_rate: np.ndarray
+    effects: np.ndarray  # (app, prompt version, 3): output factor, TPOT factor, negative feedback
 
     @classmethod
     def build(cls, cfg: ReplayConfig) -> _Fleet:
@@ -647,6 +693,13 @@ class _Fleet:
                                np.arange(len(slots), len(slots) + len(a.models))))
             slots.extend((a, m, cfg.model_profiles[m]) for m in a.models)
         drift_apps = {a.name for a in apps} if drift.apps is None else set(drift.apps)
+        effects = np.tile(np.array([1.0, 1.0, 0.0]),
+                          (len(apps), max(len(a.prompt_versions) for a in apps), 1))
+        names = [a.name for a in apps]
+        for e in cfg.version_effects:
+            a_i = names.index(e.app)
+            effects[a_i, apps[a_i].prompt_versions.index(e.prompt_version)] = (
+                e.output_factor, e.tpot_factor, e.negative_feedback)
         return cls(
             app_cum=np.cumsum(app_w / app_w.sum()),
             app_models=app_models,
@@ -668,6 +721,7 @@ class _Fleet:
             sys_tokens=np.array([a.system_prompt_tokens for a in apps]),
             ctx_med=np.array([a.context_tokens_median for a in apps]),
             tool_rate=np.array([a.tool_call_rate for a in apps]),
+            effects=effects,
         )
 
 
@@ -814,11 +868,12 @@ def _draw_tokens(rng: np.random.Generator, fleet: _Fleet, slot: np.ndarray, p_to
 
 def _draw_latency(rng: np.random.Generator, drift: DriftSpec, fleet: _Fleet, slot: np.ndarray,
                   drifted: np.ndarray, reas: np.ndarray, r_tok: np.ndarray,
-                  m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """TTFT, TPOT and the whole call's latency (before errors), with the drifted model slowed."""
+                  m: int, tpot_factor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TTFT, TPOT and the whole call's latency (before errors), with the drifted model slowed
+    (and a prompt version's own TPOT factor, see :class:`VersionEffect`)."""
     factor = np.where(drifted & fleet.slot_slow[slot], drift.latency_factor, 1.0)
     ttft = _lognormal(rng, fleet.ttft_med[slot], fleet.ttft_sd[slot], m) * factor
-    tpot = _lognormal(rng, fleet.tpot_med[slot], fleet.tpot_sd[slot], m) * factor
+    tpot = _lognormal(rng, fleet.tpot_med[slot], fleet.tpot_sd[slot], m) * factor * tpot_factor
     tail = np.where(rng.random(m) < 0.01, rng.uniform(3.0, 6.0, m), 1.0)
     ttft = np.round(ttft + reas * tpot, 1)  # rounded as sent, so the sum below holds
     tpot = np.round(tpot, 2)

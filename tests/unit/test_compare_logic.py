@@ -142,6 +142,9 @@ def test_render_semantic_lines() -> None:
 
     assert render_semantic(SemanticResult(10, 700, None, None, 0.0, []), 0.05) == \
         "responses: not enough embedding samples (1-look test, n 10/700)\n"
+    assert render_semantic(SemanticResult(0, 0, None, None, 0.0, []), 0.05) == (
+        "responses: no response embeddings stored for these calls (the worker embeds the fields "
+        "of --drift-fields, sampled)\n")
     assert render_semantic(SemanticResult(500, 500, 0.31, False, 0.02, []), 0.05) == \
         "responses: no topic shift shown at 0.05, p 0.31 (1-look test, n 500/500)\n"
     clusters = [{"delta": 0.2, "cur_examples": ["new  topic\ntext " + "x" * 100], "examples": ["old"]},

@@ -24,6 +24,7 @@ from driftline.streams.devdata.replay import (
     ReplayConfig,
     ReplayData,
     ReplayRecord,
+    VersionEffect,
     generate,
     write_jsonl,
 )
@@ -243,3 +244,52 @@ def test_app_spec_validates() -> None:
         AppSpec("a", ("gpt-4o", "gpt-4o-mini", "o3-mini", "gemini-1.5-flash"))
     with pytest.raises(ValueError):
         AppSpec("a/b", ("gpt-4o",))
+
+
+# --- a prompt version that behaves unlike the others (the demo's A/B candidate) ---
+
+_EFFECT = VersionEffect("support-bot", "v4", output_factor=1.5, tpot_factor=1.25, negative_feedback=1.0)
+
+
+def test_version_effect_changes_only_its_version_and_exactly_as_stated() -> None:
+    data = ReplayData.synthetic()
+    base = list(generate(ReplayConfig(n_events=6000, seed=11), data))
+    cand = list(generate(ReplayConfig(n_events=6000, seed=11, version_effects=(_EFFECT,)), data))
+    n_v4 = n_turned = 0
+    for b, c in zip(base, cand, strict=True):
+        if not (b.valid and c.valid):
+            continue
+        eb, ec = b.event, c.event
+        if (eb["app"], eb["prompt_version"]) != ("support-bot", "v4"):
+            assert b.value == c.value  # every other record is the same bytes
+            continue
+        n_v4 += 1
+        if eb["status"] != "ok":
+            assert ec == eb  # an error has no answer to lengthen
+            continue
+        visible = eb["output_tokens"] - eb.get("reasoning_output_tokens", 0)
+        assert ec["output_tokens"] - ec.get("reasoning_output_tokens", 0) == round(visible * 1.5)
+        assert ec["tpot_ms"] == pytest.approx(eb["tpot_ms"] * 1.25, abs=0.0113)  # both rounded to 0.01
+        if eb.get("feedback") == 0:
+            assert ec["feedback"] == -1
+            n_turned += 1
+        else:
+            assert ec.get("feedback") == eb.get("feedback")
+    assert n_v4 > 1000 and n_turned > 10
+
+
+@pytest.mark.parametrize(("effects", "message"), [
+    ((VersionEffect("support-bot", "v9"),), "support-bot/v9 is not a prompt version"),
+    ((VersionEffect("no-app", "v1"),), "no-app/v1 is not a prompt version"),
+    ((VersionEffect("support-bot", "v4"), VersionEffect("support-bot", "v4")), "given twice"),
+])
+def test_version_effects_are_checked(effects: tuple[VersionEffect, ...], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ReplayConfig(version_effects=effects)
+
+
+def test_version_effect_values_are_checked() -> None:
+    with pytest.raises(ValueError, match="output_factor and tpot_factor must be > 0"):
+        VersionEffect("a", "v1", output_factor=0)
+    with pytest.raises(ValueError, match=r"negative_feedback must be in \[0, 1\]"):
+        VersionEffect("a", "v1", negative_feedback=1.5)
