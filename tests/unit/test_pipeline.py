@@ -84,7 +84,14 @@ def test_fast_decode_equals_exact_path(d: dict[str, Any]) -> None:
 
 BASE = {"event_id": "e1", "app": "chat", "request_model": "gpt-4o", "timestamp": 1735689600000,
         "latency_ms": 12.5}
-DELETE = object()
+class _Delete:
+    """Marks a key to remove; a fixed repr keeps the test ids stable across processes."""
+
+    def __repr__(self) -> str:
+        return "DELETE"
+
+
+DELETE = _Delete()
 
 
 @pytest.mark.parametrize("change", [
