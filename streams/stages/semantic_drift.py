@@ -272,7 +272,7 @@ class DriftStage:
     """The worker stage (``name = "drift"``). ``DriftStage.factory(cfg)`` for ``serve_worker(stages=…)``."""
 
     name = "drift"
-    tables = ("llm_embeddings", "drift_references", "drift_scores", "drift_control_log")
+    tables = ("llm_embeddings", "drift_references", "drift_scores", "drift_control_log", "drift_golden")
 
     def __init__(self, cfg: DriftConfig | None = None, registry: CollectorRegistry | None = None,
                  encoder: Any = None) -> None:
@@ -307,6 +307,10 @@ class DriftStage:
         self._gen = 0
         #: samples dropped because their key's partitions were revoked before they were tested
         self.revoked_samples = 0
+        #: golden sets being received: golden id -> part index -> texts (until the golden command)
+        self._golden_parts: dict[str, dict[int, list[str]]] = {}
+        #: golden texts this stage embedded (a set another worker stored, or a restart, adds 0)
+        self.golden_embedded = 0
 
     @classmethod
     def factory(cls, cfg: DriftConfig | None = None, encoder: Any = None) -> Any:
@@ -464,11 +468,60 @@ class DriftStage:
             return
         await self._write(emb, refs, results)
 
+    def _golden_part(self, cmd: dict[str, Any]) -> None:
+        """Keep one part of a golden set's texts until its golden command comes."""
+        gid, i, n, texts = cmd.get("golden_id"), cmd.get("i"), cmd.get("n"), cmd.get("texts")
+        if not (isinstance(gid, str) and isinstance(i, int) and isinstance(n, int) and 0 <= i < n
+                and isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
+            log.warning("drift: malformed golden part %s ignored", cmd.get("id"))
+            return
+        self._golden_parts.setdefault(gid, {})[i] = texts
+
+    async def _golden_set(self, cmd: dict[str, Any], gid: str) -> Any:
+        """The golden set of a ``golden`` command: stored in ``drift_golden`` already (another
+        worker, or this one before a restart), else put together from its parts, embedded
+        once with the stage's encoder and stored. None when its parts are missing or do not
+        match the command's count and digest (logged)."""
+        from driftline.schemas.columns import GOLDEN_COLUMNS
+        from driftline.streams.cli.golden import texts_digest
+        from driftline.streams.stages.drift_references import GoldenSet
+
+        assert self.engine is not None and self.batcher is not None and self._ports is not None
+        loop = asyncio.get_running_loop()
+        n = int(cmd.get("n_texts") or 0)
+        stored = await loop.run_in_executor(self._pool, self.engine.golden_set, gid, n)
+        if stored is not None:
+            return stored
+        parts = self._golden_parts.get(gid, {})
+        n_parts = int(cmd.get("n_parts") or 0)
+        if sorted(parts) != list(range(n_parts)):
+            log.error("drift: golden set %s: %d of its %d parts arrived; not applied", gid, len(parts), n_parts)
+            return None
+        texts = [t for i in range(n_parts) for t in parts[i]]
+        if len(texts) != n or texts_digest(texts) != cmd.get("sha256"):
+            log.error("drift: golden set %s: its parts do not match its count or digest; not applied", gid)
+            return None
+        vecs = await self.batcher.encode_now(texts)
+        self.golden_embedded += len(texts)
+        red = self._ports.redaction
+        shown = [red.text(t) or "" for t in texts] if red.active else texts  # stored like the events' texts
+        at = ms_to_dt(int(self._ports.clock() * 1000))
+        model = self.engine.embed_model
+        cols = dict(zip(GOLDEN_COLUMNS, (
+            [gid] * n, list(range(n)), shown, [v.tolist() for v in vecs], [model] * n, [at] * n), strict=True))
+        await self._ports.tables.insert_columns("drift_golden", cols)
+        return GoldenSet(gid, vecs, shown)
+
     async def _apply_control(self, c: _Control) -> None:
         """Apply one baseline command, write its references, then log it in ``drift_control_log``."""
         assert self.engine is not None and self._ports is not None
         loop = asyncio.get_running_loop()
-        refs = await loop.run_in_executor(self._pool, self.engine.apply, c.cmd, c.control_id)
+        if c.cmd.get("action") == "golden":
+            gs = await self._golden_set(c.cmd, c.control_id)
+            refs = [] if gs is None else await loop.run_in_executor(self._pool, self.engine.apply_golden, c.cmd, gs)
+            self._golden_parts.pop(c.control_id, None)
+        else:
+            refs = await loop.run_in_executor(self._pool, self.engine.apply, c.cmd, c.control_id)
         await self._write({}, refs, [])
         log_row = {"control_id": c.control_id, "applied_at": ms_to_dt(int(self._ports.clock() * 1000)),
                    "action": str(c.cmd.get("action")), "command": json.dumps(c.cmd, sort_keys=True),
@@ -484,8 +537,13 @@ class DriftStage:
         if emb and emb["event_id"]:
             await sink.insert_columns("llm_embeddings", emb)
             self.stored_embeddings += len(emb["event_id"])
-        if refs:
-            await sink.insert_rows("drift_references", refs, REFERENCE_COLUMNS)
+        plain = [r for r in refs if r["mode"] != "golden"]
+        if plain:
+            await sink.insert_rows("drift_references", plain, REFERENCE_COLUMNS)
+        for r in refs:
+            if r["mode"] == "golden":  # one golden reference per key, set and version, whichever worker writes it
+                await sink.insert_rows("drift_references", [r], REFERENCE_COLUMNS, token=(
+                    f"golden:{r['control_id']}:{r['version']}:{json.dumps([r['app'], r['model'], r['prompt_version'], r['field']])}"))
         if not results:
             return
         rows = []
@@ -569,10 +627,16 @@ class DriftStage:
         cid = str(cmd.get("id") or f"{rec.topic}:{rec.partition}:{rec.offset}:{rec.timestamp}")
         if cid in self._applied_ids:  # applied before (the topic is read from its start each time)
             return False
+        part = cmd.get("action") == "golden_part"
+        if part and str(cmd.get("golden_id")) in self._applied_ids:  # its golden set is applied
+            return False
         assert self._ports is not None
         auth = self._ports.control
         if not admit(cmd, auth.secret, self._ports.metrics.control_refused,
                      max_age_s=auth.max_age_s, where="drift"):
+            return False
+        if part:
+            self._golden_part(cmd)
             return False
         log.info("drift: baseline command %s", {k: v for k, v in cmd.items() if k != "sig"})
         self._applied_ids.add(cid)
