@@ -193,6 +193,8 @@ class DriftEngine:
         self.goldens_read = 0
         #: golden references a key got when first seen (no reference row yet): written by process()
         self.pending_refs: list[dict[str, Any]] = []
+        #: the baseline commands applied (:meth:`_baseline_commands`); None until first needed
+        self._commands: list[tuple[str, dict[str, Any]]] | None = None
 
     # -- loading -------------------------------------------------------------------
     def _texts(self, key: Key, fld: str, ids: Sequence[str]) -> dict[str, str]:
@@ -298,21 +300,32 @@ class DriftEngine:
         """The golden set a key-field seen for the first time gets: that of the latest baseline
         command whose filters match it, when that command is a golden load (a later reset,
         rebase or pin matching the key means: no golden set for new keys)."""
-        rows = self.query("SELECT control_id, any(command) FROM {db:Identifier}.drift_control_log "
-                          "WHERE action IN ('golden', 'rebase', 'pin', 'reset') GROUP BY control_id",
-                          {"db": self.db})
         best: tuple[int, str, str] | None = None
-        for cid, text in rows:
-            try:
-                cmd = json.loads(text)
-            except ValueError:
+        for cid, cmd in self._baseline_commands():
+            if not _matches(cmd, key, fld):
                 continue
-            if not isinstance(cmd, dict) or not _matches(cmd, key, fld):
-                continue
-            at = (int(cmd.get("sent_at_ms") or 0), str(cid), str(cmd.get("action")))
+            at = (int(cmd.get("sent_at_ms") or 0), cid, str(cmd.get("action")))
             if best is None or at[:2] > best[:2]:
                 best = at
         return best[1] if best is not None and best[2] == "golden" else None
+
+    def _baseline_commands(self) -> list[tuple[str, dict[str, Any]]]:
+        """(id, command) of every baseline command applied: read from ``drift_control_log`` once,
+        then kept current by :meth:`apply` / :meth:`apply_golden` (every worker applies every
+        command it gets; those applied before it started are in the log)."""
+        if self._commands is None:
+            rows = self.query("SELECT control_id, any(command) FROM {db:Identifier}.drift_control_log "
+                              "WHERE action IN ('golden', 'rebase', 'pin', 'reset') GROUP BY control_id",
+                              {"db": self.db})
+            self._commands = []
+            for cid, text in rows:
+                try:
+                    cmd = json.loads(text)
+                except ValueError:
+                    continue
+                if isinstance(cmd, dict):
+                    self._commands.append((str(cid), cmd))
+        return self._commands
 
     def _golden_ref(self, kf: KeyField, gs: GoldenSet, note: str) -> dict[str, Any]:
         """Make ``gs`` the key-field's reference from its next sample on; the reference row."""
@@ -334,6 +347,7 @@ class DriftEngine:
         :meth:`matching`); a key-field whose reference is already this set is left as it is
         (another worker or an earlier try applied it). Returns the reference rows."""
         self.goldens[gs.golden_id] = gs
+        self._baseline_commands().append((gs.golden_id, cmd))
         note = str(cmd.get("note") or "")
         out = []
         for key, fld in self.matching(cmd):
@@ -532,6 +546,7 @@ class DriftEngine:
         if action not in ("rebase", "pin", "reset"):
             log.warning("drift: unknown baseline command %r ignored", cmd)
             return []
+        self._baseline_commands().append((control_id, cmd))
         note = str(cmd.get("note") or "")
         out = []
         for key, fld in self.matching(cmd):

@@ -220,6 +220,9 @@ def test_engine_new_key_gets_the_golden_set_of_the_latest_matching_command() -> 
     assert [r["control_id"] for r in refs] == ["g1"] and store.golden_reads == 1  # the set is read once
     refs, _ = _feed(eng, np.ones((1, 8), np.float32), 0, ("other", "m", "v1"))
     assert refs == []  # the filter is app=app
-    store.control.append(("r1", json.dumps({"action": "reset", "app": "app", "sent_at_ms": 20})))
+    eng.apply({"action": "reset", "app": "app", "model": "none-yet", "sent_at_ms": 20}, "r1")  # another model
     refs, _ = _feed(eng, np.ones((1, 8), np.float32), 0, ("app", "m3", "v1"))
+    assert [r["control_id"] for r in refs] == ["g1"]
+    eng.apply({"action": "reset", "app": "app", "sent_at_ms": 30}, "r2")  # applied by this worker after the load
+    refs, _ = _feed(eng, np.ones((1, 8), np.float32), 0, ("app", "m4", "v1"))
     assert refs == []  # reset after the golden load: new keys collect their own reference
