@@ -19,6 +19,8 @@ Command: ``{"cmd": "baseline", "id": …, "action": "rebase" | "pin" | "reset", 
 samples of that event-time range (evenly thinned to ``ref_size``). ``pin`` is a
 rebase to a range that must be given. ``reset`` drops the reference: the next
 ``ref_size`` samples make a new one.
+
+``load`` (a golden set as the reference) is streams/cli/golden.py.
 """
 
 from __future__ import annotations

@@ -56,6 +56,13 @@ must carry a valid HMAC signature (streams/ingest/control_auth.py); others are r
 logged and counted in ``driftline_control_refused_total{reason}``.
 ``driftline baseline show`` is a query.
 
+**Golden sets.** ``driftline baseline load`` (streams/cli/golden.py) sends a golden set's
+texts as ``golden_part`` commands, then a ``golden`` command. The parts are kept here
+(:attr:`DriftStage._golden_parts`, not logged) until their golden command, which the drift
+loop applies: the set is read from ``drift_golden`` when stored (another worker, a retry),
+else embedded once with the stage's encoder (:meth:`EmbeddingBatcher.encode_now`) and
+stored; then :meth:`DriftEngine.apply_golden` makes it the reference of the matching keys.
+
 The engine (per key-field state, references, tests, its SQL) is
 streams/stages/drift_references.py.
 """

@@ -226,3 +226,38 @@ def test_engine_new_key_gets_the_golden_set_of_the_latest_matching_command() -> 
     eng.apply({"action": "reset", "app": "app", "sent_at_ms": 30}, "r2")  # applied by this worker after the load
     refs, _ = _feed(eng, np.ones((1, 8), np.float32), 0, ("app", "m4", "v1"))
     assert refs == []  # reset after the golden load: new keys collect their own reference
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_cli_load_sends_nothing_for_a_bad_file_and_the_parts_for_a_good_one(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``driftline baseline load``: a file with a bad line exits 2 listing it, before any Kafka
+    client exists; a good one is sent as parts + golden command with the filters (--wait 0).
+    Catches: sending before every line is checked, the filters or field not passed on."""
+    from typer.testing import CliRunner
+
+    import driftline.streams.cli.golden as golden_mod
+    from driftline.streams.cli.main import app
+
+    sent: list[Any] = []
+    monkeypatch.setattr(golden_mod, "send_golden", lambda kafka, cmds, **kw: sent.append((kafka, cmds, kw)) or "gid")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": ""}\n')
+    res = CliRunner().invoke(app, ["baseline", "load", "--field", "prompt", "--kafka", "127.0.0.1:1", str(bad)])
+    assert res.exit_code == 2 and sent == []
+    assert f'{bad}: 1 bad line(s), nothing sent:\nline 2: "text" is empty' in res.output
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(3)))
+    res = CliRunner().invoke(app, ["baseline", "load", "--field", "prompt", "--app", "chat", "--note", "v1 set",
+                                   "--kafka", "127.0.0.1:1", "--wait", "0", str(good)])
+    assert res.exit_code == 0, res.output
+    ((kafka, cmds, kw),) = sent
+    assert kafka == "127.0.0.1:1" and kw["secret"] is None
+    assert [t for c in cmds[:-1] for t in c["texts"]] == ["p0", "p1", "p2"]
+    final = cmds[-1]
+    assert (final["action"], final["app"], final["field"], final["n_texts"], final["note"]) == (
+        "golden", "chat", "prompt", 3, "v1 set")
+    assert "model" not in final and "prompt_version" not in final
+    assert "sent golden set gid: 3 texts in 1 part(s)" in res.output
