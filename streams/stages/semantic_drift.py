@@ -73,6 +73,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -318,6 +319,10 @@ class DriftStage:
         self._golden_parts: dict[str, dict[int, list[str]]] = {}
         #: golden texts this stage embedded (a set another worker stored, or a restart, adds 0)
         self.golden_embedded = 0
+        #: the worker's partitions (on_assigned): the one holding partition 0 embeds golden sets
+        self._assigned: set[tuple[str, int]] = set()
+        #: how often a worker that does not embed a golden set looks for it in drift_golden
+        self.golden_poll_s = 1.0
 
     @classmethod
     def factory(cls, cfg: DriftConfig | None = None, encoder: Any = None) -> Any:
@@ -497,6 +502,12 @@ class DriftStage:
         loop = asyncio.get_running_loop()
         n = int(cmd.get("n_texts") or 0)
         stored = await loop.run_in_executor(self._pool, self.engine.golden_set, gid, n)
+        # one worker embeds (the one with partition 0), the others wait for its rows; past the
+        # time that worker should need (20 texts/s), or when this one becomes it, it embeds itself
+        deadline = time.monotonic() + max(60.0, n / 20)
+        while stored is None and not self._embeds_golden() and time.monotonic() < deadline:
+            await asyncio.sleep(self.golden_poll_s)
+            stored = await loop.run_in_executor(self._pool, self.engine.golden_set, gid, n)
         if stored is not None:
             return stored
         parts = self._golden_parts.get(gid, {})
@@ -582,6 +593,19 @@ class DriftStage:
                         log.exception("drift: observe_drift of a stage failed")
 
     # -- rebalances (worker hooks) ----------------------------------------------------
+    async def on_assigned(self, partitions: Any) -> None:
+        """The worker's partitions after a rebalance (``TopicPartition``): see :meth:`_embeds_golden`."""
+        self._assigned = {(tp.topic, int(tp.partition)) for tp in partitions}
+
+    def _embeds_golden(self) -> bool:
+        """Does this worker embed golden sets? When it holds partition 0 of the first of its
+        topics: one worker of a group (more only for a moment during a rebalance, or when a
+        worker holds no partition of the first topic; their rows are the same and collapse)."""
+        if not self._assigned:
+            return False
+        first = min(t for t, _ in self._assigned)
+        return (first, 0) in self._assigned
+
     async def on_revoked(self) -> None:
         """The worker's partitions go: the samples in flight are embedded, tested and written
         (at most ``revoke_drain_s``), then every key's state is dropped. The next owner of a
@@ -600,6 +624,7 @@ class DriftStage:
             log.warning("drift: samples still in flight %.0f s after the revocation: dropped",
                         self.cfg.revoke_drain_s)
         self._gen += 1
+        self._assigned = set()
         engine = self.engine
         # on the drift thread: after the test round that may be running there
         await asyncio.get_running_loop().run_in_executor(self._pool, engine.state.clear)

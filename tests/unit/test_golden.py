@@ -261,3 +261,42 @@ def test_cli_load_sends_nothing_for_a_bad_file_and_the_parts_for_a_good_one(
         "golden", "chat", "prompt", 3, "v1 set")
     assert "model" not in final and "prompt_version" not in final
     assert "sent golden set gid: 3 texts in 1 part(s)" in res.output
+
+
+async def test_stage_without_partition_0_waits_for_the_set_instead_of_embedding() -> None:
+    """A worker that does not hold partition 0 does not embed a golden set: it reads
+    drift_golden until the embedding worker stored all of it. Catches: every worker of a
+    group embedding the set (the `_embeds_golden` gate skipped)."""
+    from driftline.streams.ports import StagePorts
+    from driftline.streams.stages.embedding import EmbeddingBatcher
+    from driftline.streams.stages.semantic_drift import DriftStage
+
+    class _Enc:
+        name, dim, max_chars = "fake", 8, 100
+        calls = 0
+
+        def encode(self, texts: Any) -> np.ndarray:
+            _Enc.calls += 1
+            return np.zeros((len(texts), 8), np.float32)
+
+    class _Later(_Store):  # the other worker's rows land after two looks
+        def __call__(self, sql: str, params: Any) -> list[tuple[Any, ...]]:
+            rows = super().__call__(sql, params)
+            return rows if self.golden_reads >= 3 else []
+
+    store = _Later()
+    store.golden["g1"] = [(i, f"golden {i}", [1.0] * 8) for i in range(4)]
+    st = DriftStage(DriftConfig(control_topic=None))
+    st._ports = StagePorts.detached()
+    st.engine = _engine(store)
+    st.batcher = EmbeddingBatcher(_Enc(), lambda *a: None)
+    st.golden_poll_s = 0.01
+    st._golden_parts["g1"] = {0: [f"golden {i}" for i in range(4)]}
+    await st.on_assigned([type("TP", (), {"topic": "ev", "partition": 1})()])
+    cmd = {"action": "golden", "n_texts": 4, "n_parts": 1, "sha256": texts_digest([f"golden {i}" for i in range(4)])}
+    gs = await st._golden_set(cmd, "g1")
+    assert gs is not None and gs.texts == [f"golden {i}" for i in range(4)]
+    assert store.golden_reads == 3 and st.golden_embedded == 0 and _Enc.calls == 0
+    assert not st._embeds_golden()
+    await st.on_assigned([type("TP", (), {"topic": "ev", "partition": p})() for p in (0, 1)])
+    assert st._embeds_golden()
