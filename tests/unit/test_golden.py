@@ -188,6 +188,12 @@ def test_engine_golden_reference_replaces_first_n_and_tests_against_it() -> None
                    "seq_from": 45, "seq_to": 45}
     examples = [e for c in by["topic_mix"].explanation["clusters"] for e in c["examples"]]
     assert examples and all(e.startswith("golden ") for e in examples)
+    # reset afterwards drops it like any reference: the next samples make a new one
+    (reset,) = eng.apply({"action": "reset", "app": "app"}, "r1")
+    assert (reset["mode"], reset["version"], reset["seq_from"]) == ("reset", 3, 105)
+    assert eng.state[(KEY, "prompt")].ref is None
+    refs, _ = _feed(eng, _mix(rng, [0.5, 0.5], 40), 105)
+    assert [(r["mode"], r["version"], r["seq_from"]) for r in refs] == [("first_n", 4, 105)]
 
 
 def test_engine_golden_set_larger_than_ref_size_is_tested_on_an_even_subset() -> None:
@@ -300,3 +306,54 @@ async def test_stage_without_partition_0_waits_for_the_set_instead_of_embedding(
     assert not st._embeds_golden()
     await st.on_assigned([type("TP", (), {"topic": "ev", "partition": p})() for p in (0, 1)])
     assert st._embeds_golden()
+
+
+async def test_embedding_worker_checks_the_parts_embeds_the_originals_and_stores_them_redacted() -> None:
+    """The worker with partition 0: parts whose count or digest differ from the golden command
+    are refused (nothing embedded or stored); good parts are embedded once from the original
+    texts and stored (drift_golden) with the texts redacted per --redact, like the events'.
+    Catches: storing raw texts under --redact, embedding redacted texts, parts not checked."""
+    import dataclasses
+
+    from driftline.detectors.redact import Redaction
+    from driftline.streams.ports import StagePorts
+    from driftline.streams.stages.embedding import EmbeddingBatcher
+    from driftline.streams.stages.semantic_drift import DriftStage
+
+    seen: list[str] = []
+
+    class _Enc:
+        name, dim, max_chars = "fake", 8, 100
+
+        def encode(self, texts: Any) -> np.ndarray:
+            seen.extend(texts)
+            return np.array([[len(t)] * 8 for t in texts], np.float32)
+
+    class _Tables:
+        database = "driftline"
+
+        def __init__(self) -> None:
+            self.inserts: list[tuple[str, dict[str, list[Any]]]] = []
+
+        async def insert_columns(self, table: str, columns: dict[str, list[Any]]) -> None:
+            self.inserts.append((table, columns))
+
+    tables = _Tables()
+    st = DriftStage(DriftConfig(control_topic=None))
+    st._ports = dataclasses.replace(StagePorts.detached(), tables=tables, redaction=Redaction("pii"))  # type: ignore[arg-type]
+    st.engine = _engine(_Store())
+    st.batcher = EmbeddingBatcher(_Enc(), lambda *a: None)
+    await st.on_assigned([type("TP", (), {"topic": "ev", "partition": 0})()])
+    texts = ["mail me at jane.doe@example.com", "plain text"]
+    st._golden_parts["g1"] = {0: texts[:1], 1: texts[1:]}
+    good = {"action": "golden", "n_texts": 2, "n_parts": 2, "sha256": texts_digest(texts)}
+    assert await st._golden_set({**good, "sha256": texts_digest(["x", "y"])}, "g1") is None
+    assert await st._golden_set({**good, "n_parts": 3}, "g1") is None
+    assert seen == [] and tables.inserts == []
+    gs = await st._golden_set(good, "g1")
+    assert gs is not None and seen == texts and st.golden_embedded == 2  # the originals, once
+    ((table, cols),) = tables.inserts
+    assert table == "drift_golden" and cols["golden_id"] == ["g1", "g1"] and cols["idx"] == [0, 1]
+    assert cols["text"] == [Redaction("pii").text(texts[0]), "plain text"] and "jane.doe" not in cols["text"][0]
+    assert cols["embedding"] == [[float(len(t))] * 8 for t in texts] and cols["embed_model"] == ["fake"] * 2
+    assert gs.texts == cols["text"]
