@@ -275,6 +275,8 @@ class _Control(NamedTuple):
 
 #: baseline commands held while drift_control_log cannot be read (commands are rare)
 _MAX_EARLY_COMMANDS = 10_000
+#: golden sets whose parts are held until their golden command (each up to 20,000 texts)
+_MAX_GOLDEN_PENDING = 4
 
 class DriftStage:
     """The worker stage (``name = "drift"``). ``DriftStage.factory(cfg)`` for ``serve_worker(stages=…)``."""
@@ -487,6 +489,11 @@ class DriftStage:
                 and isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
             log.warning("drift: malformed golden part %s ignored", cmd.get("id"))
             return
+        if gid not in self._golden_parts and len(self._golden_parts) >= _MAX_GOLDEN_PENDING:
+            oldest = next(iter(self._golden_parts))  # a load whose golden command never came
+            log.warning("drift: %d golden sets wait for their golden command; dropped the parts of %s",
+                        len(self._golden_parts), oldest)
+            del self._golden_parts[oldest]
         self._golden_parts.setdefault(gid, {})[i] = texts
 
     async def _golden_set(self, cmd: dict[str, Any], gid: str) -> Any:
@@ -503,8 +510,9 @@ class DriftStage:
         n = int(cmd.get("n_texts") or 0)
         stored = await loop.run_in_executor(self._pool, self.engine.golden_set, gid, n)
         # one worker embeds (the one with partition 0), the others wait for its rows; past the
-        # time that worker should need (20 texts/s), or when this one becomes it, it embeds itself
-        deadline = time.monotonic() + max(60.0, n / 20)
+        # time that worker should need (10 texts/s; a loaded 2-core CPU did 12), or when this one becomes it,
+        # it embeds itself
+        deadline = time.monotonic() + max(60.0, n / 10)
         while stored is None and not self._embeds_golden() and time.monotonic() < deadline:
             await asyncio.sleep(self.golden_poll_s)
             stored = await loop.run_in_executor(self._pool, self.engine.golden_set, gid, n)
