@@ -261,12 +261,13 @@ class DriftEngine:
     # -- golden sets -----------------------------------------------------------------
     def golden_set(self, golden_id: str, n: int | None = None) -> GoldenSet | None:
         """The golden set ``golden_id``: held, else read from ``drift_golden`` (None when not
-        stored, or, with ``n``, not all ``n`` of its rows are)."""
+        stored with this worker's embedding model, or, with ``n``, not all ``n`` of its rows are)."""
         gs = self.goldens.get(golden_id)
         if gs is not None:
             return gs
         rows = self.query("SELECT idx, text, embedding FROM {db:Identifier}.drift_golden FINAL "
-                          "WHERE golden_id = {gid:String} ORDER BY idx", {"db": self.db, "gid": golden_id})
+                          "WHERE golden_id = {gid:String} AND embed_model = {model:String} ORDER BY idx",
+                          {"db": self.db, "gid": golden_id, "model": self.embed_model})
         if not rows or (n is not None and len(rows) != n) or [int(r[0]) for r in rows] != list(range(len(rows))):
             return None
         gs = GoldenSet(golden_id, np.asarray([r[2] for r in rows], dtype=np.float32), [r[1] for r in rows])
@@ -280,9 +281,10 @@ class DriftEngine:
                          + " AND version = {v:UInt32} AND mode = 'golden' LIMIT 1",
                          {**_key_params(kf.key, kf.field), "db": self.db, "v": version})
         gs = self.golden_set(str(gid[0][0])) if gid else None
-        if gs is None:  # its vectors are gone (dropped by hand): collect a new reference
-            log.warning("drift: golden reference v%d of %s/%s/%s %s: its set is not in drift_golden; "
-                        "collecting a new reference", version, *kf.key, kf.field)
+        if gs is None:  # its vectors are gone, or of another model: collect a new reference
+            log.warning("drift: golden reference v%d of %s/%s/%s %s: its set is not in drift_golden with "
+                        "the model %s; collecting a new reference (load the set again)", version, *kf.key,
+                        kf.field, self.embed_model)
             kf.collect_from = seq_to
             return
         kf.ref = self._golden_reference(gs, version, seq_from, seq_to)
