@@ -142,7 +142,7 @@ async def test_golden_set_is_the_reference_once_embedded_and_reloaded(kafka_boot
 
     import clickhouse_connect
 
-    from driftline.streams.cli.baseline import show_references
+    from driftline.streams.cli.baseline import golden_keys, show_references, wait_applied
 
     c = clickhouse_connect.get_client(dsn=chdb_dsn)
     try:
@@ -167,4 +167,7 @@ async def test_golden_set_is_the_reference_once_embedded_and_reloaded(kafka_boot
         assert [s[2] for s in scores if s[0] == model] == [drifted] * 6, (model, scores)
     shown = show_references(chdb_dsn, fmt="TabSeparated").decode().splitlines()
     assert [line.split("\t")[5:7] for line in shown] == [["golden", str(N_GOLDEN)]] * 2
+    # what `driftline baseline load` waits for and prints
+    assert wait_applied(chdb_dsn, gid, 5) == 1
+    assert golden_keys(chdb_dsn, gid) == [("chat", SAME, "", "prompt"), ("chat", SHIFTED, "", "prompt")]
     print(f"\ngolden set test: {time.monotonic() - t0:.1f}s")
