@@ -196,6 +196,24 @@ ENGINE = MergeTree
 ORDER BY (control_id, applied_at)
 SETTINGS non_replicated_deduplication_window = 1000
 ;
+-- Golden sets (driftline baseline load): the texts of one curated set and their vectors,
+-- embedded once by the worker that applied it first (with its model); a key's golden
+-- reference (drift_references, mode golden) names its set by control_id = golden_id.
+-- text: as stored for other samples (redacted under --redact). A repeated write of a
+-- set (two workers, a retry) is collapsed by the ReplacingMergeTree.
+CREATE TABLE IF NOT EXISTS {db}.drift_golden
+(
+    golden_id String,
+    idx UInt32,
+    text String,
+    embedding Array(Float32),
+    embed_model LowCardinality(String),
+    created_at DateTime64(3, 'UTC')
+)
+ENGINE = ReplacingMergeTree
+ORDER BY (golden_id, idx)
+SETTINGS non_replicated_deduplication_window = 1000
+;
 -- One row per alert state change.
 CREATE TABLE IF NOT EXISTS {db}.alerts
 (

@@ -64,10 +64,12 @@ class TableWriter:
         if table not in self.tables:
             raise ValueError(f"this stage does not write {table!r} (its tables: {sorted(self.tables)})")
 
-    async def insert_rows(self, table: str, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
-        """Insert ``rows`` (dicts) into one of the stage's tables."""
+    async def insert_rows(self, table: str, rows: Sequence[dict[str, Any]], columns: Sequence[str], *,
+                          token: str | None = None) -> None:
+        """Insert ``rows`` (dicts) into one of the stage's tables. ``token``: the insert's
+        deduplication token (another insert with the same token is dropped by ClickHouse)."""
         self._check(table)
-        await self._sink.insert_rows(table, rows, columns)
+        await self._sink.insert_rows(table, rows, columns, token=token)
 
     async def insert_columns(self, table: str, columns: dict[str, list[Any]]) -> None:
         """Insert equal-length ``columns`` into one of the stage's tables."""

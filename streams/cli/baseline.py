@@ -19,6 +19,8 @@ Command: ``{"cmd": "baseline", "id": …, "action": "rebase" | "pin" | "reset", 
 samples of that event-time range (evenly thinned to ``ref_size``). ``pin`` is a
 rebase to a range that must be given. ``reset`` drops the reference: the next
 ``ref_size`` samples make a new one.
+
+``load`` (a golden set as the reference) is streams/cli/golden.py.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from driftline.schemas.topics import CONTROL_TOPIC
 if TYPE_CHECKING:
     from driftline.streams.ingest.kafka_security import KafkaSecurity
 
-__all__ = ["send_command", "show_references", "wait_applied", "SHOW_SQL"]
+__all__ = ["send_command", "show_references", "wait_applied", "golden_keys", "SHOW_SQL"]
 
 SHOW_SQL = (
     "SELECT app, model, prompt_version, field, version, mode, n, "
@@ -120,3 +122,15 @@ def wait_applied(dsn: str, control_id: str, timeout: float) -> int | None:
         if time.monotonic() > deadline:
             return None
         time.sleep(0.5)
+
+
+def golden_keys(dsn: str, golden_id: str) -> list[tuple[str, str, str, str]]:
+    """The (app, model, prompt_version, field) whose references are the golden set ``golden_id``."""
+    from driftline.streams.cli.sql import run_sql
+    from driftline.streams.sinks.clickhouse import resolve_dsn
+
+    _, db = resolve_dsn(dsn)
+    out = run_sql(dsn, f"SELECT DISTINCT app, model, prompt_version, field FROM {db}.drift_references "
+                       "WHERE mode = 'golden' AND control_id = {gid:String} ORDER BY app, model, prompt_version, field",
+                  fmt="TabSeparated", parameters={"gid": golden_id}).decode()
+    return [tuple(line.split("\t")) for line in out.splitlines() if line]  # type: ignore[misc]

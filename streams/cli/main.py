@@ -740,6 +740,74 @@ def baseline_reset(app_: _AppOpt = None, model: _ModelOpt = None, prompt_version
                    _control_secret(control_secret_file))
 
 
+@baseline_app.command("load", help=(
+    "Make a curated golden set the drift reference of the matching keys (drift from what the team approved)."
+    "\n\nFILE holds at most 20,000 texts of at most 8,000 characters each; blank lines are skipped. Every line "
+    "is checked first: one bad line (not UTF-8 or JSON, no text, empty, not a string, too long) and nothing is "
+    "sent; the bad lines are listed by number.\n\nA worker embeds the set once with its own model, stores the "
+    "vectors in drift_golden and makes it the reference (mode golden) of every matching key and field; keys that "
+    "appear later and match get it too, instead of their first samples. rebase or reset afterwards replace it as "
+    "any reference."))
+def baseline_load(
+    file: Annotated[str, typer.Argument(help="The golden set: JSONL, one {\"text\": ...} per line (or "
+                                             "{\"prompt\": ...} / {\"response\": ...} as --field says); - for stdin.")],
+    field: Annotated[str, typer.Option("--field", help="Which field's reference it becomes: prompt or response.")],
+    app_: _AppOpt = None, model: _ModelOpt = None, prompt_version: _PvOpt = None,
+    note: _NoteOpt = "",
+    kafka: KafkaOpt = None, clickhouse: ClickHouseOpt = None,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for a worker to embed and apply it (0: do not "
+                                             "wait; on CPU a worker embeds about 60 short texts/s).")] = 300.0,
+    kafka_security_protocol: KSecProtocolOpt = None, kafka_sasl_mechanism: KSecMechanismOpt = None,
+    kafka_user: KSecUserOpt = None, kafka_password_file: KSecPasswordFileOpt = None,
+    kafka_ca: KSecCaOpt = None, kafka_cert: KSecCertOpt = None, kafka_key: KSecKeyOpt = None,
+    control_secret_file: ControlSecretFileOpt = None,
+) -> None:
+    """`driftline baseline load`: see the command's help."""
+    from driftline.streams.cli.baseline import golden_keys, wait_applied
+    from driftline.streams.cli.golden import (
+        GoldenFileError,
+        golden_commands,
+        read_golden,
+        send_golden,
+    )
+
+    if field not in ("prompt", "response"):
+        raise _err(f"--field must be prompt or response, got {field!r}")
+    try:
+        texts = read_golden(file, field)
+    except GoldenFileError as exc:
+        raise _err(f"{file}: {len(exc.errors)} bad line(s), nothing sent:\n{exc}") from None
+    except OSError as exc:
+        raise _err(f"{file}: {exc.strerror or exc}") from None
+    cmds = golden_commands(texts, {"app": app_, "model": model, "prompt_version": prompt_version, "field": field},
+                           note=note)
+    kafka, _, _ = _resolve_targets(kafka, "-", start_broker=False)
+    security = _kafka_security(kafka, kafka_security_protocol, kafka_sasl_mechanism, kafka_user,
+                               kafka_password_file, kafka_ca, kafka_cert, kafka_key)
+    if security is not None:
+        security.warn_cleartext(kafka)
+    try:
+        gid = send_golden(kafka, cmds, security=security, secret=_control_secret(control_secret_file))
+    except Exception as exc:  # noqa: BLE001
+        raise _err(f"could not send the golden set to {kafka}: {exc}", 1) from None
+    _say(f"sent golden set {gid}: {len(texts)} texts in {len(cmds) - 1} part(s) to {CONTROL_TOPIC}")
+    if wait <= 0:
+        return
+    dsn, secrets = _client_dsn(clickhouse)
+    n = wait_applied(dsn, gid, wait)
+    if n is None:
+        raise _err(f"no worker applied it within {wait:.0f}s (is a worker with --drift running? a worker "
+                   "applies it when it starts); see `driftline baseline show`", 1)
+    try:
+        keys = golden_keys(dsn, gid)
+    except Exception as exc:  # noqa: BLE001
+        raise _client_error(exc, secrets) from None
+    typer.echo(f"applied: golden set {gid} ({len(texts)} texts) is the {field} reference of {len(keys)} key(s)"
+               + ("; keys that appear later and match get it" if not keys else ""))
+    for k in keys:
+        typer.echo("  " + "/".join(k))
+
+
 @app.command("ui")
 def ui_command(
     clickhouse: ClickHouseOpt = None,

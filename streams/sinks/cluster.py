@@ -47,6 +47,7 @@ ingest_log          source_topic, source_partition, epoch,          cityHash64(s
 dlq_outbox          source_topic, source_partition, epoch,          cityHash64(source_topic, source_partition)   one partition's outbox on one shard (read with FINAL per
                     source_offset, idx                                                                           partition on recovery)
 rekey_log           source_topic, source_partition, next_offset     cityHash64(source_topic, source_partition)   one OTLP partition's re-keyer log on one shard
+drift_golden        golden_id, idx                                  cityHash64(golden_id)                        one golden set on one shard (read with FINAL)
 ==================  ==============================================  ===========================================  ==========================================================
 
 What was taken from others (their clustered migrations, read for this module):
@@ -112,6 +113,7 @@ SHARD_BY: dict[str, tuple[str, ...]] = {
     "ingest_log": ("source_topic", "source_partition"),
     "dlq_outbox": ("source_topic", "source_partition"),
     "rekey_log": ("source_topic", "source_partition"),
+    "drift_golden": ("golden_id",),
 }
 
 #: MergeTree settings of tables.sql that have no meaning on a Replicated engine

@@ -19,6 +19,7 @@ constants, so a key with quotes or backslashes is matched exactly.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import time
 from collections import deque
@@ -42,7 +43,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("driftline.drift")
 
-__all__ = ["FIELDS", "METHODS", "Key", "Query", "SampleRow", "Reference", "KeyField", "DriftEngine",
+__all__ = ["FIELDS", "METHODS", "Key", "Query", "SampleRow", "Reference", "GoldenSet", "golden_subset", "KeyField",
+           "DriftEngine",
            "per_test_alpha", "make_detector", "ms_to_dt"]
 
 FIELDS = ("prompt", "response")
@@ -95,6 +97,12 @@ def _key_params(key: Key, fld: str) -> dict[str, Any]:
     return {"app": key[0], "model": key[1], "pv": key[2], "field": fld}
 
 
+def _matches(cmd: Mapping[str, Any], key: Key, fld: str) -> bool:
+    """Do a baseline command's filters (``None``: any) select this key-field?"""
+    return all(cmd.get(c) is None or str(cmd[c]) == v
+               for c, v in zip(_COMMAND_FILTERS, (*key, fld), strict=True))
+
+
 class SampleRow(NamedTuple):
     """One embedded sample of a key-field, as the engine holds it."""
 
@@ -118,6 +126,29 @@ class Reference:
     texts: list[str]
     from_ms: int
     to_ms: int
+    #: mode ``golden``: the golden set (``drift_golden``) the vectors come from
+    golden_id: str = ""
+    #: how many texts the reference stands for (a golden set larger than ``ref_size`` is
+    #: tested on an even subset of it; ``n`` is the whole set)
+    n: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GoldenSet:
+    """A golden set's vectors and texts (``drift_golden``), in file order."""
+
+    golden_id: str
+    emb: np.ndarray
+    texts: list[str]
+
+
+def golden_subset(n: int, ref_size: int) -> np.ndarray:
+    """The indices of a golden set of ``n`` the tests use: all when ``n <= ref_size``, else
+    ``ref_size`` spread evenly over the set (the permutation tests' memory grows with the
+    square of the reference; the same indices on every worker and after every restart)."""
+    if n <= ref_size:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, ref_size).round().astype(int))
 
 
 @dataclass(slots=True)
@@ -156,6 +187,14 @@ class DriftEngine:
         self.references_loaded = 0
         #: --redact: the example texts the detectors put in explanations (the worker's mode)
         self.redaction = Redaction()
+        #: golden sets read or made, by golden id (one copy shared by every key that uses it)
+        self.goldens: dict[str, GoldenSet] = {}
+        #: golden sets read from ``drift_golden`` (a restart: never embedded again)
+        self.goldens_read = 0
+        #: golden references a key got when first seen (no reference row yet): written by process()
+        self.pending_refs: list[dict[str, Any]] = []
+        #: the baseline commands applied (:meth:`_baseline_commands`); None until first needed
+        self._commands: list[tuple[str, dict[str, Any]]] | None = None
 
     # -- loading -------------------------------------------------------------------
     def _texts(self, key: Key, fld: str, ids: Sequence[str]) -> dict[str, str]:
@@ -197,7 +236,9 @@ class DriftEngine:
         if refs:
             version, mode, s_from, s_to, ids, f_ms, t_ms = refs[0]
             kf.version = int(version)
-            if ids:
+            if mode == "golden":
+                self._load_golden(kf, int(version), int(s_from), int(s_to))
+            elif ids:
                 emb = self._rows(key, fld, _BY_IDS, {"ids": list(ids)})
                 kf.ref = Reference(int(version), mode, int(s_from), int(s_to), [r.event_id for r in emb],
                                    np.stack([r.vec for r in emb]), [r.text for r in emb], int(f_ms), int(t_ms))
@@ -208,9 +249,119 @@ class DriftEngine:
                          version, *key, fld, len(emb), len(kf.cur))
             else:  # reset: collect a new reference from seq_from on
                 kf.collect_from = int(s_from)
+        else:  # never had a reference: a golden load whose filters match the key gives it one
+            gid = self._golden_for(key, fld)
+            gs = self.golden_set(gid) if gid else None
+            if gs is not None:
+                self.pending_refs.append(self._golden_ref(kf, gs, ""))
         if kf.ref is None and kf.seq > kf.collect_from:
             kf.collecting = self._rows(key, fld, _FROM_SEQ, {"seq": kf.collect_from}, "seq", self.cfg.ref_size)
         return kf
+
+    # -- golden sets -----------------------------------------------------------------
+    def golden_set(self, golden_id: str, n: int | None = None) -> GoldenSet | None:
+        """The golden set ``golden_id``: held, else read from ``drift_golden`` (None when not
+        stored with this worker's embedding model, or, with ``n``, not all ``n`` of its rows are)."""
+        gs = self.goldens.get(golden_id)
+        if gs is not None:
+            return gs
+        rows = self.query("SELECT idx, text, embedding FROM {db:Identifier}.drift_golden FINAL "
+                          "WHERE golden_id = {gid:String} AND embed_model = {model:String} ORDER BY idx",
+                          {"db": self.db, "gid": golden_id, "model": self.embed_model})
+        if not rows or (n is not None and len(rows) != n) or [int(r[0]) for r in rows] != list(range(len(rows))):
+            return None
+        gs = GoldenSet(golden_id, np.asarray([r[2] for r in rows], dtype=np.float32), [r[1] for r in rows])
+        self.goldens[golden_id] = gs
+        self.goldens_read += 1
+        return gs
+
+    def _load_golden(self, kf: KeyField, version: int, seq_from: int, seq_to: int) -> None:
+        """A stored golden reference: its set's vectors from ``drift_golden`` (not embedded again)."""
+        gid = self.query("SELECT control_id FROM {db:Identifier}.drift_references WHERE " + _KEY_WHERE
+                         + " AND version = {v:UInt32} AND mode = 'golden' LIMIT 1",
+                         {**_key_params(kf.key, kf.field), "db": self.db, "v": version})
+        gs = self.golden_set(str(gid[0][0])) if gid else None
+        if gs is None:  # its vectors are gone, or of another model: collect a new reference
+            log.warning("drift: golden reference v%d of %s/%s/%s %s: its set is not in drift_golden with "
+                        "the model %s; collecting a new reference (load the set again)", version, *kf.key,
+                        kf.field, self.embed_model)
+            kf.collect_from = seq_to
+            return
+        kf.ref = self._golden_reference(gs, version, seq_from, seq_to)
+        kf.cur.extend(self._rows(kf.key, kf.field, _FROM_SEQ, {"seq": seq_to}, "seq DESC", self.cfg.window_size))
+        self.references_loaded += 1
+        log.info("drift: reloaded golden reference v%d of %s/%s/%s %s (set %s, %d texts), current window %d",
+                 version, *kf.key, kf.field, gs.golden_id, len(gs.texts), len(kf.cur))
+
+    def _golden_reference(self, gs: GoldenSet, version: int, seq_from: int, seq_to: int) -> Reference:
+        pick = golden_subset(len(gs.texts), self.cfg.ref_size)
+        return Reference(version, "golden", seq_from, seq_to, [], gs.emb[pick], [gs.texts[i] for i in pick],
+                         0, 0, golden_id=gs.golden_id, n=len(gs.texts))
+
+    def _golden_for(self, key: Key, fld: str) -> str | None:
+        """The golden set a key-field seen for the first time gets: that of the latest baseline
+        command whose filters match it, when that command is a golden load (a later reset,
+        rebase or pin matching the key means: no golden set for new keys)."""
+        best: tuple[int, str, str] | None = None
+        for cid, cmd in self._baseline_commands():
+            if not _matches(cmd, key, fld):
+                continue
+            at = (int(cmd.get("sent_at_ms") or 0), cid, str(cmd.get("action")))
+            if best is None or at[:2] > best[:2]:
+                best = at
+        return best[1] if best is not None and best[2] == "golden" else None
+
+    def _baseline_commands(self) -> list[tuple[str, dict[str, Any]]]:
+        """(id, command) of every baseline command applied: read from ``drift_control_log`` once,
+        then kept current by :meth:`apply` / :meth:`apply_golden` (every worker applies every
+        command it gets; those applied before it started are in the log)."""
+        if self._commands is None:
+            rows = self.query("SELECT control_id, any(command) FROM {db:Identifier}.drift_control_log "
+                              "WHERE action IN ('golden', 'rebase', 'pin', 'reset') GROUP BY control_id",
+                              {"db": self.db})
+            self._commands = []
+            for cid, text in rows:
+                try:
+                    cmd = json.loads(text)
+                except ValueError:
+                    continue
+                if isinstance(cmd, dict):
+                    self._commands.append((str(cid), cmd))
+        return self._commands
+
+    def _golden_ref(self, kf: KeyField, gs: GoldenSet, note: str) -> dict[str, Any]:
+        """Make ``gs`` the key-field's reference from its next sample on; the reference row."""
+        kf.version += 1
+        kf.ref = self._golden_reference(gs, kf.version, kf.seq, kf.seq)
+        kf.detectors = {}
+        kf.cur = deque(maxlen=self.cfg.window_size)
+        kf.collecting = []
+        kf.since_test = 0
+        self.references_made += 1
+        log.info("drift: golden reference v%d of %s/%s/%s %s: set %s, %d texts", kf.version, *kf.key, kf.field,
+                 gs.golden_id, len(gs.texts))
+        row = self._ref_row(kf, "golden", kf.seq, kf.seq, [], 0, 0, gs.golden_id, note)
+        row["n"] = len(gs.texts)
+        return row
+
+    def apply_golden(self, cmd: dict[str, Any], gs: GoldenSet) -> list[dict[str, Any]]:
+        """Make the golden set ``gs`` the reference of every matching key-field (its filters as
+        :meth:`matching`); a key-field whose reference is already this set is left as it is
+        (another worker or an earlier try applied it). Returns the reference rows."""
+        self.goldens[gs.golden_id] = gs
+        self._baseline_commands().append((gs.golden_id, cmd))
+        note = str(cmd.get("note") or "")
+        out = []
+        for key, fld in self.matching(cmd):
+            kf = self.get(key, fld)
+            if kf.ref is not None and kf.ref.golden_id == gs.golden_id:
+                continue
+            out.append(self._golden_ref(kf, gs, note))
+        return self._take_pending() + out
+
+    def _take_pending(self) -> list[dict[str, Any]]:
+        out, self.pending_refs = self.pending_refs, []
+        return out
 
     def get(self, key: Key, fld: str) -> KeyField:
         """The key-field's state (loaded from ClickHouse when not held), now the most recent."""
@@ -266,6 +417,8 @@ class DriftEngine:
         keep_hash = not self.redaction.active
         for s, h, v in zip(samples, hashes, vecs, strict=True):
             kf = self.get(s.key, s.field)
+            if self.pending_refs:  # a golden reference the key got when first seen
+                ref_rows.extend(self._take_pending())
             row = SampleRow(kf.seq, s.event_id, s.ts_ms, v, s.text)
             kf.seq += 1
             for c, val in zip(EMBEDDING_COLUMNS, (s.event_id, ms_to_dt(s.ts_ms), *s.key, s.field, row.seq,
@@ -362,7 +515,10 @@ class DriftEngine:
                 "family": {"keys": n_keys, "fields": len(cfg.fields), "methods": len(cfg.methods)},
                 "resamples": b if method != "topic_mix" else None,
                 "p_floor": p_floor if method != "topic_mix" else None,
-                "reference": {"version": kf.ref.version, "mode": kf.ref.mode, "n": len(kf.ref.event_ids),
+                "reference": {"version": kf.ref.version, "mode": kf.ref.mode,
+                              "n": kf.ref.n if kf.ref.n is not None else len(kf.ref.event_ids),
+                              **({"golden_id": kf.ref.golden_id, "n_tested": len(kf.ref.texts)}
+                                 if kf.ref.golden_id else {}),
                               "seq_from": kf.ref.seq_from, "seq_to": kf.ref.seq_to},
                 "window": {"seq_from": cur[0].seq, "seq_to": cur[-1].seq + 1,
                            "from_ms": min(rr.ts_ms for rr in cur), "to_ms": max(rr.ts_ms for rr in cur)},
@@ -392,6 +548,7 @@ class DriftEngine:
         if action not in ("rebase", "pin", "reset"):
             log.warning("drift: unknown baseline command %r ignored", cmd)
             return []
+        self._baseline_commands().append((control_id, cmd))
         note = str(cmd.get("note") or "")
         out = []
         for key, fld in self.matching(cmd):
@@ -406,7 +563,7 @@ class DriftEngine:
                 continue
             mode = "pinned" if action == "pin" else "rebase"
             out.append(self._make_ref(kf, rows, mode, rows[0].seq, kf.seq, control_id, note))
-        return out
+        return self._take_pending() + out
 
     def _reset(self, kf: KeyField, control_id: str, note: str) -> dict[str, Any]:
         """Drop the reference: a new one is collected from the next sample on."""

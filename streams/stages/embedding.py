@@ -284,6 +284,21 @@ class EmbeddingBatcher(Generic[T]):
         self.dropped += len(items) - taken
         return taken
 
+    async def encode_now(self, texts: Sequence[str]) -> Vec:
+        """Encode ``texts`` outside the queue (a golden set), on the encoder thread in chunks of
+        ``batch_size`` (the stream's batches run between chunks), cut to the model's limit like
+        submitted texts; nothing is dropped or cached. Returns ``(len(texts), dim)`` float32."""
+        assert self.encoder is not None, "start() first"
+        enc = self.encoder
+        loop = asyncio.get_running_loop()
+        max_chars = getattr(enc, "max_chars", 4096)
+        cut = [t[:max_chars] for t in texts]
+        out = []
+        for i in range(0, len(cut), self.batch_size):
+            chunk = cut[i:i + self.batch_size]
+            out.append(await loop.run_in_executor(self._pool, enc.encode, chunk))
+        return np.concatenate(out).astype(np.float32, copy=False)
+
     # -- the exporter (BatchProcessor calls these on the event loop) --------------
     async def export(self, batch: Sequence[_EmbedItem[T]]) -> bool:
         """Encode ``batch`` on the encoder thread and hand it to ``on_batch``. A batch

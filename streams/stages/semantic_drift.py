@@ -56,6 +56,13 @@ must carry a valid HMAC signature (streams/ingest/control_auth.py); others are r
 logged and counted in ``driftline_control_refused_total{reason}``.
 ``driftline baseline show`` is a query.
 
+**Golden sets.** ``driftline baseline load`` (streams/cli/golden.py) sends a golden set's
+texts as ``golden_part`` commands, then a ``golden`` command. The parts are kept here
+(:attr:`DriftStage._golden_parts`, not logged) until their golden command, which the drift
+loop applies: the set is read from ``drift_golden`` when stored (another worker, a retry),
+else embedded once with the stage's encoder (:meth:`EmbeddingBatcher.encode_now`) and
+stored; then :meth:`DriftEngine.apply_golden` makes it the reference of the matching keys.
+
 The engine (per key-field state, references, tests, its SQL) is
 streams/stages/drift_references.py.
 """
@@ -66,6 +73,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -267,12 +275,14 @@ class _Control(NamedTuple):
 
 #: baseline commands held while drift_control_log cannot be read (commands are rare)
 _MAX_EARLY_COMMANDS = 10_000
+#: golden sets whose parts are held until their golden command (each up to 20,000 texts)
+_MAX_GOLDEN_PENDING = 4
 
 class DriftStage:
     """The worker stage (``name = "drift"``). ``DriftStage.factory(cfg)`` for ``serve_worker(stages=…)``."""
 
     name = "drift"
-    tables = ("llm_embeddings", "drift_references", "drift_scores", "drift_control_log")
+    tables = ("llm_embeddings", "drift_references", "drift_scores", "drift_control_log", "drift_golden")
 
     def __init__(self, cfg: DriftConfig | None = None, registry: CollectorRegistry | None = None,
                  encoder: Any = None) -> None:
@@ -307,6 +317,14 @@ class DriftStage:
         self._gen = 0
         #: samples dropped because their key's partitions were revoked before they were tested
         self.revoked_samples = 0
+        #: golden sets being received: golden id -> part index -> texts (until the golden command)
+        self._golden_parts: dict[str, dict[int, list[str]]] = {}
+        #: golden texts this stage embedded (a set another worker stored, or a restart, adds 0)
+        self.golden_embedded = 0
+        #: the worker's partitions (on_assigned): the one holding partition 0 embeds golden sets
+        self._assigned: set[tuple[str, int]] = set()
+        #: how often a worker that does not embed a golden set looks for it in drift_golden
+        self.golden_poll_s = 1.0
 
     @classmethod
     def factory(cls, cfg: DriftConfig | None = None, encoder: Any = None) -> Any:
@@ -464,11 +482,72 @@ class DriftStage:
             return
         await self._write(emb, refs, results)
 
+    def _golden_part(self, cmd: dict[str, Any]) -> None:
+        """Keep one part of a golden set's texts until its golden command comes."""
+        gid, i, n, texts = cmd.get("golden_id"), cmd.get("i"), cmd.get("n"), cmd.get("texts")
+        if not (isinstance(gid, str) and isinstance(i, int) and isinstance(n, int) and 0 <= i < n
+                and isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
+            log.warning("drift: malformed golden part %s ignored", cmd.get("id"))
+            return
+        if gid not in self._golden_parts and len(self._golden_parts) >= _MAX_GOLDEN_PENDING:
+            oldest = next(iter(self._golden_parts))  # a load whose golden command never came
+            log.warning("drift: %d golden sets wait for their golden command; dropped the parts of %s",
+                        len(self._golden_parts), oldest)
+            del self._golden_parts[oldest]
+        self._golden_parts.setdefault(gid, {})[i] = texts
+
+    async def _golden_set(self, cmd: dict[str, Any], gid: str) -> Any:
+        """The golden set of a ``golden`` command: stored in ``drift_golden`` already (another
+        worker, or this one before a restart), else put together from its parts, embedded
+        once with the stage's encoder and stored. None when its parts are missing or do not
+        match the command's count and digest (logged)."""
+        from driftline.schemas.columns import GOLDEN_COLUMNS
+        from driftline.streams.cli.golden import texts_digest
+        from driftline.streams.stages.drift_references import GoldenSet
+
+        assert self.engine is not None and self.batcher is not None and self._ports is not None
+        loop = asyncio.get_running_loop()
+        n = int(cmd.get("n_texts") or 0)
+        stored = await loop.run_in_executor(self._pool, self.engine.golden_set, gid, n)
+        # one worker embeds (the one with partition 0), the others wait for its rows; past the
+        # time that worker should need (10 texts/s; a loaded 2-core CPU did 12), or when this one becomes it,
+        # it embeds itself
+        deadline = time.monotonic() + max(60.0, n / 10)
+        while stored is None and not self._embeds_golden() and time.monotonic() < deadline:
+            await asyncio.sleep(self.golden_poll_s)
+            stored = await loop.run_in_executor(self._pool, self.engine.golden_set, gid, n)
+        if stored is not None:
+            return stored
+        parts = self._golden_parts.get(gid, {})
+        n_parts = int(cmd.get("n_parts") or 0)
+        if sorted(parts) != list(range(n_parts)):
+            log.error("drift: golden set %s: %d of its %d parts arrived; not applied", gid, len(parts), n_parts)
+            return None
+        texts = [t for i in range(n_parts) for t in parts[i]]
+        if len(texts) != n or texts_digest(texts) != cmd.get("sha256"):
+            log.error("drift: golden set %s: its parts do not match its count or digest; not applied", gid)
+            return None
+        vecs = await self.batcher.encode_now(texts)
+        self.golden_embedded += len(texts)
+        red = self._ports.redaction
+        shown = [red.text(t) or "" for t in texts] if red.active else texts  # stored like the events' texts
+        at = ms_to_dt(int(self._ports.clock() * 1000))
+        model = self.engine.embed_model
+        cols = dict(zip(GOLDEN_COLUMNS, (
+            [gid] * n, list(range(n)), shown, [v.tolist() for v in vecs], [model] * n, [at] * n), strict=True))
+        await self._ports.tables.insert_columns("drift_golden", cols)
+        return GoldenSet(gid, vecs, shown)
+
     async def _apply_control(self, c: _Control) -> None:
         """Apply one baseline command, write its references, then log it in ``drift_control_log``."""
         assert self.engine is not None and self._ports is not None
         loop = asyncio.get_running_loop()
-        refs = await loop.run_in_executor(self._pool, self.engine.apply, c.cmd, c.control_id)
+        if c.cmd.get("action") == "golden":
+            gs = await self._golden_set(c.cmd, c.control_id)
+            refs = [] if gs is None else await loop.run_in_executor(self._pool, self.engine.apply_golden, c.cmd, gs)
+            self._golden_parts.pop(c.control_id, None)
+        else:
+            refs = await loop.run_in_executor(self._pool, self.engine.apply, c.cmd, c.control_id)
         await self._write({}, refs, [])
         log_row = {"control_id": c.control_id, "applied_at": ms_to_dt(int(self._ports.clock() * 1000)),
                    "action": str(c.cmd.get("action")), "command": json.dumps(c.cmd, sort_keys=True),
@@ -484,8 +563,13 @@ class DriftStage:
         if emb and emb["event_id"]:
             await sink.insert_columns("llm_embeddings", emb)
             self.stored_embeddings += len(emb["event_id"])
-        if refs:
-            await sink.insert_rows("drift_references", refs, REFERENCE_COLUMNS)
+        plain = [r for r in refs if r["mode"] != "golden"]
+        if plain:
+            await sink.insert_rows("drift_references", plain, REFERENCE_COLUMNS)
+        for r in refs:
+            if r["mode"] == "golden":  # one golden reference per key, set and version, whichever worker writes it
+                await sink.insert_rows("drift_references", [r], REFERENCE_COLUMNS, token=(
+                    f"golden:{r['control_id']}:{r['version']}:{json.dumps([r['app'], r['model'], r['prompt_version'], r['field']])}"))
         if not results:
             return
         rows = []
@@ -517,6 +601,19 @@ class DriftStage:
                         log.exception("drift: observe_drift of a stage failed")
 
     # -- rebalances (worker hooks) ----------------------------------------------------
+    async def on_assigned(self, partitions: Any) -> None:
+        """The worker's partitions after a rebalance (``TopicPartition``): see :meth:`_embeds_golden`."""
+        self._assigned = {(tp.topic, int(tp.partition)) for tp in partitions}
+
+    def _embeds_golden(self) -> bool:
+        """Does this worker embed golden sets? When it holds partition 0 of the first of its
+        topics: one worker of a group (more only for a moment during a rebalance, or when a
+        worker holds no partition of the first topic; their rows are the same and collapse)."""
+        if not self._assigned:
+            return False
+        first = min(t for t, _ in self._assigned)
+        return (first, 0) in self._assigned
+
     async def on_revoked(self) -> None:
         """The worker's partitions go: the samples in flight are embedded, tested and written
         (at most ``revoke_drain_s``), then every key's state is dropped. The next owner of a
@@ -535,6 +632,7 @@ class DriftStage:
             log.warning("drift: samples still in flight %.0f s after the revocation: dropped",
                         self.cfg.revoke_drain_s)
         self._gen += 1
+        self._assigned = set()
         engine = self.engine
         # on the drift thread: after the test round that may be running there
         await asyncio.get_running_loop().run_in_executor(self._pool, engine.state.clear)
@@ -569,10 +667,16 @@ class DriftStage:
         cid = str(cmd.get("id") or f"{rec.topic}:{rec.partition}:{rec.offset}:{rec.timestamp}")
         if cid in self._applied_ids:  # applied before (the topic is read from its start each time)
             return False
+        part = cmd.get("action") == "golden_part"
+        if part and str(cmd.get("golden_id")) in self._applied_ids:  # its golden set is applied
+            return False
         assert self._ports is not None
         auth = self._ports.control
         if not admit(cmd, auth.secret, self._ports.metrics.control_refused,
                      max_age_s=auth.max_age_s, where="drift"):
+            return False
+        if part:
+            self._golden_part(cmd)
             return False
         log.info("drift: baseline command %s", {k: v for k, v in cmd.items() if k != "sig"})
         self._applied_ids.add(cid)

@@ -182,6 +182,21 @@ ORDER BY (control_id, applied_at)
 CREATE TABLE IF NOT EXISTS driftline.drift_control_log ON CLUSTER c AS driftline.drift_control_log_local
 ENGINE = Distributed('c', 'driftline', 'drift_control_log_local', cityHash64(control_id))
 ;
+CREATE TABLE IF NOT EXISTS driftline.drift_golden_local ON CLUSTER c
+(
+    golden_id String,
+    idx UInt32,
+    text String,
+    embedding Array(Float32),
+    embed_model LowCardinality(String),
+    created_at DateTime64(3, 'UTC')
+)
+ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/drift_golden_local', '{replica}')
+ORDER BY (golden_id, idx)
+;
+CREATE TABLE IF NOT EXISTS driftline.drift_golden ON CLUSTER c AS driftline.drift_golden_local
+ENGINE = Distributed('c', 'driftline', 'drift_golden_local', cityHash64(golden_id))
+;
 CREATE TABLE IF NOT EXISTS driftline.alerts_local ON CLUSTER c
 (
     ts DateTime64(3, 'UTC'),

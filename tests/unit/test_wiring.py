@@ -44,7 +44,8 @@ def test_each_stage_gets_a_writer_for_its_own_tables_only() -> None:
     w = _worker(alerting=AlertingOptions(), drift=DriftConfig())
     alerting, drift = (w.ports_for(st) for st in w.stages)
     assert alerting.tables.tables == {"alerts"}
-    assert drift.tables.tables == {"llm_embeddings", "drift_references", "drift_scores", "drift_control_log"}
+    assert drift.tables.tables == {"llm_embeddings", "drift_references", "drift_scores", "drift_control_log",
+                                   "drift_golden"}
     assert alerting.kafka.bootstrap == "127.0.0.1:9092" and alerting.redaction == w.cfg.redaction
     with pytest.raises(ValueError, match="does not write 'llm_events'"):
         asyncio.run(TableWriter(None, ("alerts",)).insert_rows("llm_events", [{"a": 1}], ["a"]))
