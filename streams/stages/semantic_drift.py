@@ -277,6 +277,10 @@ class _Control(NamedTuple):
 _MAX_EARLY_COMMANDS = 10_000
 #: golden sets whose parts are held until their golden command (each up to 20,000 texts)
 _MAX_GOLDEN_PENDING = 4
+#: embedded samples held for the drift loop at most (about 77 MB of vectors at d 384 with
+#: their texts): while the loop is busy (a golden set embedded or awaited, a slow store) the
+#: oldest are dropped and counted (DriftStage.inbox_dropped), as samples are at most once
+_MAX_INBOX_SAMPLES = 50_000
 
 class DriftStage:
     """The worker stage (``name = "drift"``). ``DriftStage.factory(cfg)`` for ``serve_worker(stages=…)``."""
@@ -298,6 +302,7 @@ class DriftStage:
         self.observers: list[Callable[[DriftObservation], None]] = []
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drift")
         self._inbox: list[tuple[list[Sample], list[int], np.ndarray]] = []
+        self.max_inbox_samples = _MAX_INBOX_SAMPLES
         self._controls: list[_Control] = []
         self._wake = asyncio.Event()
         #: set while the inbox and the controls are empty and the drift loop is between rounds
@@ -317,6 +322,9 @@ class DriftStage:
         self._gen = 0
         #: samples dropped because their key's partitions were revoked before they were tested
         self.revoked_samples = 0
+        #: samples dropped because the inbox held _MAX_INBOX_SAMPLES while the drift loop was busy
+        self.inbox_dropped = 0
+        self._inbox_n = 0
         #: golden sets being received: golden id -> part index -> texts (until the golden command)
         self._golden_parts: dict[str, dict[int, list[str]]] = {}
         #: golden texts this stage embedded (a set another worker stored, or a restart, adds 0)
@@ -438,6 +446,14 @@ class DriftStage:
 
     def _on_embedded(self, samples: list[Sample], hashes: list[int], vecs: np.ndarray) -> None:
         self._inbox.append((samples, hashes, vecs))
+        self._inbox_n += len(samples)
+        while self._inbox_n > self.max_inbox_samples and len(self._inbox) > 1:
+            old = self._inbox.pop(0)  # the loop is busy (a golden set, a slow store): bound memory
+            self._inbox_n -= len(old[0])
+            if not self.inbox_dropped:
+                log.warning("drift: the drift loop is behind; the oldest embedded samples are "
+                            "dropped (counted in DriftStage.inbox_dropped)")
+            self.inbox_dropped += len(old[0])
         self._idle.clear()
         self._wake.set()
 
@@ -464,7 +480,7 @@ class DriftStage:
     async def _process_inbox(self) -> None:
         """Number, reference and test everything embedded so far (on the drift thread), then write it."""
         assert self.engine is not None
-        work, self._inbox = self._inbox, []
+        work, self._inbox, self._inbox_n = self._inbox, [], 0
         gen = self._gen
         samples = [s for w in work for s in w[0]]
         hashes = [h for w in work for h in w[1]]

@@ -357,3 +357,20 @@ async def test_embedding_worker_checks_the_parts_embeds_the_originals_and_stores
     assert cols["text"] == [Redaction("pii").text(texts[0]), "plain text"] and "jane.doe" not in cols["text"][0]
     assert cols["embedding"] == [[float(len(t))] * 8 for t in texts] and cols["embed_model"] == ["fake"] * 2
     assert gs.texts == cols["text"]
+
+
+def test_the_drift_inbox_is_bounded_while_the_loop_is_busy() -> None:
+    """While the drift loop is busy (a golden set embedded or awaited), embedded samples wait
+    in the inbox: past ``max_inbox_samples`` the oldest batches are dropped and counted, the
+    newest kept. Mutation caught: no bound (the inbox holds all 10 batches)."""
+    from driftline.streams.stages.semantic_drift import DriftStage
+
+    st = DriftStage(DriftConfig(control_topic=None))
+    st.max_inbox_samples = 7
+    key = ("app", "m", "")
+    for b in range(10):  # the loop is not running: nothing is taken out
+        st._on_embedded([Sample(key, "prompt", f"e{b}-{i}", b, "t") for i in range(3)], [0, 1, 2],
+                        np.ones((3, 4), np.float32))
+    held = [s.event_id for batch in st._inbox for s in batch[0]]
+    assert held == [f"e{b}-{i}" for b in (8, 9) for i in range(3)]
+    assert st.inbox_dropped == 24 and st._inbox_n == 6
