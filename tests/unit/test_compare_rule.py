@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+from pathlib import Path
 
 import numpy as np
+from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from driftline.detectors.sequential import MeanStats
 from driftline.schemas.comparison import CompareSpec
 from driftline.schemas.rules import check_rules_text, fingerprint, parse_rules
 from driftline.streams.cli.compare import ArmData, gate
-from driftline.streams.ports import StagePorts
+from driftline.streams.ports import KafkaPort, StagePorts, TableWriter, WindowView
+from driftline.streams.sinks.clickhouse import ClickHouseSink, ddl_statements
+from driftline.streams.sinks.prometheus import WorkerMetrics
 from driftline.streams.stages.alerting import AlertingStage
 from driftline.streams.stages.compare_rule import compare_inputs, owner_partition, reading
+from driftline.streams.stages.drift_references import ms_to_dt
 from driftline.streams.stages.rule_engine import AlertEvaluator
 
 NOW = 1_800_000_000_000
@@ -238,3 +243,86 @@ def test_prometheus_export_leaves_it_out() -> None:
 
     out = export_prometheus_rules(RULES)
     assert "V5Worse" not in out
+
+
+def test_a_compare_alert_is_recorded_once_across_a_rebalance_and_a_restart(tmp_path: Path) -> None:
+    """Against a real chDB store: worker A (partitions 0 and 1 of 2) runs V5Worse (its owner
+    partition is 1) on stored calls where v5 is twice as slow, and records "firing". The
+    rule's partition moves to B: A drops the alert without a transition, B restores it as
+    firing from the ``alerts`` table and, running the rule on the same calls, records
+    nothing; C (B restarted) does the same. Mutation caught: restoring compare alerts by
+    their app's key owner (the chat calls are on partition 0, which stays with A) instead
+    of the rule's owner: B fires a second time."""
+    rule = parse_rules(textwrap.dedent("""\
+        rules:
+          - name: V5Worse
+            kind: compare
+            baseline: {prompt_version: v4}
+            candidate: {prompt_version: v5}
+            app: chat
+            max_latency_increase: 10%
+            min_samples: 30
+            lookback: 1h
+            interval: 1s
+        """))
+    assert owner_partition("V5Worse", 2) == 1
+    sink = ClickHouseSink(f"chdb://{tmp_path / 'chdb'}")
+    for stmt in ddl_statements("driftline"):
+        sink.call(lambda c, q=stmt: c.command(q))
+    rng = np.random.default_rng(5)
+    rows = [[f"{v}-{i}", ms_to_dt(NOW - 600_000 + i * 1000), "chat", "m", v,
+             float(rng.uniform(100, 200)) * (2 if v == "v5" else 1), "llm.events", 0, j * 40 + i]
+            for j, v in enumerate(("v4", "v5")) for i in range(40)]
+    sink.call(lambda c: c.insert("driftline.llm_events", rows, column_names=[
+        "event_id", "timestamp", "app", "model", "prompt_version", "latency_ms", "source_topic",
+        "source_partition", "source_offset"]))
+    tp0, tp1 = TopicPartition("llm.events", 0), TopicPartition("llm.events", 1)
+
+    async def worker(parts: list[TopicPartition]) -> AlertingStage:
+        st = AlertingStage(rule, registry=CollectorRegistry(), restore_grace_s=0, clock=lambda: NOW,
+                           partition_counter=lambda topic: 2)
+        await st.start(StagePorts(tables=TableWriter(sink, ("alerts",)), metrics=WorkerMetrics(CollectorRegistry()),
+                                  windows=WindowView(lambda: None), kafka=KafkaPort(""), topics=("llm.events",)))
+        await st.on_assigned(parts)
+        return st
+
+    async def run(st: AlertingStage) -> list[tuple[str, str]]:
+        """Tick until the rule ran once more (its reading evaluated)."""
+        before = st.m.compare_runs.labels("V5Worse", "ok")._value.get()
+        st._cmp_next.clear()
+        out = st.tick()
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if st.m.compare_runs.labels("V5Worse", "ok")._value.get() > before and not st._inbox:
+                break
+            out += st.tick()
+        out += st.tick()
+        return [(t.rule, t.state) for t in out]
+
+    def alert_rows() -> list[tuple[str, str]]:
+        return [tuple(r) for r in sink.call(lambda c: c.query(  # type: ignore[misc]
+            "SELECT rule, state FROM driftline.alerts ORDER BY ts").result_rows)]
+
+    async def main() -> None:
+        a = await worker([tp0, tp1])
+        assert a.compare_owned == {"V5Worse"}
+        assert await run(a) == [("V5Worse", "firing")]
+        await a.on_revoked()
+        await a.on_assigned([tp0])              # partition 1 moved to B
+        assert a.compare_owned == set() and a.evaluator.active_alerts() == []
+        assert a.tick() == []
+        b = await worker([tp1])
+        assert b.compare_owned == {"V5Worse"}
+        assert [t.rule for t in b.evaluator.active_alerts()] == ["V5Worse"]  # restored
+        assert await run(b) == []                # still failing: not fired again
+        await b.stop()
+        c = await worker([tp1])                  # B restarted
+        assert await run(c) == []
+        for st in (a, c):
+            await st.stop()
+        assert alert_rows() == [("V5Worse", "firing")]
+
+    try:
+        asyncio.run(main())
+    finally:
+        sink.close()
