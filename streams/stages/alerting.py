@@ -53,6 +53,12 @@ so a replay of windows whose alerts fired and resolved before a crash records no
 After a restore, evaluation waits for the worker's first stored batch (at most
 ``restore_grace_s``), and an alert whose condition no longer holds then resolves, which
 writes and sends the "resolved".
+
+Compare rules (streams/stages/compare_rule.py) are owned per rule, not per key: the
+worker holding partition ``crc32(name) mod N`` of the group's first JSON input topic runs
+the rule's gate queries in a thread (at most once per its ``interval``) and feeds the
+readings through the inbox; on an assignment the other workers drop its state and the
+owner restores its alert from the ``alerts`` table, as for the other kinds.
 """
 
 from __future__ import annotations
