@@ -256,6 +256,7 @@ class AlertingStage:
         self._cmp_epoch = 0  # a reading of an older assignment is dropped
         self._cmp_next: dict[str, float] = {}  # rule -> monotonic time of its next run
         self._cmp_tasks: dict[str, asyncio.Task[None]] = {}
+        self._compared: list[AlertTransition] = []  # this tick's transitions of compare rules
         for name in self._compare_rules:
             for outcome in ("ok", "failed"):
                 self.m.compare_runs.labels(name, outcome)
@@ -341,21 +342,20 @@ class AlertingStage:
     def tick(self) -> list[AlertTransition]:
         """Ingest, evaluate, dispatch once. Returns the transitions."""
         t0 = time.perf_counter()
+        self._compared = []
         wins = self._ingest()
         if self.live_windows:
             wins.extend(self._peek_windows())
         now = self.now_ms()
-        out: list[AlertTransition] = []
+        out: list[AlertTransition] = self._compared  # compare rules: stepped by their readings
         if self._hold_until is not None and (self._had_batch or time.monotonic() >= self._hold_until):
             self._hold_until = None
+        if self.compare_owned and not self._unassigned and not self._stopping:
+            self._run_compare_rules()
         if now is not None and self._hold_until is None and not self._unassigned:
-            out = self._evaluate_to(now, wins)
-            if self._recorded:
-                out = self._unrecorded(out)
+            out = out + self._evaluate_to(now, wins)
             self.evaluations += 1
             self.m.evaluations.inc()
-            if self.compare_owned and not self._behind and not self._stopping:
-                self._run_compare_rules(now)
         else:
             # held (restore, rebalance): kept for the next evaluation, which feeds each window
             # before the first boundary after its start (a catch-up from the oldest); beyond
@@ -367,6 +367,8 @@ class AlertingStage:
                 for w in self._backlog[:cut]:
                     self.evaluator.observe_window(w)
                 del self._backlog[:cut]
+        if out and self._recorded:
+            out = self._unrecorded(out)
         self._export_evictions()
         if out:
             self.dispatcher.submit(out)
@@ -478,7 +480,7 @@ class AlertingStage:
                 continue
             if isinstance(item, CompareReading):
                 if item.rule in self.compare_owned:
-                    ev.observe_compare(item)
+                    self._compared.extend(ev.observe_compare(item))
                 continue
             self._had_batch = True
             wins.extend(item.windows)
@@ -536,11 +538,20 @@ class AlertingStage:
         return self._ports.windows.peek() if self._ports is not None else []
 
     # ------------------------------------------------------------------ compare rules
-    def _run_compare_rules(self, now: int) -> None:
+    def compare_clock_ms(self) -> int:
+        """The time compare rules run at: wall time (``clock`` in tests). They read the
+        store as it is now, not the stream, so they need no event (an owner whose
+        partitions are idle still runs them) and do not follow a replay's event time."""
+        if self._clock is not None:
+            return self._clock()
+        return int((self._ports.clock() if self._ports is not None else time.time()) * 1000)
+
+    def _run_compare_rules(self) -> None:
         """Start the owned compare rules that are due (each at most once per its interval,
         never twice at once), their queries in a thread; the readings come back through
-        the inbox and are evaluated by the next tick."""
+        the inbox and step their alerts at the next tick."""
         mono = time.monotonic()
+        now = self.compare_clock_ms()
         for name in sorted(self.compare_owned):
             if name in self._cmp_tasks or mono < self._cmp_next.get(name, 0.0):
                 continue

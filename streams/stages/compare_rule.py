@@ -6,9 +6,11 @@ A compare rule (schemas/rules.py) names two populations of calls (``baseline``,
 but from ClickHouse, which holds every call: every ``interval`` (60 s by default) the
 alerting stage runs :func:`evaluate` -- exactly :func:`driftline.streams.cli.compare.evaluate_gate`,
 the code of ``driftline gate``, over the calls of ``lookback`` (or since ``since``) up
-to the stage clock -- in a thread, its queries on the sink's query lane, and feeds the
+to now -- in a thread, its queries on the sink's query lane, and feeds the
 :class:`CompareReading` to the evaluator (streams/stages/rule_engine.py), whose state
-machine fires, holds and resolves the alert like any other kind's:
+machine fires, holds and resolves the alert like any other kind's. "Now" is wall time,
+not the stage's event-time clock: the rule reads the store, so it needs no event on
+the owner (whose partitions may be idle) and a replay does not move it back.
 
 - **fires** when a criterion fails with confidence (the gate's exit 1); the alert's
   labels are ``baseline`` and ``candidate`` (``label=value,...``) and ``app`` (when the

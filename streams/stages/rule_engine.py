@@ -329,15 +329,27 @@ class AlertEvaluator:
         if self.traces.evicted:
             self.evicted["traces"] = sum(self.traces.evicted.values())
 
-    def observe_compare(self, reading: CompareReading) -> None:
-        """A compare rule's gate verdict (streams/stages/compare_rule.py); the newest counts.
-        Until a rule has one, its alert (a restored one too) keeps its state: no reading is
-        not "no data", it is "not evaluated yet" (a query still running, or one that failed)."""
-        if reading.rule not in self._compare_rules:
-            return
+    def observe_compare(self, reading: CompareReading) -> list[AlertTransition]:
+        """A compare rule's gate verdict (streams/stages/compare_rule.py): steps the rule's
+        alert at the reading's time and returns the transition, if any. Compare rules are
+        stepped only here, not by :meth:`evaluate`: until a reading comes, an alert (a
+        restored one too) keeps its state, since no reading is not "no data" but "not run
+        yet" (a query still running, or one that failed). A reading older than the last
+        one is ignored."""
         old = self._compare.get(reading.rule)
-        if old is None or reading.at_ms >= old.at_ms:
-            self._compare[reading.rule] = reading
+        if reading.rule not in self._compare_rules or (old is not None and reading.at_ms < old.at_ms):
+            return []
+        self._compare[reading.rule] = reading
+        rule = self.rules.by_name(reading.rule)
+        samples = self._compare_samples(rule)
+        by_fp = {fingerprint(rule.name, s.labels): s for s in samples}
+        mine = {fp for (name, fp) in self._alerts if name == rule.name}
+        out = []
+        for fp in sorted(mine | set(by_fp)):
+            t = self._step(rule, fp, by_fp.get(fp), reading.at_ms)
+            if t is not None:
+                out.append(t)
+        return out
 
     def observe_event_seen(self, app: str, model: str, ts_ms: int) -> None:
         """An event of app/model with event time ``ts_ms`` (for absence rules)."""
@@ -413,10 +425,8 @@ class AlertEvaluator:
         self._prune(now_ms)
         out: list[AlertTransition] = []
         for rule in self.rules:
-            if rule.kind == "compare":
-                r = self._compare.get(rule.name)
-                if r is None or r.at_ms > now_ms:  # not evaluated (by then) yet: nothing changes
-                    continue
+            if rule.kind == "compare":  # stepped by their readings (observe_compare)
+                continue
             samples = self._samples(rule, now_ms)
             by_fp = {fingerprint(rule.name, s.labels): s for s in samples}
             mine = {fp for (name, fp) in self._alerts if name == rule.name}
@@ -504,8 +514,6 @@ class AlertEvaluator:
             return self._absence_samples(rule, now)
         if rule.kind == "runaway":
             return self._runaway_samples(rule, now)
-        if rule.kind == "compare":
-            return self._compare_samples(rule)
         return self._drift_samples(rule, now)
 
     def _compare_samples(self, rule: Rule) -> list[_Sample]:
