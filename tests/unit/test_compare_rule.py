@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -196,7 +197,7 @@ def test_exactly_one_worker_runs_each_rule() -> None:
 
     async def owned(parts: set[int], topics: tuple[str, ...] = ("llm.events", "otlp_spans")) -> set[str]:
         st = AlertingStage(rules, restore=False, partition_counter=lambda topic: {"llm.events": 3}[topic])
-        st._ports = StagePorts(**{**StagePorts.detached().__dict__, "topics": topics})
+        st._ports = replace(StagePorts.detached(), topics=topics)
         return await st._compare_ownership({("llm.events", p) for p in parts} | {("otlp_spans", 0)})
 
     async def main() -> None:
