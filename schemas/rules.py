@@ -4,7 +4,7 @@ A rules file is a mapping with a ``rules:`` list (and optionally ``version: 1``)
 
     rules:
       - name: HighLatencyP99            # [A-Za-z_][A-Za-z0-9_]* (also a Prometheus alert name)
-        kind: threshold                 # threshold | ratio | budget | change | absence | drift | runaway
+        kind: threshold                 # threshold | ratio | budget | change | absence | drift | runaway | compare
         expr: "latency_ms.p99 > 2000"   # METRIC OP NUMBER
         match: {app: "chat-*", environment: prod}   # fnmatch globs on the alert labels
         severity: warning               # info | warning | critical
@@ -47,6 +47,16 @@ runaway    agents and sessions: ``expr`` on a per-trace (conversation, user)
            ``tokens.sum``, ``cost_usd.sum``, ``prompt.repeats`` (the most
            calls with one normalised prompt: casefolded, digits as 0,
            whitespace collapsed, hashed); compares with > or >=
+compare    A/B on live traffic, as ``driftline gate`` decides it: ``baseline``
+           and ``candidate`` (``{label: value}`` on the labels of
+           :data:`driftline.schemas.comparison.LABELS`), optional ``app``, the
+           gate's criteria (``max_p95_increase: 10%``, ... of
+           :data:`~driftline.schemas.comparison.GATE_CRITERIA`, at least one),
+           ``min_samples`` (500), ``alpha`` (0.05), ``lookback`` (1h, back
+           from each evaluation) or ``since`` (a fixed RFC 3339 start), and
+           ``interval`` (60s). Fires while a criterion fails with confidence
+           (the gate's exit 1); the value is the number failing; labels
+           baseline, candidate (``label=value,...``) and app
 ========== ==================================================================
 
 Errors are :class:`RuleError` values naming the rule, the field and the
@@ -68,6 +78,13 @@ from typing import Any, Final, Literal
 
 import yaml
 
+from driftline.schemas.comparison import (
+    GATE_CRITERIA,
+    LABELS,
+    RATE_CRITERIA,
+    CompareSpec,
+    parse_fraction,
+)
 from driftline.schemas.window_stats import METRIC_NAMES
 
 __all__ = [
@@ -93,9 +110,10 @@ __all__ = [
     "parse_rules",
 ]
 
-Kind = Literal["threshold", "ratio", "budget", "change", "absence", "drift", "runaway"]
+Kind = Literal["threshold", "ratio", "budget", "change", "absence", "drift", "runaway", "compare"]
 Severity = Literal["info", "warning", "critical"]
-KINDS: Final[tuple[str, ...]] = ("threshold", "ratio", "budget", "change", "absence", "drift", "runaway")
+KINDS: Final[tuple[str, ...]] = ("threshold", "ratio", "budget", "change", "absence", "drift", "runaway",
+                                 "compare")
 SEVERITIES: Final[tuple[str, ...]] = ("info", "warning", "critical")
 RATE_METRICS: Final[tuple[str, ...]] = (
     "errors.rate", "guardrail.hit_rate", "guardrail.blocked_rate", "feedback.negative_rate",
@@ -119,6 +137,7 @@ _MATCH_LABELS: Final[dict[str, tuple[str, ...]]] = {
     "absence": ("app", "model", "environment"),
     "drift": (*_WINDOW_LABELS, "field", "method"),
     "runaway": ("app", "environment"),
+    "compare": ("app", "environment", "baseline", "candidate"),
 }
 _COMMON_FIELDS = (
     "name", "kind", "match", "severity", "for", "labels", "annotations",
@@ -133,6 +152,8 @@ _KIND_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "absence": ("absent_for", "group_by"),
     "drift": ("expr",),
     "runaway": ("expr", "window", "group_by"),
+    "compare": ("baseline", "candidate", "app", *(k for k, _m, _kind in GATE_CRITERIA), "min_samples", "alpha",
+                "lookback", "since", "interval"),
 }
 _GROUP_BY: Final[dict[str, tuple[str, ...]]] = {
     "budget": ("app", "model", "user_id"),
@@ -335,6 +356,8 @@ class Rule:
     min_baseline_windows: int = 0
     absent_for_ms: int = 0
     line: int = 0
+    #: a compare rule's comparison (None for the other kinds)
+    compare: CompareSpec | None = None
 
     @property
     def metric_name(self) -> str:
@@ -539,11 +562,13 @@ def template_names(rule_kind: str, group_by: tuple[str, ...] = ()) -> tuple[str,
         labels = (*group_by, "app", "environment")
     else:
         labels = _MATCH_LABELS[rule_kind]
-    extra = ("baseline",) if rule_kind == "change" else ()
+    extra: tuple[str, ...] = ("baseline",) if rule_kind == "change" else ()
+    if rule_kind == "compare":
+        extra = ("failing", "n_baseline", "n_candidate")
     return (*_TEMPLATE_COMMON, *labels, *extra)
 
 
-_NUMERIC_PLACEHOLDERS = ("value", "threshold", "baseline")
+_NUMERIC_PLACEHOLDERS = ("value", "threshold", "baseline", "n_baseline", "n_candidate")
 
 
 @dataclass
@@ -560,6 +585,7 @@ class _KindParts:
     metric: str = ""
     increase_pct: float | None = None
     decrease_pct: float | None = None
+    compare: CompareSpec | None = None
 
 
 def _check_rule(raw: Any, index: int, seen: dict[str, int], errors: list[RuleError],
@@ -610,7 +636,7 @@ def _check_rule(raw: Any, index: int, seen: dict[str, int], errors: list[RuleErr
         min_events=parts.min_events, window_ms=parts.window_ms, group_by=parts.group_by,
         metric=parts.metric, increase_pct=parts.increase_pct, decrease_pct=parts.decrease_pct,
         baseline_windows=parts.baseline_windows, min_baseline_windows=parts.min_baseline_windows,
-        absent_for_ms=parts.absent_for_ms, line=raw.line,
+        absent_for_ms=parts.absent_for_ms, line=raw.line, compare=parts.compare,
     )
 
 
@@ -719,6 +745,101 @@ def _check_runaway_kind(c: _Checker, kind: str, parts: _KindParts) -> None:
         c.err("window", "must be positive")
 
 
+def _check_population(c: _Checker, fld: str) -> tuple[tuple[str, str], ...]:
+    """A compare rule's ``baseline`` / ``candidate``: a non-empty ``{label: value}`` mapping."""
+    if fld not in c.raw:
+        c.err(fld, "is required (a mapping of label: value, e.g. {prompt_version: v4})")
+        return ()
+    if not isinstance(c.raw[fld], dict) or not c.raw[fld]:
+        c.err(fld, f"must be a non-empty mapping of label: value, got {c.raw[fld]!r}")
+        return ()
+    pop = c.str_map(fld)
+    for k in pop:
+        if k not in LABELS:
+            c.err(fld, f"unknown label {k!r} (labels: {', '.join(LABELS)})")
+    return tuple(sorted(pop.items()))
+
+
+def _check_limits(c: _Checker) -> list[tuple[str, float]]:
+    """A compare rule's criteria: the gate's limits, ``10%`` or a fraction (rates <= 100%)."""
+    raw = c.raw
+    limits: list[tuple[str, float]] = []
+    for key, _metric, _kind in GATE_CRITERIA:
+        if key not in raw:
+            continue
+        v = raw[key]
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            c.err(key, f"must be a percentage like 10% (or a fraction like 0.1), got {v!r}")
+            continue
+        try:
+            x = parse_fraction(str(v), key)
+        except ValueError as e:
+            c.err(key, str(e).removeprefix(f"{key}: "))
+            continue
+        if key in RATE_CRITERIA and x > 1.0:
+            c.err(key, f"a rate limit must be at most 100%, got {v!r}")
+            continue
+        limits.append((key, x))
+    if not any(key in raw for key, _m, _k in GATE_CRITERIA):
+        c.err("kind", "a compare rule needs at least one criterion ("
+              + ", ".join(k for k, _m, _k2 in GATE_CRITERIA) + ")")
+    return limits
+
+
+def _check_compare_kind(c: _Checker, kind: str, parts: _KindParts) -> None:
+    """compare: two populations, the gate's criteria, how many calls and how often."""
+    raw = c.raw
+    n0 = len(c.errors)
+    base, cand = _check_population(c, "baseline"), _check_population(c, "candidate")
+    if base and cand and base == cand:
+        c.err("candidate", "is the same filter as baseline: the two populations must differ")
+    app = raw.get("app")
+    if "app" in raw and (not isinstance(app, str) or not app):
+        c.err("app", f"must be an app name, got {app!r}")
+    limits = _check_limits(c)
+    alpha = c.number("alpha")
+    if alpha is not None and not 0.0 < alpha < 1.0:
+        c.err("alpha", f"must be in (0, 1), got {raw['alpha']!r}")
+    ms = c.number("min_samples", lo=2, integer=True)
+    lookback_ms: int | None = c.duration("lookback", 3_600_000)
+    if "lookback" in raw and lookback_ms is not None and lookback_ms <= 0 and c.clean():
+        c.err("lookback", "must be positive")
+    since_ms: int | None = None
+    if "since" in raw:
+        if "lookback" in raw:
+            c.err("since", "give lookback (sliding) or since (a fixed start), not both")
+        since_ms = _rfc3339_ms(raw["since"])
+        if since_ms is None:
+            c.err("since", f"must be an RFC 3339 time like 2026-11-29T10:00:00Z, got {raw['since']!r}")
+        lookback_ms = None
+    interval_ms = c.duration("interval", 60_000)
+    if "interval" in raw and interval_ms < 1000:
+        c.err("interval", f"must be at least 1s, got {raw['interval']!r}")
+    parts.metric = "gate.failing"
+    if len(c.errors) == n0:
+        parts.compare = CompareSpec(
+            base, cand, tuple(limits), app=app, min_samples=int(ms) if ms is not None else 500,
+            alpha=alpha if alpha is not None else 0.05, lookback_ms=lookback_ms, since_ms=since_ms,
+            interval_ms=interval_ms)
+
+
+def _rfc3339_ms(v: Any) -> int | None:
+    """An RFC 3339 time (a string, or the datetime YAML makes of an unquoted one) as epoch
+    ms (UTC when it names no zone); None when it is not one."""
+    import datetime as dt
+
+    if isinstance(v, str):
+        try:
+            v = dt.datetime.fromisoformat(v.strip())
+        except ValueError:
+            return None
+    if not isinstance(v, dt.datetime):
+        return None
+    if v.tzinfo is None:
+        v = v.replace(tzinfo=dt.UTC)
+    return int(v.timestamp() * 1000)
+
+
 _KIND_CHECKS: Final[dict[str, Callable[[_Checker, str, _KindParts], None]]] = {
     "threshold": _check_window_kind,
     "ratio": _check_window_kind,
@@ -727,6 +848,7 @@ _KIND_CHECKS: Final[dict[str, Callable[[_Checker, str, _KindParts], None]]] = {
     "change": _check_change_kind,
     "absence": _check_absence_kind,
     "runaway": _check_runaway_kind,
+    "compare": _check_compare_kind,
 }
 
 
@@ -768,7 +890,7 @@ def _check_hysteresis(c: _Checker, kind: str,
                 c.err("resolve_above", f"only for '<'/'<=' rules (this rule uses {op!r}; use resolve_below)")
             elif ra < thr:
                 c.err("resolve_above", f"must be >= the threshold {_fmt_num(thr)}, got {_fmt_num(ra)}")
-    elif kind in ("change", "absence") and (rb is not None or ra is not None):
+    elif kind in ("change", "absence", "compare") and (rb is not None or ra is not None):
         c.err("resolve_below" if rb is not None else "resolve_above",
               f"a {kind} rule has no fixed threshold; use resolve_after")
     return rb, ra

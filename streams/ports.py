@@ -13,7 +13,9 @@ A stage (alerting, drift: see :class:`~driftline.streams.worker.Stage`) gets one
                 reads a topic of its own;
 - ``control``   the secret and age limit control commands are checked with;
 - ``redaction`` what the stage must do to texts it writes or shows;
-- ``clock``     wall time in seconds (``time.time``), replaceable in tests.
+- ``clock``     wall time in seconds (``time.time``), replaceable in tests;
+- ``topics``    the input topics of the worker's consumer group (the same in every
+                worker of the group: what a stage may pick a partition of).
 
 The worker builds the ports (``Worker.ports_for``); the links between stages are
 explicit and made in the wiring (streams/wiring.py), not looked up by name.
@@ -85,6 +87,12 @@ class TableWriter:
         params = dict(parameters) if parameters else None
         rows: list[tuple[Any, ...]] = self._sink.call(lambda c: c.query(sql, parameters=params).result_rows)
         return rows
+
+    def raw_query(self, sql: str, parameters: Mapping[str, Any] | None = None, fmt: str = "JSONEachRow") -> bytes:
+        """The result of ``sql`` as ClickHouse formats it (``fmt``), on the query lane
+        (blocks: call it off the event loop); values bound as in :meth:`query`."""
+        params = dict(parameters) if parameters else None
+        return bytes(self._sink.call(lambda c: c.raw_query(sql, parameters=params, fmt=fmt)))
 
     async def aquery(self, sql: str, parameters: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
         """The rows of ``sql`` with ``parameters`` (as :meth:`query`), run on the query lane and awaited."""
@@ -161,6 +169,7 @@ class StagePorts:
     control: ControlAuth = field(default_factory=ControlAuth)
     redaction: Redaction = field(default_factory=Redaction)
     clock: Callable[[], float] = time.time
+    topics: tuple[str, ...] = ()
 
     @classmethod
     def detached(cls, *, windows: WindowAggregator | None = None, metrics: WorkerMetrics | None = None,

@@ -475,7 +475,7 @@ class Worker:
                           windows=WindowView(lambda: self.windows, self.host.cut_off),
                           kafka=KafkaPort(cfg.kafka, cfg.kafka_security),
                           control=ControlAuth(cfg.control_secret, cfg.control_max_age_s),
-                          redaction=cfg.redaction)
+                          redaction=cfg.redaction, topics=cfg.host_topics)
 
     def request_flush(self) -> None:
         """Write the open windows as partial rows with the next batch."""

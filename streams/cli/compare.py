@@ -34,7 +34,7 @@ import datetime as dt
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,15 +48,13 @@ from driftline.detectors.sequential import (
     quantile_ranks,
     rate_cs,
 )
+from driftline.schemas.comparison import GATE_CRITERIA, LABELS, criterion_option, parse_fraction
 
 __all__ = ["LABELS", "Population", "CompareConfig", "ArmData", "MetricResult", "Criterion", "GateResult",
            "parse_population", "parse_since", "parse_fraction", "fetch", "compare", "render_table",
-           "to_json", "gate", "render_gate", "SemanticResult", "fetch_embeddings", "semantic_shift",
+           "to_json", "gate", "render_gate", "gate_criteria", "evaluate_gate", "SemanticResult", "fetch_embeddings", "semantic_shift",
            "render_semantic"]
 
-LABELS = ("prompt_version", "model", "environment", "app", "provider", "request_model", "response_model",
-          "operation")
-"""Label columns a population may filter on (the only names that reach the SQL text)."""
 
 _DB_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
@@ -123,18 +121,6 @@ def parse_since(v: str | None, now_ms: int) -> int | None:
     if t.tzinfo is None:
         t = t.replace(tzinfo=dt.UTC)
     return int(t.timestamp() * 1000)
-
-
-def parse_fraction(v: str, what: str) -> float:
-    """``10%`` or ``0.1`` as 0.1 (must be >= 0)."""
-    s = v.strip()
-    try:
-        x = float(s[:-1]) / 100.0 if s.endswith("%") else float(s)
-    except ValueError:
-        raise ValueError(f"{what}: expected a percentage like 10% (or a fraction like 0.1), got {v!r}") from None
-    if not (x >= 0.0) or not math.isfinite(x):
-        raise ValueError(f"{what}: must be >= 0, got {v!r}")
-    return x
 
 
 @dataclass(frozen=True)
@@ -343,7 +329,7 @@ def _quantile_arm(d: ArmData, col: str, q: float, alpha: float, t_opt: float) ->
     return d.order_stat(col, lo), d.order_stat(col, est), d.order_stat(col, hi)
 
 
-def quantile_ranks_needed(alphas: Sequence[float], qs: dict[str, Sequence[float]], t_opt: float
+def quantile_ranks_needed(alphas: Sequence[float], qs: Mapping[str, Sequence[float]], t_opt: float
                           ) -> Callable[[str, int], set[int]]:
     def needs(col: str, n: int) -> set[int]:
         out: set[int] = set()
@@ -528,6 +514,41 @@ def gate(b: ArmData, c: ArmData, criteria: Sequence[Criterion], cfg: CompareConf
     states = {r.state for r in results}
     code = 1 if "fails" in states else 0 if states == {"holds"} else 2
     return code, results
+
+
+def gate_criteria(limits: Mapping[str, str | float | None]) -> list[Criterion]:
+    """The criteria of :data:`~driftline.schemas.comparison.GATE_CRITERIA` given in ``limits``
+    (``{"max_p95_increase": "10%", ...}``; None or absent: not a criterion), in the table's
+    order; a limit is ``10%`` or a fraction. Raises ValueError naming the CLI option."""
+    out = []
+    for key, metric, kind in GATE_CRITERIA:
+        v = limits.get(key)
+        if v is None or v == "":
+            continue
+        opt = criterion_option(key)
+        out.append(Criterion(opt, metric, kind, parse_fraction(str(v), opt)))
+    return out
+
+
+def quantile_needs_for(alphas: Sequence[float], t_opt: float) -> Callable[[str, int], set[int]]:
+    """The order statistics :func:`compare` / :func:`gate` read at these per-arm levels."""
+    qs: dict[str, list[float]] = {}
+    for m in METRICS:
+        if m.kind == "quantile":
+            qs.setdefault(m.column, []).append(m.q)
+    return quantile_ranks_needed(alphas, qs, t_opt)
+
+
+def evaluate_gate(run: Callable[[str, dict[str, Any]], bytes], database: str, cfg: CompareConfig,
+                  criteria: Sequence[Criterion]) -> tuple[int, list[GateResult], ArmData, ArmData]:
+    """``driftline gate`` from the store: :func:`fetch` both arms (the quantiles at the
+    level each criterion gets), then :func:`gate`. Returns (exit code, results, baseline,
+    candidate). The ``compare`` alert rule kind runs exactly this."""
+    if not criteria:
+        raise ValueError("give at least one criterion")
+    b, c = fetch(run, database, cfg, quantile_needs_for([cfg.alpha / len(criteria) / 2], cfg.t_opt))
+    code, results = gate(b, c, criteria, cfg)
+    return code, results, b, c
 
 
 def _rng(iv: Interval, bound: float) -> str:

@@ -890,19 +890,15 @@ def _compare_inputs(baseline: list[str], candidate: list[str], app_: str | None,
 
 
 def _compare_fetch(clickhouse: str | None, cfg: Any, alphas: list[float]) -> tuple[Any, Any]:
-    from driftline.streams.cli.compare import METRICS, fetch, quantile_ranks_needed
+    from driftline.streams.cli.compare import fetch, quantile_needs_for
     from driftline.streams.cli.sql import run_sql
     from driftline.streams.sinks.clickhouse import resolve_dsn
 
     dsn, secrets = _client_dsn(clickhouse)
-    qs: dict[str, list[float]] = {}
-    for m in METRICS:
-        if m.kind == "quantile":
-            qs.setdefault(m.column, []).append(m.q)
     try:
         db = resolve_dsn(dsn)[1]
         return fetch(lambda q, p: run_sql(dsn, q, fmt="JSONEachRow", parameters=p), db, cfg,
-                     quantile_ranks_needed(alphas, qs, cfg.t_opt))
+                     quantile_needs_for(alphas, cfg.t_opt))
     except ValueError as exc:
         raise _err(str(exc), 3) from None
     except Exception as exc:  # noqa: BLE001 - the message is the product here
@@ -996,20 +992,17 @@ def gate_command(
     """
     import math
 
-    from driftline.streams.cli.compare import Criterion, gate, parse_fraction, render_gate
+    from driftline.streams.cli.compare import gate, gate_criteria, render_gate
 
     cfg = _compare_inputs(baseline, candidate, app_, model, environment, since, until, alpha, min_samples)
-    spec = [("--max-p95-increase", max_p95_increase, "latency_p95_ms", "relative"),
-            ("--max-p50-increase", max_p50_increase, "latency_p50_ms", "relative"),
-            ("--max-latency-increase", max_latency_increase, "latency_mean_ms", "relative"),
-            ("--max-ttft-increase", max_ttft_increase, "ttft_p95_ms", "relative"),
-            ("--max-cost-increase", max_cost_increase, "cost_per_call_usd", "relative"),
-            ("--max-tokens-increase", max_tokens_increase, "tokens_per_call", "relative"),
-            ("--max-error-rate-increase", max_error_rate_increase, "error_rate", "increase"),
-            ("--max-negative-feedback-increase", max_negative_feedback_increase, "negative_feedback_rate", "increase"),
-            ("--max-guardrail-rate", max_guardrail_rate, "guardrail_hit_rate", "rate")]
-    try:
-        criteria = [Criterion(opt, metric, kind, parse_fraction(v, opt)) for opt, v, metric, kind in spec if v]
+    try:  # the criteria table is shared with the `compare` alert rule kind (schemas/comparison.py)
+        criteria = gate_criteria({
+            "max_p95_increase": max_p95_increase, "max_p50_increase": max_p50_increase,
+            "max_latency_increase": max_latency_increase, "max_ttft_increase": max_ttft_increase,
+            "max_cost_increase": max_cost_increase, "max_tokens_increase": max_tokens_increase,
+            "max_error_rate_increase": max_error_rate_increase,
+            "max_negative_feedback_increase": max_negative_feedback_increase,
+            "max_guardrail_rate": max_guardrail_rate})
     except ValueError as exc:
         raise _err(str(exc), 3) from None
     if not criteria:

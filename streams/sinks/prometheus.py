@@ -326,6 +326,8 @@ class AlertMetrics:
                                     "Time spent evaluating rules (ingest + evaluate).", registry=r)
         self.rows = Counter("driftline_alert_rows", "Rows for the ClickHouse alerts table by outcome "
                             "(written, dropped).", ["outcome"], registry=r)
+        self.compare_runs = Counter("driftline_alert_compare_runs", "Runs of compare rules' gate queries "
+                                    "by rule and outcome (ok, failed).", ["rule", "outcome"], registry=r)
         for name, severity in rules:
             self.firing.labels(name, severity).set(0)
         for outcome in ("written", "dropped"):

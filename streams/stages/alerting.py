@@ -53,6 +53,12 @@ so a replay of windows whose alerts fired and resolved before a crash records no
 After a restore, evaluation waits for the worker's first stored batch (at most
 ``restore_grace_s``), and an alert whose condition no longer holds then resolves, which
 writes and sends the "resolved".
+
+Compare rules (streams/stages/compare_rule.py) are owned per rule, not per key: the
+worker holding partition ``crc32(name) mod N`` of the group's first JSON input topic runs
+the rule's gate queries in a thread (at most once per its ``interval``) and feeds the
+readings through the inbox; on an assignment the other workers drop its state and the
+owner restores its alert from the ``alerts`` table, as for the other kinds.
 """
 
 from __future__ import annotations
@@ -87,6 +93,8 @@ from driftline.streams.sinks.notifiers import (
     WebhookNotifier,
 )
 from driftline.streams.sinks.prometheus import AlertMetrics
+from driftline.streams.stages.compare_rule import CompareReading, owner_partition, partition_count
+from driftline.streams.stages.compare_rule import evaluate as evaluate_compare
 from driftline.streams.stages.rule_engine import AlertEvaluator, default_rules_path
 
 if TYPE_CHECKING:
@@ -170,7 +178,9 @@ class AlertingStage:
                  dispatcher_options: Mapping[str, Any] | None = None,
                  window_ms: int | None = None, max_catch_up_windows: int = 10_080,
                  max_keys: int = 10_000, catch_up_budget_s: float | None = 0.2,
-                 revoke_flush_s: float = 5.0, max_traces: int = 10_000) -> None:
+                 revoke_flush_s: float = 5.0, max_traces: int = 10_000,
+                 compare_topic: str | None = None,
+                 partition_counter: Callable[[str], int] | None = None) -> None:
         if eval_interval_s <= 0:
             raise ValueError("eval_interval_s must be > 0")
         if window_ms is not None and window_ms <= 0:
@@ -235,6 +245,21 @@ class AlertingStage:
         self.suppressed = 0
         self.evaluations = 0
         self.m = AlertMetrics(self.registry, [(rule.name, rule.severity) for rule in rules])
+        # compare rules (streams/stages/compare_rule.py): run from ClickHouse by the owner of
+        # one partition of ``compare_topic`` (default: the group's first input topic, JSON
+        # before OTLP); ``partition_counter(topic)`` replaces the Kafka metadata read
+        self._compare_rules = {r.name: r for r in rules.of_kind("compare")}
+        self.compare_topic = compare_topic
+        self._partition_counter = partition_counter
+        #: the compare rules this worker runs (set at each assignment)
+        self.compare_owned: set[str] = set()
+        self._cmp_epoch = 0  # a reading of an older assignment is dropped
+        self._cmp_next: dict[str, float] = {}  # rule -> monotonic time of its next run
+        self._cmp_tasks: dict[str, asyncio.Task[None]] = {}
+        self._compared: list[AlertTransition] = []  # this tick's transitions of compare rules
+        for name in self._compare_rules:
+            for outcome in ("ok", "failed"):
+                self.m.compare_runs.labels(name, outcome)
         # the alerts table: written as soon as a row waits (all that wait in one insert,
         # retried inside the sink); it never blocks the stream, so a full queue drops its
         # oldest row, and rows the sink refuses for good are dropped too (both counted)
@@ -277,10 +302,10 @@ class AlertingStage:
     async def stop(self) -> None:
         self._stopping = True
         tick = self._tasks[0] if self._tasks else None
-        if tick is not None:
-            tick.cancel()
+        for t in [*([tick] if tick is not None else []), *self._cmp_tasks.values()]:
+            t.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await tick
+                await t
         with contextlib.suppress(Exception):
             self.tick()  # what the last batch brought
         await self.dispatcher.shutdown(timeout_s=5.0)
@@ -317,17 +342,18 @@ class AlertingStage:
     def tick(self) -> list[AlertTransition]:
         """Ingest, evaluate, dispatch once. Returns the transitions."""
         t0 = time.perf_counter()
+        self._compared = []
         wins = self._ingest()
         if self.live_windows:
             wins.extend(self._peek_windows())
         now = self.now_ms()
-        out: list[AlertTransition] = []
+        out: list[AlertTransition] = self._compared  # compare rules: stepped by their readings
         if self._hold_until is not None and (self._had_batch or time.monotonic() >= self._hold_until):
             self._hold_until = None
+        if self.compare_owned and not self._unassigned and not self._stopping:
+            self._run_compare_rules()
         if now is not None and self._hold_until is None and not self._unassigned:
-            out = self._evaluate_to(now, wins)
-            if self._recorded:
-                out = self._unrecorded(out)
+            out = out + self._evaluate_to(now, wins)
             self.evaluations += 1
             self.m.evaluations.inc()
         else:
@@ -341,6 +367,8 @@ class AlertingStage:
                 for w in self._backlog[:cut]:
                     self.evaluator.observe_window(w)
                 del self._backlog[:cut]
+        if out and self._recorded:
+            out = self._unrecorded(out)
         self._export_evictions()
         if out:
             self.dispatcher.submit(out)
@@ -450,6 +478,10 @@ class AlertingStage:
             if isinstance(item, DriftObservation):
                 ev.observe_drift(item)
                 continue
+            if isinstance(item, CompareReading):
+                if item.rule in self.compare_owned:
+                    self._compared.extend(ev.observe_compare(item))
+                continue
             self._had_batch = True
             wins.extend(item.windows)
             cols = item.events
@@ -505,6 +537,69 @@ class AlertingStage:
         """
         return self._ports.windows.peek() if self._ports is not None else []
 
+    # ------------------------------------------------------------------ compare rules
+    def compare_clock_ms(self) -> int:
+        """The time compare rules run at: wall time (``clock`` in tests). They read the
+        store as it is now, not the stream, so they need no event (an owner whose
+        partitions are idle still runs them) and do not follow a replay's event time."""
+        if self._clock is not None:
+            return self._clock()
+        return int((self._ports.clock() if self._ports is not None else time.time()) * 1000)
+
+    def _run_compare_rules(self) -> None:
+        """Start the owned compare rules that are due (each at most once per its interval,
+        never twice at once), their queries in a thread; the readings come back through
+        the inbox and step their alerts at the next tick."""
+        mono = time.monotonic()
+        now = self.compare_clock_ms()
+        for name in sorted(self.compare_owned):
+            if name in self._cmp_tasks or mono < self._cmp_next.get(name, 0.0):
+                continue
+            rule = self._compare_rules[name]
+            assert rule.compare is not None
+            self._cmp_next[name] = mono + rule.compare.interval_ms / 1000
+            self._cmp_tasks[name] = asyncio.create_task(self._compare_once(name, now, self._cmp_epoch),
+                                                        name=f"driftline-compare-{name}")
+
+    async def _compare_once(self, name: str, now: int, epoch: int) -> None:
+        try:
+            assert self._ports is not None
+            tables = self._ports.tables
+            got = await asyncio.to_thread(evaluate_compare, self._compare_rules[name], tables.raw_query,
+                                          tables.database, now)
+        except Exception as exc:  # noqa: BLE001 - a failing query never takes the stage down
+            log.warning("alerting: compare rule %s: the gate's queries failed (%s: %s); "
+                        "its alert keeps its state", name, type(exc).__name__, exc)
+            self.m.compare_runs.labels(name, "failed").inc()
+            return
+        finally:
+            self._cmp_tasks.pop(name, None)
+        self.m.compare_runs.labels(name, "ok").inc()
+        if epoch == self._cmp_epoch:
+            self._inbox.append(got)
+
+    async def _compare_ownership(self, mine: set[tuple[str, int]]) -> set[str]:
+        """The compare rules this worker runs with the partitions ``mine``: those whose
+        :func:`owner_partition` of the compare topic it holds. An unreadable partition
+        count is logged and counted, and then the worker runs none (never two owners)."""
+        if not self._compare_rules or self._ports is None:
+            return set()
+        topics = self._ports.topics or tuple(sorted({t for t, _p in mine}))
+        from driftline.schemas.topics import is_otlp_topic
+
+        topic = self.compare_topic or next((t for t in topics if not is_otlp_topic(t)), topics[0] if topics else "")
+        if not any(t == topic for t, _p in mine):
+            return set()
+        try:
+            count = self._partition_counter or (lambda t: partition_count(self._ports.kafka, t))  # type: ignore[union-attr]
+            n = await asyncio.to_thread(count, topic)
+        except Exception as exc:  # noqa: BLE001 - logged and counted; the next assignment tries again
+            log.warning("alerting: cannot read the partitions of %s (%s: %s): no compare rule runs here "
+                        "until the next assignment", topic, type(exc).__name__, exc)
+            self._ports.metrics.stage_errors[self.name] += 1
+            return set()
+        return {name for name in self._compare_rules if (topic, owner_partition(name, n)) in mine}
+
     # ------------------------------------------------------------------ alerts table
     @property
     def rows_written(self) -> int:
@@ -538,6 +633,8 @@ class AlertingStage:
         transitions recorded so far are written (bounded), so that the next owner of a key
         restores them instead of recording them again."""
         self._unassigned = True
+        self._cmp_epoch += 1  # readings of queries still running are not this worker's to use
+        self.compare_owned = set()
         # no re-sends of the alerts held (Alertmanager) until the keys' owners are known
         self._notifiers_call("forget", [a.fingerprint for a in self.evaluator.active_alerts()])
         if self._rows.started and not await self._rows.force_flush(self.revoke_flush_s):
@@ -574,6 +671,8 @@ class AlertingStage:
             self._unassigned = False
             raise
         owner = _owner_of(owners)
+        self.compare_owned = await self._compare_ownership(mine)
+        self._cmp_epoch += 1
 
         def owned(app: str, model: str) -> bool:
             o = owner(app, model)
@@ -583,7 +682,8 @@ class AlertingStage:
             o = owner(app, model, True)
             return o is None or o in mine
 
-        gone = self.evaluator.retain(owned, owned_key)
+        gone = self.evaluator.retain(owned, owned_key) + \
+            self.evaluator.retain_rules(lambda rule: rule in self.compare_owned)
         for rule, fp in gone:
             self._muted.discard((rule, fp))
             self.m.firing.labels(rule, self.rules.by_name(rule).severity).dec()
@@ -606,7 +706,8 @@ class AlertingStage:
         key is ``mine`` as firing (an alert without an app label is everyone's)."""
         restored: list[AlertTransition] = []
         for rule, fp, st, labels, annots, value, ts, app, model in history:
-            if st != "firing" or not mine(app, model):
+            if st != "firing" or not (rule in self.compare_owned if rule in self._compare_rules
+                                      else mine(app, model)):
                 continue
             if self.evaluator.restore_alert(rule, fp, labels, annots, value, ts):
                 rr = self.rules.by_name(rule)

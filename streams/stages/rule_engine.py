@@ -67,6 +67,7 @@ from typing import Any
 
 import yaml
 
+from driftline.schemas.comparison import describe
 from driftline.schemas.rules import (
     AlertTransition,
     CostObservation,
@@ -78,6 +79,7 @@ from driftline.schemas.rules import (
     load_rules,
 )
 from driftline.schemas.window_stats import WindowKey, WindowStats
+from driftline.streams.stages.compare_rule import CompareReading
 from driftline.streams.stages.runaway import TraceTracker
 
 __all__ = [
@@ -115,6 +117,9 @@ class _Sample:
     extra: dict[str, float] = field(default_factory=dict)
     #: event time of the data read (window start, absence deadline, event seen); None: now
     at_ms: int | None = None
+    #: annotations of the reading itself (compare rules: the failing criteria), under the
+    #: rule's own; also placeholders of its templates
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -139,9 +144,9 @@ def _render(rule: Rule, s: _Sample) -> dict[str, str]:
     thr: float | int = int(s.threshold) if float(s.threshold).is_integer() else s.threshold
     vars_ = _FormatVars(
         value=s.value, threshold=thr, rule=rule.name, severity=rule.severity,
-        metric=rule.metric_name, **s.labels, **s.extra,
+        metric=rule.metric_name, **s.labels, **s.extra, **s.notes,
     )
-    out = {}
+    out = dict(s.notes)
     for k, tmpl in rule.annotations.items():
         try:
             out[k] = tmpl.format_map(vars_)
@@ -270,6 +275,9 @@ class AlertEvaluator:
             self.traces = TraceTracker(tuple(dict.fromkeys(r.group_by[0] for r in runaway)), keep,
                                        bucket_ms=max(1000, keep // 3600 // 1000 * 1000),
                                        max_groups=max_traces)
+        #: compare rules: the newest reading per rule (fed by whoever runs its queries)
+        self._compare: dict[str, CompareReading] = {}
+        self._compare_rules = {r.name for r in rules.of_kind("compare")}
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -320,6 +328,28 @@ class AlertEvaluator:
                             cost_usd=cost_usd, prompt=prompt)
         if self.traces.evicted:
             self.evicted["traces"] = sum(self.traces.evicted.values())
+
+    def observe_compare(self, reading: CompareReading) -> list[AlertTransition]:
+        """A compare rule's gate verdict (streams/stages/compare_rule.py): steps the rule's
+        alert at the reading's time and returns the transition, if any. Compare rules are
+        stepped only here, not by :meth:`evaluate`: until a reading comes, an alert (a
+        restored one too) keeps its state, since no reading is not "no data" but "not run
+        yet" (a query still running, or one that failed). A reading older than the last
+        one is ignored."""
+        old = self._compare.get(reading.rule)
+        if reading.rule not in self._compare_rules or (old is not None and reading.at_ms < old.at_ms):
+            return []
+        self._compare[reading.rule] = reading
+        rule = self.rules.by_name(reading.rule)
+        samples = self._compare_samples(rule)
+        by_fp = {fingerprint(rule.name, s.labels): s for s in samples}
+        mine = {fp for (name, fp) in self._alerts if name == rule.name}
+        out = []
+        for fp in sorted(mine | set(by_fp)):
+            t = self._step(rule, fp, by_fp.get(fp), reading.at_ms)
+            if t is not None:
+                out.append(t)
+        return out
 
     def observe_event_seen(self, app: str, model: str, ts_ms: int) -> None:
         """An event of app/model with event time ``ts_ms`` (for absence rules)."""
@@ -395,6 +425,8 @@ class AlertEvaluator:
         self._prune(now_ms)
         out: list[AlertTransition] = []
         for rule in self.rules:
+            if rule.kind == "compare":  # stepped by their readings (observe_compare)
+                continue
             samples = self._samples(rule, now_ms)
             by_fp = {fingerprint(rule.name, s.labels): s for s in samples}
             mine = {fp for (name, fp) in self._alerts if name == rule.name}
@@ -483,6 +515,26 @@ class AlertEvaluator:
         if rule.kind == "runaway":
             return self._runaway_samples(rule, now)
         return self._drift_samples(rule, now)
+
+    def _compare_samples(self, rule: Rule) -> list[_Sample]:
+        """A compare rule's one alert (baseline, candidate, app): its value is the number of
+        criteria that fail with confidence; it holds while one does. An undecided criterion
+        ("cannot tell yet", too few calls) never makes it hold."""
+        r, spec = self._compare.get(rule.name), rule.compare
+        assert r is not None and spec is not None
+        base, cand = describe(spec.baseline), describe(spec.candidate)
+        labels = self._labels(rule, {"baseline": base, "candidate": cand, "app": spec.app or ""})
+        if labels is None:
+            return []
+        n = len(r.failing)
+        where = f" on {spec.app}" if spec.app else ""
+        failing = "; ".join(why for _m, why in r.failing)
+        summary = (f"{cand} worse than {base}{where}: {failing}" if n else
+                   f"{cand} vs {base}{where}: no criterion fails with confidence (gate exit {r.code})")
+        notes = {"summary": summary, "failing": failing, "metrics": ",".join(m for m, _why in r.failing)}
+        return [_Sample(labels, float(n), 0.0, n > 0, extra={"n_baseline": float(r.n_baseline),
+                                                             "n_candidate": float(r.n_candidate)},
+                        at_ms=r.at_ms, notes=notes)]
 
     def _runaway_samples(self, rule: Rule, now: int) -> list[_Sample]:
         """Per group (trace, conversation, user) of the rule: its figure over the window; the
@@ -685,8 +737,19 @@ class AlertEvaluator:
         if self.traces is not None:
             self.traces.retain(owned_key or owned)
         self._mcache.clear()
-        gone = [k for k, a in self._alerts.items()
-                if "app" in a.labels and not owned(a.labels["app"], a.labels.get("model", ""))]
+        gone = [k for k, a in self._alerts.items() if k[0] not in self._compare_rules  # retain_rules
+                and "app" in a.labels and not owned(a.labels["app"], a.labels.get("model", ""))]
+        firing = [k for k in gone if self._alerts[k].state == "firing"]
+        for k in gone:
+            del self._alerts[k]
+        return firing
+
+    def retain_rules(self, owned: Callable[[str], bool]) -> list[tuple[str, str]]:
+        """Compare rules are owned per rule, not per key (streams/stages/compare_rule.py):
+        drop the readings and alerts of those not ``owned(rule)`` without a transition.
+        Returns the (rule, fingerprint) of the *firing* alerts dropped."""
+        self._compare = {k: v for k, v in self._compare.items() if owned(k)}
+        gone = [k for k in self._alerts if k[0] in self._compare_rules and not owned(k[0])]
         firing = [k for k in gone if self._alerts[k].state == "firing"]
         for k in gone:
             del self._alerts[k]
@@ -905,6 +968,7 @@ def _prom_annotation(text: str, rule: Rule, threshold: float | None) -> str:
 #: why a runaway rule is not exported (listed on stderr, not in the file's header: these rules
 #: are per trace by design and have no PromQL form to miss)
 _STREAM_ONLY = "stream-only (runaway rule)"
+_STREAM_ONLY_COMPARE = "stream-only (compare rule)"
 
 
 def _export_rule(rule: Rule, w: str) -> tuple[dict[str, Any] | None, str, list[str]]:
@@ -912,6 +976,9 @@ def _export_rule(rule: Rule, w: str) -> tuple[dict[str, Any] | None, str, list[s
     notes: list[str] = []
     if rule.kind == "runaway":
         return None, f"{_STREAM_ONLY}: per {rule.group_by[0]}, which is not a Prometheus label", notes
+    if rule.kind == "compare":  # listed as stream-only too: the worker evaluates it from ClickHouse
+        return None, f"{_STREAM_ONLY_COMPARE}: confidence sequences over two populations of stored " \
+                     "calls, which PromQL has no form for", notes
     if "user_id" in rule.match or "user_id" in rule.group_by:
         return None, "per-user budget: user_id is not a Prometheus label", notes
     pv = rule.match.get("prompt_version", "*")
@@ -1043,7 +1110,7 @@ def export_prometheus_rules(ruleset: RuleSet, *, rate_window: str = "5m",
         " > deploy/prometheus/driftline-rules.yml",
         f"# Rate window: {rate_window}. Metric contract: driftline.streams.stages.rule_engine docstring.",
     ]
-    missing = [s for s in skipped if _STREAM_ONLY not in s]
+    missing = [s for s in skipped if _STREAM_ONLY not in s and _STREAM_ONLY_COMPARE not in s]
     if missing:
         header.append("# Not exported (cannot be expressed in PromQL over /metrics):")
         header.extend(f"#   - {s}" for s in missing)

@@ -1,7 +1,10 @@
 """A looping agent trace, as OTLP spans through the real ``driftline otlp`` receiver and
 the real broker into a worker with the alerting stage: the runaway alerts fire with the
 trace id as a label (the ``alerts`` table rows say so), a healthy trace of the same app
-fires nothing, and ``trace_summary`` counts the loop exactly.
+fires nothing, and ``trace_summary`` counts the loop exactly. The same worker runs two
+``compare`` rules from the store: a candidate prompt version twice as slow fires exactly
+one alert naming the metric, with the interval ``driftline gate`` gives on the same
+calls; an A/A pair fires none.
 
 One worker for every check (the suite's budget: one started worker per new test file).
 """
@@ -17,15 +20,18 @@ from typing import Any
 
 import aiohttp
 import clickhouse_connect
+import numpy as np
 import pytest
 from helpers_worker import wait_for
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 from prometheus_client import CollectorRegistry
+from typer.testing import CliRunner
 
 from driftline.schemas.rules import fingerprint, parse_rules
 from driftline.streams.app import serve_worker
+from driftline.streams.cli.main import app as cli_app
 from driftline.streams.ingest.otlp_receiver import OtlpReceiver
 from driftline.streams.local.broker import free_port
 from driftline.streams.stages.alerting import AlertingStage
@@ -47,6 +53,25 @@ RULES = parse_rules(textwrap.dedent("""\
         expr: "prompt.repeats > 5"
         group_by: [trace_id]
         window: 10m
+      - name: CandidateSlower
+        kind: compare
+        app: ab-app
+        baseline: {prompt_version: v1}
+        candidate: {prompt_version: v2}
+        max_latency_increase: 10%
+        min_samples: 30
+        lookback: 10m
+        interval: 1s
+        annotations: {summary: "{candidate} vs {baseline}: {failing}"}
+      - name: AAControl
+        kind: compare
+        app: ab-app
+        baseline: {prompt_version: a1}
+        candidate: {prompt_version: a2}
+        max_latency_increase: 10%
+        min_samples: 30
+        lookback: 10m
+        interval: 1s
     """))
 APP = "travel-agent"
 LOOP, HEALTHY = "7" * 32, "a" * 32
@@ -87,6 +112,22 @@ def agent_trace(trace: str, loops: int, t0_ns: int) -> ExportTraceServiceRequest
     return ExportTraceServiceRequest(resource_spans=[rs])
 
 
+def ab_calls(t0_ns: int, n: int = 40) -> ExportTraceServiceRequest:
+    """``n`` chat calls of app ab-app per prompt version, each its own trace: latencies
+    uniform in [100, 200) ms (seeded), v2's twice as long; a1 and a2 alike (A/A)."""
+    rng = np.random.default_rng(18)
+    spans = []
+    for j, (v, factor) in enumerate((("v1", 1), ("v2", 2), ("a1", 1), ("a2", 1))):
+        for i in range(n):
+            k = j * n + i
+            spans.append(_span(f"{0xab << 120 | k:032x}", 100 + k, None, {
+                "gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o-mini",
+                "driftline.prompt_version": v}, t0_ns + k * 10**6, int(rng.integers(100, 200)) * factor))
+    rs = ResourceSpans(scope_spans=[ScopeSpans(spans=spans)])
+    rs.resource.attributes.extend([_kv("service.name", "ab-app")])
+    return ExportTraceServiceRequest(resource_spans=[rs])
+
+
 async def test_a_looping_agent_trace_fires_the_runaway_alerts_with_its_trace_id(
         kafka_bootstrap: str, make_topics: Any, chdb_dsn: str) -> None:
     tid = uuid.uuid4().hex[:10]
@@ -112,20 +153,28 @@ async def test_a_looping_agent_trace_fires_the_runaway_alerts_with_its_trace_id(
         worker, stage = box[0], stages[0]
         async with OtlpReceiver(kafka_bootstrap, port=0, topic=topic, registry=CollectorRegistry()) as rx, \
                 aiohttp.ClientSession() as http:
-            for req in (agent_trace(HEALTHY, 2, now_ns), agent_trace(LOOP, 12, now_ns + 10**9)):
+            for req in (agent_trace(HEALTHY, 2, now_ns), agent_trace(LOOP, 12, now_ns + 10**9), ab_calls(now_ns)):
                 async with http.post(rx.url, data=req.SerializeToString(),
                                      headers={"Content-Type": "application/x-protobuf"}) as r:
                     assert r.status == 200, await r.text()
-        # healthy: 1 agent + 2 chat + 2 tool; loop: 1 + 12 + 12; the HTTP spans are skipped
-        await wait_for(lambda: worker.stored_events >= 30, 60, lambda: f"stored {worker.stored_events}/30")
+        # healthy: 1 agent + 2 chat + 2 tool; loop: 1 + 12 + 12; the HTTP spans are skipped; A/B: 160
+        await wait_for(lambda: worker.stored_events >= 190, 60, lambda: f"stored {worker.stored_events}/190")
         fired = lambda: sorted((t.rule, t.state) for t in stage.transitions)  # noqa: E731
-        await wait_for(lambda: len(fired()) >= 2, 20, lambda: f"transitions {fired()}")
-        await asyncio.sleep(1.0)  # anything more would show up now
-        assert (worker.stored_events, worker.metrics.skipped_spans) == (30, 2)
-        assert fired() == [("AgentLoop", "firing"), ("SamePrompt", "firing")]
+        await wait_for(lambda: len(fired()) >= 3, 20, lambda: f"transitions {fired()}")
+        # anything more would show up now (the compare rules run every second)
+        await asyncio.sleep(1.5)
+        assert (worker.stored_events, worker.metrics.skipped_spans) == (190, 2)
+        assert fired() == [("AgentLoop", "firing"), ("CandidateSlower", "firing"), ("SamePrompt", "firing")]
+        assert stage.compare_owned == {"CandidateSlower", "AAControl"}  # the one worker runs both
+        runs = lambda r: stage.registry.get_sample_value(  # noqa: E731
+            "driftline_alert_compare_runs_total", {"rule": r, "outcome": "ok"})
+        assert runs("AAControl") >= 2 and runs("CandidateSlower") >= 2
         labels = {"app": APP, "trace_id": LOOP}
         by_rule = {t.rule: t for t in stage.transitions}
-        assert all(t.labels == labels for t in stage.transitions)
+        assert all(t.labels == labels for t in stage.transitions if t.rule != "CandidateSlower")
+        cmp = by_rule["CandidateSlower"]
+        cmp_labels = {"app": "ab-app", "baseline": "prompt_version=v1", "candidate": "prompt_version=v2"}
+        assert (cmp.labels, cmp.value, cmp.annotations["metrics"]) == (cmp_labels, 1.0, "latency_mean_ms")
         # one request, one stored batch: every call of the loop was counted at the first evaluation
         assert (by_rule["AgentLoop"].value, by_rule["SamePrompt"].value) == (25.0, 12.0)
         assert by_rule["AgentLoop"].annotations["summary"] == f"trace {LOOP} of {APP}: 25 calls"
@@ -133,18 +182,29 @@ async def test_a_looping_agent_trace_fires_the_runaway_alerts_with_its_trace_id(
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)
+    # the alert's interval is the one `driftline gate` gives for the calls the rule read
+    gate = CliRunner().invoke(cli_app, [
+        "gate", "--baseline", "prompt_version=v1", "--candidate", "prompt_version=v2", "--app", "ab-app",
+        "--since", str(cmp.ts_ms - 600_000), "--until", str(cmp.ts_ms), "--max-latency-increase", "10%",
+        "--min-samples", "30", "--json", "--clickhouse", chdb_dsn], catch_exceptions=False)
+    assert gate.exit_code == 1, gate.output
+    (crit,) = json.loads(gate.output)["criteria"]
+    assert cmp.annotations["summary"] == f"prompt_version=v2 vs prompt_version=v1: {crit['why']}"
+    assert json.loads(gate.output)["n_candidate"] == 40
     client = clickhouse_connect.get_client(dsn=chdb_dsn)
     try:
         rows = client.query("SELECT rule, state, app, model, value, labels, fingerprint FROM driftline.alerts "
                             "ORDER BY rule").result_rows
         assert [tuple(r) for r in rows] == [
             ("AgentLoop", "firing", APP, "", 25.0, labels, fingerprint("AgentLoop", labels)),
+            ("CandidateSlower", "firing", "ab-app", "", 1.0, cmp_labels, fingerprint("CandidateSlower", cmp_labels)),
             ("SamePrompt", "firing", APP, "", 12.0, labels, fingerprint("SamePrompt", labels))]
         summary = client.query(
             "SELECT trace_id, calls, llm_calls, tool_calls, agent_spans, errors, input_tokens, agents, tools, "
-            "cost_usd FROM driftline.trace_summary ORDER BY trace_id").result_rows
-        sums = dict(client.query("SELECT trace_id, sum(cost_usd) FROM driftline.llm_events FINAL "
-                                 "GROUP BY trace_id").result_rows)
+            f"cost_usd FROM driftline.trace_summary WHERE trace_id IN ('{LOOP}', '{HEALTHY}') "
+            "ORDER BY trace_id").result_rows
+        sums = dict(client.query(f"SELECT trace_id, sum(cost_usd) FROM driftline.llm_events FINAL "
+                                 f"WHERE app = '{APP}' GROUP BY trace_id").result_rows)
         assert [tuple(r[:9]) for r in summary] == [
             (LOOP, 25, 12, 12, 1, 12, 1200, ["planner"], ["flight_search"]),
             (HEALTHY, 5, 2, 2, 1, 2, 200, ["planner"], ["flight_search"])]
