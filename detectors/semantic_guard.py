@@ -328,25 +328,35 @@ class SemanticGuard:
 
 
 def threshold_for_fpr(benign_scores: Sequence[float] | npt.NDArray[np.float64], fpr: float) -> float:
-    """The lowest threshold that flags (``score > threshold``) at most ``fpr`` of ``benign_scores``.
+    """Split-conformal threshold: a fresh benign text scores above it with probability <= ``fpr``.
 
-    With ``n`` scores, at most ``floor(fpr * n)`` may lie above it: the threshold is
-    the ``(floor(fpr * n) + 1)``-th largest score (ties are all kept below it).
+    With ``n`` calibration scores of benign texts (exchangeable with the benign
+    texts to come), the threshold is the ``ceil((n + 1) * (1 - fpr))``-th smallest
+    score; then ``P(score > threshold) <= fpr`` for a new benign text, on average
+    over calibration sets (the standard split-conformal bound; at least
+    ``fpr - 1/(n + 1)`` when scores have no ties). The plain empirical quantile
+    would allow ``floor(fpr * n)`` scores above it and overshoot ``fpr`` by up to
+    ``1/(n + 1)``. Too few scores to promise ``fpr`` (``n < 1/fpr - 1``) raise
+    ``ValueError``.
 
-    >>> threshold_for_fpr([0.1, 0.5, 0.2, 0.4, 0.3], 0.2)
+    >>> threshold_for_fpr([0.1, 0.5, 0.2, 0.4, 0.3], 0.34)
     0.4
-    >>> threshold_for_fpr([0.1, 0.5, 0.2, 0.4, 0.3], 0.1)
+    >>> threshold_for_fpr([0.1, 0.5, 0.2, 0.4, 0.3], 0.2)
     0.5
     """
-    if not 0.0 <= fpr < 1.0:
-        raise ValueError(f"fpr must be in [0, 1), got {fpr!r}")
-    s = np.sort(np.asarray(benign_scores, dtype=np.float64))[::-1]
-    if s.size == 0:
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"fpr must be in (0, 1), got {fpr!r}")
+    s = np.sort(np.asarray(benign_scores, dtype=np.float64))
+    n = int(s.size)
+    if n == 0:
         raise ValueError("no benign scores to calibrate on")
     if not np.all(np.isfinite(s)):
         raise ValueError("benign scores contain NaN or inf")
-    allowed = math.floor(fpr * s.size + 1e-9)
-    return float(s[allowed])
+    rank = math.ceil((n + 1) * (1.0 - fpr) - 1e-9)
+    if rank > n:
+        need = math.ceil(1.0 / fpr - 1.0 - 1e-9)
+        raise ValueError(f"{n} benign scores cannot support fpr={fpr}: at least {need} are needed")
+    return float(s[rank - 1])
 
 
 def hits_to_guardrail_dicts(hits: Iterable[CategoryHit]) -> list[dict[str, Any]]:

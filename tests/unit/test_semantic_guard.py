@@ -152,16 +152,26 @@ def test_state_validation_messages() -> None:
 # ------------------------------------------------------------------ calibration
 
 
-def test_threshold_for_fpr_is_the_lowest_with_at_most_fpr_flagged() -> None:
+def test_threshold_for_fpr_is_the_split_conformal_quantile() -> None:
     scores = np.random.default_rng(3).normal(size=1000)
-    for fpr in (0.0, 0.01, 0.05, 0.2):
+    for fpr, above in ((0.01, 9), (0.05, 49), (0.2, 199)):  # n - ceil(1001 * (1 - fpr))
         t = threshold_for_fpr(scores, fpr)
-        assert int(np.sum(scores > t)) == int(np.floor(fpr * 1000 + 1e-9))
-        lower = np.max(scores[scores < t])
-        assert int(np.sum(scores > lower)) > fpr * 1000  # the next lower one would flag too many
-    assert threshold_for_fpr([0.3, 0.3, 0.3, 0.1], 0.25) == 0.3  # ties stay below: 0 flagged
-    with pytest.raises(ValueError, match=r"fpr must be in \[0, 1\)"):
-        threshold_for_fpr([0.1], 1.0)
+        assert int(np.sum(scores > t)) == above
+        assert t in scores
+    # n = 99 at 1 %: rank ceil(100 * 0.99) = 99, the largest score; n = 97 cannot promise 1 %
+    s99 = np.arange(99, dtype=float)
+    assert threshold_for_fpr(s99, 0.01) == 98.0
+    with pytest.raises(ValueError, match="97 benign scores cannot support fpr=0.01: at least 99 are needed"):
+        threshold_for_fpr(s99[:97], 0.01)
+    # the bound itself: over every way to pick the calibration set, P(new > t) = (n + 1 - rank) / (n + 1)
+    # (201 calibration scores, as the benchmark has; the new one in each of the 202 positions)
+    pool = np.arange(202, dtype=float)
+    exceed = sum(threshold_for_fpr(np.delete(pool, i), 0.01) < pool[i] for i in range(202))
+    empirical = sum(np.sort(np.delete(pool, i))[::-1][2] < pool[i] for i in range(202))  # floor(2.01) above
+    assert (exceed, empirical) == (2, 3)  # 2/202 = 0.99 % <= 1 %; the plain quantile: 3/202 = 1.49 %
+    assert threshold_for_fpr([0.3, 0.3, 0.3, 0.1], 0.2) == 0.3  # rank ceil(4.0) = 4
+    with pytest.raises(ValueError, match=r"fpr must be in \(0, 1\)"):
+        threshold_for_fpr([0.1], 0.0)
     with pytest.raises(ValueError, match="no benign scores"):
         threshold_for_fpr([], 0.01)
 
@@ -256,14 +266,14 @@ def test_build_guard_splits_calibrates_and_adds_user_examples(tmp_path: Path) ->
     ex = tmp_path / "mine.jsonl"
     ex.write_text('{"id": "x1", "category": "jailbreak", "text": "my own attack"}\n')
     enc = _FakeEncoder()
-    g = guard_refs.build_guard(enc, paths=paths, fpr=0.01, examples=ex)
+    g = guard_refs.build_guard(enc, paths=paths, fpr=0.1, examples=ex)
     assert enc.texts == 5 * 40 + 1 and g.embedded_texts == 200
     ref, cal, test = g.splits["jailbreak"]
     assert (len(ref), len(cal), len(test)) == (20, 10, 10)
     assert set(ref.tolist()) | set(cal.tolist()) | set(test.tolist()) == set(range(40))
     jb = next(r for r in g.state.references if r.category == "jailbreak")
     assert jb.ids == (*(f"jailbreak:{i}" for i in ref), "user:x1")
-    # 10 calibration benign texts at 1 %: no benign calibration text may lie above the threshold
+    # 10 calibration benign texts at 10 %: rank ceil(11 * 0.9) = 10, the largest calibration score
     guard = SemanticGuard(g.state)
     for f, src in (("prompt", "benign_prompt"), ("response", "benign_response")):
         sm = guard.score(g.vectors[src][g.splits[src][1]], f)
@@ -271,6 +281,6 @@ def test_build_guard_splits_calibrates_and_adds_user_examples(tmp_path: Path) ->
             assert g.state.thresholds[c] == pytest.approx(float(sm.scores[:, j].max()))
     # the second build reads every source from the cache (the model is not called)
     enc2 = _FakeEncoder()
-    g2 = guard_refs.build_guard(enc2, paths=paths, fpr=0.01, examples=ex)
+    g2 = guard_refs.build_guard(enc2, paths=paths, fpr=0.1, examples=ex)
     assert (enc2.texts, g2.embedded_texts) == (0, 0)
     assert g2.state.thresholds == g.state.thresholds
