@@ -20,7 +20,8 @@ were *not* used as references, for a stated false-positive rate.
 
 Pure and stateless apart from the references: :class:`SemanticGuard` holds a
 :class:`GuardState` (reference matrices, ids, thresholds), ``state`` gives it back
-and ``SemanticGuard(state)`` restores it. A batch costs one matrix product per
+and ``SemanticGuard(state)`` restores it; ``get_state()`` / ``from_state()`` round-trip
+it through JSON-safe dicts like the other detectors. A batch costs one matrix product per
 field (``(n, d) @ (d, m)`` against every reference of that field at once).
 A verdict names the nearest reference by *id* only: the matched attack text is
 never copied into a result.
@@ -55,6 +56,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from .base import decode_array, encode_array
 
 __all__ = [
     "CATEGORY_FIELDS",
@@ -287,6 +290,32 @@ class SemanticGuard:
     @property
     def state(self) -> GuardState:
         return self._state
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serialisable state (the project's detector convention): every reference
+        matrix (exact, base64), its ids, the thresholds, ``k`` and the fields."""
+        def ref(r: ReferenceSet) -> dict[str, Any]:
+            return {"category": r.category, "ids": list(r.ids), "vectors": encode_array(r.vectors)}
+
+        st = self._state
+        return {"detector": type(self).__name__, "settings": {"k": st.k},
+                "data": {"references": [ref(r) for r in st.references],
+                         "benign": {f: ref(b) for f, b in sorted(st.benign.items())},
+                         "thresholds": dict(st.thresholds), "fields": dict(st.fields)}}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> SemanticGuard:
+        """Rebuild a guard from :meth:`get_state` output (validated like a new one)."""
+        if state.get("detector") != cls.__name__:
+            raise ValueError(f"state is for {state.get('detector')!r}, not {cls.__name__}")
+        data = state["data"]
+
+        def ref(d: dict[str, Any]) -> ReferenceSet:
+            return ReferenceSet(d["category"], decode_array(d["vectors"]).astype(np.float32), tuple(d["ids"]))
+
+        return cls(GuardState(tuple(ref(r) for r in data["references"]),
+                              {f: ref(b) for f, b in data["benign"].items()},
+                              data["thresholds"], int(state["settings"]["k"]), data["fields"]))
 
     def score(self, vectors: Mat, field_name: str) -> ScoreMatrix:
         """All category scores of ``vectors`` (``(n, d)`` unit rows) for one field."""

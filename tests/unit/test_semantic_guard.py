@@ -132,6 +132,21 @@ def test_user_examples_extend_a_category() -> None:
         state.with_examples("jailbreak", new, ["jb:0"])
 
 
+def test_state_round_trips_through_json_exactly() -> None:
+    state, centers, rng = _seeded_state(k=3)
+    guard = SemanticGuard(state.with_thresholds({"jailbreak": 0.3, "harmful_request": 0.25}))
+    saved = json.loads(json.dumps(guard.get_state()))
+    back = SemanticGuard.from_state(saved)
+    q = np.vstack([_cluster(rng, centers["jb"], 3, 0.08), _cluster(rng, centers["ok"], 3, 0.08)])
+    assert back.scan(q, "prompt") == guard.scan(q, "prompt")
+    assert back.state.thresholds == {"jailbreak": 0.3, "harmful_request": 0.25} and back.state.k == 3
+    for a, b in zip(back.state.references, state.references, strict=True):
+        np.testing.assert_array_equal(a.vectors, b.vectors)
+        assert a.ids == b.ids
+    with pytest.raises(ValueError, match="state is for 'MMDDrift', not SemanticGuard"):
+        SemanticGuard.from_state({**saved, "detector": "MMDDrift"})
+
+
 def test_state_validation_messages() -> None:
     state, _c, _r = _seeded_state()
     jb = state.references[0]
