@@ -24,7 +24,8 @@ split is only for reporting (``benchmarks/bench_semantic_guard.py``).
 **Cache**: embeddings are computed once per source with the drift stage's encoder
 and written next to the data, ``<data>/guard/<source>.npy`` (float32 rows) plus
 ``<source>.json`` (``ids``, ``model``, ``hash``). ``hash`` is the sha256 of the
-model identity (name, max tokens, normalization) and of every text; a cache whose
+model identity (name, max tokens, normalization, sha256 of the loaded weights) and of
+every text; a cache whose
 hash differs (another model, changed data) is rebuilt. No pickle: ``np.load`` runs
 with ``allow_pickle=False``.
 
@@ -39,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,10 +146,41 @@ def split_indices(n: int, seed: int, fractions: tuple[float, float, float] = SPL
 # --------------------------------------------------------------------------- cache
 
 
+_WEIGHTS: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
+
+
+def _weights_digest(encoder: _Encoder) -> str | None:
+    """sha256 of the loaded model's parameters (``encoder.model.state_dict()``), once per encoder.
+
+    A name does not pin weights (a local path can be retrained in place; fp16 on CUDA gives
+    other vectors than fp32 on CPU), so the cache key holds the weights themselves (~0.2 s
+    for MiniLM). ``None`` for encoders without a torch model (test doubles).
+    """
+    try:
+        return _WEIGHTS[encoder]
+    except (KeyError, TypeError):
+        pass
+    state_dict = getattr(getattr(encoder, "model", None), "state_dict", None)
+    if state_dict is None:
+        return None
+    h = hashlib.sha256()
+    for name, tensor in sorted(state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest = h.hexdigest()
+    try:
+        _WEIGHTS[encoder] = digest
+    except TypeError:
+        pass
+    return digest
+
+
 def _model_identity(encoder: _Encoder) -> str:
     return json.dumps({"name": encoder.name, "dim": encoder.dim,
                        "max_seq_length": getattr(encoder, "max_seq_length", None),
-                       "normalize": getattr(encoder, "normalize", True)}, sort_keys=True)
+                       "normalize": getattr(encoder, "normalize", True),
+                       "weights_sha256": _weights_digest(encoder)}, sort_keys=True)
 
 
 def content_hash(encoder: _Encoder, texts: Sequence[str]) -> str:

@@ -262,6 +262,43 @@ def test_embed_cache_is_reused_and_rebuilt_when_model_or_data_change(tmp_path: P
     assert other.texts == 6
 
 
+class _Tensor:
+    """Just what guard_refs' weight digest calls on a torch tensor."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self.a, self.dtype = a, a.dtype
+
+    def detach(self) -> _Tensor:
+        return self
+
+    cpu = contiguous = detach
+
+    def numpy(self) -> np.ndarray:
+        return self.a
+
+
+class _Model:
+    def __init__(self, w: float) -> None:
+        self.w = w
+
+    def state_dict(self) -> dict[str, _Tensor]:
+        return {"layer.weight": _Tensor(np.full(4, self.w, dtype=np.float32))}
+
+
+def test_embed_cache_is_rebuilt_when_the_weights_change_under_the_same_name(tmp_path: Path) -> None:
+    enc = _FakeEncoder()
+    enc.model = _Model(0.5)  # type: ignore[attr-defined]
+    assert guard_refs.embed_cached("src", ["a"], ["s:0"], enc, tmp_path).from_cache is False
+    enc2 = _FakeEncoder()
+    enc2.model = _Model(0.5)  # type: ignore[attr-defined]
+    assert guard_refs.embed_cached("src", ["a"], ["s:0"], enc2, tmp_path).from_cache is True
+    enc3 = _FakeEncoder()
+    enc3.model = _Model(0.25)  # type: ignore[attr-defined]  # same name, retrained weights
+    assert guard_refs.embed_cached("src", ["a"], ["s:0"], enc3, tmp_path).from_cache is False
+    meta = json.loads((tmp_path / "src.json").read_text())
+    assert meta["model"]["name"] == "fake" and len(meta["model"]["weights_sha256"]) == 64
+
+
 def _tiny_data(root: Path, n: int = 40) -> DataPaths:
     root.mkdir(parents=True, exist_ok=True)
 
