@@ -13,7 +13,7 @@ One detector per module (River's layout); the family modules re-export their det
   prompt versions or models; ``driftline compare`` / ``gate``);
 - :mod:`.sampling` (hash sampling of events), :mod:`.calibration` (false-alarm budgets),
   :mod:`.sketch` (quantiles), :mod:`.guardrails`
-  and :mod:`.redact` (text scanning).
+  and :mod:`.redact` (text scanning), :mod:`.semantic_guard` (known-attack similarity of embeddings).
 
 This ``__init__`` imports nothing, so importing one light module (redact, guardrails) does not
 pull in scipy or scikit-learn.
