@@ -14,7 +14,7 @@ from typing import Any, Final, Literal
 
 __all__ = [
     "EventField", "EVENT_FIELDS", "EVENT_COLUMNS", "WINDOW_COLUMNS", "SCORE_COLUMNS", "EMBEDDING_COLUMNS", "REFERENCE_COLUMNS",
-    "CONTROL_LOG_COLUMNS", "ALERT_COLUMNS", "LOG_COLUMNS", "OUTBOX_COLUMNS", "REKEY_LOG_COLUMNS", "GOLDEN_COLUMNS",
+    "CONTROL_LOG_COLUMNS", "NUMERIC_STATE_COLUMNS", "ALERT_COLUMNS", "LOG_COLUMNS", "OUTBOX_COLUMNS", "REKEY_LOG_COLUMNS", "GOLDEN_COLUMNS",
     "TABLE_COLUMNS",
 ]
 
@@ -167,6 +167,12 @@ REFERENCE_COLUMNS: Final[tuple[str, ...]] = (
 CONTROL_LOG_COLUMNS: Final[tuple[str, ...]] = (
     "control_id", "applied_at", "action", "command", "n_references", "topic", "partition", "offset",
 )
+#: ``numeric_drift_state``: the state of one key and numeric field (its latest row in force)
+NUMERIC_STATE_COLUMNS: Final[tuple[str, ...]] = (
+    "app", "model", "prompt_version", "field", "version", "mode", "seq", "collect_from", "ref_seq_from",
+    "ref_seq_to", "ref_from_ms", "ref_to_ms", "has_ref", "ref_values", "ref_labels", "cur_values", "cur_labels",
+    "cur_ts", "control_id", "row_version", "updated_at",
+)
 #: ``alerts``: one row per alert state change
 ALERT_COLUMNS: Final[tuple[str, ...]] = (
     "ts", "rule", "state", "severity", "app", "model", "value", "labels", "annotations", "fingerprint",
@@ -197,4 +203,5 @@ TABLE_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
     "drift_control_log": CONTROL_LOG_COLUMNS, "alerts": ALERT_COLUMNS, "ingest_log": LOG_COLUMNS,
     "dlq_outbox": OUTBOX_COLUMNS, "rekey_log": REKEY_LOG_COLUMNS,
     "drift_golden": GOLDEN_COLUMNS,
+    "numeric_drift_state": NUMERIC_STATE_COLUMNS,
 }

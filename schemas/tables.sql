@@ -214,6 +214,38 @@ ENGINE = ReplacingMergeTree
 ORDER BY (golden_id, idx)
 SETTINGS non_replicated_deduplication_window = 1000
 ;
+-- The numeric drift stage's state per key and field (README "Numeric drift"): the
+-- reference's values (ref_values, or ref_labels for finish_reason), the current window
+-- (cur_*; while has_ref = 0 the reference being collected), the numbering (seq). The row
+-- with the highest row_version (version << 40 | seq) is in force: read with FINAL.
+CREATE TABLE IF NOT EXISTS {db}.numeric_drift_state
+(
+    app LowCardinality(String),
+    model LowCardinality(String),
+    prompt_version LowCardinality(String),
+    field LowCardinality(String),
+    version UInt32,
+    mode LowCardinality(String),
+    seq UInt64,
+    collect_from UInt64,
+    ref_seq_from UInt64,
+    ref_seq_to UInt64,
+    ref_from_ms Int64,
+    ref_to_ms Int64,
+    has_ref UInt8,
+    ref_values Array(Float64),
+    ref_labels Array(String),
+    cur_values Array(Float64),
+    cur_labels Array(String),
+    cur_ts Array(Int64),
+    control_id String,
+    row_version UInt64,
+    updated_at DateTime64(3, 'UTC')
+)
+ENGINE = ReplacingMergeTree(row_version)
+ORDER BY (app, model, prompt_version, field)
+SETTINGS non_replicated_deduplication_window = 1000
+;
 -- One row per alert state change.
 CREATE TABLE IF NOT EXISTS {db}.alerts
 (

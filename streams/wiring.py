@@ -55,6 +55,10 @@ STAGES: fed each write step once it is safe (``Stage.on_stored``), given their p
                                         -> ``llm_embeddings``, ``drift_references``,
                                         ``drift_scores``, ``drift_control_log``;
                                         every test result -> alerting (drift rules)
+  numeric_drift stages/numeric_drift.NumericDriftStage  inputs: stored events (columns), ``baseline``
+                                        commands -> ``numeric_drift_state``, ``drift_scores``
+                                        (field = the numeric field), ``drift_control_log``;
+                                        every test result -> alerting (drift rules)
 
 PROMETHEUS: one registry for the worker's metrics and every stage's, served at
 ``/metrics`` (app.py ``serve_worker``).
@@ -84,6 +88,7 @@ from driftline.streams.worker import (
 )
 
 if TYPE_CHECKING:
+    from driftline.streams.stages.numeric_drift import NumericDriftConfig
     from driftline.streams.stages.semantic_drift import DriftConfig
 
 __all__ = ["AlertingOptions", "StageFactory", "stage_factories", "link_stages", "build_worker",
@@ -134,7 +139,8 @@ def build_worker(cfg: WorkerConfig, registry: CollectorRegistry,
 
 # ----------------------------------------------------------------------------- stages
 def stage_factories(*, alerting: AlertingOptions | None = None,
-                    drift: DriftConfig | None = None) -> list[StageFactory]:
+                    drift: DriftConfig | None = None,
+                    numeric: NumericDriftConfig | None = None) -> list[StageFactory]:
     """The stages of ``driftline worker``, in the order they are fed (and stopped in
     reverse): alerting, then drift. None leaves a stage out. The stage modules are
     imported only when used (drift loads the embedding stack)."""
@@ -151,6 +157,10 @@ def stage_factories(*, alerting: AlertingOptions | None = None,
         from driftline.streams.stages.semantic_drift import DriftStage
 
         out.append(DriftStage.factory(drift))
+    if numeric is not None:  # numeric drift (lengths, latency, cost, finish reasons)
+        from driftline.streams.stages.numeric_drift import NumericDriftStage
+
+        out.append(NumericDriftStage.factory(numeric))
     return out
 
 
@@ -162,12 +172,15 @@ def link_stages(stages: Sequence[Stage]) -> None:
     not imported, so a worker without drift does not load the embedding stack.
     """
     drift_mod = sys.modules.get("driftline.streams.stages.semantic_drift")
+    numeric_mod = sys.modules.get("driftline.streams.stages.numeric_drift")
     alert_mod = sys.modules.get("driftline.streams.stages.alerting")
-    if drift_mod is None or alert_mod is None:
+    if (drift_mod is None and numeric_mod is None) or alert_mod is None:
         return
     alerting = [st for st in stages if isinstance(st, alert_mod.AlertingStage)]
+    kinds = tuple(m.DriftStage if m is drift_mod else m.NumericDriftStage
+                  for m in (drift_mod, numeric_mod) if m is not None)
     for st in stages:
-        if isinstance(st, drift_mod.DriftStage):
+        if isinstance(st, kinds):
             for al in alerting:
                 if al.observe_drift not in st.observers:
                     st.add_observer(al.observe_drift)
@@ -188,6 +201,12 @@ def control_subscriptions(worker: Worker) -> list[Subscription]:
     if drift_mod is not None:
         for st in worker.stages:
             if isinstance(st, drift_mod.DriftStage) and st.cfg.control_topic:
+                subs.append(Subscription(st.cfg.control_topic, st.on_command, frozenset({"baseline"}),
+                                         replay=True))
+    numeric_mod = sys.modules.get("driftline.streams.stages.numeric_drift")
+    if numeric_mod is not None:
+        for st in worker.stages:
+            if isinstance(st, numeric_mod.NumericDriftStage) and st.cfg.control_topic:
                 subs.append(Subscription(st.cfg.control_topic, st.on_command, frozenset({"baseline"}),
                                          replay=True))
     return subs

@@ -349,6 +349,12 @@ def worker(
     ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Serve the page (drift, latency, cost, alerts) at /ui/ on the --metrics-port. It always asks for user driftline and the SQL endpoint's password (on loopback too; the credentials file next to a chDB store, else $XDG_DATA_HOME/driftline/credentials).")] = True,
     # -- agents and sessions (streams/stages/runaway.py; README "Runaway rules")
     alert_max_traces: Annotated[int, typer.Option(min=1, help="Runaway rules: the most traces (and conversations, users) whose calls are tracked, per kind; past it the one fed least recently is dropped, counted in driftline_alert_evicted_keys_total{dimension=\"traces\"}, and its alert resolves.")] = 10_000,
+    # -- numeric drift (streams/stages/numeric_drift.py; README "Numeric drift")
+    numeric_drift: Annotated[bool, typer.Option("--numeric-drift/--no-numeric-drift", help="Numeric drift: per key, test output/input/reasoning tokens, latency, TTFT, TPOT, cost per call (Kolmogorov-Smirnov) and the finish-reason mix (G-test) of a sliding window against a reference of the first values; results in drift_scores with field = the column.")] = True,
+    numeric_ref_size: Annotated[int, typer.Option(help="Numeric drift: values in an automatic reference per key and field.")] = 500,
+    numeric_window: Annotated[int, typer.Option(help="Numeric drift: values in the sliding current window (also the values before the first test).")] = 500,
+    numeric_test_every: Annotated[int, typer.Option(help="Numeric drift: values between tests per key and field.")] = 100,
+    numeric_alpha: Annotated[float, typer.Option(help="Numeric drift: family-wise false-alarm level per test round (Bonferroni over keys x fields).")] = 0.05,
 ) -> None:
     """Run the stream processor: Kafka -> windows, cost, guardrails, drift -> ClickHouse, /metrics, alerts."""
     from driftline.streams.app import run_worker
@@ -396,13 +402,17 @@ def worker(
                              embed_batch=embed_batch, embed_threads=embed_threads, sample_rate=sample_rate,
                              drift_fields=drift_fields, ref_size=ref_size, drift_window=drift_window,
                              test_every=test_every, test_interval=test_interval, drift_alpha=drift_alpha)
+        from driftline.streams.stages.numeric_drift import NumericDriftConfig
+
+        ncfg = NumericDriftConfig(ref_size=numeric_ref_size, window_size=numeric_window,
+                                  test_every=numeric_test_every, alpha=numeric_alpha) if numeric_drift else None
         from driftline.streams.local.sql_endpoint import EndpointLimits, EndpointOptions
 
         sql_opts = EndpointOptions(host=sql_bind, password_file=sql_password_file, allow_writes=sql_allow_writes,
                                    extra_hosts=tuple(sql_allowed_host or ()), allow_workers=sql_allow_workers,
                                    limits=EndpointLimits(max_execution_time_s=sql_timeout))
         run_worker(cfg, web_host=bind, web_port=metrics_port, sql_port=sql_port or None,
-                   loglevel=log_level, stages=stage_factories(alerting=alerting, drift=dcfg), sql=sql_opts, ui=ui)
+                   loglevel=log_level, stages=stage_factories(alerting=alerting, drift=dcfg, numeric=ncfg), sql=sql_opts, ui=ui)
     except ValueError as exc:
         raise _err(str(exc)) from None
     finally:

@@ -197,6 +197,36 @@ ORDER BY (golden_id, idx)
 CREATE TABLE IF NOT EXISTS driftline.drift_golden ON CLUSTER c AS driftline.drift_golden_local
 ENGINE = Distributed('c', 'driftline', 'drift_golden_local', cityHash64(golden_id))
 ;
+CREATE TABLE IF NOT EXISTS driftline.numeric_drift_state_local ON CLUSTER c
+(
+    app LowCardinality(String),
+    model LowCardinality(String),
+    prompt_version LowCardinality(String),
+    field LowCardinality(String),
+    version UInt32,
+    mode LowCardinality(String),
+    seq UInt64,
+    collect_from UInt64,
+    ref_seq_from UInt64,
+    ref_seq_to UInt64,
+    ref_from_ms Int64,
+    ref_to_ms Int64,
+    has_ref UInt8,
+    ref_values Array(Float64),
+    ref_labels Array(String),
+    cur_values Array(Float64),
+    cur_labels Array(String),
+    cur_ts Array(Int64),
+    control_id String,
+    row_version UInt64,
+    updated_at DateTime64(3, 'UTC')
+)
+ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/numeric_drift_state_local', '{replica}', row_version)
+ORDER BY (app, model, prompt_version, field)
+;
+CREATE TABLE IF NOT EXISTS driftline.numeric_drift_state ON CLUSTER c AS driftline.numeric_drift_state_local
+ENGINE = Distributed('c', 'driftline', 'numeric_drift_state_local', cityHash64(app, model, prompt_version, field))
+;
 CREATE TABLE IF NOT EXISTS driftline.alerts_local ON CLUSTER c
 (
     ts DateTime64(3, 'UTC'),

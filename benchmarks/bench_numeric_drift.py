@@ -1,0 +1,182 @@
+"""Numeric drift in the stream: detection delay, false alarms and CPU per event.
+
+Seeded streams of one key's LLM calls (every field of streams/stages/numeric_drift.py;
+all present on every call) go through :class:`NumericEngine` in batches of 100, with
+the stage's defaults (reference 500, window 500, a test every 100 values, family-wise
+alpha 0.05 over keys x 8 fields). Scenarios, from event ``--shift-at`` on:
+
+- ``longer``: a model update makes responses 30% longer (output tokens x 1.3; latency
+  and cost follow, as they do);
+- ``ttft``:   time to first token doubles (latency follows);
+- ``length``: finish reasons move to ``length`` (1% -> 9%);
+- ``control``: nothing changes.
+
+The synthetic call: output tokens lognormal(5.3, 0.6) (median 200), input tokens
+lognormal(6.5, 0.8), reasoning tokens 0 on 70% of calls else lognormal(6, 1), TTFT
+lognormal(5.5, 0.4) ms, TPOT lognormal(3.0, 0.3) ms, latency = TTFT + output x TPOT,
+cost = $3/M input + $15/M output, finish reasons stop 97% / tool_calls 2% / length 1%.
+
+Reported per scenario over ``--seeds`` streams: the share of streams flagged on the
+shifted field after the shift within ``--max-delay`` events, the delay (events after
+the shift until the first flag: median, p90, max), and on the control streams the
+false alarms: the share of tests that flagged (to compare with the per-test level
+alpha / 8) and the share of streams with any flag over all their rounds. Then the CPU
+per event: the stage's hot path (``on_stored``, on the event loop) and its thread
+(columns -> values -> tests) on an Arrow batch as the worker stores it.
+
+    python benchmarks/bench_numeric_drift.py                 # 200 seeds per scenario
+    python benchmarks/bench_numeric_drift.py --seeds 40      # quicker
+
+tests/unit/test_numeric_stage.py runs the same functions on a few seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from driftline.schemas.topics import EVENTS_TOPIC as TOPIC
+from driftline.streams.stages.numeric_drift import FIELDS, NumericDriftConfig, NumericEngine
+
+#: the field each scenario shifts (and is expected to flag)
+SHIFTED = {"longer": "output_tokens", "ttft": "ttft_ms", "length": "finish_reason", "control": ""}
+KEY = ("app", "gpt-x", "v1")
+
+
+def stream(seed: int, n: int, scenario: str, shift_at: int) -> dict[str, Any]:
+    """One key's ``n`` calls (every field), shifted from ``shift_at`` on per ``scenario``."""
+    if scenario not in SHIFTED:
+        raise ValueError(f"scenario must be one of {sorted(SHIFTED)}")
+    rng = np.random.default_rng(seed)
+    after = np.arange(n) >= shift_at
+    out_tok = rng.lognormal(5.3, 0.6, n)
+    if scenario == "longer":
+        out_tok = np.where(after, out_tok * 1.3, out_tok)
+    out_tok = np.maximum(1, np.round(out_tok))
+    in_tok = np.maximum(1, np.round(rng.lognormal(6.5, 0.8, n)))
+    reasoning = np.where(rng.random(n) < 0.7, 0.0, np.round(rng.lognormal(6.0, 1.0, n)))
+    ttft = rng.lognormal(5.5, 0.4, n)
+    if scenario == "ttft":
+        ttft = np.where(after, ttft * 2, ttft)
+    tpot = rng.lognormal(3.0, 0.3, n)
+    latency = ttft + out_tok * tpot
+    cost = in_tok * 3e-6 + out_tok * 15e-6
+    u = rng.random(n)
+    p_len = np.where(after & (scenario == "length"), 0.09, 0.01)
+    finish = np.where(u < p_len, "length", np.where(u < p_len + 0.02, "tool_calls", "stop"))
+    return {"output_tokens": out_tok, "input_tokens": in_tok, "reasoning_output_tokens": reasoning,
+            "latency_ms": latency, "ttft_ms": ttft, "tpot_ms": tpot, "cost_usd": cost,
+            "finish_reason": finish.tolist()}
+
+
+def run(values: dict[str, Any], cfg: NumericDriftConfig, batch: int = 100) -> list[tuple[int, str, bool, Any]]:
+    """The stream through a fresh engine: ``(event index of the window end, field, drifted,
+    result)`` of every test, in order."""
+    eng = NumericEngine(cfg)
+    n = len(values["latency_ms"])
+    keys = [KEY] * n
+    ts = list(range(1_800_000_000_000, 1_800_000_000_000 + n))
+    out = []
+    for s in range(0, n, batch):
+        _, res = eng.process(keys[s:s + batch], ts[s:s + batch],
+                             {f: list(v[s:s + batch]) for f, v in values.items() if f in cfg.fields})
+        out.extend((int(r.explanation["window"]["seq_to"]) - 1, kf.field, r.drifted, r) for kf, r in res)
+    return out
+
+
+def first_flag(tests: list[tuple[int, str, bool, Any]], field: str, after: int) -> int | None:
+    """The event index of ``field``'s first flag at or after ``after`` (None: never)."""
+    return next((i for i, f, d, _ in tests if f == field and d and i >= after), None)
+
+
+def scenario_stats(scenario: str, seeds: range, *, n: int, shift_at: int, max_delay: int,
+                   cfg: NumericDriftConfig) -> dict[str, Any]:
+    """Detection (shifted scenarios) or false alarms (control) over ``seeds``."""
+    fld = SHIFTED[scenario]
+    delays, tests, flags, flagged_streams = [], 0, 0, 0
+    for seed in seeds:
+        t = run(stream(seed, n, scenario, shift_at), cfg)
+        if scenario == "control":
+            tests += len(t)
+            k = sum(1 for x in t if x[2])
+            flags += k
+            flagged_streams += k > 0
+        else:
+            i = first_flag(t, fld, shift_at)
+            delays.append(None if i is None else i - shift_at)
+    if scenario == "control":
+        return {"streams": len(seeds), "tests": tests, "per_test_rate": flags / max(tests, 1),
+                "per_test_level": cfg.alpha / len(cfg.fields), "streams_with_a_flag": flagged_streams / len(seeds)}
+    hit = sorted(d for d in delays if d is not None and d <= max_delay)
+    return {"streams": len(seeds), "detected": len(hit) / len(seeds),
+            "delay_median": float(np.median(hit)) if hit else None,
+            "delay_p90": float(np.quantile(hit, 0.9)) if hit else None, "delay_max": max(hit) if hit else None}
+
+
+def cpu_per_event(n: int = 200_000, keys: int = 20) -> dict[str, float]:
+    """CPU seconds per event of the stage: ``on_stored`` (event loop) and its thread's work,
+    on Arrow batches of 2,000 rows (as the worker stores them), ``keys`` keys interleaved."""
+    import pyarrow as pa
+
+    from driftline.streams.ingest.transforms import ArrowColumns
+    from driftline.streams.stages.numeric_drift import NumericDriftStage
+
+    v = stream(0, n, "control", n)
+    rng = np.random.default_rng(1)
+    k = rng.integers(0, keys, n)
+    table = pa.table({
+        "event_id": [f"e{i}" for i in range(n)], "app": [f"app{j}" for j in k], "model": ["m"] * n,
+        "prompt_version": ["v1"] * n, "timestamp": pa.array(np.arange(n, dtype=np.int64), pa.timestamp("ms")),
+        "source_topic": [TOPIC] * n, "source_partition": pa.array(k % 4, pa.int32()),
+        "source_offset": pa.array(np.arange(n), pa.int64()),
+        **{f: pa.array(v[f].astype(np.int64) if "tokens" in f else v[f]) for f in FIELDS if f != "finish_reason"},
+        "finish_reasons": [[x] for x in v["finish_reason"]],
+    })
+    st = NumericDriftStage(NumericDriftConfig())
+    st.engine = NumericEngine(st.cfg)
+
+    class _Batch:
+        def __init__(self, events: Any) -> None:
+            self.events = events
+
+    batches = [_Batch(ArrowColumns(table.slice(s, 2000))) for s in range(0, n, 2000)]
+    hot = thread = 0.0
+    for b in batches:
+        t0 = time.thread_time()
+        st.on_stored(b)
+        hot += time.thread_time() - t0
+        work, st._inbox, st._inbox_rows = st._inbox, [], 0
+        t0 = time.thread_time()
+        st._work(work)
+        thread += time.thread_time() - t0
+    return {"events": n, "hot_path_us_per_event": hot / n * 1e6, "thread_us_per_event": thread / n * 1e6,
+            "tests_run": st.engine.tests_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=200, help="streams per scenario")
+    ap.add_argument("--events", type=int, default=4000, help="calls per stream")
+    ap.add_argument("--shift-at", type=int, default=2000, help="the call the shift starts at")
+    ap.add_argument("--max-delay", type=int, default=1000, help="calls after the shift a detection may take")
+    ap.add_argument("--alpha", type=float, default=0.05, help="family-wise level per test round")
+    a = ap.parse_args(argv)
+    cfg = NumericDriftConfig(alpha=a.alpha)
+    print(f"numeric drift: {a.seeds} streams x {a.events} calls per scenario, shift at {a.shift_at}, "
+          f"reference {cfg.ref_size}, window {cfg.window_size}, test every {cfg.test_every}, alpha {cfg.alpha} "
+          f"over 1 key x {len(cfg.fields)} fields (per test {cfg.alpha / len(cfg.fields):.4g})")
+    t0 = time.perf_counter()
+    for sc in ("longer", "ttft", "length", "control"):
+        st = scenario_stats(sc, range(a.seeds), n=a.events, shift_at=a.shift_at, max_delay=a.max_delay, cfg=cfg)
+        print(f"  {sc:8s} {st}")
+    print(f"  ({time.perf_counter() - t0:.1f} s)")
+    print(f"  cpu: {cpu_per_event()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

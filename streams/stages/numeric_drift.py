@@ -1,0 +1,840 @@
+"""Numeric drift in the stream: lengths, latency, cost and the finish-reason mix per key.
+
+A provider's silent model update shows first in the numbers: responses get longer, TTFT
+doubles, finish reasons move from ``stop`` to ``length``. A :class:`NumericDriftStage`
+is a worker :class:`~driftline.streams.worker.Stage` that, per key
+``(app, model, prompt_version)`` and per field of :data:`NUMERIC_FIELDS` (output, input
+and reasoning tokens, latency, TTFT, TPOT, cost per call) and :data:`CATEGORICAL_FIELDS`
+(the finish reason: the first of an event's ``finish_reasons``, ``""`` when none):
+
+1. **takes** the stored batches (``on_stored``, on the event loop: it only queues the
+   batch's columns, with the same deterministic ``event_id`` mask as the semantic
+   stage when ``sample_rate < 1``);
+2. on its own thread, numbers each key-field's values (``seq``, events without the value
+   skipped) in Kafka order, builds the **reference** from the first ``ref_size`` values
+   after first sight (the semantic references' lifecycle: a new ``prompt_version`` is a
+   new key), keeps the last ``window_size`` values after it as the **current window** and,
+   at fixed positions (``p >= min_current`` and ``(p - min_current) % test_every == 0``,
+   ``p`` the values after the reference), tests the window against the reference:
+   two-sample Kolmogorov-Smirnov for a numeric field (:func:`~driftline.detectors.ks_asymp.ks_sorted`:
+   the asymptotic p-value, conservative, ~10x cheaper than scipy's exact one),
+   the G-test of the 2 x k category table for the finish reason
+   (:class:`~driftline.detectors.categorical.CategoryMixDrift`);
+3. writes each result to ``drift_scores`` (``field`` = the field's column name, method
+   ``ks`` or ``g_test``) with an explanation saying which quantiles moved and by how much
+   (``"output_tokens p50 212 -> 298, p95 640 -> 1,020"``, ``"finish_reason=length 1% -> 9%"``),
+   and hands it to every ``observe_drift`` linked in the wiring (alert rules of kind ``drift``).
+
+**Calibration.** ``alpha`` is the family-wise level of one test round: each test runs at
+``alpha / (K x F x 1)`` (Bonferroni; ``K`` keys with a reference, ``F`` fields, one method
+per field), the semantic stage's split (:func:`per_test_alpha`), as its own family.
+
+**Durability.** A key-field's state is one row of ``numeric_drift_state`` (a
+ReplacingMergeTree, the latest row per key-field in force): the reference's *values* (not
+their event ids: re-reading them from ``llm_events`` would depend on its TTL and on
+``--redact``; 500 floats are 4 KB), the current window's values and times, ``seq`` and the
+reference's version. It is written when a reference is made or a command applied, at the
+first test and then once per ``window_size`` values, and for every changed key-field when
+the stage stops or its partitions are revoked; a key-field seen for the first time since
+start is loaded from it, so a restarted worker resumes the same reference, window and
+test positions (a crash loses at most the values since the key-field's last row: fewer
+than ``window_size``, as samples are at most once).
+
+**Baseline commands.** ``driftline baseline rebase|pin|reset`` (the ``baseline`` commands
+of ``driftline.control``) apply to the numeric fields too: ``field`` unset or one of
+:data:`FIELDS` selects them. A rebase or pin re-reads the reference from ``llm_events``
+(the latest ``ref_size`` values, or ``ref_size`` spread evenly over ``[from_ms, to_ms)``);
+a reset collects a new one from the next value on. Each applied command is logged in
+``drift_control_log`` under ``numeric:<id>`` (action ``numeric_<action>``), so a restarted
+worker skips it and the semantic stage's log stays its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from driftline.detectors.categorical import CategoryMixDrift, share_z
+from driftline.detectors.ks_asymp import ks_sorted, sorted_quantiles
+from driftline.detectors.sampling import sample_mask
+from driftline.schemas.columns import CONTROL_LOG_COLUMNS, NUMERIC_STATE_COLUMNS, SCORE_COLUMNS
+from driftline.schemas.drift_result import DriftResult
+from driftline.schemas.topics import CONTROL_TOPIC
+from driftline.streams.stages.drift_references import ms_to_dt, per_test_alpha
+
+if TYPE_CHECKING:
+    from driftline.schemas.rules import DriftObservation
+    from driftline.streams.ingest.control import ControlRecord
+    from driftline.streams.ports import StagePorts
+
+log = logging.getLogger("driftline.numeric_drift")
+
+__all__ = ["NUMERIC_FIELDS", "CATEGORICAL_FIELDS", "FIELDS", "NumericDriftConfig", "NumericEngine",
+           "NumericDriftStage", "KeyField", "describe_shift"]
+
+#: the numeric fields, by their ``llm_events`` column
+NUMERIC_FIELDS = ("output_tokens", "input_tokens", "reasoning_output_tokens", "latency_ms", "ttft_ms",
+                  "tpot_ms", "cost_usd")
+#: the categorical fields: the finish reason (``finish_reasons[1]`` of ``llm_events``)
+CATEGORICAL_FIELDS = ("finish_reason",)
+FIELDS = NUMERIC_FIELDS + CATEGORICAL_FIELDS
+#: the SQL of a field's value in ``llm_events`` (constants only; values are bound parameters)
+_SQL_VALUE = {**{f: f"toFloat64({f})" for f in NUMERIC_FIELDS},
+              "finish_reason": "if(empty(finish_reasons), '', toString(finish_reasons[1]))"}
+_SQL_PRESENT = {**{f: f"{f} IS NOT NULL" for f in NUMERIC_FIELDS}, "finish_reason": "1"}
+_COMMAND_FILTERS = ("app", "model", "prompt_version", "field")
+#: batches' rows held for the thread at most; past it the oldest batch is dropped (counted)
+_MAX_INBOX_ROWS = 500_000
+
+Key = tuple[str, str, str]
+Query = Callable[[str, Mapping[str, Any]], Sequence[tuple[Any, ...]]]
+
+
+def method_of(field: str) -> str:
+    return "g_test" if field in CATEGORICAL_FIELDS else "ks"
+
+
+@dataclass(frozen=True)
+class NumericDriftConfig:
+    """Settings of the numeric drift stage (the module docstring says what each does).
+
+    ``fields``: a non-empty subset of :data:`FIELDS`. ``sample_rate``: share of events
+    taken (by ``event_id``, as the semantic stage; 1.0: all, the values are cheap).
+    ``ref_size``: values in an automatic reference. ``window_size``: the sliding current
+    window; ``min_current`` (default ``window_size``) values after the reference before the
+    first test; ``test_every``: values between tests. ``alpha``: family-wise level per round.
+    ``max_keys``: key-fields held in memory (past it the least recently seen is dropped and
+    reloaded from ``numeric_drift_state`` when seen again).
+    """
+
+    fields: tuple[str, ...] = FIELDS
+    sample_rate: float = 1.0
+    sample_salt: int = 0
+    ref_size: int = 500
+    window_size: int = 500
+    min_current: int | None = None
+    test_every: int = 100
+    alpha: float = 0.05
+    max_keys: int = 5_000
+    control_topic: str | None = CONTROL_TOPIC
+    drain_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.fields or set(self.fields) - set(FIELDS):
+            raise ValueError(f"fields must be a non-empty subset of {FIELDS}, got {self.fields}")
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.ref_size < 10 or self.window_size < 10:
+            raise ValueError("ref_size and window_size must be >= 10")
+        if self.min_current is not None and not 2 <= self.min_current <= self.window_size:
+            raise ValueError("min_current must be in [2, window_size]")
+        if self.test_every < 1:
+            raise ValueError("test_every must be >= 1")
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+        if self.max_keys < 1:
+            raise ValueError("max_keys must be >= 1")
+
+    @property
+    def min_cur(self) -> int:
+        return self.min_current if self.min_current is not None else self.window_size
+
+
+@dataclass(slots=True)
+class KeyField:
+    """One key and field: numbering, reference, current window, detector."""
+
+    key: Key
+    field: str
+    seq: int = 0
+    version: int = 0
+    mode: str = ""
+    #: the reference's values (floats, or labels for a categorical field); None: collecting
+    ref: list[Any] | None = None
+    ref_seq: tuple[int, int] = (0, 0)
+    ref_ms: tuple[int, int] = (0, 0)
+    control_id: str = ""
+    collect_from: int = 0
+    #: (value, ts_ms) from seq - len(cur) to seq - 1: the current window, or the reference
+    #: being collected while ``ref`` is None
+    cur: deque[tuple[Any, int]] = dc_field(default_factory=deque)
+    detector: Any = None
+    dirty: bool = False
+
+
+# --------------------------------------------------------------------------- explanations
+
+
+def _num(v: float) -> str:
+    """A value as explanations show it: ``1,020``, ``212``, ``0.35``, ``0.00123``."""
+    if not math.isfinite(v):
+        return str(v)
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.3g}"
+
+
+def _pct(s: float) -> str:
+    return f"{100 * s:.0f}%" if s >= 0.1 or s == 0 else f"{100 * s:.1g}%"
+
+
+def describe_shift(field: str, ref: Sequence[Any], cur: Sequence[Any]) -> dict[str, Any]:
+    """Which quantiles (or category shares) moved and by how much: the explanation's
+    ``quantiles`` (p50, p95, p99: [reference, current]) and ``mean``, or ``shares`` for a
+    categorical field (the summary names the two that moved most by their two-proportion z),
+    and its one-line ``summary``."""
+    if field in CATEGORICAL_FIELDS:
+        rc, cc = Counter(ref), Counter(cur)
+        r_n, c_n = max(len(ref), 1), max(len(cur), 1)
+        shares = {c: [rc[c] / r_n, cc[c] / c_n] for c in sorted(set(rc) | set(cc))}
+        moved = sorted(shares, key=lambda c: (-abs(share_z(shares[c][0], shares[c][1], r_n, c_n)), c))[:2]
+        parts = [f"{c or '(none)'} {_pct(shares[c][0])} -> {_pct(shares[c][1])}" for c in moved]
+        return {"shares": {c: [round(a, 6), round(b, 6)] for c, (a, b) in shares.items()},
+                "summary": f"{field}=" + ", ".join(parts)}
+    rs = np.sort(np.asarray(ref, dtype=np.float64))
+    cs = np.sort(np.asarray(cur, dtype=np.float64))
+    return _describe_sorted(field, rs, cs)
+
+
+_QS = (0.5, 0.95, 0.99)
+
+
+def _describe_sorted(field: str, rs: np.ndarray, cs: np.ndarray) -> dict[str, Any]:
+    r, c = sorted_quantiles(rs, _QS), sorted_quantiles(cs, _QS)
+    quant = {f"p{round(q * 100)}": [a, b] for q, a, b in zip(_QS, r, c, strict=True)}
+    rm, cm = float(rs.mean()), float(cs.mean())
+    summary = (f"{field} p50 {_num(r[0])} -> {_num(c[0])}, p95 {_num(r[1])} -> {_num(c[1])}, "
+               f"mean {_num(rm)} -> {_num(cm)}")
+    return {"quantiles": quant, "mean": [rm, cm], "summary": summary}
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def _key_params(key: Key, fld: str) -> dict[str, Any]:
+    return {"app": key[0], "model": key[1], "pv": key[2], "field": fld}
+
+
+_KEY_WHERE = ("app = {app:String} AND model = {model:String} AND prompt_version = {pv:String} "
+              "AND field = {field:String}")
+
+
+class NumericEngine:
+    """Per key-field state, references and tests (pure but for ``query``, run on one
+    thread). :meth:`process` and :meth:`apply` return the rows to write; it writes nothing."""
+
+    def __init__(self, cfg: NumericDriftConfig, query: Query | None = None, database: str = "driftline") -> None:
+        self.cfg = cfg
+        self.query = query
+        self.db = database
+        #: per key-field; dict order is the eviction order (least recently seen first)
+        self.state: dict[tuple[Key, str], KeyField] = {}
+        self.tests_run = 0
+        self.references_made = 0
+        self.loaded = 0
+        self.evicted = 0
+        #: state rows of dirty key-fields evicted (written with the next process/apply rows)
+        self.pending_rows: list[dict[str, Any]] = []
+        #: keys with a reference on some field (the K of the calibration)
+        self._ref_keys: dict[Key, int] = {}
+
+    # -- state rows -------------------------------------------------------------------
+    def state_row(self, kf: KeyField, now_ms: int) -> dict[str, Any]:
+        """The ``numeric_drift_state`` row of ``kf`` (its whole state)."""
+        cat = kf.field in CATEGORICAL_FIELDS
+        ref = kf.ref or []
+        vals = [v for v, _ in kf.cur]
+        return {"app": kf.key[0], "model": kf.key[1], "prompt_version": kf.key[2], "field": kf.field,
+                "version": kf.version, "mode": kf.mode, "seq": kf.seq, "collect_from": kf.collect_from,
+                "ref_seq_from": kf.ref_seq[0], "ref_seq_to": kf.ref_seq[1],
+                "ref_from_ms": kf.ref_ms[0], "ref_to_ms": kf.ref_ms[1], "has_ref": int(kf.ref is not None),
+                "ref_values": [] if cat else [float(v) for v in ref],
+                "ref_labels": [str(v) for v in ref] if cat else [],
+                "cur_values": [] if cat else [float(v) for v in vals],
+                "cur_labels": [str(v) for v in vals] if cat else [],
+                "cur_ts": [int(t) for _, t in kf.cur], "control_id": kf.control_id,
+                "row_version": (kf.version << 40) + kf.seq, "updated_at": ms_to_dt(now_ms)}
+
+    def from_row(self, key: Key, fld: str, row: Mapping[str, Any]) -> KeyField:
+        """The key-field a :meth:`state_row` describes."""
+        cat = fld in CATEGORICAL_FIELDS
+        kf = KeyField(key, fld, seq=int(row["seq"]), version=int(row["version"]), mode=str(row["mode"]),
+                      collect_from=int(row["collect_from"]), control_id=str(row["control_id"]))
+        if row["has_ref"]:
+            kf.ref = list(row["ref_labels"] if cat else row["ref_values"])
+            kf.ref_seq = (int(row["ref_seq_from"]), int(row["ref_seq_to"]))
+            kf.ref_ms = (int(row["ref_from_ms"]), int(row["ref_to_ms"]))
+            self._ref_keys[key] = self._ref_keys.get(key, 0) + 1
+        vals = list(row["cur_labels"] if cat else row["cur_values"])
+        kf.cur = deque(zip(vals, (int(t) for t in row["cur_ts"]), strict=True), maxlen=self._maxlen(kf))
+        return kf
+
+    def _maxlen(self, kf: KeyField) -> int:
+        return self.cfg.window_size if kf.ref is not None else self.cfg.ref_size
+
+    def _load(self, key: Key, fld: str) -> KeyField:
+        if self.query is not None:
+            cols = ", ".join(NUMERIC_STATE_COLUMNS)
+            rows = self.query("SELECT " + cols + " FROM {db:Identifier}.numeric_drift_state FINAL WHERE "
+                              + _KEY_WHERE + " LIMIT 1", {**_key_params(key, fld), "db": self.db})
+            if rows:
+                self.loaded += 1
+                kf = self.from_row(key, fld, dict(zip(NUMERIC_STATE_COLUMNS, rows[0], strict=True)))
+                log.info("numeric drift: reloaded %s/%s/%s %s: reference v%d %s, %d values in the window",
+                         *key, fld, kf.version, "held" if kf.ref is not None else "collecting", len(kf.cur))
+                return kf
+        kf = KeyField(key, fld)
+        kf.cur = deque(maxlen=self.cfg.ref_size)
+        return kf
+
+    def get(self, key: Key, fld: str) -> KeyField:
+        """The key-field's state (loaded when not held), now the most recent."""
+        kf = self.state.pop((key, fld), None)
+        if kf is None:
+            kf = self._load(key, fld)
+        self.state[(key, fld)] = kf
+        extra = len(self.state) - self.cfg.max_keys
+        if extra > 0:
+            for k in list(self.state)[:extra]:
+                old = self.state.pop(k)
+                if old.dirty:  # its state is written before it goes: reloaded when seen again
+                    self.pending_rows.append(self.state_row(old, int(time.time() * 1000)))
+                self._forget(old)
+            self.evicted += extra
+        return kf
+
+    def _forget(self, kf: KeyField) -> None:
+        if kf.ref is not None:
+            n = self._ref_keys.get(kf.key, 0) - 1
+            if n > 0:
+                self._ref_keys[kf.key] = n
+            else:
+                self._ref_keys.pop(kf.key, None)
+
+    def clear(self) -> None:
+        """Drop every key-field (a revocation: the next owner loads them)."""
+        self.state.clear()
+        self._ref_keys.clear()
+
+    def dirty_rows(self, now_ms: int) -> list[dict[str, Any]]:
+        """The state rows of the key-fields changed since their last row (then clean)."""
+        out = []
+        for kf in self.state.values():
+            if kf.dirty:
+                out.append(self.state_row(kf, now_ms))
+                kf.dirty = False
+        return out
+
+    # -- the stream -------------------------------------------------------------------
+    def add(self, kf: KeyField, values: Sequence[Any], ts_ms: Sequence[int],
+            out: list[tuple[KeyField, DriftResult]]) -> bool:
+        """A key-field's next values, in order: numbered; collected into a reference, or put in
+        the window and tested at each test position they reach. True when a reference was
+        made or a test ran (the state row is then written)."""
+        n = len(values)
+        i = 0
+        changed = False
+        cfg = self.cfg
+        while i < n:
+            if kf.ref is None:
+                if kf.seq < kf.collect_from:  # values before a reset's point (a reloaded state)
+                    k = min(n - i, kf.collect_from - kf.seq)
+                    kf.seq += k
+                    i += k
+                    continue
+                k = min(n - i, cfg.ref_size - len(kf.cur))
+                kf.cur.extend(zip(values[i:i + k], ts_ms[i:i + k], strict=True))
+                kf.seq += k
+                i += k
+                if len(kf.cur) >= cfg.ref_size:
+                    self._make_ref(kf, list(kf.cur), "first_n", kf.seq - len(kf.cur), kf.seq, "")
+                    changed = True
+                continue
+            # values after the reference: the next test is at position p (1-based) with
+            # p >= min_cur and (p - min_cur) % test_every == 0
+            pos = kf.seq - kf.ref_seq[1]  # values after the reference so far
+            mc, te = cfg.min_cur, cfg.test_every
+            nxt = mc if pos < mc else pos + (te - (pos - mc) % te if (pos - mc) % te else te)
+            k = min(n - i, nxt - pos)
+            kf.cur.extend(zip(values[i:i + k], ts_ms[i:i + k], strict=True))
+            kf.seq += k
+            i += k
+            if kf.seq - kf.ref_seq[1] == nxt:
+                out.append((kf, self._test(kf)))
+                # the state row: once per window_size values (each ~8 KB; the stop and a
+                # revocation write every changed one)
+                changed = changed or (nxt - mc) % cfg.window_size == 0
+        if n:
+            kf.dirty = True
+        return changed
+
+    def process(self, keys: Sequence[Key], ts_ms: Sequence[int],
+                values: Mapping[str, Sequence[Any]]) -> tuple[list[dict[str, Any]],
+                                                              list[tuple[KeyField, DriftResult]]]:
+        """One batch in Kafka order: ``keys[i]`` and ``ts_ms[i]`` of event ``i``, ``values[field][i]``
+        its value (NaN or None: none). Returns (state rows to write, [(key-field, result)])."""
+        results: list[tuple[KeyField, DriftResult]] = []
+        touched: list[KeyField] = []
+        by_key: dict[Key, list[int]] = {}
+        for i, k in enumerate(keys):
+            by_key.setdefault(k, []).append(i)
+        ts = np.asarray(ts_ms, dtype=np.int64)
+        for fld in self.cfg.fields:
+            col = values.get(fld)
+            if col is None:
+                continue
+            cat = fld in CATEGORICAL_FIELDS
+            arr = np.asarray(col, dtype=object if cat else np.float64)
+            for key, idx in by_key.items():
+                sel = np.asarray(idx)
+                v = arr[sel]
+                ok = (v != None) if cat else np.isfinite(v)  # noqa: E711 - element-wise
+                if not ok.all():
+                    sel, v = sel[ok], v[ok]
+                if not len(v):
+                    continue
+                kf = self.get(key, fld)
+                if self.add(kf, v.tolist(), ts[sel].tolist(), results):
+                    touched.append(kf)
+        now_ms = int(time.time() * 1000)
+        seen: set[int] = set()
+        rows, self.pending_rows = self.pending_rows, []
+        for kf in touched:
+            if id(kf) not in seen:
+                seen.add(id(kf))
+                rows.append(self.state_row(kf, now_ms))
+                kf.dirty = False
+        return rows, results
+
+
+    def _make_ref(self, kf: KeyField, pairs: list[tuple[Any, int]], mode: str, seq_from: int, seq_to: int,
+                  control_id: str) -> None:
+        if kf.ref is None:
+            self._ref_keys[kf.key] = self._ref_keys.get(kf.key, 0) + 1
+        kf.version += 1
+        kf.mode = mode
+        kf.ref = [v for v, _ in pairs]
+        kf.ref_seq = (seq_from, seq_to)
+        ts = [t for _, t in pairs]
+        kf.ref_ms = (min(ts), max(ts)) if ts else (0, 0)
+        kf.control_id = control_id
+        kf.cur = deque(maxlen=self.cfg.window_size)
+        kf.detector = None
+        kf.dirty = True
+        self.references_made += 1
+        log.info("numeric drift: reference v%d (%s) of %s/%s/%s %s: %d values", kf.version, mode, *kf.key,
+                 kf.field, len(kf.ref))
+
+    def _test(self, kf: KeyField) -> DriftResult:
+        """The window against the reference: KS (numeric) or the G-test (finish reason), decided
+        at ``alpha / (keys x fields x 1)``, with the quantiles or shares that moved."""
+        assert kf.ref is not None
+        cfg = self.cfg
+        n_keys = len(self._ref_keys)
+        a_test = per_test_alpha(cfg.alpha, n_keys, len(cfg.fields), 1)
+        cur = [v for v, _ in kf.cur]
+        if kf.field in CATEGORICAL_FIELDS:
+            if kf.detector is None:
+                kf.detector = CategoryMixDrift().fit(kf.ref)
+            r = kf.detector.score(cur)
+            expl = dict(r.explanation)
+            expl.update(describe_shift(kf.field, kf.ref, cur))
+            stat, p, method, n_ref = r.statistic, r.p_value if r.p_value is not None else 1.0, r.method, r.n_ref
+        else:
+            if kf.detector is None:  # the sorted reference
+                kf.detector = np.sort(np.asarray(kf.ref, dtype=np.float64))
+            cs = np.sort(np.asarray(cur, dtype=np.float64))
+            ks = ks_sorted(kf.detector, cs)
+            stat, p, method, n_ref = ks.statistic, ks.p_value, "ks", len(kf.ref)
+            expl = {"location": ks.location, "sign": ks.sign, "p_value_method": "asymptotic (Kolmogorov)",
+                    **_describe_sorted(kf.field, kf.detector, cs)}
+        ts = [t for _, t in kf.cur]
+        expl.update({
+            "rule": "drifted = p_value < threshold (threshold = alpha / (keys x fields x methods))",
+            "alpha_family": cfg.alpha, "alpha_test": a_test, "correction": "bonferroni",
+            "family": {"keys": n_keys, "fields": len(cfg.fields), "methods": 1},
+            "reference": {"version": kf.version, "mode": kf.mode, "n": len(kf.ref), "seq_from": kf.ref_seq[0],
+                          "seq_to": kf.ref_seq[1], "from_ms": kf.ref_ms[0], "to_ms": kf.ref_ms[1]},
+            "window": {"seq_from": kf.seq - len(cur), "seq_to": kf.seq, "from_ms": min(ts), "to_ms": max(ts)},
+        })
+        self.tests_run += 1
+        return DriftResult(method=method, statistic=float(stat), p_value=float(p), threshold=a_test,
+                           drifted=bool(p < a_test), n_ref=n_ref, n_cur=len(cur), explanation=expl)
+
+
+    # -- baseline commands --------------------------------------------------------------
+    def matching(self, cmd: Mapping[str, Any]) -> list[tuple[Key, str]]:
+        """The key-fields a command's filters select: held ones and those in ``numeric_drift_state``."""
+        given = {c: str(cmd[c]) for c in _COMMAND_FILTERS if cmd.get(c) is not None}
+        keys: set[tuple[Key, str]] = {k for k in self.state if all(
+            given.get(c, v) == v for c, v in zip(_COMMAND_FILTERS, (*k[0], k[1]), strict=True))}
+        if self.query is not None:
+            where = " AND ".join(f"{c} = {{{c}:String}}" for c in given) or "1"
+            rows = self.query("SELECT DISTINCT app, model, prompt_version, field FROM "
+                              "{db:Identifier}.numeric_drift_state WHERE " + where, {**given, "db": self.db})
+            keys |= {((a, m, p), f) for a, m, p, f in rows}
+        return sorted(k for k in keys if k[1] in self.cfg.fields)
+
+    def _command_values(self, kf: KeyField, f_ms: Any, t_ms: Any) -> list[tuple[Any, int]]:
+        """The values a rebase or pin makes its reference of, from ``llm_events``: the latest
+        ``ref_size``, or ``ref_size`` evenly spread over ``[f_ms, t_ms)`` (in Kafka order)."""
+        if self.query is None:
+            return list(kf.cur)[-self.cfg.ref_size:] if kf.ref is not None or f_ms is None else []
+        fld = kf.field
+        sql = ("SELECT " + _SQL_VALUE[fld] + ", toUnixTimestamp64Milli(timestamp) FROM {db:Identifier}.llm_events "
+               "FINAL WHERE app = {app:String} AND model = {model:String} AND prompt_version = {pv:String} AND "
+               + _SQL_PRESENT[fld])
+        params: dict[str, Any] = {**_key_params(kf.key, fld), "db": self.db}
+        if f_ms is None and t_ms is None:
+            rows = self.query(sql + " ORDER BY timestamp DESC, source_partition DESC, source_offset DESC "
+                              "LIMIT {n:UInt64}", {**params, "n": self.cfg.ref_size})
+            rows = list(reversed(rows))
+        else:
+            rows = self.query(sql + " AND timestamp >= fromUnixTimestamp64Milli({f:Int64}) AND timestamp < "
+                              "fromUnixTimestamp64Milli({t:Int64}) ORDER BY timestamp, source_partition, "
+                              "source_offset", {**params, "f": int(f_ms or 0), "t": int(t_ms or 2**42)})
+            if len(rows) > self.cfg.ref_size:
+                pick = np.linspace(0, len(rows) - 1, self.cfg.ref_size).round().astype(int)
+                rows = [rows[i] for i in pick]
+        return [(r[0] if fld in CATEGORICAL_FIELDS else float(r[0]), int(r[1])) for r in rows]
+
+    def apply(self, cmd: Mapping[str, Any], control_id: str) -> list[dict[str, Any]]:
+        """Apply a ``baseline`` rebase / pin / reset to every matching key-field; returns
+        the state rows to write."""
+        action = cmd.get("action")
+        if action not in ("rebase", "pin", "reset"):
+            return []
+        now_ms = int(time.time() * 1000)
+        out = []
+        for key, fld in self.matching(cmd):
+            kf = self.get(key, fld)
+            if action == "reset":
+                if kf.ref is not None:
+                    self._forget(kf)
+                kf.version += 1
+                kf.mode, kf.ref, kf.detector, kf.control_id = "reset", None, None, control_id
+                kf.collect_from = kf.seq
+                kf.cur = deque(maxlen=self.cfg.ref_size)
+            else:
+                pairs = self._command_values(kf, cmd.get("from_ms"), cmd.get("to_ms"))
+                if len(pairs) < 10:
+                    log.warning("numeric drift: %s of %s/%s/%s %s skipped: %d values in the range", action, *key,
+                                fld, len(pairs))
+                    continue
+                self._make_ref(kf, pairs, "pinned" if action == "pin" else "rebase", kf.seq, kf.seq, control_id)
+            out.append(self.state_row(kf, now_ms))
+            kf.dirty = False
+        out, self.pending_rows = self.pending_rows + out, []
+        return out
+
+
+# --------------------------------------------------------------------------- column access
+
+
+def _take(events: Any, name: str, rows: np.ndarray) -> list[Any] | None:
+    """Column ``name`` of a stored batch at ``rows`` as Python values (None: no such column)."""
+    table = getattr(events, "table", None)
+    if table is not None:
+        if name not in table.column_names:
+            return None
+        out: list[Any] = table.column(name).take(rows).to_pylist()
+        return out
+    col = events.get(name)
+    if col is None:
+        return None
+    return [col[i] for i in rows.tolist()]
+
+
+def _floats(events: Any, name: str, rows: np.ndarray) -> np.ndarray | None:
+    """A numeric column at ``rows`` as float64 (NaN where null)."""
+    table = getattr(events, "table", None)
+    if table is not None:
+        if name not in table.column_names:
+            return None
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        arr = pc.cast(table.column(name).take(rows), pa.float64()).to_numpy(zero_copy_only=False)
+        return np.asarray(arr, dtype=np.float64)
+    col = events.get(name)
+    if col is None:
+        return None
+    arr = np.asarray(col, dtype=object)[rows] if len(rows) else np.empty(0, dtype=object)
+    return np.asarray([math.nan if v is None else float(v) for v in arr], dtype=np.float64)
+
+
+def batch_values(events: Any, rows: np.ndarray, fields: Sequence[str]) -> tuple[
+        list[Key], list[int], dict[str, Sequence[Any]]]:
+    """The keys, times and per-field values of a stored batch's ``rows`` (in that order)."""
+    apps, models, pvs = (_take(events, c, rows) or [] for c in ("app", "model", "prompt_version"))
+    keys = [(a, m, p or "") for a, m, p in zip(apps, models, pvs, strict=True)]
+    ts = _take(events, "timestamp", rows) or []
+    ts_ms = [int(t.timestamp() * 1000) if hasattr(t, "timestamp") else int(t) for t in ts]
+    vals: dict[str, Sequence[Any]] = {}
+    for f in fields:
+        if f in CATEGORICAL_FIELDS:
+            fr = _take(events, "finish_reasons", rows)
+            if fr is not None:
+                vals[f] = [str(x[0]) if x else "" for x in fr]
+        else:
+            col = _floats(events, f, rows)
+            if col is not None:
+                vals[f] = col.tolist()
+    return keys, ts_ms, vals
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+class NumericDriftStage:
+    """The worker stage (``name = "numeric_drift"``); ``NumericDriftStage.factory(cfg)`` for the wiring."""
+
+    name = "numeric_drift"
+    tables = ("drift_scores", "numeric_drift_state", "drift_control_log")
+
+    def __init__(self, cfg: NumericDriftConfig | None = None, registry: Any = None) -> None:
+        self.cfg = cfg or NumericDriftConfig()
+        self.engine: NumericEngine | None = None
+        self._ports: StagePorts | None = None
+        #: called with every test result (alert rules of kind ``drift``): linked by the wiring
+        self.observers: list[Callable[[DriftObservation], None]] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="numeric-drift")
+        self._inbox: list[tuple[Any, np.ndarray]] = []
+        self._inbox_rows = 0
+        self._controls: list[tuple[dict[str, Any], str, ControlRecord]] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._applied_ids: set[str] = set()
+        self._ids_loaded = False
+        self._early: list[ControlRecord] = []
+        self._gen = 0
+        self.stored_scores = 0
+        self.controls_applied = 0
+        #: rows dropped because the inbox was full while the thread was busy
+        self.inbox_dropped = 0
+        #: CPU seconds spent in on_stored (the hot path), for the benchmark
+        self.hot_cpu_s = 0.0
+
+    @classmethod
+    def factory(cls, cfg: NumericDriftConfig | None = None) -> Any:
+        return lambda registry: cls(cfg, registry)
+
+    def add_observer(self, fn: Callable[[DriftObservation], None]) -> None:
+        self.observers.append(fn)
+
+    async def start(self, ports: StagePorts) -> None:
+        self._ports = ports
+        tables = ports.tables
+        self.engine = NumericEngine(self.cfg, tables.query, tables.database)
+        if self.cfg.control_topic:
+            try:
+                done = await tables.aquery("SELECT DISTINCT control_id FROM {db:Identifier}.drift_control_log "
+                                           "WHERE startsWith(control_id, 'numeric:')", {"db": tables.database})
+                self._applied_ids = {str(r[0])[len("numeric:"):] for r in done}
+            except Exception as exc:  # noqa: BLE001 - commands then wait until the next start
+                log.warning("numeric drift: reading drift_control_log failed (%s); baseline commands ignored "
+                            "until the next start", exc)
+            else:
+                self._ids_loaded = True
+        self._task = asyncio.create_task(self._loop(), name="driftline-numeric-drift")
+        log.info("numeric drift stage: fields %s, reference %d, window %d, every %d, alpha %.3g",
+                 ",".join(self.cfg.fields), self.cfg.ref_size, self.cfg.window_size, self.cfg.test_every,
+                 self.cfg.alpha)
+        early, self._early = self._early, []
+        for rec in early:
+            self.on_command(rec)
+
+    # -- input (event loop, cheap) -------------------------------------------------------
+    def on_stored(self, batch: Any) -> None:
+        """Queue the stored batch's rows (sampled by ``event_id`` below rate 1) for the thread."""
+        t0 = time.thread_time()
+        ev = batch.events
+        if not ev or self.engine is None:
+            return
+        n = getattr(ev, "num_rows", None)
+        if n is None:
+            n = len(ev["event_id"])
+        if self.cfg.sample_rate < 1.0:
+            rows = np.flatnonzero(sample_mask(ev["event_id"], self.cfg.sample_rate, self.cfg.sample_salt))
+        else:
+            rows = np.arange(n)
+        if len(rows):
+            self._inbox.append((ev, rows))
+            self._inbox_rows += len(rows)
+            while self._inbox_rows > _MAX_INBOX_ROWS and len(self._inbox) > 1:
+                _, old = self._inbox.pop(0)
+                self._inbox_rows -= len(old)
+                self.inbox_dropped += len(old)
+            self._idle.clear()
+            self._wake.set()
+        self.hot_cpu_s += time.thread_time() - t0
+
+    # -- the loop -------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            if not self._inbox and not self._controls:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                if self._inbox:
+                    await self._process_inbox()
+                while self._controls:
+                    await self._apply_control(*self._controls.pop(0))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a failure here never stops the stream
+                log.exception("numeric drift: processing a batch failed")
+                if self._ports is not None:
+                    self._ports.metrics.stage_errors[self.name] += 1
+
+    def _work(self, work: list[tuple[Any, np.ndarray]]) -> tuple[list[dict[str, Any]],
+                                                                 list[tuple[KeyField, DriftResult]]]:
+        from driftline.streams.stages.semantic_drift import kafka_order
+
+        assert self.engine is not None
+        rows_out: list[dict[str, Any]] = []
+        results: list[tuple[KeyField, DriftResult]] = []
+        for ev, rows in work:
+            keys, ts, vals = batch_values(ev, kafka_order(ev, rows), self.cfg.fields)
+            r, res = self.engine.process(keys, ts, vals)
+            rows_out.extend(r)
+            results.extend(res)
+        return rows_out, results
+
+    async def _process_inbox(self) -> None:
+        work, self._inbox, self._inbox_rows = self._inbox, [], 0
+        gen = self._gen
+        rows, results = await asyncio.get_running_loop().run_in_executor(self._pool, self._work, work)
+        if gen != self._gen:
+            return
+        await self._write(rows, results)
+
+    async def _write(self, state_rows: list[dict[str, Any]], results: list[tuple[KeyField, DriftResult]]) -> None:
+        assert self._ports is not None
+        sink = self._ports.tables
+        if results:
+            out = []
+            for kf, r in results:
+                row = r.to_row()
+                row.update(ts=ms_to_dt(r.explanation["window"]["to_ms"]), app=kf.key[0], model=kf.key[1],
+                           prompt_version=kf.key[2], field=kf.field)
+                out.append(row)
+            await sink.insert_rows("drift_scores", out, SCORE_COLUMNS)
+            self.stored_scores += len(out)
+        if state_rows:
+            await sink.insert_rows("numeric_drift_state", state_rows, NUMERIC_STATE_COLUMNS)
+        if results:
+            self._publish(results)
+
+    def _publish(self, results: list[tuple[KeyField, DriftResult]]) -> None:
+        from driftline.schemas.rules import DriftObservation
+
+        assert self._ports is not None
+        metrics = self._ports.metrics
+        for kf, r in results:
+            a, m, p = kf.key
+            metrics.observe_drift(a, m, p, kf.field, r.method, r.statistic, r.p_value, r.drifted)
+            obs = DriftObservation(ts_ms=int(r.explanation["window"]["to_ms"]), app=a, model=m, prompt_version=p,
+                                   field=kf.field, method=r.method, statistic=float(r.statistic),
+                                   p_value=r.p_value, drifted=r.drifted)
+            for f in self.observers:
+                try:
+                    f(obs)
+                except Exception:  # noqa: BLE001
+                    log.exception("numeric drift: observe_drift of a stage failed")
+
+    # -- commands ---------------------------------------------------------------------------
+    def on_command(self, rec: ControlRecord) -> bool:
+        """A ``baseline`` command (the control consumer calls this for every one, from the
+        topic's start): one that passes the signature check and was not applied before is
+        queued for the loop. Returns True when queued."""
+        from driftline.streams.ingest.control_auth import admit
+
+        cmd = rec.cmd
+        if cmd.get("cmd") != "baseline" or cmd.get("action") not in ("rebase", "pin", "reset"):
+            return False
+        if cmd.get("field") is not None and cmd.get("field") not in self.cfg.fields:
+            return False
+        if not self._ids_loaded:
+            if self._ports is None and len(self._early) < 10_000:
+                self._early.append(rec)
+            return False
+        cid = str(cmd.get("id") or f"{rec.topic}:{rec.partition}:{rec.offset}:{rec.timestamp}")
+        if cid in self._applied_ids:
+            return False
+        assert self._ports is not None
+        auth = self._ports.control
+        if not admit(cmd, auth.secret, self._ports.metrics.control_refused, max_age_s=auth.max_age_s,
+                     where="numeric_drift"):
+            return False
+        self._applied_ids.add(cid)
+        self._controls.append((dict(cmd), cid, rec))
+        self._idle.clear()
+        self._wake.set()
+        return True
+
+    async def _apply_control(self, cmd: dict[str, Any], cid: str, rec: ControlRecord) -> None:
+        assert self.engine is not None and self._ports is not None
+        rows = await asyncio.get_running_loop().run_in_executor(self._pool, self.engine.apply, cmd, cid)
+        await self._write(rows, [])
+        log_row = {"control_id": f"numeric:{cid}", "applied_at": ms_to_dt(int(self._ports.clock() * 1000)),
+                   "action": f"numeric_{cmd.get('action')}", "command": json.dumps(cmd, sort_keys=True),
+                   "n_references": len(rows), "topic": rec.topic, "partition": rec.partition,
+                   "offset": rec.offset}
+        await self._ports.tables.insert_rows("drift_control_log", [log_row], CONTROL_LOG_COLUMNS)
+        self.controls_applied += 1
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every queued batch is tested and written and every queued command applied."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _flush_state(self) -> None:
+        """Write the state of every key-field changed since its last row."""
+        if self.engine is None or self._ports is None:
+            return
+        engine = self.engine
+        rows = await asyncio.get_running_loop().run_in_executor(
+            self._pool, lambda: engine.dirty_rows(int(time.time() * 1000)))
+        await self._write(rows, [])
+
+    async def on_revoked(self) -> None:
+        """The partitions go: drain, write the changed state, drop the keys (the next owner loads them)."""
+        if self.engine is None:
+            return
+        await self.drain(self.cfg.drain_timeout_s)
+        await self._flush_state()
+        self._gen += 1
+        await asyncio.get_running_loop().run_in_executor(self._pool, self.engine.clear)
+
+    async def stop(self) -> None:
+        if self.engine is not None:
+            if not await self.drain(self.cfg.drain_timeout_s):
+                log.warning("numeric drift: stopped before every batch was tested")
+            with contextlib.suppress(Exception):
+                await self._flush_state()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        self._pool.shutdown(wait=True)
