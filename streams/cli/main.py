@@ -355,6 +355,7 @@ def worker(
     numeric_window: Annotated[int, typer.Option(help="Numeric drift: values in the sliding current window (also the values before the first test).")] = 500,
     numeric_test_every: Annotated[int, typer.Option(help="Numeric drift: values between tests per key and field.")] = 100,
     numeric_alpha: Annotated[float, typer.Option(help="Numeric drift: family-wise false-alarm level per test round (Bonferroni over keys x fields).")] = 0.05,
+    numeric_sample_rate: Annotated[float, typer.Option(help="Numeric drift: share of events whose values are tested (hash of event_id, as --sample-rate). The stage's thread costs about 35 CPU-µs per event taken (benchmarks/bench_numeric_drift.py): lower it on a worker near its CPU limit.")] = 1.0,
 ) -> None:
     """Run the stream processor: Kafka -> windows, cost, guardrails, drift -> ClickHouse, /metrics, alerts."""
     from driftline.streams.app import run_worker
@@ -405,7 +406,8 @@ def worker(
         from driftline.streams.stages.numeric_drift import NumericDriftConfig
 
         ncfg = NumericDriftConfig(ref_size=numeric_ref_size, window_size=numeric_window,
-                                  test_every=numeric_test_every, alpha=numeric_alpha) if numeric_drift else None
+                                  test_every=numeric_test_every, alpha=numeric_alpha,
+                                  sample_rate=numeric_sample_rate) if numeric_drift else None
         from driftline.streams.local.sql_endpoint import EndpointLimits, EndpointOptions
 
         sql_opts = EndpointOptions(host=sql_bind, password_file=sql_password_file, allow_writes=sql_allow_writes,

@@ -444,7 +444,8 @@ class NumericEngine:
         cfg = self.cfg
         n_keys = len(self._ref_keys)
         a_test = per_test_alpha(cfg.alpha, n_keys, len(cfg.fields), 1)
-        cur = [v for v, _ in kf.cur]
+        cur_t, ts = zip(*kf.cur, strict=True)  # the values and times of the window
+        cur = list(cur_t)
         if kf.field in CATEGORICAL_FIELDS:
             if kf.detector is None:
                 kf.detector = CategoryMixDrift().fit(kf.ref)
@@ -460,7 +461,6 @@ class NumericEngine:
             stat, p, method, n_ref = ks.statistic, ks.p_value, "ks", len(kf.ref)
             expl = {"location": ks.location, "sign": ks.sign, "p_value_method": "asymptotic (Kolmogorov)",
                     **_describe_sorted(kf.field, kf.detector, cs)}
-        ts = [t for _, t in kf.cur]
         expl.update({
             "rule": "drifted = p_value < threshold (threshold = alpha / (keys x fields x methods))",
             "alpha_family": cfg.alpha, "alpha_test": a_test, "correction": "bonferroni",

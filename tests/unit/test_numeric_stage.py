@@ -275,7 +275,12 @@ def test_the_stage_writes_scores_state_and_observations_and_applies_a_command_on
 def test_the_wiring_links_numeric_drift_to_alerting_and_the_control_topic() -> None:
     # Catches: numeric results never reaching the drift rules (no observer), or baseline
     # commands never reaching the stage (no control subscription).
-    from driftline.streams.wiring import AlertingOptions, build_worker, control_subscriptions, stage_factories
+    from driftline.streams.wiring import (
+        AlertingOptions,
+        build_worker,
+        control_subscriptions,
+        stage_factories,
+    )
     from driftline.streams.worker import WorkerConfig
 
     cfg = WorkerConfig(kafka="127.0.0.1:9092", clickhouse="chdb:///tmp/pt-wiring-unused")
@@ -286,3 +291,21 @@ def test_the_wiring_links_numeric_drift_to_alerting_and_the_control_topic() -> N
     assert w.ports_for(numeric).tables.tables == {"drift_scores", "numeric_drift_state", "drift_control_log"}
     subs = [s for s in control_subscriptions(w) if s.handler == numeric.on_command]
     assert [(s.topic, s.cmds, s.replay) for s in subs] == [("driftline.control", frozenset({"baseline"}), True)]
+
+
+def test_on_stored_takes_the_semantic_stages_sample_and_queues_only() -> None:
+    # Catches: a sample other than the event_id mask (not the same on every worker and
+    # restart), or tests run on the event loop (the engine is untouched until the loop runs).
+    from driftline.detectors.sampling import sample_mask
+
+    st = NumericDriftStage(NumericDriftConfig(sample_rate=0.3, sample_salt=5))
+    st.engine = NumericEngine(st.cfg)
+    ids = [f"ev-{i}" for i in range(1000)]
+
+    class Batch:
+        events = {"event_id": ids}
+
+    st.on_stored(Batch())
+    (ev, rows), = st._inbox
+    assert rows.tolist() == np.flatnonzero(sample_mask(ids, 0.3, 5)).tolist() and 200 < len(rows) < 400
+    assert st.engine.state == {} and st.engine.tests_run == 0
