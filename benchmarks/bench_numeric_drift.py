@@ -20,12 +20,15 @@ Reported per scenario over ``--seeds`` streams: the share of streams flagged on 
 shifted field after the shift within ``--max-delay`` events, the delay (events after
 the shift until the first flag: median, p90, max), and on the control streams the
 false alarms: the share of tests that flagged (to compare with the per-test level
-alpha / 8) and the share of streams with any flag over all their rounds. Then the CPU
+alpha / 8), the share of rounds (the 8 fields' tests at one position) with any flag (to
+compare with alpha, the family-wise level per round) and the share of streams with any
+flag over all their rounds. Then the CPU
 per event: the stage's hot path (``on_stored``, on the event loop) and its thread
 (columns -> values -> tests) on an Arrow batch as the worker stores it.
 
     python benchmarks/bench_numeric_drift.py                 # 200 seeds per scenario
     python benchmarks/bench_numeric_drift.py --seeds 40      # quicker
+    python benchmarks/bench_numeric_drift.py --scenarios control --alpha 0.005 --no-cpu
 
 tests/unit/test_numeric_stage.py runs the same functions on a few seeds.
 """
@@ -97,7 +100,7 @@ def scenario_stats(scenario: str, seeds: range, *, n: int, shift_at: int, max_de
                    cfg: NumericDriftConfig) -> dict[str, Any]:
     """Detection (shifted scenarios) or false alarms (control) over ``seeds``."""
     fld = SHIFTED[scenario]
-    delays, tests, flags, flagged_streams = [], 0, 0, 0
+    delays, tests, flags, flagged_streams, rounds, flagged_rounds = [], 0, 0, 0, 0, 0
     for seed in seeds:
         t = run(stream(seed, n, scenario, shift_at), cfg)
         if scenario == "control":
@@ -105,12 +108,18 @@ def scenario_stats(scenario: str, seeds: range, *, n: int, shift_at: int, max_de
             k = sum(1 for x in t if x[2])
             flags += k
             flagged_streams += k > 0
+            at = {i for i, _, _, _ in t}
+            rounds += len(at)
+            flagged_rounds += len({i for i, _, d, _ in t if d})
         else:
             i = first_flag(t, fld, shift_at)
             delays.append(None if i is None else i - shift_at)
     if scenario == "control":
         return {"streams": len(seeds), "tests": tests, "per_test_rate": flags / max(tests, 1),
-                "per_test_level": cfg.alpha / len(cfg.fields), "streams_with_a_flag": flagged_streams / len(seeds)}
+                "per_test_level": cfg.alpha / len(cfg.fields),
+                # a round: the tests of every field at one position; the family-wise level is per round
+                "rounds": rounds, "per_round_rate": flagged_rounds / max(rounds, 1), "per_round_level": cfg.alpha,
+                "streams_with_a_flag": flagged_streams / len(seeds)}
     hit = sorted(d for d in delays if d is not None and d <= max_delay)
     return {"streams": len(seeds), "detected": len(hit) / len(seeds),
             "delay_median": float(np.median(hit)) if hit else None,
@@ -164,17 +173,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shift-at", type=int, default=2000, help="the call the shift starts at")
     ap.add_argument("--max-delay", type=int, default=1000, help="calls after the shift a detection may take")
     ap.add_argument("--alpha", type=float, default=0.05, help="family-wise level per test round")
+    ap.add_argument("--scenarios", default="longer,ttft,length,control", help="comma-separated, of "
+                    + ", ".join(SHIFTED))
+    ap.add_argument("--no-cpu", action="store_true", help="skip the CPU measurement")
     a = ap.parse_args(argv)
     cfg = NumericDriftConfig(alpha=a.alpha)
     print(f"numeric drift: {a.seeds} streams x {a.events} calls per scenario, shift at {a.shift_at}, "
           f"reference {cfg.ref_size}, window {cfg.window_size}, test every {cfg.test_every}, alpha {cfg.alpha} "
           f"over 1 key x {len(cfg.fields)} fields (per test {cfg.alpha / len(cfg.fields):.4g})")
     t0 = time.perf_counter()
-    for sc in ("longer", "ttft", "length", "control"):
+    for sc in a.scenarios.split(","):
         st = scenario_stats(sc, range(a.seeds), n=a.events, shift_at=a.shift_at, max_delay=a.max_delay, cfg=cfg)
         print(f"  {sc:8s} {st}")
     print(f"  ({time.perf_counter() - t0:.1f} s)")
-    print(f"  cpu: {cpu_per_event()}")
+    if not a.no_cpu:
+        print(f"  cpu: {cpu_per_event()}")
     return 0
 
 
