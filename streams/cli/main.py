@@ -355,7 +355,7 @@ def worker(
     numeric_window: Annotated[int, typer.Option(help="Numeric drift: values in the sliding current window (also the values before the first test).")] = 500,
     numeric_test_every: Annotated[int, typer.Option(help="Numeric drift: values between tests per key and field.")] = 100,
     numeric_alpha: Annotated[float, typer.Option(help="Numeric drift: family-wise false-alarm level per test round (Bonferroni over keys x fields).")] = 0.05,
-    numeric_sample_rate: Annotated[float, typer.Option(help="Numeric drift: share of events whose values are tested (hash of event_id, as --sample-rate). The stage's thread costs about 35 CPU-µs per event taken (benchmarks/bench_numeric_drift.py): lower it on a worker near its CPU limit.")] = 1.0,
+    numeric_sample_rate: Annotated[float, typer.Option(help="Numeric drift: share of events whose values are tested (hash of event_id, as --sample-rate). The stage's thread costs 35-46 CPU-µs per event taken (benchmarks/bench_numeric_drift.py): lower it on a worker near its CPU limit.")] = 1.0,
 ) -> None:
     """Run the stream processor: Kafka -> windows, cost, guardrails, drift -> ClickHouse, /metrics, alerts."""
     from driftline.streams.app import run_worker

@@ -95,7 +95,8 @@ _SQL_VALUE = {**{f: f"toFloat64({f})" for f in NUMERIC_FIELDS},
               "finish_reason": "if(empty(finish_reasons), '', toString(finish_reasons[1]))"}
 _SQL_PRESENT = {**{f: f"{f} IS NOT NULL" for f in NUMERIC_FIELDS}, "finish_reason": "1"}
 _COMMAND_FILTERS = ("app", "model", "prompt_version", "field")
-#: batches' rows held for the thread at most; past it the oldest batch is dropped (counted)
+#: batches' rows held for the thread at most (their key, time, position and value columns
+#: only, ~100 B a row); past it the oldest batch is dropped (counted in inbox_dropped)
 _MAX_INBOX_ROWS = 500_000
 
 Key = tuple[str, str, str]
@@ -595,6 +596,22 @@ def batch_values(events: Any, rows: np.ndarray, fields: Sequence[str]) -> tuple[
     return keys, ts_ms, vals
 
 
+#: the columns the stage reads besides its fields' (the key, the time, the Kafka position)
+_BASE_COLUMNS = ("app", "model", "prompt_version", "timestamp", "source_topic", "source_partition",
+                 "source_offset")
+
+
+def _slim(events: Any, columns: Sequence[str]) -> Any:
+    """Only ``columns`` of a stored batch, for the inbox: over Arrow a zero-copy selection, so
+    the texts of the batch (most of its memory) are not held while it waits for the thread."""
+    table = getattr(events, "table", None)
+    if table is not None:
+        from driftline.streams.ingest.transforms import ArrowColumns
+
+        return ArrowColumns(table.select([c for c in columns if c in table.column_names]))
+    return {c: events[c] for c in columns if c in events}
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -628,6 +645,8 @@ class NumericDriftStage:
         self.inbox_dropped = 0
         #: CPU seconds spent in on_stored (the hot path), for the benchmark
         self.hot_cpu_s = 0.0
+        self._columns = (*_BASE_COLUMNS, *(("finish_reasons",) if CATEGORICAL_FIELDS[0] in self.cfg.fields else ()),
+                         *(f for f in self.cfg.fields if f in NUMERIC_FIELDS))
 
     @classmethod
     def factory(cls, cfg: NumericDriftConfig | None = None) -> Any:
@@ -673,7 +692,7 @@ class NumericDriftStage:
         else:
             rows = np.arange(n)
         if len(rows):
-            self._inbox.append((ev, rows))
+            self._inbox.append((_slim(ev, self._columns), rows))
             self._inbox_rows += len(rows)
             while self._inbox_rows > _MAX_INBOX_ROWS and len(self._inbox) > 1:
                 _, old = self._inbox.pop(0)
