@@ -303,8 +303,11 @@ class NumericEngine:
     def get(self, key: Key, fld: str) -> KeyField:
         """The key-field's state (loaded when not held), now the most recent."""
         kf = self.state.pop((key, fld), None)
-        if kf is None:
-            kf = self._load(key, fld)
+        if kf is None:  # evicted in this round (its row not written yet), else stored, else new
+            row = next((r for r in reversed(self.pending_rows) if (r["app"], r["model"], r["prompt_version"],
+                                                                   r["field"]) == (*key, fld)), None)
+            kf = self.from_row(key, fld, row) if row is not None else self._load(key, fld)
+            kf.dirty = kf.dirty or row is not None
         self.state[(key, fld)] = kf
         extra = len(self.state) - self.cfg.max_keys
         if extra > 0:

@@ -309,3 +309,22 @@ def test_on_stored_takes_the_semantic_stages_sample_and_queues_only() -> None:
     (ev, rows), = st._inbox
     assert rows.tolist() == np.flatnonzero(sample_mask(ids, 0.3, 5)).tolist() and 200 < len(rows) < 400
     assert st.engine.state == {} and st.engine.tests_run == 0
+
+
+def test_a_key_field_evicted_and_seen_again_comes_back_from_the_store(sink: Any) -> None:
+    # Catches: an evicted key-field's state not written (a fresh state when seen again:
+    # numbering and reference lost), written without its window, or read back from the
+    # store before the round's rows were written (ttft below).
+    cfg = NumericDriftConfig(fields=("latency_ms", "ttft_ms"), ref_size=10, window_size=10, max_keys=1)
+    eng = NumericEngine(cfg, TableWriter(sink, ()).query, "driftline")
+    key = ("a", "m", "v")
+    for s in range(0, 40, 5):  # each round: latency, then ttft evicts it; the stage writes the rows
+        rows, _ = eng.process([key] * 5, list(range(s, s + 5)),
+                              {"latency_ms": [float(i) for i in range(s, s + 5)], "ttft_ms": [1.0] * 5})
+        _write_state(sink, rows)
+    assert eng.evicted == 15 and eng.loaded == 9  # the others came back from rows not yet written
+    lat = eng.get(key, "latency_ms")
+    assert lat.seq == 40 and lat.ref == [float(i) for i in range(10)]
+    assert [v for v, _ in lat.cur] == [float(i) for i in range(30, 40)]
+    ttft = eng.get(key, "ttft_ms")  # evicted by latency's get and seen again in the same round
+    assert ttft.seq == 40 and ttft.ref == [1.0] * 10 and len(ttft.cur) == 10
