@@ -46,6 +46,18 @@ def default_chdb_dsn() -> str:
     return f"chdb://{_data_home() / 'chdb'}"
 
 
+def _wait_applied(dsn: str, control_id: str, wait: float) -> int:
+    """The references a worker made for the command ``control_id``; exit 1 when no worker
+    logged it within ``wait`` seconds."""
+    from driftline.streams.cli.baseline import wait_applied
+
+    n = wait_applied(dsn, control_id, wait)
+    if n is None:
+        raise _err(f"no worker applied it within {wait:.0f}s (is a worker with --drift running? a worker "
+                   "applies it when it starts); see `driftline baseline show`", 1)
+    return n
+
+
 def _client_dsn(clickhouse: str | None) -> tuple[str, list[str]]:
     """The DSN for sql / baseline: --clickhouse (or DRIFTLINE_CLICKHOUSE, else the embedded
     store) with the password of DRIFTLINE_CLICKHOUSE_PASSWORD_FILE or DRIFTLINE_CLICKHOUSE_PASSWORD
@@ -635,7 +647,7 @@ def _time_ms(v: str | None, name: str) -> int | None:
 
 def _send_baseline(kafka: str | None, clickhouse: str | None, cmd: dict[str, Any], wait: float,
                    security: Any = None, secret: bytes | None = None) -> None:
-    from driftline.streams.cli.baseline import send_command, wait_applied
+    from driftline.streams.cli.baseline import send_command
 
     kafka, _, _ = _resolve_targets(kafka, "-", start_broker=False)
     if security is not None:
@@ -649,10 +661,7 @@ def _send_baseline(kafka: str | None, clickhouse: str | None, cmd: dict[str, Any
     if wait <= 0:
         return
     dsn, _ = _client_dsn(clickhouse)
-    n = wait_applied(dsn, cid, wait)
-    if n is None:
-        raise _err(f"no worker applied it within {wait:.0f}s (is a worker with --drift running? a worker "
-                   "applies it when it starts); see `driftline baseline show`", 1)
+    n = _wait_applied(dsn, cid, wait)
     if n == 0:
         raise _err("applied, but it matched no key with samples (check --app/--model/--prompt-version/"
                    "--field and the time range)", 1)
@@ -763,7 +772,7 @@ def baseline_load(
     control_secret_file: ControlSecretFileOpt = None,
 ) -> None:
     """`driftline baseline load`: see the command's help."""
-    from driftline.streams.cli.baseline import golden_keys, wait_applied
+    from driftline.streams.cli.baseline import golden_keys
     from driftline.streams.cli.golden import (
         GoldenFileError,
         golden_commands,
@@ -794,10 +803,7 @@ def baseline_load(
     if wait <= 0:
         return
     dsn, secrets = _client_dsn(clickhouse)
-    n = wait_applied(dsn, gid, wait)
-    if n is None:
-        raise _err(f"no worker applied it within {wait:.0f}s (is a worker with --drift running? a worker "
-                   "applies it when it starts); see `driftline baseline show`", 1)
+    _wait_applied(dsn, gid, wait)
     try:
         keys = golden_keys(dsn, gid)
     except Exception as exc:  # noqa: BLE001
