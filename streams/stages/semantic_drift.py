@@ -24,7 +24,10 @@ every batch is safe in ClickHouse (``on_stored``) it
 4. writes the embeddings to ``llm_embeddings``, references to
    ``drift_references`` and results to ``drift_scores``, sets the
    ``driftline_drift_*`` gauges and hands each result to every stage with an
-   ``observe_drift`` method (alert rules of kind ``drift``).
+   ``observe_drift`` method (alert rules of kind ``drift``);
+5. scans the same vectors with the semantic guard when it has one
+   (:mod:`.guard_scan`, ``semantic_guard``): ``guard_results`` rows, per-key share tests
+   (``drift_scores`` method ``guard_<category>``), handed on like the other results.
 
 **Calibration.** ``alpha`` is a family-wise level per test round over all keys
 and fields: each test runs at ``alpha / (K x F x M)`` (Bonferroni; ``K`` keys with

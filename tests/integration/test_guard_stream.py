@@ -137,6 +137,11 @@ async def test_rising_jailbreak_share_fires_the_default_rule_and_a_benign_stream
                     "WHERE app IN ('attacked', 'calm') ORDER BY app, event_id, category").result_rows
         scores = c.query("SELECT app, statistic, p_value, drifted, n_ref, n_cur FROM driftline.drift_scores "
                          "WHERE method = 'guard_jailbreak' AND app IN ('attacked', 'calm') ORDER BY app, ts").result_rows
+        # the README's query: the nearest known attacks of flagged prompts, joined to their events
+        near = c.query("SELECT g.nearest_id, e.prompt FROM driftline.guard_results AS g FINAL "
+                       "INNER JOIN (SELECT event_id, prompt FROM driftline.llm_events FINAL) AS e USING (event_id) "
+                       "WHERE g.flagged AND g.field = 'prompt' AND g.app IN ('attacked', 'calm') "
+                       "ORDER BY e.prompt").result_rows
         alerts = c.query("SELECT DISTINCT rule, app FROM driftline.alerts WHERE state = 'firing' "
                          "AND rule = 'JailbreakAttemptsRising' AND app IN ('attacked', 'calm')").result_rows
     finally:
@@ -159,4 +164,5 @@ async def test_rising_jailbreak_share_fires_the_default_rule_and_a_benign_stream
     assert any(r[3] for r in scores if r[0] == "attacked")
     assert not any(r[3] for r in scores if r[0] == "calm")
     assert alerts == [("JailbreakAttemptsRising", "attacked")]
+    assert near == sorted(("jailbreak:1", p) for _e, p in sampled["attacked"] if p.startswith("jb "))
     print(f"\n{n_texts} sampled prompts, {len(scores)} share tests, {time.monotonic() - t0:.1f}s")
