@@ -387,7 +387,8 @@ class DriftStage:
 
     async def _start_guard(self) -> None:
         """The semantic guard: the one given, else (with the stage's own encoder, never a stand-in)
-        loaded from the cached references (``auto``) or built first in the background (``build``).
+        loaded from the cached references (``auto``) or built first in the background (``build``,
+        and ``auto`` on CUDA, where the ~2,000 texts take seconds; fp16 vectors differ from a CPU cache).
         Without it the stage runs unchanged; why is logged once."""
         mode = self.cfg.semantic_guard
         if self._guard is not None:
@@ -396,10 +397,10 @@ class DriftStage:
             log.info("semantic guard: off (--semantic-guard off)")
         elif self._encoder is not None:
             log.info("semantic guard: off (the stage was given an encoder but no guard)")
-        elif mode == "auto":
+        elif mode == "auto" and not str(getattr(self.batcher and self.batcher.encoder, "device", "")).startswith("cuda"):
             guard, how = await asyncio.to_thread(load_guard, self.batcher.encoder if self.batcher else None)
             self._guard_ready(guard, how)
-        else:  # build: ~2,000 texts to embed when not cached; the stream runs meanwhile
+        else:  # build (or auto on CUDA: seconds): ~2,000 texts to embed when not cached, meanwhile the stream runs
             enc = self.batcher.encoder if self.batcher else None
             threading.Thread(target=lambda: self._guard_ready(*load_guard(enc, build=True)),
                              name="driftline-guard-build", daemon=True).start()
