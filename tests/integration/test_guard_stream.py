@@ -113,11 +113,12 @@ async def test_rising_jailbreak_share_fires_the_default_rule_and_a_benign_stream
             task.result()
         st = stages[0]
         al = next(s for s in box[0].stages if isinstance(s, AlertingStage))
+        start_ms = int(time.time() * 1000) - N * 1000  # one event per key and second: every window end distinct
         async with LLMEventEmitter(kafka_bootstrap, topic) as em:
             for i in range(N):
                 for app, s in streams.items():
                     await em.send({"event_id": s[i][0], "app": app, "request_model": "gpt-4o",
-                                   "timestamp": int(time.time() * 1000), "latency_ms": 100.0, "prompt": s[i][1]})
+                                   "timestamp": start_ms + 1000 * i, "latency_ms": 100.0, "prompt": s[i][1]})
         await wait_for(lambda: st.stored_guard_results >= 2 * n_texts, 30,
                        lambda: f"guard rows {st.stored_guard_results} of {2 * n_texts}")
         assert await st.drain(30)
