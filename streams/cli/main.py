@@ -361,6 +361,8 @@ def worker(
     ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Serve the page (drift, latency, cost, alerts) at /ui/ on the --metrics-port. It always asks for user driftline and the SQL endpoint's password (on loopback too; the credentials file next to a chDB store, else $XDG_DATA_HOME/driftline/credentials).")] = True,
     # -- agents and sessions (streams/stages/runaway.py; README "Runaway rules")
     alert_max_traces: Annotated[int, typer.Option(min=1, help="Runaway rules: the most traces (and conversations, users) whose calls are tracked, per kind; past it the one fed least recently is dropped, counted in driftline_alert_evicted_keys_total{dimension=\"traces\"}, and its alert resolves.")] = 10_000,
+    # -- the semantic guard on the drift stage's embeddings (streams/stages/guard_scan.py; README "Semantic guardrails")
+    semantic_guard: Annotated[str, typer.Option("--semantic-guard", help="Scan every text the drift stage embeds against known jailbreaks, harmful requests (prompts) and toxic text (responses): guard_results, drift_scores method guard_<category>, rule JailbreakAttemptsRising. auto: when the reference embeddings are cached for this model (next to the data step's files, $DRIFTLINE_DATA); build: embed them first if not (~2,000 texts, ~170 s on 2 CPU cores, in the background while the worker runs; once); off. Without the data or the cache the worker runs without it and logs why.")] = "auto",
 ) -> None:
     """Run the stream processor: Kafka -> windows, cost, guardrails, drift -> ClickHouse, /metrics, alerts."""
     from driftline.streams.app import run_worker
@@ -408,6 +410,10 @@ def worker(
                              embed_batch=embed_batch, embed_threads=embed_threads, sample_rate=sample_rate,
                              drift_fields=drift_fields, ref_size=ref_size, drift_window=drift_window,
                              test_every=test_every, test_interval=test_interval, drift_alpha=drift_alpha)
+        if dcfg is not None:
+            from dataclasses import replace as _replace
+
+            dcfg = _replace(dcfg, semantic_guard=semantic_guard)
         from driftline.streams.local.sql_endpoint import EndpointLimits, EndpointOptions
 
         sql_opts = EndpointOptions(host=sql_bind, password_file=sql_password_file, allow_writes=sql_allow_writes,

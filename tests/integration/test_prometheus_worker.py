@@ -147,5 +147,5 @@ async def test_prometheus_scrapes_the_worker_and_agrees_with_the_stream(
     assert [(r["metric"]["state"], r["value"][1]) for r in scraped] == [("firing", "1")]
     # every exported default rule loaded and evaluates against the real worker's metrics
     by_group = {g["name"]: g["rules"] for g in groups}
-    assert len(by_group["driftline"]) == 10
+    assert len(by_group["driftline"]) == 11
     assert {r["health"] for g in by_group.values() for r in g} == {"ok"}
