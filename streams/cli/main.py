@@ -46,6 +46,23 @@ def default_chdb_dsn() -> str:
     return f"chdb://{_data_home() / 'chdb'}"
 
 
+def _check_guard_examples(path: Path | None) -> str | None:
+    """``--guard-examples``: the file's path when every line is a valid attack example; exit 2
+    listing the bad lines otherwise (the worker does not start with a file it would ignore)."""
+    if path is None:
+        return None
+    from driftline.detectors.semantic_guard import ExampleError, parse_examples
+
+    try:
+        with path.open(encoding="utf-8") as fh:
+            n = len(parse_examples(fh, str(path)))
+    except (ExampleError, OSError, UnicodeDecodeError) as exc:
+        raise _err(f"--guard-examples: {exc}", 2) from None
+    if n == 0:
+        raise _err(f"--guard-examples: {path} holds no example", 2)
+    return str(path)
+
+
 def _wait_applied(dsn: str, control_id: str, wait: float) -> int:
     """The references a worker made for the command ``control_id``; exit 1 when no worker
     logged it within ``wait`` seconds."""
@@ -363,6 +380,7 @@ def worker(
     alert_max_traces: Annotated[int, typer.Option(min=1, help="Runaway rules: the most traces (and conversations, users) whose calls are tracked, per kind; past it the one fed least recently is dropped, counted in driftline_alert_evicted_keys_total{dimension=\"traces\"}, and its alert resolves.")] = 10_000,
     # -- the semantic guard on the drift stage's embeddings (streams/stages/guard_scan.py; README "Semantic guardrails")
     semantic_guard: Annotated[str, typer.Option("--semantic-guard", help="Scan every text the drift stage embeds against known jailbreaks, harmful requests (prompts) and toxic text (responses): guard_results, drift_scores method guard_<category>, rule JailbreakAttemptsRising. auto: when the reference embeddings are cached for this model (next to the data step's files, $DRIFTLINE_DATA); build: embed them first if not (~2,000 texts, ~170 s on 2 CPU cores, in the background while the worker runs; once); off. Without the data or the cache the worker runs without it and logs why.")] = "auto",
+    guard_examples: Annotated[Path | None, typer.Option("--guard-examples", help="Your own attack examples for the semantic guard: a JSONL file, one {\"id\": …, \"category\": \"jailbreak\" | \"harmful_request\" | \"toxic\", \"text\": …} a line, checked before the worker starts (every bad line listed by number); they join the references (embedded at start, cached next to the data); the thresholds stay calibrated on the benign texts.")] = None,
 ) -> None:
     """Run the stream processor: Kafka -> windows, cost, guardrails, drift -> ClickHouse, /metrics, alerts."""
     from driftline.streams.app import run_worker
@@ -375,6 +393,7 @@ def worker(
     security = _kafka_security(kafka, kafka_security_protocol, kafka_sasl_mechanism, kafka_user, kafka_password_file,
                                kafka_ca, kafka_cert, kafka_key)
     control_secret = _control_secret(control_secret_file)
+    examples_file = _check_guard_examples(guard_examples)  # before anything starts
     from driftline.streams.redact_secrets import install_secret_filter
 
     install_secret_filter([security.password or "", control_secret.decode("utf-8", "replace") if control_secret else ""])
@@ -413,7 +432,7 @@ def worker(
         if dcfg is not None:
             from dataclasses import replace as _replace
 
-            dcfg = _replace(dcfg, semantic_guard=semantic_guard)
+            dcfg = _replace(dcfg, semantic_guard=semantic_guard, guard_examples=examples_file)
         from driftline.streams.local.sql_endpoint import EndpointLimits, EndpointOptions
 
         sql_opts = EndpointOptions(host=sql_bind, password_file=sql_password_file, allow_writes=sql_allow_writes,

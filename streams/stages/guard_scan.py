@@ -211,15 +211,17 @@ class _CacheOnly:
         raise _NotCached
 
 
-def load_guard(encoder: Any, *, build: bool = False, data_dir: Path | None = None
-               ) -> tuple[SemanticGuard | None, str]:
+def load_guard(encoder: Any, *, build: bool = False, data_dir: Path | None = None,
+               examples: Path | None = None) -> tuple[SemanticGuard | None, str]:
     """The calibrated guard from the data step's files (scripts/setup.sh runs that step; the
     worker never downloads) and the reference embeddings cached next to them
     (:func:`~driftline.streams.devdata.guard_refs.build_guard`; its cache key holds the model's
     weights). With ``build`` a missing or stale cache is built with ``encoder`` (~2,000 texts,
     ~170 s on 2 CPU cores); without, that is a ``None``. Returns ``(guard, what happened)`` or
-    ``(None, why not)``."""
-    from driftline.detectors.semantic_guard import SemanticGuard
+    ``(None, why not)``. ``examples``: the user's attack examples (JSONL, see
+    :func:`~driftline.detectors.semantic_guard.parse_examples`) join the references; they
+    are embedded (and cached) with ``encoder`` even without ``build``: a few texts."""
+    from driftline.detectors.semantic_guard import ExampleError, SemanticGuard
     from driftline.streams.devdata import real_prompts
     from driftline.streams.devdata.guard_refs import build_guard
 
@@ -228,12 +230,17 @@ def load_guard(encoder: Any, *, build: bool = False, data_dir: Path | None = Non
         return None, (f"no real data at {paths.root} (the data step, `python -m "
                       "driftline.streams.devdata.real_prompts`, fetches it once; the worker never downloads)")
     try:
-        gd = build_guard(encoder if build else _CacheOnly(encoder), paths=paths)
+        gd = build_guard(encoder if build else _CacheOnly(encoder), paths=paths, examples=examples,
+                         examples_encoder=encoder)
     except _NotCached:
         return None, (f"its reference embeddings are not cached for this model in {paths.root / 'guard'}: "
                       "start a worker once with --semantic-guard build (it embeds ~2,000 texts in the "
                       "background, ~170 s on 2 CPU cores, seconds on a GPU) or run "
-                      "benchmarks/bench_semantic_guard.py")
+                      "python -m driftline.streams.devdata.real_prompts --guard")
+    except (ExampleError, OSError) as exc:  # the CLI checks the file first; it changed since
+        return None, f"the attack examples {examples}: {exc}"
     how = (f"{gd.embedded_texts} reference texts embedded in {gd.embed_seconds:.0f} s (cached for the next start)"
            if gd.embedded_texts else "reference embeddings from the cache")
+    if examples is not None:
+        how += f", your attack examples from {examples}"
     return SemanticGuard(gd.state), f"{how}, data {paths.root}"

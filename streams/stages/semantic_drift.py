@@ -82,6 +82,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field as dc_field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -229,6 +230,9 @@ class DriftConfig:
     #: the semantic guard on every embedded text (streams/stages/guard_scan.py): ``auto`` when
     #: its reference embeddings are cached, ``build`` (cache them first, in the background), ``off``
     semantic_guard: str = "auto"
+    #: a JSONL file of the user's own attack examples (``{"id", "category", "text"}`` a line)
+    #: that join the guard's references (embedded at start, even under ``auto``: few texts)
+    guard_examples: str | None = None
 
     def __post_init__(self) -> None:
         if not self.fields or set(self.fields) - set(FIELDS):
@@ -398,16 +402,21 @@ class DriftStage:
         elif self._encoder is not None:
             log.info("semantic guard: off (the stage was given an encoder but no guard)")
         elif mode == "auto" and not str(getattr(self.batcher and self.batcher.encoder, "device", "")).startswith("cuda"):
-            guard, how = await asyncio.to_thread(load_guard, self.batcher.encoder if self.batcher else None)
+            guard, how = await asyncio.to_thread(load_guard, self.batcher.encoder if self.batcher else None,
+                                                 examples=self._examples_path())
             self._guard_ready(guard, how)
         else:  # build (or auto on CUDA: seconds): ~2,000 texts to embed when not cached, meanwhile the stream runs
             enc = self.batcher.encoder if self.batcher else None
-            threading.Thread(target=lambda: self._guard_ready(*load_guard(enc, build=True)),
+            ex = self._examples_path()
+            threading.Thread(target=lambda: self._guard_ready(*load_guard(enc, build=True, examples=ex)),
                              name="driftline-guard-build", daemon=True).start()
             log.info("semantic guard: loading or building its reference embeddings in the background")
         if self.guard is not None:
             log.info("semantic guard: scanning %s (%s)", ",".join(self.guard.fields) or "nothing",
                      self.guard.version)
+
+    def _examples_path(self) -> Path | None:
+        return Path(self.cfg.guard_examples) if self.cfg.guard_examples else None
 
     def _guard_ready(self, guard: Any, how: str) -> None:
         if guard is None:

@@ -245,3 +245,23 @@ def test_without_a_guard_the_stage_runs_and_says_why(tmp_path: Path, caplog: pyt
     assert st.guard is None and "given an encoder but no guard" in caplog.text
     with pytest.raises(ValueError, match="semantic_guard must be auto, build or off"):
         DriftConfig(semantic_guard="on")
+
+
+def test_worker_refuses_a_bad_attack_examples_file_before_starting(tmp_path: Path) -> None:
+    """``driftline worker --guard-examples``: a file with a bad line exits 2 naming the line
+    (nothing started: the Kafka address is a closed port); a file of comments only, too.
+    Catches: a worker that starts and silently ignores the user's examples."""
+    from typer.testing import CliRunner
+
+    from driftline.streams.cli.main import app
+
+    bad = tmp_path / "mine.jsonl"
+    bad.write_text('{"id": "a", "category": "jailbreak", "text": "pretend"}\n'
+                   '{"id": "b", "category": "spam", "text": "x"}\n')
+    res = CliRunner().invoke(app, ["worker", "--kafka", "127.0.0.1:1", "--guard-examples", str(bad)])
+    assert res.exit_code == 2, res.output
+    assert f"{bad}:2: unknown category 'spam'" in res.output
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("# nothing yet\n")
+    res = CliRunner().invoke(app, ["worker", "--kafka", "127.0.0.1:1", "--guard-examples", str(empty)])
+    assert res.exit_code == 2 and "holds no example" in res.output
