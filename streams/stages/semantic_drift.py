@@ -500,17 +500,23 @@ class DriftStage:
 
     def _golden_part(self, cmd: dict[str, Any]) -> None:
         """Keep one part of a golden set's texts until its golden command comes."""
-        gid, i, n, texts = cmd.get("golden_id"), cmd.get("i"), cmd.get("n"), cmd.get("texts")
-        if not (isinstance(gid, str) and isinstance(i, int) and isinstance(n, int) and 0 <= i < n
-                and isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
-            log.warning("drift: malformed golden part %s ignored", cmd.get("id"))
+        from driftline.streams.cli.golden import MAX_TEXTS, held_texts, part_problem
+
+        gid, i, texts = cmd.get("golden_id"), cmd.get("i"), cmd.get("texts")
+        why = part_problem(cmd)
+        if why is not None:
+            log.warning("drift: golden part %s ignored: %s", str(cmd.get("id"))[:80], why)
             return
+        assert isinstance(gid, str) and isinstance(i, int) and isinstance(texts, list)
         if gid not in self._golden_parts and len(self._golden_parts) >= _MAX_GOLDEN_PENDING:
             oldest = next(iter(self._golden_parts))  # a load whose golden command never came
             log.warning("drift: %d golden sets wait for their golden command; dropped the parts of %s",
                         len(self._golden_parts), oldest)
             del self._golden_parts[oldest]
         self._golden_parts.setdefault(gid, {})[i] = texts
+        if held_texts(self._golden_parts[gid]) > MAX_TEXTS:
+            log.warning("drift: golden set %s: its parts hold over %d texts; dropped", gid, MAX_TEXTS)
+            del self._golden_parts[gid]
 
     async def _golden_set(self, cmd: dict[str, Any], gid: str) -> Any:
         """The golden set of a ``golden`` command: stored in ``drift_golden`` already (another
@@ -518,12 +524,16 @@ class DriftStage:
         once with the stage's encoder and stored. None when its parts are missing or do not
         match the command's count and digest (logged)."""
         from driftline.schemas.columns import GOLDEN_COLUMNS
-        from driftline.streams.cli.golden import texts_digest
+        from driftline.streams.cli.golden import command_count, texts_digest
         from driftline.streams.stages.drift_references import GoldenSet
 
         assert self.engine is not None and self.batcher is not None and self._ports is not None
         loop = asyncio.get_running_loop()
-        n = int(cmd.get("n_texts") or 0)
+        n = command_count(cmd)
+        if n is None:
+            log.error("drift: golden set %s: n_texts %.40r is not a count within a set's cap; not applied", gid,
+                      cmd.get("n_texts"))
+            return None
         stored = await loop.run_in_executor(self._pool, self.engine.golden_set, gid, n)
         # one worker embeds (the one with partition 0), the others wait for its rows; past the
         # time that worker should need (10 texts/s; a loaded 2-core CPU did 12), or when this one becomes it,

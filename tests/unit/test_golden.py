@@ -374,3 +374,61 @@ def test_the_drift_inbox_is_bounded_while_the_loop_is_busy() -> None:
     held = [s.event_id for batch in st._inbox for s in batch[0]]
     assert held == [f"e{b}-{i}" for b in (8, 9) for i in range(3)]
     assert st.inbox_dropped == 24 and st._inbox_n == 6
+
+
+# --------------------------------------------------------------------------- review: bounds
+
+def test_held_parts_are_capped_per_set_like_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parts a worker holds until their golden command obey the file's caps: a part with
+    a text over MAX_TEXT_CHARS or a part count over MAX_TEXTS is ignored, and a set whose
+    parts add up to more than MAX_TEXTS texts is dropped (an unsigned or buggy producer
+    could otherwise fill one golden id's parts without bound: only the number of *sets*
+    was capped). Mutation caught: no per-part / per-set check (the parts stay held)."""
+    import driftline.streams.cli.golden as golden
+    from driftline.streams.stages.semantic_drift import DriftStage
+
+    monkeypatch.setattr(golden, "MAX_TEXTS", 5)
+    st = DriftStage(DriftConfig(control_topic=None))
+
+    def part(gid: str, i: int, n: int, texts: list[str]) -> None:
+        st._golden_part({"cmd": "baseline", "action": "golden_part", "id": f"{gid}.{i}", "golden_id": gid,
+                         "i": i, "n": n, "texts": texts})
+
+    part("long", 0, 1, ["x" * (MAX_TEXT_CHARS + 1)])
+    part("many", 0, 6, ["a"])  # 6 parts of at least one text each: over 5 texts
+    assert st._golden_parts == {}
+    part("big", 0, 3, ["a", "b"])
+    part("big", 1, 3, ["c", "d"])
+    assert sorted(st._golden_parts["big"]) == [0, 1]
+    part("big", 2, 3, ["e", "f"])  # 6 texts
+    assert "big" not in st._golden_parts
+    part("ok", 0, 2, ["a", "b", "c"])
+    part("ok", 1, 2, ["d", "e"])
+    part("ok", 1, 2, ["d", "e"])  # a re-delivered part replaces itself
+    assert st._golden_parts == {"ok": {0: ["a", "b", "c"], 1: ["d", "e"]}}
+
+
+async def test_a_golden_command_that_cannot_be_made_does_not_stall_a_waiting_worker() -> None:
+    """A worker without partition 0 waits for the embedding worker's rows up to
+    max(60 s, n_texts / 10): a golden command with n_texts 10**9 (unsigned, or malformed)
+    held its drift loop for about three years, and n_texts "4" raised in the loop (the
+    command then never reached drift_control_log). A count outside 1..MAX_TEXTS (or not an
+    int) is refused at once, without reading the store. Mutation caught: no check of
+    n_texts (the call times out here)."""
+    import asyncio
+
+    from driftline.streams.ports import StagePorts
+    from driftline.streams.stages.semantic_drift import DriftStage
+
+    store = _Store()
+    st = DriftStage(DriftConfig(control_topic=None))
+    st._ports = StagePorts.detached()
+    st.engine = _engine(store)
+    st.batcher = object()  # type: ignore[assignment]  # never used: nothing is embedded here
+    st.golden_poll_s = 0.01
+    await st.on_assigned([type("TP", (), {"topic": "ev", "partition": 1})()])
+    st._golden_parts["g1"] = {0: ["a"]}
+    for bad in (10**9, MAX_TEXTS + 1, 0, "4", None):
+        cmd = {"action": "golden", "n_texts": bad, "n_parts": 1, "sha256": texts_digest(["a"])}
+        assert await asyncio.wait_for(st._golden_set(cmd, "g1"), 2.0) is None
+    assert store.golden_reads == 0
