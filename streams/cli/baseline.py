@@ -34,7 +34,7 @@ from driftline.schemas.topics import CONTROL_TOPIC
 if TYPE_CHECKING:
     from driftline.streams.ingest.kafka_security import KafkaSecurity
 
-__all__ = ["send_command", "show_references", "wait_applied", "golden_keys", "SHOW_SQL"]
+__all__ = ["send_command", "show_references", "wait_applied", "golden_keys", "golden_stored", "SHOW_SQL"]
 
 SHOW_SQL = (
     "SELECT app, model, prompt_version, field, version, mode, n, "
@@ -134,3 +134,17 @@ def golden_keys(dsn: str, golden_id: str) -> list[tuple[str, str, str, str]]:
                        "WHERE mode = 'golden' AND control_id = {gid:String} ORDER BY app, model, prompt_version, field",
                   fmt="TabSeparated", parameters={"gid": golden_id}).decode()
     return [tuple(line.split("\t")) for line in out.splitlines() if line]  # type: ignore[misc]
+
+
+def golden_stored(dsn: str, golden_id: str) -> int:
+    """The texts of the golden set ``golden_id`` stored in ``drift_golden`` (distinct indices,
+    whatever the embedding model). A worker that could not put the set together (parts
+    missing or altered) logs its command all the same, with 0 references: this tells the two
+    apart."""
+    from driftline.streams.cli.sql import run_sql
+    from driftline.streams.sinks.clickhouse import resolve_dsn
+
+    _, db = resolve_dsn(dsn)
+    out = run_sql(dsn, f"SELECT uniqExact(idx) FROM {db}.drift_golden WHERE golden_id = {{gid:String}}",
+                  fmt="TabSeparated", parameters={"gid": golden_id})
+    return int(out.split()[0])

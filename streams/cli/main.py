@@ -763,7 +763,7 @@ def baseline_load(
     control_secret_file: ControlSecretFileOpt = None,
 ) -> None:
     """`driftline baseline load`: see the command's help."""
-    from driftline.streams.cli.baseline import golden_keys, wait_applied
+    from driftline.streams.cli.baseline import golden_keys, golden_stored, wait_applied
     from driftline.streams.cli.golden import (
         GoldenFileError,
         golden_commands,
@@ -799,9 +799,14 @@ def baseline_load(
         raise _err(f"no worker applied it within {wait:.0f}s (is a worker with --drift running? a worker "
                    "applies it when it starts); see `driftline baseline show`", 1)
     try:
+        stored = golden_stored(dsn, gid)
         keys = golden_keys(dsn, gid)
     except Exception as exc:  # noqa: BLE001
         raise _client_error(exc, secrets) from None
+    if stored < len(texts):  # logged, but the worker could not put it together: see its log
+        raise _err(f"golden set {gid} was not applied: {stored} of its {len(texts)} texts are in drift_golden "
+                   "(a worker logged it without its parts: more than 4 loads at once, or parts altered); "
+                   "see the worker's log and load it again", 1)
     typer.echo(f"applied: golden set {gid} ({len(texts)} texts) is the {field} reference of {len(keys)} key(s)"
                + ("; keys that appear later and match get it" if not keys else ""))
     for k in keys:

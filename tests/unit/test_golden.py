@@ -432,3 +432,45 @@ async def test_a_golden_command_that_cannot_be_made_does_not_stall_a_waiting_wor
         cmd = {"action": "golden", "n_texts": bad, "n_parts": 1, "sha256": texts_digest(["a"])}
         assert await asyncio.wait_for(st._golden_set(cmd, "g1"), 2.0) is None
     assert store.golden_reads == 0
+
+
+def test_cli_load_says_a_refused_set_was_not_applied(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that cannot put a set together (parts missing: more than 4 loads at once, a
+    start during a store outage; or altered) still logs the golden command in
+    drift_control_log (with 0 references), so ``baseline load`` printed "applied: ... is the
+    reference of 0 key(s); keys that appear later and match get it" and exited 0, though no
+    key ever gets it. On a chDB store: logged but not in drift_golden -> exit 1 saying so;
+    once its rows are stored -> exit 0, "applied". Mutation caught: the drift_golden check
+    removed (exit 0 and "applied" for the refused set)."""
+    from datetime import UTC, datetime
+
+    from typer.testing import CliRunner
+
+    import driftline.streams.cli.golden as golden_mod
+    from driftline.schemas.columns import CONTROL_LOG_COLUMNS, GOLDEN_COLUMNS
+    from driftline.streams.cli.main import app
+    from driftline.streams.sinks.clickhouse import ClickHouseSink
+
+    dsn = f"chdb://{tmp_path / 'chdb'}"
+    at = datetime(2026, 11, 29, tzinfo=UTC)
+    sink = ClickHouseSink(dsn)
+    sink.ensure_schema()
+    sink.call(lambda c: c.insert("driftline.drift_control_log", [["gid", at, "golden", "{}", 0, "c", 0, 1]],
+                                 column_names=list(CONTROL_LOG_COLUMNS)))
+    sink.close()
+    monkeypatch.setattr(golden_mod, "send_golden", lambda kafka, cmds, **kw: "gid")
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": f"p{i}"}) + "\n" for i in range(3)))
+    args = ["baseline", "load", "--field", "prompt", "--kafka", "127.0.0.1:1", "--clickhouse", dsn,
+            "--wait", "5", str(good)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1, res.output
+    assert "golden set gid was not applied: 0 of its 3 texts are in drift_golden" in res.output
+    assert "applied: golden set" not in res.output
+    sink = ClickHouseSink(dsn)
+    sink.call(lambda c: c.insert("driftline.drift_golden", [["gid", i, f"p{i}", [0.0] * 4, "fake", at]
+                                                            for i in range(3)], column_names=list(GOLDEN_COLUMNS)))
+    sink.close()
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "applied: golden set gid (3 texts) is the prompt reference of 0 key(s)" in res.output
