@@ -379,6 +379,8 @@ class DriftStage:
             return False
         self._applied_ids |= {r[0] for r in done}
         self._ids_loaded = True
+        for gid in [g for g in self._golden_parts if g in self._applied_ids]:  # held before: applied then
+            del self._golden_parts[gid]
         early, self._early = self._early, []
         for rec in early:
             self.on_command(rec)
@@ -683,7 +685,9 @@ class DriftStage:
         cmd = rec.cmd
         if cmd.get("cmd") != "baseline":
             return False
-        if not self._ids_loaded:  # which were applied before is not known yet: hold it (bounded)
+        part = cmd.get("action") == "golden_part"
+        # which were applied before is not known yet: hold it (bounded; parts as parts, below)
+        if not self._ids_loaded and not part:
             if len(self._early) < _MAX_EARLY_COMMANDS:
                 self._early.append(rec)
             else:
@@ -693,7 +697,6 @@ class DriftStage:
         cid = str(cmd.get("id") or f"{rec.topic}:{rec.partition}:{rec.offset}:{rec.timestamp}")
         if cid in self._applied_ids:  # applied before (the topic is read from its start each time)
             return False
-        part = cmd.get("action") == "golden_part"
         if part and str(cmd.get("golden_id")) in self._applied_ids:  # its golden set is applied
             return False
         assert self._ports is not None

@@ -474,3 +474,44 @@ def test_cli_load_says_a_refused_set_was_not_applied(tmp_path: Any, monkeypatch:
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "applied: golden set gid (3 texts) is the prompt reference of 0 key(s)" in res.output
+
+
+async def test_parts_read_before_the_control_log_do_not_crowd_out_commands(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Until drift_control_log is read (a store outage at start), commands wait in a list
+    capped at 10,000 records. Golden parts (up to 512 KiB each; a 20,000-text set of long
+    texts is ~320 of them) waited there too: a topic holding a few old loads filled it
+    (gigabytes) and every later command -- a reset, a new load -- was dropped for good.
+    Parts are held as parts instead (bounded per set and in sets), those of sets the log
+    says were applied dropped once it is read. Mutation caught: parts kept in the early
+    list (the reset is dropped; the old set's parts are held)."""
+    import dataclasses
+
+    import driftline.streams.stages.semantic_drift as sd
+    from driftline.streams.ingest.control import ControlRecord
+    from driftline.streams.ports import StagePorts
+
+    class _Tables:
+        database = "driftline"
+
+        async def aquery(self, sql: str, parameters: Any = None) -> Any:
+            return [("old",)]
+
+    monkeypatch.setattr(sd, "_MAX_EARLY_COMMANDS", 5)
+    st = sd.DriftStage(DriftConfig())
+    st._ports = dataclasses.replace(StagePorts.detached(), tables=_Tables())  # type: ignore[arg-type]
+    assert not st._ids_loaded
+    off = iter(range(100))
+
+    def send(cmd: dict[str, Any]) -> None:
+        st.on_command(ControlRecord({"cmd": "baseline", **cmd}, "driftline.control", 0, next(off), 0))
+
+    old = [f"o{i}" for i in range(6)]
+    for i, t in enumerate(old):
+        send({"action": "golden_part", "id": f"old.{i}", "golden_id": "old", "i": i, "n": 6, "texts": [t]})
+    send({"action": "golden", "id": "old", "golden_id": "old", "n_parts": 6, "n_texts": 6,
+          "sha256": texts_digest(old), "app": "chat", "field": "prompt"})
+    send({"action": "golden_part", "id": "new.0", "golden_id": "new", "i": 0, "n": 1, "texts": ["n0"]})
+    send({"action": "reset", "id": "r1", "app": "chat"})
+    assert await st._read_applied_ids()
+    assert [c.control_id for c in st._controls] == ["r1"]  # "old" was applied before
+    assert st._golden_parts == {"new": {0: ["n0"]}} and st._early == []
