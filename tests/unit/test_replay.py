@@ -293,3 +293,13 @@ def test_version_effect_values_are_checked() -> None:
         VersionEffect("a", "v1", output_factor=0)
     with pytest.raises(ValueError, match=r"negative_feedback must be in \[0, 1\]"):
         VersionEffect("a", "v1", negative_feedback=1.5)
+    # NaN passed `min(...) <= 0` (and inf or 1e300 overflowed int64): records marked valid with
+    # latency_ms -7.8e19 or null, which the ingest path refuses. Mutation caught: the finite cap.
+    for bad in (math.nan, math.inf, 1e300, 101.0):
+        with pytest.raises(ValueError, match=r"output_factor and tpot_factor must be > 0 and <= 100"):
+            VersionEffect("a", "v1", output_factor=bad)
+        with pytest.raises(ValueError, match=r"output_factor and tpot_factor must be > 0 and <= 100"):
+            VersionEffect("a", "v1", tpot_factor=bad)
+    with pytest.raises(ValueError, match=r"negative_feedback must be in \[0, 1\]"):
+        VersionEffect("a", "v1", negative_feedback=math.nan)
+    assert VersionEffect("a", "v1", output_factor=100.0, tpot_factor=0.01).output_factor == 100.0
