@@ -515,3 +515,34 @@ async def test_parts_read_before_the_control_log_do_not_crowd_out_commands(monke
     assert await st._read_applied_ids()
     assert [c.control_id for c in st._controls] == ["r1"]  # "old" was applied before
     assert st._golden_parts == {"new": {0: ["n0"]}} and st._early == []
+
+
+def test_one_set_embedded_with_two_models_keeps_both(tmp_path: Any) -> None:
+    """drift_golden was a ReplacingMergeTree ordered by (golden_id, idx): the rows of one set
+    embedded by workers of two embedding models (a rolling --embed-model change; each
+    worker uses only its own model's vectors) replaced each other, already at read time
+    under FINAL, so one model's workers never found the set, embedded it again and
+    replaced the other's rows in turn, and after a restart collected a new reference.
+    On a chDB store: both models' rows are read back by their engines. Mutation caught:
+    embed_model left out of the sorting key (model A reads no set)."""
+    from datetime import UTC, datetime
+
+    from driftline.schemas.columns import GOLDEN_COLUMNS
+    from driftline.streams.sinks.clickhouse import ClickHouseSink
+
+    sink = ClickHouseSink(f"chdb://{tmp_path / 'chdb'}")
+    try:
+        sink.ensure_schema()
+        at = datetime(2026, 11, 29, tzinfo=UTC)
+        for m, x in (("model-a", 1.0), ("model-b", 2.0)):
+            sink.call(lambda c, m=m, x=x: c.insert("driftline.drift_golden", [
+                ["g", i, f"t{i}", [x] * 4, m, at] for i in range(3)], column_names=list(GOLDEN_COLUMNS)))
+        got = {}
+        for m in ("model-a", "model-b"):
+            eng = DriftEngine(DriftConfig(fields=("prompt",), control_topic=None), sink.query_rows, "driftline", m)
+            gs = eng.golden_set("g", 3)
+            assert gs is not None, m
+            got[m] = (gs.texts, gs.emb[:, 0].tolist())
+        assert got == {"model-a": (["t0", "t1", "t2"], [1.0] * 3), "model-b": (["t0", "t1", "t2"], [2.0] * 3)}
+    finally:
+        sink.close()
