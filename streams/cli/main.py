@@ -648,8 +648,11 @@ def _send_baseline(kafka: str | None, clickhouse: str | None, cmd: dict[str, Any
     _say(f"sent {cmd['action']} to {CONTROL_TOPIC} (id {cid})")
     if wait <= 0:
         return
-    dsn, _ = _client_dsn(clickhouse)
-    n = wait_applied(dsn, cid, wait)
+    dsn, secrets = _client_dsn(clickhouse)
+    try:
+        n = wait_applied(dsn, cid, wait)
+    except Exception as exc:  # noqa: BLE001 - the store could not be read: say why, not "no worker"
+        raise _client_error(exc, secrets) from None
     if n is None:
         raise _err(f"no worker applied it within {wait:.0f}s (is a worker with --drift running? a worker "
                    "applies it when it starts); see `driftline baseline show`", 1)
@@ -794,7 +797,10 @@ def baseline_load(
     if wait <= 0:
         return
     dsn, secrets = _client_dsn(clickhouse)
-    n = wait_applied(dsn, gid, wait)
+    try:
+        n = wait_applied(dsn, gid, wait)
+    except Exception as exc:  # noqa: BLE001 - the store could not be read: say why, not "no worker"
+        raise _client_error(exc, secrets) from None
     if n is None:
         raise _err(f"no worker applied it within {wait:.0f}s (is a worker with --drift running? a worker "
                    "applies it when it starts); see `driftline baseline show`", 1)

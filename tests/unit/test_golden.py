@@ -546,3 +546,29 @@ def test_one_set_embedded_with_two_models_keeps_both(tmp_path: Any) -> None:
         assert got == {"model-a": (["t0", "t1", "t2"], [1.0] * 3), "model-b": (["t0", "t1", "t2"], [2.0] * 3)}
     finally:
         sink.close()
+
+
+def test_cli_wait_reports_a_store_it_cannot_read_not_a_missing_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``baseline load`` / ``reset`` wait for the command in drift_control_log; every failed
+    read was swallowed, so a store the CLI cannot reach (wrong --clickhouse, a refused
+    password) waited the whole --wait and then said "no worker applied it (is a worker with
+    --drift running?)". When no read succeeded, the last error is reported (exit 1, the
+    password masked). A real closed port on 127.0.0.1. Mutation caught: errors swallowed
+    (the "no worker" message)."""
+    from typer.testing import CliRunner
+
+    import driftline.streams.cli.baseline as baseline_mod
+    import driftline.streams.cli.golden as golden_mod
+    from driftline.streams.cli.main import app
+    from driftline.streams.local.broker import free_port
+
+    monkeypatch.setattr(baseline_mod, "send_command", lambda kafka, cmd, **kw: "cid")
+    monkeypatch.setattr(golden_mod, "send_golden", lambda kafka, cmds, **kw: "gid")
+    monkeypatch.delenv("DRIFTLINE_CLICKHOUSE_PASSWORD", raising=False)
+    monkeypatch.delenv("DRIFTLINE_CLICKHOUSE_PASSWORD_FILE", raising=False)
+    dsn = f"http://default:s3cret-pw-42@127.0.0.1:{free_port()}/driftline"
+    res = CliRunner().invoke(app, ["baseline", "reset", "--app", "chat", "--kafka", "127.0.0.1:1",
+                                   "--clickhouse", dsn, "--wait", "1"])
+    assert res.exit_code == 1, res.output
+    assert "no worker applied it" not in res.output and "s3cret-pw-42" not in res.output
+    assert "could not read drift_control_log" in res.output
