@@ -570,15 +570,17 @@ class DriftStage:
         """Apply one baseline command, write its references, then log it in ``drift_control_log``."""
         assert self.engine is not None and self._ports is not None
         loop = asyncio.get_running_loop()
-        if c.cmd.get("action") == "golden":
+        action = str(c.cmd.get("action"))
+        if action == "golden":
             gs = await self._golden_set(c.cmd, c.control_id)
             refs = [] if gs is None else await loop.run_in_executor(self._pool, self.engine.apply_golden, c.cmd, gs)
             self._golden_parts.pop(c.control_id, None)
+            action = action if gs is not None else "golden_refused"  # not a load new keys look up
         else:
             refs = await loop.run_in_executor(self._pool, self.engine.apply, c.cmd, c.control_id)
         await self._write({}, refs, [])
         log_row = {"control_id": c.control_id, "applied_at": ms_to_dt(int(self._ports.clock() * 1000)),
-                   "action": str(c.cmd.get("action")), "command": json.dumps(c.cmd, sort_keys=True),
+                   "action": action, "command": json.dumps(c.cmd, sort_keys=True),
                    "n_references": len(refs), "topic": c.topic, "partition": c.partition, "offset": c.offset}
         await self._ports.tables.insert_rows("drift_control_log", [log_row], CONTROL_LOG_COLUMNS)
         self._applied_ids.add(c.control_id)

@@ -572,3 +572,51 @@ def test_cli_wait_reports_a_store_it_cannot_read_not_a_missing_worker(monkeypatc
     assert res.exit_code == 1, res.output
     assert "no worker applied it" not in res.output and "s3cret-pw-42" not in res.output
     assert "could not read drift_control_log" in res.output
+
+
+async def test_a_refused_set_is_logged_as_refused_and_does_not_shadow_an_earlier_load() -> None:
+    """A golden command whose set could not be put together was logged in drift_control_log
+    as action "golden": after a restart the engine, which reads the golden/rebase/pin/reset
+    rows there, took it for the latest load matching new keys, so they got no set at all,
+    where before the restart they got the earlier set (the refused one never reached
+    apply_golden). It is logged as "golden_refused" (never re-applied: its id is logged).
+    Mutation caught: the refused set logged as "golden"."""
+    import dataclasses
+
+    from driftline.streams.ports import StagePorts
+    from driftline.streams.stages.embedding import EmbeddingBatcher
+    from driftline.streams.stages.semantic_drift import DriftStage, _Control
+
+    class _Enc:
+        name, dim, max_chars = "fake", 8, 100
+
+        def encode(self, texts: Any) -> np.ndarray:
+            return np.ones((len(texts), 8), np.float32)
+
+    class _Tables:
+        database = "driftline"
+
+        def __init__(self) -> None:
+            self.log: list[dict[str, Any]] = []
+
+        async def insert_columns(self, table: str, columns: dict[str, list[Any]], **kw: Any) -> None:
+            pass
+
+        async def insert_rows(self, table: str, rows: list[dict[str, Any]], columns: Any, **kw: Any) -> None:
+            if table == "drift_control_log":
+                self.log.extend(rows)
+
+    tables = _Tables()
+    st = DriftStage(DriftConfig(control_topic=None))
+    st._ports = dataclasses.replace(StagePorts.detached(), tables=tables)  # type: ignore[arg-type]
+    st.engine = _engine(_Store())
+    st.batcher = EmbeddingBatcher(_Enc(), lambda *a: None)
+    await st.on_assigned([type("TP", (), {"topic": "ev", "partition": 0})()])
+    texts = ["a", "b"]
+    st._golden_parts["ok"] = {0: texts}
+    for gid in ("ok", "bad"):  # "bad": its parts never came
+        cmd = {"cmd": "baseline", "action": "golden", "id": gid, "golden_id": gid, "n_parts": 1, "n_texts": 2,
+               "sha256": texts_digest(texts), "app": "chat", "field": "prompt"}
+        await st._apply_control(_Control(cmd, gid, "driftline.control", 0, 0))
+    assert [(r["control_id"], r["action"], r["n_references"]) for r in tables.log] == [
+        ("ok", "golden", 0), ("bad", "golden_refused", 0)]
