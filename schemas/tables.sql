@@ -215,6 +215,30 @@ ENGINE = ReplacingMergeTree
 ORDER BY (golden_id, embed_model, idx)
 SETTINGS non_replicated_deduplication_window = 1000
 ;
+-- Semantic guard verdicts (README "Semantic guardrails"): one row per text the drift stage
+-- embedded and per category of its field (prompt: jailbreak, harmful_request; response: toxic).
+-- nearest_id names the most similar known attack (never its text); scanner identifies the
+-- calibrated reference set. Written with llm_embeddings (a rewrite after a retry collapses).
+CREATE TABLE IF NOT EXISTS {db}.guard_results
+(
+    event_id String,
+    ts DateTime64(3, 'UTC'),
+    app LowCardinality(String),
+    model LowCardinality(String),
+    prompt_version LowCardinality(String),
+    field LowCardinality(String),
+    category LowCardinality(String),
+    score Float32,
+    similarity Float32,
+    nearest_id String,
+    flagged UInt8,
+    scanner LowCardinality(String)
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(ts)
+ORDER BY (app, model, prompt_version, field, category, event_id)
+SETTINGS non_replicated_deduplication_window = 1000
+;
 -- One row per alert state change.
 CREATE TABLE IF NOT EXISTS {db}.alerts
 (

@@ -6,7 +6,8 @@
    results, some malformed records) with a drift injected part-way: the AlpacaEval
    category mix shifts and real in-the-wild jailbreak prompts appear; support-bot runs
    prompt versions v3 and v4 side by side, v4 a worse candidate (:data:`CANDIDATE`) for
-   ``driftline compare`` / ``driftline gate``;
+   ``driftline compare`` / ``driftline gate``; gemini-1.5-flash gets a silent model update
+   at 30 % (:data:`MODEL_UPDATE`: the same name and prompts, only the numbers change);
 4. semantic drift in the stream: the worker's drift stage samples prompts per key, embeds
    them (all-MiniLM-L6-v2 from its wheel, offline), builds a reference per key from the first
    samples and tests sliding windows against it (MMD, topic mix, centroid) into ``drift_scores``;
@@ -32,12 +33,18 @@ from rich.table import Table
 
 from driftline.schemas.topics import EVENTS_TOPIC
 
-__all__ = ["CANDIDATE", "render_alerts", "render_drift", "render_summary", "run_demo", "serve_default"]
+__all__ = ["CANDIDATE", "MODEL_UPDATE", "render_alerts", "render_drift", "render_summary", "run_demo", "serve_default"]
 
 CANDIDATE = ("support-bot", "v3", "v4")
 """The demo's A/B test: app, baseline and candidate prompt version. The candidate answers at
 length (1.3x the output tokens, so 1.3x the output cost), is 1.15x slower per output token, and
 half of its neutral ratings turn thumbs-down (see :class:`VersionEffect`)."""
+
+MODEL_UPDATE = {"model": "gemini-1.5-flash", "at": 0.3, "output_factor": 1.3, "ttft_factor": 2.0,
+                "length_share": 0.09}
+"""The demo's silent model update (:class:`ModelUpdate`): from 30 % of the replay on,
+gemini-1.5-flash answers 30 % longer, its time to first token doubles and 9 % of its answers
+are cut at the token limit (1.5 % before); its name, its prompts and its topics stay the same."""
 
 console = Console(stderr=False)
 
@@ -150,7 +157,13 @@ async def _serve_page(dsn: str, port: int) -> None:
 async def _replay_records(n_events: int, drift_at: float, seed: int) -> list[Any]:
     """Step 1: the real data (fetched once) and the seeded replay, ending a minute before now."""
     from driftline.streams.devdata.real_prompts import ensure_data
-    from driftline.streams.devdata.replay import ReplayConfig, ReplayData, VersionEffect, generate
+    from driftline.streams.devdata.replay import (
+        ModelUpdate,
+        ReplayConfig,
+        ReplayData,
+        VersionEffect,
+        generate,
+    )
 
     paths = await asyncio.to_thread(ensure_data, None, lambda m: console.print(f"    {m}"))
     data = ReplayData.from_paths(paths)
@@ -161,7 +174,8 @@ async def _replay_records(n_events: int, drift_at: float, seed: int) -> list[Any
     cfg = ReplayConfig(n_events=n_events, seed=seed, drift_at=drift_at, malformed_rate=0.01,
                        start_ms=int(time.time() * 1000) - span_ms - 60_000,
                        version_effects=(VersionEffect(app, candidate, output_factor=1.3,
-                                                      tpot_factor=1.15, negative_feedback=0.5),))
+                                                      tpot_factor=1.15, negative_feedback=0.5),),
+                       model_updates=(ModelUpdate(**MODEL_UPDATE),))
     records = list(generate(cfg, data))
     malformed = sum(not r.valid for r in records)
     drift_start = next((i for i, r in enumerate(records) if r.drifted), None)

@@ -46,6 +46,22 @@ def default_chdb_dsn() -> str:
     return f"chdb://{_data_home() / 'chdb'}"
 
 
+def _wait_applied(dsn: str, control_id: str, wait: float, secrets: list[str]) -> int:
+    """The references a worker made for the command ``control_id``; exit 1 when no worker
+    logged it within ``wait`` seconds, or when the store could not be read (the error,
+    ``secrets`` masked)."""
+    from driftline.streams.cli.baseline import wait_applied
+
+    try:
+        n = wait_applied(dsn, control_id, wait)
+    except Exception as exc:  # noqa: BLE001 - the store could not be read: say why, not "no worker"
+        raise _client_error(exc, secrets) from None
+    if n is None:
+        raise _err(f"no worker applied it within {wait:.0f}s (is a worker with --drift running? a worker "
+                   "applies it when it starts); see `driftline baseline show`", 1)
+    return n
+
+
 def _client_dsn(clickhouse: str | None) -> tuple[str, list[str]]:
     """The DSN for sql / baseline: --clickhouse (or DRIFTLINE_CLICKHOUSE, else the embedded
     store) with the password of DRIFTLINE_CLICKHOUSE_PASSWORD_FILE or DRIFTLINE_CLICKHOUSE_PASSWORD
@@ -349,6 +365,8 @@ def worker(
     ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Serve the page (drift, latency, cost, alerts) at /ui/ on the --metrics-port. It always asks for user driftline and the SQL endpoint's password (on loopback too; the credentials file next to a chDB store, else $XDG_DATA_HOME/driftline/credentials).")] = True,
     # -- agents and sessions (streams/stages/runaway.py; README "Runaway rules")
     alert_max_traces: Annotated[int, typer.Option(min=1, help="Runaway rules: the most traces (and conversations, users) whose calls are tracked, per kind; past it the one fed least recently is dropped, counted in driftline_alert_evicted_keys_total{dimension=\"traces\"}, and its alert resolves.")] = 10_000,
+    # -- the semantic guard on the drift stage's embeddings (streams/stages/guard_scan.py; README "Semantic guardrails")
+    semantic_guard: Annotated[str, typer.Option("--semantic-guard", help="Scan every text the drift stage embeds against known jailbreaks, harmful requests (prompts) and toxic text (responses): guard_results, drift_scores method guard_<category>, rule JailbreakAttemptsRising. auto: when the reference embeddings are cached for this model (next to the data step's files, $DRIFTLINE_DATA); build: embed them first if not (~2,000 texts, ~170 s on 2 CPU cores, in the background while the worker runs; once); off. Without the data or the cache the worker runs without it and logs why.")] = "auto",
 ) -> None:
     """Run the stream processor: Kafka -> windows, cost, guardrails, drift -> ClickHouse, /metrics, alerts."""
     from driftline.streams.app import run_worker
@@ -396,6 +414,10 @@ def worker(
                              embed_batch=embed_batch, embed_threads=embed_threads, sample_rate=sample_rate,
                              drift_fields=drift_fields, ref_size=ref_size, drift_window=drift_window,
                              test_every=test_every, test_interval=test_interval, drift_alpha=drift_alpha)
+        if dcfg is not None:
+            from dataclasses import replace as _replace
+
+            dcfg = _replace(dcfg, semantic_guard=semantic_guard)
         from driftline.streams.local.sql_endpoint import EndpointLimits, EndpointOptions
 
         sql_opts = EndpointOptions(host=sql_bind, password_file=sql_password_file, allow_writes=sql_allow_writes,
@@ -635,7 +657,7 @@ def _time_ms(v: str | None, name: str) -> int | None:
 
 def _send_baseline(kafka: str | None, clickhouse: str | None, cmd: dict[str, Any], wait: float,
                    security: Any = None, secret: bytes | None = None) -> None:
-    from driftline.streams.cli.baseline import send_command, wait_applied
+    from driftline.streams.cli.baseline import send_command
 
     kafka, _, _ = _resolve_targets(kafka, "-", start_broker=False)
     if security is not None:
@@ -649,13 +671,7 @@ def _send_baseline(kafka: str | None, clickhouse: str | None, cmd: dict[str, Any
     if wait <= 0:
         return
     dsn, secrets = _client_dsn(clickhouse)
-    try:
-        n = wait_applied(dsn, cid, wait)
-    except Exception as exc:  # noqa: BLE001 - the store could not be read: say why, not "no worker"
-        raise _client_error(exc, secrets) from None
-    if n is None:
-        raise _err(f"no worker applied it within {wait:.0f}s (is a worker with --drift running? a worker "
-                   "applies it when it starts); see `driftline baseline show`", 1)
+    n = _wait_applied(dsn, cid, wait, secrets)
     if n == 0:
         raise _err("applied, but it matched no key with samples (check --app/--model/--prompt-version/"
                    "--field and the time range)", 1)
@@ -766,7 +782,7 @@ def baseline_load(
     control_secret_file: ControlSecretFileOpt = None,
 ) -> None:
     """`driftline baseline load`: see the command's help."""
-    from driftline.streams.cli.baseline import golden_keys, golden_stored, wait_applied
+    from driftline.streams.cli.baseline import golden_keys, golden_stored
     from driftline.streams.cli.golden import (
         GoldenFileError,
         golden_commands,
@@ -797,13 +813,7 @@ def baseline_load(
     if wait <= 0:
         return
     dsn, secrets = _client_dsn(clickhouse)
-    try:
-        n = wait_applied(dsn, gid, wait)
-    except Exception as exc:  # noqa: BLE001 - the store could not be read: say why, not "no worker"
-        raise _client_error(exc, secrets) from None
-    if n is None:
-        raise _err(f"no worker applied it within {wait:.0f}s (is a worker with --drift running? a worker "
-                   "applies it when it starts); see `driftline baseline show`", 1)
+    _wait_applied(dsn, gid, wait, secrets)
     try:
         stored = golden_stored(dsn, gid)
         keys = golden_keys(dsn, gid)
