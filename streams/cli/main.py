@@ -63,12 +63,16 @@ def _check_guard_examples(path: Path | None) -> str | None:
     return str(path)
 
 
-def _wait_applied(dsn: str, control_id: str, wait: float) -> int:
+def _wait_applied(dsn: str, control_id: str, wait: float, secrets: list[str]) -> int:
     """The references a worker made for the command ``control_id``; exit 1 when no worker
-    logged it within ``wait`` seconds."""
+    logged it within ``wait`` seconds, or when the store could not be read (the error,
+    ``secrets`` masked)."""
     from driftline.streams.cli.baseline import wait_applied
 
-    n = wait_applied(dsn, control_id, wait)
+    try:
+        n = wait_applied(dsn, control_id, wait)
+    except Exception as exc:  # noqa: BLE001 - the store could not be read: say why, not "no worker"
+        raise _client_error(exc, secrets) from None
     if n is None:
         raise _err(f"no worker applied it within {wait:.0f}s (is a worker with --drift running? a worker "
                    "applies it when it starts); see `driftline baseline show`", 1)
@@ -685,8 +689,8 @@ def _send_baseline(kafka: str | None, clickhouse: str | None, cmd: dict[str, Any
     _say(f"sent {cmd['action']} to {CONTROL_TOPIC} (id {cid})")
     if wait <= 0:
         return
-    dsn, _ = _client_dsn(clickhouse)
-    n = _wait_applied(dsn, cid, wait)
+    dsn, secrets = _client_dsn(clickhouse)
+    n = _wait_applied(dsn, cid, wait, secrets)
     if n == 0:
         raise _err("applied, but it matched no key with samples (check --app/--model/--prompt-version/"
                    "--field and the time range)", 1)
@@ -797,7 +801,7 @@ def baseline_load(
     control_secret_file: ControlSecretFileOpt = None,
 ) -> None:
     """`driftline baseline load`: see the command's help."""
-    from driftline.streams.cli.baseline import golden_keys
+    from driftline.streams.cli.baseline import golden_keys, golden_stored
     from driftline.streams.cli.golden import (
         GoldenFileError,
         golden_commands,
@@ -828,11 +832,16 @@ def baseline_load(
     if wait <= 0:
         return
     dsn, secrets = _client_dsn(clickhouse)
-    _wait_applied(dsn, gid, wait)
+    _wait_applied(dsn, gid, wait, secrets)
     try:
+        stored = golden_stored(dsn, gid)
         keys = golden_keys(dsn, gid)
     except Exception as exc:  # noqa: BLE001
         raise _client_error(exc, secrets) from None
+    if stored < len(texts):  # logged, but the worker could not put it together: see its log
+        raise _err(f"golden set {gid} was not applied: {stored} of its {len(texts)} texts are in drift_golden "
+                   "(a worker logged it without its parts: more than 4 loads at once, or parts altered); "
+                   "see the worker's log and load it again", 1)
     typer.echo(f"applied: golden set {gid} ({len(texts)} texts) is the {field} reference of {len(keys)} key(s)"
                + ("; keys that appear later and match get it" if not keys else ""))
     for k in keys:

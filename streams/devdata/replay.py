@@ -248,7 +248,7 @@ class VersionEffect:
     a candidate running beside its baseline (an A/B test or a canary), for ``driftline compare``.
 
     ``output_factor`` multiplies its answers' output tokens (so its cost and latency grow),
-    ``tpot_factor`` its time per output token, and ``negative_feedback`` is the share of its
+    ``tpot_factor`` its time per output token (each in (0, 100]), and ``negative_feedback`` is the share of its
     neutral (0) ratings that become thumbs-down (-1). Applied without drawing from the random
     generator, so a stream with no effects is the stream of the same seed without them.
     """
@@ -260,8 +260,9 @@ class VersionEffect:
     negative_feedback: float = 0.0
 
     def __post_init__(self) -> None:
-        if min(self.output_factor, self.tpot_factor) <= 0:
-            raise ValueError(f"{self.app}/{self.prompt_version}: output_factor and tpot_factor must be > 0")
+        if not all(0 < f <= 100 for f in (self.output_factor, self.tpot_factor)):  # NaN fails too
+            raise ValueError(f"{self.app}/{self.prompt_version}: output_factor and tpot_factor must be > 0 "
+                             "and <= 100")
         if not 0 <= self.negative_feedback <= 1:
             raise ValueError(f"{self.app}/{self.prompt_version}: negative_feedback must be in [0, 1]")
 

@@ -438,6 +438,8 @@ class DriftStage:
             return False
         self._applied_ids |= {r[0] for r in done}
         self._ids_loaded = True
+        for gid in [g for g in self._golden_parts if g in self._applied_ids]:  # held before: applied then
+            del self._golden_parts[gid]
         early, self._early = self._early, []
         for rec in early:
             self.on_command(rec)
@@ -575,17 +577,23 @@ class DriftStage:
 
     def _golden_part(self, cmd: dict[str, Any]) -> None:
         """Keep one part of a golden set's texts until its golden command comes."""
-        gid, i, n, texts = cmd.get("golden_id"), cmd.get("i"), cmd.get("n"), cmd.get("texts")
-        if not (isinstance(gid, str) and isinstance(i, int) and isinstance(n, int) and 0 <= i < n
-                and isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
-            log.warning("drift: malformed golden part %s ignored", cmd.get("id"))
+        from driftline.streams.cli.golden import MAX_TEXTS, held_texts, part_problem
+
+        gid, i, texts = cmd.get("golden_id"), cmd.get("i"), cmd.get("texts")
+        why = part_problem(cmd)
+        if why is not None:
+            log.warning("drift: golden part %s ignored: %s", str(cmd.get("id"))[:80], why)
             return
+        assert isinstance(gid, str) and isinstance(i, int) and isinstance(texts, list)
         if gid not in self._golden_parts and len(self._golden_parts) >= _MAX_GOLDEN_PENDING:
             oldest = next(iter(self._golden_parts))  # a load whose golden command never came
             log.warning("drift: %d golden sets wait for their golden command; dropped the parts of %s",
                         len(self._golden_parts), oldest)
             del self._golden_parts[oldest]
         self._golden_parts.setdefault(gid, {})[i] = texts
+        if held_texts(self._golden_parts[gid]) > MAX_TEXTS:
+            log.warning("drift: golden set %s: its parts hold over %d texts; dropped", gid, MAX_TEXTS)
+            del self._golden_parts[gid]
 
     async def _golden_set(self, cmd: dict[str, Any], gid: str) -> Any:
         """The golden set of a ``golden`` command: stored in ``drift_golden`` already (another
@@ -593,12 +601,16 @@ class DriftStage:
         once with the stage's encoder and stored. None when its parts are missing or do not
         match the command's count and digest (logged)."""
         from driftline.schemas.columns import GOLDEN_COLUMNS
-        from driftline.streams.cli.golden import texts_digest
+        from driftline.streams.cli.golden import command_count, texts_digest
         from driftline.streams.stages.drift_references import GoldenSet
 
         assert self.engine is not None and self.batcher is not None and self._ports is not None
         loop = asyncio.get_running_loop()
-        n = int(cmd.get("n_texts") or 0)
+        n = command_count(cmd)
+        if n is None:
+            log.error("drift: golden set %s: n_texts %.40r is not a count within a set's cap; not applied", gid,
+                      cmd.get("n_texts"))
+            return None
         stored = await loop.run_in_executor(self._pool, self.engine.golden_set, gid, n)
         # one worker embeds (the one with partition 0), the others wait for its rows; past the
         # time that worker should need (10 texts/s; a loaded 2-core CPU did 12), or when this one becomes it,
@@ -633,15 +645,17 @@ class DriftStage:
         """Apply one baseline command, write its references, then log it in ``drift_control_log``."""
         assert self.engine is not None and self._ports is not None
         loop = asyncio.get_running_loop()
-        if c.cmd.get("action") == "golden":
+        action = str(c.cmd.get("action"))
+        if action == "golden":
             gs = await self._golden_set(c.cmd, c.control_id)
             refs = [] if gs is None else await loop.run_in_executor(self._pool, self.engine.apply_golden, c.cmd, gs)
             self._golden_parts.pop(c.control_id, None)
+            action = action if gs is not None else "golden_refused"  # not a load new keys look up
         else:
             refs = await loop.run_in_executor(self._pool, self.engine.apply, c.cmd, c.control_id)
         await self._write({}, refs, [])
         log_row = {"control_id": c.control_id, "applied_at": ms_to_dt(int(self._ports.clock() * 1000)),
-                   "action": str(c.cmd.get("action")), "command": json.dumps(c.cmd, sort_keys=True),
+                   "action": action, "command": json.dumps(c.cmd, sort_keys=True),
                    "n_references": len(refs), "topic": c.topic, "partition": c.partition, "offset": c.offset}
         await self._ports.tables.insert_rows("drift_control_log", [log_row], CONTROL_LOG_COLUMNS)
         self._applied_ids.add(c.control_id)
@@ -753,7 +767,9 @@ class DriftStage:
         cmd = rec.cmd
         if cmd.get("cmd") != "baseline":
             return False
-        if not self._ids_loaded:  # which were applied before is not known yet: hold it (bounded)
+        part = cmd.get("action") == "golden_part"
+        # which were applied before is not known yet: hold it (bounded; parts as parts, below)
+        if not self._ids_loaded and not part:
             if len(self._early) < _MAX_EARLY_COMMANDS:
                 self._early.append(rec)
             else:
@@ -763,7 +779,6 @@ class DriftStage:
         cid = str(cmd.get("id") or f"{rec.topic}:{rec.partition}:{rec.offset}:{rec.timestamp}")
         if cid in self._applied_ids:  # applied before (the topic is read from its start each time)
             return False
-        part = cmd.get("action") == "golden_part"
         if part and str(cmd.get("golden_id")) in self._applied_ids:  # its golden set is applied
             return False
         assert self._ports is not None

@@ -192,7 +192,7 @@ CREATE TABLE IF NOT EXISTS driftline.drift_golden_local ON CLUSTER c
     created_at DateTime64(3, 'UTC')
 )
 ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/drift_golden_local', '{replica}')
-ORDER BY (golden_id, idx)
+ORDER BY (golden_id, embed_model, idx)
 ;
 CREATE TABLE IF NOT EXISTS driftline.drift_golden ON CLUSTER c AS driftline.drift_golden_local
 ENGINE = Distributed('c', 'driftline', 'drift_golden_local', cityHash64(golden_id))
