@@ -15,6 +15,7 @@ from typing import Any, Final, Literal
 __all__ = [
     "EventField", "EVENT_FIELDS", "EVENT_COLUMNS", "WINDOW_COLUMNS", "SCORE_COLUMNS", "EMBEDDING_COLUMNS", "REFERENCE_COLUMNS",
     "CONTROL_LOG_COLUMNS", "NUMERIC_STATE_COLUMNS", "ALERT_COLUMNS", "LOG_COLUMNS", "OUTBOX_COLUMNS", "REKEY_LOG_COLUMNS", "GOLDEN_COLUMNS",
+    "GUARD_COLUMNS",
     "TABLE_COLUMNS",
 ]
 
@@ -196,12 +197,18 @@ REKEY_LOG_COLUMNS: Final[tuple[str, ...]] = (
 #: ``drift_golden``: one row per text of a golden set (``driftline baseline load``)
 GOLDEN_COLUMNS: Final[tuple[str, ...]] = ("golden_id", "idx", "text", "embedding", "embed_model", "created_at")
 
+#: ``guard_results``: one row per scanned text and semantic-guard category (never the matched attack text)
+GUARD_COLUMNS: Final[tuple[str, ...]] = (
+    "event_id", "ts", "app", "model", "prompt_version", "field", "category", "score", "similarity",
+    "nearest_id", "flagged", "scanner",
+)
+
 #: table -> its columns, every table of tables.sql
 TABLE_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
     "llm_events": EVENT_COLUMNS, "llm_window_metrics": WINDOW_COLUMNS, "drift_scores": SCORE_COLUMNS,
     "llm_embeddings": EMBEDDING_COLUMNS, "drift_references": REFERENCE_COLUMNS,
     "drift_control_log": CONTROL_LOG_COLUMNS, "alerts": ALERT_COLUMNS, "ingest_log": LOG_COLUMNS,
     "dlq_outbox": OUTBOX_COLUMNS, "rekey_log": REKEY_LOG_COLUMNS,
-    "drift_golden": GOLDEN_COLUMNS,
+    "drift_golden": GOLDEN_COLUMNS, "guard_results": GUARD_COLUMNS,
     "numeric_drift_state": NUMERIC_STATE_COLUMNS,
 }

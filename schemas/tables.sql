@@ -200,7 +200,8 @@ SETTINGS non_replicated_deduplication_window = 1000
 -- embedded once by the worker that applied it first (with its model); a key's golden
 -- reference (drift_references, mode golden) names its set by control_id = golden_id.
 -- text: as stored for other samples (redacted under --redact). A repeated write of a
--- set (two workers, a retry) is collapsed by the ReplacingMergeTree.
+-- set (two workers, a retry) is collapsed by the ReplacingMergeTree; the rows of two
+-- embedding models are not (embed_model is in the key: each worker reads its own model's).
 CREATE TABLE IF NOT EXISTS {db}.drift_golden
 (
     golden_id String,
@@ -211,7 +212,31 @@ CREATE TABLE IF NOT EXISTS {db}.drift_golden
     created_at DateTime64(3, 'UTC')
 )
 ENGINE = ReplacingMergeTree
-ORDER BY (golden_id, idx)
+ORDER BY (golden_id, embed_model, idx)
+SETTINGS non_replicated_deduplication_window = 1000
+;
+-- Semantic guard verdicts (README "Semantic guardrails"): one row per text the drift stage
+-- embedded and per category of its field (prompt: jailbreak, harmful_request; response: toxic).
+-- nearest_id names the most similar known attack (never its text); scanner identifies the
+-- calibrated reference set. Written with llm_embeddings (a rewrite after a retry collapses).
+CREATE TABLE IF NOT EXISTS {db}.guard_results
+(
+    event_id String,
+    ts DateTime64(3, 'UTC'),
+    app LowCardinality(String),
+    model LowCardinality(String),
+    prompt_version LowCardinality(String),
+    field LowCardinality(String),
+    category LowCardinality(String),
+    score Float32,
+    similarity Float32,
+    nearest_id String,
+    flagged UInt8,
+    scanner LowCardinality(String)
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(ts)
+ORDER BY (app, model, prompt_version, field, category, event_id)
 SETTINGS non_replicated_deduplication_window = 1000
 ;
 -- The numeric drift stage's state per key and field (README "Numeric drift"): the

@@ -54,7 +54,11 @@ STAGES: fed each write step once it is safe (``Stage.on_stored``), given their p
                                         ``baseline`` commands
                                         -> ``llm_embeddings``, ``drift_references``,
                                         ``drift_scores``, ``drift_control_log``;
-                                        every test result -> alerting (drift rules)
+                                        every test result -> alerting (drift rules);
+                                        the semantic guard scans each embedded text
+                                        (stages/guard_scan.py, --semantic-guard)
+                                        -> ``guard_results``, share tests -> ``drift_scores``
+                                        (method ``guard_<category>``) and alerting
   numeric_drift stages/numeric_drift.NumericDriftStage  inputs: stored events (columns), ``baseline``
                                         commands -> ``numeric_drift_state``, ``drift_scores``
                                         (field = the numeric field), ``drift_control_log``;

@@ -34,7 +34,7 @@ from driftline.schemas.topics import CONTROL_TOPIC
 if TYPE_CHECKING:
     from driftline.streams.ingest.kafka_security import KafkaSecurity
 
-__all__ = ["send_command", "show_references", "wait_applied", "golden_keys", "SHOW_SQL"]
+__all__ = ["send_command", "show_references", "wait_applied", "golden_keys", "golden_stored", "SHOW_SQL"]
 
 SHOW_SQL = (
     "SELECT app, model, prompt_version, field, version, mode, n, "
@@ -103,23 +103,29 @@ def show_references(dsn: str, *, app: str | None = None, model: str | None = Non
 
 def wait_applied(dsn: str, control_id: str, timeout: float) -> int | None:
     """Wait until a worker logged the command ``control_id``; returns the references it made
-    (0: it matched no key with samples; None: not applied before the timeout)."""
+    (0: it matched no key with samples; None: not applied before the timeout). Raises the
+    last error when no read of the store succeeded before the timeout (a store it cannot
+    reach is not "no worker applied it")."""
     from driftline.streams.cli.sql import run_sql
     from driftline.streams.sinks.clickhouse import resolve_dsn
 
     _, db = resolve_dsn(dsn)
     deadline = time.monotonic() + timeout
+    last: Exception | None = None
     while True:
         try:
             out = run_sql(dsn, f"SELECT max(n_references), count() FROM {db}.drift_control_log "
                                "WHERE control_id = {cid:String}", fmt="TabSeparated",
                           parameters={"cid": control_id})
             n, seen = (int(x) for x in out.split())
+            last = None
             if seen:
                 return n
-        except Exception:  # noqa: BLE001 - store busy or not there yet: retry until the deadline
-            pass
+        except Exception as exc:  # noqa: BLE001 - store busy or not there yet: retry until the deadline
+            last = exc
         if time.monotonic() > deadline:
+            if last is not None:
+                raise RuntimeError(f"could not read drift_control_log: {last}") from last
             return None
         time.sleep(0.5)
 
@@ -134,3 +140,17 @@ def golden_keys(dsn: str, golden_id: str) -> list[tuple[str, str, str, str]]:
                        "WHERE mode = 'golden' AND control_id = {gid:String} ORDER BY app, model, prompt_version, field",
                   fmt="TabSeparated", parameters={"gid": golden_id}).decode()
     return [tuple(line.split("\t")) for line in out.splitlines() if line]  # type: ignore[misc]
+
+
+def golden_stored(dsn: str, golden_id: str) -> int:
+    """The texts of the golden set ``golden_id`` stored in ``drift_golden`` (distinct indices,
+    whatever the embedding model). A worker that could not put the set together (parts
+    missing or altered) logs its command all the same, with 0 references: this tells the two
+    apart."""
+    from driftline.streams.cli.sql import run_sql
+    from driftline.streams.sinks.clickhouse import resolve_dsn
+
+    _, db = resolve_dsn(dsn)
+    out = run_sql(dsn, f"SELECT uniqExact(idx) FROM {db}.drift_golden WHERE golden_id = {{gid:String}}",
+                  fmt="TabSeparated", parameters={"gid": golden_id})
+    return int(out.split()[0])

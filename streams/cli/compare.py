@@ -155,12 +155,18 @@ class CompareConfig:
 
 # -- data -----------------------------------------------------------------------------
 
+def _finite(col: str) -> str:
+    """``col`` with NaN and inf as NULL: the ingest path refuses them, but another writer may
+    store them, and one NaN makes ClickHouse's avg NaN (JSON null), read as a mean of 0."""
+    return f"if(isFinite({col}), {col}, NULL)"
+
+
 _MEAN_COLUMNS = {  # metric -> SQL expression per call (NULL: the call does not count)
-    "latency_ms": "latency_ms",
-    "ttft_ms": "ttft_ms",
+    "latency_ms": _finite("latency_ms"),
+    "ttft_ms": _finite("ttft_ms"),
     "tokens": "if(input_tokens IS NULL AND output_tokens IS NULL, NULL, "
               "ifNull(input_tokens, 0) + ifNull(output_tokens, 0))",
-    "cost_usd": "cost_usd",
+    "cost_usd": _finite("cost_usd"),
 }
 _RATE_COLUMNS = {  # metric -> (events, out of)
     "errors": ("status = 'error'", "1"),
@@ -270,7 +276,7 @@ def _fetch_order_stats(run: Callable[[str, dict[str, Any]], bytes], database: st
             sel.append(f"[{', '.join(f's_{col}[{{{col}_{j}:UInt64}}]' for j in range(len(wanted[col])))}] AS {col}")
         if not any(wanted.values()):
             return
-        inner = ", ".join(f"arraySort(groupArray({c})) AS s_{c}" for c in _QUANTILE_COLUMNS)
+        inner = ", ".join(f"arraySort(groupArray({_MEAN_COLUMNS[c]})) AS s_{c}" for c in _QUANTILE_COLUMNS)
         row = _rows(run, f"SELECT {', '.join(sel)} FROM (SELECT {inner} FROM {database}.llm_events FINAL "
                          f"WHERE {where})", qp)[0]
         got = {col: int(row[f"n_{col}"]) for col in _QUANTILE_COLUMNS}

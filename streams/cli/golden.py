@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from driftline.streams.ingest.kafka_security import KafkaSecurity
 
 __all__ = ["MAX_TEXTS", "MAX_TEXT_CHARS", "PART_BYTES", "GoldenFileError", "parse_golden", "read_golden",
-           "texts_digest", "golden_commands", "send_golden"]
+           "texts_digest", "golden_commands", "send_golden", "part_problem", "held_texts", "command_count"]
 
 #: most texts in one golden set
 MAX_TEXTS = 20_000
@@ -141,6 +141,35 @@ def read_golden(path: str, field: str) -> list[str]:
 def texts_digest(texts: Sequence[str]) -> str:
     """SHA-256 of the texts (their JSON array): the worker checks the parts it put together."""
     return hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode()).hexdigest()
+
+
+def part_problem(cmd: dict[str, Any]) -> str | None:
+    """Why a worker must not hold a ``golden_part`` command (None: it may). Parts obey the
+    file's caps, so that the parts a worker holds stay bounded whoever sent them: at most
+    :data:`MAX_TEXTS` parts (each has a text) and texts, each a string of at most
+    :data:`MAX_TEXT_CHARS` characters."""
+    gid, i, n, texts = cmd.get("golden_id"), cmd.get("i"), cmd.get("n"), cmd.get("texts")
+    if not (isinstance(gid, str) and type(i) is int and type(n) is int and 0 <= i < n
+            and isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
+        return "malformed"
+    if n > MAX_TEXTS or len(texts) > MAX_TEXTS:
+        return f"over the cap of {MAX_TEXTS:,} texts"
+    if any(len(t) > MAX_TEXT_CHARS for t in texts):
+        return f"a text over the cap of {MAX_TEXT_CHARS:,} characters"
+    return None
+
+
+def held_texts(parts: dict[int, list[str]]) -> int:
+    """The texts held in a set's parts (a set over :data:`MAX_TEXTS` is dropped)."""
+    return sum(map(len, parts.values()))
+
+
+def command_count(cmd: dict[str, Any]) -> int | None:
+    """The ``n_texts`` of a ``golden`` command when it is an int in 1..:data:`MAX_TEXTS` (the
+    file's caps), else None: a worker waits for a set in proportion to its size, so a count
+    nobody could have sent must not make it wait."""
+    n = cmd.get("n_texts")
+    return n if type(n) is int and 1 <= n <= MAX_TEXTS else None
 
 
 def golden_commands(texts: Sequence[str], filters: dict[str, Any], *, golden_id: str | None = None,

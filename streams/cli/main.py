@@ -46,6 +46,39 @@ def default_chdb_dsn() -> str:
     return f"chdb://{_data_home() / 'chdb'}"
 
 
+def _check_guard_examples(path: Path | None) -> str | None:
+    """``--guard-examples``: the file's path when every line is a valid attack example; exit 2
+    listing the bad lines otherwise (the worker does not start with a file it would ignore)."""
+    if path is None:
+        return None
+    from driftline.detectors.semantic_guard import ExampleError, parse_examples
+
+    try:
+        with path.open(encoding="utf-8") as fh:
+            n = len(parse_examples(fh, str(path)))
+    except (ExampleError, OSError, UnicodeDecodeError) as exc:
+        raise _err(f"--guard-examples: {exc}", 2) from None
+    if n == 0:
+        raise _err(f"--guard-examples: {path} holds no example", 2)
+    return str(path)
+
+
+def _wait_applied(dsn: str, control_id: str, wait: float, secrets: list[str]) -> int:
+    """The references a worker made for the command ``control_id``; exit 1 when no worker
+    logged it within ``wait`` seconds, or when the store could not be read (the error,
+    ``secrets`` masked)."""
+    from driftline.streams.cli.baseline import wait_applied
+
+    try:
+        n = wait_applied(dsn, control_id, wait)
+    except Exception as exc:  # noqa: BLE001 - the store could not be read: say why, not "no worker"
+        raise _client_error(exc, secrets) from None
+    if n is None:
+        raise _err(f"no worker applied it within {wait:.0f}s (is a worker with --drift running? a worker "
+                   "applies it when it starts); see `driftline baseline show`", 1)
+    return n
+
+
 def _client_dsn(clickhouse: str | None) -> tuple[str, list[str]]:
     """The DSN for sql / baseline: --clickhouse (or DRIFTLINE_CLICKHOUSE, else the embedded
     store) with the password of DRIFTLINE_CLICKHOUSE_PASSWORD_FILE or DRIFTLINE_CLICKHOUSE_PASSWORD
@@ -349,6 +382,9 @@ def worker(
     ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Serve the page (drift, latency, cost, alerts) at /ui/ on the --metrics-port. It always asks for user driftline and the SQL endpoint's password (on loopback too; the credentials file next to a chDB store, else $XDG_DATA_HOME/driftline/credentials).")] = True,
     # -- agents and sessions (streams/stages/runaway.py; README "Runaway rules")
     alert_max_traces: Annotated[int, typer.Option(min=1, help="Runaway rules: the most traces (and conversations, users) whose calls are tracked, per kind; past it the one fed least recently is dropped, counted in driftline_alert_evicted_keys_total{dimension=\"traces\"}, and its alert resolves.")] = 10_000,
+    # -- the semantic guard on the drift stage's embeddings (streams/stages/guard_scan.py; README "Semantic guardrails")
+    semantic_guard: Annotated[str, typer.Option("--semantic-guard", help="Scan every text the drift stage embeds against known jailbreaks, harmful requests (prompts) and toxic text (responses): guard_results, drift_scores method guard_<category>, rule JailbreakAttemptsRising. auto: when the reference embeddings are cached for this model (next to the data step's files, $DRIFTLINE_DATA); build: embed them first if not (~2,000 texts, ~170 s on 2 CPU cores, in the background while the worker runs; once); off. Without the data or the cache the worker runs without it and logs why.")] = "auto",
+    guard_examples: Annotated[Path | None, typer.Option("--guard-examples", help="Your own attack examples for the semantic guard: a JSONL file, one {\"id\": …, \"category\": \"jailbreak\" | \"harmful_request\" | \"toxic\", \"text\": …} a line, checked before the worker starts (every bad line listed by number); they join the references (embedded at start, cached next to the data); the thresholds stay calibrated on the benign texts.")] = None,
     # -- numeric drift (streams/stages/numeric_drift.py; README "Numeric drift")
     numeric_drift: Annotated[bool, typer.Option("--numeric-drift/--no-numeric-drift", help="Numeric drift: per key, test output/input/reasoning tokens, latency, TTFT, TPOT, cost per call (Kolmogorov-Smirnov) and the finish-reason mix (G-test) of a sliding window against a reference of the first values; results in drift_scores with field = the column.")] = True,
     numeric_ref_size: Annotated[int, typer.Option(help="Numeric drift: values in an automatic reference per key and field.")] = 500,
@@ -368,6 +404,7 @@ def worker(
     security = _kafka_security(kafka, kafka_security_protocol, kafka_sasl_mechanism, kafka_user, kafka_password_file,
                                kafka_ca, kafka_cert, kafka_key)
     control_secret = _control_secret(control_secret_file)
+    examples_file = _check_guard_examples(guard_examples)  # before anything starts
     from driftline.streams.redact_secrets import install_secret_filter
 
     install_secret_filter([security.password or "", control_secret.decode("utf-8", "replace") if control_secret else ""])
@@ -403,6 +440,10 @@ def worker(
                              embed_batch=embed_batch, embed_threads=embed_threads, sample_rate=sample_rate,
                              drift_fields=drift_fields, ref_size=ref_size, drift_window=drift_window,
                              test_every=test_every, test_interval=test_interval, drift_alpha=drift_alpha)
+        if dcfg is not None:
+            from dataclasses import replace as _replace
+
+            dcfg = _replace(dcfg, semantic_guard=semantic_guard, guard_examples=examples_file)
         from driftline.streams.stages.numeric_drift import NumericDriftConfig
 
         ncfg = NumericDriftConfig(ref_size=numeric_ref_size, window_size=numeric_window,
@@ -647,7 +688,7 @@ def _time_ms(v: str | None, name: str) -> int | None:
 
 def _send_baseline(kafka: str | None, clickhouse: str | None, cmd: dict[str, Any], wait: float,
                    security: Any = None, secret: bytes | None = None) -> None:
-    from driftline.streams.cli.baseline import send_command, wait_applied
+    from driftline.streams.cli.baseline import send_command
 
     kafka, _, _ = _resolve_targets(kafka, "-", start_broker=False)
     if security is not None:
@@ -660,11 +701,8 @@ def _send_baseline(kafka: str | None, clickhouse: str | None, cmd: dict[str, Any
     _say(f"sent {cmd['action']} to {CONTROL_TOPIC} (id {cid})")
     if wait <= 0:
         return
-    dsn, _ = _client_dsn(clickhouse)
-    n = wait_applied(dsn, cid, wait)
-    if n is None:
-        raise _err(f"no worker applied it within {wait:.0f}s (is a worker with --drift running? a worker "
-                   "applies it when it starts); see `driftline baseline show`", 1)
+    dsn, secrets = _client_dsn(clickhouse)
+    n = _wait_applied(dsn, cid, wait, secrets)
     if n == 0:
         raise _err("applied, but it matched no key with samples (check --app/--model/--prompt-version/"
                    "--field and the time range)", 1)
@@ -775,7 +813,7 @@ def baseline_load(
     control_secret_file: ControlSecretFileOpt = None,
 ) -> None:
     """`driftline baseline load`: see the command's help."""
-    from driftline.streams.cli.baseline import golden_keys, wait_applied
+    from driftline.streams.cli.baseline import golden_keys, golden_stored
     from driftline.streams.cli.golden import (
         GoldenFileError,
         golden_commands,
@@ -806,14 +844,16 @@ def baseline_load(
     if wait <= 0:
         return
     dsn, secrets = _client_dsn(clickhouse)
-    n = wait_applied(dsn, gid, wait)
-    if n is None:
-        raise _err(f"no worker applied it within {wait:.0f}s (is a worker with --drift running? a worker "
-                   "applies it when it starts); see `driftline baseline show`", 1)
+    _wait_applied(dsn, gid, wait, secrets)
     try:
+        stored = golden_stored(dsn, gid)
         keys = golden_keys(dsn, gid)
     except Exception as exc:  # noqa: BLE001
         raise _client_error(exc, secrets) from None
+    if stored < len(texts):  # logged, but the worker could not put it together: see its log
+        raise _err(f"golden set {gid} was not applied: {stored} of its {len(texts)} texts are in drift_golden "
+                   "(a worker logged it without its parts: more than 4 loads at once, or parts altered); "
+                   "see the worker's log and load it again", 1)
     typer.echo(f"applied: golden set {gid} ({len(texts)} texts) is the {field} reference of {len(keys)} key(s)"
                + ("; keys that appear later and match get it" if not keys else ""))
     for k in keys:

@@ -261,7 +261,8 @@ class GuardData:
 
 def build_guard(encoder: _Encoder, *, paths: DataPaths | None = None, fpr: float = 0.01, k: int = 3,
                 seed: int = 0, examples: Path | None = None,
-                progress: Callable[[str], None] | None = None) -> GuardData:
+                progress: Callable[[str], None] | None = None,
+                examples_encoder: _Encoder | None = None) -> GuardData:
     """Embed (or load) every source, split it, and calibrate each category at ``fpr``.
 
     Thresholds: per category, :func:`threshold_for_fpr` over the scores of the
@@ -269,7 +270,9 @@ def build_guard(encoder: _Encoder, *, paths: DataPaths | None = None, fpr: float
     references only (never calibration or test). ``k = 3`` (mean of the 3
     nearest references): over 5 split seeds it finds 0.90 of held-out jailbreaks
     against 0.82 for the max cosine (``k = 1``) at about the same FPR
-    (``benchmarks/RESULTS.md``, "Semantic guardrails").
+    (``benchmarks/RESULTS.md``, "Semantic guardrails"). ``examples_encoder`` embeds the
+    user's examples (default ``encoder``; the worker passes its real encoder there while
+    ``encoder`` only checks the cache).
     """
     say = progress or (lambda _m: None)
     p = paths if paths is not None else ensure_data()
@@ -302,7 +305,7 @@ def build_guard(encoder: _Encoder, *, paths: DataPaths | None = None, fpr: float
         for cat in sorted({e.category for e in exs}):
             mine = [e for e in exs if e.category == cat]
             got = embed_cached(f"user_{cat}", [e.text for e in mine], [f"user:{e.id}" for e in mine],
-                               encoder, cache)
+                               examples_encoder if examples_encoder is not None else encoder, cache)
             state = state.with_examples(cat, got.vectors, got.ids)
     guard = SemanticGuard(state)
     thresholds = {}

@@ -78,6 +78,7 @@ __all__ = [
     "ModelProfile",
     "ReplayConfig",
     "ReplayData",
+    "ModelUpdate",
     "VersionEffect",
     "ReplayRecord",
     "SOURCES",
@@ -238,13 +239,16 @@ class DriftSpec:
             raise ValueError("latency_factor must be > 0")
 
 
+_LENGTH_SHARE = 0.015  # answers cut at the token limit (finish reason length), before an update
+
+
 @dataclass(frozen=True)
 class VersionEffect:
     """How one prompt version of one app behaves unlike the others, from the first record on:
     a candidate running beside its baseline (an A/B test or a canary), for ``driftline compare``.
 
     ``output_factor`` multiplies its answers' output tokens (so its cost and latency grow),
-    ``tpot_factor`` its time per output token, and ``negative_feedback`` is the share of its
+    ``tpot_factor`` its time per output token (each in (0, 100]), and ``negative_feedback`` is the share of its
     neutral (0) ratings that become thumbs-down (-1). Applied without drawing from the random
     generator, so a stream with no effects is the stream of the same seed without them.
     """
@@ -256,10 +260,36 @@ class VersionEffect:
     negative_feedback: float = 0.0
 
     def __post_init__(self) -> None:
-        if min(self.output_factor, self.tpot_factor) <= 0:
-            raise ValueError(f"{self.app}/{self.prompt_version}: output_factor and tpot_factor must be > 0")
+        if not all(0 < f <= 100 for f in (self.output_factor, self.tpot_factor)):  # NaN fails too
+            raise ValueError(f"{self.app}/{self.prompt_version}: output_factor and tpot_factor must be > 0 "
+                             "and <= 100")
         if not 0 <= self.negative_feedback <= 1:
             raise ValueError(f"{self.app}/{self.prompt_version}: negative_feedback must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class ModelUpdate:
+    """A provider's silent update of one model: from record index ``at * n_events`` on, the
+    model (by request name, every app that calls it) answers with ``output_factor`` times the
+    output tokens, ``ttft_factor`` times the time to first token, and cuts ``length_share``
+    of its answers at the token limit (finish reason ``length`` / ``max_tokens``; 1.5 %
+    before). Its name and the prompts stay the same: only the numbers show it. Applied
+    without drawing from the random generator, like :class:`VersionEffect`.
+    """
+
+    model: str
+    at: float = 0.5
+    output_factor: float = 1.0
+    ttft_factor: float = 1.0
+    length_share: float = _LENGTH_SHARE
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.at <= 1:
+            raise ValueError(f"{self.model}: at must be in [0, 1]")
+        if min(self.output_factor, self.ttft_factor) <= 0:
+            raise ValueError(f"{self.model}: output_factor and ttft_factor must be > 0")
+        if not 0 <= self.length_share <= 0.5:
+            raise ValueError(f"{self.model}: length_share must be in [0, 0.5]")
 
 
 MalformationKind = Literal[
@@ -327,6 +357,7 @@ class ReplayConfig:
     drift: DriftSpec = field(default_factory=DriftSpec)
     environment: str = "prod"
     version_effects: tuple[VersionEffect, ...] = ()
+    model_updates: tuple[ModelUpdate, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "category_mix", _check_mix(self.category_mix, "category_mix"))
@@ -359,6 +390,9 @@ class ReplayConfig:
         if self.harmful_rate + self.drift.jailbreak_share + self.drift.toxic_share > 1:
             raise ValueError("harmful_rate + drift.jailbreak_share + drift.toxic_share must be <= 1")
         _check_effects(self.version_effects, self.apps)
+        updated = [u.model for u in self.model_updates]
+        if set(updated) - {m for a in self.apps for m in a.models} or len(set(updated)) != len(updated):
+            raise ValueError(f"model_updates: each model once, a model of the fleet: {updated}")
 
     @property
     def n_malformed(self) -> int:
@@ -627,10 +661,11 @@ def generate(config: ReplayConfig, data: ReplayData) -> Iterator[ReplayRecord]:
         guard = _draw_guardrails(rng, pools, prompt, m)
         tokens = _draw_tokens(rng, fleet, slot, prompt.p_tok, m)
         effect = fleet.effects[tokens.app, tokens.pv]  # (m, 3); all (1, 1, 0) without effects
-        guard = guard._replace(r_tok=np.rint(guard.r_tok * effect[:, 0]).astype(np.int64))
+        upd = _update_effects(config, fleet, slot, b0, m)  # (m, 3); all (1, 1, 0.015) without updates
+        guard = guard._replace(r_tok=np.rint(guard.r_tok * effect[:, 0] * upd[:, 0]).astype(np.int64))
         ttft, tpot, latency = _draw_latency(rng, config.drift, fleet, slot, drifted, tokens.reas,
-                                            guard.r_tok, m, effect[:, 1])
-        outcome = _draw_outcome(rng, config, fleet, tokens.app, guard.blocked, latency, m)
+                                            guard.r_tok, m, effect[:, 1], upd[:, 1])
+        outcome = _draw_outcome(rng, config, fleet, tokens.app, guard.blocked, latency, m, upd[:, 2])
         when = _draw_when(rng, config, clock, is_late[b0 : b0 + m], m)
         # a neutral rating of a version with an effect turns thumbs-down; the draw is u_mal,
         # which only a malformed record uses otherwise (no new draw: other streams stay as they were)
@@ -667,6 +702,7 @@ class _Fleet:
     slot_app: np.ndarray
     slot_drifts: np.ndarray
     slot_slow: np.ndarray
+    slot_model: np.ndarray  # request model name per slot
     ttft_med: np.ndarray
     ttft_sd: np.ndarray
     tpot_med: np.ndarray
@@ -707,6 +743,7 @@ class _Fleet:
             slot_app=np.array([apps.index(a) for a, _, _ in slots]),
             slot_drifts=np.array([a.name in drift_apps for a, _, _ in slots]),
             slot_slow=np.array([m == drift.latency_model for _, m, _ in slots]),
+            slot_model=np.array([m for _, m, _ in slots], dtype=object),
             ttft_med=np.array([p.ttft_median_ms for _, _, p in slots]),
             ttft_sd=np.array([p.ttft_sigma for _, _, p in slots]),
             tpot_med=np.array([p.tpot_median_ms for _, _, p in slots]),
@@ -866,13 +903,26 @@ def _draw_tokens(rng: np.random.Generator, fleet: _Fleet, slot: np.ndarray, p_to
     return _Tokens(a_of, pv, in_tok, reas, cache_read, cache_write)
 
 
+def _update_effects(cfg: ReplayConfig, fleet: _Fleet, slot: np.ndarray, b0: int, m: int) -> np.ndarray:
+    """Per record of the block: the output factor, TTFT factor and length share of its model
+    (1, 1, 1.5 % unless a :class:`ModelUpdate` of it is in force at that index)."""
+    out = np.tile(np.array([1.0, 1.0, _LENGTH_SHARE]), (m, 1))
+    idx = np.arange(b0, b0 + m)
+    for u in cfg.model_updates:
+        hit = (fleet.slot_model[slot] == u.model) & (idx >= round(u.at * cfg.n_events))
+        out[hit] = (u.output_factor, u.ttft_factor, u.length_share)
+    return out
+
+
 def _draw_latency(rng: np.random.Generator, drift: DriftSpec, fleet: _Fleet, slot: np.ndarray,
                   drifted: np.ndarray, reas: np.ndarray, r_tok: np.ndarray,
-                  m: int, tpot_factor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  m: int, tpot_factor: np.ndarray,
+                  ttft_factor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """TTFT, TPOT and the whole call's latency (before errors), with the drifted model slowed
-    (and a prompt version's own TPOT factor, see :class:`VersionEffect`)."""
+    (and a prompt version's own TPOT factor, see :class:`VersionEffect`; an updated model's
+    TTFT factor, see :class:`ModelUpdate`)."""
     factor = np.where(drifted & fleet.slot_slow[slot], drift.latency_factor, 1.0)
-    ttft = _lognormal(rng, fleet.ttft_med[slot], fleet.ttft_sd[slot], m) * factor
+    ttft = _lognormal(rng, fleet.ttft_med[slot], fleet.ttft_sd[slot], m) * factor * ttft_factor
     tpot = _lognormal(rng, fleet.tpot_med[slot], fleet.tpot_sd[slot], m) * factor * tpot_factor
     tail = np.where(rng.random(m) < 0.01, rng.uniform(3.0, 6.0, m), 1.0)
     ttft = np.round(ttft + reas * tpot, 1)  # rounded as sent, so the sum below holds
@@ -893,14 +943,16 @@ _ERR_SD = np.array([0.5, 0.002, 0.6])
 
 
 def _draw_outcome(rng: np.random.Generator, cfg: ReplayConfig, fleet: _Fleet, a_of: np.ndarray,
-                  blocked: np.ndarray, latency: np.ndarray, m: int) -> _Outcome:
+                  blocked: np.ndarray, latency: np.ndarray, m: int,
+                  length_share: np.ndarray) -> _Outcome:
     """Errors (with their own latency), the finish reason and user feedback."""
     is_err = rng.random(m) < cfg.error_rate
     err_kind = np.searchsorted(_ERROR_CUM, rng.random(m), side="right").clip(0, 2)
     err_lat = _lognormal(rng, _ERR_MED[err_kind], _ERR_SD[err_kind], m)
     latency = np.round(np.where(is_err, err_lat, latency), 1)
     u_fin = rng.random(m)
-    finish = np.where(u_fin < 0.015, 1, np.where(u_fin < 0.015 + fleet.tool_rate[a_of], 2, 0))
+    finish = np.where(u_fin < length_share, 1,
+                      np.where(u_fin < length_share + fleet.tool_rate[a_of], 2, 0))
     finish = np.where(blocked, 3, finish)
     fb = rng.choice(np.array([1, 0, -1]), m, p=[0.6, 0.15, 0.25])
     fb = np.where(rng.random(m) < cfg.feedback_rate, np.where(blocked, -1, fb), 9)

@@ -47,7 +47,9 @@ ingest_log          source_topic, source_partition, epoch,          cityHash64(s
 dlq_outbox          source_topic, source_partition, epoch,          cityHash64(source_topic, source_partition)   one partition's outbox on one shard (read with FINAL per
                     source_offset, idx                                                                           partition on recovery)
 rekey_log           source_topic, source_partition, next_offset     cityHash64(source_topic, source_partition)   one OTLP partition's re-keyer log on one shard
-drift_golden        golden_id, idx                                  cityHash64(golden_id)                        one golden set on one shard (read with FINAL)
+drift_golden        golden_id, embed_model, idx                     cityHash64(golden_id)                        one golden set on one shard (read with FINAL)
+guard_results       app, model, prompt_version, field, category,    cityHash64(app, model, prompt_version,       a rewritten verdict meets its twin (same key, field and
+                    event_id                                        field)                                       event), next to the key's llm_embeddings rows
 numeric_drift_state app, model, prompt_version, field              cityHash64(app, model, prompt_version,       one key-field's state rows on one shard (read with FINAL)
                                                                     field)
 ==================  ==============================================  ===========================================  ==========================================================
@@ -116,6 +118,7 @@ SHARD_BY: dict[str, tuple[str, ...]] = {
     "dlq_outbox": ("source_topic", "source_partition"),
     "rekey_log": ("source_topic", "source_partition"),
     "drift_golden": ("golden_id",),
+    "guard_results": ("app", "model", "prompt_version", "field"),
     "numeric_drift_state": ("app", "model", "prompt_version", "field"),
 }
 

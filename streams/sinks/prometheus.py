@@ -39,6 +39,7 @@ Metric contract (the exported Prometheus rules in deploy/prometheus use these):
 | driftline_drift_p_value, driftline_drift_statistic, driftline_drift_detected | gauge | app, model, prompt_version, field, method |
 | driftline_drift_events_seen | counter | app, model |
 | driftline_drift_sampled | counter | app, model, field |
+| driftline_semantic_guard_scanned, _flagged | counter | app, model, field, category |
 | driftline_drift_tests, driftline_drift_evicted_keys, driftline_embed_* | counter | — |
 | driftline_drift_sample_rate, driftline_drift_references, driftline_embed_queue_depth | gauge | — |
 | driftline_alert_transitions | counter | rule, state |
@@ -264,6 +265,9 @@ class DriftStageMetrics(Collector):
         self.max_series = max_series
         self.seen: dict[tuple[str, str], float] = defaultdict(float)
         self.sampled: dict[tuple[str, str, str], float] = defaultdict(float)
+        #: semantic guard: texts scanned / flagged per (app, model, field, category) (drift thread)
+        self.guard_scanned: dict[tuple[str, str, str, str], float] = defaultdict(float)
+        self.guard_flagged: dict[tuple[str, str, str, str], float] = defaultdict(float)
         if registry is not None:
             registry.register(self)
 
@@ -284,6 +288,13 @@ class DriftStageMetrics(Collector):
         for k3, v in self.sampled.items():
             cs.add_metric(list(k3), v)
         yield cs
+        for name, what, counts in (("scanned", "texts the semantic guard scanned", self.guard_scanned),
+                                   ("flagged", "texts the semantic guard flagged", self.guard_flagged)):
+            g = CounterMetricFamily(f"driftline_semantic_guard_{name}", f"{what}, per category of the "
+                                    "text's field", labels=["app", "model", "field", "category"])
+            for k4, v in list(counts.items()):  # written on the drift thread
+                g.add_metric(list(k4), v)
+            yield g
         yield GaugeMetricFamily("driftline_drift_sample_rate", "configured share of events embedded",
                                 value=st.cfg.sample_rate)
         b = st.batcher

@@ -21,7 +21,8 @@ the owner (whose partitions may be idle) and a replay does not move it back.
   *or* cannot tell (2). A "worse with confidence" claim that the data no longer supports
   is withdrawn (with a sliding ``lookback`` old calls leave the range); use
   ``resolve_after`` to hold it through short doubts;
-- "cannot tell yet" (too few calls, an interval across the limit) never fires.
+- "cannot tell yet" (too few calls, an interval across the limit, a ``since`` still
+  ahead: then the store is not read) never fires.
 
 A failed query is logged and counted (``driftline_alert_compare_runs_total{outcome=
 "failed"}``); the rule keeps its state until a query succeeds. A rule runs at most once
@@ -90,6 +91,8 @@ def evaluate(rule: Rule, run: Callable[[str, dict[str, Any]], bytes], database: 
     from driftline.streams.cli.compare import evaluate_gate
 
     assert rule.compare is not None, f"{rule.name} is not a compare rule"
+    if rule.compare.start_ms(now_ms) >= now_ms:  # a fixed ``since`` still ahead (written before the rollout)
+        return CompareReading(rule.name, now_ms, 2, (), 0, 0)  # cannot tell yet: no call in the range
     cfg, criteria = compare_inputs(rule.compare, now_ms)
     code, results, b, c = evaluate_gate(run, database, cfg, criteria)
     return reading(rule.name, now_ms, code, results, b.n, c.n)

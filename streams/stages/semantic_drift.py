@@ -24,7 +24,10 @@ every batch is safe in ClickHouse (``on_stored``) it
 4. writes the embeddings to ``llm_embeddings``, references to
    ``drift_references`` and results to ``drift_scores``, sets the
    ``driftline_drift_*`` gauges and hands each result to every stage with an
-   ``observe_drift`` method (alert rules of kind ``drift``).
+   ``observe_drift`` method (alert rules of kind ``drift``);
+5. scans the same vectors with the semantic guard when it has one
+   (:mod:`.guard_scan`, ``semantic_guard``): ``guard_results`` rows, per-key share tests
+   (``drift_scores`` method ``guard_<category>``), handed on like the other results.
 
 **Calibration.** ``alpha`` is a family-wise level per test round over all keys
 and fields: each test runs at ``alpha / (K x F x M)`` (Bonferroni; ``K`` keys with
@@ -73,11 +76,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field as dc_field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -105,6 +110,7 @@ from driftline.streams.stages.drift_references import (
     per_test_alpha,
 )
 from driftline.streams.stages.embedding import EmbeddingBatcher, EmbeddingConfig, load_encoder
+from driftline.streams.stages.guard_scan import GuardScan, load_guard
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -221,6 +227,12 @@ class DriftConfig:
     #: on a rebalance, wait this long at most for the samples in flight to be embedded,
     #: tested and written before the keys' state is dropped (what is left is dropped)
     revoke_drain_s: float = 5.0
+    #: the semantic guard on every embedded text (streams/stages/guard_scan.py): ``auto`` when
+    #: its reference embeddings are cached, ``build`` (cache them first, in the background), ``off``
+    semantic_guard: str = "auto"
+    #: a JSONL file of the user's own attack examples (``{"id", "category", "text"}`` a line)
+    #: that join the guard's references (embedded at start, even under ``auto``: few texts)
+    guard_examples: str | None = None
 
     def __post_init__(self) -> None:
         if not self.fields or set(self.fields) - set(FIELDS):
@@ -241,6 +253,8 @@ class DriftConfig:
             raise ValueError("max_keys must be >= 1")
         if not self.revoke_drain_s >= 0:
             raise ValueError("revoke_drain_s must be >= 0")
+        if self.semantic_guard not in ("auto", "build", "off"):
+            raise ValueError(f"semantic_guard must be auto, build or off, got {self.semantic_guard!r}")
 
     @property
     def min_cur(self) -> int:
@@ -286,12 +300,18 @@ class DriftStage:
     """The worker stage (``name = "drift"``). ``DriftStage.factory(cfg)`` for ``serve_worker(stages=…)``."""
 
     name = "drift"
-    tables = ("llm_embeddings", "drift_references", "drift_scores", "drift_control_log", "drift_golden")
+    tables = ("llm_embeddings", "drift_references", "drift_scores", "drift_control_log", "drift_golden",
+              "guard_results")
 
     def __init__(self, cfg: DriftConfig | None = None, registry: CollectorRegistry | None = None,
-                 encoder: Any = None) -> None:
+                 encoder: Any = None, guard: Any = None) -> None:
         self.cfg = cfg or DriftConfig()
         self._encoder = encoder
+        #: a :class:`~driftline.detectors.semantic_guard.SemanticGuard` given by the caller (tests, a
+        #: stand-in encoder); else loaded at start per ``cfg.semantic_guard`` with the stage's encoder
+        self._guard = guard
+        #: the guard in the stream (None: texts are not scanned); set once, read on the drift thread
+        self.guard: GuardScan | None = None
         self.metrics = DriftStageMetrics(self, registry)
         self.batcher: EmbeddingBatcher[Sample] | None = None
         self.engine: DriftEngine | None = None
@@ -311,6 +331,8 @@ class DriftStage:
         self._task: asyncio.Task[None] | None = None
         self.stored_embeddings = 0
         self.stored_scores = 0
+        #: guard_results rows written (one per scanned text and category of its field)
+        self.stored_guard_results = 0
         self.controls_applied = 0
         self._applied_ids: set[str] = set()
         #: False until drift_control_log was read; commands meanwhile wait in _early
@@ -335,8 +357,8 @@ class DriftStage:
         self.golden_poll_s = 1.0
 
     @classmethod
-    def factory(cls, cfg: DriftConfig | None = None, encoder: Any = None) -> Any:
-        return lambda registry: cls(cfg, registry, encoder)
+    def factory(cls, cfg: DriftConfig | None = None, encoder: Any = None, guard: Any = None) -> Any:
+        return lambda registry: cls(cfg, registry, encoder, guard)
 
     # -- lifecycle ---------------------------------------------------------------
     def add_observer(self, fn: Callable[[DriftObservation], None]) -> None:
@@ -355,6 +377,7 @@ class DriftStage:
         self.engine = DriftEngine(self.cfg, ports.tables.query, ports.tables.database,
                                   getattr(self.batcher.encoder, "name", "encoder"))
         self.engine.redaction = ports.redaction
+        await self._start_guard()
         if self.cfg.control_topic:  # the commands applied before: the control topic is read from its start
             if not await self._read_applied_ids():  # ClickHouse down: retried, never fails the start
                 self._ids_task = asyncio.create_task(self._load_applied_ids(), name="driftline-drift-ids")
@@ -365,6 +388,42 @@ class DriftStage:
                  self.batcher.encoder.name, getattr(self.batcher.encoder, "device", "?"),
                  self.cfg.sample_rate, ",".join(self.cfg.fields), self.cfg.ref_size, self.cfg.window_size,
                  self.cfg.test_every)
+
+    async def _start_guard(self) -> None:
+        """The semantic guard: the one given, else (with the stage's own encoder, never a stand-in)
+        loaded from the cached references (``auto``) or built first in the background (``build``,
+        and ``auto`` on CUDA, where the ~2,000 texts take seconds; fp16 vectors differ from a CPU cache).
+        Without it the stage runs unchanged; why is logged once."""
+        mode = self.cfg.semantic_guard
+        if self._guard is not None:
+            self.guard = GuardScan(self._guard, self.cfg)
+        elif mode == "off":
+            log.info("semantic guard: off (--semantic-guard off)")
+        elif self._encoder is not None:
+            log.info("semantic guard: off (the stage was given an encoder but no guard)")
+        elif mode == "auto" and not str(getattr(self.batcher and self.batcher.encoder, "device", "")).startswith("cuda"):
+            guard, how = await asyncio.to_thread(load_guard, self.batcher.encoder if self.batcher else None,
+                                                 examples=self._examples_path())
+            self._guard_ready(guard, how)
+        else:  # build (or auto on CUDA: seconds): ~2,000 texts to embed when not cached, meanwhile the stream runs
+            enc = self.batcher.encoder if self.batcher else None
+            ex = self._examples_path()
+            threading.Thread(target=lambda: self._guard_ready(*load_guard(enc, build=True, examples=ex)),
+                             name="driftline-guard-build", daemon=True).start()
+            log.info("semantic guard: loading or building its reference embeddings in the background")
+        if self.guard is not None:
+            log.info("semantic guard: scanning %s (%s)", ",".join(self.guard.fields) or "nothing",
+                     self.guard.version)
+
+    def _examples_path(self) -> Path | None:
+        return Path(self.cfg.guard_examples) if self.cfg.guard_examples else None
+
+    def _guard_ready(self, guard: Any, how: str) -> None:
+        if guard is None:
+            log.warning("semantic guard: off: %s", how)
+            return
+        self.guard = GuardScan(guard, self.cfg)
+        log.info("semantic guard: on (%s); texts embedded from now on are scanned", how)
 
     async def _read_applied_ids(self) -> bool:
         """Read which control commands were applied before (``drift_control_log``) and
@@ -379,6 +438,8 @@ class DriftStage:
             return False
         self._applied_ids |= {r[0] for r in done}
         self._ids_loaded = True
+        for gid in [g for g in self._golden_parts if g in self._applied_ids]:  # held before: applied then
+            del self._golden_parts[gid]
         early, self._early = self._early, []
         for rec in early:
             self.on_command(rec)
@@ -492,25 +553,47 @@ class DriftStage:
             if not samples:
                 return
         loop = asyncio.get_running_loop()
-        emb, refs, results = await loop.run_in_executor(self._pool, self.engine.process, samples, hashes, vecs)
+        emb, refs, results, scan = await loop.run_in_executor(self._pool, self._process, samples, hashes, vecs)
         if gen != self._gen:  # revoked while testing: the new owner numbers and tests these keys
             self.revoked_samples += len(samples)
             return
-        await self._write(emb, refs, results)
+        await self._write(emb, refs, results, scan)
+
+    def _process(self, samples: list[Sample], hashes: list[int], vecs: np.ndarray) -> tuple[Any, ...]:
+        """On the drift thread: number, reference and test (the engine), then the semantic guard's
+        scan of the same vectors (one matrix product per field) and its share tests."""
+        assert self.engine is not None
+        emb, refs, results = self.engine.process(samples, hashes, vecs)
+        gs = self.guard
+        if gs is None:
+            return emb, refs, results, None
+        cols, g_results, scanned, flagged = gs.process(samples, vecs, self.engine.active_keys())
+        m = self.metrics
+        for (a, mo, f, c), n in scanned.items():
+            m.guard_scanned[(*m.label(a, mo), f, c)] += n
+        for (a, mo, f, c), n in flagged.items():
+            m.guard_flagged[(*m.label(a, mo), f, c)] += n
+        return emb, refs, [*results, *g_results], cols
 
     def _golden_part(self, cmd: dict[str, Any]) -> None:
         """Keep one part of a golden set's texts until its golden command comes."""
-        gid, i, n, texts = cmd.get("golden_id"), cmd.get("i"), cmd.get("n"), cmd.get("texts")
-        if not (isinstance(gid, str) and isinstance(i, int) and isinstance(n, int) and 0 <= i < n
-                and isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
-            log.warning("drift: malformed golden part %s ignored", cmd.get("id"))
+        from driftline.streams.cli.golden import MAX_TEXTS, held_texts, part_problem
+
+        gid, i, texts = cmd.get("golden_id"), cmd.get("i"), cmd.get("texts")
+        why = part_problem(cmd)
+        if why is not None:
+            log.warning("drift: golden part %s ignored: %s", str(cmd.get("id"))[:80], why)
             return
+        assert isinstance(gid, str) and isinstance(i, int) and isinstance(texts, list)
         if gid not in self._golden_parts and len(self._golden_parts) >= _MAX_GOLDEN_PENDING:
             oldest = next(iter(self._golden_parts))  # a load whose golden command never came
             log.warning("drift: %d golden sets wait for their golden command; dropped the parts of %s",
                         len(self._golden_parts), oldest)
             del self._golden_parts[oldest]
         self._golden_parts.setdefault(gid, {})[i] = texts
+        if held_texts(self._golden_parts[gid]) > MAX_TEXTS:
+            log.warning("drift: golden set %s: its parts hold over %d texts; dropped", gid, MAX_TEXTS)
+            del self._golden_parts[gid]
 
     async def _golden_set(self, cmd: dict[str, Any], gid: str) -> Any:
         """The golden set of a ``golden`` command: stored in ``drift_golden`` already (another
@@ -518,12 +601,16 @@ class DriftStage:
         once with the stage's encoder and stored. None when its parts are missing or do not
         match the command's count and digest (logged)."""
         from driftline.schemas.columns import GOLDEN_COLUMNS
-        from driftline.streams.cli.golden import texts_digest
+        from driftline.streams.cli.golden import command_count, texts_digest
         from driftline.streams.stages.drift_references import GoldenSet
 
         assert self.engine is not None and self.batcher is not None and self._ports is not None
         loop = asyncio.get_running_loop()
-        n = int(cmd.get("n_texts") or 0)
+        n = command_count(cmd)
+        if n is None:
+            log.error("drift: golden set %s: n_texts %.40r is not a count within a set's cap; not applied", gid,
+                      cmd.get("n_texts"))
+            return None
         stored = await loop.run_in_executor(self._pool, self.engine.golden_set, gid, n)
         # one worker embeds (the one with partition 0), the others wait for its rows; past the
         # time that worker should need (10 texts/s; a loaded 2-core CPU did 12), or when this one becomes it,
@@ -558,27 +645,32 @@ class DriftStage:
         """Apply one baseline command, write its references, then log it in ``drift_control_log``."""
         assert self.engine is not None and self._ports is not None
         loop = asyncio.get_running_loop()
-        if c.cmd.get("action") == "golden":
+        action = str(c.cmd.get("action"))
+        if action == "golden":
             gs = await self._golden_set(c.cmd, c.control_id)
             refs = [] if gs is None else await loop.run_in_executor(self._pool, self.engine.apply_golden, c.cmd, gs)
             self._golden_parts.pop(c.control_id, None)
+            action = action if gs is not None else "golden_refused"  # not a load new keys look up
         else:
             refs = await loop.run_in_executor(self._pool, self.engine.apply, c.cmd, c.control_id)
         await self._write({}, refs, [])
         log_row = {"control_id": c.control_id, "applied_at": ms_to_dt(int(self._ports.clock() * 1000)),
-                   "action": str(c.cmd.get("action")), "command": json.dumps(c.cmd, sort_keys=True),
+                   "action": action, "command": json.dumps(c.cmd, sort_keys=True),
                    "n_references": len(refs), "topic": c.topic, "partition": c.partition, "offset": c.offset}
         await self._ports.tables.insert_rows("drift_control_log", [log_row], CONTROL_LOG_COLUMNS)
         self._applied_ids.add(c.control_id)
         self.controls_applied += 1
 
     async def _write(self, emb: dict[str, list[Any]], refs: list[dict[str, Any]],
-                     results: list[tuple[Sample, DriftResult]]) -> None:
+                     results: list[tuple[Sample, DriftResult]], guard: dict[str, list[Any]] | None = None) -> None:
         assert self._ports is not None
         sink = self._ports.tables
         if emb and emb["event_id"]:
             await sink.insert_columns("llm_embeddings", emb)
             self.stored_embeddings += len(emb["event_id"])
+        if guard and guard["event_id"]:  # as llm_embeddings: a rewrite collapses (ReplacingMergeTree)
+            await sink.insert_columns("guard_results", guard)
+            self.stored_guard_results += len(guard["event_id"])
         plain = [r for r in refs if r["mode"] != "golden"]
         if plain:
             await sink.insert_rows("drift_references", plain, REFERENCE_COLUMNS)
@@ -652,6 +744,8 @@ class DriftStage:
         engine = self.engine
         # on the drift thread: after the test round that may be running there
         await asyncio.get_running_loop().run_in_executor(self._pool, engine.state.clear)
+        if self.guard is not None:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self.guard.clear)
 
     # -- baseline commands (from the control consumer, streams/ingest/control.py) -------
     def on_control_record(self, value: bytes | None, topic: str, partition: int, offset: int,
@@ -673,7 +767,9 @@ class DriftStage:
         cmd = rec.cmd
         if cmd.get("cmd") != "baseline":
             return False
-        if not self._ids_loaded:  # which were applied before is not known yet: hold it (bounded)
+        part = cmd.get("action") == "golden_part"
+        # which were applied before is not known yet: hold it (bounded; parts as parts, below)
+        if not self._ids_loaded and not part:
             if len(self._early) < _MAX_EARLY_COMMANDS:
                 self._early.append(rec)
             else:
@@ -683,7 +779,6 @@ class DriftStage:
         cid = str(cmd.get("id") or f"{rec.topic}:{rec.partition}:{rec.offset}:{rec.timestamp}")
         if cid in self._applied_ids:  # applied before (the topic is read from its start each time)
             return False
-        part = cmd.get("action") == "golden_part"
         if part and str(cmd.get("golden_id")) in self._applied_ids:  # its golden set is applied
             return False
         assert self._ports is not None

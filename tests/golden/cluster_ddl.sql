@@ -192,10 +192,32 @@ CREATE TABLE IF NOT EXISTS driftline.drift_golden_local ON CLUSTER c
     created_at DateTime64(3, 'UTC')
 )
 ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/drift_golden_local', '{replica}')
-ORDER BY (golden_id, idx)
+ORDER BY (golden_id, embed_model, idx)
 ;
 CREATE TABLE IF NOT EXISTS driftline.drift_golden ON CLUSTER c AS driftline.drift_golden_local
 ENGINE = Distributed('c', 'driftline', 'drift_golden_local', cityHash64(golden_id))
+;
+CREATE TABLE IF NOT EXISTS driftline.guard_results_local ON CLUSTER c
+(
+    event_id String,
+    ts DateTime64(3, 'UTC'),
+    app LowCardinality(String),
+    model LowCardinality(String),
+    prompt_version LowCardinality(String),
+    field LowCardinality(String),
+    category LowCardinality(String),
+    score Float32,
+    similarity Float32,
+    nearest_id String,
+    flagged UInt8,
+    scanner LowCardinality(String)
+)
+ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/guard_results_local', '{replica}')
+PARTITION BY toYYYYMM(ts)
+ORDER BY (app, model, prompt_version, field, category, event_id)
+;
+CREATE TABLE IF NOT EXISTS driftline.guard_results ON CLUSTER c AS driftline.guard_results_local
+ENGINE = Distributed('c', 'driftline', 'guard_results_local', cityHash64(app, model, prompt_version, field))
 ;
 CREATE TABLE IF NOT EXISTS driftline.numeric_drift_state_local ON CLUSTER c
 (

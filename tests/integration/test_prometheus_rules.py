@@ -28,7 +28,7 @@ def test_promtool_checks_and_unit_tests_the_exported_default_rules(promtool: str
     check = subprocess.run([promtool, "check", "rules", str(DEPLOY / "driftline-rules.yml")],
                            capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 10 rules found" in check.stdout + check.stderr
+    assert "SUCCESS: 11 rules found" in check.stdout + check.stderr
     unit = subprocess.run([promtool, "test", "rules", str(DEPLOY / "driftline-rules.test.yml")],
                           capture_output=True, text=True, timeout=30)
     assert unit.returncode == 0, unit.stdout + unit.stderr
@@ -157,5 +157,5 @@ async def test_real_prometheus_scrapes_and_fires_the_exported_guardrail_rule(
     assert alert["annotations"] == {"summary": "hit rate 0.50 on chat"}
     # Every default rule loaded and evaluates without error against the contract's metrics.
     by_group = {g["name"]: g["rules"] for g in rules}
-    assert len(by_group["driftline"]) == 10
+    assert len(by_group["driftline"]) == 11
     assert {r["health"] for g in by_group.values() for r in g} == {"ok"}

@@ -112,7 +112,7 @@ def test_factories_build_named_notifiers() -> None:
     assert [n.name for n in ns] == ["webhook", "webhook-2", "slack", "alertmanager"]
     reg = CollectorRegistry()
     st = alerting_stage(None, webhooks=["http://a/h"], eval_interval_s=0.5)(reg)
-    assert len(st.rules) == 14 and st.eval_interval_s == 0.5        # the shipped default rules
+    assert len(st.rules) == 15 and st.eval_interval_s == 0.5        # the shipped default rules
     assert [n.name for n in st.notifiers] == ["webhook", "log"]
 
 

@@ -321,3 +321,25 @@ def test_a_compare_alert_is_recorded_once_across_a_rebalance_and_a_restart(tmp_p
         asyncio.run(main())
     finally:
         sink.close()
+
+
+def test_a_rule_whose_since_is_still_ahead_waits_without_a_query() -> None:
+    """A rule written before the rollout (``since`` later than now) made CompareConfig raise
+    "--until must be after --since" at every run: a warning "the gate's queries failed" and
+    a failed run counted every interval until the rollout. It reads "cannot tell yet" (exit
+    2, no calls) without querying the store. Mutation caught: no check (ValueError)."""
+    from driftline.streams.stages.compare_rule import evaluate
+
+    ahead = parse_rules("rules:\n  - {name: F, kind: compare, baseline: {model: a}, candidate: {model: b},\n"
+                        "     max_cost_increase: 5%, since: 2027-02-01T00:00:00Z}\n").rules[0]
+    asked: list[str] = []
+
+    def run(sql: str, params: dict[str, object]) -> bytes:
+        asked.append(sql)
+        return b""
+
+    assert ahead.compare is not None and ahead.compare.since_ms is not None and ahead.compare.since_ms > NOW
+    for now in (NOW, ahead.compare.since_ms):
+        got = evaluate(ahead, run, "driftline", now)
+        assert (got.rule, got.at_ms, got.code, got.failing, got.n_baseline, got.n_candidate) == ("F", now, 2, (), 0, 0)
+    assert asked == []

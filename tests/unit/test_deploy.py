@@ -204,7 +204,7 @@ def test_compose_prometheus_config_passes_promtool(tmp_path: Path) -> None:
     out = subprocess.run([promtool, "check", "config", str(config_path)], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 10 rules found" in out.stdout + out.stderr
+    assert "SUCCESS: 11 rules found" in out.stdout + out.stderr
 
 
 def test_grafana_provisioning() -> None:

@@ -374,3 +374,249 @@ def test_the_drift_inbox_is_bounded_while_the_loop_is_busy() -> None:
     held = [s.event_id for batch in st._inbox for s in batch[0]]
     assert held == [f"e{b}-{i}" for b in (8, 9) for i in range(3)]
     assert st.inbox_dropped == 24 and st._inbox_n == 6
+
+
+# --------------------------------------------------------------------------- review: bounds
+
+def test_held_parts_are_capped_per_set_like_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parts a worker holds until their golden command obey the file's caps: a part with
+    a text over MAX_TEXT_CHARS or a part count over MAX_TEXTS is ignored, and a set whose
+    parts add up to more than MAX_TEXTS texts is dropped (an unsigned or buggy producer
+    could otherwise fill one golden id's parts without bound: only the number of *sets*
+    was capped). Mutation caught: no per-part / per-set check (the parts stay held)."""
+    import driftline.streams.cli.golden as golden
+    from driftline.streams.stages.semantic_drift import DriftStage
+
+    monkeypatch.setattr(golden, "MAX_TEXTS", 5)
+    st = DriftStage(DriftConfig(control_topic=None))
+
+    def part(gid: str, i: int, n: int, texts: list[str]) -> None:
+        st._golden_part({"cmd": "baseline", "action": "golden_part", "id": f"{gid}.{i}", "golden_id": gid,
+                         "i": i, "n": n, "texts": texts})
+
+    part("long", 0, 1, ["x" * (MAX_TEXT_CHARS + 1)])
+    part("many", 0, 6, ["a"])  # 6 parts of at least one text each: over 5 texts
+    assert st._golden_parts == {}
+    part("big", 0, 3, ["a", "b"])
+    part("big", 1, 3, ["c", "d"])
+    assert sorted(st._golden_parts["big"]) == [0, 1]
+    part("big", 2, 3, ["e", "f"])  # 6 texts
+    assert "big" not in st._golden_parts
+    part("ok", 0, 2, ["a", "b", "c"])
+    part("ok", 1, 2, ["d", "e"])
+    part("ok", 1, 2, ["d", "e"])  # a re-delivered part replaces itself
+    assert st._golden_parts == {"ok": {0: ["a", "b", "c"], 1: ["d", "e"]}}
+
+
+async def test_a_golden_command_that_cannot_be_made_does_not_stall_a_waiting_worker() -> None:
+    """A worker without partition 0 waits for the embedding worker's rows up to
+    max(60 s, n_texts / 10): a golden command with n_texts 10**9 (unsigned, or malformed)
+    held its drift loop for about three years, and n_texts "4" raised in the loop (the
+    command then never reached drift_control_log). A count outside 1..MAX_TEXTS (or not an
+    int) is refused at once, without reading the store. Mutation caught: no check of
+    n_texts (the call times out here)."""
+    import asyncio
+
+    from driftline.streams.ports import StagePorts
+    from driftline.streams.stages.semantic_drift import DriftStage
+
+    store = _Store()
+    st = DriftStage(DriftConfig(control_topic=None))
+    st._ports = StagePorts.detached()
+    st.engine = _engine(store)
+    st.batcher = object()  # type: ignore[assignment]  # never used: nothing is embedded here
+    st.golden_poll_s = 0.01
+    await st.on_assigned([type("TP", (), {"topic": "ev", "partition": 1})()])
+    st._golden_parts["g1"] = {0: ["a"]}
+    for bad in (10**9, MAX_TEXTS + 1, 0, "4", None):
+        cmd = {"action": "golden", "n_texts": bad, "n_parts": 1, "sha256": texts_digest(["a"])}
+        assert await asyncio.wait_for(st._golden_set(cmd, "g1"), 2.0) is None
+    assert store.golden_reads == 0
+
+
+def test_cli_load_says_a_refused_set_was_not_applied(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that cannot put a set together (parts missing: more than 4 loads at once, a
+    start during a store outage; or altered) still logs the golden command in
+    drift_control_log (with 0 references), so ``baseline load`` printed "applied: ... is the
+    reference of 0 key(s); keys that appear later and match get it" and exited 0, though no
+    key ever gets it. On a chDB store: logged but not in drift_golden -> exit 1 saying so;
+    once its rows are stored -> exit 0, "applied". Mutation caught: the drift_golden check
+    removed (exit 0 and "applied" for the refused set)."""
+    from datetime import UTC, datetime
+
+    from typer.testing import CliRunner
+
+    import driftline.streams.cli.golden as golden_mod
+    from driftline.schemas.columns import CONTROL_LOG_COLUMNS, GOLDEN_COLUMNS
+    from driftline.streams.cli.main import app
+    from driftline.streams.sinks.clickhouse import ClickHouseSink
+
+    dsn = f"chdb://{tmp_path / 'chdb'}"
+    at = datetime(2026, 11, 29, tzinfo=UTC)
+    sink = ClickHouseSink(dsn)
+    sink.ensure_schema()
+    sink.call(lambda c: c.insert("driftline.drift_control_log", [["gid", at, "golden", "{}", 0, "c", 0, 1]],
+                                 column_names=list(CONTROL_LOG_COLUMNS)))
+    sink.close()
+    monkeypatch.setattr(golden_mod, "send_golden", lambda kafka, cmds, **kw: "gid")
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": f"p{i}"}) + "\n" for i in range(3)))
+    args = ["baseline", "load", "--field", "prompt", "--kafka", "127.0.0.1:1", "--clickhouse", dsn,
+            "--wait", "5", str(good)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1, res.output
+    assert "golden set gid was not applied: 0 of its 3 texts are in drift_golden" in res.output
+    assert "applied: golden set" not in res.output
+    sink = ClickHouseSink(dsn)
+    sink.call(lambda c: c.insert("driftline.drift_golden", [["gid", i, f"p{i}", [0.0] * 4, "fake", at]
+                                                            for i in range(3)], column_names=list(GOLDEN_COLUMNS)))
+    sink.close()
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "applied: golden set gid (3 texts) is the prompt reference of 0 key(s)" in res.output
+
+
+async def test_parts_read_before_the_control_log_do_not_crowd_out_commands(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Until drift_control_log is read (a store outage at start), commands wait in a list
+    capped at 10,000 records. Golden parts (up to 512 KiB each; a 20,000-text set of long
+    texts is ~320 of them) waited there too: a topic holding a few old loads filled it
+    (gigabytes) and every later command -- a reset, a new load -- was dropped for good.
+    Parts are held as parts instead (bounded per set and in sets), those of sets the log
+    says were applied dropped once it is read. Mutation caught: parts kept in the early
+    list (the reset is dropped; the old set's parts are held)."""
+    import dataclasses
+
+    import driftline.streams.stages.semantic_drift as sd
+    from driftline.streams.ingest.control import ControlRecord
+    from driftline.streams.ports import StagePorts
+
+    class _Tables:
+        database = "driftline"
+
+        async def aquery(self, sql: str, parameters: Any = None) -> Any:
+            return [("old",)]
+
+    monkeypatch.setattr(sd, "_MAX_EARLY_COMMANDS", 5)
+    st = sd.DriftStage(DriftConfig())
+    st._ports = dataclasses.replace(StagePorts.detached(), tables=_Tables())  # type: ignore[arg-type]
+    assert not st._ids_loaded
+    off = iter(range(100))
+
+    def send(cmd: dict[str, Any]) -> None:
+        st.on_command(ControlRecord({"cmd": "baseline", **cmd}, "driftline.control", 0, next(off), 0))
+
+    old = [f"o{i}" for i in range(6)]
+    for i, t in enumerate(old):
+        send({"action": "golden_part", "id": f"old.{i}", "golden_id": "old", "i": i, "n": 6, "texts": [t]})
+    send({"action": "golden", "id": "old", "golden_id": "old", "n_parts": 6, "n_texts": 6,
+          "sha256": texts_digest(old), "app": "chat", "field": "prompt"})
+    send({"action": "golden_part", "id": "new.0", "golden_id": "new", "i": 0, "n": 1, "texts": ["n0"]})
+    send({"action": "reset", "id": "r1", "app": "chat"})
+    assert await st._read_applied_ids()
+    assert [c.control_id for c in st._controls] == ["r1"]  # "old" was applied before
+    assert st._golden_parts == {"new": {0: ["n0"]}} and st._early == []
+
+
+def test_one_set_embedded_with_two_models_keeps_both(tmp_path: Any) -> None:
+    """drift_golden was a ReplacingMergeTree ordered by (golden_id, idx): the rows of one set
+    embedded by workers of two embedding models (a rolling --embed-model change; each
+    worker uses only its own model's vectors) replaced each other, already at read time
+    under FINAL, so one model's workers never found the set, embedded it again and
+    replaced the other's rows in turn, and after a restart collected a new reference.
+    On a chDB store: both models' rows are read back by their engines. Mutation caught:
+    embed_model left out of the sorting key (model A reads no set)."""
+    from datetime import UTC, datetime
+
+    from driftline.schemas.columns import GOLDEN_COLUMNS
+    from driftline.streams.sinks.clickhouse import ClickHouseSink
+
+    sink = ClickHouseSink(f"chdb://{tmp_path / 'chdb'}")
+    try:
+        sink.ensure_schema()
+        at = datetime(2026, 11, 29, tzinfo=UTC)
+        for m, x in (("model-a", 1.0), ("model-b", 2.0)):
+            sink.call(lambda c, m=m, x=x: c.insert("driftline.drift_golden", [
+                ["g", i, f"t{i}", [x] * 4, m, at] for i in range(3)], column_names=list(GOLDEN_COLUMNS)))
+        got = {}
+        for m in ("model-a", "model-b"):
+            eng = DriftEngine(DriftConfig(fields=("prompt",), control_topic=None), sink.query_rows, "driftline", m)
+            gs = eng.golden_set("g", 3)
+            assert gs is not None, m
+            got[m] = (gs.texts, gs.emb[:, 0].tolist())
+        assert got == {"model-a": (["t0", "t1", "t2"], [1.0] * 3), "model-b": (["t0", "t1", "t2"], [2.0] * 3)}
+    finally:
+        sink.close()
+
+
+def test_cli_wait_reports_a_store_it_cannot_read_not_a_missing_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``baseline load`` / ``reset`` wait for the command in drift_control_log; every failed
+    read was swallowed, so a store the CLI cannot reach (wrong --clickhouse, a refused
+    password) waited the whole --wait and then said "no worker applied it (is a worker with
+    --drift running?)". When no read succeeded, the last error is reported (exit 1, the
+    password masked). A real closed port on 127.0.0.1. Mutation caught: errors swallowed
+    (the "no worker" message)."""
+    from typer.testing import CliRunner
+
+    import driftline.streams.cli.baseline as baseline_mod
+    import driftline.streams.cli.golden as golden_mod
+    from driftline.streams.cli.main import app
+    from driftline.streams.local.broker import free_port
+
+    monkeypatch.setattr(baseline_mod, "send_command", lambda kafka, cmd, **kw: "cid")
+    monkeypatch.setattr(golden_mod, "send_golden", lambda kafka, cmds, **kw: "gid")
+    monkeypatch.delenv("DRIFTLINE_CLICKHOUSE_PASSWORD", raising=False)
+    monkeypatch.delenv("DRIFTLINE_CLICKHOUSE_PASSWORD_FILE", raising=False)
+    dsn = f"http://default:s3cret-pw-42@127.0.0.1:{free_port()}/driftline"
+    res = CliRunner().invoke(app, ["baseline", "reset", "--app", "chat", "--kafka", "127.0.0.1:1",
+                                   "--clickhouse", dsn, "--wait", "1"])
+    assert res.exit_code == 1, res.output
+    assert "no worker applied it" not in res.output and "s3cret-pw-42" not in res.output
+    assert "could not read drift_control_log" in res.output
+
+
+async def test_a_refused_set_is_logged_as_refused_and_does_not_shadow_an_earlier_load() -> None:
+    """A golden command whose set could not be put together was logged in drift_control_log
+    as action "golden": after a restart the engine, which reads the golden/rebase/pin/reset
+    rows there, took it for the latest load matching new keys, so they got no set at all,
+    where before the restart they got the earlier set (the refused one never reached
+    apply_golden). It is logged as "golden_refused" (never re-applied: its id is logged).
+    Mutation caught: the refused set logged as "golden"."""
+    import dataclasses
+
+    from driftline.streams.ports import StagePorts
+    from driftline.streams.stages.embedding import EmbeddingBatcher
+    from driftline.streams.stages.semantic_drift import DriftStage, _Control
+
+    class _Enc:
+        name, dim, max_chars = "fake", 8, 100
+
+        def encode(self, texts: Any) -> np.ndarray:
+            return np.ones((len(texts), 8), np.float32)
+
+    class _Tables:
+        database = "driftline"
+
+        def __init__(self) -> None:
+            self.log: list[dict[str, Any]] = []
+
+        async def insert_columns(self, table: str, columns: dict[str, list[Any]], **kw: Any) -> None:
+            pass
+
+        async def insert_rows(self, table: str, rows: list[dict[str, Any]], columns: Any, **kw: Any) -> None:
+            if table == "drift_control_log":
+                self.log.extend(rows)
+
+    tables = _Tables()
+    st = DriftStage(DriftConfig(control_topic=None))
+    st._ports = dataclasses.replace(StagePorts.detached(), tables=tables)  # type: ignore[arg-type]
+    st.engine = _engine(_Store())
+    st.batcher = EmbeddingBatcher(_Enc(), lambda *a: None)
+    await st.on_assigned([type("TP", (), {"topic": "ev", "partition": 0})()])
+    texts = ["a", "b"]
+    st._golden_parts["ok"] = {0: texts}
+    for gid in ("ok", "bad"):  # "bad": its parts never came
+        cmd = {"cmd": "baseline", "action": "golden", "id": gid, "golden_id": gid, "n_parts": 1, "n_texts": 2,
+               "sha256": texts_digest(texts), "app": "chat", "field": "prompt"}
+        await st._apply_control(_Control(cmd, gid, "driftline.control", 0, 0))
+    assert [(r["control_id"], r["action"], r["n_references"]) for r in tables.log] == [
+        ("ok", "golden", 0), ("bad", "golden_refused", 0)]

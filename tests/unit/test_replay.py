@@ -21,6 +21,7 @@ from driftline.streams.devdata.replay import (
     MALFORMATIONS,
     AppSpec,
     DriftSpec,
+    ModelUpdate,
     ReplayConfig,
     ReplayData,
     ReplayRecord,
@@ -293,3 +294,87 @@ def test_version_effect_values_are_checked() -> None:
         VersionEffect("a", "v1", output_factor=0)
     with pytest.raises(ValueError, match=r"negative_feedback must be in \[0, 1\]"):
         VersionEffect("a", "v1", negative_feedback=1.5)
+    # NaN passed `min(...) <= 0` (and inf or 1e300 overflowed int64): records marked valid with
+    # latency_ms -7.8e19 or null, which the ingest path refuses. Mutation caught: the finite cap.
+    for bad in (math.nan, math.inf, 1e300, 101.0):
+        with pytest.raises(ValueError, match=r"output_factor and tpot_factor must be > 0 and <= 100"):
+            VersionEffect("a", "v1", output_factor=bad)
+        with pytest.raises(ValueError, match=r"output_factor and tpot_factor must be > 0 and <= 100"):
+            VersionEffect("a", "v1", tpot_factor=bad)
+    with pytest.raises(ValueError, match=r"negative_feedback must be in \[0, 1\]"):
+        VersionEffect("a", "v1", negative_feedback=math.nan)
+    assert VersionEffect("a", "v1", output_factor=100.0, tpot_factor=0.01).output_factor == 100.0
+
+
+def test_two_processes_build_the_real_data_cache_one_at_a_time(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suite runs on two processes (pytest-xdist), and three test files read the shared
+    cache (~/.cache/driftline/data): on a cold cache both processes downloaded and wrote it
+    at once, one reading the other's half-copied archive (sha256 mismatch: DataError) or
+    losing its fixed-name ``.tmp`` file to the other's os.replace. The build holds an
+    exclusive lock on the cache folder and checks the cache again under it. Here the test
+    holds the lock: the other caller waits, then finds the cache built and fetches nothing.
+    Mutation caught: no lock (it fetches at once)."""
+    import fcntl
+    import threading
+
+    from driftline.streams.devdata import real_prompts as rp
+
+    built = threading.Event()
+    fetched: list[str] = []
+    monkeypatch.setattr(rp, "_cache_ok", lambda paths: built.is_set())
+    monkeypatch.setattr(rp, "_fetch", lambda source, downloads, progress: fetched.append(source.spec))
+    root = tmp_path / "data"
+    root.mkdir()
+    out: list[rp.DataPaths] = []
+    with open(root / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        t = threading.Thread(target=lambda: out.append(rp.ensure_data(root)), daemon=True)
+        t.start()
+        t.join(0.5)
+        assert t.is_alive() and fetched == []  # waiting for the lock
+        built.set()  # "the other process" finished the cache
+    t.join(10)
+    assert not t.is_alive() and fetched == [] and out[0].root == root
+
+
+def test_model_update_changes_one_model_from_its_index_on() -> None:
+    """A silent model update: before ``at`` every record is the same bytes; after it, the
+    updated model's answers are 1.3x as long, its TTFT doubled and 10 % of its answers cut at
+    the limit, while every other model's records stay the same bytes."""
+    data = ReplayData.synthetic()
+    n, upd = 6000, ModelUpdate("gemini-1.5-flash", at=0.5, output_factor=1.3, ttft_factor=2.0,
+                                length_share=0.1)
+    base = list(generate(ReplayConfig(n_events=n, seed=5), data))
+    cand = list(generate(ReplayConfig(n_events=n, seed=5, model_updates=(upd,)), data))
+    n_after = n_len = 0
+    for i, (b, c) in enumerate(zip(base, cand, strict=True)):
+        if i < n // 2:
+            assert b.value == c.value
+            continue
+        if not b.valid:  # a malformed record of the updated model carries its changed numbers
+            continue
+        if b.event["request_model"] != "gemini-1.5-flash":
+            assert b.value == c.value
+            continue
+        eb, ec = b.event, c.event
+        if eb["status"] != "ok":
+            continue
+        n_after += 1
+        assert ec["output_tokens"] == round(eb["output_tokens"] * 1.3)  # no reasoning tokens
+        assert ec["ttft_ms"] == pytest.approx(eb["ttft_ms"] * 2, abs=0.151)  # both rounded to 0.1
+        if eb["finish_reasons"] == ["MAX_TOKENS"]:
+            assert ec["finish_reasons"] == ["MAX_TOKENS"]  # the same draw, a higher cut
+        n_len += ec["finish_reasons"] == ["MAX_TOKENS"]
+    assert n_after > 300 and abs(n_len / n_after - 0.1) < 4 * math.sqrt(0.09 / n_after)
+
+
+def test_model_updates_are_checked() -> None:
+    with pytest.raises(ValueError, match="each model once, a model of the fleet"):
+        ReplayConfig(model_updates=(ModelUpdate("gpt-9"),))
+    with pytest.raises(ValueError, match="each model once"):
+        ReplayConfig(model_updates=(ModelUpdate("gpt-4o"), ModelUpdate("gpt-4o")))
+    with pytest.raises(ValueError, match=r"at must be in \[0, 1\]"):
+        ModelUpdate("gpt-4o", at=2)
+    with pytest.raises(ValueError, match=r"length_share must be in \[0, 0.5\]"):
+        ModelUpdate("gpt-4o", length_share=0.9)

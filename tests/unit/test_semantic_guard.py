@@ -336,3 +336,24 @@ def test_build_guard_splits_calibrates_and_adds_user_examples(tmp_path: Path) ->
     g2 = guard_refs.build_guard(enc2, paths=paths, fpr=0.1, examples=ex)
     assert (enc2.texts, g2.embedded_texts) == (0, 0)
     assert g2.state.thresholds == g.state.thresholds
+
+
+def test_user_examples_are_embedded_even_when_only_the_cache_may_be_read(tmp_path: Path) -> None:
+    """The worker's ``auto`` mode reads the references from the cache only (an encoder that
+    refuses to embed) but embeds the user's few examples with ``examples_encoder``: a new
+    example file is used without a ``build``. Catches: the examples embedded by ``encoder``."""
+    paths = _tiny_data(tmp_path / "data")
+    guard_refs.build_guard(_FakeEncoder(), paths=paths, fpr=0.1)  # the set-up's cache
+
+    class _CacheOnly(_FakeEncoder):
+        def encode(self, texts: list[str]) -> np.ndarray:
+            raise AssertionError("the cache-only encoder was asked to embed")
+
+    ex = tmp_path / "mine.jsonl"
+    ex.write_text('{"id": "x1", "category": "jailbreak", "text": "my own attack"}\n'
+                  '{"id": "x2", "category": "toxic", "text": "my own insult"}\n')
+    real = _FakeEncoder()
+    g = guard_refs.build_guard(_CacheOnly(), paths=paths, fpr=0.1, examples=ex, examples_encoder=real)
+    assert real.texts == 2 and g.embedded_texts == 0
+    assert {r.category: r.ids[-1] for r in g.state.references}["jailbreak"] == "user:x1"
+    assert {r.category: r.ids[-1] for r in g.state.references}["toxic"] == "user:x2"

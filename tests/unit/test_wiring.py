@@ -29,7 +29,7 @@ def test_worker_stages_are_built_in_order_and_drift_feeds_alerting_once() -> Non
     w = _worker(alerting=AlertingOptions(eval_interval_s=0.5), drift=DriftConfig())
     alerting, drift = w.stages
     assert (alerting.name, drift.name) == ("alerting", "drift")
-    assert alerting.eval_interval_s == 0.5 and len(alerting.rules) == 14  # the shipped default rules
+    assert alerting.eval_interval_s == 0.5 and len(alerting.rules) == 15  # the shipped default rules
     assert drift.observers == [alerting.observe_drift]
     link_stages(w.stages)
     assert drift.observers == [alerting.observe_drift]
@@ -45,7 +45,7 @@ def test_each_stage_gets_a_writer_for_its_own_tables_only() -> None:
     alerting, drift = (w.ports_for(st) for st in w.stages)
     assert alerting.tables.tables == {"alerts"}
     assert drift.tables.tables == {"llm_embeddings", "drift_references", "drift_scores", "drift_control_log",
-                                   "drift_golden"}
+                                   "drift_golden", "guard_results"}
     assert alerting.kafka.bootstrap == "127.0.0.1:9092" and alerting.redaction == w.cfg.redaction
     with pytest.raises(ValueError, match="does not write 'llm_events'"):
         asyncio.run(TableWriter(None, ("alerts",)).insert_rows("llm_events", [{"a": 1}], ["a"]))

@@ -1,0 +1,267 @@
+"""The semantic guard in the drift stage (streams/stages/guard_scan.py): every embedded text is
+scanned on the drift thread, its verdicts go to ``guard_results`` and ``/metrics``, and each
+key's flagged share is tested against its reference share (``drift_scores``, method
+``guard_<category>``), which the default rule JailbreakAttemptsRising reads.
+
+A deterministic stand-in encoder (texts named ``jb-*`` / ``harm-*`` / ``tox-*`` point at the
+attack references, others at the benign one) and a 4-dimensional guard; the real model and
+references are exercised by benchmarks/bench_semantic_guard.py and tests/unit/test_semantic_guard.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from driftline.detectors.semantic_guard import GuardState, ReferenceSet, SemanticGuard
+from driftline.schemas.rules import DriftObservation, load_rules
+from driftline.streams.sinks.write_step import StoredBatch
+from driftline.streams.stages.embedding import EmbeddingConfig
+from driftline.streams.stages.guard_scan import GuardScan, load_guard, scanner_version
+from driftline.streams.stages.semantic_drift import DriftConfig, DriftStage, Sample
+
+E = np.eye(4, dtype=np.float32)
+
+
+def tiny_guard() -> SemanticGuard:
+    """jailbreak near e0, harmful requests near e3, toxic near e2, benign (both fields) e1."""
+    jb2 = (E[0] + E[3]) / np.sqrt(2)
+    return SemanticGuard(GuardState(
+        references=(ReferenceSet("jailbreak", np.stack([E[0], jb2]), ("jailbreak:3", "jailbreak:9")),
+                    ReferenceSet("harmful_request", E[3:4], ("donotanswer:x:1",)),
+                    ReferenceSet("toxic", E[2:3], ("rtp:t:2",))),
+        benign={"prompt": ReferenceSet("benign", E[1:2], ("alpaca:0",)),
+                "response": ReferenceSet("benign", E[1:2], ("alpaca_output:0",))},
+        thresholds={"jailbreak": 0.5, "harmful_request": 0.5, "toxic": 0.5}))
+
+
+def stand_in_vec(text: str) -> np.ndarray:
+    """Unit vector: the attack direction of the text's prefix, tilted a little by its number."""
+    base = {"jb": 0, "harm": 3, "tox": 2}.get(text.split("-")[0], 1)
+    n = int(text.rsplit("-", 1)[-1]) if text.rsplit("-", 1)[-1].isdigit() else 0
+    v = E[base] + 0.01 * (n % 5) * E[(base + 1) % 4]
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+class StandInEncoder:
+    name, dim, max_chars = "stand-in", 4, 200
+
+    def encode(self, texts: Any) -> np.ndarray:
+        return np.stack([stand_in_vec(t) for t in texts])
+
+
+def fisher_greater(k_cur: int, n_cur: int, k_ref: int, n_ref: int) -> float:
+    """P(X >= k_cur), X hypergeometric: the one-sided Fisher exact p-value, by hand."""
+    n, k = n_cur + n_ref, k_cur + k_ref
+    return sum(math.comb(k, x) * math.comb(n - k, n_cur - x)
+               for x in range(k_cur, min(k, n_cur) + 1)) / math.comb(n, n_cur)
+
+
+CFG = DriftConfig(fields=("prompt", "response"), sample_rate=1.0, ref_size=10, window_size=10, test_every=5,
+                  test_interval_s=None, alpha=0.05, methods=("centroid_cosine",), control_topic=None,
+                  embedding=EmbeddingConfig(batch_size=512, max_delay_s=0.05))
+
+
+def _texts(i: int, app: str) -> tuple[str, str]:
+    """app A: 6 of events 10..19 are jailbreak-like prompts, event 12 answers toxically; B: benign."""
+    if app == "A" and 10 <= i <= 15:
+        return f"jb-{i}", ("tox-12" if i == 12 else f"ok-{i}")
+    return f"benign-{app}-{i}", f"ok-{app}-{i}"
+
+
+def test_guard_scan_counts_and_share_test_exact() -> None:
+    """GuardScan alone: exact verdict counts and the share test at the drift tests' position.
+    Mutations caught: a two-sided or reversed test (p of 6/10 vs 0/10 would double or be ~1),
+    testing before min_current samples past the reference, the reference share counted from the
+    window, the wrong alpha split, the attack text (not its id) in the explanation."""
+    gs = GuardScan(tiny_guard(), CFG)
+    key = ("A", "m", "v1")
+    samples, vecs = [], []
+    for i in range(20):
+        p, r = _texts(i, "A")
+        samples += [Sample(key, "prompt", f"e{i}", 1000 * i, p), Sample(key, "response", f"e{i}", 1000 * i, r)]
+        vecs += [stand_in_vec(p), stand_in_vec(r)]
+    cols, results, scanned, flagged = gs.process(samples[:38], np.stack(vecs[:38]), n_keys=3)
+    assert results == []  # 9 texts after the reference: the first test needs 10
+    assert len(cols["event_id"]) == 19 * 2 + 19  # prompts: 2 categories, responses: 1
+    assert scanned[("A", "m", "prompt", "jailbreak")] == 19 and flagged[("A", "m", "prompt", "jailbreak")] == 6
+    assert flagged[("A", "m", "response", "toxic")] == 1 and flagged[("A", "m", "prompt", "harmful_request")] == 0
+    cols, results, _s, _f = gs.process(samples[38:], np.stack(vecs[38:]), n_keys=3)
+    got = {(s.field, r.method): r for s, r in results}
+    assert sorted(got) == [("prompt", "guard_harmful_request"), ("prompt", "guard_jailbreak"),
+                           ("response", "guard_toxic")]
+    jb = got[("prompt", "guard_jailbreak")]
+    a_test = 0.05 / (3 * 2 * 1)
+    assert (jb.statistic, jb.n_ref, jb.n_cur, jb.threshold) == (0.6, 10, 10, a_test)
+    assert jb.p_value == pytest.approx(fisher_greater(6, 10, 0, 10), rel=1e-12)  # 0.00542
+    assert jb.drifted is True
+    e = jb.explanation
+    assert e["category"] == "jailbreak" and (e["flagged"], e["reference_flagged"]) == (6, 0)
+    assert e["nearest_attacks"] == [{"id": "jailbreak:3", "flagged": 6, "max_similarity": 1.0}]
+    assert e["flagged_event_ids"] == [f"e{i}" for i in range(10, 16)]
+    assert e["window"] == {"n": 10, "from_ms": 10_000, "to_ms": 19_000} and e["reference"]["n"] == 10
+    tox = got[("response", "guard_toxic")]
+    assert tox.p_value == pytest.approx(0.5) and tox.drifted is False and tox.statistic == 0.1
+    assert got[("prompt", "guard_harmful_request")].p_value == 1.0
+    assert "jb-" not in json.dumps([r.explanation for r in got.values()])
+
+
+class _Tables:
+    database = "driftline"
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list[dict[str, list[Any]]]] = {}
+        self.rows: dict[str, list[dict[str, Any]]] = {}
+
+    def query(self, sql: str, params: Any = None) -> list[Any]:
+        return []  # an empty store: every key is new
+
+    async def aquery(self, sql: str, params: Any = None) -> list[Any]:
+        return []
+
+    async def insert_columns(self, table: str, columns: dict[str, list[Any]]) -> None:
+        self.columns.setdefault(table, []).append(columns)
+
+    async def insert_rows(self, table: str, rows: Any, columns: Any, **kw: Any) -> None:
+        self.rows.setdefault(table, []).extend(rows)
+
+
+async def test_stage_scans_every_embedded_text_and_writes_exact_rows() -> None:
+    """The stage path: on_stored -> batcher (stand-in encoder) -> drift thread -> guard_results,
+    drift_scores, /metrics counters and the observers (alerting). Key A's jailbreak share rises
+    (6 of 10 after a clean reference), key B stays benign. Mutations caught: scanning only the
+    prompts (no toxic rows), not writing guard_results, guard results not in drift_scores or not
+    handed to observers, counters not incremented per category."""
+    from driftline.streams.ports import StagePorts
+
+    reg = CollectorRegistry()
+    tables = _Tables()
+    st = DriftStage(CFG, reg, encoder=StandInEncoder(), guard=tiny_guard())
+    seen: list[DriftObservation] = []
+    st.add_observer(seen.append)
+    await st.start(dataclasses.replace(StagePorts.detached(), tables=tables))  # type: ignore[arg-type]
+    try:
+        assert st.guard is not None and st.guard.fields == ("prompt", "response")
+        ev: dict[str, list[Any]] = {c: [] for c in ("event_id", "app", "model", "prompt_version", "timestamp",
+                                                    "prompt", "response")}
+        for app in ("A", "B"):
+            for i in range(20):
+                p, r = _texts(i, app)
+                for c, v in zip(ev, (f"{app}{i}", app, "m", "v1", 1000 * i, p, r), strict=True):
+                    ev[c].append(v)
+        st.on_stored(StoredBatch(ev, [], []))
+        assert await st.drain(30)
+    finally:
+        await st.stop()
+    guard = {c: [v for part in tables.columns["guard_results"] for v in part[c]]
+             for c in tables.columns["guard_results"][0]}
+    assert len(guard["event_id"]) == 40 * 3 == st.stored_guard_results
+    assert sorted(set(guard["event_id"])) == sorted(ev["event_id"])
+    flagged = sorted((e, f, c, n) for e, f, c, n, fl in zip(guard["event_id"], guard["field"], guard["category"],
+                                                            guard["nearest_id"], guard["flagged"], strict=True) if fl)
+    assert flagged == sorted([(f"A{i}", "prompt", "jailbreak", "jailbreak:3") for i in range(10, 16)]
+                             + [("A12", "response", "toxic", "rtp:t:2")])
+    assert set(guard["scanner"]) == {scanner_version(tiny_guard())}
+    scores = [r for r in tables.rows["drift_scores"] if r["method"].startswith("guard_")]
+    rows = sorted((r["app"], r["field"], r["method"], r["statistic"], r["drifted"]) for r in scores)
+    assert rows == [("A", "prompt", "guard_harmful_request", 0.0, 0), ("A", "prompt", "guard_jailbreak", 0.6, 1),
+                    ("A", "response", "guard_toxic", 0.1, 0),
+                    ("B", "prompt", "guard_harmful_request", 0.0, 0), ("B", "prompt", "guard_jailbreak", 0.0, 0),
+                    ("B", "response", "guard_toxic", 0.0, 0)]
+    jb = next(r for r in scores if r["app"] == "A" and r["method"] == "guard_jailbreak")
+    assert jb["p_value"] == pytest.approx(fisher_greater(6, 10, 0, 10), rel=1e-12)
+    assert json.loads(jb["explanation"])["family"] == {"keys": 2, "fields": 2, "methods": 1}
+    assert jb["threshold"] == 0.05 / 4
+    obs = [o for o in seen if o.method == "guard_jailbreak"]
+    assert [(o.app, o.field, o.drifted) for o in sorted(obs, key=lambda o: o.app)] == [
+        ("A", "prompt", True), ("B", "prompt", False)]
+
+    def metric(name: str, app: str, field: str, cat: str) -> float | None:
+        return reg.get_sample_value(f"driftline_semantic_guard_{name}_total",
+                                    {"app": app, "model": "m", "field": field, "category": cat})
+
+    assert metric("scanned", "A", "prompt", "jailbreak") == 20 and metric("flagged", "A", "prompt", "jailbreak") == 6
+    assert metric("scanned", "B", "response", "toxic") == 20 and metric("flagged", "A", "response", "toxic") == 1
+    assert metric("flagged", "B", "prompt", "jailbreak") is None  # nothing flagged: no series
+
+
+def test_default_rule_reads_the_jailbreak_share_and_prompt_drift_does_not() -> None:
+    """JailbreakAttemptsRising (default rules) matches method guard_jailbreak; PromptDrift and
+    ResponseDrift keep to the semantic methods (else one jailbreak wave fires three alerts).
+    Mutations caught: the rule missing or matching another method; PromptDrift's method glob
+    dropped."""
+    from driftline.streams.stages.rule_engine import default_rules_path
+
+    rules = {r.name: r for r in load_rules(default_rules_path())}
+    jb = rules["JailbreakAttemptsRising"]
+    assert jb.kind == "drift"
+    lab = {"app": "a", "model": "m", "prompt_version": "", "field": "prompt"}
+    assert jb.matches({**lab, "method": "guard_jailbreak"})
+    assert not jb.matches({**lab, "method": "guard_harmful_request"}) and not jb.matches({**lab, "method": "mmd"})
+    for m in ("mmd", "topic_mix", "centroid_cosine"):
+        assert rules["PromptDrift"].matches({**lab, "method": m})
+    assert not rules["PromptDrift"].matches({**lab, "method": "guard_jailbreak"})
+    assert not rules["ResponseDrift"].matches({**lab, "field": "response", "method": "guard_toxic"})
+
+
+def test_without_a_guard_the_stage_runs_and_says_why(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """No data: load_guard says where it looked; data without the reference cache: it does not
+    embed 2,000 texts at start (only with build=True) and names the flag. Mutations caught: a
+    download attempt, or an implicit build, at start."""
+    from driftline.streams.devdata.real_prompts import ensure_data
+
+    guard, why = load_guard(StandInEncoder(), data_dir=tmp_path / "none")
+    assert guard is None and "no real data at" in why and "never downloads" in why
+    src = ensure_data().root
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy(f, data / f.name)
+
+    class Counting(StandInEncoder):
+        calls = 0
+
+        def encode(self, texts: Any) -> np.ndarray:
+            Counting.calls += 1
+            return super().encode(texts)
+
+    guard, why = load_guard(Counting(), data_dir=data)
+    assert guard is None and "--semantic-guard build" in why and Counting.calls == 0
+    assert not (data / "guard").exists()
+    # a stage with a stand-in encoder and no guard: off, logged
+    st = DriftStage(CFG, None, encoder=StandInEncoder())
+    with caplog.at_level("INFO", logger="driftline.drift"):
+        asyncio.run(st._start_guard())
+    assert st.guard is None and "given an encoder but no guard" in caplog.text
+    with pytest.raises(ValueError, match="semantic_guard must be auto, build or off"):
+        DriftConfig(semantic_guard="on")
+
+
+def test_worker_refuses_a_bad_attack_examples_file_before_starting(tmp_path: Path) -> None:
+    """``driftline worker --guard-examples``: a file with a bad line exits 2 naming the line
+    (nothing started: the Kafka address is a closed port); a file of comments only, too.
+    Catches: a worker that starts and silently ignores the user's examples."""
+    from typer.testing import CliRunner
+
+    from driftline.streams.cli.main import app
+
+    bad = tmp_path / "mine.jsonl"
+    bad.write_text('{"id": "a", "category": "jailbreak", "text": "pretend"}\n'
+                   '{"id": "b", "category": "spam", "text": "x"}\n')
+    res = CliRunner().invoke(app, ["worker", "--kafka", "127.0.0.1:1", "--guard-examples", str(bad)])
+    assert res.exit_code == 2, res.output
+    assert f"{bad}:2: unknown category 'spam'" in res.output
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("# nothing yet\n")
+    res = CliRunner().invoke(app, ["worker", "--kafka", "127.0.0.1:1", "--guard-examples", str(empty)])
+    assert res.exit_code == 2 and "holds no example" in res.output
