@@ -25,8 +25,14 @@ every reference of that field), then
 Rates are per-window estimates over the sampled texts (the sample is a hash of the event id,
 so uniform within a window): unbiased for the share of all events, not a per-event block.
 
-The share state is in memory: after a restart or a rebalance a key collects a new reference
-share from its next ``ref_size`` texts (the verdicts themselves are in ``guard_results``).
+The share state is reloaded from the store when a key-field is first seen (start, after a
+rebalance): the key-field's texts with a ``guard_results`` verdict of this scanner (its
+version: verdicts of other references or thresholds are not comparable), in the drift stage's
+numbering (``llm_embeddings.seq``): the first ``ref_size`` are the reference share, the last
+``window_size`` after them the current window, their count the position of the next test. So
+a restart neither re-baselines nor moves the tests; the state holds the similarity as stored
+(float32), so a reloaded test's explanation equals the uninterrupted one's. A new scanner
+version starts a new reference share.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from driftline.detectors.semantic_guard import SemanticGuard
+    from driftline.streams.stages.drift_references import Query
     from driftline.streams.stages.semantic_drift import DriftConfig, Sample
 
 log = logging.getLogger("driftline.drift")
@@ -90,9 +97,15 @@ class GuardScan:
     Called on the drift thread only (:meth:`process`, :meth:`clear`).
     """
 
-    def __init__(self, guard: SemanticGuard, cfg: DriftConfig) -> None:
+    def __init__(self, guard: SemanticGuard, cfg: DriftConfig, query: Query | None = None,
+                 database: str = "driftline") -> None:
         self.guard = guard
         self.cfg = cfg
+        #: reads the store (synchronous, on the drift thread: the drift engine's); None: no reload
+        self.query = query
+        self.db = database
+        #: key-fields whose share state was reloaded from ``guard_results``
+        self.reloaded = 0
         self.version = scanner_version(guard)
         self.fields = tuple(f for f in cfg.fields if guard.state.categories(f))
         self.state: dict[tuple[tuple[str, str, str], str], _Share] = {}
@@ -124,7 +137,8 @@ class GuardScan:
             hits = self.guard.scan(np.asarray(vecs[idx], dtype=np.float32), f)  # one product per field
             for i, row in zip(idx, hits, strict=True):
                 s = samples[i]
-                verdicts[i] = {h.category: (h.flagged, h.nearest_id, h.similarity) for h in row}
+                # the similarity as guard_results stores it (Float32): a reloaded state is the same
+                verdicts[i] = {h.category: (h.flagged, h.nearest_id, float(np.float32(h.similarity))) for h in row}
                 for h in row:
                     for c, v in zip(GUARD_COLUMNS, (s.event_id, ms_to_dt(s.ts_ms), *s.key, f, h.category,
                                                     h.score, h.similarity, h.nearest_id, int(h.flagged),
@@ -143,7 +157,9 @@ class GuardScan:
 
     def _add(self, s: Sample, v: dict[str, tuple[bool, str, float]], n_keys: int) -> list[DriftResult]:
         cfg = self.cfg
-        sh = self.state.setdefault((s.key, s.field), _Share())
+        sh = self.state.get((s.key, s.field))
+        if sh is None:
+            sh = self.state[(s.key, s.field)] = self._load(s.key, s.field)
         sh.n += 1
         if sh.ref_n < cfg.ref_size:
             sh.ref_n += 1
@@ -158,6 +174,43 @@ class GuardScan:
         if pos < mc or (pos - mc) % cfg.test_every:
             return []
         return [self._test(sh, c, n_keys) for c in v]
+
+    def _load(self, key: tuple[str, str, str], fld: str) -> _Share:
+        """A key-field's share state from ``guard_results`` (this scanner's verdicts) in the
+        drift stage's numbering; empty for a new key-field or without a store."""
+        from driftline.streams.stages.drift_references import _KEY_WHERE, _key_params
+
+        sh = _Share()
+        if self.query is None:
+            return sh
+        cfg = self.cfg
+        at = {**_key_params(key, fld), "db": self.db, "scanner": self.version}
+        texts = ("SELECT seq, event_id FROM {db:Identifier}.llm_embeddings FINAL WHERE " + _KEY_WHERE
+                 + " AND event_id IN (SELECT event_id FROM {db:Identifier}.guard_results WHERE " + _KEY_WHERE
+                 + " AND scanner = {scanner:String})")
+        rows = self.query("SELECT count() FROM (" + texts + ")", at)
+        n = int(rows[0][0]) if rows else 0
+        if not n:
+            return sh
+        ref = [r[1] for r in self.query(texts + " ORDER BY seq LIMIT {lim:UInt64}", {**at, "lim": cfg.ref_size})]
+        n_cur = min(cfg.window_size, n - len(ref))
+        cur = [r[1] for r in self.query(texts + " ORDER BY seq DESC LIMIT {lim:UInt64}", {**at, "lim": n_cur})
+               ][::-1] if n_cur > 0 else []
+        got: dict[str, tuple[int, dict[str, tuple[bool, str, float]]]] = {}
+        for eid, ts, cat, fl, nid, sim in self.query(
+                "SELECT event_id, toUnixTimestamp64Milli(ts), category, flagged, nearest_id, similarity "
+                "FROM {db:Identifier}.guard_results FINAL WHERE " + _KEY_WHERE + " AND scanner = {scanner:String} "
+                "AND event_id IN {ids:Array(String)}", {**at, "ids": ref + cur}):
+            got.setdefault(eid, (int(ts), {}))[1][cat] = (bool(fl), str(nid), float(sim))
+        sh.n, sh.ref_n = n, len(ref)
+        sh.ref_flagged.update(c for e in ref for c, x in got[e][1].items() if x[0])
+        sh.ref_ms = [min(got[e][0] for e in ref), max(got[e][0] for e in ref)]
+        sh.cur.extend((e, *got[e]) for e in cur)
+        self.reloaded += 1
+        log.info("semantic guard: reloaded the share state of %s/%s/%s %s: %d texts scanned, reference %d "
+                 "(%s flagged), current window %d", *key, fld, n, sh.ref_n, dict(sh.ref_flagged) or "none",
+                 len(sh.cur))
+        return sh
 
     def _test(self, sh: _Share, category: str, n_keys: int) -> DriftResult:
         from scipy.stats import fisher_exact
