@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("driftline.drift")
 
-__all__ = ["GuardScan", "guard_method", "scanner_version", "load_guard"]
+__all__ = ["GuardScan", "guard_method", "scanner_version", "load_guard", "label_attack_clusters"]
 
 #: nearest known attacks named in an explanation (by how many flagged texts of the window had them)
 _TOP_ATTACKS = 5
@@ -113,6 +113,10 @@ class GuardScan:
         self.scanned = 0
         self.flagged = 0
         self.tests_run = 0
+
+    def label_clusters(self, fld: str, x: np.ndarray, labels: np.ndarray, explanation: dict[str, Any]) -> None:
+        """:func:`label_attack_clusters` with this guard (the drift engine's topic-mix hook)."""
+        label_attack_clusters(self.guard, fld, x, labels, explanation)
 
     def clear(self) -> None:
         """Drop every key's share state (the worker's partitions were revoked)."""
@@ -245,6 +249,39 @@ class GuardScan:
         }
         self.tests_run += 1
         return DriftResult(guard_method(category), share, p, a_test, p < a_test, n_ref, n_cur, expl)
+
+
+def label_attack_clusters(guard: SemanticGuard, fld: str, x: np.ndarray, labels: np.ndarray,
+                          explanation: dict[str, Any]) -> None:
+    """Name the attack clusters of a topic-mix explanation (in place): a cluster whose share
+    grew and more than half of whose current texts the guard flags for one category gets
+    ``label`` (``"jailbreak-like: 18 of 20 flagged"``) and ``guard_flagged`` (its flagged
+    count per category); ``attack_clusters`` lists the labelled ones, largest growth first,
+    and ``grown_label`` names the most grown cluster when it is one. ``x``: the window's
+    vectors (in its order), ``labels``: their clusters (the detector's assignment). The
+    window is scanned here (one matrix product), so each verdict is the guard's on that very
+    vector. No text and no attack text is added."""
+    cats = guard.state.categories(fld)
+    clusters = explanation.get("clusters")
+    if not cats or not isinstance(clusters, list) or not len(x):
+        return
+    hits = guard.scan(np.asarray(x, dtype=np.float32), fld)
+    flags = np.array([[h.flagged for h in row] for row in hits], dtype=bool)  # (n, categories)
+    named = []
+    for entry in clusters:
+        c, n = int(entry["cluster"]), int(entry["cur_count"])
+        if entry["delta"] <= 0 or n == 0:
+            continue
+        k = flags[labels == c].sum(axis=0)
+        entry["guard_flagged"] = {cat: int(v) for cat, v in zip(cats, k, strict=True)}
+        j = int(np.argmax(k))
+        if 2 * int(k[j]) > n:
+            entry["label"] = f"{cats[j]}-like: {int(k[j])} of {n} flagged"
+            named.append({"cluster": c, "label": entry["label"], "delta": entry["delta"]})
+    explanation["attack_clusters"] = sorted(named, key=lambda e: -e["delta"])
+    grown = next((e for e in named if e["cluster"] == explanation.get("grown")), None)
+    if grown is not None:
+        explanation["grown_label"] = grown["label"]
 
 
 class _NotCached(Exception):

@@ -419,9 +419,12 @@ class DriftStage:
         return Path(self.cfg.guard_examples) if self.cfg.guard_examples else None
 
     def _guard_scan(self, guard: Any) -> GuardScan:
-        """The guard in the stream, reading its keys' share state from the engine's store."""
+        """The guard in the stream, reading its keys' share state from the engine's store; it
+        names the attack clusters of the engine's topic-mix explanations."""
         assert self.engine is not None
-        return GuardScan(guard, self.cfg, self.engine.query, self.engine.db)
+        gs = GuardScan(guard, self.cfg, self.engine.query, self.engine.db)
+        self.engine.cluster_labeler = gs.label_clusters
+        return gs
 
     def _guard_ready(self, guard: Any, how: str) -> None:
         if guard is None:

@@ -328,3 +328,49 @@ def test_share_state_is_reloaded_exactly_from_guard_results_after_a_restart(tmp_
         assert fresh.process(samples[17:], vecs[17:], n_keys=1)[1] == []
     finally:
         sink.close()
+
+
+def test_topic_mix_names_the_grown_attack_cluster() -> None:
+    """The drift engine's topic-mix explanation names a grown cluster whose current texts the
+    guard mostly flags ("jailbreak-like: 7 of 7 flagged"), and only such a cluster: on a key
+    whose window turns to jailbreak-like prompts (7 of 10, against 2 of 10 in the reference)
+    the grown cluster is the jailbreak one; a grown cluster with 2 of 5 flagged and a shrunk
+    one with all flagged stay unnamed (hand-made explanation). Mutations caught: the hook not
+    called, labelling any grown cluster, counting the reference instead of the window, a
+    minority counted as "mostly", naming shrunk clusters."""
+    from driftline.streams.stages.drift_references import DriftEngine
+    from driftline.streams.stages.guard_scan import label_attack_clusters
+
+    cfg = dataclasses.replace(CFG, fields=("prompt",), methods=("topic_mix",))
+    key = ("A", "m", "v1")
+    texts = [f"jb-{i}" if i in (3, 7) else f"benign-{i}" for i in range(10)]
+    texts += [f"jb-{i}" if i % 10 < 7 else f"benign-{i}" for i in range(10, 20)]
+    samples = [Sample(key, "prompt", f"e{i:02d}", 1000 * i, t) for i, t in enumerate(texts)]
+    vecs = np.stack([stand_in_vec(t) for t in texts])
+    for hooked in (True, False):
+        eng = DriftEngine(cfg, lambda sql, params: [], "driftline", "stand-in")
+        if hooked:
+            eng.cluster_labeler = GuardScan(tiny_guard(), cfg).label_clusters
+        _emb, _refs, results = eng.process(samples, [0] * 20, vecs)
+        (s, r), = results
+        e = r.explanation
+        if not hooked:
+            assert "attack_clusters" not in e and "grown_label" not in e
+            continue
+        (det,) = eng.state[(key, "prompt")].detectors.values()  # the key's fitted topic-mix detector
+        jb_cluster = {int(c) for c in det.detector.assign(vecs[10:17])}
+        assert len(jb_cluster) == 1 and e["grown"] in jb_cluster  # the 7 jailbreaks form the grown cluster
+        grown = next(c for c in e["clusters"] if c["cluster"] == e["grown"])
+        assert (grown["cur_count"], grown["guard_flagged"]) == (7, {"jailbreak": 7, "harmful_request": 0})
+        assert e["grown_label"] == grown["label"] == "jailbreak-like: 7 of 7 flagged"
+        assert e["attack_clusters"] == [{"cluster": e["grown"], "label": "jailbreak-like: 7 of 7 flagged",
+                                         "delta": grown["delta"]}]
+        assert all("label" not in c for c in e["clusters"] if c["cluster"] != e["grown"])
+    # by hand: cluster 0 grew with 2 of 5 flagged (not mostly), cluster 1 shrank with 2 of 2 flagged
+    x = np.stack([stand_in_vec(t) for t in ("jb-1", "jb-2", "ok-1", "ok-2", "ok-3", "jb-3", "jb-4")])
+    expl: dict[str, Any] = {"grown": 0, "clusters": [
+        {"cluster": 0, "delta": 0.3, "cur_count": 5}, {"cluster": 1, "delta": -0.3, "cur_count": 2}]}
+    label_attack_clusters(tiny_guard(), "prompt", x, np.array([0, 0, 0, 0, 0, 1, 1]), expl)
+    assert expl["attack_clusters"] == [] and "grown_label" not in expl
+    assert expl["clusters"][0]["guard_flagged"] == {"jailbreak": 2, "harmful_request": 0}
+    assert "label" not in expl["clusters"][0] and "guard_flagged" not in expl["clusters"][1]
