@@ -12,11 +12,13 @@ meet new traffic. Without the cache the test is skipped and says so (CI builds i
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 import uuid
 from typing import Any
 
+import numpy as np
 import pytest
 from helpers_worker import SESSION_MS, wait_for
 
@@ -84,7 +86,7 @@ def _fisher_greater(k_cur: int, n_cur: int, k_ref: int, n_ref: int) -> float:
 async def test_rising_jailbreak_share_fires_the_default_rule_and_a_benign_stream_does_not(
         kafka_bootstrap: str, make_topics: Any, chdb_dsn: str) -> None:
     """Two keys, every event sampled: guard_results holds exactly the prompts x the two prompt
-    categories, flagged exactly where the guard's own scan of the same texts says (the held-out
+    categories, flagged exactly where the guard's own scan of the texts' vectors says (the held-out
     jailbreaks mostly, no benign prompt); drift_scores holds the guard_jailbreak tests at the
     drift tests' positions with the shares and p-values a hand-computed Fisher test gives on
     those flags; JailbreakAttemptsRising (the shipped default rule) fires for "attacked" only.
@@ -99,15 +101,9 @@ async def test_rising_jailbreak_share_fires_the_default_rule_and_a_benign_stream
                        dlq_topic=f"{topic}.dlq", window=WindowConfig(size_ms=60_000), max_event_age_s=1e10,
                        emit_interval_s=0.5, idle_close_s=1.0, session_timeout_ms=SESSION_MS)
     dcfg = DriftConfig(fields=("prompt",), sample_rate=1.0, ref_size=REF, window_size=WINDOW, test_every=EVERY,
-                       test_interval_s=None, alpha=0.05, methods=("centroid_cosine",), control_topic=None,
+                       test_interval_s=None, alpha=0.05, methods=("centroid_cosine", "topic_mix"), control_topic=None,
                        embedding=EmbeddingConfig(batch_size=64, max_delay_s=0.1))
     streams = {app: _prompts(app, test) for app in ("attacked", "calm")}
-    # the guard's own verdicts on the same texts (cut to the model's limit as the stage cuts them)
-    verdict: dict[str, dict[str, tuple[int, str]]] = {}
-    for s in streams.values():
-        hits = guard.scan(await asyncio.to_thread(enc.encode, [p[:enc.max_chars] for _e, p in s]), "prompt")
-        for (e, _p), row in zip(s, hits, strict=True):
-            verdict[e] = {h.category: (int(h.flagged), h.nearest_id) for h in row}
     n_texts = sum(len(s) for s in streams.values())
     stop, box, stages = asyncio.Event(), [], []
 
@@ -153,10 +149,25 @@ async def test_rising_jailbreak_share_fires_the_default_rule_and_a_benign_stream
                        "INNER JOIN (SELECT event_id, prompt FROM driftline.llm_events FINAL) AS e USING (event_id) "
                        "WHERE g.flagged AND g.field = 'prompt' AND g.app IN ('attacked', 'calm') "
                        "ORDER BY g.event_id").result_rows
+        mix = c.query("SELECT app, explanation FROM driftline.drift_scores WHERE method = 'topic_mix' "
+                      "AND app IN ('attacked', 'calm') ORDER BY app, ts").result_rows
         alerts = c.query("SELECT DISTINCT rule, app FROM driftline.alerts WHERE state = 'firing' "
                          "AND rule = 'JailbreakAttemptsRising' AND app IN ('attacked', 'calm')").result_rows
+        stored = dict(c.query("SELECT event_id, embedding FROM driftline.llm_embeddings FINAL "
+                              "WHERE app IN ('attacked', 'calm')").result_rows)
     finally:
         c.close()
+    # the guard's own verdicts on those texts: its scan of the model's vectors of them (the ones
+    # the stage stored; that they are the model's vectors of these very texts is checked on a
+    # few, cut to the model's limit as the stage cuts them: re-embedding all would double the cost)
+    text = {e: p for s in streams.values() for e, p in s}
+    assert sorted(stored) == sorted(text)
+    some = [streams["attacked"][i][0] for i in (0, REF, REF + 1, N - 1)]
+    again = await asyncio.to_thread(enc.encode, [text[e][:enc.max_chars] for e in some])
+    assert np.allclose(np.asarray([stored[e] for e in some], np.float32), again, atol=1e-4)
+    ids = sorted(stored)
+    hits = guard.scan(np.asarray([stored[e] for e in ids], np.float32), "prompt")
+    verdict = {e: {h.category: (int(h.flagged), h.nearest_id) for h in row} for e, row in zip(ids, hits, strict=True)}
     want = sorted((app, e, cat, *verdict[e][cat]) for app, s in streams.items() for e, _p in s for cat in CATS)
     assert g == want  # rows = prompts x categories, each verdict the guard's own
     flags = {app: [verdict[e]["jailbreak"][0] for e, _p in s] for app, s in streams.items()}
@@ -181,5 +192,22 @@ async def test_rising_jailbreak_share_fires_the_default_rule_and_a_benign_stream
     assert alerts == [("JailbreakAttemptsRising", "attacked")]
     assert near == sorted((e, verdict[e]["jailbreak"][1]) for e, _p in streams["attacked"]
                           if verdict[e]["jailbreak"][0])
+    # the topic-mix explanation names the grown clusters the guard mostly flags, and only those
+    labelled = []
+    for app, ex in mix:
+        e = json.loads(ex)
+        for cl in e["clusters"]:
+            if "label" in cl:
+                k = cl["guard_flagged"]["jailbreak"]
+                assert cl["delta"] > 0 and 2 * k > cl["cur_count"], cl
+                assert cl["label"] == f"jailbreak-like: {k} of {cl['cur_count']} flagged"
+                labelled.append((app, cl["label"]))
+        assert [a["label"] for a in e["attack_clusters"]] == [cl["label"] for cl in sorted(
+            (cl for cl in e["clusters"] if "label" in cl), key=lambda cl: -cl["delta"])]
+        window = flags[app][e["window"]["seq_to"] - WINDOW:e["window"]["seq_to"]]
+        assert sum(cl.get("guard_flagged", {}).get("jailbreak", 0) for cl in e["clusters"]) <= sum(window)
+    assert [a for a, _l in labelled] and {a for a, _l in labelled} == {"attacked"}, labelled
+    last = json.loads([ex for a, ex in mix if a == "attacked"][-1])
+    print(f"\nlast attacked window: grown {last.get('grown_label')!r}, named {last['attack_clusters']}")
     print(f"\n{n_texts} prompts ({sum(flags['attacked'])} of {n_jb} jailbreaks flagged), {len(scores)} share tests, "
           f"{time.monotonic() - t0:.1f}s")
