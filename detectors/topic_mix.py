@@ -17,6 +17,7 @@ from .base import (
     RULE_P,
     Detector,
     FloatArray,
+    NotFittedError,
     _as_matrix,
     _sq_dists,
     _texts,
@@ -159,6 +160,12 @@ class TopicMixDrift(Detector):
     @property
     def centroids(self) -> FloatArray:
         return self._centroids.copy()
+
+    def assign(self, current: npt.ArrayLike) -> npt.NDArray[np.int64]:
+        """Each row's cluster (its nearest centroid), as :meth:`score` counts it."""
+        if not self.fitted:
+            raise NotFittedError(f"{type(self).__name__}.assign called before fit")
+        return _nearest(_as_matrix(current, "current"), self._centroids)[0]
 
     def _settings(self) -> dict[str, Any]:
         return {

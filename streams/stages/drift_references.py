@@ -193,6 +193,9 @@ class DriftEngine:
         self.goldens_read = 0
         #: golden references a key got when first seen (no reference row yet): written by process()
         self.pending_refs: list[dict[str, Any]] = []
+        #: names the attack clusters of a topic-mix explanation (the semantic guard's
+        #: ``label_clusters(field, window vectors, their clusters, explanation)``); None: not named
+        self.cluster_labeler: Callable[[str, np.ndarray, np.ndarray, dict[str, Any]], None] | None = None
         #: the baseline commands applied (:meth:`_baseline_commands`); None until first needed
         self._commands: list[tuple[str, dict[str, Any]]] | None = None
 
@@ -508,8 +511,11 @@ class DriftEngine:
         texts = self._shown([r.text for r in cur])
         out = []
         for method in cfg.methods:
-            r = self._detector(kf, method, b).score(x, texts=texts, alpha=a_test)
+            det = self._detector(kf, method, b)
+            r = det.score(x, texts=texts, alpha=a_test)
             expl = dict(r.explanation)
+            if method == "topic_mix" and self.cluster_labeler is not None:
+                self.cluster_labeler(kf.field, x, det.detector.assign(x), expl)
             expl.update({
                 "alpha_family": cfg.alpha, "alpha_test": a_test, "correction": "bonferroni",
                 "family": {"keys": n_keys, "fields": len(cfg.fields), "methods": len(cfg.methods)},

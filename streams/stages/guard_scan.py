@@ -25,8 +25,14 @@ every reference of that field), then
 Rates are per-window estimates over the sampled texts (the sample is a hash of the event id,
 so uniform within a window): unbiased for the share of all events, not a per-event block.
 
-The share state is in memory: after a restart or a rebalance a key collects a new reference
-share from its next ``ref_size`` texts (the verdicts themselves are in ``guard_results``).
+The share state is reloaded from the store when a key-field is first seen (start, after a
+rebalance): the key-field's texts with a ``guard_results`` verdict of this scanner (its
+version: verdicts of other references or thresholds are not comparable), in the drift stage's
+numbering (``llm_embeddings.seq``): the first ``ref_size`` are the reference share, the last
+``window_size`` after them the current window, their count the position of the next test. So
+a restart neither re-baselines nor moves the tests; the state holds the similarity as stored
+(float32), so a reloaded test's explanation equals the uninterrupted one's. A new scanner
+version starts a new reference share.
 """
 
 from __future__ import annotations
@@ -48,11 +54,12 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from driftline.detectors.semantic_guard import SemanticGuard
+    from driftline.streams.stages.drift_references import Query
     from driftline.streams.stages.semantic_drift import DriftConfig, Sample
 
 log = logging.getLogger("driftline.drift")
 
-__all__ = ["GuardScan", "guard_method", "scanner_version", "load_guard"]
+__all__ = ["GuardScan", "guard_method", "scanner_version", "load_guard", "label_attack_clusters"]
 
 #: nearest known attacks named in an explanation (by how many flagged texts of the window had them)
 _TOP_ATTACKS = 5
@@ -90,9 +97,15 @@ class GuardScan:
     Called on the drift thread only (:meth:`process`, :meth:`clear`).
     """
 
-    def __init__(self, guard: SemanticGuard, cfg: DriftConfig) -> None:
+    def __init__(self, guard: SemanticGuard, cfg: DriftConfig, query: Query | None = None,
+                 database: str = "driftline") -> None:
         self.guard = guard
         self.cfg = cfg
+        #: reads the store (synchronous, on the drift thread: the drift engine's); None: no reload
+        self.query = query
+        self.db = database
+        #: key-fields whose share state was reloaded from ``guard_results``
+        self.reloaded = 0
         self.version = scanner_version(guard)
         self.fields = tuple(f for f in cfg.fields if guard.state.categories(f))
         self.state: dict[tuple[tuple[str, str, str], str], _Share] = {}
@@ -100,6 +113,10 @@ class GuardScan:
         self.scanned = 0
         self.flagged = 0
         self.tests_run = 0
+
+    def label_clusters(self, fld: str, x: np.ndarray, labels: np.ndarray, explanation: dict[str, Any]) -> None:
+        """:func:`label_attack_clusters` with this guard (the drift engine's topic-mix hook)."""
+        label_attack_clusters(self.guard, fld, x, labels, explanation)
 
     def clear(self) -> None:
         """Drop every key's share state (the worker's partitions were revoked)."""
@@ -124,7 +141,8 @@ class GuardScan:
             hits = self.guard.scan(np.asarray(vecs[idx], dtype=np.float32), f)  # one product per field
             for i, row in zip(idx, hits, strict=True):
                 s = samples[i]
-                verdicts[i] = {h.category: (h.flagged, h.nearest_id, h.similarity) for h in row}
+                # the similarity as guard_results stores it (Float32): a reloaded state is the same
+                verdicts[i] = {h.category: (h.flagged, h.nearest_id, float(np.float32(h.similarity))) for h in row}
                 for h in row:
                     for c, v in zip(GUARD_COLUMNS, (s.event_id, ms_to_dt(s.ts_ms), *s.key, f, h.category,
                                                     h.score, h.similarity, h.nearest_id, int(h.flagged),
@@ -143,7 +161,9 @@ class GuardScan:
 
     def _add(self, s: Sample, v: dict[str, tuple[bool, str, float]], n_keys: int) -> list[DriftResult]:
         cfg = self.cfg
-        sh = self.state.setdefault((s.key, s.field), _Share())
+        sh = self.state.get((s.key, s.field))
+        if sh is None:
+            sh = self.state[(s.key, s.field)] = self._load(s.key, s.field)
         sh.n += 1
         if sh.ref_n < cfg.ref_size:
             sh.ref_n += 1
@@ -158,6 +178,43 @@ class GuardScan:
         if pos < mc or (pos - mc) % cfg.test_every:
             return []
         return [self._test(sh, c, n_keys) for c in v]
+
+    def _load(self, key: tuple[str, str, str], fld: str) -> _Share:
+        """A key-field's share state from ``guard_results`` (this scanner's verdicts) in the
+        drift stage's numbering; empty for a new key-field or without a store."""
+        from driftline.streams.stages.drift_references import _KEY_WHERE, _key_params
+
+        sh = _Share()
+        if self.query is None:
+            return sh
+        cfg = self.cfg
+        at = {**_key_params(key, fld), "db": self.db, "scanner": self.version}
+        texts = ("SELECT seq, event_id FROM {db:Identifier}.llm_embeddings FINAL WHERE " + _KEY_WHERE
+                 + " AND event_id IN (SELECT event_id FROM {db:Identifier}.guard_results WHERE " + _KEY_WHERE
+                 + " AND scanner = {scanner:String})")
+        rows = self.query("SELECT count() FROM (" + texts + ")", at)
+        n = int(rows[0][0]) if rows else 0
+        if not n:
+            return sh
+        ref = [r[1] for r in self.query(texts + " ORDER BY seq LIMIT {lim:UInt64}", {**at, "lim": cfg.ref_size})]
+        n_cur = min(cfg.window_size, n - len(ref))
+        cur = [r[1] for r in self.query(texts + " ORDER BY seq DESC LIMIT {lim:UInt64}", {**at, "lim": n_cur})
+               ][::-1] if n_cur > 0 else []
+        got: dict[str, tuple[int, dict[str, tuple[bool, str, float]]]] = {}
+        for eid, ts, cat, fl, nid, sim in self.query(
+                "SELECT event_id, toUnixTimestamp64Milli(ts), category, flagged, nearest_id, similarity "
+                "FROM {db:Identifier}.guard_results FINAL WHERE " + _KEY_WHERE + " AND scanner = {scanner:String} "
+                "AND event_id IN {ids:Array(String)}", {**at, "ids": ref + cur}):
+            got.setdefault(eid, (int(ts), {}))[1][cat] = (bool(fl), str(nid), float(sim))
+        sh.n, sh.ref_n = n, len(ref)
+        sh.ref_flagged.update(c for e in ref for c, x in got[e][1].items() if x[0])
+        sh.ref_ms = [min(got[e][0] for e in ref), max(got[e][0] for e in ref)]
+        sh.cur.extend((e, *got[e]) for e in cur)
+        self.reloaded += 1
+        log.info("semantic guard: reloaded the share state of %s/%s/%s %s: %d texts scanned, reference %d "
+                 "(%s flagged), current window %d", *key, fld, n, sh.ref_n, dict(sh.ref_flagged) or "none",
+                 len(sh.cur))
+        return sh
 
     def _test(self, sh: _Share, category: str, n_keys: int) -> DriftResult:
         from scipy.stats import fisher_exact
@@ -192,6 +249,39 @@ class GuardScan:
         }
         self.tests_run += 1
         return DriftResult(guard_method(category), share, p, a_test, p < a_test, n_ref, n_cur, expl)
+
+
+def label_attack_clusters(guard: SemanticGuard, fld: str, x: np.ndarray, labels: np.ndarray,
+                          explanation: dict[str, Any]) -> None:
+    """Name the attack clusters of a topic-mix explanation (in place): a cluster whose share
+    grew and more than half of whose current texts the guard flags for one category gets
+    ``label`` (``"jailbreak-like: 18 of 20 flagged"``) and ``guard_flagged`` (its flagged
+    count per category); ``attack_clusters`` lists the labelled ones, largest growth first,
+    and ``grown_label`` names the most grown cluster when it is one. ``x``: the window's
+    vectors (in its order), ``labels``: their clusters (the detector's assignment). The
+    window is scanned here (one matrix product), so each verdict is the guard's on that very
+    vector. No text and no attack text is added."""
+    cats = guard.state.categories(fld)
+    clusters = explanation.get("clusters")
+    if not cats or not isinstance(clusters, list) or not len(x):
+        return
+    hits = guard.scan(np.asarray(x, dtype=np.float32), fld)
+    flags = np.array([[h.flagged for h in row] for row in hits], dtype=bool)  # (n, categories)
+    named = []
+    for entry in clusters:
+        c, n = int(entry["cluster"]), int(entry["cur_count"])
+        if entry["delta"] <= 0 or n == 0:
+            continue
+        k = flags[labels == c].sum(axis=0)
+        entry["guard_flagged"] = {cat: int(v) for cat, v in zip(cats, k, strict=True)}
+        j = int(np.argmax(k))
+        if 2 * int(k[j]) > n:
+            entry["label"] = f"{cats[j]}-like: {int(k[j])} of {n} flagged"
+            named.append({"cluster": c, "label": entry["label"], "delta": entry["delta"]})
+    explanation["attack_clusters"] = sorted(named, key=lambda e: -e["delta"])
+    grown = next((e for e in named if e["cluster"] == explanation.get("grown")), None)
+    if grown is not None:
+        explanation["grown_label"] = grown["label"]
 
 
 class _NotCached(Exception):

@@ -396,7 +396,7 @@ class DriftStage:
         Without it the stage runs unchanged; why is logged once."""
         mode = self.cfg.semantic_guard
         if self._guard is not None:
-            self.guard = GuardScan(self._guard, self.cfg)
+            self.guard = self._guard_scan(self._guard)
         elif mode == "off":
             log.info("semantic guard: off (--semantic-guard off)")
         elif self._encoder is not None:
@@ -418,11 +418,19 @@ class DriftStage:
     def _examples_path(self) -> Path | None:
         return Path(self.cfg.guard_examples) if self.cfg.guard_examples else None
 
+    def _guard_scan(self, guard: Any) -> GuardScan:
+        """The guard in the stream, reading its keys' share state from the engine's store; it
+        names the attack clusters of the engine's topic-mix explanations."""
+        assert self.engine is not None
+        gs = GuardScan(guard, self.cfg, self.engine.query, self.engine.db)
+        self.engine.cluster_labeler = gs.label_clusters
+        return gs
+
     def _guard_ready(self, guard: Any, how: str) -> None:
         if guard is None:
             log.warning("semantic guard: off: %s", how)
             return
-        self.guard = GuardScan(guard, self.cfg)
+        self.guard = self._guard_scan(guard)
         log.info("semantic guard: on (%s); texts embedded from now on are scanned", how)
 
     async def _read_applied_ids(self) -> bool:

@@ -265,3 +265,112 @@ def test_worker_refuses_a_bad_attack_examples_file_before_starting(tmp_path: Pat
     empty.write_text("# nothing yet\n")
     res = CliRunner().invoke(app, ["worker", "--kafka", "127.0.0.1:1", "--guard-examples", str(empty)])
     assert res.exit_code == 2 and "holds no example" in res.output
+
+
+def test_share_state_is_reloaded_exactly_from_guard_results_after_a_restart(tmp_path: Path) -> None:
+    """A worker scans key A's first 17 prompts (reference 10, 7 past it: no test yet), stores
+    llm_embeddings and guard_results in chDB, and stops; a new GuardScan (the restart) reads the
+    key's share state back and scans the rest. Its share tests equal, result for result
+    (position, statistic, p-value, explanation), those of a scan that never stopped. Mutations
+    caught: no reload (a new reference from the next 10 texts: no test at all in 13 more), the
+    reference taken from the last texts instead of the first, the window not restored (n_cur,
+    share), ordering by anything but the drift stage's numbering, verdicts of another scanner
+    version counted."""
+    from datetime import UTC, datetime
+
+    from driftline.schemas.columns import EMBEDDING_COLUMNS, GUARD_COLUMNS
+    from driftline.streams.sinks.clickhouse import ClickHouseSink
+    from driftline.streams.stages.drift_references import DriftEngine
+
+    cfg = dataclasses.replace(CFG, fields=("prompt",))
+    key = ("A", "m", "v1")
+    # reference clean except one, then a rising share: 0..9 ref (jb at 4), 10..29 mixed
+    texts = [f"jb-{i}" if i == 4 or (i >= 10 and i % 3 == 0) or i in (11, 22, 28) else f"benign-{i}"
+             for i in range(30)]
+    samples = [Sample(key, "prompt", f"e{i:02d}", 1000 * i, t) for i, t in enumerate(texts)]
+    vecs = np.stack([stand_in_vec(t) for t in texts])
+
+    def key_of(rs: list[tuple[Sample, Any]]) -> list[tuple[str, str, float, float, int, int, str]]:
+        return [(s.event_id, r.method, r.statistic, r.p_value, r.n_ref, r.n_cur,
+                 json.dumps(r.explanation, sort_keys=True)) for s, r in rs]
+
+    whole = GuardScan(tiny_guard(), cfg)
+    want = key_of(whole.process(samples, vecs, n_keys=1)[1])
+    assert [w[0] for w in want] == ["e19", "e19", "e24", "e24", "e29", "e29"]
+    sink = ClickHouseSink(f"chdb://{tmp_path / 'chdb'}")
+    try:
+        sink.ensure_schema()
+        # an earlier event with a verdict of another scanner version: not comparable, not counted
+        sink.call(lambda c: c.insert("driftline.llm_embeddings", [
+            ["old", datetime(1970, 1, 1, tzinfo=UTC), "A", "m", "v1", "prompt", 0, "stand-in", 0,
+             stand_in_vec("jb-0").tolist()]], column_names=list(EMBEDDING_COLUMNS)))
+        sink.call(lambda c: c.insert("driftline.guard_results", [
+            ["old", datetime(1970, 1, 1, tzinfo=UTC), "A", "m", "v1", "prompt", "jailbreak", 1.0, 1.0,
+             "jailbreak:3", 1, "semantic_guard:000000000000"]], column_names=list(GUARD_COLUMNS)))
+
+        def run(gs: GuardScan, eng: DriftEngine, part: slice) -> list[tuple[Sample, Any]]:
+            emb, _refs, _res = eng.process(samples[part], [0] * len(samples[part]), vecs[part])
+            cols, res, _s, _f = gs.process(samples[part], vecs[part], n_keys=1)
+            asyncio.run(sink.insert_columns("llm_embeddings", emb))
+            asyncio.run(sink.insert_columns("guard_results", cols))
+            return res
+
+        eng = DriftEngine(cfg, sink.query_rows, "driftline", "stand-in")
+        first = GuardScan(tiny_guard(), cfg, sink.query_rows, "driftline")
+        assert run(first, eng, slice(0, 17)) == [] and first.reloaded == 0  # nothing stored yet
+        eng2 = DriftEngine(cfg, sink.query_rows, "driftline", "stand-in")  # the restart: both reload
+        again = GuardScan(tiny_guard(), cfg, sink.query_rows, "driftline")
+        got = key_of(run(again, eng2, slice(17, 30)))
+        assert again.reloaded == 1
+        assert got == want
+        # without the store: the restart re-baselines (the mutation this test is for)
+        fresh = GuardScan(tiny_guard(), cfg)
+        assert fresh.process(samples[17:], vecs[17:], n_keys=1)[1] == []
+    finally:
+        sink.close()
+
+
+def test_topic_mix_names_the_grown_attack_cluster() -> None:
+    """The drift engine's topic-mix explanation names a grown cluster whose current texts the
+    guard mostly flags ("jailbreak-like: 7 of 7 flagged"), and only such a cluster: on a key
+    whose window turns to jailbreak-like prompts (7 of 10, against 2 of 10 in the reference)
+    the grown cluster is the jailbreak one; a grown cluster with 2 of 5 flagged and a shrunk
+    one with all flagged stay unnamed (hand-made explanation). Mutations caught: the hook not
+    called, labelling any grown cluster, counting the reference instead of the window, a
+    minority counted as "mostly", naming shrunk clusters."""
+    from driftline.streams.stages.drift_references import DriftEngine
+    from driftline.streams.stages.guard_scan import label_attack_clusters
+
+    cfg = dataclasses.replace(CFG, fields=("prompt",), methods=("topic_mix",))
+    key = ("A", "m", "v1")
+    texts = [f"jb-{i}" if i in (3, 7) else f"benign-{i}" for i in range(10)]
+    texts += [f"jb-{i}" if i % 10 < 7 else f"benign-{i}" for i in range(10, 20)]
+    samples = [Sample(key, "prompt", f"e{i:02d}", 1000 * i, t) for i, t in enumerate(texts)]
+    vecs = np.stack([stand_in_vec(t) for t in texts])
+    for hooked in (True, False):
+        eng = DriftEngine(cfg, lambda sql, params: [], "driftline", "stand-in")
+        if hooked:
+            eng.cluster_labeler = GuardScan(tiny_guard(), cfg).label_clusters
+        _emb, _refs, results = eng.process(samples, [0] * 20, vecs)
+        (s, r), = results
+        e = r.explanation
+        if not hooked:
+            assert "attack_clusters" not in e and "grown_label" not in e
+            continue
+        (det,) = eng.state[(key, "prompt")].detectors.values()  # the key's fitted topic-mix detector
+        jb_cluster = {int(c) for c in det.detector.assign(vecs[10:17])}
+        assert len(jb_cluster) == 1 and e["grown"] in jb_cluster  # the 7 jailbreaks form the grown cluster
+        grown = next(c for c in e["clusters"] if c["cluster"] == e["grown"])
+        assert (grown["cur_count"], grown["guard_flagged"]) == (7, {"jailbreak": 7, "harmful_request": 0})
+        assert e["grown_label"] == grown["label"] == "jailbreak-like: 7 of 7 flagged"
+        assert e["attack_clusters"] == [{"cluster": e["grown"], "label": "jailbreak-like: 7 of 7 flagged",
+                                         "delta": grown["delta"]}]
+        assert all("label" not in c for c in e["clusters"] if c["cluster"] != e["grown"])
+    # by hand: cluster 0 grew with 2 of 5 flagged (not mostly), cluster 1 shrank with 2 of 2 flagged
+    x = np.stack([stand_in_vec(t) for t in ("jb-1", "jb-2", "ok-1", "ok-2", "ok-3", "jb-3", "jb-4")])
+    expl: dict[str, Any] = {"grown": 0, "clusters": [
+        {"cluster": 0, "delta": 0.3, "cur_count": 5}, {"cluster": 1, "delta": -0.3, "cur_count": 2}]}
+    label_attack_clusters(tiny_guard(), "prompt", x, np.array([0, 0, 0, 0, 0, 1, 1]), expl)
+    assert expl["attack_clusters"] == [] and "grown_label" not in expl
+    assert expl["clusters"][0]["guard_flagged"] == {"jailbreak": 2, "harmful_request": 0}
+    assert "label" not in expl["clusters"][0] and "guard_flagged" not in expl["clusters"][1]
