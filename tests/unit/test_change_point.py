@@ -30,9 +30,9 @@ _spec.loader.exec_module(bench)
 CFG = NumericDriftConfig()  # reference 500, window 500, a test every 100: blocks of 25
 SHIFT = 2013  # off the 25-value block grid
 T0 = 1_800_000_000_000  # bench.run's event times: T0 + the event's index
-#: the stated location error: |located seq - SHIFT| <= TOL (the benchmark's max over 200
-#: seeds is in the README, "Numeric drift")
-TOL = 100
+#: the stated location error: |located seq - SHIFT| <= TOL[scenario] (the benchmark's max over
+#: 200 seeds: 187 and 13; README "Numeric drift")
+TOL = {"longer": 200, "ttft": 25}
 
 
 @pytest.mark.parametrize("scenario", ["longer", "ttft"])
@@ -52,7 +52,7 @@ def test_a_shift_is_located_within_the_tolerance_with_its_time_and_size(scenario
     assert ks.drifted  # a change point only on a flagged KS test, of the same window
     ex = r.explanation
     seq = ex["change"]["seq"]
-    assert abs(seq - SHIFT) <= TOL and ex["change"]["ts_ms"] == T0 + seq
+    assert abs(seq - SHIFT) <= TOL[scenario] and ex["change"]["ts_ms"] == T0 + seq
     assert (seq - ex["window"]["seq_from"]) % block_size(CFG.window_size) == 0
     x = np.asarray(values[fld], dtype=np.float64)
     before = np.concatenate([x[:500], x[ex["window"]["seq_from"]:seq]])
