@@ -40,7 +40,8 @@ TOL = {"longer": 200, "ttft": 25}
 def test_a_shift_is_located_within_the_tolerance_with_its_time_and_size(scenario: str, seed: int) -> None:
     # Catches: the change index taken relative to the window (seq_from not added) or to the
     # oldest block when the window does not divide into blocks, before/after swapped or
-    # taken over the wrong values, the time of another value than the change's.
+    # taken over the wrong values, the time of another value than the change's, a change point
+    # row on an unflagged KS test (rows before the shift).
     values = bench.stream(seed, 3000, scenario, SHIFT)
     tests = bench.run(values, CFG, change_points=True)
     fld = bench.SHIFTED[scenario]
@@ -66,7 +67,7 @@ def test_a_shift_is_located_within_the_tolerance_with_its_time_and_size(scenario
 @pytest.mark.parametrize("seed", range(5))
 def test_control_streams_have_no_change_point(seed: int) -> None:
     # Catches: a scan standardised without the reference's own sampling error (measured at 2-4x
-    # the level per scan: 3 of these 5 seeds then flag), a change point row on an unflagged test.
+    # the level per scan: 3 of these 5 seeds then flag).
     values = bench.stream(seed, 3000, "control", 3000)
     level = CFG.alpha / len(CFG.fields)
     flags = []
