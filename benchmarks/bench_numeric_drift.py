@@ -29,6 +29,11 @@ per event: the stage's hot path (``on_stored``, on the event loop) and its threa
     python benchmarks/bench_numeric_drift.py                 # 200 seeds per scenario
     python benchmarks/bench_numeric_drift.py --seeds 40      # quicker
     python benchmarks/bench_numeric_drift.py --scenarios control --alpha 0.005 --no-cpu
+    python benchmarks/bench_numeric_drift.py --scenarios control --no-cpu --change-points
+
+``--change-points`` also measures streams/stages/change_point.py: the location error of the
+change on ``longer`` and ``ttft`` streams (shifted at ``--shift-at`` + 13, off the blocks'
+grid) and the false alarms of its scan on control streams (README "Numeric drift").
 
 tests/unit/test_numeric_stage.py runs the same functions on a few seeds.
 """
@@ -43,7 +48,14 @@ from typing import Any
 import numpy as np
 
 from driftline.schemas.topics import EVENTS_TOPIC as TOPIC
-from driftline.streams.stages.numeric_drift import FIELDS, NumericDriftConfig, NumericEngine
+from driftline.streams.stages.change_point import METHOD as CP_METHOD
+from driftline.streams.stages.change_point import block_size, locate_change
+from driftline.streams.stages.numeric_drift import (
+    FIELDS,
+    NUMERIC_FIELDS,
+    NumericDriftConfig,
+    NumericEngine,
+)
 
 #: the field each scenario shifts (and is expected to flag)
 SHIFTED = {"longer": "output_tokens", "ttft": "ttft_ms", "length": "finish_reason", "control": ""}
@@ -76,9 +88,10 @@ def stream(seed: int, n: int, scenario: str, shift_at: int) -> dict[str, Any]:
             "finish_reason": finish.tolist()}
 
 
-def run(values: dict[str, Any], cfg: NumericDriftConfig, batch: int = 100) -> list[tuple[int, str, bool, Any]]:
+def run(values: dict[str, Any], cfg: NumericDriftConfig, batch: int = 100,
+        change_points: bool = False) -> list[tuple[int, str, bool, Any]]:
     """The stream through a fresh engine: ``(event index of the window end, field, drifted,
-    result)`` of every test, in order."""
+    result)`` of every test, in order (the ``change_point`` rows only with ``change_points``)."""
     eng = NumericEngine(cfg)
     n = len(values["latency_ms"])
     keys = [KEY] * n
@@ -87,7 +100,8 @@ def run(values: dict[str, Any], cfg: NumericDriftConfig, batch: int = 100) -> li
     for s in range(0, n, batch):
         _, res = eng.process(keys[s:s + batch], ts[s:s + batch],
                              {f: list(v[s:s + batch]) for f, v in values.items() if f in cfg.fields})
-        out.extend((int(r.explanation["window"]["seq_to"]) - 1, kf.field, r.drifted, r) for kf, r in res)
+        out.extend((int(r.explanation["window"]["seq_to"]) - 1, kf.field, r.drifted, r) for kf, r in res
+                   if change_points or r.method != CP_METHOD)
     return out
 
 
@@ -124,6 +138,53 @@ def scenario_stats(scenario: str, seeds: range, *, n: int, shift_at: int, max_de
     return {"streams": len(seeds), "detected": len(hit) / len(seeds),
             "delay_median": float(np.median(hit)) if hit else None,
             "delay_p90": float(np.quantile(hit, 0.9)) if hit else None, "delay_max": max(hit) if hit else None}
+
+
+def first_change_point(tests: list[tuple[int, str, bool, Any]], field: str, after: int) -> Any:
+    """The first ``change_point`` result of ``field`` whose window ends at or after ``after``."""
+    return next((r for i, f, _, r in tests if f == field and r.method == CP_METHOD and i >= after), None)
+
+
+def change_point_stats(seeds: range, *, n: int, shift_at: int, cfg: NumericDriftConfig) -> dict[str, Any]:
+    """The change points: on ``longer`` and ``ttft`` streams shifted at ``shift_at``, the share
+    located (the first ``change_point`` row of the shifted field after the shift, drifted) and
+    the location error (its ``seq`` - ``shift_at``: median and p90 of the absolute, max); on
+    control streams the false alarms of the scan itself, run at every test position of every
+    numeric field whether or not KS flags (the share of scans with p < the per-test level, to
+    compare with that level), and of the stage's output (drifted ``change_point`` rows per test)."""
+    out: dict[str, Any] = {}
+    for sc in ("longer", "ttft"):
+        errs, located = [], 0
+        for seed in seeds:
+            r = first_change_point(run(stream(seed, n, sc, shift_at), cfg, change_points=True), SHIFTED[sc], shift_at)
+            if r is not None and r.drifted:
+                located += 1
+                errs.append(int(r.explanation["change"]["seq"]) - shift_at)
+        a = np.abs(errs)
+        out[sc] = {"located": located / len(seeds), "abs_error_median": float(np.median(a)) if errs else None,
+                   "abs_error_p90": float(np.quantile(a, 0.9)) if errs else None,
+                   "abs_error_max": int(a.max()) if errs else None,
+                   "error_mean": float(np.mean(errs)) if errs else None}
+    level = cfg.alpha / len(cfg.fields)
+    b, mc, w = block_size(cfg.window_size), cfg.min_cur, cfg.window_size
+    scans = scan_flags = tests = rows = 0
+    for seed in seeds:
+        v = stream(seed, n, "control", shift_at)
+        for f in NUMERIC_FIELDS:
+            if f not in cfg.fields:
+                continue
+            x = np.asarray(v[f], dtype=np.float64)
+            ref = x[:cfg.ref_size]
+            for end in range(cfg.ref_size + mc, n + 1, cfg.test_every):
+                c = locate_change(ref, x[max(cfg.ref_size, end - w):end], b)
+                scans += 1
+                scan_flags += c is not None and c["p_value"] < level
+        t = run(v, cfg, change_points=True)
+        tests += sum(1 for x in t if x[3].method != CP_METHOD and x[1] in NUMERIC_FIELDS)
+        rows += sum(1 for x in t if x[3].method == CP_METHOD and x[2])
+    out["control"] = {"scans": scans, "scan_rate": scan_flags / max(scans, 1), "per_test_level": level,
+                      "tests": tests, "drifted_change_point_rows_per_test": rows / max(tests, 1)}
+    return out
 
 
 def cpu_per_event(n: int = 200_000, keys: int = 20) -> dict[str, float]:
@@ -176,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", default="longer,ttft,length,control", help="comma-separated, of "
                     + ", ".join(SHIFTED))
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU measurement")
+    ap.add_argument("--change-points", action="store_true", help="also measure the change points: location "
+                    "error on longer/ttft streams shifted at --shift-at + 13 (off the block grid), false alarms "
+                    "of the scan on the control streams")
     a = ap.parse_args(argv)
     cfg = NumericDriftConfig(alpha=a.alpha)
     print(f"numeric drift: {a.seeds} streams x {a.events} calls per scenario, shift at {a.shift_at}, "
@@ -185,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     for sc in a.scenarios.split(","):
         st = scenario_stats(sc, range(a.seeds), n=a.events, shift_at=a.shift_at, max_delay=a.max_delay, cfg=cfg)
         print(f"  {sc:8s} {st}")
+    if a.change_points:
+        cp = change_point_stats(range(a.seeds), n=a.events, shift_at=a.shift_at + 13, cfg=cfg)
+        for k, st in cp.items():
+            print(f"  change points {k:8s} {st}")
     print(f"  ({time.perf_counter() - t0:.1f} s)")
     if not a.no_cpu:
         print(f"  cpu: {cpu_per_event()}")

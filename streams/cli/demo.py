@@ -532,7 +532,7 @@ NUMERIC_SQL = (
     "SELECT app, model, field, min(toUnixTimestamp64Milli(ts)) AS first_ms, "
     "argMin(JSONExtractString(explanation, 'summary'), ts) AS first_summary, count() AS tests "
     "FROM driftline.drift_scores WHERE field NOT IN ('prompt', 'response') AND drifted = 1 "
-    "GROUP BY app, model, field ORDER BY app, model, first_ms")
+    "AND method != 'change_point' GROUP BY app, model, field ORDER BY app, model, first_ms")
 """The numeric drift flags per key and field: first flagged test and its summary."""
 
 

@@ -72,6 +72,7 @@ from driftline.detectors.sampling import sample_mask
 from driftline.schemas.columns import CONTROL_LOG_COLUMNS, NUMERIC_STATE_COLUMNS, SCORE_COLUMNS
 from driftline.schemas.drift_result import DriftResult
 from driftline.schemas.topics import CONTROL_TOPIC
+from driftline.streams.stages.change_point import change_point_result
 from driftline.streams.stages.drift_references import ms_to_dt, per_test_alpha
 
 if TYPE_CHECKING:
@@ -376,7 +377,12 @@ class NumericEngine:
             kf.seq += k
             i += k
             if kf.seq - kf.ref_seq[1] == nxt:
-                out.append((kf, self._test(kf)))
+                res = self._test(kf)
+                out.append((kf, res))
+                if res.drifted and kf.field in NUMERIC_FIELDS:  # when did it start (change_point.py)
+                    cp = change_point_result(kf.field, kf.detector, kf.cur, res, cfg.window_size)
+                    if cp is not None:
+                        out.append((kf, cp))
                 # the state row: once per window_size values (each ~8 KB; the stop and a
                 # revocation write every changed one)
                 changed = changed or (nxt - mc) % cfg.window_size == 0
@@ -772,6 +778,8 @@ class NumericDriftStage:
         for kf, r in results:
             a, m, p = kf.key
             metrics.observe_drift(a, m, p, kf.field, r.method, r.statistic, r.p_value, r.drifted)
+            if r.method == "change_point":  # explains a flagged KS result, which the rules already got
+                continue
             obs = DriftObservation(ts_ms=int(r.explanation["window"]["to_ms"]), app=a, model=m, prompt_version=p,
                                    field=kf.field, method=r.method, statistic=float(r.statistic),
                                    p_value=r.p_value, drifted=r.drifted)

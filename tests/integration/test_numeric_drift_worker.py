@@ -90,31 +90,34 @@ async def test_numeric_drift_in_the_worker_flags_ttft_and_resumes_after_a_restar
                         group_id=f"g-{uuid.uuid4().hex[:8]}", topics=(topic,), dlq_topic=f"{topic}.dlq",
                         window=WindowConfig(size_ms=60_000), emit_interval_s=0.5, idle_close_s=1.0,
                         session_timeout_ms=SESSION_MS)
-    # the pure engine on the whole stream: tests at 1,000, 1,100, ... 1,600 values per field
+    # the pure engine on the whole stream: tests at 1,000, 1,100, ... 1,600 values per field,
+    # and a change_point row for each flagged one (ttft_ms at 1,100 ... 1,600)
     eng = NumericEngine(NCFG)
     _, expected = eng.process([("bot", "gpt-x", "v1")] * N, [e["timestamp"] for e in events],
                               {f: values[f].tolist() for f in FIELDS})
-    assert len(expected) == 14
+    assert len(expected) == 20
     await produce_records(kafka_bootstrap, topic, records[:PHASE1])
-    w1, st1 = await _run(wcfg, 6)
-    assert w1.stored_events == PHASE1 and st1.stored_scores == 6
+    w1, st1 = await _run(wcfg, 8)
+    assert w1.stored_events == PHASE1 and st1.stored_scores == 8
     await produce_records(kafka_bootstrap, topic, records[PHASE1:])
-    w2, st2 = await _run(wcfg, 8)
-    assert st2.stored_scores == 8
+    w2, st2 = await _run(wcfg, 12)
+    assert st2.stored_scores == 12
     assert st2.engine is not None and st2.engine.loaded == 2 and st2.engine.references_made == 0
 
     sink = ClickHouseSink(chdb_dsn)
     try:
         rows = sink.call(lambda c: c.query(
             "SELECT field, method, statistic, p_value, drifted, explanation FROM driftline.drift_scores "
-            "ORDER BY field, ts").result_rows)
+            "ORDER BY field, ts, method").result_rows)
     finally:
         sink.close()
     got = [(f, m, s, p, bool(d), json.loads(x)["window"]["seq_to"]) for f, m, s, p, d, x in rows]
     want = sorted(((kf.field, r.method, r.statistic, r.p_value, r.drifted, r.explanation["window"]["seq_to"])
-                   for kf, r in expected), key=lambda t: (t[0], t[5]))
+                   for kf, r in expected), key=lambda t: (t[0], t[5], t[1]))
     assert got == want
     flagged = [(f, seq) for f, _, _, _, d, seq in got if d]
     assert flagged and {f for f, _ in flagged} == {"ttft_ms"} and min(seq for _, seq in flagged) > SHIFT
-    summary = json.loads(rows[[i for i, g in enumerate(got) if g[4]][0]][5])["summary"]
-    assert summary.startswith("ttft_ms p50 ")
+    first = [json.loads(rows[i][5]) for i, g in enumerate(got) if g[4]][:2]  # change_point, ks
+    assert first[1]["summary"].startswith("ttft_ms p50 ")
+    assert first[0]["summary"].startswith("ttft_ms changed at ") and abs(first[0]["change"]["seq"] - SHIFT) <= 25
+    assert first[0]["change"]["ts_ms"] == t0 + first[0]["change"]["seq"]  # the event time of that call

@@ -253,15 +253,22 @@ def test_the_stage_writes_scores_state_and_observations_and_applies_a_command_on
 
     stored, queued = asyncio.run(go())
     q = lambda sql: sink.call(lambda c: c.query(sql).result_rows)  # noqa: E731
-    # tests at 1000, 1100 ... 1600 values: 7 per field
-    assert stored == 14 == len(seen) == q("SELECT count() FROM driftline.drift_scores")[0][0]
+    # tests at 1000, 1100 ... 1600 values: 7 per field, and a change_point row per flagged KS test (6)
+    # the change points go to drift_scores, not to the alert rules (they explain a flagged KS test)
+    assert stored == 20 == len(seen) + 6 == q("SELECT count() FROM driftline.drift_scores")[0][0]
+    assert q("SELECT method, count(), countIf(drifted) FROM driftline.drift_scores WHERE field = 'ttft_ms' "
+             "GROUP BY method ORDER BY method") == [("change_point", 6, 6), ("ks", 7, 6)]
+    cp = json.loads(q("SELECT explanation FROM driftline.drift_scores WHERE method = 'change_point' "
+                      "ORDER BY ts LIMIT 1")[0][0])["change"]  # when it started: event 1000 (+- TOL)
+    assert abs(cp["seq"] - 1000) <= 100 and cp["ts_ms"] == t0 + cp["seq"]
     flagged = q("SELECT field, min(toUnixTimestamp64Milli(ts)) FROM driftline.drift_scores WHERE drifted "
                 "GROUP BY field")
     assert [f for f, _ in flagged] == ["ttft_ms"] and flagged[0][1] >= t0 + 1000
     assert sorted((o.field, o.method, o.drifted) for o in seen) == sorted(
-        (f, m, bool(d)) for f, m, d in q("SELECT field, method, drifted FROM driftline.drift_scores"))
+        (f, m, bool(d)) for f, m, d in q("SELECT field, method, drifted FROM driftline.drift_scores "
+                                          "WHERE method != 'change_point'"))
     expl = json.loads(q("SELECT explanation FROM driftline.drift_scores WHERE field = 'ttft_ms' AND drifted "
-                        "ORDER BY ts LIMIT 1")[0][0])
+                        "AND method = 'ks' ORDER BY ts LIMIT 1")[0][0])
     assert expl["summary"].startswith("ttft_ms p50 ")
     assert q("SELECT control_id, action, n_references FROM driftline.drift_control_log") == [
         ("numeric:c-1", "numeric_rebase", 1)]
