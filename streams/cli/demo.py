@@ -92,7 +92,8 @@ async def _demo(n_events: int, drift_at: float, seed: int, keep: bool, serve: bo
     shift_ts = _shift_ts(records, drift_start)
     _drift_summary(dsn, shift_ts)
     _show(render_guard(_query(dsn, GUARD_SQL), _jailbreak_ids(records)))
-    _show(render_numeric(_query(dsn, NUMERIC_SQL), _update_ts(records), shift_ts))
+    changes = {str(f): int(t) for f, t in _query(dsn, CHANGES_SQL, {"model": f"{MODEL_UPDATE['model']}%"})}
+    _show(render_numeric(_query(dsn, NUMERIC_SQL), _update_ts(records), shift_ts, changes))
     if keep:
         _print_explore(dsn)
     try:
@@ -489,12 +490,12 @@ def render_alerts(rows: list[tuple[Any, ...]]) -> list[Any]:
     return [t]
 
 
-def _query(dsn: str, sql: str) -> list[tuple[Any, ...]]:
+def _query(dsn: str, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
     import clickhouse_connect
 
     c = clickhouse_connect.get_client(dsn=dsn)
     try:
-        return [tuple(r) for r in c.query(sql).result_rows]
+        return [tuple(r) for r in c.query(sql, parameters=parameters).result_rows]
     finally:
         c.close()
 
@@ -535,6 +536,12 @@ NUMERIC_SQL = (
     "AND method != 'change_point' GROUP BY app, model, field ORDER BY app, model, first_ms")
 """The numeric drift flags per key and field: first flagged test and its summary."""
 
+CHANGES_SQL = (
+    "SELECT field, argMin(JSONExtractInt(explanation, 'change', 'ts_ms'), ts) "
+    "FROM driftline.drift_scores WHERE method = 'change_point' AND drifted = 1 "
+    "AND model LIKE {model:String} GROUP BY field")
+"""Per numeric field of the updated model: where its first located change point puts the start."""
+
 
 def _update_ts(records: list[Any]) -> int | None:
     """Event time of the first call of the demo's updated model after its update."""
@@ -546,10 +553,12 @@ def _update_ts(records: list[Any]) -> int | None:
     return int(r.event["timestamp"]) if r is not None else None
 
 
-def render_numeric(rows: list[tuple[Any, ...]], update_ts: int | None, shift_ts: int | None) -> list[str]:
+def render_numeric(rows: list[tuple[Any, ...]], update_ts: int | None, shift_ts: int | None,
+                   changes: dict[str, int] | None = None) -> list[str]:
     """Numeric drift (rows of NUMERIC_SQL): the updated model's flagged fields with their first
-    flag's delay after the update and what moved; the other keys in one line each (their
-    numbers move with the prompt drift: longer prompts, gpt-4o-mini slowed)."""
+    flag's delay after the update and what moved, and where the change point scan put the
+    start (``changes``: field -> event time, from CHANGES_SQL); the other keys in one line
+    each (their numbers move with the prompt drift: longer prompts, gpt-4o-mini slowed)."""
     import textwrap
 
     resp = str(MODEL_UPDATE["model"])
@@ -567,6 +576,9 @@ def render_numeric(rows: list[tuple[Any, ...]], update_ts: int | None, shift_ts:
     for _app, _model, field, first_ms, summary, _n in upd:
         out.append(textwrap.fill(f"{field}: {when(int(first_ms))}: {summary}", 80,
                                  initial_indent="  ", subsequent_indent="      "))
+        start = (changes or {}).get(str(field))
+        if start is not None and update_ts is not None:
+            out.append(f"      the change located {round((start - update_ts) / 1000):+d}s from the update")
     others: dict[tuple[str, str], list[str]] = {}
     for app, model, field, _ms, _s, _n in rows:
         if not str(model).startswith(resp):

@@ -164,8 +164,9 @@ def test_numeric_lines_time_the_updated_models_flags_and_list_the_others() -> No
              "ttft_ms p50 304 -> 339, p95 477 -> 790, mean 309 -> 396", 47),
             ("support-bot", "gpt-4o-mini-2024-07-18", "tpot_ms", shift + 15_000, "x", 100),
             ("support-bot", "gpt-4o-mini-2024-07-18", "ttft_ms", shift + 20_000, "y", 100)]
-    lines = _render(demo.render_numeric(rows, upd, shift))
+    lines = _render(demo.render_numeric(rows, upd, shift, {"ttft_ms": upd - 2_000}))
     _fits(lines)
+    assert "the change located -2s from the update" in " ".join(lines)
     text = " ".join(" ".join(lines).split())
     assert "ttft_ms: +9s after the update, -91s vs the prompt drift: ttft_ms p50 304 -> 339" in text
     assert "support-bot/gpt-4o-mini-2024-07-18: tpot_ms, ttft_ms" in text
