@@ -67,6 +67,24 @@ _ALL = "1"
 _COMMAND_FILTERS = ("app", "model", "prompt_version", "field")
 
 
+def check_test_schedule(cfg: Any) -> None:
+    """The settings a windowed test stage shares (``DriftConfig``, ``NumericDriftConfig``):
+    sample rate, reference and window sizes, the first test and the test spacing, alpha and
+    the key cap; ValueError naming the bad one."""
+    if not 0.0 < cfg.sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {cfg.sample_rate}")
+    if cfg.ref_size < 10 or cfg.window_size < 10:
+        raise ValueError("ref_size and window_size must be >= 10")
+    if cfg.min_current is not None and not 2 <= cfg.min_current <= cfg.window_size:
+        raise ValueError("min_current must be in [2, window_size]")
+    if cfg.test_every < 1:
+        raise ValueError("test_every must be >= 1")
+    if not 0.0 < cfg.alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {cfg.alpha}")
+    if cfg.max_keys < 1:
+        raise ValueError("max_keys must be >= 1")
+
+
 def per_test_alpha(alpha: float, n_keys: int, n_fields: int, n_methods: int) -> float:
     """Bonferroni per-test level for a family of ``n_keys x n_fields x n_methods`` tests."""
     return bonferroni(alpha, max(1, n_keys) * max(1, n_fields) * max(1, n_methods))

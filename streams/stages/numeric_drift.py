@@ -73,7 +73,7 @@ from driftline.schemas.columns import CONTROL_LOG_COLUMNS, NUMERIC_STATE_COLUMNS
 from driftline.schemas.drift_result import DriftResult
 from driftline.schemas.topics import CONTROL_TOPIC
 from driftline.streams.stages.change_point import change_point_result
-from driftline.streams.stages.drift_references import ms_to_dt, per_test_alpha
+from driftline.streams.stages.drift_references import check_test_schedule, ms_to_dt, per_test_alpha
 
 if TYPE_CHECKING:
     from driftline.schemas.rules import DriftObservation
@@ -136,18 +136,7 @@ class NumericDriftConfig:
     def __post_init__(self) -> None:
         if not self.fields or set(self.fields) - set(FIELDS):
             raise ValueError(f"fields must be a non-empty subset of {FIELDS}, got {self.fields}")
-        if not 0.0 < self.sample_rate <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
-        if self.ref_size < 10 or self.window_size < 10:
-            raise ValueError("ref_size and window_size must be >= 10")
-        if self.min_current is not None and not 2 <= self.min_current <= self.window_size:
-            raise ValueError("min_current must be in [2, window_size]")
-        if self.test_every < 1:
-            raise ValueError("test_every must be >= 1")
-        if not 0.0 < self.alpha < 1.0:
-            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
-        if self.max_keys < 1:
-            raise ValueError("max_keys must be >= 1")
+        check_test_schedule(self)
 
     @property
     def min_cur(self) -> int:

@@ -105,6 +105,7 @@ from driftline.streams.stages.drift_references import (
     METHODS,
     DriftEngine,
     Key,
+    check_test_schedule,
     make_detector,
     ms_to_dt,
     per_test_alpha,
@@ -237,20 +238,9 @@ class DriftConfig:
     def __post_init__(self) -> None:
         if not self.fields or set(self.fields) - set(FIELDS):
             raise ValueError(f"fields must be a non-empty subset of {FIELDS}")
-        if not 0.0 < self.sample_rate <= 1.0:
-            raise ValueError("sample_rate must be in (0, 1]")
-        if self.ref_size < 10 or self.window_size < 10:
-            raise ValueError("ref_size and window_size must be >= 10")
-        if self.min_current is not None and not 2 <= self.min_current <= self.window_size:
-            raise ValueError("min_current must be in [2, window_size]")
-        if self.test_every < 1:
-            raise ValueError("test_every must be >= 1")
-        if not 0.0 < self.alpha < 1.0:
-            raise ValueError("alpha must be in (0, 1)")
+        check_test_schedule(self)
         if not self.methods or set(self.methods) - set(METHODS):
             raise ValueError(f"methods must be a non-empty subset of {METHODS}")
-        if self.max_keys < 1:
-            raise ValueError("max_keys must be >= 1")
         if not self.revoke_drain_s >= 0:
             raise ValueError("revoke_drain_s must be >= 0")
         if self.semantic_guard not in ("auto", "build", "off"):
