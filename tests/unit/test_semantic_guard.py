@@ -262,6 +262,33 @@ def test_embed_cache_is_reused_and_rebuilt_when_model_or_data_change(tmp_path: P
     assert other.texts == 6
 
 
+def test_a_lying_or_hostile_cache_is_rebuilt_never_trusted_or_fatal(tmp_path: Path) -> None:
+    """The JSON's hash vouches for the texts, not the array: NaN, inf, non-unit or object rows and
+    a JSON that is not an object are each rebuilt (from_cache False, the encoder's vectors back)."""
+    texts, ids = ["a", "b", "c"], ["s:0", "s:1", "s:2"]
+    enc = _FakeEncoder()
+    good = guard_refs.embed_cached("src", texts, ids, enc, tmp_path).vectors
+    meta = (tmp_path / "src.json").read_text()
+    bad_rows = {"nan": np.full((3, 16), np.nan, np.float32), "inf": np.full((3, 16), np.inf, np.float32),
+                "huge": np.full((3, 16), 1e30, np.float32), "zero": np.zeros((3, 16), np.float32)}
+    for label, arr in bad_rows.items():
+        np.save(tmp_path / "src.npy", arr)
+        got = guard_refs.embed_cached("src", texts, ids, enc, tmp_path)
+        assert got.from_cache is False, label
+        np.testing.assert_array_equal(got.vectors, good)
+        np.testing.assert_array_equal(np.load(tmp_path / "src.npy", allow_pickle=False), good)
+    np.save(tmp_path / "src.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    assert guard_refs.embed_cached("src", texts, ids, enc, tmp_path).from_cache is False
+    for lie in ("[1, 2]", '"hash"', "null", '{"hash": 1, "ids": 2}'):
+        (tmp_path / "src.json").write_text(lie)
+        assert guard_refs.embed_cached("src", texts, ids, enc, tmp_path).from_cache is False, lie
+    (tmp_path / "src.json").write_bytes(b"\xff\xfe not utf-8")
+    assert guard_refs.embed_cached("src", texts, ids, enc, tmp_path).from_cache is False
+    assert json.loads((tmp_path / "src.json").read_text()) == json.loads(meta)
+    assert guard_refs.embed_cached("src", texts, ids, enc, tmp_path).from_cache is True
+    assert enc.texts == 3 * 11
+
+
 class _Tensor:
     """Just what guard_refs' weight digest calls on a torch tensor."""
 
