@@ -221,6 +221,34 @@ def test_parse_examples_reports_every_bad_line_with_its_number() -> None:
     assert [(e.id, e.category, e.line) for e in good] == [("a", "jailbreak", 1), ("e", "harmful_request", 2)]
 
 
+def test_a_hostile_examples_file_gets_a_bounded_answer() -> None:
+    """10^5 bad lines: 20 listed and the count of the rest (not a 55 MB message); more than
+    MAX_EXAMPLES valid examples refused; a line too long for any allowed text refused before
+    json parses it; a long category echoed clipped."""
+    from driftline.detectors.semantic_guard import MAX_EXAMPLES
+
+    with pytest.raises(ExampleError) as exc:
+        parse_examples(("x" for _ in range(10**5)), "f")
+    got = str(exc.value).splitlines()
+    assert got[:2] == ["f:1: not valid JSON (Expecting value at column 1)"] * 1 + [
+        "f:2: not valid JSON (Expecting value at column 1)"]
+    assert len(got) == 21 and got[-1] == "f: 99980 more bad line(s)"
+    ok = [json.dumps({"id": str(i), "category": "toxic", "text": "t"}) for i in range(MAX_EXAMPLES + 2)]
+    assert len(parse_examples(ok[:MAX_EXAMPLES])) == MAX_EXAMPLES
+    with pytest.raises(ExampleError) as exc:
+        parse_examples(ok, "f")
+    assert str(exc.value).splitlines() == [f"f:{MAX_EXAMPLES + 1}: more than {MAX_EXAMPLES} examples",
+                                           f"f:{MAX_EXAMPLES + 2}: more than {MAX_EXAMPLES} examples"]
+    long_line = '{"id": "a", "category": "toxic", "text": "' + "y" * 2_000 + '"}'
+    with pytest.raises(ExampleError) as exc:
+        parse_examples([long_line], "f", max_chars=100)
+    assert str(exc.value) == "f:1: line is longer than a 100-character text can make"
+    with pytest.raises(ExampleError) as exc:
+        parse_examples([json.dumps({"id": "a", "category": "z" * 5_000, "text": "t"})], "f")
+    assert str(exc.value) == ("f:1: unknown category '" + "z" * 40 + "…'; choose from "
+                              "['harmful_request', 'jailbreak', 'toxic']")
+
+
 # ------------------------------------------------------------------ cache + build
 
 
