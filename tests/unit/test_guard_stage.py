@@ -115,6 +115,29 @@ def test_guard_scan_counts_and_share_test_exact() -> None:
     assert "jb-" not in json.dumps([r.explanation for r in got.values()])
 
 
+def test_share_state_is_capped_at_max_keys_between_batches_only() -> None:
+    """Per-key share state is bounded by the drift engine's ``max_keys`` (it grew with every
+    key-field ever seen): after each batch the least recently scanned are dropped (counted),
+    never within a batch (a key dropped and seen again there would be reloaded without the
+    batch's verdicts, written after it). Mutations caught: no cap (3 states held), evicting
+    inside the batch (A and B restart their reference: 2 tests instead of 6), dropping the
+    most recent instead of the least."""
+    cfg = dataclasses.replace(CFG, fields=("prompt",), max_keys=2)
+    keys = [("A", "m", "v1"), ("B", "m", "v1"), ("C", "m", "v1")]
+    samples = [Sample(k, "prompt", f"{k[0]}{i}", 1000 * i, f"jb-{i}" if i >= 15 else f"benign-{i}")
+               for i in range(20) for k in keys]
+    vecs = np.stack([stand_in_vec(s.text) for s in samples])
+    capped, whole = GuardScan(tiny_guard(), cfg), GuardScan(tiny_guard(), dataclasses.replace(cfg, max_keys=500))
+    got = [(s.event_id, r.method, r.p_value) for s, r in capped.process(samples, vecs, n_keys=3)[1]]
+    assert got == [(s.event_id, r.method, r.p_value) for s, r in whole.process(samples, vecs, n_keys=3)[1]]
+    assert len(got) == 6  # 3 keys x 2 categories at position 10
+    assert sorted(capped.state) == [(keys[1], "prompt"), (keys[2], "prompt")] and capped.evicted == 1
+    more = [Sample(keys[0], "prompt", "A99", 99_000, "benign-99")]
+    capped.process(more, np.stack([stand_in_vec("benign-99")]), n_keys=3)
+    assert sorted(capped.state) == [(keys[0], "prompt"), (keys[2], "prompt")] and capped.evicted == 2
+    assert capped.state[(keys[0], "prompt")].n == 1  # no store: a dropped key comes back empty
+
+
 class _Tables:
     database = "driftline"
 
