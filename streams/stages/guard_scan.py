@@ -343,6 +343,8 @@ def load_guard(encoder: Any, *, build: bool = False, data_dir: Path | None = Non
                       "python -m driftline.streams.devdata.real_prompts --guard")
     except (ExampleError, OSError) as exc:  # the CLI checks the file first; it changed since
         return None, f"the attack examples {examples}: {exc}"
+    except ValueError as exc:  # not UTF-8 (changed since the check), or references that do not validate
+        return None, f"its references could not be built: {type(exc).__name__}: {str(exc)[:200]}"
     how = (f"{gd.embedded_texts} reference texts embedded in {gd.embed_seconds:.0f} s (cached for the next start)"
            if gd.embedded_texts else "reference embeddings from the cache")
     if examples is not None:

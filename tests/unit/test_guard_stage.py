@@ -115,6 +115,25 @@ def test_guard_scan_counts_and_share_test_exact() -> None:
     assert "jb-" not in json.dumps([r.explanation for r in got.values()])
 
 
+def test_a_guard_that_cannot_be_built_is_off_with_the_reason_never_a_crash(tmp_path: Path) -> None:
+    """An examples file that turned non-UTF-8 after the CLI's check raised UnicodeDecodeError out
+    of load_guard: under ``auto`` the drift stage's start (so the worker) failed. Now: no guard
+    and why. Mutation caught: catching only ExampleError and OSError again."""
+    from driftline.streams.devdata.real_prompts import ensure_data
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in ensure_data().root.iterdir():
+        if f.is_file():
+            shutil.copy(f, data / f.name)
+    guard, _why = load_guard(StandInEncoder(), build=True, data_dir=data)
+    assert guard is not None
+    bad = tmp_path / "mine.jsonl"
+    bad.write_bytes(b'{"id": "a", "category": "jailbreak", "text": "\xff\xfe"}\n')
+    guard, why = load_guard(StandInEncoder(), data_dir=data, examples=bad)
+    assert guard is None and why.startswith("its references could not be built: UnicodeDecodeError")
+
+
 def test_share_state_is_capped_at_max_keys_between_batches_only() -> None:
     """Per-key share state is bounded by the drift engine's ``max_keys`` (it grew with every
     key-field ever seen): after each batch the least recently scanned are dropped (counted),
