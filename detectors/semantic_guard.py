@@ -50,9 +50,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import numpy.typing as npt
@@ -70,6 +70,7 @@ __all__ = [
     "ReferenceSet",
     "ScoreMatrix",
     "SemanticGuard",
+    "example_lines",
     "hits_to_guardrail_dicts",
     "parse_examples",
     "threshold_for_fpr",
@@ -424,6 +425,24 @@ class AttackExample:
 
 
 _EXAMPLE_KEYS = frozenset({"id", "category", "text"})
+
+
+def example_lines(fh: TextIO, max_chars: int = 100_000) -> Iterator[str]:
+    """The lines of an open examples file for :func:`parse_examples`, each read with a bound:
+    a line longer than any valid example (a ``max_chars`` text, escaped) comes back cut to
+    that bound plus one character (so parse_examples refuses it by number) and the rest of
+    it is skipped chunk by chunk, so a 2 GB file without a newline is never held whole."""
+    limit = 6 * max_chars + 1_001
+    while True:
+        line = fh.readline(limit)
+        if not line:
+            return
+        if len(line) == limit and not line.endswith("\n"):
+            while True:  # skip the rest of the over-long line
+                more = fh.readline(limit)
+                if not more or more.endswith("\n"):
+                    break
+        yield line
 
 
 def _shape_error(obj: Any) -> str | None:

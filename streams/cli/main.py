@@ -51,11 +51,11 @@ def _check_guard_examples(path: Path | None) -> str | None:
     listing the bad lines otherwise (the worker does not start with a file it would ignore)."""
     if path is None:
         return None
-    from driftline.detectors.semantic_guard import ExampleError, parse_examples
+    from driftline.detectors.semantic_guard import ExampleError, example_lines, parse_examples
 
     try:
         with path.open(encoding="utf-8") as fh:
-            n = len(parse_examples(fh, str(path)))
+            n = len(parse_examples(example_lines(fh), str(path)))
     except (ExampleError, OSError, UnicodeDecodeError) as exc:
         raise _err(f"--guard-examples: {exc}", 2) from None
     if n == 0:

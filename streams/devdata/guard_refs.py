@@ -54,6 +54,7 @@ from driftline.detectors.semantic_guard import (
     GuardState,
     ReferenceSet,
     SemanticGuard,
+    example_lines,
     parse_examples,
     threshold_for_fpr,
 )
@@ -313,7 +314,7 @@ def build_guard(encoder: _Encoder, *, paths: DataPaths | None = None, fpr: float
     state = GuardState(tuple(refs), benign, k=k)
     if examples is not None:
         with examples.open(encoding="utf-8") as fh:
-            exs = parse_examples(fh, str(examples))
+            exs = parse_examples(example_lines(fh), str(examples))
         for cat in sorted({e.category for e in exs}):
             mine = [e for e in exs if e.category == cat]
             got = embed_cached(f"user_{cat}", [e.text for e in mine], [f"user:{e.id}" for e in mine],
