@@ -372,6 +372,47 @@ def test_share_state_is_reloaded_exactly_from_guard_results_after_a_restart(tmp_
         sink.close()
 
 
+def test_an_evicted_key_comes_back_from_guard_results_with_the_same_tests(tmp_path: Path) -> None:
+    """max_keys 1 and two keys alternating batch by batch on chDB: each batch evicts the other
+    key, which is read back from guard_results when it comes again; the share tests equal,
+    result for result, those of a scan that held both keys. Mutations caught: an eviction whose
+    reload re-baselines or loses the window (e.g. no store to read: no test at all), the cap
+    not applied (len(state) 2)."""
+    from driftline.streams.sinks.clickhouse import ClickHouseSink
+    from driftline.streams.stages.drift_references import DriftEngine
+
+    cfg = dataclasses.replace(CFG, fields=("prompt",), max_keys=1)
+    keys = [("A", "m", "v1"), ("B", "m", "v1")]
+    texts = [f"jb-{i}" if i >= 14 and i % 2 else f"benign-{i}" for i in range(30)]
+    batches = [[Sample(k, "prompt", f"{k[0]}{i:02d}", 1000 * i, texts[i]) for i in range(j, j + 6)]
+               for j in range(0, 30, 6) for k in keys]
+
+    def key_of(rs: list[tuple[Sample, Any]]) -> list[tuple[str, str, float, float, int, int]]:
+        return [(s.event_id, r.method, r.statistic, r.p_value, r.n_ref, r.n_cur) for s, r in rs]
+
+    whole = GuardScan(tiny_guard(), dataclasses.replace(cfg, max_keys=500))
+    want = [x for b in batches for x in key_of(whole.process(b, np.stack([stand_in_vec(s.text) for s in b]),
+                                                             n_keys=2)[1])]
+    assert len(want) == 2 * 2 * 3  # 2 keys x 2 categories x the tests at positions 10, 15, 20
+    sink = ClickHouseSink(f"chdb://{tmp_path / 'chdb'}")
+    try:
+        sink.ensure_schema()
+        eng = DriftEngine(dataclasses.replace(cfg, max_keys=500), sink.query_rows, "driftline", "stand-in")
+        gs = GuardScan(tiny_guard(), cfg, sink.query_rows, "driftline")
+        got = []
+        for b in batches:
+            vecs = np.stack([stand_in_vec(s.text) for s in b])
+            emb, _refs, _res = eng.process(b, [0] * len(b), vecs)
+            cols, res, _s, _f = gs.process(b, vecs, n_keys=2)
+            asyncio.run(sink.insert_columns("llm_embeddings", emb))
+            asyncio.run(sink.insert_columns("guard_results", cols))
+            got += key_of(res)
+            assert len(gs.state) == 1
+        assert got == want and gs.evicted == len(batches) - 1 and gs.reloaded == len(batches) - 2
+    finally:
+        sink.close()
+
+
 def test_topic_mix_names_the_grown_attack_cluster() -> None:
     """The drift engine's topic-mix explanation names a grown cluster whose current texts the
     guard mostly flags ("jailbreak-like: 7 of 7 flagged"), and only such a cluster: on a key
