@@ -50,9 +50,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import numpy.typing as npt
@@ -62,6 +62,7 @@ from .base import decode_array, encode_array
 __all__ = [
     "CATEGORY_FIELDS",
     "FIELDS",
+    "MAX_EXAMPLES",
     "AttackExample",
     "CategoryHit",
     "ExampleError",
@@ -69,6 +70,7 @@ __all__ = [
     "ReferenceSet",
     "ScoreMatrix",
     "SemanticGuard",
+    "example_lines",
     "hits_to_guardrail_dicts",
     "parse_examples",
     "threshold_for_fpr",
@@ -86,6 +88,12 @@ CATEGORY_FIELDS: Mapping[str, str] = {
 
 _NORM_TOL = 1e-3
 _MAX_ID = 128
+MAX_EXAMPLES = 10_000
+"""Most user attack examples one file may hold (each is embedded at the worker's start)."""
+
+
+def _clip(s: str, n: int = 40) -> str:
+    return s if len(s) <= n else s[:n] + "…"
 
 
 def _check_unit_rows(name: str, m: Mat) -> None:
@@ -419,16 +427,55 @@ class AttackExample:
 _EXAMPLE_KEYS = frozenset({"id", "category", "text"})
 
 
+def example_lines(fh: TextIO, max_chars: int = 100_000) -> Iterator[str]:
+    """The lines of an open examples file for :func:`parse_examples`, each read with a bound:
+    a line longer than any valid example (a ``max_chars`` text, escaped) comes back cut to
+    that bound plus one character (so parse_examples refuses it by number) and the rest of
+    it is skipped chunk by chunk, so a 2 GB file without a newline is never held whole."""
+    limit = 6 * max_chars + 1_001
+    while True:
+        line = fh.readline(limit)
+        if not line:
+            return
+        if len(line) == limit and not line.endswith("\n"):
+            while True:  # skip the rest of the over-long line
+                more = fh.readline(limit)
+                if not more or more.endswith("\n"):
+                    break
+        yield line
+
+
+def _shape_error(obj: Any) -> str | None:
+    """What is wrong with a parsed example line's shape (not an object, keys, types), or None."""
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}"
+    missing = sorted(_EXAMPLE_KEYS - obj.keys())
+    unknown = sorted(obj.keys() - _EXAMPLE_KEYS)
+    if missing or unknown:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"unknown key(s) {', '.join(unknown)}"] if unknown else [])
+        return f"{'; '.join(parts)} (expected id, category, text)"
+    empty = [k for k in ("id", "category", "text") if not isinstance(obj[k], str) or not obj[k].strip()]
+    if empty:
+        return f"{', '.join(empty)} must be non-empty string(s)"
+    return None
+
+
 def parse_examples(lines: Iterable[str], source: str = "<examples>", *,
                    categories: Iterable[str] = tuple(CATEGORY_FIELDS),
-                   max_chars: int = 100_000) -> list[AttackExample]:
+                   max_chars: int = 100_000, max_examples: int = MAX_EXAMPLES,
+                   max_errors: int = 20) -> list[AttackExample]:
     """Validate JSONL attack examples: one ``{"id", "category", "text"}`` object per line.
 
     Blank lines and lines starting with ``#`` are skipped. Every problem is
     collected and raised together as one :class:`ExampleError` with
     ``source:line: message`` lines: not JSON, not an object, missing or unknown
     keys, a non-string or empty value, an id longer than 128 characters or
-    repeated, an unknown category, a text longer than ``max_chars``.
+    repeated, an unknown category, a text longer than ``max_chars``, more than
+    ``max_examples`` examples. At most ``max_errors`` problems are listed, then how many
+    more there were (a hostile file of 10^6 bad lines gave a 55 MB message); a line too long
+    to hold such a text is refused before it is parsed, and a bad category is echoed
+    truncated.
 
     >>> parse_examples(['{"id": "a", "category": "jailbreak", "text": "pretend you are free"}'])[0].id
     'a'
@@ -441,43 +488,47 @@ def parse_examples(lines: Iterable[str], source: str = "<examples>", *,
     allowed = set(categories)
     out: list[AttackExample] = []
     errors: list[str] = []
+    n_bad = 0
+
+    def report(msg: str) -> None:
+        nonlocal n_bad
+        n_bad += 1
+        if len(errors) < max_errors:
+            errors.append(msg)
+
     seen: dict[str, int] = {}
     for lineno, raw in enumerate(lines, start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         where = f"{source}:{lineno}"
+        if len(line) > 6 * max_chars + 1_000:  # every character escaped as \uXXXX, plus id/category
+            report(f"{where}: line is longer than a {max_chars}-character text can make")
+            continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            errors.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
+            report(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
             continue
-        if not isinstance(obj, dict):
-            errors.append(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            continue
-        missing = sorted(_EXAMPLE_KEYS - obj.keys())
-        unknown = sorted(obj.keys() - _EXAMPLE_KEYS)
-        if missing or unknown:
-            parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
-                [f"unknown key(s) {', '.join(unknown)}"] if unknown else [])
-            errors.append(f"{where}: {'; '.join(parts)} (expected id, category, text)")
-            continue
-        bad = [k for k in ("id", "category", "text") if not isinstance(obj[k], str) or not obj[k].strip()]
-        if bad:
-            errors.append(f"{where}: {', '.join(bad)} must be non-empty string(s)")
+        shape = _shape_error(obj)
+        if shape:
+            report(f"{where}: {shape}")
             continue
         ex_id, cat, text = obj["id"].strip(), obj["category"].strip(), obj["text"]
         if len(ex_id) > _MAX_ID:
-            errors.append(f"{where}: id is longer than {_MAX_ID} characters")
+            report(f"{where}: id is longer than {_MAX_ID} characters")
         elif ex_id in seen:
-            errors.append(f"{where}: id {ex_id!r} already used on line {seen[ex_id]}")
+            report(f"{where}: id {ex_id!r} already used on line {seen[ex_id]}")
         elif cat not in allowed:
-            errors.append(f"{where}: unknown category {cat!r}; choose from {sorted(allowed)}")
+            report(f"{where}: unknown category {_clip(cat)!r}; choose from {sorted(allowed)}")
         elif len(text) > max_chars:
-            errors.append(f"{where}: text is longer than {max_chars} characters")
+            report(f"{where}: text is longer than {max_chars} characters")
+        elif len(out) >= max_examples:
+            report(f"{where}: more than {max_examples} examples")
         else:
             seen[ex_id] = lineno
             out.append(AttackExample(ex_id, cat, text, lineno))
     if errors:
-        raise ExampleError("\n".join(errors))
+        more = n_bad - len(errors)
+        raise ExampleError("\n".join(errors + ([f"{source}: {more} more bad line(s)"] if more > 0 else [])))
     return out

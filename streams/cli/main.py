@@ -51,11 +51,11 @@ def _check_guard_examples(path: Path | None) -> str | None:
     listing the bad lines otherwise (the worker does not start with a file it would ignore)."""
     if path is None:
         return None
-    from driftline.detectors.semantic_guard import ExampleError, parse_examples
+    from driftline.detectors.semantic_guard import ExampleError, example_lines, parse_examples
 
     try:
         with path.open(encoding="utf-8") as fh:
-            n = len(parse_examples(fh, str(path)))
+            n = len(parse_examples(example_lines(fh), str(path)))
     except (ExampleError, OSError, UnicodeDecodeError) as exc:
         raise _err(f"--guard-examples: {exc}", 2) from None
     if n == 0:
@@ -384,7 +384,7 @@ def worker(
     alert_max_traces: Annotated[int, typer.Option(min=1, help="Runaway rules: the most traces (and conversations, users) whose calls are tracked, per kind; past it the one fed least recently is dropped, counted in driftline_alert_evicted_keys_total{dimension=\"traces\"}, and its alert resolves.")] = 10_000,
     # -- the semantic guard on the drift stage's embeddings (streams/stages/guard_scan.py; README "Semantic guardrails")
     semantic_guard: Annotated[str, typer.Option("--semantic-guard", help="Scan every text the drift stage embeds against known jailbreaks, harmful requests (prompts) and toxic text (responses): guard_results, drift_scores method guard_<category>, rule JailbreakAttemptsRising. auto: when the reference embeddings are cached for this model (next to the data step's files, $DRIFTLINE_DATA); build: embed them first if not (~2,000 texts, ~170 s on 2 CPU cores, in the background while the worker runs; once); off. Without the data or the cache the worker runs without it and logs why.")] = "auto",
-    guard_examples: Annotated[Path | None, typer.Option("--guard-examples", help="Your own attack examples for the semantic guard: a JSONL file, one {\"id\": …, \"category\": \"jailbreak\" | \"harmful_request\" | \"toxic\", \"text\": …} a line, checked before the worker starts (every bad line listed by number); they join the references (embedded at start, cached next to the data); the thresholds stay calibrated on the benign texts.")] = None,
+    guard_examples: Annotated[Path | None, typer.Option("--guard-examples", help="Your own attack examples for the semantic guard: a JSONL file, one {\"id\": …, \"category\": \"jailbreak\" | \"harmful_request\" | \"toxic\", \"text\": …} a line (at most 10,000 examples, texts up to 100,000 characters), checked before the worker starts (every bad line listed by number); they join the references (embedded at start, cached next to the data); the thresholds stay calibrated on the benign texts.")] = None,
     # -- numeric drift (streams/stages/numeric_drift.py; README "Numeric drift")
     numeric_drift: Annotated[bool, typer.Option("--numeric-drift/--no-numeric-drift", help="Numeric drift: per key, test output/input/reasoning tokens, latency, TTFT, TPOT, cost per call (Kolmogorov-Smirnov) and the finish-reason mix (G-test) of a sliding window against a reference of the first values; results in drift_scores with field = the column.")] = True,
     numeric_ref_size: Annotated[int, typer.Option(help="Numeric drift: values in an automatic reference per key and field.")] = 500,

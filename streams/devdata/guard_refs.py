@@ -54,6 +54,7 @@ from driftline.detectors.semantic_guard import (
     GuardState,
     ReferenceSet,
     SemanticGuard,
+    example_lines,
     parse_examples,
     threshold_for_fpr,
 )
@@ -193,6 +194,17 @@ def content_hash(encoder: _Encoder, texts: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def _plausible(v: Mat, normalized: bool) -> bool:
+    """Whether cached vectors could be the encoder's: all finite and, for a normalizing
+    encoder, of unit length (the JSON's hash vouches for the texts, not for the array: a
+    NaN row would make every score NaN and the guard silently flag nothing)."""
+    if not np.isfinite(v).all():
+        return False
+    if normalized and v.size:
+        return bool(np.all(np.abs(np.linalg.norm(v, axis=1) - 1.0) < 1e-2))
+    return True
+
+
 @dataclass(frozen=True)
 class CachedEmbeddings:
     """Embeddings of one source and whether they came from the cache."""
@@ -208,8 +220,8 @@ def embed_cached(name: str, texts: Sequence[str], ids: Sequence[str], encoder: _
     """Embeddings of ``texts`` from ``cache_dir/<name>.npy`` when its hash matches, else computed.
 
     The JSON next to the ``.npy`` holds ``ids``, ``model`` and ``hash``; when
-    either file is missing or unreadable, the hash or the ids differ, or the
-    array's shape is wrong, the embeddings are recomputed and both files are
+    either file is missing or unreadable (a JSON that is not an object too), the hash or
+    the ids differ, or the array's shape is wrong or its values are not finite unit rows, the embeddings are recomputed and both files are
     replaced (written to a temporary name first, then renamed).
     """
     import time
@@ -220,11 +232,12 @@ def embed_cached(name: str, texts: Sequence[str], ids: Sequence[str], encoder: _
     npy, meta = cache_dir / f"{name}.npy", cache_dir / f"{name}.json"
     try:
         m = json.loads(meta.read_text(encoding="utf-8"))
-        if m.get("hash") == want and m.get("ids") == list(ids):
+        if isinstance(m, dict) and m.get("hash") == want and m.get("ids") == list(ids):
             v = np.load(npy, allow_pickle=False)
-            if v.dtype == np.float32 and v.shape == (len(texts), encoder.dim):
+            if (v.dtype == np.float32 and v.shape == (len(texts), encoder.dim)
+                    and _plausible(v, getattr(encoder, "normalize", True))):
                 return CachedEmbeddings(v, tuple(ids), True, 0.0)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):
         pass
     t0 = time.perf_counter()
     v = np.asarray(encoder.encode(list(texts)), dtype=np.float32)
@@ -301,7 +314,7 @@ def build_guard(encoder: _Encoder, *, paths: DataPaths | None = None, fpr: float
     state = GuardState(tuple(refs), benign, k=k)
     if examples is not None:
         with examples.open(encoding="utf-8") as fh:
-            exs = parse_examples(fh, str(examples))
+            exs = parse_examples(example_lines(fh), str(examples))
         for cat in sorted({e.category for e in exs}):
             mine = [e for e in exs if e.category == cat]
             got = embed_cached(f"user_{cat}", [e.text for e in mine], [f"user:{e.id}" for e in mine],

@@ -113,6 +113,8 @@ class GuardScan:
         self.scanned = 0
         self.flagged = 0
         self.tests_run = 0
+        #: key-fields dropped past ``cfg.max_keys`` (least recently scanned; reloaded when seen again)
+        self.evicted = 0
 
     def label_clusters(self, fld: str, x: np.ndarray, labels: np.ndarray, explanation: dict[str, Any]) -> None:
         """:func:`label_attack_clusters` with this guard (the drift engine's topic-mix hook)."""
@@ -157,13 +159,25 @@ class GuardScan:
         for s, v in zip(samples, verdicts, strict=True):  # in order: a key's windows as the engine's
             if v is not None:
                 results.extend((s, r) for r in self._add(s, v, n_keys))
+        self._evict()
         return cols, results, scanned, flagged
+
+    def _evict(self) -> None:
+        """Hold at most ``cfg.max_keys`` key-fields (the drift engine's cap), dropping the least
+        recently scanned. Only between batches: a key-field dropped and seen again within one
+        batch would be reloaded without this batch's verdicts (written after it)."""
+        extra = len(self.state) - self.cfg.max_keys
+        if extra > 0:
+            for k in list(self.state)[:extra]:
+                del self.state[k]
+            self.evicted += extra
 
     def _add(self, s: Sample, v: dict[str, tuple[bool, str, float]], n_keys: int) -> list[DriftResult]:
         cfg = self.cfg
-        sh = self.state.get((s.key, s.field))
+        sh = self.state.pop((s.key, s.field), None)  # re-inserted below: now the most recent
         if sh is None:
-            sh = self.state[(s.key, s.field)] = self._load(s.key, s.field)
+            sh = self._load(s.key, s.field)
+        self.state[(s.key, s.field)] = sh
         sh.n += 1
         if sh.ref_n < cfg.ref_size:
             sh.ref_n += 1
@@ -329,6 +343,8 @@ def load_guard(encoder: Any, *, build: bool = False, data_dir: Path | None = Non
                       "python -m driftline.streams.devdata.real_prompts --guard")
     except (ExampleError, OSError) as exc:  # the CLI checks the file first; it changed since
         return None, f"the attack examples {examples}: {exc}"
+    except ValueError as exc:  # not UTF-8 (changed since the check), or references that do not validate
+        return None, f"its references could not be built: {type(exc).__name__}: {str(exc)[:200]}"
     how = (f"{gd.embedded_texts} reference texts embedded in {gd.embed_seconds:.0f} s (cached for the next start)"
            if gd.embedded_texts else "reference embeddings from the cache")
     if examples is not None:

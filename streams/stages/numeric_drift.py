@@ -202,10 +202,22 @@ def describe_shift(field: str, ref: Sequence[Any], cur: Sequence[Any]) -> dict[s
 _QS = (0.5, 0.95, 0.99)
 
 
+def _mean(s: np.ndarray) -> float:
+    """The mean, also of values near the float maximum (valid in an event) whose sum overflows:
+    then computed on the values scaled by their largest magnitude (an inf mean made the
+    explanation invalid JSON and the batch's results were lost)."""
+    with np.errstate(over="ignore"):
+        m = float(s.mean())
+    if math.isfinite(m) or not s.size:
+        return m
+    scale = float(np.abs(s).max())
+    return scale * float((s / scale).mean())
+
+
 def _describe_sorted(field: str, rs: np.ndarray, cs: np.ndarray) -> dict[str, Any]:
     r, c = sorted_quantiles(rs, _QS), sorted_quantiles(cs, _QS)
     quant = {f"p{round(q * 100)}": [a, b] for q, a, b in zip(_QS, r, c, strict=True)}
-    rm, cm = float(rs.mean()), float(cs.mean())
+    rm, cm = _mean(rs), _mean(cs)
     summary = (f"{field} p50 {_num(r[0])} -> {_num(c[0])}, p95 {_num(r[1])} -> {_num(c[1])}, "
                f"mean {_num(rm)} -> {_num(cm)}")
     return {"quantiles": quant, "mean": [rm, cm], "summary": summary}

@@ -115,6 +115,48 @@ def test_guard_scan_counts_and_share_test_exact() -> None:
     assert "jb-" not in json.dumps([r.explanation for r in got.values()])
 
 
+def test_a_guard_that_cannot_be_built_is_off_with_the_reason_never_a_crash(tmp_path: Path) -> None:
+    """An examples file that turned non-UTF-8 after the CLI's check raised UnicodeDecodeError out
+    of load_guard: under ``auto`` the drift stage's start (so the worker) failed. Now: no guard
+    and why. Mutation caught: catching only ExampleError and OSError again."""
+    from driftline.streams.devdata.real_prompts import ensure_data
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in ensure_data().root.iterdir():
+        if f.is_file():
+            shutil.copy(f, data / f.name)
+    guard, _why = load_guard(StandInEncoder(), build=True, data_dir=data)
+    assert guard is not None
+    bad = tmp_path / "mine.jsonl"
+    bad.write_bytes(b'{"id": "a", "category": "jailbreak", "text": "\xff\xfe"}\n')
+    guard, why = load_guard(StandInEncoder(), data_dir=data, examples=bad)
+    assert guard is None and why.startswith("its references could not be built: UnicodeDecodeError")
+
+
+def test_share_state_is_capped_at_max_keys_between_batches_only() -> None:
+    """Per-key share state is bounded by the drift engine's ``max_keys`` (it grew with every
+    key-field ever seen): after each batch the least recently scanned are dropped (counted),
+    never within a batch (a key dropped and seen again there would be reloaded without the
+    batch's verdicts, written after it). Mutations caught: no cap (3 states held), evicting
+    inside the batch (A and B restart their reference: 2 tests instead of 6), dropping the
+    most recent instead of the least."""
+    cfg = dataclasses.replace(CFG, fields=("prompt",), max_keys=2)
+    keys = [("A", "m", "v1"), ("B", "m", "v1"), ("C", "m", "v1")]
+    samples = [Sample(k, "prompt", f"{k[0]}{i}", 1000 * i, f"jb-{i}" if i >= 15 else f"benign-{i}")
+               for i in range(20) for k in keys]
+    vecs = np.stack([stand_in_vec(s.text) for s in samples])
+    capped, whole = GuardScan(tiny_guard(), cfg), GuardScan(tiny_guard(), dataclasses.replace(cfg, max_keys=500))
+    got = [(s.event_id, r.method, r.p_value) for s, r in capped.process(samples, vecs, n_keys=3)[1]]
+    assert got == [(s.event_id, r.method, r.p_value) for s, r in whole.process(samples, vecs, n_keys=3)[1]]
+    assert len(got) == 6  # 3 keys x 2 categories at position 10
+    assert sorted(capped.state) == [(keys[1], "prompt"), (keys[2], "prompt")] and capped.evicted == 1
+    more = [Sample(keys[0], "prompt", "A99", 99_000, "benign-99")]
+    capped.process(more, np.stack([stand_in_vec("benign-99")]), n_keys=3)
+    assert sorted(capped.state) == [(keys[0], "prompt"), (keys[2], "prompt")] and capped.evicted == 2
+    assert capped.state[(keys[0], "prompt")].n == 1  # no store: a dropped key comes back empty
+
+
 class _Tables:
     database = "driftline"
 
@@ -326,6 +368,47 @@ def test_share_state_is_reloaded_exactly_from_guard_results_after_a_restart(tmp_
         # without the store: the restart re-baselines (the mutation this test is for)
         fresh = GuardScan(tiny_guard(), cfg)
         assert fresh.process(samples[17:], vecs[17:], n_keys=1)[1] == []
+    finally:
+        sink.close()
+
+
+def test_an_evicted_key_comes_back_from_guard_results_with_the_same_tests(tmp_path: Path) -> None:
+    """max_keys 1 and two keys alternating batch by batch on chDB: each batch evicts the other
+    key, which is read back from guard_results when it comes again; the share tests equal,
+    result for result, those of a scan that held both keys. Mutations caught: an eviction whose
+    reload re-baselines or loses the window (e.g. no store to read: no test at all), the cap
+    not applied (len(state) 2)."""
+    from driftline.streams.sinks.clickhouse import ClickHouseSink
+    from driftline.streams.stages.drift_references import DriftEngine
+
+    cfg = dataclasses.replace(CFG, fields=("prompt",), max_keys=1)
+    keys = [("A", "m", "v1"), ("B", "m", "v1")]
+    texts = [f"jb-{i}" if i >= 14 and i % 2 else f"benign-{i}" for i in range(30)]
+    batches = [[Sample(k, "prompt", f"{k[0]}{i:02d}", 1000 * i, texts[i]) for i in range(j, j + 6)]
+               for j in range(0, 30, 6) for k in keys]
+
+    def key_of(rs: list[tuple[Sample, Any]]) -> list[tuple[str, str, float, float, int, int]]:
+        return [(s.event_id, r.method, r.statistic, r.p_value, r.n_ref, r.n_cur) for s, r in rs]
+
+    whole = GuardScan(tiny_guard(), dataclasses.replace(cfg, max_keys=500))
+    want = [x for b in batches for x in key_of(whole.process(b, np.stack([stand_in_vec(s.text) for s in b]),
+                                                             n_keys=2)[1])]
+    assert len(want) == 2 * 2 * 3  # 2 keys x 2 categories x the tests at positions 10, 15, 20
+    sink = ClickHouseSink(f"chdb://{tmp_path / 'chdb'}")
+    try:
+        sink.ensure_schema()
+        eng = DriftEngine(dataclasses.replace(cfg, max_keys=500), sink.query_rows, "driftline", "stand-in")
+        gs = GuardScan(tiny_guard(), cfg, sink.query_rows, "driftline")
+        got = []
+        for b in batches:
+            vecs = np.stack([stand_in_vec(s.text) for s in b])
+            emb, _refs, _res = eng.process(b, [0] * len(b), vecs)
+            cols, res, _s, _f = gs.process(b, vecs, n_keys=2)
+            asyncio.run(sink.insert_columns("llm_embeddings", emb))
+            asyncio.run(sink.insert_columns("guard_results", cols))
+            got += key_of(res)
+            assert len(gs.state) == 1
+        assert got == want and gs.evicted == len(batches) - 1 and gs.reloaded == len(batches) - 2
     finally:
         sink.close()
 

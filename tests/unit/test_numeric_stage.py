@@ -113,6 +113,26 @@ def test_values_missing_on_some_events_are_skipped_and_numbered_per_field() -> N
     assert [v for v, _ in t.cur] == [20.0, 22.0, 24.0, 26.0, 28.0]
 
 
+def test_values_near_the_float_maximum_are_tested_and_do_not_sink_the_batch() -> None:
+    # The event schema admits any finite latency up to 1.8e308: the window's mean overflowed to
+    # inf, DriftResult refused the explanation (ValueError) and the whole batch of every key was
+    # lost at each test while those values stayed in the window. Catches: a plain mean again.
+    import sys
+
+    cfg = NumericDriftConfig(fields=("latency_ms",), ref_size=10, window_size=10)
+    eng = NumericEngine(cfg)
+    big, ok = ("evil", "m", ""), ("good", "m", "")
+    eng.process([big] * 10 + [ok] * 10, list(range(20)), {"latency_ms": [1.0] * 20})
+    top = sys.float_info.max
+    _rows, res = eng.process([big] * 10 + [ok] * 10, list(range(20, 40)),
+                             {"latency_ms": [top] * 10 + [2.0] * 10})
+    got = {kf.key[0]: r for kf, r in res}
+    assert sorted(got) == ["evil", "good"] and got["evil"].drifted and got["good"].drifted
+    assert got["evil"].explanation["mean"] == [1.0, top] and got["good"].explanation["mean"] == [1.0, 2.0]
+    assert json.loads(got["evil"].to_row()["explanation"])["quantiles"]["p50"] == [1.0, top]
+    assert describe_shift("latency_ms", [top, top / 2], [0.0, top])["mean"] == [0.75 * top, top / 2]
+
+
 def test_fast_ks_equals_scipy_statistic_and_is_conservative() -> None:
     # Catches: a CDF gap computed on one sample's values only (wrong with ties), the sign
     # flipped, an anti-conservative p-value (Stephens' correction was 0.81-0.92x exact).
