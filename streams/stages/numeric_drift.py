@@ -248,6 +248,9 @@ class NumericEngine:
         self.references_made = 0
         self.loaded = 0
         self.evicted = 0
+        #: key-fields whose stored state could not be read or whose batch failed (logged; a new
+        #: reference is collected for them, the other keys go on)
+        self.key_errors = 0
         #: state rows of dirty key-fields evicted (written with the next process/apply rows)
         self.pending_rows: list[dict[str, Any]] = []
         #: keys with a reference on some field (the K of the calibration)
@@ -292,9 +295,16 @@ class NumericEngine:
             cols = ", ".join(NUMERIC_STATE_COLUMNS)
             rows = self.query("SELECT " + cols + " FROM {db:Identifier}.numeric_drift_state FINAL WHERE "
                               + _KEY_WHERE + " LIMIT 1", {**_key_params(key, fld), "db": self.db})
-            if rows:
+            try:
+                kf = self.from_row(key, fld, dict(zip(NUMERIC_STATE_COLUMNS, rows[0], strict=True))) \
+                    if rows else None
+            except Exception:  # noqa: BLE001 - an unreadable stored state: a new reference, said once
+                self.key_errors += 1
+                log.exception("numeric drift: the stored state of %s/%s/%s %s is unreadable; a new "
+                              "reference is collected", *key, fld)
+                kf = None
+            if kf is not None:
                 self.loaded += 1
-                kf = self.from_row(key, fld, dict(zip(NUMERIC_STATE_COLUMNS, rows[0], strict=True)))
                 log.info("numeric drift: reloaded %s/%s/%s %s: reference v%d %s, %d values in the window",
                          *key, fld, kf.version, "held" if kf.ref is not None else "collecting", len(kf.cur))
                 return kf
@@ -416,9 +426,20 @@ class NumericEngine:
                     sel, v = sel[ok], v[ok]
                 if not len(v):
                     continue
-                kf = self.get(key, fld)
-                if self.add(kf, v.tolist(), ts[sel].tolist(), results):
-                    touched.append(kf)
+                try:  # one key-field's failure (a corrupt stored state) costs only its values
+                    kf = self.get(key, fld)
+                    if self.add(kf, v.tolist(), ts[sel].tolist(), results):
+                        touched.append(kf)
+                except Exception:  # noqa: BLE001 - logged and counted; the other keys go on
+                    self.key_errors += 1
+                    log.exception("numeric drift: %s/%s/%s field %s failed; its values of this batch "
+                                  "are skipped and a new reference is collected", *key, fld)
+                    fresh = KeyField(key, fld)
+                    fresh.cur = deque(maxlen=self.cfg.ref_size)
+                    old_kf = self.state.pop((key, fld), None)
+                    if old_kf is not None:
+                        self._forget(old_kf)
+                    self.state[(key, fld)] = fresh
         now_ms = int(time.time() * 1000)
         seen: set[int] = set()
         rows, self.pending_rows = self.pending_rows, []

@@ -355,3 +355,34 @@ def test_a_key_field_evicted_and_seen_again_comes_back_from_the_store(sink: Any)
     assert [v for v, _ in lat.cur] == [float(i) for i in range(30, 40)]
     ttft = eng.get(key, "ttft_ms")  # evicted by latency's get and seen again in the same round
     assert ttft.seq == 40 and ttft.ref == [1.0] * 10 and len(ttft.cur) == 10
+
+
+def test_an_unreadable_stored_state_costs_only_its_key_field() -> None:
+    """A stored state row that cannot be read (here: a window whose times do not match its
+    values) starts a new reference for that key-field, counted in ``key_errors``; the other
+    key's values are tested as without it. Catches: one key's exception losing the batch of
+    every key (the worker's stage error), or the broken key-field retried at every batch."""
+    from driftline.schemas.columns import NUMERIC_STATE_COLUMNS
+
+    cfg = NumericDriftConfig(fields=("latency_ms",), ref_size=20, window_size=20, test_every=10)
+    good, bad = ("a", "m", "v1"), ("b", "m", "v1")
+    ts = list(range(1_800_000_000_000, 1_800_000_000_000 + 60))
+    vals = [float(i % 7) for i in range(60)]
+
+    def query(sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        if params.get("app") != "b":
+            return []
+        row = {c: None for c in NUMERIC_STATE_COLUMNS}
+        row.update(app="b", model="m", prompt_version="v1", field="latency_ms", seq=40, version=1,
+                   mode="first_n", ref=[1.0] * 20, cur=[1.0, 2.0, 3.0], cur_ts=[1])  # 3 values, 1 time
+        return [tuple(row[c] for c in NUMERIC_STATE_COLUMNS)]
+
+    alone = NumericEngine(cfg).process([good] * 60, ts, {"latency_ms": vals})[1]
+    eng = NumericEngine(cfg, query, "driftline")
+    both = eng.process([good] * 60 + [bad] * 60, ts + ts, {"latency_ms": vals + vals})[1]
+    assert eng.key_errors == 1 and eng.loaded == 0
+    assert [r.p_value for kf, r in both if kf.key == good] == [r.p_value for _, r in alone]
+    kf = eng.state[(bad, "latency_ms")]  # a new reference from this batch's values
+    assert kf.seq == 60 and kf.ref is not None and sorted(kf.ref) == sorted(vals[:20])
+    eng.process([bad] * 10, ts[:10], {"latency_ms": vals[:10]})
+    assert eng.key_errors == 1  # held now: the stored row is not read again
