@@ -88,6 +88,7 @@ from driftline.schemas.comparison import (
 from driftline.schemas.window_stats import METRIC_NAMES
 
 __all__ = [
+    "rfc3339_ms",
     "AlertTransition",
     "Condition",
     "CostObservation",
@@ -808,7 +809,8 @@ def _check_compare_kind(c: _Checker, kind: str, parts: _KindParts) -> None:
     if "since" in raw:
         if "lookback" in raw:
             c.err("since", "give lookback (sliding) or since (a fixed start), not both")
-        since_ms = _rfc3339_ms(raw["since"])
+        since = raw["since"]
+        since_ms = rfc3339_ms(since.strip() if isinstance(since, str) else since)
         if since_ms is None:
             c.err("since", f"must be an RFC 3339 time like 2026-11-29T10:00:00Z, got {raw['since']!r}")
         lookback_ms = None
@@ -823,14 +825,15 @@ def _check_compare_kind(c: _Checker, kind: str, parts: _KindParts) -> None:
             interval_ms=interval_ms)
 
 
-def _rfc3339_ms(v: Any) -> int | None:
+def rfc3339_ms(v: Any) -> int | None:
     """An RFC 3339 time (a string, or the datetime YAML makes of an unquoted one) as epoch
-    ms (UTC when it names no zone); None when it is not one."""
+    ms (UTC when it names no zone); None when it is not one. Shared by the rule files and
+    the CLI's time options."""
     import datetime as dt
 
     if isinstance(v, str):
         try:
-            v = dt.datetime.fromisoformat(v.strip())
+            v = dt.datetime.fromisoformat(v)
         except ValueError:
             return None
     if not isinstance(v, dt.datetime):

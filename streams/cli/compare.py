@@ -30,7 +30,6 @@ points); else ``not enough data`` (also below ``min_samples`` calls per arm).
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import math
 import re
@@ -49,6 +48,7 @@ from driftline.detectors.sequential import (
     rate_cs,
 )
 from driftline.schemas.comparison import GATE_CRITERIA, LABELS, criterion_option, parse_fraction
+from driftline.schemas.rules import rfc3339_ms
 
 __all__ = ["LABELS", "Population", "CompareConfig", "ArmData", "MetricResult", "Criterion", "GateResult",
            "parse_population", "parse_since", "parse_fraction", "fetch", "compare", "render_table",
@@ -114,13 +114,10 @@ def parse_since(v: str | None, now_ms: int) -> int | None:
         return now_ms - int(float(m.group(1)) * _UNIT_S[m.group(2)] * 1000)
     if v.isdigit():
         return int(v)
-    try:
-        t = dt.datetime.fromisoformat(v)
-    except ValueError:
-        raise ValueError(f"expected a duration (2h, 30m, 7d), RFC 3339 time or epoch ms, got {v!r}") from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.UTC)
-    return int(t.timestamp() * 1000)
+    ms = rfc3339_ms(v)
+    if ms is None:
+        raise ValueError(f"expected a duration (2h, 30m, 7d), RFC 3339 time or epoch ms, got {v!r}")
+    return ms
 
 
 @dataclass(frozen=True)

@@ -95,14 +95,14 @@ def _client_dsn(clickhouse: str | None) -> tuple[str, list[str]]:
     return dsn, [*secrets_of_url(dsn), *((password,) if password else ())]
 
 
-def _client_error(exc: BaseException, secrets: list[str]) -> typer.Exit:
-    """A client-side failure as one line, with DSN passwords and URLs masked."""
+def _client_error(exc: BaseException, secrets: list[str], code: int = 1) -> typer.Exit:
+    """A client-side failure as one line, with DSN passwords and URLs masked (exit ``code``)."""
     from driftline.streams.redact_secrets import MASK, redact_urls_in
 
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
     for s in sorted((s for s in secrets if s and len(s) >= 4), key=len, reverse=True):
         text = text.replace(s, MASK)
-    return _err(redact_urls_in(text), 1)
+    return _err(redact_urls_in(text), code)
 
 
 def _err(msg: str, code: int = 2) -> typer.Exit:
@@ -675,15 +675,12 @@ def _time_ms(v: str | None, name: str) -> int | None:
         return None
     if v.isdigit():
         return int(v)
-    import datetime as dt
+    from driftline.schemas.rules import rfc3339_ms
 
-    try:
-        t = dt.datetime.fromisoformat(v)
-    except ValueError:
-        raise _err(f"{name}: expected RFC 3339 (2025-01-01T00:00:00Z) or epoch milliseconds, got {v!r}") from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.UTC)
-    return int(t.timestamp() * 1000)
+    ms = rfc3339_ms(v)
+    if ms is None:
+        raise _err(f"{name}: expected RFC 3339 (2025-01-01T00:00:00Z) or epoch milliseconds, got {v!r}")
+    return ms
 
 
 def _send_baseline(kafka: str | None, clickhouse: str | None, cmd: dict[str, Any], wait: float,
@@ -954,8 +951,7 @@ def _compare_fetch(clickhouse: str | None, cfg: Any, alphas: list[float]) -> tup
     except ValueError as exc:
         raise _err(str(exc), 3) from None
     except Exception as exc:  # noqa: BLE001 - the message is the product here
-        _client_error(exc, secrets)  # prints it, secrets masked
-        raise typer.Exit(3) from None
+        raise _client_error(exc, secrets, 3) from None
 
 
 @app.command("compare")
@@ -1012,8 +1008,7 @@ def _compare_semantic(clickhouse: str | None, cfg: Any, limit: int) -> Any:
     except ValueError as exc:
         raise _err(str(exc), 3) from None
     except Exception as exc:  # noqa: BLE001 - the message is the product here
-        _client_error(exc, secrets)
-        raise typer.Exit(3) from None
+        raise _client_error(exc, secrets, 3) from None
 
 
 
