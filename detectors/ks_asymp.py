@@ -33,8 +33,11 @@ class KSResult(NamedTuple):
     sign: int
 
 
-def ks_sorted(ref_sorted: npt.NDArray[np.float64], cur: npt.ArrayLike) -> KSResult:
+def ks_sorted(ref_sorted: npt.NDArray[np.float64], cur: npt.ArrayLike, *, cur_sorted: bool = False) -> KSResult:
     """Two-sample KS of ``cur`` against the sorted reference (see the module docstring).
+
+    ``cur_sorted``: ``cur`` is already a sorted float64 array (a caller that sorts the window
+    once for its quantiles too); the result is the same to the bit.
 
     >>> import numpy as np
     >>> r = ks_sorted(np.arange(100.0), np.arange(20.0, 120.0))
@@ -42,7 +45,7 @@ def ks_sorted(ref_sorted: npt.NDArray[np.float64], cur: npt.ArrayLike) -> KSResu
     (0.2, 1, 0.036631)
     """
     a = np.asarray(ref_sorted, dtype=np.float64)
-    b = np.sort(np.asarray(cur, dtype=np.float64))
+    b = np.asarray(cur, dtype=np.float64) if cur_sorted else np.sort(np.asarray(cur, dtype=np.float64))
     n, m = a.size, b.size
     if n < 1 or m < 1:
         raise ValueError("both samples need at least one value")
