@@ -209,10 +209,13 @@ def _load_v0() -> Any:
 
 
 def arrow_batches(n: int = 200_000, keys: int = 20, batch: int = 2000, seed: int = 0,
-                  scenario: str = "control", shift_at: int | None = None, tz: str | None = None) -> list[Any]:
+                  scenario: str = "control", shift_at: int | None = None, tz: str | None = None,
+                  mixed: bool = False) -> list[Any]:
     """``n`` calls of ``keys`` interleaved keys (every field) as the worker stores them: Arrow
     batches of ``batch`` rows (``ArrowColumns``), the ``scenario`` shifting every key from
-    ``shift_at`` (default: never)."""
+    ``shift_at`` (default: never). ``mixed``: key ``j`` is app ``j % 2``, model ``(j // 2) % 3``
+    and a null prompt version for ``j < 6``, ``""`` from 6 on (the same key: a stage reads a
+    null one as ``""``), so key order by first event differs from any column's order."""
     import pyarrow as pa
 
     from driftline.streams.ingest.transforms import ArrowColumns
@@ -221,8 +224,10 @@ def arrow_batches(n: int = 200_000, keys: int = 20, batch: int = 2000, seed: int
     rng = np.random.default_rng(seed + 1)
     k = rng.integers(0, keys, n)
     table = pa.table({
-        "event_id": [f"e{i}" for i in range(n)], "app": [f"app{j}" for j in k], "model": ["m"] * n,
-        "prompt_version": ["v1"] * n,
+        "event_id": [f"e{i}" for i in range(n)],
+        "app": [f"app{j % 2}" for j in k] if mixed else [f"app{j}" for j in k],
+        "model": [f"m{(j // 2) % 3}" for j in k] if mixed else ["m"] * n,
+        "prompt_version": pa.array([None if j < 6 else "" for j in k] if mixed else ["v1"] * n, pa.string()),
         "timestamp": pa.array(1_800_000_000_000 + np.arange(n, dtype=np.int64) * 37, pa.timestamp("ms", tz=tz)),
         "source_topic": [TOPIC] * n, "source_partition": pa.array(k % 4, pa.int32()),
         "source_offset": pa.array(np.arange(n), pa.int64()),

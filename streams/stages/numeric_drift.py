@@ -69,7 +69,7 @@ import numpy as np
 
 from driftline.detectors.base import RULE_P
 from driftline.detectors.categorical import g_test, share_z
-from driftline.detectors.ks_asymp import ks_sorted, sorted_quantiles
+from driftline.detectors.ks_asymp import ks_sorted, ref_cdf, sorted_quantiles
 from driftline.detectors.sampling import sample_mask
 from driftline.schemas.columns import CONTROL_LOG_COLUMNS, NUMERIC_STATE_COLUMNS, SCORE_COLUMNS
 from driftline.schemas.drift_result import DriftResult
@@ -229,7 +229,7 @@ class KeyField:
     #: being collected while ``ref`` is None
     cur: Window = dc_field(default_factory=lambda: Window(1, np.float64))
     #: what the tests reuse of the reference while it holds (built at its first test):
-    #: numeric ``(sorted values, [p50, p95, p99], mean)``, categorical ``(Counter, n)``
+    #: numeric ``(sorted values, their CDF, [p50, p95, p99], mean)``, categorical a Counter
     detector: Any = None
     dirty: bool = False
 
@@ -287,8 +287,18 @@ def _mean(s: np.ndarray) -> float:
     return scale * float((s / scale).mean())
 
 
+def _mean_sorted(s: np.ndarray) -> float:
+    """:func:`_mean` of a sorted array, to the bit (``np.mean`` is this sum over the size),
+    without its overflow guard where no partial sum can overflow (the largest magnitude times
+    the size below the float maximum)."""
+    n = s.size
+    if n and max(-float(s[0]), float(s[-1])) * n < 1e307:
+        return float(np.add.reduce(s)) / n
+    return _mean(s)
+
+
 def _describe_sorted(field: str, rs: np.ndarray, cs: np.ndarray) -> dict[str, Any]:
-    return _describe_stats(field, sorted_quantiles(rs, _QS), _mean(rs), cs)
+    return _describe_stats(field, sorted_quantiles(rs, _QS), _mean_sorted(rs), cs)
 
 
 def _describe_stats(field: str, r: list[float], rm: float, cs: np.ndarray) -> dict[str, Any]:
@@ -296,7 +306,7 @@ def _describe_stats(field: str, r: list[float], rm: float, cs: np.ndarray) -> di
     (computed once per reference) and the current window sorted (``cs``)."""
     c = sorted_quantiles(cs, _QS)
     quant = {f"p{round(q * 100)}": [a, b] for q, a, b in zip(_QS, r, c, strict=True)}
-    cm = _mean(cs)
+    cm = _mean_sorted(cs)
     summary = (f"{field} p50 {_num(r[0])} -> {_num(c[0])}, p95 {_num(r[1])} -> {_num(c[1])}, "
                f"mean {_num(rm)} -> {_num(cm)}")
     return {"quantiles": quant, "mean": [rm, cm], "summary": summary}
@@ -595,12 +605,12 @@ class NumericEngine:
             expl = {"rule": RULE_P, "dof": dof, "shares": shares, "moved": moved[:3]}
             expl.update(_describe_counts(kf.field, rc, cc, n_ref, n_cur))
         else:
-            if kf.detector is None:  # the sorted reference, its quantiles and mean
+            if kf.detector is None:  # the sorted reference, its CDF, quantiles and mean
                 rs = np.sort(np.asarray(kf.ref, dtype=np.float64))
-                kf.detector = (rs, sorted_quantiles(rs, _QS), _mean(rs))
-            rs, r_q, r_mean = kf.detector
+                kf.detector = (rs, ref_cdf(rs), sorted_quantiles(rs, _QS), _mean_sorted(rs))
+            rs, r_cdf, r_q, r_mean = kf.detector
             cs = np.sort(cur)
-            ks = ks_sorted(rs, cs, cur_sorted=True)
+            ks = ks_sorted(rs, cs, cur_sorted=True, ref_cdf=r_cdf)
             stat, p, method = ks.statistic, ks.p_value, "ks"
             expl = {"location": ks.location, "sign": ks.sign, "p_value_method": "asymptotic (Kolmogorov)",
                     **_describe_stats(kf.field, r_q, r_mean, cs)}
