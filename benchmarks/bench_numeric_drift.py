@@ -295,6 +295,28 @@ def cpu_compare(runs: int = 5, n: int = 200_000, keys: int = 20) -> list[dict[st
     return out
 
 
+def memory_per_key_field(engine_cls: Any, config_cls: Any, keys: int = 40) -> float:
+    """Bytes held per key-field (``tracemalloc``) by an engine after ``keys`` keys x 8 fields
+    each got 1,050 values: a full reference and window, tested (what the tests keep built)."""
+    import gc
+    import tracemalloc
+
+    v = stream(0, 1050, "control", 1050)
+    vals = {f: list(x) for f, x in v.items()}
+    ts = list(range(1_800_000_000_000, 1_800_000_000_000 + 1050))
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    eng = engine_cls(config_cls())
+    for k in range(keys):
+        eng.process([(f"app{k}", "m", "v1")] * 1050, ts, vals)
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    assert len(eng.state) == keys * len(FIELDS)
+    return held / len(eng.state)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=200, help="streams per scenario")
@@ -330,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  cpu per event on the stage's thread, previous (benchmarks/numeric_drift_v0.py) and current "
               f"stage alternated, {a.cpu_runs} runs each of {a.cpu_events:,} events:")
         cpu_compare(a.cpu_runs, a.cpu_events)
+        v0 = _load_v0()
+        print("  memory per key-field held (reference and window full, tested): previous "
+              f"{memory_per_key_field(v0.NumericEngine, v0.NumericDriftConfig) / 1024:.1f} KiB, current "
+              f"{memory_per_key_field(NumericEngine, NumericDriftConfig) / 1024:.1f} KiB")
     return 0
 
 

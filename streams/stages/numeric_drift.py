@@ -808,8 +808,9 @@ def _arrow_first_reason(table: Any, rows: np.ndarray) -> np.ndarray:
     has = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False) > 0
     out = np.full(len(col), "", dtype=object)
     if has.any():
-        first = pc.cast(pc.list_element(col.filter(pa.array(has)), 0), pa.string())
-        out[has] = pc.fill_null(first, "None").to_numpy(zero_copy_only=False)
+        first = pc.fill_null(pc.cast(pc.list_element(col.filter(pa.array(has)), 0), pa.string()), "None")
+        enc = pc.dictionary_encode(first)  # one str object per distinct reason, shared by the windows
+        out[has] = np.asarray(enc.dictionary.to_pylist(), dtype=object)[enc.indices.to_numpy(zero_copy_only=False)]
     return out
 
 
