@@ -568,7 +568,7 @@ class NumericEngine:
         kf.ref_seq = (seq_from, seq_to)
         kf.ref_ms = (int(ts.min()), int(ts.max())) if len(ts) else (0, 0)
         kf.control_id = control_id
-        kf.cur = Window(self.cfg.window_size, object if kf.field in CATEGORICAL_FIELDS else np.float64)
+        kf.cur = self._window(kf)  # the current window (kf.ref is set)
         kf.detector = None
         kf.dirty = True
         self.references_made += 1
