@@ -187,35 +187,71 @@ def change_point_stats(seeds: range, *, n: int, shift_at: int, cfg: NumericDrift
     return out
 
 
-def cpu_per_event(n: int = 200_000, keys: int = 20) -> dict[str, float]:
-    """CPU seconds per event of the stage: ``on_stored`` (event loop) and its thread's work,
-    on Arrow batches of 2,000 rows (as the worker stores them), ``keys`` keys interleaved."""
+def _sibling(name: str) -> Any:
+    """A module of benchmarks/ by its file name (benchmarks/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    if name in sys.modules:
+        return sys.modules[name]
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
+    sys.path.insert(0, str(Path(__file__).parent)) if str(Path(__file__).parent) not in sys.path else None
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _load_v0() -> Any:
+    """The frozen pre-issue-20 stage (benchmarks/numeric_drift_v0.py), the CPU baseline."""
+    return _sibling("numeric_drift_v0")
+
+
+def arrow_batches(n: int = 200_000, keys: int = 20, batch: int = 2000, seed: int = 0,
+                  scenario: str = "control", shift_at: int | None = None, tz: str | None = None,
+                  mixed: bool = False) -> list[Any]:
+    """``n`` calls of ``keys`` interleaved keys (every field) as the worker stores them: Arrow
+    batches of ``batch`` rows (``ArrowColumns``), the ``scenario`` shifting every key from
+    ``shift_at`` (default: never). ``mixed``: key ``j`` is app ``j % 2``, model ``(j // 2) % 3``
+    and a null prompt version for ``j < 6``, ``""`` from 6 on (the same key: a stage reads a
+    null one as ``""``), so key order by first event differs from any column's order."""
     import pyarrow as pa
 
     from driftline.streams.ingest.transforms import ArrowColumns
-    from driftline.streams.stages.numeric_drift import NumericDriftStage
 
-    v = stream(0, n, "control", n)
-    rng = np.random.default_rng(1)
+    v = stream(seed, n, scenario, n if shift_at is None else shift_at)
+    rng = np.random.default_rng(seed + 1)
     k = rng.integers(0, keys, n)
     table = pa.table({
-        "event_id": [f"e{i}" for i in range(n)], "app": [f"app{j}" for j in k], "model": ["m"] * n,
-        "prompt_version": ["v1"] * n, "timestamp": pa.array(np.arange(n, dtype=np.int64), pa.timestamp("ms")),
+        "event_id": [f"e{i}" for i in range(n)],
+        "app": [f"app{j % 2}" for j in k] if mixed else [f"app{j}" for j in k],
+        "model": [f"m{(j // 2) % 3}" for j in k] if mixed else ["m"] * n,
+        "prompt_version": pa.array([None if j < 6 else "" for j in k] if mixed else ["v1"] * n, pa.string()),
+        "timestamp": pa.array(1_800_000_000_000 + np.arange(n, dtype=np.int64) * 37, pa.timestamp("ms", tz=tz)),
         "source_topic": [TOPIC] * n, "source_partition": pa.array(k % 4, pa.int32()),
         "source_offset": pa.array(np.arange(n), pa.int64()),
         **{f: pa.array(v[f].astype(np.int64) if "tokens" in f else v[f]) for f in FIELDS if f != "finish_reason"},
         "finish_reasons": [[x] for x in v["finish_reason"]],
     })
-    st = NumericDriftStage(NumericDriftConfig())
-    st.engine = NumericEngine(st.cfg)
+    return [ArrowColumns(table.slice(s, batch)) for s in range(0, n, batch)]
 
-    class _Batch:
-        def __init__(self, events: Any) -> None:
-            self.events = events
 
-    batches = [_Batch(ArrowColumns(table.slice(s, 2000))) for s in range(0, n, 2000)]
+class _Batch:
+    def __init__(self, events: Any) -> None:
+        self.events = events
+
+
+def cpu_per_event(batches: list[Any], stage_cls: Any, config_cls: Any, engine_cls: Any) -> dict[str, float]:
+    """CPU seconds per event of a stage class: ``on_stored`` (event loop) and its thread's work
+    (``_work``: columns -> values -> tests), over ``batches`` (:func:`arrow_batches`)."""
+    st = stage_cls(config_cls())
+    st.engine = engine_cls(st.cfg)
     hot = thread = 0.0
-    for b in batches:
+    n = 0
+    for ev in batches:
+        b = _Batch(ev)
+        n += ev.num_rows
         t0 = time.thread_time()
         st.on_stored(b)
         hot += time.thread_time() - t0
@@ -225,6 +261,60 @@ def cpu_per_event(n: int = 200_000, keys: int = 20) -> dict[str, float]:
         thread += time.thread_time() - t0
     return {"events": n, "hot_path_us_per_event": hot / n * 1e6, "thread_us_per_event": thread / n * 1e6,
             "tests_run": st.engine.tests_run}
+
+
+def cpu_compare(runs: int = 5, n: int = 200_000, keys: int = 20) -> list[dict[str, Any]]:
+    """The previous stage (numeric_drift_v0.py) and the current one on the same batches, run
+    alternately ``runs`` times each (fresh stage each run), with the machine's steal time over
+    each run (/proc/stat; a VM's CPU taken by its host) and the load average."""
+    import os
+
+    steal_s = _sibling("bench_throughput").steal_s
+    from driftline.streams.stages.numeric_drift import NumericDriftStage
+
+    v0 = _load_v0()
+    batches = arrow_batches(n, keys)
+    out = []
+    for r in range(runs):
+        for name, cls, cfg, eng in (("previous", v0.NumericDriftStage, v0.NumericDriftConfig, v0.NumericEngine),
+                                    ("current", NumericDriftStage, NumericDriftConfig, NumericEngine)):
+            s0, w0 = steal_s(), time.perf_counter()
+            res = cpu_per_event(batches, cls, cfg, eng)
+            res.update(run=r, stage=name, steal_s=round(steal_s() - s0, 3), wall_s=round(time.perf_counter() - w0, 2),
+                       load1=os.getloadavg()[0])
+            out.append(res)
+            print(f"    run {r} {name:8s} thread {res['thread_us_per_event']:6.2f} us/event, on_stored "
+                  f"{res['hot_path_us_per_event']:.2f} us/event, {res['tests_run']} tests, steal {res['steal_s']} s "
+                  f"over {res['wall_s']} s, load {res['load1']:.1f}", flush=True)
+    for name in ("previous", "current"):
+        t = sorted(x["thread_us_per_event"] for x in out if x["stage"] == name)
+        print(f"  {name:8s} thread CPU-us/event: median {np.median(t):.2f}, min {t[0]:.2f}, max {t[-1]:.2f}")
+    prev = np.median([x["thread_us_per_event"] for x in out if x["stage"] == "previous"])
+    cur = np.median([x["thread_us_per_event"] for x in out if x["stage"] == "current"])
+    print(f"  current / previous (medians): {cur / prev:.3f}")
+    return out
+
+
+def memory_per_key_field(engine_cls: Any, config_cls: Any, keys: int = 40) -> float:
+    """Bytes held per key-field (``tracemalloc``) by an engine after ``keys`` keys x 8 fields
+    each got 1,050 values: a full reference and window, tested (what the tests keep built)."""
+    import gc
+    import tracemalloc
+
+    v = stream(0, 1050, "control", 1050)
+    vals = {f: list(x) for f, x in v.items()}
+    ts = list(range(1_800_000_000_000, 1_800_000_000_000 + 1050))
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    eng = engine_cls(config_cls())
+    for k in range(keys):
+        eng.process([(f"app{k}", "m", "v1")] * 1050, ts, vals)
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    assert len(eng.state) == keys * len(FIELDS)
+    return held / len(eng.state)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", default="longer,ttft,length,control", help="comma-separated, of "
                     + ", ".join(SHIFTED))
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU measurement")
+    ap.add_argument("--cpu-only", action="store_true", help="only the CPU measurement (no detection scenarios)")
+    ap.add_argument("--cpu-runs", type=int, default=5, help="runs of each stage (previous, current) in the CPU "
+                    "measurement, alternated")
+    ap.add_argument("--cpu-events", type=int, default=200_000, help="events per CPU run (20 keys, batches of 2,000)")
     ap.add_argument("--change-points", action="store_true", help="also measure the change points: location "
                     "error on longer/ttft streams shifted at --shift-at + 13 (off the block grid), false alarms "
                     "of the scan on the control streams")
@@ -246,16 +340,22 @@ def main(argv: list[str] | None = None) -> int:
           f"reference {cfg.ref_size}, window {cfg.window_size}, test every {cfg.test_every}, alpha {cfg.alpha} "
           f"over 1 key x {len(cfg.fields)} fields (per test {cfg.alpha / len(cfg.fields):.4g})")
     t0 = time.perf_counter()
-    for sc in a.scenarios.split(","):
+    for sc in ([] if a.cpu_only else a.scenarios.split(",")):
         st = scenario_stats(sc, range(a.seeds), n=a.events, shift_at=a.shift_at, max_delay=a.max_delay, cfg=cfg)
         print(f"  {sc:8s} {st}")
-    if a.change_points:
+    if a.change_points and not a.cpu_only:
         cp = change_point_stats(range(a.seeds), n=a.events, shift_at=a.shift_at + 13, cfg=cfg)
         for k, st in cp.items():
             print(f"  change points {k:8s} {st}")
     print(f"  ({time.perf_counter() - t0:.1f} s)")
     if not a.no_cpu:
-        print(f"  cpu: {cpu_per_event()}")
+        print(f"  cpu per event on the stage's thread, previous (benchmarks/numeric_drift_v0.py) and current "
+              f"stage alternated, {a.cpu_runs} runs each of {a.cpu_events:,} events:")
+        cpu_compare(a.cpu_runs, a.cpu_events)
+        v0 = _load_v0()
+        print("  memory per key-field held (reference and window full, tested): previous "
+              f"{memory_per_key_field(v0.NumericEngine, v0.NumericDriftConfig) / 1024:.1f} KiB, current "
+              f"{memory_per_key_field(NumericEngine, NumericDriftConfig) / 1024:.1f} KiB")
     return 0
 
 

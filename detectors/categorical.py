@@ -4,7 +4,7 @@
 with those in the reference (a 2 x k contingency table: reference / current by
 category) with the likelihood-ratio G-test of homogeneity
 (``scipy.stats.chi2_contingency(..., lambda_="log-likelihood")``, no continuity
-correction), ``drifted = p_value < alpha``. Categories seen in neither sample do not
+correction; computed by :func:`g_test` with scipy's operations, without its wrappers), ``drifted = p_value < alpha``. Categories seen in neither sample do not
 count; with fewer than two categories in all the test has nothing to compare
 (statistic 0, p-value 1). Its explanation gives each category's share in both and
 the categories that moved most (by :func:`share_z`).
@@ -21,13 +21,36 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from scipy import stats
+from scipy import special
 
 from driftline.schemas.drift_result import DriftResult
 
 from .base import RULE_P, Detector
 
-__all__ = ["CategoryMixDrift", "share_z"]
+__all__ = ["CategoryMixDrift", "g_test", "share_z"]
+
+
+def g_test(table: npt.ArrayLike) -> tuple[float, float, int]:
+    """``(G, p_value, dof)`` of the G-test of homogeneity of a 2 x k table of counts whose
+    every column has a count: the operations of ``scipy.stats.chi2_contingency(table,
+    correction=False, lambda_="log-likelihood")`` (expected counts from the margins,
+    ``2 sum xlogy(o, o / e)``, the chi-square survival function), hence its floats to the
+    bit, without its wrappers (about 30 times faster: the numeric drift stage runs it for
+    every finish-reason test). Fewer than two columns: nothing to compare, ``(0.0, 1.0, 0)``.
+
+    >>> g, p, dof = g_test([[10, 90, 0], [20, 70, 10]])
+    >>> round(g, 6), round(p, 6), dof
+    (19.767476, 5.1e-05, 2)
+    """
+    obs = np.asarray(table, dtype=np.float64)
+    if obs.ndim != 2 or obs.shape[0] != 2:
+        raise ValueError(f"table must be 2 x k, got shape {obs.shape}")
+    k = obs.shape[1]
+    if k < 2:
+        return 0.0, 1.0, 0
+    expected = obs.sum(axis=1, keepdims=True) * obs.sum(axis=0, keepdims=True) / obs.sum()
+    g = float(np.sum(2.0 * special.xlogy(obs, obs / expected)))
+    return g, float(special.chdtrc(k - 1, g)), k - 1
 
 
 def share_z(r: float, c: float, n_r: int, n_c: int) -> float:
@@ -79,11 +102,7 @@ class CategoryMixDrift(Detector):
         n_cur = sum(cur.values())
         cats = sorted(set(self._ref) | set(cur))
         table = np.array([[self._ref[c] for c in cats], [cur[c] for c in cats]], dtype=np.float64)
-        if len(cats) < 2:
-            g, p, dof = 0.0, 1.0, 0
-        else:
-            res = stats.chi2_contingency(table, correction=False, lambda_="log-likelihood")
-            g, p, dof = float(res.statistic), float(res.pvalue), int(res.dof)
+        g, p, dof = g_test(table)
         shares = {c: [round(self._ref[c] / self._n_ref, 6), round(cur[c] / n_cur, 6)] for c in cats}
         moved = sorted(cats, key=lambda c: (-abs(share_z(shares[c][0], shares[c][1], self._n_ref, n_cur)), c))
         return DriftResult(

@@ -40,7 +40,7 @@ import numpy as np
 
 from driftline.schemas.drift_result import DriftResult
 
-__all__ = ["METHOD", "block_size", "locate_change", "change_point_result"]
+__all__ = ["METHOD", "block_size", "locate_change", "change_point_result", "change_point_of"]
 
 METHOD = "change_point"
 _PHI = NormalDist()
@@ -64,7 +64,7 @@ def midranks(ref_sorted: np.ndarray, x: np.ndarray) -> np.ndarray:
     return (lo + hi) / (2.0 * len(ref_sorted))
 
 
-def locate_change(ref: Sequence[float] | np.ndarray, values: Sequence[float], b: int) -> dict[str, Any] | None:
+def locate_change(ref: Sequence[float] | np.ndarray, values: Sequence[float] | np.ndarray, b: int) -> dict[str, Any] | None:
     """The change in ``values`` (a window, oldest first) from the level of ``ref``: ``k`` (the
     index in ``values`` of the first value after the change), ``statistic`` (``|T_k|``),
     ``p_value``, ``blocks`` and ``before`` / ``after`` p50 and mean. None when the window has
@@ -101,20 +101,29 @@ def change_point_result(field: str, ref: Sequence[float] | np.ndarray, window: S
                         ks: DriftResult, window_size: int) -> DriftResult | None:
     """The ``change_point`` result of a flagged KS test ``ks`` of ``field`` (its window:
     ``(value, ts_ms)`` pairs, oldest first), at the KS test's level. None: not located."""
-    vals = [float(v) for v, _ in window]
+    pairs = list(window)
+    return change_point_of(field, ref, np.asarray([float(v) for v, _ in pairs], dtype=np.float64),
+                           np.asarray([int(t) for _, t in pairs], dtype=np.int64), ks, window_size)
+
+
+def change_point_of(field: str, ref: Sequence[float] | np.ndarray, values: np.ndarray, ts_ms: np.ndarray,
+                    ks: DriftResult, window_size: int) -> DriftResult | None:
+    """:func:`change_point_result` of a window given as its values and times (epoch ms),
+    oldest first (the numeric stage's numpy window)."""
+    vals = np.asarray(values, dtype=np.float64)
     c = locate_change(ref, vals, block_size(window_size))
     if c is None:
         return None
     w = ks.explanation["window"]
     seq = int(w["seq_from"]) + c["k"]
-    ts_ms = int(window[c["k"]][1])
+    at_ms = int(ts_ms[c["k"]])
     at_start = c["block"] == 0
-    when = datetime.fromtimestamp(ts_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+    when = datetime.fromtimestamp(at_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
     bf, af = c["before"], c["after"]
     summary = (f"{field} changed {'at or before' if at_start else 'at'} {when} (value #{seq}): "
                f"p50 {_fmt(bf['p50'])} -> {_fmt(af['p50'])}, mean {_fmt(bf['mean'])} -> {_fmt(af['mean'])}")
     expl = {
-        "change": {"seq": seq, "ts_ms": ts_ms, "at_or_before_window_start": at_start},
+        "change": {"seq": seq, "ts_ms": at_ms, "at_or_before_window_start": at_start},
         "before": bf, "after": af, "summary": summary,
         "scan": {"blocks": c["blocks"], "block_size": c["block_size"], "block": c["block"],
                  "score": "block mean of the values' mid-rank in the reference", "null_var": c["null_var"]},

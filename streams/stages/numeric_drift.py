@@ -57,22 +57,24 @@ import json
 import logging
 import math
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field as dc_field
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from driftline.detectors.categorical import CategoryMixDrift, share_z
-from driftline.detectors.ks_asymp import ks_sorted, sorted_quantiles
+from driftline.detectors.base import RULE_P
+from driftline.detectors.categorical import g_test, share_z
+from driftline.detectors.ks_asymp import ks_sorted, ref_cdf, sorted_quantiles
 from driftline.detectors.sampling import sample_mask
 from driftline.schemas.columns import CONTROL_LOG_COLUMNS, NUMERIC_STATE_COLUMNS, SCORE_COLUMNS
 from driftline.schemas.drift_result import DriftResult
 from driftline.schemas.topics import CONTROL_TOPIC
-from driftline.streams.stages.change_point import change_point_result
+from driftline.streams.stages.change_point import change_point_of
 from driftline.streams.stages.drift_references import check_test_schedule, ms_to_dt, per_test_alpha
 
 if TYPE_CHECKING:
@@ -83,7 +85,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("driftline.numeric_drift")
 
 __all__ = ["NUMERIC_FIELDS", "CATEGORICAL_FIELDS", "FIELDS", "NumericDriftConfig", "NumericEngine",
-           "NumericDriftStage", "KeyField", "describe_shift"]
+           "NumericDriftStage", "KeyField", "Window", "describe_shift", "batch_columns"]
 
 #: the numeric fields, by their ``llm_events`` column
 NUMERIC_FIELDS = ("output_tokens", "input_tokens", "reasoning_output_tokens", "latency_ms", "ttft_ms",
@@ -143,24 +145,91 @@ class NumericDriftConfig:
         return self.min_current if self.min_current is not None else self.window_size
 
 
+class Window:
+    """The last ``maxlen`` values of a key-field and their times (epoch ms), oldest first,
+    in two numpy buffers: a sliding window without a Python object per value.
+
+    The buffers hold ``maxlen`` plus a quarter more; appending past their end moves the
+    window's values to the front (a copy of ``maxlen`` values every ``maxlen / 4`` appended),
+    so :attr:`values` and :attr:`ts` are contiguous views. Iterating gives ``(value, ts_ms)``
+    pairs, as the deque it replaces did.
+
+    >>> w = Window(3, np.float64)
+    >>> w.extend(np.array([1.0, 2.0, 3.0, 4.0]), np.array([10, 20, 30, 40]))
+    >>> w.values.tolist(), w.ts.tolist(), len(w)
+    ([2.0, 3.0, 4.0], [20, 30, 40], 3)
+    """
+
+    __slots__ = ("maxlen", "_v", "_t", "_lo", "_hi")
+
+    def __init__(self, maxlen: int, dtype: Any) -> None:
+        if maxlen < 1:
+            raise ValueError(f"maxlen must be >= 1, got {maxlen}")
+        self.maxlen = maxlen
+        cap = maxlen + max(maxlen // 4, 16)
+        self._v: np.ndarray = np.empty(cap, dtype=dtype)
+        self._t: np.ndarray = np.empty(cap, dtype=np.int64)
+        self._lo = self._hi = 0
+
+    def __len__(self) -> int:
+        return self._hi - self._lo
+
+    def __iter__(self) -> Any:
+        return zip(self.values.tolist(), self.ts.tolist(), strict=True)
+
+    @property
+    def values(self) -> np.ndarray:
+        """The window's values, oldest first (a view: copy it to keep it)."""
+        return self._v[self._lo:self._hi]
+
+    @property
+    def ts(self) -> np.ndarray:
+        """The window's times (epoch ms, int64), oldest first (a view)."""
+        return self._t[self._lo:self._hi]
+
+    def extend(self, values: np.ndarray, ts: np.ndarray) -> None:
+        """Append values and their times (equal lengths); the oldest past ``maxlen`` go."""
+        k, m = len(values), self.maxlen
+        if k != len(ts):
+            raise ValueError(f"{k} values but {len(ts)} times")
+        if k >= m:
+            self._v[:m] = values[k - m:]
+            self._t[:m] = ts[k - m:]
+            self._lo, self._hi = 0, m
+            return
+        if self._hi + k > len(self._v):  # move the part that stays to the front
+            keep = min(self._hi - self._lo, m - k)
+            self._v[:keep] = self._v[self._hi - keep:self._hi]
+            self._t[:keep] = self._t[self._hi - keep:self._hi]
+            self._lo, self._hi = 0, keep
+        self._v[self._hi:self._hi + k] = values
+        self._t[self._hi:self._hi + k] = ts
+        self._hi += k
+        if self._hi - self._lo > m:
+            self._lo = self._hi - m
+
+
 @dataclass(slots=True)
 class KeyField:
-    """One key and field: numbering, reference, current window, detector."""
+    """One key and field: numbering, reference, current window and what the tests reuse."""
 
     key: Key
     field: str
     seq: int = 0
     version: int = 0
     mode: str = ""
-    #: the reference's values (floats, or labels for a categorical field); None: collecting
-    ref: list[Any] | None = None
+    #: the reference's values in their order (a float64 array, or a list of labels for a
+    #: categorical field); None: collecting
+    ref: Any = None
     ref_seq: tuple[int, int] = (0, 0)
     ref_ms: tuple[int, int] = (0, 0)
     control_id: str = ""
     collect_from: int = 0
-    #: (value, ts_ms) from seq - len(cur) to seq - 1: the current window, or the reference
+    #: values and times from seq - len(cur) to seq - 1: the current window, or the reference
     #: being collected while ``ref`` is None
-    cur: deque[tuple[Any, int]] = dc_field(default_factory=deque)
+    cur: Window = dc_field(default_factory=lambda: Window(1, np.float64))
+    #: what the tests reuse of the reference while it holds (built at its first test):
+    #: numeric ``(sorted values, their CDF, [p50, p95, p99], mean)``, categorical a Counter
     detector: Any = None
     dirty: bool = False
 
@@ -187,16 +256,20 @@ def describe_shift(field: str, ref: Sequence[Any], cur: Sequence[Any]) -> dict[s
     categorical field (the summary names the two that moved most by their two-proportion z),
     and its one-line ``summary``."""
     if field in CATEGORICAL_FIELDS:
-        rc, cc = Counter(ref), Counter(cur)
-        r_n, c_n = max(len(ref), 1), max(len(cur), 1)
-        shares = {c: [rc[c] / r_n, cc[c] / c_n] for c in sorted(set(rc) | set(cc))}
-        moved = sorted(shares, key=lambda c: (-abs(share_z(shares[c][0], shares[c][1], r_n, c_n)), c))[:2]
-        parts = [f"{c or '(none)'} {_pct(shares[c][0])} -> {_pct(shares[c][1])}" for c in moved]
-        return {"shares": {c: [round(a, 6), round(b, 6)] for c, (a, b) in shares.items()},
-                "summary": f"{field}=" + ", ".join(parts)}
+        return _describe_counts(field, Counter(ref), Counter(cur), len(ref), len(cur))
     rs = np.sort(np.asarray(ref, dtype=np.float64))
     cs = np.sort(np.asarray(cur, dtype=np.float64))
     return _describe_sorted(field, rs, cs)
+
+
+def _describe_counts(field: str, rc: Counter[Any], cc: Counter[Any], n_r: int, n_c: int) -> dict[str, Any]:
+    """:func:`describe_shift` of a categorical field from the two samples' counts and sizes."""
+    r_n, c_n = max(n_r, 1), max(n_c, 1)
+    shares = {c: [rc[c] / r_n, cc[c] / c_n] for c in sorted(set(rc) | set(cc))}
+    moved = sorted(shares, key=lambda c: (-abs(share_z(shares[c][0], shares[c][1], r_n, c_n)), c))[:2]
+    parts = [f"{c or '(none)'} {_pct(shares[c][0])} -> {_pct(shares[c][1])}" for c in moved]
+    return {"shares": {c: [round(a, 6), round(b, 6)] for c, (a, b) in shares.items()},
+            "summary": f"{field}=" + ", ".join(parts)}
 
 
 _QS = (0.5, 0.95, 0.99)
@@ -214,10 +287,26 @@ def _mean(s: np.ndarray) -> float:
     return scale * float((s / scale).mean())
 
 
+def _mean_sorted(s: np.ndarray) -> float:
+    """:func:`_mean` of a sorted array, to the bit (``np.mean`` is this sum over the size),
+    without its overflow guard where no partial sum can overflow (the largest magnitude times
+    the size below the float maximum)."""
+    n = s.size
+    if n and max(-float(s[0]), float(s[-1])) * n < 1e307:
+        return float(np.add.reduce(s)) / n
+    return _mean(s)
+
+
 def _describe_sorted(field: str, rs: np.ndarray, cs: np.ndarray) -> dict[str, Any]:
-    r, c = sorted_quantiles(rs, _QS), sorted_quantiles(cs, _QS)
+    return _describe_stats(field, sorted_quantiles(rs, _QS), _mean_sorted(rs), cs)
+
+
+def _describe_stats(field: str, r: list[float], rm: float, cs: np.ndarray) -> dict[str, Any]:
+    """:func:`_describe_sorted` with the reference's quantiles ``r`` and mean ``rm`` given
+    (computed once per reference) and the current window sorted (``cs``)."""
+    c = sorted_quantiles(cs, _QS)
     quant = {f"p{round(q * 100)}": [a, b] for q, a, b in zip(_QS, r, c, strict=True)}
-    rm, cm = _mean(rs), _mean(cs)
+    cm = _mean_sorted(cs)
     summary = (f"{field} p50 {_num(r[0])} -> {_num(c[0])}, p95 {_num(r[1])} -> {_num(c[1])}, "
                f"mean {_num(rm)} -> {_num(cm)}")
     return {"quantiles": quant, "mean": [rm, cm], "summary": summary}
@@ -260,17 +349,17 @@ class NumericEngine:
     def state_row(self, kf: KeyField, now_ms: int) -> dict[str, Any]:
         """The ``numeric_drift_state`` row of ``kf`` (its whole state)."""
         cat = kf.field in CATEGORICAL_FIELDS
-        ref = kf.ref or []
-        vals = [v for v, _ in kf.cur]
+        ref = kf.ref if kf.ref is not None else []
+        vals = kf.cur.values
         return {"app": kf.key[0], "model": kf.key[1], "prompt_version": kf.key[2], "field": kf.field,
                 "version": kf.version, "mode": kf.mode, "seq": kf.seq, "collect_from": kf.collect_from,
                 "ref_seq_from": kf.ref_seq[0], "ref_seq_to": kf.ref_seq[1],
                 "ref_from_ms": kf.ref_ms[0], "ref_to_ms": kf.ref_ms[1], "has_ref": int(kf.ref is not None),
-                "ref_values": [] if cat else [float(v) for v in ref],
+                "ref_values": [] if cat else np.asarray(ref, dtype=np.float64).tolist(),
                 "ref_labels": [str(v) for v in ref] if cat else [],
-                "cur_values": [] if cat else [float(v) for v in vals],
-                "cur_labels": [str(v) for v in vals] if cat else [],
-                "cur_ts": [int(t) for _, t in kf.cur], "control_id": kf.control_id,
+                "cur_values": [] if cat else vals.tolist(),
+                "cur_labels": [str(v) for v in vals.tolist()] if cat else [],
+                "cur_ts": kf.cur.ts.tolist(), "control_id": kf.control_id,
                 "row_version": (kf.version << 40) + kf.seq, "updated_at": ms_to_dt(now_ms)}
 
     def from_row(self, key: Key, fld: str, row: Mapping[str, Any]) -> KeyField:
@@ -278,14 +367,25 @@ class NumericEngine:
         cat = fld in CATEGORICAL_FIELDS
         kf = KeyField(key, fld, seq=int(row["seq"]), version=int(row["version"]), mode=str(row["mode"]),
                       collect_from=int(row["collect_from"]), control_id=str(row["control_id"]))
+        vals = list(row["cur_labels"] if cat else row["cur_values"])
+        ts = [int(t) for t in row["cur_ts"]]
+        if len(vals) != len(ts):
+            raise ValueError(f"the stored window has {len(vals)} values but {len(ts)} times")
         if row["has_ref"]:
-            kf.ref = list(row["ref_labels"] if cat else row["ref_values"])
+            ref = list(row["ref_labels"] if cat else row["ref_values"])
+            kf.ref = [str(v) for v in ref] if cat else np.asarray(ref, dtype=np.float64)
             kf.ref_seq = (int(row["ref_seq_from"]), int(row["ref_seq_to"]))
             kf.ref_ms = (int(row["ref_from_ms"]), int(row["ref_to_ms"]))
+        kf.cur = self._window(kf)
+        if vals:
+            kf.cur.extend(np.asarray(vals, dtype=object if cat else np.float64), np.asarray(ts, dtype=np.int64))
+        if kf.ref is not None:
             self._ref_keys[key] = self._ref_keys.get(key, 0) + 1
-        vals = list(row["cur_labels"] if cat else row["cur_values"])
-        kf.cur = deque(zip(vals, (int(t) for t in row["cur_ts"]), strict=True), maxlen=self._maxlen(kf))
         return kf
+
+    def _window(self, kf: KeyField) -> Window:
+        """An empty window for ``kf``: the reference being collected, or the current window."""
+        return Window(self._maxlen(kf), object if kf.field in CATEGORICAL_FIELDS else np.float64)
 
     def _maxlen(self, kf: KeyField) -> int:
         return self.cfg.window_size if kf.ref is not None else self.cfg.ref_size
@@ -308,8 +408,12 @@ class NumericEngine:
                 log.info("numeric drift: reloaded %s/%s/%s %s: reference v%d %s, %d values in the window",
                          *key, fld, kf.version, "held" if kf.ref is not None else "collecting", len(kf.cur))
                 return kf
+        return self._fresh(key, fld)
+
+    def _fresh(self, key: Key, fld: str) -> KeyField:
+        """A key-field seen for the first time: collecting its reference."""
         kf = KeyField(key, fld)
-        kf.cur = deque(maxlen=self.cfg.ref_size)
+        kf.cur = self._window(kf)
         return kf
 
     def get(self, key: Key, fld: str) -> KeyField:
@@ -354,7 +458,7 @@ class NumericEngine:
         return out
 
     # -- the stream -------------------------------------------------------------------
-    def add(self, kf: KeyField, values: Sequence[Any], ts_ms: Sequence[int],
+    def add(self, kf: KeyField, values: np.ndarray, ts_ms: np.ndarray,
             out: list[tuple[KeyField, DriftResult]]) -> bool:
         """A key-field's next values, in order: numbered; collected into a reference, or put in
         the window and tested at each test position they reach. True when a reference was
@@ -371,11 +475,12 @@ class NumericEngine:
                     i += k
                     continue
                 k = min(n - i, cfg.ref_size - len(kf.cur))
-                kf.cur.extend(zip(values[i:i + k], ts_ms[i:i + k], strict=True))
+                kf.cur.extend(values[i:i + k], ts_ms[i:i + k])
                 kf.seq += k
                 i += k
                 if len(kf.cur) >= cfg.ref_size:
-                    self._make_ref(kf, list(kf.cur), "first_n", kf.seq - len(kf.cur), kf.seq, "")
+                    self._make_ref(kf, kf.cur.values.copy(), kf.cur.ts.copy(), "first_n", kf.seq - len(kf.cur),
+                                   kf.seq, "")
                     changed = True
                 continue
             # values after the reference: the next test is at position p (1-based) with
@@ -384,14 +489,15 @@ class NumericEngine:
             mc, te = cfg.min_cur, cfg.test_every
             nxt = mc if pos < mc else pos + (te - (pos - mc) % te if (pos - mc) % te else te)
             k = min(n - i, nxt - pos)
-            kf.cur.extend(zip(values[i:i + k], ts_ms[i:i + k], strict=True))
+            kf.cur.extend(values[i:i + k], ts_ms[i:i + k])
             kf.seq += k
             i += k
             if kf.seq - kf.ref_seq[1] == nxt:
                 res = self._test(kf)
                 out.append((kf, res))
                 if res.drifted and kf.field in NUMERIC_FIELDS:  # when did it start (change_point.py)
-                    cp = change_point_result(kf.field, kf.detector, kf.cur, res, cfg.window_size)
+                    cp = change_point_of(kf.field, kf.detector[0], kf.cur.values, kf.cur.ts, res,
+                                         cfg.window_size)
                     if cp is not None:
                         out.append((kf, cp))
                 # the state row: once per window_size values (each ~8 KB; the stop and a
@@ -401,16 +507,18 @@ class NumericEngine:
             kf.dirty = True
         return changed
 
-    def process(self, keys: Sequence[Key], ts_ms: Sequence[int],
-                values: Mapping[str, Sequence[Any]]) -> tuple[list[dict[str, Any]],
-                                                              list[tuple[KeyField, DriftResult]]]:
+    def process(self, keys: Sequence[Key] | None, ts_ms: Sequence[int] | np.ndarray,
+                values: Mapping[str, Sequence[Any] | np.ndarray],
+                groups: Sequence[tuple[Key, np.ndarray]] | None = None) -> tuple[
+                    list[dict[str, Any]], list[tuple[KeyField, DriftResult]]]:
         """One batch in Kafka order: ``keys[i]`` and ``ts_ms[i]`` of event ``i``, ``values[field][i]``
-        its value (NaN or None: none). Returns (state rows to write, [(key-field, result)])."""
+        its value (NaN or None: none). ``groups`` instead of ``keys``: each key with the
+        (increasing) positions of its events, keys in the order of their first event (as
+        :func:`batch_columns` gives them). Returns (state rows to write, [(key-field, result)])."""
         results: list[tuple[KeyField, DriftResult]] = []
         touched: list[KeyField] = []
-        by_key: dict[Key, list[int]] = {}
-        for i, k in enumerate(keys):
-            by_key.setdefault(k, []).append(i)
+        if groups is None:
+            groups = _group(keys or ())
         ts = np.asarray(ts_ms, dtype=np.int64)
         for fld in self.cfg.fields:
             col = values.get(fld)
@@ -418,8 +526,7 @@ class NumericEngine:
                 continue
             cat = fld in CATEGORICAL_FIELDS
             arr = np.asarray(col, dtype=object if cat else np.float64)
-            for key, idx in by_key.items():
-                sel = np.asarray(idx)
+            for key, sel in groups:
                 v = arr[sel]
                 ok = (v != None) if cat else np.isfinite(v)  # noqa: E711 - element-wise
                 if not ok.all():
@@ -428,14 +535,13 @@ class NumericEngine:
                     continue
                 try:  # one key-field's failure (a corrupt stored state) costs only its values
                     kf = self.get(key, fld)
-                    if self.add(kf, v.tolist(), ts[sel].tolist(), results):
+                    if self.add(kf, v, ts[sel], results):
                         touched.append(kf)
                 except Exception:  # noqa: BLE001 - logged and counted; the other keys go on
                     self.key_errors += 1
                     log.exception("numeric drift: %s/%s/%s field %s failed; its values of this batch "
                                   "are skipped and a new reference is collected", *key, fld)
-                    fresh = KeyField(key, fld)
-                    fresh.cur = deque(maxlen=self.cfg.ref_size)
+                    fresh = self._fresh(key, fld)
                     old_kf = self.state.pop((key, fld), None)
                     if old_kf is not None:
                         self._forget(old_kf)
@@ -451,18 +557,18 @@ class NumericEngine:
         return rows, results
 
 
-    def _make_ref(self, kf: KeyField, pairs: list[tuple[Any, int]], mode: str, seq_from: int, seq_to: int,
+    def _make_ref(self, kf: KeyField, values: np.ndarray, ts: np.ndarray, mode: str, seq_from: int, seq_to: int,
                   control_id: str) -> None:
         if kf.ref is None:
             self._ref_keys[kf.key] = self._ref_keys.get(kf.key, 0) + 1
         kf.version += 1
         kf.mode = mode
-        kf.ref = [v for v, _ in pairs]
+        kf.ref = [str(v) for v in values.tolist()] if kf.field in CATEGORICAL_FIELDS \
+            else np.asarray(values, dtype=np.float64)
         kf.ref_seq = (seq_from, seq_to)
-        ts = [t for _, t in pairs]
-        kf.ref_ms = (min(ts), max(ts)) if ts else (0, 0)
+        kf.ref_ms = (int(ts.min()), int(ts.max())) if len(ts) else (0, 0)
         kf.control_id = control_id
-        kf.cur = deque(maxlen=self.cfg.window_size)
+        kf.cur = self._window(kf)  # the current window (kf.ref is set)
         kf.detector = None
         kf.dirty = True
         self.references_made += 1
@@ -471,40 +577,55 @@ class NumericEngine:
 
     def _test(self, kf: KeyField) -> DriftResult:
         """The window against the reference: KS (numeric) or the G-test (finish reason), decided
-        at ``alpha / (keys x fields x 1)``, with the quantiles or shares that moved."""
+        at ``alpha / (keys x fields x 1)``, with the quantiles or shares that moved. What
+        depends on the reference alone (sorted values, quantiles, mean; category counts) is
+        computed at its first test and kept until it changes."""
         assert kf.ref is not None
         cfg = self.cfg
         n_keys = len(self._ref_keys)
         a_test = per_test_alpha(cfg.alpha, n_keys, len(cfg.fields), 1)
-        cur_t, ts = zip(*kf.cur, strict=True)  # the values and times of the window
-        cur = list(cur_t)
+        cur, ts = kf.cur.values, kf.cur.ts  # the window (views)
+        n_cur = len(cur)
+        n_ref = len(kf.ref)
+        expl: dict[str, Any]
         if kf.field in CATEGORICAL_FIELDS:
             if kf.detector is None:
-                kf.detector = CategoryMixDrift().fit(kf.ref)
-            r = kf.detector.score(cur)
-            expl = dict(r.explanation)
-            expl.update(describe_shift(kf.field, kf.ref, cur))
-            stat, p, method, n_ref = r.statistic, r.p_value if r.p_value is not None else 1.0, r.method, r.n_ref
+                if n_ref < 2:
+                    raise ValueError(f"reference needs at least 2 values, got {n_ref}")
+                kf.detector = Counter(kf.ref)
+            rc = kf.detector
+            if n_cur < 2:
+                raise ValueError(f"current needs at least 2 values, got {n_cur}")
+            cc = Counter(cur.tolist())
+            cats = sorted(set(rc) | set(cc))
+            g, p, dof = g_test(np.array([[rc[c] for c in cats], [cc[c] for c in cats]], dtype=np.float64))
+            stat, p, method = max(g, 0.0), min(max(p, 0.0), 1.0), "g_test"
+            shares = {c: [round(rc[c] / n_ref, 6), round(cc[c] / n_cur, 6)] for c in cats}
+            moved = sorted(cats, key=lambda c: (-abs(share_z(shares[c][0], shares[c][1], n_ref, n_cur)), c))
+            expl = {"rule": RULE_P, "dof": dof, "shares": shares, "moved": moved[:3]}
+            expl.update(_describe_counts(kf.field, rc, cc, n_ref, n_cur))
         else:
-            if kf.detector is None:  # the sorted reference
-                kf.detector = np.sort(np.asarray(kf.ref, dtype=np.float64))
-            cs = np.sort(np.asarray(cur, dtype=np.float64))
-            ks = ks_sorted(kf.detector, cs)
-            stat, p, method, n_ref = ks.statistic, ks.p_value, "ks", len(kf.ref)
+            if kf.detector is None:  # the sorted reference, its CDF, quantiles and mean
+                rs = np.sort(np.asarray(kf.ref, dtype=np.float64))
+                kf.detector = (rs, ref_cdf(rs), sorted_quantiles(rs, _QS), _mean_sorted(rs))
+            rs, r_cdf, r_q, r_mean = kf.detector
+            cs = np.sort(cur)
+            ks = ks_sorted(rs, cs, cur_sorted=True, ref_cdf=r_cdf)
+            stat, p, method = ks.statistic, ks.p_value, "ks"
             expl = {"location": ks.location, "sign": ks.sign, "p_value_method": "asymptotic (Kolmogorov)",
-                    **_describe_sorted(kf.field, kf.detector, cs)}
+                    **_describe_stats(kf.field, r_q, r_mean, cs)}
         expl.update({
             "rule": "drifted = p_value < threshold (threshold = alpha / (keys x fields x methods))",
             "alpha_family": cfg.alpha, "alpha_test": a_test, "correction": "bonferroni",
             "family": {"keys": n_keys, "fields": len(cfg.fields), "methods": 1},
-            "reference": {"version": kf.version, "mode": kf.mode, "n": len(kf.ref), "seq_from": kf.ref_seq[0],
+            "reference": {"version": kf.version, "mode": kf.mode, "n": n_ref, "seq_from": kf.ref_seq[0],
                           "seq_to": kf.ref_seq[1], "from_ms": kf.ref_ms[0], "to_ms": kf.ref_ms[1]},
-            "window": {"seq_from": kf.seq - len(cur), "seq_to": kf.seq, "from_ms": min(ts), "to_ms": max(ts)},
+            "window": {"seq_from": kf.seq - n_cur, "seq_to": kf.seq, "from_ms": int(ts.min()),
+                       "to_ms": int(ts.max())},
         })
         self.tests_run += 1
         return DriftResult(method=method, statistic=float(stat), p_value=float(p), threshold=a_test,
-                           drifted=bool(p < a_test), n_ref=n_ref, n_cur=len(cur), explanation=expl)
-
+                           drifted=bool(p < a_test), n_ref=n_ref, n_cur=n_cur, explanation=expl)
 
     # -- baseline commands --------------------------------------------------------------
     def matching(self, cmd: Mapping[str, Any]) -> list[tuple[Key, str]]:
@@ -519,11 +640,13 @@ class NumericEngine:
             keys |= {((a, m, p), f) for a, m, p, f in rows}
         return sorted(k for k in keys if k[1] in self.cfg.fields)
 
-    def _command_values(self, kf: KeyField, f_ms: Any, t_ms: Any) -> list[tuple[Any, int]]:
-        """The values a rebase or pin makes its reference of, from ``llm_events``: the latest
-        ``ref_size``, or ``ref_size`` evenly spread over ``[f_ms, t_ms)`` (in Kafka order)."""
+    def _command_values(self, kf: KeyField, f_ms: Any, t_ms: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The values (and times) a rebase or pin makes its reference of, from ``llm_events``:
+        the latest ``ref_size``, or ``ref_size`` evenly spread over ``[f_ms, t_ms)`` (in Kafka order)."""
         if self.query is None:
-            return list(kf.cur)[-self.cfg.ref_size:] if kf.ref is not None or f_ms is None else []
+            if kf.ref is not None or f_ms is None:
+                return kf.cur.values[-self.cfg.ref_size:].copy(), kf.cur.ts[-self.cfg.ref_size:].copy()
+            return np.empty(0), np.empty(0, dtype=np.int64)
         fld = kf.field
         sql = ("SELECT " + _SQL_VALUE[fld] + ", toUnixTimestamp64Milli(timestamp) FROM {db:Identifier}.llm_events "
                "FINAL WHERE app = {app:String} AND model = {model:String} AND prompt_version = {pv:String} AND "
@@ -540,7 +663,9 @@ class NumericEngine:
             if len(rows) > self.cfg.ref_size:
                 pick = np.linspace(0, len(rows) - 1, self.cfg.ref_size).round().astype(int)
                 rows = [rows[i] for i in pick]
-        return [(r[0] if fld in CATEGORICAL_FIELDS else float(r[0]), int(r[1])) for r in rows]
+        cat = fld in CATEGORICAL_FIELDS
+        return (np.asarray([r[0] if cat else float(r[0]) for r in rows], dtype=object if cat else np.float64),
+                np.asarray([int(r[1]) for r in rows], dtype=np.int64))
 
     def apply(self, cmd: Mapping[str, Any], control_id: str) -> list[dict[str, Any]]:
         """Apply a ``baseline`` rebase / pin / reset to every matching key-field; returns
@@ -558,14 +683,15 @@ class NumericEngine:
                 kf.version += 1
                 kf.mode, kf.ref, kf.detector, kf.control_id = "reset", None, None, control_id
                 kf.collect_from = kf.seq
-                kf.cur = deque(maxlen=self.cfg.ref_size)
+                kf.cur = self._window(kf)
             else:
-                pairs = self._command_values(kf, cmd.get("from_ms"), cmd.get("to_ms"))
-                if len(pairs) < 10:
+                vals, ts = self._command_values(kf, cmd.get("from_ms"), cmd.get("to_ms"))
+                if len(vals) < 10:
                     log.warning("numeric drift: %s of %s/%s/%s %s skipped: %d values in the range", action, *key,
-                                fld, len(pairs))
+                                fld, len(vals))
                     continue
-                self._make_ref(kf, pairs, "pinned" if action == "pin" else "rebase", kf.seq, kf.seq, control_id)
+                self._make_ref(kf, vals, ts, "pinned" if action == "pin" else "rebase", kf.seq, kf.seq,
+                               control_id)
             out.append(self.state_row(kf, now_ms))
             kf.dirty = False
         out, self.pending_rows = self.pending_rows + out, []
@@ -607,24 +733,120 @@ def _floats(events: Any, name: str, rows: np.ndarray) -> np.ndarray | None:
     return np.asarray([math.nan if v is None else float(v) for v in arr], dtype=np.float64)
 
 
-def batch_values(events: Any, rows: np.ndarray, fields: Sequence[str]) -> tuple[
-        list[Key], list[int], dict[str, Sequence[Any]]]:
-    """The keys, times and per-field values of a stored batch's ``rows`` (in that order)."""
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+def _epoch_ms(t: Any) -> int:
+    """An event time as epoch ms: an int as is; an aware datetime exactly (``t.timestamp() *
+    1000`` was 1 ms low for ~0.5% of them, a float rounding); a naive one as local time."""
+    if not hasattr(t, "timestamp"):
+        return int(t)
+    if t.tzinfo is None:
+        return int(t.timestamp() * 1000)
+    return int((t - _EPOCH) // _MS)
+
+
+def _group(keys: Sequence[Key]) -> list[tuple[Key, np.ndarray]]:
+    """Each key with the positions of its events, keys in the order of their first event."""
+    by_key: dict[Key, list[int]] = {}
+    for i, k in enumerate(keys):
+        by_key.setdefault(k, []).append(i)
+    return [(k, np.asarray(v, dtype=np.intp)) for k, v in by_key.items()]
+
+
+def _arrow_codes(col: Any, none_is_empty: bool) -> tuple[np.ndarray, list[Any]]:
+    """A string column's dictionary codes and dictionary (null: its own entry, or ``""``)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    if none_is_empty:
+        col = pc.fill_null(col, "")
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    enc = pc.dictionary_encode(col, null_encoding="encode")
+    return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64), enc.dictionary.to_pylist()
+
+
+def _arrow_groups(table: Any, rows: np.ndarray) -> list[tuple[Key, np.ndarray]]:
+    """:func:`_group` of the ``(app, model, prompt_version or "")`` keys of ``rows``, in C."""
+    ia, da = _arrow_codes(table.column("app").take(rows), False)
+    im, dm = _arrow_codes(table.column("model").take(rows), False)
+    ip, dp = _arrow_codes(table.column("prompt_version").take(rows), True)
+    code = (ia * len(dm) + im) * len(dp) + ip
+    uniq, first, inv = np.unique(code, return_index=True, return_inverse=True)
+    inv = inv.reshape(-1)
+    parts = np.split(np.argsort(inv, kind="stable"), np.cumsum(np.bincount(inv, minlength=len(uniq)))[:-1])
+    out = []
+    for g in np.argsort(first, kind="stable").tolist():
+        u = int(uniq[g])
+        out.append(((da[u // (len(dm) * len(dp))], dm[(u // len(dp)) % len(dm)], dp[u % len(dp)]), parts[g]))
+    return out
+
+
+def _arrow_ms(table: Any, rows: np.ndarray) -> np.ndarray:
+    """The ``timestamp`` column at ``rows`` as epoch ms (int64), exactly."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = table.column("timestamp").take(rows)
+    if pa.types.is_timestamp(col.type) and col.type.unit != "ms":
+        col = pc.cast(col, pa.timestamp("ms", tz=col.type.tz), safe=False)
+    return np.asarray(pc.cast(col, pa.int64()).to_numpy(), dtype=np.int64)
+
+
+def _arrow_first_reason(table: Any, rows: np.ndarray) -> np.ndarray:
+    """The first of each row's ``finish_reasons`` as a str (``""`` when none; a null one ``"None"``)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = table.column("finish_reasons").take(rows)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    has = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False) > 0
+    out = np.full(len(col), "", dtype=object)
+    if has.any():
+        first = pc.fill_null(pc.cast(pc.list_element(col.filter(pa.array(has)), 0), pa.string()), "None")
+        enc = pc.dictionary_encode(first)  # one str object per distinct reason, shared by the windows
+        out[has] = np.asarray(enc.dictionary.to_pylist(), dtype=object)[enc.indices.to_numpy(zero_copy_only=False)]
+    return out
+
+
+def batch_columns(events: Any, rows: np.ndarray, fields: Sequence[str]) -> tuple[
+        list[tuple[Key, np.ndarray]], np.ndarray, dict[str, np.ndarray]]:
+    """The key groups (:meth:`NumericEngine.process`'s ``groups``), times (epoch ms) and per-field
+    values (float64 with NaN for a missing number; the finish reason as str) of a stored batch's
+    ``rows``, in that order. Over Arrow no Python object is made per event but the finish
+    reasons' strings."""
+    table = getattr(events, "table", None)
+    vals: dict[str, np.ndarray] = {}
+    if table is not None and all(c in table.column_names for c in ("app", "model", "prompt_version",
+                                                                   "timestamp")):
+        groups, ts = _arrow_groups(table, rows), _arrow_ms(table, rows)
+        for f in fields:
+            if f in CATEGORICAL_FIELDS:
+                if "finish_reasons" in table.column_names:
+                    vals[f] = _arrow_first_reason(table, rows)
+            else:
+                col = _floats(events, f, rows)
+                if col is not None:
+                    vals[f] = col
+        return groups, ts, vals
     apps, models, pvs = (_take(events, c, rows) or [] for c in ("app", "model", "prompt_version"))
     keys = [(a, m, p or "") for a, m, p in zip(apps, models, pvs, strict=True)]
-    ts = _take(events, "timestamp", rows) or []
-    ts_ms = [int(t.timestamp() * 1000) if hasattr(t, "timestamp") else int(t) for t in ts]
-    vals: dict[str, Sequence[Any]] = {}
+    ts = np.asarray([_epoch_ms(t) for t in _take(events, "timestamp", rows) or []], dtype=np.int64)
     for f in fields:
         if f in CATEGORICAL_FIELDS:
             fr = _take(events, "finish_reasons", rows)
             if fr is not None:
-                vals[f] = [str(x[0]) if x else "" for x in fr]
+                vals[f] = np.asarray([str(x[0]) if x else "" for x in fr], dtype=object)
         else:
             col = _floats(events, f, rows)
             if col is not None:
-                vals[f] = col.tolist()
-    return keys, ts_ms, vals
+                vals[f] = col
+    return _group(keys), ts, vals
 
 
 #: the columns the stage reads besides its fields' (the key, the time, the Kafka position)
@@ -761,8 +983,8 @@ class NumericDriftStage:
         rows_out: list[dict[str, Any]] = []
         results: list[tuple[KeyField, DriftResult]] = []
         for ev, rows in work:
-            keys, ts, vals = batch_values(ev, kafka_order(ev, rows), self.cfg.fields)
-            r, res = self.engine.process(keys, ts, vals)
+            groups, ts, vals = batch_columns(ev, kafka_order(ev, rows), self.cfg.fields)
+            r, res = self.engine.process(None, ts, vals, groups)
             rows_out.extend(r)
             results.extend(res)
         return rows_out, results

@@ -109,7 +109,7 @@ def test_values_missing_on_some_events_are_skipped_and_numbered_per_field() -> N
     eng.process([("a", "m", "")] * 30, list(range(30)), {"ttft_ms": ttft, "latency_ms": [1.0] * 30})
     t, lat = eng.state[(("a", "m", ""), "ttft_ms")], eng.state[(("a", "m", ""), "latency_ms")]
     assert (t.seq, lat.seq) == (15, 30)
-    assert t.ref == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 18.0]
+    assert t.ref.tolist() == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 18.0]
     assert [v for v, _ in t.cur] == [20.0, 22.0, 24.0, 26.0, 28.0]
 
 
@@ -181,7 +181,7 @@ def test_reset_collects_a_new_reference_from_the_next_value() -> None:
     assert [(r["mode"], r["has_ref"], r["collect_from"], r["control_id"]) for r in rows] == [("reset", 0, 15, "c1")]
     _, res = eng.process([key] * 20, list(range(15, 35)), {"latency_ms": [float(i) for i in range(15, 35)]})
     kf = eng.state[(key, "latency_ms")]
-    assert kf.ref == [float(i) for i in range(15, 25)] and kf.ref_seq == (15, 25) and kf.version == 3
+    assert kf.ref.tolist() == [float(i) for i in range(15, 25)] and kf.ref_seq == (15, 25) and kf.version == 3
     assert len(res) == 1 and res[0][1].explanation["reference"]["mode"] == "first_n"
 
 
@@ -351,10 +351,10 @@ def test_a_key_field_evicted_and_seen_again_comes_back_from_the_store(sink: Any)
         _write_state(sink, rows)
     assert eng.evicted == 15 and eng.loaded == 9  # the others came back from rows not yet written
     lat = eng.get(key, "latency_ms")
-    assert lat.seq == 40 and lat.ref == [float(i) for i in range(10)]
+    assert lat.seq == 40 and lat.ref.tolist() == [float(i) for i in range(10)]
     assert [v for v, _ in lat.cur] == [float(i) for i in range(30, 40)]
     ttft = eng.get(key, "ttft_ms")  # evicted by latency's get and seen again in the same round
-    assert ttft.seq == 40 and ttft.ref == [1.0] * 10 and len(ttft.cur) == 10
+    assert ttft.seq == 40 and ttft.ref.tolist() == [1.0] * 10 and len(ttft.cur) == 10
 
 
 def test_an_unreadable_stored_state_costs_only_its_key_field() -> None:
