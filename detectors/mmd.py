@@ -99,21 +99,25 @@ def _row_dots(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> FloatAr
 #: bytes; larger sets (thousands of permutations) are kept as bits and unpacked per test.
 _UNPACKED_BYTES = 8 << 20
 
+#: Rows of the previous window equal to the new window's first row that are tried as the
+#: start of the overlap (a window of one repeated text would otherwise try them all).
+_MAX_OVERLAP_TRIES = 8
+
 
 @dataclass(frozen=True)
 class _Perms:
     """A permutation set as the products need it: ``s`` (bool, row 0 the observed split),
-    ``w = [2 s_r, s_c]`` and ``s_c`` (float32), for ``n`` reference points."""
+    ``w_r = 2 s_r`` and ``s_c`` (float32), for ``n`` reference points."""
 
     s: npt.NDArray[np.bool_]
-    w: npt.NDArray[np.float32]
+    w_r: npt.NDArray[np.float32]
     s_c: npt.NDArray[np.float32]
 
     @classmethod
     def of(cls, s: npt.NDArray[np.bool_], n: int) -> _Perms:
-        w = s.astype(np.float32)
-        w[:, :n] *= np.float32(2.0)
-        return cls(s=s, w=w, s_c=np.ascontiguousarray(w[:, n:]))
+        w_r = s[:, :n].astype(np.float32)
+        w_r *= np.float32(2.0)
+        return cls(s=s, w_r=w_r, s_c=s[:, n:].astype(np.float32))
 
 
 @dataclass(frozen=True)
@@ -125,16 +129,40 @@ class _PermCache:
     packed: npt.NDArray[np.uint8]  # np.packbits(s, axis=1)
     unpacked: _Perms | None  # kept when small (_UNPACKED_BYTES)
     sks_rr: FloatArray  # s_r' K_rr s_r per row (shifted kernel)
-    rowsum_rr: FloatArray  # K_rr 1 (shifted kernel)
-    ref_buf: npt.NDArray[np.float32]  # (n + m, d): reference rows · 2/h, then the current's
-    neg_sq_buf: npt.NDArray[np.float32]  # (n + m,): -||x||²/h, reference then current
+    sr_rr: FloatArray  # s_r' K_rr 1 per row
+    total_rr: float  # 1' K_rr 1
 
     def perms(self, n: int) -> _Perms:
         if self.unpacked is not None:
             return self.unpacked
-        total = n + self.m
-        s = np.unpackbits(self.packed, axis=1, count=total).astype(bool)
+        s = np.unpackbits(self.packed, axis=1, count=n + self.m).astype(bool)
         return _Perms.of(s, n)
+
+
+@dataclass(frozen=True)
+class _Window:
+    """The last window tested and its products, for the next window that overlaps it:
+    every entry is a function of the rows it pairs (and of the fixed ``s_r``), not of
+    their position, so a slid window reuses those of the rows it keeps."""
+
+    cur: FloatArray  # (m, d), a copy of the window as given
+    pts: _Points
+    k_cc: npt.NDArray[np.float32]  # (m, m) shifted kernel, window x window
+    a: npt.NDArray[np.float32]  # (P + 1, m): 2 s_r' K_rc, column j for window row j
+    colsum_rc: FloatArray  # (m,): 1' K_rc
+
+
+def _overlap(prev: FloatArray, cur: FloatArray) -> int:
+    """The largest ``o`` with ``cur[:o] == prev[-o:]`` (the window slid by ``m - o`` rows),
+    trying the first :data:`_MAX_OVERLAP_TRIES` rows of ``prev`` equal to ``cur[0]``; 0 if none."""
+    if prev.shape != cur.shape:
+        return 0
+    m = cur.shape[0]
+    for k in np.flatnonzero((prev == cur[0]).all(axis=1))[:_MAX_OVERLAP_TRIES]:
+        o = int(m) - int(k)
+        if np.array_equal(prev[int(k):], cur[:o]):
+            return o
+    return 0
 
 
 class MMDDrift(Detector):
@@ -146,25 +174,34 @@ class MMDDrift(Detector):
     subsample). The statistic is the unbiased MMD². The p-value is
     ``(1 + #{MMD²_perm >= MMD²_obs}) / (1 + n_permutations)``.
 
-    The permutations are not a Python loop, and the reference's share is computed
-    once. The permutation set is fixed per reference and window size: the
+    The permutations are not a Python loop, and what can be computed once is.
+    The permutation set is fixed per reference and window size: the
     ``n_permutations`` random splits drawn from ``numpy.random.default_rng([seed,
     0])`` (the first test's stream; row 0 the observed split), as a ``(P + 1, N)``
-    0/1 matrix ``S`` (``N = n_ref + n_cur``). With ``S`` fixed, ``s_r'K_rr s_r``
-    of every permutation is computed at the first test (``K_rr`` the
-    reference-reference kernel, then dropped) and each test costs two GEMMs: the
-    pooled-vs-current kernel ``K_pc = [K_rc; K_cc]`` (``(N, d) @ (d, n_cur)``)
-    and ``[2 s_r, s_c] @ K_pc`` (``(P + 1, N) @ (N, n_cur)``), which gives
-    ``2 s_r'K_rc s_c + s_c'K_cc s_c``. The kernel and the products are float32
-    with float64 sums; ``exp(-1)`` is subtracted from every kernel value first
-    (the unbiased MMD² does not change) so the sums stay small: the statistic
-    is within ~1e-8 of the float64 formula. Each test's p-value is exact for
-    its permutation set (drawn independently of the data); the tests of one
-    reference share that set. Before issue 20 every test drew fresh
+    0/1 matrix ``S`` (``N = n_ref + n_cur``). With ``S`` fixed:
+
+    - ``s_r'K_rr s_r`` and ``s_r'K_rr 1`` of every permutation are computed at the
+      first test (``K_rr`` the reference-reference kernel, then dropped);
+    - ``2 s_r'K_rc`` (one column per current row), ``1'K_rc`` and ``K_cc`` are
+      functions of the rows they pair, not of their positions, so when a window is
+      the previous one slid on (the stream's sliding window: its first rows equal
+      the previous window's last ones) only the new rows' columns are computed
+      (``(n_ref + n_cur) x k x d`` and ``(P + 1) x n_ref x k`` for ``k`` new rows);
+    - per test the one full product left is ``s_c @ K_cc`` (``(P + 1) x n_cur²``).
+
+    Kernel and products are float32 with float64 sums; ``exp(-1)`` is subtracted
+    from every kernel value first (the unbiased MMD² does not change) so the sums
+    stay small: the statistic is within ~1e-8 of the float64 formula. Each
+    test's p-value is exact for its permutation set (drawn independently of the
+    data); the tests of one reference share that set. A detector restored from
+    its state (no previous window kept) gives the same p-values and the
+    statistic to float32 round-off (the GEMMs round an element differently with
+    the shape of the product). Before issue 20 every test drew fresh
     permutations from ``default_rng([seed, test])`` and multiplied the whole
-    ``(P, N) @ (N, N)`` in float64 (4x slower); the first test after ``fit``
-    gives the same p-value as then. Memory: the ``(P + 1) x N`` matrices
-    (unpacked up to 8 MiB, else as bits unpacked per test) and ``O(N·d)``.
+    ``(P, N) @ (N, N)`` in float64 (~9x slower at n_ref 1,000 / n_cur 500 / d 384,
+    one thread); the first test after ``fit`` gives the same p-value as then.
+    Memory: the permutation matrices (unpacked up to 8 MiB, else as bits unpacked
+    per test), the last window and its products (``O(P·n_cur + n_cur² + n_cur·d)``).
 
     ``device="numpy"`` (default) computes as above; ``"cpu"`` / ``"cuda"`` in
     float64 with torch on that device (the full ``S @ K`` product, same
@@ -225,6 +262,8 @@ class MMDDrift(Detector):
         self._bandwidth = 1.0
         # derived caches (not state): rebuilt from the reference and the seed
         self._perm: _PermCache | None = None
+        self._ref_p: _Points | None = None
+        self._window: _Window | None = None
         self._torch_cache: tuple[str, Any, Any] | None = None
 
     @property
@@ -270,6 +309,8 @@ class MMDDrift(Detector):
         self._n_ref = ref.shape[0]
         self._bandwidth = bandwidth
         self._perm = None
+        self._ref_p = None
+        self._window = None
         self._torch_cache = None
 
     def _fitted_state(self) -> dict[str, Any]:
@@ -318,48 +359,81 @@ class MMDDrift(Detector):
         if pc is not None and pc.m == m:
             return pc
         n = self._n_ref
-        self._perm = None  # one window size at a time: free the old set first
+        self._perm = self._window = None  # one window size at a time: free the old set first
         s = with_observed_split(
             np.random.default_rng([self._seed, 0]), self._n_permutations, n, n + m
         )
-        ref_p = _Points.of(self._ref, self._bandwidth)
+        ref_p = self._ref_points()
         k_rr = _centred_kernel(ref_p, ref_p)
         s_r = s[:, :n].astype(np.float32)
         sks_rr = _row_dots(s_r @ k_rr, s_r)
         del s_r
-        small = s.size * 9 <= _UNPACKED_BYTES  # bool + float32 w (+ the s_c slice, ~1/3)
-        ref_buf = np.empty((n + m, self._ref.shape[1]), dtype=np.float32)
-        ref_buf[:n] = ref_p.x2h
-        neg_sq_buf = np.empty(n + m, dtype=np.float32)
-        neg_sq_buf[:n] = ref_p.neg_sq_h
+        small = s.size * 9 <= _UNPACKED_BYTES  # bool + two float32 parts
+        rowsum_rr = k_rr.sum(axis=1, dtype=np.float64)
         pc = _PermCache(
             m=m,
             packed=np.packbits(s, axis=1),
             unpacked=_Perms.of(s, n) if small else None,
             sks_rr=sks_rr,
-            rowsum_rr=k_rr.sum(axis=1, dtype=np.float64),
-            ref_buf=ref_buf,
-            neg_sq_buf=neg_sq_buf,
+            sr_rr=s[:, :n] @ rowsum_rr,
+            total_rr=float(rowsum_rr.sum()),
         )
         self._perm = pc
         return pc
 
+    def _ref_points(self) -> _Points:
+        if self._ref_p is None:
+            self._ref_p = _Points.of(self._ref, self._bandwidth)
+        return self._ref_p
+
+    def _window_products(self, cur: FloatArray, pm: _Perms) -> _Window:
+        """``K_cc``, ``2 s_r' K_rc`` and ``1' K_rc`` of ``cur``: computed for the rows new since
+        the last window when ``cur`` is that window slid on (the stream's sliding window),
+        all of them otherwise. Each entry is the same GEMM element either way."""
+        ref_p = self._ref_points()
+        prev = self._window
+        o = _overlap(prev.cur, cur) if prev is not None else 0
+        if prev is None or o == 0:
+            pts = _Points.of(cur, self._bandwidth)
+            k_rc = _centred_kernel(ref_p, pts)
+            k_cc = _centred_kernel(pts, pts)
+            a = pm.w_r @ k_rc
+            colsum_rc = k_rc.sum(axis=0, dtype=np.float64)
+        else:
+            m, k = cur.shape[0], cur.shape[0] - o
+            new = _Points.of(cur[o:], self._bandwidth)
+            pts = _Points(
+                x=np.concatenate([prev.pts.x[k:], new.x]),
+                x2h=np.concatenate([prev.pts.x2h[k:], new.x2h]),
+                neg_sq_h=np.concatenate([prev.pts.neg_sq_h[k:], new.neg_sq_h]),
+            )
+            k_rc_new = _centred_kernel(ref_p, new)
+            k_cc = np.empty((m, m), dtype=np.float32)
+            k_cc[:o, :o] = prev.k_cc[k:, k:]
+            k_cc[:, o:] = _centred_kernel(pts, new)
+            k_cc[o:, :o] = k_cc[:o, o:].T  # the kernel is symmetric (up to float32 round-off)
+            a = np.concatenate([prev.a[:, k:], pm.w_r @ k_rc_new], axis=1)
+            colsum_rc = np.concatenate(
+                [prev.colsum_rc[k:], k_rc_new.sum(axis=0, dtype=np.float64)]
+            )
+        win = _Window(cur=cur.copy(), pts=pts, k_cc=k_cc, a=a, colsum_rc=colsum_rc)
+        self._window = win
+        return win
+
     def _stats_numpy(self, cur: FloatArray, pc: _PermCache) -> FloatArray:
-        """All ``P + 1`` statistics from two GEMMs: the pooled-vs-current kernel
-        ``K_pc = [K_rc; K_cc]`` (``(n + m, d) @ (d, m)``) and ``[2 s_r, s_c] @ K_pc``."""
+        """All ``P + 1`` statistics from the window's products (:meth:`_window_products`)
+        and one GEMM ``s_c @ K_cc``: ``s'Ks = s_r'K_rr s_r`` (cached) ``+ (2 s_r'K_rc +
+        s_c'K_cc) s_c`` and ``s'K1 = s_r'K_rr 1`` (cached) ``+ s_r'K_rc 1 + s_c'(K_cr 1 +
+        K_cc 1)``."""
         n, m = self._n_ref, cur.shape[0]
-        cur_p = _Points.of(cur, self._bandwidth)
-        pc.ref_buf[n:] = cur_p.x2h
-        pc.neg_sq_buf[n:] = cur_p.neg_sq_h
-        k_pc = _centred_kernel(_Points(pc.ref_buf, pc.ref_buf, pc.neg_sq_buf), cur_p)
-        k_rc = k_pc[:n]
         pm = pc.perms(n)
-        # s'Ks = s_r'K_rr s_r (cached) + (2 s_r'K_rc + s_c'K_cc) s_c
-        sks = pc.sks_rr + _row_dots(pm.w @ k_pc, pm.s_c)
-        r_r = pc.rowsum_rr + k_rc.sum(axis=1, dtype=np.float64)
-        r_c = k_rc.sum(axis=0, dtype=np.float64) + k_pc[n:].sum(axis=1, dtype=np.float64)
-        total = float(r_r.sum() + r_c.sum())
-        sr = pm.s[:, :n] @ r_r + pm.s[:, n:] @ r_c
+        win = self._window_products(cur, pm)
+        sks = pc.sks_rr + _row_dots(win.a, pm.s_c) + _row_dots(pm.s_c @ win.k_cc, pm.s_c)
+        rowsum_cc = win.k_cc.sum(axis=1, dtype=np.float64)
+        sr = pc.sr_rr + 0.5 * win.a.sum(axis=1, dtype=np.float64) + pm.s[:, n:] @ (
+            win.colsum_rc + rowsum_cc
+        )
+        total = pc.total_rr + 2.0 * float(win.colsum_rc.sum()) + float(rowsum_cc.sum())
         return _mmd_from_quadratic(sks, sr, total, n, m, 1.0 - _SHIFT)
 
     def _stats_torch(self, cur: FloatArray, s: npt.NDArray[np.bool_], device: str) -> FloatArray:

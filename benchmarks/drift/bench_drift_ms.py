@@ -8,7 +8,7 @@ reference its first ``n_ref`` events, then current windows of ``n_cur`` events e
 score (which builds the per-reference caches) is timed apart as ``first_ms``. Rounds
 interleave the methods so a busy neighbour hits all of them alike; per round and method
 the median wall time per test, and the process CPU time; the machine's steal time
-(``/proc/stat``) per round. BLAS on one thread, as in ``bench_drift.py``.
+(``/proc/stat``) per round. BLAS on one thread, as in ``bench_drift.py`` (``--threads``).
 
     python benchmarks/drift/bench_drift_ms.py                 # 5 rounds x 20 tests
     python benchmarks/drift/bench_drift_ms.py --rounds 3 --json out.json
@@ -25,7 +25,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from common import limit_threads  # noqa: E402
 
-limit_threads(1)
+THREADS = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 1
+limit_threads(THREADS)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-cur", type=int, default=500)
     ap.add_argument("--k", type=int, default=100, help="events between windows")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="BLAS threads (1, as bench_drift.py; its figures before issue 20 ran on 2)")
     ap.add_argument("--only", default="", help="comma-separated substrings of method names")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     windows = [emb[stream[e - a.n_cur: e]] for e in range(a.n_ref + a.n_cur, len(stream) + 1, a.k)][: a.tests + 1]
     only = [o for o in a.only.split(",") if o]
     ms = {k: v for k, v in methods(a.seed).items() if not only or any(o in k for o in only)}
-    print(f"machine: {machine()}  numpy {np.__version__}, BLAS threads 1")
+    print(f"machine: {machine()}  numpy {np.__version__}, BLAS threads {THREADS}")
     print(f"n_ref {a.n_ref}, n_cur {a.n_cur}, d {ref.shape[1]}, {len(windows) - 1} timed windows per method and round")
     rounds: list[dict[str, Any]] = []
     for i in range(a.rounds):

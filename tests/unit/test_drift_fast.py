@@ -114,3 +114,29 @@ def test_classifier_ledoit_wolf_beta_is_the_d_by_d_formula() -> None:
     delta = ((s - np.trace(s) / 12 * np.eye(12)) ** 2).sum()
     assert 0.0 < lam < 1.0
     assert lam == pytest.approx(beta / delta, rel=1e-10)
+
+
+def test_slid_windows_reuse_the_kept_rows_and_match_the_direct_formula() -> None:
+    """Windows that slide over a stream (as the worker's do) reuse the products of the rows
+    they keep: every statistic still equals the O(n²) formula, the results equal a detector
+    restored from state (no reuse) in p-value and to float32 round-off in the statistic, and a window that
+    does not overlap is computed afresh. Repeated rows (a frequent prompt) are in the stream."""
+    rng = np.random.default_rng(8)
+    pool = rng.normal(size=(30, 5))
+    stream = rng.integers(0, 30, 200)
+    ref = pool[stream[:40]]
+    det = MMDDrift(n_permutations=25, seed=6).fit(ref)
+    s = with_observed_split(np.random.default_rng([6, 0]), 25, 40, 60)
+    for e, expect_overlap in ((60, 0), (65, 15), (72, 13), (72, 20), (120, 0), (121, 19)):
+        cur = pool[stream[e - 20:e]]
+        prev = det._window
+        assert (mmd_mod._overlap(prev.cur, cur) if prev is not None else 0) == expect_overlap
+        state = det.get_state()
+        got = det._stats_numpy(cur, det._perm_cache(20))
+        pooled = np.vstack([ref, cur])
+        want = np.array([direct_mmd2(pooled[row], pooled[~row], det.bandwidth) for row in s])
+        assert np.abs(got - want).max() < 1e-6
+        det._window = prev  # score the same window through the public path too
+        r, fresh = det.score(cur), MMDDrift.from_state(state).score(cur)
+        assert (r.p_value, r.drifted) == (fresh.p_value, fresh.drifted)
+        assert r.statistic == pytest.approx(fresh.statistic, abs=1e-7)
