@@ -16,6 +16,10 @@ from .permutation import permutation_indicators, permutation_result
 
 __all__ = ["CentroidDrift"]
 
+#: Keep the fixed permutation set's reference share when it takes at most this many bytes
+#: (thousands of permutations on a wide reference are recomputed per test instead).
+_KEEP_BYTES = 8 << 20
+
 
 def _cos_dist_rows(a: FloatArray, b: FloatArray) -> FloatArray:
     na = np.linalg.norm(a, axis=-1)
@@ -44,9 +48,14 @@ class CentroidDrift(Detector):
     matrix of group assignments and ``Z`` the pooled points, ``S @ Z`` gives the
     reference-group sums of all ``P`` permutations in one product, and the
     current-group sums are the pooled total minus those (the cosine needs no
-    division by the group sizes). Cost per test: one ``(P, N) @ (N, d)``
-    product and drawing the permutations (time: ``benchmarks/RESULTS.md``,
-    "Module speed notes"). The explanation gives the null's ``1 -
+    division by the group sizes). The permutation set is fixed per reference
+    and window size (the first test's stream, ``default_rng([seed, 0])``, as
+    :class:`MMDDrift` does since issue 20), so the reference rows' share
+    ``S_r @ Z_r`` is computed once (kept while it takes at most 8 MiB) and a test
+    costs one ``(P, n_cur) @ (n_cur, d)`` product (time: ``benchmarks/RESULTS.md``,
+    "Drift tests in milliseconds (issue 20)"). Before, every test drew fresh
+    permutations and multiplied the whole ``(P, N) @ (N, d)``; the first test
+    after ``fit`` gives the same p-value as then. The explanation gives the null's ``1 -
     alpha`` quantile as ``statistic_threshold``: the distance that would
     have been drifted.
 
@@ -79,6 +88,8 @@ class CentroidDrift(Detector):
         self._n_permutations = n_permutations
         self._ref: FloatArray = np.empty((0, 0))
         self._ref_sum: FloatArray = np.empty(0)
+        # derived (not state): (n_cur, S_r @ Z_r, S_c) of the fixed permutation set
+        self._perm: tuple[int, FloatArray, FloatArray] | None = None
 
     @property
     def n_permutations(self) -> int:
@@ -94,6 +105,7 @@ class CentroidDrift(Detector):
         self._ref = ref
         self._n_ref = ref.shape[0]
         self._ref_sum = ref.sum(axis=0)
+        self._perm = None
 
     def _fitted_state(self) -> dict[str, Any]:
         return {"reference": encode_array(self._ref)}
@@ -106,11 +118,10 @@ class CentroidDrift(Detector):
     ) -> DriftResult:
         cur = _as_current(current, self._ref.shape[1])
         n, m = self._n_ref, cur.shape[0]
-        s = permutation_indicators(rng, self._n_permutations, n, n + m)
+        sum_rr, s_c = self._perm_parts(m)
         cur_sum = cur.sum(axis=0)
         observed = float(_cos_dist_rows(self._ref_sum, cur_sum))
-        pooled = np.vstack([self._ref, cur])
-        sum_r = s.astype(np.float64) @ pooled
+        sum_r = sum_rr + s_c @ cur
         null = _cos_dist_rows(sum_r, (self._ref_sum + cur_sum)[None, :] - sum_r)
         return permutation_result(self.method, observed, null, self._alpha, n, m, {
             "rule": RULE_P,
@@ -118,3 +129,17 @@ class CentroidDrift(Detector):
             "null_mean": float(null.mean()),
             "statistic_threshold": float(np.quantile(null, 1.0 - self._alpha, method="higher")),
         })
+
+    def _perm_parts(self, m: int) -> tuple[FloatArray, FloatArray]:
+        """``(S_r @ Z_r, S_c)`` of the fixed permutation set for windows of ``m`` points."""
+        if self._perm is not None and self._perm[0] == m:
+            return self._perm[1], self._perm[2]
+        n = self._n_ref
+        s = permutation_indicators(
+            np.random.default_rng([self._seed, 0]), self._n_permutations, n, n + m
+        )
+        sum_rr: FloatArray = s[:, :n].astype(np.float64) @ self._ref
+        s_c: FloatArray = s[:, n:].astype(np.float64)
+        keep = sum_rr.nbytes + s_c.nbytes <= _KEEP_BYTES
+        self._perm = (m, sum_rr, s_c) if keep else None
+        return sum_rr, s_c

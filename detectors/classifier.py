@@ -141,9 +141,11 @@ class ClassifierDrift(Detector):
         s = (z.T @ z) / nz  # within-class covariance of the standardised features
         mu_t = float(np.trace(s)) / d
         if self._shrinkage is None:
-            # Ledoit-Wolf (2004) optimal intensity towards mu_t·I.
-            z2 = z * z
-            beta = float(((z2.T @ z2) / nz - s * s).sum()) / nz
+            # Ledoit-Wolf (2004) optimal intensity towards mu_t·I. beta =
+            # sum_i ||z_i z_i' - s||_F^2 / nz^2 = (sum_i ||z_i||^4 / nz - ||s||_F^2) / nz:
+            # the same number as ((z*z)'(z*z) / nz - s*s).sum() / nz without that d x d product
+            sq = np.einsum("ij,ij->i", z, z)
+            beta = (float(sq @ sq) / nz - float((s * s).sum())) / nz
             delta = float(((s - mu_t * np.eye(d)) ** 2).sum())
             lam = 1.0 if delta <= 0 else min(max(beta / delta, 0.0), 1.0)
         else:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -29,20 +31,138 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["MMDDrift"]
 
 
+#: Subtracted from every kernel value before the float32 sums: the unbiased MMD² does not
+#: change when a constant is added to the kernel (it cancels between the three terms), and
+#: ``exp(-1)``, the kernel at the median distance, centres the entries so the sums of
+#: ~10⁶ of them stay small and lose little to float32 round-off.
+_SHIFT = math.exp(-1.0)
+
+
 def _mmd_from_quadratic(
-    sks: FloatArray, sr: FloatArray, total: float, n: int, m: int
+    sks: FloatArray, sr: FloatArray, total: float, n: int, m: int, diag: float = 1.0
 ) -> FloatArray:
-    """Unbiased MMD² from ``s'Ks`` and ``s'K1`` for 0/1 assignments ``s`` (RBF: diag(K) = 1).
+    """Unbiased MMD² from ``s'Ks`` and ``s'K1`` for 0/1 assignments ``s``; ``diag`` is the
+    kernel's value on the diagonal (1 for the RBF kernel, ``1 - _SHIFT`` shifted).
 
     With ``t = 1 - s``: ``s'Kt = s'K1 - s'Ks`` and ``t'Kt = 1'K1 - 2 s'K1 + s'Ks``;
-    the diagonal (``n`` resp. ``m`` ones) is removed for the unbiased estimate.
+    the diagonal (``n`` resp. ``m`` times ``diag``) is removed for the unbiased estimate.
     """
     skt = sr - sks
     tkt = total - 2.0 * sr + sks
     out: FloatArray = (
-        (sks - n) / (n * (n - 1)) + (tkt - m) / (m * (m - 1)) - 2.0 * skt / (n * m)
+        (sks - n * diag) / (n * (n - 1))
+        + (tkt - m * diag) / (m * (m - 1))
+        - 2.0 * skt / (n * m)
     )
     return out
+
+
+@dataclass(frozen=True)
+class _Points:
+    """Points prepared for :func:`_centred_kernel` at one bandwidth ``h`` (float32):
+    ``x`` itself, ``x * 2 / h`` and ``-||x||² / h``."""
+
+    x: npt.NDArray[np.float32]
+    x2h: npt.NDArray[np.float32]
+    neg_sq_h: npt.NDArray[np.float32]
+
+    @classmethod
+    def of(cls, x: FloatArray, bandwidth: float) -> _Points:
+        x32 = np.ascontiguousarray(x, dtype=np.float32)
+        sq = np.einsum("ij,ij->i", x, x)  # float64 norms, rounded once
+        return cls(
+            x=x32,
+            x2h=np.ascontiguousarray(x * (2.0 / bandwidth), dtype=np.float32),
+            neg_sq_h=(-sq / bandwidth).astype(np.float32),
+        )
+
+
+def _centred_kernel(a: _Points, b: _Points) -> npt.NDArray[np.float32]:
+    """``exp(-||a_i - b_j||² / h) - _SHIFT`` in float32: one GEMM, then four passes in place
+    (``-||a - b||²/h = 2a·b/h - ||a||²/h - ||b||²/h``, clipped at 0 against round-off)."""
+    k = a.x2h @ b.x.T
+    k += a.neg_sq_h[:, None]
+    k += b.neg_sq_h[None, :]
+    np.minimum(k, np.float32(0.0), out=k)
+    np.exp(k, out=k)
+    k -= np.float32(_SHIFT)
+    return k
+
+
+def _row_dots(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> FloatArray:
+    """``sum_j a[p, j] * b[p, j]`` per row, accumulated in float64."""
+    out: FloatArray = np.einsum("pj,pj->p", a, b, dtype=np.float64)
+    return out
+
+
+#: Keep the permutation matrices unpacked (float32 and bool) when they take at most this many
+#: bytes; larger sets (thousands of permutations) are kept as bits and unpacked per test.
+_UNPACKED_BYTES = 8 << 20
+
+#: Rows of the previous window equal to the new window's first row that are tried as the
+#: start of the overlap (a window of one repeated text would otherwise try them all).
+_MAX_OVERLAP_TRIES = 8
+
+
+@dataclass(frozen=True)
+class _Perms:
+    """A permutation set as the products need it: ``s`` (bool, row 0 the observed split),
+    ``w_r = 2 s_r`` and ``s_c`` (float32), for ``n`` reference points."""
+
+    s: npt.NDArray[np.bool_]
+    w_r: npt.NDArray[np.float32]
+    s_c: npt.NDArray[np.float32]
+
+    @classmethod
+    def of(cls, s: npt.NDArray[np.bool_], n: int) -> _Perms:
+        w_r = s[:, :n].astype(np.float32)
+        w_r *= np.float32(2.0)
+        return cls(s=s, w_r=w_r, s_c=s[:, n:].astype(np.float32))
+
+
+@dataclass(frozen=True)
+class _PermCache:
+    """The fixed permutation set for windows of ``m`` points and the reference block's share
+    of each ``s'Ks``; derived from the reference and the seed, not state."""
+
+    m: int
+    packed: npt.NDArray[np.uint8]  # np.packbits(s, axis=1)
+    unpacked: _Perms | None  # kept when small (_UNPACKED_BYTES)
+    sks_rr: FloatArray  # s_r' K_rr s_r per row (shifted kernel)
+    sr_rr: FloatArray  # s_r' K_rr 1 per row
+    total_rr: float  # 1' K_rr 1
+
+    def perms(self, n: int) -> _Perms:
+        if self.unpacked is not None:
+            return self.unpacked
+        s = np.unpackbits(self.packed, axis=1, count=n + self.m).astype(bool)
+        return _Perms.of(s, n)
+
+
+@dataclass(frozen=True)
+class _Window:
+    """The last window tested and its products, for the next window that overlaps it:
+    every entry is a function of the rows it pairs (and of the fixed ``s_r``), not of
+    their position, so a slid window reuses those of the rows it keeps."""
+
+    cur: FloatArray  # (m, d), a copy of the window as given
+    pts: _Points
+    k_cc: npt.NDArray[np.float32]  # (m, m) shifted kernel, window x window
+    a: npt.NDArray[np.float32]  # (P + 1, m): 2 s_r' K_rc, column j for window row j
+    colsum_rc: FloatArray  # (m,): 1' K_rc
+
+
+def _overlap(prev: FloatArray, cur: FloatArray) -> int:
+    """The largest ``o`` with ``cur[:o] == prev[-o:]`` (the window slid by ``m - o`` rows),
+    trying the first :data:`_MAX_OVERLAP_TRIES` rows of ``prev`` equal to ``cur[0]``; 0 if none."""
+    if prev.shape != cur.shape:
+        return 0
+    m = cur.shape[0]
+    for k in np.flatnonzero((prev == cur[0]).all(axis=1))[:_MAX_OVERLAP_TRIES]:
+        o = int(m) - int(k)
+        if np.array_equal(prev[int(k):], cur[:o]):
+            return o
+    return 0
 
 
 class MMDDrift(Detector):
@@ -54,21 +174,44 @@ class MMDDrift(Detector):
     subsample). The statistic is the unbiased MMD². The p-value is
     ``(1 + #{MMD²_perm >= MMD²_obs}) / (1 + n_permutations)``.
 
-    The permutations are not a Python loop: the pooled kernel matrix ``K``
-    (``N = n_ref + n_cur``; the reference block is computed once at ``fit``) and
-    a ``(P, N)`` 0/1 matrix ``S`` of group assignments give ``s'Ks`` for all
-    ``P`` permutations from one matrix product ``(S @ K) * S`` and ``s'K1``
-    from ``S @ (K 1)``. Memory is ``O(N² + P·N)``.
+    The permutations are not a Python loop, and what can be computed once is.
+    The permutation set is fixed per reference and window size: the
+    ``n_permutations`` random splits drawn from ``numpy.random.default_rng([seed,
+    0])`` (the first test's stream; row 0 the observed split), as a ``(P + 1, N)``
+    0/1 matrix ``S`` (``N = n_ref + n_cur``). With ``S`` fixed:
 
-    ``device="numpy"`` (default) computes with numpy; ``"cpu"`` / ``"cuda"``
-    with torch on that device; ``"auto"`` uses torch on CUDA when it is
-    available and numpy otherwise. All paths draw the permutations from the same
-    seeded numpy Generator and compute in float64, so they give the same
-    p-value for the same seed (only float round-off, ~1e-15 relative, could
-    decide an exact tie between a permuted and the observed statistic).
+    - ``s_r'K_rr s_r`` and ``s_r'K_rr 1`` of every permutation are computed at the
+      first test (``K_rr`` the reference-reference kernel, then dropped);
+    - ``2 s_r'K_rc`` (one column per current row), ``1'K_rc`` and ``K_cc`` are
+      functions of the rows they pair, not of their positions, so when a window is
+      the previous one slid on (the stream's sliding window: its first rows equal
+      the previous window's last ones) only the new rows' columns are computed
+      (``(n_ref + n_cur) x k x d`` and ``(P + 1) x n_ref x k`` for ``k`` new rows);
+    - per test the one full product left is ``s_c @ K_cc`` (``(P + 1) x n_cur²``).
 
-    The first ``score`` after ``fit`` also builds the reference kernel block.
-    Time per ``score``: ``benchmarks/RESULTS.md``, "Module speed notes".
+    Kernel and products are float32 with float64 sums; ``exp(-1)`` is subtracted
+    from every kernel value first (the unbiased MMD² does not change) so the sums
+    stay small: the statistic is within ~1e-8 of the float64 formula. Each
+    test's p-value is exact for its permutation set (drawn independently of the
+    data); the tests of one reference share that set. A detector restored from
+    its state (no previous window kept) gives the same p-values and the
+    statistic to float32 round-off (the GEMMs round an element differently with
+    the shape of the product). Before issue 20 every test drew fresh
+    permutations from ``default_rng([seed, test])`` and multiplied the whole
+    ``(P, N) @ (N, N)`` in float64 (~9x slower at n_ref 1,000 / n_cur 500 / d 384,
+    one thread); the first test after ``fit`` gives the same p-value as then.
+    Memory: the permutation matrices (unpacked up to 8 MiB, else as bits unpacked
+    per test), the last window and its products (``O(P·n_cur + n_cur² + n_cur·d)``).
+
+    ``device="numpy"`` (default) computes as above; ``"cpu"`` / ``"cuda"`` in
+    float64 with torch on that device (the full ``S @ K`` product, same
+    permutation set); ``"auto"`` uses torch on CUDA when it is available and
+    numpy otherwise. The paths give the same p-value for the same seed up to
+    float32 round-off deciding a near-tie between a permuted and the observed
+    statistic.
+
+    Time per ``score``: ``benchmarks/RESULTS.md``, "Drift tests in milliseconds
+    (issue 20)".
 
     Parameters
     ----------
@@ -117,7 +260,10 @@ class MMDDrift(Detector):
         self._max_bandwidth_points = max_bandwidth_points
         self._ref: FloatArray = np.empty((0, 0))
         self._bandwidth = 1.0
-        self._k_rr: FloatArray | None = None  # derived cache, not state
+        # derived caches (not state): rebuilt from the reference and the seed
+        self._perm: _PermCache | None = None
+        self._ref_p: _Points | None = None
+        self._window: _Window | None = None
         self._torch_cache: tuple[str, Any, Any] | None = None
 
     @property
@@ -162,7 +308,9 @@ class MMDDrift(Detector):
         self._ref = ref
         self._n_ref = ref.shape[0]
         self._bandwidth = bandwidth
-        self._k_rr = None
+        self._perm = None
+        self._ref_p = None
+        self._window = None
         self._torch_cache = None
 
     def _fitted_state(self) -> dict[str, Any]:
@@ -185,12 +333,12 @@ class MMDDrift(Detector):
     ) -> DriftResult:
         cur = _as_current(current, self._ref.shape[1])
         n, m = self._n_ref, cur.shape[0]
-        s = with_observed_split(rng, self._n_permutations, n, n + m)
+        pc = self._perm_cache(m)
         device = self._resolved_device()
         if device == "numpy":
-            stats_all = self._stats_numpy(cur, s)
+            stats_all = self._stats_numpy(cur, pc)
         else:
-            stats_all = self._stats_torch(cur, s, device)
+            stats_all = self._stats_torch(cur, pc.perms(n).s, device)
         observed = float(stats_all[0])
         null = stats_all[1:]
         return permutation_result(self.method, observed, null, self._alpha, n, m, {
@@ -203,21 +351,90 @@ class MMDDrift(Detector):
             "device": device,
         })
 
-    def _stats_numpy(self, cur: FloatArray, s: npt.NDArray[np.bool_]) -> FloatArray:
+    def _perm_cache(self, m: int) -> _PermCache:
+        """The fixed permutation set for current windows of ``m`` points and what the
+        reference block contributes to each of its quadratic forms (built once per reference
+        and window size)."""
+        pc = self._perm
+        if pc is not None and pc.m == m:
+            return pc
+        n = self._n_ref
+        self._perm = self._window = None  # one window size at a time: free the old set first
+        s = with_observed_split(
+            np.random.default_rng([self._seed, 0]), self._n_permutations, n, n + m
+        )
+        ref_p = self._ref_points()
+        k_rr = _centred_kernel(ref_p, ref_p)
+        s_r = s[:, :n].astype(np.float32)
+        sks_rr = _row_dots(s_r @ k_rr, s_r)
+        del s_r
+        small = s.size * 9 <= _UNPACKED_BYTES  # bool + two float32 parts
+        rowsum_rr = k_rr.sum(axis=1, dtype=np.float64)
+        pc = _PermCache(
+            m=m,
+            packed=np.packbits(s, axis=1),
+            unpacked=_Perms.of(s, n) if small else None,
+            sks_rr=sks_rr,
+            sr_rr=s[:, :n] @ rowsum_rr,
+            total_rr=float(rowsum_rr.sum()),
+        )
+        self._perm = pc
+        return pc
+
+    def _ref_points(self) -> _Points:
+        if self._ref_p is None:
+            self._ref_p = _Points.of(self._ref, self._bandwidth)
+        return self._ref_p
+
+    def _window_products(self, cur: FloatArray, pm: _Perms) -> _Window:
+        """``K_cc``, ``2 s_r' K_rc`` and ``1' K_rc`` of ``cur``: computed for the rows new since
+        the last window when ``cur`` is that window slid on (the stream's sliding window),
+        all of them otherwise. Each entry is the same GEMM element either way."""
+        ref_p = self._ref_points()
+        prev = self._window
+        o = _overlap(prev.cur, cur) if prev is not None else 0
+        if prev is None or o == 0:
+            pts = _Points.of(cur, self._bandwidth)
+            k_rc = _centred_kernel(ref_p, pts)
+            k_cc = _centred_kernel(pts, pts)
+            a = pm.w_r @ k_rc
+            colsum_rc = k_rc.sum(axis=0, dtype=np.float64)
+        else:
+            m, k = cur.shape[0], cur.shape[0] - o
+            new = _Points.of(cur[o:], self._bandwidth)
+            pts = _Points(
+                x=np.concatenate([prev.pts.x[k:], new.x]),
+                x2h=np.concatenate([prev.pts.x2h[k:], new.x2h]),
+                neg_sq_h=np.concatenate([prev.pts.neg_sq_h[k:], new.neg_sq_h]),
+            )
+            k_rc_new = _centred_kernel(ref_p, new)
+            k_cc = np.empty((m, m), dtype=np.float32)
+            k_cc[:o, :o] = prev.k_cc[k:, k:]
+            k_cc[:, o:] = _centred_kernel(pts, new)
+            k_cc[o:, :o] = k_cc[:o, o:].T  # the kernel is symmetric (up to float32 round-off)
+            a = np.concatenate([prev.a[:, k:], pm.w_r @ k_rc_new], axis=1)
+            colsum_rc = np.concatenate(
+                [prev.colsum_rc[k:], k_rc_new.sum(axis=0, dtype=np.float64)]
+            )
+        win = _Window(cur=cur.copy(), pts=pts, k_cc=k_cc, a=a, colsum_rc=colsum_rc)
+        self._window = win
+        return win
+
+    def _stats_numpy(self, cur: FloatArray, pc: _PermCache) -> FloatArray:
+        """All ``P + 1`` statistics from the window's products (:meth:`_window_products`)
+        and one GEMM ``s_c @ K_cc``: ``s'Ks = s_r'K_rr s_r`` (cached) ``+ (2 s_r'K_rc +
+        s_c'K_cc) s_c`` and ``s'K1 = s_r'K_rr 1`` (cached) ``+ s_r'K_rc 1 + s_c'(K_cr 1 +
+        K_cc 1)``."""
         n, m = self._n_ref, cur.shape[0]
-        if self._k_rr is None:
-            self._k_rr = np.exp(-_sq_dists(self._ref, self._ref) / self._bandwidth)
-        k = np.empty((n + m, n + m))
-        k[:n, :n] = self._k_rr
-        k_rc = np.exp(-_sq_dists(self._ref, cur) / self._bandwidth)
-        k[:n, n:] = k_rc
-        k[n:, :n] = k_rc.T
-        k[n:, n:] = np.exp(-_sq_dists(cur, cur) / self._bandwidth)
-        r = k.sum(axis=1)
-        total = float(r.sum())
-        sf = s.astype(np.float64)
-        sks = np.einsum("pj,pj->p", sf @ k, sf)
-        return _mmd_from_quadratic(sks, sf @ r, total, n, m)
+        pm = pc.perms(n)
+        win = self._window_products(cur, pm)
+        sks = pc.sks_rr + _row_dots(win.a, pm.s_c) + _row_dots(pm.s_c @ win.k_cc, pm.s_c)
+        rowsum_cc = win.k_cc.sum(axis=1, dtype=np.float64)
+        sr = pc.sr_rr + 0.5 * win.a.sum(axis=1, dtype=np.float64) + pm.s[:, n:] @ (
+            win.colsum_rc + rowsum_cc
+        )
+        total = pc.total_rr + 2.0 * float(win.colsum_rc.sum()) + float(rowsum_cc.sum())
+        return _mmd_from_quadratic(sks, sr, total, n, m, 1.0 - _SHIFT)
 
     def _stats_torch(self, cur: FloatArray, s: npt.NDArray[np.bool_], device: str) -> FloatArray:
         try:

@@ -10,7 +10,10 @@ Every detector here (and in :mod:`driftline.detectors.numeric`) has the same sha
   the reference. Scoring never changes the reference; the only state it moves
   is the test counter, from which each test's random stream is derived
   (``numpy.random.default_rng([seed, counter])``), so a detector restored with
-  ``set_state(get_state())`` gives exactly the scores the original would have;
+  ``set_state(get_state())`` gives exactly the scores the original would have
+  (:class:`MMDDrift` and :class:`CentroidDrift` use one permutation set per reference,
+  the first test's; a restored :class:`MMDDrift` gives the same p-values and the
+  statistic to float32 round-off, as it no longer holds the last window's products);
 - ``get_state()`` / ``set_state()`` / ``from_state()``: a JSON-serialisable dict
   (arrays as base64 of little-endian float64) holding the settings, the
   reference and the counter.

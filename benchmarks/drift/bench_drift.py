@@ -54,7 +54,7 @@ PEER_PYTHON = HERE / ".venv" / "bin" / "python"
 # --------------------------------------------------------------------------- driftline methods
 
 
-def driftline_methods(alpha: float, seed: int) -> dict[str, Any]:
+def driftline_methods(alpha: float, seed: int, previous: bool = False) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
@@ -72,7 +72,17 @@ def driftline_methods(alpha: float, seed: int) -> dict[str, Any]:
 
         return fit
 
-    return {
+    old: dict[str, Any] = {}
+    if previous:  # issue 20: the tests as they were, on the same windows (previous.py)
+        from previous import PreviousCentroidDrift, PreviousMMDDrift
+
+        old = {
+            "driftline previous mmd": (wrap(lambda: PreviousMMDDrift(alpha=alpha, seed=seed)), "fast",
+                                       "the MMD test before issue 20 (fresh permutations per test, float64)"),
+            "driftline previous centroid": (wrap(lambda: PreviousCentroidDrift(alpha=alpha, seed=seed)), "fast",
+                                            "the centroid test before issue 20 (fresh permutations per test)"),
+        }
+    return old | {
         "driftline mmd": (wrap(lambda: MMDDrift(alpha=alpha, seed=seed)), "fast",
                           "MMDDrift(n_permutations=300, device='numpy'), RBF, median-heuristic bandwidth from the reference"),
         "driftline classifier": (wrap(lambda: ClassifierDrift(alpha=alpha, seed=seed)), "fast",
@@ -119,8 +129,9 @@ def stream_verdict(alpha: float, seed: int):
 
 
 def run_ours(emb: np.ndarray, runs: list[dict[str, Any]], settings: dict[str, Any],
-             only: list[str] | None, log, timing: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
-    methods = driftline_methods(settings["alpha"], settings["seed"])
+             only: list[str] | None, log, timing: bool = False,
+             previous: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
+    methods = driftline_methods(settings["alpha"], settings["seed"], previous)
     budgets = {"fast": None, "mid": settings["mid_control_runs"], "slow": settings["slow_control_runs"]}
     n_ref, n_cur = settings["n_ref"], settings["n_cur"]
     results: dict[str, Any] = {}
@@ -321,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--only", default="", help="comma-separated substrings of method names")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--previous", action="store_true",
+                    help="also run the MMD and centroid tests as they were before issue 20 "
+                         "(previous.py) on the same windows: power, false alarms and time side by side")
     ap.add_argument("--reuse-peer-results", action="store_true",
                     help="take the peers' scenario and control results (phase 2) from the job folder's "
                          "peers.json when it was made on exactly these windows and settings; the peers' "
@@ -370,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"peers skipped: {PEER_PYTHON} missing (run benchmarks/drift/setup_peers.sh)")
     # Phase 1: time per test, every method alone on the same windows (sequential).
     log(f"phase 1 - timing: {a.timing_tests} windows per method, one method at a time")
-    t_ours, info = run_ours(pool.emb, runs, settings, only, log, timing=True)
+    t_ours, info = run_ours(pool.emb, runs, settings, only, log, timing=True, previous=a.previous)
     t_peers: dict[str, Any] = {}
     peer_info: dict[str, Any] = {}
     if peers_ok:
@@ -382,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log("phase 2 - scenarios (peers in a subprocess at the same time):")
     proc = subprocess.Popen(peer_cmd(job, only, False), env=peer_env()) if peers_ok and not reuse else None
-    ours, _ = run_ours(pool.emb, runs, settings, only, log)
+    ours, _ = run_ours(pool.emb, runs, settings, only, log, previous=a.previous)
     peer_results: dict[str, Any] = {}
     if proc is not None:
         t = time.perf_counter()

@@ -23,9 +23,17 @@ FitFn = Callable[[np.ndarray], ScoreFn]
 
 
 def limit_threads(n: int = 1) -> None:
-    """Pin BLAS/OpenMP pools (call before importing numpy-heavy libraries)."""
+    """Pin BLAS/OpenMP pools: the environment for libraries loaded later, and through
+    threadpoolctl the pools already loaded (this module imports numpy, so numpy's BLAS is
+    loaded before any caller can set the environment: until issue 20 the figures of
+    ``bench_drift.py`` ran with numpy's BLAS on every core, not on one thread)."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
         os.environ[var] = str(n)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # the peer venv may lack it; then only the environment applies
+        return
+    threadpool_limits(n)
 
 
 def cluster_bootstrap_ci(events: Any, trials: Any, n_boot: int = 4000,

@@ -49,7 +49,8 @@ def test_mmd_statistic_matches_direct_formula_and_median_bandwidth() -> None:
     d2 = ((ref[:, None, :] - ref[None, :, :]) ** 2).sum(-1)
     assert det.bandwidth == pytest.approx(np.median(d2[np.triu_indices(40, 1)]), rel=1e-12)
     r = det.score(cur)
-    assert r.statistic == pytest.approx(naive_unbiased_mmd2(ref, cur, det.bandwidth), rel=1e-9)
+    # the kernel is computed in float32 (issue 20): ~1e-8 from the float64 formula here
+    assert r.statistic == pytest.approx(naive_unbiased_mmd2(ref, cur, det.bandwidth), abs=1e-7)
 
 
 def test_mmd_p_value_is_the_permutation_rank() -> None:
@@ -82,7 +83,8 @@ def test_mmd_numpy_and_torch_give_identical_p_values() -> None:
         b = MMDDrift(n_permutations=300, seed=9, device="cpu").fit(ref).score(cur)
         assert a.p_value == b.p_value
         assert a.drifted == b.drifted
-        assert a.statistic == pytest.approx(b.statistic, rel=1e-9, abs=1e-15)
+        # numpy computes the kernel in float32, torch in float64
+        assert a.statistic == pytest.approx(b.statistic, abs=1e-7)
 
 
 def test_mmd_false_alarm_rate_is_calibrated() -> None:
