@@ -147,3 +147,60 @@ def test_fuzzed_requests_and_mutations_decode_the_same() -> None:
             kinds[assert_same(m, ctype.decode())[0]] += 1
             kinds[assert_same(m, None)[0]] += 1
     assert kinds["ok"] > 300 and kinds["raised"] > 50, kinds
+
+
+def test_every_attribute_value_shape_decodes_the_same() -> None:
+    """Empty and zero values of each ``AnyValue`` kind, no value at all, arrays, kvlists,
+    bytes and repeated keys, on the span, its events and the resource, kept in ``extra``."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from opentelemetry.proto.common.v1.common_pb2 import (
+        AnyValue,
+        ArrayValue,
+        KeyValue,
+        KeyValueList,
+    )
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+    shapes = [
+        KeyValue(key="s.empty", value=AnyValue(string_value="")),
+        KeyValue(key="s.text", value=AnyValue(string_value="é ✓")),
+        KeyValue(key="i.zero", value=AnyValue(int_value=0)),
+        KeyValue(key="i.neg", value=AnyValue(int_value=-(2**63))),
+        KeyValue(key="d.zero", value=AnyValue(double_value=0.0)),
+        KeyValue(key="b.false", value=AnyValue(bool_value=False)),
+        KeyValue(key="b.true", value=AnyValue(bool_value=True)),
+        KeyValue(key="bytes", value=AnyValue(bytes_value=b"\x00\xff")),
+        KeyValue(key="bytes.empty", value=AnyValue(bytes_value=b"")),
+        KeyValue(key="arr.empty", value=AnyValue(array_value=ArrayValue())),
+        KeyValue(key="arr", value=AnyValue(array_value=ArrayValue(values=[
+            AnyValue(string_value=""), AnyValue(int_value=3), AnyValue(),
+            AnyValue(array_value=ArrayValue(values=[AnyValue(bool_value=True)]))]))),
+        KeyValue(key="kv", value=AnyValue(kvlist_value=KeyValueList(values=[
+            KeyValue(key="x", value=AnyValue(string_value="")), KeyValue(key="y")]))),
+        KeyValue(key="no.value"),
+        KeyValue(key="empty.value", value=AnyValue()),
+        KeyValue(key="s.text", value=AnyValue(string_value="again, last wins")),
+        KeyValue(value=AnyValue(string_value="no key")),
+    ]
+    req = ExportTraceServiceRequest()
+    rs = req.resource_spans.add()
+    rs.resource.attributes.extend([KeyValue(key="service.name", value=AnyValue(string_value="a")),
+                                   *shapes])
+    sp = rs.scope_spans.add().spans.add()
+    sp.trace_id, sp.span_id, sp.name = b"\x01" * 16, b"\x02" * 8, "chat m"
+    sp.start_time_unix_nano, sp.end_time_unix_nano = 10**18, 10**18 + 10**6
+    sp.attributes.extend([KeyValue(key="gen_ai.request.model", value=AnyValue(string_value="m")),
+                          *shapes])
+    sp.events.append(Span.Event(name="gen_ai.evaluation.result", attributes=[
+        KeyValue(key="gen_ai.evaluation.name", value=AnyValue(string_value="q")),
+        KeyValue(key="gen_ai.evaluation.explanation", value=AnyValue(string_value="")),
+        KeyValue(key="gen_ai.evaluation.score.label", value=AnyValue(string_value="")), *shapes]))
+    data = req.SerializeToString()
+    got = assert_same(data, "otlp_proto")
+    assert got[0] == "ok" and len(got[1]) == 1, got
+    extra = got[1][0].extra
+    assert (extra["s.empty"], extra["i.zero"], extra["b.false"], extra["no.value"],
+            extra["s.text"], extra[""]) == ("", 0, False, None, "again, last wins", "no key")
+    assert_same(new._to_otlp_json(req), "otlp_json")
