@@ -1,6 +1,6 @@
 """OTLP decode benchmark: GenAI spans/s decoded and mapped to LLMEvents, per core.
 
-    python benchmarks/bench_otlp.py [--requests 50] [--spans 100] [--rounds 5] [--runs 3]
+    python benchmarks/bench_otlp.py [--requests 50] [--spans 100] [--rounds 9] [--runs 3]
 
 Builds ``--requests`` OTLP ``ExportTraceServiceRequest`` batches of ``--spans`` GenAI
 chat spans each, serialized ``otlp_proto`` (the Collector Kafka exporter's default) with
@@ -16,7 +16,8 @@ guardrail results as ``gen_ai.guardrail`` events and user feedback as
 ``gen_ai.evaluation.result`` events; SDK resource attributes.
 
 Timed on one thread in CPU time (``time.process_time``, fair on a shared machine),
-best of ``--rounds``, in ``--runs`` runs, each printing the machine's steal time:
+best of ``--rounds`` (before and after: their rounds interleaved), in ``--runs`` runs,
+each printing the machine's steal time:
 
 1. baseline: ``ExportTraceServiceRequest.FromString(data)`` (the upb C parser);
 2. before: ``decode_request`` of ``benchmarks/_otlp_before.py``, the frozen copy of
@@ -307,8 +308,27 @@ def _per_core(rate: float) -> str:
     return f"{rate:10,.0f} spans/s per core ({1e6 / rate:6.2f} us/span)"
 
 
+def paired_rates(fns: dict[str, Callable[[bytes], Any]], payloads: list[bytes], spans: int,
+                 rounds: int) -> dict[str, float]:
+    """Spans per CPU second of each function, best of ``rounds``, their rounds interleaved
+    (one round of each in turn, the order alternating), so that a change of load on a
+    shared machine falls on all of them alike."""
+    for fn in fns.values():
+        for p in payloads[:3]:
+            fn(p)  # warm up
+    best = dict.fromkeys(fns, float("inf"))
+    names = list(fns)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            fn, t0 = fns[name], time.process_time()
+            for p in payloads:
+                fn(p)
+            best[name] = min(best[name], time.process_time() - t0)
+    return {name: spans / cpu for name, cpu in best.items()}
+
+
 def timed_runs(payloads: list[bytes], n: int, rounds: int, runs: int) -> dict[str, list[float]]:
-    """``runs`` runs of baseline, before and after (their order alternating), each best of
+    """``runs`` runs of baseline, then before and after (rounds interleaved), each best of
     ``rounds``; prints one line per run with the steal time over it."""
     def old(p: bytes) -> Any:
         return before.decode_request(p, "otlp_proto")
@@ -320,12 +340,12 @@ def timed_runs(payloads: list[bytes], n: int, rounds: int, runs: int) -> dict[st
     for r in range(runs):
         st0, w0 = steal_s(), time.perf_counter()
         base, _ = cpu_rate(ExportTraceServiceRequest.FromString, payloads, n, rounds, repeat=10)
-        pair = [("before", old), ("after", new)]
-        for name, fn in (pair if r % 2 == 0 else pair[::-1]):
-            got[name].append(cpu_rate(fn, payloads, n, rounds)[0])
+        rates = paired_rates({"before": old, "after": new}, payloads, n, rounds)
         got["base"].append(base)
+        got["before"].append(rates["before"])
+        got["after"].append(rates["after"])
         steal, wall = steal_s() - st0, time.perf_counter() - w0
-        b, a = got["before"][-1], got["after"][-1]
+        b, a = rates["before"], rates["after"]
         print(f"run {r + 1}: FromString {base:,.0f}/s | before {b:,.0f}/s ({b / base:.3f} of "
               f"FromString) | after {a:,.0f}/s ({a / base:.3f}) | after/before {a / b:.2f}x | "
               f"steal {steal:.2f} CPU-s over {wall:.1f} s wall "
@@ -439,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=50, help="export requests to build")
     ap.add_argument("--spans", type=int, default=100, help="GenAI spans per request")
-    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per figure (best kept)")
+    ap.add_argument("--rounds", type=int, default=9, help="timed rounds per figure (best kept)")
     ap.add_argument("--runs", type=int, default=3,
                     help="runs of baseline/before/after, each with its steal time")
     ap.add_argument("--seed", type=int, default=7)
