@@ -37,7 +37,8 @@ Events are built without a second ``event_from_dict`` pass (every value is check
 mapping), and spans that are not GenAI are skipped on their attribute keys alone.
 ``otlp_json`` goes through ``json_format.ParseDict``, which is pure Python: prefer
 ``otlp_proto`` (the Collector's default) for volume. Speed: ``benchmarks/RESULTS.md``,
-"OTLP decode".
+"OTLP decode" and "OTLP decode at Collector speed (issue 20)" (what was tried to read
+attributes faster than through upb's messages, and why it was not kept).
 
 >>> from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 >>> decode_request(ExportTraceServiceRequest().SerializeToString()).events
