@@ -204,3 +204,60 @@ def test_every_attribute_value_shape_decodes_the_same() -> None:
     assert (extra["s.empty"], extra["i.zero"], extra["b.false"], extra["no.value"],
             extra["s.text"], extra[""]) == ("", 0, False, None, "again, last wins", "no key")
     assert_same(new._to_otlp_json(req), "otlp_json")
+
+
+def _json_span(n: int, attrs: list[dict[str, Any]], events: list[dict[str, Any]] | None = None,
+               ) -> dict[str, Any]:
+    return {"traceId": "ab" * 16, "spanId": f"{n:016x}", "name": f"chat {n}",
+            "startTimeUnixNano": str(10**18 + n), "endTimeUnixNano": str(10**18 + n + 10**6),
+            "attributes": [{"key": "gen_ai.request.model", "value": {"stringValue": "m"}},
+                           *attrs], "events": events or []}
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    v: dict[str, Any] = {"stringValue": "x"}
+    for _ in range(depth):
+        v = {"arrayValue": {"values": [v]}}
+    return v
+
+
+def test_input_limit_edges_decode_the_same() -> None:
+    """One span per input limit, just over it (each rejected with its reason) and just under
+    (kept): label and id lengths, time to first chunk overflowing to inf in ms, finish
+    reasons, guardrail names; deep arrays in ``extra`` (never past MAX_NESTING: the parsers
+    stop at 100 message levels, and an array level is two)."""
+    long_, ok = "x" * 257, "x" * 256
+
+    def s(key: str, value: dict[str, Any]) -> dict[str, Any]:
+        return {"key": key, "value": value}
+
+    spans = [
+        _json_span(1, [s("gen_ai.response.model", {"stringValue": long_})]),
+        _json_span(2, [s("gen_ai.response.model", {"stringValue": ok})]),
+        _json_span(3, [s("user.id", {"stringValue": "u" * 129})]),
+        _json_span(4, [s("gen_ai.conversation.id", {"stringValue": "c" * 128})]),
+        _json_span(5, [s("gen_ai.response.time_to_first_chunk", {"doubleValue": 1e306})]),
+        _json_span(6, [s("gen_ai.response.finish_reasons",
+                         {"arrayValue": {"values": [{"stringValue": long_}]}})]),
+        _json_span(7, [], [{"name": "gen_ai.guardrail", "attributes": [
+            s("gen_ai.guardrail.name", {"stringValue": long_}),
+            s("gen_ai.guardrail.verdict", {"stringValue": "pass"})]}]),
+        _json_span(8, [s("deep", _nested(30))]),
+        _json_span(9, [s("deep", _nested(20))]),
+        _json_span(10, [s("kv", {"kvlistValue": {"values": [s("a", _nested(3))]}})]),
+        _json_span(11, [s("gen_ai.agent.name", {"stringValue": long_})]),
+    ]
+    resource = [s("service.name", {"stringValue": "svc"}), s("r.list", _nested(1))]
+    doc = {"resourceSpans": [{"resource": {"attributes": resource},
+                              "scopeSpans": [{"spans": spans}]}]}
+    deep = {"resourceSpans": [{"resource": {"attributes": [*resource, s("r.deep", _nested(2))]},
+                               "scopeSpans": [{"spans": spans}]}]}
+    assert assert_same(msgspec.json.encode(deep), "otlp_json")[3] == assert_same(
+        msgspec.json.encode(doc), "otlp_json")[3]
+    got = assert_same(msgspec.json.encode(doc), "otlp_json")
+    assert got[0] == "ok", got
+    kept = [e.span_id for e in got[1]]
+    reasons = [r[0] for r in got[3]]
+    assert kept == [f"{n:016x}" for n in (2, 4, 8, 9, 10)], (kept, reasons)
+    assert len(reasons) == 6, reasons
+    assert_same(msgspec.json.encode(doc).replace(b'"arrayValue"', b'"array_value"'), None)
