@@ -658,13 +658,14 @@ def _span_timing(span: Span, app: str, env: str | None) -> tuple[dict[str, Any],
     if end < start:
         raise _Reject(f"end_time_unix_nano: before the start ({end} < {start})")
     latency_ms = (end - start) / 1e6
+    tid, sid = span.trace_id, span.span_id
     d: dict[str, Any] = {
         "app": app,
         "timestamp": start // 1_000_000,
         "latency_ms": latency_ms,
-        "event_id": _event_id(span.trace_id, span.span_id),
-        "trace_id": span.trace_id.hex() or None,
-        "span_id": span.span_id.hex() or None,
+        "event_id": _event_id(tid, sid),
+        "trace_id": tid.hex() or None,
+        "span_id": sid.hex() or None,
     }
     if env is not None:
         d["environment"] = env
@@ -800,7 +801,9 @@ def _apply_events(span: Span, d: dict[str, Any], guardrails: list[dict[str, Any]
         if not name.startswith("gen_ai."):
             continue
         ea = _attrs(ev.attributes)
-        if name == "gen_ai.client.inference.operation.details":
+        if name.startswith("gen_ai.guardrail"):  # the common event first (the names below differ)
+            guardrails.append(_guardrail_from_event(name, ea))
+        elif name == "gen_ai.client.inference.operation.details":
             system = _details_event(ea, d, system)
         elif name in ("gen_ai.content.prompt", "gen_ai.content.completion"):
             _content_event(name, ea, d)
@@ -811,8 +814,6 @@ def _apply_events(span: Span, d: dict[str, Any], guardrails: list[dict[str, Any]
                 system = _message_text(_load(_event_content(ea))) or None
         elif name == "gen_ai.choice":
             _choice_event(ea, choices, choice_reasons)
-        elif name.startswith("gen_ai.guardrail"):
-            guardrails.append(_guardrail_from_event(name, ea))
         elif name == "gen_ai.security.finding":
             guardrails.append(_security_finding(ea))
         elif name == "gen_ai.evaluation.result":
