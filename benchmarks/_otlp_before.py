@@ -1,6 +1,6 @@
 """FROZEN COPY of ``schemas/otlp.py`` before issue 20 (commit 9406375), kept unchanged as
 the reference of the OTLP decode benchmark (``bench_otlp.py`` times it beside the current
-path in the same run) and of the differential test (``tests/unit/test_otlp_fast.py``: the
+path in the same run) and of the differential test (``tests/unit/test_otlp_differential.py``: the
 current path must give events equal, field by field, to this one's). Do not edit; do not
 import from the package.
 
