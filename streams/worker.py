@@ -355,8 +355,8 @@ class Worker:
         await self.host.start()
         if self.rekeyer is not None:
             await self.rekeyer.start()
-        log.info("worker consuming %s from %s into %s (database %s)", ",".join(cfg.host_topics),
-                 cfg.kafka, redact_url(cfg.clickhouse), self.sink.database)
+        log.info("worker consuming %s from %s into %s (database %s) through %s", ",".join(cfg.host_topics),
+                 cfg.kafka, redact_url(cfg.clickhouse), self.sink.database, cfg.consumer)
 
     def _rekeyer(self) -> Rekeyer:
         """The OTLP re-keyer of this worker's config: its own group ``<group>.otlp-rekey``."""
