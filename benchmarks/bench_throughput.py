@@ -1,6 +1,6 @@
 """Throughput benchmark: one driftline Worker vs. raw consumption of the same topic.
 
-    python benchmarks/bench_throughput.py [--events N]
+    python benchmarks/bench_throughput.py [--events N] [--consumer aiokafka --consumer librdkafka]
 
 Starts a local (Tansu, in-memory) broker, produces N realistic events (real
 AlpacaEval prompts/responses via ``ReplayData.load()``; falls back to the
@@ -14,7 +14,8 @@ handwritten synthetic pool, and says so) into a fresh 4-partition topic, then:
    no other processing; with the CPU of this process and of the broker per record;
 2. driftline: one in-process ``Worker`` (no embeddings, no guardrail scan)
    consuming the same topic with a fresh group into a fresh chDB path, timed from
-   the first processed record until ``stored_events == N``.
+   the first processed record until ``stored_events == N``; once per ``--consumer``
+   (the worker's Kafka client: aiokafka, librdkafka), one after the other.
 
 It prints events/s for all, the worker's ratio to the faster raw consumer (and to
 raw aiokafka), the CPU used by the worker's event-loop
@@ -207,13 +208,14 @@ class Timers:
 
 async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timers: Timers,
                      ch_path: str, broker_pid: int, record_by_record: bool = False,
-                     tuning: dict[str, Any] | None = None) -> dict[str, Any]:
+                     tuning: dict[str, Any] | None = None, consumer: str = "aiokafka") -> dict[str, Any]:
     import functools
 
     import driftline.streams.worker as wmod
     from driftline.streams.worker import Worker, WorkerConfig
 
-    # stage timers: the worker module looks these names up at call time
+    # stage timers: the worker module looks these names up at call time (restored after the run)
+    originals = {name: getattr(wmod, name) for name in ("decode_batch", "enrich", "to_columns")}
     for name in ("decode_batch", "enrich", "to_columns"):
         fn = getattr(wmod, name)
         if name == "decode_batch" and record_by_record:
@@ -222,7 +224,8 @@ async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timer
         setattr(wmod, name, timers.wrap_sync(name, fn))
 
     cfg = WorkerConfig(max_event_age_s=1e10, kafka=bootstrap, clickhouse=f"chdb://{ch_path}", topics=(topic,),
-                       dlq_topic=f"{topic}.dlq", group_id=f"bench-{uuid.uuid4().hex[:8]}", **(tuning or {}))
+                       dlq_topic=f"{topic}.dlq", group_id=f"bench-{uuid.uuid4().hex[:8]}", consumer=consumer,
+                       **(tuning or {}))
     worker = Worker(cfg)
     worker.process = timers.wrap_sync("process", worker.process)  # type: ignore[method-assign]
     sink = worker.sink
@@ -284,6 +287,8 @@ async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timer
         except Exception as exc:  # noqa: BLE001
             print(f"worker stop: {type(exc).__name__}: {exc}", file=sys.stderr)
         await asyncio.to_thread(sink.close)
+        for name, fn in originals.items():
+            setattr(wmod, name, fn)
     return res
 
 
@@ -320,15 +325,32 @@ async def main_async(args: argparse.Namespace) -> int:
             raw_rate = raws[fastest]["rate"]
             print(f"librdkafka / aiokafka raw rate: {raws['librdkafka']['rate'] / raws['aiokafka']['rate']:.2f}")
 
-            timers = Timers()
-            res = await run_worker(broker.bootstrap, topic, sent, args.timeout, timers,
-                                   str(tmp / "chdb"), broker.process.pid, args.record_by_record,
-                                   {k: v for k, v in (("min_insert_rows", args.min_insert_rows),
-                                                      ("insert_linger_s", args.insert_linger_s))
-                                    if v is not None})
+            results = []
+            for i, consumer in enumerate(args.consumer):
+                timers = Timers()
+                res = await run_worker(broker.bootstrap, topic, sent, args.timeout, timers,
+                                       str(tmp / f"chdb{i}"), broker.process.pid, args.record_by_record,
+                                       {k: v for k, v in (("min_insert_rows", args.min_insert_rows),
+                                                          ("insert_linger_s", args.insert_linger_s))
+                                        if v is not None}, consumer)
+                results.append((consumer, timers, res))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    rc = 0
+    for consumer, timers, res in results:
+        print(f"==== driftline worker consuming through {consumer}")
+        rc |= report(res, timers, sent, raws, fastest, raw_rate, m)
+    if len(results) > 1:
+        print("summary: " + "; ".join(
+            f"{c}: {r['stored'] / r['seconds']:,.0f} events/s, ratio to the faster raw {r['stored'] / r['seconds'] / raw_rate:.3f}, "
+            f"event-loop thread {1e6 * r['threads'].get('py:MainThread', 0.0) / max(1, sent):.1f} CPU-us/event"
+            for c, _, r in results))
+    return rc
 
+
+def report(res: dict[str, Any], timers: Timers, sent: int, raws: dict[str, dict[str, float]], fastest: str,
+           raw_rate: float, m: dict[str, Any]) -> int:
+    """Print one worker run's figures; 1 when it did not store every event."""
     rate = res["stored"] / res["seconds"] if res.get("seconds") else float("nan")
     print(f"driftline worker: {res['stored']:,}/{sent:,} stored in {res['seconds']:.2f}s = "
           f"{rate:,.0f} events/s  (start-up before first record {res['startup_s']:.2f}s; "
@@ -381,8 +403,12 @@ def main() -> int:
                     help="WorkerConfig.min_insert_rows (default: the worker's)")
     ap.add_argument("--insert-linger-s", type=float, default=None,
                     help="WorkerConfig.insert_linger_s (default: the worker's)")
+    ap.add_argument("--consumer", action="append", choices=("aiokafka", "librdkafka"),
+                    help="the worker's Kafka client (WorkerConfig.consumer); repeat it to run the worker "
+                         "once with each, in that order, on the same topic (default: aiokafka)")
     ap.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds per phase")
     args = ap.parse_args()
+    args.consumer = args.consumer or ["aiokafka"]
     return asyncio.run(main_async(args))
 
 
