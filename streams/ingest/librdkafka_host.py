@@ -24,8 +24,10 @@ confluent-kafka's ``Consumer`` blocks, and runs its rebalance callbacks inside
   resumes each partition at or before it, so it is fetched again.
 
 librdkafka reports a record batch it cannot read (bad CRC, corrupt compressed data)
-as a message whose ``error()`` is set: it becomes a rejected record with that reason
-(dead-lettered like the aiokafka host's undecodable batches).
+as a message whose ``error()`` is set, at the batch's first offset, and again on every
+fetch (it does not move past it): the host seeks past the batch (its end read from the
+batch header through aiokafka) and returns it as one rejected record with that reason,
+dead-lettered like the aiokafka host's undecodable batches.
 """
 
 from __future__ import annotations
@@ -43,7 +45,14 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka import TopicPartition
 
-from driftline.streams.ingest.kafka_host import CUT_OFF_MS, HostHooks, InFlight, KafkaHost
+from driftline.streams.ingest.kafka_host import (
+    CUT_OFF_MS,
+    HostHooks,
+    InFlight,
+    KafkaHost,
+    failed_batch_end,
+    read_alone,
+)
 
 if TYPE_CHECKING:
     from driftline.streams.worker import WorkerConfig
@@ -99,10 +108,35 @@ def group_messages(msgs: list[Any]) -> tuple[dict[TopicPartition, list[Rec]],
             log.warning("Kafka consumer: %s", err.str())
             continue
         tp = TopicPartition(t, p)
-        why = f"undecodable record batch (offset {off}): KafkaError {err.name()}: {err.str()}"
+        why = f"KafkaError {err.name()}: {err.str()}"
         first, last, reason = bad.get(tp, (off, off, why))
         bad[tp] = (min(first, off), max(last, off), reason)
     return {TopicPartition(t, p): recs for (t, p), recs in data.items()}, bad
+
+
+async def batch_end(cfg: WorkerConfig, tp: TopicPartition, pos: int) -> int:
+    """The last offset of the record batch at ``pos`` that librdkafka could not read,
+    from its header: read by a consumer of no group on aiokafka, whose unpacking error
+    carries the header (:func:`~driftline.streams.ingest.kafka_host.failed_batch_end`).
+    ``pos`` itself when aiokafka reads the record (one offset skipped at a time) or
+    the read fails."""
+    from aiokafka import AIOKafkaConsumer
+
+    c = AIOKafkaConsumer(bootstrap_servers=cfg.kafka, group_id=None, enable_auto_commit=False,
+                         auto_offset_reset="earliest", **cfg.kafka_security.aiokafka_kwargs())
+    try:
+        await c.start()
+        c.assign([tp])
+        c.seek(tp, pos)
+        _, err = await read_alone(c, tp, 1, 2_000)
+        if err is not None:
+            return failed_batch_end(err, pos)
+    except Exception as exc:  # noqa: BLE001 - one offset skipped at a time then
+        log.warning("%s[%d]: reading the undecodable batch's header failed: %s", tp.topic, tp.partition, exc)
+    finally:
+        with contextlib.suppress(Exception):
+            await c.stop()
+    return pos
 
 
 def librdkafka_config(cfg: WorkerConfig) -> dict[str, Any]:
@@ -203,6 +237,8 @@ class LibrdkafkaHost(KafkaHost):
         #: from librdkafka's statistics: the assigned partitions whose leader is connected, and when
         self._up: set[tuple[str, int]] = set()
         self._stats_at = 0.0
+        #: per partition: the last offset of the last undecodable batch skipped
+        self._skipped_to: dict[TopicPartition, int] = {}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -309,9 +345,37 @@ class LibrdkafkaHost(KafkaHost):
         assert self._thread is not None
         timeout = 0.0 if busy else self.cfg.fetch_timeout_ms / 1000
         seeks, self._seeks = self._seeks, {}
-        result: tuple[Mapping[TopicPartition, list[Any]], dict[TopicPartition, tuple[int, int, str]]] = \
-            await self._thread.submit(self._consume, timeout, seeks)
-        return result
+        data, bad = await self._thread.submit(self._consume, timeout, seeks)
+        skipped: dict[TopicPartition, tuple[int, int, str]] = {}
+        for tp, (first, last, why) in bad.items():
+            if tp not in self.ready:
+                continue
+            out = await self._skip_bad(tp, first, last, why)
+            if tp in data:  # records after the bad batch are fetched again from past it
+                data[tp] = [r for r in data[tp] if r.offset < first]
+            if out is not None:
+                skipped[tp] = out
+        return data, skipped
+
+    async def _skip_bad(self, tp: TopicPartition, pos: int, last: int, why: str) -> tuple[int, int, str] | None:
+        """librdkafka reports a record batch it cannot read at the batch's first offset,
+        and reports it again on every fetch: seek ``tp`` past the batch (its last offset
+        read from the batch header by aiokafka, :func:`batch_end`), and return (first,
+        last, reason) of its offsets above the write log (None when all are at or below
+        it), as :meth:`KafkaHost._skip_batch` does."""
+        end = max(last, await batch_end(self.cfg, tp, pos))
+        prev = self._skipped_to.get(tp)
+        if prev is not None and end <= prev:  # reported again below what was skipped: one more offset
+            pos = end = prev + 1
+        self._skipped_to[tp] = end
+        self._seek(tp, end + 1)  # past the batch: never fetched again by this worker
+        self._verify.pop(tp, None)  # the logged record cannot be read to be checked
+        first = max(pos, self._skip_below.get(tp, pos))
+        log.warning("%s[%d]: skipping the undecodable record batch at offsets %d to %d: %s",
+                    tp.topic, tp.partition, pos, end, why)
+        if first > end:
+            return None
+        return first, end, f"undecodable record batch (offsets {pos} to {end}): {why}"
 
     def _consume(self, timeout: float, seeks: dict[TopicPartition, int]) -> tuple[
             dict[TopicPartition, list[Rec]], dict[TopicPartition, tuple[int, int, str]]]:
