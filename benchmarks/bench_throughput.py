@@ -1,18 +1,24 @@
-"""Throughput benchmark: one driftline Worker vs. raw aiokafka consumption of the same topic.
+"""Throughput benchmark: one driftline Worker vs. raw consumption of the same topic.
 
-    python benchmarks/bench_throughput.py [--events N]
+    python benchmarks/bench_throughput.py [--events N] [--consumer aiokafka --consumer librdkafka]
 
 Starts a local (Tansu, in-memory) broker, produces N realistic events (real
 AlpacaEval prompts/responses via ``ReplayData.load()``; falls back to the
 handwritten synthetic pool, and says so) into a fresh 4-partition topic, then:
 
-1. baseline: raw ``AIOKafkaConsumer`` (group_id=None, earliest, getmany(20000))
-   reading the whole topic, no processing;
+1. baselines, in the order aiokafka, librdkafka, librdkafka, aiokafka (so neither
+   gains from going first; each rate is the mean of its two reads): raw
+   ``AIOKafkaConsumer`` (group_id=None, earliest, getmany(20000)) and raw
+   confluent-kafka ``Consumer`` (librdkafka; a fresh group, earliest, no auto commit,
+   consume(20000) in a loop) reading the whole topic, touching each value's length,
+   no other processing; with the CPU of this process and of the broker per record;
 2. driftline: one in-process ``Worker`` (no embeddings, no guardrail scan)
    consuming the same topic with a fresh group into a fresh chDB path, timed from
-   the first processed record until ``stored_events == N``.
+   the first processed record until ``stored_events == N``; once per ``--consumer``
+   (the worker's Kafka client: aiokafka, librdkafka), one after the other.
 
-It prints events/s for both, the ratio, the CPU used by the worker's event-loop
+It prints events/s for all, the worker's ratio to the faster raw consumer (and to
+raw aiokafka), the CPU used by the worker's event-loop
 thread, its other threads and the broker, and a breakdown of the worker's time
 (decode on the decode thread; enrich / to_columns / windows+metrics in
 ``Worker.process``; time blocked on the writer; the ClickHouse inserts), measured
@@ -71,6 +77,61 @@ async def raw_consume(bootstrap: str, topic: str, n: int, timeout_s: float) -> t
     finally:
         await c.stop()
     return (t1 - (t0 or t1)), got, nbytes
+
+
+def raw_consume_librdkafka(bootstrap: str, topic: str, n: int, timeout_s: float) -> tuple[float, int, int]:
+    """Seconds to read ``n`` records with a bare confluent-kafka consumer (first record
+    to last). Blocking: librdkafka fetches on its own threads, ``consume`` hands over up
+    to 20,000 messages per call. A fresh group (the broker holds its first assignment
+    for about half the session timeout: before the first record, so not timed)."""
+    from confluent_kafka import Consumer
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-raw-{uuid.uuid4().hex[:8]}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                  "max.partition.fetch.bytes": 8 << 20, "fetch.max.bytes": 64 << 20,
+                  "session.timeout.ms": 6_000, "heartbeat.interval.ms": 1_000})
+    c.subscribe([topic])
+    got = nbytes = 0
+    t0: float | None = None
+    deadline = time.monotonic() + timeout_s
+    try:
+        while got < n and time.monotonic() < deadline:
+            msgs = c.consume(num_messages=20_000, timeout=0.5)
+            if msgs and t0 is None:
+                t0 = time.perf_counter()
+            for m in msgs:
+                if m.error() is None:
+                    got += 1
+                    nbytes += len(m.value())
+        t1 = time.perf_counter()
+    finally:
+        c.close()
+    return (t1 - (t0 or t1)), got, nbytes
+
+
+async def raw_rates(bootstrap: str, topic: str, n: int, timeout_s: float, broker_pid: int
+                    ) -> dict[str, dict[str, float]]:
+    """Both raw consumers, read twice each in the order aiokafka, librdkafka, librdkafka,
+    aiokafka; per consumer the mean rate and the CPU-us per record of this process and
+    of the broker (each read timed from its first record)."""
+    out: dict[str, dict[str, list[float]]] = {"aiokafka": defaultdict(list), "librdkafka": defaultdict(list)}
+    for name in ("aiokafka", "librdkafka", "librdkafka", "aiokafka"):
+        cpu0, b0 = time.process_time(), proc_cpu_s(broker_pid)
+        if name == "aiokafka":
+            secs, got, nbytes = await raw_consume(bootstrap, topic, n, timeout_s)
+        else:
+            secs, got, nbytes = await asyncio.to_thread(raw_consume_librdkafka, bootstrap, topic, n, timeout_s)
+        cpu, bcpu = time.process_time() - cpu0, proc_cpu_s(broker_pid) - b0
+        rate = got / secs if secs > 0 else float("nan")
+        print(f"  raw {name:<10} {got:,} records in {secs:.2f}s = {rate:,.0f}/s ({nbytes / max(secs, 1e-9) / 1e6:.0f} MB/s); "
+              f"CPU per record over the whole read (start-up and group join included): "
+              f"consumer {1e6 * cpu / max(1, got):.1f} us, broker {1e6 * bcpu / max(1, got):.1f} us", flush=True)
+        if got < n:
+            print(f"!! raw {name} read only {got:,} of {n:,}", file=sys.stderr)
+        out[name]["rate"].append(rate)
+        out[name]["cpu_us"].append(1e6 * cpu / max(1, got))
+        out[name]["broker_us"].append(1e6 * bcpu / max(1, got))
+    return {name: {k: sum(v) / len(v) for k, v in d.items()} for name, d in out.items()}
 
 
 def _stat_cpu_s(stat: str) -> float:
@@ -147,13 +208,14 @@ class Timers:
 
 async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timers: Timers,
                      ch_path: str, broker_pid: int, record_by_record: bool = False,
-                     tuning: dict[str, Any] | None = None) -> dict[str, Any]:
+                     tuning: dict[str, Any] | None = None, consumer: str = "aiokafka") -> dict[str, Any]:
     import functools
 
     import driftline.streams.worker as wmod
     from driftline.streams.worker import Worker, WorkerConfig
 
-    # stage timers: the worker module looks these names up at call time
+    # stage timers: the worker module looks these names up at call time (restored after the run)
+    originals = {name: getattr(wmod, name) for name in ("decode_batch", "enrich", "to_columns")}
     for name in ("decode_batch", "enrich", "to_columns"):
         fn = getattr(wmod, name)
         if name == "decode_batch" and record_by_record:
@@ -162,7 +224,8 @@ async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timer
         setattr(wmod, name, timers.wrap_sync(name, fn))
 
     cfg = WorkerConfig(max_event_age_s=1e10, kafka=bootstrap, clickhouse=f"chdb://{ch_path}", topics=(topic,),
-                       dlq_topic=f"{topic}.dlq", group_id=f"bench-{uuid.uuid4().hex[:8]}", **(tuning or {}))
+                       dlq_topic=f"{topic}.dlq", group_id=f"bench-{uuid.uuid4().hex[:8]}", consumer=consumer,
+                       **(tuning or {}))
     worker = Worker(cfg)
     worker.process = timers.wrap_sync("process", worker.process)  # type: ignore[method-assign]
     sink = worker.sink
@@ -224,6 +287,8 @@ async def run_worker(bootstrap: str, topic: str, n: int, timeout_s: float, timer
         except Exception as exc:  # noqa: BLE001
             print(f"worker stop: {type(exc).__name__}: {exc}", file=sys.stderr)
         await asyncio.to_thread(sink.close)
+        for name, fn in originals.items():
+            setattr(wmod, name, fn)
     return res
 
 
@@ -250,26 +315,49 @@ async def main_async(args: argparse.Namespace) -> int:
             print(f"produced {sent:,} events to {topic} (4 partitions) in {prod_s:.1f}s "
                   f"({sent / prod_s:,.0f}/s)", flush=True)
 
-            raw_s, raw_n, raw_b = await raw_consume(broker.bootstrap, topic, sent, args.timeout)
-            raw_rate = raw_n / raw_s if raw_s > 0 else float("nan")
-            print(f"baseline raw aiokafka consume: {raw_n:,} records in {raw_s:.2f}s = "
-                  f"{raw_rate:,.0f} events/s ({raw_b / raw_s / 1e6:.0f} MB/s)", flush=True)
-
-            timers = Timers()
             assert broker.process is not None
-            res = await run_worker(broker.bootstrap, topic, sent, args.timeout, timers,
-                                   str(tmp / "chdb"), broker.process.pid, args.record_by_record,
-                                   {k: v for k, v in (("min_insert_rows", args.min_insert_rows),
-                                                      ("insert_linger_s", args.insert_linger_s))
-                                    if v is not None})
+            print("baselines (raw consumption of the same topic, each read twice):", flush=True)
+            raws = await raw_rates(broker.bootstrap, topic, sent, args.timeout, broker.process.pid)
+            for name, r in raws.items():
+                print(f"baseline raw {name} consume: mean {r['rate']:,.0f} events/s; CPU-us/record: "
+                      f"consumer {r['cpu_us']:.1f}, broker {r['broker_us']:.1f}", flush=True)
+            fastest = max(raws, key=lambda k: raws[k]["rate"])
+            raw_rate = raws[fastest]["rate"]
+            print(f"librdkafka / aiokafka raw rate: {raws['librdkafka']['rate'] / raws['aiokafka']['rate']:.2f}")
+
+            results = []
+            for i, consumer in enumerate(args.consumer):
+                timers = Timers()
+                res = await run_worker(broker.bootstrap, topic, sent, args.timeout, timers,
+                                       str(tmp / f"chdb{i}"), broker.process.pid, args.record_by_record,
+                                       {k: v for k, v in (("min_insert_rows", args.min_insert_rows),
+                                                          ("insert_linger_s", args.insert_linger_s))
+                                        if v is not None}, consumer)
+                results.append((consumer, timers, res))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    rc = 0
+    for consumer, timers, res in results:
+        print(f"==== driftline worker consuming through {consumer}")
+        rc |= report(res, timers, sent, raws, fastest, raw_rate, m)
+    if len(results) > 1:
+        print("summary: " + "; ".join(
+            f"{c}: {r['stored'] / r['seconds']:,.0f} events/s, ratio to the faster raw {r['stored'] / r['seconds'] / raw_rate:.3f}, "
+            f"event-loop thread {1e6 * r['threads'].get('py:MainThread', 0.0) / max(1, sent):.1f} CPU-us/event"
+            for c, _, r in results))
+    return rc
 
+
+def report(res: dict[str, Any], timers: Timers, sent: int, raws: dict[str, dict[str, float]], fastest: str,
+           raw_rate: float, m: dict[str, Any]) -> int:
+    """Print one worker run's figures; 1 when it did not store every event."""
     rate = res["stored"] / res["seconds"] if res.get("seconds") else float("nan")
     print(f"driftline worker: {res['stored']:,}/{sent:,} stored in {res['seconds']:.2f}s = "
           f"{rate:,.0f} events/s  (start-up before first record {res['startup_s']:.2f}s; "
           f"{res['batches']} batches)")
-    print(f"ratio driftline / raw consume: {rate / raw_rate:.3f}")
+    print(f"ratio driftline / faster raw consume ({fastest}): {rate / raw_rate:.3f}   "
+          f"(to raw aiokafka: {rate / raws['aiokafka']['rate']:.3f}; "
+          f"to raw librdkafka: {rate / raws['librdkafka']['rate']:.3f})")
     prog = [(t, k) for t, k in res["progress"] if k > 0]
     if len(prog) >= 2:
         (ta, ka), (tb, kb) = prog[0], prog[-1]
@@ -315,8 +403,12 @@ def main() -> int:
                     help="WorkerConfig.min_insert_rows (default: the worker's)")
     ap.add_argument("--insert-linger-s", type=float, default=None,
                     help="WorkerConfig.insert_linger_s (default: the worker's)")
+    ap.add_argument("--consumer", action="append", choices=("aiokafka", "librdkafka"),
+                    help="the worker's Kafka client (WorkerConfig.consumer); repeat it to run the worker "
+                         "once with each, in that order, on the same topic (default: aiokafka)")
     ap.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds per phase")
     args = ap.parse_args()
+    args.consumer = args.consumer or ["aiokafka"]
     return asyncio.run(main_async(args))
 
 

@@ -161,8 +161,13 @@ class WorkerConfig:
     #: lives in one worker whatever the input. False: decoded by the worker that reads them
     #: (a key's spans then reach every worker: correct with ONE worker only; ``--otlp-direct``)
     otlp_rekey: bool = False
+    #: the group's Kafka client (``--consumer``): "aiokafka" (streams/ingest/kafka_host.py) or
+    #: "librdkafka" (confluent-kafka, streams/ingest/librdkafka_host.py); same guarantees
+    consumer: str = "aiokafka"
 
     def __post_init__(self) -> None:
+        if self.consumer not in ("aiokafka", "librdkafka"):
+            raise ValueError(f"consumer must be aiokafka or librdkafka, not {self.consumer!r}")
         if self.max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if not self.max_event_age_s > 0 or not self.max_clock_skew_s >= 0:
@@ -226,6 +231,13 @@ class Stage(Protocol):
     async def stop(self) -> None: ...
 
 
+def librdkafka_host(cfg: WorkerConfig, hooks: HostHooks, pool: concurrent.futures.Executor) -> KafkaHost:
+    """The consumer group on confluent-kafka (imported only when chosen)."""
+    from driftline.streams.ingest.librdkafka_host import LibrdkafkaHost
+
+    return LibrdkafkaHost(cfg, hooks, pool)
+
+
 def load_prices(cfg: WorkerConfig) -> Any:
     """enrich's price table: the shipped one, or ``cfg.price_files`` on top of it."""
     from driftline.schemas.prices import PriceTable
@@ -278,7 +290,8 @@ class Worker:
         hooks = HostHooks(decode=self._decode, deliver=self._deliver, revoke=self._revoke, resume=self._resume,
                           recreated=self._recreated, assigned=self._rebuild_windows)
         #: the consumer group: fetch, poison, rebalances, commits (streams/ingest/kafka_host.py)
-        self.host = KafkaHost(config, hooks, self._decode_pool)
+        self.host = KafkaHost(config, hooks, self._decode_pool) if config.consumer == "aiokafka" \
+            else librdkafka_host(config, hooks, self._decode_pool)
         #: per partition: the write log's epoch, last offset, events of a step cut short
         self.log = WriteLog()
         #: the outbox -> DLQ topic path (streams/sinks/dlq.py)
@@ -342,8 +355,8 @@ class Worker:
         await self.host.start()
         if self.rekeyer is not None:
             await self.rekeyer.start()
-        log.info("worker consuming %s from %s into %s (database %s)", ",".join(cfg.host_topics),
-                 cfg.kafka, redact_url(cfg.clickhouse), self.sink.database)
+        log.info("worker consuming %s from %s into %s (database %s) through %s", ",".join(cfg.host_topics),
+                 cfg.kafka, redact_url(cfg.clickhouse), self.sink.database, cfg.consumer)
 
     def _rekeyer(self) -> Rekeyer:
         """The OTLP re-keyer of this worker's config: its own group ``<group>.otlp-rekey``."""

@@ -48,3 +48,31 @@ def make_topics(kafka_bootstrap: str):
 def chdb_dsn(tmp_path: Path) -> str:
     """A fresh embedded ClickHouse (chDB) path for one test, as a clickhouse-connect DSN."""
     return f"chdb://{tmp_path / 'chdb'}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _test_consumer() -> Iterator[None]:
+    """DRIFTLINE_TEST_CONSUMER=librdkafka runs every worker of the tests on that Kafka
+    client (WorkerConfig.consumer; DRIFTLINE_CONSUMER for workers started by the CLI)."""
+    import os
+
+    name = os.environ.get("DRIFTLINE_TEST_CONSUMER")
+    if not name:
+        yield
+        return
+    import dataclasses
+
+    from driftline.streams import worker as wmod
+
+    orig = wmod.Worker.__init__
+
+    def init(self: wmod.Worker, config: wmod.WorkerConfig, *a: object, **k: object) -> None:
+        orig(self, dataclasses.replace(config, consumer=name), *a, **k)  # type: ignore[arg-type]
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(wmod.Worker, "__init__", init)
+    mp.setenv("DRIFTLINE_CONSUMER", name)
+    try:
+        yield
+    finally:
+        mp.undo()

@@ -392,6 +392,8 @@ def worker(
     numeric_test_every: Annotated[int, typer.Option(help="Numeric drift: values between tests per key and field.")] = 100,
     numeric_alpha: Annotated[float, typer.Option(help="Numeric drift: family-wise false-alarm level per test round (Bonferroni over keys x fields).")] = 0.05,
     numeric_sample_rate: Annotated[float, typer.Option(help="Numeric drift: share of events whose values are tested (hash of event_id, as --sample-rate). The stage's thread costs 35-46 CPU-µs per event taken (benchmarks/bench_numeric_drift.py): lower it on a worker near its CPU limit.")] = 1.0,
+    # -- the consumer group's Kafka client (streams/ingest/kafka_host.py, librdkafka_host.py)
+    consumer: Annotated[str, typer.Option("--consumer", envvar="DRIFTLINE_CONSUMER", help="Kafka client of the worker's consumer group, same guarantees either way (write log, resume, commits of confirmed offsets only, poison batches dead-lettered). aiokafka: pure Python on the event loop, the tested default. librdkafka: confluent-kafka, fetches and checks batches on C threads; less CPU per record on the worker's own threads, for high-rate topics.")] = "aiokafka",
 ) -> None:
     """Run the stream processor: Kafka -> windows, cost, guardrails, drift -> ClickHouse, /metrics, alerts."""
     from driftline.streams.app import run_worker
@@ -427,7 +429,7 @@ def worker(
             max_event_age_s=max_event_age, max_clock_skew_s=max_clock_skew,
             redaction=Redaction(redact, redact_key),  # type: ignore[arg-type]  # checked there
             retention=Retention(retention_days, retention_days_text),
-            otlp_rekey=not otlp_direct,
+            otlp_rekey=not otlp_direct, consumer=consumer,
         )
         from driftline.streams.wiring import stage_factories
 

@@ -235,10 +235,17 @@ class KafkaHost:
         assigned is dropped, with every batch after it, and fetched again from
         its first offsets: it is never added to the windows of a new assignment.
         """
-        assert self.consumer is not None
         # with a batch in flight, take only what is already fetched: when traffic stops,
         # that batch is finished at once rather than after a fetch timeout
         busy = self.pending is not None and bool(self.pending.records)
+        data, bad = await self._get(busy)
+        await self._take(data, bad)
+
+    async def _get(self, busy: bool) -> tuple[Mapping[TopicPartition, list[Any]],
+                                               dict[TopicPartition, tuple[int, int, str]]]:
+        """One fetch: the records per partition, and the record batches skipped as
+        undecodable, per partition (first offset, last offset, reason)."""
+        assert self.consumer is not None
         before = self._positions()
         bad: dict[TopicPartition, tuple[int, int, str]] = {}
         try:
@@ -248,6 +255,11 @@ class KafkaHost:
             if not unpacking_error(exc):
                 raise
             data, bad = await self._undecodable(exc, before)
+        return data, bad
+
+    async def _take(self, data: Mapping[TopicPartition, list[Any]],
+                    bad: dict[TopicPartition, tuple[int, int, str]]) -> None:
+        """Make a fetch the batch in flight (its decode started), and deliver the one before."""
         batch = self._batch(data)
         for tp, (first, last_off, reason) in bad.items():
             # the skipped batch is logged and dead-lettered by the write step like any rejected record
@@ -391,9 +403,13 @@ class KafkaHost:
             return True
         self._recreated(tp, f"its offsets start at {rec.offset}, below the stored {off}" if rec.offset < off
                         else f"the record at stored offset {off} is another record")
-        assert self.consumer is not None
-        self.consumer.seek(tp, 0)  # out of range (retention) resets to the earliest offset
+        self._seek(tp, 0)  # out of range (retention) resets to the earliest offset
         return False
+
+    def _seek(self, tp: TopicPartition, offset: int) -> None:
+        """Fetch ``tp`` from ``offset`` next."""
+        assert self.consumer is not None
+        self.consumer.seek(tp, offset)
 
     async def _probe(self, marks: dict[TopicPartition, LogMark]) -> dict[TopicPartition, str]:
         """Read the record at each logged offset with a consumer of no group; returns the

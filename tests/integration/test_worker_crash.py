@@ -39,9 +39,13 @@ CRASHING_WORKER = textwrap.dedent("""
         os._exit(17)  # after the insert, before the offsets reach Kafka
 
     aiokafka.AIOKafkaConsumer.commit = die
+    from driftline.streams.ingest import librdkafka_host
+    # the same moment with DRIFTLINE_CONSUMER=librdkafka (on its consumer thread)
+    librdkafka_host.LibrdkafkaHost._commit_now = lambda self, offsets: os._exit(17) if offsets else None
     kafka, dsn, topic, group = sys.argv[1:5]
     run_worker(WorkerConfig(max_event_age_s=1e10, kafka=kafka, clickhouse=dsn, group_id=group, topics=(topic,),
                             dlq_topic=topic + ".dlq", max_batch=700, max_insert_rows=700,
+                            consumer=os.environ.get("DRIFTLINE_CONSUMER", "aiokafka"),
                             session_timeout_ms=int(sys.argv[5])),  # the next worker waits for it to expire
                web_port=0, sql_port=None)
 """)

@@ -49,6 +49,7 @@ kafka, dsn, topic, group = sys.argv[1:5]
 run_worker(WorkerConfig(max_event_age_s=1e10, kafka=kafka, clickhouse=dsn, group_id=group, topics=(topic,),
                         dlq_topic=topic + ".dlq", max_batch=500, max_insert_rows=500, min_insert_rows=1,
                         emit_interval_s=0.2, window=WindowConfig(size_ms=10_000, allowed_lateness_ms=5_000),
+                        consumer=os.environ.get("DRIFTLINE_CONSUMER", "aiokafka"),
                         session_timeout_ms={session_ms}),  # the next worker waits for it to expire
            web_port=0, sql_port=None)
 """
@@ -262,6 +263,15 @@ async def test_kill_around_the_dlq_send_dead_letters_each_record_once(
                 os._exit(17)  # the DLQ send of this step is done; the commit is not
             return await orig(self, *a, **k)
         aiokafka.AIOKafkaConsumer.commit = commit
+        from driftline.streams.ingest import librdkafka_host  # DRIFTLINE_CONSUMER=librdkafka
+        orig_now = librdkafka_host.LibrdkafkaHost._commit_now
+        def commit_now(self, offsets):
+            if offsets:
+                calls[0] += 1
+                if calls[0] == 3:
+                    os._exit(17)
+            return orig_now(self, offsets)
+        librdkafka_host.LibrdkafkaHost._commit_now = commit_now
     """
     await _crash(tmp_path, patch, kafka_bootstrap, chdb_dsn, topic, group)
     (stored_before,), = _query(chdb_dsn, "SELECT count() FROM driftline.llm_events")
