@@ -263,6 +263,7 @@ class MMDDrift(Detector):
         # derived caches (not state): rebuilt from the reference and the seed
         self._perm: _PermCache | None = None
         self._ref_p: _Points | None = None
+        self._centre: FloatArray = np.zeros(0)
         self._window: _Window | None = None
         self._torch_cache: tuple[str, Any, Any] | None = None
 
@@ -382,9 +383,18 @@ class MMDDrift(Detector):
         return pc
 
     def _ref_points(self) -> _Points:
+        """The reference's points, centred on its mean (also every window's, by
+        :meth:`_cur_points`): the kernel depends on differences only, and the float32
+        expansion ``2a.b/h - |a|²/h - |b|²/h`` loses them to round-off when ``|a|²/h`` is
+        large (embeddings clustered far from the origin)."""
         if self._ref_p is None:
-            self._ref_p = _Points.of(self._ref, self._bandwidth)
+            self._centre = self._ref.mean(axis=0)
+            self._ref_p = _Points.of(self._ref - self._centre, self._bandwidth)
         return self._ref_p
+
+    def _cur_points(self, cur: FloatArray) -> _Points:
+        """``cur``'s points, centred as the reference's (call :meth:`_ref_points` first)."""
+        return _Points.of(cur - self._centre, self._bandwidth)
 
     def _window_products(self, cur: FloatArray, pm: _Perms) -> _Window:
         """``K_cc``, ``2 s_r' K_rc`` and ``1' K_rc`` of ``cur``: computed for the rows new since
@@ -394,14 +404,14 @@ class MMDDrift(Detector):
         prev = self._window
         o = _overlap(prev.cur, cur) if prev is not None else 0
         if prev is None or o == 0:
-            pts = _Points.of(cur, self._bandwidth)
+            pts = self._cur_points(cur)
             k_rc = _centred_kernel(ref_p, pts)
             k_cc = _centred_kernel(pts, pts)
             a = pm.w_r @ k_rc
             colsum_rc = k_rc.sum(axis=0, dtype=np.float64)
         else:
             m, k = cur.shape[0], cur.shape[0] - o
-            new = _Points.of(cur[o:], self._bandwidth)
+            new = self._cur_points(cur[o:])
             pts = _Points(
                 x=np.concatenate([prev.pts.x[k:], new.x]),
                 x2h=np.concatenate([prev.pts.x2h[k:], new.x2h]),

@@ -141,3 +141,23 @@ def test_slid_windows_reuse_the_kept_rows_and_match_the_direct_formula() -> None
         r, fresh = det.score(cur), MMDDrift.from_state(state).score(cur)
         assert (r.p_value, r.drifted) == (fresh.p_value, fresh.drifted)
         assert r.statistic == pytest.approx(fresh.statistic, abs=1e-7)
+
+
+def test_mmd_of_embeddings_far_from_the_origin_keeps_the_previous_p_value() -> None:
+    """Review (issue 20): embeddings clustered far from the origin (a large common component,
+    spread 1e-5 of its norm). The float32 kernel expanded as ``2a.b/h - |a|²/h - |b|²/h`` lost
+    the distances to round-off there (|a|²/h ~ 1e7): a real shift (p 0.005 before) scored
+    p ~0.7 (missed), and every statistic was off by far more than 1e-6. Catches: the points
+    not centred on the reference's mean before the float32 products."""
+    rng = np.random.default_rng(0)
+    d = 16
+    c = np.full(d, 100.0 / np.sqrt(d))
+    ref = c + rng.normal(scale=1e-3, size=(200, d))
+    for shift in (0.0, 3e-4):
+        cur = c + rng.normal(scale=1e-3, size=(100, d)) + shift
+        new = MMDDrift(n_permutations=200, seed=1).fit(ref)
+        old = previous.PreviousMMDDrift(n_permutations=200, seed=1).fit(ref)
+        a, b = new.score(cur), old.score(cur)
+        assert a.p_value == b.p_value
+        assert abs(a.statistic - b.statistic) < 1e-6
+        assert abs(a.statistic - direct_mmd2(ref, cur, new.bandwidth)) < 1e-6
