@@ -96,7 +96,8 @@ def _row_dots(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> FloatAr
 
 
 #: Keep the permutation matrices unpacked (float32 and bool) when they take at most this many
-#: bytes; larger sets (thousands of permutations) are kept as bits and unpacked per test.
+#: bytes; larger sets (thousands of permutations) are kept as bits and unpacked per test. The
+#: last window's products are kept for the next (slid) window under the same bound.
 _UNPACKED_BYTES = 8 << 20
 
 #: Rows of the previous window equal to the new window's first row that are tried as the
@@ -201,7 +202,8 @@ class MMDDrift(Detector):
     ``(P, N) @ (N, N)`` in float64 (~9x slower at n_ref 1,000 / n_cur 500 / d 384,
     one thread); the first test after ``fit`` gives the same p-value as then.
     Memory: the permutation matrices (unpacked up to 8 MiB, else as bits unpacked
-    per test), the last window and its products (``O(P·n_cur + n_cur² + n_cur·d)``).
+    per test), the last window and its products (``O(P·n_cur + n_cur² + n_cur·d)``,
+    kept up to 8 MiB: past it each test computes them all).
 
     ``device="numpy"`` (default) computes as above; ``"cpu"`` / ``"cuda"`` in
     float64 with torch on that device (the full ``S @ K`` product, same
@@ -427,7 +429,11 @@ class MMDDrift(Detector):
                 [prev.colsum_rc[k:], k_rc_new.sum(axis=0, dtype=np.float64)]
             )
         win = _Window(cur=cur.copy(), pts=pts, k_cc=k_cc, a=a, colsum_rc=colsum_rc)
-        self._window = win
+        kept = (win.cur.nbytes + pts.x.nbytes + pts.x2h.nbytes + pts.neg_sq_h.nbytes + k_cc.nbytes
+                + a.nbytes + colsum_rc.nbytes)
+        # kept for the next test only when small: at thousands of permutations ``a`` alone is
+        # (P + 1) x n_cur floats per detector, for every key-field the stage holds
+        self._window = win if kept <= _UNPACKED_BYTES else None
         return win
 
     def _stats_numpy(self, cur: FloatArray, pc: _PermCache) -> FloatArray:

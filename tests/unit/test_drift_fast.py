@@ -161,3 +161,28 @@ def test_mmd_of_embeddings_far_from_the_origin_keeps_the_previous_p_value() -> N
         assert a.p_value == b.p_value
         assert abs(a.statistic - b.statistic) < 1e-6
         assert abs(a.statistic - direct_mmd2(ref, cur, new.bandwidth)) < 1e-6
+
+
+def test_mmd_keeps_at_most_8_mib_between_tests_at_many_permutations() -> None:
+    """Review (issue 20): the stage asks for 8,192 permutations once it tests a dozen keys
+    (``n_resamples`` of the Bonferroni level), and every MMD detector then kept its last
+    window's ``2 s_r'K_rc`` ((P + 1) x n_cur float32: 9.8 MB at n_cur 300) between tests, on
+    top of the permutation set: ~13 MB per key-field where the stage's max_keys assumes
+    2-3 MB (500 key-fields: +6.5 GB). Catches: the window's products kept whatever their
+    size. The p-values stay those of a detector that keeps them (a restored one)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(2)
+    ref, x = rng.normal(size=(50, 16)), rng.normal(size=(340, 16)) + 0.2
+    det = MMDDrift(n_permutations=8191, seed=3).fit(ref)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        r1, r2 = det.score(x[:300]), det.score(x[40:340])
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert held <= 8 << 20, held
+    fresh = MMDDrift(n_permutations=8191, seed=3).fit(ref)
+    fresh.score(x[:300])
+    assert (r1.p_value, r2.p_value) == (fresh.score(x[:300]).p_value, fresh.score(x[40:340]).p_value)
