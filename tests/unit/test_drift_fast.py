@@ -186,3 +186,19 @@ def test_mmd_keeps_at_most_8_mib_between_tests_at_many_permutations() -> None:
     fresh = MMDDrift(n_permutations=8191, seed=3).fit(ref)
     fresh.score(x[:300])
     assert (r1.p_value, r2.p_value) == (fresh.score(x[:300]).p_value, fresh.score(x[40:340]).p_value)
+
+
+def test_mmd_of_one_text_embedded_with_jitter_keeps_the_previous_p_value() -> None:
+    """Review (issue 20), the same defect at its most likely: one templated text embedded with
+    run-to-run jitter (1e-6, as batched GPU encoders give) puts the bandwidth near 1e-10 and
+    |x|²/h near 1e10. Uncentred float32 products scored a real shift p 0.75 (previous: 0.005)."""
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(1, 384))
+    base /= np.linalg.norm(base)
+    ref = base + rng.normal(scale=1e-6, size=(200, 384))
+    for shift in (0.0, 2e-7):
+        cur = base + rng.normal(scale=1e-6, size=(100, 384)) + shift
+        a = MMDDrift(n_permutations=200, seed=1).fit(ref).score(cur)
+        b = previous.PreviousMMDDrift(n_permutations=200, seed=1).fit(ref).score(cur)
+        assert (a.p_value, a.drifted) == (b.p_value, b.drifted)
+        assert abs(a.statistic - b.statistic) < 1e-6
