@@ -96,7 +96,8 @@ def _row_dots(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> FloatAr
 
 
 #: Keep the permutation matrices unpacked (float32 and bool) when they take at most this many
-#: bytes; larger sets (thousands of permutations) are kept as bits and unpacked per test.
+#: bytes; larger sets (thousands of permutations) are kept as bits and unpacked per test. The
+#: last window's products are kept for the next (slid) window under the same bound.
 _UNPACKED_BYTES = 8 << 20
 
 #: Rows of the previous window equal to the new window's first row that are tried as the
@@ -201,7 +202,8 @@ class MMDDrift(Detector):
     ``(P, N) @ (N, N)`` in float64 (~9x slower at n_ref 1,000 / n_cur 500 / d 384,
     one thread); the first test after ``fit`` gives the same p-value as then.
     Memory: the permutation matrices (unpacked up to 8 MiB, else as bits unpacked
-    per test), the last window and its products (``O(P·n_cur + n_cur² + n_cur·d)``).
+    per test), the last window and its products (``O(P·n_cur + n_cur² + n_cur·d)``,
+    kept up to 8 MiB: past it each test computes them all).
 
     ``device="numpy"`` (default) computes as above; ``"cpu"`` / ``"cuda"`` in
     float64 with torch on that device (the full ``S @ K`` product, same
@@ -263,6 +265,7 @@ class MMDDrift(Detector):
         # derived caches (not state): rebuilt from the reference and the seed
         self._perm: _PermCache | None = None
         self._ref_p: _Points | None = None
+        self._centre: FloatArray = np.zeros(0)
         self._window: _Window | None = None
         self._torch_cache: tuple[str, Any, Any] | None = None
 
@@ -382,9 +385,18 @@ class MMDDrift(Detector):
         return pc
 
     def _ref_points(self) -> _Points:
+        """The reference's points, centred on its mean (also every window's, by
+        :meth:`_cur_points`): the kernel depends on differences only, and the float32
+        expansion ``2a.b/h - |a|²/h - |b|²/h`` loses them to round-off when ``|a|²/h`` is
+        large (embeddings clustered far from the origin)."""
         if self._ref_p is None:
-            self._ref_p = _Points.of(self._ref, self._bandwidth)
+            self._centre = self._ref.mean(axis=0)
+            self._ref_p = _Points.of(self._ref - self._centre, self._bandwidth)
         return self._ref_p
+
+    def _cur_points(self, cur: FloatArray) -> _Points:
+        """``cur``'s points, centred as the reference's (call :meth:`_ref_points` first)."""
+        return _Points.of(cur - self._centre, self._bandwidth)
 
     def _window_products(self, cur: FloatArray, pm: _Perms) -> _Window:
         """``K_cc``, ``2 s_r' K_rc`` and ``1' K_rc`` of ``cur``: computed for the rows new since
@@ -394,14 +406,14 @@ class MMDDrift(Detector):
         prev = self._window
         o = _overlap(prev.cur, cur) if prev is not None else 0
         if prev is None or o == 0:
-            pts = _Points.of(cur, self._bandwidth)
+            pts = self._cur_points(cur)
             k_rc = _centred_kernel(ref_p, pts)
             k_cc = _centred_kernel(pts, pts)
             a = pm.w_r @ k_rc
             colsum_rc = k_rc.sum(axis=0, dtype=np.float64)
         else:
             m, k = cur.shape[0], cur.shape[0] - o
-            new = _Points.of(cur[o:], self._bandwidth)
+            new = self._cur_points(cur[o:])
             pts = _Points(
                 x=np.concatenate([prev.pts.x[k:], new.x]),
                 x2h=np.concatenate([prev.pts.x2h[k:], new.x2h]),
@@ -417,7 +429,11 @@ class MMDDrift(Detector):
                 [prev.colsum_rc[k:], k_rc_new.sum(axis=0, dtype=np.float64)]
             )
         win = _Window(cur=cur.copy(), pts=pts, k_cc=k_cc, a=a, colsum_rc=colsum_rc)
-        self._window = win
+        kept = (win.cur.nbytes + pts.x.nbytes + pts.x2h.nbytes + pts.neg_sq_h.nbytes + k_cc.nbytes
+                + a.nbytes + colsum_rc.nbytes)
+        # kept for the next test only when small: at thousands of permutations ``a`` alone is
+        # (P + 1) x n_cur floats per detector, for every key-field the stage holds
+        self._window = win if kept <= _UNPACKED_BYTES else None
         return win
 
     def _stats_numpy(self, cur: FloatArray, pc: _PermCache) -> FloatArray:

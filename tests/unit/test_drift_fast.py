@@ -141,3 +141,64 @@ def test_slid_windows_reuse_the_kept_rows_and_match_the_direct_formula() -> None
         r, fresh = det.score(cur), MMDDrift.from_state(state).score(cur)
         assert (r.p_value, r.drifted) == (fresh.p_value, fresh.drifted)
         assert r.statistic == pytest.approx(fresh.statistic, abs=1e-7)
+
+
+def test_mmd_of_embeddings_far_from_the_origin_keeps_the_previous_p_value() -> None:
+    """Review (issue 20): embeddings clustered far from the origin (a large common component,
+    spread 1e-5 of its norm). The float32 kernel expanded as ``2a.b/h - |a|²/h - |b|²/h`` lost
+    the distances to round-off there (|a|²/h ~ 1e7): a real shift (p 0.005 before) scored
+    p ~0.7 (missed), and every statistic was off by far more than 1e-6. Catches: the points
+    not centred on the reference's mean before the float32 products."""
+    rng = np.random.default_rng(0)
+    d = 16
+    c = np.full(d, 100.0 / np.sqrt(d))
+    ref = c + rng.normal(scale=1e-3, size=(200, d))
+    for shift in (0.0, 3e-4):
+        cur = c + rng.normal(scale=1e-3, size=(100, d)) + shift
+        new = MMDDrift(n_permutations=200, seed=1).fit(ref)
+        old = previous.PreviousMMDDrift(n_permutations=200, seed=1).fit(ref)
+        a, b = new.score(cur), old.score(cur)
+        assert a.p_value == b.p_value
+        assert abs(a.statistic - b.statistic) < 1e-6
+        assert abs(a.statistic - direct_mmd2(ref, cur, new.bandwidth)) < 1e-6
+
+
+def test_mmd_keeps_at_most_8_mib_between_tests_at_many_permutations() -> None:
+    """Review (issue 20): the stage asks for 8,192 permutations once it tests a dozen keys
+    (``n_resamples`` of the Bonferroni level), and every MMD detector then kept its last
+    window's ``2 s_r'K_rc`` ((P + 1) x n_cur float32: 9.8 MB at n_cur 300) between tests, on
+    top of the permutation set: ~13 MB per key-field where the stage's max_keys assumes
+    2-3 MB (500 key-fields: +6.5 GB). Catches: the window's products kept whatever their
+    size. The p-values stay those of a detector that keeps them (a restored one)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(2)
+    ref, x = rng.normal(size=(50, 16)), rng.normal(size=(340, 16)) + 0.2
+    det = MMDDrift(n_permutations=8191, seed=3).fit(ref)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        r1, r2 = det.score(x[:300]), det.score(x[40:340])
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert held <= 8 << 20, held
+    fresh = MMDDrift(n_permutations=8191, seed=3).fit(ref)
+    fresh.score(x[:300])
+    assert (r1.p_value, r2.p_value) == (fresh.score(x[:300]).p_value, fresh.score(x[40:340]).p_value)
+
+
+def test_mmd_of_one_text_embedded_with_jitter_keeps_the_previous_p_value() -> None:
+    """Review (issue 20), the same defect at its most likely: one templated text embedded with
+    run-to-run jitter (1e-6, as batched GPU encoders give) puts the bandwidth near 1e-10 and
+    |x|²/h near 1e10. Uncentred float32 products scored a real shift p 0.75 (previous: 0.005)."""
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(1, 384))
+    base /= np.linalg.norm(base)
+    ref = base + rng.normal(scale=1e-6, size=(200, 384))
+    for shift in (0.0, 2e-7):
+        cur = base + rng.normal(scale=1e-6, size=(100, 384)) + shift
+        a = MMDDrift(n_permutations=200, seed=1).fit(ref).score(cur)
+        b = previous.PreviousMMDDrift(n_permutations=200, seed=1).fit(ref).score(cur)
+        assert (a.p_value, a.drifted) == (b.p_value, b.drifted)
+        assert abs(a.statistic - b.statistic) < 1e-6
