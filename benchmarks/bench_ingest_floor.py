@@ -85,6 +85,7 @@ def main() -> int:
     import pyarrow.json as pj
 
     from driftline.schemas.prices import PriceTable
+    from driftline.schemas.topics import EVENTS_TOPIC
     from driftline.streams.devdata.replay import ReplayConfig, generate
     from driftline.streams.ingest import transforms as T
     from driftline.streams.sinks.clickhouse import ddl_statements
@@ -92,7 +93,7 @@ def main() -> int:
     print("machine:", "  ".join(f"{k}={v}" for k, v in machine().items()))
     steal0 = steal_s()
     data, kind = replay_data(args.seed)
-    recs = [T.MemoryRecord("llm.events", i % 4, i, r.key, r.value)
+    recs = [T.MemoryRecord(EVENTS_TOPIC, i % 4, i, r.key, r.value)
             for i, r in enumerate(generate(ReplayConfig(n_events=args.events, seed=args.seed, malformed_rate=0.0),
                                            data))]
     n = len(recs)

@@ -2,7 +2,7 @@
 
 The faust ``App`` owns the process: it starts and stops the services. The spine
 (streams/worker.py) runs as a ``mode.Service`` of the app: records reach it through
-its own batched aiokafka consumer group, because faust's per-record dispatch
+its own batched consumer group (librdkafka or aiokafka), because faust's per-record dispatch
 (``stream.take``) peaks near 5,000 records/s here while the spine must move 25,000.
 Stages (alerting, drift) run inside the spine. ``driftline.control`` (JSON commands
 such as ``{"cmd": "flush"}``, broadcast to every worker) is read by ONE consumer

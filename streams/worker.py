@@ -8,7 +8,7 @@ clock), the write step (streams/sinks/write_step.py) and the DLQ
 (streams/sinks/dlq.py); the window rebuild after a rebalance is
 streams/stages/window_restore.py.
 
-    consumer group (aiokafka, batched getmany)            [fetch]
+    consumer group (librdkafka or aiokafka, batches)      [fetch]
       -> skip records already stored (restart / rebalance)
       -> decode_batch -> enrich -> to_columns -> windows   [process]
       -> queue (bounded: backpressure)
@@ -21,7 +21,8 @@ message through ``wait_first(callback(message), …)``, two tasks per record;
 measured here that caps a faust agent (``stream.take``) at ~5,000 records/s
 on one core, five times below our target. The worker therefore runs inside a
 faust ``App`` (lifecycle, signals, web server for ``/metrics``, timers) while
-records reach it through an aiokafka consumer group in batches of thousands.
+records reach it through a consumer group of its own (librdkafka by default,
+streams/ingest/librdkafka_host.py; aiokafka with ``--consumer aiokafka``) in batches of thousands.
 (The faust app that hosts this worker is in streams/app.py.)
 
 Exactly once (README "What the worker does, and guarantees"). A *write step*
@@ -161,9 +162,10 @@ class WorkerConfig:
     #: lives in one worker whatever the input. False: decoded by the worker that reads them
     #: (a key's spans then reach every worker: correct with ONE worker only; ``--otlp-direct``)
     otlp_rekey: bool = False
-    #: the group's Kafka client (``--consumer``): "aiokafka" (streams/ingest/kafka_host.py) or
-    #: "librdkafka" (confluent-kafka, streams/ingest/librdkafka_host.py); same guarantees
-    consumer: str = "aiokafka"
+    #: the group's Kafka client (``--consumer``): "librdkafka" (confluent-kafka,
+    #: streams/ingest/librdkafka_host.py; the default: less CPU per record on the worker's
+    #: threads) or "aiokafka" (streams/ingest/kafka_host.py); same guarantees
+    consumer: str = "librdkafka"
 
     def __post_init__(self) -> None:
         if self.consumer not in ("aiokafka", "librdkafka"):

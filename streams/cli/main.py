@@ -393,7 +393,7 @@ def worker(
     numeric_alpha: Annotated[float, typer.Option(help="Numeric drift: family-wise false-alarm level per test round (Bonferroni over keys x fields).")] = 0.05,
     numeric_sample_rate: Annotated[float, typer.Option(help="Numeric drift: share of events whose values are tested (hash of event_id, as --sample-rate). The stage's thread costs 35-46 CPU-µs per event taken (benchmarks/bench_numeric_drift.py): lower it on a worker near its CPU limit.")] = 1.0,
     # -- the consumer group's Kafka client (streams/ingest/kafka_host.py, librdkafka_host.py)
-    consumer: Annotated[str, typer.Option("--consumer", envvar="DRIFTLINE_CONSUMER", help="Kafka client of the worker's consumer group, same guarantees either way (write log, resume, commits of confirmed offsets only, poison batches dead-lettered). aiokafka: pure Python on the event loop, the tested default. librdkafka: confluent-kafka, fetches and checks batches on C threads; less CPU per record on the worker's own threads, for high-rate topics.")] = "aiokafka",
+    consumer: Annotated[str, typer.Option("--consumer", envvar="DRIFTLINE_CONSUMER", help="Kafka client of the worker's consumer group, same guarantees either way (write log, resume, commits of confirmed offsets only, poison batches dead-lettered). librdkafka (the default): confluent-kafka, fetches and checks record batches on C threads, about half the event loop's CPU per record. aiokafka: pure Python on the event loop (the client until issue 20); for platforms without a confluent-kafka wheel.")] = "librdkafka",
 ) -> None:
     """Run the stream processor: Kafka -> windows, cost, guardrails, drift -> ClickHouse, /metrics, alerts."""
     from driftline.streams.app import run_worker

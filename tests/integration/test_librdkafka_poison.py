@@ -116,7 +116,10 @@ async def test_unreadable_batch_dead_lettered_once_and_skipped(tmp_path: Path, k
     finally:
         stop.set()
         await task
-    rows = w.sink.query_rows(f"SELECT count(), uniqExact(event_id) FROM {w.sink.database}.llm_events", None)
+    try:  # the stopped worker closed its store: this opens it again, so close it after (one chDB path per process)
+        rows = w.sink.query_rows(f"SELECT count(), uniqExact(event_id) FROM {w.sink.database}.llm_events", None)
+    finally:
+        w.sink.close()
     assert list(rows[0]) == [200, 200]
     dlq = await _dlq(kafka_bootstrap, f"{topic}.dlq")
     assert len(dlq) == 1 and sum(dlq.values()) == 1, json.dumps(list(dlq))
