@@ -405,10 +405,10 @@ def main() -> int:
                     help="WorkerConfig.insert_linger_s (default: the worker's)")
     ap.add_argument("--consumer", action="append", choices=("aiokafka", "librdkafka"),
                     help="the worker's Kafka client (WorkerConfig.consumer); repeat it to run the worker "
-                         "once with each, in that order, on the same topic (default: librdkafka, the worker's)")
+                         "once with each, in that order, on the same topic (default: aiokafka, the worker's)")
     ap.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds per phase")
     args = ap.parse_args()
-    args.consumer = args.consumer or ["librdkafka"]
+    args.consumer = args.consumer or ["aiokafka"]
     return asyncio.run(main_async(args))
 
 

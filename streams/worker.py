@@ -21,8 +21,8 @@ message through ``wait_first(callback(message), …)``, two tasks per record;
 measured here that caps a faust agent (``stream.take``) at ~5,000 records/s
 on one core, five times below our target. The worker therefore runs inside a
 faust ``App`` (lifecycle, signals, web server for ``/metrics``, timers) while
-records reach it through a consumer group of its own (librdkafka by default,
-streams/ingest/librdkafka_host.py; aiokafka with ``--consumer aiokafka``) in batches of thousands.
+records reach it through a consumer group of its own (aiokafka by default; librdkafka,
+streams/ingest/librdkafka_host.py, with ``--consumer librdkafka``) in batches of thousands.
 (The faust app that hosts this worker is in streams/app.py.)
 
 Exactly once (README "What the worker does, and guarantees"). A *write step*
@@ -162,10 +162,10 @@ class WorkerConfig:
     #: lives in one worker whatever the input. False: decoded by the worker that reads them
     #: (a key's spans then reach every worker: correct with ONE worker only; ``--otlp-direct``)
     otlp_rekey: bool = False
-    #: the group's Kafka client (``--consumer``): "librdkafka" (confluent-kafka,
-    #: streams/ingest/librdkafka_host.py; the default: less CPU per record on the worker's
-    #: threads) or "aiokafka" (streams/ingest/kafka_host.py); same guarantees
-    consumer: str = "librdkafka"
+    #: the group's Kafka client (``--consumer``): "aiokafka" (streams/ingest/kafka_host.py, the
+    #: default) or "librdkafka" (confluent-kafka, streams/ingest/librdkafka_host.py: less CPU
+    #: per record on the worker's threads); same guarantees (README "Kafka client")
+    consumer: str = "aiokafka"
 
     def __post_init__(self) -> None:
         if self.consumer not in ("aiokafka", "librdkafka"):

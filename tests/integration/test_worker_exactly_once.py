@@ -49,7 +49,7 @@ kafka, dsn, topic, group = sys.argv[1:5]
 run_worker(WorkerConfig(max_event_age_s=1e10, kafka=kafka, clickhouse=dsn, group_id=group, topics=(topic,),
                         dlq_topic=topic + ".dlq", max_batch=500, max_insert_rows=500, min_insert_rows=1,
                         emit_interval_s=0.2, window=WindowConfig(size_ms=10_000, allowed_lateness_ms=5_000),
-                        consumer=os.environ.get("DRIFTLINE_CONSUMER", "librdkafka"),
+                        consumer=os.environ.get("DRIFTLINE_CONSUMER", "aiokafka"),
                         session_timeout_ms={session_ms}),  # the next worker waits for it to expire
            web_port=0, sql_port=None)
 """
