@@ -303,10 +303,12 @@ class LibrdkafkaHost(KafkaHost):
         if c is None or self._thread is None or self._thread.in_callback:
             return  # in a rebalance: nothing to pause, and consume is not re-entrant
         parts = c.assignment()
-        if not parts:
-            return
-        c.pause([CkTp(p.topic, p.partition) for p in parts])
-        self._paused = True
+        if parts:
+            c.pause([CkTp(p.topic, p.partition) for p in parts])
+            self._paused = True
+        # polled even with nothing assigned: between an eager rebalance's revocation and
+        # its assignment only this poll serves the assignment callback while the fetch
+        # loop waits on the writer (the whole group would wait for this member otherwise)
         n = self._callbacks
         got = c.consume(self.cfg.max_batch, 0)
         if self._callbacks != n:
