@@ -468,3 +468,6 @@ class LibrdkafkaHost(KafkaHost):
                             else OFFSET_BEGINNING if start == 0 else start))
         self._assignment = out
         consumer.assign(out)
+        # librdkafka keeps a partition's pause across unassign/assign: one paused by a
+        # hold before this rebalance would fetch nothing ever again (_paused is reset)
+        consumer.resume(out)
