@@ -408,6 +408,9 @@ class LibrdkafkaHost(KafkaHost):
 
     def _seek(self, tp: TopicPartition, offset: int) -> None:
         self._seeks[tp] = offset  # applied on the consumer thread before the next consume
+        prev = self._skipped_to.get(tp)
+        if prev is not None and offset <= prev:  # read again from before (recreated topic)
+            del self._skipped_to[tp]
 
     def _refetch(self, stale: InFlight) -> None:
         """Drop ``stale`` (and the batch after it if it is of the same generation): the
@@ -426,6 +429,9 @@ class LibrdkafkaHost(KafkaHost):
         """Where ``tp`` resumes: set in the assignment by the rebalance callback."""
         self._rewind.pop(tp, None)
         self._starts[tp] = target
+        # a bad batch reported again after the assignment is not one skipped before it:
+        # resumed at or before it, the batch is dropped again (its end, not one offset more)
+        self._skipped_to.pop(tp, None)
 
     # ------------------------------------------------------------------ rebalance callbacks
     def _bridge(self, coro: Any) -> Any:
