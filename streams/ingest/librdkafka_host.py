@@ -280,7 +280,10 @@ class LibrdkafkaHost(KafkaHost):
         """librdkafka's statistics (on the consumer thread): which partitions' leaders are up."""
         try:
             st = json.loads(stats)
-            up_nodes = {b.get("nodeid") for b in st.get("brokers", {}).values() if b.get("state") == "UP"}
+            # real brokers only: librdkafka's logical "GroupCoordinator" broker has nodeid -1 (and is UP
+            # while the coordinator is), which is also the leader of a partition whose leader is unknown
+            up_nodes = {b.get("nodeid") for b in st.get("brokers", {}).values()
+                        if b.get("state") == "UP" and isinstance(b.get("nodeid"), int) and b["nodeid"] >= 0}
             self._up = {(t, int(p)) for t, td in st.get("topics", {}).items()
                         for p, pd in td.get("partitions", {}).items()
                         if int(p) >= 0 and pd.get("leader") in up_nodes}
