@@ -286,8 +286,10 @@ class KafkaSecurity:
                         "sasl.password": self.password})
         if self.tls:
             out["ssl.endpoint.identification.algorithm"] = "https" if self.ssl_check_hostname else "none"
+            # a key inside the certificate file (allowed, as by aiokafka): librdkafka loads no key from
+            # ssl.certificate.location, so the same file is its key (else mutual TLS is refused)
             for k, v in (("ssl.ca.location", self.ssl_cafile), ("ssl.certificate.location", self.ssl_certfile),
-                         ("ssl.key.location", self.ssl_keyfile)):
+                         ("ssl.key.location", self.ssl_keyfile or self.ssl_certfile)):
                 if v:
                     out[k] = v
         return out

@@ -280,7 +280,10 @@ class LibrdkafkaHost(KafkaHost):
         """librdkafka's statistics (on the consumer thread): which partitions' leaders are up."""
         try:
             st = json.loads(stats)
-            up_nodes = {b.get("nodeid") for b in st.get("brokers", {}).values() if b.get("state") == "UP"}
+            # real brokers only: librdkafka's logical "GroupCoordinator" broker has nodeid -1 (and is UP
+            # while the coordinator is), which is also the leader of a partition whose leader is unknown
+            up_nodes = {b.get("nodeid") for b in st.get("brokers", {}).values()
+                        if b.get("state") == "UP" and isinstance(b.get("nodeid"), int) and b["nodeid"] >= 0}
             self._up = {(t, int(p)) for t, td in st.get("topics", {}).items()
                         for p, pd in td.get("partitions", {}).items()
                         if int(p) >= 0 and pd.get("leader") in up_nodes}
@@ -303,10 +306,12 @@ class LibrdkafkaHost(KafkaHost):
         if c is None or self._thread is None or self._thread.in_callback:
             return  # in a rebalance: nothing to pause, and consume is not re-entrant
         parts = c.assignment()
-        if not parts:
-            return
-        c.pause([CkTp(p.topic, p.partition) for p in parts])
-        self._paused = True
+        if parts:
+            c.pause([CkTp(p.topic, p.partition) for p in parts])
+            self._paused = True
+        # polled even with nothing assigned: between an eager rebalance's revocation and
+        # its assignment only this poll serves the assignment callback while the fetch
+        # loop waits on the writer (the whole group would wait for this member otherwise)
         n = self._callbacks
         got = c.consume(self.cfg.max_batch, 0)
         if self._callbacks != n:
@@ -406,6 +411,9 @@ class LibrdkafkaHost(KafkaHost):
 
     def _seek(self, tp: TopicPartition, offset: int) -> None:
         self._seeks[tp] = offset  # applied on the consumer thread before the next consume
+        prev = self._skipped_to.get(tp)
+        if prev is not None and offset <= prev:  # read again from before (recreated topic)
+            del self._skipped_to[tp]
 
     def _refetch(self, stale: InFlight) -> None:
         """Drop ``stale`` (and the batch after it if it is of the same generation): the
@@ -424,6 +432,9 @@ class LibrdkafkaHost(KafkaHost):
         """Where ``tp`` resumes: set in the assignment by the rebalance callback."""
         self._rewind.pop(tp, None)
         self._starts[tp] = target
+        # a bad batch reported again after the assignment is not one skipped before it:
+        # resumed at or before it, the batch is dropped again (its end, not one offset more)
+        self._skipped_to.pop(tp, None)
 
     # ------------------------------------------------------------------ rebalance callbacks
     def _bridge(self, coro: Any) -> Any:
@@ -466,3 +477,6 @@ class LibrdkafkaHost(KafkaHost):
                             else OFFSET_BEGINNING if start == 0 else start))
         self._assignment = out
         consumer.assign(out)
+        # librdkafka keeps a partition's pause across unassign/assign: one paused by a
+        # hold before this rebalance would fetch nothing ever again (_paused is reset)
+        consumer.resume(out)

@@ -157,13 +157,23 @@ async def test_every_client_library_round_trips_over_mutual_tls(tls_kafka: tuple
     p = ck.Producer({"bootstrap.servers": bootstrap, **sec.confluent_config()})
     p.produce(topic, b"from-librdkafka", key=b"k0")
     assert p.flush(10) == 0
+    # the client key inside the certificate file (KafkaSecurity allows it): librdkafka reads
+    # no key from ssl.certificate.location, so the mapping must name the file as the key too
+    both = Path(pki["client"]).with_name("client-and-key.pem")
+    both.write_text(Path(pki["client"]).read_text() + Path(pki["client_key"]).read_text())
+    combined = KafkaSecurity("SSL", ssl_cafile=pki["ca"], ssl_certfile=str(both))
+    sent: list[Any] = []
+    p = ck.Producer({"bootstrap.servers": bootstrap, "message.timeout.ms": 8_000, **combined.confluent_config()})
+    p.produce(topic, b"from-librdkafka-combined-pem", key=b"k0", on_delivery=lambda err, m: sent.append(err))
+    p.flush(10)
+    assert [str(e) for e in sent] == ["None"]  # not Local: Message timed out (no client key: mTLS refused)
     cid = await asyncio.to_thread(send_command, bootstrap, {"action": "reset", "app": "chat"}, topic,
                                   security=sec, secret=SECRET)
-    got = await _read(bootstrap, topic, 52, sec)
+    got = await _read(bootstrap, topic, 53, sec)
     vals = [r.value for r in got]
-    assert len(vals) == 52
+    assert len(vals) == 53
     assert sorted(v for v in vals if v.startswith(b'{"i"')) == sorted(values)
-    assert vals.count(b"from-librdkafka") == 1
+    assert vals.count(b"from-librdkafka") == 1 and vals.count(b"from-librdkafka-combined-pem") == 1
     cmd = json.loads(next(v for v in vals if b'"cmd"' in v))
     assert cmd["id"] == cid and verify_command(cmd, SECRET) is None
     assert front.handshakes > before

@@ -7,8 +7,9 @@ Mutations caught: ``group_messages`` dropping error messages (the ``bad`` entry 
 missing) or keeping one without a partition; ``ConsumerThread.wait`` blocking on the
 future instead of serving the queue (the commit-in-revoke test times out: deadlock);
 ``LibrdkafkaHost._refetch`` dropping the newer generation's batch (it is not kept) or
-keeping a stale one; ``cut_off`` ignoring the leader's broker state; WorkerConfig taking
-any ``consumer`` name.
+keeping a stale one; ``cut_off`` ignoring the leader's broker state, or taking a partition
+without a leader (-1) for up because the logical GroupCoordinator broker (nodeid -1) is UP;
+WorkerConfig taking any ``consumer`` name.
 """
 
 from __future__ import annotations
@@ -118,6 +119,12 @@ def test_cut_off_follows_the_leaders_broker_state() -> None:
     h._on_stats(stats("UP"))
     h._stats_at = time.monotonic() - 3
     assert h.cut_off()  # statistics older than 2 s say nothing
+    # a partition without a leader (-1) while the group coordinator's logical broker (nodeid -1,
+    # as librdkafka 2.16 reports it) is UP: not reachable
+    h._on_stats(json.dumps({"brokers": {"b1": {"nodeid": 1, "state": "UP"},
+                                        "GroupCoordinator": {"nodeid": -1, "state": "UP"}},
+                            "topics": {"t": {"partitions": {"0": {"leader": 1}, "1": {"leader": -1}}}}}))
+    assert h._up == {("t", 0)} and h.cut_off()
 
 
 def test_worker_config_names_the_host(tmp_path: Any) -> None:
