@@ -27,39 +27,16 @@ Python steps; the insert figures are one pass over ``--events`` rows.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from _machine import machine
 from _replay import replay_data
-
-
-def thread_cpu() -> dict[str, float]:
-    """CPU seconds per thread name of this process (digits stripped), from /proc."""
-    out: dict[str, float] = defaultdict(float)
-    tick = os.sysconf("SC_CLK_TCK")
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            raw = (task / "stat").read_text()
-        except OSError:
-            continue
-        name = raw[raw.index("(") + 1: raw.rindex(")")]
-        f = raw.rsplit(")", 1)[1].split()
-        out[re.sub(r"[\d_-]+$", "", name) or name] += (int(f[11]) + int(f[12])) / tick
-    return out
-
-
-def steal_s() -> float:
-    try:
-        return int(Path("/proc/stat").read_text().splitlines()[0].split()[8]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
+from bench_throughput import steal_s
+from bench_throughput import thread_cpu_s as thread_cpu
 
 
 def best_us(fn: Any, n_events: int, rounds: int) -> float:
