@@ -76,6 +76,7 @@ from driftline.schemas.drift_result import DriftResult
 from driftline.schemas.topics import CONTROL_TOPIC
 from driftline.streams.stages.change_point import change_point_of
 from driftline.streams.stages.drift_references import check_test_schedule, ms_to_dt, per_test_alpha
+from driftline.streams.stages.inbox_loop import InboxLoop
 
 if TYPE_CHECKING:
     from driftline.schemas.rules import DriftObservation
@@ -868,7 +869,7 @@ def _slim(events: Any, columns: Sequence[str]) -> Any:
 # --------------------------------------------------------------------------- the stage
 
 
-class NumericDriftStage:
+class NumericDriftStage(InboxLoop):
     """The worker stage (``name = "numeric_drift"``); ``NumericDriftStage.factory(cfg)`` for the wiring."""
 
     name = "numeric_drift"
@@ -882,7 +883,7 @@ class NumericDriftStage:
         self.observers: list[Callable[[DriftObservation], None]] = []
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="numeric-drift")
         self._inbox: list[tuple[Any, np.ndarray]] = []
-        self._inbox_rows = 0
+        self._inbox_units = 0
         self._controls: list[tuple[dict[str, Any], str, ControlRecord]] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -945,35 +946,18 @@ class NumericDriftStage:
         else:
             rows = np.arange(n)
         if len(rows):
-            self._inbox.append((_slim(ev, self._columns), rows))
-            self._inbox_rows += len(rows)
-            while self._inbox_rows > _MAX_INBOX_ROWS and len(self._inbox) > 1:
-                _, old = self._inbox.pop(0)
-                self._inbox_rows -= len(old)
-                self.inbox_dropped += len(old)
-            self._idle.clear()
-            self._wake.set()
+            self._queue((_slim(ev, self._columns), rows), _MAX_INBOX_ROWS)
         self.hot_cpu_s += time.thread_time() - t0
 
-    # -- the loop -------------------------------------------------------------------------
-    async def _loop(self) -> None:
-        while True:
-            if not self._inbox and not self._controls:
-                self._idle.set()
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            try:
-                if self._inbox:
-                    await self._process_inbox()
-                while self._controls:
-                    await self._apply_control(*self._controls.pop(0))
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - a failure here never stops the stream
-                log.exception("numeric drift: processing a batch failed")
-                if self._ports is not None:
-                    self._ports.metrics.stage_errors[self.name] += 1
+    # -- the loop (streams/stages/inbox_loop.py) --------------------------------------------
+    _log = log
+    _loop_label = "numeric drift"
+
+    def _units(self, item: tuple[Any, np.ndarray]) -> int:
+        return len(item[1])
+
+    async def _apply_next_control(self) -> None:
+        await self._apply_control(*self._controls.pop(0))
 
     def _work(self, work: list[tuple[Any, np.ndarray]]) -> tuple[list[dict[str, Any]],
                                                                  list[tuple[KeyField, DriftResult]]]:
@@ -990,7 +974,7 @@ class NumericDriftStage:
         return rows_out, results
 
     async def _process_inbox(self) -> None:
-        work, self._inbox, self._inbox_rows = self._inbox, [], 0
+        work = self._take_inbox()
         gen = self._gen
         rows, results = await asyncio.get_running_loop().run_in_executor(self._pool, self._work, work)
         if gen != self._gen:
@@ -1059,8 +1043,7 @@ class NumericDriftStage:
             return False
         self._applied_ids.add(cid)
         self._controls.append((dict(cmd), cid, rec))
-        self._idle.clear()
-        self._wake.set()
+        self._poke()
         return True
 
     async def _apply_control(self, cmd: dict[str, Any], cid: str, rec: ControlRecord) -> None:

@@ -112,6 +112,7 @@ from driftline.streams.stages.drift_references import (
 )
 from driftline.streams.stages.embedding import EmbeddingBatcher, EmbeddingConfig, load_encoder
 from driftline.streams.stages.guard_scan import GuardScan, load_guard
+from driftline.streams.stages.inbox_loop import InboxLoop
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -286,7 +287,7 @@ _MAX_GOLDEN_PENDING = 4
 #: oldest are dropped and counted (DriftStage.inbox_dropped), as samples are at most once
 _MAX_INBOX_SAMPLES = 50_000
 
-class DriftStage:
+class DriftStage(InboxLoop):
     """The worker stage (``name = "drift"``). ``DriftStage.factory(cfg)`` for ``serve_worker(stages=…)``."""
 
     name = "drift"
@@ -336,7 +337,7 @@ class DriftStage:
         self.revoked_samples = 0
         #: samples dropped because the inbox held _MAX_INBOX_SAMPLES while the drift loop was busy
         self.inbox_dropped = 0
-        self._inbox_n = 0
+        self._inbox_units = 0
         #: golden sets being received: golden id -> part index -> texts (until the golden command)
         self._golden_parts: dict[str, dict[int, list[str]]] = {}
         #: golden texts this stage embedded (a set another worker stored, or a restart, adds 0)
@@ -504,42 +505,21 @@ class DriftStage:
             self.batcher.submit(items)
 
     def _on_embedded(self, samples: list[Sample], hashes: list[int], vecs: np.ndarray) -> None:
-        self._inbox.append((samples, hashes, vecs))
-        self._inbox_n += len(samples)
-        while self._inbox_n > self.max_inbox_samples and len(self._inbox) > 1:
-            old = self._inbox.pop(0)  # the loop is busy (a golden set, a slow store): bound memory
-            self._inbox_n -= len(old[0])
-            if not self.inbox_dropped:
-                log.warning("drift: the drift loop is behind; the oldest embedded samples are "
-                            "dropped (counted in DriftStage.inbox_dropped)")
-            self.inbox_dropped += len(old[0])
-        self._idle.clear()
-        self._wake.set()
+        self._queue((samples, hashes, vecs), self.max_inbox_samples,
+                    "drift: the drift loop is behind; the oldest embedded samples are "
+                    "dropped (counted in DriftStage.inbox_dropped)")
 
-    # -- the drift loop -------------------------------------------------------------
-    async def _loop(self) -> None:
-        while True:
-            if not self._inbox and not self._controls:
-                self._idle.set()
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            try:
-                if self._inbox:
-                    await self._process_inbox()
-                while self._controls:
-                    await self._apply_control(self._controls.pop(0))
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - a failure here never stops the stream
-                log.exception("drift: processing a batch failed")
-                if self._ports is not None:
-                    self._ports.metrics.stage_errors[self.name] += 1
+    # -- the drift loop (streams/stages/inbox_loop.py) ---------------------------------
+    def _units(self, item: tuple[list[Sample], list[int], np.ndarray]) -> int:
+        return len(item[0])
+
+    async def _apply_next_control(self) -> None:
+        await self._apply_control(self._controls.pop(0))
 
     async def _process_inbox(self) -> None:
         """Number, reference and test everything embedded so far (on the drift thread), then write it."""
         assert self.engine is not None
-        work, self._inbox, self._inbox_n = self._inbox, [], 0
+        work = self._take_inbox()
         gen = self._gen
         samples = [s for w in work for s in w[0]]
         hashes = [h for w in work for h in w[1]]
@@ -790,6 +770,5 @@ class DriftStage:
         log.info("drift: baseline command %s", {k: v for k, v in cmd.items() if k != "sig"})
         self._applied_ids.add(cid)
         self._controls.append(_Control(cmd, cid, rec.topic, rec.partition, rec.offset))
-        self._idle.clear()
-        self._wake.set()
+        self._poke()
         return True

@@ -373,7 +373,7 @@ def test_the_drift_inbox_is_bounded_while_the_loop_is_busy() -> None:
                         np.ones((3, 4), np.float32))
     held = [s.event_id for batch in st._inbox for s in batch[0]]
     assert held == [f"e{b}-{i}" for b in (8, 9) for i in range(3)]
-    assert st.inbox_dropped == 24 and st._inbox_n == 6
+    assert st.inbox_dropped == 24 and st._inbox_units == 6
 
 
 # --------------------------------------------------------------------------- review: bounds

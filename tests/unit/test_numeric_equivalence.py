@@ -164,7 +164,8 @@ def test_the_stage_on_arrow_batches_writes_the_previous_stages_rows() -> None:
         rows, res = [], []
         for ev in batches:
             st.on_stored(bench._Batch(ev))
-            work, st._inbox, st._inbox_rows = st._inbox, [], 0
+            work, st._inbox = st._inbox, []
+            st._inbox_rows = st._inbox_units = 0  # the previous stage's count and this one's
             r, x = st._work(work)
             rows += r
             res += x
